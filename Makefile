@@ -1,0 +1,33 @@
+# `make demo` and `make test` set up everything they need on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mgr_engine-installed
+
+.PHONY: demo test test-fast bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# torch first, pinned to the CPU wheel these machines carry: a bare `torch` requirement
+# resolved by pip would pull a multi-GB CUDA build. A torch already in the venv is kept.
+$(STAMP): pyproject.toml setup.py | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps "unigradicon==1.0.6" "icon_registration==1.1.9"
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m mgr_engine.demo --out demo_output
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -ra -m "not slow" tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_register.py
+
+clean:
+	rm -rf $(VENV) demo_output .pytest_cache

@@ -1,0 +1,15 @@
+"""mgr_engine: fast inference for multiGradICON, the foundation model for 3-D medical image registration.
+
+    import mgr_engine
+    result = mgr_engine.register("fixed.nii.gz", "moving.nii.gz", weights="Step_2_final.trch")
+    result.save("transform.h5")
+
+See :func:`register` and :class:`Engine`.
+"""
+
+from . import errors
+from .engine import Engine, RegistrationResult, register, weights_search_path
+from .model import GradICONNetwork, NetworkConfig
+
+__all__ = ["Engine", "GradICONNetwork", "NetworkConfig", "RegistrationResult", "errors", "register", "weights_search_path"]
+__version__ = "0.1.0"

@@ -1,0 +1,193 @@
+"""``mgr-engine register|warp|jacobian``: drop-in replacements for ``unigradicon-register``,
+``unigradicon-warp`` and ``unigradicon-jacobian``.
+
+The subcommands take the same flags as the authors' commands (and their defaults:
+``--model unigradicon``, ``--io_sim lncc``, 50 IO steps), so a script switches by
+renaming the command. Outputs are written atomically: after an error or Ctrl-C no
+half-written file is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .errors import InvalidOptionError, MgrEngineError
+
+log = logging.getLogger("mgr_engine")
+
+
+def _io_iterations(text: str):
+    if text in ("None", "none", "0"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--io_iterations takes an integer or None, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("--io_iterations must not be negative")
+    return value
+
+
+def _add_register(sub):
+    p = sub.add_parser("register", help="register two images (unigradicon-register's flags)")
+    p.add_argument("--fixed", required=True, help="path of the fixed image")
+    p.add_argument("--moving", required=True, help="path of the moving image")
+    p.add_argument("--fixed_modality", required=True, choices=["ct", "mri"])
+    p.add_argument("--moving_modality", required=True, choices=["ct", "mri"])
+    p.add_argument("--fixed_mask", help="binary mask on the fixed image's grid")
+    p.add_argument("--moving_mask", help="binary mask on the moving image's grid")
+    p.add_argument("--input_masking", action="store_true", help="zero the images outside their masks before the network")
+    p.add_argument("--loss_function_masking", action="store_true", help="compute the IO similarity inside the masks only")
+    p.add_argument("--transform_out", required=True, help="output transform (.h5 or .tfm): fixed point -> moving point")
+    p.add_argument("--warped_moving_out", help="output: the moving image resampled onto the fixed grid")
+    p.add_argument("--io_iterations", type=_io_iterations, default=50, help="IO steps (default 50); 'None' disables IO")
+    p.add_argument("--io_lr", type=float, default=2e-5, help="IO learning rate (default 2e-5)")
+    p.add_argument("--io_sim", default="lncc", choices=["lncc", "lncc2", "mind"], help="IO similarity (default lncc)")
+    p.add_argument("--model", default="unigradicon", choices=["unigradicon", "multigradicon"])
+    p.add_argument("--network_weights", help="checkpoint (Step_2_final.trch); default: see README, nothing is downloaded")
+    p.add_argument("--ct_window", nargs=2, type=float, metavar=("MIN", "MAX"), help="CT window in HU (default -1000 1000)")
+    p.add_argument("--quantile_range", nargs=2, type=float, metavar=("LOWER", "UPPER"),
+                   help="MRI clipping quantiles (default: image minimum and 0.99)")
+    # Flags of unigradicon-register that mgr_engine does not implement: accepted, refused if used.
+    p.add_argument("--fixed_segmentation", help=argparse.SUPPRESS)
+    p.add_argument("--moving_segmentation", help=argparse.SUPPRESS)
+    p.add_argument("--intensity_conservation_loss", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--dice_loss_weight", type=float, default=0.0, help=argparse.SUPPRESS)
+    # mgr_engine's own options.
+    p.add_argument("--displacement_field_out", help="output: dense displacement field on the fixed grid (mm)")
+    p.add_argument("--jacobian_out", help="output: Jacobian determinant on the fixed grid")
+    p.add_argument("--network_input_shape", nargs=3, type=int, metavar=("D", "H", "W"),
+                   help="input shape of a non-official network configuration (default 175 175 175)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--seed", type=int, help="seed for IO's random regularizer grid (reproducible IO)")
+    p.set_defaults(run=run_register)
+
+
+def _add_warp(sub):
+    p = sub.add_parser("warp", help="warp an image with a transform (unigradicon-warp's flags)")
+    p.add_argument("--fixed", required=True, help="image whose grid the output takes")
+    p.add_argument("--moving", required=True, help="image to warp")
+    p.add_argument("--transform", help="transform file; identity if omitted")
+    p.add_argument("--warped_moving_out", required=True)
+    p.add_argument("--nearest_neighbor", action="store_true")
+    p.add_argument("--linear", action="store_true")
+    p.set_defaults(run=run_warp)
+
+
+def _add_jacobian(sub):
+    p = sub.add_parser("jacobian", help="Jacobian map of a transform (unigradicon-jacobian's flags)")
+    p.add_argument("--transform", required=True)
+    p.add_argument("--fixed", required=True, help="the fixed image used in the registration")
+    p.add_argument("--jacob", required=True, help="output Jacobian determinant image")
+    p.add_argument("--log_jacob", help="output log-Jacobian image")
+    p.set_defaults(run=run_jacobian)
+
+
+def run_register(args) -> None:
+    from . import itk_io
+    from .engine import MODELS, Engine
+    from .model import NetworkConfig
+
+    if args.fixed_segmentation or args.moving_segmentation or args.dice_loss_weight or args.intensity_conservation_loss:
+        raise InvalidOptionError(
+            "--fixed_segmentation/--moving_segmentation/--dice_loss_weight/--intensity_conservation_loss are not "
+            "supported by mgr-engine; for masking use --fixed_mask/--moving_mask with --input_masking or "
+            "--loss_function_masking.")
+    if args.io_lr <= 0:
+        raise InvalidOptionError("--io_lr must be positive")
+    if (args.input_masking or args.loss_function_masking) and not (args.fixed_mask or args.moving_mask):
+        raise InvalidOptionError("--input_masking/--loss_function_masking need --fixed_mask and/or --moving_mask")
+    masking = {(True, True): "both", (True, False): "input", (False, True): "loss"}.get(
+        (args.input_masking, args.loss_function_masking))
+    use_masks = masking is not None
+    config = MODELS[args.model]
+    if args.network_input_shape:
+        config = NetworkConfig(input_shape=tuple(args.network_input_shape))
+    engine = Engine(model=args.model, weights=args.network_weights, device=args.device, config=config)
+    result = engine.register(
+        args.fixed, args.moving, fixed_modality=args.fixed_modality, moving_modality=args.moving_modality,
+        io_iterations=args.io_iterations, io_sim=args.io_sim, io_lr=args.io_lr,
+        fixed_mask=args.fixed_mask if use_masks else None, moving_mask=args.moving_mask if use_masks else None,
+        masking=masking or "loss", ct_window=args.ct_window, quantile_range=args.quantile_range, seed=args.seed)
+    # Compute every output before writing any, so a failure leaves nothing behind.
+    outputs = [(args.transform_out, result.transform, itk_io.write_transform)]
+    if args.warped_moving_out:
+        outputs.append((args.warped_moving_out, result.warp(), itk_io.write_image))
+    if args.displacement_field_out:
+        outputs.append((args.displacement_field_out, result.displacement_field(), itk_io.write_image))
+    if args.jacobian_out:
+        outputs.append((args.jacobian_out, result.jacobian_determinant(), itk_io.write_image))
+    for path, value, write in outputs:
+        write(value, path)
+        log.info("wrote %s", path)
+
+
+def _read_transform(path):
+    import itk
+
+    from .errors import ImageReadError
+
+    try:
+        return itk.transformread(str(path))[0]
+    except Exception as exc:
+        raise ImageReadError(f"cannot read transform {str(path)!r} ({exc.__class__.__name__}); pass an ITK .h5/.tfm file.") from exc
+
+
+def run_warp(args) -> None:
+    import itk
+
+    from . import itk_io
+
+    if args.linear == args.nearest_neighbor:
+        raise InvalidOptionError("specify exactly one of --linear or --nearest_neighbor")
+    fixed = itk_io.load_image(args.fixed, "fixed")
+    moving = itk_io.load_image(args.moving, "moving")
+    transform = _read_transform(args.transform) if args.transform else itk.IdentityTransform[itk.D, 3].New()
+    warped = itk_io.resample(moving, transform, fixed, "linear" if args.linear else "nearest")
+    itk_io.write_image(warped, args.warped_moving_out)
+
+
+def run_jacobian(args) -> None:
+    import itk
+
+    from . import itk_io
+
+    transform = _read_transform(args.transform)
+    fixed = itk_io.load_image(args.fixed, "fixed")
+    field = itk.transform_to_displacement_field_filter(transform, reference_image=fixed, use_reference_image=True)
+    jacobian = itk.displacement_field_jacobian_determinant_filter(field)
+    outputs = [(args.jacob, jacobian)]
+    if args.log_jacob:
+        outputs.append((args.log_jacob, itk.log_image_filter(jacobian)))
+    for path, image in outputs:
+        itk_io.write_image(image, path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mgr-engine", description="multiGradICON registration engine")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_register(sub)
+    _add_warp(sub)
+    _add_jacobian(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.run(args)
+    except MgrEngineError as exc:
+        print(f"mgr-engine {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mgr-engine {args.command}: interrupted; no output was written partially", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

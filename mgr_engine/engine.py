@@ -1,0 +1,367 @@
+"""The registration engine: weights, preprocessing, inference, instance optimization, results."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import itk_io
+from .errors import CheckpointError, InvalidOptionError, WeightsNotFoundError
+from .losses import gradicon_regularizer, similarity_by_name
+from .model import GradICONNetwork, NetworkConfig, evaluate_map, fold_batchnorm, load_official_state_dict, map_on_grid
+from .ops import warp
+from .preprocess import apply_input_mask, check_volume, normalize_intensity, resize, resize_mask
+
+log = logging.getLogger("mgr_engine")
+
+MODELS = {"multigradicon": NetworkConfig(), "unigradicon": NetworkConfig()}
+CHECKPOINT_NAME = "Step_2_final.trch"
+MASKING_MODES = ("input", "loss", "both")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def weights_search_path(model: str) -> list[Path]:
+    """Where weights for ``model`` are looked for when no path is given, in order."""
+    places = []
+    if os.environ.get("MGR_ENGINE_WEIGHTS_DIR"):
+        places.append(Path(os.environ["MGR_ENGINE_WEIGHTS_DIR"]) / f"{model}1.0" / CHECKPOINT_NAME)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    places.append(cache / "mgr_engine" / f"{model}1.0" / CHECKPOINT_NAME)
+    return places
+
+
+def resolve_weights(model: str, weights=None) -> Path:
+    """The checkpoint file to load: ``weights`` if given, else the first file on the search path.
+    Nothing is downloaded."""
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise WeightsNotFoundError(f"weights file {str(path)!r} does not exist; check the path.")
+        return path
+    candidates = weights_search_path(model)
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise WeightsNotFoundError(
+        f"no weights for model {model!r}. Looked in: {', '.join(str(p) for p in candidates)}. "
+        f"Download {CHECKPOINT_NAME} from the uniGradICON project's GitHub release "
+        f"'{model}_weights' on a machine with internet access, then either pass weights=PATH, "
+        f"or copy it to $MGR_ENGINE_WEIGHTS_DIR/{model}1.0/{CHECKPOINT_NAME}, "
+        f"or to {candidates[-1]}."
+    )
+
+
+def load_checkpoint(path) -> dict:
+    """A state dict from a ``.trch`` file (``torch.load``, tensors only)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot read checkpoint {str(path)!r} ({exc.__class__.__name__}); expected a torch state dict "
+            f"such as {CHECKPOINT_NAME}."
+        ) from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, not a state dict.")
+    return state
+
+
+def gradicon_objective(network: GradICONNetwork, moving, fixed, similarity, *, lmbda=1.5,
+                       moving_mask=None, fixed_mask=None, generator=None):
+    """The GradICON loss of the paper (eq. 3) for one pair, and both maps on the grid.
+
+    ``sim(moving o phi_AB, fixed) + sim(fixed o phi_BA, moving) + lmbda * GradICON``;
+    images are warped with zero padding.
+    """
+    fields_ab = network.displacement_fields(moving, fixed)
+    fields_ba = network.displacement_fields(fixed, moving)
+    identity = network.identity_full
+    phi_ab = map_on_grid(fields_ab, identity)
+    phi_ba = map_on_grid(fields_ba, identity)
+    similarity_loss = similarity(warp(moving, phi_ab), fixed, fixed_mask) + similarity(warp(fixed, phi_ba), moving, moving_mask)
+    regularizer = gradicon_regularizer(
+        functools.partial(evaluate_map, fields_ab), functools.partial(evaluate_map, fields_ba), identity, generator
+    )
+    return lmbda * regularizer + similarity_loss, phi_ab, phi_ba
+
+
+class Engine:
+    """A loaded network, kept resident between registrations.
+
+    Args:
+        model: ``"multigradicon"`` or ``"unigradicon"`` (same architecture, different weights).
+        weights: path of the checkpoint (``Step_2_final.trch``, the ``regis_net`` state dict) or a
+            state dict. ``None``: ``$MGR_ENGINE_WEIGHTS_DIR/<model>1.0/Step_2_final.trch``, then the
+            user cache directory. Nothing is downloaded.
+        device: torch device; default CUDA when available, else CPU.
+        config: network shape, for checkpoints of non-official configurations.
+    """
+
+    def __init__(self, model: str = "multigradicon", weights=None, device=None, *, config: NetworkConfig | None = None):
+        if model not in MODELS and config is None:
+            raise InvalidOptionError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
+        self.model = model
+        self.config = config or MODELS[model]
+        self.device = torch.device(device) if device is not None else default_device()
+        if isinstance(weights, dict):
+            state, source = weights, "a state dict"
+        else:
+            path = resolve_weights(model, weights)
+            state, source = load_checkpoint(path), str(path)
+        self.network = GradICONNetwork(self.config)
+        load_official_state_dict(self.network, state)
+        self.network.eval().to(self.device).requires_grad_(False)
+        self.inference_network = self._inference_copy()
+        log.info("loaded %s weights from %s on %s", model, source, self.device)
+
+    def _inference_copy(self) -> GradICONNetwork:
+        """BatchNorm folded, channels-last (about 1.4x faster 3-D convolutions on the CPU)."""
+        net = GradICONNetwork(self.config)
+        net.unets = nn.ModuleList(fold_batchnorm(unet) for unet in self.network.unets)
+        return net.eval().to(self.device, memory_format=torch.channels_last_3d)
+
+    @property
+    def input_shape(self) -> tuple:
+        return tuple(self.config.input_shape)
+
+    # ------------------------------------------------------------- tensors
+
+    @torch.inference_mode()
+    def predict_map(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """Map ``Phi[moving, fixed]`` (B, 3, *input_shape) in [0, 1] coordinates, one direction only.
+
+        ``moving``/``fixed``: (B, 1, *input_shape) tensors already preprocessed to [0, 1].
+        """
+        layout = torch.channels_last_3d
+        moving = moving.to(self.device).contiguous(memory_format=layout)
+        fixed = fixed.to(self.device).contiguous(memory_format=layout)
+        return self.inference_network(moving, fixed).contiguous()
+
+    def instance_optimize(self, moving: torch.Tensor, fixed: torch.Tensor, *, iterations: int = 50,
+                          similarity: str = "lncc2", lr: float = 2e-5, lmbda: float = 1.5,
+                          moving_mask: torch.Tensor | None = None, fixed_mask: torch.Tensor | None = None,
+                          generator: torch.Generator | None = None, progress: bool = True):
+        """Instance optimization (IO): ``iterations`` Adam steps on all network weights with the
+        GradICON loss, then one more forward whose maps are returned. The engine's weights are
+        restored afterwards, so the next call starts from the checkpoint again.
+
+        Returns ``(phi_ab, phi_ba, losses)``: both maps and the loss of each step's forward,
+        followed by the loss of the final forward (``iterations + 1`` values).
+        """
+        from tqdm.auto import tqdm
+
+        if int(iterations) < 1:
+            raise InvalidOptionError("instance optimization needs iterations >= 1 (use predict_map for none)")
+        if not lr > 0:
+            raise InvalidOptionError(f"io_lr must be positive, got {lr}")
+        sim = similarity_by_name(similarity)
+        net = self.network
+        moving, fixed = moving.to(self.device), fixed.to(self.device)
+        masks = {
+            "moving_mask": None if moving_mask is None else moving_mask.to(self.device),
+            "fixed_mask": None if fixed_mask is None else fixed_mask.to(self.device),
+        }
+        saved = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        net.requires_grad_(True)
+        optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+        losses = []
+        try:
+            for _ in tqdm(range(int(iterations)), desc="instance optimization", disable=not progress, leave=False):
+                optimizer.zero_grad(set_to_none=True)
+                loss, _, _ = gradicon_objective(net, moving, fixed, sim, lmbda=lmbda, generator=generator, **masks)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+            with torch.no_grad():
+                loss, phi_ab, phi_ba = gradicon_objective(net, moving, fixed, sim, lmbda=lmbda, generator=generator, **masks)
+            losses.append(loss.item())
+        finally:
+            net.load_state_dict(saved)
+            net.requires_grad_(False)
+        log.info("instance optimization: %d steps, loss %.5f -> %.5f", iterations, losses[0], losses[-1])
+        return phi_ab, phi_ba, losses
+
+    # ------------------------------------------------------------- images
+
+    def preprocess(self, image, modality: str, *, name: str, mask=None, ct_window=None, quantile_range=None):
+        """An image (path, itk.Image or array) normalized, optionally masked, resized to the
+        network input: returns ``(itk_image, tensor (1, 1, *input_shape))``."""
+        itk_image = itk_io.load_image(image, name)
+        array = itk_io.voxel_array(itk_image)
+        check_volume(array, name)
+        volume = normalize_intensity(array, modality, ct_window=ct_window, quantile_range=quantile_range, name=name)
+        if mask is not None:
+            volume = apply_input_mask(volume, mask)
+        return itk_image, resize(volume, self.input_shape)[None, None]
+
+    def _load_mask(self, mask, image, name: str):
+        if mask is None:
+            return None
+        mask_image = itk_io.load_image(mask, f"{name} mask")
+        itk_io.check_same_grid(mask_image, image, f"{name} mask")
+        return itk_io.voxel_array(mask_image)
+
+    def register(self, fixed, moving, *, fixed_modality: str = "mri", moving_modality: str = "mri",
+                 io_iterations: int | None = 50, io_sim: str = "lncc2", io_lr: float = 2e-5,
+                 fixed_mask=None, moving_mask=None, masking: str = "loss", ct_window=None,
+                 quantile_range=None, progress: bool = True, seed: int | None = None) -> "RegistrationResult":
+        """Register ``moving`` onto ``fixed``; see :func:`mgr_engine.register`."""
+        started = time.perf_counter()
+        if masking not in MASKING_MODES:
+            raise InvalidOptionError(f"unknown masking {masking!r}: choose one of {', '.join(MASKING_MODES)}")
+        if io_iterations:
+            similarity_by_name(io_sim)  # fail before any work
+        fixed_image = itk_io.load_image(fixed, "fixed")
+        moving_image = itk_io.load_image(moving, "moving")
+        fixed_mask_array = self._load_mask(fixed_mask, fixed_image, "fixed")
+        moving_mask_array = self._load_mask(moving_mask, moving_image, "moving")
+        input_masking = masking in ("input", "both")
+        _, fixed_tensor = self.preprocess(
+            fixed_image, fixed_modality, name="fixed", mask=fixed_mask_array if input_masking else None,
+            ct_window=ct_window, quantile_range=quantile_range)
+        _, moving_tensor = self.preprocess(
+            moving_image, moving_modality, name="moving", mask=moving_mask_array if input_masking else None,
+            ct_window=ct_window, quantile_range=quantile_range)
+
+        phi_ba, losses = None, []
+        if io_iterations:
+            loss_masking = masking in ("loss", "both")
+            generator = torch.Generator().manual_seed(seed) if seed is not None else None
+            phi_ab, phi_ba, losses = self.instance_optimize(
+                moving_tensor, fixed_tensor, iterations=io_iterations, similarity=io_sim, lr=io_lr,
+                moving_mask=resize_mask(moving_mask_array, self.input_shape) if loss_masking and moving_mask_array is not None else None,
+                fixed_mask=resize_mask(fixed_mask_array, self.input_shape) if loss_masking and fixed_mask_array is not None else None,
+                generator=generator, progress=progress)
+        else:
+            if masking == "loss" and (fixed_mask is not None or moving_mask is not None):
+                log.warning("masks given for loss masking, but without instance optimization there is no loss: "
+                            "they are not used (pass masking='input' to mask the network's input)")
+            phi_ab = self.predict_map(moving_tensor, fixed_tensor)
+        log.info("registered in %.2f s", time.perf_counter() - started)
+        return RegistrationResult(
+            fixed=fixed_image, moving=moving_image, phi_ab=phi_ab.detach().cpu(),
+            phi_ba=None if phi_ba is None else phi_ba.detach().cpu(), io_losses=losses,
+            _inverse=functools.partial(self.predict_map, fixed_tensor, moving_tensor),
+        )
+
+
+@dataclass
+class RegistrationResult:
+    """What :func:`mgr_engine.register` returns.
+
+    ``phi_ab``: the map moving <- fixed on the network grid ((1, 3, *input_shape), [0, 1]
+    coordinates); ``io_losses``: the loss of each IO step (empty without IO). Everything
+    else is in ITK's conventions and physical units (mm).
+    """
+
+    fixed: object
+    moving: object
+    phi_ab: torch.Tensor
+    phi_ba: torch.Tensor | None = None
+    io_losses: list = field(default_factory=list)
+    _inverse: object = None
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def transform(self):
+        """``itk.CompositeTransform`` mapping fixed-space points to moving-space points (mm);
+        use it to resample the moving image onto the fixed grid."""
+        if "transform" not in self._cache:
+            self._cache["transform"] = itk_io.map_to_transform(self.phi_ab[0].numpy(), self.moving, self.fixed)
+        return self._cache["transform"]
+
+    @property
+    def inverse_transform(self):
+        """``itk.CompositeTransform`` mapping moving-space points to fixed-space points (mm).
+
+        The network's backward map (computed on first access when IO did not compute it)."""
+        if "inverse" not in self._cache:
+            if self.phi_ba is None:
+                self.phi_ba = self._inverse().cpu()
+            self._cache["inverse"] = itk_io.map_to_transform(self.phi_ba[0].numpy(), self.fixed, self.moving)
+        return self._cache["inverse"]
+
+    def warp(self, image=None, interpolation: str = "linear"):
+        """``image`` (default: the moving image; any image in moving space) resampled onto the
+        fixed grid through :attr:`transform`; ``interpolation`` is ``"linear"`` or ``"nearest"``
+        (for label maps). Keeps the pixel type."""
+        moving = self.moving if image is None else itk_io.load_image(image, "image to warp")
+        return itk_io.resample(moving, self.transform, self.fixed, interpolation)
+
+    def displacement_field(self):
+        """Dense displacement field on the fixed grid: an ITK vector image of physical
+        displacements (mm), ``transform(p) - p``; writable as ``.nii.gz`` for ANTs."""
+        import itk
+
+        return itk.transform_to_displacement_field_filter(
+            self.transform, reference_image=self.fixed, use_reference_image=True)
+
+    def jacobian_determinant(self):
+        """Jacobian determinant of :attr:`transform` on the fixed grid (float image); values
+        below 0 mark folds."""
+        import itk
+
+        return itk.displacement_field_jacobian_determinant_filter(self.displacement_field())
+
+    def save(self, transform_path) -> None:
+        """Write :attr:`transform` (``.h5`` or ``.tfm``, readable by ``itk.transformread``) atomically."""
+        itk_io.write_transform(self.transform, transform_path)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_engine(model, weights, device):
+    return Engine(model=model, weights=weights, device=device)
+
+
+def register(fixed, moving, *, fixed_modality: str = "mri", moving_modality: str = "mri",
+             model: str = "multigradicon", weights=None, io_iterations: int | None = 50, io_sim: str = "lncc2",
+             io_lr: float = 2e-5, fixed_mask=None, moving_mask=None, masking: str = "loss",
+             ct_window=None, quantile_range=None, device=None, progress: bool = True,
+             seed: int | None = None) -> RegistrationResult:
+    """Register ``moving`` onto ``fixed`` with multiGradICON (or uniGradICON).
+
+    Args:
+        fixed, moving: a path (NIfTI, NRRD, MHA, anything ITK reads), an ``itk.Image``, or a
+            numpy array (axes z, y, x; then 1 mm spacing, zero origin, identity direction).
+            Spacing, origin and direction (oblique included) are honoured.
+        fixed_modality, moving_modality: ``"mri"`` (clip to [min, 99th percentile]) or ``"ct"``
+            (clip to [-1000, 1000] HU), then scale to [0, 1].
+        model: ``"multigradicon"`` or ``"unigradicon"``.
+        weights: checkpoint path; default ``$MGR_ENGINE_WEIGHTS_DIR/<model>1.0/Step_2_final.trch``
+            or the user cache directory (see :func:`weights_search_path`).
+        io_iterations: instance-optimization steps (Adam on the network weights); ``None`` or
+            ``0`` for none.
+        io_sim: IO similarity, ``"lncc2"`` (1 - LNCC^2), ``"lncc"`` (1 - LNCC) or ``"mind"`` (MIND-SSC).
+        io_lr: IO learning rate.
+        fixed_mask, moving_mask: binary masks on the images' grids (paths, images or arrays).
+        masking: ``"loss"`` (similarity only inside the masks, needs IO), ``"input"`` (zero the
+            images outside the masks before the network) or ``"both"``.
+        ct_window: (min, max) HU window for CT images; quantile_range: (low, high) quantiles for MRI.
+        device: torch device, default CUDA when available.
+        progress: show a progress bar during IO.
+        seed: seeds the GradICON regularizer's random grid, for reproducible IO.
+
+    Returns:
+        :class:`RegistrationResult` with ``transform`` (fixed point -> moving point),
+        ``inverse_transform``, ``warp()``, ``displacement_field()``, ``jacobian_determinant()``
+        and ``save()``. The engine is cached, so repeated calls do not reload the weights;
+        use :class:`Engine` to control its lifetime.
+    """
+    if model not in MODELS:
+        raise InvalidOptionError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
+    weights_key = None if weights is None else str(weights)
+    engine = _cached_engine(model, weights_key, None if device is None else str(device))
+    return engine.register(
+        fixed, moving, fixed_modality=fixed_modality, moving_modality=moving_modality,
+        io_iterations=io_iterations, io_sim=io_sim, io_lr=io_lr, fixed_mask=fixed_mask,
+        moving_mask=moving_mask, masking=masking, ct_window=ct_window, quantile_range=quantile_range,
+        progress=progress, seed=seed)

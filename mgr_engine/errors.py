@@ -1,0 +1,35 @@
+"""Typed errors raised by mgr_engine.
+
+Every error says what went wrong and what to do about it. All derive from
+:class:`MgrEngineError`, and each also derives from the closest built-in
+exception (``ValueError``, ``FileNotFoundError``, ...) so existing ``except``
+clauses keep working.
+"""
+
+
+class MgrEngineError(Exception):
+    """Base class of every error mgr_engine raises on purpose."""
+
+
+class InvalidImageError(MgrEngineError, ValueError):
+    """An input image cannot be registered (constant, NaN/Inf, wrong dimension, empty)."""
+
+
+class ImageReadError(MgrEngineError, OSError):
+    """An image file is missing, empty or not readable by ITK."""
+
+
+class MaskMismatchError(InvalidImageError):
+    """A mask does not lie on the grid of the image it belongs to."""
+
+
+class InvalidOptionError(MgrEngineError, ValueError):
+    """An option has a value mgr_engine does not know (modality, similarity, model, ...)."""
+
+
+class CheckpointError(MgrEngineError, ValueError):
+    """A checkpoint does not match the network architecture it is loaded into."""
+
+
+class WeightsNotFoundError(MgrEngineError, FileNotFoundError):
+    """No weights file where mgr_engine looked for one."""

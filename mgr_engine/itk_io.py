@@ -1,0 +1,215 @@
+"""ITK side of the engine: reading images, spatial metadata, transforms, atomic writes.
+
+``itk`` is imported inside the functions only, so the tensor compute path (and
+machines without itk, such as the GPU runner) never needs it.
+
+Axis convention: a numpy array from ITK is indexed (z, y, x); the network's
+tensors keep that order, and a displacement's channels (i, j, k) are reversed to
+ITK's (x, y, z) when a transform is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ImageReadError, InvalidImageError, MaskMismatchError
+
+
+def load_image(image, name: str = "input"):
+    """An ``itk.Image`` from a path (anything ITK reads), an ``itk.Image`` or a numpy array.
+
+    A numpy array is read like ``itk.image_from_array``: axes (z, y, x), 1 mm spacing,
+    zero origin, identity direction.
+    """
+    import itk
+
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise ImageReadError(f"{name} image {str(path)!r} does not exist; check the path.")
+        if path.stat().st_size == 0:
+            raise ImageReadError(f"{name} image {str(path)!r} is empty (0 bytes); re-export or copy it again.")
+        try:
+            image = itk.imread(str(path))
+        except Exception as exc:  # ITK raises RuntimeError/KeyError depending on the format
+            raise ImageReadError(
+                f"ITK cannot read the {name} image {str(path)!r} ({exc.__class__.__name__}: "
+                f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}); use NIfTI, NRRD, MHA "
+                "or another format ITK reads."
+            ) from exc
+    elif isinstance(image, np.ndarray):
+        if image.ndim != 3:
+            raise InvalidImageError(
+                f"{name} array has {image.ndim} dimensions; mgr_engine registers 3-D volumes (z, y, x)."
+            )
+        image = itk.image_from_array(np.ascontiguousarray(image, dtype=np.float32))
+    if not hasattr(image, "GetImageDimension"):
+        raise InvalidImageError(
+            f"{name} image is a {type(image).__name__}; pass a file path, an itk.Image or a numpy array."
+        )
+    if image.GetImageDimension() != 3:
+        raise InvalidImageError(
+            f"{name} image is {image.GetImageDimension()}-D; mgr_engine registers 3-D volumes. "
+            "Split 4-D series into 3-D frames first."
+        )
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InvalidImageError(f"{name} image has {image.GetNumberOfComponentsPerPixel()} components per voxel; pass a scalar image.")
+    return image
+
+
+def voxel_array(image) -> np.ndarray:
+    """The voxels of a scalar ITK image as a float32 (z, y, x) array (a copy)."""
+    import itk
+
+    return np.asarray(itk.array_view_from_image(image), dtype=np.float32).copy()
+
+
+def check_same_grid(mask, image, what: str) -> None:
+    """Raise :class:`MaskMismatchError` unless ``mask`` lies on ``image``'s voxel grid."""
+    def geometry(img):
+        return (
+            tuple(img.GetLargestPossibleRegion().GetSize()),
+            np.asarray(img.GetSpacing(), float),
+            np.asarray(img.GetOrigin(), float),
+            direction_matrix(img),
+        )
+
+    size_m, spacing_m, origin_m, dir_m = geometry(mask)
+    size_i, spacing_i, origin_i, dir_i = geometry(image)
+    if size_m != size_i or not (
+        np.allclose(spacing_m, spacing_i, rtol=1e-5) and np.allclose(origin_m, origin_i, atol=1e-3)
+        and np.allclose(dir_m, dir_i, atol=1e-5)
+    ):
+        raise MaskMismatchError(
+            f"{what} does not lie on its image's grid (mask size {size_m}, spacing {tuple(spacing_m)}; image size "
+            f"{size_i}, spacing {tuple(spacing_i)}); resample the mask onto the image (nearest neighbour) first."
+        )
+
+
+def direction_matrix(image) -> np.ndarray:
+    import itk
+
+    return np.asarray(itk.array_from_matrix(image.GetDirection()), dtype=np.float64)
+
+
+def network_to_physical(image, network_shape):
+    """Affine map from the network's voxel grid (ITK x, y, z order) to ``image``'s physical space.
+
+    The network grid covers the image's extent: centre on centre, voxel size
+    ``spacing * size / network_size`` along the image's direction. This is the
+    convention of the authors' ``itk_wrapper``, so transforms agree with theirs.
+    """
+    import itk
+
+    size = np.asarray(image.GetLargestPossibleRegion().GetSize(), dtype=np.float64)
+    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
+    origin = np.asarray(image.GetOrigin(), dtype=np.float64)
+    direction = direction_matrix(image)
+    grid = np.asarray(list(reversed(list(network_shape))), dtype=np.float64)  # (x, y, z)
+
+    matrix = direction @ np.diag(spacing * size / grid)
+    image_centre = origin + direction @ (spacing * (size - 1) / 2)
+    grid_centre = (grid - 1) / 2
+    transform = itk.AffineTransform[itk.D, 3].New()
+    transform.SetMatrix(itk.matrix_from_array(matrix))
+    transform.SetTranslation([float(v) for v in image_centre - matrix @ grid_centre])
+    return transform
+
+
+def displacement_transform(displacement: np.ndarray):
+    """An ITK DisplacementFieldTransform on the network grid (unit spacing, zero origin,
+    identity direction) from a (3, D, H, W) displacement in network voxels, channels (i, j, k)."""
+    import itk
+
+    field = np.ascontiguousarray(np.moveaxis(displacement[::-1], 0, -1), dtype=np.float64)  # (D, H, W, [x, y, z])
+    image = itk.image_from_array(field, is_vector=True)
+    transform = itk.DisplacementFieldTransform[itk.D, 3].New()
+    transform.SetDisplacementField(image)
+    return transform
+
+
+def map_to_transform(phi: np.ndarray, source_image, target_image):
+    """ITK transform sending ``target_image`` physical points to ``source_image`` physical points.
+
+    ``phi``: a (3, D, H, W) map in [0, 1] coordinates with ``source o phi ~ target`` on the
+    network grid. Built as: target physical -> network voxel -> + displacement -> source physical.
+    """
+    import itk
+
+    shape = phi.shape[1:]
+    identity = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) / (n - 1) for n in shape], indexing="ij"))
+    displacement = (phi.astype(np.float64) - identity) * (np.asarray(shape, dtype=np.float64) - 1)[:, None, None, None]
+    composite = itk.CompositeTransform[itk.D, 3].New()
+    # ITK applies the last-added transform first.
+    composite.AddTransform(network_to_physical(source_image, shape))
+    composite.AddTransform(displacement_transform(displacement))
+    composite.AddTransform(network_to_physical(target_image, shape).GetInverseTransform())
+    return composite
+
+
+def _suffix(path: Path) -> str:
+    suffixes = "".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix
+    return suffixes
+
+
+@contextlib.contextmanager
+def atomic_output(path):
+    """Yield a temporary path beside ``path`` (same extension, so ITK picks the same writer);
+    on success it replaces ``path`` in one step, on any error or Ctrl-C it is deleted."""
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise ImageReadError(f"output directory {str(directory)!r} does not exist; create it first.")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial" + _suffix(path), dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_image(image, path) -> None:
+    """Write an ITK image atomically."""
+    import itk
+
+    with atomic_output(path) as tmp:
+        itk.imwrite(image, tmp)
+
+
+def write_transform(transform, path) -> None:
+    """Write an ITK transform (.h5, .tfm, ...) atomically; readable by ``itk.transformread``."""
+    import itk
+
+    with atomic_output(path) as tmp:
+        itk.transformwrite([transform], tmp)
+
+
+def resample(image, transform, reference, interpolation: str = "linear"):
+    """``image`` resampled onto ``reference``'s grid through ``transform`` (reference point ->
+    image point), outside the image 0; the pixel type is kept."""
+    import itk
+
+    from .errors import InvalidOptionError
+
+    interpolators = {"linear": itk.LinearInterpolateImageFunction, "nearest": itk.NearestNeighborInterpolateImageFunction}
+    if interpolation not in interpolators:
+        raise InvalidOptionError(f"unknown interpolation {interpolation!r}: use 'linear' or 'nearest'")
+    original_type = type(image)
+    try:  # ITK's Python wrapping instantiates interpolators for some pixel types only
+        interpolators[interpolation][original_type, itk.D]
+        cast_back = None
+    except (KeyError, TypeError):
+        image = itk.CastImageFilter[original_type, itk.Image[itk.D, 3]].New()(image)
+        cast_back = itk.CastImageFilter[itk.Image[itk.D, 3], original_type].New()
+    interpolator = interpolators[interpolation].New(image)
+    warped = itk.resample_image_filter(
+        image, transform=transform, interpolator=interpolator, use_reference_image=True, reference_image=reference)
+    return warped if cast_back is None else cast_back(warped)

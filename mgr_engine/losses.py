@@ -1,0 +1,146 @@
+"""Losses of instance optimization: image similarities and the GradICON regularizer.
+
+Similarities take ``(warped_moving, fixed, mask=None)`` tensors (B, 1, D, H, W) and
+return a scalar loss; a mask restricts the mean to its nonzero voxels (per sample,
+then averaged over samples).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InvalidOptionError
+
+LNCC_SIGMA = 5
+LNCC_TAPS = 4 * LNCC_SIGMA + 1
+
+
+def gaussian_kernel1d(taps: int = LNCC_TAPS, sigma: float = LNCC_SIGMA, dtype=torch.float32, device=None):
+    """Normalized 1-D Gaussian of ``taps`` samples centred on the middle tap."""
+    half = (taps - 1) * 0.5
+    x = torch.linspace(-half, half, steps=taps)
+    pdf = torch.exp(-0.5 * (x / sigma).pow(2))
+    return (pdf / pdf.sum()).to(device=device, dtype=dtype)
+
+
+def gaussian_blur(volume: torch.Tensor, taps: int = LNCC_TAPS, sigma: float = LNCC_SIGMA) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, D, H, W), zero padding ("same" size)."""
+    kernel = gaussian_kernel1d(taps, sigma, volume.dtype, volume.device)
+    channels = volume.shape[1]
+    for axis in range(3):
+        shape = [channels, 1, 1, 1, 1]
+        shape[2 + axis] = taps
+        volume = F.conv3d(volume, kernel.view(shape[1:]).expand(shape), padding="same", groups=channels)
+    return volume
+
+
+def lncc_map(image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Local normalized cross-correlation under a Gaussian window (sigma 5, 21 taps)."""
+    mean_i, mean_j = gaussian_blur(image), gaussian_blur(target)
+    var_i = torch.relu(gaussian_blur(image * image) - mean_i**2) + 1e-5
+    var_j = torch.relu(gaussian_blur(target * target) - mean_j**2) + 1e-5
+    return (gaussian_blur(image * target) - mean_i * mean_j) / torch.sqrt(var_i * var_j)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of ``values``; with a mask, the mean over its nonzero voxels per sample, then over samples."""
+    if mask is None:
+        return values.mean()
+    included = (mask != 0).expand_as(values)
+    dims = tuple(range(1, values.dim()))
+    counts = included.sum(dims).clamp_min(1)
+    totals = (values * included).sum(dims, dtype=torch.float32)
+    return (totals / counts).mean().to(values.dtype)
+
+
+def lncc_loss(image, target, mask=None):
+    """1 - LNCC (uniGradICON's similarity: assumes locally positive correlation)."""
+    return 1 - masked_mean(lncc_map(image, target), mask)
+
+
+def lncc2_loss(image, target, mask=None):
+    """1 - LNCC^2 (multiGradICON's similarity: indifferent to the sign of the correlation)."""
+    return 1 - masked_mean(lncc_map(image, target) ** 2, mask)
+
+
+# MIND-SSC: the six face neighbours (offsets in voxels, times the dilation) ...
+_SIX_NEIGHBOURS = ((-1, 0, 0), (0, 0, -1), (0, -1, 0), (0, 0, 1), (1, 0, 0), (0, 1, 0))
+# ... and the 12 pairs of them that are sqrt(2) apart: the self-similarity context.
+_MIND_PAIRS = [
+    (a, b)
+    for i, a in enumerate(_SIX_NEIGHBOURS)
+    for j, b in enumerate(_SIX_NEIGHBOURS)
+    if i > j and sum((p - q) ** 2 for p, q in zip(a, b)) == 2
+]
+
+
+def _shifted(padded: torch.Tensor, offset, pad: int, shape) -> torch.Tensor:
+    starts = [pad + o for o in offset]
+    return padded[:, :, starts[0]: starts[0] + shape[0], starts[1]: starts[1] + shape[1], starts[2]: starts[2] + shape[2]]
+
+
+def mind_ssc(image: torch.Tensor, radius: int = 2, dilation: int = 2) -> torch.Tensor:
+    """MIND-SSC descriptor (Heinrich et al., MICCAI 2013): 12 channels per voxel.
+
+    Squared differences between the pairs of dilated six-neighbours, averaged
+    over a (2 radius + 1)^3 patch (edges replicated), normalized by their
+    minimum and mean, then ``exp(-.)``. Channel order is that of ``_MIND_PAIRS``
+    (the loss, a mean over channels, does not depend on it).
+    """
+    shape = image.shape[2:]
+    padded = F.pad(image, (dilation,) * 6, mode="replicate")
+    diffs = torch.cat(
+        [
+            _shifted(padded, [o * dilation for o in a], dilation, shape)
+            - _shifted(padded, [o * dilation for o in b], dilation, shape)
+            for a, b in _MIND_PAIRS
+        ],
+        dim=1,
+    )
+    ssd = F.avg_pool3d(F.pad(diffs**2, (radius,) * 6, mode="replicate"), 2 * radius + 1, stride=1)
+    mind = ssd - ssd.min(dim=1, keepdim=True).values
+    variance = mind.mean(dim=1, keepdim=True)
+    level = variance.mean().detach()  # the bounds are constants, not differentiated
+    variance = torch.clamp(variance, (level * 0.001).item(), (level * 1000).item())
+    return torch.exp(-mind / variance)
+
+
+def mind_loss(image, target, mask=None):
+    """Mean squared difference of MIND-SSC descriptors (radius 2, dilation 2)."""
+    return masked_mean((mind_ssc(image) - mind_ssc(target)) ** 2, mask)
+
+
+SIMILARITIES = {"lncc": lncc_loss, "lncc2": lncc2_loss, "mind": mind_loss}
+
+
+def similarity_by_name(name: str):
+    """The similarity loss called ``name`` (``lncc``, ``lncc2`` or ``mind``)."""
+    try:
+        return SIMILARITIES[name]
+    except KeyError:
+        raise InvalidOptionError(
+            f"unknown similarity {name!r}: choose one of {', '.join(SIMILARITIES)}"
+        ) from None
+
+
+def gradicon_regularizer(map_ab, map_ba, identity: torch.Tensor, generator: torch.Generator | None = None,
+                         delta: float = 0.001) -> torch.Tensor:
+    """GradICON's penalty ``|| grad(Phi_AB o Phi_BA) - I ||_F^2`` by finite differences.
+
+    ``map_ab``/``map_ba`` evaluate a map at arbitrary coordinates. The penalty is
+    taken at a jittered identity grid (noise ``2 randn / n``, every second voxel):
+    for each axis, the mean squared difference quotient (step ``delta``) of the
+    inverse-consistency error ``x - Phi_AB(Phi_BA(x))``. The noise is drawn on the
+    CPU, as the reference draws it, so a seeded run reproduces its losses.
+    """
+    noise = torch.randn(identity.shape, generator=generator).to(identity.device, identity.dtype)
+    points = (identity + 2 * noise / identity.shape[-1])[:, :, ::2, ::2, ::2]
+    error = points - map_ab(map_ba(points))
+    total = 0.0
+    for axis in range(3):
+        step = torch.zeros(1, 3, 1, 1, 1, dtype=identity.dtype, device=identity.device)
+        step[:, axis] = delta
+        error_step = points + step - map_ab(map_ba(points + step))
+        total = total + torch.mean(((error - error_step) / delta) ** 2)
+    return total

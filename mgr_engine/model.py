@@ -1,0 +1,250 @@
+"""The GradICON registration network of multiGradICON (paper, section 3.1).
+
+    Phi := TS{ TS{ DS{ TS{ DS{Psi1}, Psi2 } }, Psi3 }, Psi4 }
+
+Four U-Nets predict displacement fields: Psi1 on images average-pooled twice
+(44^3 for a 175^3 input), Psi2 on images pooled once (88^3), Psi3 and Psi4 at
+full resolution. TwoStep (TS) runs its second network on the moving image
+warped by the first one's map and composes the two maps; DownSample (DS) runs
+its network on pooled images. Spelled out for the moving image A and fixed B:
+
+    d1 = Psi1(A/4, B/4)
+    d2 = Psi2(A/2 o (id + d1),            B/2)
+    d3 = Psi3(A   o Phi123_partial,       B)        Phi123_partial = d1 o d2 at full res
+    d4 = Psi4(A   o Phi123,               B)
+    Phi(x) = U1(U2(U3(U4(x))))   with  Uk(x) = x + dk(x)
+
+All maps are absolute coordinates in [0, 1]^3 (see :mod:`mgr_engine.ops`).
+Parameter names follow the official checkpoints (``Step_2_final.trch``), so
+they load without conversion through :func:`load_official_state_dict`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import CheckpointError
+from .ops import compose_maps, identity_map, upsample_field, warp
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Shape of a GradICON network. The default is the official uni/multiGradICON one."""
+
+    input_shape: tuple = (175, 175, 175)
+    down_channels: tuple = (2, 16, 32, 64, 256, 512)  # first entry: fixed + moving channels
+    up_channels: tuple = (16, 32, 64, 128, 256)
+
+    def level_shapes(self):
+        """Input shapes of the three resolution levels: full, pooled once, pooled twice."""
+        full = tuple(int(n) for n in self.input_shape)
+        half = tuple(math.ceil(n / 2) for n in full)
+        quarter = tuple(math.ceil(n / 2) for n in half)
+        return full, half, quarter
+
+
+def _match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Keep the first ``channels`` channels of x, or zero-pad in front up to ``channels``."""
+    if x.shape[1] >= channels:
+        return x[:, :channels]
+    return F.pad(x, (0, 0, 0, 0, 0, 0, channels - x.shape[1], 0))
+
+
+class UNet(nn.Module):
+    """One displacement-predicting U-Net (the authors' ``UNet2``), five levels deep.
+
+    Down: strided 3^3 convolutions, each added to the average-pooled input (a
+    residual path). Up: 4^3 transposed convolutions added to the trilinearly
+    upsampled input, BatchNorm, concatenation with the skip. The last
+    convolution outputs the displacement, divided by 10.
+    """
+
+    def __init__(self, down_channels, up_channels):
+        super().__init__()
+        down = list(down_channels)
+        up = list(up_channels)
+        levels = len(up)
+        if len(down) != levels + 1:
+            raise ValueError("down_channels needs exactly one entry more than up_channels")
+        up_in = [down[i + 1] + (up[i + 1] if i + 1 < levels else 0) for i in range(levels)]
+        self.downConvs = nn.ModuleList(
+            nn.Conv3d(down[i], down[i + 1], kernel_size=3, padding=1, stride=2) for i in range(levels)
+        )
+        self.upConvs = nn.ModuleList(
+            nn.ConvTranspose3d(up_in[i], up[i], kernel_size=4, padding=1, stride=2) for i in range(levels)
+        )
+        self.batchNorms = nn.ModuleList(nn.BatchNorm3d(up[i]) for i in range(levels))
+        self.lastConv = nn.Conv3d(down[0] + up[0], 3, kernel_size=3, padding=1)
+        # A fresh network outputs the identity map, as the authors' does.
+        nn.init.zeros_(self.lastConv.weight)
+        nn.init.zeros_(self.lastConv.bias)
+        # Set by fold_batchnorm(): the per-channel BatchNorm scale left for the upsampled path.
+        self.folded_scales = None
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([moving, fixed], 1)
+        skips = []
+        for conv in self.downConvs:
+            skips.append(x)
+            y = conv(F.leaky_relu(x))
+            x = y + _match_channels(F.avg_pool3d(x, 2, ceil_mode=True), y.shape[1])
+        for depth in reversed(range(len(self.upConvs))):
+            y = self.upConvs[depth](F.leaky_relu(x))
+            up = F.interpolate(_match_channels(x, y.shape[1]), scale_factor=2, mode="trilinear", align_corners=False)
+            if self.folded_scales is None:
+                x = self.batchNorms[depth](y + up)
+            else:  # BatchNorm(y + up) = y_folded + scale * up
+                x = torch.addcmul(y, self.folded_scales[depth], up)
+            skip = skips[depth]
+            x = x[:, :, : skip.shape[2], : skip.shape[3], : skip.shape[4]]
+            x = torch.cat([x, skip], 1)
+        return self.lastConv(x) / 10
+
+
+def fold_batchnorm(unet: UNet) -> UNet:
+    """An inference copy of ``unet`` with each BatchNorm folded into its transposed convolution.
+
+    BatchNorm follows ``y + up`` (conv output plus the upsampled path), so the
+    convolution absorbs scale and shift, and the upsampled path keeps one
+    per-channel multiply, fused into an ``addcmul``. Eval-mode semantics.
+    """
+    folded = copy.deepcopy(unet).eval()
+    scales = []
+    with torch.no_grad():
+        for conv, bn in zip(folded.upConvs, folded.batchNorms):
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            shift = bn.bias - bn.running_mean * scale
+            conv.weight.mul_(scale.view(1, -1, 1, 1, 1))  # ConvTranspose weight: (in, out, k, k, k)
+            conv.bias.mul_(scale).add_(shift)
+            scales.append(scale.view(1, -1, 1, 1, 1).clone())
+    folded.batchNorms = nn.ModuleList(nn.Identity() for _ in folded.batchNorms)
+    folded.folded_scales = scales
+    for p in folded.parameters():
+        p.requires_grad_(False)
+    return folded
+
+
+class GradICONNetwork(nn.Module):
+    """Four U-Nets nested as TS{TS{DS{TS{DS{Psi1}, Psi2}}, Psi3}, Psi4}; see the module docstring."""
+
+    def __init__(self, config: NetworkConfig = NetworkConfig()):
+        super().__init__()
+        self.config = config
+        self.unets = nn.ModuleList(UNet(config.down_channels, config.up_channels) for _ in range(4))
+        full, half, quarter = config.level_shapes()
+        for name, shape in (("identity_full", full), ("identity_half", half)):
+            self.register_buffer(name, identity_map(shape), persistent=False)
+
+    def displacement_fields(self, moving: torch.Tensor, fixed: torch.Tensor):
+        """Displacements ``[d1, d2, d3, d4]`` of the four U-Nets, each on its own grid.
+
+        ``moving``/``fixed``: (B, C, *config.input_shape), preprocessed to [0, 1].
+        The map moving <- fixed is ``Phi(x) = x`` composed through d4, d3, d2, d1
+        (see :func:`evaluate_map`).
+        """
+        expected = tuple(self.config.input_shape)
+        if tuple(moving.shape[2:]) != expected or tuple(fixed.shape[2:]) != expected:
+            raise ValueError(f"network input must be {expected}, got {tuple(moving.shape[2:])} and {tuple(fixed.shape[2:])}")
+        psi1, psi2, psi3, psi4 = self.unets
+        moving_half = F.avg_pool3d(moving, 2, ceil_mode=True)
+        fixed_half = F.avg_pool3d(fixed, 2, ceil_mode=True)
+        d1 = psi1(F.avg_pool3d(moving_half, 2, ceil_mode=True), F.avg_pool3d(fixed_half, 2, ceil_mode=True))
+
+        half_map = self.identity_half + upsample_field(d1, self.identity_half.shape[2:])
+        d2 = psi2(warp(moving_half, half_map, padding="border"), fixed_half)
+
+        identity = self.identity_full
+        partial_map = compose_maps(d1, identity + upsample_field(d2, identity.shape[2:]))
+        d3 = psi3(warp(moving, partial_map, padding="border"), fixed)
+
+        coarse_map = evaluate_map([d1, d2], identity + d3)
+        d4 = psi4(warp(moving, coarse_map, padding="border"), fixed)
+        return [d1, d2, d3, d4]
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """The map ``Phi[moving, fixed]`` on the full-resolution grid: moving o Phi ~ fixed."""
+        fields = self.displacement_fields(moving, fixed)
+        return map_on_grid(fields, self.identity_full)
+
+
+def evaluate_map(fields, coords: torch.Tensor) -> torch.Tensor:
+    """``Phi(coords)`` for the displacement fields of :meth:`GradICONNetwork.displacement_fields`,
+    applied innermost-last: coords -> + d_last -> ... -> + d_first (fields repeat their border)."""
+    for field in reversed(fields):
+        coords = compose_maps(field, coords)
+    return coords
+
+
+def map_on_grid(fields, identity: torch.Tensor) -> torch.Tensor:
+    """``Phi`` on the full-resolution identity grid: the last field lies on that grid, so it adds directly."""
+    return evaluate_map(fields[:-1], identity + fields[-1])
+
+
+# ---------------------------------------------------------------- checkpoints
+
+# Where each U-Net sits in the official nesting of TwoStep/DownSample modules.
+OFFICIAL_PREFIXES = (
+    "netPhi.netPhi.net.netPhi.net.net.",  # Psi1: TS.TS.DS.TS.DS.FunctionFromVectorField.UNet
+    "netPhi.netPhi.net.netPsi.net.",  # Psi2
+    "netPhi.netPsi.net.",  # Psi3
+    "netPsi.net.",  # Psi4
+)
+
+
+def official_state_dict(network: GradICONNetwork) -> dict:
+    """The network's weights under the official key names (what ``regis_net.state_dict()`` has)."""
+    out = {}
+    for key, value in network.state_dict().items():
+        _, index, rest = key.split(".", 2)
+        out[OFFICIAL_PREFIXES[int(index)] + rest] = value
+    return out
+
+
+def _to_internal_key(key: str):
+    for index, prefix in enumerate(OFFICIAL_PREFIXES):
+        if key.startswith(prefix):
+            return f"unets.{index}.{key[len(prefix):]}"
+    return None
+
+
+def load_official_state_dict(network: GradICONNetwork, state_dict: dict) -> None:
+    """Load an official ``regis_net`` state dict strictly; raise :class:`CheckpointError` naming
+    the first offending keys when keys are missing or unexpected or shapes differ."""
+    if not isinstance(state_dict, dict) or not state_dict:
+        raise CheckpointError("the checkpoint holds no state dict; expected the regis_net state_dict of Step_2_final.trch")
+    if all(k.startswith("regis_net.") for k in state_dict):  # a whole GradientICON module's dict
+        state_dict = {k[len("regis_net."):]: v for k, v in state_dict.items()}
+    own = network.state_dict()
+    renamed, unexpected = {}, []
+    for key, value in state_dict.items():
+        internal = _to_internal_key(key)
+        if internal is None or internal not in own:
+            unexpected.append(key)
+        else:
+            renamed[internal] = value
+    missing = [k for k in official_state_dict(network) if _to_internal_key(k) not in renamed]
+    wrong_shape = [
+        f"{k} (checkpoint {tuple(v.shape)}, network {tuple(own[_to_internal_key(k)].shape)})"
+        for k, v in state_dict.items()
+        if _to_internal_key(k) in own and tuple(v.shape) != tuple(own[_to_internal_key(k)].shape)
+    ]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys, first: {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys, first: {', '.join(unexpected[:3])}")
+        if wrong_shape:
+            parts.append(f"{len(wrong_shape)} keys of the wrong shape, first: {'; '.join(wrong_shape[:3])}")
+        raise CheckpointError(
+            "checkpoint does not match the network architecture: " + "; ".join(parts)
+            + ". Pass the Step_2_final.trch of uniGradICON/multiGradICON for the official network, "
+            "or the NetworkConfig the checkpoint was trained with."
+        )
+    network.load_state_dict(renamed, strict=True)

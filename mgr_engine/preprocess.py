@@ -1,0 +1,90 @@
+"""Intensity normalization and resizing to the network's input, as the paper prescribes.
+
+CT: clip to [-1000, 1000] HU (or a given window), scale to [0, 1].
+MRI: clip to [image minimum, 99th percentile] (or a given quantile range), scale to [0, 1].
+Both are then resized to the network's input shape with trilinear interpolation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import InvalidImageError, InvalidOptionError
+
+MODALITIES = ("ct", "mri")
+DEFAULT_CT_WINDOW = (-1000.0, 1000.0)
+DEFAULT_MRI_UPPER_QUANTILE = 0.99
+
+
+def quantile(values: torch.Tensor, q: float) -> float:
+    """The k-th smallest value with ``k = int(q * n)`` clamped to [1, n] (no interpolation,
+    as the reference computes it)."""
+    flat = values.flatten()
+    k = max(1, min(int(q * flat.numel()), flat.numel()))
+    return float(torch.kthvalue(flat, k).values)
+
+
+def check_volume(array: np.ndarray, name: str) -> None:
+    """Raise :class:`InvalidImageError` unless ``array`` is a finite, non-constant 3-D volume."""
+    if array.ndim != 3:
+        raise InvalidImageError(
+            f"{name} image has {array.ndim} dimensions; mgr_engine registers 3-D volumes. "
+            "Pass a single 3-D volume (split 4-D series into 3-D frames first)."
+        )
+    if array.size == 0 or min(array.shape) < 2:
+        raise InvalidImageError(f"{name} image has shape {array.shape}; each axis needs at least 2 voxels.")
+    if not np.all(np.isfinite(array)):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise InvalidImageError(
+            f"{name} image has {bad} NaN or infinite voxels; replace them (for example with the "
+            "background value) before registering."
+        )
+    if array.min() == array.max():
+        raise InvalidImageError(
+            f"{name} image is constant ({array.min()}); there is nothing to register. Check that the "
+            "right file was passed."
+        )
+
+
+def normalize_intensity(volume: np.ndarray, modality: str, *, ct_window=None, quantile_range=None,
+                        name: str = "input") -> torch.Tensor:
+    """Clip and scale a volume to [0, 1] by modality; returns a float32 tensor of the same shape."""
+    modality = str(modality).lower()
+    if modality not in MODALITIES:
+        raise InvalidOptionError(f"unknown modality {modality!r} for the {name} image: use 'ct' or 'mri'")
+    values = torch.from_numpy(np.asarray(volume, dtype=np.float32))
+    if modality == "ct":
+        low, high = ct_window if ct_window is not None else DEFAULT_CT_WINDOW
+    elif quantile_range is not None:
+        low, high = quantile(values, quantile_range[0]), quantile(values, quantile_range[1])
+    else:
+        low, high = float(values.min()), quantile(values, DEFAULT_MRI_UPPER_QUANTILE)
+    if not high > low:
+        raise InvalidImageError(
+            f"{name} image: intensity range [{low}, {high}] is empty after clipping ({modality}); "
+            "choose a wider ct_window/quantile_range or check the modality."
+        )
+    # ITK's ShiftScale computes in double, then stores float: do the same.
+    scaled = (values.double().clamp(float(np.float32(low)), float(np.float32(high))) - low) * (1.0 / (high - low))
+    return scaled.float()
+
+
+def apply_input_mask(volume: torch.Tensor, mask: np.ndarray) -> torch.Tensor:
+    """Zero the voxels where ``mask`` is not positive."""
+    return volume * torch.from_numpy(np.asarray(mask) > 0).to(volume.dtype)
+
+
+def resize(volume: torch.Tensor, shape) -> torch.Tensor:
+    """(D, H, W) or (B, C, D, H, W) volume resized trilinearly (``align_corners=False``)."""
+    batched = volume if volume.dim() == 5 else volume[None, None]
+    out = F.interpolate(batched, size=tuple(shape), mode="trilinear", align_corners=False)
+    return out if volume.dim() == 5 else out[0, 0]
+
+
+def resize_mask(mask: np.ndarray, shape) -> torch.Tensor:
+    """A mask resized with nearest-neighbour interpolation, values kept (loss masking)."""
+    tensor = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None, None]
+    return F.interpolate(tensor, size=tuple(shape), mode="nearest")
+

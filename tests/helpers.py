@@ -1,0 +1,79 @@
+"""Shared test helpers: randomized weights, the reference network, synthetic images."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mgr_engine.model import GradICONNetwork, NetworkConfig, official_state_dict
+
+NARROW = dict(down_channels=(2, 4, 8, 8, 16, 16), up_channels=(4, 8, 8, 16, 16))
+
+
+def randomize_(network: torch.nn.Module, seed: int = 0, displacement_scale: float = 1.0) -> torch.nn.Module:
+    """Randomize every parameter and the BatchNorm running statistics in place.
+
+    The default init zeroes each U-Net's last convolution (the network would output
+    the identity and every comparison would pass trivially), so it is redrawn too.
+    ``displacement_scale`` scales the last convolutions, to keep displacements at a
+    few voxels.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, module in network.named_modules():
+            if isinstance(module, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)):
+                fan_in = module.weight[0].numel() if isinstance(module, torch.nn.Conv3d) else module.weight[:, 0].numel()
+                bound = 1.0 / fan_in**0.5
+                module.weight.copy_((torch.rand(module.weight.shape, generator=gen) * 2 - 1) * bound * 1.7)
+                module.bias.copy_((torch.rand(module.bias.shape, generator=gen) * 2 - 1) * bound)
+                if name.endswith("lastConv"):
+                    module.weight.mul_(displacement_scale)
+                    module.bias.mul_(displacement_scale)
+            elif isinstance(module, torch.nn.BatchNorm3d):
+                module.weight.copy_(torch.rand(module.weight.shape, generator=gen) + 0.5)
+                module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.1)
+                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=gen) * 0.1)
+                module.running_var.copy_(torch.rand(module.running_var.shape, generator=gen) + 0.5)
+    return network
+
+
+def random_network(shape=(72, 72, 72), narrow=False, seed=0, displacement_scale=1.0) -> GradICONNetwork:
+    config = NetworkConfig(input_shape=tuple(shape), **(NARROW if narrow else {}))
+    return randomize_(GradICONNetwork(config), seed, displacement_scale).eval()
+
+
+def reference_network(network: GradICONNetwork, loss_fn=None, lmbda=1.5, loss_function_masking=False):
+    """The authors' GradientICONSparse (icon_registration parts) with ``network``'s weights."""
+    import icon_registration as icon
+    from icon_registration import networks
+
+    config = network.config
+    channels = [list(config.down_channels), list(config.up_channels)]
+
+    def unet():
+        return icon.FunctionFromVectorField(networks.UNet2(len(config.up_channels), channels, 3))
+
+    inner = unet()
+    for _ in range(2):
+        inner = icon.TwoStepRegistration(icon.DownsampleRegistration(inner, dimension=3), unet())
+    inner = icon.TwoStepRegistration(inner, unet())
+    if loss_fn is None:
+        loss_fn = icon.LNCC(sigma=5)
+    from unigradicon import GradientICONSparse  # noqa: imported lazily: unigradicon imports itk
+
+    ref = GradientICONSparse(inner, loss_fn, lmbda=lmbda, loss_function_masking=loss_function_masking)
+    ref.assign_identity_map([1, 1, *config.input_shape])
+    ref.regis_net.load_state_dict(official_state_dict(network))
+    return ref.eval()
+
+
+def smooth_volume(shape, seed=0, blobs=6) -> np.ndarray:
+    """A smooth random volume of Gaussian blobs (float32, values roughly 0..1)."""
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.linspace(0, 1, n) for n in shape], indexing="ij")
+    out = np.zeros(shape, np.float64)
+    for _ in range(blobs):
+        centre = rng.uniform(0.2, 0.8, 3)
+        width = rng.uniform(0.08, 0.25)
+        out += rng.uniform(0.3, 1.0) * np.exp(-sum((g - c) ** 2 for g, c in zip(grids, centre)) / (2 * width**2))
+    return out.astype(np.float32)
