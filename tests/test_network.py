@@ -1,0 +1,116 @@
+"""The network against the authors' implementation, with every weight randomized."""
+
+import pytest
+import torch
+
+from helpers import NARROW, random_network, reference_network, smooth_volume
+from mgr_engine import Engine, NetworkConfig
+from mgr_engine.errors import CheckpointError
+from mgr_engine.model import GradICONNetwork, load_official_state_dict, official_state_dict
+
+
+def pair(shape, batch=1):
+    vols = [torch.from_numpy(smooth_volume(shape, seed)) for seed in range(2 * batch)]
+    moving = torch.stack(vols[:batch])[:, None]
+    fixed = torch.stack(vols[batch:])[:, None]
+    return moving, fixed
+
+
+def reference_map(ref, moving, fixed):
+    with torch.no_grad():
+        ref.identity_map.isIdentity = True
+        return ref.regis_net(moving, fixed)(ref.identity_map)
+
+
+def voxels(shape):
+    return (torch.tensor(shape, dtype=torch.float32) - 1).view(1, 3, 1, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "shape,narrow,batch",
+    [((72, 72, 72), False, 1), ((66, 80, 71), True, 2), ((96, 70, 88), True, 1)],
+)
+def test_maps_equal_reference(shape, narrow, batch):
+    net = random_network(shape, narrow=narrow, seed=3, displacement_scale=0.5)
+    ref = reference_network(net)
+    moving, fixed = pair(shape, batch)
+    expected = reference_map(ref, moving, fixed)
+    with torch.no_grad():
+        ours = net(moving, fixed)
+    engine = Engine(weights=official_state_dict(net), config=net.config, device="cpu")
+    folded = engine.predict_map(moving, fixed)
+    identity = ref.identity_map
+    displacement = ((expected - identity) * voxels(shape)).abs().max()
+    assert displacement > 1.0, "randomized network should move voxels, or the comparison is vacuous"
+    assert ((ours - expected) * voxels(shape)).abs().max() < 2e-3
+    assert ((folded - expected) * voxels(shape)).abs().max() < 2e-3
+
+
+def test_state_dict_keys_are_the_official_ones():
+    net = random_network((72, 72, 72))
+    ref = reference_network(net)
+    ours = official_state_dict(net)
+    theirs = ref.regis_net.state_dict()
+    assert list(ours) == list(theirs)
+    assert len(ours) == 188
+    assert all(ours[k].shape == theirs[k].shape for k in ours)
+    n_params = sum(p.numel() for p in net.parameters())
+    assert 70.0e6 < n_params < 71.5e6  # 70.7 M, as the official network
+
+
+def test_loads_official_checkpoint_file_strictly(tmp_path):
+    net = random_network((72, 72, 72), narrow=True, seed=5)
+    path = tmp_path / "Step_2_final.trch"
+    torch.save(official_state_dict(net), path)
+    engine = Engine(weights=path, config=net.config, device="cpu")
+    for a, b in zip(engine.network.state_dict().values(), net.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def checkpoint_error(state, config):
+    with pytest.raises(CheckpointError) as info:
+        load_official_state_dict(GradICONNetwork(config), state)
+    return str(info.value)
+
+
+def test_checkpoint_mismatch_names_offending_keys():
+    config = NetworkConfig(input_shape=(72, 72, 72), **NARROW)
+    state = official_state_dict(GradICONNetwork(config))
+    missing = dict(state)
+    del missing["netPsi.net.lastConv.bias"]
+    assert "netPsi.net.lastConv.bias" in checkpoint_error(missing, config)
+    extra = dict(state, **{"netPsi.net.extra.weight": torch.zeros(1)})
+    assert "netPsi.net.extra.weight" in checkpoint_error(extra, config)
+    # the official checkpoint loaded into a narrow network: shapes differ
+    official = official_state_dict(GradICONNetwork(NetworkConfig(input_shape=(72, 72, 72))))
+    message = checkpoint_error(official, config)
+    assert "wrong shape" in message and "netPhi.netPhi.net.netPhi.net.net.downConvs.0.weight" in message
+
+
+def test_whole_module_state_dict_with_regis_net_prefix_loads():
+    net = random_network((72, 72, 72), narrow=True)
+    state = {"regis_net." + k: v for k, v in official_state_dict(net).items()}
+    fresh = GradICONNetwork(net.config)
+    load_official_state_dict(fresh, state)
+    assert torch.equal(fresh.unets[3].lastConv.weight, net.unets[3].lastConv.weight)
+
+
+def test_fresh_network_is_the_identity():
+    net = GradICONNetwork(NetworkConfig(input_shape=(72, 72, 72), **NARROW)).eval()
+    moving, fixed = pair((72, 72, 72))
+    with torch.no_grad():
+        assert torch.allclose(net(moving, fixed), net.identity_full, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_official_configuration_at_175_equals_reference():
+    shape = (175, 175, 175)
+    net = random_network(shape, seed=11, displacement_scale=0.3)
+    ref = reference_network(net)
+    moving, fixed = pair(shape)
+    expected = reference_map(ref, moving, fixed)
+    del ref
+    engine = Engine(weights=official_state_dict(net), device="cpu")
+    folded = engine.predict_map(moving, fixed)
+    assert ((expected - net.identity_full) * voxels(shape)).abs().max() > 1.0
+    assert ((folded - expected) * voxels(shape)).abs().max() < 2e-3
