@@ -358,8 +358,10 @@ def register(fixed, moving, *, fixed_modality: str = "mri", moving_modality: str
     """
     if model not in MODELS:
         raise InvalidOptionError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
-    weights_key = None if weights is None else str(weights)
-    engine = _cached_engine(model, weights_key, None if device is None else str(device))
+    if isinstance(weights, dict):  # a state dict: not cacheable, build an engine for this call
+        engine = Engine(model=model, weights=weights, device=device)
+    else:
+        engine = _cached_engine(model, None if weights is None else str(weights), None if device is None else str(device))
     return engine.register(
         fixed, moving, fixed_modality=fixed_modality, moving_modality=moving_modality,
         io_iterations=io_iterations, io_sim=io_sim, io_lr=io_lr, fixed_mask=fixed_mask,

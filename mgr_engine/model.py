@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError
-from .ops import compose_maps, identity_map, upsample_field, warp
+from .ops import compose_maps, identity_map, warp
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,6 @@ class UNet(nn.Module):
         # A fresh network outputs the identity map, as the authors' does.
         nn.init.zeros_(self.lastConv.weight)
         nn.init.zeros_(self.lastConv.bias)
-        # Set by fold_batchnorm(): the per-channel BatchNorm scale left for the upsampled path.
-        self.folded_scales = None
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         x = torch.cat([moving, fixed], 1)
@@ -97,14 +95,24 @@ class UNet(nn.Module):
         for depth in reversed(range(len(self.upConvs))):
             y = self.upConvs[depth](F.leaky_relu(x))
             up = F.interpolate(_match_channels(x, y.shape[1]), scale_factor=2, mode="trilinear", align_corners=False)
-            if self.folded_scales is None:
-                x = self.batchNorms[depth](y + up)
-            else:  # BatchNorm(y + up) = y_folded + scale * up
-                x = torch.addcmul(y, self.folded_scales[depth], up)
+            norm = self.batchNorms[depth]
+            x = norm(y, up) if isinstance(norm, FoldedBatchNorm) else norm(y + up)
             skip = skips[depth]
             x = x[:, :, : skip.shape[2], : skip.shape[3], : skip.shape[4]]
             x = torch.cat([x, skip], 1)
         return self.lastConv(x) / 10
+
+
+class FoldedBatchNorm(nn.Module):
+    """What is left of ``BatchNorm(y + up)`` once its affine is folded into the convolution
+    that produces ``y``: ``y + scale * up``, one fused multiply-add."""
+
+    def __init__(self, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("scale", scale.view(1, -1, 1, 1, 1).clone())
+
+    def forward(self, y: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(y, self.scale, up)
 
 
 def fold_batchnorm(unet: UNet) -> UNet:
@@ -122,12 +130,9 @@ def fold_batchnorm(unet: UNet) -> UNet:
             shift = bn.bias - bn.running_mean * scale
             conv.weight.mul_(scale.view(1, -1, 1, 1, 1))  # ConvTranspose weight: (in, out, k, k, k)
             conv.bias.mul_(scale).add_(shift)
-            scales.append(scale.view(1, -1, 1, 1, 1).clone())
-    folded.batchNorms = nn.ModuleList(nn.Identity() for _ in folded.batchNorms)
-    folded.folded_scales = scales
-    for p in folded.parameters():
-        p.requires_grad_(False)
-    return folded
+            scales.append(scale)
+    folded.batchNorms = nn.ModuleList(FoldedBatchNorm(scale) for scale in scales)
+    return folded.requires_grad_(False)
 
 
 class GradICONNetwork(nn.Module):
@@ -156,11 +161,13 @@ class GradICONNetwork(nn.Module):
         fixed_half = F.avg_pool3d(fixed, 2, ceil_mode=True)
         d1 = psi1(F.avg_pool3d(moving_half, 2, ceil_mode=True), F.avg_pool3d(fixed_half, 2, ceil_mode=True))
 
-        half_map = self.identity_half + upsample_field(d1, self.identity_half.shape[2:])
+        # Fields are sampled even at grid points (not resized) to round as the reference does:
+        # IO's finite differences amplify any rounding difference a thousandfold.
+        half_map = compose_maps(d1, self.identity_half)
         d2 = psi2(warp(moving_half, half_map, padding="border"), fixed_half)
 
         identity = self.identity_full
-        partial_map = compose_maps(d1, identity + upsample_field(d2, identity.shape[2:]))
+        partial_map = evaluate_map([d1, d2], identity)
         d3 = psi3(warp(moving, partial_map, padding="border"), fixed)
 
         coarse_map = evaluate_map([d1, d2], identity + d3)

@@ -43,11 +43,3 @@ def compose_maps(displacement: torch.Tensor, coords: torch.Tensor) -> torch.Tens
     """Map ``x -> x + displacement(x)`` evaluated at ``coords``; the field repeats its border."""
     return coords + warp(displacement, coords, padding="border")
 
-
-def upsample_field(displacement: torch.Tensor, shape) -> torch.Tensor:
-    """A displacement field sampled at the identity grid of ``shape``.
-
-    Same values as ``warp(displacement, identity_map(shape), "border")`` (the grid points
-    lie inside the field's domain) for the cost of one interpolation.
-    """
-    return F.interpolate(displacement, size=tuple(shape), mode="trilinear", align_corners=True)

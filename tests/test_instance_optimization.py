@@ -1,0 +1,103 @@
+"""Instance optimization: losses step by step equal to the authors' finetune_execute."""
+
+import copy
+
+import pytest
+import torch
+
+from helpers import random_network, reference_network, smooth_volume
+from mgr_engine import Engine
+from mgr_engine.losses import lncc2_loss, lncc_loss, mind_loss
+from mgr_engine.model import official_state_dict
+
+icon = pytest.importorskip("icon_registration")
+from icon_registration import itk_wrapper, losses as ref_losses  # noqa: E402
+
+SHAPE = (72, 72, 72)
+STEPS = 3
+REFERENCE_SIMILARITY = {
+    "lncc": lambda: icon.LNCC(sigma=5),
+    "lncc2": lambda: ref_losses.SquaredLNCC(sigma=5),
+    "mind": lambda: ref_losses.MINDSSC(radius=2, dilation=2),
+}
+
+
+def images():
+    moving = torch.from_numpy(smooth_volume(SHAPE, 21))[None, None]
+    fixed = torch.from_numpy(smooth_volume(SHAPE, 22))[None, None]
+    return moving, fixed
+
+
+def masks():
+    moving_mask = torch.zeros(1, 1, *SHAPE)
+    moving_mask[..., 8:60, 10:66, 5:50] = 1
+    fixed_mask = torch.zeros(1, 1, *SHAPE)
+    fixed_mask[..., 12:70, 4:50, 20:68] = 2  # any nonzero value counts
+    return moving_mask, fixed_mask
+
+
+def reference_io(net, similarity, moving, fixed, mask_kwargs):
+    ref = reference_network(net, loss_fn=REFERENCE_SIMILARITY[similarity](), loss_function_masking=bool(mask_kwargs))
+    recorded = []
+    forward = ref.forward
+
+    def recording_forward(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        recorded.append(out.all_loss.item())
+        return out
+
+    ref.forward = recording_forward
+    before = copy.deepcopy(ref.state_dict())
+    torch.manual_seed(1234)
+    itk_wrapper.finetune_execute(ref, moving, fixed, STEPS, 2e-5, **mask_kwargs)
+    assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())  # restored
+    return recorded, ref.phi_AB_vectorfield.detach()
+
+
+@pytest.mark.parametrize("similarity,masked", [("lncc", False), ("lncc2", False), ("mind", False), ("lncc2", True)])
+def test_io_losses_equal_reference(similarity, masked, capsys):
+    net = random_network(SHAPE, narrow=True, seed=4, displacement_scale=0.3)
+    moving, fixed = images()
+    moving_mask, fixed_mask = masks() if masked else (None, None)
+    mask_kwargs = {"mask_A": moving_mask, "mask_B": fixed_mask} if masked else {}
+    expected, expected_map = reference_io(net, similarity, moving, fixed, mask_kwargs)
+
+    engine = Engine(weights=official_state_dict(net), config=net.config, device="cpu")
+    before = {k: v.clone() for k, v in engine.network.state_dict().items()}
+    torch.manual_seed(1234)
+    phi_ab, phi_ba, losses = engine.instance_optimize(
+        moving, fixed, iterations=STEPS, similarity=similarity, moving_mask=moving_mask, fixed_mask=fixed_mask,
+        progress=False)
+    assert len(losses) == STEPS + 1 == len(expected)
+    assert losses[0] != losses[-1]  # the optimizer changed the weights
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=2e-5, atol=2e-6)
+    voxel = torch.tensor(SHAPE, dtype=torch.float32).view(1, 3, 1, 1, 1) - 1
+    assert ((phi_ab - expected_map) * voxel).abs().max() < 2e-3
+    # the engine's weights are the checkpoint's again
+    assert all(torch.equal(before[k], v) for k, v in engine.network.state_dict().items())
+
+
+def test_io_changes_the_map_and_next_call_starts_from_checkpoint():
+    net = random_network(SHAPE, narrow=True, seed=4, displacement_scale=0.3)
+    moving, fixed = images()
+    engine = Engine(weights=official_state_dict(net), config=net.config, device="cpu")
+    plain = engine.predict_map(moving, fixed)
+    tuned, _, _ = engine.instance_optimize(moving, fixed, iterations=2, similarity="lncc2", lr=1e-3, progress=False)
+    assert (tuned - plain).abs().max() > 1e-4
+    assert torch.equal(engine.predict_map(moving, fixed), plain)
+
+
+# The reference's MIND-SSC builds float32 kernels, so it is compared in float32.
+@pytest.mark.parametrize("ours,theirs,dtype", [(lncc_loss, "lncc", torch.float64), (lncc2_loss, "lncc2", torch.float64),
+                                               (mind_loss, "mind", torch.float32)])
+def test_similarity_values_and_gradients_equal_reference(ours, theirs, dtype):
+    a = torch.from_numpy(smooth_volume((20, 24, 22), 1))[None, None].to(dtype).requires_grad_()
+    b = torch.from_numpy(smooth_volume((20, 24, 22), 2))[None, None].to(dtype)
+    mask = (torch.rand(1, 1, 20, 24, 22, generator=torch.Generator().manual_seed(0)) > 0.3).to(dtype)
+    for m in (None, mask):
+        value = ours(a, b, m)
+        (grad,) = torch.autograd.grad(value, a)
+        expected = REFERENCE_SIMILARITY[theirs]()(a, b, m)
+        (expected_grad,) = torch.autograd.grad(expected, a)
+        torch.testing.assert_close(value, expected)
+        torch.testing.assert_close(grad, expected_grad)
