@@ -1,0 +1,113 @@
+"""`mgr-engine register|warp|jacobian` reproduce `unigradicon-register|warp|jacobian`."""
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import random_network, smooth_volume
+from mgr_engine import cli
+from mgr_engine.model import official_state_dict
+
+itk = pytest.importorskip("itk")
+unigradicon = pytest.importorskip("unigradicon")
+from icon_registration import itk_wrapper  # noqa: E402
+
+SHAPE = [72, 72, 72]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    net = random_network(SHAPE, seed=9, displacement_scale=0.5)  # official channel widths: the CLI builds those
+    weights = folder / "Step_2_final.trch"
+    torch.save(official_state_dict(net), weights)
+    paths = {"weights": str(weights)}
+    for name, seed, spacing, shape in (("fixed", 1, (1.1, 0.9, 1.3), (50, 60, 56)), ("moving", 2, (1.0, 1.2, 1.0), (54, 52, 60))):
+        image = itk.image_from_array((smooth_volume(shape, seed) * 1000).astype(np.int16))  # integer pixels, as scans are
+        image.SetSpacing(spacing)
+        image.SetOrigin([seed * 3.0, -seed * 2.0, 1.0])
+        paths[name] = str(folder / f"{name}.nii.gz")
+        itk.imwrite(image, paths[name])
+    return paths
+
+
+def run_reference(monkeypatch, entry, args):
+    monkeypatch.setattr(unigradicon, "input_shape", [1, 1, *SHAPE])
+    monkeypatch.setattr(sys, "argv", ["unigradicon", *args])
+    entry()
+
+
+def points_in(image_path, n=300):
+    image = itk.imread(image_path)
+    size = np.asarray(image.GetLargestPossibleRegion().GetSize(), float)
+    rng = np.random.default_rng(0)
+    return [image.TransformIndexToPhysicalPoint([int(v) for v in rng.uniform(0, size - 1)]) for _ in range(n)]
+
+
+def max_distance(path_a, path_b, points):
+    a, b = itk.transformread(path_a)[0], itk.transformread(path_b)[0]
+    return max(np.linalg.norm(np.array(a.TransformPoint(p)) - np.array(b.TransformPoint(p))) for p in points)
+
+
+@pytest.mark.parametrize("io", ["None", "1"])
+def test_register_reproduces_unigradicon_register(files, tmp_path, monkeypatch, io):
+    common = ["--fixed", files["fixed"], "--moving", files["moving"], "--fixed_modality", "mri",
+              "--moving_modality", "ct", "--network_weights", files["weights"], "--io_iterations", io]
+    # Seed the reference right before its IO (building networks consumes random numbers
+    # differently on both sides); ours draws the regularizer's grid from --seed's generator.
+    finetune = itk_wrapper.finetune_execute
+
+    def seeded_finetune(*args, **kwargs):
+        torch.manual_seed(5)
+        return finetune(*args, **kwargs)
+
+    monkeypatch.setattr(itk_wrapper, "finetune_execute", seeded_finetune)
+    run_reference(monkeypatch, unigradicon.main, common + [
+        "--transform_out", str(tmp_path / "ref.h5"), "--warped_moving_out", str(tmp_path / "ref.nii.gz")])
+    assert cli.main(["register", *common, "--network_input_shape", *map(str, SHAPE), "--seed", "5",
+                     "--transform_out", str(tmp_path / "ours.h5"), "--warped_moving_out", str(tmp_path / "ours.nii.gz")]) == 0
+    points = points_in(files["fixed"])
+    assert max_distance(str(tmp_path / "ours.h5"), str(tmp_path / "ref.h5"), points) < 0.01
+    identity_distance = max(np.linalg.norm(np.array(itk.transformread(str(tmp_path / "ref.h5"))[0].TransformPoint(p)) - np.array(p))
+                            for p in points)
+    assert identity_distance > 1.0
+    ours = itk.imread(str(tmp_path / "ours.nii.gz"))
+    ref = itk.imread(str(tmp_path / "ref.nii.gz"))
+    assert type(ours) is type(ref)  # pixel type kept (int16)
+    difference = np.abs(itk.array_from_image(ours).astype(float) - itk.array_from_image(ref).astype(float))
+    assert np.mean(difference > 1) < 0.001  # integer rounding at a few voxels at most
+
+
+def test_warp_and_jacobian_reproduce_reference(files, tmp_path, monkeypatch):
+    transform = str(tmp_path / "t.h5")
+    assert cli.main(["register", "--fixed", files["fixed"], "--moving", files["moving"], "--fixed_modality", "mri",
+                     "--moving_modality", "mri", "--network_weights", files["weights"], "--io_iterations", "None",
+                     "--network_input_shape", *map(str, SHAPE), "--transform_out", transform]) == 0
+    for flag in ("--linear", "--nearest_neighbor"):
+        warp_args = ["--fixed", files["fixed"], "--moving", files["moving"], "--transform", transform, flag]
+        run_reference(monkeypatch, unigradicon.warp_command, warp_args + ["--warped_moving_out", str(tmp_path / "ref_w.nii.gz")])
+        assert cli.main(["warp", *warp_args, "--warped_moving_out", str(tmp_path / "w.nii.gz")]) == 0
+        np.testing.assert_array_equal(itk.array_from_image(itk.imread(str(tmp_path / "w.nii.gz"))),
+                                      itk.array_from_image(itk.imread(str(tmp_path / "ref_w.nii.gz"))))
+    jac_args = ["--transform", transform, "--fixed", files["fixed"]]
+    run_reference(monkeypatch, unigradicon.compute_jacobian_map_command,
+                  jac_args + ["--jacob", str(tmp_path / "ref_j.nii.gz"), "--log_jacob", str(tmp_path / "ref_lj.nii.gz")])
+    assert cli.main(["jacobian", *jac_args, "--jacob", str(tmp_path / "j.nii.gz"), "--log_jacob", str(tmp_path / "lj.nii.gz")]) == 0
+    for ours, ref in (("j", "ref_j"), ("lj", "ref_lj")):
+        a = itk.array_from_image(itk.imread(str(tmp_path / f"{ours}.nii.gz")))
+        b = itk.array_from_image(itk.imread(str(tmp_path / f"{ref}.nii.gz")))
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert np.std(a) > 0  # the transform is not the identity
+
+
+def test_extra_outputs(files, tmp_path):
+    out = {name: str(tmp_path / f"{name}.nii.gz") for name in ("field", "jac")}
+    assert cli.main(["register", "--fixed", files["fixed"], "--moving", files["moving"], "--fixed_modality", "mri",
+                     "--moving_modality", "mri", "--network_weights", files["weights"], "--io_iterations", "None",
+                     "--network_input_shape", *map(str, SHAPE), "--transform_out", str(tmp_path / "t.h5"),
+                     "--displacement_field_out", out["field"], "--jacobian_out", out["jac"]]) == 0
+    field = itk.imread(out["field"])
+    assert field.GetNumberOfComponentsPerPixel() == 3
+    assert tuple(field.GetSpacing()) == pytest.approx(tuple(itk.imread(files["fixed"]).GetSpacing()))
