@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from .errors import CheckpointError, InvalidOptionError, WeightsNotFoundError
 from .losses import gradicon_regularizer, similarity_by_name
 from .model import GradICONNetwork, NetworkConfig, evaluate_map, fold_batchnorm, load_official_state_dict, map_on_grid
 from .ops import warp
-from .preprocess import apply_input_mask, check_volume, normalize_intensity, resize, resize_mask
+from .preprocess import MODALITIES, apply_input_mask, check_volume, normalize_intensity, resize, resize_mask
 
 log = logging.getLogger("mgr_engine")
 
@@ -71,7 +72,9 @@ def load_checkpoint(path) -> dict:
             f"such as {CHECKPOINT_NAME}."
         ) from exc
     if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, not a state dict.")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds a {type(state).__name__}, not a state dict; pass the regis_net "
+            f"state dict ({CHECKPOINT_NAME}), not a whole model or a list of tensors.")
     return state
 
 
@@ -107,7 +110,7 @@ class Engine:
     """
 
     def __init__(self, model: str = "multigradicon", weights=None, device=None, *, config: NetworkConfig | None = None):
-        if model not in MODELS and config is None:
+        if model not in MODELS:
             raise InvalidOptionError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
         self.model = model
         self.config = config or MODELS[model]
@@ -218,8 +221,11 @@ class Engine:
         started = time.perf_counter()
         if masking not in MASKING_MODES:
             raise InvalidOptionError(f"unknown masking {masking!r}: choose one of {', '.join(MASKING_MODES)}")
+        for modality in (fixed_modality, moving_modality):  # fail before any work
+            if str(modality).lower() not in MODALITIES:
+                raise InvalidOptionError(f"unknown modality {modality!r}: use 'ct' or 'mri'")
         if io_iterations:
-            similarity_by_name(io_sim)  # fail before any work
+            similarity_by_name(io_sim)
         fixed_image = itk_io.load_image(fixed, "fixed")
         moving_image = itk_io.load_image(moving, "moving")
         fixed_mask_array = self._load_mask(fixed_mask, fixed_image, "fixed")
@@ -232,6 +238,10 @@ class Engine:
             moving_image, moving_modality, name="moving", mask=moving_mask_array if input_masking else None,
             ct_window=ct_window, quantile_range=quantile_range)
 
+        # ITK's transform modules load lazily (seconds): load them while the network runs.
+        # Main-thread ITK work is over until the result's transform is built.
+        preload = threading.Thread(target=_preload_quietly, name="mgr_engine-itk-preload", daemon=True)
+        preload.start()
         phi_ba, losses = None, []
         if io_iterations:
             loss_masking = masking in ("loss", "both")
@@ -246,12 +256,20 @@ class Engine:
                 log.warning("masks given for loss masking, but without instance optimization there is no loss: "
                             "they are not used (pass masking='input' to mask the network's input)")
             phi_ab = self.predict_map(moving_tensor, fixed_tensor)
+        preload.join()
         log.info("registered in %.2f s", time.perf_counter() - started)
         return RegistrationResult(
             fixed=fixed_image, moving=moving_image, phi_ab=phi_ab.detach().cpu(),
             phi_ba=None if phi_ba is None else phi_ba.detach().cpu(), io_losses=losses,
             _inverse=functools.partial(self.predict_map, fixed_tensor, moving_tensor),
         )
+
+
+def _preload_quietly() -> None:
+    try:
+        itk_io.preload_transform_types()
+    except Exception:  # only an optimization: building the transform reports real errors
+        log.debug("preloading ITK transform types failed", exc_info=True)
 
 
 @dataclass

@@ -19,6 +19,10 @@ class ImageReadError(MgrEngineError, OSError):
     """An image file is missing, empty or not readable by ITK."""
 
 
+class OutputWriteError(MgrEngineError, OSError):
+    """An output cannot be written where it was asked for."""
+
+
 class MaskMismatchError(InvalidImageError):
     """A mask does not lie on the grid of the image it belongs to."""
 

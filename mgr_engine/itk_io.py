@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ImageReadError, InvalidImageError, MaskMismatchError
+from .errors import ImageReadError, InvalidImageError, MaskMismatchError, OutputWriteError
 
 
 def load_image(image, name: str = "input"):
@@ -45,7 +45,8 @@ def load_image(image, name: str = "input"):
     elif isinstance(image, np.ndarray):
         if image.ndim != 3:
             raise InvalidImageError(
-                f"{name} array has {image.ndim} dimensions; mgr_engine registers 3-D volumes (z, y, x)."
+                f"{name} array has {image.ndim} dimensions; mgr_engine registers 3-D volumes (z, y, x). "
+                "Split 4-D series into 3-D frames first."
             )
         image = itk.image_from_array(np.ascontiguousarray(image, dtype=np.float32))
     if not hasattr(image, "GetImageDimension"):
@@ -121,6 +122,20 @@ def network_to_physical(image, network_shape):
     return transform
 
 
+def preload_transform_types() -> None:
+    """Instantiate the ITK transform types :func:`map_to_transform` uses.
+
+    ITK loads its wrapped modules lazily, about 8 s on first use for these; the
+    engine runs this in a background thread while the network computes.
+    """
+    import itk
+
+    itk.AffineTransform[itk.D, 3].New()
+    itk.DisplacementFieldTransform[itk.D, 3].New()
+    itk.CompositeTransform[itk.D, 3].New()
+    itk.image_from_array(np.zeros((2, 2, 2, 3)), is_vector=True)
+
+
 def displacement_transform(displacement: np.ndarray):
     """An ITK DisplacementFieldTransform on the network grid (unit spacing, zero origin,
     identity direction) from a (3, D, H, W) displacement in network voxels, channels (i, j, k)."""
@@ -164,7 +179,7 @@ def atomic_output(path):
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
-        raise ImageReadError(f"output directory {str(directory)!r} does not exist; create it first.")
+        raise OutputWriteError(f"output directory {str(directory)!r} does not exist; create it first.")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial" + _suffix(path), dir=directory)
     os.close(fd)
     try:

@@ -1,0 +1,315 @@
+"""Bad inputs raise typed errors from mgr_engine.errors that say what to do, and leave no output behind."""
+
+import os
+import re
+
+import itk
+import numpy as np
+import pytest
+import torch
+
+import mgr_engine
+from helpers import random_network, smooth_volume
+from mgr_engine import Engine, cli, itk_io
+from mgr_engine.errors import (
+    CheckpointError,
+    ImageReadError,
+    OutputWriteError,
+    InvalidImageError,
+    InvalidOptionError,
+    MaskMismatchError,
+    MgrEngineError,
+    WeightsNotFoundError,
+)
+from mgr_engine.model import official_state_dict
+
+SHAPE = (72, 72, 72)
+IMAGE_SHAPE = (20, 24, 22)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def volume(seed=0):
+    return smooth_volume(IMAGE_SHAPE, seed) * 500 + 10
+
+
+def with_voxel(value):
+    array = volume()
+    array[5, 6, 7] = value
+    return array
+
+
+def itk_image(array, spacing=None):
+    image = itk.image_from_array(np.ascontiguousarray(array, dtype=np.float32))
+    if spacing is not None:
+        image.SetSpacing(spacing)
+    return image
+
+
+def write_bytes(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def write_image(path, array):
+    itk.imwrite(itk_image(array), str(path))
+    return path
+
+
+GARBAGE = b"\x00\x01 these bytes are not an image nor a checkpoint \xff\xfe" * 8
+
+
+def register(engine, fixed=None, moving=None, **options):
+    """``engine.register`` on valid images unless given; no IO, so a missed error fails fast."""
+    options.setdefault("io_iterations", None)
+    options.setdefault("progress", False)
+    return engine.register(volume(1) if fixed is None else fixed, volume(2) if moving is None else moving, **options)
+
+
+def files_in(directory):
+    return sorted(p.name for p in directory.iterdir())
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def narrow_net():
+    return random_network(SHAPE, narrow=True)
+
+
+@pytest.fixture(scope="module")
+def engine(narrow_net):
+    return Engine(weights=official_state_dict(narrow_net), config=narrow_net.config, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def official_state():
+    """Official channel widths at 72^3 (what the CLI builds with --network_input_shape 72 72 72)."""
+    return official_state_dict(random_network(SHAPE, narrow=False))
+
+
+# ------------------------------------------------------------------ error classes
+
+
+@pytest.mark.parametrize(
+    "error, builtin",
+    [
+        (InvalidImageError, ValueError),
+        (MaskMismatchError, ValueError),
+        (InvalidOptionError, ValueError),
+        (CheckpointError, ValueError),
+        (ImageReadError, OSError),
+        (OutputWriteError, OSError),
+        (WeightsNotFoundError, FileNotFoundError),
+    ],
+)
+def test_error_classes_derive_from_base_and_builtin(error, builtin):
+    assert issubclass(error, MgrEngineError) and issubclass(error, builtin)
+    with pytest.raises(builtin):  # an existing `except ValueError:` still catches it
+        raise error("message")
+
+
+def test_mask_mismatch_is_an_invalid_image():
+    assert issubclass(MaskMismatchError, InvalidImageError)
+
+
+# ------------------------------------------------------------------ invalid images
+
+
+@pytest.mark.parametrize("kind", ["array", "itk"])
+def test_constant_image(engine, kind):
+    constant = np.full(IMAGE_SHAPE, 7.0, np.float32)
+    moving = constant if kind == "array" else itk_image(constant)
+    with pytest.raises(InvalidImageError, match=r"constant.*Check that the right file"):
+        register(engine, moving=moving)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_non_finite_voxels(engine, value):
+    with pytest.raises(InvalidImageError, match=r"1 NaN or infinite voxels; replace them"):
+        register(engine, fixed=with_voxel(value))
+
+
+@pytest.mark.parametrize(
+    "make_input",
+    [
+        pytest.param(lambda tmp: volume()[0], id="2d-array"),
+        pytest.param(lambda tmp: np.stack([volume(), volume(3)]), id="4d-array"),
+        pytest.param(lambda tmp: itk_image(volume()[0]), id="2d-itk-image"),
+        pytest.param(lambda tmp: write_image(tmp / "slice.nii.gz", volume()[0]), id="2d-nifti-file"),
+    ],
+)
+def test_not_3d(engine, tmp_path, make_input):
+    with pytest.raises(InvalidImageError, match=r"mgr_engine registers 3-D volumes"):
+        register(engine, moving=make_input(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "make_path, advice",
+    [
+        pytest.param(lambda tmp: write_bytes(tmp / "empty.nii.gz", b""), r"empty \(0 bytes\); re-export", id="empty"),
+        pytest.param(lambda tmp: tmp / "missing.nii.gz", r"does not exist; check the path", id="missing"),
+        pytest.param(lambda tmp: write_bytes(tmp / "garbage.nii.gz", GARBAGE), r"ITK cannot read.*use NIfTI",
+                     id="garbage"),
+    ],
+)
+def test_unreadable_file(engine, tmp_path, make_path, advice):
+    path = make_path(tmp_path)
+    with pytest.raises(ImageReadError, match=advice) as info:
+        register(engine, moving=path)
+    assert str(path) in str(info.value)
+    assert "moving" in str(info.value)
+
+
+# ------------------------------------------------------------------ invalid options
+
+
+def test_unknown_modality(engine):
+    with pytest.raises(InvalidOptionError, match=r"unknown modality 'pet'.*use 'ct' or 'mri'"):
+        register(engine, fixed_modality="pet")
+
+
+def test_unknown_similarity_fails_before_any_work(engine, monkeypatch):
+    def no_work(*args, **kwargs):
+        pytest.fail("an image was loaded before the similarity was checked")
+
+    monkeypatch.setattr(itk_io, "load_image", no_work)
+    with pytest.raises(InvalidOptionError, match=r"unknown similarity 'ssd'.*choose one of lncc, lncc2, mind"):
+        register(engine, io_iterations=1, io_sim="ssd")
+
+
+def test_unknown_model():
+    with pytest.raises(InvalidOptionError, match=r"unknown model 'foo'.*choose one of"):
+        mgr_engine.register(volume(1), volume(2), model="foo", io_iterations=None)
+    with pytest.raises(InvalidOptionError, match=r"unknown model 'foo'.*choose one of"):
+        Engine(model="foo")
+
+
+def test_unknown_masking(engine):
+    with pytest.raises(InvalidOptionError, match=r"unknown masking 'inside'.*choose one of input, loss, both"):
+        register(engine, masking="inside")
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        pytest.param(lambda: np.ones((20, 24, 21), np.float32), id="other-size"),
+        pytest.param(lambda: itk_image(np.ones(IMAGE_SHAPE), spacing=[2.0, 1.0, 1.0]), id="other-spacing"),
+    ],
+)
+@pytest.mark.parametrize("side", ["fixed", "moving"])
+def test_mask_on_another_grid(engine, mask, side):
+    with pytest.raises(MaskMismatchError, match=rf"{side} mask does not lie on its image's grid.*resample the mask"):
+        register(engine, masking="input", **{f"{side}_mask": mask()})
+
+
+# ------------------------------------------------------------------ weights and checkpoints
+
+
+def test_checkpoint_of_another_architecture(narrow_net, official_state):
+    with pytest.raises(CheckpointError, match=r"does not match the network architecture.*wrong shape.*NetworkConfig"):
+        Engine(weights=official_state, config=narrow_net.config, device="cpu")
+
+
+@pytest.mark.parametrize(
+    "save, message",
+    [
+        pytest.param(lambda path: write_bytes(path, GARBAGE), r"cannot read checkpoint.*expected a torch state dict",
+                     id="garbage-bytes"),
+        pytest.param(lambda path: torch.save([torch.zeros(3)], path),
+                     r"holds a list, not a state dict; pass the regis_net state dict", id="list"),
+    ],
+)
+def test_unusable_checkpoint_file(narrow_net, tmp_path, save, message):
+    path = tmp_path / "Step_2_final.trch"
+    save(path)
+    with pytest.raises(CheckpointError, match=message):
+        Engine(weights=path, config=narrow_net.config, device="cpu")
+
+
+def test_missing_weights_path(narrow_net, tmp_path):
+    path = tmp_path / "nowhere" / "Step_2_final.trch"
+    with pytest.raises(WeightsNotFoundError, match=r"does not exist; check the path") as info:
+        Engine(weights=path, config=narrow_net.config, device="cpu")
+    assert str(path) in str(info.value)
+
+
+def test_no_weights_anywhere(tmp_path, monkeypatch):
+    weights_dir, cache_dir = tmp_path / "weights", tmp_path / "cache"
+    weights_dir.mkdir()
+    cache_dir.mkdir()
+    monkeypatch.setenv("MGR_ENGINE_WEIGHTS_DIR", str(weights_dir))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_dir))
+    with pytest.raises(WeightsNotFoundError) as info:
+        Engine(device="cpu")
+    message = str(info.value)
+    for searched in (weights_dir / "multigradicon1.0", cache_dir / "mgr_engine" / "multigradicon1.0"):
+        assert str(searched / "Step_2_final.trch") in message
+    assert "MGR_ENGINE_WEIGHTS_DIR" in message and "weights=PATH" in message
+
+
+# ------------------------------------------------------------------ CLI: no partial output
+
+
+@pytest.fixture
+def cli_files(tmp_path, official_state):
+    """Inputs, a checkpoint of the official widths at 72^3, and an empty output directory."""
+    inputs, out = tmp_path / "inputs", tmp_path / "out"
+    inputs.mkdir()
+    out.mkdir()
+    write_image(inputs / "fixed.nii.gz", volume(1))
+    write_image(inputs / "moving.nii.gz", volume(2))
+    torch.save(official_state, inputs / "Step_2_final.trch")
+    return inputs, out
+
+
+def register_args(inputs, out, moving=None):
+    return [
+        "-q", "register",
+        "--fixed", str(inputs / "fixed.nii.gz"), "--moving", str(moving or inputs / "moving.nii.gz"),
+        "--fixed_modality", "mri", "--moving_modality", "mri",
+        "--transform_out", str(out / "transform.h5"),
+        "--io_iterations", "None",
+        "--network_input_shape", *map(str, SHAPE),
+        "--network_weights", str(inputs / "Step_2_final.trch"),
+        "--device", "cpu",
+    ]
+
+
+def test_cli_unreadable_moving_image(cli_files, capsys):
+    inputs, out = cli_files
+    moving = write_bytes(inputs / "broken.nii.gz", GARBAGE)
+    assert cli.main(register_args(inputs, out, moving=moving)) == 2
+    stderr = capsys.readouterr().err
+    assert re.search(r"^mgr-engine register: error: ITK cannot read the moving image", stderr, re.MULTILINE)
+    assert files_in(out) == []  # no transform, no temporary file
+
+
+def test_cli_interrupted_write_leaves_nothing(cli_files, capsys, monkeypatch):
+    inputs, out = cli_files
+    written = []
+
+    def interrupted_write(transforms, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"\x89HDF half a transform")
+        written.append(path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(itk, "transformwrite", interrupted_write)
+    assert cli.main(register_args(inputs, out)) == 130
+    assert len(written) == 1 and os.path.dirname(written[0]) == str(out)  # the write did start, beside the target
+    assert "interrupted" in capsys.readouterr().err
+    assert files_in(out) == []  # neither transform.h5 nor its .partial temporary
+
+
+# ------------------------------------------------------------------ atomic output
+
+
+def test_atomic_output_into_missing_directory(tmp_path):
+    target = tmp_path / "missing" / "transform.h5"
+    with pytest.raises(OutputWriteError, match=r"output directory .* does not exist; create it first"):
+        with itk_io.atomic_output(target):
+            pytest.fail("atomic_output yielded a path in a missing directory")
+    assert not target.parent.exists()
