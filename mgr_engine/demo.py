@@ -296,12 +296,6 @@ def main(argv=None) -> int:
         argv_cli += ["--network_input_shape", *map(str, QUICK_INPUT_SHAPE)]
     print("instance optimization (IO) is OFF (--io_iterations None): one IO step takes about a minute at "
           "175^3 on a 2-core CPU, so the default 50 steps would take most of an hour here.", flush=True)
-    # ITK loads its wrapper modules lazily, once per process; the transform ones take seconds.
-    # Load them now so that the timing below is the engine's, not ITK's start-up.
-    started = time.perf_counter()
-    for name in ("AffineTransform", "DisplacementFieldTransform", "CompositeTransform", "IdentityTransform"):
-        getattr(itk, name)
-    itk_startup = time.perf_counter() - started
     print("running: mgr-engine " + " ".join(argv_cli), flush=True)
     engine_timing = _EngineTiming()
     logging.getLogger("mgr_engine").addHandler(engine_timing)
@@ -345,7 +339,6 @@ def main(argv=None) -> int:
     print(f"registration wall time (mgr-engine register in-process: load weights, register, "
           f"write outputs): {elapsed:.1f} s"
           + (f", of which Engine.register {engine_timing.seconds:.1f} s" if engine_timing.seconds is not None else ""))
-    print(f"  (not counted: {itk_startup:.1f} s for ITK to load its transform modules, once per process)")
     print(f"displacement on the fixed grid: mean {displacement_mm.mean():.2f} mm, max {displacement_mm.max():.2f} mm")
     print(f"fixed voxels with negative Jacobian determinant: {negative:.3f} % "
           f"(Jacobian min {jacobian.min():.3f}, max {jacobian.max():.3f})")
