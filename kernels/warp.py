@@ -1,0 +1,198 @@
+"""Fused trilinear warp: sample an image at a map in [0, 1] coordinates (Triton).
+
+Semantics of :func:`mgr_engine.ops.warp` (``grid_sample``, ``align_corners=True``):
+a map value ``c`` on an axis of ``n`` voxels lands on voxel ``c * (n - 1)``; with
+``zeros`` padding the corners outside the volume contribute 0, with ``border``
+padding the coordinate is clamped into the volume first. The kernel reads each
+map voxel once and writes every channel of the output, instead of ``grid_sample``'s
+channel-reversed, permuted copy of the map plus the sampling pass.
+
+With ``ADD_COORDS`` the kernel returns ``coords + sample`` (map composition, see
+:mod:`kernels.compose`), saving a pass over the map.
+
+Backward: the image gradient is scattered with atomic adds (float32), the map
+gradient is computed in the same pass from the eight corners.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 256
+
+
+@triton.jit
+def _axis_setup(c, size, BORDER: tl.constexpr):
+    """Continuous voxel index of map value ``c`` on an axis of ``size`` voxels, as grid_sample
+    computes it; with BORDER the index is clamped and ``inside`` says where it was not."""
+    g = c * 2.0 - 1.0
+    x = ((g + 1.0) * 0.5) * (size - 1)
+    inside = (x > 0.0) & (x < size - 1)
+    if BORDER:
+        x = tl.minimum(tl.maximum(x, 0.0), (size - 1) * 1.0)
+    x0f = tl.floor(x)
+    frac = x - x0f
+    x0 = x0f.to(tl.int32)
+    return x0, frac, inside
+
+
+@triton.jit
+def warp_fwd_kernel(img_ptr, coords_ptr, out_ptr, C, D, H, W, n_out,
+                    ZERO_PAD: tl.constexpr, ADD_COORDS: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n_out
+    cbase = coords_ptr + b * 3 * n_out
+    ci = tl.load(cbase + offs, mask=m, other=0.0)
+    cj = tl.load(cbase + n_out + offs, mask=m, other=0.0)
+    ck = tl.load(cbase + 2 * n_out + offs, mask=m, other=0.0)
+    i0, fi, _ = _axis_setup(ci, D, not ZERO_PAD)
+    j0, fj, _ = _axis_setup(cj, H, not ZERO_PAD)
+    k0, fk, _ = _axis_setup(ck, W, not ZERO_PAD)
+    hw = H * W
+    for c in range(C):
+        base = img_ptr + (b * C + c) * D * hw
+        acc = tl.zeros_like(fi)
+        for corner in tl.static_range(8):
+            di = corner // 4
+            dj = (corner // 2) % 2
+            dk = corner % 2
+            ii = i0 + di
+            jj = j0 + dj
+            kk = k0 + dk
+            wi = fi * di + (1.0 - fi) * (1 - di)
+            wj = fj * dj + (1.0 - fj) * (1 - dj)
+            wk = fk * dk + (1.0 - fk) * (1 - dk)
+            valid = m & (ii >= 0) & (ii < D) & (jj >= 0) & (jj < H) & (kk >= 0) & (kk < W)
+            v = tl.load(base + ii.to(tl.int64) * hw + jj * W + kk, mask=valid, other=0.0)
+            acc += v * (wi * wj * wk)
+        if ADD_COORDS:
+            acc += tl.load(cbase + c * n_out + offs, mask=m, other=0.0)
+        tl.store(out_ptr + (b * C + c) * n_out + offs, acc, mask=m)
+
+
+@triton.jit
+def warp_bwd_kernel(img_ptr, coords_ptr, grad_out_ptr, grad_img_ptr, grad_coords_ptr, C, D, H, W, n_out,
+                    ZERO_PAD: tl.constexpr, ADD_COORDS: tl.constexpr, NEED_IMG_GRAD: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n_out
+    cbase = coords_ptr + b * 3 * n_out
+    ci = tl.load(cbase + offs, mask=m, other=0.0)
+    cj = tl.load(cbase + n_out + offs, mask=m, other=0.0)
+    ck = tl.load(cbase + 2 * n_out + offs, mask=m, other=0.0)
+    i0, fi, in_i = _axis_setup(ci, D, not ZERO_PAD)
+    j0, fj, in_j = _axis_setup(cj, H, not ZERO_PAD)
+    k0, fk, in_k = _axis_setup(ck, W, not ZERO_PAD)
+    hw = H * W
+    gi = tl.zeros_like(fi)
+    gj = tl.zeros_like(fi)
+    gk = tl.zeros_like(fi)
+    gbase = grad_coords_ptr + b * 3 * n_out
+    for c in range(C):
+        base = img_ptr + (b * C + c) * D * hw
+        go = tl.load(grad_out_ptr + (b * C + c) * n_out + offs, mask=m, other=0.0)
+        for corner in tl.static_range(8):
+            di = corner // 4
+            dj = (corner // 2) % 2
+            dk = corner % 2
+            ii = i0 + di
+            jj = j0 + dj
+            kk = k0 + dk
+            wi = fi * di + (1.0 - fi) * (1 - di)
+            wj = fj * dj + (1.0 - fj) * (1 - dj)
+            wk = fk * dk + (1.0 - fk) * (1 - dk)
+            si = 2.0 * di - 1.0  # d(weight)/d(index)
+            sj = 2.0 * dj - 1.0
+            sk = 2.0 * dk - 1.0
+            valid = m & (ii >= 0) & (ii < D) & (jj >= 0) & (jj < H) & (kk >= 0) & (kk < W)
+            index = ii.to(tl.int64) * hw + jj * W + kk
+            v = tl.load(base + index, mask=valid, other=0.0)
+            gi += go * v * (si * wj * wk)
+            gj += go * v * (wi * sj * wk)
+            gk += go * v * (wi * wj * sk)
+            if NEED_IMG_GRAD:
+                contribution = (go * (wi * wj * wk)).to(grad_img_ptr.dtype.element_ty)
+                tl.atomic_add(grad_img_ptr + (b * C + c) * D * hw + index, contribution, mask=valid)
+    # chain rule through the index c -> ((2c - 1 + 1) / 2)(n - 1); a clamped (border) index has no gradient
+    gi = gi * (D - 1)
+    gj = gj * (H - 1)
+    gk = gk * (W - 1)
+    if not ZERO_PAD:
+        gi = tl.where(in_i, gi, 0.0)
+        gj = tl.where(in_j, gj, 0.0)
+        gk = tl.where(in_k, gk, 0.0)
+    if ADD_COORDS:  # d(coords + sample)/d coords has the identity too (C == 3)
+        gout = grad_out_ptr + b * 3 * n_out
+        gi += tl.load(gout + offs, mask=m, other=0.0)
+        gj += tl.load(gout + n_out + offs, mask=m, other=0.0)
+        gk += tl.load(gout + 2 * n_out + offs, mask=m, other=0.0)
+    tl.store(gbase + offs, gi, mask=m)
+    tl.store(gbase + n_out + offs, gj, mask=m)
+    tl.store(gbase + 2 * n_out + offs, gk, mask=m)
+
+
+def _prepare(image: torch.Tensor, coords: torch.Tensor):
+    if image.dim() != 5 or coords.dim() != 5 or coords.shape[1] != 3:
+        raise ValueError(f"expected image (B, C, D, H, W) and coords (B, 3, ...), got {tuple(image.shape)}, {tuple(coords.shape)}")
+    batch = image.shape[0]
+    if coords.shape[0] not in (1, batch):
+        raise ValueError(f"coords batch {coords.shape[0]} does not match image batch {batch}")
+    coords = coords.expand(batch, *coords.shape[1:]).to(image.dtype).contiguous()
+    return image.contiguous(), coords
+
+
+def warp_forward(image, coords, zero_pad: bool, add_coords: bool):
+    image, coords = _prepare(image, coords)
+    batch, channels, d, h, w = image.shape
+    n_out = coords[0, 0].numel()
+    out = torch.empty((batch, channels, *coords.shape[2:]), dtype=image.dtype, device=image.device)
+    grid = (triton.cdiv(n_out, BLOCK), batch)
+    warp_fwd_kernel[grid](image, coords, out, channels, d, h, w, n_out,
+                          ZERO_PAD=zero_pad, ADD_COORDS=add_coords, BLOCK=BLOCK)
+    return out
+
+
+def warp_backward(image, coords, grad_out, zero_pad: bool, add_coords: bool, need_image_grad: bool):
+    coords_batch = coords.shape[0]
+    image, coords = _prepare(image, coords)
+    batch, channels, d, h, w = image.shape
+    n_out = coords[0, 0].numel()
+    # atomics accumulate in float32 (float64 for float64 images, for gradcheck)
+    accumulate = torch.float64 if image.dtype == torch.float64 else torch.float32
+    grad_image = torch.zeros(image.shape, dtype=accumulate, device=image.device) if need_image_grad else image
+    grad_coords = torch.empty_like(coords)
+    grid = (triton.cdiv(n_out, BLOCK), batch)
+    warp_bwd_kernel[grid](image, coords, grad_out.contiguous(), grad_image, grad_coords, channels, d, h, w, n_out,
+                          ZERO_PAD=zero_pad, ADD_COORDS=add_coords, NEED_IMG_GRAD=need_image_grad, BLOCK=BLOCK)
+    if coords_batch == 1 and batch != 1:  # a broadcast map gathers the gradient of every sample
+        grad_coords = grad_coords.sum(0, keepdim=True)
+    return (grad_image.to(image.dtype) if need_image_grad else None), grad_coords
+
+
+class TrilinearWarp(torch.autograd.Function):
+    """``warp(image, coords, padding)`` with a fused Triton forward and backward."""
+
+    @staticmethod
+    def forward(ctx, image, coords, padding: str):
+        ctx.zero_pad = padding == "zeros"
+        ctx.save_for_backward(image, coords)
+        return warp_forward(image, coords, ctx.zero_pad, add_coords=False)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        image, coords = ctx.saved_tensors
+        grad_image, grad_coords = warp_backward(image, coords, grad_out, ctx.zero_pad, False, ctx.needs_input_grad[0])
+        return grad_image, grad_coords.to(coords.dtype), None
+
+
+def warp(image: torch.Tensor, coords: torch.Tensor, padding: str = "zeros") -> torch.Tensor:
+    """Triton version of :func:`mgr_engine.ops.warp`."""
+    if padding not in ("zeros", "border"):
+        raise ValueError(f"padding must be 'zeros' or 'border', not {padding!r}")
+    return TrilinearWarp.apply(image, coords, padding)

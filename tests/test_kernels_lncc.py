@@ -1,0 +1,59 @@
+"""Triton windowed LNCC / LNCC^2 against the PyTorch reference (mgr_engine.losses).
+
+On the CPU through Triton's interpreter (TRITON_INTERPRET=1), at small sizes.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from mgr_engine import losses  # noqa: E402
+from mgr_engine.kernels import lncc as klncc  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+PAIRS = [(klncc.lncc_loss, losses.lncc_loss), (klncc.lncc2_loss, losses.lncc2_loss)]
+
+
+def volumes(batch, shape, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.rand(batch, 1, *shape, generator=gen, dtype=dtype)
+    # correlated, partly anticorrelated, with a constant patch (zero local variance)
+    other = 0.6 * base - 0.4 * torch.rand(batch, 1, *shape, generator=gen, dtype=dtype)
+    other[..., : shape[0] // 3, :, :] = 0.5
+    mask = (torch.rand(batch, 1, *shape, generator=gen) > 0.4).to(dtype)
+    return base.to(DEVICE), other.to(DEVICE), mask.to(DEVICE)
+
+
+@pytest.mark.parametrize("ours,reference", PAIRS)
+@pytest.mark.parametrize("batch,shape", [(1, (6, 7, 5)), (2, (12, 5, 23)), (1, (25, 3, 4))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("masked", [False, True])
+def test_lncc_values_and_gradients(ours, reference, batch, shape, dtype, masked):
+    image, target, mask = volumes(batch, shape, dtype)
+    mask = mask if masked else None
+    image.requires_grad_()
+    target.requires_grad_()
+    expected = reference(image, target, mask)
+    result = ours(image, target, mask)
+    tolerance = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
+    if masked and dtype == torch.float64:  # the reference's masked mean sums in float32 whatever the dtype
+        tolerance = dict(rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(result, expected, **tolerance)
+    for a, b in zip(torch.autograd.grad(result, (image, target)), torch.autograd.grad(expected, (image, target))):
+        torch.testing.assert_close(a, b, **tolerance)
+
+
+@pytest.mark.parametrize("ours,reference", PAIRS)
+def test_lncc_gradcheck(ours, reference):
+    image, target, mask = volumes(1, (4, 5, 3), torch.float64, seed=3)
+    image.requires_grad_()
+    target.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: ours(a, b, mask), (image, target), eps=1e-6, atol=1e-6)

@@ -1,0 +1,86 @@
+"""Triton warp and compose kernels against the PyTorch reference (mgr_engine.ops).
+
+On the CPU they run in Triton's interpreter (TRITON_INTERPRET=1, set before triton is
+imported), so the shapes stay small.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from mgr_engine import ops  # noqa: E402
+from mgr_engine.kernels import compose as kcompose  # noqa: E402
+from mgr_engine.kernels import warp as kwarp  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+SHAPES = [  # image grid, map grid
+    ((5, 6, 7), (4, 5, 3)),
+    ((9, 4, 6), (9, 4, 6)),
+    ((3, 8, 5), (2, 3, 7)),
+]
+
+
+def random_map(batch, shape, dtype, spread=0.25, seed=0):
+    """A map around the identity that leaves [0, 1] in places (spread in [0, 1] units)."""
+    gen = torch.Generator().manual_seed(seed)
+    identity = ops.identity_map(shape, dtype=dtype)
+    return (identity + spread * (torch.rand(batch, 3, *shape, generator=gen, dtype=dtype) * 2 - 1)).to(DEVICE)
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+@pytest.mark.parametrize("grid,out", SHAPES)
+@pytest.mark.parametrize("batch,channels,map_batch", [(1, 1, 1), (2, 3, 2), (2, 2, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_warp_values_and_gradients(padding, grid, out, batch, channels, map_batch, dtype):
+    gen = torch.Generator().manual_seed(1)
+    image = torch.rand(batch, channels, *grid, generator=gen, dtype=dtype).to(DEVICE).requires_grad_()
+    coords = random_map(map_batch, out, dtype).requires_grad_()
+    expected = ops.warp(image, coords, padding)
+    result = kwarp.warp(image, coords, padding)
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(result, expected, **tolerance)
+    grad_out = torch.rand(expected.shape, generator=gen, dtype=dtype).to(DEVICE)
+    expected_grads = torch.autograd.grad(expected, (image, coords), grad_out)
+    grads = torch.autograd.grad(result, (image, coords), grad_out)
+    for ours, theirs in zip(grads, expected_grads):
+        torch.testing.assert_close(ours, theirs, **tolerance)
+
+
+def test_warp_gradcheck():
+    gen = torch.Generator().manual_seed(2)
+    image = torch.rand(1, 2, 4, 5, 3, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+    coords = random_map(1, (3, 2, 3), torch.float64, seed=3).requires_grad_()
+    for padding in ("zeros", "border"):
+        assert torch.autograd.gradcheck(lambda i, c: kwarp.warp(i, c, padding), (image, coords), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("grid,out", SHAPES)
+@pytest.mark.parametrize("batch,map_batch", [(1, 1), (2, 2), (2, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compose_values_and_gradients(grid, out, batch, map_batch, dtype):
+    gen = torch.Generator().manual_seed(4)
+    field = (0.1 * torch.randn(batch, 3, *grid, generator=gen, dtype=dtype)).to(DEVICE).requires_grad_()
+    coords = random_map(map_batch, out, dtype, spread=0.3, seed=5).requires_grad_()
+    expected = ops.compose_maps(field, coords)
+    result = kcompose.compose_maps(field, coords)
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(result, expected, **tolerance)
+    grad_out = torch.rand(expected.shape, generator=gen, dtype=dtype).to(DEVICE)
+    for ours, theirs in zip(torch.autograd.grad(result, (field, coords), grad_out),
+                            torch.autograd.grad(expected, (field, coords), grad_out)):
+        torch.testing.assert_close(ours, theirs, **tolerance)
+
+
+def test_compose_gradcheck():
+    gen = torch.Generator().manual_seed(6)
+    field = (0.1 * torch.randn(1, 3, 4, 3, 5, generator=gen, dtype=torch.float64)).to(DEVICE).requires_grad_()
+    coords = random_map(1, (2, 3, 2), torch.float64, seed=7).requires_grad_()
+    assert torch.autograd.gradcheck(kcompose.compose_maps, (field, coords), eps=1e-6, atol=1e-5)
