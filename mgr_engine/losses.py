@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InvalidOptionError
+from .ops import use_triton
 
 LNCC_SIGMA = 5
 LNCC_TAPS = 4 * LNCC_SIGMA + 1
@@ -56,11 +57,19 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch
 
 def lncc_loss(image, target, mask=None):
     """1 - LNCC (uniGradICON's similarity: assumes locally positive correlation)."""
+    if use_triton(image):
+        from .kernels.lncc import lncc_loss as triton_lncc
+
+        return triton_lncc(image, target, mask)
     return 1 - masked_mean(lncc_map(image, target), mask)
 
 
 def lncc2_loss(image, target, mask=None):
     """1 - LNCC^2 (multiGradICON's similarity: indifferent to the sign of the correlation)."""
+    if use_triton(image):
+        from .kernels.lncc import lncc2_loss as triton_lncc2
+
+        return triton_lncc2(image, target, mask)
     return 1 - masked_mean(lncc_map(image, target) ** 2, mask)
 
 

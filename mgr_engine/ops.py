@@ -5,14 +5,64 @@ of the tensor's own axes (channel 0 indexes dim 2, channel 1 dim 3, channel 2
 dim 4); the identity map spans 0..1 over n voxels, so voxel i sits at
 ``i / (n - 1)``. A *displacement field* is a map minus the identity.
 
-These functions are the reference semantics the fused kernels (``kernels/``)
-must reproduce; the engine calls only these, so a kernel slots in here.
+These functions are the reference semantics the fused Triton kernels
+(``kernels/``, installed as ``mgr_engine.kernels``) reproduce; the engine calls only
+these, and they dispatch to the kernels by :func:`kernel_mode`: ``"auto"`` (Triton on
+CUDA tensors when triton imports, PyTorch elsewhere), ``"triton"`` (always; on the CPU
+that needs ``TRITON_INTERPRET=1``) or ``"torch"`` (never). The default comes from the
+environment variable ``MGR_ENGINE_KERNELS``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
+
 import torch
 import torch.nn.functional as F
+
+from .errors import InvalidOptionError
+
+KERNEL_MODES = ("auto", "triton", "torch")
+_kernel_mode = os.environ.get("MGR_ENGINE_KERNELS", "auto")
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def set_kernel_mode(mode: str) -> None:
+    """Choose the implementation of warp, composition and LNCC: "auto", "triton" or "torch"."""
+    global _kernel_mode
+    if mode not in KERNEL_MODES:
+        raise InvalidOptionError(f"unknown kernel mode {mode!r}: choose one of {', '.join(KERNEL_MODES)}")
+    _kernel_mode = mode
+
+
+@contextlib.contextmanager
+def kernel_mode(mode: str):
+    """Context manager form of :func:`set_kernel_mode`."""
+    previous = _kernel_mode
+    set_kernel_mode(mode)
+    try:
+        yield
+    finally:
+        set_kernel_mode(previous)
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """Whether an op on ``tensor`` runs the Triton kernel under the current mode."""
+    if _kernel_mode == "torch":
+        return False
+    if _kernel_mode == "triton":
+        return True
+    return tensor.is_cuda and triton_available()
 
 
 def identity_map(shape, *, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -33,6 +83,10 @@ def warp(image: torch.Tensor, coords: torch.Tensor, padding: str = "zeros") -> t
     ``padding="border"`` repeats the edge (displacement fields, images inside the network).
     Voxel centres sit at 0 and 1 (``align_corners=True``).
     """
+    if use_triton(image):
+        from .kernels.warp import warp as triton_warp
+
+        return triton_warp(image, coords, padding)
     grid = coords.flip(1).permute(0, 2, 3, 4, 1) * 2.0 - 1.0  # (x, y, z) order, [-1, 1]
     if grid.shape[0] == 1 and image.shape[0] != 1:
         grid = grid.expand(image.shape[0], *grid.shape[1:])
@@ -41,5 +95,9 @@ def warp(image: torch.Tensor, coords: torch.Tensor, padding: str = "zeros") -> t
 
 def compose_maps(displacement: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """Map ``x -> x + displacement(x)`` evaluated at ``coords``; the field repeats its border."""
+    if use_triton(displacement):
+        from .kernels.compose import compose_maps as triton_compose
+
+        return triton_compose(displacement, coords)
     return coords + warp(displacement, coords, padding="border")
 

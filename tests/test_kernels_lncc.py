@@ -12,7 +12,7 @@ import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-from mgr_engine import losses  # noqa: E402
+from mgr_engine import losses, ops  # noqa: E402
 from mgr_engine.kernels import lncc as klncc  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -41,7 +41,8 @@ def test_lncc_values_and_gradients(ours, reference, batch, shape, dtype, masked)
     mask = mask if masked else None
     image.requires_grad_()
     target.requires_grad_()
-    expected = reference(image, target, mask)
+    with ops.kernel_mode("torch"):  # the reference, also on a GPU
+        expected = reference(image, target, mask)
     result = ours(image, target, mask)
     tolerance = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
     if masked and dtype == torch.float64:  # the reference's masked mean sums in float32 whatever the dtype

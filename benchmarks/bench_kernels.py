@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""Per-kernel benchmark: Triton kernels against the PyTorch reference op and its torch.compile.
+
+For each op (trilinear warp, map composition, LNCC^2 loss) at full size (175^3 by default):
+median time of forward and of forward+backward, peak GPU memory of forward+backward, and
+the effective bandwidth of the Triton forward against the GPU's peak (ideal traffic: every
+input read once, every output written once).
+
+    python benchmarks/bench_kernels.py                 # on a CUDA machine
+    python benchmarks/bench_kernels.py --results benchmarks/RESULTS.md
+    TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --smoke   # CPU: checks the script runs, times mean nothing
+
+Needs no itk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mgr_engine import losses, ops  # noqa: E402
+
+# Peak HBM bandwidth (GB/s) by device name, for the bandwidth fraction; --peak-gbs overrides.
+PEAK_GBS = {"H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100 NVL": 3900.0, "H100": 3350.0, "H200": 4800.0, "A100": 2039.0}
+
+
+def timed(fn, device, repeats):
+    """Median seconds of ``fn()`` over ``repeats`` runs after two warm-ups."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def peak_memory(fn, device):
+    if device != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def make_inputs(shape, device):
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 1, *shape, generator=gen)
+    target = (0.7 * image + 0.3 * torch.rand(1, 1, *shape, generator=gen))
+    identity = ops.identity_map(shape)
+    coords = identity + 0.02 * torch.randn(1, 3, *shape, generator=gen)
+    field = 0.02 * torch.randn(1, 3, *shape, generator=gen)
+    return [t.to(device) for t in (image, target, coords, field)]
+
+
+def cases(shape, device):
+    image, target, coords, field = make_inputs(shape, device)
+    n = image.numel()
+    return {
+        # name: (function of (mode-setting wrapper), differentiable inputs, ideal forward bytes)
+        "warp (1 channel, zeros)": (lambda: ops.warp(image, coords, "zeros"), (image, coords), 4 * n * (3 + 1 + 1)),
+        "compose_maps (3 channels, border)": (lambda: ops.compose_maps(field, coords), (field, coords), 4 * n * (3 + 3 + 3)),
+        "lncc2_loss": (lambda: losses.lncc2_loss(image, target), (image,), 4 * n * 2),
+    }
+
+
+def run(args):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.smoke:
+        sys.exit("bench_kernels needs a CUDA GPU (use --smoke with TRITON_INTERPRET=1 to check the script on a CPU)")
+    shape = tuple(args.shape) if not args.smoke else (12, 10, 14)
+    repeats = args.repeats if not args.smoke else 1
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter: times are meaningless)"
+    peak = args.peak_gbs or next((v for k, v in PEAK_GBS.items() if k in name), None)
+    rows = []
+    for op, (fn, inputs, ideal_bytes) in cases(shape, device).items():
+        def forward_backward(fn=fn, inputs=inputs):
+            for t in inputs:
+                t.requires_grad_(True)
+            out = fn()
+            grads = torch.autograd.grad(out.sum(), inputs)
+            for t in inputs:
+                t.requires_grad_(False)
+            return grads
+
+        result = {"op": op}
+        for mode in ("torch", "compile", "triton"):
+            if mode == "compile" and (args.no_compile or args.smoke):
+                continue
+            with ops.kernel_mode("triton" if mode == "triton" else "torch"):
+                f = torch.compile(fn) if mode == "compile" else fn
+                fb = torch.compile(forward_backward) if mode == "compile" else forward_backward
+                with torch.no_grad():
+                    result[f"{mode} fwd"] = timed(f, device, repeats)
+                result[f"{mode} fwd+bwd"] = timed(fb, device, repeats)
+                result[f"{mode} MiB"] = peak_memory(fb, device)
+        result["bandwidth"] = ideal_bytes / result["triton fwd"] / 1e9
+        rows.append(result)
+
+    lines = [f"## Kernels, {name}, volume {'x'.join(map(str, shape))}, float32", "",
+             f"torch {torch.__version__}; median of {repeats} runs; memory = peak extra GPU memory of forward+backward.", "",
+             "| op | torch fwd | compile fwd | triton fwd | torch fwd+bwd | compile fwd+bwd | triton fwd+bwd | "
+             "speed-up fwd+bwd vs torch | memory torch / triton (MiB) | triton fwd GB/s (of peak) |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        def ms(key):
+            return f"{r[key] * 1e3:.3f} ms" if key in r else "-"
+        frac = f" ({r['bandwidth'] / peak:.0%})" if peak else ""
+        lines.append(
+            f"| {r['op']} | {ms('torch fwd')} | {ms('compile fwd')} | {ms('triton fwd')} | {ms('torch fwd+bwd')} | "
+            f"{ms('compile fwd+bwd')} | {ms('triton fwd+bwd')} | {r['torch fwd+bwd'] / r['triton fwd+bwd']:.1f}x | "
+            f"{r['torch MiB']:.0f} / {r['triton MiB']:.0f} | {r['bandwidth']:.0f}{frac} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.results:
+        with open(args.results, "a") as f:
+            f.write("\n" + table)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", type=int, nargs=3, default=(175, 175, 175))
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--peak-gbs", type=float, help="the GPU's peak memory bandwidth in GB/s")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    p.add_argument("--smoke", action="store_true", help="tiny volume, one repeat: check the script runs")
+    p.add_argument("--results", type=Path, help="append the table to this file")
+    run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
