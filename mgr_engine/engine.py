@@ -18,7 +18,7 @@ from .errors import CheckpointError, InvalidOptionError, WeightsNotFoundError
 from .losses import gradicon_regularizer, similarity_by_name
 from .model import GradICONNetwork, NetworkConfig, evaluate_map, fold_batchnorm, load_official_state_dict, map_on_grid
 from .ops import warp
-from .preprocess import MODALITIES, apply_input_mask, check_volume, normalize_intensity, resize, resize_mask
+from .preprocess import apply_input_mask, check_modality, check_volume, normalize_intensity, resize, resize_mask
 
 log = logging.getLogger("mgr_engine")
 
@@ -195,16 +195,15 @@ class Engine:
 
     # ------------------------------------------------------------- images
 
-    def preprocess(self, image, modality: str, *, name: str, mask=None, ct_window=None, quantile_range=None):
-        """An image (path, itk.Image or array) normalized, optionally masked, resized to the
-        network input: returns ``(itk_image, tensor (1, 1, *input_shape))``."""
-        itk_image = itk_io.load_image(image, name)
+    def preprocess(self, itk_image, modality: str, *, name: str, mask=None, ct_window=None, quantile_range=None):
+        """An ITK image normalized, optionally masked (``mask``: array on its grid), resized to
+        the network input: a tensor (1, 1, *input_shape)."""
         array = itk_io.voxel_array(itk_image)
         check_volume(array, name)
         volume = normalize_intensity(array, modality, ct_window=ct_window, quantile_range=quantile_range, name=name)
         if mask is not None:
             volume = apply_input_mask(volume, mask)
-        return itk_image, resize(volume, self.input_shape)[None, None]
+        return resize(volume, self.input_shape)[None, None]
 
     def _load_mask(self, mask, image, name: str):
         if mask is None:
@@ -221,9 +220,8 @@ class Engine:
         started = time.perf_counter()
         if masking not in MASKING_MODES:
             raise InvalidOptionError(f"unknown masking {masking!r}: choose one of {', '.join(MASKING_MODES)}")
-        for modality in (fixed_modality, moving_modality):  # fail before any work
-            if str(modality).lower() not in MODALITIES:
-                raise InvalidOptionError(f"unknown modality {modality!r}: use 'ct' or 'mri'")
+        check_modality(fixed_modality, "fixed")  # fail before any work
+        check_modality(moving_modality, "moving")
         if io_iterations:
             similarity_by_name(io_sim)
         fixed_image = itk_io.load_image(fixed, "fixed")
@@ -231,10 +229,10 @@ class Engine:
         fixed_mask_array = self._load_mask(fixed_mask, fixed_image, "fixed")
         moving_mask_array = self._load_mask(moving_mask, moving_image, "moving")
         input_masking = masking in ("input", "both")
-        _, fixed_tensor = self.preprocess(
+        fixed_tensor = self.preprocess(
             fixed_image, fixed_modality, name="fixed", mask=fixed_mask_array if input_masking else None,
             ct_window=ct_window, quantile_range=quantile_range)
-        _, moving_tensor = self.preprocess(
+        moving_tensor = self.preprocess(
             moving_image, moving_modality, name="moving", mask=moving_mask_array if input_masking else None,
             ct_window=ct_window, quantile_range=quantile_range)
 

@@ -48,12 +48,17 @@ def check_volume(array: np.ndarray, name: str) -> None:
         )
 
 
+def check_modality(modality: str, name: str = "input") -> str:
+    """The modality in lower case; :class:`InvalidOptionError` unless it is 'ct' or 'mri'."""
+    if str(modality).lower() not in MODALITIES:
+        raise InvalidOptionError(f"unknown modality {modality!r} for the {name} image: use 'ct' or 'mri'")
+    return str(modality).lower()
+
+
 def normalize_intensity(volume: np.ndarray, modality: str, *, ct_window=None, quantile_range=None,
                         name: str = "input") -> torch.Tensor:
     """Clip and scale a volume to [0, 1] by modality; returns a float32 tensor of the same shape."""
-    modality = str(modality).lower()
-    if modality not in MODALITIES:
-        raise InvalidOptionError(f"unknown modality {modality!r} for the {name} image: use 'ct' or 'mri'")
+    modality = check_modality(modality, name)
     values = torch.from_numpy(np.asarray(volume, dtype=np.float32))
     if modality == "ct":
         low, high = ct_window if ct_window is not None else DEFAULT_CT_WINDOW
