@@ -1,6 +1,7 @@
-"""Fused kernels (installed as ``mgr_engine.kernels``).
+"""Fused Triton kernels (installed as ``mgr_engine.kernels``).
 
-Empty so far: the Triton kernels for warping, map composition and windowed LNCC^2
-are the work of a later issue. Their PyTorch references, which the engine uses
-today, live in :mod:`mgr_engine.ops` and :mod:`mgr_engine.losses`.
+One file per op, each with its ``autograd.Function``: ``warp`` (trilinear sampling at a
+map), ``compose`` (map composition) and ``lncc`` (windowed LNCC / LNCC^2 loss). Their
+PyTorch references are :mod:`mgr_engine.ops` and :mod:`mgr_engine.losses`, which
+dispatch here on CUDA tensors (see :func:`mgr_engine.ops.use_triton`).
 """
