@@ -22,11 +22,13 @@ they load without conversion through :func:`load_official_state_dict`.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .errors import CheckpointError
@@ -142,6 +144,10 @@ class GradICONNetwork(nn.Module):
         super().__init__()
         self.config = config
         self.unets = nn.ModuleList(UNet(config.down_channels, config.up_channels) for _ in range(4))
+        # When set, training recomputes each U-Net's activations in the backward pass instead
+        # of keeping them: a fraction of the memory of instance optimization, for one more
+        # forward pass of compute.
+        self.checkpoint_unets = False
         full, half, quarter = config.level_shapes()
         for name, shape in (("identity_full", full), ("identity_half", half)):
             self.register_buffer(name, identity_map(shape), persistent=False)
@@ -156,7 +162,7 @@ class GradICONNetwork(nn.Module):
         expected = tuple(self.config.input_shape)
         if tuple(moving.shape[2:]) != expected or tuple(fixed.shape[2:]) != expected:
             raise ValueError(f"network input must be {expected}, got {tuple(moving.shape[2:])} and {tuple(fixed.shape[2:])}")
-        psi1, psi2, psi3, psi4 = self.unets
+        psi1, psi2, psi3, psi4 = (functools.partial(self._run_unet, unet) for unet in self.unets)
         moving_half = F.avg_pool3d(moving, 2, ceil_mode=True)
         fixed_half = F.avg_pool3d(fixed, 2, ceil_mode=True)
         d1 = psi1(F.avg_pool3d(moving_half, 2, ceil_mode=True), F.avg_pool3d(fixed_half, 2, ceil_mode=True))
@@ -173,6 +179,11 @@ class GradICONNetwork(nn.Module):
         coarse_map = evaluate_map([d1, d2], identity + d3)
         d4 = psi4(warp(moving, coarse_map, padding="border"), fixed)
         return [d1, d2, d3, d4]
+
+    def _run_unet(self, unet: UNet, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint_unets and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(unet, moving, fixed, use_reentrant=False)
+        return unet(moving, fixed)
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         """The map ``Phi[moving, fixed]`` on the full-resolution grid: moving o Phi ~ fixed."""

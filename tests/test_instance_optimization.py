@@ -101,3 +101,21 @@ def test_similarity_values_and_gradients_equal_reference(ours, theirs, dtype):
         (expected_grad,) = torch.autograd.grad(expected, a)
         torch.testing.assert_close(value, expected)
         torch.testing.assert_close(grad, expected_grad)
+
+
+def test_checkpointed_unets_give_the_same_gradients():
+    from mgr_engine.engine import gradicon_objective
+
+    net = random_network(SHAPE, narrow=True, seed=8, displacement_scale=0.3).requires_grad_(True)
+    moving, fixed = images()
+    grads = []
+    for checkpointed in (False, True):
+        net.checkpoint_unets = checkpointed
+        net.zero_grad()
+        torch.manual_seed(0)
+        loss, _, _ = gradicon_objective(net, moving, fixed, lncc2_loss)
+        loss.backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+    assert any(g.abs().max() > 0 for g in grads[0])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
