@@ -1,5 +1,132 @@
-"""ONNX export (installed as ``mgr_engine.export``).
+"""ONNX export and the ONNX Runtime backend (installed as ``mgr_engine.export``).
 
-Empty so far: exporting the network to ONNX Runtime / TensorRT graphs is the work
-of a later issue.
+    mgr_engine.export_onnx("gradicon.onnx", weights="Step_2_final.trch")                   # full graph
+    mgr_engine.export_onnx("gradicon_stages", weights="Step_2_final.trch", kind="stages")  # 4 U-Nets
+    mgr_engine.register(fixed, moving, backend="onnxruntime", onnx_model="gradicon.onnx")
+
+:mod:`.graph` writes the graphs node by node, :mod:`.runtime` runs them. ``onnx`` and
+``onnxruntime`` are the optional extra ``mgr_engine[onnx]``, imported only when used.
 """
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from ..errors import InvalidOptionError, OnnxError, OutputWriteError
+from .graph import DEFAULT_OPSET, DTYPES, STAGE_OPS, check_opset, full_graph, ops_used, stage_graph
+from .runtime import STAGE_FILES, load_session, onnx_predictor, stage_network
+
+KINDS = ("full", "stages")
+
+__all__ = ["DEFAULT_OPSET", "KINDS", "STAGE_FILES", "STAGE_OPS", "export_onnx", "full_graph", "load_session",
+           "onnx_predictor", "ops_used", "stage_graph", "stage_network"]
+
+
+def export_onnx(path, model: str = "multigradicon", weights=None, kind: str = "full", *, opset: int | None = None,
+                dtype: str = "float32", config=None, batch: int = 1, conv_transpose: str | None = None) -> list:
+    """Export the network (BatchNorm folded, static shapes) as ONNX; returns the written paths.
+
+    Args:
+        path: ``kind="full"``: the ``.onnx`` file to write. ``kind="stages"``: a directory
+            (created if its parent exists) that receives ``psi1.onnx`` .. ``psi4.onnx``.
+        model, weights, config: as for :class:`mgr_engine.Engine` (``weights``: checkpoint path
+            or state dict; default: the search path of :func:`mgr_engine.weights_search_path`).
+        kind: ``"full"``: (moving, fixed) -> map, displacement, with every warp in the graph
+            (GridSample, opset >= 20). ``"stages"``: each U-Net alone, using only
+            :data:`STAGE_OPS` (for TensorRT), opset >= 13.
+        opset: default 20 for ``"full"``, 17 for ``"stages"``.
+        dtype: ``"float32"`` or ``"float16"`` (see :func:`full_graph` and :func:`stage_graph`).
+        batch: the static batch size of the inputs.
+        conv_transpose: ``"phases"`` (full-graph default: sub-pixel convolutions, much faster in
+            ONNX Runtime's CPU provider) or ``"native"`` (``ConvTranspose``, the stage default).
+
+    Raises :class:`~mgr_engine.errors.OnnxError` (opset, kind, dtype),
+    :class:`~mgr_engine.errors.CheckpointError` (weights of another architecture),
+    :class:`~mgr_engine.errors.WeightsNotFoundError`, :class:`~mgr_engine.errors.OutputWriteError`,
+    each before anything is written.
+    """
+    from ..engine import MODELS, load_checkpoint, resolve_weights
+    from ..model import GradICONNetwork, load_official_state_dict
+    from .graph import _onnx
+
+    if kind not in KINDS:
+        raise OnnxError(f"unknown kind {kind!r}: 'full' (one graph with the warps) or 'stages' (the four U-Nets)")
+    if dtype not in DTYPES:
+        raise OnnxError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if conv_transpose not in (None, "phases", "native"):
+        raise OnnxError(f"unknown conv_transpose {conv_transpose!r}: 'phases' or 'native'")
+    if model not in MODELS:
+        raise InvalidOptionError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
+    if int(batch) < 1:
+        raise OnnxError(f"batch must be at least 1, got {batch}")
+    opset = check_opset(kind, DEFAULT_OPSET[kind] if opset is None else opset)
+    onnx = _onnx()
+    targets = _output_paths(Path(path), kind)  # fails early on an unwritable place
+
+    if isinstance(weights, dict):
+        state = weights
+    else:
+        state = load_checkpoint(resolve_weights(model, weights))
+    network = GradICONNetwork(config or MODELS[model])
+    load_official_state_dict(network, state)  # CheckpointError naming the offending keys
+    network.eval()
+
+    if kind == "full":
+        models = [full_graph(network, opset=opset, dtype=dtype, batch=batch, conv_transpose=conv_transpose or "phases")]
+    else:
+        models = [stage_graph(network, i, opset=opset, dtype=dtype, batch=batch, conv_transpose=conv_transpose or "native")
+                  for i in range(4)]
+    for graph in models:
+        onnx.checker.check_model(graph)
+    if kind == "stages" and not Path(path).is_dir():
+        try:
+            Path(path).mkdir()
+        except OSError as exc:
+            raise OutputWriteError(f"cannot create the directory {str(path)!r} ({exc.strerror}).") from exc
+    for target, graph in zip(targets, models):
+        _write_atomically(graph.SerializeToString(), target)
+    return targets
+
+
+def _output_paths(path: Path, kind: str) -> list:
+    """Where the graphs go; :class:`OutputWriteError` unless that place exists and is writable."""
+    if kind == "full":
+        if path.is_dir():
+            raise OutputWriteError(f"{str(path)!r} is a directory; the full graph needs a file name such as "
+                                   f"{str(path / 'gradicon.onnx')!r}.")
+        directory, targets = path.parent if str(path.parent) else Path("."), [path]
+    else:
+        if path.exists() and not path.is_dir():
+            raise OutputWriteError(f"{str(path)!r} is a file; kind='stages' writes a directory of four graphs.")
+        targets = [path / name for name in STAGE_FILES]
+        directory = path if path.is_dir() else (path.parent if str(path.parent) else Path("."))  # created when writing
+    if not directory.is_dir():
+        raise OutputWriteError(f"output directory {str(directory)!r} does not exist; create it first.")
+    try:  # the only reliable test of writability (permissions, read-only mounts, root)
+        fd, probe = tempfile.mkstemp(prefix=".mgr_engine-probe-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputWriteError(f"cannot write to {str(directory)!r} ({exc.strerror}); choose a writable place.") from exc
+    return targets
+
+
+def _write_atomically(data: bytes, path: Path) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename: no half-written model."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    except OSError as exc:
+        raise OutputWriteError(f"cannot write {str(path)!r} ({exc.strerror}); choose a writable place.") from exc
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise OutputWriteError(f"cannot write {str(path)!r} ({exc.strerror}); choose a writable place.") from exc
+        raise

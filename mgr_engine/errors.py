@@ -37,3 +37,12 @@ class CheckpointError(MgrEngineError, ValueError):
 
 class WeightsNotFoundError(MgrEngineError, FileNotFoundError):
     """No weights file where mgr_engine looked for one."""
+
+
+class OnnxError(MgrEngineError, ValueError):
+    """An ONNX graph cannot be exported as asked (an opset too old for its operators, an unknown
+    kind or dtype), or an ONNX model does not fit the engine that should run it."""
+
+
+class MissingDependencyError(MgrEngineError, ImportError):
+    """An optional dependency (``onnx``, ``onnxruntime``) is not installed."""
