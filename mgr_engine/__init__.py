@@ -10,6 +10,8 @@ See :func:`register` and :class:`Engine`.
 from . import errors
 from .engine import Engine, RegistrationResult, register, weights_search_path
 from .model import GradICONNetwork, NetworkConfig
+from .export import export_onnx  # onnx itself is imported only when a graph is built
 
-__all__ = ["Engine", "GradICONNetwork", "NetworkConfig", "RegistrationResult", "errors", "register", "weights_search_path"]
+__all__ = ["Engine", "GradICONNetwork", "NetworkConfig", "RegistrationResult", "errors", "export_onnx", "register",
+           "weights_search_path"]
 __version__ = "0.1.0"

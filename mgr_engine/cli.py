@@ -4,7 +4,8 @@
 The subcommands take the same flags as the authors' commands (and their defaults:
 ``--model unigradicon``, ``--io_sim lncc``, 50 IO steps), so a script switches by
 renaming the command. Outputs are written atomically: after an error or Ctrl-C no
-half-written file is left behind.
+half-written file is left behind. ``mgr-engine export-onnx`` writes the ONNX graphs
+(:func:`mgr_engine.export_onnx`).
 """
 
 from __future__ import annotations
@@ -62,7 +63,30 @@ def _add_register(sub):
                    help="input shape of a non-official network configuration (default 175 175 175)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--seed", type=int, help="seed for IO's random regularizer grid (reproducible IO)")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
+                   help="run the network's forward in PyTorch (default) or ONNX Runtime; IO stays in PyTorch")
+    p.add_argument("--onnx_model", help="with --backend onnxruntime: a full-graph .onnx file or a directory of stage "
+                                        "graphs (mgr-engine export-onnx); default: exported from the weights in memory")
+    p.add_argument("--onnx_providers", help="comma-separated ONNX Runtime providers: cpu, cuda, tensorrt "
+                                            "(default: cuda,cpu with onnxruntime-gpu, else cpu)")
     p.set_defaults(run=run_register)
+
+
+def _add_export(sub):
+    p = sub.add_parser("export-onnx", help="export the network as ONNX graphs (full, or one per U-Net for TensorRT)")
+    p.add_argument("--out", required=True, help="kind full: the .onnx file; kind stages: a directory for psi1..psi4.onnx")
+    p.add_argument("--kind", default="full", choices=["full", "stages"],
+                   help="full: (moving, fixed) -> map with the warps (opset >= 20); stages: each U-Net alone")
+    p.add_argument("--model", default="multigradicon", choices=["unigradicon", "multigradicon"])
+    p.add_argument("--network_weights", help="checkpoint (Step_2_final.trch); default: see README, nothing is downloaded")
+    p.add_argument("--opset", type=int, help="ONNX opset (default 20 for full, 17 for stages)")
+    p.add_argument("--fp16", action="store_true", help="float16 U-Nets (full: maps and warps stay float32)")
+    p.add_argument("--batch", type=int, default=1, help="static batch size of the inputs (default 1)")
+    p.add_argument("--conv_transpose", choices=["phases", "native"],
+                   help="transposed convolutions as sub-pixel convolutions (full default) or ConvTranspose (stages default)")
+    p.add_argument("--network_input_shape", nargs=3, type=int, metavar=("D", "H", "W"),
+                   help="input shape of a non-official network configuration (default 175 175 175)")
+    p.set_defaults(run=run_export)
 
 
 def _add_warp(sub):
@@ -105,7 +129,10 @@ def run_register(args) -> None:
     config = MODELS[args.model]
     if args.network_input_shape:
         config = NetworkConfig(input_shape=tuple(args.network_input_shape))
-    engine = Engine(model=args.model, weights=args.network_weights, device=args.device, config=config)
+    if args.backend != "onnxruntime" and (args.onnx_model or args.onnx_providers):
+        raise InvalidOptionError("--onnx_model/--onnx_providers need --backend onnxruntime")
+    engine = Engine(model=args.model, weights=args.network_weights, device=args.device, config=config,
+                    backend=args.backend, onnx_model=args.onnx_model, onnx_providers=args.onnx_providers)
     result = engine.register(
         args.fixed, args.moving, fixed_modality=args.fixed_modality, moving_modality=args.moving_modality,
         io_iterations=args.io_iterations, io_sim=args.io_sim, io_lr=args.io_lr,
@@ -121,6 +148,21 @@ def run_register(args) -> None:
         outputs.append((args.jacobian_out, result.jacobian_determinant(), itk_io.write_image))
     for path, value, write in outputs:
         write(value, path)
+        log.info("wrote %s", path)
+
+
+def run_export(args) -> None:
+    from .engine import MODELS
+    from .export import export_onnx
+    from .model import NetworkConfig
+
+    config = MODELS[args.model]
+    if args.network_input_shape:
+        config = NetworkConfig(input_shape=tuple(args.network_input_shape))
+    written = export_onnx(args.out, model=args.model, weights=args.network_weights, kind=args.kind, opset=args.opset,
+                          dtype="float16" if args.fp16 else "float32", config=config, batch=args.batch,
+                          conv_transpose=args.conv_transpose)
+    for path in written:
         log.info("wrote %s", path)
 
 
@@ -172,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_register(sub)
     _add_warp(sub)
     _add_jacobian(sub)
+    _add_export(sub)
     return parser
 
 

@@ -25,6 +25,7 @@ log = logging.getLogger("mgr_engine")
 MODELS = {"multigradicon": NetworkConfig(), "unigradicon": NetworkConfig()}
 CHECKPOINT_NAME = "Step_2_final.trch"
 MASKING_MODES = ("input", "loss", "both")
+BACKENDS = ("torch", "onnxruntime")
 
 
 def default_device() -> torch.device:
@@ -107,11 +108,24 @@ class Engine:
             user cache directory. Nothing is downloaded.
         device: torch device; default CUDA when available, else CPU.
         config: network shape, for checkpoints of non-official configurations.
+        backend: ``"torch"``, or ``"onnxruntime"``: the network's forward (no IO) runs in ONNX
+            Runtime; instance optimization stays in PyTorch (see :mod:`mgr_engine.export`).
+        onnx_model: with ``backend="onnxruntime"``: a full-graph ``.onnx`` file or a directory of
+            stage graphs (both written by :func:`mgr_engine.export_onnx`); ``None`` exports the
+            full graph from ``weights`` in memory.
+        onnx_providers: ONNX Runtime providers (``"cpu"``, ``"cuda"``, ``"tensorrt"`` or full
+            names); default CUDA when onnxruntime-gpu is installed and ``device`` is not CPU.
     """
 
-    def __init__(self, model: str = "multigradicon", weights=None, device=None, *, config: NetworkConfig | None = None):
+    def __init__(self, model: str = "multigradicon", weights=None, device=None, *, config: NetworkConfig | None = None,
+                 backend: str = "torch", onnx_model=None, onnx_providers=None):
         if model not in MODELS:
             raise InvalidOptionError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
+        if backend not in BACKENDS:
+            raise InvalidOptionError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        if backend != "onnxruntime" and (onnx_model is not None or onnx_providers is not None):
+            raise InvalidOptionError("onnx_model and onnx_providers need backend='onnxruntime'")
+        self.backend = backend
         self.model = model
         self.config = config or MODELS[model]
         self.device = torch.device(device) if device is not None else default_device()
@@ -123,7 +137,13 @@ class Engine:
         self.network = GradICONNetwork(self.config)
         load_official_state_dict(self.network, state)
         self.network.eval().to(self.device).requires_grad_(False)
-        self.inference_network = self._inference_copy()
+        if backend == "onnxruntime":
+            from .export.runtime import onnx_predictor
+
+            self.inference_network = onnx_predictor(onnx_model, self.config, network=self.network,
+                                                    providers=onnx_providers, device=device)
+        else:
+            self.inference_network = self._inference_copy()
         log.info("loaded %s weights from %s on %s", model, source, self.device)
 
     def _inference_copy(self) -> GradICONNetwork:
@@ -144,6 +164,8 @@ class Engine:
 
         ``moving``/``fixed``: (B, 1, *input_shape) tensors already preprocessed to [0, 1].
         """
+        if self.backend == "onnxruntime":
+            return self.inference_network(moving.float(), fixed.float()).to(self.device)
         layout = torch.channels_last_3d
         moving = moving.to(self.device).contiguous(memory_format=layout)
         fixed = fixed.to(self.device).contiguous(memory_format=layout)
@@ -334,15 +356,15 @@ class RegistrationResult:
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_engine(model, weights, device):
-    return Engine(model=model, weights=weights, device=device)
+def _cached_engine(model, weights, device, backend="torch", onnx_model=None):
+    return Engine(model=model, weights=weights, device=device, backend=backend, onnx_model=onnx_model)
 
 
 def register(fixed, moving, *, fixed_modality: str = "mri", moving_modality: str = "mri",
              model: str = "multigradicon", weights=None, io_iterations: int | None = 50, io_sim: str = "lncc2",
              io_lr: float = 2e-5, fixed_mask=None, moving_mask=None, masking: str = "loss",
              ct_window=None, quantile_range=None, device=None, progress: bool = True,
-             seed: int | None = None) -> RegistrationResult:
+             seed: int | None = None, backend: str = "torch", onnx_model=None) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` with multiGradICON (or uniGradICON).
 
     Args:
@@ -365,6 +387,8 @@ def register(fixed, moving, *, fixed_modality: str = "mri", moving_modality: str
         device: torch device, default CUDA when available.
         progress: show a progress bar during IO.
         seed: seeds the GradICON regularizer's random grid, for reproducible IO.
+        backend: ``"torch"`` or ``"onnxruntime"`` (the network's forward in ONNX Runtime; IO stays
+            in PyTorch). onnx_model: its graph, see :class:`Engine`.
 
     Returns:
         :class:`RegistrationResult` with ``transform`` (fixed point -> moving point),
@@ -375,9 +399,10 @@ def register(fixed, moving, *, fixed_modality: str = "mri", moving_modality: str
     if model not in MODELS:
         raise InvalidOptionError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
     if isinstance(weights, dict):  # a state dict: not cacheable, build an engine for this call
-        engine = Engine(model=model, weights=weights, device=device)
+        engine = Engine(model=model, weights=weights, device=device, backend=backend, onnx_model=onnx_model)
     else:
-        engine = _cached_engine(model, None if weights is None else str(weights), None if device is None else str(device))
+        engine = _cached_engine(model, None if weights is None else str(weights), None if device is None else str(device),
+                                backend, None if onnx_model is None else str(onnx_model))
     return engine.register(
         fixed, moving, fixed_modality=fixed_modality, moving_modality=moving_modality,
         io_iterations=io_iterations, io_sim=io_sim, io_lr=io_lr, fixed_mask=fixed_mask,
