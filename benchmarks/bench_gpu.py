@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""End-to-end engine against the reference network on one device, on tensors (no itk needed).
+
+The GPU runner has no itk, so this benchmark works on preprocessed 175^3 tensors: the
+reference is the authors' ``GradientICONSparse`` (what ``register_pair`` runs) with the
+same randomized checkpoint, called as ``register_pair`` calls it; ours is
+``Engine.predict_map`` (no IO) and ``Engine.instance_optimize`` (IO).
+
+Measured, all in one run on one device:
+* no IO: cold (first call) and warm latency (median), peak memory;
+* IO: ``--io-steps`` Adam steps (reference ``finetune_execute``, ours ``instance_optimize``,
+  with and without U-Net checkpointing), time per step and peak memory;
+* precision: TF32 and bf16-autocast forwards of ours against fp32, largest point
+  difference in network voxels (1 voxel = 1 mm for a 175 mm field of view).
+
+    python benchmarks/bench_gpu.py --results benchmarks/RESULTS.md       # GPU, 175^3
+    python benchmarks/bench_gpu.py --device cpu --shape 72 72 72 --io-steps 1 --repeats 1   # a check on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+
+def import_reference():
+    """``unigradicon`` imports itk at module level but ``GradientICONSparse`` never uses it:
+    without itk (the GPU runner), a stub module lets it import."""
+    try:
+        import itk  # noqa: F401
+    except ImportError:
+        stub = types.ModuleType("itk")
+        stub.Image = object
+        sys.modules["itk"] = stub
+    from helpers import reference_network
+
+    return reference_network
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def clock(fn, device):
+    sync(device)
+    t = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t, out
+
+
+def reset_peak(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device):
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shape", type=int, nargs=3, default=(175, 175, 175))
+    p.add_argument("--io-steps", type=int, default=10, help="IO steps per side (the paper uses 50)")
+    p.add_argument("--repeats", type=int, default=10, help="warm no-IO calls to take the median of")
+    p.add_argument("--skip-io", action="store_true")
+    p.add_argument("--results", type=Path)
+    args = p.parse_args(argv)
+    device, shape = args.device, tuple(args.shape)
+
+    from helpers import random_network, smooth_volume
+
+    from mgr_engine import Engine
+    from mgr_engine.model import official_state_dict
+
+    reference_network = import_reference()
+    from icon_registration import config as icon_config
+    from icon_registration import itk_wrapper
+
+    icon_config.device = torch.device(device)
+    # Plain fp32 everywhere unless a row says otherwise (cuDNN would use TF32 for convolutions).
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+    net = random_network(shape, seed=1, displacement_scale=0.3)
+    state = official_state_dict(net)
+    moving = torch.from_numpy(smooth_volume(shape, 1))[None, None].to(device)
+    fixed = torch.from_numpy(smooth_volume(shape, 2))[None, None].to(device)
+    rows = []
+
+    # --- no IO
+    reset_peak(device)
+    engine = Engine(weights=state, config=net.config, device=device)
+    cold, phi = clock(lambda: engine.predict_map(moving, fixed), device)
+    warm = statistics.median(clock(lambda: engine.predict_map(moving, fixed), device)[0] for _ in range(args.repeats))
+    ours_peak = peak_gib(device)
+
+    reference = reference_network(net).to(device)
+
+    def reference_forward():
+        with torch.no_grad():  # register_pair without IO: both directions and the loss
+            reference(moving, fixed)
+            return reference.phi_AB_vectorfield
+
+    reset_peak(device)
+    ref_cold, ref_phi = clock(reference_forward, device)
+    ref_warm = statistics.median(clock(reference_forward, device)[0] for _ in range(args.repeats))
+    ref_peak = peak_gib(device)
+    voxels = (torch.tensor(shape, device=device, dtype=torch.float32) - 1).view(1, 3, 1, 1, 1)
+    agreement = ((phi - ref_phi) * voxels).abs().max().item()
+    rows += [("no IO, first call", ref_cold, cold), (f"no IO, warm (median of {args.repeats})", ref_warm, warm)]
+
+    # --- precision
+    precision = []
+    for name, setup in (("TF32", "tf32"), ("bf16 autocast", "bf16")):
+        if device != "cuda" and setup == "tf32":
+            continue
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = setup == "tf32"
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=setup == "bf16"):
+            t, phi_low = clock(lambda: engine.predict_map(moving, fixed), device)
+            t = statistics.median(clock(lambda: engine.predict_map(moving, fixed), device)[0] for _ in range(max(1, args.repeats // 2)))
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        precision.append((name, t, ((phi_low.float() - phi) * voxels).abs().max().item()))
+
+    # --- IO
+    io_rows = []
+    if not args.skip_io:
+        reset_peak(device)
+        torch.manual_seed(0)
+        t, _ = clock(lambda: itk_wrapper.finetune_execute(reference, moving, fixed, args.io_steps, 2e-5), device)
+        io_rows.append(("reference finetune_execute", t, peak_gib(device)))
+        for checkpointed in (False, True):
+            engine.network.checkpoint_unets = checkpointed
+            reset_peak(device)
+            torch.manual_seed(0)
+            t, _ = clock(lambda: engine.instance_optimize(moving, fixed, iterations=args.io_steps, similarity="lncc",
+                                                          progress=False), device)
+            io_rows.append((f"mgr_engine instance_optimize{' (U-Net checkpointing)' if checkpointed else ''}", t, peak_gib(device)))
+        engine.network.checkpoint_unets = False
+
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    lines = [f"## End to end on tensors, {name}, network {'x'.join(map(str, shape))}", "",
+             f"torch {torch.__version__}; randomized official-architecture weights; reference = GradientICONSparse "
+             "as register_pair calls it (both directions and the loss); fp32 with TF32 off unless stated.", "",
+             "| no instance optimization | reference | mgr_engine | reference / mgr_engine |", "|---|--:|--:|--:|"]
+    lines += [f"| {label} | {r * 1e3:.1f} ms | {o * 1e3:.1f} ms | {r / o:.2f}x |" for label, r, o in rows]
+    lines += [f"| peak memory | {ref_peak:.2f} GiB | {ours_peak:.2f} GiB | {ref_peak / ours_peak:.2f}x |", "",
+              f"Largest difference between both maps: {agreement:.2e} voxel.", "",
+              "| precision (mgr_engine, no IO) | warm latency | largest point difference against fp32 |", "|---|--:|--:|"]
+    lines += [f"| {n} | {t * 1e3:.1f} ms | {d:.3f} voxel |" for n, t, d in precision]
+    if io_rows:
+        base_t, base_m = io_rows[0][1], io_rows[0][2]
+        lines += ["", f"| IO, {args.io_steps} steps + final forward, LNCC | time | per step | peak memory | speed-up | memory vs reference |",
+                  "|---|--:|--:|--:|--:|--:|"]
+        lines += [f"| {n} | {t:.2f} s | {t / args.io_steps:.3f} s | {m:.2f} GiB | {base_t / t:.2f}x | {m / base_m:.0%} |"
+                  for n, t, m in io_rows]
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.results:
+        with open(args.results, "a") as f:
+            f.write("\n" + table)
+
+
+if __name__ == "__main__":
+    main()
