@@ -62,6 +62,10 @@ def _add_register(sub):
     p.add_argument("--network_input_shape", nargs=3, type=int, metavar=("D", "H", "W"),
                    help="input shape of a non-official network configuration (default 175 175 175)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
+                   help="arithmetic of the forward without IO (default fp32; IO is always fp32)")
+    p.add_argument("--io_checkpointing", action="store_true",
+                   help="recompute U-Net activations during IO's backward: less memory, more time")
     p.add_argument("--seed", type=int, help="seed for IO's random regularizer grid (reproducible IO)")
     p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
                    help="run the network's forward in PyTorch (default) or ONNX Runtime; IO stays in PyTorch")
@@ -132,7 +136,8 @@ def run_register(args) -> None:
     if args.backend != "onnxruntime" and (args.onnx_model or args.onnx_providers):
         raise InvalidOptionError("--onnx_model/--onnx_providers need --backend onnxruntime")
     engine = Engine(model=args.model, weights=args.network_weights, device=args.device, config=config,
-                    backend=args.backend, onnx_model=args.onnx_model, onnx_providers=args.onnx_providers)
+                    backend=args.backend, onnx_model=args.onnx_model, onnx_providers=args.onnx_providers,
+                    precision=args.precision, io_checkpointing=args.io_checkpointing)
     result = engine.register(
         args.fixed, args.moving, fixed_modality=args.fixed_modality, moving_modality=args.moving_modality,
         io_iterations=args.io_iterations, io_sim=args.io_sim, io_lr=args.io_lr,
