@@ -39,36 +39,48 @@ def _axis_setup(c, size, BORDER: tl.constexpr):
 
 
 @triton.jit
+def _load_map(coords_ptr, b, offs, n_out, m):
+    """The three coordinates of sample ``b`` at output voxels ``offs``; also the map's base pointer."""
+    base = coords_ptr + b * 3 * n_out
+    ci = tl.load(base + offs, mask=m, other=0.0)
+    cj = tl.load(base + n_out + offs, mask=m, other=0.0)
+    ck = tl.load(base + 2 * n_out + offs, mask=m, other=0.0)
+    return base, ci, cj, ck
+
+
+@triton.jit
+def _corner(i0, j0, k0, fi, fj, fk, D, H, W, m, corner: tl.constexpr):
+    """Flat index, per-axis weights and validity of one of the eight interpolation corners."""
+    di = corner // 4
+    dj = (corner // 2) % 2
+    dk = corner % 2
+    ii = i0 + di
+    jj = j0 + dj
+    kk = k0 + dk
+    wi = fi * di + (1.0 - fi) * (1 - di)
+    wj = fj * dj + (1.0 - fj) * (1 - dj)
+    wk = fk * dk + (1.0 - fk) * (1 - dk)
+    valid = m & (ii >= 0) & (ii < D) & (jj >= 0) & (jj < H) & (kk >= 0) & (kk < W)
+    return ii.to(tl.int64) * H * W + jj * W + kk, wi, wj, wk, valid
+
+
+@triton.jit
 def warp_fwd_kernel(img_ptr, coords_ptr, out_ptr, C, D, H, W, n_out,
                     ZERO_PAD: tl.constexpr, ADD_COORDS: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     m = offs < n_out
-    cbase = coords_ptr + b * 3 * n_out
-    ci = tl.load(cbase + offs, mask=m, other=0.0)
-    cj = tl.load(cbase + n_out + offs, mask=m, other=0.0)
-    ck = tl.load(cbase + 2 * n_out + offs, mask=m, other=0.0)
+    cbase, ci, cj, ck = _load_map(coords_ptr, b, offs, n_out, m)
     i0, fi, _ = _axis_setup(ci, D, not ZERO_PAD)
     j0, fj, _ = _axis_setup(cj, H, not ZERO_PAD)
     k0, fk, _ = _axis_setup(ck, W, not ZERO_PAD)
-    hw = H * W
     for c in range(C):
-        base = img_ptr + (b * C + c) * D * hw
+        base = img_ptr + (b * C + c) * D * H * W
         acc = tl.zeros_like(fi)
         for corner in tl.static_range(8):
-            di = corner // 4
-            dj = (corner // 2) % 2
-            dk = corner % 2
-            ii = i0 + di
-            jj = j0 + dj
-            kk = k0 + dk
-            wi = fi * di + (1.0 - fi) * (1 - di)
-            wj = fj * dj + (1.0 - fj) * (1 - dj)
-            wk = fk * dk + (1.0 - fk) * (1 - dk)
-            valid = m & (ii >= 0) & (ii < D) & (jj >= 0) & (jj < H) & (kk >= 0) & (kk < W)
-            v = tl.load(base + ii.to(tl.int64) * hw + jj * W + kk, mask=valid, other=0.0)
-            acc += v * (wi * wj * wk)
+            index, wi, wj, wk, valid = _corner(i0, j0, k0, fi, fj, fk, D, H, W, m, corner)
+            acc += tl.load(base + index, mask=valid, other=0.0) * (wi * wj * wk)
         if ADD_COORDS:
             acc += tl.load(cbase + c * n_out + offs, mask=m, other=0.0)
         tl.store(out_ptr + (b * C + c) * n_out + offs, acc, mask=m)
@@ -82,43 +94,30 @@ def warp_bwd_kernel(img_ptr, coords_ptr, grad_out_ptr, grad_img_ptr, grad_coords
     b = tl.program_id(1).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     m = offs < n_out
-    cbase = coords_ptr + b * 3 * n_out
-    ci = tl.load(cbase + offs, mask=m, other=0.0)
-    cj = tl.load(cbase + n_out + offs, mask=m, other=0.0)
-    ck = tl.load(cbase + 2 * n_out + offs, mask=m, other=0.0)
+    gbase = grad_coords_ptr + b * 3 * n_out
+    _, ci, cj, ck = _load_map(coords_ptr, b, offs, n_out, m)
     i0, fi, in_i = _axis_setup(ci, D, not ZERO_PAD)
     j0, fj, in_j = _axis_setup(cj, H, not ZERO_PAD)
     k0, fk, in_k = _axis_setup(ck, W, not ZERO_PAD)
-    hw = H * W
     gi = tl.zeros_like(fi)
     gj = tl.zeros_like(fi)
     gk = tl.zeros_like(fi)
-    gbase = grad_coords_ptr + b * 3 * n_out
     for c in range(C):
-        base = img_ptr + (b * C + c) * D * hw
+        base = img_ptr + (b * C + c) * D * H * W
         go = tl.load(grad_out_ptr + (b * C + c) * n_out + offs, mask=m, other=0.0)
         for corner in tl.static_range(8):
-            di = corner // 4
-            dj = (corner // 2) % 2
-            dk = corner % 2
-            ii = i0 + di
-            jj = j0 + dj
-            kk = k0 + dk
-            wi = fi * di + (1.0 - fi) * (1 - di)
-            wj = fj * dj + (1.0 - fj) * (1 - dj)
-            wk = fk * dk + (1.0 - fk) * (1 - dk)
-            si = 2.0 * di - 1.0  # d(weight)/d(index)
-            sj = 2.0 * dj - 1.0
-            sk = 2.0 * dk - 1.0
-            valid = m & (ii >= 0) & (ii < D) & (jj >= 0) & (jj < H) & (kk >= 0) & (kk < W)
-            index = ii.to(tl.int64) * hw + jj * W + kk
+            index, wi, wj, wk, valid = _corner(i0, j0, k0, fi, fj, fk, D, H, W, m, corner)
+            # d(weight)/d(index) is +1 for the upper corner of an axis, -1 for the lower one
+            si = 2.0 * (corner // 4) - 1.0
+            sj = 2.0 * ((corner // 2) % 2) - 1.0
+            sk = 2.0 * (corner % 2) - 1.0
             v = tl.load(base + index, mask=valid, other=0.0)
             gi += go * v * (si * wj * wk)
             gj += go * v * (wi * sj * wk)
             gk += go * v * (wi * wj * sk)
             if NEED_IMG_GRAD:
                 contribution = (go * (wi * wj * wk)).to(grad_img_ptr.dtype.element_ty)
-                tl.atomic_add(grad_img_ptr + (b * C + c) * D * hw + index, contribution, mask=valid)
+                tl.atomic_add(grad_img_ptr + (b * C + c) * D * H * W + index, contribution, mask=valid)
     # chain rule through the index c -> ((2c - 1 + 1) / 2)(n - 1); a clamped (border) index has no gradient
     gi = gi * (D - 1)
     gj = gj * (H - 1)

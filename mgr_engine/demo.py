@@ -7,7 +7,7 @@ What it does, with nothing downloaded:
    oblique grid with a non-zero origin, and a T2-like moving image (tissue intensities
    permuted) of the same phantom under a smooth random deformation of a few mm, on a grid
    of slightly different spacing and origin; plus a uint8 tissue label map for each.
-2. :func:`randomize_weights` fills the official multiGradICON architecture with seeded
+2. :func:`mgr_engine.model.randomize_weights` fills the official multiGradICON architecture with seeded
    random weights (no trained weights exist here yet), saved as ``Step_2_final.trch``.
 3. ``mgr-engine register`` runs in-process (:func:`mgr_engine.cli.main`) without instance
    optimization, writing the transform, the warped moving image, the displacement field and
@@ -173,45 +173,13 @@ def make_sample_pair(out_dir) -> dict:
             "fixed_labels": paths["fixed_labels"], "moving_labels": paths["moving_labels"]}
 
 
-def randomize_weights(network: torch.nn.Module, seed: int, displacement_scale: float = DISPLACEMENT_SCALE) -> torch.nn.Module:
-    """Fill every parameter and the BatchNorm running statistics of ``network`` with seeded
-    random values, in place.
-
-    The default init zeroes each U-Net's last convolution, so the network would output the
-    identity map; it is redrawn too, then scaled by ``displacement_scale`` to keep the
-    displacements at a few voxels.
-    """
-    gen = torch.Generator().manual_seed(seed)
-
-    def uniform(shape, bound):
-        return (torch.rand(shape, generator=gen) * 2 - 1) * bound
-
-    with torch.no_grad():
-        for name, module in network.named_modules():
-            if isinstance(module, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)):
-                weight = module.weight  # Conv: (out, in, k, k, k); ConvTranspose: (in, out, k, k, k)
-                fan_in = weight[0].numel() if isinstance(module, torch.nn.Conv3d) else weight[:, 0].numel()
-                bound = fan_in ** -0.5
-                weight.copy_(uniform(weight.shape, 1.7 * bound))
-                module.bias.copy_(uniform(module.bias.shape, bound))
-                if name.endswith("lastConv"):
-                    weight.mul_(displacement_scale)
-                    module.bias.mul_(displacement_scale)
-            elif isinstance(module, torch.nn.BatchNorm3d):
-                module.weight.copy_(torch.rand(module.weight.shape, generator=gen) + 0.5)
-                module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.1)
-                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=gen) * 0.1)
-                module.running_var.copy_(torch.rand(module.running_var.shape, generator=gen) + 0.5)
-    return network
-
-
 def make_random_checkpoint(path, input_shape=FULL_INPUT_SHAPE, seed: int = SEED) -> Path:
     """Save a randomized-weights checkpoint of the official architecture (official key names)."""
-    from .model import GradICONNetwork, NetworkConfig, official_state_dict
+    from .model import GradICONNetwork, NetworkConfig, official_state_dict, randomize_weights
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    network = randomize_weights(GradICONNetwork(NetworkConfig(input_shape=tuple(input_shape))), seed)
+    network = randomize_weights(GradICONNetwork(NetworkConfig(input_shape=tuple(input_shape))), seed, DISPLACEMENT_SCALE)
     torch.save(official_state_dict(network), path)
     return path
 

@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -148,6 +151,12 @@ class GradICONNetwork(nn.Module):
         # of keeping them: a fraction of the memory of instance optimization, for one more
         # forward pass of compute.
         self.checkpoint_unets = False
+        # Training only. unet_autocast (torch.bfloat16 or None): mixed precision for the U-Nets
+        # alone, whose outputs return as float32, so maps, warps and losses stay float32.
+        # last_unet: False runs without Psi4 (its displacement is zero), the first stage of the
+        # reference's two-stage training; a fresh Psi4 outputs zero as well.
+        self.unet_autocast = None
+        self.last_unet = True
         full, half, quarter = config.level_shapes()
         for name, shape in (("identity_full", full), ("identity_half", half)):
             self.register_buffer(name, identity_map(shape), persistent=False)
@@ -176,11 +185,19 @@ class GradICONNetwork(nn.Module):
         partial_map = evaluate_map([d1, d2], identity)
         d3 = psi3(warp(moving, partial_map, padding="border"), fixed)
 
+        if not self.last_unet:
+            return [d1, d2, d3, torch.zeros_like(d3)]
         coarse_map = evaluate_map([d1, d2], identity + d3)
         d4 = psi4(warp(moving, coarse_map, padding="border"), fixed)
         return [d1, d2, d3, d4]
 
     def _run_unet(self, unet: UNet, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        if self.unet_autocast is not None:
+            with torch.autocast(moving.device.type, dtype=self.unet_autocast):
+                return self._run_unet_plain(unet, moving, fixed).float()
+        return self._run_unet_plain(unet, moving, fixed)
+
+    def _run_unet_plain(self, unet: UNet, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         if self.checkpoint_unets and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(unet, moving, fixed, use_reentrant=False)
         return unet(moving, fixed)
@@ -202,6 +219,39 @@ def evaluate_map(fields, coords: torch.Tensor) -> torch.Tensor:
 def map_on_grid(fields, identity: torch.Tensor) -> torch.Tensor:
     """``Phi`` on the full-resolution identity grid: the last field lies on that grid, so it adds directly."""
     return evaluate_map(fields[:-1], identity + fields[-1])
+
+
+def randomize_weights(network: nn.Module, seed: int, displacement_scale: float = 1.0) -> nn.Module:
+    """Fill every parameter and the BatchNorm running statistics of ``network`` with seeded
+    random values, in place: for tests, demos and benchmarks, since the official weights
+    cannot be fetched everywhere.
+
+    The default init zeroes each U-Net's last convolution, so the network would output the
+    identity map; it is redrawn too, then scaled by ``displacement_scale`` to keep the
+    displacements at a few voxels.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def uniform(shape, bound):
+        return (torch.rand(shape, generator=gen) * 2 - 1) * bound
+
+    with torch.no_grad():
+        for name, module in network.named_modules():
+            if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
+                weight = module.weight  # Conv: (out, in, k, k, k); ConvTranspose: (in, out, k, k, k)
+                fan_in = weight[0].numel() if isinstance(module, nn.Conv3d) else weight[:, 0].numel()
+                bound = fan_in ** -0.5
+                weight.copy_(uniform(weight.shape, 1.7 * bound))
+                module.bias.copy_(uniform(module.bias.shape, bound))
+                if name.endswith("lastConv"):
+                    weight.mul_(displacement_scale)
+                    module.bias.mul_(displacement_scale)
+            elif isinstance(module, nn.BatchNorm3d):
+                module.weight.copy_(torch.rand(module.weight.shape, generator=gen) + 0.5)
+                module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.1)
+                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=gen) * 0.1)
+                module.running_var.copy_(torch.rand(module.running_var.shape, generator=gen) + 0.5)
+    return network
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -266,3 +316,59 @@ def load_official_state_dict(network: GradICONNetwork, state_dict: dict) -> None
             "or the NetworkConfig the checkpoint was trained with."
         )
     network.load_state_dict(renamed, strict=True)
+
+
+# ---------------------------------------------------------------- safetensors
+
+SAFETENSORS_FORMAT = "mgr_engine.gradicon"
+
+
+def save_safetensors(network: GradICONNetwork, path, *, metadata: dict | None = None, half: bool = True) -> Path:
+    """Write ``network``'s weights (official key names) as safetensors, atomically.
+
+    The file's metadata holds the :class:`NetworkConfig` (``network_config``, JSON), so
+    :func:`read_safetensors` rebuilds the right network, plus ``metadata`` (values must be
+    strings). ``half``: convolution weights and biases as float16 (half the size; loading
+    returns float32); BatchNorm parameters and statistics stay float32.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for key, value in official_state_dict(network).items():
+        value = value.detach().cpu()
+        if half and value.is_floating_point() and ".batchNorms." not in key:
+            value = value.half()
+        tensors[key] = value.contiguous()
+    meta = {"format": SAFETENSORS_FORMAT, "network_config": json.dumps(asdict(network.config))}
+    meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    partial = path.with_name(path.name + ".partial")
+    save_file(tensors, str(partial), metadata=meta)
+    os.replace(partial, path)
+    return path
+
+
+def read_safetensors(path):
+    """``(state_dict, config, metadata)`` of a safetensors weights file: float32 tensors under
+    the official key names, the :class:`NetworkConfig` stored by :func:`save_safetensors`
+    (``None`` when the file has none) and the whole metadata. :class:`CheckpointError` when
+    the file cannot be read."""
+    try:
+        from safetensors import safe_open
+
+        state = {}
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            for key in handle.keys():
+                value = handle.get_tensor(key)
+                state[key] = value.float() if value.is_floating_point() else value
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot read safetensors weights {str(path)!r} ({exc.__class__.__name__}: {exc}); expected a file "
+            "written by mgr_engine (mgr-engine train)") from exc
+    config = None
+    if "network_config" in metadata:
+        fields = json.loads(metadata["network_config"])
+        config = NetworkConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    return state, config, metadata

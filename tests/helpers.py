@@ -5,36 +5,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mgr_engine.model import GradICONNetwork, NetworkConfig, official_state_dict
+from mgr_engine.model import GradICONNetwork, NetworkConfig, official_state_dict, randomize_weights
 
 NARROW = dict(down_channels=(2, 4, 8, 8, 16, 16), up_channels=(4, 8, 8, 16, 16))
 
 
 def randomize_(network: torch.nn.Module, seed: int = 0, displacement_scale: float = 1.0) -> torch.nn.Module:
-    """Randomize every parameter and the BatchNorm running statistics in place.
-
-    The default init zeroes each U-Net's last convolution (the network would output
-    the identity and every comparison would pass trivially), so it is redrawn too.
-    ``displacement_scale`` scales the last convolutions, to keep displacements at a
-    few voxels.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, module in network.named_modules():
-            if isinstance(module, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)):
-                fan_in = module.weight[0].numel() if isinstance(module, torch.nn.Conv3d) else module.weight[:, 0].numel()
-                bound = 1.0 / fan_in**0.5
-                module.weight.copy_((torch.rand(module.weight.shape, generator=gen) * 2 - 1) * bound * 1.7)
-                module.bias.copy_((torch.rand(module.bias.shape, generator=gen) * 2 - 1) * bound)
-                if name.endswith("lastConv"):
-                    module.weight.mul_(displacement_scale)
-                    module.bias.mul_(displacement_scale)
-            elif isinstance(module, torch.nn.BatchNorm3d):
-                module.weight.copy_(torch.rand(module.weight.shape, generator=gen) + 0.5)
-                module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.1)
-                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=gen) * 0.1)
-                module.running_var.copy_(torch.rand(module.running_var.shape, generator=gen) + 0.5)
-    return network
+    """Every parameter and BatchNorm statistic random (see mgr_engine.model.randomize_weights):
+    the default init would make the network output the identity and comparisons pass trivially."""
+    return randomize_weights(network, seed, displacement_scale)
 
 
 def random_network(shape=(72, 72, 72), narrow=False, seed=0, displacement_scale=1.0) -> GradICONNetwork:
