@@ -1,5 +1,5 @@
 """``mgr-engine register|warp|jacobian``: drop-in replacements for ``unigradicon-register``,
-``unigradicon-warp`` and ``unigradicon-jacobian``.
+``unigradicon-warp`` and ``unigradicon-jacobian``; ``mgr-engine train`` trains a model (:mod:`mgr_engine.train`).
 
 The subcommands take the same flags as the authors' commands (and their defaults:
 ``--model unigradicon``, ``--io_sim lncc``, 50 IO steps), so a script switches by
@@ -46,7 +46,7 @@ def _add_register(sub):
     p.add_argument("--io_iterations", type=_io_iterations, default=50, help="IO steps (default 50); 'None' disables IO")
     p.add_argument("--io_lr", type=float, default=2e-5, help="IO learning rate (default 2e-5)")
     p.add_argument("--io_sim", default="lncc", choices=["lncc", "lncc2", "mind"], help="IO similarity (default lncc)")
-    p.add_argument("--model", default="unigradicon", choices=["unigradicon", "multigradicon"])
+    p.add_argument("--model", default="unigradicon", choices=["unigradicon", "multigradicon", "compact"])
     p.add_argument("--network_weights", help="checkpoint (Step_2_final.trch); default: see README, nothing is downloaded")
     p.add_argument("--ct_window", nargs=2, type=float, metavar=("MIN", "MAX"), help="CT window in HU (default -1000 1000)")
     p.add_argument("--quantile_range", nargs=2, type=float, metavar=("LOWER", "UPPER"),
@@ -64,6 +64,8 @@ def _add_register(sub):
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
                    help="arithmetic of the forward without IO (default fp32; IO is always fp32)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the forward (CUDA graphs on a GPU); pays off over many registrations")
     p.add_argument("--io_checkpointing", action="store_true",
                    help="recompute U-Net activations during IO's backward: less memory, more time")
     p.add_argument("--seed", type=int, help="seed for IO's random regularizer grid (reproducible IO)")
@@ -115,7 +117,7 @@ def _add_jacobian(sub):
 
 def run_register(args) -> None:
     from . import itk_io
-    from .engine import MODELS, Engine
+    from .engine import Engine
     from .model import NetworkConfig
 
     if args.fixed_segmentation or args.moving_segmentation or args.dice_loss_weight or args.intensity_conservation_loss:
@@ -130,14 +132,14 @@ def run_register(args) -> None:
     masking = {(True, True): "both", (True, False): "input", (False, True): "loss"}.get(
         (args.input_masking, args.loss_function_masking))
     use_masks = masking is not None
-    config = MODELS[args.model]
+    config = None  # the model's own (a .safetensors file carries its configuration)
     if args.network_input_shape:
         config = NetworkConfig(input_shape=tuple(args.network_input_shape))
     if args.backend != "onnxruntime" and (args.onnx_model or args.onnx_providers):
         raise InvalidOptionError("--onnx_model/--onnx_providers need --backend onnxruntime")
     engine = Engine(model=args.model, weights=args.network_weights, device=args.device, config=config,
                     backend=args.backend, onnx_model=args.onnx_model, onnx_providers=args.onnx_providers,
-                    precision=args.precision, io_checkpointing=args.io_checkpointing)
+                    precision=args.precision, io_checkpointing=args.io_checkpointing, compile=args.compile)
     result = engine.register(
         args.fixed, args.moving, fixed_modality=args.fixed_modality, moving_modality=args.moving_modality,
         io_iterations=args.io_iterations, io_sim=args.io_sim, io_lr=args.io_lr,
@@ -212,6 +214,58 @@ def run_jacobian(args) -> None:
         itk_io.write_image(image, path)
 
 
+def _add_train(sub):
+    p = sub.add_parser("train", help="train (or resume) a model with the multiGradICON recipe on synthetic patients",
+                       description="Train with GradICON + 1-LNCC^2 and similarity-loss randomization on synthetic "
+                                   "patients (mgr_engine.train). A run directory with a checkpoint resumes; then only "
+                                   "--steps and the save/log/eval frequencies may change. Writes RUN_DIR/"
+                                   "checkpoint.pt, RUN_DIR/compact.safetensors (for Engine(weights=...)) and "
+                                   "RUN_DIR/log.jsonl. Options left out take the stored (resume) or default values.")
+    p.add_argument("--run_dir", required=True, help="directory of the run's checkpoint, weights and log")
+    p.add_argument("--steps", type=int, help="train up to this many steps in all (default 20000)")
+    p.add_argument("--input_shape", nargs=3, type=int, metavar=("D", "H", "W"), help="network input (default 96 96 96)")
+    p.add_argument("--down_channels", nargs="+", type=int, help="U-Net down channels (default the compact model's)")
+    p.add_argument("--up_channels", nargs="+", type=int, help="U-Net up channels (default the compact model's)")
+    p.add_argument("--last_unet_from", type=int,
+                   help="step at which the last U-Net joins (two-stage training as the reference; default 0)")
+    p.add_argument("--batch_size", type=int, help="pairs per step (default 4)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 5e-5, the reference's)")
+    p.add_argument("--lmbda", type=float, help="GradICON weight (default 1.5)")
+    p.add_argument("--similarity", choices=["lncc2", "lncc", "mind"], help="training similarity (default lncc2)")
+    p.add_argument("--variant", choices=["B", "F", "R", "mono"],
+                   help="similarity-loss randomization: B, F, R (default) or mono (monomodal pairs only)")
+    p.add_argument("--shapes_fraction", type=float, help="share of SynthMorph-like shape pairs (default 0.25)")
+    p.add_argument("--no_augment", dest="augment", action="store_const", const=False,
+                   help="no random affine/flip augmentation")
+    p.add_argument("--amp", action="store_const", const=True, help="bfloat16 autocast for the U-Nets (CUDA)")
+    p.add_argument("--seed", type=int, help="seed of the run's random generator (default 0)")
+    p.add_argument("--save_every", type=int, help="checkpoint every N steps (default 200)")
+    p.add_argument("--log_every", type=int, help="log every N steps (default 10)")
+    p.add_argument("--eval_every", type=int, help="held-out T1/T2 Dice every N steps (default 0: never)")
+    p.add_argument("--eval_pairs", type=int, help="held-out pairs per evaluation (default 2)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--max_minutes", type=float, help="save and stop after this much wall time")
+    p.set_defaults(run=run_train)
+
+
+def run_train(args) -> None:
+    import dataclasses
+
+    from .train import TrainConfig, train
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    options = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if args.input_shape:
+        options["input_shape"] = tuple(args.input_shape)
+    for key in ("down_channels", "up_channels"):
+        if key in options:
+            options[key] = tuple(options[key])
+    last = train(args.run_dir, options, device=args.device,
+                 max_seconds=None if args.max_minutes is None else 60.0 * args.max_minutes)
+    print(f"mgr-engine train: {args.run_dir} at step {last.get('step', '?')}"
+          + (f", loss {last['loss']:.4f}" if "loss" in last else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mgr-engine", description="multiGradICON registration engine")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -220,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_warp(sub)
     _add_jacobian(sub)
     _add_export(sub)
+    _add_train(sub)
     return parser
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import threading
@@ -17,13 +18,19 @@ from torch import nn
 from . import itk_io
 from .errors import CheckpointError, InvalidOptionError, WeightsNotFoundError
 from .losses import gradicon_regularizer, similarity_by_name
-from .model import GradICONNetwork, NetworkConfig, evaluate_map, fold_batchnorm, load_official_state_dict, map_on_grid
+from .model import (GradICONNetwork, NetworkConfig, evaluate_map, fold_batchnorm, load_official_state_dict, map_on_grid,
+                    read_safetensors)
 from .ops import warp
 from .preprocess import apply_input_mask, check_modality, check_volume, normalize_intensity, resize, resize_mask
 
 log = logging.getLogger("mgr_engine")
 
-MODELS = {"multigradicon": NetworkConfig(), "unigradicon": NetworkConfig()}
+# The compact model (issue 5): the same architecture at 96^3 with narrower deep levels; its
+# weights ship in the package (float16 convolutions, about 16 MB) once trained.
+COMPACT_CONFIG = NetworkConfig(input_shape=(96, 96, 96), down_channels=(2, 16, 32, 64, 64, 96),
+                               up_channels=(16, 32, 64, 64, 64))
+MODELS = {"multigradicon": NetworkConfig(), "unigradicon": NetworkConfig(), "compact": COMPACT_CONFIG}
+BUNDLED_WEIGHTS = {"compact": Path(__file__).parent / "weights" / "compact.safetensors"}
 CHECKPOINT_NAME = "Step_2_final.trch"
 MASKING_MODES = ("input", "loss", "both")
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -52,6 +59,13 @@ def resolve_weights(model: str, weights=None) -> Path:
         if not path.is_file():
             raise WeightsNotFoundError(f"weights file {str(path)!r} does not exist; check the path.")
         return path
+    if model in BUNDLED_WEIGHTS:
+        if BUNDLED_WEIGHTS[model].is_file():
+            return BUNDLED_WEIGHTS[model]
+        raise WeightsNotFoundError(
+            f"the bundled {model} model has not been trained yet: {BUNDLED_WEIGHTS[model]} does not exist. "
+            "Train one with `mgr-engine train` (it writes RUN_DIR/compact.safetensors) and pass "
+            "weights=that file, or use model='multigradicon' with the official checkpoint.")
     candidates = weights_search_path(model)
     for path in candidates:
         if path.is_file():
@@ -66,7 +80,10 @@ def resolve_weights(model: str, weights=None) -> Path:
 
 
 def load_checkpoint(path) -> dict:
-    """A state dict from a ``.trch`` file (``torch.load``, tensors only)."""
+    """A state dict from a ``.trch`` file (``torch.load``, tensors only) or a ``.safetensors``
+    file written by mgr_engine (:func:`mgr_engine.model.read_safetensors`)."""
+    if Path(path).suffix == ".safetensors":
+        return read_safetensors(path)[0]
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -82,18 +99,23 @@ def load_checkpoint(path) -> dict:
 
 
 def gradicon_objective(network: GradICONNetwork, moving, fixed, similarity, *, lmbda=1.5,
-                       moving_mask=None, fixed_mask=None, generator=None):
+                       moving_mask=None, fixed_mask=None, generator=None, loss_moving=None, loss_fixed=None):
     """The GradICON loss of the paper (eq. 3) for one pair, and both maps on the grid.
 
     ``sim(moving o phi_AB, fixed) + sim(fixed o phi_BA, moving) + lmbda * GradICON``;
-    images are warped with zero padding.
+    images are warped with zero padding. ``loss_moving``/``loss_fixed``: other images of the
+    same two patients, aligned with ``moving``/``fixed``, to compare in the similarity instead
+    of the network's inputs (similarity-loss randomization, eq. 4); default the inputs.
     """
     fields_ab = network.displacement_fields(moving, fixed)
     fields_ba = network.displacement_fields(fixed, moving)
     identity = network.identity_full
     phi_ab = map_on_grid(fields_ab, identity)
     phi_ba = map_on_grid(fields_ba, identity)
-    similarity_loss = similarity(warp(moving, phi_ab), fixed, fixed_mask) + similarity(warp(fixed, phi_ba), moving, moving_mask)
+    loss_moving = moving if loss_moving is None else loss_moving
+    loss_fixed = fixed if loss_fixed is None else loss_fixed
+    similarity_loss = (similarity(warp(loss_moving, phi_ab), loss_fixed, fixed_mask)
+                       + similarity(warp(loss_fixed, phi_ba), loss_moving, moving_mask))
     regularizer = gradicon_regularizer(
         functools.partial(evaluate_map, fields_ab), functools.partial(evaluate_map, fields_ba), identity, generator
     )
@@ -104,9 +126,12 @@ class Engine:
     """A loaded network, kept resident between registrations.
 
     Args:
-        model: ``"multigradicon"`` or ``"unigradicon"`` (same architecture, different weights).
-        weights: path of the checkpoint (``Step_2_final.trch``, the ``regis_net`` state dict) or a
-            state dict. ``None``: ``$MGR_ENGINE_WEIGHTS_DIR/<model>1.0/Step_2_final.trch``, then the
+        model: ``"multigradicon"`` or ``"unigradicon"`` (same architecture, different weights), or
+            ``"compact"`` (96^3, narrower; weights bundled in the package once trained).
+        weights: path of the checkpoint (``Step_2_final.trch``, the ``regis_net`` state dict, or a
+            ``.safetensors`` file from ``mgr-engine train``, whose stored NetworkConfig is used
+            unless ``config`` is given) or a state dict. ``None``: for ``"compact"`` the file in the
+            package; otherwise ``$MGR_ENGINE_WEIGHTS_DIR/<model>1.0/Step_2_final.trch``, then the
             user cache directory. Nothing is downloaded.
         device: torch device; default CUDA when available, else CPU.
         config: network shape, for checkpoints of non-official configurations.
@@ -120,13 +145,16 @@ class Engine:
         precision: arithmetic of the no-IO forward: ``"fp32"`` (default; also switches off the
             TF32 convolutions cuDNN would otherwise use), ``"tf32"`` (CUDA) or ``"bf16"``
             (autocast; maps and sampling stay float32). Instance optimization is always fp32.
+        compile: ``torch.compile`` the no-IO forward (with CUDA graphs on a GPU, mode
+            ``"reduce-overhead"``): for a resident engine that registers many pairs, since the
+            first call compiles for minutes (131 s at 175^3 on the 2-core CPU).
         io_checkpointing: recompute U-Net activations in IO's backward pass instead of keeping
             them: less memory (9.9 -> 5.6 GiB per step at 175^3 on the CPU), more time (+55%).
     """
 
     def __init__(self, model: str = "multigradicon", weights=None, device=None, *, config: NetworkConfig | None = None,
                  backend: str = "torch", onnx_model=None, onnx_providers=None, precision: str = "fp32",
-                 io_checkpointing: bool = False):
+                 io_checkpointing: bool = False, compile: bool = False):
         if model not in MODELS:
             raise InvalidOptionError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
         if backend not in BACKENDS:
@@ -140,11 +168,20 @@ class Engine:
         self.model = model
         self.config = config or MODELS[model]
         self.device = torch.device(device) if device is not None else default_device()
+        # Preprocessing defaults a safetensors file declares (MRI quantile range, CT window),
+        # used where a call passes none: the compact model's, as it was trained.
+        self.preprocessing = {}
         if isinstance(weights, dict):
             state, source = weights, "a state dict"
         else:
             path = resolve_weights(model, weights)
-            state, source = load_checkpoint(path), str(path)
+            source = str(path)
+            if path.suffix == ".safetensors":
+                state, saved_config, metadata = read_safetensors(path)
+                self.config = config or saved_config or self.config
+                self.preprocessing = json.loads(metadata.get("preprocessing", "{}"))
+            else:
+                state = load_checkpoint(path)
         self.network = GradICONNetwork(self.config)
         load_official_state_dict(self.network, state)
         self.network.eval().to(self.device).requires_grad_(False)
@@ -156,6 +193,9 @@ class Engine:
                                                     providers=onnx_providers, device=device)
         else:
             self.inference_network = self._inference_copy()
+            if compile:
+                mode = "reduce-overhead" if self.device.type == "cuda" else None
+                self.inference_network = torch.compile(self.inference_network, mode=mode, fullgraph=True)
         log.info("loaded %s weights from %s on %s", model, source, self.device)
 
     def _inference_copy(self) -> GradICONNetwork:
@@ -247,6 +287,10 @@ class Engine:
         the network input: a tensor (1, 1, *input_shape)."""
         array = itk_io.voxel_array(itk_image)
         check_volume(array, name)
+        if ct_window is None and self.preprocessing.get("ct_window"):
+            ct_window = tuple(self.preprocessing["ct_window"])
+        if quantile_range is None and self.preprocessing.get("mri_quantile_range"):
+            quantile_range = tuple(self.preprocessing["mri_quantile_range"])
         volume = normalize_intensity(array, modality, ct_window=ct_window, quantile_range=quantile_range, name=name)
         if mask is not None:
             volume = apply_input_mask(volume, mask)
@@ -398,7 +442,7 @@ def register(fixed, moving, *, fixed_modality: str = "mri", moving_modality: str
             Spacing, origin and direction (oblique included) are honoured.
         fixed_modality, moving_modality: ``"mri"`` (clip to [min, 99th percentile]) or ``"ct"``
             (clip to [-1000, 1000] HU), then scale to [0, 1].
-        model: ``"multigradicon"`` or ``"unigradicon"``.
+        model: ``"multigradicon"``, ``"unigradicon"`` or ``"compact"`` (the bundled compact model).
         weights: checkpoint path; default ``$MGR_ENGINE_WEIGHTS_DIR/<model>1.0/Step_2_final.trch``
             or the user cache directory (see :func:`weights_search_path`).
         io_iterations: instance-optimization steps (Adam on the network weights); ``None`` or

@@ -127,3 +127,13 @@ def test_bf16_precision_runs_in_bf16_and_returns_float32_maps():
     # bf16 really ran (maps differ) and computed the same network (within a couple of voxels). It can
     # move points by more than 0.1 voxel (0.35 here), which is why it is not the default.
     assert 0 < difference < 2
+
+
+@pytest.mark.slow
+def test_compiled_forward_equals_eager():
+    net = random_network((72, 72, 72), narrow=True, seed=3, displacement_scale=0.5)
+    moving, fixed = pair((72, 72, 72))
+    eager = Engine(weights=official_state_dict(net), config=net.config, device="cpu")
+    compiled = Engine(weights=official_state_dict(net), config=net.config, device="cpu", compile=True)
+    difference = ((compiled.predict_map(moving, fixed) - eager.predict_map(moving, fixed)) * voxels((72, 72, 72))).abs().max()
+    assert difference < 1e-3
