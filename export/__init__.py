@@ -26,7 +26,7 @@ __all__ = ["DEFAULT_OPSET", "KINDS", "STAGE_FILES", "STAGE_OPS", "export_onnx", 
 
 
 def export_onnx(path, model: str = "multigradicon", weights=None, kind: str = "full", *, opset: int | None = None,
-                dtype: str = "float32", config=None, batch: int = 1, conv_transpose: str | None = None) -> list:
+                dtype: str = "float32", config=None, batch: int = 1, cpu_rewrites: bool | None = None) -> list:
     """Export the network (BatchNorm folded, static shapes) as ONNX; returns the written paths.
 
     Args:
@@ -40,8 +40,10 @@ def export_onnx(path, model: str = "multigradicon", weights=None, kind: str = "f
         opset: default 20 for ``"full"``, 17 for ``"stages"``.
         dtype: ``"float32"`` or ``"float16"`` (see :func:`full_graph` and :func:`stage_graph`).
         batch: the static batch size of the inputs.
-        conv_transpose: ``"phases"`` (full-graph default: sub-pixel convolutions, much faster in
-            ONNX Runtime's CPU provider) or ``"native"`` (``ConvTranspose``, the stage default).
+        cpu_rewrites: full graph only (default on): transposed convolutions as sub-pixel
+            convolutions and the last convolution as a 2-D one, the same arithmetic in the forms
+            ONNX Runtime's CPU provider runs fast (see :mod:`mgr_engine.export.graph`). The stage
+            graphs keep the plain ops TensorRT wants.
 
     Raises :class:`~mgr_engine.errors.OnnxError` (opset, kind, dtype),
     :class:`~mgr_engine.errors.CheckpointError` (weights of another architecture),
@@ -56,8 +58,8 @@ def export_onnx(path, model: str = "multigradicon", weights=None, kind: str = "f
         raise OnnxError(f"unknown kind {kind!r}: 'full' (one graph with the warps) or 'stages' (the four U-Nets)")
     if dtype not in DTYPES:
         raise OnnxError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    if conv_transpose not in (None, "phases", "native"):
-        raise OnnxError(f"unknown conv_transpose {conv_transpose!r}: 'phases' or 'native'")
+    if kind == "stages" and cpu_rewrites:
+        raise OnnxError("cpu_rewrites applies to the full graph; the stage graphs keep the plain TensorRT op set")
     if model not in MODELS:
         raise InvalidOptionError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
     if int(batch) < 1:
@@ -75,10 +77,10 @@ def export_onnx(path, model: str = "multigradicon", weights=None, kind: str = "f
     network.eval()
 
     if kind == "full":
-        models = [full_graph(network, opset=opset, dtype=dtype, batch=batch, conv_transpose=conv_transpose or "phases")]
+        models = [full_graph(network, opset=opset, dtype=dtype, batch=batch,
+                             cpu_rewrites=True if cpu_rewrites is None else bool(cpu_rewrites))]
     else:
-        models = [stage_graph(network, i, opset=opset, dtype=dtype, batch=batch, conv_transpose=conv_transpose or "native")
-                  for i in range(4)]
+        models = [stage_graph(network, i, opset=opset, dtype=dtype, batch=batch) for i in range(4)]
     for graph in models:
         onnx.checker.check_model(graph)
     if kind == "stages" and not Path(path).is_dir():

@@ -16,11 +16,15 @@ Every shape is static. BatchNorm is folded into the transposed convolution befor
 upsampled path at low resolution (before ``Resize``: 8x fewer multiplies), and the last
 convolution absorbs the network's ``/ 10``.
 
-``conv_transpose="phases"`` (the default of the full graph) replaces each 4^3 stride-2
-``ConvTranspose`` by its sub-pixel form: eight 2^3 convolutions, one per output phase,
-interleaved by Reshape/Transpose. Same arithmetic; ONNX Runtime's CPU ``ConvTranspose``
-(GEMM into a column buffer, then a single-threaded col2im) is several times slower than
-its ``Conv`` on these shapes. See benchmarks/RESULTS.md.
+``cpu_rewrites=True`` (the default of the full graph) rewrites the two kinds of node that
+ONNX Runtime's CPU provider runs slowly on these shapes, with the same arithmetic (see
+benchmarks/RESULTS.md, "ONNX Runtime"):
+
+* each 4^3 stride-2 ``ConvTranspose`` (a GEMM into a column buffer of 64x the input, then
+  col2im) becomes its sub-pixel form, one 2^3 ``Conv`` computing the 8 output phases and a
+  one-hot grouped 2^3 stride-2 ``ConvTranspose`` interleaving them (:func:`_conv_transpose_phases`);
+* the last 3^3 convolution at full resolution (im2col of 27x its input for 3 outputs) becomes
+  a 2-D convolution over the volume viewed as rows (:func:`_last_conv_2d`).
 
 Only ``onnx`` and ``numpy`` are needed here (imported when a graph is built); the weights
 come from a :class:`~mgr_engine.model.GradICONNetwork`.
@@ -158,13 +162,14 @@ def _conv_transpose_phases(g: Builder, x: str, conv, hint: str) -> str:
 
 
 def unet_graph(g: Builder, unet, moving: str, fixed: str, channels: int, shape, hint: str, *,
-               conv_transpose: str = "native", scale_op: str = "Mul", grid_units: bool = False) -> str:
+               cpu_rewrites: bool = False, scale_op: str = "Mul", grid_units: bool = False) -> str:
     """Nodes of one BatchNorm-folded :class:`~mgr_engine.model.UNet` on ``moving``/``fixed``
     (``channels`` channels each, spatial ``shape``); returns the displacement's name.
 
     ``scale_op``: how the folded BatchNorm's scale multiplies the upsampled path: ``"Mul"`` or
     ``"Conv"`` (a depthwise 1^3 convolution: the same products, in the stage op set).
     ``grid_units``: output the displacement reversed (x, y, z) and doubled, GridSample's units.
+    ``cpu_rewrites``: see the module docstring.
     """
     x = g.op("Concat", [moving, fixed], f"{hint}/input", axis=1)
     c, shape = 2 * channels, tuple(shape)
@@ -181,7 +186,7 @@ def unet_graph(g: Builder, unet, moving: str, fixed: str, channels: int, shape, 
     for depth in reversed(range(len(unet.upConvs))):
         conv, scale = unet.upConvs[depth], unet.batchNorms[depth].scale.flatten()
         act = g.op("LeakyRelu", [x], f"{hint}/up{depth}/act", alpha=LEAKY_SLOPE)
-        if conv_transpose == "phases":
+        if cpu_rewrites:
             y = _conv_transpose_phases(g, act, conv, f"{hint}/up{depth}/convT")
         else:
             y = _conv_transpose_native(g, act, conv, f"{hint}/up{depth}/convT")
@@ -198,10 +203,45 @@ def unet_graph(g: Builder, unet, moving: str, fixed: str, channels: int, shape, 
         skip, c_skip, skip_shape = skips[depth]
         if tuple(2 * n for n in shape) != skip_shape:
             x = g.op("Slice", [x, g.ints([0, 0, 0]), g.ints(skip_shape), g.ints([2, 3, 4])], f"{hint}/up{depth}/crop")
+        if depth == 0 and cpu_rewrites:
+            return _last_conv_2d(g, x, skip, unet.lastConv, conv.out_channels, skip_shape, f"{hint}/last",
+                                 scale=0.2 if grid_units else 0.1, reverse=grid_units)
         x = g.op("Concat", [x, skip], f"{hint}/up{depth}/skip", axis=1)
         c, shape = conv.out_channels + c_skip, skip_shape
     # The network's `/ 10`, folded into the last convolution (and x2 and reversed in grid units).
     return _conv(g, x, unet.lastConv, f"{hint}/last", scale=0.2 if grid_units else 0.1, reverse=grid_units)
+
+
+def _last_conv_2d(g: Builder, x: str, skip: str, conv, channels: int, shape, hint: str, *, scale: float,
+                  reverse: bool) -> str:
+    """``conv(concat(x, skip))`` (3^3, padding 1, few outputs, at full resolution) without the
+    3-D convolution that ONNX Runtime's CPU provider runs through an im2col buffer 27x the input.
+
+    The ``x`` part runs as one 2-D convolution on x viewed as (C, D*H, W): kernel rows dilated by
+    H step through z, columns through x, and each y-offset of the kernel gets its own group of
+    output channels (ONNX Runtime runs 2-D convolutions in its blocked NCHWc kernels). The y
+    offsets are then applied by shifting those groups along y and adding. The two image
+    channels of ``skip`` keep a small 3-D convolution, which also adds the bias.
+    """
+    w, b = conv.weight.detach().double() * scale, conv.bias.detach().double() * scale
+    if reverse:
+        w, b = w.flip(0), b.flip(0)
+    out = w.shape[0]
+    d, h, wd = shape
+    w_x = w[:, :channels]  # (out, channels, kz, ky, kx)
+    w2d = w_x.permute(3, 0, 1, 2, 4).reshape(3 * out, channels, 3, 3)  # rows: ky-group then output; kernel (kz, kx)
+    flat = g.op("Reshape", [x, g.ints([-1, channels, d * h, wd])], f"{hint}/rows")
+    y = g.op("Conv", [flat, g.weight(w2d, f"{hint}/w2d")], f"{hint}/conv2d", kernel_shape=[3, 3],
+             dilations=[h, 1], pads=[h, 1, h, 1])
+    y = g.op("Reshape", [y, g.ints([-1, 3 * out, d, h, wd])], f"{hint}/volume")
+    y = g.op("Pad", [y, g.ints([0, 0, 0, 1, 0, 0, 0, 0, 1, 0])], f"{hint}/pad_y", mode="constant")
+    terms = [g.op("Slice", [y, g.ints([k * out, k, 0]), g.ints([(k + 1) * out, k + h, wd]), g.ints([1, 3, 4])],
+                  f"{hint}/shift{k}") for k in range(3)]  # ky = k: output row y reads row y + k - 1
+    images = g.op("Conv", [skip, g.weight(w[:, channels:], f"{hint}/w_skip"), g.weight(b, f"{hint}/b")],
+                  f"{hint}/skip_conv", kernel_shape=[3, 3, 3], pads=[1] * 6)
+    total = g.op("Add", [terms[0], terms[1]], f"{hint}/sum01")
+    total = g.op("Add", [total, terms[2]], f"{hint}/sum012")
+    return g.op("Add", [total, images], f"{hint}/sum")
 
 
 # ------------------------------------------------------------------ warps on maps
@@ -234,9 +274,23 @@ def _compose(g: Builder, field: str, grid: str, hint: str) -> str:
                 f"{hint}/add")
 
 
-def _evaluate_map(g: Builder, fields, grid: str, hint: str) -> str:
+def _compose_at_identity(g: Builder, field: str, identity: str, shape, hint: str, batch: int = 1) -> str:
+    """``_compose`` at the identity grid: sampling a field at every point of an identity grid
+    (``align_corners=True``) is resizing it, which ONNX Runtime runs multi-threaded (its
+    3-D GridSample splits the work by channel only)."""
+    sizes = g.ints([batch, 3, *shape])
+    resized = g.op("Resize", [field, "", "", sizes], f"{hint}/resize", mode="linear",
+                   coordinate_transformation_mode="align_corners")
+    return g.op("Add", [identity, _channels_last(g, resized, f"{hint}/channels_last")], f"{hint}/add")
+
+
+def _evaluate_map(g: Builder, fields, grid: str, hint: str, identity_shape=None, batch: int = 1) -> str:
+    """``evaluate_map``; ``identity_shape``: ``grid`` is the identity grid of that shape."""
     for index in reversed(range(len(fields))):
-        grid = _compose(g, fields[index], grid, f"{hint}/d{index + 1}")
+        if identity_shape is not None and index == len(fields) - 1:
+            grid = _compose_at_identity(g, fields[index], grid, identity_shape, f"{hint}/d{index + 1}", batch)
+        else:
+            grid = _compose(g, fields[index], grid, f"{hint}/d{index + 1}")
     return grid
 
 
@@ -275,7 +329,7 @@ def _elem(onnx, dtype: str):
 
 
 def full_graph(network: GradICONNetwork, *, opset: int = DEFAULT_OPSET["full"], dtype: str = "float32",
-               batch: int = 1, conv_transpose: str = "phases"):
+               batch: int = 1, cpu_rewrites: bool = True):
     """The whole network as one ONNX model (see the module docstring).
 
     ``dtype="float16"``: the U-Nets compute in float16 (weights and activations); images,
@@ -305,7 +359,7 @@ def full_graph(network: GradICONNetwork, *, opset: int = DEFAULT_OPSET["full"], 
         if dtype == "float16":
             moving = g.op("Cast", [moving], f"{hint}/moving_fp16", to=onnx.TensorProto.FLOAT16)
             fixed = g.op("Cast", [fixed], f"{hint}/fixed_fp16", to=onnx.TensorProto.FLOAT16)
-        out = unet_graph(g, unets[index], moving, fixed, 1, shape, hint, conv_transpose=conv_transpose,
+        out = unet_graph(g, unets[index], moving, fixed, 1, shape, hint, cpu_rewrites=cpu_rewrites,
                          grid_units=True)
         if dtype == "float16":
             out = g.op("Cast", [out], f"{hint}/fp32", to=f32)
@@ -313,9 +367,9 @@ def full_graph(network: GradICONNetwork, *, opset: int = DEFAULT_OPSET["full"], 
 
     moving_half, fixed_half = pool("moving", "moving_half"), pool("fixed", "fixed_half")
     d1 = field(0, pool(moving_half, "moving_quarter"), pool(fixed_half, "fixed_quarter"), quarter)
-    half_map = _compose(g, d1, grid_half, "half_map")
+    half_map = _compose_at_identity(g, d1, grid_half, half, "half_map", batch)
     d2 = field(1, _warp(g, moving_half, half_map, "moving_half_warped"), fixed_half, half)
-    partial_map = _evaluate_map(g, [d1, d2], grid_full, "partial_map")
+    partial_map = _evaluate_map(g, [d1, d2], grid_full, "partial_map", identity_shape=full, batch=batch)
     d3 = field(2, _warp(g, "moving", partial_map, "moving_warped3"), "fixed", full)
     d3_last = _channels_last(g, d3, "psi3/channels_last")
     coarse_map = _evaluate_map(g, [d1, d2], g.op("Add", [grid_full, d3_last], "coarse_map/start"), "coarse_map")
@@ -335,7 +389,7 @@ def full_graph(network: GradICONNetwork, *, opset: int = DEFAULT_OPSET["full"], 
 
 
 def stage_graph(network: GradICONNetwork, index: int, *, opset: int = DEFAULT_OPSET["stages"],
-                dtype: str = "float32", batch: int = 1, conv_transpose: str = "native"):
+                dtype: str = "float32", batch: int = 1):
     """U-Net ``Psi_{index + 1}`` alone: (moving, fixed) on its level's grid -> displacement.
 
     Uses only :data:`STAGE_OPS`. ``dtype="float16"``: inputs, weights and output in float16
@@ -349,8 +403,7 @@ def stage_graph(network: GradICONNetwork, index: int, *, opset: int = DEFAULT_OP
     elem = _elem(onnx, dtype)
     inputs = [onnx.helper.make_tensor_value_info(n, elem, [batch, 1, *shape]) for n in ("moving", "fixed")]
     unet = fold_batchnorm(network.unets[index])
-    out = unet_graph(g, unet, "moving", "fixed", 1, shape, f"psi{index + 1}", conv_transpose=conv_transpose,
-                     scale_op="Conv")
+    out = unet_graph(g, unet, "moving", "fixed", 1, shape, f"psi{index + 1}", scale_op="Conv")
     g.rename(out, "displacement")
     outputs = [onnx.helper.make_tensor_value_info("displacement", elem, [batch, 3, *shape])]
     doc = (f"mgr_engine GradICON network, U-Net Psi{index + 1} alone: (moving, fixed) {list(shape)} -> "

@@ -88,8 +88,9 @@ def _add_export(sub):
     p.add_argument("--opset", type=int, help="ONNX opset (default 20 for full, 17 for stages)")
     p.add_argument("--fp16", action="store_true", help="float16 U-Nets (full: maps and warps stay float32)")
     p.add_argument("--batch", type=int, default=1, help="static batch size of the inputs (default 1)")
-    p.add_argument("--conv_transpose", choices=["phases", "native"],
-                   help="transposed convolutions as sub-pixel convolutions (full default) or ConvTranspose (stages default)")
+    p.add_argument("--no_cpu_rewrites", action="store_true",
+                   help="full graph: keep ConvTranspose and the 3-D last convolution (by default rewritten into the "
+                        "forms ONNX Runtime's CPU provider runs fast)")
     p.add_argument("--network_input_shape", nargs=3, type=int, metavar=("D", "H", "W"),
                    help="input shape of a non-official network configuration (default 175 175 175)")
     p.set_defaults(run=run_export)
@@ -168,7 +169,7 @@ def run_export(args) -> None:
         config = NetworkConfig(input_shape=tuple(args.network_input_shape))
     written = export_onnx(args.out, model=args.model, weights=args.network_weights, kind=args.kind, opset=args.opset,
                           dtype="float16" if args.fp16 else "float32", config=config, batch=args.batch,
-                          conv_transpose=args.conv_transpose)
+                          cpu_rewrites=False if args.no_cpu_rewrites else None)
     for path in written:
         log.info("wrote %s", path)
 

@@ -16,7 +16,7 @@ from mgr_engine.model import official_state_dict  # noqa: E402
 
 # Ops of the full graph, as documented in the README (and nothing else).
 FULL_OPS = {"Add", "AveragePool", "Concat", "Conv", "ConvTranspose", "Gather", "GridSample", "LeakyRelu", "Mul",
-            "Pad", "Resize", "Slice", "Sub", "Transpose"}
+            "Pad", "Reshape", "Resize", "Slice", "Sub", "Transpose"}
 
 
 def pair(shape, batch=1):
@@ -61,14 +61,14 @@ def static_shapes_inferred(model):
 
 def test_full_graph_is_checker_clean_with_static_shapes(narrow):
     net = narrow[0]
-    for conv_transpose in ("phases", "native"):
-        model = full_graph(net, conv_transpose=conv_transpose)
+    for cpu_rewrites in (True, False):
+        model = full_graph(net, cpu_rewrites=cpu_rewrites)
         onnx.checker.check_model(model, full_check=True)
         static_shapes_inferred(model)
         assert set(ops_used(model)) <= FULL_OPS
         assert "GridSample" in ops_used(model) and "BatchNormalization" not in ops_used(model)
         assert model.opset_import[0].version == 20
-    assert "ConvTranspose" in ops_used(full_graph(net, conv_transpose="native"))
+    assert "Reshape" not in ops_used(full_graph(net, cpu_rewrites=False))
 
 
 @pytest.mark.parametrize("opset", [13, 17, 20])
@@ -87,15 +87,15 @@ def test_stage_graphs_use_only_the_tensorrt_op_set(narrow, opset):
 # ------------------------------------------------------------------ numbers
 
 
-@pytest.mark.parametrize("conv_transpose", ["phases", "native"])
-def test_full_graph_reproduces_engine_official_channels(tmp_path, conv_transpose):
+@pytest.mark.parametrize("cpu_rewrites", [True, False])
+def test_full_graph_reproduces_engine_official_channels(tmp_path, cpu_rewrites):
     shape = (72, 72, 72)
     net = random_network(shape, seed=3, displacement_scale=0.5)  # official channel widths
     moving, fixed = pair(shape)
     expected = torch_engine(net).predict_map(moving, fixed)
     path = tmp_path / "full.onnx"
     assert export_onnx(path, weights=official_state_dict(net), config=net.config,
-                       conv_transpose=conv_transpose) == [path]
+                       cpu_rewrites=cpu_rewrites) == [path]
     engine = Engine(weights=official_state_dict(net), config=net.config, device="cpu", backend="onnxruntime",
                     onnx_model=path)
     ours = engine.predict_map(moving, fixed)
