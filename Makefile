@@ -13,7 +13,7 @@ $(PY):
 # resolved by pip would pull a multi-GB CUDA build. A torch already in the venv is kept.
 $(STAMP): pyproject.toml setup.py | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[test,onnx]"
+	$(PY) -m pip install -q -e ".[test,onnx,train]"
 	$(PY) -m pip install -q --no-deps "unigradicon==1.0.6" "icon_registration==1.1.9"
 	touch $@
 
