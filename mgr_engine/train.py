@@ -361,7 +361,9 @@ def train(run_dir, config: TrainConfig | dict | None = None, *, device=None, max
     stored = load_checkpoint_state(run_dir)
     config = _resolve_config(None if stored is None else stored["config"], options)
 
-    network = GradICONNetwork(config.network_config()).to(device)
+    with torch.random.fork_rng(devices=[]):  # the initial weights follow the run's seed
+        torch.manual_seed(config.seed)
+        network = GradICONNetwork(config.network_config()).to(device)
     network.unet_autocast = torch.bfloat16 if config.amp else None
     optimizer = torch.optim.Adam(network.parameters(), lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
