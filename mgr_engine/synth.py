@@ -27,14 +27,19 @@ generators and the arithmetic runs on ``device``. Seeds below :data:`HOLDOUT_STA
 training; :func:`evaluation_pairs` uses seeds from :data:`HOLDOUT_START` on, which the
 training sampler never draws.
 
-``nilearn`` (and ``nibabel``, which it brings) is a training extra (``pip install
-mgr_engine[train]``); it is imported only when a brain patient is first made.
+``nilearn`` is a training extra (``pip install mgr_engine[train]``), imported only to find its
+data folder when a brain patient is first made; ``$MGR_ENGINE_TEMPLATE_DIR`` can name a folder
+holding copies of the three template files instead (a GPU machine without nilearn needs only
+those 5 MB). The files are read by :func:`read_nifti`, so nibabel is not needed.
 """
 
 from __future__ import annotations
 
 import functools
+import gzip
 import logging
+import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,20 +137,52 @@ def normalize_mri(volume: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- template
 
 def template_dir() -> Path:
-    """nilearn's bundled data folder; :class:`MissingDependencyError` when nilearn is absent."""
-    try:
-        import nilearn
-    except ImportError as exc:
-        raise MissingDependencyError(
-            "synthetic brain patients need the MNI template shipped with nilearn: pip install 'mgr_engine[train]' "
-            "(or pip install nilearn)") from exc
-    folder = Path(nilearn.__file__).parent / "datasets" / "data"
+    """The folder of the template files: ``$MGR_ENGINE_TEMPLATE_DIR`` if set, else nilearn's
+    bundled data folder; :class:`MissingDependencyError` when neither has them."""
+    if os.environ.get("MGR_ENGINE_TEMPLATE_DIR"):
+        folder, source = Path(os.environ["MGR_ENGINE_TEMPLATE_DIR"]), "$MGR_ENGINE_TEMPLATE_DIR"
+    else:
+        try:
+            import nilearn
+        except ImportError as exc:
+            raise MissingDependencyError(
+                "synthetic brain patients need the MNI template shipped with nilearn: pip install "
+                "'mgr_engine[train]' (or pip install nilearn), or set MGR_ENGINE_TEMPLATE_DIR to a folder with "
+                f"{', '.join(TEMPLATE_FILES.values())}") from exc
+        folder = Path(nilearn.__file__).parent / "datasets" / "data"
+        source = f"nilearn {getattr(nilearn, '__version__', '?')}"
     missing = [name for name in TEMPLATE_FILES.values() if not (folder / name).is_file()]
     if missing:
         raise MissingDependencyError(
-            f"nilearn {getattr(nilearn, '__version__', '?')} at {folder} lacks {', '.join(missing)}; "
-            "install a nilearn release that bundles the MNI ICBM152 2009 templates (0.10 or later)")
+            f"{source} at {folder} lacks {', '.join(missing)}; install a nilearn release that bundles the MNI "
+            "ICBM152 2009 templates (0.10 or later)")
     return folder
+
+
+_NIFTI_DTYPES = {2: np.uint8, 4: np.int16, 8: np.int32, 16: np.float32, 64: np.float64, 256: np.int8, 512: np.uint16}
+
+
+def read_nifti(path) -> np.ndarray:
+    """The voxel array of a NIfTI-1 file (``.nii`` or ``.nii.gz``), axes as stored (x, y, z),
+    scaled by ``scl_slope``/``scl_inter`` when set: enough for the template files."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        raw = handle.read()
+    endian = "<" if struct.unpack("<i", raw[:4])[0] == 348 else ">"
+    if struct.unpack(endian + "i", raw[:4])[0] != 348 or raw[344:347] not in (b"n+1", b"ni1"):
+        raise ValueError(f"{path} is not a NIfTI-1 file")
+    dims = struct.unpack(endian + "8h", raw[40:56])
+    shape = tuple(int(n) for n in dims[1:1 + dims[0]])
+    datatype = struct.unpack(endian + "h", raw[70:72])[0]
+    if datatype not in _NIFTI_DTYPES:
+        raise ValueError(f"{path}: NIfTI datatype {datatype} is not supported")
+    offset = int(struct.unpack(endian + "f", raw[108:112])[0])
+    slope, intercept = struct.unpack(endian + "2f", raw[112:120])
+    dtype = np.dtype(_NIFTI_DTYPES[datatype]).newbyteorder(endian)
+    data = np.frombuffer(raw, dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(shape, order="F")
+    if slope not in (0.0, 1.0) or intercept != 0.0:
+        return data * np.float32(slope) + np.float32(intercept)
+    return data
 
 
 @functools.lru_cache(maxsize=4)
@@ -157,12 +194,10 @@ def load_template(shape: tuple) -> dict:
     margin, padded to a cube, and area-averaged to ``shape``. Array axes are (z, y, x), the
     order ITK's arrays use.
     """
-    import nibabel
-
     folder = template_dir()
     arrays = {}
     for key, name in TEMPLATE_FILES.items():
-        data = np.asarray(nibabel.load(str(folder / name)).dataobj, dtype=np.float32) / 255.0
+        data = np.asarray(read_nifti(folder / name), dtype=np.float32) / 255.0
         arrays[key] = np.ascontiguousarray(data.transpose(2, 1, 0))  # (x, y, z) -> (z, y, x)
     mask = (arrays["t1"] > 0).astype(np.float32)
     inside = np.argwhere(mask > 0)

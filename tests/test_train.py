@@ -27,6 +27,29 @@ def tiny_options(**overrides):
 
 # ---------------------------------------------------------------- synthesis
 
+def test_template_files_read_without_nibabel(tmp_path, monkeypatch):
+    nibabel = pytest.importorskip("nibabel")
+    import numpy as np
+    import shutil
+
+    from mgr_engine.errors import MissingDependencyError
+
+    folder = synth.template_dir()
+    for name in synth.TEMPLATE_FILES.values():
+        assert np.array_equal(synth.read_nifti(folder / name), np.asarray(nibabel.load(str(folder / name)).dataobj))
+        shutil.copy(folder / name, tmp_path / name)
+    reference = synth.load_template((20, 20, 20))
+    synth.load_template.cache_clear()
+    monkeypatch.setenv("MGR_ENGINE_TEMPLATE_DIR", str(tmp_path))
+    assert synth.template_dir() == tmp_path
+    assert torch.equal(synth.load_template((20, 20, 20))["tissue"], reference["tissue"])
+    synth.load_template.cache_clear()
+    (tmp_path / synth.TEMPLATE_FILES["wm"]).unlink()
+    with pytest.raises(MissingDependencyError, match="lacks"):
+        synth.load_template((20, 20, 20))
+    synth.load_template.cache_clear()
+
+
 def test_brain_patient_is_deterministic_and_seeds_differ():
     a, b, c = synth.brain_patient(7, SHAPE), synth.brain_patient(7, SHAPE), synth.brain_patient(8, SHAPE)
     assert torch.equal(a.labels, b.labels)
