@@ -109,6 +109,9 @@ def _run(session, feeds: dict, output: str) -> torch.Tensor:
     specs = {i.name: i for i in session.get_inputs()}
     batch = next(iter(feeds.values())).shape[0]
     graph_batch = next(iter(specs.values())).shape[0]
+    if isinstance(graph_batch, int) and graph_batch not in (1, batch):
+        raise OnnxError(f"this ONNX model takes batches of {graph_batch}, got {batch} images; export it with "
+                        f"batch={batch} or batch=1 (run image by image)")
     items = range(batch) if graph_batch == 1 and batch != 1 else [slice(None)]
     results = []
     for item in items:

@@ -122,6 +122,10 @@ def test_full_graph_batch_and_narrow(narrow, tmp_path):
         engine = Engine(weights=official_state_dict(net), config=net.config, device="cpu", backend="onnxruntime",
                         onnx_model=path)
         assert voxel_error(engine.predict_map(moving2, fixed2), expected2, shape) < 1e-3
+    with pytest.raises(OnnxError, match="batches of 2"):
+        engine_b2 = Engine(weights=official_state_dict(net), config=net.config, device="cpu", backend="onnxruntime",
+                           onnx_model=tmp_path / "b2.onnx")
+        engine_b2.predict_map(moving, fixed)
 
 
 def test_stage_pipeline_equals_full_graph_and_engine(narrow, tmp_path):
