@@ -222,6 +222,7 @@ def _atomic_save(obj, path: Path) -> None:
 def save_checkpoint(run_dir, *, network, optimizer, config: TrainConfig, step: int, gen: torch.Generator) -> Path:
     """Write ``RUN_DIR/checkpoint.pt``: everything :func:`train` needs to resume at ``step``."""
     path = Path(run_dir) / CHECKPOINT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "config": dataclasses.asdict(config), "step": step,
         "network": network.state_dict(), "optimizer": optimizer.state_dict(),
