@@ -14,7 +14,8 @@ shape), each in a fresh subprocess with the same thread count:
 * ``ort_native``: the same graph without those rewrites (``cpu_rewrites=False``: ``ConvTranspose``
   nodes and a 3-D last convolution);
 * ``ort_torch_export``: ``torch.onnx.export`` (dynamo, opset 20) of the unfolded
-  ``GradICONNetwork``, unchanged: what exporting the network as it is gives;
+  ``GradICONNetwork``, unchanged, in a session with ONNX Runtime's default options: what
+  exporting the network as it is gives (the other ORT jobs use the engine's session options);
 * ``ort_stages``: the four stage graphs in ONNX Runtime, warps and compositions in PyTorch;
 * ``ort_fp16``: the full graph with float16 U-Nets (the CPU provider runs float16 Conv nodes
   through inserted casts: float16 storage, float32 arithmetic).
@@ -195,9 +196,14 @@ def job_ort(spec, workdir, job):
         return {"setup_s": setup_s, "times_s": times}, phi
     path = workdir / {"ort_full": "full.onnx", "ort_native": "full_native.onnx", "ort_fp16": "full_fp16.onnx",
                       "ort_torch_export": "torch_export.onnx"}[job]
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = spec["threads"]
-    options.log_severity_level = 3
+    if job == "ort_torch_export":  # as it is: ONNX Runtime's default session options
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = spec["threads"]
+        options.log_severity_level = 3
+    else:  # the engine's (backend="onnxruntime")
+        from mgr_engine.export.runtime import session_options
+
+        options = session_options(spec["threads"])
     options.enable_profiling = True
     options.profile_file_prefix = str(workdir / f"profile_{job}")
     start = time.perf_counter()

@@ -33,6 +33,7 @@ come from a :class:`~mgr_engine.model.GradICONNetwork`.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ..errors import OnnxError
 from ..model import GradICONNetwork, fold_batchnorm
@@ -220,28 +221,34 @@ def _last_conv_2d(g: Builder, x: str, skip: str, conv, channels: int, shape, hin
     The ``x`` part runs as one 2-D convolution on x viewed as (C, D*H, W): kernel rows dilated by
     H step through z, columns through x, and each y-offset of the kernel gets its own group of
     output channels (ONNX Runtime runs 2-D convolutions in its blocked NCHWc kernels). The y
-    offsets are then applied by shifting those groups along y and adding. The two image
-    channels of ``skip`` keep a small 3-D convolution, which also adds the bias.
+    offsets are then applied by shifting those groups along y and adding. The image channels of
+    ``skip`` get their own 2-D convolution of the same form (they are another tensor; ONNX
+    Runtime fuses the add of both into the second convolution); the bias sits in the
+    unshifted group.
     """
     w, b = conv.weight.detach().double() * scale, conv.bias.detach().double() * scale
     if reverse:
         w, b = w.flip(0), b.flip(0)
     out = w.shape[0]
     d, h, wd = shape
-    w_x = w[:, :channels]  # (out, channels, kz, ky, kx)
-    w2d = w_x.permute(3, 0, 1, 2, 4).reshape(3 * out, channels, 3, 3)  # rows: ky-group then output; kernel (kz, kx)
-    flat = g.op("Reshape", [x, g.ints([-1, channels, d * h, wd])], f"{hint}/rows")
-    y = g.op("Conv", [flat, g.weight(w2d, f"{hint}/w2d")], f"{hint}/conv2d", kernel_shape=[3, 3],
-             dilations=[h, 1], pads=[h, 1, h, 1])
+
+    def rows_conv(tensor, weight, name, bias=None):
+        """(B, C, D, H, W) -> (B, 3 * out, D*H, W): groups of outputs by kernel y-offset."""
+        c = weight.shape[1]
+        w2d = weight.permute(3, 0, 1, 2, 4).reshape(3 * out, c, 3, 3)  # ky-group then output; kernel (kz, kx)
+        flat = g.op("Reshape", [tensor, g.ints([-1, c, d * h, wd])], f"{hint}/{name}_rows")
+        inputs = [flat, g.weight(w2d, f"{hint}/{name}_w")]
+        if bias is not None:
+            inputs.append(g.weight(torch.cat([torch.zeros_like(bias), bias, torch.zeros_like(bias)]), f"{hint}/b"))
+        return g.op("Conv", inputs, f"{hint}/{name}_conv2d", kernel_shape=[3, 3], dilations=[h, 1], pads=[h, 1, h, 1])
+
+    y = g.op("Add", [rows_conv(x, w[:, :channels], "x"), rows_conv(skip, w[:, channels:], "skip", b)], f"{hint}/add")
     y = g.op("Reshape", [y, g.ints([-1, 3 * out, d, h, wd])], f"{hint}/volume")
     y = g.op("Pad", [y, g.ints([0, 0, 0, 1, 0, 0, 0, 0, 1, 0])], f"{hint}/pad_y", mode="constant")
     terms = [g.op("Slice", [y, g.ints([k * out, k, 0]), g.ints([(k + 1) * out, k + h, wd]), g.ints([1, 3, 4])],
                   f"{hint}/shift{k}") for k in range(3)]  # ky = k: output row y reads row y + k - 1
-    images = g.op("Conv", [skip, g.weight(w[:, channels:], f"{hint}/w_skip"), g.weight(b, f"{hint}/b")],
-                  f"{hint}/skip_conv", kernel_shape=[3, 3, 3], pads=[1] * 6)
     total = g.op("Add", [terms[0], terms[1]], f"{hint}/sum01")
-    total = g.op("Add", [total, terms[2]], f"{hint}/sum012")
-    return g.op("Add", [total, images], f"{hint}/sum")
+    return g.op("Add", [total, terms[2]], f"{hint}/sum")
 
 
 # ------------------------------------------------------------------ warps on maps
