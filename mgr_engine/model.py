@@ -231,18 +231,16 @@ def randomize_weights(network: nn.Module, seed: int, displacement_scale: float =
     displacements at a few voxels.
     """
     gen = torch.Generator().manual_seed(seed)
-
-    def uniform(shape, bound):
-        return (torch.rand(shape, generator=gen) * 2 - 1) * bound
-
     with torch.no_grad():
         for name, module in network.named_modules():
             if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
                 weight = module.weight  # Conv: (out, in, k, k, k); ConvTranspose: (in, out, k, k, k)
                 fan_in = weight[0].numel() if isinstance(module, nn.Conv3d) else weight[:, 0].numel()
-                bound = fan_in ** -0.5
-                weight.copy_(uniform(weight.shape, 1.7 * bound))
-                module.bias.copy_(uniform(module.bias.shape, bound))
+                # This exact arithmetic (the tests' original): the IO tests compare losses with the
+                # reference to 2e-5, and a last-bit change of the weights moved them past that.
+                bound = 1.0 / fan_in**0.5
+                weight.copy_((torch.rand(weight.shape, generator=gen) * 2 - 1) * bound * 1.7)
+                module.bias.copy_((torch.rand(module.bias.shape, generator=gen) * 2 - 1) * bound)
                 if name.endswith("lastConv"):
                     weight.mul_(displacement_scale)
                     module.bias.mul_(displacement_scale)
