@@ -63,7 +63,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", type=int, nargs=3, default=(175, 175, 175), metavar=("D", "H", "W"))
-    p.add_argument("--calls", type=int, default=3, help="forward calls per pipeline (the first is reported apart)")
+    p.add_argument("--calls", type=int, default=3, help="forward calls per pipeline and round (the first is reported apart)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="rounds over all pipelines, each pipeline in a fresh process per round (default 2): on a "
+                        "shared machine, a burst of load then hits every pipeline rather than one")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and ONNX Runtime intra-op threads")
     p.add_argument("--skip", nargs="*", default=[], choices=[j[4:] if j.startswith("ort_") else j for j in JOBS],
                    help="pipelines to leave out (names without the ort_ prefix)")
@@ -73,6 +76,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.calls < 2:
         p.error("--calls must be at least 2 (one cold, one warm)")
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     return args
 
 
@@ -244,15 +249,23 @@ def run_child(job, workdir):
 # ---------------------------------------------------------------- parent side
 
 
-def spawn(job, workdir):
-    print(f"[bench] {job} ...", file=sys.stderr, flush=True)
+def spawn(job, workdir, label=""):
+    print(f"[bench] {job}{label} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", job, "--workdir", str(workdir)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"[bench] {job} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
-    print(f"[bench] {job} done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    print(f"[bench] {job}{label} done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return json.loads((workdir / f"{job}.json").read_text())
+
+
+def merge(rounds):
+    """One pipeline's rounds: first calls, warm calls, set-up and the worst peak memory."""
+    return {"first_s": [r["times_s"][0] for r in rounds], "warm_s": [t for r in rounds for t in r["times_s"][1:]],
+            "setup_s": min(r["setup_s"] for r in rounds), "peak_rss": max(r["peak_rss"] for r in rounds),
+            "load": [v for r in rounds for v in r["load"]], **{k: rounds[-1][k] for k in ("ops_s", "nodes")
+                                                              if k in rounds[-1]}}
 
 
 def cpu_model():
@@ -280,13 +293,14 @@ def voxel_difference(workdir, job, shape):
 def report(args, jobs, results, workdir):
     shape = tuple(args.shape)
     prep = results["prepare"]
-    base = min(results["torch"]["times_s"][1:])
+    base = min(results["torch"]["warm_s"])
     load = [v for r in results.values() for v in r["load"]]
     lines = [
         "## ONNX Runtime",
         "",
         f"Command: `.venv/bin/python benchmarks/bench_onnx.py --shape {' '.join(map(str, shape))} --calls {args.calls}"
-        f" --threads {args.threads}`" + (f" `--skip {' '.join(args.skip)}`" if args.skip else "") + ".",
+        f" --rounds {args.rounds} --threads {args.threads}" + (f" --skip {' '.join(args.skip)}" if args.skip else "")
+        + "`.",
         "",
         f"- Machine: {cpu_model()}, {os.cpu_count()} cores, {args.threads} threads for torch and ONNX Runtime; CPU; "
         f"Python {platform.python_version()}; {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}. Load average "
@@ -295,17 +309,19 @@ def report(args, jobs, results, workdir):
         f"mgr_engine {version('mgr_engine')}, icon_registration {version('icon_registration')}.",
         f"- Network {'x'.join(map(str, shape))}, official channel widths, randomized weights "
         f"({prep['parameters'] / 1e6:.1f} M parameters, BatchNorm statistics random too). Input: two smooth random "
-        "volumes at that shape, already preprocessed. One direction per call, each pipeline in a fresh process.",
+        f"volumes at that shape, already preprocessed. One direction per call; {args.rounds} rounds over all pipelines, "
+        f"each pipeline in a fresh process per round, {args.calls} calls each: \"first call\" is the best first call of "
+        "the rounds (one-time set-up included), best and median over the other calls.",
         "",
-        f"| pipeline (one direction) | first call | best of {args.calls - 1} more | median | vs mgr_engine PyTorch "
+        f"| pipeline (one direction) | first call | best of {args.rounds * (args.calls - 1)} more | median | best vs mgr_engine PyTorch "
         "| set-up | peak RSS | max difference from mgr_engine PyTorch |",
         "|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for job in jobs:
         r = results[job]
-        warm = r["times_s"][1:]
+        warm = r["warm_s"]
         diff = "-" if job == "torch" else f"{voxel_difference(workdir, job, shape):.1e} voxel"
-        lines.append(f"| {LABELS[job]} | {r['times_s'][0]:.2f} s | {min(warm):.2f} s | {statistics.median(warm):.2f} s "
+        lines.append(f"| {LABELS[job]} | {min(r['first_s']):.2f} s | {min(warm):.2f} s | {statistics.median(warm):.2f} s "
                      f"| {min(warm) / base:.2f}x | {r['setup_s']:.1f} s | {r['peak_rss'] / 2**30:.2f} GiB | {diff} |")
     ort_jobs = [j for j in jobs if "ops_s" in results[j]]
     if ort_jobs:
@@ -335,9 +351,17 @@ def main(argv=None):
         workdir = Path(tmp)
         spec = {"shape": list(args.shape), "calls": args.calls, "threads": args.threads, "jobs": jobs}
         (workdir / "spec.json").write_text(json.dumps(spec))
-        results = {"prepare": spawn("prepare", workdir)}
+        prepare = spawn("prepare", workdir)
+        rounds = {job: [] for job in jobs}
+        for index in range(args.rounds):
+            for job in jobs:
+                rounds[job].append(spawn(job, workdir, f" (round {index + 1}/{args.rounds})"))
+                if job != "torch":  # keep this round's map for the comparison against torch's
+                    os.replace(workdir / f"{job}_map.npy", workdir / f"{job}_map_last.npy")
         for job in jobs:
-            results[job] = spawn(job, workdir)
+            if job != "torch":
+                os.replace(workdir / f"{job}_map_last.npy", workdir / f"{job}_map.npy")
+        results = {"prepare": prepare, **{job: merge(rounds[job]) for job in jobs}}
         text = report(args, jobs, results, workdir)
     print(text)
     if args.results:
