@@ -219,12 +219,12 @@ def _add_train(sub):
     p = sub.add_parser("train", help="train (or resume) a model with the multiGradICON recipe on synthetic patients",
                        description="Train with GradICON + 1-LNCC^2 and similarity-loss randomization on synthetic "
                                    "patients (mgr_engine.train). A run directory with a checkpoint resumes; then only "
-                                   "--steps and the save/log/eval frequencies may change. Writes RUN_DIR/"
+                                   "--steps, --lr and the save/log/eval frequencies may change. Writes RUN_DIR/"
                                    "checkpoint.pt, RUN_DIR/compact.safetensors (for Engine(weights=...)) and "
                                    "RUN_DIR/log.jsonl. Options left out take the stored (resume) or default values.")
     p.add_argument("--run_dir", required=True, help="directory of the run's checkpoint, weights and log")
     p.add_argument("--steps", type=int, help="train up to this many steps in all (default 20000)")
-    p.add_argument("--input_shape", nargs=3, type=int, metavar=("D", "H", "W"), help="network input (default 96 96 96)")
+    p.add_argument("--input_shape", nargs=3, type=int, metavar=("D", "H", "W"), help="network input (default 64 64 64)")
     p.add_argument("--down_channels", nargs="+", type=int, help="U-Net down channels (default the compact model's)")
     p.add_argument("--up_channels", nargs="+", type=int, help="U-Net up channels (default the compact model's)")
     p.add_argument("--last_unet_from", type=int,

@@ -64,8 +64,9 @@ WEIGHTS_FILE = "compact.safetensors"
 LOG_FILE = "log.jsonl"
 # Preprocessing the synthetic images went through (synth.normalize_mri): stored with the weights.
 PREPROCESSING = {"mri_quantile_range": [0.0, 0.99], "ct_window": [-1000.0, 1000.0]}
-# Options that may change when a run resumes; every other one defines the run.
-RESUMABLE_OPTIONS = ("steps", "save_every", "log_every", "eval_every", "eval_pairs")
+# Options that may change when a run resumes; every other one defines the run. A new ``lr``
+# applies from the resumed step on (a hand-made schedule: lower it for the last steps).
+RESUMABLE_OPTIONS = ("steps", "lr", "save_every", "log_every", "eval_every", "eval_pairs")
 
 
 @dataclass
@@ -377,7 +378,9 @@ def train(run_dir, config: TrainConfig | dict | None = None, *, device=None, max
         if stored.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(stored["cuda_rng"])
         step = int(stored["step"])
-        log.info("resumed %s at step %d of %d", run_dir, step, config.steps)
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr
+        log.info("resumed %s at step %d of %d (lr %g)", run_dir, step, config.steps, config.lr)
     else:
         log.info("new run in %s: %s", run_dir, config)
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))

@@ -259,10 +259,19 @@ def test_resumed_training_continues_identically(tmp_path):
 
 def test_resuming_refuses_another_configuration(tmp_path):
     train.train(tmp_path, tiny_options(steps=1), device="cpu")
-    with pytest.raises(InvalidOptionError, match="lr"):
-        train.train(tmp_path, {"steps": 2, "lr": 1.0}, device="cpu")
+    with pytest.raises(InvalidOptionError, match="lmbda"):
+        train.train(tmp_path, {"steps": 2, "lmbda": 1.0}, device="cpu")
     with pytest.raises(InvalidOptionError, match="unknown"):
         train.train(tmp_path, {"stepz": 2}, device="cpu")
+
+
+def test_resuming_with_a_new_learning_rate_applies_it(tmp_path):
+    train.train(tmp_path, tiny_options(steps=1, lr=1e-3), device="cpu")
+    train.train(tmp_path, {"steps": 2, "lr": 2e-4}, device="cpu")
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 2 and state["config"]["lr"] == 2e-4
+    assert [group["lr"] for group in state["optimizer"]["param_groups"]] == [2e-4]
+    assert json.loads((tmp_path / "config.json").read_text())["lr"] == 2e-4
 
 
 def test_cli_train_writes_weights_the_engine_loads(tmp_path):
@@ -311,7 +320,7 @@ def test_compact_config_is_under_20_megabytes(tmp_path):
     net = GradICONNetwork(engine_module.COMPACT_CONFIG)
     path = train.export_weights(net, tmp_path / "compact.safetensors")
     assert path.stat().st_size < 20e6
-    assert engine_module.Engine(model="compact", weights=path, device="cpu").input_shape == (96, 96, 96)
+    assert engine_module.Engine(model="compact", weights=path, device="cpu").input_shape == (64, 64, 64)
 
 
 def test_weights_file_preprocessing_defaults_apply(tmp_path):
