@@ -246,6 +246,8 @@ def _add_train(sub):
     p.add_argument("--eval_pairs", type=int, help="held-out pairs per evaluation (default 2)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--max_minutes", type=float, help="save and stop after this much wall time")
+    p.add_argument("--init_weights", help="a new run starts from these .safetensors weights (e.g. the bundled "
+                                          "compact model's) with a fresh optimizer")
     p.set_defaults(run=run_train)
 
 
@@ -262,7 +264,8 @@ def run_train(args) -> None:
         if key in options:
             options[key] = tuple(options[key])
     last = train(args.run_dir, options, device=args.device,
-                 max_seconds=None if args.max_minutes is None else 60.0 * args.max_minutes)
+                 max_seconds=None if args.max_minutes is None else 60.0 * args.max_minutes,
+                 init_weights=args.init_weights)
     print(f"mgr-engine train: {args.run_dir} at step {last.get('step', '?')}"
           + (f", loss {last['loss']:.4f}" if "loss" in last else ""))
 

@@ -54,7 +54,7 @@ from . import synth
 from .engine import COMPACT_CONFIG, gradicon_objective
 from .errors import InvalidOptionError
 from .losses import similarity_by_name
-from .model import GradICONNetwork, NetworkConfig, save_safetensors
+from .model import GradICONNetwork, NetworkConfig, load_official_state_dict, read_safetensors, save_safetensors
 
 log = logging.getLogger("mgr_engine.train")
 
@@ -347,14 +347,18 @@ def _resolve_config(stored: dict | None, options: dict) -> TrainConfig:
     return dataclasses.replace(config, **changes).check()
 
 
-def train(run_dir, config: TrainConfig | dict | None = None, *, device=None, max_seconds: float | None = None) -> dict:
+def train(run_dir, config: TrainConfig | dict | None = None, *, device=None, max_seconds: float | None = None,
+          init_weights=None) -> dict:
     """Train, or resume training, in ``run_dir`` up to ``config.steps``; returns the last step's terms.
 
     ``config``: a :class:`TrainConfig`, or a dict of some of its fields (the rest default).
     When ``run_dir`` holds a checkpoint the run resumes from it with its stored configuration;
     ``config`` may then change only :data:`RESUMABLE_OPTIONS` (``{"steps": 40000}`` trains
     longer) and must agree on the rest. ``max_seconds``: stop, after saving, once this much
-    wall time has passed (for sessions of bounded length).
+    wall time has passed (for sessions of bounded length). ``init_weights``: a new run starts
+    from these weights (a ``.safetensors`` file such as the bundled compact model, of the run's
+    network configuration) with a fresh optimizer, instead of the initialization; ignored when
+    the run resumes.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -382,10 +386,18 @@ def train(run_dir, config: TrainConfig | dict | None = None, *, device=None, max
             group["lr"] = config.lr
         log.info("resumed %s at step %d of %d (lr %g)", run_dir, step, config.steps, config.lr)
     else:
+        if init_weights is not None:
+            state, saved_config, _ = read_safetensors(init_weights)
+            if saved_config is not None and saved_config != config.network_config():
+                raise InvalidOptionError(
+                    f"init_weights {str(init_weights)!r} hold a network {saved_config}, not the run's "
+                    f"{config.network_config()}: pass the matching --input_shape and channels")
+            load_official_state_dict(network, state)
+            log.info("initial weights from %s", init_weights)
         log.info("new run in %s: %s", run_dir, config)
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
 
-    started = time.perf_counter()
+    started, first_step = time.perf_counter(), step
     last = {}
     with open(run_dir / LOG_FILE, "a") as log_file:
         while step < config.steps:
@@ -414,6 +426,6 @@ def train(run_dir, config: TrainConfig | dict | None = None, *, device=None, max
                 log.info("stopping at step %d after %.0f s (max_seconds); resume with the same run directory",
                          step, time.perf_counter() - started)
                 break
-    if stored is not None and step == int(stored["step"]):
+    if step == first_step:  # no step taken in this call: still write the weights it holds
         export_weights(network, run_dir / WEIGHTS_FILE, config=config, step=step)
     return last

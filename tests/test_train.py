@@ -274,6 +274,19 @@ def test_resuming_with_a_new_learning_rate_applies_it(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["lr"] == 2e-4
 
 
+def test_a_new_run_can_start_from_weights(tmp_path):
+    train.train(tmp_path / "first", tiny_options(steps=2), device="cpu")
+    weights = tmp_path / "first" / train.WEIGHTS_FILE
+    train.train(tmp_path / "second", tiny_options(steps=0), device="cpu", init_weights=weights)
+    first, _, _ = read_safetensors(weights)
+    second, _, _ = read_safetensors(tmp_path / "second" / train.WEIGHTS_FILE)
+    for key, value in first.items():
+        assert torch.equal(value, second[key]), key
+    with pytest.raises(InvalidOptionError, match="init_weights"):
+        train.train(tmp_path / "third", tiny_options(steps=0, up_channels=(4, 8, 4)), device="cpu",
+                    init_weights=weights)
+
+
 def test_cli_train_writes_weights_the_engine_loads(tmp_path):
     from mgr_engine import Engine, cli
 
