@@ -1,204 +1,224 @@
-"""``python -m mgr_engine.demo --out DIR``: the whole pipeline end to end on a synthetic pair.
+"""``python -m mgr_engine.demo --out DIR`` (``make demo``): register the bundled sample pair with
+the bundled compact model, nothing downloaded.
 
-What it does, with nothing downloaded:
-
-1. :func:`make_sample_pair` draws a deterministic synthetic 3-D "head" phantom (nested
-   ellipsoid tissues, smooth bias field and noise): a T1-like fixed image on an anisotropic,
-   oblique grid with a non-zero origin, and a T2-like moving image (tissue intensities
-   permuted) of the same phantom under a smooth random deformation of a few mm, on a grid
-   of slightly different spacing and origin; plus a uint8 tissue label map for each.
-2. :func:`mgr_engine.model.randomize_weights` fills the official multiGradICON architecture with seeded
-   random weights (no trained weights exist here yet), saved as ``Step_2_final.trch``.
-3. ``mgr-engine register`` runs in-process (:func:`mgr_engine.cli.main`) without instance
-   optimization, writing the transform, the warped moving image, the displacement field and
-   the Jacobian determinant.
-4. A report: files, wall time, folds (negative Jacobian) and the tissue Dice before/after.
-
-The weights are RANDOM, so the registration is not meaningful: the demo shows that every
-stage runs and what it writes, not registration accuracy.
+1. The sample pair (``mgr_engine/data/sample_pair/``, built once by :func:`build_sample_pair`
+   from the MNI ICBM152 2009 template that nilearn ships; notice in ``NOTICE-MNI-ICBM152.txt``):
+   a T1-like fixed image and a T2-like moving image of two different synthetic "patients"
+   (the template under two random smooth deformations and affines), each on its own oblique,
+   anisotropic grid, with CSF/GM/WM label maps.
+2. ``mgr-engine register --model compact`` runs in-process (:func:`mgr_engine.cli.main`),
+   without instance optimization unless ``--io_iterations`` says otherwise, writing the
+   transform, the warped moving image, the displacement field and the Jacobian determinant.
+3. A report: wall time, % of fixed voxels with negative Jacobian determinant, Dice per tissue
+   before (identity in physical space) and after (moving labels through the transform), and a
+   PNG of orthogonal slices: fixed, moving before, moving after, and the fixed image's edges
+   over the moving image after registration.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import struct
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .engine import BUNDLED_WEIGHTS as _BUNDLED
+
 log = logging.getLogger("mgr_engine.demo")
 
-SEED = 20240607
-FULL_INPUT_SHAPE = (175, 175, 175)
-QUICK_INPUT_SHAPE = (72, 72, 72)
-# The last convolutions are scaled by this so the random network's displacements stay at a few voxels.
-DISPLACEMENT_SCALE = 0.15
+BUNDLED_WEIGHTS = _BUNDLED["compact"]
+SAMPLE_DIR = Path(__file__).parent / "data" / "sample_pair"
+SAMPLE_FILES = {"fixed": "fixed_t1.nii.gz", "moving": "moving_t2.nii.gz",
+                "fixed_labels": "fixed_labels.nii.gz", "moving_labels": "moving_labels.nii.gz"}
+TISSUES = {1: "CSF", 2: "GM", 3: "WM"}
 
-# Array shape (z, y, x) of both images and their grids (ITK order x, y, z, in mm).
-SHAPE = (96, 112, 96)
-FIXED_SPACING = (1.2, 1.0, 1.1)
-MOVING_SPACING = (1.15, 1.05, 1.12)
-HEAD_CENTRE = np.array([12.0, -18.0, 25.0])  # physical centre of the fixed grid (mm)
-MOVING_CENTRE_SHIFT = np.array([2.5, -1.5, 1.8])  # the moving grid's centre is off by this (mm)
-ROTATION_AXIS, ROTATION_DEGREES = (0.3, 0.2, 1.0), 10.0
-MAX_DEFORMATION_MM = 4.0
+# How the sample pair was built (build_sample_pair). Seeds far above the evaluation pairs'
+# (synth.evaluation_pairs) and never drawn by training (synth.HOLDOUT_START).
+SAMPLE_SEEDS = (10**12 + 10**6, 10**12 + 10**6 + 1)
+SAMPLE_RENDER_SHAPE = (112, 112, 112)
+HEAD_CENTRE_MM = np.array([4.0, -18.0, 12.0])
+# Grids in ITK order (x, y, z): spacing (mm), rotation axis and angle of the direction matrix,
+# offset of the grid's centre from the head's centre (mm).
+FIXED_GRID = {"spacing": (1.3, 1.1, 1.5), "axis": (0.2, 1.0, 0.3), "degrees": 9.0, "shift": (0.0, 0.0, 0.0)}
+MOVING_GRID = {"spacing": (1.1, 1.45, 1.25), "axis": (1.0, 0.3, -0.2), "degrees": 7.0, "shift": (3.0, -2.0, 2.5)}
 
-# label, name, centre and semi-axes (mm, head frame: x left-right, y back-front, z feet-head),
-# T1-like and T2-like intensities. Painted in order: later tissues overwrite earlier ones.
-TISSUES = (
-    (1, "scalp", (0, 0, 0), (44, 48, 42), 0.55, 0.35),
-    (2, "skull", (0, 0, 1), (40, 44, 38), 0.08, 0.12),
-    (3, "grey matter", (0, 0, 2), (36, 40, 34), 0.45, 0.70),
-    (4, "white matter", (0, 2, 4), (27, 31, 24), 0.80, 0.40),
-    (5, "ventricles", (-7, 4, 6), (4, 13, 7), 0.15, 1.00),
-    (5, "ventricles", (7, 4, 6), (4, 13, 7), 0.15, 1.00),
-    (6, "lesion", (14, -12, -6), (6, 5, 6), 0.30, 0.85),
-)
-LABEL_NAMES = {label: name for label, name, *_ in TISSUES}
-BACKGROUND = 0.02
-EDGE_MM = 0.7  # width of the partial-volume edge of each tissue
+NOTICE = """The sample pair in this folder (fixed_t1, moving_t2 and their label maps) was derived by
+mgr_engine (mgr_engine/demo.py, build_sample_pair) from the MNI ICBM152 2009a nonlinear
+symmetric template (T1 image, grey- and white-matter probability maps) as distributed inside
+the nilearn package: each image is the template under a random smooth deformation and affine,
+re-rendered with synthetic contrasts, bias fields and noise, and resampled onto an oblique
+grid. The template's notice follows.
+
+Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological
+Institute, McGill University. Permission to use, copy, modify, and distribute this software and its
+documentation for any purpose and without fee is hereby granted, provided that the above copyright
+notice appear in all copies. The authors and McGill University make no representations about the
+suitability of this software for any purpose. It is provided "as is" without express or implied
+warranty. The authors are not responsible for any data loss, equipment damage, property loss, or
+injury to subjects or patients resulting from the use or misuse of this software package.
+
+References: V. Fonov et al., NeuroImage 47 (2009) S102; V. Fonov et al., NeuroImage 54 (2011) 313-327;
+D. L. Collins et al., Proc. 5th Int. Conf. Functional Mapping of the Human Brain (1999).
+"""
+
+
+# ---------------------------------------------------------------- building the sample pair
 
 
 def _rotation(axis, degrees) -> np.ndarray:
     axis = np.asarray(axis, float) / np.linalg.norm(axis)
     angle = np.deg2rad(degrees)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k  # Rodrigues
+    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross
 
 
-def _grid_points(shape, spacing, origin, direction) -> np.ndarray:
-    """Physical points (x, y, z; mm) of every voxel of a (z, y, x) array, shape (*shape, 3)."""
-    k, j, i = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij")
-    index = np.stack([i, j, k], -1) * np.asarray(spacing)
-    return np.asarray(origin) + index @ direction.T
+def _grid(grid: dict, extent_mm: float):
+    """Size, spacing, origin, direction (ITK order) of an oblique grid covering a cube of side
+    ``extent_mm`` centred at the head's centre plus the grid's shift."""
+    spacing = np.asarray(grid["spacing"], float)
+    direction = _rotation(grid["axis"], grid["degrees"])
+    size = np.ceil(extent_mm / spacing).astype(int)
+    centre = HEAD_CENTRE_MM + np.asarray(grid["shift"], float)
+    origin = centre - direction @ (spacing * (size - 1) / 2)
+    return size, spacing, origin, direction
 
 
-def _smooth_noise(shape, rng, coarse=8) -> np.ndarray:
-    """Smooth random field (zero mean, unit-ish amplitude): coarse noise upsampled trilinearly."""
-    grid = torch.from_numpy(rng.standard_normal((1, 1, coarse, coarse, coarse)))
-    return torch.nn.functional.interpolate(grid, size=shape, mode="trilinear", align_corners=True)[0, 0].numpy()
+def _sample_on_grid(volume: torch.Tensor, cube_mm: float, size, spacing, origin, direction) -> torch.Tensor:
+    """``volume`` (1, C, N, N, N), an axis-aligned cube of side ``cube_mm`` centred at the head's
+    centre (array axes z, y, x), sampled trilinearly at the grid's points: (C, nz, ny, nx)."""
+    n = volume.shape[-1]
+    k, j, i = np.meshgrid(*(np.arange(s) for s in size[::-1]), indexing="ij")
+    index = np.stack([i, j, k], -1).reshape(-1, 3).astype(float)  # ITK order x, y, z
+    points = origin + (index * spacing) @ direction.T
+    cube_index = (points - HEAD_CENTRE_MM) / (cube_mm / n) + (n - 1) / 2
+    grid = torch.from_numpy(cube_index / (n - 1) * 2 - 1).float().reshape(1, *size[::-1], 3)
+    sampled = torch.nn.functional.grid_sample(volume.float(), grid, mode="bilinear", padding_mode="zeros",
+                                              align_corners=True)
+    return sampled[0]
 
 
-def _deformation(points_head: np.ndarray, rng) -> np.ndarray:
-    """A smooth random displacement (mm) at head-frame points: a few low-frequency sinusoids
-    per component, scaled to at most ``MAX_DEFORMATION_MM`` inside the head."""
-    displacement = np.zeros_like(points_head)
-    for component in range(3):
-        for _ in range(4):
-            direction = rng.standard_normal(3)
-            direction /= np.linalg.norm(direction)
-            wavelength = rng.uniform(60.0, 120.0)
-            phase = rng.uniform(0, 2 * np.pi)
-            amplitude = rng.uniform(0.5, 1.0)
-            displacement[..., component] += amplitude * np.sin(2 * np.pi * (points_head @ direction) / wavelength + phase)
-    head = np.sum((points_head / np.asarray(TISSUES[0][3], float)) ** 2, -1) <= 1.0
-    return displacement * (MAX_DEFORMATION_MM / np.abs(displacement[head]).max())
+def build_sample_pair(out_dir=SAMPLE_DIR) -> dict:
+    """Write the bundled sample pair to ``out_dir`` (needs nilearn, the ``train`` extra).
 
-
-def _phantom(points_head: np.ndarray, contrast: int):
-    """Intensities (``contrast`` 4: T1-like, 5: T2-like column of TISSUES) and labels at head-frame points."""
-    image = np.full(points_head.shape[:-1], BACKGROUND)
-    labels = np.zeros(points_head.shape[:-1], np.uint8)
-    for tissue in TISSUES:
-        label, centre, semi_axes, value = tissue[0], tissue[2], tissue[3], tissue[contrast]
-        radius = np.sqrt(np.sum(((points_head - np.asarray(centre, float)) / np.asarray(semi_axes, float)) ** 2, -1))
-        distance = (radius - 1.0) * min(semi_axes)  # approximate signed distance (mm) to the surface
-        membership = 0.5 * (1 - np.tanh(distance / EDGE_MM))
-        image = image * (1 - membership) + value * membership
-        labels[distance <= 0] = label
-    return image, labels
-
-
-def _itk_image(array: np.ndarray, spacing, origin, direction):
+    Two held-out synthetic patients (:func:`mgr_engine.synth.brain_patient`) rendered at
+    :data:`SAMPLE_RENDER_SHAPE` over the template's cropped cube (1 mm template voxels), the
+    first as T1, the second as T2; each is resampled onto its own oblique anisotropic grid
+    (:data:`FIXED_GRID`, :data:`MOVING_GRID`) and stored as uint8 (intensities scaled to 0..255)
+    with a uint8 label map (0 background, 1 CSF, 2 GM, 3 WM: argmax of the resampled tissue
+    probabilities).
+    """
     import itk
 
-    image = itk.image_from_array(np.ascontiguousarray(array))
-    image.SetSpacing([float(v) for v in spacing])
-    image.SetOrigin([float(v) for v in origin])
-    image.SetDirection(itk.matrix_from_array(np.ascontiguousarray(direction, dtype=np.float64)))
-    return image
-
-
-def make_sample_pair(out_dir) -> dict:
-    """Write a deterministic synthetic T1-like/T2-like head pair and their tissue labels.
-
-    Files (NIfTI) in ``out_dir``: ``fixed_t1.nii.gz``, ``moving_t2.nii.gz`` (float32),
-    ``fixed_labels.nii.gz``, ``moving_labels.nii.gz`` (uint8; 0 background, 1-6 tissues).
-    The moving image is the phantom deformed smoothly (up to ``MAX_DEFORMATION_MM``) with
-    permuted tissue intensities, on a grid of slightly different spacing and origin; both grids
-    share an oblique direction. Returns ``{"fixed", "moving", "fixed_labels", "moving_labels"}``
-    paths.
-    """
-    from . import itk_io
+    from . import itk_io, synth
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(SEED)
-    direction = _rotation(ROTATION_AXIS, ROTATION_DEGREES)
-    size = np.asarray(SHAPE[::-1], float)  # (x, y, z)
-
-    def origin_for(centre, spacing):  # so that the grid's centre lies at ``centre``
-        return centre - direction @ (np.asarray(spacing) * (size - 1) / 2)
-
-    fixed_origin = origin_for(HEAD_CENTRE, FIXED_SPACING)
-    moving_origin = origin_for(HEAD_CENTRE + MOVING_CENTRE_SHIFT, MOVING_SPACING)
-
-    def head_frame(points):  # the head's axes are the fixed grid's axes
-        return (points - HEAD_CENTRE) @ direction
-
-    fixed_points = head_frame(_grid_points(SHAPE, FIXED_SPACING, fixed_origin, direction))
-    fixed, fixed_labels = _phantom(fixed_points, contrast=4)
-    moving_points = head_frame(_grid_points(SHAPE, MOVING_SPACING, moving_origin, direction))
-    # moving(p) = phantom(p + u(p)): the phantom pulled back through a smooth deformation.
-    moving, moving_labels = _phantom(moving_points + _deformation(moving_points, rng), contrast=5)
-
-    def mri_like(image):  # smooth multiplicative bias, smooth texture, a little voxel noise
-        bias = 1.0 + 0.08 * _smooth_noise(SHAPE, rng, coarse=4)
-        texture = 0.015 * _smooth_noise(SHAPE, rng, coarse=24)
-        noise = 0.005 * rng.standard_normal(SHAPE)
-        return (1000.0 * np.clip(image * bias + texture + noise, 0, None)).astype(np.float32)
-
-    paths = {name: out_dir / f"{name}.nii.gz" for name in ("fixed_t1", "moving_t2", "fixed_labels", "moving_labels")}
-    for path, array, spacing, origin in (
-        (paths["fixed_t1"], mri_like(fixed), FIXED_SPACING, fixed_origin),
-        (paths["moving_t2"], mri_like(moving), MOVING_SPACING, moving_origin),
-        (paths["fixed_labels"], fixed_labels, FIXED_SPACING, fixed_origin),
-        (paths["moving_labels"], moving_labels, MOVING_SPACING, moving_origin),
-    ):
-        itk_io.write_image(_itk_image(array, spacing, origin, direction), path)
-    return {"fixed": paths["fixed_t1"], "moving": paths["moving_t2"],
-            "fixed_labels": paths["fixed_labels"], "moving_labels": paths["moving_labels"]}
+    cube_mm = float(synth.load_template(SAMPLE_RENDER_SHAPE)["side_mm"])
+    written = {}
+    for role, seed, contrast, grid in (("fixed", SAMPLE_SEEDS[0], "t1", FIXED_GRID),
+                                       ("moving", SAMPLE_SEEDS[1], "t2", MOVING_GRID)):
+        patient = synth.brain_patient(seed, SAMPLE_RENDER_SHAPE)
+        size, spacing, origin, direction = _grid(grid, cube_mm * 1.05)
+        image = _sample_on_grid(patient.image(contrast), cube_mm, size, spacing, origin, direction)[0]
+        tissue = _sample_on_grid(patient.tissue, cube_mm, size, spacing, origin, direction)
+        tissue[0] += 1e-3  # outside the cube (all zero): background
+        arrays = {role: (image.clamp(0, 1) * 255).round().to(torch.uint8).numpy(),
+                  f"{role}_labels": tissue.argmax(0).to(torch.uint8).numpy()}
+        for key, array in arrays.items():
+            itk_image = itk.image_from_array(np.ascontiguousarray(array))
+            itk_image.SetSpacing(spacing.tolist())
+            itk_image.SetOrigin(origin.tolist())
+            itk_image.SetDirection(itk.matrix_from_array(direction))
+            written[key] = out_dir / SAMPLE_FILES[key]
+            itk_io.write_image(itk_image, written[key])
+    (out_dir / "NOTICE-MNI-ICBM152.txt").write_text(NOTICE)
+    return written
 
 
-def make_random_checkpoint(path, input_shape=FULL_INPUT_SHAPE, seed: int = SEED) -> Path:
-    """Save a randomized-weights checkpoint of the official architecture (official key names)."""
-    from .model import GradICONNetwork, NetworkConfig, official_state_dict, randomize_weights
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    network = randomize_weights(GradICONNetwork(NetworkConfig(input_shape=tuple(input_shape))), seed, DISPLACEMENT_SCALE)
-    torch.save(official_state_dict(network), path)
-    return path
+# ---------------------------------------------------------------- the report
 
 
-def _read_image_array(path) -> np.ndarray:
-    import itk
-
-    return itk.array_from_image(itk.imread(str(path)))  # a copy: a view would outlive its image
-
-
-def _mean_dice(a: np.ndarray, b: np.ndarray):
-    """Mean Dice over the tissue labels (background excluded) and the per-label values."""
-    per_label = {}
-    for label in sorted(LABEL_NAMES):
+def _mean_dice(a: np.ndarray, b: np.ndarray) -> dict:
+    """Dice of each tissue label of ``a`` and ``b`` (label maps on one grid)."""
+    out = {}
+    for label in TISSUES:
         x, y = a == label, b == label
         total = int(x.sum()) + int(y.sum())
-        if total:
-            per_label[label] = 2.0 * int(np.logical_and(x, y).sum()) / total
-    return float(np.mean(list(per_label.values()))), per_label
+        out[label] = 2.0 * int(np.logical_and(x, y).sum()) / total if total else float("nan")
+    return out
+
+
+def _isotropic_slice(array: np.ndarray, row_mm: float, col_mm: float, pixel_mm: float) -> np.ndarray:
+    """A 2-D slice resampled (nearest) to square pixels of ``pixel_mm``, so anatomy keeps its shape."""
+    rows = np.minimum((np.arange(int(array.shape[0] * row_mm / pixel_mm)) * pixel_mm / row_mm).astype(int),
+                      array.shape[0] - 1)
+    cols = np.minimum((np.arange(int(array.shape[1] * col_mm / pixel_mm)) * pixel_mm / col_mm).astype(int),
+                      array.shape[1] - 1)
+    return array[np.ix_(rows, cols)]
+
+
+def orthogonal_slices(volume: np.ndarray, spacing_xyz) -> list:
+    """The three central slices of ``volume`` (z, y, x), axial, coronal and sagittal, flipped so
+    that superior/anterior is up, at square pixels."""
+    sx, sy, sz = spacing_xyz
+    pixel = min(spacing_xyz)
+    cz, cy, cx = (n // 2 for n in volume.shape)
+    return [_isotropic_slice(volume[cz][::-1], sy, sx, pixel),
+            _isotropic_slice(volume[:, cy][::-1], sz, sx, pixel),
+            _isotropic_slice(volume[:, :, cx][::-1], sz, sy, pixel)]
+
+
+def _edges(image: np.ndarray) -> np.ndarray:
+    """Where the gradient magnitude of ``image`` (2-D, in [0, 1]) is in its top 12 %."""
+    gy, gx = np.gradient(image.astype(np.float32))
+    magnitude = np.hypot(gx, gy)
+    return magnitude > np.quantile(magnitude, 0.88)
+
+
+def write_png(path, rgb: np.ndarray) -> None:
+    """Write an (H, W, 3) uint8 array as a PNG (zlib only: no imaging library needed)."""
+    height, width, _ = rgb.shape
+    raw = b"".join(b"\x00" + row.tobytes() for row in np.ascontiguousarray(rgb, dtype=np.uint8))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+
+
+def overview_png(path, fixed: np.ndarray, before: np.ndarray, after: np.ndarray, spacing_xyz) -> None:
+    """Rows: fixed, moving before, moving after, fixed edges (red) over moving after; columns:
+    axial, coronal, sagittal central slices of the fixed grid."""
+    def normalized(volume):
+        high = float(np.quantile(volume, 0.995)) or 1.0
+        return np.clip(volume / high, 0, 1)
+
+    rows = []
+    views = [orthogonal_slices(normalized(v), spacing_xyz) for v in (fixed, before, after)]
+    overlay = []
+    for fixed_slice, after_slice in zip(views[0], views[2]):
+        rgb = np.repeat(after_slice[..., None], 3, -1)
+        rgb[_edges(fixed_slice)] = (1.0, 0.15, 0.1)
+        overlay.append(rgb)
+    for row in (*views, overlay):
+        height = max(s.shape[0] for s in row)
+        tiles = []
+        for s in row:
+            rgb = s if s.ndim == 3 else np.repeat(s[..., None], 3, -1)
+            pad = np.zeros((height - rgb.shape[0], rgb.shape[1], 3))
+            tiles += [np.concatenate([rgb, pad]), np.zeros((height, 4, 3))]
+        rows.append(np.concatenate(tiles[:-1], 1))
+    width = max(r.shape[1] for r in rows)
+    rows = [np.concatenate([r, np.zeros((r.shape[0], width - r.shape[1], 3))], 1) for r in rows]
+    picture = np.concatenate([x for r in rows for x in (r, np.zeros((4, width, 3)))][:-1], 0)
+    write_png(path, (picture * 255).round().astype(np.uint8))
 
 
 class _EngineTiming(logging.Handler):
@@ -221,12 +241,20 @@ def _size(path: Path) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mgr_engine.demo",
-        description="End-to-end demo of mgr_engine on a synthetic head pair, with RANDOM network weights.")
+        description="Register the bundled T1/T2 sample pair with the bundled compact model and report the result.")
     parser.add_argument("--out", default="demo_output", help="output directory (default: demo_output)")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"smaller network input {'x'.join(map(str, QUICK_INPUT_SHAPE))} (seconds, for tests)")
+    parser.add_argument("--weights", help="compact-model weights (default: the bundled ones)")
+    parser.add_argument("--io_iterations", type=int, default=0,
+                        help="instance-optimization steps (default 0; the paper's 50 take minutes on a CPU)")
+    parser.add_argument("--io_sim", default="lncc2", choices=["lncc", "lncc2", "mind"],
+                        help="IO similarity (default lncc2)")
+    parser.add_argument("--build_sample_pair", metavar="DIR", help=argparse.SUPPRESS)  # maintainers: rebuild data
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.build_sample_pair:
+        for key, path in build_sample_pair(args.build_sample_pair).items():
+            print(f"{key}: {path} ({_size(path)})")
+        return 0
 
     import itk
 
@@ -234,18 +262,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    input_shape = QUICK_INPUT_SHAPE if args.quick else FULL_INPUT_SHAPE
-    banner = ("!!! RANDOM WEIGHTS: this demo runs the network with randomly initialized weights (the bundled trained "
-              "model is a later issue). The result is NOT a meaningful registration; it exercises the whole pipeline. !!!")
-    print(banner, flush=True)
-
-    started = time.perf_counter()
-    data = make_sample_pair(out / "data")
-    log.info("sample pair written in %.1f s", time.perf_counter() - started)
-    started = time.perf_counter()
-    checkpoint = make_random_checkpoint(out / "random_weights" / "Step_2_final.trch", input_shape)
-    log.info("random checkpoint written in %.1f s", time.perf_counter() - started)
-
+    data = {key: SAMPLE_DIR / name for key, name in SAMPLE_FILES.items()}
     outputs = {
         "transform": out / "transform.h5",
         "warped moving": out / "warped_moving.nii.gz",
@@ -254,16 +271,14 @@ def main(argv=None) -> int:
     }
     argv_cli = [
         "register", "--fixed", str(data["fixed"]), "--moving", str(data["moving"]),
-        "--fixed_modality", "mri", "--moving_modality", "mri",
-        "--model", "multigradicon", "--network_weights", str(checkpoint), "--io_iterations", "None",
+        "--fixed_modality", "mri", "--moving_modality", "mri", "--model", "compact",
+        "--io_iterations", str(args.io_iterations) if args.io_iterations else "None", "--io_sim", args.io_sim,
         "--transform_out", str(outputs["transform"]), "--warped_moving_out", str(outputs["warped moving"]),
         "--displacement_field_out", str(outputs["displacement field"]),
         "--jacobian_out", str(outputs["Jacobian determinant"]),
     ]
-    if args.quick:
-        argv_cli += ["--network_input_shape", *map(str, QUICK_INPUT_SHAPE)]
-    print("instance optimization (IO) is OFF (--io_iterations None): one IO step takes about a minute at "
-          "175^3 on a 2-core CPU, so the default 50 steps would take most of an hour here.", flush=True)
+    if args.weights:
+        argv_cli += ["--network_weights", args.weights]
     print("running: mgr-engine " + " ".join(argv_cli), flush=True)
     engine_timing = _EngineTiming()
     logging.getLogger("mgr_engine").addHandler(engine_timing)
@@ -277,44 +292,45 @@ def main(argv=None) -> int:
         print(f"demo: mgr-engine register failed (exit status {status}); see the error above.", file=sys.stderr)
         return status
 
-    # Evaluation: folds and tissue overlap, before (identity) and after (the written transform).
+    # Evaluation on the fixed grid: tissue overlap before (identity in physical space) and after.
+    fixed = itk_io.load_image(data["fixed"], "fixed image")
+    moving = itk_io.load_image(data["moving"], "moving image")
     fixed_labels = itk_io.load_image(data["fixed_labels"], "fixed labels")
     moving_labels = itk_io.load_image(data["moving_labels"], "moving labels")
-    fixed_label_array = itk.array_from_image(fixed_labels)
     identity = itk.IdentityTransform[itk.D, 3].New()
-    before = itk.array_from_image(itk_io.resample(moving_labels, identity, fixed_labels, "nearest"))
     transform = itk.transformread(str(outputs["transform"]))[0]
+    fixed_label_array = itk.array_from_image(fixed_labels)
+    dice_before = _mean_dice(fixed_label_array, itk.array_from_image(
+        itk_io.resample(moving_labels, identity, fixed_labels, "nearest")))
     warped_labels = itk_io.resample(moving_labels, transform, fixed_labels, "nearest")
     outputs["warped moving labels"] = out / "warped_moving_labels.nii.gz"
     itk_io.write_image(warped_labels, outputs["warped moving labels"])
-    after = itk.array_from_image(warped_labels)
-    dice_before, per_before = _mean_dice(fixed_label_array, before)
-    dice_after, per_after = _mean_dice(fixed_label_array, after)
-    jacobian = _read_image_array(outputs["Jacobian determinant"])
+    dice_after = _mean_dice(fixed_label_array, itk.array_from_image(warped_labels))
+    jacobian = itk.array_from_image(itk.imread(str(outputs["Jacobian determinant"])))
     negative = 100.0 * float(np.count_nonzero(jacobian < 0)) / jacobian.size
-    displacement = _read_image_array(outputs["displacement field"])
+    displacement = itk.array_from_image(itk.imread(str(outputs["displacement field"])))
     displacement_mm = np.linalg.norm(displacement.reshape(-1, 3), axis=1)
+    outputs["overview PNG"] = out / "overview.png"
+    overview_png(outputs["overview PNG"], itk.array_from_image(fixed).astype(np.float32),
+                 itk.array_from_image(itk_io.resample(moving, identity, fixed)).astype(np.float32),
+                 itk.array_from_image(itk.imread(str(outputs["warped moving"]))).astype(np.float32),
+                 tuple(fixed.GetSpacing()))
 
     print()
-    print(banner)
-    print(f"network input {'x'.join(map(str, input_shape))}{' (--quick)' if args.quick else ''}, "
-          f"instance optimization off, device {'cuda' if torch.cuda.is_available() else 'cpu'}")
+    print(f"compact model, instance optimization {f'{args.io_iterations} steps ({args.io_sim})' if args.io_iterations else 'off'}, "
+          f"device {'cuda' if torch.cuda.is_available() else 'cpu'}")
     print("files written:")
-    for label, path in (("fixed image (T1-like)", data["fixed"]), ("moving image (T2-like)", data["moving"]),
-                        ("fixed labels", data["fixed_labels"]), ("moving labels", data["moving_labels"]),
-                        ("random checkpoint", checkpoint), *outputs.items()):
+    for label, path in outputs.items():
         print(f"  {label:24s} {path}  ({_size(Path(path))})")
-    print(f"registration wall time (mgr-engine register in-process: load weights, register, "
-          f"write outputs): {elapsed:.1f} s"
-          + (f", of which Engine.register {engine_timing.seconds:.1f} s" if engine_timing.seconds is not None else ""))
+    print(f"registration wall time (mgr-engine register in-process: load weights, register, write outputs): "
+          f"{elapsed:.1f} s" + (f", of which Engine.register {engine_timing.seconds:.1f} s"
+                                if engine_timing.seconds is not None else ""))
     print(f"displacement on the fixed grid: mean {displacement_mm.mean():.2f} mm, max {displacement_mm.max():.2f} mm")
     print(f"fixed voxels with negative Jacobian determinant: {negative:.3f} % "
           f"(Jacobian min {jacobian.min():.3f}, max {jacobian.max():.3f})")
-    print(f"mean tissue Dice ({len(per_before)} labels): before (identity) {dice_before:.3f}, "
-          f"after (transform) {dice_after:.3f}")
-    for label in per_before:
-        print(f"    {LABEL_NAMES[label]:13s} {per_before[label]:.3f} -> {per_after.get(label, 0.0):.3f}")
-    print("(random weights: a change in Dice here says nothing about registration accuracy)")
+    print("Dice per tissue, before (identity) -> after (transform):")
+    for label, name in TISSUES.items():
+        print(f"    {name:4s} {dice_before[label]:.3f} -> {dice_after[label]:.3f}")
     return 0
 
 
