@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .engine import BUNDLED_WEIGHTS as _BUNDLED
+from .train import dice
 
 log = logging.getLogger("mgr_engine.demo")
 
@@ -144,14 +145,15 @@ def build_sample_pair(out_dir=SAMPLE_DIR) -> dict:
 # ---------------------------------------------------------------- the report
 
 
-def _mean_dice(a: np.ndarray, b: np.ndarray) -> dict:
+def _tissue_dice(a: np.ndarray, b: np.ndarray) -> dict:
     """Dice of each tissue label of ``a`` and ``b`` (label maps on one grid)."""
-    out = {}
-    for label in TISSUES:
-        x, y = a == label, b == label
-        total = int(x.sum()) + int(y.sum())
-        out[label] = 2.0 * int(np.logical_and(x, y).sum()) / total if total else float("nan")
-    return out
+    return {label: dice(a, b, label) for label in TISSUES}
+
+
+def _read_array(path) -> np.ndarray:
+    import itk
+
+    return itk.array_from_image(itk.imread(str(path)))
 
 
 def _isotropic_slice(array: np.ndarray, row_mm: float, col_mm: float, pixel_mm: float) -> np.ndarray:
@@ -300,20 +302,20 @@ def main(argv=None) -> int:
     identity = itk.IdentityTransform[itk.D, 3].New()
     transform = itk.transformread(str(outputs["transform"]))[0]
     fixed_label_array = itk.array_from_image(fixed_labels)
-    dice_before = _mean_dice(fixed_label_array, itk.array_from_image(
+    dice_before = _tissue_dice(fixed_label_array, itk.array_from_image(
         itk_io.resample(moving_labels, identity, fixed_labels, "nearest")))
     warped_labels = itk_io.resample(moving_labels, transform, fixed_labels, "nearest")
     outputs["warped moving labels"] = out / "warped_moving_labels.nii.gz"
     itk_io.write_image(warped_labels, outputs["warped moving labels"])
-    dice_after = _mean_dice(fixed_label_array, itk.array_from_image(warped_labels))
-    jacobian = itk.array_from_image(itk.imread(str(outputs["Jacobian determinant"])))
+    dice_after = _tissue_dice(fixed_label_array, itk.array_from_image(warped_labels))
+    jacobian = _read_array(outputs["Jacobian determinant"])
     negative = 100.0 * float(np.count_nonzero(jacobian < 0)) / jacobian.size
-    displacement = itk.array_from_image(itk.imread(str(outputs["displacement field"])))
+    displacement = _read_array(outputs["displacement field"])
     displacement_mm = np.linalg.norm(displacement.reshape(-1, 3), axis=1)
     outputs["overview PNG"] = out / "overview.png"
     overview_png(outputs["overview PNG"], itk.array_from_image(fixed).astype(np.float32),
                  itk.array_from_image(itk_io.resample(moving, identity, fixed)).astype(np.float32),
-                 itk.array_from_image(itk.imread(str(outputs["warped moving"]))).astype(np.float32),
+                 _read_array(outputs["warped moving"]).astype(np.float32),
                  tuple(fixed.GetSpacing()))
 
     print()

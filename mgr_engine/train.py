@@ -263,8 +263,8 @@ def warp_labels(labels: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
     return warped[0, 0].round().to(labels.dtype)
 
 
-def dice(a: torch.Tensor, b: torch.Tensor, label: int) -> float:
-    """Dice overlap of ``label`` in two label maps (1.0 when both lack it)."""
+def dice(a, b, label: int) -> float:
+    """Dice overlap of ``label`` in two label maps, tensors or arrays (1.0 when both lack it)."""
     x, y = a == label, b == label
     total = int(x.sum()) + int(y.sum())
     return 1.0 if total == 0 else 2.0 * int((x & y).sum()) / total
