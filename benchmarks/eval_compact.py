@@ -42,7 +42,8 @@ def evaluate(engine: Engine, pairs: int, contrast_pairs, io_iterations: int, io_
         return engine.instance_optimize(moving, fixed, iterations=io_iterations, similarity=io_sim,
                                         generator=generator, progress=False)[0]
 
-    patients = list(synth.evaluation_pairs(pairs, engine.input_shape, device=engine.device))
+    with_ct = any(name in synth.CT_CONTRASTS for pair in contrast_pairs for name in pair)
+    patients = list(synth.evaluation_pairs(pairs, engine.input_shape, device=engine.device, ct=with_ct))
     return evaluate_pairs(predict, patients, contrast_pairs, labels=tuple(TISSUES))
 
 

@@ -236,6 +236,8 @@ def _add_train(sub):
     p.add_argument("--variant", choices=["B", "F", "R", "mono"],
                    help="similarity-loss randomization: B, F, R (default) or mono (monomodal pairs only)")
     p.add_argument("--shapes_fraction", type=float, help="share of SynthMorph-like shape pairs (default 0.25)")
+    p.add_argument("--ct", action="store_const", const=True,
+                   help="brain patients also get a CT-like contrast and its inversion 1 - CT (paper's augmentation)")
     p.add_argument("--no_augment", dest="augment", action="store_const", const=False,
                    help="no random affine/flip augmentation")
     p.add_argument("--amp", action="store_const", const=True, help="bfloat16 autocast for the U-Nets (CUDA)")

@@ -20,7 +20,9 @@ intensities under a random gamma), ``t2``, ``flair`` and ``pd`` (tissue-to-inten
 with per-patient jitter) and ``rand0``/``rand1`` (a random intensity per tissue, drawn per
 patient); shapes patients have ``rand0``..``rand2``. Each rendered image gets a random
 Gaussian blur, a smooth multiplicative bias field and Rician noise, then the paper's MRI
-normalization (clip to [minimum, 99th percentile], scale to [0, 1]).
+normalization (clip to [minimum, 99th percentile], scale to [0, 1]). On request
+(``ct=True``) brain patients also have ``ct`` (Hounsfield units per tissue plus a bone shell,
+the paper's CT window) and ``ct_inverted`` (1 - CT), the paper's inversion augmentation.
 
 Everything is deterministic by seed: random numbers are drawn on the CPU from seeded
 generators and the arithmetic runs on ``device``. Seeds below :data:`HOLDOUT_START` are for
@@ -58,6 +60,9 @@ HOLDOUT_START = 10**12  # training seeds lie in [0, HOLDOUT_START); evaluation s
 BRAIN_LABELS = {0: "background", 1: "CSF", 2: "GM", 3: "WM"}
 BRAIN_CONTRASTS = ("t1", "t2", "flair", "pd", "rand0", "rand1")
 SHAPES_CONTRASTS = ("rand0", "rand1", "rand2")
+# Opt-in CT-like contrasts of brain patients (``brain_patient(ct=True)``): the CT and its
+# inversion 1 - CT, which the paper adds to training because it resembles T1w MRI.
+CT_CONTRASTS = ("ct", "ct_inverted")
 TEMPLATE_FILES = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
     "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
@@ -70,6 +75,12 @@ CONTRAST_TABLES = {
     "pd": (0.0, 0.85, 0.75, 0.60),
 }
 TABLE_JITTER = 0.07
+# CT: mean Hounsfield units of background (air), CSF, GM, WM; a bone shell around the brain
+# (the template has no skull) drawn in BONE_HU; the paper's window, mapped to [0, 1].
+CT_HU = (-1000.0, 8.0, 40.0, 28.0)
+CT_HU_JITTER = 5.0
+BONE_HU = (700.0, 1300.0)
+CT_WINDOW = (-1000.0, 1000.0)
 
 
 def derived_generator(*keys: int) -> torch.Generator:
@@ -264,8 +275,11 @@ class Patient:
         if contrast not in self.contrasts:
             raise ValueError(f"{self.kind} patients have contrasts {', '.join(self.contrasts)}, not {contrast!r}")
         if contrast not in self._images:
-            gen = derived_generator(0x1AA6E, self.seed, self.family, self.contrasts.index(contrast))
-            self._images[contrast] = render_contrast(self, contrast, gen)
+            if contrast == "ct_inverted":
+                self._images[contrast] = 1.0 - self.image("ct")
+            else:
+                gen = derived_generator(0x1AA6E, self.seed, self.family, self.contrasts.index(contrast))
+                self._images[contrast] = render_ct(self, gen) if contrast == "ct" else render_contrast(self, contrast, gen)
         return self._images[contrast]
 
 
@@ -305,6 +319,29 @@ def render_contrast(patient: Patient, contrast: str, gen: torch.Generator) -> to
     return normalize_mri(image)
 
 
+def render_ct(patient: Patient, gen: torch.Generator) -> torch.Tensor:
+    """Render a CT-like image of a brain ``patient``: jittered Hounsfield units per tissue, a
+    bone shell about 3 % of the field of view thick outside the brain, blur, Gaussian noise;
+    clipped to [-1000, 1000] HU and scaled to [0, 1] as the paper preprocesses CT. Inside the
+    brain the tissues differ by only a few HU, so at this window the image is mostly head
+    outline and skull, as real CT is."""
+    tissue = patient.tissue
+    device, shape = tissue.device, patient.shape
+    hu = torch.tensor(CT_HU, dtype=torch.float64)
+    hu[1:] += _uniform(gen, -CT_HU_JITTER, CT_HU_JITTER, (len(CT_HU) - 1,))
+    image = (tissue * hu.float().to(device).view(1, -1, 1, 1, 1)).sum(1, keepdim=True)
+    brain = 1.0 - tissue[:, :1]
+    thickness = max(1, round(0.03 * max(shape)))
+    shell = (F.max_pool3d(brain, 2 * thickness + 1, stride=1, padding=thickness) - brain).clamp(0, 1)
+    image = image + shell * (float(_uniform(gen, *BONE_HU)) - CT_HU[0])
+    sigma = float(_uniform(gen, 0.3, 1.0))
+    image = gaussian_blur(image, taps=2 * int(np.ceil(3 * sigma)) + 1, sigma=sigma)
+    level = float(_uniform(gen, 2.0, 20.0))
+    image = image + torch.randn((1, 1, *shape), generator=gen).to(device) * level
+    low, high = CT_WINDOW
+    return ((image.clamp(low, high) - low) / (high - low)).float()
+
+
 def _deform(volumes: torch.Tensor, gen, *, deformation: float, rotation_deg: float, scaling: float,
             translation: float) -> torch.Tensor:
     """``volumes`` (1, C, *shape) pulled back through a random affine o diffeomorphism."""
@@ -317,12 +354,14 @@ def _deform(volumes: torch.Tensor, gen, *, deformation: float, rotation_deg: flo
 
 
 def brain_patient(seed: int, shape=(96, 96, 96), *, device=None, deformation: float = 0.045,
-                  rotation_deg: float = 6.0, scaling: float = 0.06, translation: float = 0.03) -> Patient:
+                  rotation_deg: float = 6.0, scaling: float = 0.06, translation: float = 0.03,
+                  ct: bool = False) -> Patient:
     """A brain patient: the template deformed by the random diffeomorphism and affine of ``seed``.
 
     ``deformation``: scale of the velocity field in [0, 1] coordinates (0.045 gives displacements
     of about 3 voxels on average and 9 at most at 96^3); ``rotation_deg``/``scaling``/
-    ``translation``: bounds of the random affine.
+    ``translation``: bounds of the random affine. ``ct``: the patient also has the contrasts
+    ``CT_CONTRASTS`` (a CT-like image and 1 - CT); the other contrasts stay the same images.
     """
     template = load_template(tuple(int(n) for n in shape))
     gen = derived_generator(0xB2A1, seed)
@@ -332,7 +371,8 @@ def brain_patient(seed: int, shape=(96, 96, 96), *, device=None, deformation: fl
     tissue, t1 = warped[:, :4], warped[:, 4:]
     tissue = tissue / tissue.sum(1, keepdim=True).clamp_min(1e-6)
     labels = tissue[0].argmax(0).to(torch.uint8)
-    return Patient("brain", int(seed), tissue, labels, BRAIN_CONTRASTS, t1=t1)
+    contrasts = BRAIN_CONTRASTS + CT_CONTRASTS if ct else BRAIN_CONTRASTS
+    return Patient("brain", int(seed), tissue, labels, contrasts, t1=t1)
 
 
 def shapes_patient(seed: int, shape=(96, 96, 96), *, family: int = 0, device=None, deformation: float = 0.06,
@@ -357,19 +397,21 @@ def shapes_patient(seed: int, shape=(96, 96, 96), *, family: int = 0, device=Non
     return Patient("shapes", int(seed), tissue, labels, SHAPES_CONTRASTS, family=int(family))
 
 
-def training_pair(gen: torch.Generator, shape, *, shapes_fraction: float = 0.25, device=None):
+def training_pair(gen: torch.Generator, shape, *, shapes_fraction: float = 0.25, device=None, ct: bool = False):
     """Two patients for one training pair, drawn from training seeds only (< HOLDOUT_START):
-    brain/brain, or (with probability ``shapes_fraction``) two members of one shapes family."""
+    brain/brain (with the CT contrasts when ``ct``), or (with probability ``shapes_fraction``)
+    two members of one shapes family."""
     use_shapes = float(torch.rand((), generator=gen)) < shapes_fraction
     seeds = torch.randint(0, HOLDOUT_START, (3,), generator=gen).tolist()
     if use_shapes:
         return (shapes_patient(seeds[0], shape, family=seeds[2], device=device),
                 shapes_patient(seeds[1], shape, family=seeds[2], device=device))
-    return brain_patient(seeds[0], shape, device=device), brain_patient(seeds[1], shape, device=device)
+    return brain_patient(seeds[0], shape, device=device, ct=ct), brain_patient(seeds[1], shape, device=device, ct=ct)
 
 
-def evaluation_pairs(count: int, shape=(96, 96, 96), *, device=None, start: int = 0):
-    """``count`` held-out brain pairs (moving, fixed): patients ``HOLDOUT_START + 2 i`` and ``+ 2 i + 1``."""
+def evaluation_pairs(count: int, shape=(96, 96, 96), *, device=None, start: int = 0, ct: bool = False):
+    """``count`` held-out brain pairs (moving, fixed): patients ``HOLDOUT_START + 2 i`` and ``+ 2 i + 1``
+    (with the CT contrasts when ``ct``)."""
     for i in range(start, start + count):
-        yield (brain_patient(HOLDOUT_START + 2 * i, shape, device=device),
-               brain_patient(HOLDOUT_START + 2 * i + 1, shape, device=device))
+        yield (brain_patient(HOLDOUT_START + 2 * i, shape, device=device, ct=ct),
+               brain_patient(HOLDOUT_START + 2 * i + 1, shape, device=device, ct=ct))

@@ -17,8 +17,9 @@ How the loss contrasts are drawn (:func:`choose_contrasts`) is the paper's varia
 Augmentation (:func:`augment`) is the authors' (``training/train_multi.py``): per pair, a
 random permutation of the axes with random signs (flips), the same for both images, times
 identity + 0.05 N(0, 1) on the 3x4 affine, drawn separately for each image; an image and
-its loss image share the transform. 1-CT inversion is not applied: the synthetic patients
-have no CT-like contrast.
+its loss image share the transform. 1-CT inversion (paper, section 3.3): with ``ct`` brain
+patients also have a CT-like contrast and its inversion 1 - CT (:data:`synth.CT_CONTRASTS`),
+drawn like any other contrast; off by default (the bundled model was trained without).
 
 BatchNorm: icon_registration's training loops keep the network in train mode for every
 optimization step (``net.train()``; ``eval()`` only around the periodic visualization), so
@@ -88,6 +89,7 @@ class TrainConfig:
     similarity: str = "lncc2"
     variant: str = "R"
     shapes_fraction: float = 0.25
+    ct: bool = False
     augment: bool = True
     affine_noise: float = 0.05
     amp: bool = False
@@ -172,7 +174,8 @@ def make_batch(config: TrainConfig, gen: torch.Generator, device=None) -> dict:
     columns = {"moving": [], "fixed": [], "loss_moving": [], "loss_fixed": []}
     drawn = []
     for _ in range(config.batch_size):
-        patient_a, patient_b = synth.training_pair(gen, shape, shapes_fraction=config.shapes_fraction, device=device)
+        patient_a, patient_b = synth.training_pair(gen, shape, shapes_fraction=config.shapes_fraction, device=device,
+                                                   ct=config.ct)
         names = choose_contrasts(config.variant, patient_a.contrasts, gen)
         drawn.append((patient_a.kind, *names))
         columns["moving"].append(patient_a.image(names[0]))

@@ -112,6 +112,36 @@ def test_shapes_family_pairs_share_labels():
     assert torch.equal(a.image("rand2"), synth.shapes_patient(1, SHAPE, family=9).image("rand2"))
 
 
+def test_ct_contrasts_are_opt_in_and_leave_the_mri_contrasts_unchanged():
+    plain, with_ct = synth.brain_patient(7, SHAPE), synth.brain_patient(7, SHAPE, ct=True)
+    assert "ct" not in plain.contrasts
+    assert with_ct.contrasts == synth.BRAIN_CONTRASTS + synth.CT_CONTRASTS
+    for contrast in synth.BRAIN_CONTRASTS:
+        assert torch.equal(plain.image(contrast), with_ct.image(contrast))
+    ct = with_ct.image("ct")
+    assert torch.equal(with_ct.image("ct_inverted"), 1.0 - ct)
+    assert ct.min() >= 0 and ct.max() <= 1
+    labels = with_ct.labels
+    brain = ct[0, 0][labels > 0]
+    # Tissues sit a few HU above water in the [-1000, 1000] window: about 0.5, nearly flat.
+    assert 0.48 < float(brain.median()) < 0.54 and float(brain.std()) < 0.05
+    # Air far from the head is about 0; the bone shell around the brain is bright.
+    assert float(ct[0, 0, :2].mean()) < 0.05
+    assert float((ct[0, 0][labels == 0] > 0.8).float().mean()) > 0.05
+    with pytest.raises(ValueError, match="ct"):
+        plain.image("ct")
+
+
+def test_training_with_ct_draws_the_ct_contrasts():
+    config = train.TrainConfig(**tiny_options(variant="mono", ct=True, shapes_fraction=0.0, augment=False)).check()
+    gen = torch.Generator().manual_seed(2)
+    drawn = {train.make_batch(config, gen)["contrasts"][0][1] for _ in range(24)}
+    assert drawn & set(synth.CT_CONTRASTS)
+    gen = torch.Generator().manual_seed(2)
+    plain = train.TrainConfig(**tiny_options(variant="mono", shapes_fraction=0.0, augment=False)).check()
+    assert not {train.make_batch(plain, gen)["contrasts"][0][1] for _ in range(24)} & set(synth.CT_CONTRASTS)
+
+
 def test_training_never_draws_held_out_seeds():
     gen = torch.Generator().manual_seed(0)
     seeds = []
