@@ -343,6 +343,10 @@ def save_safetensors(network: GradICONNetwork, path, *, metadata: dict | None = 
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
     partial = path.with_name(path.name + ".partial")
     save_file(tensors, str(partial), metadata=meta)
+    # safetensors creates files 0600; give them the mode any other file would get (umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(partial, 0o666 & ~umask)
     os.replace(partial, path)
     return path
 

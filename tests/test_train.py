@@ -1,6 +1,7 @@
 """Synthetic patients, the training loop, its checkpoints and the compact model's weights file."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -349,6 +350,11 @@ def test_safetensors_roundtrip(tmp_path):
 
     half = save_safetensors(net, tmp_path / "h.safetensors")
     assert half.stat().st_size < 0.6 * path.stat().st_size
+    umask = os.umask(0o027)
+    try:  # readable by others as the umask allows (safetensors alone writes 0600)
+        assert save_safetensors(net, tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(umask)
     engine = engine_module.Engine(model="compact", weights=half, device="cpu")
     moving = torch.rand(1, 1, 72, 72, 72)
     fixed = torch.rand(1, 1, 72, 72, 72)
