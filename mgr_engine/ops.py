@@ -8,9 +8,11 @@ dim 4); the identity map spans 0..1 over n voxels, so voxel i sits at
 These functions are the reference semantics the fused Triton kernels
 (``kernels/``, installed as ``mgr_engine.kernels``) reproduce; the engine calls only
 these, and they dispatch to the kernels by :func:`kernel_mode`: ``"auto"`` (Triton on
-CUDA tensors when triton imports, PyTorch elsewhere), ``"triton"`` (always; on the CPU
-that needs ``TRITON_INTERPRET=1``) or ``"torch"`` (never). The default comes from the
-environment variable ``MGR_ENGINE_KERNELS``.
+CUDA tensors when triton imports; on the CPU the C++ warp of ``kernels/warp_cpu.py`` where
+it applies, PyTorch elsewhere), ``"triton"`` (always Triton; on the CPU that needs
+``TRITON_INTERPRET=1``), ``"cpp"`` (the C++ warp wherever it applies: CPU float32 tensors,
+no gradient wanted; an error when it was not built) or ``"torch"`` (never a kernel). The
+default comes from the environment variable ``MGR_ENGINE_KERNELS``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 
 from .errors import InvalidOptionError
 
-KERNEL_MODES = ("auto", "triton", "torch")
+KERNEL_MODES = ("auto", "triton", "cpp", "torch")
 _kernel_mode = os.environ.get("MGR_ENGINE_KERNELS", "auto")
 
 
@@ -38,7 +40,7 @@ def triton_available() -> bool:
 
 
 def set_kernel_mode(mode: str) -> None:
-    """Choose the implementation of warp, composition and LNCC: "auto", "triton" or "torch"."""
+    """Choose the implementation of warp, composition and LNCC: "auto", "triton", "cpp" or "torch"."""
     global _kernel_mode
     if mode not in KERNEL_MODES:
         raise InvalidOptionError(f"unknown kernel mode {mode!r}: choose one of {', '.join(KERNEL_MODES)}")
@@ -58,11 +60,32 @@ def kernel_mode(mode: str):
 
 def use_triton(tensor: torch.Tensor) -> bool:
     """Whether an op on ``tensor`` runs the Triton kernel under the current mode."""
-    if _kernel_mode == "torch":
+    if _kernel_mode in ("torch", "cpp"):
         return False
     if _kernel_mode == "triton":
         return True
     return tensor.is_cuda and triton_available()
+
+
+def _is_eager(*tensors: torch.Tensor) -> bool:
+    """Plain tensors outside any tracer (jit, dynamo, export's fake tensors): a C++ call on
+    raw memory would not be traced."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    if torch.jit.is_tracing() or (is_compiling is not None and is_compiling()):
+        return False
+    return all(type(t) is torch.Tensor for t in tensors)
+
+
+def use_cpp_warp(image: torch.Tensor, coords: torch.Tensor) -> bool:
+    """Whether :func:`warp` of ``image`` at ``coords`` runs the C++ warp under the current mode."""
+    if _kernel_mode not in ("auto", "cpp"):
+        return False
+    from .kernels import warp_cpu
+
+    if _kernel_mode == "cpp" and not warp_cpu.available():
+        raise InvalidOptionError("kernel mode 'cpp' needs the C++ extension, which was not built: reinstall "
+                                 "mgr_engine where a C++ compiler is found (pip install -e .)")
+    return warp_cpu.available() and warp_cpu.supports(image, coords) and _is_eager(image, coords)
 
 
 def identity_map(shape, *, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -87,6 +110,10 @@ def warp(image: torch.Tensor, coords: torch.Tensor, padding: str = "zeros") -> t
         from .kernels.warp import warp as triton_warp
 
         return triton_warp(image, coords, padding)
+    if use_cpp_warp(image, coords):
+        from .kernels.warp_cpu import warp_cpu
+
+        return warp_cpu(image, coords, padding)
     grid = coords.flip(1).permute(0, 2, 3, 4, 1) * 2.0 - 1.0  # (x, y, z) order, [-1, 1]
     if grid.shape[0] == 1 and image.shape[0] != 1:
         grid = grid.expand(image.shape[0], *grid.shape[1:])
