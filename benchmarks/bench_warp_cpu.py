@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,15 +32,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # helpers.random_network: randomized we
 from mgr_engine import ops  # noqa: E402
 from mgr_engine.kernels import warp_cpu  # noqa: E402
 
-
-def median_seconds(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from bench_kernels import timed  # noqa: E402  (median after two warm-ups)
 
 
 def allocated_mib(fn):
@@ -76,7 +66,7 @@ def op_rows(shape, threads_list, repeats):
             result = {}
             for mode in ("torch", "cpp"):
                 with ops.kernel_mode(mode):
-                    result[mode] = (median_seconds(fn, repeats), allocated_mib(fn), fn())
+                    result[mode] = (timed(fn, "cpu", repeats), allocated_mib(fn), fn())
             difference = float((result["cpp"][2] - result["torch"][2]).abs().max())
             rows.append((name, threads, result["torch"][0], result["cpp"][0], result["torch"][1], result["cpp"][1], difference))
     return rows
@@ -96,7 +86,7 @@ def end_to_end(shape, threads, repeats):
     out = {}
     for mode in ("torch", "cpp"):
         with ops.kernel_mode(mode):
-            out[mode] = (median_seconds(lambda: engine.predict_map(moving, fixed), repeats),
+            out[mode] = (timed(lambda: engine.predict_map(moving, fixed), "cpu", repeats),
                          engine.predict_map(moving, fixed))
     difference = float((out["cpp"][1] - out["torch"][1]).abs().max()) * (max(shape) - 1)
     return out["torch"][0], out["cpp"][0], difference

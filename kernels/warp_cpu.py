@@ -6,8 +6,8 @@ is absent and :func:`available` is False. It computes what ``F.grid_sample(mode=
 align_corners=True)`` computes, with the output voxels split over ``torch.get_num_threads()``
 OpenMP threads: torch's 3-D grid sampler parallelizes only over the batch on the CPU, so a
 single pair (batch 1) ran on one core. Forward only, float32 only: :func:`mgr_engine.ops.warp`
-uses it where no gradient is needed (registration without IO, resampling the outputs) and
-keeps PyTorch elsewhere. Reference: the PyTorch branch of :func:`mgr_engine.ops.warp`; test:
+uses it where no gradient is needed (registration without IO: every warp and composition
+in the network) and keeps PyTorch elsewhere; the outputs are resampled by ITK, not here. Reference: the PyTorch branch of :func:`mgr_engine.ops.warp`; test:
 ``tests/test_kernels_warp_cpu.py``; benchmark: ``benchmarks/bench_warp_cpu.py``.
 """
 
