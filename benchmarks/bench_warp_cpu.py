@@ -3,11 +3,13 @@
 
 Per op at full size (175^3 by default), for each thread count: median time of the warp of a
 1-channel image (zero padding) and of the map composition (3-channel field, border padding),
-PyTorch (``kernel_mode("torch")``) against C++ (``kernel_mode("cpp")``), and the memory each
-call allocates (torch.profiler's CPU memory events: the output, plus the sampling grid that
-grid_sample needs). End to end: ``Engine.predict_map`` (the network without IO: every warp
-and composition of the TwoStep/DownSample nesting) with randomized weights, warm median,
-both modes, and the largest difference between their maps (voxels).
+forward alone and forward + backward (the gradients IO needs: to the map; to the field and
+the map), PyTorch (``kernel_mode("torch")``) against C++ (``kernel_mode("cpp")``), and the
+memory each call allocates (torch.profiler's CPU memory events). End to end, with randomized
+weights of the official architecture: ``Engine.predict_map`` (no IO: every warp and
+composition of the TwoStep/DownSample nesting), warm median, and one IO step (forward and
+backward of the GradICON objective with 1-LNCC^2, both directions), each mode in its own
+process so that its peak memory (RSS) is its own.
 
     .venv/bin/python benchmarks/bench_warp_cpu.py
     .venv/bin/python benchmarks/bench_warp_cpu.py --shape 64 64 64 --repeats 3   # quick
@@ -18,9 +20,13 @@ Needs no itk. Times on a shared machine are noisy: compare the ratios of one run
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import resource
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -50,14 +56,26 @@ def allocated_mib(fn):
     return sum(max(row.self_cpu_memory_usage, 0) for row in prof.key_averages()) / 2**20
 
 
+def relative_difference(got, expected):
+    """Outputs: largest absolute difference. Gradients: relative L2 difference, since a
+    trilinear gradient jumps at voxel boundaries and float32 rounding puts a few points on the
+    other side (see RESULTS.md)."""
+    if isinstance(got, torch.Tensor):
+        return float((got - expected).abs().max())
+    return max(float((a - b).norm() / b.norm()) for a, b in zip(got, expected))
+
+
 def op_rows(shape, threads_list, repeats):
     gen = torch.Generator().manual_seed(0)
     image = torch.rand(1, 1, *shape, generator=gen)
-    field = 0.02 * torch.randn(1, 3, *shape, generator=gen)
-    coords = ops.identity_map(shape) + 0.02 * torch.randn(1, 3, *shape, generator=gen)
+    field = (0.02 * torch.randn(1, 3, *shape, generator=gen)).requires_grad_()
+    coords = (ops.identity_map(shape) + 0.02 * torch.randn(1, 3, *shape, generator=gen)).requires_grad_()
     cases = {
-        "warp (1 channel, zeros)": lambda: ops.warp(image, coords, "zeros"),
-        "compose_maps (3 channels, border)": lambda: ops.compose_maps(field, coords),
+        "warp (1 channel, zeros)": lambda: ops.warp(image, coords.detach(), "zeros"),
+        "compose_maps (3 channels, border)": lambda: ops.compose_maps(field.detach(), coords.detach()),
+        "warp + backward (to the map)": lambda: torch.autograd.grad(ops.warp(image, coords, "zeros").sum(), coords),
+        "compose_maps + backward (to field and map)":
+            lambda: torch.autograd.grad(ops.compose_maps(field, coords).sum(), (field, coords)),
     }
     rows = []
     for threads in threads_list:
@@ -67,9 +85,39 @@ def op_rows(shape, threads_list, repeats):
             for mode in ("torch", "cpp"):
                 with ops.kernel_mode(mode):
                     result[mode] = (timed(fn, "cpu", repeats), allocated_mib(fn), fn())
-            difference = float((result["cpp"][2] - result["torch"][2]).abs().max())
+            difference = relative_difference(result["cpp"][2], result["torch"][2])
             rows.append((name, threads, result["torch"][0], result["cpp"][0], result["torch"][1], result["cpp"][1], difference))
     return rows
+
+
+def io_step(shape, threads, repeats, mode):
+    """One IO step (GradICON objective, forward + backward, both directions) in kernel ``mode``:
+    median seconds of ``repeats`` after one warm-up, peak RSS (GiB) and the gradient."""
+    from helpers import random_network, smooth_volume
+
+    from mgr_engine.engine import gradicon_objective
+    from mgr_engine.losses import lncc2_loss
+
+    torch.set_num_threads(threads)
+    network = random_network(tuple(shape), displacement_scale=0.3).requires_grad_(True)
+    moving = torch.from_numpy(smooth_volume(shape, 1))[None, None]
+    fixed = torch.from_numpy(smooth_volume(shape, 2))[None, None]
+    times = []
+    with ops.kernel_mode(mode):
+        for _ in range(repeats + 1):
+            network.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            loss, _, _ = gradicon_objective(network, moving, fixed, lncc2_loss, generator=torch.Generator().manual_seed(0))
+            loss.backward()
+            times.append(time.perf_counter() - start)
+    gradient = torch.cat([p.grad.flatten() for p in network.parameters()])
+    return sorted(times[1:])[len(times[1:]) // 2], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, gradient
+
+
+def io_step_in_subprocess(shape, threads, repeats, mode, gradient_path):
+    command = [sys.executable, __file__, "--io-step-mode", mode, "--io-gradient", str(gradient_path),
+               "--shape", *map(str, shape), "--threads", str(threads), "--io-repeats", str(repeats)]
+    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
 
 
 def end_to_end(shape, threads, repeats):
@@ -97,23 +145,44 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", type=int, nargs=3, default=(175, 175, 175))
     parser.add_argument("--threads", type=int, nargs="+", default=(1, torch.get_num_threads()))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--io-repeats", type=int, default=2, help="timed IO steps per mode (after one warm-up)")
     parser.add_argument("--skip-end-to-end", action="store_true")
+    parser.add_argument("--io-step-mode", choices=("torch", "cpp"), help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--io-gradient", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not warp_cpu.available():
         sys.exit("mgr_engine._trilinear_cpu was not built: pip install -e . with a C++ compiler")
     shape = tuple(args.shape)
+    if args.io_step_mode:
+        seconds, peak_gib, gradient = io_step(shape, max(args.threads), args.io_repeats, args.io_step_mode)
+        torch.save(gradient, args.io_gradient)
+        print(json.dumps({"seconds": seconds, "peak_gib": peak_gib}))
+        return 0
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, shape {shape}, "
           f"median of {args.repeats}")
-    print("| op | threads | PyTorch | C++ | speed-up | allocated PyTorch | allocated C++ | max difference |")
+    print("| op | threads | PyTorch | C++ | speed-up | allocated PyTorch | allocated C++ | difference |")
     print("|---|---|---|---|---|---|---|---|")
     for name, threads, t_torch, t_cpp, m_torch, m_cpp, diff in op_rows(shape, sorted(set(args.threads)), args.repeats):
         print(f"| {name} | {threads} | {t_torch * 1e3:.0f} ms | {t_cpp * 1e3:.0f} ms | {t_torch / t_cpp:.2f}x "
               f"| {m_torch:.0f} MiB | {m_cpp:.0f} MiB | {diff:.1e} |")
+    print("(difference: forward, largest absolute; with backward, relative L2 of the gradients)")
     if not args.skip_end_to_end:
         threads = max(args.threads)
         t_torch, t_cpp, diff = end_to_end(shape, threads, max(2, args.repeats // 2))
         print(f"\nEngine.predict_map (no IO), {threads} threads: PyTorch warps {t_torch:.2f} s, C++ warps {t_cpp:.2f} s "
               f"({t_torch / t_cpp:.2f}x); maps differ by at most {diff:.1e} voxel")
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            step = {mode: io_step_in_subprocess(shape, threads, args.io_repeats, mode, Path(tmp, mode))
+                    for mode in ("torch", "cpp")}
+            gradients = {mode: torch.load(Path(tmp, mode)) for mode in step}
+        difference = float((gradients["cpp"] - gradients["torch"]).norm() / gradients["torch"].norm())
+        print(f"IO step (GradICON objective with 1-LNCC^2, forward + backward), {threads} threads, median of "
+              f"{args.io_repeats} after a warm-up: PyTorch warps {step['torch']['seconds']:.1f} s, C++ warps "
+              f"{step['cpp']['seconds']:.1f} s ({step['torch']['seconds'] / step['cpp']['seconds']:.2f}x); peak RSS "
+              f"{step['torch']['peak_gib']:.2f} / {step['cpp']['peak_gib']:.2f} GiB; weight gradients differ by "
+              f"{difference:.1e} (relative L2)")
     return 0
 
 

@@ -1,96 +1,247 @@
-// Trilinear warp on the CPU (forward only), built by setup.py as mgr_engine._trilinear_cpu.
+// Trilinear warp on the CPU, forward and backward, built by setup.py as mgr_engine._trilinear_cpu.
 //
 // Same semantics as torch.nn.functional.grid_sample(mode="bilinear", align_corners=True) on
 // a map in [0, 1] (mgr_engine.ops.warp): out[b, c, p] = image[b, c] at coords[b, :, p] * (n - 1).
 // Why: torch's 3-D grid sampler parallelizes only over the batch on the CPU, so a single
-// registration (batch 1) runs it on one core. Here the output voxels are split over OpenMP
-// threads and the eight corner weights are computed once for all channels.
+// registration (batch 1) runs it, and its backward, on one core. Here the output voxels are
+// split over OpenMP threads and the eight corner weights are computed once for all channels.
+// Templated on float (the engine) and double (gradcheck in the tests).
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#else  // built without OpenMP (Apple clang): one thread
+inline int omp_get_thread_num() { return 0; }
+inline int omp_get_num_threads() { return 1; }
+#endif
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
+#include <vector>
 
 namespace py = pybind11;
-using FloatArray = py::array_t<float, py::array::c_style>;
 
 namespace {
+
+template <typename T>
+using Array = py::array_t<T, py::array::c_style>;
 
 void check(bool condition, const char* message) {
     if (!condition) throw std::invalid_argument(message);
 }
 
-// image (B, C, D, H, W); coords (B or 1, 3, D', H', W'); out (B, C, D', H', W'), written here.
-// border: coordinates are clamped into the grid (padding_mode="border"); otherwise corners
-// outside the grid count as 0 (padding_mode="zeros"). A non-finite coordinate gives 0.
-void warp_trilinear(const FloatArray& image, const FloatArray& coords, FloatArray& out, bool border, int threads) {
-    check(image.ndim() == 5 && coords.ndim() == 5 && out.ndim() == 5, "image, coords and out must be 5-D");
-    const int64_t batch = image.shape(0), channels = image.shape(1);
-    const int64_t depth = image.shape(2), height = image.shape(3), width = image.shape(4);
-    const int64_t coord_batch = coords.shape(0);
-    check(coords.shape(1) == 3, "coords must have 3 channels");
-    check(coord_batch == batch || coord_batch == 1, "coords batch must be 1 or the image's");
-    check(out.shape(0) == batch && out.shape(1) == channels, "out must be (B, C, *coords' grid)");
-    for (int axis = 2; axis < 5; ++axis) check(out.shape(axis) == coords.shape(axis), "out must be (B, C, *coords' grid)");
-    check(depth > 1 && height > 1 && width > 1, "image must have at least 2 voxels along each axis");
+// The geometry shared by all calls: image (B, C, D, H, W), coords (B or 1, 3, D', H', W').
+struct Geometry {
+    int64_t batch, channels, depth, height, width, coord_batch, points, plane, volume;
 
-    const float* src = image.data();
-    const float* map = coords.data();
-    float* dst = out.mutable_data();
-    const int64_t points = coords.shape(2) * coords.shape(3) * coords.shape(4);
-    const int64_t plane = height * width, volume = depth * plane;
-    const float scale_d = float(depth - 1), scale_h = float(height - 1), scale_w = float(width - 1);
+    template <typename T>
+    Geometry(const Array<T>& image, const Array<T>& coords) {
+        check(image.ndim() == 5 && coords.ndim() == 5, "image and coords must be 5-D");
+        batch = image.shape(0), channels = image.shape(1);
+        depth = image.shape(2), height = image.shape(3), width = image.shape(4);
+        coord_batch = coords.shape(0);
+        check(coords.shape(1) == 3, "coords must have 3 channels");
+        check(coord_batch == batch || coord_batch == 1, "coords batch must be 1 or the image's");
+        check(depth > 1 && height > 1 && width > 1, "image must have at least 2 voxels along each axis");
+        points = coords.shape(2) * coords.shape(3) * coords.shape(4);
+        plane = height * width, volume = depth * plane;
+    }
+
+    template <typename T>
+    void check_output(const Array<T>& out, int64_t out_channels, const Array<T>& coords) const {
+        check(out.ndim() == 5 && out.shape(0) == batch && out.shape(1) == out_channels,
+              "out and grad_out must be (B, C, *coords' grid)");
+        for (int axis = 2; axis < 5; ++axis)
+            check(out.shape(axis) == coords.shape(axis), "out and grad_out must be (B, C, *coords' grid)");
+    }
+};
+
+// The corners of one sample point that lie inside the grid: their flat offsets, trilinear
+// weights and the weights' derivatives along z, y, x (in voxels).
+template <typename T>
+struct Corners {
+    int64_t offset[8];
+    T weight[8], d_z[8], d_y[8], d_x[8];
+    int count = 0;
+};
+
+// Voxel coordinate of a map coordinate; with border padding clamped into [0, n - 1], and its
+// derivative then 0 on and beyond the edges, as torch's clip_coordinates_set_grad.
+template <typename T>
+inline T to_voxel(T coordinate, T scale, bool border, T* derivative) {
+    T v = coordinate * scale;
+    *derivative = scale;
+    if (border) {
+        if (!(v > T(0))) *derivative = T(0), v = std::isnan(v) ? v : T(0);
+        else if (v >= scale) *derivative = T(0), v = scale;
+    }
+    return v;
+}
+
+// Fills the corners of point (z, y, x) in voxels; false when none is inside (or a coordinate
+// is NaN): the sample is 0 and so is its gradient.
+template <typename T>
+inline bool corners_of(T z, T y, T x, const Geometry& g, Corners<T>& c) {
+    if (!(z >= T(-1) && z < T(g.depth) && y >= T(-1) && y < T(g.height) && x >= T(-1) && x < T(g.width)))
+        return false;
+    const int64_t z0 = int64_t(std::floor(z)), y0 = int64_t(std::floor(y)), x0 = int64_t(std::floor(x));
+    const T fz = z - T(z0), fy = y - T(y0), fx = x - T(x0);
+    c.count = 0;
+    for (int k = 0; k < 8; ++k) {
+        const int hz = k >> 2, hy = (k >> 1) & 1, hx = k & 1;
+        const int64_t zi = z0 + hz, yi = y0 + hy, xi = x0 + hx;
+        if (zi < 0 || zi >= g.depth || yi < 0 || yi >= g.height || xi < 0 || xi >= g.width) continue;
+        const T wz = hz ? fz : T(1) - fz, wy = hy ? fy : T(1) - fy, wx = hx ? fx : T(1) - fx;
+        const T sz = hz ? T(1) : T(-1), sy = hy ? T(1) : T(-1), sx = hx ? T(1) : T(-1);
+        c.offset[c.count] = zi * g.plane + yi * g.width + xi;
+        c.weight[c.count] = wz * wy * wx;
+        c.d_z[c.count] = sz * wy * wx;
+        c.d_y[c.count] = wz * sy * wx;
+        c.d_x[c.count] = wz * wy * sx;
+        ++c.count;
+    }
+    return c.count > 0;
+}
+
+// out (B, C, *coords' grid) = image sampled at coords. border: padding_mode="border",
+// otherwise "zeros". A NaN coordinate gives 0.
+template <typename T>
+void warp_forward(const Array<T>& image, const Array<T>& coords, Array<T>& out, bool border, int threads) {
+    const Geometry g(image, coords);
+    g.check_output(out, g.channels, coords);
+    const T* src = image.data();
+    const T* map = coords.data();
+    T* dst = out.mutable_data();
+    const T scale[3] = {T(g.depth - 1), T(g.height - 1), T(g.width - 1)};
 
     py::gil_scoped_release release;
-    for (int64_t b = 0; b < batch; ++b) {
-        const float* map_b = map + (coord_batch == 1 ? 0 : b * 3 * points);
-        const float* src_b = src + b * channels * volume;
-        float* dst_b = dst + b * channels * points;
+    for (int64_t b = 0; b < g.batch; ++b) {
+        const T* map_b = map + (g.coord_batch == 1 ? 0 : b * 3 * g.points);
+        const T* src_b = src + b * g.channels * g.volume;
+        T* dst_b = dst + b * g.channels * g.points;
 #pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t p = 0; p < points; ++p) {
-            float z = map_b[p] * scale_d, y = map_b[points + p] * scale_h, x = map_b[2 * points + p] * scale_w;
-            if (border) {
-                z = std::min(std::max(z, 0.0f), scale_d);
-                y = std::min(std::max(y, 0.0f), scale_h);
-                x = std::min(std::max(x, 0.0f), scale_w);
-            }
-            // Outside [-1, n] no corner is inside (also catches NaN): the value is 0.
-            if (!(z > -1.0f && z < float(depth) && y > -1.0f && y < float(height) && x > -1.0f && x < float(width))) {
-                for (int64_t c = 0; c < channels; ++c) dst_b[c * points + p] = 0.0f;
-                continue;
-            }
-            const int64_t z0 = int64_t(std::floor(z)), y0 = int64_t(std::floor(y)), x0 = int64_t(std::floor(x));
-            const float fz = z - float(z0), fy = y - float(y0), fx = x - float(x0);
-            int64_t offset[8];
-            float weight[8];
-            int corners = 0;
-            for (int k = 0; k < 8; ++k) {
-                const int64_t zi = z0 + (k >> 2), yi = y0 + ((k >> 1) & 1), xi = x0 + (k & 1);
-                if (zi < 0 || zi >= depth || yi < 0 || yi >= height || xi < 0 || xi >= width) continue;
-                const float w = ((k >> 2) ? fz : 1.0f - fz) * (((k >> 1) & 1) ? fy : 1.0f - fy) * ((k & 1) ? fx : 1.0f - fx);
-                offset[corners] = zi * plane + yi * width + xi;
-                weight[corners] = w;
-                ++corners;
-            }
-            for (int64_t c = 0; c < channels; ++c) {
-                const float* channel = src_b + c * volume;
-                float value = 0.0f;
-                for (int k = 0; k < corners; ++k) value += weight[k] * channel[offset[k]];
-                dst_b[c * points + p] = value;
+        for (int64_t p = 0; p < g.points; ++p) {
+            T unused;
+            const T z = to_voxel(map_b[p], scale[0], border, &unused);
+            const T y = to_voxel(map_b[g.points + p], scale[1], border, &unused);
+            const T x = to_voxel(map_b[2 * g.points + p], scale[2], border, &unused);
+            Corners<T> c;
+            const bool inside = corners_of(z, y, x, g, c);
+            for (int64_t ch = 0; ch < g.channels; ++ch) {
+                const T* channel = src_b + ch * g.volume;
+                T value = T(0);
+                if (inside)
+                    for (int k = 0; k < c.count; ++k) value += c.weight[k] * channel[c.offset[k]];
+                dst_b[ch * g.points + p] = value;
             }
         }
     }
 }
 
+// Gradients of sum(grad_out * warp(image, coords)). grad_image (same shape as image) is
+// written when need_image, grad_coords (same shape as coords; summed over the batch where
+// coords has batch 1) when need_coords; the other may be an empty array.
+// grad_image is a scatter: each thread adds into its own copy of one batch item's gradient
+// (thread 0 into grad_image itself) and the copies are summed in a fixed order, so the result
+// does not depend on scheduling; the copies cost (threads - 1) x one item's image in memory,
+// which is why the caller caps the thread count of this pass.
+template <typename T>
+void warp_backward(const Array<T>& image, const Array<T>& coords, const Array<T>& grad_out, Array<T>& grad_image,
+                   Array<T>& grad_coords, bool need_image, bool need_coords, bool border, int threads) {
+    const Geometry g(image, coords);
+    g.check_output(grad_out, g.channels, coords);
+    if (need_image) check(grad_image.ndim() == 5 && grad_image.size() == image.size(), "grad_image must match image");
+    if (need_coords) check(grad_coords.ndim() == 5 && grad_coords.size() == coords.size(), "grad_coords must match coords");
+    threads = std::max(threads, 1);
+    const T* src = image.data();
+    const T* map = coords.data();
+    const T* gout = grad_out.data();
+    T* gimage = need_image ? grad_image.mutable_data() : nullptr;
+    T* gmap = need_coords ? grad_coords.mutable_data() : nullptr;
+    const T scale[3] = {T(g.depth - 1), T(g.height - 1), T(g.width - 1)};
+    const int64_t item = g.channels * g.volume;
+
+    py::gil_scoped_release release;
+    std::vector<T> copies(need_image ? size_t(threads - 1) * size_t(item) : 0);
+    if (need_coords) std::fill(gmap, gmap + grad_coords.size(), T(0));
+    for (int64_t b = 0; b < g.batch; ++b) {
+        const T* map_b = map + (g.coord_batch == 1 ? 0 : b * 3 * g.points);
+        T* gmap_b = need_coords ? gmap + (g.coord_batch == 1 ? 0 : b * 3 * g.points) : nullptr;
+        const T* src_b = src + b * item;
+        const T* gout_b = gout + b * g.channels * g.points;
+#pragma omp parallel num_threads(threads)
+        {
+            // The team may be smaller than asked (no OpenMP, nested parallelism): only its
+            // members' copies were written.
+            const int tid = omp_get_thread_num(), team = omp_get_num_threads();
+            T* gimage_b = nullptr;
+            if (need_image) {
+                gimage_b = tid == 0 ? gimage + b * item : copies.data() + size_t(tid - 1) * size_t(item);
+                std::fill(gimage_b, gimage_b + item, T(0));
+            }
+#pragma omp for schedule(static)
+            for (int64_t p = 0; p < g.points; ++p) {
+                T dz, dy, dx;
+                const T z = to_voxel(map_b[p], scale[0], border, &dz);
+                const T y = to_voxel(map_b[g.points + p], scale[1], border, &dy);
+                const T x = to_voxel(map_b[2 * g.points + p], scale[2], border, &dx);
+                Corners<T> c;
+                if (!corners_of(z, y, x, g, c)) continue;
+                T sum_z = T(0), sum_y = T(0), sum_x = T(0);
+                for (int64_t ch = 0; ch < g.channels; ++ch) {
+                    const T grad = gout_b[ch * g.points + p];
+                    if (need_coords) {
+                        const T* channel = src_b + ch * g.volume;
+                        for (int k = 0; k < c.count; ++k) {
+                            const T v = channel[c.offset[k]] * grad;
+                            sum_z += c.d_z[k] * v, sum_y += c.d_y[k] * v, sum_x += c.d_x[k] * v;
+                        }
+                    }
+                    if (need_image) {
+                        T* target = gimage_b + ch * g.volume;
+                        for (int k = 0; k < c.count; ++k) target[c.offset[k]] += c.weight[k] * grad;
+                    }
+                }
+                if (need_coords) {
+                    gmap_b[p] += sum_z * dz;
+                    gmap_b[g.points + p] += sum_y * dy;
+                    gmap_b[2 * g.points + p] += sum_x * dx;
+                }
+            }  // implicit barrier: every copy is complete before the sum
+            if (need_image && team > 1) {
+                T* total = gimage + b * item;
+#pragma omp for schedule(static)
+                for (int64_t i = 0; i < item; ++i) {
+                    T value = total[i];
+                    for (int t = 0; t < team - 1; ++t) value += copies[size_t(t) * size_t(item) + size_t(i)];
+                    total[i] = value;
+                }
+            }
+        }
+    }
+}
+
+template <typename T>
+void define(py::module_& module) {
+    // noconvert: a silent dtype/contiguity copy of an output array would drop the result.
+    module.def("warp_trilinear", &warp_forward<T>, py::arg("image").noconvert(), py::arg("coords").noconvert(),
+               py::arg("out").noconvert(), py::arg("border"), py::arg("threads"),
+               "Sample image (B, C, D, H, W) trilinearly at coords (B or 1, 3, ...) in [0, 1] into out.");
+    module.def("warp_trilinear_backward", &warp_backward<T>, py::arg("image").noconvert(),
+               py::arg("coords").noconvert(), py::arg("grad_out").noconvert(), py::arg("grad_image").noconvert(),
+               py::arg("grad_coords").noconvert(), py::arg("need_image"), py::arg("need_coords"),
+               py::arg("border"), py::arg("threads"),
+               "Gradients of the warp with respect to image and coords, written into grad_image and grad_coords.");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_trilinear_cpu, module) {
-    module.doc() = "Trilinear warp on the CPU with OpenMP (mgr_engine.kernels.warp_cpu)";
-    // noconvert: a silent float32/contiguous copy of out would drop the result.
-    module.def("warp_trilinear", &warp_trilinear, py::arg("image").noconvert(), py::arg("coords").noconvert(),
-               py::arg("out").noconvert(), py::arg("border"), py::arg("threads"),
-               "Sample image (B, C, D, H, W) trilinearly at coords (B or 1, 3, ...) in [0, 1] into out.");
+    module.doc() = "Trilinear warp on the CPU with OpenMP, forward and backward (mgr_engine.kernels.warp_cpu)";
+    define<float>(module);
+    define<double>(module);
 }

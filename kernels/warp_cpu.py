@@ -1,24 +1,30 @@
-"""Trilinear warp on the CPU in C++ with OpenMP: the forward of :func:`mgr_engine.ops.warp`.
+"""Trilinear warp on the CPU in C++ with OpenMP: :func:`mgr_engine.ops.warp`, forward and backward.
 
 The extension ``mgr_engine._trilinear_cpu`` (``kernels/trilinear_cpu.cpp``) is compiled by
 ``setup.py`` through pybind11 when the package is installed; where no compiler was found it
 is absent and :func:`available` is False. It computes what ``F.grid_sample(mode="bilinear",
-align_corners=True)`` computes, with the output voxels split over ``torch.get_num_threads()``
-OpenMP threads: torch's 3-D grid sampler parallelizes only over the batch on the CPU, so a
-single pair (batch 1) ran on one core. Forward only, float32 only: :func:`mgr_engine.ops.warp`
-uses it where no gradient is needed (registration without IO: every warp and composition
-in the network) and keeps PyTorch elsewhere; the outputs are resampled by ITK, not here. Reference: the PyTorch branch of :func:`mgr_engine.ops.warp`; test:
-``tests/test_kernels_warp_cpu.py``; benchmark: ``benchmarks/bench_warp_cpu.py``.
+align_corners=True)`` computes, and its gradients with respect to the image and to the map,
+with the output voxels split over ``torch.get_num_threads()`` OpenMP threads: torch's 3-D
+grid sampler parallelizes only over the batch on the CPU, so a single pair (batch 1) ran its
+forward and backward on one core. float32 (the engine) and float64 (gradcheck); first
+derivatives only (IO and training need no more). Reference: the PyTorch branch of
+:func:`mgr_engine.ops.warp`; test: ``tests/test_kernels_warp_cpu.py``; benchmark:
+``benchmarks/bench_warp_cpu.py``.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 try:
     from mgr_engine import _trilinear_cpu
 except ImportError:  # not compiled (no C++ compiler at install time)
     _trilinear_cpu = None
+
+# The image gradient is a scatter, summed in one private copy of the image per thread: more
+# threads than this would cost more memory (one image each) than they save time.
+BACKWARD_MAX_THREADS = 8
 
 
 def available() -> bool:
@@ -27,22 +33,44 @@ def available() -> bool:
 
 
 def supports(image: torch.Tensor, coords: torch.Tensor) -> bool:
-    """Whether :func:`warp_cpu` handles these arguments: CPU float32, no gradient wanted."""
+    """Whether :func:`warp_cpu` handles these arguments: CPU tensors, both float32 or both float64."""
     return (image.device.type == "cpu" and coords.device.type == "cpu"
-            and image.dtype == torch.float32 and coords.dtype == torch.float32
-            and not (torch.is_grad_enabled() and (image.requires_grad or coords.requires_grad)))
+            and image.dtype == coords.dtype and image.dtype in (torch.float32, torch.float64))
+
+
+class TrilinearWarpCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, image, coords, border):
+        image, coords = image.detach().contiguous(), coords.detach().contiguous()  # .numpy() wants no autograd
+        out = image.new_empty((image.shape[0], image.shape[1], *coords.shape[2:]))
+        _trilinear_cpu.warp_trilinear(image.numpy(), coords.numpy(), out.numpy(), border, torch.get_num_threads())
+        ctx.save_for_backward(image, coords)
+        ctx.border = border
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        image, coords = ctx.saved_tensors
+        need_image, need_coords = ctx.needs_input_grad[:2]
+        empty = image.new_empty(0)
+        grad_image = torch.empty_like(image) if need_image else empty
+        grad_coords = torch.empty_like(coords) if need_coords else empty
+        threads = torch.get_num_threads()
+        if need_image:
+            threads = min(threads, BACKWARD_MAX_THREADS)
+        _trilinear_cpu.warp_trilinear_backward(
+            image.numpy(), coords.numpy(), grad_out.contiguous().numpy(), grad_image.numpy(), grad_coords.numpy(),
+            need_image, need_coords, ctx.border, threads)
+        return (grad_image if need_image else None), (grad_coords if need_coords else None), None
 
 
 def warp_cpu(image: torch.Tensor, coords: torch.Tensor, padding: str = "zeros") -> torch.Tensor:
-    """``image`` (B, C, *grid) sampled at ``coords`` (B or 1, 3, *out) in [0, 1]; see
-    :func:`mgr_engine.ops.warp`. Needs :func:`available` and :func:`supports`."""
+    """``image`` (B, C, *grid) sampled at ``coords`` (B or 1, 3, *out) in [0, 1], differentiable
+    in both; see :func:`mgr_engine.ops.warp`. Needs :func:`available` and :func:`supports`."""
     if _trilinear_cpu is None:
         raise RuntimeError("mgr_engine._trilinear_cpu was not built: reinstall mgr_engine with a C++ compiler "
                            "(pip install -e .) or use the PyTorch path (MGR_ENGINE_KERNELS=torch)")
     if padding not in ("zeros", "border"):
         raise ValueError(f"padding must be 'zeros' or 'border', not {padding!r}")
-    image, coords = image.detach().contiguous(), coords.detach().contiguous()
-    out = torch.empty((image.shape[0], image.shape[1], *coords.shape[2:]), dtype=torch.float32)
-    _trilinear_cpu.warp_trilinear(image.numpy(), coords.numpy(), out.numpy(), padding == "border",
-                                  torch.get_num_threads())
-    return out
+    return TrilinearWarpCPU.apply(image, coords, padding == "border")

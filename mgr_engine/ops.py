@@ -10,8 +10,8 @@ These functions are the reference semantics the fused Triton kernels
 these, and they dispatch to the kernels by :func:`kernel_mode`: ``"auto"`` (Triton on
 CUDA tensors when triton imports; on the CPU the C++ warp of ``kernels/warp_cpu.py`` where
 it applies, PyTorch elsewhere), ``"triton"`` (always Triton; on the CPU that needs
-``TRITON_INTERPRET=1``), ``"cpp"`` (the C++ warp wherever it applies: CPU float32 tensors,
-no gradient wanted; an error when it was not built) or ``"torch"`` (never a kernel). The
+``TRITON_INTERPRET=1``), ``"cpp"`` (the C++ warp, forward and backward, wherever it applies:
+CPU float32 or float64 tensors outside tracers; an error when it was not built) or ``"torch"`` (never a kernel). The
 default comes from the environment variable ``MGR_ENGINE_KERNELS``.
 """
 

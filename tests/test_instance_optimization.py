@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import random_network, reference_network, smooth_volume
-from mgr_engine import Engine
+from mgr_engine import Engine, ops
 from mgr_engine.losses import lncc2_loss, lncc_loss, mind_loss
 from mgr_engine.model import official_state_dict
 
@@ -64,10 +64,16 @@ def test_io_losses_equal_reference(similarity, masked, capsys):
 
     engine = Engine(weights=official_state_dict(net), config=net.config, device="cpu")
     before = {k: v.clone() for k, v in engine.network.state_dict().items()}
+    # PyTorch's warp, the reference's arithmetic: in float32, IO's result is only defined up to
+    # rounding that Adam's first, sign-like steps amplify (after these three steps the
+    # reference's float32 map is 0.07 voxel from the float64 one, with lncc2), so only the same
+    # arithmetic can be held to 2e-3 voxel. The C++ warp that the CPU uses by default is held
+    # to PyTorch's in float64 instead (test_kernels_warp_cpu).
     torch.manual_seed(1234)
-    phi_ab, phi_ba, losses = engine.instance_optimize(
-        moving, fixed, iterations=STEPS, similarity=similarity, moving_mask=moving_mask, fixed_mask=fixed_mask,
-        progress=False)
+    with ops.kernel_mode("torch"):
+        phi_ab, phi_ba, losses = engine.instance_optimize(
+            moving, fixed, iterations=STEPS, similarity=similarity, moving_mask=moving_mask, fixed_mask=fixed_mask,
+            progress=False)
     assert len(losses) == STEPS + 1 == len(expected)
     assert losses[0] != losses[-1]  # the optimizer changed the weights
     # The first loss is a plain forward: it must match tightly. Our LNCC window then sums in

@@ -1,5 +1,5 @@
-"""The C++ trilinear warp (kernels/warp_cpu.py) against the PyTorch reference of ops.warp,
-and the dispatch that picks it on the CPU.
+"""The C++ trilinear warp (kernels/warp_cpu.py), values and gradients, against the PyTorch
+reference of ops.warp, and the dispatch that picks it on the CPU.
 
 Skipped where the extension was not built, except under ``MGR_ENGINE_REQUIRE_CPP=1`` (set by
 ``make test``), where a missing build fails instead of hiding.
@@ -87,7 +87,122 @@ def test_non_contiguous_inputs_and_thread_counts_agree():
     torch.testing.assert_close(results[0], expected, rtol=0, atol=2e-6)
 
 
-def test_auto_mode_takes_cpp_only_where_no_gradient_is_needed(monkeypatch):
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+@pytest.mark.parametrize("grid,out", SHAPES[:3])
+@pytest.mark.parametrize("batch,channels,map_batch", [(1, 1, 1), (2, 3, 2), (3, 2, 1)])
+def test_gradcheck_float64(padding, grid, out, batch, channels, map_batch):
+    image = torch.rand(batch, channels, *grid, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    coords = random_map(map_batch, out, spread=0.3).double()
+    torch.autograd.gradcheck(lambda a, b: warp_cpu.warp_cpu(a, b, padding),
+                             (image.requires_grad_(), coords.requires_grad_()))
+
+
+def reference_gradients(image, coords, padding, grad_out):
+    image, coords = image.detach().requires_grad_(), coords.detach().requires_grad_()
+    return torch.autograd.grad(reference_warp(image, coords, padding), (image, coords), grad_out)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 2e-4)])
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+@pytest.mark.parametrize("grid,out", SHAPES)
+@pytest.mark.parametrize("batch,channels,map_batch", [(1, 1, 1), (2, 3, 2), (3, 2, 1)])
+def test_gradients_match_grid_sample(dtype, atol, padding, grid, out, batch, channels, map_batch):
+    gen = torch.Generator().manual_seed(5)
+    image = torch.rand(batch, channels, *grid, generator=gen).to(dtype).requires_grad_()
+    coords = random_map(map_batch, out, spread=0.3).to(dtype).requires_grad_()
+    grad_out = torch.randn(batch, channels, *out, generator=gen).to(dtype)
+    got = torch.autograd.grad(warp_cpu.warp_cpu(image, coords, padding), (image, coords), grad_out)
+    expected = reference_gradients(image, coords, padding, grad_out)
+    # Coordinate gradients are voxel-scaled (x (n - 1)): compare them relative to their size.
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=atol)
+    torch.testing.assert_close(got[1], expected[1], rtol=0, atol=atol * float(expected[1].abs().max()))
+    assert got[1].abs().max() > 0
+
+
+def test_gradients_at_the_grid_edges_and_outside():
+    """The identity map sits on the edges, where torch's border padding zeroes the coordinate
+    gradient (the clamp's derivative) and zero padding does not; far-outside and NaN points
+    have no gradient."""
+    image = torch.rand(2, 2, 4, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    coords = ops.identity_map((4, 5, 6), dtype=torch.float64).clone()
+    coords[0, 0, 0, 0, 0] = 7.0
+    coords[0, 1, 1, 1, 1] = -3.0
+    coords[0, 0, 3, 4, 5] = -1.0 / 3  # one voxel outside: a corner inside with weight 0
+    grad_out = torch.randn(2, 2, 4, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    for padding in ("zeros", "border"):
+        x, y = image.clone().requires_grad_(), coords.clone().requires_grad_()
+        got = torch.autograd.grad(warp_cpu.warp_cpu(x, y, padding), (x, y), grad_out)
+        for a, b in zip(got, reference_gradients(image, coords, padding, grad_out)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    coords[0, 2, 2, 2, 2] = float("nan")
+    y = coords.clone().requires_grad_()
+    grad = torch.autograd.grad(warp_cpu.warp_cpu(image, y, "zeros"), y, grad_out)[0]
+    assert torch.equal(grad[..., 2, 2, 2], torch.zeros(1, 3, dtype=torch.float64))
+
+
+def test_image_gradient_does_not_depend_on_the_thread_count(monkeypatch):
+    """The scatter into the image gradient sums per-thread copies in a fixed order."""
+    gen = torch.Generator().manual_seed(8)
+    image = torch.rand(2, 3, 9, 8, 7, generator=gen).requires_grad_()
+    coords = random_map(1, (12, 9, 10), spread=0.4).requires_grad_()
+    grad_out = torch.randn(2, 3, 12, 9, 10, generator=gen)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3, 5):
+            torch.set_num_threads(n)
+            results.append(torch.autograd.grad(warp_cpu.warp_cpu(image, coords, "zeros"), (image, coords), grad_out))
+        monkeypatch.setattr(warp_cpu, "BACKWARD_MAX_THREADS", 2)  # capped: fewer copies, same sums
+        torch.set_num_threads(5)
+        results.append(torch.autograd.grad(warp_cpu.warp_cpu(image, coords, "zeros"), (image, coords), grad_out))
+    finally:
+        torch.set_num_threads(threads)
+    expected = reference_gradients(image, coords, "zeros", grad_out)
+    for result in results:
+        torch.testing.assert_close(result[0], expected[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(result[1], expected[1], rtol=0, atol=1e-5 * float(expected[1].abs().max()))
+        torch.testing.assert_close(result[1], results[0][1], rtol=0, atol=0)  # no scatter: bit for bit
+
+
+def test_only_the_wanted_gradient_is_computed():
+    image = torch.rand(1, 2, 5, 5, 5)
+    coords = random_map(1, (4, 4, 4), spread=0.2)
+    warped = warp_cpu.warp_cpu(image.requires_grad_(), coords, "border")
+    (grad,) = torch.autograd.grad(warped.sum(), image)
+    assert grad.shape == image.shape and coords.grad is None
+    warped = warp_cpu.warp_cpu(image.detach(), coords.requires_grad_(), "border")
+    (grad,) = torch.autograd.grad(warped.sum(), coords)
+    assert grad.shape == coords.shape
+
+
+def test_gradicon_objective_gradients_equal_pytorch_in_float64():
+    """The whole IO objective (TwoStep/DownSample warps and compositions, the regularizer's
+    finite differences, both directions) differentiated through the C++ warp equals PyTorch's
+    in float64. In float32 the two differ by rounding at voxel boundaries, where trilinear
+    gradients jump (RESULTS.md: both equally far from the float64 gradient)."""
+    from helpers import random_network, smooth_volume
+
+    from mgr_engine.engine import gradicon_objective
+    from mgr_engine.losses import lncc2_loss
+
+    shape = (72, 72, 72)
+    net = random_network(shape, narrow=True, seed=4, displacement_scale=0.3).double().requires_grad_(True)
+    moving = torch.from_numpy(smooth_volume(shape, 21))[None, None].double()
+    fixed = torch.from_numpy(smooth_volume(shape, 22))[None, None].double()
+    results = {}
+    for mode in ("torch", "cpp"):
+        net.zero_grad(set_to_none=True)
+        with ops.kernel_mode(mode):
+            loss, _, _ = gradicon_objective(net, moving, fixed, lncc2_loss,
+                                            generator=torch.Generator().manual_seed(0))
+            loss.backward()
+        results[mode] = loss.detach(), torch.cat([p.grad.flatten() for p in net.parameters()])
+    torch.testing.assert_close(results["cpp"][0], results["torch"][0], rtol=1e-12, atol=0)
+    difference = (results["cpp"][1] - results["torch"][1]).norm() / results["torch"][1].norm()
+    assert difference < 1e-10
+
+
+def test_auto_mode_takes_cpp_on_cpu_tensors_outside_tracers(monkeypatch):
     calls = []
     original = warp_cpu.warp_cpu
     monkeypatch.setattr(warp_cpu, "warp_cpu", lambda *args: calls.append(1) or original(*args))
@@ -96,17 +211,16 @@ def test_auto_mode_takes_cpp_only_where_no_gradient_is_needed(monkeypatch):
     with ops.kernel_mode("auto"):
         ops.warp(image, coords)
         assert len(calls) == 1
-        with torch.no_grad():
-            ops.warp(image.requires_grad_(), coords)
-        assert len(calls) == 2
-        warped = ops.warp(image, coords)  # gradient wanted: PyTorch, differentiable
+        warped = ops.warp(image.requires_grad_(), coords)  # gradient wanted: C++ backward
         assert len(calls) == 2 and warped.grad_fn is not None
-        ops.warp(image.detach().double(), coords.double())  # float64: PyTorch
+        ops.warp(image.detach().double(), coords.double())
+        assert len(calls) == 3
+        assert not ops.use_cpp_warp(image.detach().half(), coords.half())  # float16: PyTorch
         traced = torch.jit.trace(lambda a, b: ops.warp(a, b), (image.detach(), coords), check_trace=False)
-        assert len(calls) == 2 and "grid_sampler" in str(traced.graph)
+        assert len(calls) == 3 and "grid_sampler" in str(traced.graph)
     with ops.kernel_mode("torch"):
         ops.warp(image.detach(), coords)
-    assert len(calls) == 2
+    assert len(calls) == 3
     with ops.kernel_mode("triton"):
         assert not ops.use_cpp_warp(image.detach(), coords)
 
