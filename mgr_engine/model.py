@@ -105,7 +105,9 @@ class UNet(nn.Module):
             skip = skips[depth]
             x = x[:, :, : skip.shape[2], : skip.shape[3], : skip.shape[4]]
             x = torch.cat([x, skip], 1)
-        return self.lastConv(x) / 10
+        # Contiguous: the field feeds many warps, which read (B, 3, D, H, W) in that layout (one
+        # copy here rather than one saved per warp when the network runs channels-last).
+        return (self.lastConv(x) / 10).contiguous()
 
 
 class FoldedBatchNorm(nn.Module):
