@@ -2,15 +2,13 @@
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from mgr_engine import ops  # noqa: E402
-from mgr_engine.errors import InvalidOptionError  # noqa: E402
-from mgr_engine.losses import gradicon_regularizer, lncc2_loss  # noqa: E402
-from mgr_engine.model import evaluate_map  # noqa: E402
+from mgr_engine import ops
+from mgr_engine.errors import InvalidOptionError
+from mgr_engine.losses import gradicon_regularizer, lncc2_loss
+from mgr_engine.model import evaluate_map
 
 pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":

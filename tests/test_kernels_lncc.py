@@ -1,14 +1,13 @@
 """Triton windowed LNCC / LNCC^2 against the PyTorch reference (mgr_engine.losses).
 
-On the CPU through Triton's interpreter (TRITON_INTERPRET=1), at small sizes.
+On the CPU through Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py), at small
+sizes; on a GPU compiled, and ``test_full_size`` runs at the network's 175^3.
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 
@@ -19,6 +18,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
+FULL_SHAPE = (175, 175, 175) if DEVICE == "cuda" else (23, 11, 25)  # the interpreter is slow
 PAIRS = [(klncc.lncc_loss, losses.lncc_loss), (klncc.lncc2_loss, losses.lncc2_loss)]
 
 
@@ -58,3 +58,18 @@ def test_lncc_gradcheck(ours, reference):
     image.requires_grad_()
     target.requires_grad_()
     assert torch.autograd.gradcheck(lambda a, b: ours(a, b, mask), (image, target), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_full_size(masked):
+    """LNCC^2 loss and its gradients at the network's input size, float32."""
+    image, target, mask = volumes(1, FULL_SHAPE, torch.float32, seed=9)
+    mask = mask if masked else None
+    image.requires_grad_()
+    target.requires_grad_()
+    with ops.kernel_mode("torch"):
+        expected = losses.lncc2_loss(image, target, mask)
+    result = klncc.lncc2_loss(image, target, mask)
+    torch.testing.assert_close(result, expected, rtol=1e-4, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(result, (image, target)), torch.autograd.grad(expected, (image, target))):
+        assert float((a - b).norm() / b.norm()) < 1e-4
