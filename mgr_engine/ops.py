@@ -10,9 +10,10 @@ These functions are the reference semantics the fused Triton kernels
 these, and they dispatch to the kernels by :func:`kernel_mode`: ``"auto"`` (Triton on
 CUDA tensors when triton imports; on the CPU the C++ warp of ``kernels/warp_cpu.py`` where
 it applies, PyTorch elsewhere), ``"triton"`` (always Triton; on the CPU that needs
-``TRITON_INTERPRET=1``), ``"cpp"`` (the C++ warp, forward and backward, wherever it applies:
-CPU float32 or float64 tensors outside tracers; an error when it was not built) or ``"torch"`` (never a kernel). The
-default comes from the environment variable ``MGR_ENGINE_KERNELS``.
+``TRITON_INTERPRET=1``), ``"cpp"`` (the C++ warp, forward and backward, wherever it
+applies: CPU float32 or float64 tensors outside tracers; an error when it was not built) or
+``"torch"`` (never a kernel). The default comes from the environment variable
+``MGR_ENGINE_KERNELS``.
 """
 
 from __future__ import annotations

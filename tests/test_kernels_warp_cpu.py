@@ -140,8 +140,10 @@ def test_gradients_at_the_grid_edges_and_outside():
     assert torch.equal(grad[..., 2, 2, 2], torch.zeros(1, 3, dtype=torch.float64))
 
 
-def test_image_gradient_does_not_depend_on_the_thread_count(monkeypatch):
-    """The scatter into the image gradient sums per-thread copies in a fixed order."""
+def test_gradients_agree_for_any_thread_count_and_repeat_exactly(monkeypatch):
+    """The image gradient is scattered into per-thread copies (at most BACKWARD_MAX_THREADS)
+    summed in a fixed order: right for any team size, and bit for bit the same when repeated
+    with the same one. The map gradient has no scatter: the same for every thread count."""
     gen = torch.Generator().manual_seed(8)
     image = torch.rand(2, 3, 9, 8, 7, generator=gen).requires_grad_()
     coords = random_map(1, (12, 9, 10), spread=0.4).requires_grad_()
@@ -155,8 +157,10 @@ def test_image_gradient_does_not_depend_on_the_thread_count(monkeypatch):
         monkeypatch.setattr(warp_cpu, "BACKWARD_MAX_THREADS", 2)  # capped: fewer copies, same sums
         torch.set_num_threads(5)
         results.append(torch.autograd.grad(warp_cpu.warp_cpu(image, coords, "zeros"), (image, coords), grad_out))
+        again = torch.autograd.grad(warp_cpu.warp_cpu(image, coords, "zeros"), (image, coords), grad_out)
     finally:
         torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(again, results[-1]))
     expected = reference_gradients(image, coords, "zeros", grad_out)
     for result in results:
         torch.testing.assert_close(result[0], expected[0], rtol=0, atol=1e-5)
@@ -164,15 +168,19 @@ def test_image_gradient_does_not_depend_on_the_thread_count(monkeypatch):
         torch.testing.assert_close(result[1], results[0][1], rtol=0, atol=0)  # no scatter: bit for bit
 
 
-def test_only_the_wanted_gradient_is_computed():
-    image = torch.rand(1, 2, 5, 5, 5)
+def test_backward_when_only_one_input_wants_a_gradient():
+    """The backward skips the gradient nobody asked for (the image's scatter, for images warped
+    in the loss): each alone still equals the reference's."""
+    image = torch.rand(1, 2, 5, 5, 5, generator=torch.Generator().manual_seed(9))
     coords = random_map(1, (4, 4, 4), spread=0.2)
-    warped = warp_cpu.warp_cpu(image.requires_grad_(), coords, "border")
-    (grad,) = torch.autograd.grad(warped.sum(), image)
-    assert grad.shape == image.shape and coords.grad is None
-    warped = warp_cpu.warp_cpu(image.detach(), coords.requires_grad_(), "border")
-    (grad,) = torch.autograd.grad(warped.sum(), coords)
-    assert grad.shape == coords.shape
+    grad_out = torch.ones(1, 2, 4, 4, 4)
+    expected = reference_gradients(image, coords, "border", grad_out)
+    x = image.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(warp_cpu.warp_cpu(x, coords, "border"), x, grad_out)
+    torch.testing.assert_close(grad, expected[0], rtol=0, atol=1e-6)
+    y = coords.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(warp_cpu.warp_cpu(image, y, "border"), y, grad_out)
+    torch.testing.assert_close(grad, expected[1], rtol=0, atol=1e-5)
 
 
 def test_gradicon_objective_gradients_equal_pytorch_in_float64():
