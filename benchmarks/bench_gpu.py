@@ -128,11 +128,14 @@ def main(argv=None):
     for name, setup in (("TF32", "tf32"), ("bf16 autocast", "bf16")):
         if device != "cuda" and setup == "tf32":
             continue
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = setup == "tf32"
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=setup == "bf16"):
+        # Through the engine's own setting: predict_map applies it and would override (switch
+        # off) TF32 flags or an autocast region set around the call.
+        engine.precision = setup
+        try:
             t, phi_low = clock(lambda: engine.predict_map(moving, fixed), device)
             t = statistics.median(clock(lambda: engine.predict_map(moving, fixed), device)[0] for _ in range(max(1, args.repeats // 2)))
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        finally:
+            engine.precision = "fp32"
         precision.append((name, t, ((phi_low.float() - phi) * voxels).abs().max().item()))
 
     # --- IO
