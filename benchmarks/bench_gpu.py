@@ -11,7 +11,13 @@ Measured, all in one run on one device:
 * IO: ``--io-steps`` Adam steps (reference ``finetune_execute``, ours ``instance_optimize``,
   with and without U-Net checkpointing), time per step and peak memory;
 * precision: TF32 and bf16-autocast forwards of ours against fp32, largest point
-  difference in network voxels (1 voxel = 1 mm for a 175 mm field of view).
+  difference in network voxels (1 voxel = 1 mm for a 175 mm field of view);
+* ``Engine(compile=True)`` (torch.compile; CUDA graphs on a GPU): cold (compiling) and warm
+  latency, printed after the main table so that a failure or a slow compile loses nothing
+  else (``--skip-compile`` leaves it out).
+
+IO is timed after one warm-up step on each side, so that neither side's timing includes
+one-time set-up (Triton's compilation of our backward kernels, cuDNN's plans).
 
     python benchmarks/bench_gpu.py --results benchmarks/RESULTS.md       # GPU, 175^3
     python benchmarks/bench_gpu.py --device cpu --shape 72 72 72 --io-steps 1 --repeats 1   # a check on the CPU
@@ -77,6 +83,7 @@ def main(argv=None):
     p.add_argument("--io-steps", type=int, default=10, help="IO steps per side (the paper uses 50)")
     p.add_argument("--repeats", type=int, default=10, help="warm no-IO calls to take the median of")
     p.add_argument("--skip-io", action="store_true")
+    p.add_argument("--skip-compile", action="store_true")
     p.add_argument("--results", type=Path)
     args = p.parse_args(argv)
     device, shape = args.device, tuple(args.shape)
@@ -141,6 +148,8 @@ def main(argv=None):
     # --- IO
     io_rows = []
     if not args.skip_io:
+        itk_wrapper.finetune_execute(reference, moving, fixed, 1, 2e-5)  # warm-ups, not timed
+        engine.instance_optimize(moving, fixed, iterations=1, similarity="lncc", progress=False)
         reset_peak(device)
         torch.manual_seed(0)
         t, _ = clock(lambda: itk_wrapper.finetune_execute(reference, moving, fixed, args.io_steps, 2e-5), device)
@@ -170,11 +179,36 @@ def main(argv=None):
                   "|---|--:|--:|--:|--:|--:|"]
         lines += [f"| {n} | {t:.2f} s | {t / args.io_steps:.3f} s | {m:.2f} GiB | {base_t / t:.2f}x | {m / base_m:.0%} |"
                   for n, t, m in io_rows]
+    write_table(lines, args.results)
+    if not args.skip_compile:
+        write_table(compiled_rows(state, net.config, device, moving, fixed, phi, voxels, args.repeats), args.results)
+
+
+def write_table(lines, results):
     table = "\n".join(lines) + "\n"
-    print(table)
-    if args.results:
-        with open(args.results, "a") as f:
+    print(table, flush=True)
+    if results:
+        with open(results, "a") as f:
             f.write("\n" + table)
+
+
+def compiled_rows(state, config, device, moving, fixed, phi, voxels, repeats):
+    """``Engine(compile=True)``: cold (the first call compiles) and warm latency, and its
+    largest difference from the eager map; a failure is reported, not raised."""
+    from mgr_engine import Engine
+
+    mode = "torch.compile, mode reduce-overhead (CUDA graphs)" if device == "cuda" else "torch.compile"
+    lines = [f"| no IO, {mode} | first call (compiles) | warm (median of {repeats}) | largest point difference against eager |",
+             "|---|--:|--:|--:|"]
+    try:
+        engine = Engine(weights=state, config=config, device=device, compile=True)
+        cold, compiled_phi = clock(lambda: engine.predict_map(moving, fixed), device)
+        warm = statistics.median(clock(lambda: engine.predict_map(moving, fixed), device)[0] for _ in range(repeats))
+        difference = ((compiled_phi - phi) * voxels).abs().max().item()
+        lines.append(f"| mgr_engine | {cold:.1f} s | {warm * 1e3:.1f} ms | {difference:.2e} voxel |")
+    except Exception as error:  # report it: the rest of the run was already written
+        lines.append(f"| mgr_engine | failed: {type(error).__name__}: {str(error)[:300]} | | |")
+    return lines
 
 
 if __name__ == "__main__":
