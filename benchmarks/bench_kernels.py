@@ -4,7 +4,9 @@
 For each op (trilinear warp, map composition, LNCC^2 loss) at full size (175^3 by default):
 median time of forward and of forward+backward, peak GPU memory of forward+backward, and
 the effective bandwidth of the Triton forward against the GPU's peak (ideal traffic: every
-input read once, every output written once).
+input read once, every output written once). LNCC^2 also against the authors' ``SquaredLNCC``
+(separable conv3d), the baseline of issue 3's target (>= 10x forward+backward, <= 1/4 of its
+peak memory), where icon_registration imports. Everything in float32, TF32 off.
 
     python benchmarks/bench_kernels.py                 # on a CUDA machine
     python benchmarks/bench_kernels.py --results benchmarks/RESULTS.md
@@ -83,10 +85,25 @@ def cases(shape, device):
     }
 
 
+def reference_lncc2(shape, device):
+    """The authors' 1-LNCC^2 (icon_registration's SquaredLNCC: separable conv3d blurs), the
+    baseline issue 3 names for the LNCC^2 kernel; None where icon_registration is missing."""
+    try:
+        from icon_registration.losses import SquaredLNCC
+    except ImportError:
+        return None
+    image, target, _, _ = make_inputs(shape, device)
+    loss = SquaredLNCC(sigma=5)
+    return (lambda: loss(image, target)), (image,)
+
+
 def run(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.smoke:
         sys.exit("bench_kernels needs a CUDA GPU (use --smoke with TRITON_INTERPRET=1 to check the script on a CPU)")
+    # cuDNN would run the reference's conv3d blurs in TF32 by default: compare float32 with float32.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     shape = tuple(args.shape) if not args.smoke else (12, 10, 14)
     repeats = args.repeats if not args.smoke else 1
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter: times are meaningless)"
@@ -115,6 +132,22 @@ def run(args):
                 result[f"{mode} MiB"] = peak_memory(fb, device)
         result["bandwidth"] = ideal_bytes / result["triton fwd"] / 1e9
         rows.append(result)
+    reference = reference_lncc2(shape, device)
+    if reference is not None:
+        fn, inputs = reference
+
+        def reference_forward_backward():
+            for t in inputs:
+                t.requires_grad_(True)
+            grads = torch.autograd.grad(fn(), inputs)
+            for t in inputs:
+                t.requires_grad_(False)
+            return grads
+
+        with torch.no_grad():
+            ref_fwd = timed(fn, device, repeats)
+        ref = {"fwd": ref_fwd, "fwd+bwd": timed(reference_forward_backward, device, repeats),
+               "MiB": peak_memory(reference_forward_backward, device)}
 
     lines = [f"## Kernels, {name}, volume {'x'.join(map(str, shape))}, float32", "",
              f"torch {torch.__version__}; median of {repeats} runs; memory = peak extra GPU memory of forward+backward.", "",
@@ -129,6 +162,15 @@ def run(args):
             f"| {r['op']} | {ms('torch fwd')} | {ms('compile fwd')} | {ms('triton fwd')} | {ms('torch fwd+bwd')} | "
             f"{ms('compile fwd+bwd')} | {ms('triton fwd+bwd')} | {r['torch fwd+bwd'] / r['triton fwd+bwd']:.1f}x | "
             f"{r['torch MiB']:.0f} / {r['triton MiB']:.0f} | {r['bandwidth']:.0f}{frac} |")
+    if reference is not None:
+        ours = next(r for r in rows if r["op"] == "lncc2_loss")
+        lines += ["", "| lncc2_loss against the reference's SquaredLNCC (conv3d) | reference | triton | reference / triton |",
+                  "|---|--:|--:|--:|",
+                  f"| forward | {ref['fwd'] * 1e3:.3f} ms | {ours['triton fwd'] * 1e3:.3f} ms | {ref['fwd'] / ours['triton fwd']:.1f}x |",
+                  f"| forward + backward | {ref['fwd+bwd'] * 1e3:.3f} ms | {ours['triton fwd+bwd'] * 1e3:.3f} ms | "
+                  f"{ref['fwd+bwd'] / ours['triton fwd+bwd']:.1f}x |",
+                  f"| peak extra memory, forward + backward | {ref['MiB']:.0f} MiB | {ours['triton MiB']:.0f} MiB | "
+                  f"{ref['MiB'] / ours['triton MiB']:.1f}x |"]
     table = "\n".join(lines) + "\n"
     print(table)
     if args.results:
