@@ -37,11 +37,11 @@ case $stage in
         # Without torch.compile first (minutes of compiling that could reach the call's limit),
         # so that the kernels' own figures come back in any case; then with it.
         python3 benchmarks/bench_kernels.py --no-compile --results "$OUT/RESULTS-kernels.md" 2>&1 | tee "$OUT/kernels.log"
-        timeout 420 python3 benchmarks/bench_kernels.py --results "$OUT/RESULTS-kernels.md" 2>&1 | tee -a "$OUT/kernels.log"
+        timeout 400 python3 benchmarks/bench_kernels.py --results "$OUT/RESULTS-kernels.md" 2>&1 | tee -a "$OUT/kernels.log"
         ;;
     engine)
         # The compiled row comes last and is written separately (bench_gpu.py's docstring).
-        timeout 570 python3 benchmarks/bench_gpu.py --results "$OUT/RESULTS-gpu.md" 2>&1 | tee "$OUT/engine.log"
+        timeout 540 python3 benchmarks/bench_gpu.py --results "$OUT/RESULTS-gpu.md" 2>&1 | tee "$OUT/engine.log"
         ;;
     *)
         echo "unknown stage $stage: tests, kernels or engine" >&2
