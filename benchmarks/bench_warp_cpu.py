@@ -26,6 +26,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -171,8 +172,6 @@ def main(argv=None) -> int:
         t_torch, t_cpp, diff = end_to_end(shape, threads, max(2, args.repeats // 2))
         print(f"\nEngine.predict_map (no IO), {threads} threads: PyTorch warps {t_torch:.2f} s, C++ warps {t_cpp:.2f} s "
               f"({t_torch / t_cpp:.2f}x); maps differ by at most {diff:.1e} voxel")
-        import tempfile
-
         with tempfile.TemporaryDirectory() as tmp:
             step = {mode: io_step_in_subprocess(shape, threads, args.io_repeats, mode, Path(tmp, mode))
                     for mode in ("torch", "cpp")}
