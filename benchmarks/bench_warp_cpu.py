@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,7 +58,7 @@ def allocated_mib(fn):
     return sum(max(row.self_cpu_memory_usage, 0) for row in prof.key_averages()) / 2**20
 
 
-def relative_difference(got, expected):
+def difference_of(got, expected):
     """Outputs: largest absolute difference. Gradients: relative L2 difference, since a
     trilinear gradient jumps at voxel boundaries and float32 rounding puts a few points on the
     other side (see RESULTS.md)."""
@@ -86,7 +87,7 @@ def op_rows(shape, threads_list, repeats):
             for mode in ("torch", "cpp"):
                 with ops.kernel_mode(mode):
                     result[mode] = (timed(fn, "cpu", repeats), allocated_mib(fn), fn())
-            difference = relative_difference(result["cpp"][2], result["torch"][2])
+            difference = difference_of(result["cpp"][2], result["torch"][2])
             rows.append((name, threads, result["torch"][0], result["cpp"][0], result["torch"][1], result["cpp"][1], difference))
     return rows
 
@@ -112,7 +113,7 @@ def io_step(shape, threads, repeats, mode):
             loss.backward()
             times.append(time.perf_counter() - start)
     gradient = torch.cat([p.grad.flatten() for p in network.parameters()])
-    return sorted(times[1:])[len(times[1:]) // 2], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, gradient
+    return statistics.median(times[1:]), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, gradient
 
 
 def io_step_in_subprocess(shape, threads, repeats, mode, gradient_path):

@@ -52,8 +52,8 @@ struct Geometry {
     }
 
     template <typename T>
-    void check_output(const Array<T>& out, int64_t out_channels, const Array<T>& coords) const {
-        check(out.ndim() == 5 && out.shape(0) == batch && out.shape(1) == out_channels,
+    void check_output(const Array<T>& out, const Array<T>& coords) const {
+        check(out.ndim() == 5 && out.shape(0) == batch && out.shape(1) == channels,
               "out and grad_out must be (B, C, *coords' grid)");
         for (int axis = 2; axis < 5; ++axis)
             check(out.shape(axis) == coords.shape(axis), "out and grad_out must be (B, C, *coords' grid)");
@@ -112,7 +112,7 @@ inline bool corners_of(T z, T y, T x, const Geometry& g, Corners<T>& c) {
 template <typename T>
 void warp_forward(const Array<T>& image, const Array<T>& coords, Array<T>& out, bool border, int threads) {
     const Geometry g(image, coords);
-    g.check_output(out, g.channels, coords);
+    g.check_output(out, coords);
     const T* src = image.data();
     const T* map = coords.data();
     T* dst = out.mutable_data();
@@ -153,7 +153,7 @@ template <typename T>
 void warp_backward(const Array<T>& image, const Array<T>& coords, const Array<T>& grad_out, Array<T>& grad_image,
                    Array<T>& grad_coords, bool need_image, bool need_coords, bool border, int threads) {
     const Geometry g(image, coords);
-    g.check_output(grad_out, g.channels, coords);
+    g.check_output(grad_out, coords);
     if (need_image) check(grad_image.ndim() == 5 && grad_image.size() == image.size(), "grad_image must match image");
     if (need_coords) check(grad_coords.ndim() == 5 && grad_coords.size() == coords.size(), "grad_coords must match coords");
     threads = std::max(threads, 1);
