@@ -81,8 +81,13 @@ def test_io_losses_equal_reference(similarity, masked, capsys):
     # normalized steps grow that: up to 9e-5 relative after three steps (masked lncc2).
     torch.testing.assert_close(losses[0], expected[0], rtol=2e-5, atol=2e-6)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=2e-4, atol=2e-6)
+    # The map: 5e-3 voxel. Three steps move it by 0.8 voxel (lncc), one step by 0.27, so a
+    # wrong or missing step shows. The bound is not tighter because the convolution algorithm
+    # alone moves the result this much: our IO network runs channels-last, the reference's
+    # contiguous; on an AMD EPYC (2026-11-30) the reference run channels-last lands up to
+    # 1.9e-3 voxel from itself run contiguous, and ours 2.5e-3 from it (was < 2e-3 on Intel).
     voxel = torch.tensor(SHAPE, dtype=torch.float32).view(1, 3, 1, 1, 1) - 1
-    assert ((phi_ab - expected_map) * voxel).abs().max() < 2e-3
+    assert ((phi_ab - expected_map) * voxel).abs().max() < 5e-3
     # the engine's weights are the checkpoint's again
     assert all(torch.equal(before[k], v) for k, v in engine.network.state_dict().items())
 
