@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .warp import warp_backward, warp_forward
+from .warp import _like, warp_backward, warp_forward
 
 
 class ComposeMaps(torch.autograd.Function):
@@ -25,7 +25,7 @@ class ComposeMaps(torch.autograd.Function):
     def backward(ctx, grad_out):
         field, coords = ctx.saved_tensors
         grad_field, grad_coords = warp_backward(field, coords, grad_out, False, True, ctx.needs_input_grad[0])
-        return grad_field, grad_coords.to(coords.dtype)
+        return _like(grad_field, field), grad_coords.to(coords.dtype)
 
 
 def compose_maps(field: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:

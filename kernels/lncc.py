@@ -160,7 +160,8 @@ def _blurred_moments_chain(i, j, mask, *, last_epilogue, last_dst, squared, scal
 def _prepare(image, target, mask):
     if image.shape != target.shape or image.dim() != 5 or image.shape[1] != 1:
         raise ValueError(f"expected two (B, 1, D, H, W) volumes of one shape, got {tuple(image.shape)}, {tuple(target.shape)}")
-    dtype = torch.promote_types(image.dtype, target.dtype)
+    # at least float32: 16-bit moments would lose the small variances LNCC divides by
+    dtype = torch.promote_types(torch.promote_types(image.dtype, target.dtype), torch.float32)
     if mask is not None:
         if mask.shape[0] != image.shape[0] or tuple(mask.shape[2:]) != tuple(image.shape[2:]):
             raise ValueError(f"mask {tuple(mask.shape)} does not match the images {tuple(image.shape)}")

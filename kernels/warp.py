@@ -142,8 +142,11 @@ def _prepare(image: torch.Tensor, coords: torch.Tensor):
     batch = image.shape[0]
     if coords.shape[0] not in (1, batch):
         raise ValueError(f"coords batch {coords.shape[0]} does not match image batch {batch}")
-    coords = coords.expand(batch, *coords.shape[1:]).to(image.dtype).contiguous()
-    return image.contiguous(), coords
+    # Both in the wider type, at least float32, as grid_sample under autocast promotes: a map
+    # cast to an autocast U-Net's bfloat16 would be a third of a voxel off at 175^3.
+    dtype = torch.promote_types(torch.promote_types(image.dtype, coords.dtype), torch.float32)
+    coords = coords.expand(batch, *coords.shape[1:]).to(dtype).contiguous()
+    return image.to(dtype).contiguous(), coords
 
 
 def warp_forward(image, coords, zero_pad: bool, add_coords: bool):
@@ -174,6 +177,11 @@ def warp_backward(image, coords, grad_out, zero_pad: bool, add_coords: bool, nee
     return (grad_image.to(image.dtype) if need_image_grad else None), grad_coords
 
 
+def _like(grad, tensor):
+    """``grad`` in ``tensor``'s dtype (the kernels compute 16-bit inputs in float32); None stays None."""
+    return None if grad is None else grad.to(tensor.dtype)
+
+
 class TrilinearWarp(torch.autograd.Function):
     """``warp(image, coords, padding)`` with a fused Triton forward and backward."""
 
@@ -187,7 +195,7 @@ class TrilinearWarp(torch.autograd.Function):
     def backward(ctx, grad_out):
         image, coords = ctx.saved_tensors
         grad_image, grad_coords = warp_backward(image, coords, grad_out, ctx.zero_pad, False, ctx.needs_input_grad[0])
-        return grad_image, grad_coords.to(coords.dtype), None
+        return _like(grad_image, image), grad_coords.to(coords.dtype), None
 
 
 def warp(image: torch.Tensor, coords: torch.Tensor, padding: str = "zeros") -> torch.Tensor:

@@ -60,6 +60,23 @@ def test_lncc_gradcheck(ours, reference):
     assert torch.autograd.gradcheck(lambda a, b: ours(a, b, mask), (image, target), eps=1e-6, atol=1e-6)
 
 
+def test_16bit_image_in_float32():
+    """A 16-bit image is compared in float32 (16-bit local moments would lose the small
+    variances LNCC divides by); its gradient comes back in its own dtype."""
+    image, target, _ = volumes(1, (9, 6, 8), torch.float32, seed=4)
+    half, half_target = image.to(torch.bfloat16).requires_grad_(), target.to(torch.bfloat16)
+    exact = half.detach().float().requires_grad_()
+    result = klncc.lncc2_loss(half, half_target)
+    with ops.kernel_mode("torch"):
+        expected = losses.lncc2_loss(exact, half_target.float())
+    assert result.dtype == torch.float32
+    torch.testing.assert_close(result, expected, rtol=1e-4, atol=1e-5)
+    (grad,) = torch.autograd.grad(result, half)
+    (expected_grad,) = torch.autograd.grad(expected, exact)
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad, expected_grad.to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_full_size(masked):
     """LNCC^2 loss and its gradients at the network's input size, float32."""

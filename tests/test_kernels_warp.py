@@ -87,6 +87,34 @@ def test_compose_gradcheck():
     assert torch.autograd.gradcheck(kcompose.compose_maps, (field, coords), eps=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("op", ["warp", "compose"])
+def test_16bit_input_is_sampled_in_float32(half, op):
+    """Under bf16 autocast a U-Net hands the ops a 16-bit field and a float32 map: the kernels
+    compute and return float32, as grid_sample promotes under autocast (the map in bfloat16
+    would be a third of a voxel off at 175^3), and give the 16-bit input its gradient in its dtype."""
+    gen = torch.Generator().manual_seed(9)
+    volume = (0.1 * torch.randn(2, 3, 6, 7, 5, generator=gen)).to(half).to(DEVICE).requires_grad_()
+    coords = random_map(1, (5, 4, 6), torch.float32, seed=10).requires_grad_()
+    exact = volume.detach().float().requires_grad_()  # the same values, in float32
+    if op == "warp":
+        result = kwarp.warp(volume, coords, "zeros")
+        with ops.kernel_mode("torch"):
+            expected = ops.warp(exact, coords, "zeros")
+    else:
+        result = kcompose.compose_maps(volume, coords)
+        with ops.kernel_mode("torch"):
+            expected = ops.compose_maps(exact, coords)
+    assert result.dtype == torch.float32
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
+    grad_out = torch.rand(expected.shape, generator=gen).to(DEVICE)
+    grad_volume, grad_coords = torch.autograd.grad(result, (volume, coords), grad_out)
+    expected_volume, expected_coords = torch.autograd.grad(expected, (exact, coords), grad_out)
+    assert grad_volume.dtype == half and grad_coords.dtype == torch.float32
+    torch.testing.assert_close(grad_volume, expected_volume.to(half))
+    torch.testing.assert_close(grad_coords, expected_coords, rtol=1e-5, atol=1e-5)
+
+
 def relative_l2(ours, theirs):
     return float((ours - theirs).norm() / theirs.norm())
 
