@@ -5,25 +5,31 @@ concern, as the project's layout asks) but install as ``mgr_engine.kernels`` and
 The C++ trilinear warp (``kernels/trilinear_cpu.cpp`` -> ``mgr_engine._trilinear_cpu``) is
 built through pybind11 (a build requirement in pyproject.toml) with OpenMP. It is optional:
 where it does not compile, the install goes on and the engine uses PyTorch's warp.
+``MGR_ENGINE_BUILD_CPP=0`` skips it (a GPU session's install, where the CPU warp is unused).
 """
 
+import os
 import sys
 
 from setuptools import setup
 
-ext_modules = []
-try:
-    from pybind11.setup_helpers import Pybind11Extension
-except ImportError:  # building without pybind11 (e.g. --no-build-isolation): PyTorch path only
-    print("mgr_engine: pybind11 not found, the C++ warp is not built", file=sys.stderr)
-else:
+
+def cpp_extensions():
+    if os.environ.get("MGR_ENGINE_BUILD_CPP", "1") == "0":
+        print("mgr_engine: MGR_ENGINE_BUILD_CPP=0, the C++ warp is not built", file=sys.stderr)
+        return []
+    try:
+        from pybind11.setup_helpers import Pybind11Extension
+    except ImportError:  # building without pybind11 (e.g. --no-build-isolation): PyTorch path only
+        print("mgr_engine: pybind11 not found, the C++ warp is not built", file=sys.stderr)
+        return []
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]  # Apple clang has no -fopenmp
-    ext_modules.append(Pybind11Extension(
-        "mgr_engine._trilinear_cpu", ["kernels/trilinear_cpu.cpp"], cxx_std=17, optional=True,
-        extra_compile_args=["-O3", *openmp], extra_link_args=openmp))
+    return [Pybind11Extension("mgr_engine._trilinear_cpu", ["kernels/trilinear_cpu.cpp"], cxx_std=17, optional=True,
+                              extra_compile_args=["-O3", *openmp], extra_link_args=openmp)]
+
 
 setup(
     packages=["mgr_engine", "mgr_engine.kernels", "mgr_engine.export"],
     package_dir={"mgr_engine": "mgr_engine", "mgr_engine.kernels": "kernels", "mgr_engine.export": "export"},
-    ext_modules=ext_modules,
+    ext_modules=cpp_extensions(),
 )

@@ -1,50 +1,86 @@
 #!/usr/bin/env bash
-# Issue 3's GPU checks, one stage per device call (each well inside the 10-minute limit of a
-# call), everything written under $OUT so that it comes back.
+# Issue 3's GPU checks in ONE device call. A task is lent 15 minutes of device time, the
+# machine's start (minutes) included, and a call may run 10 minutes: so one command of about
+# 9 minutes, the most valuable stage first, each under its own timeout inside a total budget,
+# each writing under $OUT as it goes (a call cut short still returns what was written).
 #
 # Here, once (the reference's pure-Python wheels travel with the call; the GPU image has torch,
-# triton, pybind11, numpy, tqdm, matplotlib, safetensors and pytest, but no itk):
+# triton, numpy, tqdm, matplotlib, safetensors and pytest, but no itk):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps -d .whl unigradicon==1.0.6 icon_registration==1.1.9
-# On the device (run tool, carry [".whl"]), in this order:
-#   bash benchmarks/gpu_session.sh tests     # Triton kernels compiled, values and gradients, 175^3 included
-#   bash benchmarks/gpu_session.sh kernels   # bench_kernels.py: per-kernel time, memory, bandwidth
-#   bash benchmarks/gpu_session.sh engine    # bench_gpu.py: end to end against the reference, TF32/bf16
-# then copy $OUT's RESULTS-*.md into benchmarks/RESULTS.md with the device's name.
-set -euo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|engine}
+# On the device: the run tool with carry [".whl"], timeout_s 590, and the command
+#   bash benchmarks/gpu_session.sh
+# then give_back at once, and copy $OUT's RESULTS-*.md and profile.md into
+# benchmarks/RESULTS.md with the device's name.
+#
+# Stages (seconds at most; the total is BUDGET, default 540):
+#   tests    150  the Triton kernel tests compiled on the GPU, 175^3 included (fills Triton's cache)
+#   kernels   90  bench_kernels.py without torch.compile: time, memory, bandwidth per kernel
+#   engine   180  bench_gpu.py: end to end against the reference, TF32/bf16, IO memory
+#   profile   60  profile_gpu.py: where a registration's and an IO step's device time goes
+#   compiled rest  bench_gpu.py --compile-only (CUDA graphs), then bench_kernels.py with torch.compile
+#
+# A dry run on the CPU, small sizes, the kernels in Triton's interpreter:
+#   SMOKE=1 OUT=/tmp/gpu-smoke PATH=.venv/bin:$PATH bash benchmarks/gpu_session.sh
+set -uo pipefail
 OUT=${OUT:-/tmp/mgr_engine_gpu_session}
+BUDGET=${BUDGET:-540}
+SMOKE=${SMOKE:-0}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+started=$SECONDS
+
+# stage NAME SECONDS COMMAND...: runs COMMAND for at most SECONDS and what is left of BUDGET,
+# its output in $OUT/NAME.log; a failure or a timeout is logged and the next stage runs.
+stage() {
+    local name=$1 limit=$2 left
+    shift 2
+    left=$((BUDGET - (SECONDS - started)))
+    ((limit > left)) && limit=$left
+    if ((limit < 20)); then
+        echo "== $name: skipped, ${left} s of the budget left" | tee -a "$OUT/stages.txt"
+        return
+    fi
+    echo "== $name: up to ${limit} s" | tee -a "$OUT/stages.txt"
+    local t0=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: exit $rc after $((SECONDS - t0)) s$( ((rc == 124)) && echo ' (timed out)')" | tee -a "$OUT/stages.txt"
+    tail -n 40 "$OUT/$name.log"
+}
+
 if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || {
-    cat "$OUT/install.log"; exit 1; }
+if [[ $SMOKE != 1 ]]; then  # the CPU dry run uses the venv's install
+    MGR_ENGINE_BUILD_CPP=0 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || {
+        cat "$OUT/install.log"; exit 1; }
+fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
-} | tee "$OUT/device-$stage.txt"
+} 2>&1 | tee "$OUT/device.txt"
 
-case $stage in
-    tests)
-        # The modules that need no itk: the Triton kernels (test_full_size runs 175^3 on a GPU)
-        # and their dispatch in the engine's ops, and the C++ CPU warp when it was built.
-        python3 -m pytest -q -p no:cacheprovider tests/test_kernels_warp.py tests/test_kernels_lncc.py \
-            tests/test_kernel_dispatch.py tests/test_kernels_warp_cpu.py 2>&1 | tee "$OUT/tests.log"
-        ;;
-    kernels)
-        # Without torch.compile first (minutes of compiling that could reach the call's limit),
-        # so that the kernels' own figures come back in any case; then with it.
-        python3 benchmarks/bench_kernels.py --no-compile --results "$OUT/RESULTS-kernels.md" 2>&1 | tee "$OUT/kernels.log"
-        timeout 400 python3 benchmarks/bench_kernels.py --results "$OUT/RESULTS-kernels.md" 2>&1 | tee -a "$OUT/kernels.log"
-        ;;
-    engine)
-        # The compiled row comes last and is written separately (bench_gpu.py's docstring).
-        timeout 540 python3 benchmarks/bench_gpu.py --results "$OUT/RESULTS-gpu.md" 2>&1 | tee "$OUT/engine.log"
-        ;;
-    *)
-        echo "unknown stage $stage: tests, kernels or engine" >&2
-        exit 2
-        ;;
-esac
+if [[ $SMOKE == 1 ]]; then
+    export TRITON_INTERPRET=1
+    tests=(-k "gradcheck or 16bit")
+    kernels=(--smoke)
+    engine=(--device cpu --shape 72 72 72 --io-steps 1 --repeats 1)
+    profile=(--device cpu --shape 72 72 72 --io-steps 1 --rows 10)
+else
+    tests=()
+    kernels=()
+    engine=()
+    profile=()
+fi
+
+stage tests 150 python3 -m pytest -q -p no:cacheprovider "${tests[@]}" tests/test_kernels_warp.py \
+    tests/test_kernels_lncc.py tests/test_kernel_dispatch.py
+stage kernels 90 python3 benchmarks/bench_kernels.py --no-compile "${kernels[@]}" --results "$OUT/RESULTS-kernels.md"
+stage engine 180 python3 benchmarks/bench_gpu.py --skip-compile "${engine[@]}" --results "$OUT/RESULTS-gpu.md"
+stage profile 60 python3 benchmarks/profile_gpu.py "${profile[@]}" --out "$OUT/profile.md"
+stage engine-compiled 150 python3 benchmarks/bench_gpu.py --compile-only "${engine[@]}" --results "$OUT/RESULTS-gpu.md"
+if [[ $SMOKE != 1 ]]; then  # torch.compile of the kernels' references: nothing to check on the CPU
+    stage kernels-compiled 120 python3 benchmarks/bench_kernels.py "${kernels[@]}" --results "$OUT/RESULTS-kernels.md"
+fi
+echo "== total $((SECONDS - started)) s of ${BUDGET}" | tee -a "$OUT/stages.txt"

@@ -1,0 +1,77 @@
+#!/usr/bin/env python
+"""Where the time of a registration and of an IO step goes: torch.profiler's operators sorted
+by their own device time, for issue 3 item 4 (fuse only what a profile shows pays).
+
+Randomized official-architecture weights, two smooth volumes, on tensors (no itk needed).
+Profiled after a warm-up of each: one ``Engine.predict_map`` (no IO) and ``--io-steps``
+steps of ``Engine.instance_optimize`` with 1 - LNCC^2.
+
+    python benchmarks/profile_gpu.py --out profile.md                      # GPU, 175^3
+    python benchmarks/profile_gpu.py --device cpu --shape 72 72 72 --rows 10   # a check on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+
+def profiled(fn, device, rows):
+    """``fn()`` under the profiler: the table of its top ``rows`` operators by own time."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shape", type=int, nargs=3, default=(175, 175, 175))
+    p.add_argument("--io-steps", type=int, default=2)
+    p.add_argument("--rows", type=int, default=30)
+    p.add_argument("--out", type=Path, help="append the tables to this file")
+    args = p.parse_args(argv)
+    device, shape = args.device, tuple(args.shape)
+
+    from helpers import random_network, smooth_volume
+
+    from mgr_engine import Engine
+    from mgr_engine.model import official_state_dict
+
+    net = random_network(shape, seed=1, displacement_scale=0.3)
+    engine = Engine(weights=official_state_dict(net), config=net.config, device=device)
+    moving = torch.from_numpy(smooth_volume(shape, 1))[None, None].to(device)
+    fixed = torch.from_numpy(smooth_volume(shape, 2))[None, None].to(device)
+
+    def no_io():
+        engine.predict_map(moving, fixed)
+
+    def io(steps):
+        engine.instance_optimize(moving, fixed, iterations=steps, similarity="lncc2", progress=False)
+
+    no_io()  # warm-ups: cuDNN's plans, Triton's compilation
+    io(1)
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    text = (f"## Profile, {name}, network {'x'.join(map(str, shape))}, torch {torch.__version__}\n\n"
+            f"### no IO: one predict_map\n\n```\n{profiled(no_io, device, args.rows)}\n```\n\n"
+            f"### IO: {args.io_steps} steps of instance_optimize (1 - LNCC^2) and the final forward\n\n"
+            f"```\n{profiled(lambda: io(args.io_steps), device, args.rows)}\n```\n")
+    print(text, flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
