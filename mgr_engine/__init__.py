@@ -4,14 +4,17 @@
     result = mgr_engine.register("fixed.nii.gz", "moving.nii.gz", weights="Step_2_final.trch")
     result.save("transform.h5")
 
+    for result in mgr_engine.register_many(pairs, io_iterations=None, batch_size=4):  # a data set
+        ...
+
 See :func:`register` and :class:`Engine`.
 """
 
 from . import errors
-from .engine import Engine, RegistrationResult, register, weights_search_path
+from .engine import Engine, RegistrationResult, register, register_many, weights_search_path
 from .model import GradICONNetwork, NetworkConfig
 from .export import export_onnx  # onnx itself is imported only when a graph is built
 
 __all__ = ["Engine", "GradICONNetwork", "NetworkConfig", "RegistrationResult", "errors", "export_onnx", "register",
-           "weights_search_path"]
+           "register_many", "weights_search_path"]
 __version__ = "0.1.0"

@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import os
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from . import itk_io
-from .errors import CheckpointError, InvalidOptionError, WeightsNotFoundError
+from .errors import CheckpointError, InvalidOptionError, MgrEngineError, WeightsNotFoundError
 from .losses import gradicon_regularizer, similarity_by_name
 from .model import (GradICONNetwork, NetworkConfig, evaluate_map, fold_batchnorm, load_official_state_dict, map_on_grid,
                     read_safetensors)
@@ -305,18 +306,18 @@ class Engine:
         itk_io.check_same_grid(mask_image, image, f"{name} mask")
         return itk_io.voxel_array(mask_image)
 
-    def register(self, fixed, moving, *, fixed_modality: str = "mri", moving_modality: str = "mri",
-                 io_iterations: int | None = 50, io_sim: str = "lncc2", io_lr: float = 2e-5,
-                 fixed_mask=None, moving_mask=None, masking: str = "loss", ct_window=None,
-                 quantile_range=None, progress: bool = True, seed: int | None = None) -> "RegistrationResult":
-        """Register ``moving`` onto ``fixed``; see :func:`mgr_engine.register`."""
-        started = time.perf_counter()
+    def _check_options(self, *, fixed_modality, moving_modality, io_iterations, io_sim, masking) -> None:
+        """Refuse unknown options before any image is read."""
         if masking not in MASKING_MODES:
             raise InvalidOptionError(f"unknown masking {masking!r}: choose one of {', '.join(MASKING_MODES)}")
-        check_modality(fixed_modality, "fixed")  # fail before any work
+        check_modality(fixed_modality, "fixed")
         check_modality(moving_modality, "moving")
         if io_iterations:
             similarity_by_name(io_sim)
+
+    def _prepare_pair(self, fixed, moving, *, fixed_modality, moving_modality, fixed_mask, moving_mask, masking,
+                      io_iterations, ct_window, quantile_range) -> "_PreparedPair":
+        """Read both images (and masks), check them, preprocess them for the network."""
         fixed_image = itk_io.load_image(fixed, "fixed")
         moving_image = itk_io.load_image(moving, "moving")
         fixed_mask_array = self._load_mask(fixed_mask, fixed_image, "fixed")
@@ -328,32 +329,208 @@ class Engine:
         moving_tensor = self.preprocess(
             moving_image, moving_modality, name="moving", mask=moving_mask_array if input_masking else None,
             ct_window=ct_window, quantile_range=quantile_range)
+        loss_masks = [None, None]
+        if io_iterations and masking in ("loss", "both"):
+            loss_masks = [None if m is None else resize_mask(m, self.input_shape) for m in (fixed_mask_array, moving_mask_array)]
+        elif masking == "loss" and (fixed_mask is not None or moving_mask is not None):
+            log.warning("masks given for loss masking, but without instance optimization there is no loss: "
+                        "they are not used (pass masking='input' to mask the network's input)")
+        return _PreparedPair(fixed_image, moving_image, fixed_tensor, moving_tensor, *loss_masks)
 
+    def _optimize_pair(self, pair: "_PreparedPair", *, io_iterations, io_sim, io_lr, progress, seed) -> "RegistrationResult":
+        """Instance optimization on one prepared pair, and its result."""
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        phi_ab, phi_ba, losses = self.instance_optimize(
+            pair.moving, pair.fixed, iterations=io_iterations, similarity=io_sim, lr=io_lr,
+            moving_mask=pair.moving_loss_mask, fixed_mask=pair.fixed_loss_mask, generator=generator, progress=progress)
+        return self._result(pair, phi_ab, phi_ba, losses)
+
+    def _result(self, pair: "_PreparedPair", phi_ab, phi_ba=None, losses=()) -> "RegistrationResult":
+        return RegistrationResult(
+            fixed=pair.fixed_image, moving=pair.moving_image, phi_ab=phi_ab.detach().cpu(),
+            phi_ba=None if phi_ba is None else phi_ba.detach().cpu(), io_losses=list(losses),
+            _inverse=functools.partial(self.predict_map, pair.fixed, pair.moving),
+        )
+
+    def register(self, fixed, moving, *, fixed_modality: str = "mri", moving_modality: str = "mri",
+                 io_iterations: int | None = 50, io_sim: str = "lncc2", io_lr: float = 2e-5,
+                 fixed_mask=None, moving_mask=None, masking: str = "loss", ct_window=None,
+                 quantile_range=None, progress: bool = True, seed: int | None = None) -> "RegistrationResult":
+        """Register ``moving`` onto ``fixed``; see :func:`mgr_engine.register`."""
+        started = time.perf_counter()
+        self._check_options(fixed_modality=fixed_modality, moving_modality=moving_modality,
+                            io_iterations=io_iterations, io_sim=io_sim, masking=masking)
+        pair = self._prepare_pair(fixed, moving, fixed_modality=fixed_modality, moving_modality=moving_modality,
+                                  fixed_mask=fixed_mask, moving_mask=moving_mask, masking=masking,
+                                  io_iterations=io_iterations, ct_window=ct_window, quantile_range=quantile_range)
         # ITK's transform modules load lazily (seconds): load them while the network runs.
         # Main-thread ITK work is over until the result's transform is built.
         preload = threading.Thread(target=_preload_quietly, name="mgr_engine-itk-preload", daemon=True)
         preload.start()
-        phi_ba, losses = None, []
         if io_iterations:
-            loss_masking = masking in ("loss", "both")
-            generator = torch.Generator().manual_seed(seed) if seed is not None else None
-            phi_ab, phi_ba, losses = self.instance_optimize(
-                moving_tensor, fixed_tensor, iterations=io_iterations, similarity=io_sim, lr=io_lr,
-                moving_mask=resize_mask(moving_mask_array, self.input_shape) if loss_masking and moving_mask_array is not None else None,
-                fixed_mask=resize_mask(fixed_mask_array, self.input_shape) if loss_masking and fixed_mask_array is not None else None,
-                generator=generator, progress=progress)
+            result = self._optimize_pair(pair, io_iterations=io_iterations, io_sim=io_sim, io_lr=io_lr,
+                                         progress=progress, seed=seed)
         else:
-            if masking == "loss" and (fixed_mask is not None or moving_mask is not None):
-                log.warning("masks given for loss masking, but without instance optimization there is no loss: "
-                            "they are not used (pass masking='input' to mask the network's input)")
-            phi_ab = self.predict_map(moving_tensor, fixed_tensor)
+            result = self._result(pair, self.predict_map(pair.moving, pair.fixed))
         preload.join()
         log.info("registered in %.2f s", time.perf_counter() - started)
-        return RegistrationResult(
-            fixed=fixed_image, moving=moving_image, phi_ab=phi_ab.detach().cpu(),
-            phi_ba=None if phi_ba is None else phi_ba.detach().cpu(), io_losses=losses,
-            _inverse=functools.partial(self.predict_map, fixed_tensor, moving_tensor),
-        )
+        return result
+
+    def register_many(self, pairs, *, batch_size: int = 1, prefetch: int = 2, fixed_modality: str = "mri",
+                      moving_modality: str = "mri", io_iterations: int | None = 50, io_sim: str = "lncc2",
+                      io_lr: float = 2e-5, masking: str = "loss", ct_window=None, quantile_range=None,
+                      progress: bool = True, seed: int | None = None):
+        """Register a stream of pairs: a generator of :class:`RegistrationResult`, in the order of ``pairs``.
+
+        A background thread reads and preprocesses the next pairs while the network works on
+        the current ones (at most ``prefetch`` batches ahead). Without instance optimization
+        ``batch_size`` pairs go through the network at once; with it each pair is optimized
+        on its own (IO adapts the weights to one pair), and batching only groups the reads. On
+        CUDA each batch is staged in pinned (page-locked) host memory and copied to the GPU
+        asynchronously.
+
+        Args:
+            pairs: an iterable (a generator too) of ``(fixed, moving)`` tuples or of mappings with
+                keys ``fixed``, ``moving`` and optionally ``fixed_mask``, ``moving_mask``; each
+                image a path, ``itk.Image`` or numpy array, as for :func:`mgr_engine.register`.
+            batch_size: pairs per network forward without IO.
+            prefetch: batches prepared ahead (host memory: two float32 volumes of the network's
+                input shape per pair, 43 MB at 175^3).
+            Other arguments: as :func:`mgr_engine.register`, the same for every pair.
+
+        A pair that cannot be registered raises its typed error (see :mod:`mgr_engine.errors`),
+        its message starting with the pair's index; the results yielded before stay valid.
+        Closing the generator early stops the reading thread.
+        """
+        if int(batch_size) < 1 or int(prefetch) < 1:
+            raise InvalidOptionError(f"batch_size and prefetch must be at least 1, got {batch_size} and {prefetch}")
+        self._check_options(fixed_modality=fixed_modality, moving_modality=moving_modality,
+                            io_iterations=io_iterations, io_sim=io_sim, masking=masking)
+
+        def prepare(index, item):
+            fixed, moving, masks = _unpack_pair(index, item)
+            try:
+                return self._prepare_pair(fixed, moving, fixed_modality=fixed_modality, moving_modality=moving_modality,
+                                          masking=masking, io_iterations=io_iterations, ct_window=ct_window,
+                                          quantile_range=quantile_range, **masks)
+            except MgrEngineError as error:
+                raise type(error)(f"pair {index}: {error}") from error
+
+        io = dict(io_iterations=io_iterations, io_sim=io_sim, io_lr=io_lr, progress=progress, seed=seed) if io_iterations else None
+        # A generator of its own, so that the checks above raise at the call, not at the first result.
+        return self._registered_stream(_prefetched_batches(pairs, prepare, int(batch_size), int(prefetch), pin=(
+            self.device.type == "cuda" and self.backend == "torch")), io)
+
+    def _registered_stream(self, batches, io):
+        """The results of :meth:`register_many` for prepared ``batches``; ``io``: IO's options or None."""
+        with contextlib.closing(batches):
+            for batch in batches:
+                if io is not None:
+                    for pair in batch.pairs:
+                        yield self._optimize_pair(pair, **io)
+                    continue
+                pinned = batch.moving.is_pinned()
+                phi_ab = self.predict_map(batch.moving.to(self.device, non_blocking=pinned),
+                                          batch.fixed.to(self.device, non_blocking=pinned)).cpu()
+                for k, pair in enumerate(batch.pairs):
+                    yield self._result(pair, phi_ab[k:k + 1])
+
+
+@dataclass
+class _PreparedPair:
+    """A pair read, checked and preprocessed: the ITK images, the network inputs
+    (1, 1, *input_shape) in [0, 1], and IO's loss masks on the network grid (or None)."""
+
+    fixed_image: object
+    moving_image: object
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    fixed_loss_mask: torch.Tensor | None = None
+    moving_loss_mask: torch.Tensor | None = None
+
+
+@dataclass
+class _Batch:
+    """Prepared pairs and their network inputs stacked (B, 1, *input_shape), pinned on CUDA."""
+
+    pairs: list
+    moving: torch.Tensor
+    fixed: torch.Tensor
+
+
+def _unpack_pair(index, item):
+    """``(fixed, moving, masks)`` of one element of :meth:`Engine.register_many`'s ``pairs``."""
+    if isinstance(item, dict):
+        unknown = set(item) - {"fixed", "moving", "fixed_mask", "moving_mask"}
+        if unknown or not {"fixed", "moving"} <= set(item):
+            raise InvalidOptionError(f"pair {index}: a mapping needs the keys 'fixed' and 'moving' (and optionally "
+                                     f"'fixed_mask', 'moving_mask'); got {sorted(item)}")
+        return item["fixed"], item["moving"], {"fixed_mask": item.get("fixed_mask"), "moving_mask": item.get("moving_mask")}
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        return item[0], item[1], {"fixed_mask": None, "moving_mask": None}
+    raise InvalidOptionError(f"pair {index}: expected a (fixed, moving) tuple or a mapping with 'fixed' and 'moving', "
+                             f"got {type(item).__name__}")
+
+
+_END = object()
+
+
+def _prefetched_batches(pairs, prepare, batch_size: int, prefetch: int, pin: bool):
+    """Batches of ``prepare(index, item)`` for the items of ``pairs``, made by a background thread
+    at most ``prefetch`` batches ahead. An error is raised here after the batch of the pairs
+    before it; leaving the generator stops the thread."""
+    ready = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def batch_of(prepared):
+        moving = torch.cat([p.moving for p in prepared])
+        fixed = torch.cat([p.fixed for p in prepared])
+        if pin:  # page-locked: the copy to the GPU runs asynchronously, at full bus speed
+            moving, fixed = moving.pin_memory(), fixed.pin_memory()
+        return _Batch(prepared, moving, fixed)
+
+    def load():
+        prepared = []
+        try:
+            for index, item in enumerate(pairs):
+                if stop.is_set():
+                    return
+                prepared.append(prepare(index, item))
+                if len(prepared) == batch_size:
+                    if not put(batch_of(prepared)):
+                        return
+                    prepared = []
+        except BaseException as error:  # handed to the consumer, after the pairs before it
+            if prepared and not put(batch_of(prepared)):
+                return
+            put(error)
+            return
+        if prepared and not put(batch_of(prepared)):
+            return
+        put(_END)
+
+    thread = threading.Thread(target=load, name="mgr_engine-loader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _preload_quietly() -> None:
@@ -431,6 +608,33 @@ def _cached_engine(model, weights, device, backend="torch", onnx_model=None):
     return Engine(model=model, weights=weights, device=device, backend=backend, onnx_model=onnx_model)
 
 
+def register_many(pairs, *, model: str = "multigradicon", weights=None, device=None, batch_size: int = 1,
+                  prefetch: int = 2, backend: str = "torch", onnx_model=None, **options):
+    """Register a stream of pairs with one cached engine: a generator of :class:`RegistrationResult`
+    in the order of ``pairs``, the next pairs read while the network works (see
+    :meth:`Engine.register_many` for ``pairs``, ``batch_size`` and ``prefetch``).
+
+    ``model``, ``weights``, ``device``, ``backend``, ``onnx_model``: as :func:`register`;
+    ``options``: :func:`register`'s other keyword arguments, the same for every pair. ::
+
+        pairs = [(f"fixed_{i}.nii.gz", f"moving_{i}.nii.gz") for i in range(100)]
+        for i, result in enumerate(mgr_engine.register_many(pairs, io_iterations=None, batch_size=4)):
+            result.save(f"transform_{i}.h5")
+    """
+    return _engine_for(model, weights, device, backend, onnx_model).register_many(
+        pairs, batch_size=batch_size, prefetch=prefetch, **options)
+
+
+def _engine_for(model, weights, device, backend, onnx_model) -> Engine:
+    """The cached engine of these settings (a state dict as ``weights``: a new engine)."""
+    if model not in MODELS:
+        raise InvalidOptionError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
+    if isinstance(weights, dict):  # a state dict: not cacheable
+        return Engine(model=model, weights=weights, device=device, backend=backend, onnx_model=onnx_model)
+    return _cached_engine(model, None if weights is None else str(weights), None if device is None else str(device),
+                          backend, None if onnx_model is None else str(onnx_model))
+
+
 def register(fixed, moving, *, fixed_modality: str = "mri", moving_modality: str = "mri",
              model: str = "multigradicon", weights=None, io_iterations: int | None = 50, io_sim: str = "lncc2",
              io_lr: float = 2e-5, fixed_mask=None, moving_mask=None, masking: str = "loss",
@@ -467,14 +671,7 @@ def register(fixed, moving, *, fixed_modality: str = "mri", moving_modality: str
         and ``save()``. The engine is cached, so repeated calls do not reload the weights;
         use :class:`Engine` to control its lifetime.
     """
-    if model not in MODELS:
-        raise InvalidOptionError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
-    if isinstance(weights, dict):  # a state dict: not cacheable, build an engine for this call
-        engine = Engine(model=model, weights=weights, device=device, backend=backend, onnx_model=onnx_model)
-    else:
-        engine = _cached_engine(model, None if weights is None else str(weights), None if device is None else str(device),
-                                backend, None if onnx_model is None else str(onnx_model))
-    return engine.register(
+    return _engine_for(model, weights, device, backend, onnx_model).register(
         fixed, moving, fixed_modality=fixed_modality, moving_modality=moving_modality,
         io_iterations=io_iterations, io_sim=io_sim, io_lr=io_lr, fixed_mask=fixed_mask,
         moving_mask=moving_mask, masking=masking, ct_window=ct_window, quantile_range=quantile_range,

@@ -1,0 +1,168 @@
+"""register_many: a stream of pairs, read ahead in a thread and batched through the network,
+gives what register() gives pair by pair, in order; errors name the pair; leaving early stops
+the reading thread."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import random_network, smooth_volume
+from mgr_engine import Engine, register_many
+from mgr_engine.engine import _PreparedPair, _prefetched_batches
+from mgr_engine.errors import InvalidImageError, InvalidOptionError
+from mgr_engine.model import official_state_dict
+
+itk = pytest.importorskip("itk")
+
+SHAPE = (72, 72, 72)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    net = random_network(SHAPE, narrow=True, seed=3, displacement_scale=0.5)
+    return Engine(weights=official_state_dict(net), config=net.config, device="cpu")
+
+
+def image(seed, shape=(40, 48, 44), spacing=(1.1, 0.9, 1.3)):
+    out = itk.image_from_array(smooth_volume(shape, seed) * 500 + 20)
+    out.SetSpacing(spacing)
+    out.SetOrigin([float(seed), -3.0, 2.5])
+    return out
+
+
+def pairs(n, start=0):
+    return [(image(2 * i + start), image(2 * i + 1 + start, shape=(36, 50, 41))) for i in range(n)]
+
+
+def loader_threads():
+    return [t for t in threading.enumerate() if t.name == "mgr_engine-loader"]
+
+
+def wait_for_no_loader(timeout=5.0):
+    deadline = time.time() + timeout
+    while loader_threads() and time.time() < deadline:
+        time.sleep(0.01)
+    return not loader_threads()
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 4])
+def test_same_maps_as_register_in_order(engine, batch_size):
+    data = pairs(5)
+    one_by_one = [engine.register(f, m, io_iterations=None) for f, m in data]
+    streamed = list(engine.register_many(iter(data), batch_size=batch_size, io_iterations=None))
+    assert len(streamed) == len(data)
+    voxels = torch.tensor(SHAPE).view(1, 3, 1, 1, 1) - 1
+    distinct = ((one_by_one[0].phi_ab - one_by_one[1].phi_ab) * voxels).abs().max()
+    assert distinct > 0.5  # pairs give different maps, so a swapped order would show
+    for ours, expected, (fixed, moving) in zip(streamed, one_by_one, data):
+        assert ours.fixed is fixed and ours.moving is moving
+        # batched convolutions may sum in another order: float32 rounding, not more
+        assert ((ours.phi_ab - expected.phi_ab) * voxels).abs().max() < 1e-4
+    # the transform and the lazy inverse work as register()'s do
+    point = [10.0, 5.0, 20.0]
+    assert np.allclose(streamed[2].transform.TransformPoint(point), one_by_one[2].transform.TransformPoint(point),
+                       atol=1e-3)
+    assert np.allclose(streamed[2].inverse_transform.TransformPoint(point),
+                       one_by_one[2].inverse_transform.TransformPoint(point), atol=1e-3)
+
+
+def test_instance_optimization_pair_by_pair(engine):
+    data = pairs(3, start=20)
+    options = dict(io_iterations=1, io_sim="lncc2", seed=5, progress=False)
+    expected = [engine.register(f, m, **options) for f, m in data]
+    streamed = list(engine.register_many(data, batch_size=2, **options))
+    for ours, theirs in zip(streamed, expected):
+        assert len(ours.io_losses) == 2
+        np.testing.assert_allclose(ours.io_losses, theirs.io_losses, rtol=1e-6)
+        torch.testing.assert_close(ours.phi_ab, theirs.phi_ab)
+
+
+def test_masks_in_mappings(engine):
+    fixed, moving = pairs(1, start=40)[0]
+    mask_array = np.zeros(itk.array_view_from_image(fixed).shape, np.uint8)
+    mask_array[5:30, 8:40, 4:38] = 1
+    fixed_mask = itk.image_from_array(mask_array)
+    fixed_mask.CopyInformation(fixed)  # scalar onto scalar: the fixed image's grid
+    options = dict(io_iterations=None, masking="input")
+    expected = engine.register(fixed, moving, fixed_mask=fixed_mask, **options)
+    unmasked = engine.register(fixed, moving, **options)
+    (ours,) = engine.register_many([{"fixed": fixed, "moving": moving, "fixed_mask": fixed_mask}], **options)
+    torch.testing.assert_close(ours.phi_ab, expected.phi_ab)
+    assert not torch.allclose(ours.phi_ab, unmasked.phi_ab)
+
+
+def test_bad_pair_raises_its_typed_error_after_the_pairs_before_it(engine):
+    data = pairs(4, start=60)
+    data[3] = (data[3][0], np.zeros((30, 30, 30), np.float32))  # a constant moving image
+    stream = engine.register_many(data, batch_size=2, io_iterations=None)
+    # pair 2 shares its batch with the bad pair 3: it is registered all the same
+    assert [next(stream).fixed for _ in range(3)] == [fixed for fixed, _ in data[:3]]
+    with pytest.raises(InvalidImageError, match=r"^pair 3: .*moving"):
+        next(stream)
+    assert wait_for_no_loader()
+
+
+def test_error_of_the_pairs_iterable_reaches_the_caller(engine):
+    def broken():
+        yield pairs(1, start=80)[0]
+        raise OSError("the data set's index is unreadable")
+
+    stream = engine.register_many(broken(), io_iterations=None)
+    next(stream)
+    with pytest.raises(OSError, match="unreadable"):
+        next(stream)
+
+
+def test_leaving_early_stops_the_reading_thread(engine):
+    def endless():
+        seed = 100
+        while True:
+            seed += 2
+            yield image(seed), image(seed + 1)
+
+    stream = engine.register_many(endless(), batch_size=1, prefetch=1, io_iterations=None)
+    next(stream)
+    assert loader_threads()
+    stream.close()
+    assert wait_for_no_loader()
+
+
+def test_options_are_checked_at_the_call(engine):
+    with pytest.raises(InvalidOptionError, match="batch_size"):
+        engine.register_many(pairs(1), batch_size=0)
+    with pytest.raises(InvalidOptionError, match="modality"):
+        engine.register_many(pairs(1), fixed_modality="pet")
+    with pytest.raises(InvalidOptionError, match="model"):
+        register_many(pairs(1), model="nope")
+    with pytest.raises(InvalidOptionError, match="pair 0: expected"):
+        list(engine.register_many([image(1)], io_iterations=None))
+    with pytest.raises(InvalidOptionError, match="pair 0: a mapping"):
+        list(engine.register_many([{"fixed": image(1), "moved": image(2)}], io_iterations=None))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_batches_are_pinned_on_cuda():
+    net = random_network(SHAPE, narrow=True, seed=3, displacement_scale=0.5)
+    gpu = Engine(weights=official_state_dict(net), config=net.config, device="cuda")
+    cpu = Engine(weights=official_state_dict(net), config=net.config, device="cpu")
+    data = pairs(3, start=120)
+    seen = []
+    original = gpu.predict_map
+
+    def recording(moving, fixed):
+        seen.append(moving.device.type)
+        return original(moving, fixed)
+
+    gpu.predict_map = recording
+    streamed = list(gpu.register_many(data, batch_size=2, io_iterations=None))
+    assert seen == ["cuda", "cuda"]
+    volume = torch.rand(1, 1, 4, 4, 4)
+    batches = list(_prefetched_batches(range(3), lambda i, item: _PreparedPair(None, None, volume, volume), 2, 1, pin=True))
+    assert [len(b.pairs) for b in batches] == [2, 1]
+    assert all(b.moving.is_pinned() and b.fixed.is_pinned() for b in batches)
+    for ours, (fixed, moving) in zip(streamed, data):
+        expected = cpu.register(fixed, moving, io_iterations=None)
+        assert (ours.phi_ab - expected.phi_ab).abs().max() < 1e-3
