@@ -1,5 +1,7 @@
 """``mgr-engine register|warp|jacobian``: drop-in replacements for ``unigradicon-register``,
-``unigradicon-warp`` and ``unigradicon-jacobian``; ``mgr-engine train`` trains a model (:mod:`mgr_engine.train`).
+``unigradicon-warp`` and ``unigradicon-jacobian``; ``mgr-engine register-many`` registers the
+pairs of a CSV file (:meth:`mgr_engine.Engine.register_many`); ``mgr-engine train`` trains a
+model (:mod:`mgr_engine.train`).
 
 The subcommands take the same flags as the authors' commands (and their defaults:
 ``--model unigradicon``, ``--io_sim lncc``, 50 IO steps), so a script switches by
@@ -14,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from .errors import InvalidOptionError, MgrEngineError
+from .errors import InvalidOptionError, MgrEngineError, OutputWriteError
 
 log = logging.getLogger("mgr_engine")
 
@@ -76,6 +78,94 @@ def _add_register(sub):
     p.add_argument("--onnx_providers", help="comma-separated ONNX Runtime providers: cpu, cuda, tensorrt "
                                             "(default: cuda,cpu with onnxruntime-gpu, else cpu)")
     p.set_defaults(run=run_register)
+
+
+def _add_register_many(sub):
+    p = sub.add_parser("register-many", help="register the pairs listed in a CSV file, reading ahead while the network runs",
+                       description="Register every pair of a CSV file with one resident engine (mgr_engine.register_many): "
+                                   "columns fixed, moving, and optionally name, fixed_mask, moving_mask (relative paths "
+                                   "are taken from the CSV file's directory). Writes OUT_DIR/NAME_transform.h5 per pair "
+                                   "(NAME: the name column, else pair_<row>), each atomically, as soon as it is "
+                                   "computed. A bad pair stops the run with its error; the pairs before it are written.")
+    p.add_argument("--pairs", required=True, help="CSV file with a header row: fixed,moving[,name,fixed_mask,moving_mask]")
+    p.add_argument("--out_dir", required=True, help="directory of the outputs (created if missing)")
+    p.add_argument("--fixed_modality", default="mri", choices=["ct", "mri"])
+    p.add_argument("--moving_modality", default="mri", choices=["ct", "mri"])
+    p.add_argument("--model", default="multigradicon", choices=["unigradicon", "multigradicon", "compact"])
+    p.add_argument("--network_weights", help="checkpoint (Step_2_final.trch); default: see README, nothing is downloaded")
+    p.add_argument("--io_iterations", type=_io_iterations, default=None,
+                   help="IO steps per pair (default None: no IO, pairs are batched)")
+    p.add_argument("--io_sim", default="lncc2", choices=["lncc", "lncc2", "mind"], help="IO similarity (default lncc2)")
+    p.add_argument("--io_lr", type=float, default=2e-5, help="IO learning rate (default 2e-5)")
+    p.add_argument("--masking", default="loss", choices=["loss", "input", "both"],
+                   help="what the masks of the CSV do (default loss: IO's similarity only)")
+    p.add_argument("--batch_size", type=int, default=1, help="pairs per network forward without IO (default 1)")
+    p.add_argument("--prefetch", type=int, default=2, help="batches read ahead (default 2)")
+    p.add_argument("--warped", action="store_true", help="also write OUT_DIR/NAME_warped.nii.gz (moving on the fixed grid)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
+                   help="arithmetic of the forward without IO (default fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the forward (CUDA graphs on a GPU)")
+    p.add_argument("--seed", type=int, help="seed for IO's random regularizer grid (reproducible IO)")
+    p.set_defaults(run=run_register_many)
+
+
+def _read_pairs_csv(path):
+    """``(names, pairs)`` from a register-many CSV file: paths relative to the file's directory."""
+    import csv
+    from pathlib import Path
+
+    from .errors import ImageReadError
+
+    path = Path(path)
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as exc:
+        raise ImageReadError(f"cannot read the pairs file {str(path)!r} ({exc.strerror or exc}); check the path.") from exc
+    columns = set(rows[0]) if rows else set()
+    if not {"fixed", "moving"} <= columns or columns - {"fixed", "moving", "name", "fixed_mask", "moving_mask"}:
+        raise InvalidOptionError(f"{str(path)!r} needs a header row with the columns fixed and moving (optionally name, "
+                                 f"fixed_mask, moving_mask) and at least one pair; found {sorted(columns) or 'no rows'}")
+
+    def resolve(value):
+        return None if not value else str(path.parent / value)
+
+    names, pairs = [], []
+    for index, row in enumerate(rows):
+        names.append(row.get("name") or f"pair_{index:04d}")
+        pairs.append({key: resolve(row.get(key)) for key in ("fixed", "moving", "fixed_mask", "moving_mask")})
+    if len(set(names)) != len(names):
+        raise InvalidOptionError(f"{str(path)!r}: the name column repeats a name; outputs would overwrite each other")
+    return names, pairs
+
+
+def run_register_many(args) -> None:
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from . import itk_io
+    from .engine import Engine
+
+    names, pairs = _read_pairs_csv(args.pairs)
+    out_dir = Path(args.out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputWriteError(f"cannot create the output directory {str(out_dir)!r} ({exc.strerror or exc})") from exc
+    engine = Engine(model=args.model, weights=args.network_weights, device=args.device, precision=args.precision,
+                    compile=args.compile)
+    results = engine.register_many(
+        pairs, batch_size=args.batch_size, prefetch=args.prefetch, fixed_modality=args.fixed_modality,
+        moving_modality=args.moving_modality, io_iterations=args.io_iterations, io_sim=args.io_sim, io_lr=args.io_lr,
+        masking=args.masking, progress=False, seed=args.seed)
+    for name, result in tqdm(zip(names, results), total=len(names), desc="register-many", unit="pair"):
+        warped = result.warp() if args.warped else None  # computed before anything of the pair is written
+        itk_io.write_transform(result.transform, out_dir / f"{name}_transform.h5")
+        if warped is not None:
+            itk_io.write_image(warped, out_dir / f"{name}_warped.nii.gz")
+    log.info("wrote the outputs of %d pairs to %s", len(names), out_dir)
 
 
 def _add_export(sub):
@@ -277,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_register(sub)
+    _add_register_many(sub)
     _add_warp(sub)
     _add_jacobian(sub)
     _add_export(sub)

@@ -166,3 +166,64 @@ def test_batches_are_pinned_on_cuda():
     for ours, (fixed, moving) in zip(streamed, data):
         expected = cpu.register(fixed, moving, io_iterations=None)
         assert (ours.phi_ab - expected.phi_ab).abs().max() < 1e-3
+
+
+# ---------------------------------------------------------------- mgr-engine register-many
+
+
+def write_csv(folder, pairs_by_name):
+    """Images as .nii.gz files beside a pairs.csv naming them relative to it."""
+    lines = ["name,fixed,moving"]
+    for name, (fixed, moving) in pairs_by_name.items():
+        for role, value in (("fixed", fixed), ("moving", moving)):
+            if isinstance(value, np.ndarray):
+                value = itk.image_from_array(value)
+            itk.imwrite(value, str(folder / f"{name}_{role}.nii.gz"))
+        lines.append(f"{name},{name}_fixed.nii.gz,{name}_moving.nii.gz")
+    (folder / "pairs.csv").write_text("\n".join(lines) + "\n")
+    return folder / "pairs.csv"
+
+
+def test_cli_writes_each_pairs_transform_as_register_does(tmp_path):
+    from mgr_engine import cli
+    from mgr_engine.engine import Engine
+
+    data = dict(zip(("a", "b", "c"), pairs(3, start=140)))
+    csv_path = write_csv(tmp_path, data)
+    out = tmp_path / "out"
+    assert cli.main(["-q", "register-many", "--pairs", str(csv_path), "--out_dir", str(out), "--model", "compact",
+                     "--batch_size", "2", "--warped"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}_{kind}" for n in data
+                                                          for kind in ("transform.h5", "warped.nii.gz"))
+    engine = Engine(model="compact", device="cpu")
+    point = [12.0, 4.0, 15.0]
+    for name in data:
+        expected = engine.register(str(tmp_path / f"{name}_fixed.nii.gz"), str(tmp_path / f"{name}_moving.nii.gz"),
+                                   io_iterations=None).transform
+        written = itk.transformread(str(out / f"{name}_transform.h5"))[0]
+        assert np.allclose(written.TransformPoint(point), expected.TransformPoint(point), atol=1e-3)
+
+
+def test_cli_stops_at_a_bad_pair_with_the_pairs_before_it_written(tmp_path, capsys):
+    from mgr_engine import cli
+
+    data = dict(zip(("a", "b", "c"), pairs(3, start=160)))
+    data["b"] = (data["b"][0], np.full((30, 30, 30), 7.0, np.float32))  # constant moving image
+    csv_path = write_csv(tmp_path, data)
+    out = tmp_path / "out"
+    assert cli.main(["-q", "register-many", "--pairs", str(csv_path), "--out_dir", str(out), "--model", "compact"]) == 2
+    assert "pair 1:" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["a_transform.h5"]
+
+
+@pytest.mark.parametrize("text,message", [("fixed,target\nx,y\n", "columns fixed and moving"),
+                                          ("fixed,moving\n", "at least one pair"),
+                                          ("name,fixed,moving\na,x,y\na,z,w\n", "repeats a name")])
+def test_cli_refuses_a_malformed_pairs_file(tmp_path, capsys, text, message):
+    from mgr_engine import cli
+
+    (tmp_path / "pairs.csv").write_text(text)
+    assert cli.main(["register-many", "--pairs", str(tmp_path / "pairs.csv"), "--out_dir", str(tmp_path / "out"),
+                     "--model", "compact"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
