@@ -6,7 +6,8 @@ median time of forward and of forward+backward, peak GPU memory of forward+backw
 the effective bandwidth of the Triton forward against the GPU's peak (ideal traffic: every
 input read once, every output written once). LNCC^2 also against the authors' ``SquaredLNCC``
 (separable conv3d), the baseline of issue 3's target (>= 10x forward+backward, <= 1/4 of its
-peak memory), where icon_registration imports. Everything in float32, TF32 off.
+peak memory), where icon_registration imports. Everything in float32, TF32 off. Then the
+warp and composition for several BLOCK sizes (``--blocks``; none: no sweep).
 
     python benchmarks/bench_kernels.py                 # on a CUDA machine
     python benchmarks/bench_kernels.py --results benchmarks/RESULTS.md
@@ -171,11 +172,46 @@ def run(args):
                   f"{ref['fwd+bwd'] / ours['triton fwd+bwd']:.1f}x |",
                   f"| peak extra memory, forward + backward | {ref['MiB']:.0f} MiB | {ours['triton MiB']:.0f} MiB | "
                   f"{ref['MiB'] / ours['triton MiB']:.1f}x |"]
+    if args.blocks:
+        lines += ["", *block_sweep(shape, device, repeats, args.blocks)]
     table = "\n".join(lines) + "\n"
     print(table)
     if args.results:
         with open(args.results, "a") as f:
             f.write("\n" + table)
+
+
+def block_sweep(shape, device, repeats, blocks):
+    """Forward+backward time of the Triton warp and composition for each BLOCK (map points per
+    program): the float32 backward holds 218 registers a thread at BLOCK 256 on sm_90
+    (kernels.compile_check), so fewer points a program may hide more latency."""
+    from mgr_engine.kernels import warp as kwarp
+
+    image, _, coords, field = make_inputs(shape, device)
+    ops_under_test = {"warp": (lambda: ops.warp(image, coords, "zeros"), (image, coords)),
+                      "compose_maps": (lambda: ops.compose_maps(field, coords), (field, coords))}
+    lines = ["| BLOCK | " + " | ".join(f"{name} fwd+bwd" for name in ops_under_test) + " |",
+             "|--:|" + "--:|" * len(ops_under_test)]
+    default = kwarp.BLOCK
+    try:
+        for block in blocks:
+            kwarp.BLOCK = block
+            cells = []
+            for fn, inputs in ops_under_test.values():
+                def forward_backward(fn=fn, inputs=inputs):
+                    for t in inputs:
+                        t.requires_grad_(True)
+                    grads = torch.autograd.grad(fn().sum(), inputs)
+                    for t in inputs:
+                        t.requires_grad_(False)
+                    return grads
+
+                with ops.kernel_mode("triton"):
+                    cells.append(f"{timed(forward_backward, device, repeats) * 1e3:.3f} ms")
+            lines.append(f"| {block}{' (default)' if block == default else ''} | " + " | ".join(cells) + " |")
+    finally:
+        kwarp.BLOCK = default
+    return lines
 
 
 def main(argv=None):
@@ -184,6 +220,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--peak-gbs", type=float, help="the GPU's peak memory bandwidth in GB/s")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    p.add_argument("--blocks", type=int, nargs="*", default=[128, 256, 512],
+                   help="BLOCK sizes of the warp kernels to compare (none: no sweep)")
     p.add_argument("--smoke", action="store_true", help="tiny volume, one repeat: check the script runs")
     p.add_argument("--results", type=Path, help="append the table to this file")
     run(p.parse_args(argv))

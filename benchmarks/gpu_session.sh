@@ -15,7 +15,8 @@
 #
 # Stages (seconds at most; the total is BUDGET, default 540):
 #   tests    150  the Triton kernel tests compiled on the GPU, 175^3 included (fills Triton's cache)
-#   kernels   90  bench_kernels.py without torch.compile: time, memory, bandwidth per kernel
+#   kernels   90  bench_kernels.py without torch.compile: time, memory, bandwidth per kernel,
+#                 the warp kernels' BLOCK sweep (128, 256, 512)
 #   engine   180  bench_gpu.py: end to end against the reference, TF32/bf16, IO memory
 #   profile   60  profile_gpu.py: where a registration's and an IO step's device time goes
 #   compiled rest  bench_gpu.py --compile-only (CUDA graphs), then bench_kernels.py with torch.compile
@@ -81,6 +82,6 @@ stage engine 180 python3 benchmarks/bench_gpu.py --skip-compile "${engine[@]}" -
 stage profile 60 python3 benchmarks/profile_gpu.py "${profile[@]}" --out "$OUT/profile.md"
 stage engine-compiled 150 python3 benchmarks/bench_gpu.py --compile-only "${engine[@]}" --results "$OUT/RESULTS-gpu.md"
 if [[ $SMOKE != 1 ]]; then  # torch.compile of the kernels' references: nothing to check on the CPU
-    stage kernels-compiled 120 python3 benchmarks/bench_kernels.py "${kernels[@]}" --results "$OUT/RESULTS-kernels.md"
+    stage kernels-compiled 120 python3 benchmarks/bench_kernels.py --blocks "${kernels[@]}" --results "$OUT/RESULTS-kernels.md"
 fi
 echo "== total $((SECONDS - started)) s of ${BUDGET}" | tee -a "$OUT/stages.txt"
