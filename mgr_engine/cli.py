@@ -135,6 +135,9 @@ def _read_pairs_csv(path):
     for index, row in enumerate(rows):
         names.append(row.get("name") or f"pair_{index:04d}")
         pairs.append({key: resolve(row.get(key)) for key in ("fixed", "moving", "fixed_mask", "moving_mask")})
+    bad = [n for n in names if Path(n).name != n or n in (".", "..")]
+    if bad:
+        raise InvalidOptionError(f"{str(path)!r}: a name must be a plain file name, without directories: {bad[0]!r}")
     if len(set(names)) != len(names):
         raise InvalidOptionError(f"{str(path)!r}: the name column repeats a name; outputs would overwrite each other")
     return names, pairs

@@ -218,7 +218,8 @@ def test_cli_stops_at_a_bad_pair_with_the_pairs_before_it_written(tmp_path, caps
 
 @pytest.mark.parametrize("text,message", [("fixed,target\nx,y\n", "columns fixed and moving"),
                                           ("fixed,moving\n", "at least one pair"),
-                                          ("name,fixed,moving\na,x,y\na,z,w\n", "repeats a name")])
+                                          ("name,fixed,moving\na,x,y\na,z,w\n", "repeats a name"),
+                                          ("name,fixed,moving\n../a,x,y\n", "without directories")])
 def test_cli_refuses_a_malformed_pairs_file(tmp_path, capsys, text, message):
     from mgr_engine import cli
 
