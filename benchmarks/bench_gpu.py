@@ -114,7 +114,7 @@ def main(argv=None):
     engine = Engine(weights=state, config=net.config, device=device)
     cold, phi = clock(lambda: engine.predict_map(moving, fixed), device)
     if args.compile_only:
-        write_table(compiled_rows(state, net.config, device, moving, fixed, phi, voxels, args.repeats), args.results)
+        compiled_rows(state, net.config, device, moving, fixed, phi, voxels, args.repeats, args.results)
         return
     warm = statistics.median(clock(lambda: engine.predict_map(moving, fixed), device)[0] for _ in range(args.repeats))
     ours_peak = peak_gib(device)
@@ -199,34 +199,42 @@ def main(argv=None):
                   for n, t, m in io_rows]
     write_table(lines, args.results)
     if not args.skip_compile:
-        write_table(compiled_rows(state, net.config, device, moving, fixed, phi, voxels, args.repeats), args.results)
+        compiled_rows(state, net.config, device, moving, fixed, phi, voxels, args.repeats, args.results)
 
 
-def write_table(lines, results):
+def write_table(lines, results, continues=False):
+    """Print ``lines`` and append them to ``results``: a new block after a blank line, or with
+    ``continues`` the next rows of the table written last."""
     table = "\n".join(lines) + "\n"
     print(table, flush=True)
     if results:
         with open(results, "a") as f:
-            f.write("\n" + table)
+            f.write(table if continues else "\n" + table)
 
 
-def compiled_rows(state, config, device, moving, fixed, phi, voxels, repeats):
+def compiled_rows(state, config, device, moving, fixed, phi, voxels, repeats, results):
     """``Engine(compile=True)``: cold (the first call compiles) and warm latency, and its
-    largest difference from the eager map; a failure is reported, not raised."""
-    from mgr_engine import Engine
+    largest difference from the eager map, each row written as soon as it is measured; a
+    failure is reported, not raised. On CUDA twice: with our Triton kernels inside the graph
+    (whether dynamo takes their autograd.Functions whole is unknown until it runs), then with
+    the PyTorch ops, which inductor compiles itself."""
+    from mgr_engine import Engine, ops
 
     mode = "torch.compile, mode reduce-overhead (CUDA graphs)" if device == "cuda" else "torch.compile"
-    lines = [f"| no IO, {mode} | first call (compiles) | warm (median of {repeats}) | largest point difference against eager |",
-             "|---|--:|--:|--:|"]
-    try:
-        engine = Engine(weights=state, config=config, device=device, compile=True)
-        cold, compiled_phi = clock(lambda: engine.predict_map(moving, fixed), device)
-        warm = statistics.median(clock(lambda: engine.predict_map(moving, fixed), device)[0] for _ in range(repeats))
-        difference = ((compiled_phi - phi) * voxels).abs().max().item()
-        lines.append(f"| mgr_engine | {cold:.1f} s | {warm * 1e3:.1f} ms | {difference:.2e} voxel |")
-    except Exception as error:  # report it: the rest of the run was already written
-        lines.append(f"| mgr_engine | failed: {type(error).__name__}: {str(error)[:300]} | | |")
-    return lines
+    write_table([f"| no IO, {mode} | first call (compiles) | warm (median of {repeats}) | largest point difference against eager |",
+                 "|---|--:|--:|--:|"], results)
+    kernel_modes = {"auto": "mgr_engine, Triton kernels in the graph", "torch": "mgr_engine, PyTorch ops (inductor)"}
+    for kernel_mode, label in kernel_modes.items() if device == "cuda" else [("auto", "mgr_engine")]:
+        try:
+            with ops.kernel_mode(kernel_mode):
+                engine = Engine(weights=state, config=config, device=device, compile=True)
+                cold, compiled_phi = clock(lambda: engine.predict_map(moving, fixed), device)
+                warm = statistics.median(clock(lambda: engine.predict_map(moving, fixed), device)[0] for _ in range(repeats))
+            difference = ((compiled_phi - phi) * voxels).abs().max().item()
+            row = f"| {label} | {cold:.1f} s | {warm * 1e3:.1f} ms | {difference:.2e} voxel |"
+        except Exception as error:  # report it: the rest of the run was already written
+            row = f"| {label} | failed: {type(error).__name__}: {str(error)[:300]} | | |"
+        write_table([row], results, continues=True)
 
 
 if __name__ == "__main__":
