@@ -118,6 +118,20 @@ def test_similarity_values_and_gradients_equal_reference(ours, theirs, dtype):
         torch.testing.assert_close(grad, expected_grad)
 
 
+@pytest.mark.parametrize("shape", [(7, 9, 6), (3, 11, 5), (2, 2, 2)])
+def test_mind_patch_mean_is_avg_pool_of_replicated_edges(shape):
+    """MIND-SSC's patch mean by matrix products equals avg_pool3d of the replicate-padded
+    volume (what the reference computes), also where the window is wider than an axis."""
+    import torch.nn.functional as F
+
+    from mgr_engine.losses import box_matrix, separable_filter
+
+    volume = torch.rand(2, 12, *shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    expected = F.avg_pool3d(F.pad(volume, (2,) * 6, mode="replicate"), 5, stride=1)
+    ours = separable_filter(volume, lambda n: box_matrix(n, 2, torch.float64))
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-14)
+
+
 def test_checkpointed_unets_give_the_same_gradients():
     from mgr_engine.engine import gradicon_objective
 
