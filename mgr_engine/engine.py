@@ -393,7 +393,8 @@ class Engine:
             pairs: an iterable (a generator too) of ``(fixed, moving)`` tuples or of mappings with
                 keys ``fixed``, ``moving`` and optionally ``fixed_mask``, ``moving_mask``; each
                 image a path, ``itk.Image`` or numpy array, as for :func:`mgr_engine.register`.
-            batch_size: pairs per network forward without IO.
+            batch_size: pairs per network forward without IO (with ``compile=True`` a last,
+                smaller batch compiles once more).
             prefetch: batches prepared ahead (host memory: two float32 volumes of the network's
                 input shape per pair, 43 MB at 175^3).
             Other arguments: as :func:`mgr_engine.register`, the same for every pair.
