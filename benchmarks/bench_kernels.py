@@ -98,6 +98,19 @@ def reference_lncc2(shape, device):
     return (lambda: loss(image, target)), (image,)
 
 
+def gradients_of(fn, inputs):
+    """A function that runs ``fn()`` and returns the gradients of its sum to ``inputs``."""
+    def forward_backward():
+        for t in inputs:
+            t.requires_grad_(True)
+        grads = torch.autograd.grad(fn().sum(), inputs)
+        for t in inputs:
+            t.requires_grad_(False)
+        return grads
+
+    return forward_backward
+
+
 def run(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.smoke:
@@ -111,15 +124,7 @@ def run(args):
     peak = args.peak_gbs or next((v for k, v in PEAK_GBS.items() if k in name), None)
     rows = []
     for op, (fn, inputs, ideal_bytes) in cases(shape, device).items():
-        def forward_backward(fn=fn, inputs=inputs):
-            for t in inputs:
-                t.requires_grad_(True)
-            out = fn()
-            grads = torch.autograd.grad(out.sum(), inputs)
-            for t in inputs:
-                t.requires_grad_(False)
-            return grads
-
+        forward_backward = gradients_of(fn, inputs)
         result = {"op": op}
         for mode in ("torch", "compile", "triton"):
             if mode == "compile" and (args.no_compile or args.smoke):
@@ -136,15 +141,7 @@ def run(args):
     reference = reference_lncc2(shape, device)
     if reference is not None:
         fn, inputs = reference
-
-        def reference_forward_backward():
-            for t in inputs:
-                t.requires_grad_(True)
-            grads = torch.autograd.grad(fn(), inputs)
-            for t in inputs:
-                t.requires_grad_(False)
-            return grads
-
+        reference_forward_backward = gradients_of(fn, inputs)
         with torch.no_grad():
             ref_fwd = timed(fn, device, repeats)
         ref = {"fwd": ref_fwd, "fwd+bwd": timed(reference_forward_backward, device, repeats),
@@ -187,25 +184,16 @@ def block_sweep(shape, device, repeats, blocks):
     (kernels.compile_check), so fewer points a program may hide more latency."""
     from mgr_engine.kernels import warp as kwarp
 
-    image, _, coords, field = make_inputs(shape, device)
-    ops_under_test = {"warp": (lambda: ops.warp(image, coords, "zeros"), (image, coords)),
-                      "compose_maps": (lambda: ops.compose_maps(field, coords), (field, coords))}
-    lines = ["| BLOCK | " + " | ".join(f"{name} fwd+bwd" for name in ops_under_test) + " |",
+    ops_under_test = {op: gradients_of(fn, inputs) for op, (fn, inputs, _) in cases(shape, device).items()
+                      if not op.startswith("lncc")}  # the warp kernels' BLOCK; LNCC has its own
+    lines = ["| BLOCK | " + " | ".join(f"{op} fwd+bwd" for op in ops_under_test) + " |",
              "|--:|" + "--:|" * len(ops_under_test)]
     default = kwarp.BLOCK
     try:
         for block in blocks:
             kwarp.BLOCK = block
             cells = []
-            for fn, inputs in ops_under_test.values():
-                def forward_backward(fn=fn, inputs=inputs):
-                    for t in inputs:
-                        t.requires_grad_(True)
-                    grads = torch.autograd.grad(fn().sum(), inputs)
-                    for t in inputs:
-                        t.requires_grad_(False)
-                    return grads
-
+            for forward_backward in ops_under_test.values():
                 with ops.kernel_mode("triton"):
                     cells.append(f"{timed(forward_backward, device, repeats) * 1e3:.3f} ms")
             lines.append(f"| {block}{' (default)' if block == default else ''} | " + " | ".join(cells) + " |")
