@@ -403,8 +403,9 @@ class Engine:
         its message starting with the pair's index; the results yielded before stay valid.
         Closing the generator early stops the reading thread.
         """
-        if int(batch_size) < 1 or int(prefetch) < 1:
-            raise InvalidOptionError(f"batch_size and prefetch must be at least 1, got {batch_size} and {prefetch}")
+        if not all(isinstance(n, int) and n >= 1 for n in (batch_size, prefetch)):
+            raise InvalidOptionError(f"batch_size and prefetch must be whole numbers of at least 1, got {batch_size!r} "
+                                     f"and {prefetch!r}")
         self._check_options(fixed_modality=fixed_modality, moving_modality=moving_modality,
                             io_iterations=io_iterations, io_sim=io_sim, masking=masking)
 
@@ -419,7 +420,7 @@ class Engine:
 
         io = dict(io_iterations=io_iterations, io_sim=io_sim, io_lr=io_lr, progress=progress, seed=seed) if io_iterations else None
         # A generator of its own, so that the checks above raise at the call, not at the first result.
-        return self._registered_stream(_prefetched_batches(pairs, prepare, int(batch_size), int(prefetch), pin=(
+        return self._registered_stream(_prefetched_batches(pairs, prepare, batch_size, prefetch, pin=(
             self.device.type == "cuda" and self.backend == "torch")), io)
 
     def _registered_stream(self, batches, io):
@@ -500,7 +501,7 @@ def _prefetched_batches(pairs, prepare, batch_size: int, prefetch: int, pin: boo
         return _Batch(prepared, moving, fixed)
 
     def load():
-        prepared = []
+        prepared, last = [], _END
         try:
             for index, item in enumerate(pairs):
                 if stop.is_set():
@@ -511,13 +512,10 @@ def _prefetched_batches(pairs, prepare, batch_size: int, prefetch: int, pin: boo
                         return
                     prepared = []
         except BaseException as error:  # handed to the consumer, after the pairs before it
-            if prepared and not put(batch_of(prepared)):
-                return
-            put(error)
-            return
+            last = error
         if prepared and not put(batch_of(prepared)):
             return
-        put(_END)
+        put(last)
 
     thread = threading.Thread(target=load, name="mgr_engine-loader", daemon=True)
     thread.start()

@@ -133,6 +133,8 @@ def test_leaving_early_stops_the_reading_thread(engine):
 def test_options_are_checked_at_the_call(engine):
     with pytest.raises(InvalidOptionError, match="batch_size"):
         engine.register_many(pairs(1), batch_size=0)
+    with pytest.raises(InvalidOptionError, match="whole numbers"):
+        engine.register_many(pairs(1), prefetch="2")
     with pytest.raises(InvalidOptionError, match="modality"):
         engine.register_many(pairs(1), fixed_modality="pet")
     with pytest.raises(InvalidOptionError, match="model"):
