@@ -39,7 +39,8 @@ def export_onnx(path, model: str = "multigradicon", weights=None, kind: str = "f
             :data:`STAGE_OPS` (for TensorRT), opset >= 13.
         opset: default 20 for ``"full"``, 17 for ``"stages"``.
         dtype: ``"float32"`` or ``"float16"`` (see :func:`full_graph` and :func:`stage_graph`).
-        batch: the static batch size of the inputs.
+        batch: the static batch size of the inputs. The engine runs a graph of batch G on any
+            number of images, in chunks of G (the last one padded).
         cpu_rewrites: full graph only (default on): transposed convolutions as sub-pixel
             convolutions and the last convolution as a 2-D one, the same arithmetic in the forms
             ONNX Runtime's CPU provider runs fast (see :mod:`mgr_engine.export.graph`). The stage

@@ -120,21 +120,23 @@ def _check_io(session, inputs, outputs, shapes, what: str):
 
 
 def _run(session, feeds: dict, output: str) -> torch.Tensor:
-    """Run ``session`` on torch tensors (B, ...); graphs of a fixed batch 1 run item by item."""
+    """Run ``session`` on torch tensors (B, ...). A graph of a fixed batch G runs the batch in
+    chunks of G; a last, smaller chunk is padded with copies of its last image, whose outputs
+    are dropped (so a batch-2 graph also serves a data set of odd length)."""
     specs = {i.name: i for i in session.get_inputs()}
     batch = next(iter(feeds.values())).shape[0]
     graph_batch = next(iter(specs.values())).shape[0]
-    if isinstance(graph_batch, int) and graph_batch not in (1, batch):
-        raise OnnxError(f"this ONNX model takes batches of {graph_batch}, got {batch} images; export it with "
-                        f"batch={batch} or batch=1 (run image by image)")
-    items = range(batch) if graph_batch == 1 and batch != 1 else [slice(None)]
+    chunk = graph_batch if isinstance(graph_batch, int) else batch
     results = []
-    for item in items:
+    for start in range(0, batch, chunk):
         feed = {}
         for name, tensor in feeds.items():
-            value = tensor[item] if isinstance(item, slice) else tensor[item:item + 1]
-            feed[name] = np.ascontiguousarray(value.detach().cpu().numpy().astype(_numpy_type(specs[name].type)))
-        results.append(torch.from_numpy(session.run([output], feed)[0].astype(np.float32, copy=False)))
+            value = tensor[start:start + chunk].detach().cpu()
+            if len(value) < chunk:
+                value = torch.cat([value, value[-1:].expand(chunk - len(value), *value.shape[1:])])
+            feed[name] = np.ascontiguousarray(value.numpy().astype(_numpy_type(specs[name].type)))
+        result = session.run([output], feed)[0][:batch - start]
+        results.append(torch.from_numpy(result.astype(np.float32, copy=False)))
     return torch.cat(results) if len(results) > 1 else results[0]
 
 

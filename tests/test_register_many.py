@@ -69,6 +69,24 @@ def test_same_maps_as_register_in_order(engine, batch_size):
                        one_by_one[2].inverse_transform.TransformPoint(point), atol=1e-3)
 
 
+def test_fixed_batch_onnx_graph_takes_a_smaller_last_batch(engine, tmp_path):
+    """A batch-2 ONNX graph over 3 pairs: the last batch of one is padded, not refused."""
+    pytest.importorskip("onnxruntime")
+    from mgr_engine import export_onnx
+
+    weights = official_state_dict(engine.network)
+    export_onnx(tmp_path / "b2.onnx", weights=weights, config=engine.config, batch=2)
+    onnx_engine = Engine(weights=weights, config=engine.config, device="cpu", backend="onnxruntime",
+                         onnx_model=tmp_path / "b2.onnx")
+    data = pairs(3, start=20)
+    streamed = list(onnx_engine.register_many(data, batch_size=2, io_iterations=None))
+    assert len(streamed) == len(data)
+    voxels = torch.tensor(SHAPE).view(1, 3, 1, 1, 1) - 1
+    for ours, (fixed, moving) in zip(streamed, data):
+        expected = engine.register(fixed, moving, io_iterations=None)
+        assert ((ours.phi_ab - expected.phi_ab) * voxels).abs().max() < 1e-3
+
+
 def test_instance_optimization_pair_by_pair(engine):
     data = pairs(3, start=20)
     options = dict(io_iterations=1, io_sim="lncc2", seed=5, progress=False)
