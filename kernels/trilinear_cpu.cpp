@@ -35,28 +35,39 @@ void check(bool condition, const char* message) {
 }
 
 // The geometry shared by all calls: image (B, C, D, H, W), coords (B or 1, 3, D', H', W').
+// Arrays over the sample points (coords, out, grad_out, grad_coords) come in one of two
+// layouts, given by `channels_last`: planar (N, K, D', H', W'), or channels-last passed as
+// (N, D', H', W', K), the layout of the engine's maps (a channels-last network's identity
+// grid), which no longer needs a planar copy per call. Element (n, k, p) of an array with K
+// channels is at n * K * points + k * channel_stride(K) + p * point_stride(K).
 struct Geometry {
     int64_t batch, channels, depth, height, width, coord_batch, points, plane, volume;
+    bool channels_last;
 
     template <typename T>
-    Geometry(const Array<T>& image, const Array<T>& coords) {
+    Geometry(const Array<T>& image, const Array<T>& coords, bool channels_last) : channels_last(channels_last) {
         check(image.ndim() == 5 && coords.ndim() == 5, "image and coords must be 5-D");
         batch = image.shape(0), channels = image.shape(1);
         depth = image.shape(2), height = image.shape(3), width = image.shape(4);
         coord_batch = coords.shape(0);
-        check(coords.shape(1) == 3, "coords must have 3 channels");
+        check(coords.shape(channels_last ? 4 : 1) == 3, "coords must have 3 channels");
         check(coord_batch == batch || coord_batch == 1, "coords batch must be 1 or the image's");
         check(depth > 1 && height > 1 && width > 1, "image must have at least 2 voxels along each axis");
-        points = coords.shape(2) * coords.shape(3) * coords.shape(4);
+        const int first = channels_last ? 1 : 2;
+        points = coords.shape(first) * coords.shape(first + 1) * coords.shape(first + 2);
         plane = height * width, volume = depth * plane;
     }
 
+    int64_t channel_stride(int64_t k) const { return channels_last ? 1 : points; }
+    int64_t point_stride(int64_t k) const { return channels_last ? k : 1; }
+
     template <typename T>
     void check_output(const Array<T>& out, const Array<T>& coords) const {
-        check(out.ndim() == 5 && out.shape(0) == batch && out.shape(1) == channels,
-              "out and grad_out must be (B, C, *coords' grid)");
-        for (int axis = 2; axis < 5; ++axis)
-            check(out.shape(axis) == coords.shape(axis), "out and grad_out must be (B, C, *coords' grid)");
+        const int c = channels_last ? 4 : 1, first = channels_last ? 1 : 2;
+        check(out.ndim() == 5 && out.shape(0) == batch && out.shape(c) == channels,
+              "out and grad_out must be (B, C, *coords' grid) in coords' layout");
+        for (int axis = first; axis < first + 3; ++axis)
+            check(out.shape(axis) == coords.shape(axis), "out and grad_out must be (B, C, *coords' grid) in coords' layout");
     }
 };
 
@@ -82,10 +93,31 @@ inline T to_voxel(T coordinate, T scale, bool border, T* derivative) {
     return v;
 }
 
-// Fills the corners of point (z, y, x) in voxels; false when none is inside (or a coordinate
-// is NaN): the sample is 0 and so is its gradient.
-template <typename T>
+// Fills the corners of point (z, y, x) in voxels (their weights' derivatives too when
+// Derivatives); false when none is inside (or a coordinate is NaN): the sample is 0 and so is
+// its gradient. Most points of a registration lie inside the grid with all 8 corners: they
+// take a branch-free path; the others test each corner.
+template <bool Derivatives, typename T>
 inline bool corners_of(T z, T y, T x, const Geometry& g, Corners<T>& c) {
+    if (z >= T(0) && z < T(g.depth - 1) && y >= T(0) && y < T(g.height - 1) && x >= T(0) && x < T(g.width - 1)) {
+        const int64_t z0 = int64_t(z), y0 = int64_t(y), x0 = int64_t(x);  // truncation = floor here
+        const T fz = z - T(z0), fy = y - T(y0), fx = x - T(x0);
+        const T w[2][3] = {{T(1) - fz, T(1) - fy, T(1) - fx}, {fz, fy, fx}};
+        const int64_t base = z0 * g.plane + y0 * g.width + x0;
+        for (int k = 0; k < 8; ++k) {
+            const int hz = k >> 2, hy = (k >> 1) & 1, hx = k & 1;
+            c.offset[k] = base + hz * g.plane + hy * g.width + hx;
+            c.weight[k] = w[hz][0] * w[hy][1] * w[hx][2];
+            if (Derivatives) {
+                const T sz = hz ? T(1) : T(-1), sy = hy ? T(1) : T(-1), sx = hx ? T(1) : T(-1);
+                c.d_z[k] = sz * w[hy][1] * w[hx][2];
+                c.d_y[k] = w[hz][0] * sy * w[hx][2];
+                c.d_x[k] = w[hz][0] * w[hy][1] * sx;
+            }
+        }
+        c.count = 8;
+        return true;
+    }
     if (!(z >= T(-1) && z < T(g.depth) && y >= T(-1) && y < T(g.height) && x >= T(-1) && x < T(g.width)))
         return false;
     const int64_t z0 = int64_t(std::floor(z)), y0 = int64_t(std::floor(y)), x0 = int64_t(std::floor(x));
@@ -96,12 +128,14 @@ inline bool corners_of(T z, T y, T x, const Geometry& g, Corners<T>& c) {
         const int64_t zi = z0 + hz, yi = y0 + hy, xi = x0 + hx;
         if (zi < 0 || zi >= g.depth || yi < 0 || yi >= g.height || xi < 0 || xi >= g.width) continue;
         const T wz = hz ? fz : T(1) - fz, wy = hy ? fy : T(1) - fy, wx = hx ? fx : T(1) - fx;
-        const T sz = hz ? T(1) : T(-1), sy = hy ? T(1) : T(-1), sx = hx ? T(1) : T(-1);
         c.offset[c.count] = zi * g.plane + yi * g.width + xi;
         c.weight[c.count] = wz * wy * wx;
-        c.d_z[c.count] = sz * wy * wx;
-        c.d_y[c.count] = wz * sy * wx;
-        c.d_x[c.count] = wz * wy * sx;
+        if (Derivatives) {
+            const T sz = hz ? T(1) : T(-1), sy = hy ? T(1) : T(-1), sx = hx ? T(1) : T(-1);
+            c.d_z[c.count] = sz * wy * wx;
+            c.d_y[c.count] = wz * sy * wx;
+            c.d_x[c.count] = wz * wy * sx;
+        }
         ++c.count;
     }
     return c.count > 0;
@@ -110,13 +144,16 @@ inline bool corners_of(T z, T y, T x, const Geometry& g, Corners<T>& c) {
 // out (B, C, *coords' grid) = image sampled at coords. border: padding_mode="border",
 // otherwise "zeros". A NaN coordinate gives 0.
 template <typename T>
-void warp_forward(const Array<T>& image, const Array<T>& coords, Array<T>& out, bool border, int threads) {
-    const Geometry g(image, coords);
+void warp_forward(const Array<T>& image, const Array<T>& coords, Array<T>& out, bool border, bool channels_last,
+                  int threads) {
+    const Geometry g(image, coords, channels_last);
     g.check_output(out, coords);
     const T* src = image.data();
     const T* map = coords.data();
     T* dst = out.mutable_data();
     const T scale[3] = {T(g.depth - 1), T(g.height - 1), T(g.width - 1)};
+    const int64_t map_channel = g.channel_stride(3), map_point = g.point_stride(3);
+    const int64_t out_channel = g.channel_stride(g.channels), out_point = g.point_stride(g.channels);
 
     py::gil_scoped_release release;
     for (int64_t b = 0; b < g.batch; ++b) {
@@ -126,17 +163,18 @@ void warp_forward(const Array<T>& image, const Array<T>& coords, Array<T>& out, 
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t p = 0; p < g.points; ++p) {
             T unused;
-            const T z = to_voxel(map_b[p], scale[0], border, &unused);
-            const T y = to_voxel(map_b[g.points + p], scale[1], border, &unused);
-            const T x = to_voxel(map_b[2 * g.points + p], scale[2], border, &unused);
+            const T* at = map_b + p * map_point;
+            const T z = to_voxel(at[0], scale[0], border, &unused);
+            const T y = to_voxel(at[map_channel], scale[1], border, &unused);
+            const T x = to_voxel(at[2 * map_channel], scale[2], border, &unused);
             Corners<T> c;
-            const bool inside = corners_of(z, y, x, g, c);
+            const bool inside = corners_of<false>(z, y, x, g, c);
             for (int64_t ch = 0; ch < g.channels; ++ch) {
                 const T* channel = src_b + ch * g.volume;
                 T value = T(0);
                 if (inside)
                     for (int k = 0; k < c.count; ++k) value += c.weight[k] * channel[c.offset[k]];
-                dst_b[ch * g.points + p] = value;
+                dst_b[ch * out_channel + p * out_point] = value;
             }
         }
     }
@@ -151,8 +189,9 @@ void warp_forward(const Array<T>& image, const Array<T>& coords, Array<T>& out, 
 // which is why the caller caps the thread count of this pass.
 template <typename T>
 void warp_backward(const Array<T>& image, const Array<T>& coords, const Array<T>& grad_out, Array<T>& grad_image,
-                   Array<T>& grad_coords, bool need_image, bool need_coords, bool border, int threads) {
-    const Geometry g(image, coords);
+                   Array<T>& grad_coords, bool need_image, bool need_coords, bool border, bool channels_last,
+                   int threads) {
+    const Geometry g(image, coords, channels_last);
     g.check_output(grad_out, coords);
     if (need_image) check(grad_image.ndim() == 5 && grad_image.size() == image.size(), "grad_image must match image");
     if (need_coords) check(grad_coords.ndim() == 5 && grad_coords.size() == coords.size(), "grad_coords must match coords");
@@ -164,6 +203,8 @@ void warp_backward(const Array<T>& image, const Array<T>& coords, const Array<T>
     T* gmap = need_coords ? grad_coords.mutable_data() : nullptr;
     const T scale[3] = {T(g.depth - 1), T(g.height - 1), T(g.width - 1)};
     const int64_t item = g.channels * g.volume;
+    const int64_t map_channel = g.channel_stride(3), map_point = g.point_stride(3);
+    const int64_t out_channel = g.channel_stride(g.channels), out_point = g.point_stride(g.channels);
 
     py::gil_scoped_release release;
     std::vector<T> copies(need_image ? size_t(threads - 1) * size_t(item) : 0);
@@ -186,14 +227,15 @@ void warp_backward(const Array<T>& image, const Array<T>& coords, const Array<T>
 #pragma omp for schedule(static)
             for (int64_t p = 0; p < g.points; ++p) {
                 T dz, dy, dx;
-                const T z = to_voxel(map_b[p], scale[0], border, &dz);
-                const T y = to_voxel(map_b[g.points + p], scale[1], border, &dy);
-                const T x = to_voxel(map_b[2 * g.points + p], scale[2], border, &dx);
+                const T* at = map_b + p * map_point;
+                const T z = to_voxel(at[0], scale[0], border, &dz);
+                const T y = to_voxel(at[map_channel], scale[1], border, &dy);
+                const T x = to_voxel(at[2 * map_channel], scale[2], border, &dx);
                 Corners<T> c;
-                if (!corners_of(z, y, x, g, c)) continue;
+                if (!corners_of<true>(z, y, x, g, c)) continue;
                 T sum_z = T(0), sum_y = T(0), sum_x = T(0);
                 for (int64_t ch = 0; ch < g.channels; ++ch) {
-                    const T grad = gout_b[ch * g.points + p];
+                    const T grad = gout_b[ch * out_channel + p * out_point];
                     if (need_coords) {
                         const T* channel = src_b + ch * g.volume;
                         for (int k = 0; k < c.count; ++k) {
@@ -207,9 +249,10 @@ void warp_backward(const Array<T>& image, const Array<T>& coords, const Array<T>
                     }
                 }
                 if (need_coords) {
-                    gmap_b[p] += sum_z * dz;
-                    gmap_b[g.points + p] += sum_y * dy;
-                    gmap_b[2 * g.points + p] += sum_x * dx;
+                    T* gat = gmap_b + p * map_point;
+                    gat[0] += sum_z * dz;
+                    gat[map_channel] += sum_y * dy;
+                    gat[2 * map_channel] += sum_x * dx;
                 }
             }  // implicit barrier: every copy is complete before the sum
             if (need_image && team > 1) {
@@ -229,12 +272,13 @@ template <typename T>
 void define(py::module_& module) {
     // noconvert: a silent dtype/contiguity copy of an output array would drop the result.
     module.def("warp_trilinear", &warp_forward<T>, py::arg("image").noconvert(), py::arg("coords").noconvert(),
-               py::arg("out").noconvert(), py::arg("border"), py::arg("threads"),
-               "Sample image (B, C, D, H, W) trilinearly at coords (B or 1, 3, ...) in [0, 1] into out.");
+               py::arg("out").noconvert(), py::arg("border"), py::arg("channels_last"), py::arg("threads"),
+               "Sample image (B, C, D, H, W) trilinearly at coords (B or 1, 3, ...) in [0, 1] into out; with "
+               "channels_last, coords and out are passed as (N, ..., 3) and (B, ..., C).");
     module.def("warp_trilinear_backward", &warp_backward<T>, py::arg("image").noconvert(),
                py::arg("coords").noconvert(), py::arg("grad_out").noconvert(), py::arg("grad_image").noconvert(),
                py::arg("grad_coords").noconvert(), py::arg("need_image"), py::arg("need_coords"),
-               py::arg("border"), py::arg("threads"),
+               py::arg("border"), py::arg("channels_last"), py::arg("threads"),
                "Gradients of the warp with respect to image and coords, written into grad_image and grad_coords.");
 }
 

@@ -38,30 +38,51 @@ def supports(image: torch.Tensor, coords: torch.Tensor) -> bool:
             and image.dtype == coords.dtype and image.dtype in (torch.float32, torch.float64))
 
 
+def _is_channels_last(coords: torch.Tensor) -> bool:
+    """Whether ``coords`` is channels-last and not also contiguous (the engine's maps are: the
+    network runs channels-last, identity grid included). The kernel then reads it, and writes the
+    output, in that layout instead of a planar copy."""
+    return not coords.is_contiguous() and coords.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def _as_array(tensor: torch.Tensor, channels_last: bool):
+    """``tensor`` (N, K, D, H, W) as the numpy array the kernel reads: planar, or (N, D, H, W, K)."""
+    if channels_last:
+        return tensor.contiguous(memory_format=torch.channels_last_3d).permute(0, 2, 3, 4, 1).numpy()
+    return tensor.contiguous().numpy()
+
+
 class TrilinearWarpCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, image, coords, border):
-        image, coords = image.detach().contiguous(), coords.detach().contiguous()  # .numpy() wants no autograd
-        out = image.new_empty((image.shape[0], image.shape[1], *coords.shape[2:]))
-        _trilinear_cpu.warp_trilinear(image.numpy(), coords.numpy(), out.numpy(), border, torch.get_num_threads())
+        image, coords = image.detach().contiguous(), coords.detach()  # .numpy() wants no autograd
+        channels_last = _is_channels_last(coords)
+        layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+        out = image.new_empty((image.shape[0], image.shape[1], *coords.shape[2:])).contiguous(memory_format=layout)
+        _trilinear_cpu.warp_trilinear(image.numpy(), _as_array(coords, channels_last), _as_array(out, channels_last),
+                                      border, channels_last, torch.get_num_threads())
         ctx.save_for_backward(image, coords)
         ctx.border = border
+        ctx.channels_last = channels_last
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         image, coords = ctx.saved_tensors
+        channels_last = ctx.channels_last
         need_image, need_coords = ctx.needs_input_grad[:2]
-        empty = image.new_empty(0)
+        empty = image.new_empty((0,) * 5)
         grad_image = torch.empty_like(image) if need_image else empty
-        grad_coords = torch.empty_like(coords) if need_coords else empty
+        layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+        grad_coords = torch.empty(coords.shape, dtype=coords.dtype, memory_format=layout) if need_coords else empty
         threads = torch.get_num_threads()
         if need_image:
             threads = min(threads, BACKWARD_MAX_THREADS)
         _trilinear_cpu.warp_trilinear_backward(
-            image.numpy(), coords.numpy(), grad_out.contiguous().numpy(), grad_image.numpy(), grad_coords.numpy(),
-            need_image, need_coords, ctx.border, threads)
+            image.numpy(), _as_array(coords, channels_last), _as_array(grad_out, channels_last), grad_image.numpy(),
+            _as_array(grad_coords, channels_last) if need_coords else empty.numpy(), need_image, need_coords,
+            ctx.border, channels_last, threads)
         return (grad_image if need_image else None), (grad_coords if need_coords else None), None
 
 

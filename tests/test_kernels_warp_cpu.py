@@ -119,6 +119,29 @@ def test_gradients_match_grid_sample(dtype, atol, padding, grid, out, batch, cha
     assert got[1].abs().max() > 0
 
 
+@pytest.mark.parametrize("grad_layout", [torch.contiguous_format, torch.channels_last_3d])
+@pytest.mark.parametrize("batch,channels,map_batch", [(1, 3, 1), (2, 2, 2), (2, 3, 1)])
+def test_channels_last_maps_are_read_in_place(batch, channels, map_batch, grad_layout):
+    """The engine's maps are channels-last (its network is, identity grid included): the kernel
+    reads them in that layout, writes its output in it, and gives the same values and gradients,
+    whatever the layout of the incoming gradient."""
+    gen = torch.Generator().manual_seed(10)
+    grid, out = (9, 7, 11), (8, 10, 6)
+    image = torch.rand(batch, channels, *grid, dtype=torch.float64, generator=gen).requires_grad_()
+    coords = random_map(map_batch, out, spread=0.3).double().contiguous(memory_format=torch.channels_last_3d)
+    assert not coords.is_contiguous()
+    coords.requires_grad_()
+    got = warp_cpu.warp_cpu(image, coords, "zeros")
+    assert got.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(got, reference_warp(image, coords, "zeros"), rtol=0, atol=1e-12)
+    grad_out = torch.randn(batch, channels, *out, dtype=torch.float64, generator=gen).contiguous(memory_format=grad_layout)
+    grads = torch.autograd.grad(got, (image, coords), grad_out)
+    assert grads[1].is_contiguous(memory_format=torch.channels_last_3d)
+    for a, b in zip(grads, reference_gradients(image, coords, "zeros", grad_out)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    torch.autograd.gradcheck(lambda a, b: warp_cpu.warp_cpu(a, b, "border"), (image, coords))
+
+
 def test_gradients_at_the_grid_edges_and_outside():
     """The identity map sits on the edges, where torch's border padding zeroes the coordinate
     gradient (the clamp's derivative) and zero padding does not; far-outside and NaN points
