@@ -5,7 +5,9 @@ map), ``compose`` (map composition) and ``lncc`` (windowed LNCC / LNCC^2 loss). 
 PyTorch references are :mod:`mgr_engine.ops` and :mod:`mgr_engine.losses`, which
 dispatch here on CUDA tensors (see :func:`mgr_engine.ops.use_triton`).
 
-``warp_cpu`` is the CPU counterpart of the warp's forward, in C++ with OpenMP
-(``trilinear_cpu.cpp``, built by ``setup.py``), taken by :func:`mgr_engine.ops.warp` on CPU
-tensors when no gradient is wanted (see :func:`mgr_engine.ops.use_cpp_warp`).
+On the CPU, C++ with OpenMP (``trilinear_cpu.cpp``, built by ``setup.py``): ``warp_cpu``, the
+warp forward and backward, taken by :func:`mgr_engine.ops.warp` on CPU tensors (see
+:func:`mgr_engine.ops.use_cpp_warp`), and ``decoder_cpu``, the inference U-Net's decoder
+epilogue (trilinear 2x upsampling, multiply-add, concatenation; see
+:func:`mgr_engine.ops.use_cpp_decoder`).
 """

@@ -1,4 +1,5 @@
-// Trilinear warp on the CPU, forward and backward, built by setup.py as mgr_engine._trilinear_cpu.
+// Trilinear warp on the CPU, forward and backward, and the U-Net decoder's trilinear 2x
+// upsampling fused with its epilogue; built by setup.py as mgr_engine._trilinear_cpu.
 //
 // Same semantics as torch.nn.functional.grid_sample(mode="bilinear", align_corners=True) on
 // a map in [0, 1] (mgr_engine.ops.warp): out[b, c, p] = image[b, c] at coords[b, :, p] * (n - 1).
@@ -268,6 +269,86 @@ void warp_backward(const Array<T>& image, const Array<T>& coords, const Array<T>
     }
 }
 
+// The two source samples and weights of output index o of a 2x linear upsampling of n samples
+// with align_corners=False (torch's F.interpolate(scale_factor=2)): source coordinate
+// (o + 0.5) / 2 - 0.5, clamped at 0 below; the upper neighbour clamped to n - 1.
+template <typename T>
+struct Taps {
+    int64_t lo, hi;
+    T w_lo, w_hi;
+    Taps(int64_t o, int64_t n) {
+        const T source = std::max(T(0), (T(o) + T(0.5)) * T(0.5) - T(0.5));
+        lo = int64_t(source);
+        hi = lo + (lo < n - 1 ? 1 : 0);
+        w_hi = source - T(lo);
+        w_lo = T(1) - w_hi;
+    }
+};
+
+// A U-Net decoder level's inference epilogue in one pass over channels-last arrays:
+//   out[b, z, y, x, :C]  = y_conv[b, z, y, x, :] + scale * upsample2x(x_in)[b, z, y, x, :C]
+//   out[b, z, y, x, C:]  = skip[b, z, y, x, :]
+// over skip's grid (the upsampled sum cropped to it), i.e. torch.cat([(y + scale * F.interpolate(
+// x_in[:, :C], scale_factor=2, mode="trilinear")) cropped, skip], 1). Arrays: x_in (B, d, h, w, Cx)
+// with Cx >= C, y_conv (B, 2d, 2h, 2w, C), scale (C), skip (B, D, H, W, Cs), out (B, D, H, W, C + Cs),
+// D <= 2d etc. Why: torch's CPU upsampling, the multiply-add and the concatenation were three
+// passes over the largest tensors of the forward (about a quarter of it at 175^3).
+template <typename T>
+void upsample_add_concat(const Array<T>& x_in, const Array<T>& y_conv, const Array<T>& scale, const Array<T>& skip,
+                         Array<T>& out, int threads) {
+    check(x_in.ndim() == 5 && y_conv.ndim() == 5 && skip.ndim() == 5 && out.ndim() == 5 && scale.ndim() == 1,
+          "x_in, y_conv, skip and out must be 5-D (channels last), scale 1-D");
+    const int64_t batch = y_conv.shape(0), channels = y_conv.shape(4), in_channels = x_in.shape(4);
+    const int64_t skip_channels = skip.shape(4), out_channels = channels + skip_channels;
+    const int64_t n[3] = {x_in.shape(1), x_in.shape(2), x_in.shape(3)};
+    const int64_t grid[3] = {skip.shape(1), skip.shape(2), skip.shape(3)};
+    check(x_in.shape(0) == batch && skip.shape(0) == batch && out.shape(0) == batch, "batch sizes differ");
+    check(in_channels >= channels && scale.shape(0) == channels && out.shape(4) == out_channels,
+          "channels: x_in needs at least y_conv's, scale y_conv's, out y_conv's plus skip's");
+    for (int a = 0; a < 3; ++a) {
+        check(y_conv.shape(a + 1) == 2 * n[a], "y_conv's grid must be twice x_in's");
+        check(grid[a] <= 2 * n[a] && out.shape(a + 1) == grid[a], "skip's grid must fit y_conv's, out must be skip's");
+    }
+    const T* src = x_in.data();
+    const T* conv = y_conv.data();
+    const T* factor = scale.data();
+    const T* extra = skip.data();
+    T* dst = out.mutable_data();
+    const int64_t rows = batch * grid[0] * grid[1];
+
+    py::gil_scoped_release release;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t row = 0; row < rows; ++row) {
+        const int64_t b = row / (grid[0] * grid[1]), z = (row / grid[1]) % grid[0], y = row % grid[1];
+        const Taps<T> tz(z, n[0]), ty(y, n[1]);
+        const T* source[4];  // the four source rows (z, y corners) of this output row, weighted
+        T weight[4];
+        for (int k = 0; k < 4; ++k) {
+            const int64_t zi = k >> 1 ? tz.hi : tz.lo, yi = k & 1 ? ty.hi : ty.lo;
+            source[k] = src + ((b * n[0] + zi) * n[1] + yi) * n[2] * in_channels;
+            weight[k] = (k >> 1 ? tz.w_hi : tz.w_lo) * (k & 1 ? ty.w_hi : ty.w_lo);
+        }
+        const T* conv_row = conv + ((b * 2 * n[0] + z) * 2 * n[1] + y) * 2 * n[2] * channels;
+        const T* skip_row = extra + ((b * grid[0] + z) * grid[1] + y) * grid[2] * skip_channels;
+        T* out_row = dst + row * grid[2] * out_channels;
+        for (int64_t x = 0; x < grid[2]; ++x) {
+            const Taps<T> tx(x, n[2]);
+            const T* lo[4];
+            const T* hi[4];
+            for (int k = 0; k < 4; ++k) lo[k] = source[k] + tx.lo * in_channels, hi[k] = source[k] + tx.hi * in_channels;
+            const T* conv_voxel = conv_row + x * channels;
+            T* out_voxel = out_row + x * out_channels;
+#pragma omp simd
+            for (int64_t c = 0; c < channels; ++c) {
+                T up = T(0);
+                for (int k = 0; k < 4; ++k) up += weight[k] * (tx.w_lo * lo[k][c] + tx.w_hi * hi[k][c]);
+                out_voxel[c] = conv_voxel[c] + factor[c] * up;
+            }
+            std::copy(skip_row + x * skip_channels, skip_row + (x + 1) * skip_channels, out_voxel + channels);
+        }
+    }
+}
+
 template <typename T>
 void define(py::module_& module) {
     // noconvert: a silent dtype/contiguity copy of an output array would drop the result.
@@ -280,12 +361,18 @@ void define(py::module_& module) {
                py::arg("grad_coords").noconvert(), py::arg("need_image"), py::arg("need_coords"),
                py::arg("border"), py::arg("channels_last"), py::arg("threads"),
                "Gradients of the warp with respect to image and coords, written into grad_image and grad_coords.");
+    module.def("upsample_add_concat", &upsample_add_concat<T>, py::arg("x_in").noconvert(),
+               py::arg("y_conv").noconvert(), py::arg("scale").noconvert(), py::arg("skip").noconvert(),
+               py::arg("out").noconvert(), py::arg("threads"),
+               "A U-Net decoder level's inference epilogue, channels last: cat((y_conv + scale * "
+               "upsample2x(x_in[..., :C])) cropped to skip's grid, skip).");
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_trilinear_cpu, module) {
-    module.doc() = "Trilinear warp on the CPU with OpenMP, forward and backward (mgr_engine.kernels.warp_cpu)";
+    module.doc() = "Trilinear warp on the CPU with OpenMP, forward and backward (mgr_engine.kernels.warp_cpu), "
+                   "and the U-Net decoder's upsample-add-concatenate (mgr_engine.kernels.decoder_cpu)";
     define<float>(module);
     define<double>(module);
 }

@@ -35,7 +35,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .errors import CheckpointError
-from .ops import compose_maps, identity_map, warp
+from .kernels import decoder_cpu
+from .ops import compose_maps, identity_map, use_cpp_decoder, warp
 
 
 @dataclass(frozen=True)
@@ -99,10 +100,12 @@ class UNet(nn.Module):
             x = y + _match_channels(F.avg_pool3d(x, 2, ceil_mode=True), y.shape[1])
         for depth in reversed(range(len(self.upConvs))):
             y = self.upConvs[depth](F.leaky_relu(x))
+            norm, skip = self.batchNorms[depth], skips[depth]
+            if isinstance(norm, FoldedBatchNorm) and use_cpp_decoder(y, x, norm.scale, skip):
+                x = decoder_cpu.upsample_add_concat(y, x, norm.scale, skip)  # the lines below in one pass
+                continue
             up = F.interpolate(_match_channels(x, y.shape[1]), scale_factor=2, mode="trilinear", align_corners=False)
-            norm = self.batchNorms[depth]
             x = norm(y, up) if isinstance(norm, FoldedBatchNorm) else norm(y + up)
-            skip = skips[depth]
             x = x[:, :, : skip.shape[2], : skip.shape[3], : skip.shape[4]]
             x = torch.cat([x, skip], 1)
         # Contiguous: the field feeds many warps, which read (B, 3, D, H, W) in that layout (one

@@ -12,7 +12,9 @@ CUDA tensors when triton imports; on the CPU the C++ warp of ``kernels/warp_cpu.
 it applies, PyTorch elsewhere), ``"triton"`` (always Triton; on the CPU that needs
 ``TRITON_INTERPRET=1``), ``"cpp"`` (the C++ warp, forward and backward, wherever it
 applies: CPU float32 or float64 tensors outside tracers; an error when it was not built) or
-``"torch"`` (never a kernel). The default comes from the environment variable
+``"torch"`` (never a kernel). The C++ modes also cover the inference network's decoder
+epilogue (``kernels/decoder_cpu.py``, called from :class:`mgr_engine.model.UNet`). The default
+comes from the environment variable
 ``MGR_ENGINE_KERNELS``.
 """
 
@@ -77,8 +79,8 @@ def _is_eager(*tensors: torch.Tensor) -> bool:
     return all(type(t) is torch.Tensor for t in tensors)
 
 
-def use_cpp_warp(image: torch.Tensor, coords: torch.Tensor) -> bool:
-    """Whether :func:`warp` of ``image`` at ``coords`` runs the C++ warp under the current mode."""
+def _cpp_kernels_allowed(*tensors: torch.Tensor) -> bool:
+    """Whether the current mode lets the C++ extension run on ``tensors`` (which it then checks)."""
     if _kernel_mode not in ("auto", "cpp"):
         return False
     from .kernels import warp_cpu
@@ -86,7 +88,22 @@ def use_cpp_warp(image: torch.Tensor, coords: torch.Tensor) -> bool:
     if _kernel_mode == "cpp" and not warp_cpu.available():
         raise InvalidOptionError("kernel mode 'cpp' needs the C++ extension, which was not built: reinstall "
                                  "mgr_engine where a C++ compiler is found (pip install -e .)")
-    return warp_cpu.available() and warp_cpu.supports(image, coords) and _is_eager(image, coords)
+    return warp_cpu.available() and _is_eager(*tensors)
+
+
+def use_cpp_warp(image: torch.Tensor, coords: torch.Tensor) -> bool:
+    """Whether :func:`warp` of ``image`` at ``coords`` runs the C++ warp under the current mode."""
+    from .kernels import warp_cpu
+
+    return _cpp_kernels_allowed(image, coords) and warp_cpu.supports(image, coords)
+
+
+def use_cpp_decoder(y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, skip: torch.Tensor) -> bool:
+    """Whether a folded U-Net decoder level runs its epilogue in C++ under the current mode
+    (:mod:`mgr_engine.kernels.decoder_cpu`: inference, channels-last CPU tensors)."""
+    from .kernels import decoder_cpu
+
+    return _cpp_kernels_allowed(y, x, scale, skip) and decoder_cpu.supports(y, x, scale, skip)
 
 
 def identity_map(shape, *, dtype=torch.float32, device=None) -> torch.Tensor:

@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""The C++ decoder epilogue (kernels/decoder_cpu.py) against its PyTorch ops on the CPU.
+
+Per decoder level of a full-resolution U-Net of the official architecture at 175^3 (levels
+0 and 1, the two largest): median time and allocated memory of ``decoder_cpu.reference``
+(F.interpolate, addcmul, crop, cat) and of the fused kernel, channels-last inputs as the
+inference network has them. End to end: ``Engine.predict_map`` (no IO, randomized official
+weights, warm median) with the C++ warp alone and with the C++ warp and decoder, in one process.
+
+    .venv/bin/python benchmarks/bench_decoder_cpu.py
+    .venv/bin/python benchmarks/bench_decoder_cpu.py --shape 96 96 96 --repeats 3   # quick
+
+Needs no itk. Times on a shared machine are noisy: compare the ratios of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
+
+from bench_kernels import timed  # noqa: E402  (median after two warm-ups)
+from bench_warp_cpu import allocated_mib  # noqa: E402
+
+from mgr_engine import model, ops  # noqa: E402
+from mgr_engine.kernels import decoder_cpu, warp_cpu  # noqa: E402
+
+
+def level_inputs(shape, level, config):
+    """(y, x, scale, skip) of decoder level ``level`` of a full-resolution U-Net, channels-last."""
+    down, up = config.down_channels, config.up_channels
+    grid = list(shape)
+    for _ in range(level + 1):
+        grid = [(n + 1) // 2 for n in grid]  # the encoder's stride-2 convolutions
+    skip_grid = [(n + 1) // 2 for n in shape] if level else list(shape)
+    for _ in range(level - 1):
+        skip_grid = [(n + 1) // 2 for n in skip_grid]
+    in_channels = down[level + 1] + (up[level + 1] if level + 1 < len(up) else 0)
+
+    def tensor(*size):
+        return torch.randn(*size).contiguous(memory_format=torch.channels_last_3d)
+
+    return (tensor(1, up[level], *(2 * n for n in grid)), tensor(1, in_channels, *grid),
+            torch.randn(1, up[level], 1, 1, 1), tensor(1, down[level], *skip_grid))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", type=int, nargs=3, default=(175, 175, 175))
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    if not warp_cpu.available():
+        sys.exit("mgr_engine._trilinear_cpu was not built: pip install -e . with a C++ compiler")
+    shape = tuple(args.shape)
+    config = model.NetworkConfig(input_shape=shape)
+    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"network input {shape}, median of {args.repeats}\n")
+    print("| decoder level (x -> out) | PyTorch ops | C++ | speed-up | allocated PyTorch | allocated C++ | difference |")
+    print("|---|--:|--:|--:|--:|--:|--:|")
+    with torch.no_grad():
+        for level in (0, 1):
+            y, x, scale, skip = level_inputs(shape, level, config)
+            ours, reference = (lambda: decoder_cpu.upsample_add_concat(y, x, scale, skip),
+                               lambda: decoder_cpu.reference(y, x, scale, skip))
+            t_ref, t_ours = timed(reference, "cpu", args.repeats), timed(ours, "cpu", args.repeats)
+            m_ref, m_ours = allocated_mib(reference), allocated_mib(ours)
+            difference = float((ours() - reference()).abs().max())
+            out = (y.shape[1] + skip.shape[1], *skip.shape[2:])
+            print(f"| {level}: {tuple(x.shape[1:])} -> {out} | {t_ref * 1e3:.0f} ms | {t_ours * 1e3:.0f} ms "
+                  f"| {t_ref / t_ours:.2f}x | {m_ref:.0f} MiB | {m_ours:.0f} MiB | {difference:.1e} |")
+
+    from helpers import random_network, smooth_volume
+
+    from mgr_engine import Engine
+
+    net = random_network(shape, seed=1, displacement_scale=0.3)
+    engine = Engine(weights=model.official_state_dict(net), config=net.config, device="cpu")
+    moving = torch.from_numpy(smooth_volume(shape, 1))[None, None]
+    fixed = torch.from_numpy(smooth_volume(shape, 2))[None, None]
+    repeats = max(2, args.repeats // 2)
+    with ops.kernel_mode("cpp"):
+        with mock.patch.object(model, "use_cpp_decoder", lambda *tensors: False):
+            t_warp = timed(lambda: engine.predict_map(moving, fixed), "cpu", repeats)
+            map_warp = engine.predict_map(moving, fixed)
+        t_both = timed(lambda: engine.predict_map(moving, fixed), "cpu", repeats)
+        map_both = engine.predict_map(moving, fixed)
+    voxels = torch.tensor(shape).view(1, 3, 1, 1, 1) - 1
+    difference = float(((map_both - map_warp) * voxels).abs().max())
+    print(f"\nEngine.predict_map (no IO): C++ warp {t_warp:.2f} s, C++ warp and decoder {t_both:.2f} s "
+          f"({t_warp / t_both:.2f}x); maps differ by at most {difference:.1e} voxel")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

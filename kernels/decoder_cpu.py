@@ -1,0 +1,61 @@
+"""The U-Net decoder's inference epilogue on the CPU in C++ with OpenMP: trilinear 2x upsampling,
+the folded BatchNorm's multiply-add, the crop and the concatenation with the skip in one pass.
+
+At each decoder level the inference network (BatchNorm folded, channels-last) computes
+``cat([(y + scale * F.interpolate(x[:, :C], scale_factor=2, mode="trilinear"))[crop], skip], 1)``
+(:func:`reference`). On the CPU these were three passes over the largest tensors of the forward
+(at 175^3, 16 channels at 176^3): torch's upsampling alone took 0.3 s per full-resolution U-Net.
+The extension ``mgr_engine._trilinear_cpu`` (``kernels/trilinear_cpu.cpp``, built by
+``setup.py``) computes it in one, parallel over output rows. Inference only (no autograd):
+instance optimization and training keep PyTorch's ops. Test:
+``tests/test_kernels_decoder_cpu.py``; benchmark: ``benchmarks/bench_decoder_cpu.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .warp_cpu import _trilinear_cpu
+
+CHANNELS_LAST = torch.channels_last_3d
+
+
+def reference(y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """The epilogue in PyTorch ops: ``y`` (B, C, 2d, 2h, 2w) from the transposed convolution,
+    ``x`` (B, Cx >= C, d, h, w) its input, ``scale`` (C elements), ``skip`` (B, Cs, D, H, W)."""
+    up = F.interpolate(x[:, : y.shape[1]], scale_factor=2, mode="trilinear", align_corners=False)
+    out = torch.addcmul(y, scale.reshape(1, -1, 1, 1, 1), up)
+    return torch.cat([out[:, :, : skip.shape[2], : skip.shape[3], : skip.shape[4]], skip], 1)
+
+
+def supports(y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, skip: torch.Tensor) -> bool:
+    """Whether :func:`upsample_add_concat` takes these: CPU float32/float64 tensors of one dtype,
+    shapes as :func:`reference` wants them, nothing to differentiate."""
+    tensors = (y, x, scale, skip)
+    if _trilinear_cpu is None or any(t.device.type != "cpu" or t.dtype != y.dtype for t in tensors):
+        return False
+    if y.dtype not in (torch.float32, torch.float64) or x.shape[1] < y.shape[1] or scale.numel() != y.shape[1]:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    fits = all(y.shape[a] == 2 * x.shape[a] and skip.shape[a] <= y.shape[a] for a in (2, 3, 4))
+    same_batch = y.shape[0] == x.shape[0] == skip.shape[0]
+    return fits and same_batch
+
+
+def upsample_add_concat(y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """:func:`reference` in one C++ pass; channels-last output. Needs :func:`supports`.
+
+    Inputs not channels-last are copied to it first: the transposed convolution's output ``y``
+    is, but torch's small-channel convolutions of the encoder (its first, 2 -> 16) return
+    planar tensors, which reach here as ``x`` or ``skip``."""
+    out = torch.empty((y.shape[0], y.shape[1] + skip.shape[1], *skip.shape[2:]), dtype=y.dtype,
+                      memory_format=CHANNELS_LAST)
+
+    def last(t):  # (B, C, D, H, W) -> the channels-last (B, D, H, W, C) array the kernel reads
+        return t.detach().contiguous(memory_format=CHANNELS_LAST).permute(0, 2, 3, 4, 1).numpy()
+
+    _trilinear_cpu.upsample_add_concat(last(x), last(y), scale.detach().reshape(-1).contiguous().numpy(), last(skip),
+                                       last(out), torch.get_num_threads())
+    return out

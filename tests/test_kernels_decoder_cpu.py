@@ -1,0 +1,107 @@
+"""The C++ decoder epilogue (kernels/decoder_cpu.py): trilinear 2x upsampling, multiply-add,
+crop and concatenation in one pass, against its PyTorch reference, and the inference
+network that takes it on the CPU.
+
+Skipped where the extension was not built, except under ``MGR_ENGINE_REQUIRE_CPP=1`` (set by
+``make test``), where a missing build fails instead of hiding.
+"""
+
+import os
+
+import pytest
+import torch
+
+from mgr_engine import ops
+from mgr_engine.kernels import decoder_cpu, warp_cpu
+
+if not warp_cpu.available():
+    if os.environ.get("MGR_ENGINE_REQUIRE_CPP") == "1":
+        pytest.fail("mgr_engine._trilinear_cpu was not built (pip install -e . with a C++ compiler)",
+                    pytrace=False)
+    pytest.skip("the C++ extension was not built", allow_module_level=True)
+
+CL = torch.channels_last_3d
+
+
+def inputs(batch, in_channels, channels, grid, skip_channels, skip_grid, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def tensor(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype).contiguous(memory_format=CL)
+
+    x = tensor(batch, in_channels, *grid)
+    y = tensor(batch, channels, *(2 * n for n in grid))
+    skip = tensor(batch, skip_channels, *skip_grid)
+    scale = torch.randn(1, channels, 1, 1, 1, generator=gen).to(dtype)
+    return y, x, scale, skip
+
+
+CASES = [  # batch, x channels, y channels, x grid, skip channels, skip grid (cropped from 2 x grid or not)
+    (1, 5, 3, (3, 4, 5), 2, (5, 8, 9)),
+    (2, 4, 4, (2, 3, 2), 3, (4, 6, 4)),
+    (1, 48, 16, (6, 7, 5), 2, (11, 13, 9)),
+    (2, 9, 8, (1, 2, 3), 1, (1, 3, 6)),  # a single source voxel along z: both taps clamp to it
+]
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+@pytest.mark.parametrize("case", CASES)
+def test_values_match_the_pytorch_reference(case, dtype, atol):
+    y, x, scale, skip = inputs(*case, dtype=dtype)
+    assert decoder_cpu.supports(y, x, scale, skip)
+    got = decoder_cpu.upsample_add_concat(y, x, scale, skip)
+    expected = decoder_cpu.reference(y, x, scale, skip)
+    assert got.shape == expected.shape and got.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(got, expected, rtol=0, atol=atol * float(expected.abs().max()))
+    assert torch.equal(got[:, y.shape[1]:], skip)
+    # planar inputs (the encoder's first convolution returns them) are taken as well
+    planar = decoder_cpu.upsample_add_concat(y.contiguous(), x.contiguous(), scale, skip.contiguous())
+    assert torch.equal(planar, got)
+
+
+def test_thread_counts_agree_bit_for_bit():
+    y, x, scale, skip = inputs(2, 12, 8, (5, 6, 7), 3, (9, 12, 13), torch.float32, seed=1)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(decoder_cpu.upsample_add_concat(y, x, scale, skip))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(r, results[0]) for r in results)
+
+
+def test_declines_what_it_does_not_compute():
+    y, x, scale, skip = inputs(1, 5, 3, (3, 4, 5), 2, (5, 8, 9), torch.float32)
+    assert not decoder_cpu.supports(y, x[:, :2], scale, skip)  # fewer input channels: torch zero-pads
+    assert not decoder_cpu.supports(y.double(), x, scale, skip)
+    assert not decoder_cpu.supports(y, x.requires_grad_(), scale, skip)  # IO and training: autograd
+    with torch.no_grad():
+        assert decoder_cpu.supports(y, x, scale, skip)
+
+
+def test_inference_network_takes_it_and_equals_pytorch(monkeypatch):
+    """The folded, channels-last inference U-Nets on the CPU run every decoder level through the
+    kernel (counted), and the network's map equals kernel mode "torch"'s."""
+    from helpers import random_network, smooth_volume
+
+    from mgr_engine import Engine
+    from mgr_engine.model import official_state_dict
+
+    shape = (72, 68, 76)  # four halvings in the network, five in each U-Net
+    net = random_network(shape, narrow=True, seed=2, displacement_scale=0.5)
+    engine = Engine(weights=official_state_dict(net), config=net.config, device="cpu")
+    moving = torch.from_numpy(smooth_volume(shape, 3))[None, None]
+    fixed = torch.from_numpy(smooth_volume(shape, 4))[None, None]
+    calls = []
+    kernel = decoder_cpu.upsample_add_concat
+    monkeypatch.setattr(decoder_cpu, "upsample_add_concat", lambda *a: calls.append(a[0].shape) or kernel(*a))
+    with ops.kernel_mode("cpp"):
+        got = engine.predict_map(moving, fixed)
+    assert len(calls) == 4 * len(net.config.up_channels)
+    with ops.kernel_mode("torch"):
+        expected = engine.predict_map(moving, fixed)
+    voxels = torch.tensor(shape).view(1, 3, 1, 1, 1) - 1
+    assert float(((expected - net.identity_full) * voxels).abs().max()) > 1  # the map moves points
+    assert float(((got - expected) * voxels).abs().max()) < 1e-3
