@@ -65,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each child (default: torch's)")
     p.add_argument("--points", type=int, default=1000, help="random points for the transform comparison")
     p.add_argument("--results", type=Path, default=None, help="also append the Markdown table to this file")
+    p.add_argument("--reference-keeps-freed-memory", action="store_true",
+                   help="the reference's process keeps freed host memory as ours does on the CPU "
+                        "(mgr_engine.host_memory): compares the code rather than malloc's settings")
     p.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one measurement
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -221,6 +224,10 @@ def job_reference(spec, workdir: Path, io_steps) -> dict:
     from mgr_engine.model import GradICONNetwork, NetworkConfig, load_official_state_dict
 
     icon_config.device = device
+    if spec["reference_keeps_freed_memory"]:
+        from mgr_engine import host_memory
+
+        host_memory.keep_freed_memory()
     fixed, moving = load_pair(workdir, spec["spacing"])
     timer = StepTimer(sync) if io_steps else None
     start = time.perf_counter()
@@ -258,6 +265,9 @@ def run_child(job: str, workdir: Path) -> None:
         raise SystemExit(f"unknown job {job!r}")
     import torch
 
+    from mgr_engine import host_memory
+
+    out["keeps_freed_memory"] = host_memory.keeping_freed_memory()
     out["peak_rss"] = peak_rss_bytes()
     out["threads"] = torch.get_num_threads()
     if spec["device"] == "cuda":
@@ -367,6 +377,8 @@ def report(args, info, results, workdir: Path) -> str:
         "- Timed: ours `Engine.register` + `result.transform`; reference `unigradicon.preprocess` x2 + "
         "`itk_wrapper.register_pair` (which computes both directions and the loss). The first call of either "
         "includes ITK's lazy loading of its transform modules (seconds), as a one-shot command line run does.",
+        f"- Freed host memory kept for reuse (`mgr_engine.host_memory`): ours {results['ours']['keeps_freed_memory']}, "
+        f"reference {results['reference']['keeps_freed_memory']}.",
         "",
     ]
     ours, ref = results["ours"], results["reference"]
@@ -416,7 +428,8 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="mgr_bench_") as tmp:
         workdir = Path(tmp)
         spec = {"shape": list(args.shape), "image_shape": list(args.image_shape), "spacing": list(args.spacing),
-                "device": args.device, "threads": args.threads, "io_steps": args.io_steps}
+                "device": args.device, "threads": args.threads, "io_steps": args.io_steps,
+                "reference_keeps_freed_memory": args.reference_keeps_freed_memory}
         (workdir / "spec.json").write_text(json.dumps(spec))
         np.save(workdir / "points.npy", random_points(args.image_shape, args.spacing, args.points))
         info = spawn("prepare", workdir)

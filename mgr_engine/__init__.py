@@ -14,7 +14,8 @@ from . import errors
 from .engine import Engine, RegistrationResult, register, register_many, weights_search_path
 from .model import GradICONNetwork, NetworkConfig
 from .export import export_onnx  # onnx itself is imported only when a graph is built
+from .host_memory import release_freed_memory as release_host_memory
 
 __all__ = ["Engine", "GradICONNetwork", "NetworkConfig", "RegistrationResult", "errors", "export_onnx", "register",
-           "register_many", "weights_search_path"]
+           "register_many", "release_host_memory", "weights_search_path"]
 __version__ = "0.1.0"

@@ -1,0 +1,71 @@
+"""Keeping freed host memory (mgr_engine.host_memory): a tensor allocated again after a free
+reuses the pages instead of faulting them in anew, the engine turns it on for the CPU unless
+told not to, and release_host_memory undoes it. Each case in a fresh process: the setting is
+process-wide."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mgr_engine import host_memory
+
+pytestmark = pytest.mark.skipif(not host_memory.available(), reason="malloc is not glibc's")
+
+FAULTS_OF_A_NEW_TENSOR = """
+import resource, torch
+def faults_of_a_new_tensor():
+    # 256 MiB, written once: page faults of its first touch (about 65,000 when freshly mapped)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(64 * 2**20).fill_(1.0)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_a_new_tensor()  # the first one faults in any case
+"""
+
+
+def run(body: str, env=None) -> dict:
+    script = FAULTS_OF_A_NEW_TENSOR + textwrap.dedent(body)
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
+                         env=env).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def test_freed_memory_is_reused_and_release_undoes_it():
+    result = run("""
+        import json
+        from mgr_engine import host_memory, release_host_memory
+        default = faults_of_a_new_tensor()
+        assert host_memory.keep_freed_memory()
+        faults_of_a_new_tensor()  # grows the heap once
+        kept = faults_of_a_new_tensor()
+        release_host_memory()
+        released = [faults_of_a_new_tensor() for _ in range(2)]
+        print(json.dumps({"default": default, "kept": kept, "released": released,
+                          "state": host_memory.keeping_freed_memory()}))
+    """)
+    assert result["default"] > 30000  # glibc maps a block this large anew each time
+    assert result["kept"] < 1000
+    assert min(result["released"]) > 30000 and not result["state"]
+
+
+@pytest.mark.parametrize("argument,env_value,expected", [
+    ("None", None, True), ("None", "0", False), ("False", None, False), ("True", "0", True)])
+def test_cpu_engine_keeps_freed_memory_unless_told_not_to(argument, env_value, expected):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "MGR_ENGINE_CACHE_HOST_MEMORY"}
+    if env_value is not None:
+        env["MGR_ENGINE_CACHE_HOST_MEMORY"] = env_value
+    result = run(f"""
+        import json, sys
+        sys.path.insert(0, "tests")
+        from helpers import random_network
+        from mgr_engine import Engine, host_memory
+        from mgr_engine.model import official_state_dict
+        net = random_network((72, 72, 72), narrow=True)
+        Engine(weights=official_state_dict(net), config=net.config, device="cpu", cache_host_memory={argument})
+        print(json.dumps({{"kept": host_memory.keeping_freed_memory()}}))
+    """, env=env)
+    assert result["kept"] is expected
