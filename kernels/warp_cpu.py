@@ -45,6 +45,10 @@ def _is_channels_last(coords: torch.Tensor) -> bool:
     return not coords.is_contiguous() and coords.is_contiguous(memory_format=torch.channels_last_3d)
 
 
+def _layout(channels_last: bool):
+    return torch.channels_last_3d if channels_last else torch.contiguous_format
+
+
 def _as_array(tensor: torch.Tensor, channels_last: bool):
     """``tensor`` (N, K, D, H, W) as the numpy array the kernel reads: planar, or (N, D, H, W, K)."""
     if channels_last:
@@ -57,8 +61,8 @@ class TrilinearWarpCPU(torch.autograd.Function):
     def forward(ctx, image, coords, border):
         image, coords = image.detach().contiguous(), coords.detach()  # .numpy() wants no autograd
         channels_last = _is_channels_last(coords)
-        layout = torch.channels_last_3d if channels_last else torch.contiguous_format
-        out = image.new_empty((image.shape[0], image.shape[1], *coords.shape[2:])).contiguous(memory_format=layout)
+        out = torch.empty((image.shape[0], image.shape[1], *coords.shape[2:]), dtype=image.dtype,
+                          memory_format=_layout(channels_last))
         _trilinear_cpu.warp_trilinear(image.numpy(), _as_array(coords, channels_last), _as_array(out, channels_last),
                                       border, channels_last, torch.get_num_threads())
         ctx.save_for_backward(image, coords)
@@ -74,8 +78,8 @@ class TrilinearWarpCPU(torch.autograd.Function):
         need_image, need_coords = ctx.needs_input_grad[:2]
         empty = image.new_empty((0,) * 5)
         grad_image = torch.empty_like(image) if need_image else empty
-        layout = torch.channels_last_3d if channels_last else torch.contiguous_format
-        grad_coords = torch.empty(coords.shape, dtype=coords.dtype, memory_format=layout) if need_coords else empty
+        grad_coords = (torch.empty(coords.shape, dtype=coords.dtype, memory_format=_layout(channels_last))
+                       if need_coords else empty)
         threads = torch.get_num_threads()
         if need_image:
             threads = min(threads, BACKWARD_MAX_THREADS)
