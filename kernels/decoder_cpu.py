@@ -1,13 +1,15 @@
-"""The U-Net decoder's inference epilogue on the CPU in C++ with OpenMP: trilinear 2x upsampling,
-the folded BatchNorm's multiply-add, the crop and the concatenation with the skip in one pass.
+"""The U-Net decoder on the CPU in C++ with OpenMP: trilinear 2x upsampling, the folded
+BatchNorm's multiply-add, the crop and the concatenation with the skip in one pass.
 
 At each decoder level the inference network (BatchNorm folded, channels-last) computes
 ``cat([(y + scale * F.interpolate(x[:, :C], scale_factor=2, mode="trilinear"))[crop], skip], 1)``
 (:func:`reference`). On the CPU these were three passes over the largest tensors of the forward
 (at 175^3, 16 channels at 176^3): torch's upsampling alone took 0.3 s per full-resolution U-Net.
 The extension ``mgr_engine._trilinear_cpu`` (``kernels/trilinear_cpu.cpp``, built by
-``setup.py``) computes it in one, parallel over output rows. Inference only (no autograd):
-instance optimization and training keep PyTorch's ops. Test:
+``setup.py``) computes it in one, parallel over output rows (:func:`upsample_add_concat`, no
+autograd). Instance optimization and training, whose BatchNorm is not folded, take the part
+before it, ``y + upsample(x)`` (:func:`upsample_add`), with gradients (the backward is torch's
+upsampling adjoint). Test:
 ``tests/test_kernels_decoder_cpu.py``; benchmark: ``benchmarks/bench_decoder_cpu.py``.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .warp_cpu import _trilinear_cpu
 
@@ -29,19 +32,24 @@ def reference(y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, skip: torch
     return torch.cat([out[:, :, : skip.shape[2], : skip.shape[3], : skip.shape[4]], skip], 1)
 
 
+def supports_upsample_add(y: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether :func:`upsample_add` takes these: CPU float32/float64 tensors of one dtype, ``y``
+    on the grid twice ``x``'s, ``x`` with at least ``y``'s channels (fewer: torch zero-pads)."""
+    if _trilinear_cpu is None or y.device.type != "cpu" or x.device.type != "cpu" or x.dtype != y.dtype:
+        return False
+    fits = all(y.shape[a] == 2 * x.shape[a] for a in (2, 3, 4)) and y.shape[0] == x.shape[0]
+    return y.dtype in (torch.float32, torch.float64) and x.shape[1] >= y.shape[1] and fits
+
+
 def supports(y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, skip: torch.Tensor) -> bool:
-    """Whether :func:`upsample_add_concat` takes these: CPU float32/float64 tensors of one dtype,
-    shapes as :func:`reference` wants them, nothing to differentiate."""
-    tensors = (y, x, scale, skip)
-    if _trilinear_cpu is None or any(t.device.type != "cpu" or t.dtype != y.dtype for t in tensors):
+    """Whether :func:`upsample_add_concat` takes these: as :func:`supports_upsample_add`, and
+    ``scale`` and ``skip`` as :func:`reference` wants them, nothing to differentiate."""
+    if not supports_upsample_add(y, x) or any(t.device.type != "cpu" or t.dtype != y.dtype for t in (scale, skip)):
         return False
-    if y.dtype not in (torch.float32, torch.float64) or x.shape[1] < y.shape[1] or scale.numel() != y.shape[1]:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (y, x, scale, skip)):
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    fits = all(y.shape[a] == 2 * x.shape[a] and skip.shape[a] <= y.shape[a] for a in (2, 3, 4))
-    same_batch = y.shape[0] == x.shape[0] == skip.shape[0]
-    return fits and same_batch
+    return scale.numel() == y.shape[1] and skip.shape[0] == y.shape[0] and all(
+        skip.shape[a] <= y.shape[a] for a in (2, 3, 4))
 
 
 def upsample_add_concat(y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -59,3 +67,30 @@ def upsample_add_concat(y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, s
     _trilinear_cpu.upsample_add_concat(last(x), last(y), scale.detach().reshape(-1).contiguous().numpy(), last(skip),
                                        last(out), torch.get_num_threads())
     return out
+
+
+class UpsampleAdd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, x):
+        ctx.x_shape = x.shape
+        no_skip = y.new_empty((y.shape[0], 0, *y.shape[2:]))
+        return upsample_add_concat(y.detach(), x.detach(), y.new_ones(y.shape[1]), no_skip)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        grad_x = None
+        if ctx.needs_input_grad[1]:
+            batch, in_channels, *grid = ctx.x_shape
+            grad_x = torch.ops.aten.upsample_trilinear3d_backward(
+                grad, [2 * n for n in grid], [batch, grad.shape[1], *grid], False, 2.0, 2.0, 2.0)
+            if in_channels > grad.shape[1]:  # channels the upsampled path does not read
+                grad_x = torch.cat([grad_x, grad_x.new_zeros(batch, in_channels - grad.shape[1], *grid)], 1)
+        return (grad if ctx.needs_input_grad[0] else None), grad_x
+
+
+def upsample_add(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y + F.interpolate(x[:, :C], scale_factor=2, mode="trilinear")`` (C: ``y``'s channels)
+    in one C++ pass (channels-last output), differentiable in both: the decoder step of the
+    network IO and training run. Needs :func:`supports_upsample_add`."""
+    return UpsampleAdd.apply(y, x)

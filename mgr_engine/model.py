@@ -62,6 +62,11 @@ def _match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, 0, 0, 0, channels - x.shape[1], 0))
 
 
+def _upsampled(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """A decoder level's upsampled path: ``x`` with ``channels`` channels, 2x trilinear."""
+    return F.interpolate(_match_channels(x, channels), scale_factor=2, mode="trilinear", align_corners=False)
+
+
 class UNet(nn.Module):
     """One displacement-predicting U-Net (the authors' ``UNet2``), five levels deep.
 
@@ -101,11 +106,15 @@ class UNet(nn.Module):
         for depth in reversed(range(len(self.upConvs))):
             y = self.upConvs[depth](F.leaky_relu(x))
             norm, skip = self.batchNorms[depth], skips[depth]
-            if isinstance(norm, FoldedBatchNorm) and use_cpp_decoder(y, x, norm.scale, skip):
-                x = decoder_cpu.upsample_add_concat(y, x, norm.scale, skip)  # the lines below in one pass
-                continue
-            up = F.interpolate(_match_channels(x, y.shape[1]), scale_factor=2, mode="trilinear", align_corners=False)
-            x = norm(y, up) if isinstance(norm, FoldedBatchNorm) else norm(y + up)
+            if isinstance(norm, FoldedBatchNorm):  # inference
+                if use_cpp_decoder(y, x, norm.scale, skip):
+                    x = decoder_cpu.upsample_add_concat(y, x, norm.scale, skip)  # the lines below in one pass
+                    continue
+                x = norm(y, _upsampled(x, y.shape[1]))
+            elif use_cpp_decoder(y, x):  # IO, training
+                x = norm(decoder_cpu.upsample_add(y, x))
+            else:
+                x = norm(y + _upsampled(x, y.shape[1]))
             x = x[:, :, : skip.shape[2], : skip.shape[3], : skip.shape[4]]
             x = torch.cat([x, skip], 1)
         # Contiguous: the field feeds many warps, which read (B, 3, D, H, W) in that layout (one

@@ -98,11 +98,15 @@ def use_cpp_warp(image: torch.Tensor, coords: torch.Tensor) -> bool:
     return _cpp_kernels_allowed(image, coords) and warp_cpu.supports(image, coords)
 
 
-def use_cpp_decoder(y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, skip: torch.Tensor) -> bool:
-    """Whether a folded U-Net decoder level runs its epilogue in C++ under the current mode
-    (:mod:`mgr_engine.kernels.decoder_cpu`: inference, channels-last CPU tensors)."""
+def use_cpp_decoder(y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None = None,
+                    skip: torch.Tensor | None = None) -> bool:
+    """Whether a U-Net decoder level runs in C++ under the current mode
+    (:mod:`mgr_engine.kernels.decoder_cpu`, CPU tensors): with ``scale`` and ``skip``, the folded
+    inference network's whole epilogue; without, the upsample-add of IO and training."""
     from .kernels import decoder_cpu
 
+    if scale is None:
+        return _cpp_kernels_allowed(y, x) and decoder_cpu.supports_upsample_add(y, x)
     return _cpp_kernels_allowed(y, x, scale, skip) and decoder_cpu.supports(y, x, scale, skip)
 
 
