@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+import pytest
 import torch
 
 from mgr_engine.model import GradICONNetwork, NetworkConfig, official_state_dict, randomize_weights
@@ -56,3 +59,15 @@ def smooth_volume(shape, seed=0, blobs=6) -> np.ndarray:
         width = rng.uniform(0.08, 0.25)
         out += rng.uniform(0.3, 1.0) * np.exp(-sum((g - c) ** 2 for g, c in zip(grids, centre)) / (2 * width**2))
     return out.astype(np.float32)
+
+
+def require_cpp_extension() -> None:
+    """At a test module's top: skip it where mgr_engine._trilinear_cpu was not built, or fail
+    under ``MGR_ENGINE_REQUIRE_CPP=1`` (set by ``make test``), where a missing build must not hide."""
+    from mgr_engine.kernels import warp_cpu
+
+    if warp_cpu.available():
+        return
+    if os.environ.get("MGR_ENGINE_REQUIRE_CPP") == "1":
+        pytest.fail("mgr_engine._trilinear_cpu was not built (pip install -e . with a C++ compiler)", pytrace=False)
+    pytest.skip("the C++ extension was not built", allow_module_level=True)

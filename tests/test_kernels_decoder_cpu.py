@@ -6,19 +6,17 @@ Skipped where the extension was not built, except under ``MGR_ENGINE_REQUIRE_CPP
 ``make test``), where a missing build fails instead of hiding.
 """
 
-import os
-
 import pytest
 import torch
 
-from mgr_engine import ops
-from mgr_engine.kernels import decoder_cpu, warp_cpu
+from helpers import random_network, require_cpp_extension, smooth_volume
+from mgr_engine import Engine, model, ops
+from mgr_engine.engine import gradicon_objective
+from mgr_engine.kernels import decoder_cpu
+from mgr_engine.losses import lncc2_loss
+from mgr_engine.model import official_state_dict
 
-if not warp_cpu.available():
-    if os.environ.get("MGR_ENGINE_REQUIRE_CPP") == "1":
-        pytest.fail("mgr_engine._trilinear_cpu was not built (pip install -e . with a C++ compiler)",
-                    pytrace=False)
-    pytest.skip("the C++ extension was not built", allow_module_level=True)
+require_cpp_extension()
 
 CL = torch.channels_last_3d
 
@@ -84,11 +82,6 @@ def test_declines_what_it_does_not_compute():
 def test_inference_network_takes_it_and_equals_pytorch(monkeypatch):
     """The folded, channels-last inference U-Nets on the CPU run every decoder level through the
     kernel (counted), and the network's map equals kernel mode "torch"'s."""
-    from helpers import random_network, smooth_volume
-
-    from mgr_engine import Engine
-    from mgr_engine.model import official_state_dict
-
     shape = (72, 68, 76)  # four halvings in the network, five in each U-Net
     net = random_network(shape, narrow=True, seed=2, displacement_scale=0.5)
     engine = Engine(weights=official_state_dict(net), config=net.config, device="cpu")
@@ -129,12 +122,6 @@ def test_io_network_takes_the_upsample_add(monkeypatch):
     those with PyTorch's upsampling and sum (the C++ warp in both). In float64: in float32 the
     gradients differ by 3e-4 (relative L2), the regularizer's finite differences (step 1e-3)
     amplifying the sum's rounding where trilinear gradients jump at voxel boundaries."""
-    from helpers import random_network, smooth_volume
-
-    from mgr_engine import model
-    from mgr_engine.engine import gradicon_objective
-    from mgr_engine.losses import lncc2_loss
-
     shape = (72, 68, 76)
     net = random_network(shape, narrow=True, seed=3, displacement_scale=0.5).double().requires_grad_(True)
     moving = torch.from_numpy(smooth_volume(shape, 5))[None, None].double()

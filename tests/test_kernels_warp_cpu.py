@@ -5,20 +5,15 @@ Skipped where the extension was not built, except under ``MGR_ENGINE_REQUIRE_CPP
 ``make test``), where a missing build fails instead of hiding.
 """
 
-import os
-
 import pytest
 import torch
 
+from helpers import require_cpp_extension
 from mgr_engine import ops
 from mgr_engine.errors import InvalidOptionError
 from mgr_engine.kernels import warp_cpu
 
-if not warp_cpu.available():
-    if os.environ.get("MGR_ENGINE_REQUIRE_CPP") == "1":
-        pytest.fail("mgr_engine._trilinear_cpu was not built (pip install -e . with a C++ compiler)",
-                    pytrace=False)
-    pytest.skip("the C++ extension was not built", allow_module_level=True)
+require_cpp_extension()
 
 SHAPES = [  # image grid, map grid: odd, non-cubic, map grid unlike the image's
     ((5, 6, 7), (4, 5, 3)),
