@@ -132,6 +132,33 @@ def test_mind_patch_mean_is_avg_pool_of_replicated_edges(shape):
     torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-14)
 
 
+def test_mind_target_descriptor_is_computed_once_per_tensor_and_version(monkeypatch):
+    """IO's steps compare with the same two targets: their MIND-SSC descriptors are kept. Same
+    values and gradients as computed afresh; an in-place change of the target recomputes."""
+    from mgr_engine import losses
+
+    image = torch.from_numpy(smooth_volume((12, 14, 10), 3))[None, None].double().requires_grad_()
+    targets = [torch.from_numpy(smooth_volume((12, 14, 10), seed))[None, None].double() for seed in (4, 5)]
+
+    def fresh(target):
+        return ((losses.mind_ssc(image) - losses.mind_ssc(target)) ** 2).mean()
+
+    calls = []
+    descriptor = losses.mind_ssc
+    monkeypatch.setattr(losses, "mind_ssc", lambda volume: calls.append(volume) or descriptor(volume))
+    for _ in range(3):  # the two targets alternate, as IO's two directions do
+        for target in targets:
+            value = mind_loss(image, target)
+            torch.testing.assert_close(value, fresh(target), rtol=0, atol=0)
+            torch.testing.assert_close(torch.autograd.grad(value, image)[0],
+                                       torch.autograd.grad(fresh(target), image)[0], rtol=0, atol=0)
+    cached_calls = [c for c in calls if any(c is t for t in targets)]
+    assert len(cached_calls) == 2 + 2 * 3 * 2  # each target once, plus fresh()'s two per check
+    targets[0].pow_(2)  # (a scaling would not do: MIND-SSC is invariant to it)
+    torch.testing.assert_close(mind_loss(image, targets[0]), fresh(targets[0]), rtol=0, atol=0)
+    assert sum(c is targets[0] for c in calls) == 1 + 2 * 3 + 2  # recomputed once after the change
+
+
 def test_checkpointed_unets_give_the_same_gradients():
     from mgr_engine.engine import gradicon_objective
 
