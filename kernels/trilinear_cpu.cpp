@@ -40,7 +40,7 @@ void check(bool condition, const char* message) {
 // layouts, given by `channels_last`: planar (N, K, D', H', W'), or channels-last passed as
 // (N, D', H', W', K), the layout of the engine's maps (a channels-last network's identity
 // grid), which no longer needs a planar copy per call. Element (n, k, p) of an array with K
-// channels is at n * K * points + k * channel_stride(K) + p * point_stride(K).
+// channels is at n * K * points + k * channel_stride() + p * point_stride(K).
 struct Geometry {
     int64_t batch, channels, depth, height, width, coord_batch, points, plane, volume;
     bool channels_last;
@@ -59,7 +59,7 @@ struct Geometry {
         plane = height * width, volume = depth * plane;
     }
 
-    int64_t channel_stride(int64_t k) const { return channels_last ? 1 : points; }
+    int64_t channel_stride() const { return channels_last ? 1 : points; }
     int64_t point_stride(int64_t k) const { return channels_last ? k : 1; }
 
     template <typename T>
@@ -153,8 +153,8 @@ void warp_forward(const Array<T>& image, const Array<T>& coords, Array<T>& out, 
     const T* map = coords.data();
     T* dst = out.mutable_data();
     const T scale[3] = {T(g.depth - 1), T(g.height - 1), T(g.width - 1)};
-    const int64_t map_channel = g.channel_stride(3), map_point = g.point_stride(3);
-    const int64_t out_channel = g.channel_stride(g.channels), out_point = g.point_stride(g.channels);
+    const int64_t map_channel = g.channel_stride(), map_point = g.point_stride(3);
+    const int64_t out_channel = g.channel_stride(), out_point = g.point_stride(g.channels);
 
     py::gil_scoped_release release;
     for (int64_t b = 0; b < g.batch; ++b) {
@@ -204,8 +204,8 @@ void warp_backward(const Array<T>& image, const Array<T>& coords, const Array<T>
     T* gmap = need_coords ? grad_coords.mutable_data() : nullptr;
     const T scale[3] = {T(g.depth - 1), T(g.height - 1), T(g.width - 1)};
     const int64_t item = g.channels * g.volume;
-    const int64_t map_channel = g.channel_stride(3), map_point = g.point_stride(3);
-    const int64_t out_channel = g.channel_stride(g.channels), out_point = g.point_stride(g.channels);
+    const int64_t map_channel = g.channel_stride(), map_point = g.point_stride(3);
+    const int64_t out_channel = g.channel_stride(), out_point = g.point_stride(g.channels);
 
     py::gil_scoped_release release;
     std::vector<T> copies(need_image ? size_t(threads - 1) * size_t(item) : 0);
