@@ -50,6 +50,27 @@ def test_freed_memory_is_reused_and_release_undoes_it():
     assert min(result["released"]) > 30000 and not result["state"]
 
 
+def test_large_blocks_in_other_threads_still_allocate():
+    """With mmap off, a thread's own malloc arena cannot hold a block above 64 MiB; glibc then
+    retries in the main heap. register_many's loader thread reads whole images there."""
+    result = run("""
+        import json, threading
+        import numpy as np
+        from mgr_engine import host_memory
+        assert host_memory.keep_freed_memory()
+        sums = []
+        def work():
+            sums.append(float(torch.ones(40 * 2**20).sum()) + float(np.ones(20 * 2**20, np.float32).sum()))
+        threads = [threading.Thread(target=work) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        print(json.dumps({"sums": sums}))
+    """)
+    assert result["sums"] == [60 * 2**20] * 2
+
+
 @pytest.mark.parametrize("argument,env_value,expected", [
     ("None", None, True), ("None", "0", False), ("False", None, False), ("True", "0", True)])
 def test_cpu_engine_keeps_freed_memory_unless_told_not_to(argument, env_value, expected):
