@@ -6,8 +6,10 @@ glibc serves every allocation above 32 MiB (at 175^3 most tensors of the network
 (the kernel zeroes 4 KiB at a time). Measured at 175^3 on the 2-core CPU, randomized official
 weights: an IO step 37.6 -> 21.7 s and ``Engine.predict_map`` 3.1 -> 1.9 s once freed memory
 stays in the process, at a higher peak (IO 9.8 -> 12.5 GiB, no IO 3.5 -> 4.5 GiB: the heap
-fragments). :func:`keep_freed_memory` makes malloc take large blocks from its heap and keep
-what is freed there; it is process-wide and lasts until :func:`release_freed_memory`.
+fragments: torch asks for 64-byte aligned blocks, for which glibc wants a little more than a
+freed block of the same size, so the heap first grows by a few blocks before freed space is
+reused). :func:`keep_freed_memory` makes malloc take large blocks from its heap and keep what is
+freed there; it is process-wide and lasts until :func:`release_freed_memory`.
 
 :class:`mgr_engine.Engine` calls it on the CPU unless told not to (``cache_host_memory=False``
 or ``MGR_ENGINE_CACHE_HOST_MEMORY=0``). Elsewhere than glibc (macOS, musl) both are no-ops.

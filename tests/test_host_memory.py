@@ -38,15 +38,18 @@ def test_freed_memory_is_reused_and_release_undoes_it():
         from mgr_engine import host_memory, release_host_memory
         default = faults_of_a_new_tensor()
         assert host_memory.keep_freed_memory()
-        faults_of_a_new_tensor()  # grows the heap once
-        kept = faults_of_a_new_tensor()
+        kept = [faults_of_a_new_tensor() for _ in range(10)]
         release_host_memory()
         released = [faults_of_a_new_tensor() for _ in range(2)]
         print(json.dumps({"default": default, "kept": kept, "released": released,
                           "state": host_memory.keeping_freed_memory()}))
     """)
     assert result["default"] > 30000  # glibc maps a block this large anew each time
-    assert result["kept"] < 1000
+    # The heap grows first, by one to five blocks: torch asks for 64-byte alignment, glibc's
+    # memalign wants a little more than the freed block, and small objects allocated between the
+    # blocks keep it from merging until enough free space has gathered (measured, 10 runs).
+    # From then on the same pages are reused.
+    assert result["kept"][0] > 30000 and max(result["kept"][-3:]) < 1000
     assert min(result["released"]) > 30000 and not result["state"]
 
 
