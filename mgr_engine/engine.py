@@ -18,7 +18,7 @@ from torch import nn
 
 from . import host_memory, itk_io
 from .errors import CheckpointError, InvalidOptionError, MgrEngineError, WeightsNotFoundError
-from .losses import gradicon_regularizer, similarity_by_name
+from .losses import gradicon_regularizer, similarity_by_name, with_constant_targets
 from .model import (GradICONNetwork, NetworkConfig, evaluate_map, fold_batchnorm, load_official_state_dict, map_on_grid,
                     read_safetensors)
 from .ops import warp
@@ -154,10 +154,10 @@ class Engine:
             them: less memory (9.9 -> 5.6 GiB per step at 175^3 on the CPU), more time (+55%).
         cache_host_memory: on the CPU, keep freed host memory in the process for reuse instead
             of returning it to the system after each large tensor (:mod:`mgr_engine.host_memory`,
-            glibc only; process-wide): at 175^3 an IO step 1.7x and ``predict_map`` 1.6x faster,
-            for a higher peak (IO 9.8 -> 12.5 GiB). ``None`` (default): on for a CPU engine
-            unless ``MGR_ENGINE_CACHE_HOST_MEMORY=0``. :func:`mgr_engine.release_host_memory`
-            undoes it.
+            glibc only; process-wide): at 175^3 an IO step and ``predict_map`` 1.6x faster, for a
+            higher peak (IO 10.5 -> 12.6 GiB; ``benchmarks/bench_host_memory.py``). ``None``
+            (default): on for a CPU engine unless ``MGR_ENGINE_CACHE_HOST_MEMORY=0``.
+            :func:`mgr_engine.release_host_memory` undoes it.
     """
 
     def __init__(self, model: str = "multigradicon", weights=None, device=None, *, config: NetworkConfig | None = None,
@@ -265,7 +265,7 @@ class Engine:
             raise InvalidOptionError("instance optimization needs iterations >= 1 (use predict_map for none)")
         if not lr > 0:
             raise InvalidOptionError(f"io_lr must be positive, got {lr}")
-        sim = similarity_by_name(similarity)
+        sim = with_constant_targets(similarity_by_name(similarity))
         net = self.network
         moving, fixed = moving.to(self.device), fixed.to(self.device)
         masks = {

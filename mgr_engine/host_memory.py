@@ -3,13 +3,15 @@ behaves on the GPU.
 
 glibc serves every allocation above 32 MiB (at 175^3 most tensors of the network) by a fresh
 ``mmap`` and returns it to the system on free, so each new tensor is paid again in page faults
-(the kernel zeroes 4 KiB at a time). Measured at 175^3 on the 2-core CPU, randomized official
-weights: an IO step 37.6 -> 21.7 s and ``Engine.predict_map`` 3.1 -> 1.9 s once freed memory
-stays in the process, at a higher peak (IO 9.8 -> 12.5 GiB, no IO 3.5 -> 4.5 GiB: the heap
-fragments: torch asks for 64-byte aligned blocks, for which glibc wants a little more than a
-freed block of the same size, so the heap first grows by a few blocks before freed space is
-reused). :func:`keep_freed_memory` makes malloc take large blocks from its heap and keep what is
-freed there; it is process-wide and lasts until :func:`release_freed_memory`.
+(the kernel zeroes 4 KiB at a time). Measured at 175^3 on the 2-core AMD CPU, randomized
+official weights (``benchmarks/bench_host_memory.py``): ``Engine.predict_map`` 3.15 -> 1.97 s
+and an IO step with the final forward 42.8 -> 26.8 s once freed memory stays in the process, at
+a higher peak (after IO 10.5 -> 12.6 GiB, after no IO 2.6 -> 2.9 GiB). The heap fragments:
+torch asks for 64-byte aligned blocks, for which glibc wants a little more than a freed block of
+the same size, so the heap first grows by a few blocks before freed space is reused.
+
+:func:`keep_freed_memory` makes malloc take large blocks from its heap and keep what is freed
+there; it is process-wide and lasts until :func:`release_freed_memory`.
 
 :class:`mgr_engine.Engine` calls it on the CPU unless told not to (``cache_host_memory=False``
 or ``MGR_ENGINE_CACHE_HOST_MEMORY=0``). Elsewhere than glibc (macOS, musl) both are no-ops.

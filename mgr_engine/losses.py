@@ -8,7 +8,6 @@ then averaged over samples).
 from __future__ import annotations
 
 import functools
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -151,33 +150,27 @@ def mind_ssc(image: torch.Tensor, radius: int = 2, dilation: int = 2) -> torch.T
     return torch.exp(-mind / variance)
 
 
-# Instance optimization compares with the same two images at every step: their descriptors are
-# kept (0.7 s each at 175^3 on the CPU, twice a step). Keyed by the tensor itself (a weak
-# reference) and its version counter, so an in-place change recomputes; the two most recent only.
-_TARGET_DESCRIPTORS: dict = {}
-_TARGETS_KEPT = 2
-
-
-def _target_descriptor(target: torch.Tensor) -> torch.Tensor:
-    """``mind_ssc(target)`` for a target nobody differentiates, computed once per tensor and version."""
-    if target.requires_grad or target.is_inference():
-        return mind_ssc(target)
-    entry = _TARGET_DESCRIPTORS.get(id(target))
-    if entry is not None and entry[0]() is target and entry[1] == target._version:
-        return entry[2]
-    with torch.no_grad():
-        descriptor = mind_ssc(target)
-    _TARGET_DESCRIPTORS.pop(id(target), None)
-    while len(_TARGET_DESCRIPTORS) >= _TARGETS_KEPT:
-        _TARGET_DESCRIPTORS.pop(next(iter(_TARGET_DESCRIPTORS)))
-    _TARGET_DESCRIPTORS[id(target)] = (weakref.ref(target), target._version, descriptor)
-    return descriptor
-
-
 def mind_loss(image, target, mask=None):
-    """Mean squared difference of MIND-SSC descriptors (radius 2, dilation 2); the target's
-    descriptor is computed once for repeated calls with the same tensor (IO's steps)."""
-    return masked_mean((mind_ssc(image) - _target_descriptor(target)) ** 2, mask)
+    """Mean squared difference of MIND-SSC descriptors (radius 2, dilation 2)."""
+    return masked_mean((mind_ssc(image) - mind_ssc(target)) ** 2, mask)
+
+
+def with_constant_targets(similarity):
+    """``similarity`` for a run whose targets do not change (IO's steps compare with the same two
+    images): MIND-SSC's target descriptors (0.7 s each at 175^3 on the CPU, twice a step) are
+    computed once per target tensor, for as long as the returned function lives. Other
+    similarities are returned as they are."""
+    if similarity is not mind_loss:
+        return similarity
+    descriptors = {}  # id(target) -> (target, its descriptor); the target is held, so its id stays its own
+
+    def loss(image, target, mask=None):
+        if id(target) not in descriptors:
+            with torch.no_grad():
+                descriptors[id(target)] = (target, mind_ssc(target))
+        return masked_mean((mind_ssc(image) - descriptors[id(target)][1]) ** 2, mask)
+
+    return loss
 
 
 SIMILARITIES = {"lncc": lncc_loss, "lncc2": lncc2_loss, "mind": mind_loss}

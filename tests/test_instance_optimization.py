@@ -132,9 +132,10 @@ def test_mind_patch_mean_is_avg_pool_of_replicated_edges(shape):
     torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-14)
 
 
-def test_mind_target_descriptor_is_computed_once_per_tensor_and_version(monkeypatch):
-    """IO's steps compare with the same two targets: their MIND-SSC descriptors are kept. Same
-    values and gradients as computed afresh; an in-place change of the target recomputes."""
+def test_mind_target_descriptor_is_computed_once_per_target_in_a_run(monkeypatch):
+    """IO's steps compare with the same two targets: within one run (with_constant_targets) their
+    MIND-SSC descriptors are computed once. Same values and gradients as computed afresh; a new
+    run computes them again; other similarities are left as they are."""
     from mgr_engine import losses
 
     image = torch.from_numpy(smooth_volume((12, 14, 10), 3))[None, None].double().requires_grad_()
@@ -146,17 +147,36 @@ def test_mind_target_descriptor_is_computed_once_per_tensor_and_version(monkeypa
     calls = []
     descriptor = losses.mind_ssc
     monkeypatch.setattr(losses, "mind_ssc", lambda volume: calls.append(volume) or descriptor(volume))
+    run = losses.with_constant_targets(mind_loss)
     for _ in range(3):  # the two targets alternate, as IO's two directions do
         for target in targets:
-            value = mind_loss(image, target)
+            value = run(image, target)
             torch.testing.assert_close(value, fresh(target), rtol=0, atol=0)
             torch.testing.assert_close(torch.autograd.grad(value, image)[0],
                                        torch.autograd.grad(fresh(target), image)[0], rtol=0, atol=0)
     cached_calls = [c for c in calls if any(c is t for t in targets)]
     assert len(cached_calls) == 2 + 2 * 3 * 2  # each target once, plus fresh()'s two per check
-    targets[0].pow_(2)  # (a scaling would not do: MIND-SSC is invariant to it)
-    torch.testing.assert_close(mind_loss(image, targets[0]), fresh(targets[0]), rtol=0, atol=0)
-    assert sum(c is targets[0] for c in calls) == 1 + 2 * 3 + 2  # recomputed once after the change
+    targets[0].pow_(2)  # a new run sees the change (a scaling would not do: MIND-SSC is invariant to it)
+    torch.testing.assert_close(losses.with_constant_targets(mind_loss)(image, targets[0]), fresh(targets[0]),
+                               rtol=0, atol=0)
+    assert sum(c is targets[0] for c in calls) == 1 + 2 * 3 + 2  # computed again by the new run
+    assert losses.with_constant_targets(lncc2_loss) is lncc2_loss
+
+
+def test_instance_optimization_computes_each_mind_target_once(monkeypatch):
+    from mgr_engine import losses
+
+    net = random_network((72, 72, 72), narrow=True, seed=5)
+    engine = Engine(weights=official_state_dict(net), config=net.config, device="cpu")
+    moving = torch.from_numpy(smooth_volume((72, 72, 72), 1))[None, None]
+    fixed = torch.from_numpy(smooth_volume((72, 72, 72), 2))[None, None]
+    calls = []
+    descriptor = losses.mind_ssc
+    monkeypatch.setattr(losses, "mind_ssc", lambda volume: calls.append(volume) or descriptor(volume))
+    engine.instance_optimize(moving, fixed, iterations=2, similarity="mind", progress=False)
+    on_targets = [c for c in calls if c.data_ptr() in (moving.data_ptr(), fixed.data_ptr())]
+    assert len(on_targets) == 2  # three objective evaluations, two directions: once per target
+    assert len(calls) == 2 + 3 * 2  # and the warped images at every evaluation
 
 
 def test_checkpointed_unets_give_the_same_gradients():
