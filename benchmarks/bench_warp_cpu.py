@@ -4,7 +4,7 @@
 Per op at full size (175^3 by default), for each thread count: median time of the warp of a
 1-channel image (zero padding) and of the map composition (3-channel field, border padding),
 forward alone and forward + backward (the gradients IO needs: to the map; to the field and
-the map), PyTorch (``kernel_mode("torch")``) against C++ (``kernel_mode("cpp")``), and the
+the map; the latter also at the regularizer's half-resolution points), PyTorch (``kernel_mode("torch")``) against C++ (``kernel_mode("cpp")``), and the
 memory each call allocates (torch.profiler's CPU memory events). End to end, with randomized
 weights of the official architecture: ``Engine.predict_map`` (no IO: every warp and
 composition of the TwoStep/DownSample nesting), warm median, and one IO step (forward and
@@ -72,12 +72,17 @@ def op_rows(shape, threads_list, repeats):
     image = torch.rand(1, 1, *shape, generator=gen)
     field = (0.02 * torch.randn(1, 3, *shape, generator=gen)).requires_grad_()
     coords = (ops.identity_map(shape) + 0.02 * torch.randn(1, 3, *shape, generator=gen)).requires_grad_()
+    # The GradICON regularizer samples the full-resolution fields at every second grid point.
+    half = tuple((n + 1) // 2 for n in shape)
+    half_coords = (ops.identity_map(half) + 0.02 * torch.randn(1, 3, *half, generator=gen)).requires_grad_()
     cases = {
         "warp (1 channel, zeros)": lambda: ops.warp(image, coords.detach(), "zeros"),
         "compose_maps (3 channels, border)": lambda: ops.compose_maps(field.detach(), coords.detach()),
         "warp + backward (to the map)": lambda: torch.autograd.grad(ops.warp(image, coords, "zeros").sum(), coords),
         "compose_maps + backward (to field and map)":
             lambda: torch.autograd.grad(ops.compose_maps(field, coords).sum(), (field, coords)),
+        "compose_maps + backward at half-resolution points":
+            lambda: torch.autograd.grad(ops.compose_maps(field, half_coords).sum(), (field, half_coords)),
     }
     rows = []
     for threads in threads_list:

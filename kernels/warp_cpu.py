@@ -22,11 +22,6 @@ try:
 except ImportError:  # not compiled (no C++ compiler at install time)
     _trilinear_cpu = None
 
-# The image gradient is a scatter, summed in one private copy of the image per thread: more
-# threads than this would cost more memory (one image each) than they save time.
-BACKWARD_MAX_THREADS = 8
-
-
 def available() -> bool:
     """Whether the C++ extension was built."""
     return _trilinear_cpu is not None
@@ -80,13 +75,10 @@ class TrilinearWarpCPU(torch.autograd.Function):
         grad_image = torch.empty_like(image) if need_image else empty
         grad_coords = (torch.empty(coords.shape, dtype=coords.dtype, memory_format=_layout(channels_last))
                        if need_coords else empty)
-        threads = torch.get_num_threads()
-        if need_image:
-            threads = min(threads, BACKWARD_MAX_THREADS)
         _trilinear_cpu.warp_trilinear_backward(
             image.numpy(), _as_array(coords, channels_last), _as_array(grad_out, channels_last), grad_image.numpy(),
             _as_array(grad_coords, channels_last) if need_coords else empty.numpy(), need_image, need_coords,
-            ctx.border, channels_last, threads)
+            ctx.border, channels_last, torch.get_num_threads())
         return (grad_image if need_image else None), (grad_coords if need_coords else None), None
 
 
