@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from mgr_engine.ops import is_channels_last
+
 try:
     from mgr_engine import _trilinear_cpu
 except ImportError:  # not compiled (no C++ compiler at install time)
@@ -31,13 +33,6 @@ def supports(image: torch.Tensor, coords: torch.Tensor) -> bool:
     """Whether :func:`warp_cpu` handles these arguments: CPU tensors, both float32 or both float64."""
     return (image.device.type == "cpu" and coords.device.type == "cpu"
             and image.dtype == coords.dtype and image.dtype in (torch.float32, torch.float64))
-
-
-def _is_channels_last(coords: torch.Tensor) -> bool:
-    """Whether ``coords`` is channels-last and not also contiguous (the engine's maps are: the
-    network runs channels-last, identity grid included). The kernel then reads it, and writes the
-    output, in that layout instead of a planar copy."""
-    return not coords.is_contiguous() and coords.is_contiguous(memory_format=torch.channels_last_3d)
 
 
 def _layout(channels_last: bool):
@@ -55,7 +50,9 @@ class TrilinearWarpCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, image, coords, border):
         image, coords = image.detach().contiguous(), coords.detach()  # .numpy() wants no autograd
-        channels_last = _is_channels_last(coords)
+        # The engine's maps are channels-last (its network is, identity grid included): the
+        # kernel then reads them, and writes its output, in that layout instead of a planar copy.
+        channels_last = is_channels_last(coords)
         out = torch.empty((image.shape[0], image.shape[1], *coords.shape[2:]), dtype=image.dtype,
                           memory_format=_layout(channels_last))
         _trilinear_cpu.warp_trilinear(image.numpy(), _as_array(coords, channels_last), _as_array(out, channels_last),

@@ -36,7 +36,7 @@ from torch import nn
 
 from .errors import CheckpointError
 from .kernels import decoder_cpu
-from .ops import compose_maps, identity_map, use_cpp_decoder, warp
+from .ops import compose_maps, identity_map, is_channels_last, use_cpp_decoder, warp
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,11 @@ class UNet(nn.Module):
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         x = torch.cat([moving, fixed], 1)
+        if is_channels_last(self.lastConv.weight):
+            # The first skip in the network's layout: planar, it made the last level's
+            # concatenation and the last convolution's input planar copies at full resolution
+            # (0.79 -> 0.73 s for a full-resolution U-Net forward in IO, 2 CPU cores).
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         skips = []
         for conv in self.downConvs:
             skips.append(x)

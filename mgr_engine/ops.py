@@ -110,6 +110,12 @@ def use_cpp_decoder(y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None
     return _cpp_kernels_allowed(y, x, scale, skip) and decoder_cpu.supports(y, x, scale, skip)
 
 
+def is_channels_last(tensor: torch.Tensor) -> bool:
+    """Whether a 5-D ``tensor`` is channels-last and not also contiguous (one channel, or one
+    voxel, is both): the layout the engine runs its network in."""
+    return not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last_3d)
+
+
 def identity_map(shape, *, dtype=torch.float32, device=None) -> torch.Tensor:
     """Identity map ``(1, 3, *shape)``; coordinate i / (n - 1) is rounded from float64
     so it equals the reference's numpy-built map bit for bit."""
