@@ -68,10 +68,23 @@ def box_matrix(n: int, radius: int, dtype=torch.float32, device=None):
     return counts / (2 * radius + 1)
 
 
-def lncc_map(image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Local normalized cross-correlation under a Gaussian window (sigma 5, 21 taps)."""
-    moments = gaussian_blur(torch.cat([image, target, image * image, target * target, image * target], dim=1))
-    mean_i, mean_j, mean_ii, mean_jj, mean_ij = moments.chunk(5, dim=1)
+def target_moments(target: torch.Tensor):
+    """The window means of ``target`` and ``target^2`` that :func:`lncc_map` needs of it."""
+    return gaussian_blur(torch.cat([target, target * target], dim=1)).chunk(2, dim=1)
+
+
+def lncc_map(image: torch.Tensor, target: torch.Tensor, moments_of_target=None) -> torch.Tensor:
+    """Local normalized cross-correlation under a Gaussian window (sigma 5, 21 taps).
+
+    ``moments_of_target``: :func:`target_moments` of ``target`` where the caller has them
+    (IO compares with the same target at every step): three window means to compute, not five.
+    """
+    if moments_of_target is None:
+        moments = gaussian_blur(torch.cat([image, target, image * image, target * target, image * target], dim=1))
+        mean_i, mean_j, mean_ii, mean_jj, mean_ij = moments.chunk(5, dim=1)
+    else:
+        mean_j, mean_jj = moments_of_target
+        mean_i, mean_ii, mean_ij = gaussian_blur(torch.cat([image, image * image, image * target], dim=1)).chunk(3, dim=1)
     var_i = torch.relu(mean_ii - mean_i**2) + 1e-5
     var_j = torch.relu(mean_jj - mean_j**2) + 1e-5
     return (mean_ij - mean_i * mean_j) / torch.sqrt(var_i * var_j)
@@ -88,22 +101,24 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch
     return (totals / counts).mean().to(values.dtype)
 
 
-def lncc_loss(image, target, mask=None):
-    """1 - LNCC (uniGradICON's similarity: assumes locally positive correlation)."""
+def lncc_loss(image, target, mask=None, *, moments_of_target=None):
+    """1 - LNCC (uniGradICON's similarity: assumes locally positive correlation).
+    ``moments_of_target``: see :func:`lncc_map` (the Triton kernel computes its own)."""
     if use_triton(image):
         from .kernels.lncc import lncc_loss as triton_lncc
 
         return triton_lncc(image, target, mask)
-    return 1 - masked_mean(lncc_map(image, target), mask)
+    return 1 - masked_mean(lncc_map(image, target, moments_of_target), mask)
 
 
-def lncc2_loss(image, target, mask=None):
-    """1 - LNCC^2 (multiGradICON's similarity: indifferent to the sign of the correlation)."""
+def lncc2_loss(image, target, mask=None, *, moments_of_target=None):
+    """1 - LNCC^2 (multiGradICON's similarity: indifferent to the sign of the correlation).
+    ``moments_of_target``: see :func:`lncc_map` (the Triton kernel computes its own)."""
     if use_triton(image):
         from .kernels.lncc import lncc2_loss as triton_lncc2
 
         return triton_lncc2(image, target, mask)
-    return 1 - masked_mean(lncc_map(image, target) ** 2, mask)
+    return 1 - masked_mean(lncc_map(image, target, moments_of_target) ** 2, mask)
 
 
 # MIND-SSC: the six face neighbours (offsets in voxels, times the dilation) ...
@@ -157,20 +172,23 @@ def mind_loss(image, target, mask=None):
 
 def with_constant_targets(similarity):
     """``similarity`` for a run whose targets do not change (IO's steps compare with the same two
-    images): MIND-SSC's target descriptors (0.7 s each at 175^3 on the CPU, twice a step) are
-    computed once per target tensor, for as long as the returned function lives. Other
-    similarities are returned as they are."""
-    if similarity is not mind_loss:
-        return similarity
-    descriptors = {}  # id(target) -> (target, its descriptor); the target is held, so its id stays its own
+    images): what it computes of the target alone is computed once per target tensor, for as long
+    as the returned function lives. MIND-SSC: the target's descriptor (0.7 s at 175^3 on the
+    CPU, twice a step); LNCC and LNCC^2 on the PyTorch path: the target's two window means."""
+    cached = {}  # id(target) -> (target, what was computed); the target is held, so its id stays its own
 
-    def loss(image, target, mask=None):
-        if id(target) not in descriptors:
+    def of_target(compute, target):
+        if id(target) not in cached:
             with torch.no_grad():
-                descriptors[id(target)] = (target, mind_ssc(target))
-        return masked_mean((mind_ssc(image) - descriptors[id(target)][1]) ** 2, mask)
+                cached[id(target)] = (target, compute(target))
+        return cached[id(target)][1]
 
-    return loss
+    if similarity is mind_loss:
+        return lambda image, target, mask=None: masked_mean((mind_ssc(image) - of_target(mind_ssc, target)) ** 2, mask)
+    if similarity in (lncc_loss, lncc2_loss):
+        return lambda image, target, mask=None: similarity(
+            image, target, mask, moments_of_target=None if use_triton(image) else of_target(target_moments, target))
+    return similarity
 
 
 SIMILARITIES = {"lncc": lncc_loss, "lncc2": lncc2_loss, "mind": mind_loss}

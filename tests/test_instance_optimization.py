@@ -160,7 +160,35 @@ def test_mind_target_descriptor_is_computed_once_per_target_in_a_run(monkeypatch
     torch.testing.assert_close(losses.with_constant_targets(mind_loss)(image, targets[0]), fresh(targets[0]),
                                rtol=0, atol=0)
     assert sum(c is targets[0] for c in calls) == 1 + 2 * 3 + 2  # computed again by the new run
-    assert losses.with_constant_targets(lncc2_loss) is lncc2_loss
+
+
+@pytest.mark.parametrize("name", ["lncc", "lncc2"])
+def test_lncc_target_moments_are_computed_once_per_target_in_a_run(monkeypatch, name):
+    """LNCC's window means of the target (blur(J), blur(J^2)) are computed once per target in a
+    run: values and gradients as computed afresh (in float64, to rounding: the blurs are batched
+    differently), with or without a mask; a new run computes them again."""
+    from mgr_engine import losses
+
+    similarity = losses.similarity_by_name(name)
+    image = torch.from_numpy(smooth_volume((12, 14, 10), 3))[None, None].double().requires_grad_()
+    targets = [torch.from_numpy(smooth_volume((12, 14, 10), seed))[None, None].double() for seed in (4, 5)]
+    mask = torch.rand(1, 1, 12, 14, 10, generator=torch.Generator().manual_seed(6)) > 0.5
+    calls = []
+    moments = losses.target_moments
+    monkeypatch.setattr(losses, "target_moments", lambda target: calls.append(target) or moments(target))
+    run = losses.with_constant_targets(similarity)
+    for _ in range(3):  # the two targets alternate, as IO's two directions do
+        for target in targets:
+            for m in (None, mask):
+                value, expected = run(image, target, m), similarity(image, target, m)
+                torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-14)
+                torch.testing.assert_close(torch.autograd.grad(value, image)[0],
+                                           torch.autograd.grad(expected, image)[0], rtol=1e-10, atol=1e-14)
+    assert [id(c) for c in calls] == [id(t) for t in targets]
+    targets[0].pow_(2)
+    torch.testing.assert_close(losses.with_constant_targets(similarity)(image, targets[0]),
+                               similarity(image, targets[0]), rtol=1e-12, atol=1e-14)
+    assert len(calls) == 3
 
 
 def test_instance_optimization_computes_each_mind_target_once(monkeypatch):
