@@ -2,10 +2,12 @@
 concern, as the project's layout asks) but install as ``mgr_engine.kernels`` and
 ``mgr_engine.export`` so that users import a single package.
 
-The C++ trilinear warp (``kernels/trilinear_cpu.cpp`` -> ``mgr_engine._trilinear_cpu``) is
-built through pybind11 (a build requirement in pyproject.toml) with OpenMP. It is optional:
-where it does not compile, the install goes on and the engine uses PyTorch's warp.
-``MGR_ENGINE_BUILD_CPP=0`` skips it (a GPU session's install, where the CPU warp is unused).
+The C++ kernels (``kernels/trilinear_cpu.cpp`` -> ``mgr_engine._trilinear_cpu``: the warp and
+the decoder's epilogue; ``kernels/last_conv_cpu.cpp`` -> ``mgr_engine._last_conv_cpu``: the
+U-Net's last convolution) are built through pybind11 (a build requirement in pyproject.toml)
+with OpenMP. They are optional: where they do not compile, the install goes on and the engine
+uses PyTorch's ops. ``MGR_ENGINE_BUILD_CPP=0`` skips them (a GPU session's install, where the
+CPU kernels are unused).
 """
 
 import os
@@ -24,8 +26,9 @@ def cpp_extensions():
         print("mgr_engine: pybind11 not found, the C++ warp is not built", file=sys.stderr)
         return []
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]  # Apple clang has no -fopenmp
-    return [Pybind11Extension("mgr_engine._trilinear_cpu", ["kernels/trilinear_cpu.cpp"], cxx_std=17, optional=True,
-                              extra_compile_args=["-O3", *openmp], extra_link_args=openmp)]
+    return [Pybind11Extension(f"mgr_engine._{name}", [f"kernels/{name}.cpp"], cxx_std=17, optional=True,
+                              extra_compile_args=["-O3", *openmp], extra_link_args=openmp)
+            for name in ("trilinear_cpu", "last_conv_cpu")]
 
 
 setup(

@@ -35,8 +35,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .errors import CheckpointError
-from .kernels import decoder_cpu
-from .ops import compose_maps, identity_map, is_channels_last, use_cpp_decoder, warp
+from .kernels import decoder_cpu, last_conv_cpu
+from .ops import compose_maps, identity_map, is_channels_last, use_cpp_decoder, use_cpp_last_conv, warp
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,8 @@ class UNet(nn.Module):
                 x = norm(y + _upsampled(x, y.shape[1]))
             x = x[:, :, : skip.shape[2], : skip.shape[3], : skip.shape[4]]
             x = torch.cat([x, skip], 1)
+        if use_cpp_last_conv(x, self.lastConv):  # planar output
+            return last_conv_cpu.last_conv(x, self.lastConv.weight, self.lastConv.bias) / 10
         # Contiguous: the field feeds many warps, which read (B, 3, D, H, W) in that layout (one
         # copy here rather than one saved per warp when the network runs channels-last).
         return (self.lastConv(x) / 10).contiguous()

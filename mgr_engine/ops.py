@@ -110,6 +110,17 @@ def use_cpp_decoder(y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None
     return _cpp_kernels_allowed(y, x, scale, skip) and decoder_cpu.supports(y, x, scale, skip)
 
 
+def use_cpp_last_conv(x: torch.Tensor, conv: torch.nn.Conv3d) -> bool:
+    """Whether a U-Net's last convolution ``conv`` (3x3x3, padding 1, 3 outputs) runs in C++
+    on ``x`` under the current mode (:mod:`mgr_engine.kernels.last_conv_cpu`, CPU tensors)."""
+    from .kernels import last_conv_cpu
+
+    # x alone for the tracer check: the weights are Parameters, a subclass that is not traced.
+    return (_cpp_kernels_allowed(x) and last_conv_cpu.supports(x, conv.weight, conv.bias)
+            and conv.stride == (1, 1, 1) and conv.padding == (1, 1, 1) and conv.dilation == (1, 1, 1)
+            and conv.groups == 1 and conv.padding_mode == "zeros")
+
+
 def is_channels_last(tensor: torch.Tensor) -> bool:
     """Whether a 5-D ``tensor`` is channels-last and not also contiguous (one channel, or one
     voxel, is both): the layout the engine runs its network in."""

@@ -61,13 +61,16 @@ def smooth_volume(shape, seed=0, blobs=6) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def require_cpp_extension() -> None:
-    """At a test module's top: skip it where mgr_engine._trilinear_cpu was not built, or fail
-    under ``MGR_ENGINE_REQUIRE_CPP=1`` (set by ``make test``), where a missing build must not hide."""
+def require_cpp_extension(kernel=None) -> None:
+    """At a test module's top: skip it where the C++ extension of ``kernel`` (a module of
+    mgr_engine.kernels with ``available()``; default the warp's) was not built, or fail under
+    ``MGR_ENGINE_REQUIRE_CPP=1`` (set by ``make test``), where a missing build must not hide."""
     from mgr_engine.kernels import warp_cpu
 
-    if warp_cpu.available():
+    kernel = kernel or warp_cpu
+    if kernel.available():
         return
     if os.environ.get("MGR_ENGINE_REQUIRE_CPP") == "1":
-        pytest.fail("mgr_engine._trilinear_cpu was not built (pip install -e . with a C++ compiler)", pytrace=False)
+        pytest.fail(f"the C++ extension of {kernel.__name__} was not built (pip install -e . with a C++ compiler)",
+                    pytrace=False)
     pytest.skip("the C++ extension was not built", allow_module_level=True)

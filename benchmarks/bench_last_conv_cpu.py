@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""The C++ last convolution of the U-Nets (kernels/last_conv_cpu.py) against ``F.conv3d`` on the CPU.
+
+Per op, at the full-resolution U-Nets' size (18 -> 3 channels at 175^3 by default) and the
+half-resolution one's: median time and allocated memory of the forward and of forward +
+backward (gradients to input, weight and bias), PyTorch (oneDNN) against C++, channels-last
+inputs as the engine's network has them. End to end, with randomized official weights, in one
+process: ``Engine.predict_map`` (no IO, warm median) and one IO call (``instance_optimize`` with
+one step: forward + backward of the GradICON objective, an Adam step, the final forward), with
+every C++ kernel, and with every C++ kernel but this one.
+
+    .venv/bin/python benchmarks/bench_last_conv_cpu.py
+    .venv/bin/python benchmarks/bench_last_conv_cpu.py --shape 96 96 96 --repeats 3   # quick
+
+Needs no itk. Times on a shared machine are noisy: compare the ratios of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import platform
+import sys
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
+
+from bench_kernels import timed  # noqa: E402  (median after two warm-ups)
+from bench_warp_cpu import allocated_mib  # noqa: E402
+
+from mgr_engine import model  # noqa: E402
+from mgr_engine.kernels import last_conv_cpu  # noqa: E402
+
+
+def op_rows(shape, cin, repeats):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, cin, *shape, generator=gen).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    weight = (0.1 * torch.randn(3, cin, 3, 3, 3, generator=gen)).requires_grad_()
+    bias = torch.randn(3, generator=gen).requires_grad_()
+    grad_out = torch.randn(1, 3, *shape, generator=gen)
+    rows = []
+    for name, op in (("PyTorch", last_conv_cpu.reference), ("C++", last_conv_cpu.last_conv)):
+        def forward():
+            with torch.no_grad():
+                return op(x, weight, bias)
+
+        def forward_backward():
+            return torch.autograd.grad(op(x, weight, bias), (x, weight, bias), grad_out)
+
+        rows.append((name, timed(forward, "cpu", repeats), timed(forward_backward, "cpu", repeats),
+                     allocated_mib(forward), allocated_mib(forward_backward), forward(), forward_backward()))
+    (_, *ref), (_, *ours) = rows
+    out_difference = float((ours[4] - ref[4]).abs().max())
+    grad_difference = max(float((a - b).norm() / b.norm()) for a, b in zip(ours[5], ref[5]))
+    return ref, ours, out_difference, grad_difference
+
+
+def end_to_end(shape, repeats):
+    from helpers import random_network, smooth_volume
+
+    from mgr_engine import Engine
+
+    net = random_network(shape, seed=1, displacement_scale=0.3)
+    engine = Engine(weights=model.official_state_dict(net), config=net.config, device="cpu")
+    moving = torch.from_numpy(smooth_volume(shape, 1))[None, None]
+    fixed = torch.from_numpy(smooth_volume(shape, 2))[None, None]
+    results = {}
+    for label, patch in (("without", mock.patch.object(model, "use_cpp_last_conv", lambda *args: False)),
+                         ("with", contextlib.nullcontext())):
+        with patch:
+            predict = timed(lambda: engine.predict_map(moving, fixed), "cpu", repeats)
+            io = timed(lambda: engine.instance_optimize(moving, fixed, iterations=1, progress=False), "cpu",
+                       max(1, repeats // 2))
+            phi = engine.predict_map(moving, fixed)
+        results[label] = predict, io, phi
+    voxels = torch.tensor(shape).view(1, 3, 1, 1, 1) - 1
+    difference = float(((results["with"][2] - results["without"][2]) * voxels).abs().max())
+    return results["without"][:2], results["with"][:2], difference
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", type=int, nargs=3, default=(175, 175, 175))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-end-to-end", action="store_true")
+    args = parser.parse_args(argv)
+    if not last_conv_cpu.available():
+        sys.exit("mgr_engine._last_conv_cpu was not built: pip install -e . with a C++ compiler")
+    shape = tuple(args.shape)
+    config = model.NetworkConfig(input_shape=shape)
+    cin = config.down_channels[0] + config.up_channels[0]
+    half = tuple((n + 1) // 2 for n in shape)
+    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"median of {args.repeats}\n")
+    print("| last conv (Cin -> 3) | forward PyTorch | forward C++ | speed-up | forward + backward PyTorch "
+          "| forward + backward C++ | speed-up | allocated PyTorch (f+b) | allocated C++ (f+b) | difference |")
+    print("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+    for grid in (shape, half):
+        ref, ours, out_diff, grad_diff = op_rows(grid, cin, args.repeats)
+        print(f"| {cin} -> 3 at {grid} | {ref[0] * 1e3:.0f} ms | {ours[0] * 1e3:.0f} ms | {ref[0] / ours[0]:.2f}x "
+              f"| {ref[1] * 1e3:.0f} ms | {ours[1] * 1e3:.0f} ms | {ref[1] / ours[1]:.2f}x | {ref[3]:.0f} MiB "
+              f"| {ours[3]:.0f} MiB | {out_diff:.1e} / {grad_diff:.1e} |")
+    print("(difference: output, largest absolute / gradients, largest relative L2)")
+    if not args.skip_end_to_end:
+        (p0, io0), (p1, io1), difference = end_to_end(shape, max(2, args.repeats // 2))
+        print(f"\nEngine.predict_map (no IO): PyTorch last conv {p0:.2f} s, C++ {p1:.2f} s ({p0 / p1:.2f}x); "
+              f"maps differ by at most {difference:.1e} voxel")
+        print(f"IO call with one step (objective forward + backward, Adam step, final forward): PyTorch last conv "
+              f"{io0:.1f} s, C++ {io1:.1f} s ({io0 / io1:.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""The U-Net's last convolution on the CPU in C++ with OpenMP, forward and backward.
+
+Each U-Net ends in ``Conv3d(Cin, 3, kernel_size=3, padding=1)``: the displacement. oneDNN,
+torch's CPU convolution, blocks output channels by 16, so with 3 it does about five times the
+arithmetic; at 175^3 this one layer took 0.24 s forward and 0.52 s backward of a
+full-resolution U-Net (2 cores), as much as the rest of its forward. The extension
+``mgr_engine._last_conv_cpu`` (``kernels/last_conv_cpu.cpp``, built by ``setup.py``) computes
+it vectorized along x, for a channels-last input (the engine's layout), with a planar output
+(the layout the warps read the field in, so the network's last ``.contiguous()`` has nothing
+left to do), and its gradients with respect to the input and the weight.
+
+Reference: :func:`reference` (``F.conv3d``); test: ``tests/test_kernels_last_conv_cpu.py``;
+benchmark: ``benchmarks/bench_last_conv_cpu.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+try:
+    from mgr_engine import _last_conv_cpu
+except ImportError:  # not compiled (no C++ compiler at install time)
+    _last_conv_cpu = None
+
+CHANNELS_LAST = torch.channels_last_3d
+
+
+def available() -> bool:
+    """Whether the C++ extension was built."""
+    return _last_conv_cpu is not None
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The op in PyTorch: ``F.conv3d(x, weight, bias, padding=1)``."""
+    return F.conv3d(x, weight, bias, padding=1)
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether :func:`last_conv` takes these: CPU tensors of one dtype (float32 or float64),
+    ``x`` (B, Cin, D, H, W), ``weight`` (3, Cin, 3, 3, 3) and a bias."""
+    if _last_conv_cpu is None or bias is None:
+        return False
+    if any(t.device.type != "cpu" or t.dtype != x.dtype for t in (x, weight, bias)):
+        return False
+    return (x.dtype in (torch.float32, torch.float64) and x.dim() == 5
+            and tuple(weight.shape) == (3, x.shape[1], 3, 3, 3) and bias.numel() == 3)
+
+
+def _channels_last_array(t: torch.Tensor):
+    """(B, C, D, H, W) as the (B, D, H, W, C) array the kernel reads (a copy unless channels-last)."""
+    return t.detach().contiguous(memory_format=CHANNELS_LAST).permute(0, 2, 3, 4, 1).numpy()
+
+
+class LastConvCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        x = x.detach().contiguous(memory_format=CHANNELS_LAST)
+        weight = weight.detach().contiguous()
+        out = torch.empty((x.shape[0], 3, *x.shape[2:]), dtype=x.dtype)
+        _last_conv_cpu.last_conv(_channels_last_array(x), weight.numpy(), bias.detach().contiguous().numpy(),
+                                 out.numpy(), torch.get_num_threads())
+        ctx.save_for_backward(x, weight)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        need_x, need_weight, need_bias = ctx.needs_input_grad
+        grad_out = grad_out.contiguous()
+        grad_x = torch.empty_like(x, memory_format=CHANNELS_LAST) if need_x else x.new_empty((0,) * 5)
+        grad_weight = torch.empty_like(weight) if need_weight else weight.new_empty((0,) * 5)
+        if need_x or need_weight:
+            _last_conv_cpu.last_conv_backward(
+                _channels_last_array(x), weight.numpy(), grad_out.numpy(),
+                grad_x.permute(0, 2, 3, 4, 1).numpy() if need_x else grad_x.numpy(), grad_weight.numpy(),
+                need_x, need_weight, torch.get_num_threads())
+        grad_bias = grad_out.sum((0, 2, 3, 4)) if need_bias else None
+        return (grad_x if need_x else None), (grad_weight if need_weight else None), grad_bias
+
+
+def last_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """:func:`reference` in C++, differentiable in all three; planar (contiguous) output.
+    Needs :func:`supports`."""
+    return LastConvCPU.apply(x, weight, bias)
