@@ -67,6 +67,32 @@ def _upsampled(x: torch.Tensor, channels: int) -> torch.Tensor:
     return F.interpolate(_match_channels(x, channels), scale_factor=2, mode="trilinear", align_corners=False)
 
 
+class _CropKeepingLayout(torch.autograd.Function):
+    """``x[:, :, :d, :h, :w]`` whose gradient has ``x``'s memory layout: autograd's slice
+    gradient is a planar zero tensor, which made the BatchNorm backward before the crop mix
+    layouts on channels-last networks (its slowest path)."""
+
+    @staticmethod
+    def forward(ctx, x, grid):
+        ctx.shape, ctx.layout = x.shape, torch.channels_last_3d if is_channels_last(x) else torch.contiguous_format
+        return x[:, :, : grid[0], : grid[1], : grid[2]]
+
+    @staticmethod
+    def backward(ctx, grad):
+        full = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.layout).zero_()
+        full[:, :, : grad.shape[2], : grad.shape[3], : grad.shape[4]] = grad
+        return full, None
+
+
+def crop(x: torch.Tensor, grid) -> torch.Tensor:
+    """``x`` (B, C, D, H, W) cut to its first ``grid`` voxels along each axis."""
+    if tuple(x.shape[2:]) == tuple(grid):
+        return x
+    if torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_tracing():
+        return _CropKeepingLayout.apply(x, tuple(grid))
+    return x[:, :, : grid[0], : grid[1], : grid[2]]
+
+
 class UNet(nn.Module):
     """One displacement-predicting U-Net (the authors' ``UNet2``), five levels deep.
 
@@ -120,7 +146,7 @@ class UNet(nn.Module):
                 x = norm(decoder_cpu.upsample_add(y, x))
             else:
                 x = norm(y + _upsampled(x, y.shape[1]))
-            x = x[:, :, : skip.shape[2], : skip.shape[3], : skip.shape[4]]
+            x = crop(x, skip.shape[2:])
             x = torch.cat([x, skip], 1)
         if use_cpp_last_conv(x, self.lastConv):  # planar output
             return last_conv_cpu.last_conv(x, self.lastConv.weight, self.lastConv.bias) / 10

@@ -137,3 +137,20 @@ def test_compiled_forward_equals_eager():
     compiled = Engine(weights=official_state_dict(net), config=net.config, device="cpu", compile=True)
     difference = ((compiled.predict_map(moving, fixed) - eager.predict_map(moving, fixed)) * voxels((72, 72, 72))).abs().max()
     assert difference < 1e-3
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_decoder_crop_gradient_keeps_the_layout(layout):
+    """The decoder's crop to the skip's grid: the gradient of slicing, zero outside, in the
+    input's memory layout (autograd's own is always planar, which slowed the BatchNorm backward
+    of channels-last networks)."""
+    from mgr_engine.model import crop
+
+    x = torch.randn(1, 4, 6, 5, 7, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
+    grad_out = torch.randn(1, 4, 5, 5, 6, dtype=torch.float64)
+    (got,) = torch.autograd.grad(crop(x, (5, 5, 6)), x, grad_out)
+    (expected,) = torch.autograd.grad(x[:, :, :5, :5, :6], x, grad_out)
+    assert torch.equal(got, expected)
+    assert got.is_contiguous(memory_format=layout)
+    assert crop(x, (6, 5, 7)) is x
+    torch.autograd.gradcheck(lambda t: crop(t, (4, 3, 6)), (x,))
