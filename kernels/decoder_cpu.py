@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .warp_cpu import _trilinear_cpu
+from .warp_cpu import _trilinear_cpu, as_kernel_array
 
 CHANNELS_LAST = torch.channels_last_3d
 
@@ -60,12 +60,9 @@ def upsample_add_concat(y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, s
     planar tensors, which reach here as ``x`` or ``skip``."""
     out = torch.empty((y.shape[0], y.shape[1] + skip.shape[1], *skip.shape[2:]), dtype=y.dtype,
                       memory_format=CHANNELS_LAST)
-
-    def last(t):  # (B, C, D, H, W) -> the channels-last (B, D, H, W, C) array the kernel reads
-        return t.detach().contiguous(memory_format=CHANNELS_LAST).permute(0, 2, 3, 4, 1).numpy()
-
-    _trilinear_cpu.upsample_add_concat(last(x), last(y), scale.detach().reshape(-1).contiguous().numpy(), last(skip),
-                                       last(out), torch.get_num_threads())
+    _trilinear_cpu.upsample_add_concat(as_kernel_array(x), as_kernel_array(y),
+                                       scale.detach().reshape(-1).contiguous().numpy(), as_kernel_array(skip),
+                                       as_kernel_array(out), torch.get_num_threads())
     return out
 
 

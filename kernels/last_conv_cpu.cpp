@@ -77,34 +77,44 @@ struct Shape {
     int64_t voxels_per_slice() const { return height * width; }
 };
 
-// One input z-slice, transposed and zero-padded along x: row y of channel ci starts at
-// (y * cin + ci) * padded, and x sits at index x + 1 (index 0 and those past W are zero).
-// Each thread keeps the three slices its current output slice needs.
+// Three z-slices of a volume with `channels` channels, each in padded rows: row y of channel k
+// starts at (y * channels + k) * padded, and x sits at index x + 1 (index 0 and those past W
+// stay zero). Each thread keeps the three slices its current output slice needs. The source
+// is channels-last, (B, D, H, W, channels) (the input: transposed), or planar,
+// (B, channels, D, H, W) (the output gradient: rows copied).
 template <typename T>
 class SliceRing {
    public:
-    SliceRing(const Shape& s) : s_(s), data_(3 * size_t(s.height * s.cin * s.padded), T(0)) {}
+    SliceRing(const Shape& s, int64_t channels, bool channels_last)
+        : s_(s), channels_(channels), channels_last_(channels_last),
+          data_(3 * size_t(s.height * channels * s.padded), T(0)) {}
 
-    // The transposed slice z of batch item b, or nullptr outside the volume.
-    const T* get(const T* input, int64_t b, int64_t z) {
+    // Slice z of batch item b of `source`, or nullptr outside the volume.
+    const T* get(const T* source, int64_t b, int64_t z) {
         if (z < 0 || z >= s_.depth) return nullptr;
         const int slot = int(z % 3);
-        T* out = data_.data() + size_t(slot) * size_t(s_.height * s_.cin * s_.padded);
-        if (key_[slot] != b * s_.depth + z) {
-            const T* src = input + (b * s_.depth + z) * s_.voxels_per_slice() * s_.cin;
-            for (int64_t y = 0; y < s_.height; ++y)  // contiguous writes; a row's reads stay in L1
-                for (int64_t ci = 0; ci < s_.cin; ++ci) {
-                    T* dst = out + (y * s_.cin + ci) * s_.padded + 1;
-                    const T* from = src + y * s_.width * s_.cin + ci;
-                    for (int64_t x = 0; x < s_.width; ++x) dst[x] = from[x * s_.cin];
+        T* out = data_.data() + size_t(slot) * size_t(s_.height * channels_ * s_.padded);
+        if (key_[slot] == b * s_.depth + z) return out;
+        key_[slot] = b * s_.depth + z;
+        const int64_t plane = s_.voxels_per_slice();
+        for (int64_t y = 0; y < s_.height; ++y)
+            for (int64_t k = 0; k < channels_; ++k) {
+                T* dst = out + (y * channels_ + k) * s_.padded + 1;
+                if (channels_last_) {  // contiguous writes; a row's reads stay in L1
+                    const T* from = source + ((b * s_.depth + z) * plane + y * s_.width) * channels_ + k;
+                    for (int64_t x = 0; x < s_.width; ++x) dst[x] = from[x * channels_];
+                } else {
+                    std::memcpy(dst, source + ((b * channels_ + k) * s_.depth + z) * plane + y * s_.width,
+                                sizeof(T) * s_.width);
                 }
-            key_[slot] = b * s_.depth + z;
-        }
+            }
         return out;
     }
 
    private:
     const Shape& s_;
+    const int64_t channels_;
+    const bool channels_last_;
     std::vector<T> data_;
     int64_t key_[3] = {-1, -1, -1};
 };
@@ -186,7 +196,7 @@ void last_conv_forward(const Array<T>& input, const Array<T>& weight, const Arra
     py::gil_scoped_release release;
 #pragma omp parallel num_threads(std::max(threads, 1))
     {
-        SliceRing<T> ring(s);
+        SliceRing<T> ring(s, s.cin, true);
         int64_t first, last;
         share(s.slices(), &first, &last);
         for (int64_t i = first; i < last; ++i) {
@@ -200,9 +210,9 @@ void last_conv_forward(const Array<T>& input, const Array<T>& weight, const Arra
 // ---------------------------------------------------------------- backward
 // grad_input[b, z, y, x, ci] = sum over c, dz, dy, dx of weight[c, ci, dz, dy, dx] *
 // grad_out[b, c, z - dz + 1, y - dy + 1, x - dx + 1]: the same stencil, flipped, over the three
-// planar gradient channels. grads[dz] are slices z - dz + 1 of grad_out, zero-padded along x
-// as SliceRing's rows (channel c of row y at (y * 3 + c) * padded, x at x + 1); cb channels
-// from ci0 at a time, so that the accumulators stay in registers.
+// planar gradient channels. grads[dz] are slices z - dz + 1 of grad_out in SliceRing's padded
+// rows (channel c of row y at (y * 3 + c) * padded, x at x + 1); three input channels and G
+// blocks along x at a time, so that the accumulators stay in registers.
 template <typename T>
 INLINE_INTO_CLONES void grad_input_slice_body(const Shape& s, const T* const grads[3], const T* weight, T* out) {
     constexpr int64_t L = lanes<T>();
@@ -258,7 +268,7 @@ CPU_DISPATCH void grad_input_slice(const Shape& s, const double* const grads[3],
 // grad_weight[c, ci, dz, dy, dx] = sum over voxels of grad_out[c, z, y, x] *
 // in[z + dz - 1, y + dy - 1, x + dx - 1, ci], for output slice z: partial sums per lane in
 // sums[((c * cin + ci) * 27 + tap) * L + l], reduced over lanes (and threads) at the end.
-// grad is the output gradient's slice z in the padded row layout of grad_input's grads.
+// grad is the output gradient's slice z in SliceRing's padded rows.
 template <typename T>
 INLINE_INTO_CLONES void grad_weight_slice_body(const Shape& s, const T* const rows[3], const T* grad, T* sums) {
     constexpr int64_t L = lanes<T>();
@@ -308,34 +318,6 @@ CPU_DISPATCH void grad_weight_slice(const Shape& s, const double* const rows[3],
     grad_weight_slice_body(s, rows, grad, sums);
 }
 
-// The output gradient's slices in the padded row layout, for grad_input (three, flipped) and
-// grad_weight (the current one).
-template <typename T>
-class GradRing {
-   public:
-    GradRing(const Shape& s) : s_(s), data_(3 * size_t(s.height * COUT * s.padded), T(0)) {}
-
-    const T* get(const T* grad, int64_t b, int64_t z) {
-        if (z < 0 || z >= s_.depth) return nullptr;
-        const int slot = int(z % 3);
-        T* out = data_.data() + size_t(slot) * size_t(s_.height * COUT * s_.padded);
-        if (key_[slot] != b * s_.depth + z) {
-            for (int c = 0; c < COUT; ++c) {
-                const T* src = grad + ((b * COUT + c) * s_.depth + z) * s_.voxels_per_slice();
-                for (int64_t y = 0; y < s_.height; ++y)
-                    std::memcpy(out + (y * COUT + c) * s_.padded + 1, src + y * s_.width, sizeof(T) * s_.width);
-            }
-            key_[slot] = b * s_.depth + z;
-        }
-        return out;
-    }
-
-   private:
-    const Shape& s_;
-    std::vector<T> data_;
-    int64_t key_[3] = {-1, -1, -1};
-};
-
 template <typename T>
 void last_conv_backward(const Array<T>& input, const Array<T>& weight, const Array<T>& grad_out,
                         Array<T>& grad_input, Array<T>& grad_weight, bool need_input, bool need_weight,
@@ -362,8 +344,7 @@ void last_conv_backward(const Array<T>& input, const Array<T>& weight, const Arr
         const int tid = omp_get_thread_num();
 #pragma omp single
         team_size = omp_get_num_threads();
-        GradRing<T> grads(s);
-        SliceRing<T> rows(s);
+        SliceRing<T> grads(s, COUT, false), rows(s, s.cin, true);
         if (need_weight) sums[tid].assign(size_t(weights * L), T(0));
         int64_t first, last;
         share(s.slices(), &first, &last);

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .warp_cpu import as_kernel_array
+
 try:
     from mgr_engine import _last_conv_cpu
 except ImportError:  # not compiled (no C++ compiler at install time)
@@ -48,18 +50,13 @@ def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
             and tuple(weight.shape) == (3, x.shape[1], 3, 3, 3) and bias.numel() == 3)
 
 
-def _channels_last_array(t: torch.Tensor):
-    """(B, C, D, H, W) as the (B, D, H, W, C) array the kernel reads (a copy unless channels-last)."""
-    return t.detach().contiguous(memory_format=CHANNELS_LAST).permute(0, 2, 3, 4, 1).numpy()
-
-
 class LastConvCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         x = x.detach().contiguous(memory_format=CHANNELS_LAST)
         weight = weight.detach().contiguous()
         out = torch.empty((x.shape[0], 3, *x.shape[2:]), dtype=x.dtype)
-        _last_conv_cpu.last_conv(_channels_last_array(x), weight.numpy(), bias.detach().contiguous().numpy(),
+        _last_conv_cpu.last_conv(as_kernel_array(x), weight.numpy(), bias.detach().contiguous().numpy(),
                                  out.numpy(), torch.get_num_threads())
         ctx.save_for_backward(x, weight)
         return out
@@ -74,8 +71,8 @@ class LastConvCPU(torch.autograd.Function):
         grad_weight = torch.empty_like(weight) if need_weight else weight.new_empty((0,) * 5)
         if need_x or need_weight:
             _last_conv_cpu.last_conv_backward(
-                _channels_last_array(x), weight.numpy(), grad_out.numpy(),
-                grad_x.permute(0, 2, 3, 4, 1).numpy() if need_x else grad_x.numpy(), grad_weight.numpy(),
+                as_kernel_array(x), weight.numpy(), grad_out.numpy(),
+                as_kernel_array(grad_x) if need_x else grad_x.numpy(), grad_weight.numpy(),
                 need_x, need_weight, torch.get_num_threads())
         grad_bias = grad_out.sum((0, 2, 3, 4)) if need_bias else None
         return (grad_x if need_x else None), (grad_weight if need_weight else None), grad_bias

@@ -39,8 +39,11 @@ def _layout(channels_last: bool):
     return torch.channels_last_3d if channels_last else torch.contiguous_format
 
 
-def _as_array(tensor: torch.Tensor, channels_last: bool):
-    """``tensor`` (N, K, D, H, W) as the numpy array the kernel reads: planar, or (N, D, H, W, K)."""
+def as_kernel_array(tensor: torch.Tensor, channels_last: bool = True):
+    """``tensor`` (N, K, D, H, W) as the numpy array a C++ kernel reads: (N, D, H, W, K) when
+    ``channels_last`` (a copy unless the tensor is channels-last already), else planar. A view
+    of an output tensor's memory, for the kernel to write into."""
+    tensor = tensor.detach()
     if channels_last:
         return tensor.contiguous(memory_format=torch.channels_last_3d).permute(0, 2, 3, 4, 1).numpy()
     return tensor.contiguous().numpy()
@@ -55,7 +58,8 @@ class TrilinearWarpCPU(torch.autograd.Function):
         channels_last = is_channels_last(coords)
         out = torch.empty((image.shape[0], image.shape[1], *coords.shape[2:]), dtype=image.dtype,
                           memory_format=_layout(channels_last))
-        _trilinear_cpu.warp_trilinear(image.numpy(), _as_array(coords, channels_last), _as_array(out, channels_last),
+        _trilinear_cpu.warp_trilinear(image.numpy(), as_kernel_array(coords, channels_last),
+                                      as_kernel_array(out, channels_last),
                                       border, channels_last, torch.get_num_threads())
         ctx.save_for_backward(image, coords)
         ctx.border = border
@@ -73,8 +77,9 @@ class TrilinearWarpCPU(torch.autograd.Function):
         grad_coords = (torch.empty(coords.shape, dtype=coords.dtype, memory_format=_layout(channels_last))
                        if need_coords else empty)
         _trilinear_cpu.warp_trilinear_backward(
-            image.numpy(), _as_array(coords, channels_last), _as_array(grad_out, channels_last), grad_image.numpy(),
-            _as_array(grad_coords, channels_last) if need_coords else empty.numpy(), need_image, need_coords,
+            image.numpy(), as_kernel_array(coords, channels_last), as_kernel_array(grad_out, channels_last),
+            grad_image.numpy(),
+            as_kernel_array(grad_coords, channels_last) if need_coords else empty.numpy(), need_image, need_coords,
             ctx.border, channels_last, torch.get_num_threads())
         return (grad_image if need_image else None), (grad_coords if need_coords else None), None
 
