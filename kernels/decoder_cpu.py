@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from mgr_engine.ops import is_channels_last
 from .warp_cpu import _trilinear_cpu, as_kernel_array
 
 CHANNELS_LAST = torch.channels_last_3d
@@ -70,6 +71,7 @@ class UpsampleAdd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, x):
         ctx.x_shape = x.shape
+        ctx.x_layout = CHANNELS_LAST if is_channels_last(x) else torch.contiguous_format
         no_skip = y.new_empty((y.shape[0], 0, *y.shape[2:]))
         return upsample_add_concat(y.detach(), x.detach(), y.new_ones(y.shape[1]), no_skip)
 
@@ -81,8 +83,14 @@ class UpsampleAdd(torch.autograd.Function):
             batch, in_channels, *grid = ctx.x_shape
             grad_x = torch.ops.aten.upsample_trilinear3d_backward(
                 grad, [2 * n for n in grid], [batch, grad.shape[1], *grid], False, 2.0, 2.0, 2.0)
-            if in_channels > grad.shape[1]:  # channels the upsampled path does not read
-                grad_x = torch.cat([grad_x, grad_x.new_zeros(batch, in_channels - grad.shape[1], *grid)], 1)
+            if in_channels > grad.shape[1]:  # channels the upsampled path does not read get 0
+                # In x's layout: autograd adds this to the transposed convolution's gradient for x,
+                # and adding a planar tensor to a channels-last one (torch.cat's result was planar)
+                # took 70 ms instead of 15 at 48 x 88^3.
+                full = torch.empty(ctx.x_shape, dtype=grad_x.dtype, memory_format=ctx.x_layout)
+                full[:, : grad.shape[1]] = grad_x
+                full[:, grad.shape[1]:] = 0
+                grad_x = full
         return (grad if ctx.needs_input_grad[0] else None), grad_x
 
 

@@ -110,8 +110,12 @@ def test_upsample_add_values_and_gradients(case, layout):
     expected = y + torch.nn.functional.interpolate(x[:, : y.shape[1]], scale_factor=2, mode="trilinear")
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
     grad = torch.randn_like(expected)
-    for a, b in zip(torch.autograd.grad(got, (y, x), grad), torch.autograd.grad(expected, (y, x), grad)):
+    got_grads = torch.autograd.grad(got, (y, x), grad)
+    for a, b in zip(got_grads, torch.autograd.grad(expected, (y, x), grad)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    # x's gradient in x's layout (autograd adds it to the transposed convolution's, fast only
+    # when both layouts agree), the channels the upsampling does not read included
+    assert got_grads[1].is_contiguous(memory_format=layout)
     if y.numel() < 1000:  # the numerical Jacobian is dense: (inputs x outputs) doubles
         torch.autograd.gradcheck(decoder_cpu.upsample_add, (y, x))
 
