@@ -272,6 +272,7 @@ CPU_DISPATCH void grad_input_slice(const Shape& s, const double* const grads[3],
 template <typename T>
 INLINE_INTO_CLONES void grad_weight_slice_body(const Shape& s, const T* const rows[3], const T* grad, T* sums) {
     constexpr int64_t L = lanes<T>();
+    constexpr int CB = 2;  // input channels per pass: each loaded gradient lane feeds 3 x 3 x CB sums
     for (int64_t y = 0; y < s.height; ++y) {
         const T* g0 = grad + (y * COUT + 0) * s.padded + 1;
         const T* g1 = grad + (y * COUT + 1) * s.padded + 1;
@@ -281,30 +282,37 @@ INLINE_INTO_CLONES void grad_weight_slice_body(const Shape& s, const T* const ro
             for (int dy = 0; dy < 3; ++dy) {
                 const int64_t yy = y + dy - 1;
                 if (yy < 0 || yy >= s.height) continue;
-                for (int64_t ci = 0; ci < s.cin; ++ci) {
-                    const T* in = rows[dz] + (yy * s.cin + ci) * s.padded;  // in[x + dx]: x + dx - 1
-                    T p[3][3][L];  // [c][dx][lane]
-                    for (int c = 0; c < 3; ++c)
-                        for (int dx = 0; dx < 3; ++dx)
-                            for (int64_t l = 0; l < L; ++l) p[c][dx][l] = T(0);
-                    for (int64_t x0 = 0; x0 < s.blocks * L; x0 += L) {
+                for (int64_t ci0 = 0; ci0 < s.cin; ci0 += CB) {
+                    const int cb = int(std::min<int64_t>(CB, s.cin - ci0));
+                    // A lone last channel reads its own row twice and keeps the first sums only.
+                    const T* in[CB];
+                    for (int k = 0; k < CB; ++k)
+                        in[k] = rows[dz] + (yy * s.cin + ci0 + (k < cb ? k : 0)) * s.padded;  // in[x + dx]: x + dx - 1
+                    T p[CB][3][3][L];  // [channel][c][dx][lane]
+                    for (int k = 0; k < CB; ++k)
+                        for (int c = 0; c < 3; ++c)
+                            for (int dx = 0; dx < 3; ++dx)
+                                for (int64_t l = 0; l < L; ++l) p[k][c][dx][l] = T(0);
+                    for (int64_t x0 = 0; x0 < s.width; x0 += L) {
 #pragma omp simd
                         for (int64_t l = 0; l < L; ++l) {
                             const T a = g0[x0 + l], b = g1[x0 + l], c = g2[x0 + l];
-                            for (int dx = 0; dx < 3; ++dx) {
-                                const T v = in[x0 + dx + l];
-                                p[0][dx][l] += a * v;
-                                p[1][dx][l] += b * v;
-                                p[2][dx][l] += c * v;
-                            }
+                            for (int k = 0; k < CB; ++k)
+                                for (int dx = 0; dx < 3; ++dx) {
+                                    const T v = in[k][x0 + dx + l];
+                                    p[k][0][dx][l] += a * v;
+                                    p[k][1][dx][l] += b * v;
+                                    p[k][2][dx][l] += c * v;
+                                }
                         }
                     }
-                    for (int c = 0; c < 3; ++c)
-                        for (int dx = 0; dx < 3; ++dx) {
-                            T* q = sums + ((c * s.cin + ci) * 27 + dz * 9 + dy * 3 + dx) * L;
+                    for (int k = 0; k < cb; ++k)
+                        for (int c = 0; c < 3; ++c)
+                            for (int dx = 0; dx < 3; ++dx) {
+                                T* q = sums + ((c * s.cin + ci0 + k) * 27 + dz * 9 + dy * 3 + dx) * L;
 #pragma omp simd
-                            for (int64_t l = 0; l < L; ++l) q[l] += p[c][dx][l];
-                        }
+                                for (int64_t l = 0; l < L; ++l) q[l] += p[k][c][dx][l];
+                            }
                 }
             }
         }
