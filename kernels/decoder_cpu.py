@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from mgr_engine.ops import is_channels_last
+from mgr_engine.ops import memory_format_of
 from .warp_cpu import _trilinear_cpu, as_kernel_array
 
 CHANNELS_LAST = torch.channels_last_3d
@@ -71,7 +71,7 @@ class UpsampleAdd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, x):
         ctx.x_shape = x.shape
-        ctx.x_layout = CHANNELS_LAST if is_channels_last(x) else torch.contiguous_format
+        ctx.x_layout = memory_format_of(x)
         no_skip = y.new_empty((y.shape[0], 0, *y.shape[2:]))
         return upsample_add_concat(y.detach(), x.detach(), y.new_ones(y.shape[1]), no_skip)
 

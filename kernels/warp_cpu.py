@@ -17,12 +17,13 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from mgr_engine.ops import is_channels_last
+from mgr_engine.ops import is_channels_last, memory_format_of
 
 try:
     from mgr_engine import _trilinear_cpu
 except ImportError:  # not compiled (no C++ compiler at install time)
     _trilinear_cpu = None
+
 
 def available() -> bool:
     """Whether the C++ extension was built."""
@@ -33,10 +34,6 @@ def supports(image: torch.Tensor, coords: torch.Tensor) -> bool:
     """Whether :func:`warp_cpu` handles these arguments: CPU tensors, both float32 or both float64."""
     return (image.device.type == "cpu" and coords.device.type == "cpu"
             and image.dtype == coords.dtype and image.dtype in (torch.float32, torch.float64))
-
-
-def _layout(channels_last: bool):
-    return torch.channels_last_3d if channels_last else torch.contiguous_format
 
 
 def as_kernel_array(tensor: torch.Tensor, channels_last: bool = True):
@@ -57,7 +54,7 @@ class TrilinearWarpCPU(torch.autograd.Function):
         # kernel then reads them, and writes its output, in that layout instead of a planar copy.
         channels_last = is_channels_last(coords)
         out = torch.empty((image.shape[0], image.shape[1], *coords.shape[2:]), dtype=image.dtype,
-                          memory_format=_layout(channels_last))
+                          memory_format=memory_format_of(coords))
         _trilinear_cpu.warp_trilinear(image.numpy(), as_kernel_array(coords, channels_last),
                                       as_kernel_array(out, channels_last),
                                       border, channels_last, torch.get_num_threads())
@@ -74,7 +71,7 @@ class TrilinearWarpCPU(torch.autograd.Function):
         need_image, need_coords = ctx.needs_input_grad[:2]
         empty = image.new_empty((0,) * 5)
         grad_image = torch.empty_like(image) if need_image else empty
-        grad_coords = (torch.empty(coords.shape, dtype=coords.dtype, memory_format=_layout(channels_last))
+        grad_coords = (torch.empty(coords.shape, dtype=coords.dtype, memory_format=memory_format_of(coords))
                        if need_coords else empty)
         _trilinear_cpu.warp_trilinear_backward(
             image.numpy(), as_kernel_array(coords, channels_last), as_kernel_array(grad_out, channels_last),

@@ -36,7 +36,8 @@ from torch import nn
 
 from .errors import CheckpointError
 from .kernels import decoder_cpu, last_conv_cpu
-from .ops import compose_maps, identity_map, is_channels_last, use_cpp_decoder, use_cpp_last_conv, warp
+from .ops import (compose_maps, identity_map, is_channels_last, memory_format_of, use_cpp_decoder,
+                  use_cpp_last_conv, warp)
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class _CropKeepingLayout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, grid):
-        ctx.shape, ctx.layout = x.shape, torch.channels_last_3d if is_channels_last(x) else torch.contiguous_format
+        ctx.shape, ctx.layout = x.shape, memory_format_of(x)
         return x[:, :, : grid[0], : grid[1], : grid[2]]
 
     @staticmethod

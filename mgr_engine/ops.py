@@ -127,6 +127,12 @@ def is_channels_last(tensor: torch.Tensor) -> bool:
     return not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last_3d)
 
 
+def memory_format_of(tensor: torch.Tensor) -> torch.memory_format:
+    """The memory format that gives a new tensor of another shape ``tensor``'s layout:
+    channels-last 3-D where :func:`is_channels_last`, else contiguous."""
+    return torch.channels_last_3d if is_channels_last(tensor) else torch.contiguous_format
+
+
 def identity_map(shape, *, dtype=torch.float32, device=None) -> torch.Tensor:
     """Identity map ``(1, 3, *shape)``; coordinate i / (n - 1) is rounded from float64
     so it equals the reference's numpy-built map bit for bit."""
