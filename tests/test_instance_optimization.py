@@ -132,14 +132,20 @@ def test_mind_patch_mean_is_avg_pool_of_replicated_edges(shape):
     torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-14)
 
 
+def image_and_two_targets():
+    """A float64 image wanting a gradient and two targets, as IO's two directions compare."""
+    image = torch.from_numpy(smooth_volume((12, 14, 10), 3))[None, None].double().requires_grad_()
+    targets = [torch.from_numpy(smooth_volume((12, 14, 10), seed))[None, None].double() for seed in (4, 5)]
+    return image, targets
+
+
 def test_mind_target_descriptor_is_computed_once_per_target_in_a_run(monkeypatch):
     """IO's steps compare with the same two targets: within one run (with_constant_targets) their
     MIND-SSC descriptors are computed once. Same values and gradients as computed afresh; a new
-    run computes them again; other similarities are left as they are."""
+    run computes them again."""
     from mgr_engine import losses
 
-    image = torch.from_numpy(smooth_volume((12, 14, 10), 3))[None, None].double().requires_grad_()
-    targets = [torch.from_numpy(smooth_volume((12, 14, 10), seed))[None, None].double() for seed in (4, 5)]
+    image, targets = image_and_two_targets()
 
     def fresh(target):
         return ((losses.mind_ssc(image) - losses.mind_ssc(target)) ** 2).mean()
@@ -170,8 +176,7 @@ def test_lncc_target_moments_are_computed_once_per_target_in_a_run(monkeypatch, 
     from mgr_engine import losses
 
     similarity = losses.similarity_by_name(name)
-    image = torch.from_numpy(smooth_volume((12, 14, 10), 3))[None, None].double().requires_grad_()
-    targets = [torch.from_numpy(smooth_volume((12, 14, 10), seed))[None, None].double() for seed in (4, 5)]
+    image, targets = image_and_two_targets()
     mask = torch.rand(1, 1, 12, 14, 10, generator=torch.Generator().manual_seed(6)) > 0.5
     calls = []
     moments = losses.target_moments
