@@ -53,6 +53,23 @@ def test_freed_memory_is_reused_and_release_undoes_it():
     assert min(result["released"]) > 30000 and not result["state"]
 
 
+
+def test_more_than_2_gib_freed_at_once_stays_too():
+    """An IO backward pass frees several GiB at the heap's top at once; a trim threshold of
+    2 GiB (the largest positive int mallopt takes) handed all of it back each step."""
+    result = run("""
+        import json
+        from mgr_engine import host_memory
+        assert host_memory.keep_freed_memory()
+        def faults_of_a_large_tensor():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            torch.empty(640 * 2**20).fill_(1.0)  # 2.5 GiB, freed on return
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        print(json.dumps({"faults": [faults_of_a_large_tensor() for _ in range(3)]}))
+    """)
+    assert result["faults"][0] > 500000 and max(result["faults"][1:]) < 1000
+
+
 def test_large_blocks_in_other_threads_still_allocate():
     """With mmap off, a thread's own malloc arena cannot hold a block above 64 MiB; glibc then
     retries in the main heap. register_many's loader thread reads whole images there."""
