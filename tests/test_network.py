@@ -140,17 +140,23 @@ def test_compiled_forward_equals_eager():
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
-def test_decoder_crop_gradient_keeps_the_layout(layout):
-    """The decoder's crop to the skip's grid: the gradient of slicing, zero outside, in the
-    input's memory layout (autograd's own is always planar, which slowed the BatchNorm backward
-    of channels-last networks)."""
-    from mgr_engine.model import crop
+@pytest.mark.parametrize("x_grid", [(5, 5, 6), (6, 5, 7)])
+def test_decoder_crop_concat_gradients_keep_the_layouts(layout, x_grid):
+    """The decoder's crop to the skip's grid and concatenation: values and gradients of
+    ``cat([x[crop], skip])``, each gradient in its input's memory layout (autograd's are
+    strided slices and a planar zero tensor, which slowed the BatchNorm backward of
+    channels-last networks)."""
+    from mgr_engine.model import crop_concat
 
-    x = torch.randn(1, 4, 6, 5, 7, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
-    grad_out = torch.randn(1, 4, 5, 5, 6, dtype=torch.float64)
-    (got,) = torch.autograd.grad(crop(x, (5, 5, 6)), x, grad_out)
-    (expected,) = torch.autograd.grad(x[:, :, :5, :5, :6], x, grad_out)
+    x = torch.randn(1, 4, *x_grid, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
+    skip = torch.randn(1, 3, 5, 5, 6, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
+    grad_out = torch.randn(1, 7, 5, 5, 6, dtype=torch.float64).contiguous(memory_format=layout)
+    got = crop_concat(x, skip)
+    expected = torch.cat([x[:, :, :5, :5, :6], skip], 1)
     assert torch.equal(got, expected)
-    assert got.is_contiguous(memory_format=layout)
-    assert crop(x, (6, 5, 7)) is x
-    torch.autograd.gradcheck(lambda t: crop(t, (4, 3, 6)), (x,))
+    got_grads = torch.autograd.grad(got, (x, skip), grad_out)
+    expected_grads = torch.autograd.grad(expected, (x, skip), grad_out)
+    for got_grad, expected_grad in zip(got_grads, expected_grads):
+        assert torch.equal(got_grad, expected_grad)
+        assert got_grad.is_contiguous(memory_format=layout)
+    torch.autograd.gradcheck(crop_concat, (x, skip))
