@@ -4,7 +4,8 @@
 Per decoder level of a full-resolution U-Net of the official architecture at 175^3 (levels
 0 and 1, the two largest): median time and allocated memory of ``decoder_cpu.reference``
 (F.interpolate, addcmul, crop, cat) and of the fused kernel, channels-last inputs as the
-inference network has them. End to end: ``Engine.predict_map`` (no IO, randomized official
+inference network has them; the same for instance optimization's upsample-add, forward and
+backward. End to end: ``Engine.predict_map`` (no IO, randomized official
 weights, warm median) with the C++ warp alone and with the C++ warp and decoder, in one process.
 
     .venv/bin/python benchmarks/bench_decoder_cpu.py
@@ -75,6 +76,28 @@ def main(argv=None) -> int:
             out = (y.shape[1] + skip.shape[1], *skip.shape[2:])
             print(f"| {level}: {tuple(x.shape[1:])} -> {out} | {t_ref * 1e3:.0f} ms | {t_ours * 1e3:.0f} ms "
                   f"| {t_ref / t_ours:.2f}x | {m_ref:.0f} MiB | {m_ours:.0f} MiB | {difference:.1e} |")
+
+    print("\nInstance optimization's decoder step, y + upsample(x) (BatchNorm not folded), forward + backward "
+          "(gradients to y and x):\n")
+    print("| decoder level (x -> y) | PyTorch ops | C++ | speed-up | allocated PyTorch | allocated C++ | difference (grad x) |")
+    print("|---|--:|--:|--:|--:|--:|--:|")
+    for level in (0, 1):
+        y, x, _, _ = level_inputs(shape, level, config)
+        y, x = y.requires_grad_(), x.requires_grad_()
+        grad = torch.randn(y.shape).contiguous(memory_format=torch.channels_last_3d)
+
+        def torch_ops():
+            up = torch.nn.functional.interpolate(x[:, : y.shape[1]], scale_factor=2, mode="trilinear")
+            return torch.autograd.grad(y + up, (y, x), grad)
+
+        def cpp():
+            return torch.autograd.grad(decoder_cpu.upsample_add(y, x), (y, x), grad)
+
+        t_ref, t_ours = timed(torch_ops, "cpu", args.repeats), timed(cpp, "cpu", args.repeats)
+        m_ref, m_ours = allocated_mib(torch_ops), allocated_mib(cpp)
+        difference = float((cpp()[1] - torch_ops()[1]).abs().max())
+        print(f"| {level}: {tuple(x.shape[1:])} -> {tuple(y.shape[1:])} | {t_ref * 1e3:.0f} ms | {t_ours * 1e3:.0f} ms "
+              f"| {t_ref / t_ours:.2f}x | {m_ref:.0f} MiB | {m_ours:.0f} MiB | {difference:.1e} |")
 
     from helpers import random_network, smooth_volume
 

@@ -101,7 +101,7 @@ def test_inference_network_takes_it_and_equals_pytorch(monkeypatch):
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, CL])
-@pytest.mark.parametrize("case", CASES[:3])
+@pytest.mark.parametrize("case", CASES)
 def test_upsample_add_values_and_gradients(case, layout):
     y, x, _, _ = inputs(*case, dtype=torch.float64)
     y, x = y.contiguous(memory_format=layout).requires_grad_(), x.contiguous(memory_format=layout).requires_grad_()
