@@ -31,14 +31,7 @@ inline int omp_get_num_threads() { return 1; }
 #include <stdexcept>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__linux__) && (defined(__clang__) || __GNUC__ >= 11)
-#define CPU_DISPATCH __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define CPU_DISPATCH
-#endif
-// The bodies are compiled inside each clone only when inlined into it; otherwise every clone
-// would call one baseline (SSE2) copy.
-#define INLINE_INTO_CLONES inline __attribute__((always_inline))
+#include "cpu_dispatch.h"  // CPU_DISPATCH, INLINE_INTO_CLONES
 
 namespace py = pybind11;
 

@@ -1,0 +1,14 @@
+// Shared by the C++ kernels built without -march (the package must run on any x86-64 CPU):
+// CPU_DISPATCH compiles a function for AVX-512, AVX2+FMA and baseline x86-64 and picks the
+// best the CPU has at load time (target_clones). Templates cannot be cloned, so each kernel
+// clones plain float and double overloads and marks the template bodies they call
+// INLINE_INTO_CLONES: a body not inlined would be compiled once, for the baseline (SSE2), and
+// every clone would call that copy (measured: the last convolution ran at the SSE2 speed).
+#pragma once
+
+#if defined(__x86_64__) && defined(__linux__) && (defined(__clang__) || __GNUC__ >= 11)
+#define CPU_DISPATCH __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CPU_DISPATCH
+#endif
+#define INLINE_INTO_CLONES inline __attribute__((always_inline))
