@@ -4,7 +4,8 @@ concern, as the project's layout asks) but install as ``mgr_engine.kernels`` and
 
 The C++ kernels (``kernels/trilinear_cpu.cpp`` -> ``mgr_engine._trilinear_cpu``: the warp and
 the decoder's epilogue; ``kernels/last_conv_cpu.cpp`` -> ``mgr_engine._last_conv_cpu``: the
-U-Net's last convolution) are built through pybind11 (a build requirement in pyproject.toml)
+U-Net's last convolution; ``kernels/gaussian_blur_cpu.cpp`` -> ``mgr_engine._gaussian_blur_cpu``:
+LNCC's window) are built through pybind11 (a build requirement in pyproject.toml)
 with OpenMP. They are optional: where they do not compile, the install goes on and the engine
 uses PyTorch's ops. ``MGR_ENGINE_BUILD_CPP=0`` skips them (a GPU session's install, where the
 CPU kernels are unused).
@@ -28,7 +29,7 @@ def cpp_extensions():
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]  # Apple clang has no -fopenmp
     return [Pybind11Extension(f"mgr_engine._{name}", [f"kernels/{name}.cpp"], cxx_std=17, optional=True,
                               extra_compile_args=["-O3", *openmp], extra_link_args=openmp)
-            for name in ("trilinear_cpu", "last_conv_cpu")]
+            for name in ("trilinear_cpu", "last_conv_cpu", "gaussian_blur_cpu")]
 
 
 setup(

@@ -5,9 +5,10 @@ map), ``compose`` (map composition) and ``lncc`` (windowed LNCC / LNCC^2 loss). 
 PyTorch references are :mod:`mgr_engine.ops` and :mod:`mgr_engine.losses`, which
 dispatch here on CUDA tensors (see :func:`mgr_engine.ops.use_triton`).
 
-On the CPU, C++ with OpenMP (``trilinear_cpu.cpp``, built by ``setup.py``): ``warp_cpu``, the
+On the CPU, C++ with OpenMP (``*_cpu.cpp``, built by ``setup.py``): ``warp_cpu``, the
 warp forward and backward, taken by :func:`mgr_engine.ops.warp` on CPU tensors (see
-:func:`mgr_engine.ops.use_cpp_warp`), and ``decoder_cpu``, the inference U-Net's decoder
-epilogue (trilinear 2x upsampling, multiply-add, concatenation; see
-:func:`mgr_engine.ops.use_cpp_decoder`).
+:func:`mgr_engine.ops.use_cpp_warp`); ``decoder_cpu``, the U-Net's decoder epilogue
+(trilinear 2x upsampling, multiply-add, concatenation; see :func:`mgr_engine.ops.use_cpp_decoder`);
+``last_conv_cpu``, the U-Net's last convolution (:func:`mgr_engine.ops.use_cpp_last_conv`);
+``gaussian_blur_cpu``, LNCC's window (:func:`mgr_engine.ops.use_cpp_blur`).
 """

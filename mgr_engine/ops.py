@@ -110,6 +110,14 @@ def use_cpp_decoder(y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None
     return _cpp_kernels_allowed(y, x, scale, skip) and decoder_cpu.supports(y, x, scale, skip)
 
 
+def use_cpp_blur(volume: torch.Tensor, taps: torch.Tensor) -> bool:
+    """Whether LNCC's separable blur of ``volume`` by ``taps`` runs in C++ under the current mode
+    (:mod:`mgr_engine.kernels.gaussian_blur_cpu`, CPU tensors)."""
+    from .kernels import gaussian_blur_cpu
+
+    return _cpp_kernels_allowed(volume) and gaussian_blur_cpu.supports(volume, taps)
+
+
 def use_cpp_last_conv(x: torch.Tensor, conv: torch.nn.Conv3d) -> bool:
     """Whether a U-Net's last convolution ``conv`` (3x3x3, padding 1, 3 outputs) runs in C++
     on ``x`` under the current mode (:mod:`mgr_engine.kernels.last_conv_cpu`, CPU tensors)."""
