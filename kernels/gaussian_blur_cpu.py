@@ -9,8 +9,8 @@ volumes LNCC blurs per call (2 cores), and as much again in its backward. The ex
 sums the taps only: 31 ms. The window is symmetric and zero-padded, so the blur is its own
 adjoint: the backward blurs the gradient (and is differentiable again).
 
-Reference: :func:`mgr_engine.losses.separable_filter` with :func:`mgr_engine.losses.blur_matrix`
-(:func:`reference`); test: ``tests/test_kernels_gaussian_blur_cpu.py``; benchmark:
+Reference: :func:`reference` (:func:`mgr_engine.losses.separable_filter` of banded matrices,
+the PyTorch path); test: ``tests/test_kernels_gaussian_blur_cpu.py``; benchmark:
 ``benchmarks/bench_gaussian_blur_cpu.py``.
 """
 
@@ -32,15 +32,9 @@ def available() -> bool:
 def reference(volume: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     """The op in PyTorch: ``volume`` (B, C, D, H, W) blurred along each axis by the 1-D ``taps``
     (odd, centred), zero padding, as banded matrix products (the engine's PyTorch path)."""
-    from mgr_engine.losses import separable_filter
+    from mgr_engine.losses import banded_matrix, separable_filter
 
-    def matrix(n: int) -> torch.Tensor:
-        index = torch.arange(n)
-        tap = index[None, :] - index[:, None] + taps.numel() // 2
-        inside = (tap >= 0) & (tap < taps.numel())
-        return torch.where(inside, taps[tap.clamp(0, taps.numel() - 1)], torch.zeros((), dtype=taps.dtype))
-
-    return separable_filter(volume, matrix)
+    return separable_filter(volume, lambda n: banded_matrix(n, taps))
 
 
 def supports(volume: torch.Tensor, taps: torch.Tensor) -> bool:

@@ -27,15 +27,21 @@ def gaussian_kernel1d(taps: int = LNCC_TAPS, sigma: float = LNCC_SIGMA, dtype=to
     return (pdf / pdf.sum()).to(device=device, dtype=dtype)
 
 
+def banded_matrix(n: int, kernel: torch.Tensor) -> torch.Tensor:
+    """(n, n) matrix of the 1-D filter ``kernel`` (odd, centred) with zero padding ("same" size):
+    row i weighs the input voxels of output voxel i."""
+    taps = kernel.numel()
+    index = torch.arange(n, device=kernel.device)
+    tap = index[None, :] - index[:, None] + taps // 2
+    inside = (tap >= 0) & (tap < taps)
+    return torch.where(inside, kernel[tap.clamp(0, taps - 1)], torch.zeros((), dtype=kernel.dtype, device=kernel.device))
+
+
 def blur_matrix(n: int, taps: int = LNCC_TAPS, sigma: float = LNCC_SIGMA, dtype=torch.float32, device=None):
     """(n, n) banded matrix of the 1-D Gaussian blur with zero padding ("same" size).
 
     Symmetric, since the window is: ``v @ M`` blurs the last axis of ``v``."""
-    kernel = gaussian_kernel1d(taps, sigma, dtype, device)
-    index = torch.arange(n, device=device)
-    tap = index[None, :] - index[:, None] + taps // 2
-    inside = (tap >= 0) & (tap < taps)
-    return torch.where(inside, kernel[tap.clamp(0, taps - 1)], torch.zeros((), dtype=dtype, device=device))
+    return banded_matrix(n, gaussian_kernel1d(taps, sigma, dtype, device))
 
 
 def separable_filter(volume: torch.Tensor, matrix) -> torch.Tensor:
