@@ -315,6 +315,11 @@ struct Taps {
         w_hi = source - T(lo);
         w_lo = T(1) - w_hi;
     }
+    // The weight with which this output reads source sample s (both taps where hi is clamped onto lo).
+    T weight_of(int64_t s) const { return (lo == s ? w_lo : T(0)) + (hi == s ? w_hi : T(0)); }
+    // The outputs that read source sample s of n: 2s - 1 to 2s + 2, within [0, 2n).
+    static int64_t first_reader(int64_t s) { return std::max<int64_t>(0, 2 * s - 1); }
+    static int64_t last_reader(int64_t s, int64_t n) { return std::min(2 * n - 1, 2 * s + 2); }
 };
 
 // A U-Net decoder level's inference epilogue in one pass over channels-last arrays:
@@ -406,12 +411,10 @@ void upsample2x_backward(const Array<T>& grad, Array<T>& grad_x, int threads) {
         for (int64_t row = 0; row < rows; ++row) {
             const int64_t b = row / (n[0] * n[1]), i = (row / n[1]) % n[0], j = row % n[1];
             std::fill(summed.begin(), summed.end(), T(0));
-            for (int64_t oz = std::max<int64_t>(0, 2 * i - 1); oz <= std::min(2 * n[0] - 1, 2 * i + 2); ++oz) {
-                const Taps<T> tz(oz, n[0]);
-                const T wz = (tz.lo == i ? tz.w_lo : T(0)) + (tz.hi == i ? tz.w_hi : T(0));
-                for (int64_t oy = std::max<int64_t>(0, 2 * j - 1); oy <= std::min(2 * n[1] - 1, 2 * j + 2); ++oy) {
-                    const Taps<T> ty(oy, n[1]);
-                    const T w = wz * ((ty.lo == j ? ty.w_lo : T(0)) + (ty.hi == j ? ty.w_hi : T(0)));
+            for (int64_t oz = Taps<T>::first_reader(i); oz <= Taps<T>::last_reader(i, n[0]); ++oz) {
+                const T wz = Taps<T>(oz, n[0]).weight_of(i);
+                for (int64_t oy = Taps<T>::first_reader(j); oy <= Taps<T>::last_reader(j, n[1]); ++oy) {
+                    const T w = wz * Taps<T>(oy, n[1]).weight_of(j);
                     if (w == T(0)) continue;
                     const T* in = src + ((b * 2 * n[0] + oz) * 2 * n[1] + oy) * fine_row;
                     T* acc = summed.data();
@@ -423,9 +426,8 @@ void upsample2x_backward(const Array<T>& grad, Array<T>& grad_x, int threads) {
             for (int64_t k = 0; k < n[2]; ++k) {
                 T* out = out_row + k * x_channels;
                 std::fill(out, out + x_channels, T(0));
-                for (int64_t ox = std::max<int64_t>(0, 2 * k - 1); ox <= std::min(2 * n[2] - 1, 2 * k + 2); ++ox) {
-                    const Taps<T> tx(ox, n[2]);
-                    const T w = (tx.lo == k ? tx.w_lo : T(0)) + (tx.hi == k ? tx.w_hi : T(0));
+                for (int64_t ox = Taps<T>::first_reader(k); ox <= Taps<T>::last_reader(k, n[2]); ++ox) {
+                    const T w = Taps<T>(ox, n[2]).weight_of(k);
                     const T* in = summed.data() + ox * channels;
 #pragma omp simd
                     for (int64_t c = 0; c < channels; ++c) out[c] += w * in[c];

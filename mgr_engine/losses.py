@@ -37,13 +37,6 @@ def banded_matrix(n: int, kernel: torch.Tensor) -> torch.Tensor:
     return torch.where(inside, kernel[tap.clamp(0, taps - 1)], torch.zeros((), dtype=kernel.dtype, device=kernel.device))
 
 
-def blur_matrix(n: int, taps: int = LNCC_TAPS, sigma: float = LNCC_SIGMA, dtype=torch.float32, device=None):
-    """(n, n) banded matrix of the 1-D Gaussian blur with zero padding ("same" size).
-
-    Symmetric, since the window is: ``v @ M`` blurs the last axis of ``v``."""
-    return banded_matrix(n, gaussian_kernel1d(taps, sigma, dtype, device))
-
-
 def separable_filter(volume: torch.Tensor, matrix) -> torch.Tensor:
     """``volume`` (B, C, D, H, W) filtered along each axis by ``matrix(n)``, an (n, n) matrix
     whose row i weighs the input voxels of output voxel i.
@@ -62,13 +55,13 @@ def gaussian_blur(volume: torch.Tensor, taps: int = LNCC_TAPS, sigma: float = LN
     """Separable Gaussian blur of (B, C, D, H, W), zero padding ("same" size), the window of
     LNCC: made a depthwise ``conv3d``, it was the slowest part of an IO step on the CPU. In C++
     on CPU tensors where built (:mod:`mgr_engine.kernels.gaussian_blur_cpu`, 3.7x faster)."""
-    kernel = gaussian_kernel1d(taps, sigma, dtype=volume.dtype)
+    kernel = gaussian_kernel1d(taps, sigma, dtype=volume.dtype, device=volume.device)
     if use_cpp_blur(volume, kernel):
         from .kernels import gaussian_blur_cpu
 
         return gaussian_blur_cpu.blur(volume, kernel)
-    return separable_filter(volume, functools.partial(blur_matrix, taps=taps, sigma=sigma, dtype=volume.dtype,
-                                                      device=volume.device))
+    # Banded matrices, symmetric as the window is: v @ M blurs the last axis of v.
+    return separable_filter(volume, lambda n: banded_matrix(n, kernel))
 
 
 def box_matrix(n: int, radius: int, dtype=torch.float32, device=None):

@@ -68,6 +68,11 @@ def _upsampled(x: torch.Tensor, channels: int) -> torch.Tensor:
     return F.interpolate(_match_channels(x, channels), scale_factor=2, mode="trilinear", align_corners=False)
 
 
+def _cropped_cat(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    d, h, w = skip.shape[2:]
+    return torch.cat([x[:, :, :d, :h, :w], skip], 1)
+
+
 class _CropConcat(torch.autograd.Function):
     """``torch.cat([x[:, :, :d, :h, :w], skip], 1)`` with (d, h, w) the skip's grid, each
     gradient in its input's memory layout. Autograd's are strided views into the
@@ -79,8 +84,7 @@ class _CropConcat(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, skip):
         ctx.x_shape, ctx.layouts = x.shape, (memory_format_of(x), memory_format_of(skip))
-        d, h, w = skip.shape[2:]
-        return torch.cat([x[:, :, :d, :h, :w], skip], 1)
+        return _cropped_cat(x, skip)
 
     @staticmethod
     def backward(ctx, grad):
@@ -101,8 +105,7 @@ def crop_concat(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     D, H, W), D <= D' and so on, followed by ``skip``'s channels."""
     if torch.is_grad_enabled() and (x.requires_grad or skip.requires_grad) and not torch.jit.is_tracing():
         return _CropConcat.apply(x, skip)
-    d, h, w = skip.shape[2:]
-    return torch.cat([x[:, :, :d, :h, :w], skip], 1)
+    return _cropped_cat(x, skip)
 
 
 class UNet(nn.Module):
