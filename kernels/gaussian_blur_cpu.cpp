@@ -7,10 +7,7 @@
 // per 175^3 volume on 2 cores; LNCC blurs three volumes per call and again in its backward.
 // Here each output voxel takes its taps only: x and y per z plane through a thread's plane
 // buffer, then z per y row, in place, through a thread's (D, W) buffer; vectorized along x and
-// compiled for AVX-512 / AVX2 / baseline x86-64 (cpu_dispatch.h).
-
-#include <pybind11/numpy.h>
-#include <pybind11/pybind11.h>
+// compiled for AVX-512 / AVX2 / baseline x86-64 (cpu_kernel.h).
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -18,21 +15,11 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <stdexcept>
 #include <vector>
 
-#include "cpu_dispatch.h"  // CPU_DISPATCH, INLINE_INTO_CLONES
-
-namespace py = pybind11;
+#include "cpu_kernel.h"  // Array, check, CPU_DISPATCH, INLINE_INTO_CLONES
 
 namespace {
-
-template <typename T>
-using Array = py::array_t<T, py::array::c_style>;
-
-void check(bool condition, const char* message) {
-    if (!condition) throw std::invalid_argument(message);
-}
 
 // dst[i] += sum over taps t of kernel[t] * src[i + t - radius], for i in [0, n), src read
 // only inside [0, n) (zero padding). Contiguous lines (x).

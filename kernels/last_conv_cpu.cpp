@@ -15,9 +15,6 @@
 // The three passes are compiled for AVX-512, AVX2+FMA and baseline x86-64 and the best the
 // CPU has is picked at load time (target_clones), since the package is built without -march.
 
-#include <pybind11/numpy.h>
-#include <pybind11/pybind11.h>
-
 #ifdef _OPENMP
 #include <omp.h>
 #else
@@ -28,24 +25,14 @@ inline int omp_get_num_threads() { return 1; }
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <stdexcept>
 #include <vector>
 
-#include "cpu_dispatch.h"  // CPU_DISPATCH, INLINE_INTO_CLONES
-
-namespace py = pybind11;
+#include "cpu_kernel.h"  // Array, check, CPU_DISPATCH, INLINE_INTO_CLONES
 
 namespace {
 
 constexpr int COUT = 3;
 constexpr int GROUP = 4;  // blocks of lanes along x computed together, sharing each weight broadcast
-
-template <typename T>
-using Array = py::array_t<T, py::array::c_style>;
-
-void check(bool condition, const char* message) {
-    if (!condition) throw std::invalid_argument(message);
-}
 
 // Lanes per block along x: one 64-byte vector.
 template <typename T>

@@ -8,9 +8,6 @@
 // split over OpenMP threads and the eight corner weights are computed once for all channels.
 // Templated on float (the engine) and double (gradcheck in the tests).
 
-#include <pybind11/numpy.h>
-#include <pybind11/pybind11.h>
-
 #ifdef _OPENMP
 #include <omp.h>
 #else  // built without OpenMP (Apple clang): one thread
@@ -21,19 +18,11 @@ inline int omp_get_num_threads() { return 1; }
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <stdexcept>
 #include <vector>
 
-namespace py = pybind11;
+#include "cpu_kernel.h"  // Array, check
 
 namespace {
-
-template <typename T>
-using Array = py::array_t<T, py::array::c_style>;
-
-void check(bool condition, const char* message) {
-    if (!condition) throw std::invalid_argument(message);
-}
 
 // The geometry shared by all calls: image (B, C, D, H, W), coords (B or 1, 3, D', H', W').
 // Arrays over the sample points (coords, out, grad_out, grad_coords) come in one of two
