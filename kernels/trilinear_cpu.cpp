@@ -5,8 +5,10 @@
 // a map in [0, 1] (mgr_engine.ops.warp): out[b, c, p] = image[b, c] at coords[b, :, p] * (n - 1).
 // Why: torch's 3-D grid sampler parallelizes only over the batch on the CPU, so a single
 // registration (batch 1) runs it, and its backward, on one core. Here the output voxels are
-// split over OpenMP threads and the eight corner weights are computed once for all channels.
-// Templated on float (the engine) and double (gradcheck in the tests).
+// split over OpenMP threads, the eight corner weights are computed once for all channels, and
+// the loops over the points are vectorized (gathers), compiled for AVX-512, AVX2+FMA and
+// baseline x86-64 with the best picked at load time. Templated on float (the engine) and
+// double (gradcheck in the tests).
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -16,26 +18,100 @@ inline int omp_get_num_threads() { return 1; }
 #endif
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <vector>
 
-#include "cpu_kernel.h"  // Array, check
+#include "cpu_kernel.h"  // Array, check, CPU_DISPATCH, INLINE_INTO_CLONES
 
 namespace {
+
+// Voxel coordinate of map coordinate c on an axis of scale + 1 voxels; with border padding
+// clamped into [0, scale]. NaN stays NaN.
+template <bool Border, typename T>
+INLINE_INTO_CLONES T voxel_of(T c, T scale) {
+    const T v = c * scale;
+    if (!Border) return v;
+    const T below = v >= scale ? scale : v;
+    return below <= T(0) ? T(0) : below;
+}
+
+// Its derivative in c: with border padding 0 on and beyond the edges, as torch's
+// clip_coordinates_set_grad.
+template <bool Border, typename T>
+INLINE_INTO_CLONES T voxel_slope(T c, T scale) {
+    const T v = c * scale;
+    return (!Border || ((v > T(0)) & (v < scale))) ? scale : T(0);
+}
+
+// The two grid neighbours (lower, upper) of voxel coordinate v along an axis of n voxels:
+// whether each lies in the grid, its index (0 where it does not, so that every address the
+// loops form is valid), its weight and the weight's derivative in v (both to be masked by
+// `inside`). v outside [-1, n), NaN included, has neither neighbour in the grid. Branch-free (selects only), so that the point
+// loops below vectorize, with gathers, on AVX2 and AVX-512.
+template <typename T>
+struct Axis {
+    bool inside[2];
+    int32_t index[2];
+    T weight[2], slope[2];
+};
+
+template <typename T>
+INLINE_INTO_CLONES Axis<T> neighbours(T v, int32_t n) {
+    // Clamped into [-2, n], where no neighbour of a point beyond changes, and NaN to -2 (std::max
+    // returns its first argument when unordered): the conversion to int is then always defined.
+    v = std::max(T(-2), std::min(v, T(n)));
+    const int32_t truncated = int32_t(v);
+    const int32_t i = truncated - (T(truncated) > v);  // floor(v), in [-2, n]; std::floor would not vectorize
+    const T fraction = v - T(i);
+    Axis<T> a;
+    a.inside[0] = (i >= 0) & (i <= n - 1), a.inside[1] = (i >= -1) & (i <= n - 2);
+    a.index[0] = a.inside[0] ? i : 0, a.index[1] = a.inside[1] ? i + 1 : 0;
+    a.weight[0] = T(1) - fraction, a.weight[1] = fraction;
+    a.slope[0] = T(-1), a.slope[1] = T(1);
+    return a;
+}
+
+// The eight corners of one sample point, corner k at the (z, y, x) neighbours k >> 2,
+// (k >> 1) & 1, k & 1: flat offset, whether inside the grid, trilinear weight, and with
+// Derivatives the weight's derivatives along z, y, x (in voxels).
+template <typename T>
+struct Corners {
+    int32_t offset[8];
+    bool inside[8];
+    T weight[8], d_z[8], d_y[8], d_x[8];
+};
+
+template <bool Derivatives, typename T>
+INLINE_INTO_CLONES Corners<T> corners_of(const Axis<T>& z, const Axis<T>& y, const Axis<T>& x, int32_t plane,
+                                         int32_t width) {
+    Corners<T> c;
+    for (int k = 0; k < 8; ++k) {
+        const int hz = k >> 2, hy = (k >> 1) & 1, hx = k & 1;
+        c.offset[k] = z.index[hz] * plane + y.index[hy] * width + x.index[hx];
+        c.inside[k] = z.inside[hz] & y.inside[hy] & x.inside[hx];
+        c.weight[k] = z.weight[hz] * y.weight[hy] * x.weight[hx];
+        if (Derivatives) {
+            c.d_z[k] = z.slope[hz] * y.weight[hy] * x.weight[hx];
+            c.d_y[k] = z.weight[hz] * y.slope[hy] * x.weight[hx];
+            c.d_x[k] = z.weight[hz] * y.weight[hy] * x.slope[hx];
+        }
+    }
+    return c;
+}
 
 // The geometry shared by all calls: image (B, C, D, H, W), coords (B or 1, 3, D', H', W').
 // Arrays over the sample points (coords, out, grad_out, grad_coords) come in one of two
 // layouts, given by `channels_last`: planar (N, K, D', H', W'), or channels-last passed as
 // (N, D', H', W', K), the layout of the engine's maps (a channels-last network's identity
-// grid), which no longer needs a planar copy per call. Element (n, k, p) of an array with K
-// channels is at n * K * points + k * channel_stride() + p * point_stride(K).
+// grid), which needs no planar copy per call. Element (n, k, p) of an array with K channels is
+// at n * K * points + k * channel_stride(K) + p * point_stride(K).
 struct Geometry {
     int64_t batch, channels, depth, height, width, coord_batch, points, plane, volume;
-    bool channels_last;
+    bool border, channels_last;
 
     template <typename T>
-    Geometry(const Array<T>& image, const Array<T>& coords, bool channels_last) : channels_last(channels_last) {
+    Geometry(const Array<T>& image, const Array<T>& coords, bool border, bool channels_last)
+        : border(border), channels_last(channels_last) {
         check(image.ndim() == 5 && coords.ndim() == 5, "image and coords must be 5-D");
         batch = image.shape(0), channels = image.shape(1);
         depth = image.shape(2), height = image.shape(3), width = image.shape(4);
@@ -46,10 +122,8 @@ struct Geometry {
         const int first = channels_last ? 1 : 2;
         points = coords.shape(first) * coords.shape(first + 1) * coords.shape(first + 2);
         plane = height * width, volume = depth * plane;
+        check(volume <= INT32_MAX, "image must have at most 2^31 - 1 voxels per channel (32-bit offsets)");
     }
-
-    int64_t channel_stride() const { return channels_last ? 1 : points; }
-    int64_t point_stride(int64_t k) const { return channels_last ? k : 1; }
 
     template <typename T>
     void check_output(const Array<T>& out, const Array<T>& coords) const {
@@ -61,115 +135,257 @@ struct Geometry {
     }
 };
 
-// The corners of one sample point that lie inside the grid: their flat offsets, trilinear
-// weights and the weights' derivatives along z, y, x (in voxels).
-template <typename T>
-struct Corners {
-    int64_t offset[8];
-    int64_t z_first, z_last;  // the z indices of the first and last corner
-    T weight[8], d_z[8], d_y[8], d_x[8];
-    int count = 0;
+// The layouts the point loops are compiled for, fixed at compile time so that their strides
+// are constants and their channel loops unroll: C channels (1: images, 3: fields; 0: any
+// count, read from the geometry), channels-last or planar sample arrays, border or zero
+// padding. It holds the geometry's sizes by value, so that the loops keep them in registers.
+template <typename T, int C, bool ChannelsLast, bool Border>
+struct Layout {
+    int64_t channel_count, points, volume;
+    int32_t depth, height, width, plane;
+
+    explicit Layout(const Geometry& g)
+        : channel_count(g.channels), points(g.points), volume(g.volume), depth(int32_t(g.depth)),
+          height(int32_t(g.height)), width(int32_t(g.width)), plane(int32_t(g.plane)) {}
+    INLINE_INTO_CLONES int64_t channels() const { return C ? C : channel_count; }
+    INLINE_INTO_CLONES int64_t channel_stride() const { return ChannelsLast ? 1 : points; }
+    INLINE_INTO_CLONES int64_t point_stride(int64_t k) const { return ChannelsLast ? k : 1; }
+
+    // Map coordinate `axis` of point p of map (one batch item's coords).
+    INLINE_INTO_CLONES T coordinate(const T* map, int64_t p, int axis) const {
+        return map[p * point_stride(3) + axis * channel_stride()];
+    }
+    INLINE_INTO_CLONES Axis<T> axis_of(const T* map, int64_t p, int axis, int32_t n) const {
+        return neighbours(voxel_of<Border>(coordinate(map, p, axis), T(n - 1)), n);
+    }
+    // The eight corners of point p.
+    template <bool Derivatives>
+    INLINE_INTO_CLONES Corners<T> corners(const T* map, int64_t p) const {
+        return corners_of<Derivatives>(axis_of(map, p, 0, depth), axis_of(map, p, 1, height),
+                                       axis_of(map, p, 2, width), plane, width);
+    }
 };
 
-// Voxel coordinate of a map coordinate; with border padding clamped into [0, n - 1], and its
-// derivative then 0 on and beyond the edges, as torch's clip_coordinates_set_grad.
-template <typename T>
-inline T to_voxel(T coordinate, T scale, bool border, T* derivative) {
-    T v = coordinate * scale;
-    *derivative = scale;
-    if (border) {
-        if (!(v > T(0))) *derivative = T(0), v = std::isnan(v) ? v : T(0);
-        else if (v >= scale) *derivative = T(0), v = scale;
+// FOR_EACH_LAYOUT(X) expands X(C, ChannelsLast, Border) for each Layout compiled.
+#define FOR_EACH_LAYOUT(X)                                                                      \
+    X(1, true, false) X(1, true, true) X(1, false, false) X(1, false, true) X(3, true, false)  \
+    X(3, true, true) X(3, false, false) X(3, false, true) X(0, true, false) X(0, true, true)    \
+    X(0, false, false) X(0, false, true)
+
+// Forward over points [first, last) of one batch item: out = src sampled at map.
+template <typename T, int C, bool ChannelsLast, bool Border>
+INLINE_INTO_CLONES void sample_range(Layout<T, C, ChannelsLast, Border> l, const T* src, const T* map, T* out,
+                                     int64_t first, int64_t last) {
+    const int64_t channels = l.channels(), out_channel = l.channel_stride(), out_point = l.point_stride(channels);
+    const int64_t volume = l.volume;
+#pragma omp simd
+    for (int64_t p = first; p < last; ++p) {
+        const Corners<T> c = l.template corners<false>(map, p);
+#pragma GCC unroll 4  // unrolled, not vectorized itself: the point loop is the one vectorized
+        for (int64_t ch = 0; ch < channels; ++ch) {
+            const T* channel = src + ch * volume;
+            T value = T(0);
+            for (int k = 0; k < 8; ++k) {
+                const T sample = channel[c.offset[k]];  // offsets are valid; outside corners read 0
+                value += c.weight[k] * (c.inside[k] ? sample : T(0));
+            }
+            out[ch * out_channel + p * out_point] = value;
+        }
     }
-    return v;
 }
 
-// Fills the corners of point (z, y, x) in voxels (their weights' derivatives too when
-// Derivatives); false when none is inside (or a coordinate is NaN): the sample is 0 and so is
-// its gradient. Most points of a registration lie inside the grid with all 8 corners: they
-// take a branch-free path; the others test each corner.
-template <bool Derivatives, typename T>
-inline bool corners_of(T z, T y, T x, const Geometry& g, Corners<T>& c) {
-    if (z >= T(0) && z < T(g.depth - 1) && y >= T(0) && y < T(g.height - 1) && x >= T(0) && x < T(g.width - 1)) {
-        const int64_t z0 = int64_t(z), y0 = int64_t(y), x0 = int64_t(x);  // truncation = floor here
-        const T fz = z - T(z0), fy = y - T(y0), fx = x - T(x0);
-        const T w[2][3] = {{T(1) - fz, T(1) - fy, T(1) - fx}, {fz, fy, fx}};
-        const int64_t base = z0 * g.plane + y0 * g.width + x0;
-        for (int k = 0; k < 8; ++k) {
-            const int hz = k >> 2, hy = (k >> 1) & 1, hx = k & 1;
-            c.offset[k] = base + hz * g.plane + hy * g.width + hx;
-            c.weight[k] = w[hz][0] * w[hy][1] * w[hx][2];
-            if (Derivatives) {
-                const T sz = hz ? T(1) : T(-1), sy = hy ? T(1) : T(-1), sx = hx ? T(1) : T(-1);
-                c.d_z[k] = sz * w[hy][1] * w[hx][2];
-                c.d_y[k] = w[hz][0] * sy * w[hx][2];
-                c.d_x[k] = w[hz][0] * w[hy][1] * sx;
+// Backward, the map's part, over points [first, last) of one batch item: grad_map +=
+// d(sum(grad_out * out)) / d(map).
+template <typename T, int C, bool ChannelsLast, bool Border>
+INLINE_INTO_CLONES void map_gradient_range(Layout<T, C, ChannelsLast, Border> l, const T* src, const T* map,
+                                           const T* grad_out, T* grad_map, int64_t first, int64_t last) {
+    const int64_t channels = l.channels(), out_channel = l.channel_stride(), out_point = l.point_stride(channels);
+    const int64_t map_channel = l.channel_stride(), map_point = l.point_stride(3);
+    const int64_t volume = l.volume;
+#pragma omp simd
+    for (int64_t p = first; p < last; ++p) {
+        const Corners<T> c = l.template corners<true>(map, p);
+        T sum_z = T(0), sum_y = T(0), sum_x = T(0);
+#pragma GCC unroll 4  // unrolled, not vectorized itself: the point loop is the one vectorized
+        for (int64_t ch = 0; ch < channels; ++ch) {
+            const T* channel = src + ch * volume;
+            const T grad = grad_out[ch * out_channel + p * out_point];
+            for (int k = 0; k < 8; ++k) {
+                const T sample = channel[c.offset[k]];
+                const T v = (c.inside[k] ? sample : T(0)) * grad;
+                sum_z += c.d_z[k] * v, sum_y += c.d_y[k] * v, sum_x += c.d_x[k] * v;
             }
         }
-        c.count = 8;
-        c.z_first = z0, c.z_last = z0 + 1;
-        return true;
+        T* at = grad_map + p * map_point;
+        at[0] += sum_z * voxel_slope<Border>(l.coordinate(map, p, 0), T(l.depth - 1));
+        at[map_channel] += sum_y * voxel_slope<Border>(l.coordinate(map, p, 1), T(l.height - 1));
+        at[2 * map_channel] += sum_x * voxel_slope<Border>(l.coordinate(map, p, 2), T(l.width - 1));
     }
-    if (!(z >= T(-1) && z < T(g.depth) && y >= T(-1) && y < T(g.height) && x >= T(-1) && x < T(g.width)))
-        return false;
-    const int64_t z0 = int64_t(std::floor(z)), y0 = int64_t(std::floor(y)), x0 = int64_t(std::floor(x));
-    const T fz = z - T(z0), fy = y - T(y0), fx = x - T(x0);
-    c.count = 0;
-    for (int k = 0; k < 8; ++k) {
-        const int hz = k >> 2, hy = (k >> 1) & 1, hx = k & 1;
-        const int64_t zi = z0 + hz, yi = y0 + hy, xi = x0 + hx;
-        if (zi < 0 || zi >= g.depth || yi < 0 || yi >= g.height || xi < 0 || xi >= g.width) continue;
-        const T wz = hz ? fz : T(1) - fz, wy = hy ? fy : T(1) - fy, wx = hx ? fx : T(1) - fx;
-        c.offset[c.count] = zi * g.plane + yi * g.width + xi;
-        c.weight[c.count] = wz * wy * wx;
-        if (Derivatives) {
-            const T sz = hz ? T(1) : T(-1), sy = hy ? T(1) : T(-1), sx = hx ? T(1) : T(-1);
-            c.d_z[c.count] = sz * wy * wx;
-            c.d_y[c.count] = wz * sy * wx;
-            c.d_x[c.count] = wz * wy * sx;
-        }
-        ++c.count;
-    }
-    if (c.count == 0) return false;
-    c.z_first = c.offset[0] / g.plane, c.z_last = c.offset[c.count - 1] / g.plane;
-    return true;
 }
 
+// Backward, the image's part for one point: grad_image += weight * grad_out at each corner of
+// p in the grid within z slices [lo, hi). Returns whether all of p's corners in the grid lie
+// in those slices (true where none does).
+template <typename T, int C, bool ChannelsLast, bool Border>
+INLINE_INTO_CLONES bool scatter_point(Layout<T, C, ChannelsLast, Border> l, const T* map, const T* grad_out,
+                                      T* grad_image, int64_t p, int64_t lo, int64_t hi) {
+    const int64_t channels = l.channels(), out_channel = l.channel_stride(), out_point = l.point_stride(channels);
+    const Axis<T> z = l.axis_of(map, p, 0, l.depth), y = l.axis_of(map, p, 1, l.height),
+                  x = l.axis_of(map, p, 2, l.width);
+    const Corners<T> c = corners_of<false>(z, y, x, l.plane, l.width);
+    const bool none = !((z.inside[0] | z.inside[1]) & (y.inside[0] | y.inside[1]) & (x.inside[0] | x.inside[1]));
+    const int64_t z_first = z.inside[0] ? z.index[0] : z.index[1], z_last = z.inside[1] ? z.index[1] : z.index[0];
+    const bool all_mine = none || (z_first >= lo && z_last < hi);
+    const int64_t begin = lo * l.plane, end = hi * l.plane;
+    for (int64_t ch = 0; ch < channels; ++ch) {
+        const T grad = grad_out[ch * out_channel + p * out_point];
+        T* target = grad_image + ch * l.volume;
+        for (int k = 0; k < 8; ++k)
+            if (c.inside[k] && c.offset[k] >= begin && c.offset[k] < end) target[c.offset[k]] += c.weight[k] * grad;
+    }
+    return all_mine;
+}
+
+// Backward, the image's part over points [first, last) of one batch item (or the points
+// listed[first..last)), for the thread that owns z slices [lo, hi): adds their corners in
+// those slices, and lists in `elsewhere` (where given) the points with a corner outside them.
+// Most points have all eight corners in the grid and in the thread's slices. Their stencils
+// are computed for a block of points at a time in a vectorized loop, and consecutive points in
+// the same grid cell (a coarse field sampled at finer points: 4 in a row at 175 points on 44
+// voxels) are summed in registers, their cell's 8 x C voxels updated once per run.
+template <typename T, int C, bool ChannelsLast, bool Border>
+INLINE_INTO_CLONES void scatter_range(Layout<T, C, ChannelsLast, Border> l, const T* map, const T* grad_out,
+                                      T* grad_image, const int64_t* listed, int64_t first, int64_t last, int64_t lo,
+                                      int64_t hi, std::vector<int64_t>* elsewhere) {
+    if (listed || C == 0) {  // the few points left after the barrier; a channel count the runs do not size
+        for (int64_t i = first; i < last; ++i) {
+            const int64_t p = listed ? listed[i] : i;
+            if (!scatter_point(l, map, grad_out, grad_image, p, lo, hi) && elsewhere) elsewhere->push_back(p);
+        }
+        return;
+    }
+    constexpr int channels = C ? C : 1, block = 256;
+    const int64_t out_channel = l.channel_stride(), out_point = l.point_stride(channels);
+    const int32_t corner[8] = {0, 1, l.width, l.width + 1, l.plane, l.plane + 1, l.plane + l.width,
+                               l.plane + l.width + 1};
+    alignas(64) int32_t cell[block];  // the offset of corner 0, where `simple`
+    alignas(64) bool simple[block];   // all 8 corners in the grid and in slices [lo, hi)
+    alignas(64) T weight[block][8];  // a point's 8 together: its sums update as one vector
+    T sum[channels][8];
+    int32_t run = -1;  // the cell whose sums are pending
+    const auto flush = [&]() __attribute__((always_inline)) {  // inlined into the clones, as INLINE_INTO_CLONES
+        if (run >= 0)
+            for (int ch = 0; ch < channels; ++ch)
+                for (int k = 0; k < 8; ++k) grad_image[ch * l.volume + run + corner[k]] += sum[ch][k];
+        run = -1;
+    };
+    for (int64_t start = first; start < last; start += block) {
+        const int n = int(std::min<int64_t>(block, last - start));
+#pragma omp simd
+        for (int i = 0; i < n; ++i) {
+            const Axis<T> z = l.axis_of(map, start + i, 0, l.depth), y = l.axis_of(map, start + i, 1, l.height),
+                          x = l.axis_of(map, start + i, 2, l.width);
+            cell[i] = z.index[0] * l.plane + y.index[0] * l.width + x.index[0];
+            simple[i] = z.inside[0] & z.inside[1] & y.inside[0] & y.inside[1] & x.inside[0] & x.inside[1] &
+                        (z.index[0] >= lo) & (z.index[1] < hi);
+            for (int k = 0; k < 8; ++k) weight[i][k] = z.weight[k >> 2] * y.weight[(k >> 1) & 1] * x.weight[k & 1];
+        }
+        for (int i = 0; i < n; ++i) {
+            const int64_t p = start + i;
+            if (!simple[i]) {
+                flush();
+                if (!scatter_point(l, map, grad_out, grad_image, p, lo, hi) && elsewhere) elsewhere->push_back(p);
+                continue;
+            }
+            if (cell[i] != run) {
+                flush();
+                run = cell[i];
+                for (int ch = 0; ch < channels; ++ch)
+                    for (int k = 0; k < 8; ++k) sum[ch][k] = T(0);
+            }
+            for (int ch = 0; ch < channels; ++ch) {
+                const T grad = grad_out[ch * out_channel + p * out_point];
+                for (int k = 0; k < 8; ++k) sum[ch][k] += weight[i][k] * grad;
+            }
+        }
+    }
+    flush();
+}
+
+// The per-thread bodies, compiled for AVX-512, AVX2+FMA and baseline x86-64 (CPU_DISPATCH) in
+// float and double, each switching to its static layout.
+#define LAYOUT_CASE(C, CL, B)                                        \
+    if (c_ == C && g.channels_last == CL && g.border == B) {         \
+        using L = Layout<T, C, CL, B>;                                \
+        return BODY(L(g));                                            \
+    }
+
+template <typename T>
+INLINE_INTO_CLONES void sample_range_any(const Geometry& g, const T* src, const T* map, T* out, int64_t first,
+                                         int64_t last) {
+    const int c_ = g.channels == 1 || g.channels == 3 ? int(g.channels) : 0;
+#define BODY(layout) sample_range(layout, src, map, out, first, last)
+    FOR_EACH_LAYOUT(LAYOUT_CASE)
+#undef BODY
+}
+
+template <typename T>
+INLINE_INTO_CLONES void map_gradient_range_any(const Geometry& g, const T* src, const T* map, const T* grad_out,
+                                               T* grad_map, int64_t first, int64_t last) {
+    const int c_ = g.channels == 1 || g.channels == 3 ? int(g.channels) : 0;
+#define BODY(layout) map_gradient_range(layout, src, map, grad_out, grad_map, first, last)
+    FOR_EACH_LAYOUT(LAYOUT_CASE)
+#undef BODY
+}
+
+template <typename T>
+INLINE_INTO_CLONES void scatter_range_any(const Geometry& g, const T* map, const T* grad_out, T* grad_image,
+                                          const int64_t* listed, int64_t first, int64_t last, int64_t lo,
+                                          int64_t hi, std::vector<int64_t>* elsewhere) {
+    const int c_ = g.channels == 1 || g.channels == 3 ? int(g.channels) : 0;
+#define BODY(layout) scatter_range(layout, map, grad_out, grad_image, listed, first, last, lo, hi, elsewhere)
+    FOR_EACH_LAYOUT(LAYOUT_CASE)
+#undef BODY
+}
+#undef LAYOUT_CASE
+
+#define DISPATCHED(T, ATTRIBUTE)                                                                                      \
+    ATTRIBUTE void sample_points(const Geometry& g, const T* src, const T* map, T* out, int64_t first,    \
+                                    int64_t last) {                                                          \
+        sample_range_any(g, src, map, out, first, last);                                                     \
+    }                                                                                                        \
+    ATTRIBUTE void map_gradient_points(const Geometry& g, const T* src, const T* map, const T* grad_out,  \
+                                          T* grad_map, int64_t first, int64_t last) {                        \
+        map_gradient_range_any(g, src, map, grad_out, grad_map, first, last);                                \
+    }                                                                                                        \
+    ATTRIBUTE void scatter_points(const Geometry& g, const T* map, const T* grad_out, T* grad_image,      \
+                                     const int64_t* listed, int64_t first, int64_t last, int64_t lo,         \
+                                     int64_t hi, std::vector<int64_t>* elsewhere) {                          \
+        scatter_range_any(g, map, grad_out, grad_image, listed, first, last, lo, hi, elsewhere);             \
+    }
+DISPATCHED(float, CPU_DISPATCH)
+DISPATCHED(double, )  // the tests' gradcheck: baseline code is enough
+#undef DISPATCHED
+
 // out (B, C, *coords' grid) = image sampled at coords. border: padding_mode="border",
-// otherwise "zeros". A NaN coordinate gives 0.
+// otherwise "zeros". A NaN coordinate gives 0. Each thread takes an equal share of the points.
 template <typename T>
 void warp_forward(const Array<T>& image, const Array<T>& coords, Array<T>& out, bool border, bool channels_last,
                   int threads) {
-    const Geometry g(image, coords, channels_last);
+    const Geometry g(image, coords, border, channels_last);
     g.check_output(out, coords);
     const T* src = image.data();
     const T* map = coords.data();
     T* dst = out.mutable_data();
-    const T scale[3] = {T(g.depth - 1), T(g.height - 1), T(g.width - 1)};
-    const int64_t map_channel = g.channel_stride(), map_point = g.point_stride(3);
-    const int64_t out_channel = g.channel_stride(), out_point = g.point_stride(g.channels);
 
     py::gil_scoped_release release;
     for (int64_t b = 0; b < g.batch; ++b) {
         const T* map_b = map + (g.coord_batch == 1 ? 0 : b * 3 * g.points);
-        const T* src_b = src + b * g.channels * g.volume;
-        T* dst_b = dst + b * g.channels * g.points;
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t p = 0; p < g.points; ++p) {
-            T unused;
-            const T* at = map_b + p * map_point;
-            const T z = to_voxel(at[0], scale[0], border, &unused);
-            const T y = to_voxel(at[map_channel], scale[1], border, &unused);
-            const T x = to_voxel(at[2 * map_channel], scale[2], border, &unused);
-            Corners<T> c;
-            const bool inside = corners_of<false>(z, y, x, g, c);
-            for (int64_t ch = 0; ch < g.channels; ++ch) {
-                const T* channel = src_b + ch * g.volume;
-                T value = T(0);
-                if (inside)
-                    for (int k = 0; k < c.count; ++k) value += c.weight[k] * channel[c.offset[k]];
-                dst_b[ch * out_channel + p * out_point] = value;
-            }
+#pragma omp parallel num_threads(threads)
+        {
+            const int tid = omp_get_thread_num(), team = omp_get_num_threads();
+            sample_points(g, src + b * g.channels * g.volume, map_b, dst + b * g.channels * g.points,
+                          g.points * tid / team, g.points * (tid + 1) / team);
         }
     }
 }
@@ -177,21 +393,21 @@ void warp_forward(const Array<T>& image, const Array<T>& coords, Array<T>& out, 
 // Gradients of sum(grad_out * warp(image, coords)). grad_image (same shape as image) is
 // written when need_image, grad_coords (same shape as coords; summed over the batch where
 // coords has batch 1) when need_coords; the other may be an empty array.
-// grad_image is a scatter, made race-free without a private copy of the image per thread
-// (those cost one image of memory per extra thread, 7 x 61 MiB for a 175^3 field on 8 threads,
-// and more time than the scatter itself where a full-resolution field is sampled at the
-// regularizer's half-resolution points): thread t takes the t-th share of
-// the sample points and owns the t-th share of the image's z slices. A registration map stays
-// near the identity, so a thread's points mostly land in its own slices: it adds those corners
-// at once and lists the points with a corner elsewhere; after a barrier each thread adds, from
-// the other threads' lists, the corners that land in its slices. Every voxel is summed in an
-// order fixed by the team size, so the result does not depend on scheduling; a map far from
-// the identity only makes the lists longer.
+// grad_coords is a gather, vectorized like the forward. grad_image is a scatter, made
+// race-free without a private copy of the image per thread (those cost one image of memory
+// per extra thread, 7 x 61 MiB for a 175^3 field on 8 threads, and more time than the scatter
+// itself where a full-resolution field is sampled at the regularizer's half-resolution
+// points): thread t takes the t-th share of the sample points and owns the t-th share of the
+// image's z slices. A registration map stays near the identity, so a thread's points mostly
+// land in its own slices: it adds those corners at once and lists the points with a corner
+// elsewhere; after a barrier each thread adds, from the other threads' lists, the corners
+// that land in its slices. Every voxel is summed in an order fixed by the team size, so the
+// result does not depend on scheduling; a map far from the identity only makes the lists longer.
 template <typename T>
 void warp_backward(const Array<T>& image, const Array<T>& coords, const Array<T>& grad_out, Array<T>& grad_image,
                    Array<T>& grad_coords, bool need_image, bool need_coords, bool border, bool channels_last,
                    int threads) {
-    const Geometry g(image, coords, channels_last);
+    const Geometry g(image, coords, border, channels_last);
     g.check_output(grad_out, coords);
     if (need_image) check(grad_image.ndim() == 5 && grad_image.size() == image.size(), "grad_image must match image");
     if (need_coords) check(grad_coords.ndim() == 5 && grad_coords.size() == coords.size(), "grad_coords must match coords");
@@ -201,89 +417,37 @@ void warp_backward(const Array<T>& image, const Array<T>& coords, const Array<T>
     const T* gout = grad_out.data();
     T* gimage = need_image ? grad_image.mutable_data() : nullptr;
     T* gmap = need_coords ? grad_coords.mutable_data() : nullptr;
-    const T scale[3] = {T(g.depth - 1), T(g.height - 1), T(g.width - 1)};
     const int64_t item = g.channels * g.volume;
-    const int64_t map_channel = g.channel_stride(), map_point = g.point_stride(3);
-    const int64_t out_channel = g.channel_stride(), out_point = g.point_stride(g.channels);
 
     py::gil_scoped_release release;
     std::vector<std::vector<int64_t>> elsewhere(threads);  // per thread: its points with a corner in others' slices
     if (need_coords) std::fill(gmap, gmap + grad_coords.size(), T(0));
     for (int64_t b = 0; b < g.batch; ++b) {
         const T* map_b = map + (g.coord_batch == 1 ? 0 : b * 3 * g.points);
-        T* gmap_b = need_coords ? gmap + (g.coord_batch == 1 ? 0 : b * 3 * g.points) : nullptr;
-        const T* src_b = src + b * item;
-        T* gimage_b = need_image ? gimage + b * item : nullptr;
         const T* gout_b = gout + b * g.channels * g.points;
-        // Voxel coordinates of point p, with the derivatives of the border clamp.
-        auto locate = [&](int64_t p, T* z, T* y, T* x, T* dz, T* dy, T* dx) {
-            const T* at = map_b + p * map_point;
-            *z = to_voxel(at[0], scale[0], border, dz);
-            *y = to_voxel(at[map_channel], scale[1], border, dy);
-            *x = to_voxel(at[2 * map_channel], scale[2], border, dx);
-        };
 #pragma omp parallel num_threads(threads)
         {
             // The team may be smaller than asked (no OpenMP, nested parallelism): the shares
             // are the actual team's.
             const int tid = omp_get_thread_num(), team = omp_get_num_threads();
             const int64_t first = g.points * tid / team, last = g.points * (tid + 1) / team;
-            const int64_t lo = g.depth * tid / team, hi = g.depth * (tid + 1) / team;
-            const auto owns = [&](int64_t offset) { return offset >= lo * g.plane && offset < hi * g.plane; };
-            std::vector<int64_t>& mine = elsewhere[tid];
-            mine.clear();
-            if (need_image)
+            if (need_coords)
+                map_gradient_points(g, src + b * item, map_b, gout_b,
+                                    gmap + (g.coord_batch == 1 ? 0 : b * 3 * g.points), first, last);
+            if (need_image) {
+                T* gimage_b = gimage + b * item;
+                const int64_t lo = g.depth * tid / team, hi = g.depth * (tid + 1) / team;
                 for (int64_t ch = 0; ch < g.channels; ++ch)
                     std::fill(gimage_b + ch * g.volume + lo * g.plane, gimage_b + ch * g.volume + hi * g.plane, T(0));
-            for (int64_t p = first; p < last; ++p) {
-                T z, y, x, dz, dy, dx;
-                locate(p, &z, &y, &x, &dz, &dy, &dx);
-                Corners<T> c;
-                if (!corners_of<true>(z, y, x, g, c)) continue;
-                const bool all_mine = c.z_first >= lo && c.z_last < hi;
-                if (need_image && !all_mine) mine.push_back(p);
-                T sum_z = T(0), sum_y = T(0), sum_x = T(0);
-                for (int64_t ch = 0; ch < g.channels; ++ch) {
-                    const T grad = gout_b[ch * out_channel + p * out_point];
-                    if (need_coords) {
-                        const T* channel = src_b + ch * g.volume;
-                        for (int k = 0; k < c.count; ++k) {
-                            const T v = channel[c.offset[k]] * grad;
-                            sum_z += c.d_z[k] * v, sum_y += c.d_y[k] * v, sum_x += c.d_x[k] * v;
-                        }
-                    }
-                    if (need_image) {
-                        T* target = gimage_b + ch * g.volume;
-                        if (all_mine)
-                            for (int k = 0; k < c.count; ++k) target[c.offset[k]] += c.weight[k] * grad;
-                        else
-                            for (int k = 0; k < c.count; ++k)
-                                if (owns(c.offset[k])) target[c.offset[k]] += c.weight[k] * grad;
-                    }
-                }
-                if (need_coords) {
-                    T* gat = gmap_b + p * map_point;
-                    gat[0] += sum_z * dz;
-                    gat[map_channel] += sum_y * dy;
-                    gat[2 * map_channel] += sum_x * dx;
-                }
-            }
-            if (need_image && team > 1) {
+                std::vector<int64_t>& mine = elsewhere[tid];
+                mine.clear();
+                scatter_points(g, map_b, gout_b, gimage_b, nullptr, first, last, lo, hi, &mine);
+                if (team > 1) {
 #pragma omp barrier
-                for (int other = 0; other < team; ++other) {
-                    if (other == tid) continue;
-                    for (const int64_t p : elsewhere[other]) {
-                        T z, y, x, unused;
-                        locate(p, &z, &y, &x, &unused, &unused, &unused);
-                        Corners<T> c;
-                        corners_of<false>(z, y, x, g, c);
-                        for (int64_t ch = 0; ch < g.channels; ++ch) {
-                            const T grad = gout_b[ch * out_channel + p * out_point];
-                            T* target = gimage_b + ch * g.volume;
-                            for (int k = 0; k < c.count; ++k)
-                                if (owns(c.offset[k])) target[c.offset[k]] += c.weight[k] * grad;
-                        }
-                    }
+                    for (int other = 0; other < team; ++other)
+                        if (other != tid)
+                            scatter_points(g, map_b, gout_b, gimage_b, elsewhere[other].data(), 0,
+                                           int64_t(elsewhere[other].size()), lo, hi, nullptr);
                 }
             }
         }  // implicit barrier: the lists are read before the next batch item clears them

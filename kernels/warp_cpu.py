@@ -4,9 +4,10 @@ The extension ``mgr_engine._trilinear_cpu`` (``kernels/trilinear_cpu.cpp``) is c
 ``setup.py`` through pybind11 when the package is installed; where no compiler was found it
 is absent and :func:`available` is False. It computes what ``F.grid_sample(mode="bilinear",
 align_corners=True)`` computes, and its gradients with respect to the image and to the map,
-with the output voxels split over ``torch.get_num_threads()`` OpenMP threads: torch's 3-D
-grid sampler parallelizes only over the batch on the CPU, so a single pair (batch 1) ran its
-forward and backward on one core. float32 (the engine) and float64 (gradcheck); first
+with the output voxels split over ``torch.get_num_threads()`` OpenMP threads (torch's 3-D
+grid sampler parallelizes only over the batch on the CPU, so a single pair, batch 1, ran its
+forward and backward on one core) and the loops over them vectorized with gathers (AVX2 or
+AVX-512, picked at load time). float32 (the engine) and float64 (gradcheck); first
 derivatives only (IO and training need no more). Reference: the PyTorch branch of
 :func:`mgr_engine.ops.warp`; test: ``tests/test_kernels_warp_cpu.py``; benchmark:
 ``benchmarks/bench_warp_cpu.py``.
@@ -31,9 +32,11 @@ def available() -> bool:
 
 
 def supports(image: torch.Tensor, coords: torch.Tensor) -> bool:
-    """Whether :func:`warp_cpu` handles these arguments: CPU tensors, both float32 or both float64."""
+    """Whether :func:`warp_cpu` handles these arguments: CPU tensors, both float32 or both float64,
+    an image of fewer than 2^31 voxels per channel (the kernel's offsets are 32-bit)."""
     return (image.device.type == "cpu" and coords.device.type == "cpu"
-            and image.dtype == coords.dtype and image.dtype in (torch.float32, torch.float64))
+            and image.dtype == coords.dtype and image.dtype in (torch.float32, torch.float64)
+            and image.shape[2:].numel() < 2**31)
 
 
 def as_kernel_array(tensor: torch.Tensor, channels_last: bool = True):

@@ -20,6 +20,7 @@ SHAPES = [  # image grid, map grid: odd, non-cubic, map grid unlike the image's
     ((9, 4, 6), (9, 4, 6)),
     ((3, 8, 5), (2, 3, 7)),
     ((33, 20, 17), (31, 22, 19)),
+    ((6, 5, 7), (23, 19, 29)),  # a coarse field at finer points: runs of points in one grid cell
 ]
 
 
@@ -251,6 +252,14 @@ def test_auto_mode_takes_cpp_on_cpu_tensors_outside_tracers(monkeypatch):
     assert len(calls) == 3
     with ops.kernel_mode("triton"):
         assert not ops.use_cpp_warp(image.detach(), coords)
+
+
+def test_images_beyond_32_bit_offsets_are_left_to_pytorch():
+    small = torch.zeros(1, 3, 4, 4, 4)
+    huge = torch.zeros(1, 3, 1, 1, 1).expand(1, 3, 1291, 1291, 1291)  # just over 2^31 voxels, an expanded view: no memory
+    coords = ops.identity_map((2, 2, 2))
+    assert warp_cpu.supports(small, coords)
+    assert not warp_cpu.supports(huge, coords)
 
 
 def test_cpp_mode_without_the_extension_says_how_to_build(monkeypatch):
