@@ -46,8 +46,8 @@ INLINE_INTO_CLONES T voxel_slope(T c, T scale) {
 // The two grid neighbours (lower, upper) of voxel coordinate v along an axis of n voxels:
 // whether each lies in the grid, its index (0 where it does not, so that every address the
 // loops form is valid), its weight and the weight's derivative in v (both to be masked by
-// `inside`). v outside [-1, n), NaN included, has neither neighbour in the grid. Branch-free (selects only), so that the point
-// loops below vectorize, with gathers, on AVX2 and AVX-512.
+// `inside`). v outside [-1, n), NaN included, has neither neighbour in the grid. Branch-free
+// (selects only), so that the point loops below vectorize, with gathers, on AVX2 and AVX-512.
 template <typename T>
 struct Axis {
     bool inside[2];
@@ -312,18 +312,19 @@ INLINE_INTO_CLONES void scatter_range(Layout<T, C, ChannelsLast, Border> l, cons
     flush();
 }
 
-// The per-thread bodies, compiled for AVX-512, AVX2+FMA and baseline x86-64 (CPU_DISPATCH) in
-// float and double, each switching to its static layout.
-#define LAYOUT_CASE(C, CL, B)                                        \
-    if (c_ == C && g.channels_last == CL && g.border == B) {         \
-        using L = Layout<T, C, CL, B>;                                \
-        return BODY(L(g));                                            \
+// The per-thread bodies: each calls BODY(layout) with g's Layout. The channel count compiled
+// for g: 1 or 3, else 0 (any).
+inline int static_channels(const Geometry& g) { return g.channels == 1 || g.channels == 3 ? int(g.channels) : 0; }
+
+#define LAYOUT_CASE(C, CL, B)                                                          \
+    if (static_channels(g) == C && g.channels_last == CL && g.border == B) {           \
+        using L = Layout<T, C, CL, B>;                                                  \
+        return BODY(L(g));                                                              \
     }
 
 template <typename T>
 INLINE_INTO_CLONES void sample_range_any(const Geometry& g, const T* src, const T* map, T* out, int64_t first,
                                          int64_t last) {
-    const int c_ = g.channels == 1 || g.channels == 3 ? int(g.channels) : 0;
 #define BODY(layout) sample_range(layout, src, map, out, first, last)
     FOR_EACH_LAYOUT(LAYOUT_CASE)
 #undef BODY
@@ -332,7 +333,6 @@ INLINE_INTO_CLONES void sample_range_any(const Geometry& g, const T* src, const 
 template <typename T>
 INLINE_INTO_CLONES void map_gradient_range_any(const Geometry& g, const T* src, const T* map, const T* grad_out,
                                                T* grad_map, int64_t first, int64_t last) {
-    const int c_ = g.channels == 1 || g.channels == 3 ? int(g.channels) : 0;
 #define BODY(layout) map_gradient_range(layout, src, map, grad_out, grad_map, first, last)
     FOR_EACH_LAYOUT(LAYOUT_CASE)
 #undef BODY
@@ -342,29 +342,30 @@ template <typename T>
 INLINE_INTO_CLONES void scatter_range_any(const Geometry& g, const T* map, const T* grad_out, T* grad_image,
                                           const int64_t* listed, int64_t first, int64_t last, int64_t lo,
                                           int64_t hi, std::vector<int64_t>* elsewhere) {
-    const int c_ = g.channels == 1 || g.channels == 3 ? int(g.channels) : 0;
 #define BODY(layout) scatter_range(layout, map, grad_out, grad_image, listed, first, last, lo, hi, elsewhere)
     FOR_EACH_LAYOUT(LAYOUT_CASE)
 #undef BODY
 }
 #undef LAYOUT_CASE
 
-#define DISPATCHED(T, ATTRIBUTE)                                                                                      \
-    ATTRIBUTE void sample_points(const Geometry& g, const T* src, const T* map, T* out, int64_t first,    \
-                                    int64_t last) {                                                          \
-        sample_range_any(g, src, map, out, first, last);                                                     \
-    }                                                                                                        \
-    ATTRIBUTE void map_gradient_points(const Geometry& g, const T* src, const T* map, const T* grad_out,  \
-                                          T* grad_map, int64_t first, int64_t last) {                        \
-        map_gradient_range_any(g, src, map, grad_out, grad_map, first, last);                                \
-    }                                                                                                        \
-    ATTRIBUTE void scatter_points(const Geometry& g, const T* map, const T* grad_out, T* grad_image,      \
-                                     const int64_t* listed, int64_t first, int64_t last, int64_t lo,         \
-                                     int64_t hi, std::vector<int64_t>* elsewhere) {                          \
-        scatter_range_any(g, map, grad_out, grad_image, listed, first, last, lo, hi, elsewhere);             \
+#define DISPATCHED(T, ATTRIBUTE)                                                                      \
+    ATTRIBUTE void sample_points(const Geometry& g, const T* src, const T* map, T* out, int64_t first,   \
+                                 int64_t last) {                                                         \
+        sample_range_any(g, src, map, out, first, last);                                                \
+    }                                                                                                   \
+    ATTRIBUTE void map_gradient_points(const Geometry& g, const T* src, const T* map, const T* grad_out, \
+                                       T* grad_map, int64_t first, int64_t last) {                       \
+        map_gradient_range_any(g, src, map, grad_out, grad_map, first, last);                           \
+    }                                                                                                   \
+    ATTRIBUTE void scatter_points(const Geometry& g, const T* map, const T* grad_out, T* grad_image,     \
+                                  const int64_t* listed, int64_t first, int64_t last, int64_t lo,        \
+                                  int64_t hi, std::vector<int64_t>* elsewhere) {                         \
+        scatter_range_any(g, map, grad_out, grad_image, listed, first, last, lo, hi, elsewhere);        \
     }
+// float compiled for AVX-512, AVX2+FMA and baseline x86-64, the best picked at load time;
+// double (the tests' gradcheck) for baseline only.
 DISPATCHED(float, CPU_DISPATCH)
-DISPATCHED(double, )  // the tests' gradcheck: baseline code is enough
+DISPATCHED(double, )
 #undef DISPATCHED
 
 // out (B, C, *coords' grid) = image sampled at coords. border: padding_mode="border",
