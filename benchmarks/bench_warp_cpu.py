@@ -4,8 +4,10 @@
 Per op at full size (175^3 by default), for each thread count: median time of the warp of a
 1-channel image (zero padding) and of the map composition (3-channel field, border padding),
 forward alone and forward + backward (the gradients IO needs: to the map; to the field and
-the map; the latter also at the regularizer's half-resolution points), PyTorch (``kernel_mode("torch")``) against C++ (``kernel_mode("cpp")``), and the
-memory each call allocates (torch.profiler's CPU memory events). End to end, with randomized
+the map; the latter also at the regularizer's half-resolution points, and for the coarser
+levels' half- and quarter-resolution fields at the full-resolution points of a smooth map),
+PyTorch (``kernel_mode("torch")``) against C++ (``kernel_mode("cpp")``), and the memory each
+call allocates (torch.profiler's CPU memory events). End to end, with randomized
 weights of the official architecture: ``Engine.predict_map`` (no IO: every warp and
 composition of the TwoStep/DownSample nesting), warm median, and one IO step (forward and
 backward of the GradICON objective with 1-LNCC^2, both directions), each mode in its own
@@ -75,6 +77,14 @@ def op_rows(shape, threads_list, repeats):
     # The GradICON regularizer samples the full-resolution fields at every second grid point.
     half = tuple((n + 1) // 2 for n in shape)
     half_coords = (ops.identity_map(half) + 0.02 * torch.randn(1, 3, *half, generator=gen)).requires_grad_()
+    # The TwoStep/DownSample nesting samples the coarser levels' fields (half and quarter
+    # resolution) at the full-resolution points of a smooth, channels-last map, as IO does.
+    quarter = tuple((n + 1) // 2 for n in half)
+    smooth_coords = (ops.identity_map(shape) + torch.nn.functional.interpolate(
+        0.03 * torch.randn(1, 3, 6, 6, 6, generator=gen), size=shape, mode="trilinear")
+    ).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    half_field = (0.02 * torch.randn(1, 3, *half, generator=gen)).requires_grad_()
+    quarter_field = (0.02 * torch.randn(1, 3, *quarter, generator=gen)).requires_grad_()
     cases = {
         "warp (1 channel, zeros)": lambda: ops.warp(image, coords.detach(), "zeros"),
         "compose_maps (3 channels, border)": lambda: ops.compose_maps(field.detach(), coords.detach()),
@@ -83,6 +93,11 @@ def op_rows(shape, threads_list, repeats):
             lambda: torch.autograd.grad(ops.compose_maps(field, coords).sum(), (field, coords)),
         "compose_maps + backward at half-resolution points":
             lambda: torch.autograd.grad(ops.compose_maps(field, half_coords).sum(), (field, half_coords)),
+        "compose_maps + backward, half-resolution field, smooth map":
+            lambda: torch.autograd.grad(ops.compose_maps(half_field, smooth_coords).sum(), (half_field, smooth_coords)),
+        "compose_maps + backward, quarter-resolution field, smooth map":
+            lambda: torch.autograd.grad(ops.compose_maps(quarter_field, smooth_coords).sum(),
+                                        (quarter_field, smooth_coords)),
     }
     rows = []
     for threads in threads_list:
