@@ -256,7 +256,7 @@ def test_auto_mode_takes_cpp_on_cpu_tensors_outside_tracers(monkeypatch):
 
 def test_images_beyond_32_bit_offsets_are_left_to_pytorch():
     small = torch.zeros(1, 3, 4, 4, 4)
-    huge = torch.zeros(1, 3, 1, 1, 1).expand(1, 3, 1291, 1291, 1291)  # just over 2^31 voxels, an expanded view: no memory
+    huge = torch.zeros(1, 3, 1, 1, 1).expand(1, 3, 1291, 1291, 1291)  # just over 2^31 voxels, in no memory
     coords = ops.identity_map((2, 2, 2))
     assert warp_cpu.supports(small, coords)
     assert not warp_cpu.supports(huge, coords)
