@@ -107,11 +107,11 @@ INLINE_INTO_CLONES Corners<T> corners_of(const Axis<T>& z, const Axis<T>& y, con
 // at n * K * points + k * channel_stride(K) + p * point_stride(K).
 struct Geometry {
     int64_t batch, channels, depth, height, width, coord_batch, points, plane, volume;
-    bool border, channels_last;
+    bool border, channels_last, add_coords;
 
     template <typename T>
-    Geometry(const Array<T>& image, const Array<T>& coords, bool border, bool channels_last)
-        : border(border), channels_last(channels_last) {
+    Geometry(const Array<T>& image, const Array<T>& coords, bool border, bool channels_last, bool add_coords)
+        : border(border), channels_last(channels_last), add_coords(add_coords) {
         check(image.ndim() == 5 && coords.ndim() == 5, "image and coords must be 5-D");
         batch = image.shape(0), channels = image.shape(1);
         depth = image.shape(2), height = image.shape(3), width = image.shape(4);
@@ -123,6 +123,8 @@ struct Geometry {
         points = coords.shape(first) * coords.shape(first + 1) * coords.shape(first + 2);
         plane = height * width, volume = depth * plane;
         check(volume <= INT32_MAX, "image must have at most 2^31 - 1 voxels per channel (32-bit offsets)");
+        check(!add_coords || (channels == 3 && border),
+              "add_coords needs a displacement field: 3 channels, border padding");
     }
 
     template <typename T>
@@ -138,8 +140,9 @@ struct Geometry {
 // The layouts the point loops are compiled for, fixed at compile time so that their strides
 // are constants and their channel loops unroll: C channels (1: images, 3: fields; 0: any
 // count, read from the geometry), channels-last or planar sample arrays, border or zero
-// padding. It holds the geometry's sizes by value, so that the loops keep them in registers.
-template <typename T, int C, bool ChannelsLast, bool Border>
+// padding, and AddCoords: compose_maps, out = coords + sample (C 3, border). It holds the
+// geometry's sizes by value, so that the loops keep them in registers.
+template <typename T, int C, bool ChannelsLast, bool Border, bool AddCoords>
 struct Layout {
     int64_t channel_count, points, volume;
     int32_t depth, height, width, plane;
@@ -166,16 +169,18 @@ struct Layout {
     }
 };
 
-// FOR_EACH_LAYOUT(X) expands X(C, ChannelsLast, Border) for each Layout compiled.
-#define FOR_EACH_LAYOUT(X)                                                                      \
-    X(1, true, false) X(1, true, true) X(1, false, false) X(1, false, true) X(3, true, false)  \
-    X(3, true, true) X(3, false, false) X(3, false, true) X(0, true, false) X(0, true, true)    \
-    X(0, false, false) X(0, false, true)
+// FOR_EACH_LAYOUT(X) expands X(C, ChannelsLast, Border, AddCoords) for each Layout compiled.
+#define FOR_EACH_LAYOUT(X)                                                                            \
+    X(1, true, false, false) X(1, true, true, false) X(1, false, false, false) X(1, false, true, false) \
+    X(3, true, false, false) X(3, true, true, false) X(3, false, false, false) X(3, false, true, false) \
+    X(0, true, false, false) X(0, true, true, false) X(0, false, false, false) X(0, false, true, false) \
+    X(3, true, true, true) X(3, false, true, true)
 
-// Forward over points [first, last) of one batch item: out = src sampled at map.
-template <typename T, int C, bool ChannelsLast, bool Border>
-INLINE_INTO_CLONES void sample_range(Layout<T, C, ChannelsLast, Border> l, const T* src, const T* map, T* out,
-                                     int64_t first, int64_t last) {
+// Forward over points [first, last) of one batch item: out = src sampled at map, plus the map
+// itself with AddCoords.
+template <typename T, int C, bool ChannelsLast, bool Border, bool AddCoords>
+INLINE_INTO_CLONES void sample_range(Layout<T, C, ChannelsLast, Border, AddCoords> l, const T* src, const T* map,
+                                     T* out, int64_t first, int64_t last) {
     const int64_t channels = l.channels(), out_channel = l.channel_stride(), out_point = l.point_stride(channels);
     const int64_t volume = l.volume;
 #pragma omp simd
@@ -189,15 +194,16 @@ INLINE_INTO_CLONES void sample_range(Layout<T, C, ChannelsLast, Border> l, const
                 const T sample = channel[c.offset[k]];  // offsets are valid; outside corners read 0
                 value += c.weight[k] * (c.inside[k] ? sample : T(0));
             }
+            if (AddCoords) value += l.coordinate(map, p, int(ch));
             out[ch * out_channel + p * out_point] = value;
         }
     }
 }
 
 // Backward, the map's part, over points [first, last) of one batch item: grad_map +=
-// d(sum(grad_out * out)) / d(map).
-template <typename T, int C, bool ChannelsLast, bool Border>
-INLINE_INTO_CLONES void map_gradient_range(Layout<T, C, ChannelsLast, Border> l, const T* src, const T* map,
+// d(sum(grad_out * out)) / d(map), grad_out itself included with AddCoords.
+template <typename T, int C, bool ChannelsLast, bool Border, bool AddCoords>
+INLINE_INTO_CLONES void map_gradient_range(Layout<T, C, ChannelsLast, Border, AddCoords> l, const T* src, const T* map,
                                            const T* grad_out, T* grad_map, int64_t first, int64_t last) {
     const int64_t channels = l.channels(), out_channel = l.channel_stride(), out_point = l.point_stride(channels);
     const int64_t map_channel = l.channel_stride(), map_point = l.point_stride(3);
@@ -205,11 +211,12 @@ INLINE_INTO_CLONES void map_gradient_range(Layout<T, C, ChannelsLast, Border> l,
 #pragma omp simd
     for (int64_t p = first; p < last; ++p) {
         const Corners<T> c = l.template corners<true>(map, p);
-        T sum_z = T(0), sum_y = T(0), sum_x = T(0);
+        T sum_z = T(0), sum_y = T(0), sum_x = T(0), direct[3] = {T(0), T(0), T(0)};
 #pragma GCC unroll 4  // unrolled, not vectorized itself: the point loop is the one vectorized
         for (int64_t ch = 0; ch < channels; ++ch) {
             const T* channel = src + ch * volume;
             const T grad = grad_out[ch * out_channel + p * out_point];
+            if (AddCoords) direct[ch] = grad;
             for (int k = 0; k < 8; ++k) {
                 const T sample = channel[c.offset[k]];
                 const T v = (c.inside[k] ? sample : T(0)) * grad;
@@ -217,17 +224,17 @@ INLINE_INTO_CLONES void map_gradient_range(Layout<T, C, ChannelsLast, Border> l,
             }
         }
         T* at = grad_map + p * map_point;
-        at[0] += sum_z * voxel_slope<Border>(l.coordinate(map, p, 0), T(l.depth - 1));
-        at[map_channel] += sum_y * voxel_slope<Border>(l.coordinate(map, p, 1), T(l.height - 1));
-        at[2 * map_channel] += sum_x * voxel_slope<Border>(l.coordinate(map, p, 2), T(l.width - 1));
+        at[0] += sum_z * voxel_slope<Border>(l.coordinate(map, p, 0), T(l.depth - 1)) + direct[0];
+        at[map_channel] += sum_y * voxel_slope<Border>(l.coordinate(map, p, 1), T(l.height - 1)) + direct[1];
+        at[2 * map_channel] += sum_x * voxel_slope<Border>(l.coordinate(map, p, 2), T(l.width - 1)) + direct[2];
     }
 }
 
 // Backward, the image's part for one point: grad_image += weight * grad_out at each corner of
 // p in the grid within z slices [lo, hi). Returns whether all of p's corners in the grid lie
 // in those slices (true where none does).
-template <typename T, int C, bool ChannelsLast, bool Border>
-INLINE_INTO_CLONES bool scatter_point(Layout<T, C, ChannelsLast, Border> l, const T* map, const T* grad_out,
+template <typename T, int C, bool ChannelsLast, bool Border, bool AddCoords>
+INLINE_INTO_CLONES bool scatter_point(Layout<T, C, ChannelsLast, Border, AddCoords> l, const T* map, const T* grad_out,
                                       T* grad_image, int64_t p, int64_t lo, int64_t hi) {
     const int64_t channels = l.channels(), out_channel = l.channel_stride(), out_point = l.point_stride(channels);
     const Axis<T> z = l.axis_of(map, p, 0, l.depth), y = l.axis_of(map, p, 1, l.height),
@@ -253,8 +260,8 @@ INLINE_INTO_CLONES bool scatter_point(Layout<T, C, ChannelsLast, Border> l, cons
 // are computed for a block of points at a time in a vectorized loop, and consecutive points in
 // the same grid cell (a coarse field sampled at finer points: 4 in a row at 175 points on 44
 // voxels) are summed in registers, their cell's 8 x C voxels updated once per run.
-template <typename T, int C, bool ChannelsLast, bool Border>
-INLINE_INTO_CLONES void scatter_range(Layout<T, C, ChannelsLast, Border> l, const T* map, const T* grad_out,
+template <typename T, int C, bool ChannelsLast, bool Border, bool AddCoords>
+INLINE_INTO_CLONES void scatter_range(Layout<T, C, ChannelsLast, Border, AddCoords> l, const T* map, const T* grad_out,
                                       T* grad_image, const int64_t* listed, int64_t first, int64_t last, int64_t lo,
                                       int64_t hi, std::vector<int64_t>* elsewhere) {
     if (listed || C == 0) {  // the few points left after the barrier; a channel count the runs do not size
@@ -316,10 +323,10 @@ INLINE_INTO_CLONES void scatter_range(Layout<T, C, ChannelsLast, Border> l, cons
 // for g: 1 or 3, else 0 (any).
 inline int static_channels(const Geometry& g) { return g.channels == 1 || g.channels == 3 ? int(g.channels) : 0; }
 
-#define LAYOUT_CASE(C, CL, B)                                                          \
-    if (static_channels(g) == C && g.channels_last == CL && g.border == B) {           \
-        using L = Layout<T, C, CL, B>;                                                  \
-        return BODY(L(g));                                                              \
+#define LAYOUT_CASE(C, CL, B, A)                                                                   \
+    if (static_channels(g) == C && g.channels_last == CL && g.border == B && g.add_coords == A) {  \
+        using L = Layout<T, C, CL, B, A>;                                                           \
+        return BODY(L(g));                                                                          \
     }
 
 template <typename T>
@@ -372,11 +379,13 @@ DISPATCHED(double, , )
 #undef DISPATCHED
 
 // out (B, C, *coords' grid) = image sampled at coords. border: padding_mode="border",
-// otherwise "zeros". A NaN coordinate gives 0. Each thread takes an equal share of the points.
+// otherwise "zeros". A NaN coordinate gives 0. add_coords (a 3-channel image, a displacement
+// field): out = coords + the sample, compose_maps in one pass. Each thread takes an equal share
+// of the points.
 template <typename T>
-void warp_forward(const Array<T>& image, const Array<T>& coords, Array<T>& out, bool border, bool channels_last,
-                  int threads) {
-    const Geometry g(image, coords, border, channels_last);
+void warp_forward(const Array<T>& image, const Array<T>& coords, Array<T>& out, bool border, bool add_coords,
+                  bool channels_last, int threads) {
+    const Geometry g(image, coords, border, channels_last, add_coords);
     g.check_output(out, coords);
     const T* src = image.data();
     const T* map = coords.data();
@@ -394,7 +403,7 @@ void warp_forward(const Array<T>& image, const Array<T>& coords, Array<T>& out, 
     }
 }
 
-// Gradients of sum(grad_out * warp(image, coords)). grad_image (same shape as image) is
+// Gradients of sum(grad_out * out), out as warp_forward's. grad_image (same shape as image) is
 // written when need_image, grad_coords (same shape as coords; summed over the batch where
 // coords has batch 1) when need_coords; the other may be an empty array.
 // grad_coords is a gather, vectorized like the forward. grad_image is a scatter, made
@@ -409,9 +418,9 @@ void warp_forward(const Array<T>& image, const Array<T>& coords, Array<T>& out, 
 // result does not depend on scheduling; a map far from the identity only makes the lists longer.
 template <typename T>
 void warp_backward(const Array<T>& image, const Array<T>& coords, const Array<T>& grad_out, Array<T>& grad_image,
-                   Array<T>& grad_coords, bool need_image, bool need_coords, bool border, bool channels_last,
-                   int threads) {
-    const Geometry g(image, coords, border, channels_last);
+                   Array<T>& grad_coords, bool need_image, bool need_coords, bool border, bool add_coords,
+                   bool channels_last, int threads) {
+    const Geometry g(image, coords, border, channels_last, add_coords);
     g.check_output(grad_out, coords);
     if (need_image) check(grad_image.ndim() == 5 && grad_image.size() == image.size(), "grad_image must match image");
     if (need_coords) check(grad_coords.ndim() == 5 && grad_coords.size() == coords.size(), "grad_coords must match coords");
@@ -598,13 +607,14 @@ template <typename T>
 void define(py::module_& module) {
     // noconvert: a silent dtype/contiguity copy of an output array would drop the result.
     module.def("warp_trilinear", &warp_forward<T>, py::arg("image").noconvert(), py::arg("coords").noconvert(),
-               py::arg("out").noconvert(), py::arg("border"), py::arg("channels_last"), py::arg("threads"),
-               "Sample image (B, C, D, H, W) trilinearly at coords (B or 1, 3, ...) in [0, 1] into out; with "
-               "channels_last, coords and out are passed as (N, ..., 3) and (B, ..., C).");
+               py::arg("out").noconvert(), py::arg("border"), py::arg("add_coords"), py::arg("channels_last"),
+               py::arg("threads"),
+               "Sample image (B, C, D, H, W) trilinearly at coords (B or 1, 3, ...) in [0, 1] into out (plus coords "
+               "with add_coords); with channels_last, coords and out are passed as (N, ..., 3) and (B, ..., C).");
     module.def("warp_trilinear_backward", &warp_backward<T>, py::arg("image").noconvert(),
                py::arg("coords").noconvert(), py::arg("grad_out").noconvert(), py::arg("grad_image").noconvert(),
                py::arg("grad_coords").noconvert(), py::arg("need_image"), py::arg("need_coords"),
-               py::arg("border"), py::arg("channels_last"), py::arg("threads"),
+               py::arg("border"), py::arg("add_coords"), py::arg("channels_last"), py::arg("threads"),
                "Gradients of the warp with respect to image and coords, written into grad_image and grad_coords.");
     module.def("upsample_add_concat", &upsample_add_concat<T>, py::arg("x_in").noconvert(),
                py::arg("y_conv").noconvert(), py::arg("scale").noconvert(), py::arg("skip").noconvert(),

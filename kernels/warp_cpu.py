@@ -31,6 +31,12 @@ def available() -> bool:
     return _trilinear_cpu is not None
 
 
+def _require_extension() -> None:
+    if _trilinear_cpu is None:
+        raise RuntimeError("mgr_engine._trilinear_cpu was not built: reinstall mgr_engine with a C++ compiler "
+                           "(pip install -e .) or use the PyTorch path (MGR_ENGINE_KERNELS=torch)")
+
+
 def supports(image: torch.Tensor, coords: torch.Tensor) -> bool:
     """Whether :func:`warp_cpu` handles these arguments: CPU tensors, both float32 or both float64,
     an image of fewer than 2^31 voxels per channel (the kernel's offsets are 32-bit)."""
@@ -51,7 +57,7 @@ def as_kernel_array(tensor: torch.Tensor, channels_last: bool = True):
 
 class TrilinearWarpCPU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, image, coords, border):
+    def forward(ctx, image, coords, border, add_coords):
         image, coords = image.detach().contiguous(), coords.detach()  # .numpy() wants no autograd
         # The engine's maps are channels-last (its network is, identity grid included): the
         # kernel then reads them, and writes its output, in that layout instead of a planar copy.
@@ -60,9 +66,9 @@ class TrilinearWarpCPU(torch.autograd.Function):
                           memory_format=memory_format_of(coords))
         _trilinear_cpu.warp_trilinear(image.numpy(), as_kernel_array(coords, channels_last),
                                       as_kernel_array(out, channels_last),
-                                      border, channels_last, torch.get_num_threads())
+                                      border, add_coords, channels_last, torch.get_num_threads())
         ctx.save_for_backward(image, coords)
-        ctx.border = border
+        ctx.border, ctx.add_coords = border, add_coords
         ctx.channels_last = channels_last
         return out
 
@@ -80,16 +86,24 @@ class TrilinearWarpCPU(torch.autograd.Function):
             image.numpy(), as_kernel_array(coords, channels_last), as_kernel_array(grad_out, channels_last),
             grad_image.numpy(),
             as_kernel_array(grad_coords, channels_last) if need_coords else empty.numpy(), need_image, need_coords,
-            ctx.border, channels_last, torch.get_num_threads())
-        return (grad_image if need_image else None), (grad_coords if need_coords else None), None
+            ctx.border, ctx.add_coords, channels_last, torch.get_num_threads())
+        return (grad_image if need_image else None), (grad_coords if need_coords else None), None, None
 
 
 def warp_cpu(image: torch.Tensor, coords: torch.Tensor, padding: str = "zeros") -> torch.Tensor:
     """``image`` (B, C, *grid) sampled at ``coords`` (B or 1, 3, *out) in [0, 1], differentiable
     in both; see :func:`mgr_engine.ops.warp`. Needs :func:`available` and :func:`supports`."""
-    if _trilinear_cpu is None:
-        raise RuntimeError("mgr_engine._trilinear_cpu was not built: reinstall mgr_engine with a C++ compiler "
-                           "(pip install -e .) or use the PyTorch path (MGR_ENGINE_KERNELS=torch)")
+    _require_extension()
     if padding not in ("zeros", "border"):
         raise ValueError(f"padding must be 'zeros' or 'border', not {padding!r}")
-    return TrilinearWarpCPU.apply(image, coords, padding == "border")
+    return TrilinearWarpCPU.apply(image, coords, padding == "border", False)
+
+
+def compose_maps_cpu(displacement: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """``coords + warp_cpu(displacement, coords, "border")`` in one pass, differentiable in both
+    (:func:`mgr_engine.ops.compose_maps`): ``displacement`` (B, 3, *grid), ``coords`` (B or 1, 3,
+    *out). Needs :func:`available` and :func:`supports`."""
+    _require_extension()
+    if displacement.shape[1] != 3:
+        raise ValueError(f"a displacement field has 3 channels, not {displacement.shape[1]}")
+    return TrilinearWarpCPU.apply(displacement, coords, True, True)

@@ -179,5 +179,9 @@ def compose_maps(displacement: torch.Tensor, coords: torch.Tensor) -> torch.Tens
         from .kernels.compose import compose_maps as triton_compose
 
         return triton_compose(displacement, coords)
+    if use_cpp_warp(displacement, coords) and displacement.shape[1] == 3:
+        from .kernels.warp_cpu import compose_maps_cpu
+
+        return compose_maps_cpu(displacement, coords)
     return coords + warp(displacement, coords, padding="border")
 

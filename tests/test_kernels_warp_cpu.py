@@ -254,6 +254,42 @@ def test_auto_mode_takes_cpp_on_cpu_tensors_outside_tracers(monkeypatch):
         assert not ops.use_cpp_warp(image.detach(), coords)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+@pytest.mark.parametrize("grid,out", SHAPES)
+@pytest.mark.parametrize("batch,map_batch", [(1, 1), (2, 2), (3, 1)])
+def test_compose_maps_in_one_pass_equals_pytorch(layout, grid, out, batch, map_batch):
+    """compose_maps_cpu = coords + warp(field, coords, "border") in one pass: values and both
+    gradients against PyTorch's path in float64, a map batch of 1 shared by the fields."""
+    gen = torch.Generator().manual_seed(11)
+    field = (0.1 * torch.randn(batch, 3, *grid, generator=gen, dtype=torch.float64)).requires_grad_()
+    coords = random_map(map_batch, out, spread=0.3).double().contiguous(memory_format=layout).requires_grad_()
+    got = warp_cpu.compose_maps_cpu(field, coords)
+    with ops.kernel_mode("torch"):
+        expected = ops.compose_maps(field, coords)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    grad_out = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(got, (field, coords), grad_out),
+                    torch.autograd.grad(expected, (field, coords), grad_out)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_compose_maps_in_one_pass_gradcheck_and_dispatch(monkeypatch):
+    gen = torch.Generator().manual_seed(12)
+    field = (0.1 * torch.randn(2, 3, 5, 6, 4, generator=gen, dtype=torch.float64)).requires_grad_()
+    coords = random_map(1, (4, 3, 5), spread=0.3).double().requires_grad_()
+    torch.autograd.gradcheck(warp_cpu.compose_maps_cpu, (field, coords))
+    with pytest.raises(ValueError, match="3 channels"):
+        warp_cpu.compose_maps_cpu(field[:, :2], coords)
+    calls = []
+    original = warp_cpu.compose_maps_cpu
+    monkeypatch.setattr(warp_cpu, "compose_maps_cpu", lambda *args: calls.append(1) or original(*args))
+    with ops.kernel_mode("auto"):
+        ops.compose_maps(field, coords)
+    with ops.kernel_mode("torch"):
+        ops.compose_maps(field, coords)
+    assert len(calls) == 1
+
+
 def test_images_beyond_32_bit_offsets_are_left_to_pytorch():
     small = torch.zeros(1, 3, 4, 4, 4)
     huge = torch.zeros(1, 3, 1, 1, 1).expand(1, 3, 1291, 1291, 1291)  # just over 2^31 voxels, in no memory
