@@ -114,12 +114,15 @@ def op_rows(shape, threads_list, repeats):
 
 def io_step(shape, threads, repeats, mode):
     """One IO step (GradICON objective, forward + backward, both directions) in kernel ``mode``:
-    median seconds of ``repeats`` after one warm-up, peak RSS (GiB) and the gradient."""
+    median seconds of ``repeats`` after one warm-up, peak RSS (GiB) and the gradient. Freed host
+    memory is kept, as the engine does on the CPU (:mod:`mgr_engine.host_memory`)."""
     from helpers import random_network, smooth_volume
 
+    from mgr_engine import host_memory
     from mgr_engine.engine import gradicon_objective
     from mgr_engine.losses import lncc2_loss
 
+    host_memory.keep_freed_memory()
     torch.set_num_threads(threads)
     network = random_network(tuple(shape), displacement_scale=0.3).requires_grad_(True)
     moving = torch.from_numpy(smooth_volume(shape, 1))[None, None]
