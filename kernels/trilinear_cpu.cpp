@@ -274,7 +274,7 @@ INLINE_INTO_CLONES void scatter_range(Layout<T, C, ChannelsLast, Border, AddCoor
     constexpr int channels = C ? C : 1, block = 256;
     const int64_t out_channel = l.channel_stride(), out_point = l.point_stride(channels);
     const int32_t corner[8] = {0, 1, l.width, l.width + 1, l.plane, l.plane + 1, l.plane + l.width,
-                               l.plane + l.width + 1};
+                               l.plane + l.width + 1};  // corner k from corner 0, in corners_of's order
     alignas(64) int32_t cell[block];  // the offset of corner 0, where `simple`
     alignas(64) bool simple[block];   // all 8 corners in the grid and in slices [lo, hi)
     alignas(64) T weight[block][8];  // a point's 8 together: its sums update as one vector
@@ -292,6 +292,8 @@ INLINE_INTO_CLONES void scatter_range(Layout<T, C, ChannelsLast, Border, AddCoor
         for (int i = 0; i < n; ++i) {
             const Axis<T> z = l.axis_of(map, start + i, 0, l.depth), y = l.axis_of(map, start + i, 1, l.height),
                           x = l.axis_of(map, start + i, 2, l.width);
+            // corners_of's offset 0, weights and inside flags spelled out: taking them from
+            // corners_of here made the scatter 1.35x slower (44^3 field at 175^3 points).
             cell[i] = z.index[0] * l.plane + y.index[0] * l.width + x.index[0];
             simple[i] = z.inside[0] & z.inside[1] & y.inside[0] & y.inside[1] & x.inside[0] & x.inside[1] &
                         (z.index[0] >= lo) & (z.index[1] < hi);
