@@ -16,7 +16,6 @@ Needs no itk. Times on a shared machine are noisy: compare the ratios of one run
 
 from __future__ import annotations
 
-import argparse
 import platform
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from bench_kernels import timed  # noqa: E402  (median after two warm-ups)
-from bench_warp_cpu import allocated_mib  # noqa: E402
+from bench_warp_cpu import allocated_mib, cpu_benchmark_parser, exit_unless_built  # noqa: E402
 
 from mgr_engine import model, ops  # noqa: E402
 from mgr_engine.kernels import decoder_cpu, warp_cpu  # noqa: E402
@@ -53,12 +52,8 @@ def level_inputs(shape, level, config):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", type=int, nargs=3, default=(175, 175, 175))
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args(argv)
-    if not warp_cpu.available():
-        sys.exit("mgr_engine._trilinear_cpu was not built: pip install -e . with a C++ compiler")
+    args = cpu_benchmark_parser(__doc__, end_to_end=False).parse_args(argv)
+    exit_unless_built(warp_cpu.available(), "_trilinear_cpu")
     shape = tuple(args.shape)
     config = model.NetworkConfig(input_shape=shape)
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "

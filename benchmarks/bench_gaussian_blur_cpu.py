@@ -17,7 +17,6 @@ Needs no itk. Times on a shared machine are noisy: compare the ratios of one run
 
 from __future__ import annotations
 
-import argparse
 import platform
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from bench_kernels import timed  # noqa: E402  (median after two warm-ups)
-from bench_warp_cpu import allocated_mib  # noqa: E402
+from bench_warp_cpu import allocated_mib, cpu_benchmark_parser, exit_unless_built  # noqa: E402
 
 from mgr_engine import host_memory, losses, model  # noqa: E402
 from mgr_engine.kernels import gaussian_blur_cpu  # noqa: E402
@@ -89,13 +88,8 @@ def end_to_end(shape, repeats):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", type=int, nargs=3, default=(175, 175, 175))
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--skip-end-to-end", action="store_true")
-    args = parser.parse_args(argv)
-    if not gaussian_blur_cpu.available():
-        sys.exit("mgr_engine._gaussian_blur_cpu was not built: pip install -e . with a C++ compiler")
+    args = cpu_benchmark_parser(__doc__).parse_args(argv)
+    exit_unless_built(gaussian_blur_cpu.available(), "_gaussian_blur_cpu")
     host_memory.keep_freed_memory()
     shape = tuple(args.shape)
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "

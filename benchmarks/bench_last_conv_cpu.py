@@ -17,7 +17,6 @@ Needs no itk. Times on a shared machine are noisy: compare the ratios of one run
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import platform
 import sys
@@ -30,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from bench_kernels import timed  # noqa: E402  (median after two warm-ups)
-from bench_warp_cpu import allocated_mib  # noqa: E402
+from bench_warp_cpu import allocated_mib, cpu_benchmark_parser, exit_unless_built  # noqa: E402
 
 from mgr_engine import model  # noqa: E402
 from mgr_engine.kernels import last_conv_cpu  # noqa: E402
@@ -83,13 +82,8 @@ def end_to_end(shape, repeats):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", type=int, nargs=3, default=(175, 175, 175))
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--skip-end-to-end", action="store_true")
-    args = parser.parse_args(argv)
-    if not last_conv_cpu.available():
-        sys.exit("mgr_engine._last_conv_cpu was not built: pip install -e . with a C++ compiler")
+    args = cpu_benchmark_parser(__doc__).parse_args(argv)
+    exit_unless_built(last_conv_cpu.available(), "_last_conv_cpu")
     shape = tuple(args.shape)
     config = model.NetworkConfig(input_shape=shape)
     cin = config.down_channels[0] + config.up_channels[0]

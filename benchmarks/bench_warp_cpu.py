@@ -45,6 +45,23 @@ from mgr_engine.kernels import warp_cpu  # noqa: E402
 from bench_kernels import timed  # noqa: E402  (median after two warm-ups)
 
 
+def cpu_benchmark_parser(doc: str, end_to_end: bool = True) -> argparse.ArgumentParser:
+    """The options of every CPU kernel benchmark: ``--shape``, ``--repeats`` and, where it has an
+    end-to-end part, ``--skip-end-to-end``; the description is the first paragraph of ``doc``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--shape", type=int, nargs=3, default=(175, 175, 175))
+    parser.add_argument("--repeats", type=int, default=5)
+    if end_to_end:
+        parser.add_argument("--skip-end-to-end", action="store_true")
+    return parser
+
+
+def exit_unless_built(available: bool, extension: str) -> None:
+    """Exit, saying how to build it, where the C++ ``extension`` was not built."""
+    if not available:
+        sys.exit(f"mgr_engine.{extension} was not built: pip install -e . with a C++ compiler")
+
+
 def allocated_mib(fn):
     """MiB allocated by ``fn()``: the ops' own CPU allocations (torch.profiler), frees not
     subtracted. The profiler's start/stop lines on stderr are silenced."""
@@ -166,17 +183,13 @@ def end_to_end(shape, threads, repeats):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", type=int, nargs=3, default=(175, 175, 175))
+    parser = cpu_benchmark_parser(__doc__)
     parser.add_argument("--threads", type=int, nargs="+", default=(1, torch.get_num_threads()))
-    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--io-repeats", type=int, default=2, help="timed IO steps per mode (after one warm-up)")
-    parser.add_argument("--skip-end-to-end", action="store_true")
     parser.add_argument("--io-step-mode", choices=("torch", "cpp"), help=argparse.SUPPRESS)  # child process
     parser.add_argument("--io-gradient", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if not warp_cpu.available():
-        sys.exit("mgr_engine._trilinear_cpu was not built: pip install -e . with a C++ compiler")
+    exit_unless_built(warp_cpu.available(), "_trilinear_cpu")
     shape = tuple(args.shape)
     if args.io_step_mode:
         seconds, peak_gib, gradient = io_step(shape, max(args.threads), args.io_repeats, args.io_step_mode)
