@@ -65,7 +65,8 @@ def _add_register(sub):
                    help="input shape of a non-official network configuration (default 175 175 175)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
-                   help="arithmetic of the forward without IO (default fp32; IO is always fp32)")
+                   help="arithmetic of the forward without IO (default fp32; IO is always fp32); "
+                        "tf32 and bf16 are for CUDA (bf16 is slower on the CPU)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the forward (CUDA graphs on a GPU); pays off over many registrations")
     p.add_argument("--io_checkpointing", action="store_true",
@@ -104,7 +105,7 @@ def _add_register_many(sub):
     p.add_argument("--warped", action="store_true", help="also write OUT_DIR/NAME_warped.nii.gz (moving on the fixed grid)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
-                   help="arithmetic of the forward without IO (default fp32)")
+                   help="arithmetic of the forward without IO (default fp32); tf32 and bf16 are for CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile the forward (CUDA graphs on a GPU)")
     p.add_argument("--seed", type=int, help="seed for IO's random regularizer grid (reproducible IO)")
     p.set_defaults(run=run_register_many)
