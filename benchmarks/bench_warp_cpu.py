@@ -14,7 +14,7 @@ backward of the GradICON objective with 1-LNCC^2, both directions), each mode in
 process so that its peak memory (RSS) is its own.
 
     .venv/bin/python benchmarks/bench_warp_cpu.py
-    .venv/bin/python benchmarks/bench_warp_cpu.py --shape 64 64 64 --repeats 3   # quick
+    .venv/bin/python benchmarks/bench_warp_cpu.py --shape 72 72 72 --repeats 3   # quick
 
 Needs no itk. Times on a shared machine are noisy: compare the ratios of one run.
 """

@@ -62,7 +62,8 @@ def _add_register(sub):
     p.add_argument("--displacement_field_out", help="output: dense displacement field on the fixed grid (mm)")
     p.add_argument("--jacobian_out", help="output: Jacobian determinant on the fixed grid")
     p.add_argument("--network_input_shape", nargs=3, type=int, metavar=("D", "H", "W"),
-                   help="input shape of a non-official network configuration (default 175 175 175)")
+                   help="input shape of a non-official network configuration (default 175 175 175; "
+                        "at least 65 voxels per axis for U-Nets of the official depth)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
                    help="arithmetic of the forward without IO (default fp32; IO is always fp32); "
@@ -186,7 +187,8 @@ def _add_export(sub):
                    help="full graph: keep ConvTranspose and the 3-D last convolution (by default rewritten into the "
                         "forms ONNX Runtime's CPU provider runs fast)")
     p.add_argument("--network_input_shape", nargs=3, type=int, metavar=("D", "H", "W"),
-                   help="input shape of a non-official network configuration (default 175 175 175)")
+                   help="input shape of a non-official network configuration (default 175 175 175; "
+                        "at least 65 voxels per axis for U-Nets of the official depth)")
     p.set_defaults(run=run_export)
 
 

@@ -25,6 +25,7 @@ import copy
 import functools
 import json
 import math
+import numbers
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, InvalidOptionError
 from .kernels import decoder_cpu, last_conv_cpu
 from .ops import (compose_maps, identity_map, is_channels_last, memory_format_of, use_cpp_decoder,
                   use_cpp_last_conv, warp)
@@ -47,6 +48,22 @@ class NetworkConfig:
     input_shape: tuple = (175, 175, 175)
     down_channels: tuple = (2, 16, 32, 64, 256, 512)  # first entry: fixed + moving channels
     up_channels: tuple = (16, 32, 64, 128, 256)
+
+    def __post_init__(self):
+        shape = tuple(self.input_shape)
+        if len(shape) != 3 or not all(isinstance(n, numbers.Integral) and n > 0 for n in shape):
+            raise InvalidOptionError(f"network input shape {shape}: give three positive integers (D, H, W)")
+        # The quarter-resolution U-Net (input ceil(n / 4)) average-pools its input once per
+        # level, and torch refuses to pool an axis of 1 voxel.
+        smallest = self.smallest_input_size()
+        if min(shape) < smallest:
+            raise InvalidOptionError(
+                f"network input shape {shape} is too small for U-Nets {len(self.up_channels)} levels deep: "
+                f"each axis needs at least {smallest} voxels (the official networks take 175)")
+
+    def smallest_input_size(self) -> int:
+        """The fewest voxels along an axis this network can take: 2^(levels + 1) + 1."""
+        return 2 ** (len(self.up_channels) + 1) + 1
 
     def level_shapes(self):
         """Input shapes of the three resolution levels: full, pooled once, pooled twice."""

@@ -21,7 +21,7 @@ from mgr_engine.errors import (
     MgrEngineError,
     WeightsNotFoundError,
 )
-from mgr_engine.model import official_state_dict
+from mgr_engine.model import GradICONNetwork, NetworkConfig, official_state_dict
 
 SHAPE = (72, 72, 72)
 IMAGE_SHAPE = (20, 24, 22)
@@ -187,6 +187,32 @@ def test_unknown_model():
         Engine(model="foo")
 
 
+@pytest.mark.parametrize("up_channels", [(4, 8, 8, 16, 16), (4, 8, 8), (4,)])
+def test_network_input_shape_too_small(up_channels):
+    down_channels = (2, *up_channels)
+    smallest = 2 ** (len(up_channels) + 1) + 1  # 65 for the official five levels
+    with pytest.raises(InvalidOptionError, match=rf"too small for U-Nets {len(up_channels)} levels deep: "
+                                                 rf"each axis needs at least {smallest} voxels"):
+        NetworkConfig(input_shape=(smallest + 3, smallest - 1, smallest), down_channels=down_channels,
+                      up_channels=up_channels)
+    # the bound is tight: the smallest size runs
+    config = NetworkConfig(input_shape=(smallest, smallest + 1, smallest), down_channels=down_channels,
+                           up_channels=up_channels)
+    net = GradICONNetwork(config).eval()
+    with torch.no_grad():
+        assert net(volume_tensor(config), volume_tensor(config)).shape == (1, 3, *config.input_shape)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (64, 0, 64), (64.5, 80, 80)])
+def test_network_input_shape_not_three_sizes(shape):
+    with pytest.raises(InvalidOptionError, match=r"give three positive integers"):
+        NetworkConfig(input_shape=shape)
+
+
+def volume_tensor(config):
+    return torch.rand(1, 1, *config.input_shape)
+
+
 def test_unknown_masking(engine):
     with pytest.raises(InvalidOptionError, match=r"unknown masking 'inside'.*choose one of input, loss, both"):
         register(engine, masking="inside")
@@ -285,6 +311,16 @@ def test_cli_unreadable_moving_image(cli_files, capsys):
     stderr = capsys.readouterr().err
     assert re.search(r"^mgr-engine register: error: ITK cannot read the moving image", stderr, re.MULTILINE)
     assert files_in(out) == []  # no transform, no temporary file
+
+
+def test_cli_network_input_shape_too_small(cli_files, capsys):
+    inputs, out = cli_files
+    args = register_args(inputs, out)
+    shape_at = args.index("--network_input_shape") + 1
+    args[shape_at:shape_at + 3] = ["64", "64", "64"]
+    assert cli.main(args) == 2
+    assert "each axis needs at least 65 voxels" in capsys.readouterr().err
+    assert files_in(out) == []
 
 
 def test_cli_interrupted_write_leaves_nothing(cli_files, capsys, monkeypatch):

@@ -198,7 +198,7 @@ def test_register_function_with_onnx_backend(tmp_path, monkeypatch):
     assert voxel_error(results[1].phi_ab, results[0].phi_ab, net.config.input_shape) < 1e-3
     assert voxel_error(results[0].phi_ab, net.identity_full, net.config.input_shape) > 1.0
     # an ONNX model exported for another input shape is refused
-    other = random_network((64, 64, 64), narrow=True)
+    other = random_network((80, 80, 80), narrow=True)
     export_onnx(tmp_path / "small.onnx", weights=official_state_dict(other), config=other.config)
     with pytest.raises(OnnxError, match="does not fit"):
         mgr_engine.register(fixed, moving, weights=weights, io_iterations=None, device="cpu",
