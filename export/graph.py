@@ -36,13 +36,12 @@ import numpy as np
 import torch
 
 from ..errors import OnnxError
-from ..model import GradICONNetwork, fold_batchnorm
+from ..model import LEAKY_SLOPE, GradICONNetwork, fold_batchnorm
 
 MIN_OPSET_FULL = 20  # GridSample on 5-D tensors (3-D volumes) is opset 20
 MIN_OPSET_STAGE = 13  # Resize with an optional roi input, Slice/Pad with tensor inputs
 DEFAULT_OPSET = {"full": 20, "stages": 17}  # 17: the newest opset TensorRT 8.6 parses
 STAGE_OPS = frozenset({"Conv", "ConvTranspose", "LeakyRelu", "AveragePool", "Resize", "Add", "Concat", "Slice", "Pad"})
-LEAKY_SLOPE = 0.01  # F.leaky_relu's default
 DTYPES = ("float32", "float16")
 
 

@@ -125,6 +125,59 @@ def crop_concat(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     return _cropped_cat(x, skip)
 
 
+LEAKY_SLOPE = 0.01  # F.leaky_relu's default, the authors' activation
+
+
+class _LeakyReluConv(torch.autograd.Function):
+    """``conv(leaky_relu(x))`` for a 3-D convolution or transposed convolution, keeping ``x``
+    alone for the backward pass and recomputing the activation there. Autograd would keep both
+    ``x`` (the activation's input, kept anyway as a skip or pooling input) and the activation's
+    output (the convolution's input)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, transposed):
+        ctx.save_for_backward(x, weight)
+        ctx.conv = (bias is not None, stride, padding, transposed)
+        activated = F.leaky_relu(x, LEAKY_SLOPE)
+        if transposed:
+            return F.conv_transpose3d(activated, weight, bias, stride, padding)
+        return F.conv3d(activated, weight, bias, stride, padding)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        has_bias, stride, padding, transposed = ctx.conv
+        needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        grad_activated, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad, F.leaky_relu(x, LEAKY_SLOPE), weight, [weight.shape[1 if transposed else 0]] if has_bias else None,
+            [stride] * 3, [padding] * 3, [1, 1, 1], transposed, [0, 0, 0], 1,
+            [needs_x, needs_weight, needs_bias and has_bias])
+        grad_x = None
+        if needs_x:
+            grad_x = torch.ops.aten.leaky_relu_backward(grad_activated, x, LEAKY_SLOPE, False)
+        return grad_x, grad_weight, grad_bias, None, None, None
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def leaky_relu_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``conv(F.leaky_relu(x))`` for the U-Net's ``nn.Conv3d`` and ``nn.ConvTranspose3d`` layers.
+    Where gradients flow (instance optimization, training in fp32), through
+    :class:`_LeakyReluConv`: at 175^3 an IO step's peak is 1 GiB lower (9.8 -> 8.8 GiB with
+    freed host memory returned, 2 CPU cores), its time unchanged. Under autocast (training
+    with ``--amp``), autograd's own path, whose backward casts as the forward did."""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
+    if needs_grad and not _autocast_enabled(x.device.type):
+        transposed = isinstance(conv, nn.ConvTranspose3d)
+        return _LeakyReluConv.apply(x, conv.weight, conv.bias, conv.stride[0], conv.padding[0], transposed)
+    return conv(F.leaky_relu(x, LEAKY_SLOPE))
+
+
 class UNet(nn.Module):
     """One displacement-predicting U-Net (the authors' ``UNet2``), five levels deep.
 
@@ -164,10 +217,10 @@ class UNet(nn.Module):
         skips = []
         for conv in self.downConvs:
             skips.append(x)
-            y = conv(F.leaky_relu(x))
+            y = leaky_relu_conv(conv, x)
             x = y + _match_channels(F.avg_pool3d(x, 2, ceil_mode=True), y.shape[1])
         for depth in reversed(range(len(self.upConvs))):
-            y = self.upConvs[depth](F.leaky_relu(x))
+            y = leaky_relu_conv(self.upConvs[depth], x)
             norm, skip = self.batchNorms[depth], skips[depth]
             if isinstance(norm, FoldedBatchNorm):  # inference
                 if use_cpp_decoder(y, x, norm.scale, skip):

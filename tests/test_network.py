@@ -160,3 +160,69 @@ def test_decoder_crop_concat_gradients_keep_the_layouts(layout, x_grid):
         assert torch.equal(got_grad, expected_grad)
         assert got_grad.is_contiguous(memory_format=layout)
     torch.autograd.gradcheck(crop_concat, (x, skip))
+
+
+def plain_leaky_relu_conv(conv, x):
+    return conv(torch.nn.functional.leaky_relu(x))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+@pytest.mark.parametrize("grads", ["all", "weights only", "input only"])
+def test_leaky_relu_conv_equals_autograd(transposed, layout, grads):
+    """The U-Net's ``conv(leaky_relu(x))`` that keeps only ``x`` for backward: values and the
+    gradients of x, weight and bias equal autograd's, over odd grids, batch 2, both layers."""
+    from mgr_engine.model import _LeakyReluConv, leaky_relu_conv
+
+    torch.manual_seed(3)
+    conv = (torch.nn.ConvTranspose3d(5, 3, 4, padding=1, stride=2) if transposed
+            else torch.nn.Conv3d(3, 5, 3, padding=1, stride=2)).double()
+    conv.requires_grad_(grads != "input only")
+    x = torch.randn(2, conv.in_channels, 7, 6, 5, dtype=torch.float64).contiguous(memory_format=layout)
+    x.requires_grad_(grads != "weights only")
+    inputs = [t for t in (x, conv.weight, conv.bias) if t.requires_grad]
+    got, expected = leaky_relu_conv(conv, x), plain_leaky_relu_conv(conv, x)
+    assert got.grad_fn is not None and "LeakyReluConv" in type(got.grad_fn).__name__
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    grad_out = torch.randn_like(expected)
+    for got_grad, expected_grad in zip(torch.autograd.grad(got, inputs, grad_out),
+                                       torch.autograd.grad(expected, inputs, grad_out)):
+        torch.testing.assert_close(got_grad, expected_grad, rtol=1e-10, atol=1e-12)
+    if grads == "all":
+        torch.autograd.gradcheck(lambda x, weight, bias: _LeakyReluConv.apply(
+            x, weight, bias, conv.stride[0], conv.padding[0], transposed), (x, conv.weight, conv.bias))
+
+
+def saved_bytes(fn):
+    """Bytes of the distinct tensors autograd keeps for backward while ``fn`` runs."""
+    saved = {}
+
+    def pack(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sum(saved.values())
+
+
+def test_unet_keeps_only_the_activations_inputs_for_backward(monkeypatch):
+    """With gradients, a U-Net keeps each activation's input and not its output as well: the
+    difference is exactly the activations' outputs (1 GiB of an IO step at 175^3)."""
+    from mgr_engine import model
+
+    unet = random_network((72, 72, 72), narrow=True, seed=4).unets[3].train()
+    moving, fixed = (v.float() for v in pair((40, 36, 34)))
+    fused = saved_bytes(lambda: unet(moving, fixed))
+    activations = []
+
+    def recording(conv, x):
+        activated = torch.nn.functional.leaky_relu(x)
+        activations.append(activated.untyped_storage().nbytes())
+        return conv(activated)
+
+    monkeypatch.setattr(model, "leaky_relu_conv", recording)
+    plain = saved_bytes(lambda: unet(moving, fixed))
+    assert len(activations) == 2 * len(unet.downConvs)
+    # The first activation's input, the images, needs no gradient: kept in place of its output.
+    assert plain - fused == sum(activations[1:]) > 0
