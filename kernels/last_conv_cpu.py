@@ -52,20 +52,22 @@ def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 
 class LastConvCPU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, recompute_x):
         x = x.detach().contiguous(memory_format=CHANNELS_LAST)
         weight = weight.detach().contiguous()
         out = torch.empty((x.shape[0], 3, *x.shape[2:]), dtype=x.dtype)
         _last_conv_cpu.last_conv(as_kernel_array(x), weight.numpy(), bias.detach().contiguous().numpy(),
                                  out.numpy(), torch.get_num_threads())
-        ctx.save_for_backward(x, weight)
+        ctx.recompute_x = recompute_x
+        ctx.save_for_backward(weight, *(() if recompute_x else (x,)))
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        need_x, need_weight, need_bias = ctx.needs_input_grad
+        weight, *kept = ctx.saved_tensors
+        x = kept[0] if kept else ctx.recompute_x().contiguous(memory_format=CHANNELS_LAST)
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_out = grad_out.contiguous()
         grad_x = torch.empty_like(x, memory_format=CHANNELS_LAST) if need_x else x.new_empty((0,) * 5)
         grad_weight = torch.empty_like(weight) if need_weight else weight.new_empty((0,) * 5)
@@ -75,10 +77,12 @@ class LastConvCPU(torch.autograd.Function):
                 as_kernel_array(grad_x) if need_x else grad_x.numpy(), grad_weight.numpy(),
                 need_x, need_weight, torch.get_num_threads())
         grad_bias = grad_out.sum((0, 2, 3, 4)) if need_bias else None
-        return (grad_x if need_x else None), (grad_weight if need_weight else None), grad_bias
+        return (grad_x if need_x else None), (grad_weight if need_weight else None), grad_bias, None
 
 
-def last_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def last_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, recompute_x=None) -> torch.Tensor:
     """:func:`reference` in C++, differentiable in all three; planar (contiguous) output.
-    Needs :func:`supports`."""
-    return LastConvCPU.apply(x, weight, bias)
+    ``recompute_x``: a function that returns ``x`` bit for bit, called in the backward pass
+    instead of keeping ``x`` (see :func:`mgr_engine.model.decoder_output_recipe`). Needs
+    :func:`supports`."""
+    return LastConvCPU.apply(x, weight, bias, recompute_x)

@@ -128,34 +128,38 @@ def crop_concat(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
 LEAKY_SLOPE = 0.01  # F.leaky_relu's default, the authors' activation
 
 
-class _LeakyReluConv(torch.autograd.Function):
-    """``conv(leaky_relu(x))`` for a 3-D convolution or transposed convolution, keeping ``x``
-    alone for the backward pass and recomputing the activation there. Autograd would keep both
-    ``x`` (the activation's input, kept anyway as a skip or pooling input) and the activation's
-    output (the convolution's input)."""
+class _LowMemoryConv(torch.autograd.Function):
+    """``conv(leaky_relu(x))``, or ``conv(x)``, for a U-Net's 3-D convolution or transposed
+    convolution, keeping the least for the backward pass. Autograd would keep ``x`` (the
+    activation's input) and the activation's output (the convolution's input); this keeps ``x``
+    alone and recomputes the activation. Given ``recompute_x``, a function that returns ``x``
+    bit for bit from tensors kept anyway (a decoder level's output), it keeps nothing of ``x``
+    and calls that in the backward pass."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, transposed):
-        ctx.save_for_backward(x, weight)
-        ctx.conv = (bias is not None, stride, padding, transposed)
-        activated = F.leaky_relu(x, LEAKY_SLOPE)
+    def forward(ctx, x, weight, bias, stride, padding, transposed, activation, recompute_x):
+        ctx.recompute_x = recompute_x
+        ctx.save_for_backward(weight, *(() if recompute_x else (x,)))
+        ctx.conv = (bias is not None, stride, padding, transposed, activation)
+        conv_input = F.leaky_relu(x, LEAKY_SLOPE) if activation else x
         if transposed:
-            return F.conv_transpose3d(activated, weight, bias, stride, padding)
-        return F.conv3d(activated, weight, bias, stride, padding)
+            return F.conv_transpose3d(conv_input, weight, bias, stride, padding)
+        return F.conv3d(conv_input, weight, bias, stride, padding)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        has_bias, stride, padding, transposed = ctx.conv
+        weight, *kept = ctx.saved_tensors
+        x = kept[0] if kept else ctx.recompute_x()
+        has_bias, stride, padding, transposed, activation = ctx.conv
         needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        grad_activated, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-            grad, F.leaky_relu(x, LEAKY_SLOPE), weight, [weight.shape[1 if transposed else 0]] if has_bias else None,
+        grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad, F.leaky_relu(x, LEAKY_SLOPE) if activation else x, weight,
+            [weight.shape[1 if transposed else 0]] if has_bias else None,
             [stride] * 3, [padding] * 3, [1, 1, 1], transposed, [0, 0, 0], 1,
             [needs_x, needs_weight, needs_bias and has_bias])
-        grad_x = None
-        if needs_x:
-            grad_x = torch.ops.aten.leaky_relu_backward(grad_activated, x, LEAKY_SLOPE, False)
-        return grad_x, grad_weight, grad_bias, None, None, None
+        if needs_x and activation:
+            grad_input = torch.ops.aten.leaky_relu_backward(grad_input, x, LEAKY_SLOPE, False)
+        return (grad_input if needs_x else None), grad_weight, grad_bias, None, None, None, None, None
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -165,17 +169,36 @@ def _autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
-def leaky_relu_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``conv(F.leaky_relu(x))`` for the U-Net's ``nn.Conv3d`` and ``nn.ConvTranspose3d`` layers.
-    Where gradients flow (instance optimization, training in fp32), through
-    :class:`_LeakyReluConv`: at 175^3 an IO step's peak is 1 GiB lower (9.8 -> 8.8 GiB with
-    freed host memory returned, 2 CPU cores), its time unchanged. Under autocast (training
-    with ``--amp``), autograd's own path, whose backward casts as the forward did."""
+def low_memory_conv(conv: nn.Module, x: torch.Tensor, *, activation: bool = True, recompute_x=None) -> torch.Tensor:
+    """``conv(F.leaky_relu(x))`` (``activation``) or ``conv(x)`` for the U-Net's ``nn.Conv3d``
+    and ``nn.ConvTranspose3d`` layers. Where gradients flow (instance optimization, training in
+    fp32), through :class:`_LowMemoryConv`, which keeps neither the activation's output nor,
+    given ``recompute_x``, ``x``: at 175^3 the activations an IO step keeps 8.1 -> 4.8 GiB, its
+    peak 9.8 -> 6.9 GiB (freed host memory returned), its time unchanged (2 CPU cores,
+    ``benchmarks/bench_low_memory_conv.py``). Under autocast (training with ``--amp``),
+    autograd's own path, whose backward casts as the forward did."""
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
     if needs_grad and not _autocast_enabled(x.device.type):
         transposed = isinstance(conv, nn.ConvTranspose3d)
-        return _LeakyReluConv.apply(x, conv.weight, conv.bias, conv.stride[0], conv.padding[0], transposed)
-    return conv(F.leaky_relu(x, LEAKY_SLOPE))
+        return _LowMemoryConv.apply(x, conv.weight, conv.bias, conv.stride[0], conv.padding[0], transposed,
+                                    activation, recompute_x)
+    return conv(F.leaky_relu(x, LEAKY_SLOPE) if activation else x)
+
+
+def decoder_output_recipe(norm: nn.Module, before_norm: torch.Tensor, skip: torch.Tensor):
+    """A function that recomputes a decoder level's output ``crop_concat(norm(before_norm),
+    skip)`` bit for bit, for the layer after it to call in its backward pass instead of keeping
+    that output: BatchNorm's backward keeps ``before_norm`` and the encoder keeps ``skip``
+    anyway. Only where BatchNorm is in eval mode (as in IO; in training mode its forward
+    updates the running statistics) and outside autocast; ``None`` elsewhere."""
+    if norm.training or not torch.is_grad_enabled() or _autocast_enabled(before_norm.device.type):
+        return None
+
+    def recompute():
+        with torch.no_grad():
+            return _cropped_cat(norm(before_norm), skip)
+
+    return recompute
 
 
 class UNet(nn.Module):
@@ -207,7 +230,11 @@ class UNet(nn.Module):
         nn.init.zeros_(self.lastConv.weight)
         nn.init.zeros_(self.lastConv.bias)
 
-    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor, recompute_decoder_outputs: bool = True) -> torch.Tensor:
+        """The displacement field (B, 3, D, H, W). ``recompute_decoder_outputs``: with gradients,
+        the layers after each decoder level recompute its output in their backward pass instead
+        of keeping it (:func:`decoder_output_recipe`); off under activation checkpointing, which
+        recomputes everything and must not have closures keep tensors alive."""
         x = torch.cat([moving, fixed], 1)
         if is_channels_last(self.lastConv.weight):
             # The first skip in the network's layout: planar, it made the last level's
@@ -217,26 +244,27 @@ class UNet(nn.Module):
         skips = []
         for conv in self.downConvs:
             skips.append(x)
-            y = leaky_relu_conv(conv, x)
+            y = low_memory_conv(conv, x)
             x = y + _match_channels(F.avg_pool3d(x, 2, ceil_mode=True), y.shape[1])
+        recompute_x = None  # how to recompute x, the decoder level's output, in the backward pass
         for depth in reversed(range(len(self.upConvs))):
-            y = leaky_relu_conv(self.upConvs[depth], x)
+            y = low_memory_conv(self.upConvs[depth], x, recompute_x=recompute_x)
             norm, skip = self.batchNorms[depth], skips[depth]
             if isinstance(norm, FoldedBatchNorm):  # inference
                 if use_cpp_decoder(y, x, norm.scale, skip):
                     x = decoder_cpu.upsample_add_concat(y, x, norm.scale, skip)  # the lines below in one pass
                     continue
-                x = norm(y, _upsampled(x, y.shape[1]))
-            elif use_cpp_decoder(y, x):  # IO, training
-                x = norm(decoder_cpu.upsample_add(y, x))
-            else:
-                x = norm(y + _upsampled(x, y.shape[1]))
-            x = crop_concat(x, skip)
+                x = crop_concat(norm(y, _upsampled(x, y.shape[1])), skip)
+                continue
+            before_norm = decoder_cpu.upsample_add(y, x) if use_cpp_decoder(y, x) else y + _upsampled(x, y.shape[1])
+            x = crop_concat(norm(before_norm), skip)
+            if recompute_decoder_outputs:
+                recompute_x = decoder_output_recipe(norm, before_norm, skip)
         if use_cpp_last_conv(x, self.lastConv):  # planar output
-            return last_conv_cpu.last_conv(x, self.lastConv.weight, self.lastConv.bias) / 10
+            return last_conv_cpu.last_conv(x, self.lastConv.weight, self.lastConv.bias, recompute_x=recompute_x) / 10
         # Contiguous: the field feeds many warps, which read (B, 3, D, H, W) in that layout (one
         # copy here rather than one saved per warp when the network runs channels-last).
-        return (self.lastConv(x) / 10).contiguous()
+        return (low_memory_conv(self.lastConv, x, activation=False, recompute_x=recompute_x) / 10).contiguous()
 
 
 class FoldedBatchNorm(nn.Module):
@@ -330,7 +358,8 @@ class GradICONNetwork(nn.Module):
 
     def _run_unet_plain(self, unet: UNet, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         if self.checkpoint_unets and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(unet, moving, fixed, use_reentrant=False)
+            return torch.utils.checkpoint.checkpoint(unet, moving, fixed, recompute_decoder_outputs=False,
+                                                     use_reentrant=False)
         return unet(moving, fixed)
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:

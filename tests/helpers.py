@@ -49,6 +49,47 @@ def reference_network(network: GradICONNetwork, loss_fn=None, lmbda=1.5, loss_fu
     return ref.eval()
 
 
+def _saved_tensors(node):
+    """The tensors an autograd node keeps: a custom Function's ``saved_tensors``, or the
+    ``_saved_*`` attributes of a built-in node."""
+    if hasattr(node, "saved_tensors"):
+        return list(node.saved_tensors)
+    tensors = []
+    for name in dir(node):
+        if name.startswith("_saved_"):
+            value = getattr(node, name, None)
+            if isinstance(value, torch.Tensor):
+                tensors.append(value)
+            elif isinstance(value, (list, tuple)):
+                tensors.extend(v for v in value if isinstance(v, torch.Tensor))
+    return tensors
+
+
+def kept_for_backward(output: torch.Tensor):
+    """What autograd keeps for ``output``'s backward pass, found by walking its graph: every
+    tensor a node saved, each storage counted once (for the first node found that holds it).
+    Returns ``(total bytes, {(node type, tensor shape): [count, bytes]})``."""
+    seen_storages, seen_nodes = set(), set()
+    by_node_and_shape = {}
+    stack = [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen_nodes:
+            continue
+        seen_nodes.add(node)
+        kind = type(node).__name__.removesuffix("Backward")
+        for tensor in _saved_tensors(node):
+            storage = tensor.untyped_storage()
+            if storage.nbytes() == 0 or storage.data_ptr() in seen_storages:
+                continue
+            seen_storages.add(storage.data_ptr())
+            entry = by_node_and_shape.setdefault((kind, tuple(tensor.shape)), [0, 0])
+            entry[0] += 1
+            entry[1] += storage.nbytes()
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return sum(nbytes for _, nbytes in by_node_and_shape.values()), by_node_and_shape
+
+
 def smooth_volume(shape, seed=0, blobs=6) -> np.ndarray:
     """A smooth random volume of Gaussian blobs (float32, values roughly 0..1)."""
     rng = np.random.default_rng(seed)

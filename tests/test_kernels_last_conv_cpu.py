@@ -56,6 +56,30 @@ def test_gradcheck_float64():
                                                        bias.requires_grad_()))
 
 
+@pytest.mark.parametrize("layout", [CHANNELS_LAST, torch.contiguous_format])
+def test_recomputed_input_gives_the_same_gradients_and_is_not_kept(layout):
+    """With ``recompute_x`` the op keeps only the weight and calls it in the backward pass:
+    gradients bit for bit those of the op that keeps ``x``."""
+    x, weight, bias = inputs(2, 5, (6, 7, 5), torch.float32, seed=5, layout=layout)
+    x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()
+    calls = []
+
+    def recompute_x():
+        calls.append(1)
+        return x.detach().clone()
+
+    got = last_conv_cpu.last_conv(x, weight, bias, recompute_x=recompute_x)
+    kept = {t.untyped_storage().data_ptr() for t in got.grad_fn.saved_tensors}
+    assert x.untyped_storage().data_ptr() not in kept and len(kept) == 1
+    expected = last_conv_cpu.last_conv(x, weight, bias)
+    assert torch.equal(got, expected)
+    grad_out = torch.randn(got.shape, generator=torch.Generator().manual_seed(2))
+    for a, b in zip(torch.autograd.grad(got, (x, weight, bias), grad_out),
+                    torch.autograd.grad(expected, (x, weight, bias), grad_out)):
+        assert torch.equal(a, b)
+    assert calls == [1]
+
+
 def test_planar_input_and_channels_last_weight():
     """A planar input is copied to channels-last; the engine's weights are channels-last
     (its network is); the input gradient comes back channels-last either way."""

@@ -162,17 +162,19 @@ def test_decoder_crop_concat_gradients_keep_the_layouts(layout, x_grid):
     torch.autograd.gradcheck(crop_concat, (x, skip))
 
 
-def plain_leaky_relu_conv(conv, x):
-    return conv(torch.nn.functional.leaky_relu(x))
+def plain_conv(conv, x, activation=True, recompute_x=None):
+    return conv(torch.nn.functional.leaky_relu(x) if activation else x)
 
 
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
 @pytest.mark.parametrize("grads", ["all", "weights only", "input only"])
-def test_leaky_relu_conv_equals_autograd(transposed, layout, grads):
-    """The U-Net's ``conv(leaky_relu(x))`` that keeps only ``x`` for backward: values and the
-    gradients of x, weight and bias equal autograd's, over odd grids, batch 2, both layers."""
-    from mgr_engine.model import _LeakyReluConv, leaky_relu_conv
+@pytest.mark.parametrize("activation,recompute", [(True, False), (True, True), (False, True)])
+def test_low_memory_conv_equals_autograd(transposed, layout, grads, activation, recompute):
+    """The U-Net's ``conv(leaky_relu(x))`` (or ``conv(x)``) that keeps only ``x``, or nothing of
+    ``x`` where it can be recomputed: values and the gradients of x, weight and bias equal
+    autograd's, over odd grids, batch 2, both layer kinds; what the node keeps."""
+    from mgr_engine.model import _LowMemoryConv, low_memory_conv
 
     torch.manual_seed(3)
     conv = (torch.nn.ConvTranspose3d(5, 3, 4, padding=1, stride=2) if transposed
@@ -180,49 +182,71 @@ def test_leaky_relu_conv_equals_autograd(transposed, layout, grads):
     conv.requires_grad_(grads != "input only")
     x = torch.randn(2, conv.in_channels, 7, 6, 5, dtype=torch.float64).contiguous(memory_format=layout)
     x.requires_grad_(grads != "weights only")
+    recompute_x = (lambda: x.detach().clone()) if recompute else None
     inputs = [t for t in (x, conv.weight, conv.bias) if t.requires_grad]
-    got, expected = leaky_relu_conv(conv, x), plain_leaky_relu_conv(conv, x)
-    assert got.grad_fn is not None and "LeakyReluConv" in type(got.grad_fn).__name__
+    got = low_memory_conv(conv, x, activation=activation, recompute_x=recompute_x)
+    expected = plain_conv(conv, x, activation)
+    assert type(got.grad_fn).__name__ == "_LowMemoryConvBackward"
+    kept = [t.untyped_storage().data_ptr() for t in got.grad_fn.saved_tensors]
+    assert (x.untyped_storage().data_ptr() in kept) == (not recompute)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     grad_out = torch.randn_like(expected)
     for got_grad, expected_grad in zip(torch.autograd.grad(got, inputs, grad_out),
                                        torch.autograd.grad(expected, inputs, grad_out)):
         torch.testing.assert_close(got_grad, expected_grad, rtol=1e-10, atol=1e-12)
     if grads == "all":
-        torch.autograd.gradcheck(lambda x, weight, bias: _LeakyReluConv.apply(
-            x, weight, bias, conv.stride[0], conv.padding[0], transposed), (x, conv.weight, conv.bias))
+        torch.autograd.gradcheck(lambda x, weight, bias: _LowMemoryConv.apply(
+            x, weight, bias, conv.stride[0], conv.padding[0], transposed, activation, recompute_x),
+            (x, conv.weight, conv.bias))
 
 
-def saved_bytes(fn):
-    """Bytes of the distinct tensors autograd keeps for backward while ``fn`` runs."""
-    saved = {}
-
-    def pack(tensor):
-        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        fn()
-    return sum(saved.values())
-
-
-def test_unet_keeps_only_the_activations_inputs_for_backward(monkeypatch):
-    """With gradients, a U-Net keeps each activation's input and not its output as well: the
-    difference is exactly the activations' outputs (1 GiB of an IO step at 175^3)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unet_keeps_less_for_backward_with_the_same_gradients(monkeypatch, dtype):
+    """With gradients and BatchNorm in eval mode (as in IO), a U-Net keeps neither the
+    activations' outputs nor the decoder levels' outputs, which the layers after them recompute:
+    the bytes autograd keeps fall by exactly those (3 GiB of an IO step at 175^3), and every
+    gradient is bit for bit autograd's (float64: the C++ last convolution too, float32 on the
+    CPU; the recomputation repeats the forward's own ops)."""
+    from helpers import kept_for_backward
     from mgr_engine import model
 
-    unet = random_network((72, 72, 72), narrow=True, seed=4).unets[3].train()
-    moving, fixed = (v.float() for v in pair((40, 36, 34)))
-    fused = saved_bytes(lambda: unet(moving, fixed))
+    unet = random_network((72, 72, 72), narrow=True, seed=4).unets[3].to(dtype)
+    moving, fixed = (v.to(dtype).requires_grad_() for v in pair((40, 36, 34)))
+    parameters = [moving, fixed, *unet.parameters()]
+
+    decoder_outputs = []
+    recipe = model.decoder_output_recipe
+
+    def recording_recipe(norm, before_norm, skip):
+        recompute = recipe(norm, before_norm, skip)
+        decoder_outputs.append(recompute().untyped_storage().nbytes())
+        return recompute
+
+    monkeypatch.setattr(model, "decoder_output_recipe", recording_recipe)
+    out = unet(moving, fixed)
+    kept_low, _ = kept_for_backward(out)
+    grad_out = torch.randn_like(out)
+    grads_low = torch.autograd.grad(out, parameters, grad_out)
+
     activations = []
 
-    def recording(conv, x):
-        activated = torch.nn.functional.leaky_relu(x)
-        activations.append(activated.untyped_storage().nbytes())
-        return conv(activated)
+    def recording_plain(conv, x, activation=True, recompute_x=None):
+        if activation:
+            x = torch.nn.functional.leaky_relu(x)
+            activations.append(x.untyped_storage().nbytes())
+        return conv(x)
 
-    monkeypatch.setattr(model, "leaky_relu_conv", recording)
-    plain = saved_bytes(lambda: unet(moving, fixed))
-    assert len(activations) == 2 * len(unet.downConvs)
-    # The first activation's input, the images, needs no gradient: kept in place of its output.
-    assert plain - fused == sum(activations[1:]) > 0
+    monkeypatch.setattr(model, "low_memory_conv", recording_plain)
+    monkeypatch.setattr(model, "decoder_output_recipe", lambda *args: None)
+    out_plain = unet(moving, fixed)
+    kept_plain, _ = kept_for_backward(out_plain)
+    grads_plain = torch.autograd.grad(out_plain, parameters, grad_out)
+
+    assert torch.equal(out, out_plain)
+    for low, plain in zip(grads_low, grads_plain):
+        assert torch.equal(low, plain)
+    levels = len(unet.upConvs)
+    assert len(activations) == 2 * levels and len(decoder_outputs) == levels
+    # (The images require gradients here, as the warped moving image does in IO: autograd's
+    # first activation keeps them too.)
+    assert kept_plain - kept_low == sum(activations) + sum(decoder_outputs) > 0
