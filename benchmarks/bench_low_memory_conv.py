@@ -44,7 +44,8 @@ from helpers import kept_for_backward  # noqa: E402
 from mgr_engine import model  # noqa: E402
 
 VARIANTS = {"autograd": "autograd's path", "activations": "activations' inputs only",
-            "low_memory": "and decoder outputs recomputed (the engine)"}
+            "low_memory": "and decoder outputs recomputed (the engine)",
+            "checkpointing": "Engine(io_checkpointing=True): U-Nets recomputed whole"}
 
 
 def autograd_path(conv, x, activation=True, recompute_x=None):
@@ -91,7 +92,8 @@ def measure_io(shape, variant: str) -> dict:
 
     use_variant(variant)
     net = random_network(shape, seed=1, displacement_scale=0.3)
-    engine = Engine(weights=model.official_state_dict(net), config=net.config, device="cpu", cache_host_memory=False)
+    engine = Engine(weights=model.official_state_dict(net), config=net.config, device="cpu", cache_host_memory=False,
+                    io_checkpointing=variant == "checkpointing")
     del net
     moving = torch.from_numpy(smooth_volume(shape, 1))[None, None]
     fixed = torch.from_numpy(smooth_volume(shape, 2))[None, None]
@@ -101,12 +103,14 @@ def measure_io(shape, variant: str) -> dict:
         _, _, losses = engine.instance_optimize(moving, fixed, iterations=1, progress=False,
                                                 generator=torch.Generator().manual_seed(0))
         times.append(time.perf_counter() - start)
-    peak = peak_rss_gib()
-    engine.network.requires_grad_(True)
-    loss, _, _ = gradicon_objective(engine.network, moving, fixed, with_constant_targets(similarity_by_name("lncc2")),
-                                    generator=torch.Generator().manual_seed(0))
-    return {"seconds": times[-1], "peak_gib": peak, "kept_gib": kept_for_backward(loss)[0] / 2**30,
-            "losses": [float(v) for v in losses]}
+    result = {"seconds": times[-1], "peak_gib": peak_rss_gib(), "kept_gib": None, "losses": [float(v) for v in losses]}
+    if variant != "checkpointing":  # (walking a checkpointed graph would recompute it)
+        engine.network.requires_grad_(True)
+        loss, _, _ = gradicon_objective(engine.network, moving, fixed,
+                                        with_constant_targets(similarity_by_name("lncc2")),
+                                        generator=torch.Generator().manual_seed(0))
+        result["kept_gib"] = kept_for_backward(loss)[0] / 2**30
+    return result
 
 
 def main(argv=None) -> int:
@@ -136,7 +140,8 @@ def main(argv=None) -> int:
         command = [sys.executable, __file__, "--child", variant, "--shape", *map(str, shape)]
         result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         first = first or result
-        print(f"| {label} | {result['seconds']:.1f} s | {result['kept_gib']:.2f} GiB | {result['peak_gib']:.2f} GiB "
+        kept = "n/a" if result["kept_gib"] is None else f"{result['kept_gib']:.2f} GiB"
+        print(f"| {label} | {result['seconds']:.1f} s | {kept} | {result['peak_gib']:.2f} GiB "
               f"| {'equal' if result['losses'] == first['losses'] else 'DIFFERENT'} |")
     return 0
 

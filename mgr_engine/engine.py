@@ -153,11 +153,14 @@ class Engine:
             ``"reduce-overhead"``): for a resident engine that registers many pairs, since the
             first call compiles for minutes (131 s at 175^3 on the 2-core CPU).
         io_checkpointing: recompute U-Net activations in IO's backward pass instead of keeping
-            them: less memory (9.9 -> 5.6 GiB per step at 175^3 on the CPU), more time (+55%).
+            them: less memory, more time. At 175^3 on the 2-core CPU with freed host memory
+            returned, peak 6.9 -> 5.3 GiB, one IO step 26.5 -> 28.0 s (one call each,
+            ``benchmarks/bench_low_memory_conv.py``); the default path already recomputes what
+            is cheap (:func:`mgr_engine.model.low_memory_conv`).
         cache_host_memory: on the CPU, keep freed host memory in the process for reuse instead
             of returning it to the system after each large tensor (:mod:`mgr_engine.host_memory`,
-            glibc only; process-wide): at 175^3 an IO step and ``predict_map`` 1.6x faster, for a
-            higher peak (IO 10.5 -> 12.6 GiB; ``benchmarks/bench_host_memory.py``). ``None``
+            glibc only; process-wide): at 175^3 an IO step and ``predict_map`` 1.7x faster, for a
+            higher peak (IO 7.2 -> 10.1 GiB; ``benchmarks/bench_host_memory.py``). ``None``
             (default): on for a CPU engine unless ``MGR_ENGINE_CACHE_HOST_MEMORY=0``.
             :func:`mgr_engine.release_host_memory` undoes it.
     """

@@ -4,9 +4,10 @@ behaves on the GPU.
 glibc serves every allocation above 32 MiB (at 175^3 most tensors of the network) by a fresh
 ``mmap`` and returns it to the system on free, so each new tensor is paid again in page faults
 (the kernel zeroes 4 KiB at a time). Measured at 175^3 on the 2-core AMD CPU, randomized
-official weights (``benchmarks/bench_host_memory.py``): ``Engine.predict_map`` 3.15 -> 1.97 s
-and an IO step with the final forward 42.8 -> 26.8 s once freed memory stays in the process, at
-a higher peak (after IO 10.5 -> 12.6 GiB, after no IO 2.6 -> 2.9 GiB). The heap fragments:
+official weights (``benchmarks/bench_host_memory.py``, 2026-11-30, after the low-memory IO of
+:func:`mgr_engine.model.low_memory_conv`): ``Engine.predict_map`` 2.40 -> 1.44 s and an IO step
+with the final forward 26.9 -> 16.1 s once freed memory stays in the process, at a higher peak
+(after IO 7.2 -> 10.1 GiB, after no IO 2.6 -> 3.2 GiB). The heap fragments:
 torch asks for 64-byte aligned blocks, for which glibc wants a little more than a freed block of
 the same size, so the heap first grows by a few blocks before freed space is reused.
 
