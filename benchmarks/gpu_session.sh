@@ -10,7 +10,7 @@
 #   python3 -m pip download --no-deps -d .whl unigradicon==1.0.6 icon_registration==1.1.9
 # On the device: the run tool with carry [".whl"], timeout_s 590, and the command
 #   bash benchmarks/gpu_session.sh
-# then give_back at once, and copy $OUT's RESULTS-*.md and profile.md into
+# then give_back at once, and copy $OUT's RESULTS-*.md, profile.md and memory.log into
 # benchmarks/RESULTS.md with the device's name.
 #
 # Stages (seconds at most; the total is BUDGET, default 540):
@@ -19,7 +19,9 @@
 #                 the warp kernels' BLOCK sweep (128, 256, 512)
 #   engine   180  bench_gpu.py: end to end against the reference, TF32/bf16, IO memory
 #   profile   60  profile_gpu.py: where a registration's and an IO step's device time goes
-#   compiled rest  bench_gpu.py --compile-only (CUDA graphs), then bench_kernels.py with torch.compile
+#   engine-compiled  rest  bench_gpu.py --compile-only (CUDA graphs)
+#   memory    40  profile_io_memory.py: what an IO step keeps for its backward pass, by node
+#   kernels-compiled rest  bench_kernels.py with torch.compile
 #
 # A dry run on the CPU, small sizes, the kernels in Triton's interpreter:
 #   SMOKE=1 OUT=/tmp/gpu-smoke PATH=.venv/bin:$PATH bash benchmarks/gpu_session.sh
@@ -68,11 +70,13 @@ if [[ $SMOKE == 1 ]]; then
     kernels=(--smoke)
     engine=(--device cpu --shape 72 72 72 --io-steps 1 --repeats 1)
     profile=(--device cpu --shape 72 72 72 --io-steps 1 --rows 10)
+    memory=(--device cpu --shape 72 72 72)
 else
     tests=()
     kernels=()
     engine=()
     profile=()
+    memory=()
 fi
 
 stage tests 150 python3 -m pytest -q -p no:cacheprovider "${tests[@]}" tests/test_kernels_warp.py \
@@ -81,6 +85,7 @@ stage kernels 90 python3 benchmarks/bench_kernels.py --no-compile "${kernels[@]}
 stage engine 180 python3 benchmarks/bench_gpu.py --skip-compile "${engine[@]}" --results "$OUT/RESULTS-gpu.md"
 stage profile 60 python3 benchmarks/profile_gpu.py "${profile[@]}" --out "$OUT/profile.md"
 stage engine-compiled 150 python3 benchmarks/bench_gpu.py --compile-only "${engine[@]}" --results "$OUT/RESULTS-gpu.md"
+stage memory 40 python3 benchmarks/profile_io_memory.py "${memory[@]}"
 if [[ $SMOKE != 1 ]]; then  # torch.compile of the kernels' references: nothing to check on the CPU
     stage kernels-compiled 120 python3 benchmarks/bench_kernels.py --blocks "${kernels[@]}" --results "$OUT/RESULTS-kernels.md"
 fi
