@@ -252,9 +252,9 @@ class UNet(nn.Module):
             norm, skip = self.batchNorms[depth], skips[depth]
             if isinstance(norm, FoldedBatchNorm):  # inference
                 if use_cpp_decoder(y, x, norm.scale, skip):
-                    x = decoder_cpu.upsample_add_concat(y, x, norm.scale, skip)  # the lines below in one pass
-                    continue
-                x = crop_concat(norm(y, _upsampled(x, y.shape[1])), skip)
+                    x = decoder_cpu.upsample_add_concat(y, x, norm.scale, skip)  # the line below in one pass
+                else:
+                    x = crop_concat(norm(y, _upsampled(x, y.shape[1])), skip)
                 continue
             before_norm = decoder_cpu.upsample_add(y, x) if use_cpp_decoder(y, x) else y + _upsampled(x, y.shape[1])
             x = crop_concat(norm(before_norm), skip)
