@@ -94,14 +94,9 @@ def main(argv=None) -> int:
         print(f"| {level}: {tuple(x.shape[1:])} -> {tuple(y.shape[1:])} | {t_ref * 1e3:.0f} ms | {t_ours * 1e3:.0f} ms "
               f"| {t_ref / t_ours:.2f}x | {m_ref:.0f} MiB | {m_ours:.0f} MiB | {difference:.1e} |")
 
-    from helpers import random_network, smooth_volume
+    from helpers import benchmark_engine
 
-    from mgr_engine import Engine
-
-    net = random_network(shape, seed=1, displacement_scale=0.3)
-    engine = Engine(weights=model.official_state_dict(net), config=net.config, device="cpu")
-    moving = torch.from_numpy(smooth_volume(shape, 1))[None, None]
-    fixed = torch.from_numpy(smooth_volume(shape, 2))[None, None]
+    engine, moving, fixed = benchmark_engine(shape)
     repeats = max(2, args.repeats // 2)
     with ops.kernel_mode("cpp"):
         with mock.patch.object(model, "use_cpp_decoder", lambda *tensors: False):

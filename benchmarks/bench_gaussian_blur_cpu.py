@@ -30,7 +30,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 from bench_kernels import timed  # noqa: E402  (median after two warm-ups)
 from bench_warp_cpu import allocated_mib, cpu_benchmark_parser, exit_unless_built  # noqa: E402
 
-from mgr_engine import host_memory, losses, model  # noqa: E402
+from mgr_engine import host_memory, losses  # noqa: E402
 from mgr_engine.kernels import gaussian_blur_cpu  # noqa: E402
 
 PYTORCH_BLUR = mock.patch.object(losses, "use_cpp_blur", lambda *args: False)
@@ -73,14 +73,9 @@ def op_rows(shape, repeats):
 
 
 def end_to_end(shape, repeats):
-    from helpers import random_network, smooth_volume
+    from helpers import benchmark_engine
 
-    from mgr_engine import Engine
-
-    net = random_network(shape, seed=1, displacement_scale=0.3)
-    engine = Engine(weights=model.official_state_dict(net), config=net.config, device="cpu")
-    moving = torch.from_numpy(smooth_volume(shape, 1))[None, None]
-    fixed = torch.from_numpy(smooth_volume(shape, 2))[None, None]
+    engine, moving, fixed = benchmark_engine(shape)
     run = lambda: engine.instance_optimize(moving, fixed, iterations=1, progress=False)  # noqa: E731
     with PYTORCH_BLUR:
         pytorch = timed(run, "cpu", repeats)

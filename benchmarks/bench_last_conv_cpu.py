@@ -59,14 +59,9 @@ def op_rows(shape, cin, repeats):
 
 
 def end_to_end(shape, repeats):
-    from helpers import random_network, smooth_volume
+    from helpers import benchmark_engine
 
-    from mgr_engine import Engine
-
-    net = random_network(shape, seed=1, displacement_scale=0.3)
-    engine = Engine(weights=model.official_state_dict(net), config=net.config, device="cpu")
-    moving = torch.from_numpy(smooth_volume(shape, 1))[None, None]
-    fixed = torch.from_numpy(smooth_volume(shape, 2))[None, None]
+    engine, moving, fixed = benchmark_engine(shape)
     results = {}
     for label, patch in (("without", mock.patch.object(model, "use_cpp_last_conv", lambda *args: False)),
                          ("with", contextlib.nullcontext())):

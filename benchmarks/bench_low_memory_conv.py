@@ -39,7 +39,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 from bench_host_memory import peak_rss_gib  # noqa: E402
 from bench_kernels import timed  # noqa: E402  (median after two warm-ups)
 from bench_warp_cpu import cpu_benchmark_parser  # noqa: E402
-from helpers import kept_for_backward  # noqa: E402
+from helpers import benchmark_engine, kept_for_backward  # noqa: E402
+from profile_io_memory import io_step_loss  # noqa: E402
 
 from mgr_engine import model  # noqa: E402
 
@@ -84,19 +85,9 @@ def layer_rows(shape, repeats):
 
 def measure_io(shape, variant: str) -> dict:
     """One warm IO step's time, the activations it keeps and the process's peak resident memory."""
-    from helpers import random_network, smooth_volume
-
-    from mgr_engine import Engine
-    from mgr_engine.engine import gradicon_objective
-    from mgr_engine.losses import similarity_by_name, with_constant_targets
-
     use_variant(variant)
-    net = random_network(shape, seed=1, displacement_scale=0.3)
-    engine = Engine(weights=model.official_state_dict(net), config=net.config, device="cpu", cache_host_memory=False,
-                    io_checkpointing=variant == "checkpointing")
-    del net
-    moving = torch.from_numpy(smooth_volume(shape, 1))[None, None]
-    fixed = torch.from_numpy(smooth_volume(shape, 2))[None, None]
+    engine, moving, fixed = benchmark_engine(shape, cache_host_memory=False,
+                                             io_checkpointing=variant == "checkpointing")
     times = []
     for _ in range(2):  # the first call touches its memory for the first time
         start = time.perf_counter()
@@ -105,11 +96,7 @@ def measure_io(shape, variant: str) -> dict:
         times.append(time.perf_counter() - start)
     result = {"seconds": times[-1], "peak_gib": peak_rss_gib(), "kept_gib": None, "losses": [float(v) for v in losses]}
     if variant != "checkpointing":  # (walking a checkpointed graph would recompute it)
-        engine.network.requires_grad_(True)
-        loss, _, _ = gradicon_objective(engine.network, moving, fixed,
-                                        with_constant_targets(similarity_by_name("lncc2")),
-                                        generator=torch.Generator().manual_seed(0))
-        result["kept_gib"] = kept_for_backward(loss)[0] / 2**30
+        result["kept_gib"] = kept_for_backward(io_step_loss(engine, moving, fixed))[0] / 2**30
     return result
 
 

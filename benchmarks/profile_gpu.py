@@ -44,15 +44,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     device, shape = args.device, tuple(args.shape)
 
-    from helpers import random_network, smooth_volume
+    from helpers import benchmark_engine
 
-    from mgr_engine import Engine
-    from mgr_engine.model import official_state_dict
-
-    net = random_network(shape, seed=1, displacement_scale=0.3)
-    engine = Engine(weights=official_state_dict(net), config=net.config, device=device)
-    moving = torch.from_numpy(smooth_volume(shape, 1))[None, None].to(device)
-    fixed = torch.from_numpy(smooth_volume(shape, 2))[None, None].to(device)
+    engine, moving, fixed = benchmark_engine(shape, device)
 
     def no_io():
         engine.predict_map(moving, fixed)

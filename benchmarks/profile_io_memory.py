@@ -28,6 +28,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
+def io_step_loss(engine, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    """The loss of one IO step's forward pass on ``engine``'s network, built as
+    ``Engine.instance_optimize`` builds it (1-LNCC^2, fp32, seeded regularizer noise), its
+    autograd graph alive. Leaves the network's parameters requiring gradients."""
+    from mgr_engine.engine import gradicon_objective
+    from mgr_engine.losses import similarity_by_name, with_constant_targets
+
+    network = engine.network.requires_grad_(True)
+    with engine._precision("fp32"):
+        loss, _, _ = gradicon_objective(network, moving, fixed, with_constant_targets(similarity_by_name("lncc2")),
+                                        generator=torch.Generator().manual_seed(0))
+    return loss
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -36,32 +50,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     shape = tuple(args.shape)
 
-    from helpers import kept_for_backward, random_network, smooth_volume
+    from helpers import benchmark_engine, kept_for_backward
 
-    from mgr_engine import Engine
-    from mgr_engine.engine import gradicon_objective
-    from mgr_engine.losses import similarity_by_name, with_constant_targets
-    from mgr_engine.model import official_state_dict
-
-    net = random_network(shape, seed=1, displacement_scale=0.3)
-    engine = Engine(weights=official_state_dict(net), config=net.config, device=args.device, cache_host_memory=False)
-    del net
-    moving = torch.from_numpy(smooth_volume(shape, 1))[None, None].to(args.device)
-    fixed = torch.from_numpy(smooth_volume(shape, 2))[None, None].to(args.device)
-    network = engine.network.requires_grad_(True)
-    similarity = with_constant_targets(similarity_by_name("lncc2"))
-    with engine._precision("fp32"):
-        loss, _, _ = gradicon_objective(network, moving, fixed, similarity, generator=torch.Generator().manual_seed(0))
-    total, by_shape = kept_for_backward(loss)
+    engine, moving, fixed = benchmark_engine(shape, args.device, cache_host_memory=False)
+    total, by_shape = kept_for_backward(io_step_loss(engine, moving, fixed))
     by_type = collections.Counter()
     for (kind, _), (_, nbytes) in by_shape.items():
         by_type[kind] += nbytes
-    parameters = sum(p.numel() * p.element_size() for p in network.parameters())
+    parameters = sum(p.numel() * p.element_size() for p in engine.network.parameters())
 
     mib = 2**20
     print(f"{args.device}, torch {torch.__version__}, network input {shape}: kept for backward "
-          f"{total / 2**30:.2f} GiB (weights {parameters / 2**30:.2f} GiB; with their gradients and Adam's "
-          f"two moments, {4 * parameters / 2**30:.2f} GiB more)\n")
+          f"{total / 2**30:.2f} GiB (weights {parameters / 2**30:.2f} GiB; the weights, their gradients and "
+          f"Adam's two moments take {4 * parameters / 2**30:.2f} GiB besides)\n")
     print("| node that keeps it | MiB | share |")
     print("|---|--:|--:|")
     for kind, nbytes in by_type.most_common():

@@ -24,6 +24,18 @@ def random_network(shape=(72, 72, 72), narrow=False, seed=0, displacement_scale=
     return randomize_(GradICONNetwork(config), seed, displacement_scale).eval()
 
 
+def benchmark_engine(shape, device="cpu", **engine_options):
+    """The benchmarks' engine and pair: randomized weights of the official architecture (seed 1,
+    fields scaled by 0.3) and two smooth volumes (seeds 1 and 2), (1, 1, *shape), on ``device``.
+    Returns ``(engine, moving, fixed)``; ``engine_options`` go to :class:`mgr_engine.Engine`."""
+    from mgr_engine import Engine
+
+    net = random_network(shape, seed=1, displacement_scale=0.3)
+    engine = Engine(weights=official_state_dict(net), config=net.config, device=device, **engine_options)
+    moving, fixed = (torch.from_numpy(smooth_volume(shape, seed))[None, None].to(device) for seed in (1, 2))
+    return engine, moving, fixed
+
+
 def reference_network(network: GradICONNetwork, loss_fn=None, lmbda=1.5, loss_function_masking=False):
     """The authors' GradientICONSparse (icon_registration parts) with ``network``'s weights."""
     import icon_registration as icon
