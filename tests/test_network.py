@@ -204,9 +204,9 @@ def test_low_memory_conv_equals_autograd(transposed, layout, grads, activation, 
 def test_unet_keeps_less_for_backward_with_the_same_gradients(monkeypatch, dtype):
     """With gradients and BatchNorm in eval mode (as in IO), a U-Net keeps neither the
     activations' outputs nor the decoder levels' outputs, which the layers after them recompute:
-    the bytes autograd keeps fall by exactly those (3 GiB of an IO step at 175^3), and every
-    gradient is bit for bit autograd's (float64: the C++ last convolution too, float32 on the
-    CPU; the recomputation repeats the forward's own ops)."""
+    the bytes autograd keeps fall by exactly those (3.3 GiB of an IO step at 175^3), and every
+    gradient is bit for bit autograd's, in float32 and float64, the last convolution the C++
+    one on the CPU (the recomputation repeats the forward's own ops)."""
     from helpers import kept_for_backward
     from mgr_engine import model
 
