@@ -153,7 +153,7 @@ class Engine:
             ``"reduce-overhead"``): for a resident engine that registers many pairs, since the
             first call compiles for minutes (131 s at 175^3 on the 2-core CPU).
         io_checkpointing: recompute U-Net activations in IO's backward pass instead of keeping
-            them: less memory, more time. At 175^3 on the 2-core CPU with freed host memory
+            them: less memory, more time. At 175^3 on the 2-core AMD EPYC with freed host memory
             returned, peak 6.9 -> 5.3 GiB, one IO step 26.5 -> 28.0 s (one call each,
             ``benchmarks/bench_low_memory_conv.py``); the default path already recomputes what
             is cheap (:func:`mgr_engine.model.low_memory_conv`).

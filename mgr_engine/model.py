@@ -169,16 +169,25 @@ def _autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
+def _plain_geometry(conv: nn.Module) -> bool:
+    """Whether ``conv`` is what :class:`_LowMemoryConv` computes: one stride and one zero
+    padding on all axes, no dilation, one group, no output padding."""
+    return (len(set(conv.stride)) == 1 and isinstance(conv.padding, tuple) and len(set(conv.padding)) == 1
+            and set(conv.dilation) == {1} and conv.groups == 1 and conv.padding_mode == "zeros"
+            and not any(getattr(conv, "output_padding", ())))
+
+
 def low_memory_conv(conv: nn.Module, x: torch.Tensor, *, activation: bool = True, recompute_x=None) -> torch.Tensor:
     """``conv(F.leaky_relu(x))`` (``activation``) or ``conv(x)`` for the U-Net's ``nn.Conv3d``
     and ``nn.ConvTranspose3d`` layers. Where gradients flow (instance optimization, training in
     fp32), through :class:`_LowMemoryConv`, which keeps neither the activation's output nor,
     given ``recompute_x``, ``x``: at 175^3 the activations an IO step keeps 8.1 -> 4.8 GiB, its
-    peak 9.8 -> 6.9 GiB (freed host memory returned), its time unchanged (2 CPU cores,
+    peak 9.8 -> 6.9 GiB (freed host memory returned), its time unchanged (2-core AMD EPYC,
     ``benchmarks/bench_low_memory_conv.py``). Under autocast (training with ``--amp``),
-    autograd's own path, whose backward casts as the forward did."""
+    autograd's own path, whose backward casts as the forward did; the same for a layer with
+    what :class:`_LowMemoryConv` does not pass on (dilation, groups, output padding, ...)."""
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
-    if needs_grad and not _autocast_enabled(x.device.type):
+    if needs_grad and not _autocast_enabled(x.device.type) and _plain_geometry(conv):
         transposed = isinstance(conv, nn.ConvTranspose3d)
         return _LowMemoryConv.apply(x, conv.weight, conv.bias, conv.stride[0], conv.padding[0], transposed,
                                     activation, recompute_x)

@@ -200,6 +200,21 @@ def test_low_memory_conv_equals_autograd(transposed, layout, grads, activation, 
             (x, conv.weight, conv.bias))
 
 
+@pytest.mark.parametrize("layer", [
+    torch.nn.Conv3d(3, 4, 3, padding=2, dilation=2), torch.nn.Conv3d(4, 4, 3, padding=1, groups=2),
+    torch.nn.Conv3d(3, 4, 3, stride=(1, 2, 1), padding=1), torch.nn.Conv3d(3, 4, 3, padding=1, padding_mode="reflect"),
+    torch.nn.ConvTranspose3d(4, 3, 4, stride=2, padding=1, output_padding=1)])
+def test_low_memory_conv_leaves_other_layers_to_autograd(layer):
+    """A layer whose geometry _LowMemoryConv does not pass on takes autograd's path, exactly."""
+    from mgr_engine.model import low_memory_conv
+
+    layer = layer.double()
+    x = torch.randn(1, layer.in_channels, 6, 7, 5, dtype=torch.float64, requires_grad=True)
+    got = low_memory_conv(layer, x, recompute_x=lambda: x.detach().clone())
+    assert type(got.grad_fn).__name__ != "_LowMemoryConvBackward"
+    assert torch.equal(got, plain_conv(layer, x))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_unet_keeps_less_for_backward_with_the_same_gradients(monkeypatch, dtype):
     """With gradients and BatchNorm in eval mode (as in IO), a U-Net keeps neither the
