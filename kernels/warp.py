@@ -16,6 +16,9 @@ gradient is computed in the same pass from the eight corners.
 
 from __future__ import annotations
 
+import os
+
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -149,7 +152,27 @@ def _prepare(image: torch.Tensor, coords: torch.Tensor):
     return image.to(dtype).contiguous(), coords
 
 
+def _major_minor(version: str) -> tuple:
+    return tuple(int(part) for part in version.split(".")[:2])
+
+
+def interpreter_problem(interpreted: bool, triton_version: str, numpy_version: str) -> str | None:
+    """Why these kernels cannot run, or None. Triton's interpreter before 3.7 reads their channel
+    count (a loop bound) with ``int()`` of a 1-element array, an error since NumPy 2.4, raised
+    from inside Triton as a TypeError that names neither. Compiled kernels are unaffected."""
+    if interpreted and _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run the warp kernels with "
+                f"NumPy {numpy_version}: install triton>=3.7 or numpy<2.4, or run them compiled on a GPU")
+    return None
+
+
+# Read when the kernels are decorated, as Triton reads TRITON_INTERPRET.
+INTERPRETER_PROBLEM = interpreter_problem(os.environ.get("TRITON_INTERPRET") == "1", triton.__version__, np.__version__)
+
+
 def warp_forward(image, coords, zero_pad: bool, add_coords: bool):
+    if INTERPRETER_PROBLEM:
+        raise RuntimeError(INTERPRETER_PROBLEM)
     image, coords = _prepare(image, coords)
     batch, channels, d, h, w = image.shape
     n_out = coords[0, 0].numel()

@@ -141,3 +141,24 @@ def test_full_size():
         theirs = torch.autograd.grad(expected, inputs, grad_out)
         assert relative_l2(ours[0], theirs[0]) < 1e-5, name   # image / field: a sum, no jumps
         assert relative_l2(ours[1], theirs[1]) < 5e-3, name   # map
+
+
+
+@pytest.mark.parametrize("interpreted,triton_version,numpy_version,refused", [
+    (True, "3.6.0", "2.4.6", True), (True, "3.6.0", "2.3.5", False), (True, "3.7.0", "2.4.6", False),
+    (True, "3.10.1", "2.10.0", False), (False, "3.6.0", "2.5.2", False)])
+def test_interpreter_that_cannot_run_the_kernels_is_named(interpreted, triton_version, numpy_version, refused):
+    """Triton's interpreter before 3.7 fails inside the warp kernels with NumPy 2.4+ (a TypeError
+    that names neither); compiled kernels (the GPU image: Triton 3.6, NumPy 2.5) do not."""
+    problem = kwarp.interpreter_problem(interpreted, triton_version, numpy_version)
+    assert (problem is not None) == refused
+    if refused:
+        assert "triton>=3.7 or numpy<2.4" in problem
+
+
+def test_kernels_refuse_an_interpreter_that_cannot_run_them(monkeypatch):
+    image, coords = torch.rand(1, 1, 4, 4, 4), torch.rand(1, 3, 3, 3, 3)
+    monkeypatch.setattr(kwarp, "INTERPRETER_PROBLEM", "the reason")
+    for call in (lambda: kwarp.warp(image, coords), lambda: kcompose.compose_maps(coords, coords)):
+        with pytest.raises(RuntimeError, match="the reason"):
+            call()
