@@ -143,7 +143,6 @@ def test_full_size():
         assert relative_l2(ours[1], theirs[1]) < 5e-3, name   # map
 
 
-
 @pytest.mark.parametrize("interpreted,triton_version,numpy_version,refused", [
     (True, "3.6.0", "2.4.6", True), (True, "3.6.0", "2.3.5", False), (True, "3.7.0", "2.4.6", False),
     (True, "3.10.1", "2.10.0", False), (False, "3.6.0", "2.5.2", False)])
