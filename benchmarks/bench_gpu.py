@@ -32,28 +32,12 @@ import argparse
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
-
-
-def import_reference():
-    """``unigradicon`` imports itk at module level but ``GradientICONSparse`` never uses it:
-    without itk (the GPU runner), a stub module lets it import."""
-    try:
-        import itk  # noqa: F401
-    except ImportError:
-        stub = types.ModuleType("itk")
-        stub.Image = object
-        sys.modules["itk"] = stub
-    import unigradicon  # noqa: F401  (here, so that a missing dependency shows at once)
-    from helpers import reference_network
-
-    return reference_network
 
 
 def sync(device):
@@ -93,7 +77,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     device, shape = args.device, tuple(args.shape)
 
-    from helpers import random_network, smooth_volume
+    from helpers import import_reference, random_network, smooth_volume
 
     from mgr_engine import Engine
     from mgr_engine.model import official_state_dict

@@ -20,7 +20,8 @@
 #   engine   180  bench_gpu.py: end to end against the reference, TF32/bf16, IO memory
 #   profile   60  profile_gpu.py: where a registration's and an IO step's device time goes
 #   engine-compiled  rest  bench_gpu.py --compile-only (CUDA graphs)
-#   memory    40  profile_io_memory.py: what an IO step keeps for its backward pass, by node
+#   memory    40  profile_io_memory.py --reference: what an IO step keeps for its backward pass,
+#                 by node, against the reference
 #   kernels-compiled rest  bench_kernels.py with torch.compile
 #
 # A dry run on the CPU, small sizes, the kernels in Triton's interpreter:
@@ -75,13 +76,13 @@ if [[ $SMOKE == 1 ]]; then
     kernels=(--smoke)
     engine=(--device cpu --shape 72 72 72 --io-steps 1 --repeats 1)
     profile=(--device cpu --shape 72 72 72 --io-steps 1 --rows 10)
-    memory=(--device cpu --shape 72 72 72)
+    memory=(--device cpu --shape 72 72 72 --reference)
 else
     tests=()
     kernels=()
     engine=()
     profile=()
-    memory=()
+    memory=(--reference)
 fi
 
 stage tests 150 python3 -m pytest -q -p no:cacheprovider "${tests[@]}" tests/test_kernels_warp.py \

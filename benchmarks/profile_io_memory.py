@@ -1,16 +1,30 @@
 #!/usr/bin/env python
-"""What an IO step keeps for its backward pass, by the autograd node that keeps it.
+"""What an IO step keeps for its backward pass, by the autograd node that keeps it; with
+``--peak``, the peak of a whole IO call, against the reference's.
 
-Builds the GradICON objective of one instance-optimization step as ``Engine.instance_optimize``
-does (randomized official weights, two smooth volumes, 1-LNCC^2), then walks the autograd
-graph from the loss: every tensor a node saved for backward, each storage counted once (for
-the first node that holds it, in the walk's order from the loss), summed per node type and per
-tensor shape. This is the activation memory a step holds at the end of its forward pass, where
-its peak lies; the weights, their gradients and Adam's moments come on top.
+Kept for backward: builds the GradICON objective of one instance-optimization step as
+``Engine.instance_optimize`` does (randomized official weights, two smooth volumes, 1-LNCC^2),
+then walks the autograd graph from the loss: every tensor a node saved for backward, each
+storage counted once (for the first node that holds it, in the walk's order from the loss),
+summed per node type and per tensor shape, the weights left out. This is the activation memory
+a step holds at the end of its forward pass; the weights, their gradients and Adam's moments
+come on top. ``--reference`` walks one step of the reference's ``finetune_execute`` too
+(``GradientICONSparse`` in eval mode, same weights, pair and similarity).
+
+Peak (``--peak``): one whole IO call, ``instance_optimize(iterations=N)`` against the
+reference's ``finetune_execute(steps=N)`` (``--io-steps``, default 2: from the second step on,
+Adam's moments exist and the previous step's graph may still be alive; the final forward; the
+weights copied and restored), under ``torch.profiler``'s memory timeline: the most tensor memory alive at once on
+the device, split by the profiler's categories at that moment, after a warm-up call. What
+tensors a computation holds depends on the code, not on the device, so on the CPU this
+forecasts the ratio that ``bench_gpu.py`` measures with ``torch.cuda.max_memory_allocated``
+(the GPU adds cuDNN's workspaces; the CPU path keeps LNCC's intermediates, which the Triton LNCC
+kernel does not, so the forecast errs against mgr_engine).
 
     .venv/bin/python benchmarks/profile_io_memory.py                       # CPU, 175^3
     python benchmarks/profile_io_memory.py --device cuda                   # GPU
     .venv/bin/python benchmarks/profile_io_memory.py --shape 96 96 96      # quick
+    .venv/bin/python benchmarks/profile_io_memory.py --reference --peak    # against the reference
 
 Needs no itk.
 """
@@ -19,7 +33,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,52 +44,140 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+GIB, MIB = 2**30, 2**20
+# The columns of torch.profiler's memory timeline after its leading zero
+# (torch/profiler/_memory_profiler.py, _CATEGORY_TO_INDEX; None is "unknown").
+TIMELINE_CATEGORIES = ("parameter", "optimizer state", "input", "temporary", "activation", "gradient",
+                       "autograd detail", "unknown")
 
-def io_step_loss(engine, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+
+def io_step_loss(engine, moving: torch.Tensor, fixed: torch.Tensor, similarity: str = "lncc2") -> torch.Tensor:
     """The loss of one IO step's forward pass on ``engine``'s network, built as
-    ``Engine.instance_optimize`` builds it (1-LNCC^2, fp32, seeded regularizer noise), its
-    autograd graph alive. Leaves the network's parameters requiring gradients."""
+    ``Engine.instance_optimize`` builds it (fp32, seeded regularizer noise), its autograd graph
+    alive. Leaves the network's parameters requiring gradients."""
     from mgr_engine.engine import gradicon_objective
     from mgr_engine.losses import similarity_by_name, with_constant_targets
 
     network = engine.network.requires_grad_(True)
     with engine._precision("fp32"):
-        loss, _, _ = gradicon_objective(network, moving, fixed, with_constant_targets(similarity_by_name("lncc2")),
+        loss, _, _ = gradicon_objective(network, moving, fixed, with_constant_targets(similarity_by_name(similarity)),
                                         generator=torch.Generator().manual_seed(0))
     return loss
+
+
+def reference_model(shape, device: str, similarity: str) -> torch.nn.Module:
+    """The reference's ``GradientICONSparse`` (eval mode, lambda 1.5) with the weights
+    ``benchmark_engine`` gives the engine, on ``device``."""
+    import icon_registration as icon
+    from helpers import import_reference, random_network
+    from icon_registration import config as icon_config
+
+    reference_network = import_reference()
+    icon_config.device = torch.device(device)
+    loss_fn = {"lncc": icon.LNCC, "lncc2": icon.SquaredLNCC}[similarity](sigma=5)
+    return reference_network(random_network(shape, seed=1, displacement_scale=0.3), loss_fn).to(device)
+
+
+def peak_memory(call, device: str):
+    """``(peak bytes, {category: bytes at the peak})`` of the tensors alive during ``call()``
+    on ``device``, tensors made before it included, from torch.profiler's memory timeline."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities, profile_memory=True, record_shapes=True,
+                                with_stack=True) as profiler:
+        call()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "timeline.json"
+        with warnings.catch_warnings():  # deprecated for CUDA memory snapshots, which the CPU lacks
+            warnings.simplefilter("ignore", FutureWarning)
+            profiler.export_memory_timeline(str(path), str(torch.device(device, 0) if device == "cuda" else device))
+        _, sizes = json.loads(path.read_text())
+    at_peak = max(sizes, key=sum)
+    return sum(at_peak), dict(zip(TIMELINE_CATEGORIES, at_peak[1:]))
+
+
+def print_kept(title: str, total: int, by_shape: dict, rows: int) -> None:
+    by_type = collections.Counter()
+    for (kind, _), (_, nbytes) in by_shape.items():
+        by_type[kind] += nbytes
+    print(f"{title}: kept for backward {total / GIB:.2f} GiB\n")
+    print("| node that keeps it | MiB | share |")
+    print("|---|--:|--:|")
+    for kind, nbytes in by_type.most_common():
+        if nbytes >= MIB:
+            print(f"| {kind} | {nbytes / MIB:.0f} | {nbytes / total:.0%} |")
+    print("\n| node, tensor shape | tensors | MiB |")
+    print("|---|--:|--:|")
+    for (kind, size), (count, nbytes) in sorted(by_shape.items(), key=lambda item: -item[1][1])[:rows]:
+        print(f"| {kind} {size} | {count} | {nbytes / MIB:.0f} |")
+    print()
+
+
+def print_peaks(peaks: dict, io_steps: int) -> None:
+    print(f"| one IO call ({io_steps} steps + final forward) | peak | " + " | ".join(TIMELINE_CATEGORIES) + " |")
+    print("|---|--:|" + "--:|" * len(TIMELINE_CATEGORIES))
+    for name, (peak, by_category) in peaks.items():
+        cells = " | ".join(f"{by_category[c] / GIB:.2f}" for c in TIMELINE_CATEGORIES)
+        print(f"| {name} | {peak / GIB:.2f} GiB | {cells} |")
+    if len(peaks) == 2:
+        (_, (ours, _)), (_, (theirs, _)) = peaks.items()
+        print(f"\nmgr_engine's peak is {ours / theirs:.0%} of the reference's.")
+    print()
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shape", type=int, nargs=3, default=(175, 175, 175))
-    parser.add_argument("--rows", type=int, default=15, help="rows of the per-shape table")
+    parser.add_argument("--rows", type=int, default=15, help="rows of the per-shape tables")
+    parser.add_argument("--similarity", choices=("lncc2", "lncc"), default="lncc2")
+    parser.add_argument("--reference", action="store_true", help="the reference's finetune_execute too")
+    parser.add_argument("--peak", action="store_true", help="the peak of a whole IO call, under the profiler")
+    parser.add_argument("--io-steps", type=int, default=2, help="IO steps of the --peak call")
+    parser.add_argument("--checkpointing", action="store_true", help="Engine(io_checkpointing=True)")
     args = parser.parse_args(argv)
     shape = tuple(args.shape)
 
     from helpers import benchmark_engine, kept_for_backward
 
-    engine, moving, fixed = benchmark_engine(shape, args.device, cache_host_memory=False)
-    total, by_shape = kept_for_backward(io_step_loss(engine, moving, fixed))
-    by_type = collections.Counter()
-    for (kind, _), (_, nbytes) in by_shape.items():
-        by_type[kind] += nbytes
+    engine, moving, fixed = benchmark_engine(shape, args.device, cache_host_memory=False,
+                                             io_checkpointing=args.checkpointing)
     parameters = sum(p.numel() * p.element_size() for p in engine.network.parameters())
+    print(f"{args.device}, torch {torch.__version__}, network input {shape}, 1-{args.similarity.upper()}; weights "
+          f"{parameters / GIB:.2f} GiB (with their gradients and Adam's two moments, {4 * parameters / GIB:.2f} GiB)\n")
+    ours = "mgr_engine instance_optimize" + (" (io_checkpointing)" if args.checkpointing else "")
+    # Each graph is counted and freed before the next is built: two alive would double the peak.
+    # Not under checkpointing: reading a checkpointed node's saved tensors recomputes them.
+    kept = None if args.checkpointing else kept_for_backward(
+        io_step_loss(engine, moving, fixed, args.similarity), ignore=engine.network.parameters())
+    if kept:
+        print_kept(ours, *kept, args.rows)
+    peaks = {}
+    if args.peak:
+        def io_call(steps=args.io_steps):
+            engine.instance_optimize(moving, fixed, iterations=steps, similarity=args.similarity,
+                                     progress=False)
 
-    mib = 2**20
-    print(f"{args.device}, torch {torch.__version__}, network input {shape}: kept for backward "
-          f"{total / 2**30:.2f} GiB (weights {parameters / 2**30:.2f} GiB; the weights, their gradients and "
-          f"Adam's two moments take {4 * parameters / 2**30:.2f} GiB besides)\n")
-    print("| node that keeps it | MiB | share |")
-    print("|---|--:|--:|")
-    for kind, nbytes in by_type.most_common():
-        if nbytes >= mib:
-            print(f"| {kind} | {nbytes / mib:.0f} | {nbytes / total:.0%} |")
-    print("\n| node, tensor shape | tensors | MiB |")
-    print("|---|--:|--:|")
-    rows = sorted(by_shape.items(), key=lambda item: -item[1][1])[: args.rows]
-    for (kind, size), (count, nbytes) in rows:
-        print(f"| {kind} {size} | {count} | {nbytes / mib:.0f} |")
+        io_call(1)  # warm-up: caches and first-call allocations
+        peaks[ours] = peak_memory(io_call, args.device)
+    if args.reference:
+        del engine
+        from icon_registration import itk_wrapper
+
+        reference = reference_model(shape, args.device, args.similarity)
+        reference_kept = kept_for_backward(reference(moving, fixed)[0], ignore=reference.parameters())
+        print_kept("reference finetune_execute", *reference_kept, args.rows)
+        if kept:
+            print(f"mgr_engine keeps {kept[0] / reference_kept[0]:.0%} of what the reference keeps.\n")
+        if args.peak:
+            def reference_io_call(steps=args.io_steps):
+                itk_wrapper.finetune_execute(reference, moving, fixed, steps, 2e-5)
+
+            reference_io_call(1)
+            peaks["reference finetune_execute"] = peak_memory(reference_io_call, args.device)
+    if peaks:
+        print_peaks(peaks, args.io_steps)
     return 0
 
 

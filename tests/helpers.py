@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -61,6 +63,21 @@ def reference_network(network: GradICONNetwork, loss_fn=None, lmbda=1.5, loss_fu
     return ref.eval()
 
 
+def import_reference():
+    """``reference_network``, importing ``unigradicon`` first. It imports itk at module level
+    but ``GradientICONSparse`` never uses it: without itk (the GPU runner), a stub module lets it
+    import. For benchmarks only: tests skip where the reference does not import."""
+    try:
+        import itk  # noqa: F401
+    except ImportError:
+        stub = types.ModuleType("itk")
+        stub.Image = object
+        sys.modules["itk"] = stub
+    import unigradicon  # noqa: F401  (here, so that a missing dependency shows at once)
+
+    return reference_network
+
+
 def _saved_tensors(node):
     """The tensors an autograd node keeps: a custom Function's ``saved_tensors``, or the
     ``_saved_*`` attributes of a built-in node."""
@@ -77,11 +94,12 @@ def _saved_tensors(node):
     return tensors
 
 
-def kept_for_backward(output: torch.Tensor):
+def kept_for_backward(output: torch.Tensor, ignore=()):
     """What autograd keeps for ``output``'s backward pass, found by walking its graph: every
-    tensor a node saved, each storage counted once (for the first node found that holds it).
+    tensor a node saved, each storage counted once (for the first node found that holds it),
+    but for the storages of the tensors in ``ignore`` (say, the weights, alive anyway).
     Returns ``(total bytes, {(node type, tensor shape): [count, bytes]})``."""
-    seen_storages, seen_nodes = set(), set()
+    seen_storages, seen_nodes = {t.untyped_storage().data_ptr() for t in ignore}, set()
     by_node_and_shape = {}
     stack = [output.grad_fn]
     while stack:
