@@ -58,15 +58,16 @@ class LastConvCPU(torch.autograd.Function):
         out = torch.empty((x.shape[0], 3, *x.shape[2:]), dtype=x.dtype)
         _last_conv_cpu.last_conv(as_kernel_array(x), weight.numpy(), bias.detach().contiguous().numpy(),
                                  out.numpy(), torch.get_num_threads())
-        ctx.recompute_x = recompute_x
-        ctx.save_for_backward(weight, *(() if recompute_x else (x,)))
+        # As mgr_engine.model._LowMemoryConv: recompute_x's tensors are saved, not held by ctx.
+        ctx.recompute, kept = recompute_x if recompute_x is not None else (None, (x,))
+        ctx.save_for_backward(weight, *kept)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         weight, *kept = ctx.saved_tensors
-        x = kept[0] if kept else ctx.recompute_x().contiguous(memory_format=CHANNELS_LAST)
+        x = kept[0] if ctx.recompute is None else ctx.recompute(*kept).contiguous(memory_format=CHANNELS_LAST)
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_out = grad_out.contiguous()
         grad_x = torch.empty_like(x, memory_format=CHANNELS_LAST) if need_x else x.new_empty((0,) * 5)
@@ -82,7 +83,8 @@ class LastConvCPU(torch.autograd.Function):
 
 def last_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, recompute_x=None) -> torch.Tensor:
     """:func:`reference` in C++, differentiable in all three; planar (contiguous) output.
-    ``recompute_x``: a function that returns ``x`` bit for bit, called in the backward pass
-    instead of keeping ``x`` (see :func:`mgr_engine.model.decoder_output_recipe`). Needs
+    ``recompute_x``: ``(function, tensors)``, ``function(*tensors)`` returning ``x`` bit for
+    bit, called in the backward pass instead of keeping ``x`` (see
+    :func:`mgr_engine.model.decoder_output_recipe`). Needs
     :func:`supports`."""
     return LastConvCPU.apply(x, weight, bias, recompute_x)

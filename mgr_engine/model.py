@@ -132,14 +132,20 @@ class _LowMemoryConv(torch.autograd.Function):
     """``conv(leaky_relu(x))``, or ``conv(x)``, for a U-Net's 3-D convolution or transposed
     convolution, keeping the least for the backward pass. Autograd would keep ``x`` (the
     activation's input) and the activation's output (the convolution's input); this keeps ``x``
-    alone and recomputes the activation. Given ``recompute_x``, a function that returns ``x``
-    bit for bit from tensors kept anyway (a decoder level's output), it keeps nothing of ``x``
-    and calls that in the backward pass."""
+    alone and recomputes the activation. Given ``recompute_x``, a pair ``(function, tensors)``
+    with ``function(*tensors)`` returning ``x`` bit for bit from tensors kept anyway (a decoder
+    level's output), it keeps nothing of ``x`` and calls that in the backward pass.
+
+    The tensors go through ``save_for_backward``, so that autograd frees them with the other
+    saved tensors once the backward pass has run. A closure holding them lived as long as the
+    graph, which IO's ``loss`` holds until the next step's forward has ended: the tensor peak of
+    a two-step IO call at 175^3 fell 7.89 -> 5.78 GiB without it
+    (``benchmarks/profile_io_memory.py --peak``)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, transposed, activation, recompute_x):
-        ctx.recompute_x = recompute_x
-        ctx.save_for_backward(weight, *(() if recompute_x else (x,)))
+        ctx.recompute, kept = recompute_x if recompute_x is not None else (None, (x,))
+        ctx.save_for_backward(weight, *kept)
         ctx.conv = (bias is not None, stride, padding, transposed, activation)
         conv_input = F.leaky_relu(x, LEAKY_SLOPE) if activation else x
         if transposed:
@@ -149,7 +155,7 @@ class _LowMemoryConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         weight, *kept = ctx.saved_tensors
-        x = kept[0] if kept else ctx.recompute_x()
+        x = kept[0] if ctx.recompute is None else ctx.recompute(*kept)
         has_bias, stride, padding, transposed, activation = ctx.conv
         needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
@@ -195,19 +201,20 @@ def low_memory_conv(conv: nn.Module, x: torch.Tensor, *, activation: bool = True
 
 
 def decoder_output_recipe(norm: nn.Module, before_norm: torch.Tensor, skip: torch.Tensor):
-    """A function that recomputes a decoder level's output ``crop_concat(norm(before_norm),
-    skip)`` bit for bit, for the layer after it to call in its backward pass instead of keeping
-    that output: BatchNorm's backward keeps ``before_norm`` and the encoder keeps ``skip``
-    anyway. Only where BatchNorm is in eval mode (as in IO; in training mode its forward
-    updates the running statistics) and outside autocast; ``None`` elsewhere."""
+    """How to recompute a decoder level's output ``crop_concat(norm(before_norm), skip)`` bit
+    for bit, for the layer after it to call in its backward pass instead of keeping that
+    output: ``(function, (before_norm, skip))``, ``function`` of those two tensors, which
+    BatchNorm's backward and the encoder keep anyway. Only where BatchNorm is in eval mode (as
+    in IO; in training mode its forward updates the running statistics) and outside autocast;
+    ``None`` elsewhere."""
     if norm.training or not torch.is_grad_enabled() or _autocast_enabled(before_norm.device.type):
         return None
 
-    def recompute():
+    def recompute(before_norm, skip):
         with torch.no_grad():
             return _cropped_cat(norm(before_norm), skip)
 
-    return recompute
+    return recompute, (before_norm, skip)
 
 
 class UNet(nn.Module):

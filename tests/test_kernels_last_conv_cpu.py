@@ -58,19 +58,21 @@ def test_gradcheck_float64():
 
 @pytest.mark.parametrize("layout", [CHANNELS_LAST, torch.contiguous_format])
 def test_recomputed_input_gives_the_same_gradients_and_is_not_kept(layout):
-    """With ``recompute_x`` the op keeps only the weight and calls it in the backward pass:
-    gradients bit for bit those of the op that keeps ``x``."""
+    """With ``recompute_x`` the op keeps the weight and the recipe's tensors, not ``x``, and
+    calls the recipe in the backward pass: gradients bit for bit those of the op that keeps
+    ``x``."""
     x, weight, bias = inputs(2, 5, (6, 7, 5), torch.float32, seed=5, layout=layout)
     x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()
     calls = []
 
-    def recompute_x():
+    def recompute(source):
         calls.append(1)
-        return x.detach().clone()
+        return source.clone()
 
-    got = last_conv_cpu.last_conv(x, weight, bias, recompute_x=recompute_x)
+    source = x.detach().clone()
+    got = last_conv_cpu.last_conv(x, weight, bias, recompute_x=(recompute, (source,)))
     kept = {t.untyped_storage().data_ptr() for t in got.grad_fn.saved_tensors}
-    assert x.untyped_storage().data_ptr() not in kept and len(kept) == 1
+    assert kept == {weight.untyped_storage().data_ptr(), source.untyped_storage().data_ptr()}
     expected = last_conv_cpu.last_conv(x, weight, bias)
     assert torch.equal(got, expected)
     grad_out = torch.randn(got.shape, generator=torch.Generator().manual_seed(2))

@@ -1,5 +1,7 @@
 """The network against the authors' implementation, with every weight randomized."""
 
+import weakref
+
 import pytest
 import torch
 
@@ -182,7 +184,8 @@ def test_low_memory_conv_equals_autograd(transposed, layout, grads, activation, 
     conv.requires_grad_(grads != "input only")
     x = torch.randn(2, conv.in_channels, 7, 6, 5, dtype=torch.float64).contiguous(memory_format=layout)
     x.requires_grad_(grads != "weights only")
-    recompute_x = (lambda: x.detach().clone()) if recompute else None
+    # Recomputed from a copy of x, so that x itself is not among the saved tensors.
+    recompute_x = (lambda source: source.clone(), (x.detach().clone(),)) if recompute else None
     inputs = [t for t in (x, conv.weight, conv.bias) if t.requires_grad]
     got = low_memory_conv(conv, x, activation=activation, recompute_x=recompute_x)
     expected = plain_conv(conv, x, activation)
@@ -210,7 +213,7 @@ def test_low_memory_conv_leaves_other_layers_to_autograd(layer):
 
     layer = layer.double()
     x = torch.randn(1, layer.in_channels, 6, 7, 5, dtype=torch.float64, requires_grad=True)
-    got = low_memory_conv(layer, x, recompute_x=lambda: x.detach().clone())
+    got = low_memory_conv(layer, x, recompute_x=(lambda source: source.clone(), (x.detach().clone(),)))
     assert type(got.grad_fn).__name__ != "_LowMemoryConvBackward"
     assert torch.equal(got, plain_conv(layer, x))
 
@@ -233,9 +236,9 @@ def test_unet_keeps_less_for_backward_with_the_same_gradients(monkeypatch, dtype
     recipe = model.decoder_output_recipe
 
     def recording_recipe(norm, before_norm, skip):
-        recompute = recipe(norm, before_norm, skip)
-        decoder_outputs.append(recompute().untyped_storage().nbytes())
-        return recompute
+        recompute, tensors = recipe(norm, before_norm, skip)
+        decoder_outputs.append(recompute(*tensors).untyped_storage().nbytes())
+        return recompute, tensors
 
     monkeypatch.setattr(model, "decoder_output_recipe", recording_recipe)
     out = unet(moving, fixed)
@@ -265,3 +268,26 @@ def test_unet_keeps_less_for_backward_with_the_same_gradients(monkeypatch, dtype
     # (The images require gradients here, as the warped moving image does in IO: autograd's
     # first activation keeps them too.)
     assert kept_plain - kept_low == sum(activations) + sum(decoder_outputs) > 0
+
+
+def test_unet_frees_what_it_recomputes_from_once_backward_ran(monkeypatch):
+    """The tensors a decoder level's output is recomputed from are freed by the backward pass,
+    as autograd's saved tensors are, while the graph lives on: IO's ``loss`` holds the graph
+    until the next step's forward has ended, and a closure holding those tensors kept them alive
+    into that forward."""
+    from mgr_engine import model
+
+    unet = random_network((72, 72, 72), narrow=True, seed=4).unets[3].requires_grad_(True)
+    moving, fixed = pair((40, 36, 34))
+    recorded = []
+    recipe = model.decoder_output_recipe
+
+    def recording_recipe(norm, before_norm, skip):
+        recorded.extend(weakref.ref(t) for t in (before_norm, skip))
+        return recipe(norm, before_norm, skip)
+
+    monkeypatch.setattr(model, "decoder_output_recipe", recording_recipe)
+    out = unet(moving, fixed)
+    assert len(recorded) == 2 * len(unet.upConvs) and all(ref() is not None for ref in recorded)
+    out.sum().backward()
+    assert [ref() for ref in recorded] == [None] * len(recorded)
