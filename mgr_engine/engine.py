@@ -277,7 +277,10 @@ class Engine:
             "moving_mask": None if moving_mask is None else moving_mask.to(self.device),
             "fixed_mask": None if fixed_mask is None else fixed_mask.to(self.device),
         }
-        saved = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        # The checkpoint's weights, to restore afterwards; on a GPU in host memory, where they
+        # do not add to IO's device peak (0.26 GiB of the official network's; 2 x 283 MB of
+        # copies per IO call, against 50 steps of work).
+        saved = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
         net.requires_grad_(True)
         optimizer = torch.optim.Adam(net.parameters(), lr=lr)
         losses = []
