@@ -27,10 +27,10 @@
 # A dry run on the CPU, small sizes, the kernels in Triton's interpreter:
 #   SMOKE=1 OUT=/tmp/gpu-smoke PATH=.venv/bin:$PATH bash benchmarks/gpu_session.sh
 # The GPU image's versions (KINDS.md: Python 3.12, torch 2.11, Triton 3.6, NumPy 2.5, no itk)
-# were checked on the CPU on 2026-11-30 (benchmarks/RESULTS.md): every kernel compiles with
-# Triton 3.6, and the dry run's engine, profile and memory stages pass with torch 2.11 and itk
-# hidden. Only the interpreter fails there (Triton < 3.7 with NumPy >= 2.4), which a GPU run
-# does not use.
+# were checked on the CPU on 2026-11-30 and 2026-12-01 (benchmarks/RESULTS.md): every kernel
+# compiles with Triton 3.6, and with Python 3.12, torch 2.11, NumPy 2.5 and no itk the dry run's
+# engine, profile and memory stages pass. Only the interpreter fails there (Triton < 3.7 with
+# NumPy >= 2.4), which a GPU run does not use.
 set -uo pipefail
 OUT=${OUT:-/tmp/mgr_engine_gpu_session}
 BUDGET=${BUDGET:-540}
