@@ -163,9 +163,9 @@ def main(argv=None) -> int:
         peaks[ours] = peak_memory(io_call, args.device)
     if args.reference:
         del engine
-        from icon_registration import itk_wrapper
-
         reference = reference_model(shape, args.device, args.similarity)
+        from icon_registration import itk_wrapper  # after reference_model: imports itk, or its stub
+
         reference_kept = kept_for_backward(reference(moving, fixed)[0], ignore=reference.parameters())
         print_kept("reference finetune_execute", *reference_kept, args.rows)
         if kept:
