@@ -14,12 +14,12 @@ come on top. ``--reference`` walks one step of the reference's ``finetune_execut
 Peak (``--peak``): one whole IO call, ``instance_optimize(iterations=N)`` against the
 reference's ``finetune_execute(steps=N)`` (``--io-steps``, default 2: from the second step on,
 Adam's moments exist and the previous step's graph may still be alive; the final forward; the
-weights copied and restored), under ``torch.profiler``'s memory timeline: the most tensor memory alive at once on
-the device, split by the profiler's categories at that moment, after a warm-up call. What
-tensors a computation holds depends on the code, not on the device, so on the CPU this
-forecasts the ratio that ``bench_gpu.py`` measures with ``torch.cuda.max_memory_allocated``
-(the GPU adds cuDNN's workspaces; the CPU path keeps LNCC's intermediates, which the Triton LNCC
-kernel does not, so the forecast errs against mgr_engine).
+weights copied and restored), under ``torch.profiler``'s memory timeline: the most tensor
+memory alive at once on the device, split by the profiler's categories at that moment, after a
+warm-up call. What tensors a computation holds depends on the code, not on the device, so on
+the CPU this forecasts the ratio that ``bench_gpu.py`` measures with
+``torch.cuda.max_memory_allocated`` (the GPU adds cuDNN's workspaces; the CPU path keeps LNCC's
+intermediates, which the Triton LNCC kernel does not, so the forecast errs against mgr_engine).
 
     .venv/bin/python benchmarks/profile_io_memory.py                       # CPU, 175^3
     python benchmarks/profile_io_memory.py --device cuda                   # GPU
