@@ -200,8 +200,9 @@ def compiled_rows(state, config, device, moving, fixed, phi, voxels, repeats, re
     """``Engine(compile=True)``: cold (the first call compiles) and warm latency, and its
     largest difference from the eager map, each row written as soon as it is measured; a
     failure is reported, not raised. On CUDA twice: with our Triton kernels inside the graph
-    (whether dynamo takes their autograd.Functions whole is unknown until it runs), then with
-    the PyTorch ops, which inductor compiles itself."""
+    (that Dynamo captures them is checked on the CPU, tests/test_kernels_compile.py; that
+    inductor and CUDA graphs run them, only here), then with the PyTorch ops, which inductor
+    compiles itself."""
     from mgr_engine import Engine, ops
 
     mode = "torch.compile, mode reduce-overhead (CUDA graphs)" if device == "cuda" else "torch.compile"

@@ -211,8 +211,11 @@ class Engine:
                                                     providers=onnx_providers, device=device)
         else:
             self.inference_network = self._inference_copy()
+            # CUDA graphs (reduce-overhead) write each call's outputs into the same memory:
+            # predict_map hands out a copy, or the next call would overwrite (then refuse) it.
+            self._outputs_reused = compile and self.device.type == "cuda"
             if compile:
-                mode = "reduce-overhead" if self.device.type == "cuda" else None
+                mode = "reduce-overhead" if self._outputs_reused else None
                 self.inference_network = torch.compile(self.inference_network, mode=mode, fullgraph=True)
         log.info("loaded %s weights from %s on %s", model, source, self.device)
 
@@ -240,7 +243,8 @@ class Engine:
         moving = moving.to(self.device).contiguous(memory_format=layout)
         fixed = fixed.to(self.device).contiguous(memory_format=layout)
         with self._precision(self.precision):
-            return self.inference_network(moving, fixed).float().contiguous()
+            phi = self.inference_network(moving, fixed).float().contiguous()
+        return phi.clone() if self._outputs_reused else phi
 
     @contextlib.contextmanager
     def _precision(self, precision: str):

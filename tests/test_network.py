@@ -141,6 +141,22 @@ def test_compiled_forward_equals_eager():
     assert difference < 1e-3
 
 
+def test_predict_map_copies_what_cuda_graphs_would_overwrite():
+    """With CUDA graphs (``compile=True`` on CUDA) the network writes every call's map into the
+    same memory, so ``predict_map`` returns a copy; elsewhere the network's own tensor (a
+    contiguous float32 map, as the Triton path returns it, goes out unchanged)."""
+    net = random_network((72, 72, 72), narrow=True, seed=3)
+    engine = Engine(weights=official_state_dict(net), config=net.config, device="cpu")
+    moving, fixed = pair((72, 72, 72))
+    static_output = torch.rand(1, 3, 72, 72, 72)
+    engine.inference_network = lambda moving, fixed: static_output
+    assert engine.predict_map(moving, fixed) is static_output
+    engine._outputs_reused = True  # as Engine(compile=True, device="cuda") sets it
+    phi = engine.predict_map(moving, fixed)
+    assert phi.untyped_storage().data_ptr() != static_output.untyped_storage().data_ptr()
+    torch.testing.assert_close(phi, static_output, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
 @pytest.mark.parametrize("x_grid", [(5, 5, 6), (6, 5, 7)])
 def test_decoder_crop_concat_gradients_keep_the_layouts(layout, x_grid):
