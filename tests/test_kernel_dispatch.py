@@ -1,17 +1,24 @@
-"""The engine's ops pick the Triton kernels by mode, and the paths built on them agree."""
+"""The engine's ops pick the Triton kernels by mode, and the paths built on them agree.
+
+On the CPU through Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py); on a GPU
+compiled, on CUDA tensors.
+"""
 
 import os
 
 import pytest
 import torch
 
-from mgr_engine import ops
+from helpers import randomize_, smooth_volume
+from mgr_engine import Engine, NetworkConfig, ops
 from mgr_engine.errors import InvalidOptionError
 from mgr_engine.losses import gradicon_regularizer, lncc2_loss
-from mgr_engine.model import evaluate_map
+from mgr_engine.model import GradICONNetwork, evaluate_map, official_state_dict
 
 pytest.importorskip("triton")
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+if DEVICE == "cpu" and not INTERPRETED:
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
 
@@ -30,14 +37,14 @@ def test_regularizer_and_similarity_agree_across_modes():
     """The GradICON regularizer (compositions, finite differences) and LNCC^2 through both
     implementations, values and gradients, on small fields."""
     shapes = [(4, 5, 4), (7, 6, 8), (8, 8, 8)]
-    identity = ops.identity_map((8, 8, 8), dtype=torch.float64)
+    identity = ops.identity_map((8, 8, 8), dtype=torch.float64, device=DEVICE)
     results = {}
     for mode in ("torch", "triton"):
-        fields_ab = [(0.05 * torch.randn(1, 3, *s, generator=torch.Generator().manual_seed(i), dtype=torch.float64)).requires_grad_()
-                     for i, s in enumerate(shapes)]
+        fields_ab = [(0.05 * torch.randn(1, 3, *s, generator=torch.Generator().manual_seed(i), dtype=torch.float64))
+                     .to(DEVICE).requires_grad_() for i, s in enumerate(shapes)]
         fields_ba = [(0.05 * torch.randn(1, 3, *s, generator=torch.Generator().manual_seed(10 + i), dtype=torch.float64))
-                     for i, s in enumerate(shapes)]
-        image = torch.rand(1, 1, 8, 8, 8, generator=torch.Generator().manual_seed(20), dtype=torch.float64)
+                     .to(DEVICE) for i, s in enumerate(shapes)]
+        image = torch.rand(1, 1, 8, 8, 8, generator=torch.Generator().manual_seed(20), dtype=torch.float64).to(DEVICE)
         with ops.kernel_mode(mode):
             reg = gradicon_regularizer(lambda x: evaluate_map(fields_ab, x), lambda x: evaluate_map(fields_ba, x),
                                        identity, generator=torch.Generator().manual_seed(1))
@@ -51,3 +58,43 @@ def test_regularizer_and_similarity_agree_across_modes():
     for a, b in zip(results["triton"][2], results["torch"][2]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
     assert results["torch"][0] > 0
+
+
+@pytest.mark.parametrize("similarity,masked", [("lncc2", True), ("lncc", False)])
+def test_instance_optimization_agrees_across_modes(similarity, masked, monkeypatch):
+    """Instance optimization end to end (the network's compositions and warps, the GradICON
+    regularizer, the similarity, loss masks, Adam) on the Triton kernels and on PyTorch's ops:
+    the same losses and map. A network three levels deep on an odd, non-cubic grid, small
+    enough for the interpreter."""
+    if INTERPRETED:  # it runs each program in Python: fewer, larger blocks (any power of two is valid)
+        from mgr_engine.kernels import lncc, warp
+
+        monkeypatch.setattr(warp, "BLOCK", 8192)
+        monkeypatch.setattr(lncc, "BLOCK", 8192)
+    shape = (18, 21, 17)
+    config = NetworkConfig(input_shape=shape, down_channels=(2, 4, 8, 8), up_channels=(4, 8, 8))
+    network = randomize_(GradICONNetwork(config), seed=4, displacement_scale=0.3)
+    engine = Engine(weights=official_state_dict(network), config=config, device=DEVICE)
+    moving, fixed = (torch.from_numpy(smooth_volume(shape, seed))[None, None].to(DEVICE) for seed in (1, 2))
+    masks = {}
+    if masked:
+        masks = {"moving_mask": torch.zeros_like(moving), "fixed_mask": torch.zeros_like(fixed)}
+        masks["moving_mask"][..., 2:16, 3:20, 1:12] = 1
+        masks["fixed_mask"][..., 4:18, 0:15, 5:17] = 1
+    results = {}
+    for mode in ("torch", "triton"):
+        with ops.kernel_mode(mode):
+            results[mode] = engine.instance_optimize(moving, fixed, iterations=2, similarity=similarity,
+                                                     progress=False, generator=torch.Generator().manual_seed(0),
+                                                     **masks)
+    voxel = torch.tensor(shape, device=DEVICE).view(1, 3, 1, 1, 1) - 1
+    (phi_torch, _, losses_torch), (phi_triton, _, losses_triton) = results["torch"], results["triton"]
+    with ops.kernel_mode("torch"):
+        moved = ((phi_torch - engine.predict_map(moving, fixed)) * voxel).abs().max()
+    print(f"IO moved the map by {moved:.3f} voxel; the modes differ by "
+          f"{((phi_triton - phi_torch) * voxel).abs().max():.2e} voxel")
+    torch.testing.assert_close(torch.tensor(losses_triton), torch.tensor(losses_torch), rtol=1e-5, atol=0)
+    # Adam's first steps are nearly sign(gradient) * lr, so rounding that flips the sign of a
+    # tiny gradient moves a weight by the whole step: the maps agree to about 1e-4 of what IO
+    # moved them (a larger lr spreads them further), a gradient with a wrong sign does not.
+    assert ((phi_triton - phi_torch) * voxel).abs().max() < 1e-2 * moved
