@@ -301,6 +301,8 @@ class Engine:
                 losses.append(loss.item())
         finally:
             net.load_state_dict(saved)
+            # The last step's gradients would stay on the device until the next IO call.
+            net.zero_grad(set_to_none=True)
             net.requires_grad_(False)
         log.info("instance optimization: %d steps, loss %.5f -> %.5f", iterations, losses[0], losses[-1])
         return phi_ab, phi_ba, losses

@@ -100,6 +100,8 @@ def test_io_changes_the_map_and_next_call_starts_from_checkpoint():
     tuned, _, _ = engine.instance_optimize(moving, fixed, iterations=2, similarity="lncc2", lr=1e-3, progress=False)
     assert (tuned - plain).abs().max() > 1e-4
     assert torch.equal(engine.predict_map(moving, fixed), plain)
+    # nothing of the call stays behind: no gradients (0.26 GiB for the official network)
+    assert all(p.grad is None and not p.requires_grad for p in engine.network.parameters())
 
 
 # The reference's MIND-SSC builds float32 kernels, so it is compared in float32.
