@@ -12,6 +12,8 @@ Measured, all in one run on one device:
   with and without U-Net checkpointing), time per step and peak memory;
 * precision: TF32 and bf16-autocast forwards of ours against fp32, largest point
   difference in network voxels (1 voxel = 1 mm for a 175 mm field of view);
+* layout: ours with the network channels-last (the engine's choice, from CPU timings) and
+  contiguous: warm no-IO latency and a few IO steps (``--layout-io-steps``);
 * ``Engine(compile=True)`` (torch.compile; CUDA graphs on a GPU): cold (compiling) and warm
   latency, printed after the main table so that a failure or a slow compile loses nothing
   else (``--skip-compile`` leaves it out, ``--compile-only`` runs it alone).
@@ -93,6 +95,7 @@ def main(argv=None):
     p.add_argument("--io-steps", type=int, default=10, help="IO steps per side (the paper uses 50)")
     p.add_argument("--repeats", type=int, default=10, help="warm no-IO calls to take the median of")
     p.add_argument("--skip-io", action="store_true")
+    p.add_argument("--layout-io-steps", type=int, default=3, help="IO steps per layout row (0: no IO there)")
     p.add_argument("--skip-compile", action="store_true", help="leave out the Engine(compile=True) row")
     p.add_argument("--compile-only", action="store_true", help="only the Engine(compile=True) row")
     p.add_argument("--results", type=Path)
@@ -189,6 +192,22 @@ def main(argv=None):
                             peak_gib(device, before, ours)))
         engine.network.checkpoint_unets = False
 
+    # --- layout: the engine runs its networks channels-last, measured faster on the CPU only
+    layouts = []
+    for layout_name, layout in (("channels-last 3-D (the engine's)", torch.channels_last_3d),
+                                ("contiguous", torch.contiguous_format)):
+        for network in (engine.network, engine.inference_network):
+            network.to(memory_format=layout)
+        warm_layout = statistics.median(clock(lambda: engine.predict_map(moving, fixed), device)[0]
+                                        for _ in range(args.repeats))
+        io_layout = float("nan")
+        if not args.skip_io and args.layout_io_steps > 0:
+            io_layout = clock(lambda: engine.instance_optimize(moving, fixed, iterations=args.layout_io_steps,
+                                                               similarity="lncc", progress=False), device)[0]
+        layouts.append((layout_name, warm_layout, io_layout))
+    for network in (engine.network, engine.inference_network):
+        network.to(memory_format=torch.channels_last_3d)
+
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     lines = [f"## End to end on tensors, {name}, network {'x'.join(map(str, shape))}", "",
              f"torch {torch.__version__}; randomized official-architecture weights; reference = GradientICONSparse "
@@ -208,6 +227,9 @@ def main(argv=None):
                   "|---|--:|--:|--:|--:|--:|"]
         lines += [f"| {n} | {t:.2f} s | {t / args.io_steps:.3f} s | {m:.2f} GiB | {base_t / t:.2f}x | {m / base_m:.0%} |"
                   for n, t, m in io_rows]
+    lines += ["", f"| layout of the networks (mgr_engine) | no IO, warm (median of {args.repeats}) | "
+              f"IO, {args.layout_io_steps} steps + final forward |", "|---|--:|--:|"]
+    lines += [f"| {n} | {w * 1e3:.1f} ms | {t:.2f} s |" for n, w, t in layouts]
     write_table(lines, args.results)
     if not args.skip_compile:
         compiled_rows(state, net.config, device, moving, fixed, phi, voxels, args.repeats, args.results)
