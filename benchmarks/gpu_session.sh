@@ -17,7 +17,7 @@
 #   tests    150  the Triton kernel tests compiled on the GPU, 175^3 included (fills Triton's cache)
 #   kernels   90  bench_kernels.py without torch.compile: time, memory, bandwidth per kernel,
 #                 the warp kernels' BLOCK sweep (128, 256, 512)
-#   engine   180  bench_gpu.py: end to end against the reference, TF32/bf16, IO memory
+#   engine   180  bench_gpu.py: end to end against the reference, TF32/bf16, IO memory, layouts
 #   profile   60  profile_gpu.py: where a registration's and an IO step's device time goes
 #   engine-compiled  rest  bench_gpu.py --compile-only (CUDA graphs)
 #   memory    40  profile_io_memory.py --reference: what an IO step keeps for its backward pass,
