@@ -17,6 +17,11 @@ from mgr_engine.kernels import lncc as klncc  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+# In the interpreter gradcheck compares a random projection of the Jacobian (fast_mode: 1-3 s
+# per op against 50-78 s for the full one on the 2-core CI machine). It catches a wrong axis or
+# sign, not a 1% error in one element: the float64 comparisons with the reference's gradients
+# (rtol 1e-9 or tighter) catch those. Compiled on a GPU, the full Jacobian.
+INTERPRETED = DEVICE == "cpu"
 
 FULL_SHAPE = (175, 175, 175) if DEVICE == "cuda" else (23, 11, 25)  # the interpreter is slow
 PAIRS = [(klncc.lncc_loss, losses.lncc_loss), (klncc.lncc2_loss, losses.lncc2_loss)]
@@ -57,7 +62,8 @@ def test_lncc_gradcheck(ours, reference):
     image, target, mask = volumes(1, (4, 5, 3), torch.float64, seed=3)
     image.requires_grad_()
     target.requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, b: ours(a, b, mask), (image, target), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(lambda a, b: ours(a, b, mask), (image, target), eps=1e-6, atol=1e-6,
+                                    fast_mode=INTERPRETED)
 
 
 def test_16bit_image_in_float32():
