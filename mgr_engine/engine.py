@@ -176,6 +176,10 @@ class Engine:
             raise InvalidOptionError("onnx_model and onnx_providers need backend='onnxruntime'")
         if precision not in PRECISIONS:
             raise InvalidOptionError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if backend == "onnxruntime" and (compile or precision != "fp32"):
+            # Both act on the torch forward; ONNX Runtime would silently ignore them.
+            raise InvalidOptionError("compile and precision apply to backend='torch'; ONNX Runtime runs the "
+                                     "exported graph as it is: drop them, or use backend='torch'")
         self.precision = precision
         self.backend = backend
         self.model = model
@@ -204,6 +208,9 @@ class Engine:
         # Channels-last: the 3-D convolutions of IO's forward and backward run faster (CPU: 1.12x per IO step).
         self.network.eval().to(self.device, memory_format=torch.channels_last_3d).requires_grad_(False)
         self.network.checkpoint_unets = io_checkpointing
+        # CUDA graphs (reduce-overhead) write each call's outputs into the same memory:
+        # predict_map hands out a copy, or the next call would overwrite (then refuse) it.
+        self._outputs_reused = compile and self.device.type == "cuda"
         if backend == "onnxruntime":
             from .export.runtime import onnx_predictor
 
@@ -211,9 +218,6 @@ class Engine:
                                                     providers=onnx_providers, device=device)
         else:
             self.inference_network = self._inference_copy()
-            # CUDA graphs (reduce-overhead) write each call's outputs into the same memory:
-            # predict_map hands out a copy, or the next call would overwrite (then refuse) it.
-            self._outputs_reused = compile and self.device.type == "cuda"
             if compile:
                 mode = "reduce-overhead" if self._outputs_reused else None
                 self.inference_network = torch.compile(self.inference_network, mode=mode, fullgraph=True)

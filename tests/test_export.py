@@ -285,6 +285,9 @@ def test_engine_option_errors(narrow, tmp_path):
         Engine(weights=state, config=config, device="cpu", backend="tensorrt")
     with pytest.raises(InvalidOptionError, match="need backend"):
         Engine(weights=state, config=config, device="cpu", onnx_model=tmp_path / "x.onnx")
+    for torch_only in (dict(compile=True), dict(precision="bf16"), dict(precision="tf32")):
+        with pytest.raises(InvalidOptionError, match="apply to backend='torch'"):
+            Engine(weights=state, config=config, device="cpu", backend="onnxruntime", **torch_only)
     with pytest.raises(InvalidOptionError, match="not available"):
         Engine(weights=state, config=config, device="cpu", backend="onnxruntime", onnx_providers=["nosuch"])
     with pytest.raises(OnnxError, match="does not exist"):
