@@ -12,6 +12,19 @@ import torch
 
 from mgr_engine.model import GradICONNetwork, NetworkConfig, official_state_dict, randomize_weights
 
+# The Triton kernels' tests run compiled on a GPU, else in Triton's interpreter (conftest.py
+# sets TRITON_INTERPRET=1 where there is no GPU).
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def require_triton_kernels():
+    """Skip the calling test module unless its Triton kernels can run (compiled on CUDA, or interpreted)."""
+    pytest.importorskip("triton")
+    if KERNEL_DEVICE == "cpu" and not INTERPRETED:
+        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+
 NARROW = dict(down_channels=(2, 4, 8, 8, 16, 16), up_channels=(4, 8, 8, 16, 16))
 
 

@@ -4,22 +4,17 @@ On the CPU through Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py)
 compiled, on CUDA tensors.
 """
 
-import os
-
 import pytest
 import torch
 
-from helpers import randomize_, smooth_volume
+from helpers import INTERPRETED, randomize_, require_triton_kernels, smooth_volume
+from helpers import KERNEL_DEVICE as DEVICE
 from mgr_engine import Engine, NetworkConfig, ops
 from mgr_engine.errors import InvalidOptionError
 from mgr_engine.losses import gradicon_regularizer, lncc2_loss
 from mgr_engine.model import GradICONNetwork, evaluate_map, official_state_dict
 
-pytest.importorskip("triton")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-if DEVICE == "cpu" and not INTERPRETED:
-    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+require_triton_kernels()
 
 
 def test_auto_mode_uses_triton_only_on_cuda():

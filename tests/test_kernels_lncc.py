@@ -4,20 +4,17 @@ On the CPU through Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py)
 sizes; on a GPU compiled, and ``test_full_size`` runs at the network's 175^3.
 """
 
-import os
-
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
+from helpers import INTERPRETED, require_triton_kernels
+from helpers import KERNEL_DEVICE as DEVICE
+
+require_triton_kernels()
 
 from mgr_engine import losses, ops  # noqa: E402
 from mgr_engine.kernels import lncc as klncc  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-if DEVICE == "cpu" and not INTERPRETED:
-    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 # gradcheck's fast mode in the interpreter: see test_kernels_warp.py
 
 FULL_SHAPE = (175, 175, 175) if DEVICE == "cuda" else (23, 11, 25)  # the interpreter is slow

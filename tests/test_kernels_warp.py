@@ -4,21 +4,18 @@ On the CPU they run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest
 shapes stay small; on a GPU compiled, and ``test_full_size`` runs at the network's 175^3.
 """
 
-import os
-
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
+from helpers import INTERPRETED, require_triton_kernels
+from helpers import KERNEL_DEVICE as DEVICE
+
+require_triton_kernels()
 
 from mgr_engine import ops  # noqa: E402
 from mgr_engine.kernels import compose as kcompose  # noqa: E402
 from mgr_engine.kernels import warp as kwarp  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-if DEVICE == "cpu" and not INTERPRETED:
-    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 # In the interpreter gradcheck compares a random projection of the Jacobian (fast_mode: 1-3 s
 # per op against 50-78 s for the full one on the 2-core CI machine). It catches a wrong axis or
 # sign, not a 1% error in one element: the float64 comparisons with the reference's gradients
