@@ -24,6 +24,10 @@ from ..model import GradICONNetwork, NetworkConfig
 
 STAGE_FILES = ("psi1.onnx", "psi2.onnx", "psi3.onnx", "psi4.onnx")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+# float32 arithmetic, as the torch backend's default precision: ONNX Runtime's CUDA provider
+# otherwise lets cuDNN run float32 convolutions in TF32 (its option use_tf32, default on since
+# onnxruntime 1.18, microsoft/onnxruntime#19426).
+PROVIDER_OPTIONS = {"CUDAExecutionProvider": {"use_tf32": "0"}}
 
 
 def _ort():
@@ -92,7 +96,9 @@ def load_session(model, *, providers=None, device=None, threads: int | None = No
         model = str(path)
     options = session_options(threads)
     try:
-        return ort.InferenceSession(model, options, providers=choose_providers(providers, device))
+        chosen = choose_providers(providers, device)
+        return ort.InferenceSession(model, options, providers=chosen,
+                                    provider_options=[PROVIDER_OPTIONS.get(name, {}) for name in chosen])
     except (InvalidOptionError, MissingDependencyError):
         raise
     except Exception as exc:

@@ -279,6 +279,17 @@ def test_unwritable_output(narrow, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "read_only"]
 
 
+def test_cuda_provider_is_asked_for_float32(monkeypatch):
+    """The CUDA provider gets use_tf32=0 (it would run float32 convolutions in TF32), the CPU
+    provider no options. onnxruntime-gpu is not installed here: the session is recorded."""
+    created = {}
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", lambda model, options, **kwargs: created.update(kwargs))
+    load_session(b"model", providers="cuda,cpu")
+    assert created == {"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                       "provider_options": [{"use_tf32": "0"}, {}]}
+
+
 def test_engine_option_errors(narrow, tmp_path):
     state, config = official_state_dict(narrow[0]), narrow[0].config
     with pytest.raises(InvalidOptionError, match="backend"):
