@@ -14,7 +14,8 @@
 # benchmarks/RESULTS.md with the device's name.
 #
 # Stages (seconds at most; the total is BUDGET, default 540):
-#   tests    150  the Triton kernel tests compiled on the GPU, 175^3 included (fills Triton's cache)
+#   tests    150  the Triton kernel tests compiled on the GPU, 175^3 included (fills Triton's cache),
+#                 and the regularizer's noise drawn on the GPU
 #   kernels   90  bench_kernels.py without torch.compile: time, memory, bandwidth per kernel,
 #                 the warp kernels' BLOCK sweep (128, 256, 512)
 #   engine   180  bench_gpu.py: end to end against the reference, TF32/bf16, IO memory, layouts
@@ -86,7 +87,8 @@ else
 fi
 
 stage tests 150 python3 -m pytest -q -p no:cacheprovider "${tests[@]}" tests/test_kernels_warp.py \
-    tests/test_kernels_lncc.py tests/test_kernel_dispatch.py
+    tests/test_kernels_lncc.py tests/test_kernel_dispatch.py \
+    tests/test_instance_optimization.py::test_regularizer_points_on_a_gpu
 stage kernels 90 python3 benchmarks/bench_kernels.py --no-compile "${kernels[@]}" --results "$OUT/RESULTS-kernels.md"
 stage engine 180 python3 benchmarks/bench_gpu.py --skip-compile "${engine[@]}" --results "$OUT/RESULTS-gpu.md"
 stage profile 60 python3 benchmarks/profile_gpu.py "${profile[@]}" --out "$OUT/profile.md"

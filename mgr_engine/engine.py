@@ -269,6 +269,11 @@ class Engine:
         GradICON loss, then one more forward whose maps are returned. The engine's weights are
         restored afterwards, so the next call starts from the checkpoint again.
 
+        ``generator``: the GradICON regularizer's random grid
+        (:func:`mgr_engine.losses.regularizer_points`). A CPU generator draws the reference's
+        stream (a seeded run reproduces its losses); on a GPU, ``None`` or a CUDA generator draws
+        on the device, without host work in each step.
+
         Returns ``(phi_ab, phi_ba, losses)``: both maps and the loss of each step's forward,
         followed by the loss of the final forward (``iterations + 1`` values).
         """
@@ -688,7 +693,9 @@ def register(fixed, moving, *, fixed_modality: str = "mri", moving_modality: str
         ct_window: (min, max) HU window for CT images; quantile_range: (low, high) quantiles for MRI.
         device: torch device, default CUDA when available.
         progress: show a progress bar during IO.
-        seed: seeds the GradICON regularizer's random grid, for reproducible IO.
+        seed: seeds the GradICON regularizer's random grid, for reproducible IO: drawn on the
+            CPU as the reference draws it (its losses reproduce the reference's). Without a
+            seed, on a GPU, the grid is drawn there (no host work in each IO step).
         backend: ``"torch"`` or ``"onnxruntime"`` (the network's forward in ONNX Runtime; IO stays
             in PyTorch). onnx_model: its graph, see :class:`Engine`.
 

@@ -7,7 +7,7 @@ import torch
 
 from helpers import random_network, reference_network, smooth_volume
 from mgr_engine import Engine, ops
-from mgr_engine.losses import lncc2_loss, lncc_loss, mind_loss
+from mgr_engine.losses import lncc2_loss, lncc_loss, mind_loss, regularizer_points
 from mgr_engine.model import official_state_dict
 
 icon = pytest.importorskip("icon_registration")
@@ -219,6 +219,47 @@ def test_instance_optimization_computes_each_mind_target_once(monkeypatch):
     on_targets = [c for c in calls if c.data_ptr() in (moving.data_ptr(), fixed.data_ptr())]
     assert len(on_targets) == 2  # three objective evaluations, two directions: once per target
     assert len(calls) == 2 + 3 * 2  # and the warped images at every evaluation
+
+
+def reference_points(identity, seed):
+    """The reference's jittered grid (GradientICONSparse): full-size noise from the CPU's
+    global generator, added, then every second voxel."""
+    torch.manual_seed(seed)
+    noise = torch.randn(identity.shape).to(identity.device)
+    return (identity + 2 * noise / identity.shape[-1])[:, :, ::2, ::2, ::2]
+
+
+def test_regularizer_points_on_the_cpu_are_the_reference_stream():
+    identity = ops.identity_map((9, 12, 7)).contiguous(memory_format=torch.channels_last_3d)
+    expected = reference_points(identity, 3)
+    after_reference = torch.get_rng_state()
+    torch.manual_seed(3)
+    assert torch.equal(regularizer_points(identity), expected)
+    assert torch.equal(torch.get_rng_state(), after_reference)  # drew as much as the reference
+    assert torch.equal(regularizer_points(identity, torch.Generator().manual_seed(5)), reference_points(identity, 5))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_regularizer_points_on_a_gpu():
+    """On a GPU without a generator the noise is drawn there (the CPU's generator untouched);
+    a CPU generator still draws the reference's stream."""
+    identity = ops.identity_map((175, 175, 175), device="cuda")
+    grid = identity[:, :, ::2, ::2, ::2]
+    cpu_state = torch.get_rng_state()
+    torch.cuda.manual_seed(1)
+    points = regularizer_points(identity)
+    assert torch.equal(torch.get_rng_state(), cpu_state)
+    assert points.device == identity.device and points.shape == grid.shape
+    noise = (points - grid) * identity.shape[-1] / 2
+    assert abs(noise.mean().item()) < 0.01 and abs(noise.std().item() - 1) < 0.01
+    torch.cuda.manual_seed(1)
+    assert torch.equal(regularizer_points(identity), points)
+    cuda_generator = torch.Generator("cuda").manual_seed(2)
+    assert regularizer_points(identity, cuda_generator).device == identity.device
+    assert torch.equal(torch.get_rng_state(), cpu_state)
+    expected = reference_points(identity, 4)
+    torch.testing.assert_close(regularizer_points(identity, torch.Generator().manual_seed(4)), expected,
+                               rtol=0, atol=1e-7)
 
 
 def test_checkpointed_unets_give_the_same_gradients():
