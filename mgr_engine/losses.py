@@ -166,7 +166,8 @@ def mind_ssc(image: torch.Tensor, radius: int = 2, dilation: int = 2) -> torch.T
     mind = ssd - ssd.min(dim=1, keepdim=True).values
     variance = mind.mean(dim=1, keepdim=True)
     level = variance.mean().detach()  # the bounds are constants, not differentiated
-    variance = torch.clamp(variance, (level * 0.001).item(), (level * 1000).item())
+    # tensor bounds, not .item(): on a GPU that would wait for the queue twice per descriptor
+    variance = torch.clamp(variance, level * 0.001, level * 1000)
     return torch.exp(-mind / variance)
 
 
