@@ -20,11 +20,19 @@ LNCC_TAPS = 4 * LNCC_SIGMA + 1
 
 
 def gaussian_kernel1d(taps: int = LNCC_TAPS, sigma: float = LNCC_SIGMA, dtype=torch.float32, device=None):
-    """Normalized 1-D Gaussian of ``taps`` samples centred on the middle tap."""
-    half = (taps - 1) * 0.5
-    x = torch.linspace(-half, half, steps=taps)
-    pdf = torch.exp(-0.5 * (x / sigma).pow(2))
-    return (pdf / pdf.sum()).to(device=device, dtype=dtype)
+    """Normalized 1-D Gaussian of ``taps`` samples centred on the middle tap; shared between
+    calls (read only). Computed on the CPU once per device and type: copying it to a GPU at
+    every blur would make the host wait for the GPU's queue several times in each IO step."""
+    return _gaussian_kernel1d(int(taps), float(sigma), dtype, torch.device(device or "cpu"))
+
+
+@functools.lru_cache(maxsize=None)
+def _gaussian_kernel1d(taps: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):  # a tensor made in inference mode could not be saved for backward
+        half = (taps - 1) * 0.5
+        x = torch.linspace(-half, half, steps=taps)
+        pdf = torch.exp(-0.5 * (x / sigma).pow(2))
+        return (pdf / pdf.sum()).to(device=device, dtype=dtype)
 
 
 def banded_matrix(n: int, kernel: torch.Tensor) -> torch.Tensor:

@@ -262,6 +262,21 @@ def test_regularizer_points_on_a_gpu():
                                rtol=0, atol=1e-7)
 
 
+def test_gaussian_taps_are_made_once_and_can_be_saved_for_backward():
+    """LNCC's window is computed once per device and type (on a GPU each copy would wait for
+    the queue); made first under inference mode, it still serves a blur that is differentiated."""
+    from mgr_engine.losses import gaussian_blur, gaussian_kernel1d
+
+    with torch.inference_mode():
+        taps = gaussian_kernel1d(9, 2.0, torch.float64)
+    assert not taps.is_inference()
+    assert gaussian_kernel1d(9, 2.0, torch.float64, "cpu") is taps
+    assert gaussian_kernel1d(9, 2.0, torch.float32) is not taps
+    torch.testing.assert_close(taps.sum(), torch.tensor(1.0, dtype=torch.float64))
+    volume = torch.rand(2, 1, 5, 6, 7, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda v: gaussian_blur(v, 9, 2.0), (volume,))
+
+
 def test_checkpointed_unets_give_the_same_gradients():
     from mgr_engine.engine import gradicon_objective
 
