@@ -277,6 +277,39 @@ def test_gaussian_taps_are_made_once_and_can_be_saved_for_backward():
     torch.autograd.gradcheck(lambda v: gaussian_blur(v, 9, 2.0), (volume,))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("similarity,masked", [("lncc2", False), ("lncc", True), ("mind", False)])
+def test_instance_optimization_steps_do_not_wait_for_the_gpu(similarity, masked):
+    """IO's steps queue their work without waiting for the GPU (no .item(), no host noise, no
+    constants copied to the device): the synchronizations torch reports do not grow with the
+    number of steps."""
+    import collections
+    import warnings
+
+    net = random_network(SHAPE, narrow=True, seed=5)
+    engine = Engine(weights=official_state_dict(net), config=net.config, device="cuda")
+    moving, fixed = (image.cuda() for image in images())
+    options = dict(similarity=similarity, progress=False)
+    if masked:
+        options.update(zip(("moving_mask", "fixed_mask"), (mask.cuda() for mask in masks())))
+
+    def synchronizations(iterations):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                engine.instance_optimize(moving, fixed, iterations=iterations, **options)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        # where each was called from: a sync in every step shows as a count that grows
+        return collections.Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchronizing" in str(w.message))
+
+    engine.instance_optimize(moving, fixed, iterations=1, **options)  # compiles the kernels
+    few, more = synchronizations(2), synchronizations(5)
+    assert few, "torch reported no synchronization at all: the check itself does not work"
+    assert more == few, f"synchronizations in each step: {more - few}"
+
+
 def test_checkpointed_unets_give_the_same_gradients():
     from mgr_engine.engine import gradicon_objective
 
