@@ -11,7 +11,7 @@ from mgr_engine.losses import lncc2_loss, lncc_loss, mind_loss, regularizer_poin
 from mgr_engine.model import official_state_dict
 
 icon = pytest.importorskip("icon_registration")
-from icon_registration import itk_wrapper, losses as ref_losses  # noqa: E402
+from icon_registration import losses as ref_losses  # noqa: E402  (not itk_wrapper: it imports itk)
 
 SHAPE = (72, 72, 72)
 STEPS = 3
@@ -37,6 +37,9 @@ def masks():
 
 
 def reference_io(net, similarity, moving, fixed, mask_kwargs, layout=torch.contiguous_format):
+    # here, not at the top: it imports itk, which the GPU machine lacks (its tests here need none)
+    from icon_registration import itk_wrapper
+
     ref = reference_network(net, loss_fn=REFERENCE_SIMILARITY[similarity](), loss_function_masking=bool(mask_kwargs))
     ref.to(memory_format=layout)
     recorded = []
