@@ -89,7 +89,8 @@ fi
 stage tests 150 python3 -m pytest -q -p no:cacheprovider "${tests[@]}" tests/test_kernels_warp.py \
     tests/test_kernels_lncc.py tests/test_kernel_dispatch.py \
     tests/test_instance_optimization.py::test_regularizer_points_on_a_gpu \
-    tests/test_instance_optimization.py::test_instance_optimization_steps_do_not_wait_for_the_gpu
+    tests/test_instance_optimization.py::test_instance_optimization_steps_do_not_wait_for_the_gpu \
+    tests/test_network.py::test_predict_map_on_gpu_tensors_does_not_wait_for_the_gpu
 stage kernels 90 python3 benchmarks/bench_kernels.py --no-compile "${kernels[@]}" --results "$OUT/RESULTS-kernels.md"
 stage engine 180 python3 benchmarks/bench_gpu.py --skip-compile "${engine[@]}" --results "$OUT/RESULTS-gpu.md"
 stage profile 60 python3 benchmarks/profile_gpu.py "${profile[@]}" --out "$OUT/profile.md"

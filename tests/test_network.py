@@ -157,6 +157,23 @@ def test_predict_map_copies_what_cuda_graphs_would_overwrite():
     torch.testing.assert_close(phi, static_output, rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_predict_map_on_gpu_tensors_does_not_wait_for_the_gpu(precision):
+    """A registration without IO, of tensors already on the GPU, only queues its work: torch
+    reports no synchronization, so the host can prepare the next pair meanwhile."""
+    net = random_network((72, 72, 72), narrow=True, seed=3, displacement_scale=0.5)
+    engine = Engine(weights=official_state_dict(net), config=net.config, device="cuda", precision=precision)
+    moving, fixed = (image.cuda() for image in pair((72, 72, 72)))
+    expected = engine.predict_map(moving, fixed)  # compiles the kernels
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        phi = engine.predict_map(moving, fixed)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(phi, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
 @pytest.mark.parametrize("x_grid", [(5, 5, 6), (6, 5, 7)])
 def test_decoder_crop_concat_gradients_keep_the_layouts(layout, x_grid):
