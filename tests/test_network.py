@@ -171,7 +171,7 @@ def test_predict_map_on_gpu_tensors_does_not_wait_for_the_gpu(precision):
         phi = engine.predict_map(moving, fixed)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    torch.testing.assert_close(phi, expected, rtol=0, atol=0)
+    torch.testing.assert_close(phi, expected)  # not bit for bit: cuDNN may pick a nondeterministic algorithm
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
