@@ -298,7 +298,7 @@ class Engine:
         optimizer = torch.optim.Adam(net.parameters(), lr=lr)
         # Each loss stays on the device until the end: reading it every step (.item()) would
         # make the host wait for the GPU's queue and launch the next step's kernels late.
-        losses = []
+        step_losses = []
         try:
             with self._precision("fp32"):
                 for _ in tqdm(range(int(iterations)), desc="instance optimization", disable=not progress, leave=False):
@@ -306,11 +306,11 @@ class Engine:
                     loss, _, _ = gradicon_objective(net, moving, fixed, sim, lmbda=lmbda, generator=generator, **masks)
                     loss.backward()
                     optimizer.step()
-                    losses.append(loss.detach())
+                    step_losses.append(loss.detach())
                 with torch.no_grad():
                     loss, phi_ab, phi_ba = gradicon_objective(net, moving, fixed, sim, lmbda=lmbda, generator=generator, **masks)
-                losses.append(loss)
-                losses = torch.stack(losses).tolist()
+                step_losses.append(loss)
+                losses = torch.stack(step_losses).tolist()
         finally:
             net.load_state_dict(saved)
             # The last step's gradients would stay on the device until the next IO call.
