@@ -98,15 +98,21 @@ def direction_matrix(image) -> np.ndarray:
     return np.asarray(itk.array_from_matrix(image.GetDirection()), dtype=np.float64)
 
 
-def network_to_physical(image, network_shape):
-    """Affine map from the network's voxel grid (ITK x, y, z order) to ``image``'s physical space.
+def index_to_physical_affine(image) -> np.ndarray:
+    """``image``'s voxel index -> physical point (mm), as a (3, 4) float64 affine ``[matrix | offset]``
+    in ITK's (x, y, z) order."""
+    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
+    origin = np.asarray(image.GetOrigin(), dtype=np.float64)
+    return np.concatenate([direction_matrix(image) @ np.diag(spacing), origin[:, None]], axis=1)
+
+
+def network_to_physical_affine(image, network_shape) -> np.ndarray:
+    """Network voxel (x, y, z) -> ``image``'s physical space, as a (3, 4) float64 affine.
 
     The network grid covers the image's extent: centre on centre, voxel size
     ``spacing * size / network_size`` along the image's direction. This is the
     convention of the authors' ``itk_wrapper``, so transforms agree with theirs.
     """
-    import itk
-
     size = np.asarray(image.GetLargestPossibleRegion().GetSize(), dtype=np.float64)
     spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
     origin = np.asarray(image.GetOrigin(), dtype=np.float64)
@@ -116,10 +122,36 @@ def network_to_physical(image, network_shape):
     matrix = direction @ np.diag(spacing * size / grid)
     image_centre = origin + direction @ (spacing * (size - 1) / 2)
     grid_centre = (grid - 1) / 2
+    return np.concatenate([matrix, (image_centre - matrix @ grid_centre)[:, None]], axis=1)
+
+
+def network_to_physical(image, network_shape):
+    """:func:`network_to_physical_affine` as an ``itk.AffineTransform``."""
+    import itk
+
+    affine = network_to_physical_affine(image, network_shape)
     transform = itk.AffineTransform[itk.D, 3].New()
-    transform.SetMatrix(itk.matrix_from_array(matrix))
-    transform.SetTranslation([float(v) for v in image_centre - matrix @ grid_centre])
+    transform.SetMatrix(itk.matrix_from_array(np.ascontiguousarray(affine[:, :3])))
+    transform.SetTranslation([float(v) for v in affine[:, 3]])
     return transform
+
+
+def image_like(array: np.ndarray, reference, is_vector: bool = False):
+    """An ITK image of ``array`` on ``reference``'s grid: a scalar image of ``array``'s type from
+    (Z, Y, X), or with ``is_vector`` an ``itk.Image[itk.Vector[itk.F, 3], 3]`` (ITK's displacement
+    field type) from (Z, Y, X, 3). Spacing, origin and direction are set one by one:
+    ``CopyInformation`` from a scalar image would also copy its one component per pixel onto a
+    vector image."""
+    import itk
+
+    if is_vector:
+        image = itk.image_from_array(np.ascontiguousarray(array, dtype=np.float32), ttype=itk.Image[itk.Vector[itk.F, 3], 3])
+    else:
+        image = itk.image_from_array(np.ascontiguousarray(array))
+    image.SetSpacing(reference.GetSpacing())
+    image.SetOrigin(reference.GetOrigin())
+    image.SetDirection(reference.GetDirection())
+    return image
 
 
 def preload_transform_types() -> None:
