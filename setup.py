@@ -5,7 +5,8 @@ concern, as the project's layout asks) but install as ``mgr_engine.kernels`` and
 The C++ kernels (``kernels/trilinear_cpu.cpp`` -> ``mgr_engine._trilinear_cpu``: the warp and
 the decoder's epilogue; ``kernels/last_conv_cpu.cpp`` -> ``mgr_engine._last_conv_cpu``: the
 U-Net's last convolution; ``kernels/gaussian_blur_cpu.cpp`` -> ``mgr_engine._gaussian_blur_cpu``:
-LNCC's window) are built through pybind11 (a build requirement in pyproject.toml)
+LNCC's window; ``kernels/resample_cpu.cpp`` -> ``mgr_engine._resample_cpu``: the result's
+warped image and displacement field at full resolution) are built through pybind11 (a build requirement in pyproject.toml)
 with OpenMP. They are optional: where they do not compile, the install goes on and the engine
 uses PyTorch's ops. ``MGR_ENGINE_BUILD_CPP=0`` skips them (a GPU session's install, where the
 CPU kernels are unused).
@@ -31,7 +32,7 @@ def cpp_extensions():
     # float-to-int conversion behind its branch, which stops the warp's point loops vectorizing.
     return [Pybind11Extension(f"mgr_engine._{name}", [f"kernels/{name}.cpp"], cxx_std=17, optional=True,
                               extra_compile_args=["-O3", "-fno-trapping-math", *openmp], extra_link_args=openmp)
-            for name in ("trilinear_cpu", "last_conv_cpu", "gaussian_blur_cpu")]
+            for name in ("trilinear_cpu", "last_conv_cpu", "gaussian_blur_cpu", "resample_cpu")]
 
 
 setup(

@@ -13,10 +13,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from . import host_memory, itk_io
+from . import host_memory, itk_io, resample
 from .errors import CheckpointError, InvalidOptionError, MgrEngineError, WeightsNotFoundError
 from .losses import gradicon_regularizer, similarity_by_name, with_constant_targets
 from .model import (GradICONNetwork, NetworkConfig, evaluate_map, fold_batchnorm, load_official_state_dict, map_on_grid,
@@ -385,7 +386,7 @@ class Engine:
         return RegistrationResult(
             fixed=pair.fixed_image, moving=pair.moving_image, phi_ab=phi_ab.detach().cpu(),
             phi_ba=None if phi_ba is None else phi_ba.detach().cpu(), io_losses=list(losses),
-            _inverse=functools.partial(self.predict_map, pair.fixed, pair.moving),
+            device=self.device, _inverse=functools.partial(self.predict_map, pair.fixed, pair.moving),
         )
 
     def register(self, fixed, moving, *, fixed_modality: str = "mri", moving_modality: str = "mri",
@@ -580,8 +581,9 @@ class RegistrationResult:
     """What :func:`mgr_engine.register` returns.
 
     ``phi_ab``: the map moving <- fixed on the network grid ((1, 3, *input_shape), [0, 1]
-    coordinates); ``io_losses``: the loss of each IO step (empty without IO). Everything
-    else is in ITK's conventions and physical units (mm).
+    coordinates); ``io_losses``: the loss of each IO step (empty without IO); ``device``: where
+    :meth:`warp` and :meth:`displacement_field` compute (the engine's device). Everything else
+    is in ITK's conventions and physical units (mm).
     """
 
     fixed: object
@@ -589,6 +591,7 @@ class RegistrationResult:
     phi_ab: torch.Tensor
     phi_ba: torch.Tensor | None = None
     io_losses: list = field(default_factory=list)
+    device: torch.device = torch.device("cpu")
     _inverse: object = None
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -611,20 +614,50 @@ class RegistrationResult:
             self._cache["inverse"] = itk_io.map_to_transform(self.phi_ba[0].numpy(), self.fixed, self.moving)
         return self._cache["inverse"]
 
+    def _fixed_grid(self) -> tuple:
+        """The map on the engine's device, the fixed voxel -> network voxel affine and the fixed
+        grid's (Z, Y, X) shape: what :mod:`mgr_engine.resample` evaluates the transform with."""
+        fixed_to_network = resample.compose_affines(
+            resample.invert_affine(itk_io.network_to_physical_affine(self.fixed, self.phi_ab.shape[2:])),
+            itk_io.index_to_physical_affine(self.fixed))
+        fixed_shape = tuple(reversed(self.fixed.GetLargestPossibleRegion().GetSize()))
+        return self.phi_ab[0].to(self.device), fixed_to_network, fixed_shape
+
     def warp(self, image=None, interpolation: str = "linear"):
         """``image`` (default: the moving image; any image in moving space) resampled onto the
         fixed grid through :attr:`transform`; ``interpolation`` is ``"linear"`` or ``"nearest"``
-        (for label maps). Keeps the pixel type."""
-        moving = self.moving if image is None else itk_io.load_image(image, "image to warp")
-        return itk_io.resample(moving, self.transform, self.fixed, interpolation)
+        (for label maps). Keeps the pixel type; 0 outside the image.
 
-    def displacement_field(self):
-        """Dense displacement field on the fixed grid: an ITK vector image of physical
-        displacements (mm), ``transform(p) - p``; writable as ``.nii.gz`` for ANTs."""
+        What ``itk.ResampleImageFilter`` computes through :attr:`transform` (an integer type
+        truncated, as ITK does), evaluated on the engine's device (:mod:`mgr_engine.resample`)."""
         import itk
 
-        return itk.transform_to_displacement_field_filter(
-            self.transform, reference_image=self.fixed, use_reference_image=True)
+        image = self.moving if image is None else itk_io.load_image(image, "image to warp")
+        array = itk.array_view_from_image(image)
+        network_to_index = resample.compose_affines(
+            resample.invert_affine(itk_io.index_to_physical_affine(image)),
+            itk_io.network_to_physical_affine(self.moving, self.phi_ab.shape[2:]))
+        volume = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32 if array.dtype == np.float32 else np.float64))
+        values = resample.resampled_image(*self._fixed_grid(), volume.to(self.device), network_to_index,
+                                          interpolation).cpu().numpy()
+        if np.issubdtype(array.dtype, np.integer):  # as ITK: clamped to the type, then truncated
+            info = np.iinfo(array.dtype)
+            values = np.clip(values, info.min, info.max)
+        return itk_io.image_like(values.astype(array.dtype), self.fixed)
+
+    def displacement_field(self):
+        """Dense displacement field on the fixed grid: an ITK vector image (float32) of physical
+        displacements (mm), ``transform(p) - p``; writable as ``.nii.gz`` for ANTs.
+
+        What ``itk.TransformToDisplacementFieldFilter`` computes from :attr:`transform`,
+        evaluated on the engine's device (:mod:`mgr_engine.resample`). Computed once (kept for
+        :meth:`jacobian_determinant`)."""
+        if "displacement_field" not in self._cache:
+            displacement = resample.displacement_field(
+                *self._fixed_grid(), itk_io.network_to_physical_affine(self.moving, self.phi_ab.shape[2:]),
+                itk_io.index_to_physical_affine(self.fixed))
+            self._cache["displacement_field"] = itk_io.image_like(displacement.cpu().numpy(), self.fixed, is_vector=True)
+        return self._cache["displacement_field"]
 
     def jacobian_determinant(self):
         """Jacobian determinant of :attr:`transform` on the fixed grid (float image); values

@@ -13,7 +13,8 @@ it applies, PyTorch elsewhere), ``"triton"`` (always Triton; on the CPU that nee
 ``TRITON_INTERPRET=1``), ``"cpp"`` (the C++ warp, forward and backward, wherever it
 applies: CPU float32 or float64 tensors outside tracers; an error when it was not built) or
 ``"torch"`` (never a kernel). The C++ modes also cover the inference network's decoder
-epilogue (``kernels/decoder_cpu.py``, called from :class:`mgr_engine.model.UNet`). The default
+epilogue (``kernels/decoder_cpu.py``, called from :class:`mgr_engine.model.UNet`) and a
+result's full-resolution resampling (``kernels/resample_cpu.py``, :mod:`mgr_engine.resample`). The default
 comes from the environment variable
 ``MGR_ENGINE_KERNELS``.
 """
@@ -127,6 +128,16 @@ def use_cpp_last_conv(x: torch.Tensor, conv: torch.nn.Conv3d) -> bool:
     return (_cpp_kernels_allowed(x) and last_conv_cpu.supports(x, conv.weight, conv.bias)
             and conv.stride == (1, 1, 1) and conv.padding == (1, 1, 1) and conv.dilation == (1, 1, 1)
             and conv.groups == 1 and conv.padding_mode == "zeros")
+
+
+def use_cpp_resample(*tensors: torch.Tensor) -> bool:
+    """Whether a result's full-resolution resampling (:mod:`mgr_engine.resample`) of ``tensors``
+    (the map, the image) runs in C++ under the current mode (:mod:`mgr_engine.kernels.resample_cpu`,
+    CPU tensors)."""
+    from .kernels import resample_cpu
+
+    return (_cpp_kernels_allowed(*tensors) and resample_cpu.available()
+            and all(t.device.type == "cpu" for t in tensors))
 
 
 def is_channels_last(tensor: torch.Tensor) -> bool:

@@ -145,6 +145,27 @@ def smooth_volume(shape, seed=0, blobs=6) -> np.ndarray:
     return out.astype(np.float32)
 
 
+def rotation(a, b, c):
+    """The rotation matrix Rz(c) Ry(b) Rx(a) (radians): an oblique image direction."""
+    ca, sa, cb, sb, cc, sc = np.cos(a), np.sin(a), np.cos(b), np.sin(b), np.cos(c), np.sin(c)
+    rx = np.array([[1, 0, 0], [0, ca, -sa], [0, sa, ca]])
+    ry = np.array([[cb, 0, sb], [0, 1, 0], [-sb, 0, cb]])
+    rz = np.array([[cc, -sc, 0], [sc, cc, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def oblique_image(array, spacing, origin, angles):
+    """An ``itk.Image`` of ``array`` (z, y, x) with ``spacing`` and ``origin`` (x, y, z, mm) and
+    the direction :func:`rotation` of ``angles``."""
+    import itk
+
+    image = itk.image_from_array(np.ascontiguousarray(array))
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(itk.matrix_from_array(rotation(*angles)))
+    return image
+
+
 def require_cpp_extension(kernel=None) -> None:
     """At a test module's top: skip it where the C++ extension of ``kernel`` (a module of
     mgr_engine.kernels with ``available()``; default the warp's) was not built, or fail under

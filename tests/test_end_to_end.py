@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import random_network, reference_network, smooth_volume
+from helpers import oblique_image, random_network, reference_network, smooth_volume
 from mgr_engine import Engine
 from mgr_engine.model import official_state_dict
 from mgr_engine.preprocess import normalize_intensity
@@ -14,22 +14,6 @@ unigradicon = pytest.importorskip("unigradicon")
 from icon_registration import itk_wrapper  # noqa: E402
 
 SHAPE = (72, 72, 72)
-
-
-def rotation(a, b, c):
-    ca, sa, cb, sb, cc, sc = np.cos(a), np.sin(a), np.cos(b), np.sin(b), np.cos(c), np.sin(c)
-    rx = np.array([[1, 0, 0], [0, ca, -sa], [0, sa, ca]])
-    ry = np.array([[cb, 0, sb], [0, 1, 0], [-sb, 0, cb]])
-    rz = np.array([[cc, -sc, 0], [sc, cc, 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
-def oblique_image(array, spacing, origin, angles):
-    image = itk.image_from_array(np.ascontiguousarray(array))
-    image.SetSpacing(spacing)
-    image.SetOrigin(origin)
-    image.SetDirection(itk.matrix_from_array(rotation(*angles)))
-    return image
 
 
 @pytest.fixture(scope="module")

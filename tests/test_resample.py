@@ -1,0 +1,186 @@
+"""The result's full-resolution resampling (mgr_engine.resample): the C++ kernel against the
+PyTorch path, and both against ITK's filters through the result's transform."""
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import oblique_image, require_cpp_extension, smooth_volume
+from mgr_engine import ops, resample
+from mgr_engine.engine import RegistrationResult
+from mgr_engine.kernels import resample_cpu
+
+NETWORK = (16, 19, 14)  # (D, H, W), odd and non-cubic
+
+
+def random_map(shape, scale, seed):
+    """A smooth map that moves points by up to about ``scale`` of the grid, some out of it."""
+    g = torch.Generator().manual_seed(seed)
+    field = torch.nn.functional.interpolate(torch.randn(1, 3, 4, 4, 4, generator=g, dtype=torch.float64),
+                                            size=shape, mode="trilinear")
+    return (ops.identity_map(shape, dtype=torch.float64) + scale * field).float()[0]
+
+
+def random_affine(seed, offset_scale=2.0):
+    rng = np.random.default_rng(seed)
+    return np.concatenate([np.eye(3) * 0.8 + 0.15 * rng.standard_normal((3, 3)),
+                           offset_scale * rng.standard_normal((3, 1))], axis=1)
+
+
+def cpp_and_torch(call):
+    require_cpp_extension(resample_cpu)
+    with ops.kernel_mode("cpp"):
+        cpp = call()
+    with ops.kernel_mode("torch"):
+        torch_path = call()
+    return cpp, torch_path
+
+
+@pytest.mark.parametrize("interpolation", ["linear", "nearest"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int16])
+def test_cpp_resampling_matches_the_pytorch_path(interpolation, dtype):
+    phi = random_map(NETWORK, 0.15, seed=1)
+    volume = (torch.from_numpy(smooth_volume((13, 17, 11), 3)) * 900 - 300).to(dtype)
+    # affines that send part of the fixed grid out of the network grid and out of the image
+    fixed_to_network, network_to_index = random_affine(2), random_affine(3)
+    fixed_shape = (12, 21, 18)
+    cpp, torch_path = cpp_and_torch(lambda: resample.resampled_image(
+        phi, fixed_to_network, fixed_shape, volume, network_to_index, interpolation))
+    assert cpp.shape == fixed_shape and cpp.dtype == torch.float64
+    assert 0.2 < (torch_path == 0).double().mean() < 0.8, "the test wants points inside and outside the image"
+    torch.testing.assert_close(cpp, torch_path, rtol=1e-9, atol=1e-9)
+
+
+def test_cpp_displacement_field_matches_the_pytorch_path():
+    phi = random_map(NETWORK, 0.15, seed=4)
+    fixed_to_network, network_to_physical, fixed_to_physical = random_affine(5), random_affine(6), random_affine(7)
+    cpp, torch_path = cpp_and_torch(lambda: resample.displacement_field(
+        phi, fixed_to_network, (12, 21, 18), network_to_physical, fixed_to_physical))
+    assert cpp.shape == (12, 21, 18, 3) and cpp.dtype == torch.float32
+    torch.testing.assert_close(cpp, torch_path, rtol=1e-6, atol=1e-5)
+
+
+def test_the_map_adds_no_displacement_outside_the_network_grid():
+    phi = random_map(NETWORK, 0.15, seed=8)
+    far = np.concatenate([np.eye(3), np.full((3, 1), 100.0)], axis=1)  # every fixed voxel lands far outside
+    for mode in ("torch", "cpp"):
+        if mode == "cpp":
+            require_cpp_extension(resample_cpu)
+        with ops.kernel_mode(mode):
+            field = resample.displacement_field(phi, far, (3, 4, 5), np.eye(3, 4), np.eye(3, 4))
+        torch.testing.assert_close(field, torch.full_like(field, 100.0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_resampling_on_the_gpu_matches_the_cpu():
+    phi = random_map((64, 70, 58), 0.15, seed=9)
+    volume = torch.from_numpy(smooth_volume((90, 110, 80), 3))
+    fixed_to_network, network_to_index = random_affine(10, 20.0), random_affine(11, 20.0)
+    fixed_shape = (100, 120, 96)
+    for interpolation in ("linear", "nearest"):
+        cpu = resample.resampled_image(phi, fixed_to_network, fixed_shape, volume, network_to_index, interpolation)
+        gpu = resample.resampled_image(phi.cuda(), fixed_to_network, fixed_shape, volume.cuda(), network_to_index,
+                                       interpolation)
+        assert gpu.is_cuda
+        torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-9, atol=1e-9)
+    cpu = resample.displacement_field(phi, fixed_to_network, fixed_shape, network_to_index, np.eye(3, 4))
+    gpu = resample.displacement_field(phi.cuda(), fixed_to_network, fixed_shape, network_to_index, np.eye(3, 4))
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-6, atol=1e-5)
+
+
+# ---------------------------------------------------------------- against ITK
+
+
+@pytest.fixture(scope="module")
+def itk_module():
+    return pytest.importorskip("itk")
+
+
+def assert_on_grid(image, reference):
+    for get in ("GetSpacing", "GetOrigin", "GetDirection"):
+        np.testing.assert_array_equal(np.asarray(getattr(image, get)()), np.asarray(getattr(reference, get)()))
+
+
+@pytest.fixture(scope="module")
+def registration(itk_module):
+    """A result of a random map between oblique, anisotropic images, the moving one partly
+    outside the fixed one's field of view."""
+    fixed = oblique_image(smooth_volume((20, 24, 18), 1) * 900, (1.2, 1.0, 0.9), (-10.0, -12.0, -8.0), (0.1, 0.0, 0.2))
+    moving = oblique_image(smooth_volume((22, 19, 25), 2) * 700 + 50, (1.1, 1.05, 0.95), (-6.0, -15.0, -2.0),
+                           (0.15, -0.05, -0.1))
+    return RegistrationResult(fixed=fixed, moving=moving, phi_ab=random_map(NETWORK, 0.06, seed=12)[None])
+
+
+@pytest.mark.parametrize("mode", ["cpp", "torch"])
+@pytest.mark.parametrize("interpolation", ["linear", "nearest"])
+def test_warp_matches_itk_resampling(itk_module, registration, mode, interpolation):
+    from mgr_engine import itk_io
+
+    itk = itk_module
+    if mode == "cpp":
+        require_cpp_extension(resample_cpu)
+    expected = itk.array_from_image(itk_io.resample(registration.moving, registration.transform, registration.fixed,
+                                                    interpolation))
+    with ops.kernel_mode(mode):
+        warped = registration.warp(interpolation=interpolation)
+    assert type(warped) is type(registration.fixed)
+    assert_on_grid(warped, registration.fixed)
+    assert 0.05 < (expected == 0).mean() < 0.7, "the test wants points inside and outside the moving image"
+    np.testing.assert_allclose(itk.array_from_image(warped), expected, rtol=1e-6, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["cpp", "torch"])
+def test_warp_of_an_integer_label_map_and_an_integer_image(itk_module, registration, mode):
+    from mgr_engine import itk_io
+
+    itk = itk_module
+    if mode == "cpp":
+        require_cpp_extension(resample_cpu)
+    moving = registration.moving
+    labels = itk_io.image_like((itk.array_from_image(moving) // 100).astype(np.uint8), moving)
+    ct = itk_io.image_like((itk.array_from_image(moving) * 3 - 1000).astype(np.int16), moving)
+    with ops.kernel_mode(mode):
+        warped_labels = registration.warp(labels, interpolation="nearest")
+        warped_ct = registration.warp(ct)
+    expected_labels = itk.array_from_image(itk_io.resample(labels, registration.transform, registration.fixed, "nearest"))
+    assert itk.array_from_image(warped_labels).dtype == np.uint8 and len(np.unique(expected_labels)) > 3
+    np.testing.assert_array_equal(itk.array_from_image(warped_labels), expected_labels)
+    # Linear values are truncated to int16 as ITK does; where the exact value is a whole number
+    # the last bit of either side's rounding decides, so a few voxels may differ by 1.
+    expected_ct = itk.array_from_image(itk_io.resample(ct, registration.transform, registration.fixed)).astype(int)
+    difference = np.abs(itk.array_from_image(warped_ct).astype(int) - expected_ct)
+    assert itk.array_from_image(warped_ct).dtype == np.int16
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.01
+
+
+@pytest.mark.parametrize("mode", ["cpp", "torch"])
+def test_displacement_field_matches_itk_and_transform_point(itk_module, registration, mode):
+    itk = itk_module
+    if mode == "cpp":
+        require_cpp_extension(resample_cpu)
+    fixed = registration.fixed
+    expected = itk.transform_to_displacement_field_filter(registration.transform, reference_image=fixed,
+                                                          use_reference_image=True)
+    with ops.kernel_mode(mode):
+        field = registration.displacement_field()
+    assert type(field) is type(expected)  # itk.Image[itk.Vector[itk.F, 3], 3], what the Jacobian filter takes
+    assert_on_grid(field, fixed)
+    array = itk.array_from_image(field)
+    assert np.abs(array).max() > 2.0  # mm: a map that moves points
+    np.testing.assert_allclose(array, itk.array_from_image(expected), rtol=1e-6, atol=1e-4)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        index = [int(rng.integers(n)) for n in fixed.GetLargestPossibleRegion().GetSize()]  # (x, y, z)
+        point = np.array(fixed.TransformIndexToPhysicalPoint(index))
+        moved = np.array(registration.transform.TransformPoint(point))
+        np.testing.assert_allclose(array[index[2], index[1], index[0]], moved - point, atol=1e-4)
+    jacobian = itk.displacement_field_jacobian_determinant_filter(expected)
+    np.testing.assert_allclose(itk.array_from_image(registration.jacobian_determinant()), itk.array_from_image(jacobian),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_an_unknown_interpolation_is_a_typed_error(registration):
+    from mgr_engine.errors import InvalidOptionError
+
+    with pytest.raises(InvalidOptionError, match="linear"):
+        registration.warp(interpolation="cubic")
