@@ -15,7 +15,7 @@
 #
 # Stages (seconds at most; the total is BUDGET, default 540):
 #   tests    150  the Triton kernel tests compiled on the GPU, 175^3 included (fills Triton's cache),
-#                 and the regularizer's noise drawn on the GPU
+#                 the regularizer's noise drawn on the GPU, a result's full-resolution resampling there
 #   kernels   90  bench_kernels.py without torch.compile: time, memory, bandwidth per kernel,
 #                 the warp kernels' BLOCK sweep (128, 256, 512)
 #   engine   180  bench_gpu.py: end to end against the reference, TF32/bf16, IO memory, layouts
@@ -94,7 +94,8 @@ stage tests 150 python3 -m pytest -q -p no:cacheprovider "${tests[@]}" tests/tes
     tests/test_kernels_lncc.py tests/test_kernel_dispatch.py \
     tests/test_instance_optimization.py::test_regularizer_points_on_a_gpu \
     tests/test_instance_optimization.py::test_instance_optimization_steps_do_not_wait_for_the_gpu \
-    tests/test_network.py::test_predict_map_on_gpu_tensors_does_not_wait_for_the_gpu
+    tests/test_network.py::test_predict_map_on_gpu_tensors_does_not_wait_for_the_gpu \
+    tests/test_resample.py::test_resampling_on_the_gpu_matches_the_cpu
 stage kernels 90 python3 benchmarks/bench_kernels.py --no-compile "${kernels[@]}" --results "$OUT/RESULTS-kernels.md"
 stage engine 180 python3 benchmarks/bench_gpu.py --skip-compile "${engine[@]}" --results "$OUT/RESULTS-gpu.md"
 stage profile 60 python3 benchmarks/profile_gpu.py "${profile[@]}" --out "$OUT/profile.md"
