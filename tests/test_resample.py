@@ -184,3 +184,22 @@ def test_an_unknown_interpolation_is_a_typed_error(registration):
 
     with pytest.raises(InvalidOptionError, match="linear"):
         registration.warp(interpolation="cubic")
+
+
+def test_the_transforms_field_is_the_maps_displacement_in_network_voxels(itk_module):
+    from mgr_engine import itk_io
+
+    itk = itk_module
+    phi = random_map(NETWORK, 0.1, seed=13).numpy()
+    transform = itk_io.displacement_transform(phi)
+    field = transform.GetDisplacementField()
+    assert type(field) is itk.Image[itk.Vector[itk.D, 3], 3]
+    assert tuple(field.GetLargestPossibleRegion().GetSize()) == tuple(reversed(NETWORK))
+    assert tuple(field.GetSpacing()) == (1.0, 1.0, 1.0) and tuple(field.GetOrigin()) == (0.0, 0.0, 0.0)
+    identity = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) / (n - 1) for n in NETWORK], indexing="ij"))
+    expected = (phi.astype(np.float64) - identity) * (np.asarray(NETWORK, dtype=np.float64) - 1)[:, None, None, None]
+    # bit for bit: the same float64 arithmetic as numpy's whole-array form, components (x, y, z)
+    np.testing.assert_array_equal(itk.array_from_image(field), np.moveaxis(expected[::-1], 0, -1))
+    point = [3.3, 7.1, 5.6]  # (x, y, z) network voxel, between voxel centres
+    moved = np.array(transform.TransformPoint(point))
+    assert np.abs(moved - point).max() > 0.1
