@@ -71,9 +71,10 @@ def normalize_intensity(volume: np.ndarray, modality: str, *, ct_window=None, qu
             f"{name} image: intensity range [{low}, {high}] is empty after clipping ({modality}); "
             "choose a wider ct_window/quantile_range or check the modality."
         )
-    # ITK's ShiftScale computes in double, then stores float: do the same.
-    scaled = (values.double().clamp(float(np.float32(low)), float(np.float32(high))) - low) * (1.0 / (high - low))
-    return scaled.float()
+    # ITK's ShiftScale computes in double, then stores float: do the same. Clamping the float32
+    # values to float32 bounds first is exact and leaves two float64 passes, in place.
+    scaled = values.clamp(float(np.float32(low)), float(np.float32(high))).double()
+    return scaled.sub_(low).mul_(1.0 / (high - low)).float()
 
 
 def apply_input_mask(volume: torch.Tensor, mask: np.ndarray) -> torch.Tensor:
