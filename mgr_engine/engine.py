@@ -661,10 +661,20 @@ class RegistrationResult:
 
     def jacobian_determinant(self):
         """Jacobian determinant of :attr:`transform` on the fixed grid (float image); values
-        below 0 mark folds."""
+        below 0 mark folds.
+
+        ITK's ``DisplacementFieldJacobianDeterminantFilter`` of :meth:`displacement_field` (as
+        ``mgr-engine jacobian`` and ``unigradicon-jacobian``: derivatives along the fixed
+        image's index axes, its direction not applied). On a GPU engine the same arithmetic runs
+        there (:func:`mgr_engine.resample.jacobian_determinant`); on the CPU ITK's loop is kept, the
+        tensor form being no faster there (150-260 ms against 158 ms at 160x192x160, 2 cores)."""
         import itk
 
-        return itk.displacement_field_jacobian_determinant_filter(self.displacement_field())
+        if self.device.type == "cpu":
+            return itk.displacement_field_jacobian_determinant_filter(self.displacement_field())
+        field = itk.array_view_from_image(self.displacement_field())  # (Z, Y, X, 3), the cached image's buffer
+        determinant = resample.jacobian_determinant(torch.from_numpy(field).to(self.device), self.fixed.GetSpacing())
+        return itk_io.image_like(determinant.cpu().numpy(), self.fixed)
 
     def save(self, transform_path) -> None:
         """Write :attr:`transform` (``.h5`` or ``.tfm``, readable by ``itk.transformread``) atomically."""

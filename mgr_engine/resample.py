@@ -17,7 +17,8 @@ Coordinates are computed in float64, as ITK computes them.
 Affine maps are ``(3, 4)`` float64 arrays ``[matrix | offset]`` in ITK's (x, y, z) order; a
 map ``phi`` is ``(3, D, H, W)`` in [0, 1], channels indexing (D, H, W) (see :mod:`mgr_engine.ops`).
 
-Reference: ITK (:func:`mgr_engine.itk_io.resample`, ``itk.transform_to_displacement_field_filter``);
+Reference: ITK (:func:`mgr_engine.itk_io.resample`, ``itk.transform_to_displacement_field_filter``,
+``itk.displacement_field_jacobian_determinant_filter``);
 test: ``tests/test_resample.py``; benchmark: ``benchmarks/bench_resample.py``.
 """
 
@@ -81,6 +82,30 @@ def displacement_field(phi: torch.Tensor, fixed_to_network, fixed_shape, network
     points = network_points(phi, fixed_to_network, fixed_shape)
     moved = _apply_affine(network_to_physical, points) - _affine_grid(fixed_to_physical, fixed_shape, phi.device)
     return moved.permute(1, 2, 3, 0).float()
+
+
+def jacobian_determinant(displacement: torch.Tensor, spacing) -> torch.Tensor:
+    """``det(I + du/dx)`` of a (Z, Y, X, 3) displacement field (mm, components x, y, z) with
+    ``spacing`` (x, y, z): (Z, Y, X) float32 on the field's device.
+
+    As ITK's ``DisplacementFieldJacobianDeterminantFilter`` computes it (and so
+    ``mgr-engine jacobian``): in float32, central differences along the image's index axes
+    weighted by ``0.5 / spacing``, the edge voxel repeated beyond the edge; the image's direction
+    is not applied (on an oblique grid this is not the physical Jacobian's determinant)."""
+    u = displacement.permute(3, 0, 1, 2).float()  # (3, Z, Y, X)
+
+    def derivative(axis: int) -> torch.Tensor:  # of the three components along index axis x, y or z
+        dim, n = 3 - axis, u.shape[3 - axis]
+        ahead = torch.cat([u.narrow(dim, 1, n - 1), u.narrow(dim, n - 1, 1)], dim)
+        behind = torch.cat([u.narrow(dim, 0, 1), u.narrow(dim, 0, n - 1)], dim)
+        return (ahead - behind) * float(np.float32(0.5 / spacing[axis]))
+
+    dx, dy, dz = (derivative(axis) for axis in range(3))
+    # J[i][j] = d u_i / d x_j + (i == j), by its first row's cofactors
+    a, b, c = dx[0] + 1, dy[0], dz[0]
+    d, e, f = dx[1], dy[1] + 1, dz[1]
+    g, h, i = dx[2], dy[2], dz[2] + 1
+    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
 
 
 # ---------------------------------------------------------------- the PyTorch path

@@ -86,6 +86,9 @@ def test_resampling_on_the_gpu_matches_the_cpu():
     cpu = resample.displacement_field(phi, fixed_to_network, fixed_shape, network_to_index, np.eye(3, 4))
     gpu = resample.displacement_field(phi.cuda(), fixed_to_network, fixed_shape, network_to_index, np.eye(3, 4))
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-6, atol=1e-5)
+    spacing = (1.2, 1.0, 0.9)
+    torch.testing.assert_close(resample.jacobian_determinant(gpu, spacing).cpu(),
+                               resample.jacobian_determinant(cpu, spacing), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- against ITK
@@ -203,3 +206,18 @@ def test_the_transforms_field_is_the_maps_displacement_in_network_voxels(itk_mod
     point = [3.3, 7.1, 5.6]  # (x, y, z) network voxel, between voxel centres
     moved = np.array(transform.TransformPoint(point))
     assert np.abs(moved - point).max() > 0.1
+
+
+def test_jacobian_determinant_matches_itks_filter(itk_module):
+    from mgr_engine import itk_io
+
+    itk = itk_module
+    grid = oblique_image(smooth_volume((20, 24, 18), 1), (1.2, 1.0, 0.9), (-10.0, -12.0, -8.0), (0.1, 0.0, 0.2))
+    # a field that folds: determinants from below 0 to about 4
+    field = np.stack([smooth_volume((20, 24, 18), seed) * 3 for seed in (3, 4, 5)], -1)
+    expected = itk.array_from_image(itk.displacement_field_jacobian_determinant_filter(
+        itk_io.image_like(field, grid, is_vector=True)))
+    assert expected.min() < 0 < 2 < expected.max()
+    ours = resample.jacobian_determinant(torch.from_numpy(field), grid.GetSpacing())
+    assert ours.dtype == torch.float32 and ours.shape == (20, 24, 18)
+    np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-5, atol=1e-5)
