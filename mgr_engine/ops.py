@@ -14,9 +14,8 @@ it applies, PyTorch elsewhere), ``"triton"`` (always Triton; on the CPU that nee
 applies: CPU float32 or float64 tensors outside tracers; an error when it was not built) or
 ``"torch"`` (never a kernel). The C++ modes also cover the inference network's decoder
 epilogue (``kernels/decoder_cpu.py``, called from :class:`mgr_engine.model.UNet`) and a
-result's full-resolution resampling (``kernels/resample_cpu.py``, :mod:`mgr_engine.resample`). The default
-comes from the environment variable
-``MGR_ENGINE_KERNELS``.
+result's full-resolution resampling (``kernels/resample_cpu.py``, :mod:`mgr_engine.resample`).
+The default comes from the environment variable ``MGR_ENGINE_KERNELS``.
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ def jacobian_determinant(displacement: torch.Tensor, spacing) -> torch.Tensor:
     return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
 
 
-# ---------------------------------------------------------------- the PyTorch path
+# ---------------- the PyTorch path of resampled_image and displacement_field (the GPU's, the C++ reference)
 
 
 def network_points(phi: torch.Tensor, fixed_to_network, fixed_shape) -> torch.Tensor:
