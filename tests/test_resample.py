@@ -221,3 +221,21 @@ def test_jacobian_determinant_matches_itks_filter(itk_module):
     ours = resample.jacobian_determinant(torch.from_numpy(field), grid.GetSpacing())
     assert ours.dtype == torch.float32 and ours.shape == (20, 24, 18)
     np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["cpp", "torch"])
+def test_warp_of_an_image_on_another_grid_in_moving_space(itk_module, registration, mode):
+    """``warp(image)`` takes any image in moving space: here one of coarser, shifted, rotated
+    voxels that covers part of the moving image."""
+    from mgr_engine import itk_io
+
+    itk = itk_module
+    if mode == "cpp":
+        require_cpp_extension(resample_cpu)
+    other = oblique_image(smooth_volume((9, 11, 13), 6) * 500, (2.1, 1.7, 1.9), (-4.0, -13.0, 1.0), (0.0, 0.2, -0.1))
+    expected = itk.array_from_image(itk_io.resample(other, registration.transform, registration.fixed))
+    with ops.kernel_mode(mode):
+        warped = registration.warp(other)
+    assert_on_grid(warped, registration.fixed)
+    assert 0.05 < (expected == 0).mean() < 0.95
+    np.testing.assert_allclose(itk.array_from_image(warped), expected, rtol=1e-6, atol=1e-4)
