@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -70,59 +71,63 @@ def voxel_array(image) -> np.ndarray:
     return np.asarray(itk.array_view_from_image(image), dtype=np.float32).copy()
 
 
+@dataclass(frozen=True)
+class ImageGrid:
+    """An image's voxel grid in ITK's (x, y, z) order: ``size`` (voxels), ``spacing`` and
+    ``origin`` (mm), ``direction`` (3 x 3). What the affines below need of an image, so that the
+    tensor path can be driven without itk (the GPU machine has none)."""
+
+    size: tuple
+    spacing: np.ndarray
+    origin: np.ndarray
+    direction: np.ndarray
+
+    @classmethod
+    def of(cls, image) -> "ImageGrid":
+        """The grid of an ``itk.Image`` (an ``ImageGrid`` is returned as it is)."""
+        if isinstance(image, cls):
+            return image
+        import itk
+
+        return cls(tuple(int(n) for n in image.GetLargestPossibleRegion().GetSize()),
+                   np.asarray(image.GetSpacing(), dtype=np.float64), np.asarray(image.GetOrigin(), dtype=np.float64),
+                   np.asarray(itk.array_from_matrix(image.GetDirection()), dtype=np.float64))
+
+
 def check_same_grid(mask, image, what: str) -> None:
     """Raise :class:`MaskMismatchError` unless ``mask`` lies on ``image``'s voxel grid."""
-    def geometry(img):
-        return (
-            tuple(img.GetLargestPossibleRegion().GetSize()),
-            np.asarray(img.GetSpacing(), float),
-            np.asarray(img.GetOrigin(), float),
-            direction_matrix(img),
-        )
-
-    size_m, spacing_m, origin_m, dir_m = geometry(mask)
-    size_i, spacing_i, origin_i, dir_i = geometry(image)
-    if size_m != size_i or not (
-        np.allclose(spacing_m, spacing_i, rtol=1e-5) and np.allclose(origin_m, origin_i, atol=1e-3)
-        and np.allclose(dir_m, dir_i, atol=1e-5)
+    m, i = ImageGrid.of(mask), ImageGrid.of(image)
+    if m.size != i.size or not (
+        np.allclose(m.spacing, i.spacing, rtol=1e-5) and np.allclose(m.origin, i.origin, atol=1e-3)
+        and np.allclose(m.direction, i.direction, atol=1e-5)
     ):
         raise MaskMismatchError(
-            f"{what} does not lie on its image's grid (mask size {size_m}, spacing {tuple(spacing_m)}; image size "
-            f"{size_i}, spacing {tuple(spacing_i)}); resample the mask onto the image (nearest neighbour) first."
+            f"{what} does not lie on its image's grid (mask size {m.size}, spacing {tuple(m.spacing)}; image size "
+            f"{i.size}, spacing {tuple(i.spacing)}); resample the mask onto the image (nearest neighbour) first."
         )
-
-
-def direction_matrix(image) -> np.ndarray:
-    import itk
-
-    return np.asarray(itk.array_from_matrix(image.GetDirection()), dtype=np.float64)
 
 
 def index_to_physical_affine(image) -> np.ndarray:
-    """``image``'s voxel index -> physical point (mm), as a (3, 4) float64 affine ``[matrix | offset]``
-    in ITK's (x, y, z) order."""
-    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
-    origin = np.asarray(image.GetOrigin(), dtype=np.float64)
-    return np.concatenate([direction_matrix(image) @ np.diag(spacing), origin[:, None]], axis=1)
+    """Voxel index -> physical point (mm) of ``image`` (an ``itk.Image`` or :class:`ImageGrid`), as
+    a (3, 4) float64 affine ``[matrix | offset]`` in ITK's (x, y, z) order."""
+    grid = ImageGrid.of(image)
+    return np.concatenate([grid.direction @ np.diag(grid.spacing), grid.origin[:, None]], axis=1)
 
 
 def network_to_physical_affine(image, network_shape) -> np.ndarray:
-    """Network voxel (x, y, z) -> ``image``'s physical space, as a (3, 4) float64 affine.
+    """Network voxel (x, y, z) -> physical space of ``image`` (an ``itk.Image`` or
+    :class:`ImageGrid`), as a (3, 4) float64 affine.
 
     The network grid covers the image's extent: centre on centre, voxel size
     ``spacing * size / network_size`` along the image's direction. This is the
     convention of the authors' ``itk_wrapper``, so transforms agree with theirs.
     """
-    size = np.asarray(image.GetLargestPossibleRegion().GetSize(), dtype=np.float64)
-    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
-    origin = np.asarray(image.GetOrigin(), dtype=np.float64)
-    direction = direction_matrix(image)
-    grid = np.asarray(list(reversed(list(network_shape))), dtype=np.float64)  # (x, y, z)
-
-    matrix = direction @ np.diag(spacing * size / grid)
-    image_centre = origin + direction @ (spacing * (size - 1) / 2)
-    grid_centre = (grid - 1) / 2
-    return np.concatenate([matrix, (image_centre - matrix @ grid_centre)[:, None]], axis=1)
+    grid = ImageGrid.of(image)
+    size = np.asarray(grid.size, dtype=np.float64)
+    network = np.asarray(list(reversed(list(network_shape))), dtype=np.float64)  # (x, y, z)
+    matrix = grid.direction @ np.diag(grid.spacing * size / network)
+    image_centre = grid.origin + grid.direction @ (grid.spacing * (size - 1) / 2)
+    return np.concatenate([matrix, (image_centre - matrix @ ((network - 1) / 2))[:, None]], axis=1)
 
 
 def network_to_physical(image, network_shape):
