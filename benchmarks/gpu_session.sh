@@ -23,6 +23,8 @@
 #   engine-compiled  rest  bench_gpu.py --compile-only (CUDA graphs)
 #   memory    40  profile_io_memory.py --reference: what an IO step keeps for its backward pass,
 #                 by node, against the reference
+#   resample  40  bench_resample.py --tensors: a result's warped image, field and Jacobian on the
+#                 GPU against the CPU's path (no itk there, so not against ITK)
 #   kernels-compiled rest  bench_kernels.py with torch.compile
 #
 # A dry run on the CPU, small sizes, the kernels in Triton's interpreter:
@@ -82,12 +84,14 @@ if [[ $SMOKE == 1 ]]; then
     engine=(--device cpu --shape 72 72 72 --io-steps 1 --repeats 1)
     profile=(--device cpu --shape 72 72 72 --io-steps 1 --rows 10)
     memory=(--device cpu --shape 72 72 72 --reference)
+    resample=(--fixed-shape 40 48 40 --moving-shape 36 40 44 --network 32 32 32 --repeats 1)
 else
     tests=()
     kernels=()
     engine=()
     profile=()
     memory=(--reference)
+    resample=()
 fi
 
 stage tests 150 python3 -m pytest -q -p no:cacheprovider "${tests[@]}" tests/test_kernels_warp.py \
@@ -101,6 +105,7 @@ stage engine 180 python3 benchmarks/bench_gpu.py --skip-compile "${engine[@]}" -
 stage profile 60 python3 benchmarks/profile_gpu.py "${profile[@]}" --out "$OUT/profile.md"
 stage engine-compiled 150 python3 benchmarks/bench_gpu.py --compile-only "${engine[@]}" --results "$OUT/RESULTS-gpu.md"
 stage memory 40 python3 benchmarks/profile_io_memory.py "${memory[@]}"
+stage resample 40 python3 benchmarks/bench_resample.py --tensors "${resample[@]}" --results "$OUT/RESULTS-resample.md"
 if [[ $SMOKE != 1 ]]; then  # torch.compile of the kernels' references: nothing to check on the CPU
     stage kernels-compiled 120 python3 benchmarks/bench_kernels.py --blocks "${kernels[@]}" --results "$OUT/RESULTS-kernels.md"
 fi

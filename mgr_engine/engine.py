@@ -667,7 +667,7 @@ class RegistrationResult:
         ``mgr-engine jacobian`` and ``unigradicon-jacobian``: derivatives along the fixed
         image's index axes, its direction not applied). On a GPU engine the same arithmetic runs
         there (:func:`mgr_engine.resample.jacobian_determinant`); on the CPU ITK's loop is kept, the
-        tensor form being no faster there (150-260 ms against 158 ms at 160x192x160, 2 cores)."""
+        tensor form being no faster there (150-410 ms against 158 ms at 160x192x160, 2 cores)."""
         import itk
 
         if self.device.type == "cpu":
