@@ -36,6 +36,14 @@ def cpp_and_torch(call):
     return cpp, torch_path
 
 
+@pytest.fixture(params=["cpp", "torch"])
+def kernel(request):
+    """Each path of the result's outputs: the C++ kernel and the PyTorch path (``ops.kernel_mode``)."""
+    if request.param == "cpp":
+        require_cpp_extension(resample_cpu)
+    return request.param
+
+
 @pytest.mark.parametrize("interpolation", ["linear", "nearest"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int16])
 def test_cpp_resampling_matches_the_pytorch_path(interpolation, dtype):
@@ -60,15 +68,12 @@ def test_cpp_displacement_field_matches_the_pytorch_path():
     torch.testing.assert_close(cpp, torch_path, rtol=1e-6, atol=1e-5)
 
 
-def test_the_map_adds_no_displacement_outside_the_network_grid():
+def test_the_map_adds_no_displacement_outside_the_network_grid(kernel):
     phi = random_map(NETWORK, 0.15, seed=8)
     far = np.concatenate([np.eye(3), np.full((3, 1), 100.0)], axis=1)  # every fixed voxel lands far outside
-    for mode in ("torch", "cpp"):
-        if mode == "cpp":
-            require_cpp_extension(resample_cpu)
-        with ops.kernel_mode(mode):
-            field = resample.displacement_field(phi, far, (3, 4, 5), np.eye(3, 4), np.eye(3, 4))
-        torch.testing.assert_close(field, torch.full_like(field, 100.0))
+    with ops.kernel_mode(kernel):
+        field = resample.displacement_field(phi, far, (3, 4, 5), np.eye(3, 4), np.eye(3, 4))
+    torch.testing.assert_close(field, torch.full_like(field, 100.0))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -114,17 +119,14 @@ def registration(itk_module):
     return RegistrationResult(fixed=fixed, moving=moving, phi_ab=random_map(NETWORK, 0.06, seed=12)[None])
 
 
-@pytest.mark.parametrize("mode", ["cpp", "torch"])
 @pytest.mark.parametrize("interpolation", ["linear", "nearest"])
-def test_warp_matches_itk_resampling(itk_module, registration, mode, interpolation):
+def test_warp_matches_itk_resampling(itk_module, registration, kernel, interpolation):
     from mgr_engine import itk_io
 
     itk = itk_module
-    if mode == "cpp":
-        require_cpp_extension(resample_cpu)
     expected = itk.array_from_image(itk_io.resample(registration.moving, registration.transform, registration.fixed,
                                                     interpolation))
-    with ops.kernel_mode(mode):
+    with ops.kernel_mode(kernel):
         warped = registration.warp(interpolation=interpolation)
     assert type(warped) is type(registration.fixed)
     assert_on_grid(warped, registration.fixed)
@@ -132,17 +134,14 @@ def test_warp_matches_itk_resampling(itk_module, registration, mode, interpolati
     np.testing.assert_allclose(itk.array_from_image(warped), expected, rtol=1e-6, atol=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["cpp", "torch"])
-def test_warp_of_an_integer_label_map_and_an_integer_image(itk_module, registration, mode):
+def test_warp_of_an_integer_label_map_and_an_integer_image(itk_module, registration, kernel):
     from mgr_engine import itk_io
 
     itk = itk_module
-    if mode == "cpp":
-        require_cpp_extension(resample_cpu)
     moving = registration.moving
     labels = itk_io.image_like((itk.array_from_image(moving) // 100).astype(np.uint8), moving)
     ct = itk_io.image_like((itk.array_from_image(moving) * 3 - 1000).astype(np.int16), moving)
-    with ops.kernel_mode(mode):
+    with ops.kernel_mode(kernel):
         warped_labels = registration.warp(labels, interpolation="nearest")
         warped_ct = registration.warp(ct)
     expected_labels = itk.array_from_image(itk_io.resample(labels, registration.transform, registration.fixed, "nearest"))
@@ -156,15 +155,12 @@ def test_warp_of_an_integer_label_map_and_an_integer_image(itk_module, registrat
     assert difference.max() <= 1 and (difference > 0).mean() < 0.01
 
 
-@pytest.mark.parametrize("mode", ["cpp", "torch"])
-def test_displacement_field_matches_itk_and_transform_point(itk_module, registration, mode):
+def test_displacement_field_matches_itk_and_transform_point(itk_module, registration, kernel):
     itk = itk_module
-    if mode == "cpp":
-        require_cpp_extension(resample_cpu)
     fixed = registration.fixed
     expected = itk.transform_to_displacement_field_filter(registration.transform, reference_image=fixed,
                                                           use_reference_image=True)
-    with ops.kernel_mode(mode):
+    with ops.kernel_mode(kernel):
         field = registration.displacement_field()
     assert type(field) is type(expected)  # itk.Image[itk.Vector[itk.F, 3], 3], what the Jacobian filter takes
     assert_on_grid(field, fixed)
@@ -223,18 +219,15 @@ def test_jacobian_determinant_matches_itks_filter(itk_module):
     np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["cpp", "torch"])
-def test_warp_of_an_image_on_another_grid_in_moving_space(itk_module, registration, mode):
+def test_warp_of_an_image_on_another_grid_in_moving_space(itk_module, registration, kernel):
     """``warp(image)`` takes any image in moving space: here one of coarser, shifted, rotated
     voxels that covers part of the moving image."""
     from mgr_engine import itk_io
 
     itk = itk_module
-    if mode == "cpp":
-        require_cpp_extension(resample_cpu)
     other = oblique_image(smooth_volume((9, 11, 13), 6) * 500, (2.1, 1.7, 1.9), (-4.0, -13.0, 1.0), (0.0, 0.2, -0.1))
     expected = itk.array_from_image(itk_io.resample(other, registration.transform, registration.fixed))
-    with ops.kernel_mode(mode):
+    with ops.kernel_mode(kernel):
         warped = registration.warp(other)
     assert_on_grid(warped, registration.fixed)
     assert 0.05 < (expected == 0).mean() < 0.95
