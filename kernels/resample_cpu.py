@@ -8,8 +8,8 @@ fixed image. ITK's filters do it point by point through virtual calls (0.33 s / 
 (:mod:`mgr_engine.resample`'s PyTorch path, the one a GPU runs) makes a dozen passes over
 large temporaries on the CPU. The extension ``mgr_engine._resample_cpu``
 (``kernels/resample_cpu.cpp``, built by ``setup.py``) takes a row of fixed voxels through
-one vectorized loop, in double as ITK: 77-117 ms for each output, 2.4-4.1x faster than ITK
-(``benchmarks/RESULTS.md``). No gradients: the outputs are the registration's results.
+one vectorized loop, in double as ITK: 94-118 ms for each output, 2.4-3.4x faster than ITK
+(160x192x160, 2-core AMD EPYC, ``benchmarks/RESULTS.md``). No gradients: the outputs are the registration's results.
 
 Reference: the PyTorch path of :mod:`mgr_engine.resample` (and ITK); test:
 ``tests/test_resample.py``; benchmark: ``benchmarks/bench_resample.py``.
@@ -29,6 +29,13 @@ except ImportError:  # not compiled (no C++ compiler at install time)
 def available() -> bool:
     """Whether the C++ extension was built."""
     return _resample_cpu is not None
+
+
+def supports(*tensors: torch.Tensor) -> bool:
+    """Whether the kernel takes ``tensors`` (the map (3, D, H, W), the image (Z, Y, X)): built, CPU
+    tensors, each volume under 2^31 voxels (the kernel's offsets are 32-bit; a larger one takes
+    the PyTorch path instead of the kernel's refusal)."""
+    return available() and all(t.device.type == "cpu" and t.shape[-3:].numel() < 2**31 for t in tensors)
 
 
 def _map_array(phi: torch.Tensor) -> np.ndarray:

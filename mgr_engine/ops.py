@@ -135,8 +135,7 @@ def use_cpp_resample(*tensors: torch.Tensor) -> bool:
     CPU tensors)."""
     from .kernels import resample_cpu
 
-    return (_cpp_kernels_allowed(*tensors) and resample_cpu.available()
-            and all(t.device.type == "cpu" for t in tensors))
+    return _cpp_kernels_allowed(*tensors) and resample_cpu.supports(*tensors)
 
 
 def is_channels_last(tensor: torch.Tensor) -> bool:

@@ -68,6 +68,16 @@ def test_cpp_displacement_field_matches_the_pytorch_path():
     torch.testing.assert_close(cpp, torch_path, rtol=1e-6, atol=1e-5)
 
 
+def test_volumes_beyond_the_kernels_32_bit_offsets_take_the_pytorch_path():
+    require_cpp_extension(resample_cpu)
+    phi = torch.zeros(3, 4, 5, 6)
+    huge = torch.zeros(1).expand(2**11, 2**10, 2**10)  # 2^31 voxels, a view of one
+    with ops.kernel_mode("cpp"):
+        assert ops.use_cpp_resample(phi, torch.zeros(7, 8, 9))
+        assert not ops.use_cpp_resample(phi, huge)
+        assert not ops.use_cpp_resample(huge.expand(3, *huge.shape))
+
+
 def test_the_map_adds_no_displacement_outside_the_network_grid(kernel):
     phi = random_map(NETWORK, 0.15, seed=8)
     far = np.concatenate([np.eye(3), np.full((3, 1), 100.0)], axis=1)  # every fixed voxel lands far outside
