@@ -3,9 +3,9 @@
 // mgr_engine._resample_cpu; mgr_engine.kernels.resample_cpu wraps it.
 //
 // Why: ITK evaluates the composite transform (affine, displacement field, affine) point by point
-// through virtual calls (263-335 ms at 160x192x160 on 2 cores), and the same arithmetic as
-// whole-volume float64 tensor operations (mgr_engine.resample's PyTorch path) makes a dozen
-// passes over 118 MB temporaries (1.2-1.4 s). Here a row of fixed voxels goes through one
+// through virtual calls (262-333 ms at 160x192x160 on a 2-core AMD EPYC), and the same
+// arithmetic as whole-volume float64 tensor operations (mgr_engine.resample's PyTorch path)
+// makes a dozen passes over 118 MB temporaries (1.1-1.5 s). Here a row of fixed voxels goes through one
 // loop: its network positions, the map's displacement there, the moving points (vectorized
 // with AVX2 / AVX-512 gathers); then the image is sampled at them (a second loop, which GCC does
 // not vectorize). In double, as ITK computes.
