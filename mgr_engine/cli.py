@@ -20,6 +20,11 @@ from .errors import InvalidOptionError, MgrEngineError, OutputWriteError
 
 log = logging.getLogger("mgr_engine")
 
+PHYSICAL_JACOBIAN_HELP = (
+    "Jacobian determinant along the physical axes (the image direction applied): the local volume change. Default: "
+    "along the fixed image's index axes, as ITK's filter and unigradicon-jacobian compute it; the two differ on "
+    "oblique images")
+
 
 def _io_iterations(text: str):
     if text in ("None", "none", "0"):
@@ -61,6 +66,7 @@ def _add_register(sub):
     # mgr_engine's own options.
     p.add_argument("--displacement_field_out", help="output: dense displacement field on the fixed grid (mm)")
     p.add_argument("--jacobian_out", help="output: Jacobian determinant on the fixed grid")
+    p.add_argument("--physical_jacobian", action="store_true", help=PHYSICAL_JACOBIAN_HELP)
     p.add_argument("--network_input_shape", nargs=3, type=int, metavar=("D", "H", "W"),
                    help="input shape of a non-official network configuration (default 175 175 175; "
                         "at least 65 voxels per axis for U-Nets of the official depth)")
@@ -209,6 +215,7 @@ def _add_jacobian(sub):
     p.add_argument("--fixed", required=True, help="the fixed image used in the registration")
     p.add_argument("--jacob", required=True, help="output Jacobian determinant image")
     p.add_argument("--log_jacob", help="output log-Jacobian image")
+    p.add_argument("--physical_jacobian", action="store_true", help=PHYSICAL_JACOBIAN_HELP)
     p.set_defaults(run=run_jacobian)
 
 
@@ -249,7 +256,7 @@ def run_register(args) -> None:
     if args.displacement_field_out:
         outputs.append((args.displacement_field_out, result.displacement_field(), itk_io.write_image))
     if args.jacobian_out:
-        outputs.append((args.jacobian_out, result.jacobian_determinant(), itk_io.write_image))
+        outputs.append((args.jacobian_out, result.jacobian_determinant(args.physical_jacobian), itk_io.write_image))
     for path, value, write in outputs:
         write(value, path)
         log.info("wrote %s", path)
@@ -297,13 +304,20 @@ def run_warp(args) -> None:
 
 def run_jacobian(args) -> None:
     import itk
+    import torch
 
-    from . import itk_io
+    from . import itk_io, resample
 
     transform = _read_transform(args.transform)
     fixed = itk_io.load_image(args.fixed, "fixed")
     field = itk.transform_to_displacement_field_filter(transform, reference_image=fixed, use_reference_image=True)
-    jacobian = itk.displacement_field_jacobian_determinant_filter(field)
+    if args.physical_jacobian:
+        grid = itk_io.ImageGrid.of(fixed)
+        determinant = resample.jacobian_determinant(torch.from_numpy(itk.array_view_from_image(field)), grid.spacing,
+                                                    grid.direction)
+        jacobian = itk_io.image_like(determinant.numpy(), fixed)
+    else:
+        jacobian = itk.displacement_field_jacobian_determinant_filter(field)
     outputs = [(args.jacob, jacobian)]
     if args.log_jacob:
         outputs.append((args.log_jacob, itk.log_image_filter(jacobian)))

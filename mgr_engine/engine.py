@@ -659,21 +659,27 @@ class RegistrationResult:
             self._cache["displacement_field"] = itk_io.image_like(displacement.cpu().numpy(), self.fixed, is_vector=True)
         return self._cache["displacement_field"]
 
-    def jacobian_determinant(self):
+    def jacobian_determinant(self, physical: bool = False):
         """Jacobian determinant of :attr:`transform` on the fixed grid (float image); values
         below 0 mark folds.
 
-        ITK's ``DisplacementFieldJacobianDeterminantFilter`` of :meth:`displacement_field` (as
-        ``mgr-engine jacobian`` and ``unigradicon-jacobian``: derivatives along the fixed
+        Default: ITK's ``DisplacementFieldJacobianDeterminantFilter`` of :meth:`displacement_field`
+        (as ``mgr-engine jacobian`` and ``unigradicon-jacobian``: derivatives along the fixed
         image's index axes, its direction not applied). On a GPU engine the same arithmetic runs
         there (:func:`mgr_engine.resample.jacobian_determinant`); on the CPU ITK's loop is kept, the
-        tensor form being no faster there (150-410 ms against 158 ms at 160x192x160, 2 cores)."""
+        tensor form being no faster there (150-410 ms against 158 ms at 160x192x160, 2 cores).
+
+        ``physical=True``: derivatives along the physical axes (the fixed image's direction
+        applied), the determinant of the transform's Jacobian, i.e. the local volume change. It
+        differs from the default only on oblique images, where the default is not that."""
         import itk
 
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and not physical:
             return itk.displacement_field_jacobian_determinant_filter(self.displacement_field())
         field = itk.array_view_from_image(self.displacement_field())  # (Z, Y, X, 3), the cached image's buffer
-        determinant = resample.jacobian_determinant(torch.from_numpy(field).to(self.device), self.fixed.GetSpacing())
+        grid = itk_io.ImageGrid.of(self.fixed)
+        determinant = resample.jacobian_determinant(torch.from_numpy(field).to(self.device), grid.spacing,
+                                                    grid.direction if physical else None)
         return itk_io.image_like(determinant.cpu().numpy(), self.fixed)
 
     def save(self, transform_path) -> None:

@@ -84,14 +84,17 @@ def displacement_field(phi: torch.Tensor, fixed_to_network, fixed_shape, network
     return moved.permute(1, 2, 3, 0).float()
 
 
-def jacobian_determinant(displacement: torch.Tensor, spacing) -> torch.Tensor:
+def jacobian_determinant(displacement: torch.Tensor, spacing, direction=None) -> torch.Tensor:
     """``det(I + du/dx)`` of a (Z, Y, X, 3) displacement field (mm, components x, y, z) with
     ``spacing`` (x, y, z): (Z, Y, X) float32 on the field's device.
 
-    As ITK's ``DisplacementFieldJacobianDeterminantFilter`` computes it (and so
-    ``mgr-engine jacobian``): in float32, central differences along the image's index axes
-    weighted by ``0.5 / spacing``, the edge voxel repeated beyond the edge; the image's direction
-    is not applied (on an oblique grid this is not the physical Jacobian's determinant)."""
+    Without ``direction``, as ITK's ``DisplacementFieldJacobianDeterminantFilter`` computes it
+    (and so ``unigradicon-jacobian``): in float32, central differences along the image's index
+    axes weighted by ``0.5 / spacing``, the edge voxel repeated beyond the edge; the image's
+    direction is not applied, so on an oblique grid this is not the determinant of the
+    transform's Jacobian. With ``direction`` (the image's 3x3 direction matrix) the same
+    differences are turned into derivatives along the physical axes: the physical Jacobian's
+    determinant (the volume change), equal to ITK's on an axis-aligned grid."""
     u = displacement.permute(3, 0, 1, 2).float()  # (3, Z, Y, X)
 
     def derivative(axis: int) -> torch.Tensor:  # of the three components along index axis x, y or z
@@ -100,7 +103,13 @@ def jacobian_determinant(displacement: torch.Tensor, spacing) -> torch.Tensor:
         behind = torch.cat([u.narrow(dim, 0, 1), u.narrow(dim, 0, n - 1)], dim)
         return (ahead - behind) * float(np.float32(0.5 / spacing[axis]))
 
-    dx, dy, dz = (derivative(axis) for axis in range(3))
+    gradient = [derivative(axis) for axis in range(3)]  # gradient[j][i] = d u_i / d index_j (in mm)
+    if direction is not None:
+        # index_j = sum_k inverse[j, k] * (physical_k - origin_k) / spacing_j, so
+        # d u_i / d physical_k = sum_j d u_i / d index_j (mm) * inverse[j, k]
+        inverse = np.linalg.inv(np.asarray(direction, dtype=np.float64))
+        gradient = [sum(gradient[j] * float(inverse[j, k]) for j in range(3)) for k in range(3)]
+    dx, dy, dz = gradient
     # J[i][j] = d u_i / d x_j + (i == j), by its first row's cofactors
     a, b, c = dx[0] + 1, dy[0], dz[0]
     d, e, f = dx[1], dy[1] + 1, dz[1]

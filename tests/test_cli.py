@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import random_network, smooth_volume
-from mgr_engine import cli
+from mgr_engine import cli, resample
 from mgr_engine.model import official_state_dict
 
 itk = pytest.importorskip("itk")
@@ -107,7 +107,31 @@ def test_extra_outputs(files, tmp_path):
     assert cli.main(["register", "--fixed", files["fixed"], "--moving", files["moving"], "--fixed_modality", "mri",
                      "--moving_modality", "mri", "--network_weights", files["weights"], "--io_iterations", "None",
                      "--network_input_shape", *map(str, SHAPE), "--transform_out", str(tmp_path / "t.h5"),
-                     "--displacement_field_out", out["field"], "--jacobian_out", out["jac"]]) == 0
+                     "--displacement_field_out", out["field"], "--jacobian_out", out["jac"], "--physical_jacobian"]) == 0
     field = itk.imread(out["field"])
     assert field.GetNumberOfComponentsPerPixel() == 3
     assert tuple(field.GetSpacing()) == pytest.approx(tuple(itk.imread(files["fixed"]).GetSpacing()))
+    # an axis-aligned fixed image: the physical Jacobian is the one along index axes (ITK's filter's)
+    along_index_axes = resample.jacobian_determinant(torch.from_numpy(itk.array_from_image(field)), field.GetSpacing())
+    jacobian = itk.array_from_image(itk.imread(out["jac"]))
+    assert jacobian.std() > 0.01
+    np.testing.assert_allclose(jacobian, along_index_axes.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_physical_jacobian_of_an_affine_transform_on_an_oblique_image(tmp_path):
+    from helpers import oblique_image
+
+    fixed = oblique_image(smooth_volume((14, 16, 12), 3), (1.2, 1.0, 0.9), (-10.0, -12.0, -8.0), (0.3, -0.2, 0.5))
+    itk.imwrite(fixed, str(tmp_path / "fixed.nrrd"))  # NRRD keeps the direction exactly
+    matrix = np.array([[1.3, 0.2, 0.0], [0.0, 0.9, 0.3], [0.1, 0.0, 0.7]])
+    affine = itk.AffineTransform[itk.D, 3].New()
+    affine.SetMatrix(itk.matrix_from_array(matrix))
+    affine.SetTranslation([2.0, -1.0, 0.5])
+    itk.transformwrite([affine], str(tmp_path / "affine.h5"))
+    args = ["jacobian", "--transform", str(tmp_path / "affine.h5"), "--fixed", str(tmp_path / "fixed.nrrd")]
+    assert cli.main([*args, "--jacob", str(tmp_path / "physical.nii.gz"), "--physical_jacobian"]) == 0
+    assert cli.main([*args, "--jacob", str(tmp_path / "index.nii.gz")]) == 0
+    physical, index_axes = (itk.array_from_image(itk.imread(str(tmp_path / f"{name}.nii.gz")))[1:-1, 1:-1, 1:-1]
+                            for name in ("physical", "index"))  # central differences only
+    np.testing.assert_allclose(physical, np.linalg.det(matrix), rtol=1e-4)
+    assert np.abs(index_axes - np.linalg.det(matrix)).min() > 0.05  # ITK's filter's, on an oblique image

@@ -229,6 +229,62 @@ def test_jacobian_determinant_matches_itks_filter(itk_module):
     np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
+def affine_displacement(grid, affine):
+    """The displacement ``affine(p) - p`` (mm) at each voxel's physical point ``p``: (Z, Y, X, 3)."""
+    from mgr_engine import itk_io
+
+    to_physical = itk_io.index_to_physical_affine(grid)
+    shape = tuple(reversed(grid.GetLargestPossibleRegion().GetSize()))
+    points = resample._affine_grid(to_physical, shape, "cpu").numpy()  # (3, Z, Y, X) physical (x, y, z)
+    moved = np.einsum("ij,j...->i...", affine[:, :3], points) + affine[:, 3, None, None, None]
+    return np.moveaxis(moved - points, 0, -1).astype(np.float32)
+
+
+def test_physical_jacobian_of_an_affine_transform_is_its_determinant(itk_module):
+    from mgr_engine import itk_io
+
+    itk = itk_module
+    shape = (12, 14, 10)
+    affine = np.concatenate([np.array([[1.3, 0.2, 0.0], [0.0, 0.9, 0.3], [0.1, 0.0, 0.7]]), [[2.0], [-1.0], [0.5]]], 1)
+    oblique = oblique_image(np.zeros(shape, np.float32), (1.2, 1.0, 0.9), (-10.0, -12.0, -8.0), (0.3, -0.2, 0.5))
+    grid = itk_io.ImageGrid.of(oblique)
+    field = torch.from_numpy(affine_displacement(oblique, affine))
+    physical = resample.jacobian_determinant(field, grid.spacing, grid.direction)[1:-1, 1:-1, 1:-1]  # central differences
+    np.testing.assert_allclose(physical.numpy(), np.linalg.det(affine[:, :3]), rtol=1e-4)
+    along_index_axes = resample.jacobian_determinant(field, grid.spacing)[1:-1, 1:-1, 1:-1]
+    assert np.abs(along_index_axes.numpy() - np.linalg.det(affine[:, :3])).min() > 0.05  # ITK's filter's is not that
+
+    # on an axis-aligned grid the two are ITK's filter's result, edges included
+    straight = oblique_image(np.zeros(shape, np.float32), (1.2, 1.0, 0.9), (-10.0, -12.0, -8.0), (0.0, 0.0, 0.0))
+    field = affine_displacement(straight, affine)
+    expected = itk.array_from_image(itk.displacement_field_jacobian_determinant_filter(
+        itk_io.image_like(field, straight, is_vector=True)))
+    ours = resample.jacobian_determinant(torch.from_numpy(field), straight.GetSpacing(), np.eye(3))
+    np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_results_physical_jacobian_of_an_affine_map(itk_module, registration):
+    """A map affine on the network grid is an affine transform between the oblique images: its
+    physical Jacobian determinant is the determinant of that transform's matrix."""
+    from mgr_engine import itk_io
+
+    itk = itk_module
+    b = np.array([[1.1, 0.1, 0.0], [0.05, 0.95, 0.1], [0.0, -0.1, 1.2]])  # on network voxels (x, y, z)
+    identity = ops.identity_map(NETWORK, dtype=torch.float64)[0]  # (3, D, H, W), channels (z, y, x)
+    steps = torch.tensor([n - 1 for n in NETWORK], dtype=torch.float64).reshape(3, 1, 1, 1)
+    q = (identity * steps).flip(0)  # network voxels (x, y, z)
+    moved = torch.einsum("ij,j...->i...", torch.from_numpy(b), q)
+    phi = (moved.flip(0) / steps).float()[None]
+    result = RegistrationResult(fixed=registration.fixed, moving=registration.moving, phi_ab=phi)
+    matrix = (itk_io.network_to_physical_affine(result.moving, NETWORK)[:, :3] @ b
+              @ np.linalg.inv(itk_io.network_to_physical_affine(result.fixed, NETWORK)[:, :3]))
+    # two voxels in from each edge: the fixed grid's edge voxels lie beyond the network grid's
+    physical = itk.array_from_image(result.jacobian_determinant(physical=True))[2:-2, 2:-2, 2:-2]
+    np.testing.assert_allclose(physical, np.linalg.det(matrix), rtol=1e-4)
+    default = itk.array_from_image(result.jacobian_determinant())[2:-2, 2:-2, 2:-2]
+    assert np.abs(default - np.linalg.det(matrix)).max() > 0.01  # ITK's filter's, on this oblique grid
+
+
 def test_warp_of_an_image_on_another_grid_in_moving_space(itk_module, registration, kernel):
     """``warp(image)`` takes any image in moving space: here one of coarser, shifted, rotated
     voxels that covers part of the moving image."""
