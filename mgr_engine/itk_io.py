@@ -259,11 +259,10 @@ def resample(image, transform, reference, interpolation: str = "linear"):
     image point), outside the image 0; the pixel type is kept."""
     import itk
 
-    from .errors import InvalidOptionError
+    from .resample import check_interpolation
 
+    check_interpolation(interpolation)
     interpolators = {"linear": itk.LinearInterpolateImageFunction, "nearest": itk.NearestNeighborInterpolateImageFunction}
-    if interpolation not in interpolators:
-        raise InvalidOptionError(f"unknown interpolation {interpolation!r}: use 'linear' or 'nearest'")
     original_type = type(image)
     try:  # ITK's Python wrapping instantiates interpolators for some pixel types only
         interpolators[interpolation][original_type, itk.D]

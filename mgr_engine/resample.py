@@ -33,6 +33,12 @@ from .errors import InvalidOptionError
 INTERPOLATIONS = ("linear", "nearest")
 
 
+def check_interpolation(interpolation: str) -> None:
+    """Raise :class:`InvalidOptionError` unless ``interpolation`` is one of :data:`INTERPOLATIONS`."""
+    if interpolation not in INTERPOLATIONS:
+        raise InvalidOptionError(f"unknown interpolation {interpolation!r}: use 'linear' or 'nearest'")
+
+
 def compose_affines(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
     """The (3, 4) affine ``outer o inner`` (``inner`` applied first)."""
     return np.concatenate([outer[:, :3] @ inner[:, :3], (outer[:, :3] @ inner[:, 3] + outer[:, 3])[:, None]], axis=1)
@@ -51,8 +57,7 @@ def resampled_image(phi: torch.Tensor, fixed_to_network, fixed_shape, volume: to
 
     ``fixed_to_network``: fixed voxel index -> network voxel; ``network_to_index``: network voxel
     -> ``volume``'s continuous index (through the moving image's physical space)."""
-    if interpolation not in INTERPOLATIONS:
-        raise InvalidOptionError(f"unknown interpolation {interpolation!r}: use 'linear' or 'nearest'")
+    check_interpolation(interpolation)
     if ops.use_cpp_resample(phi, volume):
         from .kernels import resample_cpu
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import types
@@ -16,6 +17,17 @@ from mgr_engine.model import GradICONNetwork, NetworkConfig, official_state_dict
 # sets TRITON_INTERPRET=1 where there is no GPU).
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@contextlib.contextmanager
+def cuda_sync_debug(mode: str):
+    """torch's check for host-device synchronizations in ``mode`` (``"warn"`` or ``"error"``)
+    within the block, back to ``"default"`` after it."""
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def require_triton_kernels():

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from helpers import random_network, reference_network, smooth_volume
+from helpers import cuda_sync_debug, random_network, reference_network, smooth_volume
 from mgr_engine import Engine, ops
 from mgr_engine.losses import lncc2_loss, lncc_loss, mind_loss, regularizer_points
 from mgr_engine.model import official_state_dict
@@ -299,11 +299,8 @@ def test_instance_optimization_steps_do_not_wait_for_the_gpu(similarity, masked)
     def synchronizations(iterations):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
+            with cuda_sync_debug("warn"):
                 engine.instance_optimize(moving, fixed, iterations=iterations, **options)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
         # where each was called from: a sync in every step shows as a count that grows
         return collections.Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchronizing" in str(w.message))
 

@@ -5,7 +5,7 @@ import weakref
 import pytest
 import torch
 
-from helpers import NARROW, random_network, reference_network, smooth_volume
+from helpers import NARROW, cuda_sync_debug, random_network, reference_network, smooth_volume
 from mgr_engine import Engine, NetworkConfig
 from mgr_engine.errors import CheckpointError
 from mgr_engine.model import GradICONNetwork, load_official_state_dict, official_state_dict
@@ -166,11 +166,8 @@ def test_predict_map_on_gpu_tensors_does_not_wait_for_the_gpu(precision):
     engine = Engine(weights=official_state_dict(net), config=net.config, device="cuda", precision=precision)
     moving, fixed = (image.cuda() for image in pair((72, 72, 72)))
     expected = engine.predict_map(moving, fixed)  # compiles the kernels
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with cuda_sync_debug("error"):
         phi = engine.predict_map(moving, fixed)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(phi, expected)  # not bit for bit: cuDNN may pick a nondeterministic algorithm
 
 

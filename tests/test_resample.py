@@ -189,10 +189,13 @@ def test_displacement_field_matches_itk_and_transform_point(itk_module, registra
 
 
 def test_an_unknown_interpolation_is_a_typed_error(registration):
+    from mgr_engine import itk_io
     from mgr_engine.errors import InvalidOptionError
 
     with pytest.raises(InvalidOptionError, match="linear"):
         registration.warp(interpolation="cubic")
+    with pytest.raises(InvalidOptionError, match="linear"):
+        itk_io.resample(registration.moving, registration.transform, registration.fixed, "cubic")
 
 
 def test_the_transforms_field_is_the_maps_displacement_in_network_voxels(itk_module):
