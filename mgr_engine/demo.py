@@ -300,7 +300,7 @@ def main(argv=None) -> int:
     fixed_labels = itk_io.load_image(data["fixed_labels"], "fixed labels")
     moving_labels = itk_io.load_image(data["moving_labels"], "moving labels")
     identity = itk.IdentityTransform[itk.D, 3].New()
-    transform = itk.transformread(str(outputs["transform"]))[0]
+    transform = itk_io.read_transform(outputs["transform"])
     fixed_label_array = itk.array_from_image(fixed_labels)
     dice_before = _tissue_dice(fixed_label_array, itk.array_from_image(
         itk_io.resample(moving_labels, identity, fixed_labels, "nearest")))

@@ -400,16 +400,11 @@ class Engine:
         pair = self._prepare_pair(fixed, moving, fixed_modality=fixed_modality, moving_modality=moving_modality,
                                   fixed_mask=fixed_mask, moving_mask=moving_mask, masking=masking,
                                   io_iterations=io_iterations, ct_window=ct_window, quantile_range=quantile_range)
-        # ITK's transform modules load lazily (seconds): load them while the network runs.
-        # Main-thread ITK work is over until the result's transform is built.
-        preload = threading.Thread(target=_preload_quietly, name="mgr_engine-itk-preload", daemon=True)
-        preload.start()
         if io_iterations:
             result = self._optimize_pair(pair, io_iterations=io_iterations, io_sim=io_sim, io_lr=io_lr,
                                          progress=progress, seed=seed)
         else:
             result = self._result(pair, self.predict_map(pair.moving, pair.fixed))
-        preload.join()
         log.info("registered in %.2f s", time.perf_counter() - started)
         return result
 
@@ -569,13 +564,6 @@ def _prefetched_batches(pairs, prepare, batch_size: int, prefetch: int, pin: boo
         thread.join()
 
 
-def _preload_quietly() -> None:
-    try:
-        itk_io.preload_transform_types()
-    except Exception:  # only an optimization: building the transform reports real errors
-        log.debug("preloading ITK transform types failed", exc_info=True)
-
-
 @dataclass
 class RegistrationResult:
     """What :func:`mgr_engine.register` returns.
@@ -675,7 +663,7 @@ class RegistrationResult:
         import itk
 
         if self.device.type == "cpu" and not physical:
-            return itk.displacement_field_jacobian_determinant_filter(self.displacement_field())
+            return itk_io.jacobian_determinant_filter(self.displacement_field())
         field = itk.array_view_from_image(self.displacement_field())  # (Z, Y, X, 3), the cached image's buffer
         grid = itk_io.ImageGrid.of(self.fixed)
         determinant = resample.jacobian_determinant(torch.from_numpy(field).to(self.device), grid.spacing,

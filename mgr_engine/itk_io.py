@@ -11,6 +11,9 @@ ITK's (x, y, z) when a transform is built.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -19,6 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ImageReadError, InvalidImageError, MaskMismatchError, OutputWriteError
+
+log = logging.getLogger(__name__)
 
 
 def load_image(image, name: str = "input"):
@@ -159,17 +164,53 @@ def image_like(array: np.ndarray, reference, is_vector: bool = False):
     return image
 
 
-def preload_transform_types() -> None:
-    """Instantiate the ITK transform types :func:`map_to_transform` uses.
+def wrapped_class(module: str, name: str):
+    """ITK's wrapped class ``name`` from its own wrapper module ``itk.<module>Python``, imported
+    alone; None where this ITK lays its wrappers out otherwise (then ``itk.<Class>`` is the way).
 
-    ITK loads its wrapped modules lazily, about 8 s on first use for these; the
-    engine runs this in a background thread while the network computes.
-    """
+    Why: ITK's lazy loader loads a wrapped module together with every module it declares as a
+    dependency. ITKDisplacementField (the displacement field transform and its filters) and
+    ITKIOTransformBase (transform files) declare ITKSmoothing, ITKConvolution, ITKThresholding,
+    ITKImageIntensity and more: 7.5-8.2 s of one core on first use (2-core AMD EPYC, ITK 5.4.7),
+    the longest step of a one-shot ``mgr-engine register`` (the network on this CPU: 3.5 s). The
+    classes used here need none of them: imported alone, they load in 0.06 s."""
+    try:
+        return getattr(importlib.import_module(f"itk.{module}Python"), name)
+    except (ImportError, AttributeError):
+        log.debug("no ITK wrapper module itk.%sPython with %s: loading it through ITK's lazy loader", module, name)
+        return None
+
+
+def jacobian_determinant_filter(field):
+    """ITK's ``DisplacementFieldJacobianDeterminantFilter`` of an ``Image[Vector[F, 3], 3]``
+    displacement field: an ``Image[F, 3]`` (what ``itk.displacement_field_jacobian_determinant_filter``
+    returns, without loading ITKDisplacementField's dependencies; see :func:`wrapped_class`)."""
     import itk
 
-    itk.AffineTransform[itk.D, 3].New()
-    itk.CompositeTransform[itk.D, 3].New()
-    displacement_transform(np.zeros((3, 2, 2, 2), dtype=np.float32))  # its image type and numpy bridge too
+    jacobian = wrapped_class("itkDisplacementFieldJacobianDeterminantFilter",
+                             "itkDisplacementFieldJacobianDeterminantFilterIVF33F")
+    if jacobian is None:
+        return itk.displacement_field_jacobian_determinant_filter(field)
+    f = jacobian.New(field)
+    f.Update()
+    return f.GetOutput()
+
+
+def transform_to_displacement_field(transform, reference):
+    """``transform``'s displacement at every voxel of ``reference``'s grid: ITK's
+    ``TransformToDisplacementFieldFilter``, an ``Image[Vector[F, 3], 3]`` (what
+    ``itk.transform_to_displacement_field_filter`` returns, without loading ITKDisplacementField's
+    dependencies; see :func:`wrapped_class`)."""
+    import itk
+
+    rasterize = wrapped_class("itkTransformToDisplacementFieldFilter", "itkTransformToDisplacementFieldFilterIVF33D")
+    if rasterize is None:
+        return itk.transform_to_displacement_field_filter(transform, reference_image=reference, use_reference_image=True)
+    decorated = itk.DataObjectDecorator[itk.Transform[itk.D, 3, 3]].New()
+    decorated.Set(transform)
+    f = rasterize.New(decorated, reference_image=reference, use_reference_image=True)
+    f.Update()
+    return f.GetOutput()
 
 
 def displacement_transform(phi: np.ndarray):
@@ -192,7 +233,8 @@ def displacement_transform(phi: np.ndarray):
         component = field[..., 2 - channel]  # channel 0 indexes D, the z axis
         np.subtract(phi[channel], identity, out=component)  # float32 promoted: float64 arithmetic
         component *= n - 1
-    transform = itk.DisplacementFieldTransform[itk.D, 3].New()
+    field_transform = wrapped_class("itkDisplacementFieldTransform", "itkDisplacementFieldTransformD3")
+    transform = (field_transform or itk.DisplacementFieldTransform[itk.D, 3]).New()
     transform.SetDisplacementField(image)
     return transform
 
@@ -247,11 +289,64 @@ def write_image(image, path) -> None:
 
 
 def write_transform(transform, path) -> None:
-    """Write an ITK transform (.h5, .tfm, ...) atomically; readable by ``itk.transformread``."""
+    """Write an ITK transform (.h5, .tfm, .mat) atomically; readable by ``itk.transformread``."""
+    with atomic_output(path) as tmp:
+        _write_transform_file(transform, tmp)
+
+
+def _write_transform_file(transform, path) -> None:
+    """``itk.transformwrite([transform], path)``, without loading ITKIOTransformBase's dependencies."""
     import itk
 
-    with atomic_output(path) as tmp:
-        itk.transformwrite([transform], tmp)
+    writer = _transform_file_class("Writer")
+    if writer is None:
+        itk.transformwrite([transform], path)
+        return
+    w = writer.New()
+    w.SetFileName(str(path))
+    w.AddTransform(transform)
+    w.Update()
+
+
+def read_transform(path):
+    """The first transform of an ITK transform file (.h5, .tfm, .mat), as ``itk.transformread``
+    gives it; :class:`ImageReadError` when it cannot be read."""
+    import itk
+
+    reader = _transform_file_class("Reader")
+    try:
+        if reader is None:
+            return itk.transformread(str(path))[0]
+        r = reader.New()
+        r.SetFileName(str(path))
+        r.Update()
+        # pop() hands over the list's references (an element read in place would die with the reader)
+        listed, transforms = r.GetModifiableTransformList(), []
+        while not listed.empty():
+            transforms.append(listed.pop())
+        return itk.down_cast(transforms[-1])  # popped from the back: the file's first
+    except Exception as exc:
+        raise ImageReadError(f"cannot read transform {str(path)!r} ({exc.__class__.__name__}); "
+                             "pass an ITK .h5/.tfm/.mat file.") from exc
+
+
+def _transform_file_class(kind: str):
+    """ITK's ``TransformFile<kind>Template[D]`` (``"Reader"`` or ``"Writer"``) with the transform
+    IOs registered; None where the wrappers are laid out otherwise (see :func:`wrapped_class`)."""
+    file_class = wrapped_class(f"itkTransformFile{kind}", f"itkTransformFile{kind}TemplateD")
+    return file_class if file_class is not None and _transform_ios_registered() else None
+
+
+@functools.lru_cache(maxsize=1)
+def _transform_ios_registered() -> bool:
+    """Register ITK's HDF5, text and Matlab transform IOs, as loading ITKIOTransformBase whole
+    does; whether all three were found."""
+    factories = [wrapped_class(f"itk{io}TransformIO", f"itk{io}TransformIOFactory") for io in ("HDF5", "Txt", "Matlab")]
+    if None in factories:
+        return False
+    for factory in factories:
+        factory.RegisterOneFactory()
+    return True
 
 
 def resample(image, transform, reference, interpolation: str = "linear"):

@@ -327,13 +327,13 @@ def test_cli_interrupted_write_leaves_nothing(cli_files, capsys, monkeypatch):
     inputs, out = cli_files
     written = []
 
-    def interrupted_write(transforms, path, *args, **kwargs):
+    def interrupted_write(transform, path):
         with open(path, "wb") as f:
             f.write(b"\x89HDF half a transform")
         written.append(path)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(itk, "transformwrite", interrupted_write)
+    monkeypatch.setattr(itk_io, "_write_transform_file", interrupted_write)
     assert cli.main(register_args(inputs, out)) == 130
     assert len(written) == 1 and os.path.dirname(written[0]) == str(out)  # the write did start, beside the target
     assert "interrupted" in capsys.readouterr().err

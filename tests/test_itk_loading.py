@@ -1,0 +1,90 @@
+"""A result's ITK outputs load only the ITK modules they use (mgr_engine.itk_io.wrapped_class).
+
+ITK's lazy loader would load ITKDisplacementField and ITKIOTransformBase with their declared
+dependencies (ITKSmoothing, ITKImageIntensity, ...: 8 s); the engine imports the classes it uses
+on their own. Checked in a fresh process (in this one other tests load everything), and against
+the lazy loader's way, which is also the fallback."""
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+itk = pytest.importorskip("itk")
+
+# Builds a result of a random map between oblique images and writes its outputs to OUT (.npz).
+OUTPUTS = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import torch
+    import itk
+    from mgr_engine import itk_io
+    from mgr_engine.engine import RegistrationResult
+
+    def oblique(array, angle):
+        image = itk.image_from_array(np.ascontiguousarray(array, dtype=np.float32))
+        image.SetSpacing((1.2, 1.0, 0.9))
+        c, s = np.cos(angle), np.sin(angle)
+        image.SetDirection(itk.matrix_from_array(np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])))
+        return image
+
+    def outputs(folder):
+        rng = np.random.default_rng(0)
+        fixed, moving = oblique(rng.random((12, 14, 10)), 0.2), oblique(rng.random((11, 13, 12)), -0.1)
+        grid = np.stack(np.meshgrid(*[np.linspace(0, 1, n) for n in (9, 10, 8)], indexing="ij"))
+        phi = torch.from_numpy((grid + 0.03 * rng.standard_normal(grid.shape)).astype(np.float32))[None]
+        result = RegistrationResult(fixed=fixed, moving=moving, phi_ab=phi)
+        itk_io.write_transform(result.transform, f"{folder}/transform.h5")
+        shift = itk.AffineTransform[itk.D, 3].New()
+        shift.Translate([1.5, -2.0, 0.25])
+        itk_io.write_transform(shift, f"{folder}/affine.tfm")
+        read, affine = itk_io.read_transform(f"{folder}/transform.h5"), itk_io.read_transform(f"{folder}/affine.tfm")
+        points = [fixed.TransformIndexToPhysicalPoint([i, j, k]) for i, j, k in [(1, 2, 3), (5, 7, 4), (9, 0, 11)]]
+        return {
+            "at": np.array(points),
+            "points": np.array([read.TransformPoint(p) for p in points]),
+            "jacobian": itk.array_from_image(result.jacobian_determinant()),
+            "field": itk.array_from_image(itk_io.transform_to_displacement_field(read, fixed)),
+            "affine": np.array(affine.GetParameters()),  # a view of the transform's own array: keep it alive
+        }
+
+    if __name__ == "__main__":
+        np.savez(f"{sys.argv[1]}/outputs.npz", **outputs(sys.argv[1]))
+        print(" ".join(sorted(name for name in sys.modules if name.startswith("itk.ITK") and name.endswith("Python"))))
+""")
+
+
+@pytest.fixture(scope="module")
+def fresh_process(tmp_path_factory):
+    """The outputs computed in a fresh process, and the ITK modules it loaded."""
+    folder = tmp_path_factory.mktemp("fresh")
+    (folder / "outputs_script.py").write_text(OUTPUTS)
+    run = subprocess.run([sys.executable, str(folder / "outputs_script.py"), str(folder)], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    return dict(np.load(folder / "outputs.npz")), run.stdout.split(), folder
+
+
+def test_a_results_outputs_load_no_module_they_do_not_use(fresh_process):
+    _, modules, _ = fresh_process
+    assert "itk.ITKTransformPython" in modules, "the check sees no ITK module at all"
+    for unused in ("ITKSmoothing", "ITKImageIntensity", "ITKConvolution", "ITKThresholding", "ITKFFT"):
+        assert f"itk.{unused}Python" not in modules
+
+
+def test_the_lazy_loaders_way_gives_the_same_outputs(fresh_process, tmp_path, monkeypatch):
+    from mgr_engine import itk_io
+
+    fresh, _, folder = fresh_process
+    monkeypatch.setattr(itk_io, "wrapped_class", lambda module, name: None)
+    namespace = {}
+    exec(compile(OUTPUTS, str(folder / "outputs_script.py"), "exec"), namespace)
+    lazy = namespace["outputs"](str(tmp_path))
+    for name, value in lazy.items():
+        np.testing.assert_array_equal(value, fresh[name], err_msg=name)
+    assert np.std(fresh["jacobian"]) > 0.01 and np.abs(fresh["field"]).max() > 0.1  # not the identity
+    # the file the fresh process wrote, read by itk.transformread
+    written = itk.transformread(str(folder / "transform.h5"))[0]
+    np.testing.assert_array_equal(np.array([written.TransformPoint(p) for p in fresh["at"]]), fresh["points"])
