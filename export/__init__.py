@@ -73,7 +73,7 @@ def export_onnx(path, model: str = "multigradicon", weights=None, kind: str = "f
         state = weights
     else:
         state = load_checkpoint(resolve_weights(model, weights))
-    network = GradICONNetwork(config or MODELS[model])
+    network = GradICONNetwork(config or MODELS[model], initialize=False)
     load_official_state_dict(network, state)  # CheckpointError naming the offending keys
     network.eval()
 

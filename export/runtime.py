@@ -164,7 +164,7 @@ def stage_network(config: NetworkConfig, sessions) -> GradICONNetwork:
     if len(sessions) != 4:
         raise OnnxError(f"the stage pipeline needs 4 stage graphs (psi1..psi4), got {len(sessions)}")
     full, half, quarter = config.level_shapes()
-    network = GradICONNetwork(config)
+    network = GradICONNetwork(config, initialize=False)
     network.unets = nn.ModuleList(
         OnnxUNet(s, shape, f"stage graph psi{i + 1}") for i, (s, shape) in enumerate(zip(sessions, (quarter, half, full, full))))
     return network.eval()

@@ -204,7 +204,7 @@ class Engine:
                 self.preprocessing = json.loads(metadata.get("preprocessing", "{}"))
             else:
                 state = load_checkpoint(path)
-        self.network = GradICONNetwork(self.config)
+        self.network = GradICONNetwork(self.config, initialize=False)
         load_official_state_dict(self.network, state)
         # Channels-last: the 3-D convolutions of IO's forward and backward run faster (CPU: 1.12x per IO step).
         self.network.eval().to(self.device, memory_format=torch.channels_last_3d).requires_grad_(False)
@@ -226,7 +226,7 @@ class Engine:
 
     def _inference_copy(self) -> GradICONNetwork:
         """BatchNorm folded, channels-last (about 1.4x faster 3-D convolutions on the CPU)."""
-        net = GradICONNetwork(self.config)
+        net = GradICONNetwork(self.config, initialize=False)
         net.unets = nn.ModuleList(fold_batchnorm(unet) for unet in self.network.unets)
         return net.eval().to(self.device, memory_format=torch.channels_last_3d)
 
