@@ -183,14 +183,13 @@ def wrapped_class(module: str, name: str):
 
 def jacobian_determinant_filter(field):
     """ITK's ``DisplacementFieldJacobianDeterminantFilter`` of an ``Image[Vector[F, 3], 3]``
-    displacement field: an ``Image[F, 3]`` (what ``itk.displacement_field_jacobian_determinant_filter``
-    returns, without loading ITKDisplacementField's dependencies; see :func:`wrapped_class`)."""
+    displacement field: an ``Image[F, 3]``, as ``itk.displacement_field_jacobian_determinant_filter``
+    returns it (without loading ITKDisplacementField's dependencies; see :func:`wrapped_class`)."""
     import itk
 
-    jacobian = wrapped_class("itkDisplacementFieldJacobianDeterminantFilter",
-                             "itkDisplacementFieldJacobianDeterminantFilterIVF33F")
-    if jacobian is None:
-        return itk.displacement_field_jacobian_determinant_filter(field)
+    jacobian = (wrapped_class("itkDisplacementFieldJacobianDeterminantFilter",
+                              "itkDisplacementFieldJacobianDeterminantFilterIVF33F")
+                or itk.DisplacementFieldJacobianDeterminantFilter[itk.Image[itk.Vector[itk.F, 3], 3], itk.F])
     f = jacobian.New(field)
     f.Update()
     return f.GetOutput()
@@ -198,14 +197,14 @@ def jacobian_determinant_filter(field):
 
 def transform_to_displacement_field(transform, reference):
     """``transform``'s displacement at every voxel of ``reference``'s grid: ITK's
-    ``TransformToDisplacementFieldFilter``, an ``Image[Vector[F, 3], 3]`` (what
-    ``itk.transform_to_displacement_field_filter`` returns, without loading ITKDisplacementField's
-    dependencies; see :func:`wrapped_class`)."""
+    ``TransformToDisplacementFieldFilter``, an ``Image[Vector[F, 3], 3]``, as
+    ``itk.transform_to_displacement_field_filter`` returns it (without loading ITKDisplacementField's
+    dependencies, see :func:`wrapped_class`; and on ITK 5.3 too, where that function refuses its
+    own output type)."""
     import itk
 
-    rasterize = wrapped_class("itkTransformToDisplacementFieldFilter", "itkTransformToDisplacementFieldFilterIVF33D")
-    if rasterize is None:
-        return itk.transform_to_displacement_field_filter(transform, reference_image=reference, use_reference_image=True)
+    rasterize = (wrapped_class("itkTransformToDisplacementFieldFilter", "itkTransformToDisplacementFieldFilterIVF33D")
+                 or itk.TransformToDisplacementFieldFilter[itk.Image[itk.Vector[itk.F, 3], 3], itk.D])
     decorated = itk.DataObjectDecorator[itk.Transform[itk.D, 3, 3]].New()
     decorated.Set(transform)
     f = rasterize.New(decorated, reference_image=reference, use_reference_image=True)
