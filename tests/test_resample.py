@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import oblique_image, require_cpp_extension, smooth_volume
+from helpers import oblique_image, require_cpp_extension, rotation, smooth_volume
 from mgr_engine import ops, resample
 from mgr_engine.engine import RegistrationResult
 from mgr_engine.kernels import resample_cpu
@@ -102,8 +102,9 @@ def test_resampling_on_the_gpu_matches_the_cpu():
     gpu = resample.displacement_field(phi.cuda(), fixed_to_network, fixed_shape, network_to_index, np.eye(3, 4))
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-6, atol=1e-5)
     spacing = (1.2, 1.0, 0.9)
-    torch.testing.assert_close(resample.jacobian_determinant(gpu, spacing).cpu(),
-                               resample.jacobian_determinant(cpu, spacing), rtol=1e-5, atol=1e-5)
+    for direction in (None, rotation(0.3, -0.2, 0.5)):  # along index axes, and physical
+        torch.testing.assert_close(resample.jacobian_determinant(gpu, spacing, direction).cpu(),
+                                   resample.jacobian_determinant(cpu, spacing, direction), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- against ITK
