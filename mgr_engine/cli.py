@@ -294,20 +294,13 @@ def run_warp(args) -> None:
 def run_jacobian(args) -> None:
     import itk
     import numpy as np
-    import torch
 
-    from . import itk_io, resample
+    from . import itk_io
 
     transform = itk_io.read_transform(args.transform)
     fixed = itk_io.load_image(args.fixed, "fixed")
-    field = itk_io.transform_to_displacement_field(transform, fixed)
-    if args.physical_jacobian:
-        grid = itk_io.ImageGrid.of(fixed)
-        determinant = resample.jacobian_determinant(torch.from_numpy(itk.array_view_from_image(field)), grid.spacing,
-                                                    grid.direction)
-        jacobian = itk_io.image_like(determinant.numpy(), fixed)
-    else:
-        jacobian = itk_io.jacobian_determinant_filter(field)
+    jacobian = itk_io.jacobian_determinant(itk_io.transform_to_displacement_field(transform, fixed),
+                                           args.physical_jacobian)
     outputs = [(args.jacob, jacobian)]
     if args.log_jacob:
         # ITK's LogImageFilter takes std::log in double (NaN below 0); it would load ITKImageIntensity (4 s)

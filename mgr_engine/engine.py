@@ -660,15 +660,7 @@ class RegistrationResult:
         ``physical=True``: derivatives along the physical axes (the fixed image's direction
         applied), the determinant of the transform's Jacobian, i.e. the local volume change. It
         differs from the default only on oblique images, where the default is not that."""
-        import itk
-
-        if self.device.type == "cpu" and not physical:
-            return itk_io.jacobian_determinant_filter(self.displacement_field())
-        field = itk.array_view_from_image(self.displacement_field())  # (Z, Y, X, 3), the cached image's buffer
-        grid = itk_io.ImageGrid.of(self.fixed)
-        determinant = resample.jacobian_determinant(torch.from_numpy(field).to(self.device), grid.spacing,
-                                                    grid.direction if physical else None)
-        return itk_io.image_like(determinant.cpu().numpy(), self.fixed)
+        return itk_io.jacobian_determinant(self.displacement_field(), physical, self.device)
 
     def save(self, transform_path) -> None:
         """Write :attr:`transform` (``.h5`` or ``.tfm``, readable by ``itk.transformread``) atomically."""

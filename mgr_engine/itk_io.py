@@ -181,18 +181,31 @@ def wrapped_class(module: str, name: str):
         return None
 
 
-def jacobian_determinant_filter(field):
-    """ITK's ``DisplacementFieldJacobianDeterminantFilter`` of an ``Image[Vector[F, 3], 3]``
-    displacement field: an ``Image[F, 3]``, as ``itk.displacement_field_jacobian_determinant_filter``
-    returns it (without loading ITKDisplacementField's dependencies; see :func:`wrapped_class`)."""
-    import itk
+def jacobian_determinant(field, physical: bool = False, device="cpu"):
+    """The Jacobian determinant of an ``Image[Vector[F, 3], 3]`` displacement field (mm), an
+    ``Image[F, 3]`` on its grid.
 
-    jacobian = (wrapped_class("itkDisplacementFieldJacobianDeterminantFilter",
-                              "itkDisplacementFieldJacobianDeterminantFilterIVF33F")
-                or itk.DisplacementFieldJacobianDeterminantFilter[itk.Image[itk.Vector[itk.F, 3], 3], itk.F])
-    f = jacobian.New(field)
-    f.Update()
-    return f.GetOutput()
+    Default: ITK's ``DisplacementFieldJacobianDeterminantFilter`` (as ``unigradicon-jacobian``:
+    derivatives along the index axes, the direction not applied), without loading
+    ITKDisplacementField's dependencies (see :func:`wrapped_class`); on a GPU ``device`` the same
+    arithmetic as tensors there. ``physical=True``: derivatives along the physical axes (the
+    direction applied), in tensors on ``device`` (:func:`mgr_engine.resample.jacobian_determinant`)."""
+    import itk
+    import torch
+
+    from .resample import jacobian_determinant as tensor_jacobian_determinant
+
+    if torch.device(device).type == "cpu" and not physical:
+        jacobian = (wrapped_class("itkDisplacementFieldJacobianDeterminantFilter",
+                                  "itkDisplacementFieldJacobianDeterminantFilterIVF33F")
+                    or itk.DisplacementFieldJacobianDeterminantFilter[itk.Image[itk.Vector[itk.F, 3], 3], itk.F])
+        f = jacobian.New(field)
+        f.Update()
+        return f.GetOutput()
+    grid = ImageGrid.of(field)
+    determinant = tensor_jacobian_determinant(torch.from_numpy(itk.array_view_from_image(field)).to(device),
+                                              grid.spacing, grid.direction if physical else None)
+    return image_like(determinant.cpu().numpy(), field)
 
 
 def transform_to_displacement_field(transform, reference):
