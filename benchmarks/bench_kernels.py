@@ -54,6 +54,14 @@ def timed(fn, device, repeats):
     return statistics.median(times)
 
 
+def print_and_append(table: str, results) -> None:
+    """Print a benchmark's Markdown table and, given ``--results``, append it to that file."""
+    print(table)
+    if results:
+        with open(results, "a") as f:
+            f.write("\n" + table)
+
+
 def peak_memory(fn, device):
     if device != "cuda":
         return float("nan")
@@ -171,11 +179,7 @@ def run(args):
                   f"{ref['MiB'] / ours['triton MiB']:.1f}x |"]
     if args.blocks:
         lines += ["", *block_sweep(shape, device, repeats, args.blocks)]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.results:
-        with open(args.results, "a") as f:
-            f.write("\n" + table)
+    print_and_append("\n".join(lines) + "\n", args.results)
 
 
 def block_sweep(shape, device, repeats, blocks):

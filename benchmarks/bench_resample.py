@@ -45,7 +45,9 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "benchmarks")]
+
+from bench_kernels import print_and_append  # noqa: E402
 
 
 def measure(fn, device, repeats):
@@ -212,11 +214,7 @@ def main(argv=None):
         "|---|" + "--:|" * (len(header) - 1),
         *rows,
     ]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.results:
-        with open(args.results, "a") as f:
-            f.write("\n" + table)
+    print_and_append("\n".join(lines) + "\n", args.results)
 
 
 if __name__ == "__main__":

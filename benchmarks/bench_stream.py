@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "benchmarks")]
+
+from bench_kernels import print_and_append  # noqa: E402
 
 
 def write_pairs(directory: Path, count: int, image_shape, spacing):
@@ -108,11 +110,7 @@ def main(argv=None):
         peak = f"{peaks[variant]:.2f} GiB" if variant in peaks else "-"
         lines.append(f"| {variant} | {args.pairs / best:.3f} | {best / args.pairs:.2f} | {base / best:.2f}x | {peak} | "
                      f"{', '.join(f'{t:.1f}' for t in measured)} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.results:
-        with open(args.results, "a") as f:
-            f.write("\n" + table)
+    print_and_append("\n".join(lines) + "\n", args.results)
 
 
 if __name__ == "__main__":
