@@ -15,6 +15,7 @@ import functools
 import importlib
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,21 +276,26 @@ def _suffix(path: Path) -> str:
 
 @contextlib.contextmanager
 def atomic_output(path):
-    """Yield a temporary path beside ``path`` (same extension, so ITK picks the same writer);
-    on success it replaces ``path`` in one step, on any error or Ctrl-C it is deleted."""
+    """Yield a path with ``path``'s file name in a new hidden folder beside it; on success what
+    was written there replaces its namesakes beside ``path``, on any error or Ctrl-C it is deleted.
+
+    A folder, not a temporary name: formats with a detached header (.mhd, .nhdr, .hdr) also write
+    a data file named after the header, and the header refers to it by that name. The data file
+    is moved first, the header last. The writer creates the files itself, so they get the mode
+    the umask gives (``mkstemp``'s would be 0600, unreadable by the user's group)."""
     path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
+    directory = path.parent
     if not directory.is_dir():
         raise OutputWriteError(f"output directory {str(directory)!r} does not exist; create it first.")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial" + _suffix(path), dir=directory)
-    os.close(fd)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=directory))
     try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        yield str(staging / path.name)
+        if not (staging / path.name).is_file():
+            raise OutputWriteError(f"nothing was written to {str(path)!r}; check the file extension.")
+        for written in sorted(staging.iterdir(), key=lambda f: f.name == path.name):  # the header last
+            os.replace(written, directory / written.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_image(image, path) -> None:
