@@ -278,15 +278,13 @@ def run_export(args) -> None:
 
 
 def run_warp(args) -> None:
-    import itk
-
     from . import itk_io
 
     if args.linear == args.nearest_neighbor:
         raise InvalidOptionError("specify exactly one of --linear or --nearest_neighbor")
     fixed = itk_io.load_image(args.fixed, "fixed")
     moving = itk_io.load_image(args.moving, "moving")
-    transform = itk_io.read_transform(args.transform) if args.transform else itk.IdentityTransform[itk.D, 3].New()
+    transform = itk_io.read_transform(args.transform) if args.transform else itk_io.identity_transform()
     warped = itk_io.resample(moving, transform, fixed, "linear" if args.linear else "nearest")
     itk_io.write_image(warped, args.warped_moving_out)
 

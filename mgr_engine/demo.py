@@ -153,7 +153,9 @@ def _tissue_dice(a: np.ndarray, b: np.ndarray) -> dict:
 def _read_array(path) -> np.ndarray:
     import itk
 
-    return itk.array_from_image(itk.imread(str(path)))
+    from . import itk_io
+
+    return itk.array_from_image(itk_io.read_image(path))
 
 
 def _isotropic_slice(array: np.ndarray, row_mm: float, col_mm: float, pixel_mm: float) -> np.ndarray:
@@ -299,7 +301,7 @@ def main(argv=None) -> int:
     moving = itk_io.load_image(data["moving"], "moving image")
     fixed_labels = itk_io.load_image(data["fixed_labels"], "fixed labels")
     moving_labels = itk_io.load_image(data["moving_labels"], "moving labels")
-    identity = itk.IdentityTransform[itk.D, 3].New()
+    identity = itk_io.identity_transform()
     transform = itk_io.read_transform(outputs["transform"])
     fixed_label_array = itk.array_from_image(fixed_labels)
     dice_before = _tissue_dice(fixed_label_array, itk.array_from_image(

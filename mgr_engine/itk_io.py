@@ -15,6 +15,7 @@ import functools
 import importlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ def load_image(image, name: str = "input"):
         if path.stat().st_size == 0:
             raise ImageReadError(f"{name} image {str(path)!r} is empty (0 bytes); re-export or copy it again.")
         try:
-            image = itk.imread(str(path))
+            image = read_image(path)
         except Exception as exc:  # ITK raises RuntimeError/KeyError depending on the format
             raise ImageReadError(
                 f"ITK cannot read the {name} image {str(path)!r} ({exc.__class__.__name__}: "
@@ -141,7 +142,8 @@ def network_to_physical(image, network_shape):
     import itk
 
     affine = network_to_physical_affine(image, network_shape)
-    transform = itk.AffineTransform[itk.D, 3].New()
+    affine_class = wrapped_class("itkAffineTransform", "itkAffineTransformD3") or itk.AffineTransform[itk.D, 3]
+    transform = affine_class.New()
     transform.SetMatrix(itk.matrix_from_array(np.ascontiguousarray(affine[:, :3])))
     transform.SetTranslation([float(v) for v in affine[:, 3]])
     return transform
@@ -219,7 +221,9 @@ def transform_to_displacement_field(transform, reference):
 
     rasterize = (wrapped_class("itkTransformToDisplacementFieldFilter", "itkTransformToDisplacementFieldFilterIVF33D")
                  or itk.TransformToDisplacementFieldFilter[itk.Image[itk.Vector[itk.F, 3], 3], itk.D])
-    decorated = itk.DataObjectDecorator[itk.Transform[itk.D, 3, 3]].New()
+    decorator = (wrapped_class("itkTransformBase", "itkDataObjectDecoratorTD33")
+                 or itk.DataObjectDecorator[itk.Transform[itk.D, 3, 3]])
+    decorated = decorator.New()
     decorated.Set(transform)
     f = rasterize.New(decorated, reference_image=reference, use_reference_image=True)
     f.Update()
@@ -252,6 +256,13 @@ def displacement_transform(phi: np.ndarray):
     return transform
 
 
+def identity_transform():
+    """A new ``itk.IdentityTransform[itk.D, 3]`` (imported alone, see :func:`wrapped_class`)."""
+    import itk
+
+    return (wrapped_class("itkIdentityTransform", "itkIdentityTransformD3") or itk.IdentityTransform[itk.D, 3]).New()
+
+
 def map_to_transform(phi: np.ndarray, source_image, target_image):
     """ITK transform sending ``target_image`` physical points to ``source_image`` physical points.
 
@@ -261,7 +272,8 @@ def map_to_transform(phi: np.ndarray, source_image, target_image):
     import itk
 
     shape = phi.shape[1:]
-    composite = itk.CompositeTransform[itk.D, 3].New()
+    composite_class = wrapped_class("itkCompositeTransform", "itkCompositeTransformD3") or itk.CompositeTransform[itk.D, 3]
+    composite = composite_class.New()
     # ITK applies the last-added transform first.
     composite.AddTransform(network_to_physical(source_image, shape))
     composite.AddTransform(displacement_transform(phi))
@@ -299,11 +311,72 @@ def atomic_output(path):
 
 
 def write_image(image, path) -> None:
-    """Write an ITK image atomically."""
+    """Write an ITK image atomically (see :func:`atomic_output`), as ``itk.imwrite`` does."""
+    with atomic_output(path) as tmp:
+        _write_image_file(image, tmp)
+
+
+# Formats one ITK ImageIO class reads and writes; for these, reading and writing import that
+# class alone (see read_image). Other extensions go through ITK's IO factories.
+_IMAGE_IO_BY_SUFFIX = {".nii": "Nifti", ".nii.gz": "Nifti", ".nrrd": "Nrrd", ".nhdr": "Nrrd", ".mha": "Meta",
+                       ".mhd": "Meta"}
+# ITK's names of the pixel component types (ImageIOBase::GetComponentTypeAsString) as they
+# appear in its wrapped class names (itkImageFileReaderISS3: short).
+_COMPONENT_CODES = {"unsigned_char": "UC", "char": "SC", "unsigned_short": "US", "short": "SS", "unsigned_int": "UI",
+                    "int": "SI", "unsigned_long": "UL", "long": "SL", "unsigned_long_long": "ULL", "long_long": "SLL",
+                    "float": "F", "double": "D"}
+
+
+def _image_io(path):
+    """A new ITK ImageIO of the one class for ``path``'s extension, or None."""
+    name = _IMAGE_IO_BY_SUFFIX.get(_suffix(Path(path)).lower())
+    io_class = name and wrapped_class(f"itk{name}ImageIO", f"itk{name}ImageIO")
+    return io_class.New() if io_class else None
+
+
+def read_image(path):
+    """``itk.imread(path)``: the image as stored, pixel type included.
+
+    Why not ``itk.imread`` itself: its first call loads every ImageIO module ITK has (DICOM, TIFF,
+    JPEG 2000, MINC, HDF5, ...) and what they depend on, ITKTransform among them: a first read
+    took 2.1 s against 0.6 s this way (2-core AMD EPYC). A 3-D scalar NIfTI, NRRD or MetaImage
+    file is read by its own ImageIO class, imported alone (see :func:`wrapped_class`); any other
+    file by ``itk.imread``."""
     import itk
 
-    with atomic_output(path) as tmp:
-        itk.imwrite(image, tmp)
+    path = str(path)
+    io = _image_io(path)
+    if io is not None and io.CanReadFile(path):
+        io.SetFileName(path)
+        io.ReadImageInformation()
+        component = _COMPONENT_CODES.get(io.GetComponentTypeAsString(io.GetComponentType()))
+        if io.GetNumberOfDimensions() == 3 and io.GetPixelTypeAsString(io.GetPixelType()) == "scalar" and component:
+            reader = wrapped_class("itkImageFileReader", f"itkImageFileReaderI{component}3")
+            if reader is not None:
+                r = reader.New()
+                r.SetImageIO(io)
+                r.SetFileName(path)
+                r.Update()
+                return r.GetOutput()
+    return itk.imread(path)
+
+
+def _write_image_file(image, path) -> None:
+    """``itk.imwrite(image, path)`` (no compression unless the format implies it); to NIfTI, NRRD
+    or MetaImage through that format's ImageIO alone (see :func:`read_image`)."""
+    import itk
+
+    io, code = _image_io(path), _image_type_code(image)
+    writer = wrapped_class("itkImageFileWriter", f"itkImageFileWriter{code}") if io and code else None
+    if writer is None:
+        itk.imwrite(image, path)
+        return
+    w = writer.New()
+    w.SetImageIO(io)
+    w.SetInput(image)
+    w.SetFileName(str(path))
+    w.SetUseCompression(False)
+    w.Update()
 
 
 def write_transform(transform, path) -> None:
@@ -342,10 +415,27 @@ def read_transform(path):
         listed, transforms = r.GetModifiableTransformList(), []
         while not listed.empty():
             transforms.append(listed.pop())
-        return itk.down_cast(transforms[-1])  # popped from the back: the file's first
+        return down_cast(transforms[-1])  # popped from the back: the file's first
     except Exception as exc:
         raise ImageReadError(f"cannot read transform {str(path)!r} ({exc.__class__.__name__}); "
                              "pass an ITK .h5/.tfm/.mat file.") from exc
+
+
+def down_cast(obj):
+    """``itk.down_cast(obj)``: ``obj`` as its most derived wrapped class, looked up in that class's
+    own wrapper module (see :func:`wrapped_class`): ``itk.down_cast`` looks it up through the lazy
+    loader, which loads ITKTransform whole for a transform read from a file (1.2 s)."""
+    import itk
+
+    class_name = obj.GetNameOfClass()
+    with contextlib.suppress(ImportError):
+        module = importlib.import_module(f"itk.itk{class_name}Python")
+        # its instantiations: itkCompositeTransformD3, ...; cast() raises on all but obj's own
+        for name in dir(module):
+            if re.fullmatch(f"itk{class_name}[A-Z]+[0-9]*", name) and hasattr(getattr(module, name), "cast"):
+                with contextlib.suppress(RuntimeError):
+                    return getattr(module, name).cast(obj)
+    return itk.down_cast(obj)
 
 
 def _transform_file_class(kind: str):
@@ -369,21 +459,45 @@ def _transform_ios_registered() -> bool:
 
 def resample(image, transform, reference, interpolation: str = "linear"):
     """``image`` resampled onto ``reference``'s grid through ``transform`` (reference point ->
-    image point), outside the image 0; the pixel type is kept."""
+    image point), outside the image 0; the pixel type is kept. ITK's ResampleImageFilter with
+    its linear or nearest-neighbour interpolator, imported alone (see :func:`wrapped_class`:
+    through the lazy loader, ITKImageFunction and ITKImageGrid cost 1.9 s of a one-shot
+    ``mgr-engine warp``)."""
     import itk
 
     from .resample import check_interpolation
 
     check_interpolation(interpolation)
+    interpolator_name = {"linear": "LinearInterpolateImageFunction", "nearest": "NearestNeighborInterpolateImageFunction"}
+    code = _image_type_code(image)
+    interpolator = code and wrapped_class(f"itk{interpolator_name[interpolation]}",
+                                          f"itk{interpolator_name[interpolation]}{code}D")
+    resampler = code and wrapped_class("itkResampleImageFilter", f"itkResampleImageFilter{code}{code}")
+    if interpolator and resampler:
+        f = resampler.New()
+        f.SetInput(image)
+        f.SetTransform(transform)
+        f.SetInterpolator(interpolator.New())
+        f.SetUseReferenceImage(True)
+        f.SetReferenceImage(reference)
+        f.Update()
+        return f.GetOutput()
+    # ITK's Python wrapping instantiates interpolators for some pixel types only: through double
     interpolators = {"linear": itk.LinearInterpolateImageFunction, "nearest": itk.NearestNeighborInterpolateImageFunction}
     original_type = type(image)
-    try:  # ITK's Python wrapping instantiates interpolators for some pixel types only
+    try:
         interpolators[interpolation][original_type, itk.D]
         cast_back = None
     except (KeyError, TypeError):
         image = itk.CastImageFilter[original_type, itk.Image[itk.D, 3]].New()(image)
         cast_back = itk.CastImageFilter[itk.Image[itk.D, 3], original_type].New()
-    interpolator = interpolators[interpolation].New(image)
-    warped = itk.resample_image_filter(
-        image, transform=transform, interpolator=interpolator, use_reference_image=True, reference_image=reference)
+    warped = itk.resample_image_filter(image, transform=transform, interpolator=interpolators[interpolation].New(image),
+                                       use_reference_image=True, reference_image=reference)
     return warped if cast_back is None else cast_back(warped)
+
+
+def _image_type_code(image):
+    """The code of an ``itk.Image``'s type in ITK's wrapped class names (``itkImageSS3``:
+    ``"ISS3"``), or None for another type."""
+    name = type(image).__name__
+    return "I" + name[len("itkImage"):] if name.startswith("itkImage") else None

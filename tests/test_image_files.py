@@ -1,5 +1,6 @@
-"""Image and transform files (mgr_engine.itk_io): outputs are written atomically, detached
-headers included, with the mode the umask gives."""
+"""Image and transform files (mgr_engine.itk_io): reading and writing NIfTI, NRRD and MetaImage
+through their own ImageIO class gives what itk.imread/itk.imwrite give; outputs are written
+atomically, detached headers included, with the mode the umask gives."""
 
 import os
 
@@ -12,7 +13,9 @@ from mgr_engine.errors import OutputWriteError
 
 itk = pytest.importorskip("itk")
 
+SINGLE_FILE = [".nii", ".nii.gz", ".nrrd", ".mha"]
 DETACHED_HEADER = [".mhd", ".nhdr"]  # the voxels go to a .raw file beside the header
+DTYPES = [np.uint8, np.int16, np.uint16, np.float32, np.float64]
 
 
 def image_of(dtype):
@@ -20,6 +23,68 @@ def image_of(dtype):
     info = np.iinfo(dtype) if np.issubdtype(dtype, np.integer) else None
     array = np.clip(volume, info.min, info.max) if info else volume
     return oblique_image(array.astype(dtype), (1.2, 0.9, 2.5), (-10.0, 4.5, 7.25), (0.1, -0.2, 0.3))
+
+
+def not_called(*args, **kwargs):
+    raise AssertionError("ITK's own reader or writer was called")
+
+
+def assert_same_image(a, b):
+    assert type(a) is type(b)
+    np.testing.assert_array_equal(itk.array_view_from_image(a), itk.array_view_from_image(b))
+    np.testing.assert_array_equal(np.asarray(a.GetSpacing()), np.asarray(b.GetSpacing()))
+    np.testing.assert_array_equal(np.asarray(a.GetOrigin()), np.asarray(b.GetOrigin()))
+    np.testing.assert_array_equal(itk.array_from_matrix(a.GetDirection()), itk.array_from_matrix(b.GetDirection()))
+
+
+@pytest.mark.parametrize("suffix", SINGLE_FILE + DETACHED_HEADER)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: t.__name__)
+def test_read_image_gives_what_imread_gives(tmp_path, suffix, dtype, monkeypatch):
+    path = tmp_path / f"image{suffix}"
+    itk.imwrite(image_of(dtype), str(path))
+    expected = itk.imread(str(path))
+    with monkeypatch.context() as patch:
+        patch.setattr(itk, "imread", not_called)  # read by the format's own ImageIO
+        read = itk_io.read_image(path)
+    assert_same_image(read, expected)
+    assert np.std(itk.array_view_from_image(read)) > 1  # not a blank image
+
+
+@pytest.mark.parametrize("suffix", SINGLE_FILE)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: t.__name__)
+def test_write_image_writes_what_imwrite_writes(tmp_path, suffix, dtype, monkeypatch):
+    image = image_of(dtype)
+    ours, theirs = tmp_path / f"ours{suffix}", tmp_path / f"theirs{suffix}"
+    itk.imwrite(image, str(theirs))
+    with monkeypatch.context() as patch:
+        patch.setattr(itk, "imwrite", not_called)  # written by the format's own ImageIO
+        itk_io.write_image(image, ours)
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_a_displacement_field_is_written_as_imwrite_writes_it(tmp_path, monkeypatch):
+    field = itk_io.image_like(np.random.default_rng(0).standard_normal((5, 6, 7, 3)).astype(np.float32),
+                              image_of(np.float32), is_vector=True)
+    for suffix in (".nii.gz", ".nrrd", ".mha"):
+        itk.imwrite(field, str(tmp_path / f"theirs{suffix}"))
+        with monkeypatch.context() as patch:
+            patch.setattr(itk, "imwrite", not_called)
+            itk_io.write_image(field, tmp_path / f"field{suffix}")
+        assert (tmp_path / f"field{suffix}").read_bytes() == (tmp_path / f"theirs{suffix}").read_bytes()
+
+
+def test_other_formats_go_through_itk(tmp_path):
+    """A format without its own entry (here VTK) is read and written by ITK's IO factories."""
+    image = image_of(np.int16)
+    itk_io.write_image(image, tmp_path / "image.vtk")
+    assert_same_image(itk_io.read_image(tmp_path / "image.vtk"), itk.imread(str(tmp_path / "image.vtk")))
+
+
+def test_a_2d_file_is_read_as_itk_reads_it(tmp_path):
+    """Anything but a 3-D scalar file is left to itk.imread (load_image then refuses it)."""
+    path = tmp_path / "slice.nii.gz"
+    itk.imwrite(itk.image_from_array(np.arange(12, dtype=np.float32).reshape(3, 4)), str(path))
+    assert itk_io.read_image(path).GetImageDimension() == 2
 
 
 # ------------------------------------------------------------------ atomic output
@@ -40,7 +105,7 @@ def test_outputs_get_the_mode_the_umask_gives(tmp_path):
     try:
         itk_io.write_image(image_of(np.float32), tmp_path / "image.nii.gz")
         itk_io.write_image(image_of(np.float32), tmp_path / "image.mhd")
-        itk_io.write_transform(itk.IdentityTransform[itk.D, 3].New(), tmp_path / "transform.h5")
+        itk_io.write_transform(itk_io.identity_transform(), tmp_path / "transform.h5")
     finally:
         os.umask(umask)
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}

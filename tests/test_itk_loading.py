@@ -1,9 +1,12 @@
-"""A result's ITK outputs load only the ITK modules they use (mgr_engine.itk_io.wrapped_class).
+"""Image files and a result's ITK outputs load only the ITK modules they use
+(mgr_engine.itk_io.wrapped_class).
 
 ITK's lazy loader would load ITKDisplacementField and ITKIOTransformBase with their declared
-dependencies (ITKSmoothing, ITKImageIntensity, ...: 8 s); the engine imports the classes it uses
-on their own. Checked in a fresh process (in this one other tests load everything), and against
-the lazy loader's way, which is also the fallback."""
+dependencies (ITKSmoothing, ITKImageIntensity, ...: 8 s), every ImageIO module for a file
+(DICOM, TIFF, ...), ITKTransform for an affine transform, ITKImageFunction and ITKImageGrid for a
+resampling; the engine imports the classes it uses on their own. Checked in a fresh process (in
+this one other tests load everything), and against the lazy loader's way, which is also the
+fallback."""
 
 import subprocess
 import sys
@@ -32,14 +35,15 @@ OUTPUTS = textwrap.dedent("""
 
     def outputs(folder):
         rng = np.random.default_rng(0)
-        fixed, moving = oblique(rng.random((12, 14, 10)), 0.2), oblique(rng.random((11, 13, 12)), -0.1)
+        moving_array = rng.random((11, 13, 12))
+        fixed, moving = oblique(rng.random((12, 14, 10)), 0.2), oblique(moving_array, -0.1)
         grid = np.stack(np.meshgrid(*[np.linspace(0, 1, n) for n in (9, 10, 8)], indexing="ij"))
         phi = torch.from_numpy((grid + 0.03 * rng.standard_normal(grid.shape)).astype(np.float32))[None]
+        itk_io.write_image(itk_io.image_like((200 * moving_array).astype(np.int16), moving), f"{folder}/moving.nii.gz")
+        moving = itk_io.load_image(f"{folder}/moving.nii.gz")
         result = RegistrationResult(fixed=fixed, moving=moving, phi_ab=phi)
         itk_io.write_transform(result.transform, f"{folder}/transform.h5")
-        shift = itk.AffineTransform[itk.D, 3].New()
-        shift.Translate([1.5, -2.0, 0.25])
-        itk_io.write_transform(shift, f"{folder}/affine.tfm")
+        itk_io.write_transform(itk_io.network_to_physical(fixed, (4, 5, 6)), f"{folder}/affine.tfm")
         read, affine = itk_io.read_transform(f"{folder}/transform.h5"), itk_io.read_transform(f"{folder}/affine.tfm")
         points = [fixed.TransformIndexToPhysicalPoint([i, j, k]) for i, j, k in [(1, 2, 3), (5, 7, 4), (9, 0, 11)]]
         return {
@@ -48,6 +52,9 @@ OUTPUTS = textwrap.dedent("""
             "jacobian": itk.array_from_image(result.jacobian_determinant()),
             "field": itk.array_from_image(itk_io.transform_to_displacement_field(read, fixed)),
             "affine": np.array(affine.GetParameters()),  # a view of the transform's own array: keep it alive
+            "moving": itk.array_from_image(moving),
+            "warped": itk.array_from_image(itk_io.resample(moving, read, fixed)),
+            "unmoved": itk.array_from_image(itk_io.resample(moving, itk_io.identity_transform(), fixed, "nearest")),
         }
 
     if __name__ == "__main__":
@@ -69,8 +76,10 @@ def fresh_process(tmp_path_factory):
 
 def test_a_results_outputs_load_no_module_they_do_not_use(fresh_process):
     _, modules, _ = fresh_process
-    assert "itk.ITKTransformPython" in modules, "the check sees no ITK module at all"
-    for unused in ("ITKSmoothing", "ITKImageIntensity", "ITKConvolution", "ITKThresholding", "ITKFFT"):
+    assert "itk.ITKCommonPython" in modules, "the check sees no ITK module at all"
+    for unused in ("ITKSmoothing", "ITKImageIntensity", "ITKConvolution", "ITKThresholding", "ITKFFT",
+                   "ITKIOGDCM", "ITKIOTIFF", "ITKIOJPEG2000", "ITKIOMINC", "ITKTransform", "ITKImageFunction",
+                   "ITKImageGrid"):
         assert f"itk.{unused}Python" not in modules
 
 
@@ -79,12 +88,14 @@ def test_the_lazy_loaders_way_gives_the_same_outputs(fresh_process, tmp_path, mo
 
     fresh, _, folder = fresh_process
     monkeypatch.setattr(itk_io, "wrapped_class", lambda module, name: None)
+    monkeypatch.setattr(itk_io, "down_cast", itk.down_cast)
     namespace = {}
     exec(compile(OUTPUTS, str(folder / "outputs_script.py"), "exec"), namespace)
     lazy = namespace["outputs"](str(tmp_path))
     for name, value in lazy.items():
         np.testing.assert_array_equal(value, fresh[name], err_msg=name)
     assert np.std(fresh["jacobian"]) > 0.01 and np.abs(fresh["field"]).max() > 0.1  # not the identity
+    assert fresh["moving"].dtype == np.int16 and np.std(fresh["warped"]) > 10
     # the file the fresh process wrote, read by itk.transformread
     written = itk.transformread(str(folder / "transform.h5"))[0]
     np.testing.assert_array_equal(np.array([written.TransformPoint(p) for p in fresh["at"]]), fresh["points"])
