@@ -339,9 +339,10 @@ def read_image(path):
 
     Why not ``itk.imread`` itself: its first call loads every ImageIO module ITK has (DICOM, TIFF,
     JPEG 2000, MINC, HDF5, ...) and what they depend on, ITKTransform among them: a first read
-    took 2.1 s against 0.6 s this way (2-core AMD EPYC). A 3-D scalar NIfTI, NRRD or MetaImage
-    file is read by its own ImageIO class, imported alone (see :func:`wrapped_class`); any other
-    file by ``itk.imread``."""
+    took 2.1 s against 0.6 s this way (2-core AMD EPYC). A 3-D NIfTI, NRRD or MetaImage file of
+    scalars or vectors (a displacement field) is read by its own ImageIO class, imported alone
+    (see :func:`wrapped_class`), into the image type ``itk.imread`` picks; any other file by
+    ``itk.imread``."""
     import itk
 
     path = str(path)
@@ -350,8 +351,10 @@ def read_image(path):
         io.SetFileName(path)
         io.ReadImageInformation()
         component = _COMPONENT_CODES.get(io.GetComponentTypeAsString(io.GetComponentType()))
-        if io.GetNumberOfDimensions() == 3 and io.GetPixelTypeAsString(io.GetPixelType()) == "scalar" and component:
-            reader = wrapped_class("itkImageFileReader", f"itkImageFileReaderI{component}3")
+        pixel = {"scalar": component, "vector": f"V{component}{io.GetNumberOfComponents()}"}.get(
+            io.GetPixelTypeAsString(io.GetPixelType()))
+        if io.GetNumberOfDimensions() == 3 and component and pixel:
+            reader = wrapped_class("itkImageFileReader", f"itkImageFileReaderI{pixel}3")
             if reader is not None:
                 r = reader.New()
                 r.SetImageIO(io)

@@ -62,15 +62,20 @@ def test_write_image_writes_what_imwrite_writes(tmp_path, suffix, dtype, monkeyp
     assert ours.read_bytes() == theirs.read_bytes()
 
 
-def test_a_displacement_field_is_written_as_imwrite_writes_it(tmp_path, monkeypatch):
+def test_a_displacement_field_is_written_and_read_as_itk_does(tmp_path, monkeypatch):
     field = itk_io.image_like(np.random.default_rng(0).standard_normal((5, 6, 7, 3)).astype(np.float32),
                               image_of(np.float32), is_vector=True)
     for suffix in (".nii.gz", ".nrrd", ".mha"):
         itk.imwrite(field, str(tmp_path / f"theirs{suffix}"))
+        expected = itk.imread(str(tmp_path / f"theirs{suffix}"))
         with monkeypatch.context() as patch:
             patch.setattr(itk, "imwrite", not_called)
+            patch.setattr(itk, "imread", not_called)
             itk_io.write_image(field, tmp_path / f"field{suffix}")
+            read = itk_io.read_image(tmp_path / f"field{suffix}")
         assert (tmp_path / f"field{suffix}").read_bytes() == (tmp_path / f"theirs{suffix}").read_bytes()
+        assert_same_image(read, expected)
+        assert type(read) is itk.Image[itk.Vector[itk.F, 3], 3]
 
 
 def test_other_formats_go_through_itk(tmp_path):
