@@ -361,7 +361,23 @@ def read_image(path):
                 r.SetFileName(path)
                 r.Update()
                 return r.GetOutput()
-    return itk.imread(path)
+    with _process_locale_kept():
+        return itk.imread(path)
+
+
+@contextlib.contextmanager
+def _process_locale_kept():
+    """Put the process's locale back after ITK: its VTK image reader leaves it at "C" (ASCII on
+    glibc), and Python's ``open()`` without an encoding then decodes as ASCII (``torch.compile``
+    failed reading its own templates in a process that had read a .vtk image)."""
+    import locale
+
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        if locale.setlocale(locale.LC_ALL) != saved:
+            locale.setlocale(locale.LC_ALL, saved)
 
 
 def _write_image_file(image, path) -> None:
