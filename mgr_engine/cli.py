@@ -219,6 +219,28 @@ def _add_jacobian(sub):
     p.set_defaults(run=run_jacobian)
 
 
+def check_outputs(outputs) -> None:
+    """Refuse, before any work, outputs that could not be written or would overwrite each other:
+    ``outputs`` lists ``(option, path, kind)`` for each output option, ``path`` None when not given,
+    ``kind`` ``"image"`` or ``"transform"``."""
+    from pathlib import Path
+
+    from . import itk_io
+
+    given = [(option, Path(path), kind) for option, path, kind in outputs if path]
+    for option, path, kind in given:
+        try:
+            itk_io.check_output_path(path, kind)
+        except OutputWriteError as exc:
+            raise OutputWriteError(f"{option}: {exc}") from None
+    files = {}
+    for option, path, _ in given:
+        if path.resolve() in files:
+            raise InvalidOptionError(f"{files[path.resolve()]} and {option} name the same file {str(path)!r}; "
+                                     "one output would overwrite the other.")
+        files[path.resolve()] = option
+
+
 def run_register(args) -> None:
     from . import itk_io
     from .engine import Engine
@@ -241,6 +263,10 @@ def run_register(args) -> None:
         config = NetworkConfig(input_shape=tuple(args.network_input_shape))
     if args.backend != "onnxruntime" and (args.onnx_model or args.onnx_providers):
         raise InvalidOptionError("--onnx_model/--onnx_providers need --backend onnxruntime")
+    check_outputs([("--transform_out", args.transform_out, "transform"),
+                   ("--warped_moving_out", args.warped_moving_out, "image"),
+                   ("--displacement_field_out", args.displacement_field_out, "image"),
+                   ("--jacobian_out", args.jacobian_out, "image")])
     engine = Engine(model=args.model, weights=args.network_weights, device=args.device, config=config,
                     backend=args.backend, onnx_model=args.onnx_model, onnx_providers=args.onnx_providers,
                     precision=args.precision, io_checkpointing=args.io_checkpointing, compile=args.compile)
@@ -282,6 +308,7 @@ def run_warp(args) -> None:
 
     if args.linear == args.nearest_neighbor:
         raise InvalidOptionError("specify exactly one of --linear or --nearest_neighbor")
+    check_outputs([("--warped_moving_out", args.warped_moving_out, "image")])
     fixed = itk_io.load_image(args.fixed, "fixed")
     moving = itk_io.load_image(args.moving, "moving")
     transform = itk_io.read_transform(args.transform) if args.transform else itk_io.identity_transform()
@@ -295,6 +322,7 @@ def run_jacobian(args) -> None:
 
     from . import itk_io
 
+    check_outputs([("--jacob", args.jacob, "image"), ("--log_jacob", args.log_jacob, "image")])
     transform = itk_io.read_transform(args.transform)
     fixed = itk_io.load_image(args.fixed, "fixed")
     jacobian = itk_io.jacobian_determinant(itk_io.transform_to_displacement_field(transform, fixed),

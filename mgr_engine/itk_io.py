@@ -311,9 +311,64 @@ def atomic_output(path):
 
 
 def write_image(image, path) -> None:
-    """Write an ITK image atomically (see :func:`atomic_output`), as ``itk.imwrite`` does."""
-    with atomic_output(path) as tmp:
+    """Write an ITK image atomically (see :func:`atomic_output`), as ``itk.imwrite`` does;
+    :class:`OutputWriteError` when it cannot be written."""
+    with _write_errors_typed(path), atomic_output(path) as tmp:
         _write_image_file(image, tmp)
+
+
+@contextlib.contextmanager
+def _write_errors_typed(path):
+    """ITK's RuntimeError and the file system's OSError while writing ``path``, as
+    :class:`OutputWriteError`."""
+    try:
+        yield
+    except OutputWriteError:
+        raise
+    except (RuntimeError, OSError) as exc:
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        # ITK's message starts with its source file's path and line; the reason follows
+        reason = lines[1] if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else repr(exc))
+        raise OutputWriteError(f"cannot write {str(path)!r}: {reason}") from exc
+
+
+def check_output_path(path, kind: str) -> None:
+    """Raise :class:`OutputWriteError` now, before the work whose result goes to ``path``, where
+    writing it would fail: its folder missing, a folder in its place, or an extension no ITK
+    writer of ``kind`` (``"image"`` or ``"transform"``) takes."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise OutputWriteError(f"output directory {str(path.parent)!r} does not exist; create it first.")
+    if path.is_dir():
+        raise OutputWriteError(f"output {str(path)!r} is a directory; give a file name.")
+    if kind == "image":
+        can_write, formats = _image_writer_exists(path), ".nii.gz, .nii, .nrrd, .mha or another format ITK writes"
+    else:
+        can_write, formats = _transform_writer_exists(path), ".h5, .tfm/.txt or .mat"
+    if can_write is False:
+        raise OutputWriteError(f"ITK has no {kind} writer for {path.name!r}; name the output {formats}.")
+
+
+def _image_writer_exists(path):
+    """Whether an ITK ImageIO writes ``path``'s format; None where it cannot be asked."""
+    import itk
+
+    io = _image_io(path)
+    if io is not None:
+        return bool(io.CanWriteFile(str(path)))
+    try:  # an extension of the other formats: ask ITK's IO factories (this loads them all)
+        return bool(itk.ImageIOFactory.CreateImageIO(str(path), itk.CommonEnums.IOFileMode_WriteMode))
+    except (AttributeError, TypeError, RuntimeError):
+        return None
+
+
+def _transform_writer_exists(path):
+    """Whether one of ITK's transform IOs (HDF5, text, Matlab) writes ``path``; None where they
+    cannot be asked."""
+    ios = [wrapped_class(f"itk{io}TransformIO", f"itk{io}TransformIOTemplateD") for io in ("HDF5", "Txt", "Matlab")]
+    if None in ios:
+        return None
+    return any(io.New().CanWriteFile(str(path)) for io in ios)
 
 
 # Formats one ITK ImageIO class reads and writes; for these, reading and writing import that
@@ -399,8 +454,9 @@ def _write_image_file(image, path) -> None:
 
 
 def write_transform(transform, path) -> None:
-    """Write an ITK transform (.h5, .tfm, .mat) atomically; readable by ``itk.transformread``."""
-    with atomic_output(path) as tmp:
+    """Write an ITK transform (.h5, .tfm, .mat) atomically; readable by ``itk.transformread``;
+    :class:`OutputWriteError` when it cannot be written."""
+    with _write_errors_typed(path), atomic_output(path) as tmp:
         _write_transform_file(transform, tmp)
 
 

@@ -341,6 +341,47 @@ def test_cli_interrupted_write_leaves_nothing(cli_files, capsys, monkeypatch):
     assert files_in(out) == []  # neither transform.h5 nor its .partial temporary
 
 
+@pytest.mark.parametrize("outputs, message", [
+    (["--transform_out", "{out}/t.xyz"], r"--transform_out: ITK has no transform writer for 't.xyz'; name the output .h5"),
+    (["--transform_out", "{out}/t.nii.gz"], r"--transform_out: ITK has no transform writer for 't.nii.gz'"),
+    (["--transform_out", "{out}/missing/t.h5"], r"--transform_out: output directory .*missing' does not exist"),
+    (["--warped_moving_out", "{out}"], r"--warped_moving_out: output .* is a directory; give a file name"),
+    (["--warped_moving_out", "{out}/w.foo"], r"--warped_moving_out: ITK has no image writer for 'w.foo'"),
+    (["--displacement_field_out", "{out}/d.tfm"], r"--displacement_field_out: ITK has no image writer for 'd.tfm'"),
+    (["--warped_moving_out", "{out}/w.nii.gz", "--jacobian_out", "{out}/./w.nii.gz"],
+     r"--warped_moving_out and --jacobian_out name the same file"),
+], ids=["extension", "image-for-transform", "missing-directory", "directory", "image-extension", "transform-for-image",
+        "same-file"])
+def test_cli_refuses_unwritable_outputs_before_registering(cli_files, capsys, monkeypatch, outputs, message):
+    inputs, out = cli_files
+    monkeypatch.setattr(mgr_engine.engine, "Engine", lambda *a, **k: pytest.fail("the engine was built"))
+    assert cli.main(register_args(inputs, out) + [arg.format(out=out) for arg in outputs]) == 2
+    assert re.search(r"^mgr-engine register: error: " + message, capsys.readouterr().err, re.MULTILINE)
+    assert files_in(out) == []
+
+
+def test_cli_warp_and_jacobian_refuse_unwritable_outputs_before_reading(cli_files, capsys, monkeypatch):
+    inputs, out = cli_files
+    monkeypatch.setattr(itk_io, "load_image", lambda *a, **k: pytest.fail("an image was read"))
+    monkeypatch.setattr(itk_io, "read_transform", lambda *a, **k: pytest.fail("the transform was read"))
+    fixed, moving = str(inputs / "fixed.nii.gz"), str(inputs / "moving.nii.gz")
+    assert cli.main(["warp", "--fixed", fixed, "--moving", moving, "--warped_moving_out", str(out / "w.xyz"),
+                     "--linear"]) == 2
+    assert "--warped_moving_out: ITK has no image writer for 'w.xyz'" in capsys.readouterr().err
+    assert cli.main(["jacobian", "--fixed", fixed, "--transform", str(inputs / "t.h5"),
+                     "--jacob", str(out / "j.nii.gz"), "--log_jacob", str(out / "missing" / "l.nii.gz")]) == 2
+    assert re.search(r"--log_jacob: output directory .*missing' does not exist", capsys.readouterr().err)
+    assert files_in(out) == []
+
+
+def test_an_image_itk_cannot_write_is_an_output_write_error(tmp_path):
+    """Past the extension check (ITK has a PNG writer), ITK's own refusal comes as a typed error
+    with its reason, and nothing is left behind."""
+    with pytest.raises(OutputWriteError, match=r"cannot write '.*image.png': PNG supports unsigned char"):
+        itk_io.write_image(itk_image(volume()), tmp_path / "image.png")
+    assert files_in(tmp_path) == []
+
+
 # ------------------------------------------------------------------ atomic output
 
 
