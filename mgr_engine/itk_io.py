@@ -286,6 +286,13 @@ def _suffix(path: Path) -> str:
     return suffixes
 
 
+def _output_directory(path: Path) -> Path:
+    """The folder ``path`` goes into; :class:`OutputWriteError` where there is none."""
+    if not path.parent.is_dir():
+        raise OutputWriteError(f"output directory {str(path.parent)!r} does not exist; create it first.")
+    return path.parent
+
+
 @contextlib.contextmanager
 def atomic_output(path):
     """Yield a path with ``path``'s file name in a new hidden folder beside it; on success what
@@ -296,9 +303,7 @@ def atomic_output(path):
     is moved first, the header last. The writer creates the files itself, so they get the mode
     the umask gives (``mkstemp``'s would be 0600, unreadable by the user's group)."""
     path = Path(path)
-    directory = path.parent
-    if not directory.is_dir():
-        raise OutputWriteError(f"output directory {str(directory)!r} does not exist; create it first.")
+    directory = _output_directory(path)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=directory))
     try:
         yield str(staging / path.name)
@@ -337,8 +342,7 @@ def check_output_path(path, kind: str) -> None:
     writing it would fail: its folder missing, a folder in its place, or an extension no ITK
     writer of ``kind`` (``"image"`` or ``"transform"``) takes."""
     path = Path(path)
-    if not path.parent.is_dir():
-        raise OutputWriteError(f"output directory {str(path.parent)!r} does not exist; create it first.")
+    _output_directory(path)
     if path.is_dir():
         raise OutputWriteError(f"output {str(path)!r} is a directory; give a file name.")
     if kind == "image":
