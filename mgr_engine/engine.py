@@ -707,8 +707,9 @@ def register(fixed, moving, *, fixed_modality: str = "mri", moving_modality: str
     """Register ``moving`` onto ``fixed`` with multiGradICON (or uniGradICON).
 
     Args:
-        fixed, moving: a path (NIfTI, NRRD, MHA, anything ITK reads), an ``itk.Image``, or a
-            numpy array (axes z, y, x; then 1 mm spacing, zero origin, identity direction).
+        fixed, moving: a path (NIfTI, NRRD, MHA, anything ITK reads, or a folder of one DICOM
+            series), an ``itk.Image``, or a numpy array (axes z, y, x; then 1 mm spacing, zero
+            origin, identity direction).
             Spacing, origin and direction (oblique included) are honoured.
         fixed_modality, moving_modality: ``"mri"`` (clip to [min, 99th percentile]) or ``"ct"``
             (clip to [-1000, 1000] HU), then scale to [0, 1].

@@ -52,6 +52,11 @@ def write_bytes(path, data: bytes):
     return path
 
 
+def mkdir(path):
+    path.mkdir()
+    return path
+
+
 def write_image(path, array):
     itk.imwrite(itk_image(array), str(path))
     return path
@@ -153,6 +158,9 @@ def test_not_3d(engine, tmp_path, make_input):
         pytest.param(lambda tmp: tmp / "missing.nii.gz", r"does not exist; check the path", id="missing"),
         pytest.param(lambda tmp: write_bytes(tmp / "garbage.nii.gz", GARBAGE), r"ITK cannot read.*use NIfTI",
                      id="garbage"),
+        pytest.param(lambda tmp: write_bytes(mkdir(tmp / "folder") / "notes.txt", b"no DICOM here").parent,
+                     r"folder .* holds no DICOM series ITK can read .*give the folder of one DICOM series",
+                     id="folder-without-dicom"),
     ],
 )
 def test_unreadable_file(engine, tmp_path, make_path, advice):

@@ -91,6 +91,23 @@ def test_other_formats_go_through_itk(tmp_path):
         assert_same_image(read, itk.imread(str(tmp_path / "image.vtk")))
 
 
+def test_a_dicom_series_folder_is_read_as_itk_reads_it(tmp_path):
+    """A folder of DICOM files (the reference's itk.imread reads its first series) loads as an
+    image; ITK's locale is put back after GDCM."""
+    array = image_of(np.int16)
+    writer = itk.ImageSeriesWriter[type(array), itk.Image[itk.SS, 2]].New()  # one file per slice
+    writer.SetInput(array)
+    writer.SetFileNames([str(tmp_path / f"slice{i:03d}.dcm") for i in range(7)])
+    writer.SetImageIO(itk.GDCMImageIO.New())
+    writer.Update()
+    encoding = locale.getpreferredencoding(False)
+    loaded = itk_io.load_image(tmp_path, "fixed")
+    assert locale.getpreferredencoding(False) == encoding
+    with itk_io._process_locale_kept():
+        assert_same_image(loaded, itk.imread(str(tmp_path)))
+    np.testing.assert_array_equal(itk.array_view_from_image(loaded), itk.array_view_from_image(array))
+
+
 def test_a_2d_file_is_read_as_itk_reads_it(tmp_path):
     """Anything but a 3-D scalar file is left to itk.imread (load_image then refuses it)."""
     path = tmp_path / "slice.nii.gz"
