@@ -372,10 +372,14 @@ def _image_writer_exists(path):
         return None
 
 
+# The transform file formats ITK's IO module registers: HDF5 (.h5), text (.tfm, .txt), Matlab (.mat).
+_TRANSFORM_IOS = ("HDF5", "Txt", "Matlab")
+
+
 def _transform_writer_exists(path):
     """Whether one of ITK's transform IOs (HDF5, text, Matlab) writes ``path``; None where they
     cannot be asked."""
-    ios = [wrapped_class(f"itk{io}TransformIO", f"itk{io}TransformIOTemplateD") for io in ("HDF5", "Txt", "Matlab")]
+    ios = [wrapped_class(f"itk{io}TransformIO", f"itk{io}TransformIOTemplateD") for io in _TRANSFORM_IOS]
     if None in ios:
         return None
     return any(io.New().CanWriteFile(str(path)) for io in ios)
@@ -534,7 +538,7 @@ def _transform_file_class(kind: str):
 def _transform_ios_registered() -> bool:
     """Register ITK's HDF5, text and Matlab transform IOs, as loading ITKIOTransformBase whole
     does; whether all three were found."""
-    factories = [wrapped_class(f"itk{io}TransformIO", f"itk{io}TransformIOFactory") for io in ("HDF5", "Txt", "Matlab")]
+    factories = [wrapped_class(f"itk{io}TransformIO", f"itk{io}TransformIOFactory") for io in _TRANSFORM_IOS]
     if None in factories:
         return False
     for factory in factories:
@@ -553,10 +557,10 @@ def resample(image, transform, reference, interpolation: str = "linear"):
     from .resample import check_interpolation
 
     check_interpolation(interpolation)
-    interpolator_name = {"linear": "LinearInterpolateImageFunction", "nearest": "NearestNeighborInterpolateImageFunction"}
+    interpolator_name = {"linear": "LinearInterpolateImageFunction",
+                         "nearest": "NearestNeighborInterpolateImageFunction"}[interpolation]
     code = _image_type_code(image)
-    interpolator = code and wrapped_class(f"itk{interpolator_name[interpolation]}",
-                                          f"itk{interpolator_name[interpolation]}{code}D")
+    interpolator = code and wrapped_class(f"itk{interpolator_name}", f"itk{interpolator_name}{code}D")
     resampler = code and wrapped_class("itkResampleImageFilter", f"itkResampleImageFilter{code}{code}")
     if interpolator and resampler:
         f = resampler.New()
@@ -568,15 +572,15 @@ def resample(image, transform, reference, interpolation: str = "linear"):
         f.Update()
         return f.GetOutput()
     # ITK's Python wrapping instantiates interpolators for some pixel types only: through double
-    interpolators = {"linear": itk.LinearInterpolateImageFunction, "nearest": itk.NearestNeighborInterpolateImageFunction}
+    lazy_interpolator = getattr(itk, interpolator_name)
     original_type = type(image)
     try:
-        interpolators[interpolation][original_type, itk.D]
+        lazy_interpolator[original_type, itk.D]
         cast_back = None
     except (KeyError, TypeError):
         image = itk.CastImageFilter[original_type, itk.Image[itk.D, 3]].New()(image)
         cast_back = itk.CastImageFilter[itk.Image[itk.D, 3], original_type].New()
-    warped = itk.resample_image_filter(image, transform=transform, interpolator=interpolators[interpolation].New(image),
+    warped = itk.resample_image_filter(image, transform=transform, interpolator=lazy_interpolator.New(image),
                                        use_reference_image=True, reference_image=reference)
     return warped if cast_back is None else cast_back(warped)
 
