@@ -100,11 +100,17 @@ class ImageGrid:
         """The grid of an ``itk.Image`` (an ``ImageGrid`` is returned as it is)."""
         if isinstance(image, cls):
             return image
-        import itk
-
         return cls(tuple(int(n) for n in image.GetLargestPossibleRegion().GetSize()),
                    np.asarray(image.GetSpacing(), dtype=np.float64), np.asarray(image.GetOrigin(), dtype=np.float64),
-                   np.asarray(itk.array_from_matrix(image.GetDirection()), dtype=np.float64))
+                   matrix_array(image.GetDirection()))
+
+
+def matrix_array(matrix) -> np.ndarray:
+    """An ``itk.Matrix`` as a float64 array, element by element: ``itk.array_from_matrix`` looks
+    the matrix's type up among the classes ITK's lazy loader has loaded, and raises a KeyError
+    while it has loaded none (a fresh process that read its images with :func:`read_image`)."""
+    vnl = matrix.GetVnlMatrix()
+    return np.array([[vnl.get(i, j) for j in range(vnl.cols())] for i in range(vnl.rows())], dtype=np.float64)
 
 
 def check_same_grid(mask, image, what: str) -> None:

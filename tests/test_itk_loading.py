@@ -99,3 +99,41 @@ def test_the_lazy_loaders_way_gives_the_same_outputs(fresh_process, tmp_path, mo
     # the file the fresh process wrote, read by itk.transformread
     written = itk.transformread(str(folder / "transform.h5"))[0]
     np.testing.assert_array_equal(np.array([written.TransformPoint(p) for p in fresh["at"]]), fresh["points"])
+
+
+def test_the_commands_run_each_in_a_fresh_process(tmp_path):
+    """``register`` with a mask, ``jacobian --physical_jacobian`` and ``warp``, each in its own
+    process as users run them. ``ImageGrid.of`` read an image's direction with
+    ``itk.array_from_matrix``, which raises a KeyError until ITK's lazy loader has loaded
+    ITKCommon: in a fresh process both first commands failed (in this one other tests have loaded
+    it). The outputs of the later commands, through ITK's filters, match ``register``'s."""
+    from helpers import oblique_image, smooth_volume
+
+    from mgr_engine import itk_io
+
+    fixed = oblique_image(smooth_volume((30, 34, 28), 1), (1.2, 1.0, 0.9), (-10.0, -12.0, -8.0), (0.1, 0.0, 0.2))
+    moving = oblique_image(smooth_volume((32, 30, 33), 2), (1.1, 1.05, 0.95), (-9.0, -14.0, -7.0), (0.15, -0.05, -0.1))
+    mask = itk_io.image_like((itk.array_from_image(fixed) > 0.05).astype(np.uint8), fixed)
+    paths = {name: str(tmp_path / f"{name}.nrrd") for name in ("fixed", "moving", "mask")}
+    for name, image in (("fixed", fixed), ("moving", moving), ("mask", mask)):
+        itk.imwrite(image, paths[name])
+    out = {name: str(tmp_path / f"{name}.nii.gz") for name in ("warped", "jacobian", "jacobian_cli", "warped_cli")}
+    transform = str(tmp_path / "transform.h5")
+    commands = [
+        ["register", "--model", "compact", "--device", "cpu", "--fixed", paths["fixed"], "--moving", paths["moving"],
+         "--fixed_modality", "mri", "--moving_modality", "mri", "--fixed_mask", paths["mask"], "--input_masking",
+         "--io_iterations", "None", "--transform_out", transform, "--warped_moving_out", out["warped"],
+         "--jacobian_out", out["jacobian"], "--physical_jacobian"],
+        ["jacobian", "--fixed", paths["fixed"], "--transform", transform, "--jacob", out["jacobian_cli"],
+         "--physical_jacobian"],
+        ["warp", "--fixed", paths["fixed"], "--moving", paths["moving"], "--transform", transform,
+         "--warped_moving_out", out["warped_cli"], "--linear"],
+    ]
+    for command in commands:
+        run = subprocess.run([sys.executable, "-m", "mgr_engine.cli", "-q", *command], capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, f"{command[0]}: {run.stderr}"
+    arrays = {name: itk.array_from_image(itk.imread(path)) for name, path in out.items()}
+    assert np.std(arrays["jacobian"]) > 1e-3, "the test wants a transform that moves points"
+    np.testing.assert_allclose(arrays["jacobian_cli"], arrays["jacobian"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(arrays["warped_cli"], arrays["warped"], rtol=1e-5, atol=1e-5)
