@@ -114,16 +114,35 @@ def matrix_array(matrix) -> np.ndarray:
 
 
 def check_same_grid(mask, image, what: str) -> None:
-    """Raise :class:`MaskMismatchError` unless ``mask`` lies on ``image``'s voxel grid."""
+    """Raise :class:`MaskMismatchError` unless ``mask`` lies on ``image``'s voxel grid; the
+    message names what differs (size, spacing, origin, direction) with both values."""
     m, i = ImageGrid.of(mask), ImageGrid.of(image)
-    if m.size != i.size or not (
-        np.allclose(m.spacing, i.spacing, rtol=1e-5) and np.allclose(m.origin, i.origin, atol=1e-3)
-        and np.allclose(m.direction, i.direction, atol=1e-5)
-    ):
-        raise MaskMismatchError(
-            f"{what} does not lie on its image's grid (mask size {m.size}, spacing {tuple(m.spacing)}; image size "
-            f"{i.size}, spacing {tuple(i.spacing)}); resample the mask onto the image (nearest neighbour) first."
+    differences = [
+        (name, mask_value, image_value)
+        for name, mask_value, image_value, same in (
+            ("size", m.size, i.size, m.size == i.size),
+            ("spacing", m.spacing, i.spacing, np.allclose(m.spacing, i.spacing, rtol=1e-5)),
+            ("origin", m.origin, i.origin, np.allclose(m.origin, i.origin, atol=1e-3)),
+            ("direction", m.direction, i.direction, np.allclose(m.direction, i.direction, atol=1e-5)),
         )
+        if not same
+    ]
+    if differences:
+        listed = "; ".join(f"{name} {_numbers(mask_value)} against {_numbers(image_value)}"
+                           for name, mask_value, image_value in differences)
+        raise MaskMismatchError(
+            f"{what} does not lie on its image's grid (mask against image: {listed}); resample the mask onto the "
+            "image (nearest neighbour) first."
+        )
+
+
+def _numbers(values) -> str:
+    """Numbers of a size, vector or matrix as plain text: ``(1.2, 1, 0.9)``, not NumPy 2's
+    ``np.float64(1.2)``."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim > 1:
+        return "(" + ", ".join(_numbers(row) for row in values) + ")"
+    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
 
 
 def index_to_physical_affine(image) -> np.ndarray:

@@ -239,6 +239,18 @@ def test_mask_on_another_grid(engine, mask, side):
         register(engine, masking="input", **{f"{side}_mask": mask()})
 
 
+
+def test_a_mask_mismatch_names_what_differs_in_plain_numbers(engine):
+    """Same size and spacing, another origin: the message says so (it listed size and spacing
+    only, equal on both sides, and in NumPy 2's ``np.float64(...)`` form)."""
+    mask = itk_image(np.ones(IMAGE_SHAPE))
+    mask.SetOrigin([0.0, 5.0, -2.5])
+    with pytest.raises(MaskMismatchError) as raised:
+        register(engine, masking="input", fixed_mask=mask)
+    message = str(raised.value)
+    assert "origin (0, 5, -2.5) against (0, 0, 0)" in message
+    assert "size" not in message and "spacing" not in message and "np.float64" not in message
+
 # ------------------------------------------------------------------ weights and checkpoints
 
 
