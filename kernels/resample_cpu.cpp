@@ -11,7 +11,8 @@
 // not vectorize). In double, as ITK computes.
 //
 // ITK's rules: a continuous index is inside an image when it lies in [-0.5, n - 0.5) on every
-// axis; linear interpolation clamps its corners into the image; nearest neighbour rounds halves
+// axis; linear interpolation clamps its corners into the image (and the image's interpolator
+// takes ITK's order of operations, see interpolate_like_itk); nearest neighbour rounds halves
 // up. Outside the network grid the map adds no displacement; outside the image the value is 0.
 
 #ifdef _OPENMP
@@ -81,6 +82,16 @@ INLINE_INTO_CLONES void axis_corner(double c, int32_t n, int32_t& lower, int32_t
     fraction = clamped - double(lower);
 }
 
+// ITK's LinearInterpolateImageFunction's corners along an axis: the lower one at the clamped
+// index's floor, the upper one next to it unless the lower one is the last voxel (then the
+// fraction is 0 too).
+INLINE_INTO_CLONES void itk_axis_corner(double c, int32_t n, int32_t& lower, int32_t& step, double& fraction) {
+    const double clamped = clamp_index(c, n);
+    lower = int32_t(clamped);
+    step = lower < n - 1 ? 1 : 0;
+    fraction = clamped - double(lower);
+}
+
 // Trilinear offsets and weights of a continuous index in a grid.
 struct Stencil {
     int32_t offset[8];
@@ -107,6 +118,29 @@ struct Stencil {
         return value;
     }
 };
+
+// An image at a continuous index as ITK's LinearInterpolateImageFunction computes it: the
+// corners clamped into the image (an axis at its last voxel, or before its first, takes one
+// corner), then interpolated along x, then y, then z, each step as a + (b - a) * t. Between equal
+// voxels the value comes out exact; the weighted sum of eight corners (Stencil) lands a rounding
+// below it as often as not, and an integer image's truncation then takes 1 off (measured: 17% of
+// the voxels of a CT-like image with flat regions, against ITK).
+template <typename T>
+INLINE_INTO_CLONES double interpolate_like_itk(Point c, const Grid& g, const T* v) {
+    int32_t x0, y0, z0, dx, dy, dz;
+    double fx, fy, fz;
+    itk_axis_corner(c.x, g.nx, x0, dx, fx);
+    itk_axis_corner(c.y, g.ny, y0, dy, fy);
+    itk_axis_corner(c.z, g.nz, z0, dz, fz);
+    const int32_t o = (z0 * g.ny + y0) * g.nx + x0, ox = dx, oy = dy * g.nx, oz = dz * g.ny * g.nx;
+    const double v000 = double(v[o]), v100 = double(v[o + ox]), v010 = double(v[o + oy]), v110 = double(v[o + oy + ox]);
+    const double v001 = double(v[o + oz]), v101 = double(v[o + oz + ox]), v011 = double(v[o + oz + oy]),
+                 v111 = double(v[o + oz + oy + ox]);
+    const double x00 = v000 + (v100 - v000) * fx, x10 = v010 + (v110 - v010) * fx;
+    const double x01 = v001 + (v101 - v001) * fx, x11 = v011 + (v111 - v011) * fx;
+    const double xx0 = x00 + (x10 - x00) * fy, xx1 = x01 + (x11 - x01) * fy;
+    return xx0 + (xx1 - xx0) * fz;
+}
 
 // The network voxel a fixed voxel lands on: its own network position q plus the map's
 // displacement at q in network voxels, (phi(q) - identity(q)) * (n - 1) per axis; none where q
@@ -187,7 +221,7 @@ INLINE_INTO_CLONES void resample_row(const Resampling<T>& r, int64_t z, int64_t 
 #pragma omp simd
         for (int64_t x = 0; x < nx; ++x) {
             const Point c{index_x[x], index_y[x], index_z[x]};
-            const double value = Stencil(c, grid).sample(pixels);
+            const double value = interpolate_like_itk(c, grid, pixels);
             row[x] = grid.contains(c) ? value : 0.0;
         }
     }

@@ -10,7 +10,9 @@ whole-volume tensor operations elsewhere (the PyTorch path below, the reference 
 
 ITK's rules, reproduced: a point is inside an image when its continuous index lies in
 ``[-0.5, size - 0.5)`` on every axis; linear interpolation then clamps the eight corners into
-the image (the half voxel beyond the edge repeats the edge), nearest neighbour rounds halves up.
+the image (the half voxel beyond the edge repeats the edge) and interpolates an image in ITK's
+order of operations (exact between equal voxels, which an integer image's truncation needs),
+nearest neighbour rounds halves up.
 Outside the network grid the map adds no displacement; outside the image the value is 0.
 Coordinates are computed in float64, as ITK computes them.
 
@@ -70,7 +72,7 @@ def resampled_image(phi: torch.Tensor, fixed_to_network, fixed_shape, volume: to
         rounded = [torch.floor(index[axis] + 0.5).long().clamp_(0, volume.shape[2 - axis] - 1) for axis in range(3)]
         values = volume[rounded[2], rounded[1], rounded[0]]
     else:
-        values = _sample_linear(volume[None], index)[0]
+        values = _interpolate_like_itk(volume, index)
     return torch.where(_inside(index, volume.shape), values, torch.zeros((), dtype=values.dtype, device=values.device))
 
 
@@ -155,6 +157,32 @@ def _inside(index: torch.Tensor, shape_zyx) -> torch.Tensor:
     size = torch.tensor(list(reversed(shape_zyx)), dtype=index.dtype, device=index.device)
     size = size.reshape(3, *([1] * (index.dim() - 1)))
     return ((index >= -0.5) & (index < size - 0.5)).all(0)
+
+
+def _interpolate_like_itk(volume: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``volume`` (Z, Y, X) at (3, ...) continuous indices (x, y, z) as ITK's
+    ``LinearInterpolateImageFunction`` computes it: the corners clamped into the volume, then
+    interpolated along x, then y, then z, each step as ``a + (b - a) * t``. Between equal voxels
+    the value comes out exact, where a weighted sum of the eight corners lands a rounding below
+    it as often as not (and an integer image's truncation then takes 1 off)."""
+    corners = []
+    for axis in range(3):
+        n = volume.shape[2 - axis]
+        clamped = index[axis].clamp(0, n - 1)
+        lower = clamped.floor()
+        corners.append((lower.long(), (lower + 1).clamp(max=n - 1).long(), clamped - lower))
+    (x0, x1, fx), (y0, y1, fy), (z0, z1, fz) = corners
+
+    def along_x(z, y):
+        a = volume[z, y, x0]
+        return a + (volume[z, y, x1] - a) * fx
+
+    def along_xy(z):
+        a = along_x(z, y0)
+        return a + (along_x(z, y1) - a) * fy
+
+    a = along_xy(z0)
+    return a + (along_xy(z1) - a) * fz
 
 
 def _sample_linear(volume: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
