@@ -102,10 +102,10 @@ class ImageGrid:
             return image
         return cls(tuple(int(n) for n in image.GetLargestPossibleRegion().GetSize()),
                    np.asarray(image.GetSpacing(), dtype=np.float64), np.asarray(image.GetOrigin(), dtype=np.float64),
-                   matrix_array(image.GetDirection()))
+                   _matrix_array(image.GetDirection()))
 
 
-def matrix_array(matrix) -> np.ndarray:
+def _matrix_array(matrix) -> np.ndarray:
     """An ``itk.Matrix`` as a float64 array, element by element: ``itk.array_from_matrix`` looks
     the matrix's type up among the classes ITK's lazy loader has loaded, and raises a KeyError
     while it has loaded none (a fresh process that read its images with :func:`read_image`)."""

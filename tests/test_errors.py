@@ -239,7 +239,6 @@ def test_mask_on_another_grid(engine, mask, side):
         register(engine, masking="input", **{f"{side}_mask": mask()})
 
 
-
 def test_a_mask_mismatch_names_what_differs_in_plain_numbers(engine):
     """Same size and spacing, another origin: the message says so (it listed size and spacing
     only, equal on both sides, and in NumPy 2's ``np.float64(...)`` form)."""
@@ -250,6 +249,7 @@ def test_a_mask_mismatch_names_what_differs_in_plain_numbers(engine):
     message = str(raised.value)
     assert "origin (0, 5, -2.5) against (0, 0, 0)" in message
     assert "size" not in message and "spacing" not in message and "np.float64" not in message
+
 
 # ------------------------------------------------------------------ weights and checkpoints
 
