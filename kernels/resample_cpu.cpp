@@ -72,8 +72,10 @@ INLINE_INTO_CLONES double clamp_index(double c, int32_t n) {
     return c < 0.0 ? 0.0 : (c > high ? high : c);
 }
 
-// Lower corner and weight of the upper one along an axis, the corners clamped into [0, n - 1]
-// (ITK's linear interpolation); an axis of one voxel has one corner.
+// Lower corner and weight of the upper one along an axis, the corners clamped into [0, n - 1];
+// an axis of one voxel has one corner. For the map's weighted sum (Stencil): at the last voxel
+// it takes the one before with weight 0, so the step is the grid's, the same for every point of
+// the vectorized point loops. The image's interpolation takes itk_axis_corner instead.
 INLINE_INTO_CLONES void axis_corner(double c, int32_t n, int32_t& lower, int32_t& step, double& fraction) {
     const double clamped = clamp_index(c, n);
     const int32_t last_lower = n > 1 ? n - 2 : 0, floor = int32_t(clamped);
@@ -84,7 +86,8 @@ INLINE_INTO_CLONES void axis_corner(double c, int32_t n, int32_t& lower, int32_t
 
 // ITK's LinearInterpolateImageFunction's corners along an axis: the lower one at the clamped
 // index's floor, the upper one next to it unless the lower one is the last voxel (then the
-// fraction is 0 too).
+// fraction is 0 too, and a + (b - a) * t gives that voxel exactly, as ITK does; axis_corner's
+// t = 1 from the voxel before would not for every float value).
 INLINE_INTO_CLONES void itk_axis_corner(double c, int32_t n, int32_t& lower, int32_t& step, double& fraction) {
     const double clamped = clamp_index(c, n);
     lower = int32_t(clamped);
