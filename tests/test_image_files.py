@@ -1,9 +1,14 @@
 """Image and transform files (mgr_engine.itk_io): reading and writing NIfTI, NRRD and MetaImage
-through their own ImageIO class gives what itk.imread/itk.imwrite give; outputs are written
-atomically, detached headers included, with the mode the umask gives."""
+through their own ImageIO class gives what itk.imread/itk.imwrite give (a .nii.gz compressed by
+our own gzip_file, the same bytes once decompressed); outputs are written atomically, detached
+headers included, with the mode the umask gives."""
 
+import gzip
+import importlib.util
 import locale
 import os
+import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -24,6 +29,12 @@ def image_of(dtype):
     info = np.iinfo(dtype) if np.issubdtype(dtype, np.integer) else None
     array = np.clip(volume, info.min, info.max) if info else volume
     return oblique_image(array.astype(dtype), (1.2, 0.9, 2.5), (-10.0, 4.5, 7.25), (0.1, -0.2, 0.3))
+
+
+def file_content(path):
+    """A file's bytes, decompressed where it is gzipped: the same image compressed by ITK and by
+    gzip_file differs in the compressed bytes only."""
+    return gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
 
 
 def not_called(*args, **kwargs):
@@ -60,7 +71,7 @@ def test_write_image_writes_what_imwrite_writes(tmp_path, suffix, dtype, monkeyp
     with monkeypatch.context() as patch:
         patch.setattr(itk, "imwrite", not_called)  # written by the format's own ImageIO
         itk_io.write_image(image, ours)
-    assert ours.read_bytes() == theirs.read_bytes()
+    assert file_content(ours) == file_content(theirs)
 
 
 def test_a_displacement_field_is_written_and_read_as_itk_does(tmp_path, monkeypatch):
@@ -74,7 +85,7 @@ def test_a_displacement_field_is_written_and_read_as_itk_does(tmp_path, monkeypa
             patch.setattr(itk, "imread", not_called)
             itk_io.write_image(field, tmp_path / f"field{suffix}")
             read = itk_io.read_image(tmp_path / f"field{suffix}")
-        assert (tmp_path / f"field{suffix}").read_bytes() == (tmp_path / f"theirs{suffix}").read_bytes()
+        assert file_content(tmp_path / f"field{suffix}") == file_content(tmp_path / f"theirs{suffix}")
         assert_same_image(read, expected)
         assert type(read) is itk.Image[itk.Vector[itk.F, 3], 3]
 
@@ -152,4 +163,84 @@ def test_a_writer_that_writes_nothing_is_an_error(tmp_path):
     with pytest.raises(OutputWriteError, match="nothing was written"):
         with itk_io.atomic_output(tmp_path / "image.nii.gz"):
             pass
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ .nii.gz compression
+
+DEFLATE = [pytest.param((zlib, 1), id="zlib"),
+           pytest.param("isal", id="isal", marks=pytest.mark.skipif(
+               importlib.util.find_spec("isal") is None, reason="isal is not installed"))]
+
+
+def deflate_pair(name_or_pair):
+    if name_or_pair == "isal":
+        from isal import isal_zlib
+
+        return isal_zlib, 2
+    return name_or_pair
+
+
+def repetitive_bytes(size, seed=0):
+    """Random 10,000-byte blocks repeated: a chunk compresses only through back-references
+    into the chunks before it."""
+    block = np.random.default_rng(seed).integers(0, 256, 10_000, dtype=np.uint8).tobytes()
+    return (block * (size // len(block) + 1))[:size]
+
+
+@pytest.mark.parametrize("deflate", DEFLATE)
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 5 * 4096 + 123, 70_000])
+def test_gzip_file_writes_one_gzip_member_whatever_the_threads(tmp_path, monkeypatch, deflate, size):
+    monkeypatch.setattr(itk_io, "_GZIP_CHUNK_BYTES", 4096)  # many chunks at small sizes
+    data = repetitive_bytes(size)
+    (tmp_path / "source").write_bytes(data)
+    written = []
+    for threads in (1, 3):
+        itk_io.gzip_file(tmp_path / "source", tmp_path / f"out{threads}.gz", threads=threads,
+                         deflate=deflate_pair(deflate))
+        written.append((tmp_path / f"out{threads}.gz").read_bytes())
+    assert written[0] == written[1]
+    reader = zlib.decompressobj(16 + zlib.MAX_WBITS)  # a gzip member
+    assert reader.decompress(written[0]) == data
+    assert reader.eof and reader.unused_data == b""  # one member, nothing after it
+    assert gzip.decompress(written[0]) == data
+
+
+@pytest.mark.parametrize("deflate", DEFLATE)
+def test_gzip_file_chunks_refer_back_into_the_chunks_before_them(tmp_path, monkeypatch, deflate):
+    """Each chunk is primed with the 32 KiB before it, so the file is as small as one stream's:
+    70 KB of a repeated 10 KB random block compress to about 10 KB, not to 70 KB."""
+    monkeypatch.setattr(itk_io, "_GZIP_CHUNK_BYTES", 4096)
+    (tmp_path / "source").write_bytes(repetitive_bytes(70_000))
+    itk_io.gzip_file(tmp_path / "source", tmp_path / "out.gz", threads=2, deflate=deflate_pair(deflate))
+    assert (tmp_path / "out.gz").stat().st_size < 15_000
+
+
+def test_a_nii_gz_output_is_gzipped_by_gzip_file_with_nothing_left_beside_it(tmp_path, monkeypatch):
+    calls = []
+    gzip_file = itk_io.gzip_file
+    monkeypatch.setattr(itk_io, "gzip_file", lambda *args, **kwargs: calls.append(args) or gzip_file(*args, **kwargs))
+    itk_io.write_image(image_of(np.int16), tmp_path / "image.nii.gz")
+    assert len(calls) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["image.nii.gz"]
+    np.testing.assert_array_equal(itk.array_from_image(itk_io.read_image(tmp_path / "image.nii.gz")),
+                                  itk.array_view_from_image(image_of(np.int16)))
+
+
+def test_without_isal_the_standard_librarys_zlib_compresses(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "isal", None)  # import isal raises ImportError
+    assert itk_io._fast_deflate() == (zlib, 1)
+    itk_io.write_image(image_of(np.int16), tmp_path / "image.nii.gz")
+    itk.imwrite(image_of(np.int16), str(tmp_path / "theirs.nii.gz"))
+    assert file_content(tmp_path / "image.nii.gz") == file_content(tmp_path / "theirs.nii.gz")
+
+
+def test_a_failed_compression_leaves_no_file(tmp_path, monkeypatch):
+    def no_space(source, target, **kwargs):
+        open(target, "wb").write(b"\x1f\x8b")  # half a file
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(itk_io, "gzip_file", no_space)
+    with pytest.raises(OutputWriteError, match="No space left on device"):
+        itk_io.write_image(image_of(np.int16), tmp_path / "image.nii.gz")
     assert list(tmp_path.iterdir()) == []
