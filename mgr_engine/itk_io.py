@@ -351,8 +351,9 @@ def atomic_output(path):
 
 
 def write_image(image, path) -> None:
-    """Write an ITK image atomically (see :func:`atomic_output`), as ``itk.imwrite`` does;
-    :class:`OutputWriteError` when it cannot be written."""
+    """Write an ITK image as ``itk.imwrite`` does, but atomically (see :func:`atomic_output`)
+    and, for a ``.nii.gz``, gzipped on every core (see :func:`_write_image_file`);
+    :class:`OutputWriteError` when it cannot be written. Public as ``mgr_engine.write_image``."""
     with _write_errors_typed(path), atomic_output(path) as tmp:
         _write_image_file(image, tmp)
 

@@ -248,6 +248,14 @@ def test_without_isal_the_standard_librarys_zlib_compresses(tmp_path, monkeypatc
     assert file_content(tmp_path / "image.nii.gz") == file_content(tmp_path / "theirs.nii.gz")
 
 
+def test_write_image_is_public(tmp_path):
+    import mgr_engine
+
+    mgr_engine.write_image(image_of(np.float32), tmp_path / "image.nii.gz")
+    np.testing.assert_array_equal(itk.array_from_image(itk.imread(str(tmp_path / "image.nii.gz"))),
+                                  itk.array_view_from_image(image_of(np.float32)))
+
+
 def test_a_failed_compression_leaves_no_file(tmp_path, monkeypatch):
     def no_space(source, target, **kwargs):
         open(target, "wb").write(b"\x1f\x8b")  # half a file
