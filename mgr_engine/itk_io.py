@@ -531,17 +531,22 @@ _DEFLATE_WINDOW_BYTES = 1 << 15
 # A chunk the fast deflate shrinks 8-fold or more (a label map, a mask, air) is deflated again
 # by zlib at level 6: quick on such data, and 1.6-2x smaller on a label map, about ITK's size.
 _RECOMPRESSED_BELOW_RATIO = 8
+_MAX_GZIP_THREADS = 16
 
 
 def gzip_file(source, target, threads: int | None = None, deflate=None) -> None:
     """Write ``source``'s bytes to ``target`` as a gzip file of one member, compressed on
-    ``threads`` threads (default: the cores this process may use; zlib and ISA-L work without
-    the GIL) by ``deflate``, a (module, level) pair such as ``(zlib, 1)`` (default:
+    ``threads`` threads (default: the cores this process may use, at most 16; zlib and ISA-L
+    work without the GIL) by ``deflate``, a (module, level) pair such as ``(zlib, 1)`` (default:
     :func:`_fast_deflate`'s). The bytes do not depend on ``threads``; the header's time stamp is
     0, as ITK writes it."""
     deflate_module, level = deflate or _fast_deflate()
     if threads is None:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        # at most 16: ISA-L deflates a float field at about 260 MB/s a thread here, so 16 outrun
+        # most disks; and a container that sees a host's 128 cores under a 2-CPU quota would
+        # otherwise hold 256 chunks (0.5 GB) in flight
+        threads = min(cores, _MAX_GZIP_THREADS)
     size = os.path.getsize(source)
     with open(target, "wb") as out, ThreadPoolExecutor(max(1, threads)) as pool:
 
