@@ -486,8 +486,6 @@ def _write_image_file(image, path) -> None:
     A ``.nii.gz`` is written by ITK as ``.nii`` beside it, then gzipped on every core by
     :func:`gzip_file`: ITK compresses on one core (37 s for a 512x512x300 displacement field on
     the 2-core AMD EPYC). The file holds the same bytes as ITK's ``.nii.gz`` once decompressed."""
-    import itk
-
     if str(path).endswith(".nii.gz"):  # ITK takes no other case
         uncompressed = str(path)[: -len(".gz")]
         _write_image_file(image, uncompressed)
@@ -496,6 +494,8 @@ def _write_image_file(image, path) -> None:
         finally:
             os.remove(uncompressed)
         return
+    import itk
+
     io, code = _image_io(path), _image_type_code(image)
     writer = wrapped_class("itkImageFileWriter", f"itkImageFileWriter{code}") if io and code else None
     if writer is None:
@@ -534,21 +534,25 @@ _RECOMPRESSED_BELOW_RATIO = 8
 _MAX_GZIP_THREADS = 16
 
 
+def default_gzip_threads() -> int:
+    """The threads :func:`gzip_file` takes by default: the cores this process may use, at most 16.
+    ISA-L deflates a float field at about 260 MB/s a thread here, so 16 outrun most disks; and a
+    container that sees a host's 128 cores under a 2-CPU quota would otherwise hold 256 chunks
+    (0.5 GB) in flight."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, _MAX_GZIP_THREADS)
+
+
 def gzip_file(source, target, threads: int | None = None, deflate=None) -> None:
     """Write ``source``'s bytes to ``target`` as a gzip file of one member, compressed on
-    ``threads`` threads (default: the cores this process may use, at most 16; zlib and ISA-L
-    work without the GIL) by ``deflate``, a (module, level) pair such as ``(zlib, 1)`` (default:
+    ``threads`` threads (default: :func:`default_gzip_threads`; zlib and ISA-L work without the
+    GIL) by ``deflate``, a (module, level) pair such as ``(zlib, 1)`` (default:
     :func:`_fast_deflate`'s). The bytes do not depend on ``threads``; the header's time stamp is
     0, as ITK writes it."""
     deflate_module, level = deflate or _fast_deflate()
-    if threads is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        # at most 16: ISA-L deflates a float field at about 260 MB/s a thread here, so 16 outrun
-        # most disks; and a container that sees a host's 128 cores under a 2-CPU quota would
-        # otherwise hold 256 chunks (0.5 GB) in flight
-        threads = min(cores, _MAX_GZIP_THREADS)
+    threads = max(1, default_gzip_threads() if threads is None else threads)
     size = os.path.getsize(source)
-    with open(target, "wb") as out, ThreadPoolExecutor(max(1, threads)) as pool:
+    with open(target, "wb") as out, ThreadPoolExecutor(threads) as pool:
 
         def compress_chunk(start: int):
             """(the chunk, its deflate stream); read here, so that only the chunks in flight
