@@ -317,7 +317,7 @@ def map_to_transform(phi: np.ndarray, source_image, target_image):
 
 
 def _suffix(path: Path) -> str:
-    suffixes = "".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix
+    suffixes = "".join(path.suffixes[-2:]) if path.name.lower().endswith(".gz") else path.suffix
     return suffixes
 
 
@@ -381,12 +381,20 @@ def check_output_path(path, kind: str) -> None:
     _output_directory(path)
     if path.is_dir():
         raise OutputWriteError(f"output {str(path)!r} is a directory; give a file name.")
+    suffix = _suffix(path)
+    if kind == "image" and suffix.lower() in _NIFTI_SUFFIXES and suffix != suffix.lower():
+        # ITK's NIfTI IO says it can write these, then refuses the name ("Bad Nifti file name")
+        raise OutputWriteError(f"ITK writes NIfTI only with a lowercase extension; name the output "
+                               f"{path.name[:-len(suffix)] + suffix.lower()!r}.")
     if kind == "image":
         can_write, formats = _image_writer_exists(path), ".nii.gz, .nii, .nrrd, .mha or another format ITK writes"
     else:
         can_write, formats = _transform_writer_exists(path), ".h5, .tfm/.txt or .mat"
     if can_write is False:
         raise OutputWriteError(f"ITK has no {kind} writer for {path.name!r}; name the output {formats}.")
+
+
+_NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".img.gz")
 
 
 def _image_writer_exists(path):

@@ -368,10 +368,12 @@ def test_cli_interrupted_write_leaves_nothing(cli_files, capsys, monkeypatch):
     (["--warped_moving_out", "{out}"], r"--warped_moving_out: output .* is a directory; give a file name"),
     (["--warped_moving_out", "{out}/w.foo"], r"--warped_moving_out: ITK has no image writer for 'w.foo'"),
     (["--displacement_field_out", "{out}/d.tfm"], r"--displacement_field_out: ITK has no image writer for 'd.tfm'"),
+    (["--warped_moving_out", "{out}/w.NII.GZ"],
+     r"--warped_moving_out: ITK writes NIfTI only with a lowercase extension; name the output 'w.nii.gz'"),
     (["--warped_moving_out", "{out}/w.nii.gz", "--jacobian_out", "{out}/./w.nii.gz"],
      r"--warped_moving_out and --jacobian_out name the same file"),
 ], ids=["extension", "image-for-transform", "missing-directory", "directory", "image-extension", "transform-for-image",
-        "same-file"])
+        "uppercase-nifti", "same-file"])
 def test_cli_refuses_unwritable_outputs_before_registering(cli_files, capsys, monkeypatch, outputs, message):
     inputs, out = cli_files
     monkeypatch.setattr(mgr_engine.engine, "Engine", lambda *a, **k: pytest.fail("the engine was built"))
