@@ -6,7 +6,8 @@ The C++ kernels (``kernels/trilinear_cpu.cpp`` -> ``mgr_engine._trilinear_cpu``:
 the decoder's epilogue; ``kernels/last_conv_cpu.cpp`` -> ``mgr_engine._last_conv_cpu``: the
 U-Net's last convolution; ``kernels/gaussian_blur_cpu.cpp`` -> ``mgr_engine._gaussian_blur_cpu``:
 LNCC's window; ``kernels/resample_cpu.cpp`` -> ``mgr_engine._resample_cpu``: the result's
-warped image and displacement field at full resolution) are built through pybind11 (a build requirement in pyproject.toml)
+warped image and displacement field at full resolution; ``kernels/jacobian_cpu.cpp`` ->
+``mgr_engine._jacobian_cpu``: their Jacobian determinant) are built through pybind11 (a build requirement in pyproject.toml)
 with OpenMP. They are optional: where they do not compile, the install goes on and the engine
 uses PyTorch's ops. ``MGR_ENGINE_BUILD_CPP=0`` skips them (a GPU session's install, where the
 CPU kernels are unused).
@@ -30,9 +31,14 @@ def cpp_extensions():
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]  # Apple clang has no -fopenmp
     # -fno-trapping-math: no kernel relies on floating-point traps, and with them GCC keeps a
     # float-to-int conversion behind its branch, which stops the warp's point loops vectorizing.
+    # -ffp-contract=off for the Jacobian: it reproduces ITK's float arithmetic, which fused
+    # multiply-adds would round differently.
+    flags = {"trilinear_cpu": [], "last_conv_cpu": [], "gaussian_blur_cpu": [], "resample_cpu": [],
+             "jacobian_cpu": ["-ffp-contract=off"]}
     return [Pybind11Extension(f"mgr_engine._{name}", [f"kernels/{name}.cpp"], cxx_std=17, optional=True,
-                              extra_compile_args=["-O3", "-fno-trapping-math", *openmp], extra_link_args=openmp)
-            for name in ("trilinear_cpu", "last_conv_cpu", "gaussian_blur_cpu", "resample_cpu")]
+                              extra_compile_args=["-O3", "-fno-trapping-math", *extra, *openmp],
+                              extra_link_args=openmp)
+            for name, extra in flags.items()]
 
 
 setup(

@@ -653,9 +653,9 @@ class RegistrationResult:
 
         Default: ITK's ``DisplacementFieldJacobianDeterminantFilter`` of :meth:`displacement_field`
         (as ``mgr-engine jacobian`` and ``unigradicon-jacobian``: derivatives along the fixed
-        image's index axes, its direction not applied). On a GPU engine the same arithmetic runs
-        there (:func:`mgr_engine.resample.jacobian_determinant`); on the CPU ITK's loop is kept, the
-        tensor form being no faster there (150-410 ms against 158 ms at 160x192x160, 2 cores).
+        image's index axes, its direction not applied), bit for bit on x86-64, computed on the
+        engine's device (:func:`mgr_engine.resample.jacobian_determinant`; on the CPU a C++ kernel,
+        :mod:`mgr_engine.kernels.jacobian_cpu`).
 
         ``physical=True``: derivatives along the physical axes (the fixed image's direction
         applied), the determinant of the transform's Jacobian, i.e. the local volume change. It

@@ -221,19 +221,23 @@ def wrapped_class(module: str, name: str):
 
 def jacobian_determinant(field, physical: bool = False, device="cpu"):
     """The Jacobian determinant of an ``Image[Vector[F, 3], 3]`` displacement field (mm), an
-    ``Image[F, 3]`` on its grid.
+    ``Image[F, 3]`` on its grid, computed on ``device``
+    (:func:`mgr_engine.resample.jacobian_determinant`; on the CPU its C++ kernel).
 
-    Default: ITK's ``DisplacementFieldJacobianDeterminantFilter`` (as ``unigradicon-jacobian``:
-    derivatives along the index axes, the direction not applied), without loading
-    ITKDisplacementField's dependencies (see :func:`wrapped_class`); on a GPU ``device`` the same
-    arithmetic as tensors there. ``physical=True``: derivatives along the physical axes (the
-    direction applied), in tensors on ``device`` (:func:`mgr_engine.resample.jacobian_determinant`)."""
+    Default: what ITK's ``DisplacementFieldJacobianDeterminantFilter`` computes (as
+    ``unigradicon-jacobian``: derivatives along the index axes, the direction not applied), bit for
+    bit on x86-64; where the C++ kernel is not built (or ``kernel_mode("torch")``), ITK's filter
+    itself on the CPU, without loading ITKDisplacementField's dependencies (see
+    :func:`wrapped_class`). ``physical=True``: derivatives along the physical axes (the direction
+    applied)."""
     import itk
     import torch
 
+    from . import ops
     from .resample import jacobian_determinant as tensor_jacobian_determinant
 
-    if torch.device(device).type == "cpu" and not physical:
+    displacement = torch.from_numpy(itk.array_view_from_image(field))
+    if torch.device(device).type == "cpu" and not physical and not ops.use_cpp_jacobian(displacement):
         jacobian = (wrapped_class("itkDisplacementFieldJacobianDeterminantFilter",
                                   "itkDisplacementFieldJacobianDeterminantFilterIVF33F")
                     or itk.DisplacementFieldJacobianDeterminantFilter[itk.Image[itk.Vector[itk.F, 3], 3], itk.F])
@@ -241,8 +245,8 @@ def jacobian_determinant(field, physical: bool = False, device="cpu"):
         f.Update()
         return f.GetOutput()
     grid = ImageGrid.of(field)
-    determinant = tensor_jacobian_determinant(torch.from_numpy(itk.array_view_from_image(field)).to(device),
-                                              grid.spacing, grid.direction if physical else None)
+    determinant = tensor_jacobian_determinant(displacement.to(device), grid.spacing,
+                                              grid.direction if physical else None)
     return image_like(determinant.cpu().numpy(), field)
 
 

@@ -14,7 +14,8 @@ it applies, PyTorch elsewhere), ``"triton"`` (always Triton; on the CPU that nee
 applies: CPU float32 or float64 tensors outside tracers; an error when it was not built) or
 ``"torch"`` (never a kernel). The C++ modes also cover the inference network's decoder
 epilogue (``kernels/decoder_cpu.py``, called from :class:`mgr_engine.model.UNet`) and a
-result's full-resolution resampling (``kernels/resample_cpu.py``, :mod:`mgr_engine.resample`).
+result's full-resolution resampling and its Jacobian determinant (``kernels/resample_cpu.py``,
+``kernels/jacobian_cpu.py``, :mod:`mgr_engine.resample`).
 The default comes from the environment variable ``MGR_ENGINE_KERNELS``.
 """
 
@@ -136,6 +137,15 @@ def use_cpp_resample(*tensors: torch.Tensor) -> bool:
     from .kernels import resample_cpu
 
     return _cpp_kernels_allowed(*tensors) and resample_cpu.supports(*tensors)
+
+
+def use_cpp_jacobian(displacement: torch.Tensor) -> bool:
+    """Whether the Jacobian determinant of a (Z, Y, X, 3) ``displacement`` field
+    (:func:`mgr_engine.resample.jacobian_determinant`) runs in C++ under the current mode
+    (:mod:`mgr_engine.kernels.jacobian_cpu`, CPU tensors)."""
+    from .kernels import jacobian_cpu
+
+    return _cpp_kernels_allowed(displacement) and jacobian_cpu.supports(displacement)
 
 
 def is_channels_last(tensor: torch.Tensor) -> bool:

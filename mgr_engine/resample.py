@@ -91,37 +91,51 @@ def displacement_field(phi: torch.Tensor, fixed_to_network, fixed_shape, network
     return moved.permute(1, 2, 3, 0).float()
 
 
+def half_derivative_weights(spacing) -> np.ndarray:
+    """The weights of the central differences along x, y, z, ``0.5 / spacing`` as ITK's filter
+    rounds them: float32 (x, y, z)."""
+    return np.array([np.float32(1.0 / np.float32(s)) * np.float32(0.5) for s in spacing], dtype=np.float32)
+
+
 def jacobian_determinant(displacement: torch.Tensor, spacing, direction=None) -> torch.Tensor:
     """``det(I + du/dx)`` of a (Z, Y, X, 3) displacement field (mm, components x, y, z) with
     ``spacing`` (x, y, z): (Z, Y, X) float32 on the field's device.
 
     Without ``direction``, as ITK's ``DisplacementFieldJacobianDeterminantFilter`` computes it
-    (and so ``unigradicon-jacobian``): in float32, central differences along the image's index
-    axes weighted by ``0.5 / spacing``, the edge voxel repeated beyond the edge; the image's
-    direction is not applied, so on an oblique grid this is not the determinant of the
-    transform's Jacobian. With ``direction`` (the image's 3x3 direction matrix) the same
-    differences are turned into derivatives along the physical axes: the physical Jacobian's
-    determinant (the volume change), equal to ITK's on an axis-aligned grid."""
+    (and so ``unigradicon-jacobian``), operation for operation in float32: central differences
+    along the image's index axes weighted by ``0.5 / spacing``, the edge voxel repeated beyond the
+    edge, 1 added on the diagonal, vnl_det's expansion; the image's direction is not applied, so
+    on an oblique grid this is not the determinant of the transform's Jacobian. With
+    ``direction`` (the image's 3x3 direction matrix) the same differences are turned into
+    derivatives along the physical axes: the physical Jacobian's determinant (the volume change),
+    equal to ITK's on an axis-aligned grid.
+
+    On CPU tensors the C++ kernel computes it (:mod:`mgr_engine.kernels.jacobian_cpu`, the same
+    operations); this tensor form is its reference, and the GPU's path."""
+    weights = half_derivative_weights(spacing)
+    inverse = None if direction is None else np.linalg.inv(np.asarray(direction, dtype=np.float64))
+    if ops.use_cpp_jacobian(displacement):
+        from .kernels import jacobian_cpu
+
+        return jacobian_cpu.jacobian_determinant(displacement, weights, inverse)
     u = displacement.permute(3, 0, 1, 2).float()  # (3, Z, Y, X)
 
     def derivative(axis: int) -> torch.Tensor:  # of the three components along index axis x, y or z
         dim, n = 3 - axis, u.shape[3 - axis]
         ahead = torch.cat([u.narrow(dim, 1, n - 1), u.narrow(dim, n - 1, 1)], dim)
         behind = torch.cat([u.narrow(dim, 0, 1), u.narrow(dim, 0, n - 1)], dim)
-        return (ahead - behind) * float(np.float32(0.5 / spacing[axis]))
+        return float(weights[axis]) * (ahead - behind)
 
-    gradient = [derivative(axis) for axis in range(3)]  # gradient[j][i] = d u_i / d index_j (in mm)
-    if direction is not None:
+    rows = [derivative(axis) for axis in range(3)]  # rows[j][i] = d u_i / d index_j (in mm)
+    if inverse is not None:
         # index_j = sum_k inverse[j, k] * (physical_k - origin_k) / spacing_j, so
         # d u_i / d physical_k = sum_j d u_i / d index_j (mm) * inverse[j, k]
-        inverse = np.linalg.inv(np.asarray(direction, dtype=np.float64))
-        gradient = [sum(gradient[j] * float(inverse[j, k]) for j in range(3)) for k in range(3)]
-    dx, dy, dz = gradient
-    # J[i][j] = d u_i / d x_j + (i == j), by its first row's cofactors
-    a, b, c = dx[0] + 1, dy[0], dz[0]
-    d, e, f = dx[1], dy[1] + 1, dz[1]
-    g, h, i = dx[2], dy[2], dz[2] + 1
-    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+        inverse = inverse.astype(np.float32)
+        rows = [rows[0] * float(inverse[0, k]) + rows[1] * float(inverse[1, k]) + rows[2] * float(inverse[2, k])
+                for k in range(3)]
+    r = [[rows[k][i] + 1 if i == k else rows[k][i] for i in range(3)] for k in range(3)]
+    return (r[0][0] * r[1][1] * r[2][2] - r[0][0] * r[2][1] * r[1][2] - r[1][0] * r[0][1] * r[2][2]
+            + r[1][0] * r[2][1] * r[0][2] + r[2][0] * r[0][1] * r[1][2] - r[2][0] * r[1][1] * r[0][2])
 
 
 # ---------------- the PyTorch path of resampled_image and displacement_field (the GPU's, the C++ reference)
