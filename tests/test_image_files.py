@@ -90,6 +90,75 @@ def test_a_displacement_field_is_written_and_read_as_itk_does(tmp_path, monkeypa
         assert type(read) is itk.Image[itk.Vector[itk.F, 3], 3]
 
 
+NIFTI_SHAPES = [(7, 9, 6), (1, 5, 4), (3, 1, 1), (40, 33, 17)]  # (z, y, x): axes of one voxel too
+
+
+def itk_nifti_bytes(image, tmp_path):
+    """The .nii ITK's writer makes of ``image``."""
+    itk.imwrite(image, str(tmp_path / "itk.nii"))
+    return (tmp_path / "itk.nii").read_bytes()
+
+
+@pytest.mark.parametrize("shape", NIFTI_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("pixel", ["vector", *DTYPES, np.int32, np.uint32], ids=lambda t: getattr(t, "__name__", t))
+def test_nifti_outputs_are_laid_out_here_as_itks_writer_lays_them_out(tmp_path, monkeypatch, pixel, shape):
+    """A .nii(.gz) of the types the engine writes gets ITK's header (ITK writes it for an image of
+    at most 2 voxels an axis) and the voxels straight from the image, byte for byte ITK's file:
+    a displacement field's components one after another. Small write and gzip chunks make the
+    reads cross the header's end and the components' boundaries at odd offsets."""
+    rng = np.random.default_rng(sum(shape))
+    grid = (1.2, 0.9, 2.5), (-10.0, 4.5, 7.25), (0.1, -0.2, 0.3)
+    if pixel == "vector":
+        image = itk_io.image_like(rng.standard_normal((*shape, 3)).astype(np.float32),
+                                  oblique_image(np.zeros((1, 1, 1), np.float32), *grid), is_vector=True)
+    else:
+        image = oblique_image((rng.standard_normal(shape) * 100).astype(pixel), *grid)
+    expected = itk_nifti_bytes(image, tmp_path)
+    itk_writes = []
+    write_with_itk = itk_io._write_with_itk
+    monkeypatch.setattr(itk_io, "_write_with_itk", lambda im, path: itk_writes.append(im) or write_with_itk(im, path))
+    monkeypatch.setattr(itk_io, "_NIFTI_WRITE_BYTES", 1000)
+    monkeypatch.setattr(itk_io, "_GZIP_CHUNK_BYTES", 1001)
+    for suffix in (".nii", ".nii.gz"):
+        itk_io.write_image(image, tmp_path / f"ours{suffix}")
+        assert file_content(tmp_path / f"ours{suffix}") == expected
+    assert itk_writes and all(max(im.GetLargestPossibleRegion().GetSize()) <= 2 for im in itk_writes)
+
+
+def test_nifti_bytes_read_any_range_of_the_file(tmp_path):
+    image = itk_io.image_like(np.random.default_rng(1).standard_normal((5, 6, 7, 3)).astype(np.float32),
+                              image_of(np.float32), is_vector=True)
+    expected = itk_nifti_bytes(image, tmp_path)
+    nifti = itk_io._NiftiBytes.of(image)
+    assert nifti.size == len(expected)
+    rng = np.random.default_rng(2)
+    for start, length in [(0, 352), (351, 2), (352, 4), (353, 3), (0, 10**6), (len(expected) - 5, 100),
+                          *rng.integers(0, len(expected), (200, 2))]:
+        assert nifti.read(int(start), int(length)) == expected[start:start + length]
+
+
+def test_other_nifti_outputs_are_written_by_itk(tmp_path):
+    """An image _NiftiBytes does not lay out (here RGB) is written by ITK's writer, as before."""
+    image = itk.Image[itk.RGBPixel[itk.UC], 3].New()
+    image.SetRegions([6, 5, 4])
+    image.Allocate()
+    itk.array_view_from_image(image)[...] = np.random.default_rng(3).integers(0, 256, (4, 5, 6, 3), dtype=np.uint8)
+    assert itk_io._NiftiBytes.of(image) is None
+    expected = itk_nifti_bytes(image, tmp_path)
+    for suffix in (".nii", ".nii.gz"):
+        itk_io.write_image(image, tmp_path / f"ours{suffix}")
+        assert file_content(tmp_path / f"ours{suffix}") == expected
+
+
+def test_an_axis_longer_than_nifti_1_holds_is_refused_as_itk_refuses_it(tmp_path):
+    image = itk.image_from_array(np.zeros((1, 1, 32768), np.uint8))
+    assert itk_io._NiftiBytes.of(image) is None
+    for suffix in (".nii", ".nii.gz"):
+        with pytest.raises(OutputWriteError, match="32768"):
+            itk_io.write_image(image, tmp_path / f"ours{suffix}")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_other_formats_go_through_itk(tmp_path):
     """A format without its own entry (here VTK) is read and written by ITK's IO factories."""
     image = image_of(np.int16)
