@@ -597,37 +597,53 @@ class _NiftiBytes:
         voxels = itk.array_view_from_image(image)  # in the machine's byte order, as ITK writes them
         return cls(bytes(header), voxels, _NIFTI_VOXEL_OFFSET + voxels.nbytes)
 
-    def read(self, start: int, length: int) -> bytes:
-        """The file's bytes ``start`` to ``start + length`` (fewer at its end)."""
+    def read(self, start: int, length: int):
+        """The file's bytes ``start`` to ``start + length`` (fewer at its end), bytes-like."""
         end = min(start + length, self.size)
         parts = [self.header[start:end]] if start < _NIFTI_VOXEL_OFFSET else []
         if end > _NIFTI_VOXEL_OFFSET:
             parts.append(self._voxel_bytes(max(start, _NIFTI_VOXEL_OFFSET) - _NIFTI_VOXEL_OFFSET,
                                            end - _NIFTI_VOXEL_OFFSET))
-        return b"".join(parts)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _voxel_bytes(self, first: int, end: int):
+    def _voxel_bytes(self, first: int, end: int) -> memoryview:
         """Bytes ``first`` to ``end`` of the voxels as the file holds them."""
         if self.voxels.ndim == 3:
             return memoryview(self.voxels.reshape(-1)).cast("B")[first:end]
-        # component after component, each a strided view of the interleaved voxels
         item = self.voxels.itemsize
-        values = self.voxels.reshape(-1, self.voxels.shape[-1])
         element, end_element = first // item, -(-end // item)
         pieces = []
         while element < end_element:
-            component, index = divmod(element, values.shape[0])
-            stop = min(values.shape[0], index + end_element - element)
-            pieces.append(np.ascontiguousarray(values[index:stop, component]))
+            component, index = divmod(element, self._values.shape[0])
+            stop = min(self._values.shape[0], index + end_element - element)
+            pieces.append(self._component(component, index, stop))
             element += stop - index
         skip = first - (first // item) * item
-        return memoryview(np.concatenate(pieces)).cast("B")[skip:skip + end - first]
+        voxels = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        return memoryview(voxels).cast("B")[skip:skip + end - first]
+
+    @property
+    def _values(self) -> np.ndarray:
+        """A vector image's voxels as (voxels, components)."""
+        return self.voxels.reshape(-1, self.voxels.shape[-1])
+
+    def _component(self, component: int, start: int, stop: int) -> np.ndarray:
+        """Voxels ``start`` to ``stop`` of one component, contiguous: a strided copy."""
+        return np.ascontiguousarray(self._values[start:stop, component])
 
     def write(self, path) -> None:
-        """Write the file to ``path``."""
+        """Write the file to ``path``: no more than one slab of a vector image's component is
+        copied at a time."""
         with open(path, "wb") as f:
-            for start in range(0, self.size, _NIFTI_WRITE_BYTES):
-                f.write(self.read(start, _NIFTI_WRITE_BYTES))
+            f.write(self.header)
+            if self.voxels.ndim == 3:
+                f.write(memoryview(self.voxels.reshape(-1)).cast("B"))
+                return
+            count, components = self._values.shape
+            step = max(1, _NIFTI_WRITE_BYTES // self.voxels.itemsize)
+            for component in range(components):
+                for start in range(0, count, step):
+                    f.write(self._component(component, start, min(start + step, count)))
 
 
 _NIFTI_WRITE_BYTES = 16 << 20
@@ -696,7 +712,7 @@ def gzip_file(source, target, threads: int | None = None, deflate=None) -> None:
 
             def deflated(module, module_level):
                 compressor = module.compressobj(module_level, zlib.DEFLATED, -zlib.MAX_WBITS,
-                                                **({"zdict": read[:primer]} if primer else {}))
+                                                **({"zdict": bytes(read[:primer])} if primer else {}))
                 return compressor.compress(chunk) + compressor.flush(zlib.Z_FINISH if end == size else zlib.Z_SYNC_FLUSH)
 
             compressed = deflated(deflate_module, level)
