@@ -34,11 +34,13 @@ def supports(displacement: torch.Tensor) -> bool:
     return available() and displacement.device.type == "cpu"
 
 
-def jacobian_determinant(displacement: torch.Tensor, half_weights: np.ndarray, inverse_direction=None) -> torch.Tensor:
+def jacobian_determinant(displacement: torch.Tensor, half_weights: np.ndarray, inverse_direction=None,
+                         out=None) -> torch.Tensor:
     """:func:`mgr_engine.resample.jacobian_determinant` on a CPU tensor: ``displacement`` (Z, Y, X, 3),
     ``half_weights`` the float32 (x, y, z) weights of the central differences, ``inverse_direction``
-    (3, 3) for the derivatives along the physical axes (None: along the index axes). (Z, Y, X) float32."""
-    out = torch.empty(displacement.shape[:3], dtype=torch.float32)
+    (3, 3) for the derivatives along the physical axes (None: along the index axes). (Z, Y, X)
+    float32, written into ``out`` where given (C-contiguous)."""
+    out = torch.empty(displacement.shape[:3], dtype=torch.float32) if out is None else out
     field = displacement.detach().to(torch.float32).contiguous().numpy()
     weights = np.ascontiguousarray(half_weights, dtype=np.float32)
     if inverse_direction is None:

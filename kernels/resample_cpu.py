@@ -57,9 +57,10 @@ def resample(phi: torch.Tensor, fixed_to_network, fixed_shape, volume: torch.Ten
 
 
 def displacement_field(phi: torch.Tensor, fixed_to_network, fixed_shape, network_to_physical,
-                       fixed_to_physical) -> torch.Tensor:
-    """:func:`mgr_engine.resample.displacement_field` on CPU tensors: (Z, Y, X, 3) float32, mm (x, y, z)."""
-    out = torch.empty((*fixed_shape, 3), dtype=torch.float32)
+                       fixed_to_physical, out=None) -> torch.Tensor:
+    """:func:`mgr_engine.resample.displacement_field` on CPU tensors: (Z, Y, X, 3) float32, mm (x, y, z),
+    written into ``out`` where given (C-contiguous)."""
+    out = torch.empty((*fixed_shape, 3), dtype=torch.float32) if out is None else out
     _resample_cpu.displacement_field(_map_array(phi), _affine(fixed_to_network), _affine(network_to_physical),
                                      _affine(fixed_to_physical), out.numpy(), torch.get_num_threads())
     return out

@@ -627,11 +627,13 @@ class RegistrationResult:
             itk_io.network_to_physical_affine(self.moving, self.phi_ab.shape[2:]))
         volume = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32 if array.dtype == np.float32 else np.float64))
         values = resample.resampled_image(*self._fixed_grid(), volume.to(self.device), network_to_index,
-                                          interpolation).cpu().numpy()
+                                          interpolation).cpu()
         if np.issubdtype(array.dtype, np.integer):  # as ITK: clamped to the type, then truncated
             info = np.iinfo(array.dtype)
-            values = np.clip(values, info.min, info.max)
-        return itk_io.image_like(values.astype(array.dtype), self.fixed)
+            values.clamp_(info.min, info.max)  # in place: a new 0.6 GB array at CT size took 1.4 s
+        warped, voxels = itk_io.new_image(values.shape, array.dtype, self.fixed)
+        np.copyto(voxels, values.numpy(), casting="unsafe")  # as astype: truncated toward 0
+        return warped
 
     def displacement_field(self):
         """Dense displacement field on the fixed grid: an ITK vector image (float32) of physical
@@ -641,10 +643,12 @@ class RegistrationResult:
         evaluated on the engine's device (:mod:`mgr_engine.resample`). Computed once (kept for
         :meth:`jacobian_determinant`)."""
         if "displacement_field" not in self._cache:
-            displacement = resample.displacement_field(
-                *self._fixed_grid(), itk_io.network_to_physical_affine(self.moving, self.phi_ab.shape[2:]),
-                itk_io.index_to_physical_affine(self.fixed))
-            self._cache["displacement_field"] = itk_io.image_like(displacement.cpu().numpy(), self.fixed, is_vector=True)
+            phi, fixed_to_network, fixed_shape = self._fixed_grid()
+            image, voxels = itk_io.new_image(fixed_shape, np.float32, self.fixed, is_vector=True)
+            resample.displacement_field(phi, fixed_to_network, fixed_shape,
+                                        itk_io.network_to_physical_affine(self.moving, self.phi_ab.shape[2:]),
+                                        itk_io.index_to_physical_affine(self.fixed), out=torch.from_numpy(voxels))
+            self._cache["displacement_field"] = image
         return self._cache["displacement_field"]
 
     def jacobian_determinant(self, physical: bool = False):

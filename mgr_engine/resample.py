@@ -77,18 +77,20 @@ def resampled_image(phi: torch.Tensor, fixed_to_network, fixed_shape, volume: to
 
 
 def displacement_field(phi: torch.Tensor, fixed_to_network, fixed_shape, network_to_physical,
-                       fixed_to_physical) -> torch.Tensor:
+                       fixed_to_physical, out=None) -> torch.Tensor:
     """The transform's displacement at each voxel of the fixed grid in mm, ``moving point - fixed
     point``: (Z, Y, X, 3) float32 (x, y, z) on ``phi``'s device. ``network_to_physical``: network
-    voxel -> moving physical point; ``fixed_to_physical``: fixed voxel index -> physical point."""
+    voxel -> moving physical point; ``fixed_to_physical``: fixed voxel index -> physical point.
+    ``out``: a (Z, Y, X, 3) float32 CPU tensor to write the field into (and return)."""
     if ops.use_cpp_resample(phi):
         from .kernels import resample_cpu
 
         return resample_cpu.displacement_field(phi, fixed_to_network, fixed_shape, network_to_physical,
-                                               fixed_to_physical)
+                                               fixed_to_physical, out)
     points = network_points(phi, fixed_to_network, fixed_shape)
     moved = _apply_affine(network_to_physical, points) - _affine_grid(fixed_to_physical, fixed_shape, phi.device)
-    return moved.permute(1, 2, 3, 0).float()
+    field = moved.permute(1, 2, 3, 0).float()
+    return field if out is None else out.copy_(field)
 
 
 def half_derivative_weights(spacing) -> np.ndarray:
@@ -97,7 +99,7 @@ def half_derivative_weights(spacing) -> np.ndarray:
     return np.array([np.float32(1.0 / np.float32(s)) * np.float32(0.5) for s in spacing], dtype=np.float32)
 
 
-def jacobian_determinant(displacement: torch.Tensor, spacing, direction=None) -> torch.Tensor:
+def jacobian_determinant(displacement: torch.Tensor, spacing, direction=None, out=None) -> torch.Tensor:
     """``det(I + du/dx)`` of a (Z, Y, X, 3) displacement field (mm, components x, y, z) with
     ``spacing`` (x, y, z): (Z, Y, X) float32 on the field's device.
 
@@ -111,13 +113,14 @@ def jacobian_determinant(displacement: torch.Tensor, spacing, direction=None) ->
     equal to ITK's on an axis-aligned grid.
 
     On CPU tensors the C++ kernel computes it (:mod:`mgr_engine.kernels.jacobian_cpu`, the same
-    operations); this tensor form is its reference, and the GPU's path."""
+    operations); this tensor form is its reference, and the GPU's path. ``out``: a (Z, Y, X)
+    float32 CPU tensor to write the result into (and return)."""
     weights = half_derivative_weights(spacing)
     inverse = None if direction is None else np.linalg.inv(np.asarray(direction, dtype=np.float64))
     if ops.use_cpp_jacobian(displacement):
         from .kernels import jacobian_cpu
 
-        return jacobian_cpu.jacobian_determinant(displacement, weights, inverse)
+        return jacobian_cpu.jacobian_determinant(displacement, weights, inverse, out)
     u = displacement.permute(3, 0, 1, 2).float()  # (3, Z, Y, X)
 
     def derivative(axis: int) -> torch.Tensor:  # of the three components along index axis x, y or z
@@ -134,8 +137,9 @@ def jacobian_determinant(displacement: torch.Tensor, spacing, direction=None) ->
         rows = [rows[0] * float(inverse[0, k]) + rows[1] * float(inverse[1, k]) + rows[2] * float(inverse[2, k])
                 for k in range(3)]
     r = [[rows[k][i] + 1 if i == k else rows[k][i] for i in range(3)] for k in range(3)]
-    return (r[0][0] * r[1][1] * r[2][2] - r[0][0] * r[2][1] * r[1][2] - r[1][0] * r[0][1] * r[2][2]
-            + r[1][0] * r[2][1] * r[0][2] + r[2][0] * r[0][1] * r[1][2] - r[2][0] * r[1][1] * r[0][2])
+    determinant = (r[0][0] * r[1][1] * r[2][2] - r[0][0] * r[2][1] * r[1][2] - r[1][0] * r[0][1] * r[2][2]
+                   + r[1][0] * r[2][1] * r[0][2] + r[2][0] * r[0][1] * r[1][2] - r[2][0] * r[1][1] * r[0][2])
+    return determinant if out is None else out.copy_(determinant)
 
 
 # ---------------- the PyTorch path of resampled_image and displacement_field (the GPU's, the C++ reference)

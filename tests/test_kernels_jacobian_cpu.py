@@ -82,6 +82,17 @@ def test_any_layout_and_dtype_of_the_field_and_any_thread_count():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("mode", ["cpp", "torch"])
+def test_the_determinant_is_written_into_out_on_either_path(mode):
+    """itk_io.jacobian_determinant passes the view of the ITK image the result goes into."""
+    field = folding_field((9, 14, 11))
+    with ops.kernel_mode(mode):
+        expected = resample.jacobian_determinant(field, SPACINGS[0], DIRECTION)
+        out = torch.full((9, 14, 11), float("nan"))
+        assert resample.jacobian_determinant(field, SPACINGS[0], DIRECTION, out=out) is out
+    assert torch.equal(out, expected)
+
+
 def test_the_extension_refuses_arrays_of_the_wrong_shape():
     from mgr_engine import _jacobian_cpu
 

@@ -68,6 +68,17 @@ def test_cpp_displacement_field_matches_the_pytorch_path():
     torch.testing.assert_close(cpp, torch_path, rtol=1e-6, atol=1e-5)
 
 
+def test_the_displacement_field_is_written_into_out_on_either_path(kernel):
+    """The engine passes the view of the ITK image the field goes into."""
+    phi = random_map(NETWORK, 0.15, seed=4)
+    affines = random_affine(5), random_affine(6), random_affine(7)
+    with ops.kernel_mode(kernel):
+        expected = resample.displacement_field(phi, affines[0], (12, 21, 18), *affines[1:])
+        out = torch.full((12, 21, 18, 3), float("nan"))
+        assert resample.displacement_field(phi, affines[0], (12, 21, 18), *affines[1:], out=out) is out
+    assert torch.equal(out, expected)
+
+
 def test_volumes_beyond_the_kernels_32_bit_offsets_take_the_pytorch_path():
     require_cpp_extension(resample_cpu)
     phi = torch.zeros(3, 4, 5, 6)
