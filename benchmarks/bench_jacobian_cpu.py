@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         with ops.kernel_mode("torch"):
             return resample.jacobian_determinant(field, SPACING, direction_or_none)
 
-    cases = [("physical axes", "tensor form", direction, lambda: tensor_form(direction), None)]
+    cases = []  # (axes, reference's name, direction or None, reference, its allocated memory or None to measure)
     try:
         import itk
 
@@ -84,10 +84,11 @@ def main(argv=None) -> int:
             f.Update()
             return torch.from_numpy(itk.array_from_image(f.GetOutput()))
 
-        cases.insert(0, ("index axes", f"ITK {itk.__version__} filter", None, itk_filter, "n/a"))
+        cases.append(("index axes", f"ITK {itk.__version__} filter", None, itk_filter, "n/a"))
     except ImportError:
         print("(itk does not import: no ITK row)")
-    cases.insert(1, ("index axes", "tensor form", None, lambda: tensor_form(None), None))
+    cases += [("index axes", "tensor form", None, lambda: tensor_form(None), None),
+              ("physical axes", "tensor form", direction, lambda: tensor_form(direction), None)]
     for axes, name, direction_or_none, reference, reference_mib in cases:
         expected, got = reference(), ours(direction_or_none)
         difference = float((got - expected).abs().max())

@@ -4,9 +4,10 @@
 //
 // Why: ITK's DisplacementFieldJacobianDeterminantFilter visits each voxel through a
 // neighbourhood iterator, and the tensor form (mgr_engine.resample.jacobian_determinant) makes
-// two dozen passes over volume-sized temporaries; on a 512x512x300 field and 2 cores they take
-// seconds, the physical form tens of seconds (benchmarks/RESULTS.md). Here a row of voxels is one
-// loop over the field, which reads each value from cache after its first use.
+// two dozen passes over volume-sized temporaries: 2.0-3.5 s on a 512x512x300 field and 2 cores,
+// 29 s for the physical form where freed memory goes back to the system (benchmarks/RESULTS.md).
+// Here a row of voxels is one loop over the field, which reads each value from cache after its
+// first use: 0.3-0.6 s.
 //
 // ITK's arithmetic in ITK's order, in float: central differences along the index axes, weighted
 // by half_weights (0.5 / spacing), the edge voxel repeated beyond the edge (ITK's zero-flux
