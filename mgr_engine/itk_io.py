@@ -208,13 +208,20 @@ def new_image(shape, dtype, reference, is_vector: bool = False):
         image_type = itk.Image[itk.Vector[itk.F, 3], 3]
     else:  # the image type itk.image_from_array gives this dtype
         image_type = type(itk.image_view_from_array(np.zeros((1, 1, 1), dtype)))
+    image = _allocated_image(image_type, shape, reference)
+    return image, itk.array_view_from_image(image)
+
+
+def _allocated_image(image_type, shape, reference, zeroed: bool = False):
+    """A new ``image_type`` of ``shape`` (Z, Y, X) on ``reference``'s spacing, origin and
+    direction, its voxels left as allocated (or ``zeroed``), set one by one (see :func:`new_image`)."""
     image = image_type.New()
     image.SetRegions([int(n) for n in reversed(tuple(shape))])
-    image.Allocate()
+    image.Allocate(zeroed)
     image.SetSpacing(reference.GetSpacing())
     image.SetOrigin(reference.GetOrigin())
     image.SetDirection(reference.GetDirection())
-    return image, itk.array_view_from_image(image)
+    return image
 
 
 def wrapped_class(module: str, name: str):
@@ -577,7 +584,11 @@ class _NiftiBytes:
 
     header: bytes
     voxels: np.ndarray  # (Z, Y, X) or (Z, Y, X, components), a view of the image
-    size: int  # bytes
+
+    @property
+    def size(self) -> int:
+        """The file's length in bytes."""
+        return len(self.header) + self.voxels.nbytes
 
     @classmethod
     def of(cls, image, scratch_folder=None) -> "_NiftiBytes | None":
@@ -592,12 +603,7 @@ class _NiftiBytes:
         size = [int(n) for n in image.GetLargestPossibleRegion().GetSize()]
         if max(size) > _NIFTI_MAX_SIZE:
             return None
-        small = type(image).New()
-        small.SetRegions([min(n, 2) for n in size])
-        small.Allocate(True)
-        small.SetSpacing(image.GetSpacing())
-        small.SetOrigin(image.GetOrigin())
-        small.SetDirection(image.GetDirection())
+        small = _allocated_image(type(image), [min(n, 2) for n in reversed(size)], image, zeroed=True)
         with tempfile.TemporaryDirectory(prefix=".nifti_header.", dir=scratch_folder) as folder:
             _write_with_itk(small, os.path.join(folder, "header.nii"))
             with open(os.path.join(folder, "header.nii"), "rb") as f:
@@ -610,8 +616,7 @@ class _NiftiBytes:
             log.debug("ITK's NIfTI header is not the one expected: ITK writes the file")
             return None
         struct.pack_into(f"{order}3h", header, _NIFTI_DIM_OFFSET + 2, *size)
-        voxels = itk.array_view_from_image(image)  # in the machine's byte order, as ITK writes them
-        return cls(bytes(header), voxels, _NIFTI_VOXEL_OFFSET + voxels.nbytes)
+        return cls(bytes(header), itk.array_view_from_image(image))  # the machine's byte order, as ITK's
 
     def read(self, start: int, length: int):
         """The file's bytes ``start`` to ``start + length`` (fewer at its end), bytes-like."""
