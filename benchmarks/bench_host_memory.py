@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,8 +32,9 @@ def peak_rss_gib() -> float:
 
 
 def measure(shape, repeats, io_repeats, cache) -> dict:
-    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
     import torch
+    from bench_kernels import timed
     from helpers import random_network, smooth_volume
 
     from mgr_engine import Engine, host_memory
@@ -46,18 +45,10 @@ def measure(shape, repeats, io_repeats, cache) -> dict:
     moving = torch.from_numpy(smooth_volume(shape, 1))[None, None]
     fixed = torch.from_numpy(smooth_volume(shape, 2))[None, None]
 
-    def median_seconds(fn, n):
-        fn()  # warm-up
-        times = []
-        for _ in range(n):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    no_io = median_seconds(lambda: engine.predict_map(moving, fixed), repeats)
+    no_io = timed(lambda: engine.predict_map(moving, fixed), "cpu", repeats, warmups=1)
     peak_no_io = peak_rss_gib()
-    io = median_seconds(lambda: engine.instance_optimize(moving, fixed, iterations=1, progress=False), io_repeats)
+    io = timed(lambda: engine.instance_optimize(moving, fixed, iterations=1, progress=False), "cpu", io_repeats,
+               warmups=1)
     return {"kept": host_memory.keeping_freed_memory(), "no_io": no_io, "peak_no_io": peak_no_io, "io": io,
             "peak_io": peak_rss_gib()}
 

@@ -34,9 +34,9 @@ from mgr_engine import losses, ops  # noqa: E402
 PEAK_GBS = {"H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100 NVL": 3900.0, "H100": 3350.0, "H200": 4800.0, "A100": 2039.0}
 
 
-def timed(fn, device, repeats):
-    """Median seconds of ``fn()`` over ``repeats`` runs after two warm-ups."""
-    for _ in range(2):
+def timed(fn, device, repeats, warmups: int = 2):
+    """Median seconds of ``fn()`` over ``repeats`` runs after ``warmups`` runs."""
+    for _ in range(warmups):
         fn()
     times = []
     for _ in range(repeats):

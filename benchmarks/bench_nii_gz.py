@@ -20,16 +20,15 @@ from __future__ import annotations
 import argparse
 import gzip
 import platform
-import statistics
 import sys
 import tempfile
-import time
 import zlib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
+import bench_kernels  # noqa: E402
 from bench_kernels import print_and_append  # noqa: E402
 
 
@@ -57,13 +56,9 @@ def synthetic_images(shape):
 
 
 def timed(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds of ``repeats`` runs after one warm-up (ITK's one-core writes take half a
+    minute at CT size)."""
+    return bench_kernels.timed(fn, "cpu", repeats, warmups=1)
 
 
 def main(argv=None):
