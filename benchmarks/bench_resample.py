@@ -145,6 +145,7 @@ def tensor_rows(args, device, phi):
     network_to_index = resample.compose_affines(resample.invert_affine(index_to_physical_affine(moving)),
                                                 network_to_physical_affine(moving, network))
     shape = tuple(args.fixed_shape)
+    displacement = torch.from_numpy(resample.map_displacement(phi[0].numpy()))  # as the result's transform holds it
     calls = {
         "moving image, linear": lambda m, v: resample.resampled_image(m, fixed_to_network, shape, v, network_to_index),
         "moving image, nearest": lambda m, v: resample.resampled_image(m, fixed_to_network, shape, v, network_to_index,
@@ -155,14 +156,14 @@ def tensor_rows(args, device, phi):
     cpu = device.type == "cpu"
     # first the CPU's own path (the C++ kernel where built), then the PyTorch path: forced on the
     # CPU, or on the CUDA device
-    sides = (("C++" if ops.use_cpp_resample(phi) else "PyTorch", torch.device("cpu"), "auto"),
+    sides = (("C++" if ops.use_cpp_resample(displacement) else "PyTorch", torch.device("cpu"), "auto"),
              ("PyTorch", torch.device("cpu"), "torch") if cpu else (f"PyTorch on {device.type}", device, "auto"))
     rows = []
     fields = {}
     for name, call in [*calls.items(), ("Jacobian determinant (tensor form)", None)]:
         outputs, seconds, cells = [], [], []
         for side, where, mode in sides:
-            m, v = phi[0].to(where), volume.to(where)
+            m, v = displacement.to(where), volume.to(where)
             if call is None:  # of the field this side computed
                 fn = functools.partial(resample.jacobian_determinant, fields[side], FIXED_SPACING)
             else:

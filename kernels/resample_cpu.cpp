@@ -1,19 +1,20 @@
-// The registration's transform at every voxel of the fixed image: the moving image resampled
-// onto the fixed grid, or the dense displacement field. Built by setup.py as
-// mgr_engine._resample_cpu; mgr_engine.kernels.resample_cpu wraps it.
+// A transform at every voxel of the fixed image: the moving image resampled onto the fixed grid,
+// or the dense displacement field. Built by setup.py as mgr_engine._resample_cpu;
+// mgr_engine.kernels.resample_cpu wraps it.
 //
-// Why: ITK evaluates the composite transform (affine, displacement field, affine) point by point
-// through virtual calls (262-333 ms at 160x192x160 on a 2-core AMD EPYC), and the same
-// arithmetic as whole-volume float64 tensor operations (mgr_engine.resample's PyTorch path)
-// makes a dozen passes over 118 MB temporaries (1.1-1.5 s). Here a row of fixed voxels goes through one
-// loop: its network positions, the map's displacement there, the moving points (vectorized
-// with AVX2 / AVX-512 gathers); then the image is sampled at them (a second loop, which GCC does
-// not vectorize). In double, as ITK computes.
+// The transform is ITK's composite of an affine, a displacement field on a grid and an affine:
+// the result's transform (a network map), or one read from a file of that form. Why: ITK
+// evaluates it point by point through virtual calls (262-333 ms at 160x192x160 on a 2-core AMD
+// EPYC), and the same arithmetic as whole-volume float64 tensor operations (mgr_engine.resample's
+// PyTorch path) makes a dozen passes over 118 MB temporaries (1.1-1.5 s). Here a row of fixed
+// voxels goes through one loop: its grid positions, the displacement there, the moving points
+// (vectorized with AVX2 / AVX-512 gathers); then the image is sampled at them (a second loop,
+// which GCC does not vectorize). In double, as ITK computes.
 //
 // ITK's rules: a continuous index is inside an image when it lies in [-0.5, n - 0.5) on every
 // axis; linear interpolation clamps its corners into the image (and the image's interpolator
 // takes ITK's order of operations, see interpolate_like_itk); nearest neighbour rounds halves
-// up. Outside the network grid the map adds no displacement; outside the image the value is 0.
+// up. Outside the field's grid the transform adds no displacement; outside the image the value is 0.
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -21,6 +22,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_kernel.h"  // Array, check, CPU_DISPATCH, INLINE_INTO_CLONES
@@ -73,7 +76,7 @@ INLINE_INTO_CLONES double clamp_index(double c, int32_t n) {
 }
 
 // Lower corner and weight of the upper one along an axis, the corners clamped into [0, n - 1];
-// an axis of one voxel has one corner. For the map's weighted sum (Stencil): at the last voxel
+// an axis of one voxel has one corner. For the displacement's weighted sum (Stencil): at the last voxel
 // it takes the one before with weight 0, so the step is the grid's, the same for every point of
 // the vectorized point loops. The image's interpolation takes itk_axis_corner instead.
 INLINE_INTO_CLONES void axis_corner(double c, int32_t n, int32_t& lower, int32_t& step, double& fraction) {
@@ -95,7 +98,8 @@ INLINE_INTO_CLONES void itk_axis_corner(double c, int32_t n, int32_t& lower, int
     fraction = clamped - double(lower);
 }
 
-// Trilinear offsets and weights of a continuous index in a grid.
+// Trilinear offsets and weights of a continuous index in a grid of three interleaved components
+// (the displacement field), offsets counted in components.
 struct Stencil {
     int32_t offset[8];
     double weight[8];
@@ -109,15 +113,14 @@ struct Stencil {
 #pragma GCC unroll 8
         for (int k = 0; k < 8; ++k) {
             const int bx = k & 1, by = (k >> 1) & 1, bz = (k >> 2) & 1;
-            offset[k] = base + bz * dz * g.ny * g.nx + by * dy * g.nx + bx * dx;
+            offset[k] = 3 * (base + bz * dz * g.ny * g.nx + by * dy * g.nx + bx * dx);
             weight[k] = (bx ? fx : 1.0 - fx) * (by ? fy : 1.0 - fy) * (bz ? fz : 1.0 - fz);
         }
     }
-    template <typename T>
-    INLINE_INTO_CLONES double sample(const T* volume) const {
+    INLINE_INTO_CLONES double sample(const double* component) const {
         double value = 0.0;
 #pragma GCC unroll 8
-        for (int k = 0; k < 8; ++k) value += weight[k] * double(volume[offset[k]]);
+        for (int k = 0; k < 8; ++k) value += weight[k] * component[offset[k]];
         return value;
     }
 };
@@ -145,42 +148,52 @@ INLINE_INTO_CLONES double interpolate_like_itk(Point c, const Grid& g, const T* 
     return xx0 + (xx1 - xx0) * fz;
 }
 
-// The network voxel a fixed voxel lands on: its own network position q plus the map's
-// displacement at q in network voxels, (phi(q) - identity(q)) * (n - 1) per axis; none where q
-// is outside the network grid. phi is the map (3, D, H, W), channels indexing (D, H, W) =
-// (z, y, x), in [0, 1].
-struct NetworkMap {
-    const float *phi_z, *phi_y, *phi_x;
+// The grid index a point lands on: its own grid index q plus the displacement at q (grid
+// voxels, trilinear with the corners clamped into the grid), none where q is outside the grid.
+// The displacement is a (D, H, W, 3) array of (x, y, z) components, as ITK's displacement field
+// image holds it: for the result's map, (phi - identity) * (n - 1) per axis.
+struct GridDisplacement {
+    const double* field;
     Grid grid;
-    explicit NetworkMap(const Array<float>& map)
-        : grid(map.ndim() == 4 ? map.shape(1) : 0, map.ndim() == 4 ? map.shape(2) : 0, map.ndim() == 4 ? map.shape(3) : 0) {
-        check(map.ndim() == 4 && map.shape(0) == 3, "the map is a (3, D, H, W) array");
-        const int64_t plane = map.shape(1) * map.shape(2) * map.shape(3);
-        phi_z = map.data(), phi_y = phi_z + plane, phi_x = phi_y + plane;
+    explicit GridDisplacement(const Array<double>& displacement)
+        : field(displacement.data()),
+          grid(displacement.ndim() == 4 ? displacement.shape(0) : 0, displacement.ndim() == 4 ? displacement.shape(1) : 0,
+               displacement.ndim() == 4 ? displacement.shape(2) : 0) {
+        check(displacement.ndim() == 4 && displacement.shape(3) == 3, "the displacement is a (D, H, W, 3) array");
+        check(displacement.size() < (int64_t(1) << 31), "a displacement of 2^31 components or more");
     }
-    INLINE_INTO_CLONES Point moving_point(Point q) const {
+    INLINE_INTO_CLONES Point moved(Point q) const {
         const Stencil s(q, grid);
         const double keep = grid.contains(q) ? 1.0 : 0.0;
-        // Interpolating the identity with clamped corners gives the clamped index itself.
-        return {q.x + keep * (s.sample(phi_x) * double(grid.nx - 1) - clamp_index(q.x, grid.nx)),
-                q.y + keep * (s.sample(phi_y) * double(grid.ny - 1) - clamp_index(q.y, grid.ny)),
-                q.z + keep * (s.sample(phi_z) * double(grid.nz - 1) - clamp_index(q.z, grid.nz))};
+        return {q.x + keep * s.sample(field), q.y + keep * s.sample(field + 1), q.z + keep * s.sample(field + 2)};
     }
 };
 
-// What resample() needs of its arguments, checked.
+// A resampled value in the image's pixel type as ITK's ResampleImageFilter casts it: an integer
+// type clamped to its range, then truncated toward 0; a floating-point one rounded.
+template <typename T>
+INLINE_INTO_CLONES T cast_like_itk(double value) {
+    if constexpr (std::is_integral_v<T>) {
+        constexpr double low = double(std::numeric_limits<T>::lowest()), high = double(std::numeric_limits<T>::max());
+        return T(value < low ? low : (value > high ? high : value));
+    } else {
+        return T(value);
+    }
+}
+
+// What resample() needs of its arguments, checked. The output has the image's pixel type.
 template <typename T>
 struct Resampling {
-    NetworkMap map;
-    Affine fixed_to_network, network_to_index;
+    GridDisplacement displacement;
+    Affine fixed_to_grid, grid_to_index;
     Grid image_grid;
     const T* image;
     bool nearest;
-    double* result;
+    T* result;
     int64_t nz, ny, nx;
-    Resampling(const Array<float>& phi, const Array<double>& fixed_to_network_array, const Array<T>& volume,
-               const Array<double>& network_to_index_array, bool nearest_neighbour, Array<double>& out)
-        : map(phi), fixed_to_network(fixed_to_network_array), network_to_index(network_to_index_array),
+    Resampling(const Array<double>& displacement_array, const Array<double>& fixed_to_grid_array, const Array<T>& volume,
+               const Array<double>& grid_to_index_array, bool nearest_neighbour, Array<T>& out)
+        : displacement(displacement_array), fixed_to_grid(fixed_to_grid_array), grid_to_index(grid_to_index_array),
           image_grid(volume.ndim() == 3 ? volume.shape(0) : 0, volume.ndim() == 3 ? volume.shape(1) : 0,
                      volume.ndim() == 3 ? volume.shape(2) : 0),
           image(volume.data()), nearest(nearest_neighbour), result(out.mutable_data()) {
@@ -198,17 +211,17 @@ INLINE_INTO_CLONES void resample_row(const Resampling<T>& r, int64_t z, int64_t 
     const int64_t nx = r.nx;
     double *index_x = buffer, *index_y = buffer + nx, *index_z = buffer + 2 * nx;
     // Row constants as locals: the vectorizer takes no loads through the shared copies.
-    const Point start = r.fixed_to_network({0.0, double(y), double(z)}), step = r.fixed_to_network.x_step();
-    const NetworkMap network = r.map;
-    const Affine to_index = r.network_to_index;
+    const Point start = r.fixed_to_grid({0.0, double(y), double(z)}), step = r.fixed_to_grid.x_step();
+    const GridDisplacement displacement = r.displacement;
+    const Affine to_index = r.grid_to_index;
 #pragma omp simd
     for (int64_t x = 0; x < nx; ++x) {
-        const Point c = to_index(network.moving_point(along_row(start, step, x)));
+        const Point c = to_index(displacement.moved(along_row(start, step, x)));
         index_x[x] = c.x, index_y[x] = c.y, index_z[x] = c.z;
     }
     const Grid grid = r.image_grid;
     const T* pixels = r.image;
-    double* row = r.result + (z * r.ny + y) * nx;
+    T* row = r.result + (z * r.ny + y) * nx;
     if (r.nearest) {
 #pragma omp simd
         for (int64_t x = 0; x < nx; ++x) {
@@ -217,15 +230,15 @@ INLINE_INTO_CLONES void resample_row(const Resampling<T>& r, int64_t z, int64_t 
             const int32_t i = int32_t(clamp_index(std::floor(c.x + 0.5), grid.nx));
             const int32_t j = int32_t(clamp_index(std::floor(c.y + 0.5), grid.ny));
             const int32_t k = int32_t(clamp_index(std::floor(c.z + 0.5), grid.nz));
-            const double value = double(pixels[(k * grid.ny + j) * grid.nx + i]);
-            row[x] = grid.contains(c) ? value : 0.0;
+            const T value = pixels[(k * grid.ny + j) * grid.nx + i];
+            row[x] = grid.contains(c) ? value : T(0);
         }
     } else {
 #pragma omp simd
         for (int64_t x = 0; x < nx; ++x) {
             const Point c{index_x[x], index_y[x], index_z[x]};
-            const double value = interpolate_like_itk(c, grid, pixels);
-            row[x] = grid.contains(c) ? value : 0.0;
+            const T value = cast_like_itk<T>(interpolate_like_itk(c, grid, pixels));
+            row[x] = grid.contains(c) ? value : T(0);
         }
     }
 }
@@ -238,24 +251,38 @@ INLINE_INTO_CLONES void resample_row(const Resampling<T>& r, int64_t z, int64_t 
             for (int64_t y = 0; y < r.ny; ++y) resample_row(r, z, y, buffer.data()); \
     }
 
-CPU_DISPATCH void resample(const Array<float>& phi, const Array<double>& fixed_to_network, const Array<float>& volume,
-                           const Array<double>& network_to_index, bool nearest, Array<double>& out, int threads) {
-    const Resampling<float> r(phi, fixed_to_network, volume, network_to_index, nearest, out);
-    RESAMPLE_ROWS(r, threads)
+// One clone set per pixel type ITK's Python reads images as: the image is sampled as it is, and
+// the output written in its type (a float64 copy of a 512x512x300 int16 CT, and a float64
+// output, were 1.2 GB more and seconds of page faults).
+#define RESAMPLE(T)                                                                                                  \
+    CPU_DISPATCH void resample(const Array<double>& displacement, const Array<double>& fixed_to_grid,               \
+                               const Array<T>& volume, const Array<double>& grid_to_index, bool nearest,            \
+                               Array<T>& out, int threads) {                                                        \
+        const Resampling<T> r(displacement, fixed_to_grid, volume, grid_to_index, nearest, out);                    \
+        RESAMPLE_ROWS(r, threads)                                                                                    \
+    }
+RESAMPLE(uint8_t)
+RESAMPLE(int16_t)
+RESAMPLE(uint16_t)
+RESAMPLE(int32_t)
+RESAMPLE(uint32_t)
+RESAMPLE(float)
+RESAMPLE(double)
+
+template <typename T>
+void define_resample(py::module_& m) {
+    m.def("resample", py::overload_cast<const Array<double>&, const Array<double>&, const Array<T>&,
+                                        const Array<double>&, bool, Array<T>&, int>(&resample),
+          py::arg("displacement"), py::arg("fixed_to_grid"), py::arg("volume").noconvert(), py::arg("grid_to_index"),
+          py::arg("nearest"), py::arg("out").noconvert(), py::arg("threads"), py::call_guard<py::gil_scoped_release>());
 }
 
-CPU_DISPATCH void resample(const Array<float>& phi, const Array<double>& fixed_to_network, const Array<double>& volume,
-                           const Array<double>& network_to_index, bool nearest, Array<double>& out, int threads) {
-    const Resampling<double> r(phi, fixed_to_network, volume, network_to_index, nearest, out);
-    RESAMPLE_ROWS(r, threads)
-}
-
-CPU_DISPATCH void displacement_field(const Array<float>& phi, const Array<double>& fixed_to_network_array,
-                                     const Array<double>& network_to_physical_array,
+CPU_DISPATCH void displacement_field(const Array<double>& displacement_array, const Array<double>& fixed_to_grid_array,
+                                     const Array<double>& grid_to_physical_array,
                                      const Array<double>& fixed_to_physical_array, Array<float>& out, int threads) {
     check(out.ndim() == 4 && out.shape(3) == 3, "the displacement field is a (Z, Y, X, 3) array");
-    const NetworkMap map(phi);
-    const Affine fixed_to_network(fixed_to_network_array), network_to_physical(network_to_physical_array),
+    const GridDisplacement displacement(displacement_array);
+    const Affine fixed_to_grid(fixed_to_grid_array), grid_to_physical(grid_to_physical_array),
         fixed_to_physical(fixed_to_physical_array);
     const int64_t nz = out.shape(0), ny = out.shape(1), nx = out.shape(2);
     float* result = out.mutable_data();
@@ -263,14 +290,14 @@ CPU_DISPATCH void displacement_field(const Array<float>& phi, const Array<double
     for (int64_t z = 0; z < nz; ++z)
         for (int64_t y = 0; y < ny; ++y) {
             // Row constants as locals: the vectorizer takes no loads through the shared copies.
-            const Point start = fixed_to_network({0.0, double(y), double(z)}), step = fixed_to_network.x_step();
+            const Point start = fixed_to_grid({0.0, double(y), double(z)}), step = fixed_to_grid.x_step();
             const Point own_start = fixed_to_physical({0.0, double(y), double(z)}), own_step = fixed_to_physical.x_step();
-            const NetworkMap network = map;
-            const Affine to_physical = network_to_physical;
+            const GridDisplacement grid_displacement = displacement;
+            const Affine to_physical = grid_to_physical;
             float* row = result + (z * ny + y) * nx * 3;
 #pragma omp simd
             for (int64_t x = 0; x < nx; ++x) {
-                const Point moved = to_physical(network.moving_point(along_row(start, step, x)));
+                const Point moved = to_physical(grid_displacement.moved(along_row(start, step, x)));
                 const Point own = along_row(own_start, own_step, x);
                 row[3 * x] = float(moved.x - own.x);
                 row[3 * x + 1] = float(moved.y - own.y);
@@ -282,16 +309,15 @@ CPU_DISPATCH void displacement_field(const Array<float>& phi, const Array<double
 }  // namespace
 
 PYBIND11_MODULE(_resample_cpu, m) {
-    m.doc() = "The registration's transform at every fixed voxel: the resampled image or the displacement field";
-    m.def("resample", py::overload_cast<const Array<float>&, const Array<double>&, const Array<float>&,
-                                        const Array<double>&, bool, Array<double>&, int>(&resample),
-          py::arg("phi"), py::arg("fixed_to_network"), py::arg("volume").noconvert(), py::arg("network_to_index"), py::arg("nearest"),
-          py::arg("out").noconvert(), py::arg("threads"), py::call_guard<py::gil_scoped_release>());
-    m.def("resample", py::overload_cast<const Array<float>&, const Array<double>&, const Array<double>&,
-                                        const Array<double>&, bool, Array<double>&, int>(&resample),
-          py::arg("phi"), py::arg("fixed_to_network"), py::arg("volume").noconvert(), py::arg("network_to_index"), py::arg("nearest"),
-          py::arg("out").noconvert(), py::arg("threads"), py::call_guard<py::gil_scoped_release>());
-    m.def("displacement_field", &displacement_field, py::arg("phi"), py::arg("fixed_to_network"),
-          py::arg("network_to_physical"), py::arg("fixed_to_physical"), py::arg("out").noconvert(), py::arg("threads"),
+    m.doc() = "A transform at every fixed voxel: the resampled image or the displacement field";
+    define_resample<uint8_t>(m);
+    define_resample<int16_t>(m);
+    define_resample<uint16_t>(m);
+    define_resample<int32_t>(m);
+    define_resample<uint32_t>(m);
+    define_resample<float>(m);
+    define_resample<double>(m);
+    m.def("displacement_field", &displacement_field, py::arg("displacement"), py::arg("fixed_to_grid"),
+          py::arg("grid_to_physical"), py::arg("fixed_to_physical"), py::arg("out").noconvert(), py::arg("threads"),
           py::call_guard<py::gil_scoped_release>());
 }

@@ -294,24 +294,20 @@ def transform_to_displacement_field(transform, reference):
 
 def displacement_transform(phi: np.ndarray):
     """An ITK DisplacementFieldTransform on the network grid (unit spacing, zero origin, identity
-    direction) of a (3, D, H, W) map in [0, 1]: its displacement in network voxels,
-    ``(phi - identity) * (n - 1)`` per axis in float64, components (x, y, z).
+    direction) of a (3, D, H, W) map in [0, 1]: its displacement in network voxels
+    (:func:`mgr_engine.resample.map_displacement`, float64, components (x, y, z)).
 
     The field is computed straight into an ``itk.Image[itk.Vector[itk.D, 3], 3]``, the type the
     transform holds: a ``VectorImage`` from ``itk.image_from_array`` costs two more copies of
     128 MB at 175^3 (the array's, then the transform's conversion of it, 60 ms)."""
     import itk
 
-    shape = phi.shape[1:]
+    from .resample import map_displacement
+
     image = itk.Image[itk.Vector[itk.D, 3], 3].New()
-    image.SetRegions([int(n) for n in reversed(shape)])
+    image.SetRegions([int(n) for n in reversed(phi.shape[1:])])
     image.Allocate()
-    field = itk.array_view_from_image(image)  # (D, H, W, [x, y, z]), the image's own buffer
-    for channel, n in enumerate(shape):
-        identity = (np.arange(n, dtype=np.float64) / (n - 1)).reshape([-1 if axis == channel else 1 for axis in range(3)])
-        component = field[..., 2 - channel]  # channel 0 indexes D, the z axis
-        np.subtract(phi[channel], identity, out=component)  # float32 promoted: float64 arithmetic
-        component *= n - 1
+    map_displacement(phi, out=itk.array_view_from_image(image))
     field_transform = wrapped_class("itkDisplacementFieldTransform", "itkDisplacementFieldTransformD3")
     transform = (field_transform or itk.DisplacementFieldTransform[itk.D, 3]).New()
     transform.SetDisplacementField(image)
@@ -341,6 +337,113 @@ def map_to_transform(phi: np.ndarray, source_image, target_image):
     composite.AddTransform(displacement_transform(phi))
     composite.AddTransform(network_to_physical(target_image, shape).GetInverseTransform())
     return composite
+
+
+def grid_transform(transform):
+    """``transform`` (an ITK transform, as :func:`read_transform` gives it) as a
+    :class:`mgr_engine.resample.GridTransform`, for :func:`warp_image` and
+    :func:`grid_displacement_field`, where it is of that form: a displacement field transform,
+    alone or in a composite with linear transforms before and after it, as this engine's and
+    unigradicon's transform files are. None for any other transform (ITK's filters evaluate
+    those: :func:`resample`, :func:`transform_to_displacement_field`). The field is taken as
+    interpolated linearly: a transform file holds no interpolator, and ITK's Python wrapping has
+    no other one for a field.
+
+    The field's grid (spacing, origin, direction) goes into the affines, its displacement (mm)
+    into grid voxels; on a grid of unit spacing and identity direction (this engine's) the
+    displacement is the transform's own array, not a copy."""
+    import itk
+    import torch
+
+    from .resample import GridTransform, compose_affines, invert_affine
+
+    transform = down_cast(transform)
+    if transform.GetNameOfClass() == "CompositeTransform":
+        parts = [down_cast(transform.GetNthTransform(i)) for i in range(transform.GetNumberOfTransforms())]
+    else:
+        parts = [transform]
+    parts.reverse()  # in the order they are applied: a composite applies its last-added first
+    fields = [i for i, part in enumerate(parts) if part.GetNameOfClass() == "DisplacementFieldTransform"]
+    if len(fields) != 1:
+        return None
+    affines = [_linear_affine(part) for i, part in enumerate(parts) if i != fields[0]]
+    if any(a is None for a in affines):
+        return None
+    before, after = np.eye(3, 4), np.eye(3, 4)
+    for affine in affines[:fields[0]]:
+        before = compose_affines(affine, before)
+    for affine in affines[fields[0]:]:
+        after = compose_affines(affine, after)
+    field = parts[fields[0]].GetDisplacementField()
+    displacement = torch.from_numpy(itk.array_view_from_image(field))
+    grid_to_physical = index_to_physical_affine(field)
+    if not np.array_equal(grid_to_physical[:, :3], np.eye(3)):
+        displacement = displacement @ torch.from_numpy(np.linalg.inv(grid_to_physical[:, :3]).T)  # mm -> grid voxels
+    return GridTransform(displacement, compose_affines(invert_affine(grid_to_physical), before),
+                         compose_affines(after, grid_to_physical))
+
+
+def _linear_affine(transform):
+    """A linear ITK transform's (3, 4) affine, or None for another kind."""
+    name = transform.GetNameOfClass()
+    if name == "IdentityTransform":
+        return np.eye(3, 4)
+    if name == "TranslationTransform":
+        return np.concatenate([np.eye(3), np.asarray(transform.GetOffset(), dtype=np.float64)[:, None]], axis=1)
+    if transform.IsLinear() and hasattr(transform, "GetMatrix") and hasattr(transform, "GetOffset"):
+        return np.concatenate([_matrix_array(transform.GetMatrix()),
+                               np.asarray(transform.GetOffset(), dtype=np.float64)[:, None]], axis=1)
+    return None
+
+
+def _fixed_grid_affines(grid, reference):
+    """``reference``'s voxel index -> ``grid``'s index, and ``reference``'s (Z, Y, X) shape."""
+    from .resample import compose_affines
+
+    shape = tuple(int(n) for n in reversed(reference.GetLargestPossibleRegion().GetSize()))
+    return compose_affines(grid.to_grid, index_to_physical_affine(reference)), shape
+
+
+def warp_image(grid, image, reference, interpolation: str = "linear", device="cpu"):
+    """``image`` resampled onto ``reference``'s grid through ``grid`` (a
+    :class:`mgr_engine.resample.GridTransform`, reference point -> image point), 0 outside the
+    image; the pixel type kept, an integer type clamped and truncated as ITK does. What
+    :func:`resample` (ITK's ``ResampleImageFilter``) computes through the same transform,
+    evaluated on ``device`` (:func:`mgr_engine.resample.resampled_image`; on the CPU in C++,
+    straight from the image's voxels into the output's)."""
+    import itk
+    import torch
+
+    from .resample import compose_affines, invert_affine, resampled_image
+
+    array = itk.array_view_from_image(image)
+    fixed_to_grid, shape = _fixed_grid_affines(grid, reference)
+    grid_to_index = compose_affines(invert_affine(index_to_physical_affine(image)), grid.from_grid)
+    warped, voxels = new_image(shape, array.dtype, reference)
+    displacement = grid.displacement.to(device)
+    if hasattr(torch, str(array.dtype)):
+        resampled_image(displacement, fixed_to_grid, shape, torch.from_numpy(np.ascontiguousarray(array)).to(device),
+                        grid_to_index, interpolation, out=torch.from_numpy(voxels))
+    else:  # uint16 / uint32 before torch 2.3, which has no such dtype: through int64, which holds each value
+        volume = torch.from_numpy(array.astype(np.int64)).to(device)
+        voxels[...] = resampled_image(displacement, fixed_to_grid, shape, volume, grid_to_index, interpolation).cpu().numpy()
+    return warped
+
+
+def grid_displacement_field(grid, reference, device="cpu"):
+    """``grid``'s displacement (a :class:`mgr_engine.resample.GridTransform`) at every voxel of
+    ``reference``'s grid in mm, ``transform(p) - p``: an ``Image[Vector[F, 3], 3]``, what
+    :func:`transform_to_displacement_field` (ITK's filter) computes from the same transform,
+    evaluated on ``device`` (:func:`mgr_engine.resample.displacement_field`; on the CPU in C++)."""
+    import torch
+
+    from .resample import displacement_field
+
+    fixed_to_grid, shape = _fixed_grid_affines(grid, reference)
+    image, voxels = new_image(shape, np.float32, reference, is_vector=True)
+    displacement_field(grid.displacement.to(device), fixed_to_grid, shape, grid.from_grid,
+                       index_to_physical_affine(reference), out=torch.from_numpy(voxels))
+    return image
 
 
 def _suffix(path: Path) -> str:

@@ -132,7 +132,7 @@ def use_cpp_last_conv(x: torch.Tensor, conv: torch.nn.Conv3d) -> bool:
 
 def use_cpp_resample(*tensors: torch.Tensor) -> bool:
     """Whether a result's full-resolution resampling (:mod:`mgr_engine.resample`) of ``tensors``
-    (the map, the image) runs in C++ under the current mode (:mod:`mgr_engine.kernels.resample_cpu`,
+    (the displacement, the image) runs in C++ under the current mode (:mod:`mgr_engine.kernels.resample_cpu`,
     CPU tensors)."""
     from .kernels import resample_cpu
 

@@ -1,23 +1,27 @@
-"""The registration's transform evaluated at every voxel of the fixed image, on the engine's device.
+"""A registration's transform evaluated at every voxel of the fixed image, on the engine's device.
 
 :func:`mgr_engine.itk_io.map_to_transform` builds ITK's transform of a network map: fixed
-physical point -> network voxel -> plus the map's displacement -> moving physical point.
-Resampling the moving image through it with ITK's ``ResampleImageFilter``, or rasterizing it with
-``TransformToDisplacementFieldFilter``, evaluates that composite transform point by point on the
-host: 0.3 s each at 160x192x160 on a 2-core CPU, more than the whole network on a GPU. Here
-the same arithmetic runs in C++ on the CPU (:mod:`mgr_engine.kernels.resample_cpu`) and as
-whole-volume tensor operations elsewhere (the PyTorch path below, the reference of the C++ one).
+physical point -> network voxel -> plus the map's displacement -> moving physical point; a
+:class:`GridTransform` holds the same three parts as arrays, taken from that transform or from a
+transform file of that form (:func:`mgr_engine.itk_io.grid_transform`). Resampling the moving image through it
+with ITK's ``ResampleImageFilter``, or rasterizing it with ``TransformToDisplacementFieldFilter``,
+evaluates that composite transform point by point on the host: 0.3 s each at 160x192x160 on a
+2-core CPU, more than the whole network on a GPU. Here the same arithmetic runs in C++ on the
+CPU (:mod:`mgr_engine.kernels.resample_cpu`) and as whole-volume tensor operations elsewhere
+(the PyTorch path below, the reference of the C++ one).
 
 ITK's rules, reproduced: a point is inside an image when its continuous index lies in
 ``[-0.5, size - 0.5)`` on every axis; linear interpolation then clamps the eight corners into
 the image (the half voxel beyond the edge repeats the edge) and interpolates an image in ITK's
 order of operations (exact between equal voxels, which an integer image's truncation needs),
 nearest neighbour rounds halves up.
-Outside the network grid the map adds no displacement; outside the image the value is 0.
-Coordinates are computed in float64, as ITK computes them.
+Outside the displacement's grid the transform adds no displacement; outside the image the value
+is 0. Coordinates are computed in float64, as ITK computes them.
 
 Affine maps are ``(3, 4)`` float64 arrays ``[matrix | offset]`` in ITK's (x, y, z) order; a
-map ``phi`` is ``(3, D, H, W)`` in [0, 1], channels indexing (D, H, W) (see :mod:`mgr_engine.ops`).
+map ``phi`` is ``(3, D, H, W)`` in [0, 1], channels indexing (D, H, W) (see :mod:`mgr_engine.ops`);
+a displacement is ``(D, H, W, 3)`` float64 in grid voxels, components (x, y, z), as ITK's
+displacement field image holds it.
 
 Reference: ITK (:func:`mgr_engine.itk_io.resample`, ``itk.transform_to_displacement_field_filter``,
 ``itk.displacement_field_jacobian_determinant_filter``);
@@ -25,6 +29,8 @@ test: ``tests/test_resample.py``; benchmark: ``benchmarks/bench_resample.py``.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -52,43 +58,83 @@ def invert_affine(affine: np.ndarray) -> np.ndarray:
     return np.concatenate([inverse, (-inverse @ affine[:, 3])[:, None]], axis=1)
 
 
-def resampled_image(phi: torch.Tensor, fixed_to_network, fixed_shape, volume: torch.Tensor, network_to_index,
-                    interpolation: str = "linear") -> torch.Tensor:
-    """``volume`` (Z, Y, X), an image in moving space, at the moving point of each voxel of the
-    (Z, Y, X) ``fixed_shape`` grid: (Z, Y, X) float64 on ``phi``'s device, 0 outside the image.
+@dataclass(frozen=True)
+class GridTransform:
+    """A transform of ITK's form ``affine o displacement field o affine``: an input physical
+    point -> ``to_grid`` -> grid index q -> ``q + displacement(q)`` (trilinear, none outside the
+    grid) -> ``from_grid`` -> output physical point (mm).
 
-    ``fixed_to_network``: fixed voxel index -> network voxel; ``network_to_index``: network voxel
-    -> ``volume``'s continuous index (through the moving image's physical space)."""
+    ``displacement``: (D, H, W, 3) float64 in grid voxels, components (x, y, z); ``to_grid`` and
+    ``from_grid``: (3, 4) float64 affines. A registration's transform (fixed point -> moving
+    point) is one on the network grid, its displacement :func:`map_displacement` of the map."""
+
+    displacement: torch.Tensor
+    to_grid: np.ndarray
+    from_grid: np.ndarray
+
+
+def map_displacement(phi: np.ndarray, out=None) -> np.ndarray:
+    """The displacement of a (3, D, H, W) map in [0, 1] in network voxels, ``(phi - identity) *
+    (n - 1)`` per axis in float64: (D, H, W, 3), components (x, y, z); the field of the result's
+    ITK transform (:func:`mgr_engine.itk_io.displacement_transform`). ``out``: a (D, H, W, 3)
+    float64 array to write it into (and return). In numpy: 70 ms at 175^3, torch's strided
+    writes took 110-160 ms."""
+    shape = phi.shape[1:]
+    out = np.empty((*shape, 3), dtype=np.float64) if out is None else out
+    for channel, n in enumerate(shape):
+        identity = (np.arange(n, dtype=np.float64) / (n - 1)).reshape([-1 if axis == channel else 1 for axis in range(3)])
+        component = out[..., 2 - channel]  # channel 0 indexes D, the z axis
+        np.subtract(phi[channel], identity, out=component)  # float32 promoted: float64 arithmetic
+        component *= n - 1
+    return out
+
+
+def resampled_image(displacement: torch.Tensor, fixed_to_grid, fixed_shape, volume: torch.Tensor, grid_to_index,
+                    interpolation: str = "linear", out=None) -> torch.Tensor:
+    """``volume`` (Z, Y, X), an image in moving space, at the moving point of each voxel of the
+    (Z, Y, X) ``fixed_shape`` grid: (Z, Y, X) of ``volume``'s dtype on ``displacement``'s device,
+    0 outside the image, cast as ITK's ``ResampleImageFilter`` casts (an integer type clamped to
+    its range, then truncated toward 0).
+
+    ``displacement``: a :class:`GridTransform`'s; ``fixed_to_grid``: fixed voxel index -> grid
+    index; ``grid_to_index``: grid index plus displacement -> ``volume``'s continuous index
+    (through the moving image's physical space). ``out``: a (Z, Y, X) CPU tensor of ``volume``'s
+    dtype to write the result into (and return)."""
     check_interpolation(interpolation)
-    if ops.use_cpp_resample(phi, volume):
+    if ops.use_cpp_resample(displacement, volume):
         from .kernels import resample_cpu
 
-        volume = volume if volume.dtype in (torch.float32, torch.float64) else volume.double()
-        return resample_cpu.resample(phi, fixed_to_network, fixed_shape, volume, network_to_index,
-                                     interpolation == "nearest")
-    index = _apply_affine(network_to_index, network_points(phi, fixed_to_network, fixed_shape))
-    volume = volume.to(phi.device, torch.float64)
+        return resample_cpu.resample(displacement, fixed_to_grid, fixed_shape, volume, grid_to_index,
+                                     interpolation == "nearest", out)
+    index = _apply_affine(grid_to_index, grid_points(displacement, fixed_to_grid, fixed_shape))
+    pixels = volume.to(displacement.device, torch.float64)
     if interpolation == "nearest":
-        rounded = [torch.floor(index[axis] + 0.5).long().clamp_(0, volume.shape[2 - axis] - 1) for axis in range(3)]
-        values = volume[rounded[2], rounded[1], rounded[0]]
+        rounded = [torch.floor(index[axis] + 0.5).long().clamp_(0, pixels.shape[2 - axis] - 1) for axis in range(3)]
+        values = pixels[rounded[2], rounded[1], rounded[0]]
     else:
-        values = _interpolate_like_itk(volume, index)
-    return torch.where(_inside(index, volume.shape), values, torch.zeros((), dtype=values.dtype, device=values.device))
+        values = _interpolate_like_itk(pixels, index)
+    values = torch.where(_inside(index, pixels.shape), values, torch.zeros((), dtype=values.dtype, device=values.device))
+    if not volume.dtype.is_floating_point:
+        info = torch.iinfo(volume.dtype)
+        values.clamp_(info.min, info.max)
+    values = values.to(volume.dtype)  # an integer type: truncated toward 0
+    return values if out is None else out.copy_(values)
 
 
-def displacement_field(phi: torch.Tensor, fixed_to_network, fixed_shape, network_to_physical,
+def displacement_field(displacement: torch.Tensor, fixed_to_grid, fixed_shape, grid_to_physical,
                        fixed_to_physical, out=None) -> torch.Tensor:
     """The transform's displacement at each voxel of the fixed grid in mm, ``moving point - fixed
-    point``: (Z, Y, X, 3) float32 (x, y, z) on ``phi``'s device. ``network_to_physical``: network
-    voxel -> moving physical point; ``fixed_to_physical``: fixed voxel index -> physical point.
-    ``out``: a (Z, Y, X, 3) float32 CPU tensor to write the field into (and return)."""
-    if ops.use_cpp_resample(phi):
+    point``: (Z, Y, X, 3) float32 (x, y, z) on ``displacement``'s device. ``grid_to_physical``:
+    grid index plus displacement -> moving physical point; ``fixed_to_physical``: fixed voxel
+    index -> physical point. ``out``: a (Z, Y, X, 3) float32 CPU tensor to write the field into
+    (and return)."""
+    if ops.use_cpp_resample(displacement):
         from .kernels import resample_cpu
 
-        return resample_cpu.displacement_field(phi, fixed_to_network, fixed_shape, network_to_physical,
+        return resample_cpu.displacement_field(displacement, fixed_to_grid, fixed_shape, grid_to_physical,
                                                fixed_to_physical, out)
-    points = network_points(phi, fixed_to_network, fixed_shape)
-    moved = _apply_affine(network_to_physical, points) - _affine_grid(fixed_to_physical, fixed_shape, phi.device)
+    points = grid_points(displacement, fixed_to_grid, fixed_shape)
+    moved = _apply_affine(grid_to_physical, points) - _affine_grid(fixed_to_physical, fixed_shape, displacement.device)
     field = moved.permute(1, 2, 3, 0).float()
     return field if out is None else out.copy_(field)
 
@@ -145,16 +191,13 @@ def jacobian_determinant(displacement: torch.Tensor, spacing, direction=None, ou
 # ---------------- the PyTorch path of resampled_image and displacement_field (the GPU's, the C++ reference)
 
 
-def network_points(phi: torch.Tensor, fixed_to_network, fixed_shape) -> torch.Tensor:
-    """Where each voxel of the fixed grid lands on the network grid through the map: (3, Z, Y, X)
-    float64 network voxels (x, y, z), ``q + displacement(q)`` with ``q`` the voxel's own network
-    position (no displacement where ``q`` is outside the network grid)."""
-    grid_zyx = phi.shape[1:]
-    q = _affine_grid(fixed_to_network, fixed_shape, phi.device)
-    steps = torch.tensor([n - 1 for n in grid_zyx], dtype=torch.float64, device=phi.device).reshape(3, 1, 1, 1)
-    displacement = (phi.double() - ops.identity_map(grid_zyx, dtype=torch.float64, device=phi.device)[0]) * steps
-    sampled = _sample_linear(displacement, q).flip(0)  # channels (z, y, x) -> (x, y, z)
-    return q + sampled * _inside(q, grid_zyx)
+def grid_points(displacement: torch.Tensor, fixed_to_grid, fixed_shape) -> torch.Tensor:
+    """Where each voxel of the fixed grid lands on the displacement's grid: (3, Z, Y, X) float64
+    grid indices (x, y, z), ``q + displacement(q)`` with ``q`` the voxel's own grid position (no
+    displacement where ``q`` is outside the grid)."""
+    q = _affine_grid(fixed_to_grid, fixed_shape, displacement.device)
+    sampled = _sample_linear(displacement.permute(3, 0, 1, 2).double(), q)
+    return q + sampled * _inside(q, displacement.shape[:3])
 
 
 def _affine_grid(affine, shape, device) -> torch.Tensor:

@@ -21,6 +21,11 @@ def random_map(shape, scale, seed):
     return (ops.identity_map(shape, dtype=torch.float64) + scale * field).float()[0]
 
 
+def random_displacement(shape, scale, seed):
+    """:func:`random_map`'s displacement in grid voxels, (D, H, W, 3), as a transform holds it."""
+    return torch.from_numpy(resample.map_displacement(random_map(shape, scale, seed).numpy()))
+
+
 def random_affine(seed, offset_scale=2.0):
     rng = np.random.default_rng(seed)
     return np.concatenate([np.eye(3) * 0.8 + 0.15 * rng.standard_normal((3, 3)),
@@ -45,72 +50,94 @@ def kernel(request):
 
 
 @pytest.mark.parametrize("interpolation", ["linear", "nearest"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int16])
+@pytest.mark.parametrize("dtype", resample_cpu.PIXEL_TYPES)
 def test_cpp_resampling_matches_the_pytorch_path(interpolation, dtype):
-    phi = random_map(NETWORK, 0.15, seed=1)
-    volume = (torch.from_numpy(smooth_volume((13, 17, 11), 3)) * 900 - 300).to(dtype)
-    # affines that send part of the fixed grid out of the network grid and out of the image
-    fixed_to_network, network_to_index = random_affine(2), random_affine(3)
+    displacement = random_displacement(NETWORK, 0.15, seed=1)
+    smooth = torch.from_numpy(smooth_volume((13, 17, 11), 3))
+    if dtype == torch.uint8:
+        volume = (smooth * 200 + 20).to(dtype)
+    else:  # negative values where the type has them
+        volume = (smooth * 900 - (300 if dtype.is_signed else -100)).to(dtype)
+    # affines that send part of the fixed grid out of the displacement's grid and out of the image
+    fixed_to_grid, grid_to_index = random_affine(2), random_affine(3)
     fixed_shape = (12, 21, 18)
     cpp, torch_path = cpp_and_torch(lambda: resample.resampled_image(
-        phi, fixed_to_network, fixed_shape, volume, network_to_index, interpolation))
-    assert cpp.shape == fixed_shape and cpp.dtype == torch.float64
+        displacement, fixed_to_grid, fixed_shape, volume, grid_to_index, interpolation))
+    assert cpp.shape == fixed_shape and cpp.dtype == dtype == torch_path.dtype  # the image's pixel type
     assert 0.2 < (torch_path == 0).double().mean() < 0.8, "the test wants points inside and outside the image"
-    torch.testing.assert_close(cpp, torch_path, rtol=1e-9, atol=1e-9)
+    if dtype.is_floating_point or interpolation == "nearest":
+        torch.testing.assert_close(cpp, torch_path, rtol=1e-9 if dtype == torch.float64 else 1e-6, atol=1e-9)
+    else:  # truncated: where the exact value is a whole number, either side's last bit decides
+        difference = (cpp.double() - torch_path.double()).abs()
+        assert difference.max() <= 1 and (difference > 0).double().mean() < 0.01
+
+
+def test_the_resampled_image_is_written_into_out_on_either_path(kernel):
+    """The engine passes the view of the ITK image the warped image goes into."""
+    displacement = random_displacement(NETWORK, 0.15, seed=1)
+    volume = (torch.from_numpy(smooth_volume((13, 17, 11), 3)) * 900 - 300).to(torch.int16)
+    with ops.kernel_mode(kernel):
+        expected = resample.resampled_image(displacement, random_affine(2), (12, 21, 18), volume, random_affine(3))
+        out = torch.full((12, 21, 18), 7, dtype=torch.int16)
+        assert resample.resampled_image(displacement, random_affine(2), (12, 21, 18), volume, random_affine(3),
+                                        out=out) is out
+    assert torch.equal(out, expected)
 
 
 def test_cpp_displacement_field_matches_the_pytorch_path():
-    phi = random_map(NETWORK, 0.15, seed=4)
-    fixed_to_network, network_to_physical, fixed_to_physical = random_affine(5), random_affine(6), random_affine(7)
+    displacement = random_displacement(NETWORK, 0.15, seed=4)
+    fixed_to_grid, grid_to_physical, fixed_to_physical = random_affine(5), random_affine(6), random_affine(7)
     cpp, torch_path = cpp_and_torch(lambda: resample.displacement_field(
-        phi, fixed_to_network, (12, 21, 18), network_to_physical, fixed_to_physical))
+        displacement, fixed_to_grid, (12, 21, 18), grid_to_physical, fixed_to_physical))
     assert cpp.shape == (12, 21, 18, 3) and cpp.dtype == torch.float32
     torch.testing.assert_close(cpp, torch_path, rtol=1e-6, atol=1e-5)
 
 
 def test_the_displacement_field_is_written_into_out_on_either_path(kernel):
     """The engine passes the view of the ITK image the field goes into."""
-    phi = random_map(NETWORK, 0.15, seed=4)
+    displacement = random_displacement(NETWORK, 0.15, seed=4)
     affines = random_affine(5), random_affine(6), random_affine(7)
     with ops.kernel_mode(kernel):
-        expected = resample.displacement_field(phi, affines[0], (12, 21, 18), *affines[1:])
+        expected = resample.displacement_field(displacement, affines[0], (12, 21, 18), *affines[1:])
         out = torch.full((12, 21, 18, 3), float("nan"))
-        assert resample.displacement_field(phi, affines[0], (12, 21, 18), *affines[1:], out=out) is out
+        assert resample.displacement_field(displacement, affines[0], (12, 21, 18), *affines[1:], out=out) is out
     assert torch.equal(out, expected)
 
 
 def test_volumes_beyond_the_kernels_32_bit_offsets_take_the_pytorch_path():
     require_cpp_extension(resample_cpu)
-    phi = torch.zeros(3, 4, 5, 6)
+    displacement = torch.zeros(4, 5, 6, 3)
     huge = torch.zeros(1).expand(2**11, 2**10, 2**10)  # 2^31 voxels, a view of one
     with ops.kernel_mode("cpp"):
-        assert ops.use_cpp_resample(phi, torch.zeros(7, 8, 9))
-        assert not ops.use_cpp_resample(phi, huge)
-        assert not ops.use_cpp_resample(huge.expand(3, *huge.shape))
+        assert ops.use_cpp_resample(displacement, torch.zeros(7, 8, 9))
+        assert not ops.use_cpp_resample(displacement, huge)
+        # the displacement's offsets count its three components
+        assert ops.use_cpp_resample(torch.zeros(1).expand(682, 2**10, 2**10, 3))  # 2^31 - 2.1e6 components
+        assert not ops.use_cpp_resample(torch.zeros(1).expand(683, 2**10, 2**10, 3))  # 2^31 + 1.0e6
 
 
-def test_the_map_adds_no_displacement_outside_the_network_grid(kernel):
-    phi = random_map(NETWORK, 0.15, seed=8)
+def test_no_displacement_outside_the_grid(kernel):
+    displacement = random_displacement(NETWORK, 0.15, seed=8)
     far = np.concatenate([np.eye(3), np.full((3, 1), 100.0)], axis=1)  # every fixed voxel lands far outside
     with ops.kernel_mode(kernel):
-        field = resample.displacement_field(phi, far, (3, 4, 5), np.eye(3, 4), np.eye(3, 4))
+        field = resample.displacement_field(displacement, far, (3, 4, 5), np.eye(3, 4), np.eye(3, 4))
     torch.testing.assert_close(field, torch.full_like(field, 100.0))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_resampling_on_the_gpu_matches_the_cpu():
-    phi = random_map((64, 70, 58), 0.15, seed=9)
+    displacement = random_displacement((64, 70, 58), 0.15, seed=9)
     volume = torch.from_numpy(smooth_volume((90, 110, 80), 3))
-    fixed_to_network, network_to_index = random_affine(10, 20.0), random_affine(11, 20.0)
+    fixed_to_grid, grid_to_index = random_affine(10, 20.0), random_affine(11, 20.0)
     fixed_shape = (100, 120, 96)
     for interpolation in ("linear", "nearest"):
-        cpu = resample.resampled_image(phi, fixed_to_network, fixed_shape, volume, network_to_index, interpolation)
-        gpu = resample.resampled_image(phi.cuda(), fixed_to_network, fixed_shape, volume.cuda(), network_to_index,
+        cpu = resample.resampled_image(displacement, fixed_to_grid, fixed_shape, volume, grid_to_index, interpolation)
+        gpu = resample.resampled_image(displacement.cuda(), fixed_to_grid, fixed_shape, volume.cuda(), grid_to_index,
                                        interpolation)
         assert gpu.is_cuda
         torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-9, atol=1e-9)
-    cpu = resample.displacement_field(phi, fixed_to_network, fixed_shape, network_to_index, np.eye(3, 4))
-    gpu = resample.displacement_field(phi.cuda(), fixed_to_network, fixed_shape, network_to_index, np.eye(3, 4))
+    cpu = resample.displacement_field(displacement, fixed_to_grid, fixed_shape, grid_to_index, np.eye(3, 4))
+    gpu = resample.displacement_field(displacement.cuda(), fixed_to_grid, fixed_shape, grid_to_index, np.eye(3, 4))
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-6, atol=1e-5)
     spacing = (1.2, 1.0, 0.9)
     for direction in (None, rotation(0.3, -0.2, 0.5)):  # along index axes, and physical
@@ -335,3 +362,112 @@ def test_warp_of_an_integer_image_with_flat_regions_matches_itk(itk_module, kern
     assert np.isin([-1000, 40, 300], expected).all() and (expected == -1000).mean() > 0.1
     difference = np.abs(warped - expected)
     assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
+
+
+# ------------------------------------------- transform files of that form (mgr-engine warp, jacobian)
+
+
+def oblique_field_transform(itk, shape, scale, seed):
+    """An ITK DisplacementFieldTransform on an oblique, anisotropic grid away from the origin: a
+    smooth random displacement of up to about ``scale`` mm."""
+    image = itk.Image[itk.Vector[itk.D, 3], 3].New()
+    image.SetRegions([int(n) for n in reversed(shape)])
+    image.Allocate()
+    image.SetSpacing((2.5, 3.0, 2.2))
+    image.SetOrigin((-12.0, -16.0, -10.0))  # over part of the fixed image of `registration`
+    image.SetDirection(itk.matrix_from_array(rotation(-0.2, 0.1, 0.3)))
+    g = torch.Generator().manual_seed(seed)
+    field = torch.nn.functional.interpolate(torch.randn(1, 3, 3, 3, 3, generator=g, dtype=torch.float64), size=shape,
+                                            mode="trilinear")
+    itk.array_view_from_image(image)[...] = (scale * field[0]).permute(1, 2, 3, 0).numpy()
+    transform = itk.DisplacementFieldTransform[itk.D, 3].New()
+    transform.SetDisplacementField(image)
+    return transform
+
+
+def composite(itk, *applied_in_order):
+    transform = itk.CompositeTransform[itk.D, 3].New()
+    for part in reversed(applied_in_order):  # a composite applies its last-added first
+        transform.AddTransform(part)
+    return transform
+
+
+def affine_transform(itk, seed):
+    transform = itk.AffineTransform[itk.D, 3].New()
+    affine = random_affine(seed, offset_scale=3.0)
+    transform.SetMatrix(itk.matrix_from_array(np.eye(3) + 0.3 * (affine[:, :3] - np.eye(3) * 0.8)))
+    transform.SetTranslation(affine[:, 3].tolist())
+    return transform
+
+
+def read_back(itk, transform, path):
+    from mgr_engine import itk_io
+
+    itk_io.write_transform(transform, path)
+    return itk_io.read_transform(path)
+
+
+def test_the_engines_transform_file_is_a_grid_transform_of_its_map(itk_module, registration, tmp_path):
+    """What ``mgr-engine warp`` and ``jacobian`` evaluate from a file is what the result evaluates:
+    the map's displacement in network voxels, between the images' network grids."""
+    from mgr_engine import itk_io
+
+    shape = registration.phi_ab.shape[2:]
+    grid = itk_io.grid_transform(read_back(itk_module, registration.transform, tmp_path / "t.h5"))
+    assert torch.equal(grid.displacement, torch.from_numpy(resample.map_displacement(registration.phi_ab[0].numpy())))
+    assert torch.equal(grid.displacement, registration._grid_transform().displacement)
+    np.testing.assert_allclose(grid.to_grid, resample.invert_affine(itk_io.network_to_physical_affine(registration.fixed, shape)),
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(grid.from_grid, itk_io.network_to_physical_affine(registration.moving, shape),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("interpolation", ["linear", "nearest"])
+def test_warp_image_through_a_read_transform_matches_itk(itk_module, registration, kernel, interpolation, tmp_path):
+    """A composite of an affine, a field on an oblique grid (displacement in mm), a rotation and a
+    translation, read back from a file: evaluated as a grid transform, as ITK evaluates it."""
+    from mgr_engine import itk_io
+
+    itk = itk_module
+    euler = itk.Euler3DTransform[itk.D].New()
+    euler.SetRotation(0.1, -0.05, 0.2)
+    euler.SetCenter((1.0, 2.0, -3.0))
+    translation = itk.TranslationTransform[itk.D, 3].New()
+    translation.SetOffset((1.5, -2.0, 0.5))
+    transform = read_back(itk, composite(itk, affine_transform(itk, 20), oblique_field_transform(itk, (9, 11, 10), 4.0, 21),
+                                         euler, translation), tmp_path / "t.h5")
+    grid = itk_io.grid_transform(transform)
+    assert grid is not None and not torch.equal(grid.displacement, torch.from_numpy(
+        itk.array_view_from_image(down_cast_field(itk_io, transform).GetDisplacementField())))  # mm -> grid voxels
+    moving, fixed = registration.moving, registration.fixed
+    expected = itk.array_from_image(itk_io.resample(moving, transform, fixed, interpolation))
+    with ops.kernel_mode(kernel):
+        warped = itk_io.warp_image(grid, moving, fixed, interpolation)
+    assert type(warped) is type(moving)
+    assert_on_grid(warped, fixed)
+    assert 0.05 < (expected == 0).mean() < 0.8, "the test wants points inside and outside the moving image"
+    np.testing.assert_allclose(itk.array_from_image(warped), expected, rtol=1e-6, atol=1e-4)
+    expected_field = itk_io.transform_to_displacement_field(transform, fixed)
+    with ops.kernel_mode(kernel):
+        field = itk_io.grid_displacement_field(grid, fixed)
+    assert type(field) is type(expected_field)
+    assert_on_grid(field, fixed)
+    assert np.abs(itk.array_from_image(expected_field)).max() > 2.0
+    np.testing.assert_allclose(itk.array_from_image(field), itk.array_from_image(expected_field), rtol=1e-6, atol=1e-4)
+
+
+def down_cast_field(itk_io, transform):
+    """The displacement field transform of a composite read from a file."""
+    parts = [itk_io.down_cast(transform.GetNthTransform(i)) for i in range(transform.GetNumberOfTransforms())]
+    return next(part for part in parts if part.GetNameOfClass() == "DisplacementFieldTransform")
+
+
+def test_other_transforms_are_left_to_itk(itk_module, tmp_path):
+    from mgr_engine import itk_io
+
+    itk = itk_module
+    field = oblique_field_transform(itk, (5, 6, 7), 1.0, 22)
+    for name, transform in (("affine", affine_transform(itk, 23)),
+                            ("two fields", composite(itk, field, affine_transform(itk, 24), field)),
+                            ("identity", itk_io.identity_transform())):
+        assert itk_io.grid_transform(read_back(itk, transform, tmp_path / f"{name}.h5")) is None, name
