@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import random_network, smooth_volume
-from mgr_engine import cli, resample
+from mgr_engine import cli, itk_io, resample
 from mgr_engine.model import official_state_dict
 
 itk = pytest.importorskip("itk")
@@ -78,6 +78,14 @@ def test_register_reproduces_unigradicon_register(files, tmp_path, monkeypatch, 
     assert type(ours) is type(ref)  # pixel type kept (int16)
     difference = np.abs(itk.array_from_image(ours).astype(float) - itk.array_from_image(ref).astype(float))
     assert np.mean(difference > 1) < 0.001  # integer rounding at a few voxels at most
+    # unigradicon's transform file is of the form `mgr-engine warp` evaluates in C++: warped
+    # through it, the moving image is the reference's own warped image
+    assert itk_io.grid_transform(itk_io.read_transform(tmp_path / "ref.h5")) is not None
+    assert cli.main(["warp", "--fixed", files["fixed"], "--moving", files["moving"], "--transform", str(tmp_path / "ref.h5"),
+                     "--linear", "--warped_moving_out", str(tmp_path / "ref_warped_again.nii.gz")]) == 0
+    again = itk.array_from_image(itk.imread(str(tmp_path / "ref_warped_again.nii.gz"))).astype(float)
+    difference = np.abs(again - itk.array_from_image(ref).astype(float))
+    assert difference.max() <= 1 and np.mean(difference > 0) < 0.001
 
 
 def test_warp_and_jacobian_reproduce_reference(files, tmp_path, monkeypatch):
@@ -135,3 +143,17 @@ def test_physical_jacobian_of_an_affine_transform_on_an_oblique_image(tmp_path):
                             for name in ("physical", "index"))  # central differences only
     np.testing.assert_allclose(physical, np.linalg.det(matrix), rtol=1e-4)
     assert np.abs(index_axes - np.linalg.det(matrix)).min() > 0.05  # ITK's filter's, on an oblique image
+
+
+@pytest.mark.parametrize("slab_voxels", [2**22, 50])  # one slab; slabs of 2 slices and a last one of 1
+def test_log_jacobian_is_the_log_in_double_rounded_to_float(slab_voxels):
+    values = np.linspace(-0.5, 3.0, 5 * 4 * 6, dtype=np.float32).reshape(5, 4, 6)
+    values[2, 1, 3] = 0.0
+    image = itk.image_from_array(values)
+    image.SetSpacing((1.5, 1.0, 0.5))
+    log_image = cli._log_image(image, slab_voxels)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        expected = np.log(values.astype(np.float64)).astype(np.float32)
+    np.testing.assert_array_equal(itk.array_from_image(log_image), expected)  # NaN below 0, -inf at 0
+    assert np.isnan(expected).any() and np.isneginf(expected).any()
+    assert tuple(log_image.GetSpacing()) == (1.5, 1.0, 0.5)
