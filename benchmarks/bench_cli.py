@@ -4,7 +4,9 @@ against ``unigradicon-warp`` and ``unigradicon-jacobian``, each a fresh process,
 files, alternating ours and the reference's for ``--rounds`` rounds.
 
 Each command is timed whole (imports, reading, the work, writing), as a user runs it; peak
-resident memory is the process's own (``os.wait4``). The outputs are compared: the warped images
+resident memory is the child's ``ru_maxrss`` (``os.wait4``), which on Linux also counts this
+process's memory at fork time: every command is timed before any output is read, so this
+process stays far smaller than the commands. The outputs are compared: the warped images
 voxel for voxel, the (log-)Jacobians by their largest difference. The transform is any ITK
 transform file the fixed and moving images go with, typically a ``--transform_out`` of
 ``mgr-engine register`` or ``unigradicon-register``.

@@ -396,12 +396,14 @@ def _linear_affine(transform):
     return None
 
 
-def _fixed_grid_affines(grid, reference):
-    """``reference``'s voxel index -> ``grid``'s index, and ``reference``'s (Z, Y, X) shape."""
+def _reference_grid(grid, reference):
+    """``reference``'s (Z, Y, X) shape, its voxel index -> physical point, and its voxel index ->
+    ``grid``'s index."""
     from .resample import compose_affines
 
-    shape = tuple(int(n) for n in reversed(reference.GetLargestPossibleRegion().GetSize()))
-    return compose_affines(grid.to_grid, index_to_physical_affine(reference)), shape
+    image_grid = ImageGrid.of(reference)
+    to_physical = index_to_physical_affine(image_grid)
+    return tuple(reversed(image_grid.size)), to_physical, compose_affines(grid.to_grid, to_physical)
 
 
 def warp_image(grid, image, reference, interpolation: str = "linear", device="cpu"):
@@ -417,7 +419,7 @@ def warp_image(grid, image, reference, interpolation: str = "linear", device="cp
     from .resample import compose_affines, invert_affine, resampled_image
 
     array = itk.array_view_from_image(image)
-    fixed_to_grid, shape = _fixed_grid_affines(grid, reference)
+    shape, _, fixed_to_grid = _reference_grid(grid, reference)
     grid_to_index = compose_affines(invert_affine(index_to_physical_affine(image)), grid.from_grid)
     warped, voxels = new_image(shape, array.dtype, reference)
     displacement = grid.displacement.to(device)
@@ -439,10 +441,10 @@ def grid_displacement_field(grid, reference, device="cpu"):
 
     from .resample import displacement_field
 
-    fixed_to_grid, shape = _fixed_grid_affines(grid, reference)
+    shape, fixed_to_physical, fixed_to_grid = _reference_grid(grid, reference)
     image, voxels = new_image(shape, np.float32, reference, is_vector=True)
-    displacement_field(grid.displacement.to(device), fixed_to_grid, shape, grid.from_grid,
-                       index_to_physical_affine(reference), out=torch.from_numpy(voxels))
+    displacement_field(grid.displacement.to(device), fixed_to_grid, shape, grid.from_grid, fixed_to_physical,
+                       out=torch.from_numpy(voxels))
     return image
 
 

@@ -400,7 +400,7 @@ def affine_transform(itk, seed):
     return transform
 
 
-def read_back(itk, transform, path):
+def read_back(transform, path):
     from mgr_engine import itk_io
 
     itk_io.write_transform(transform, path)
@@ -413,7 +413,7 @@ def test_the_engines_transform_file_is_a_grid_transform_of_its_map(itk_module, r
     from mgr_engine import itk_io
 
     shape = registration.phi_ab.shape[2:]
-    grid = itk_io.grid_transform(read_back(itk_module, registration.transform, tmp_path / "t.h5"))
+    grid = itk_io.grid_transform(read_back(registration.transform, tmp_path / "t.h5"))
     assert torch.equal(grid.displacement, torch.from_numpy(resample.map_displacement(registration.phi_ab[0].numpy())))
     assert torch.equal(grid.displacement, registration._grid_transform().displacement)
     np.testing.assert_allclose(grid.to_grid, resample.invert_affine(itk_io.network_to_physical_affine(registration.fixed, shape)),
@@ -434,7 +434,7 @@ def test_warp_image_through_a_read_transform_matches_itk(itk_module, registratio
     euler.SetCenter((1.0, 2.0, -3.0))
     translation = itk.TranslationTransform[itk.D, 3].New()
     translation.SetOffset((1.5, -2.0, 0.5))
-    transform = read_back(itk, composite(itk, affine_transform(itk, 20), oblique_field_transform(itk, (9, 11, 10), 4.0, 21),
+    transform = read_back(composite(itk, affine_transform(itk, 20), oblique_field_transform(itk, (9, 11, 10), 4.0, 21),
                                          euler, translation), tmp_path / "t.h5")
     grid = itk_io.grid_transform(transform)
     assert grid is not None and not torch.equal(grid.displacement, torch.from_numpy(
@@ -470,4 +470,4 @@ def test_other_transforms_are_left_to_itk(itk_module, tmp_path):
     for name, transform in (("affine", affine_transform(itk, 23)),
                             ("two fields", composite(itk, field, affine_transform(itk, 24), field)),
                             ("identity", itk_io.identity_transform())):
-        assert itk_io.grid_transform(read_back(itk, transform, tmp_path / f"{name}.h5")) is None, name
+        assert itk_io.grid_transform(read_back(transform, tmp_path / f"{name}.h5")) is None, name
