@@ -16,6 +16,7 @@ CPU kernels are unused).
 import os
 import sys
 
+import setuptools
 from setuptools import setup
 
 
@@ -41,8 +42,16 @@ def cpp_extensions():
             for name, extra in flags.items()]
 
 
+def license_metadata():
+    """PEP 639's License-Expression where setuptools writes it (77 and later), else the License field."""
+    major = int(setuptools.__version__.split(".")[0])
+    return {"license_expression": "Apache-2.0"} if major >= 77 else {"license": "Apache-2.0"}
+
+
 setup(
-    packages=["mgr_engine", "mgr_engine.kernels", "mgr_engine.export"],
+    **license_metadata(),
+    # the two data folders are listed so that setuptools does not warn about folders it would skip
+    packages=["mgr_engine", "mgr_engine.kernels", "mgr_engine.export", "mgr_engine.weights", "mgr_engine.data.sample_pair"],
     package_dir={"mgr_engine": "mgr_engine", "mgr_engine.kernels": "kernels", "mgr_engine.export": "export"},
     ext_modules=cpp_extensions(),
 )
