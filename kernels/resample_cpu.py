@@ -66,10 +66,10 @@ def resample(displacement: torch.Tensor, fixed_to_grid, fixed_shape, volume: tor
 
 
 def displacement_field(displacement: torch.Tensor, fixed_to_grid, fixed_shape, grid_to_physical,
-                       fixed_to_physical, out=None) -> torch.Tensor:
+                       fixed_to_physical, out=None, first_z: int = 0) -> torch.Tensor:
     """:func:`mgr_engine.resample.displacement_field` on CPU tensors: (Z, Y, X, 3) float32, mm (x, y, z),
     written into ``out`` where given (C-contiguous)."""
     out = torch.empty((*fixed_shape, 3), dtype=torch.float32) if out is None else out
     _resample_cpu.displacement_field(_displacement_array(displacement), _affine(fixed_to_grid), _affine(grid_to_physical),
-                                     _affine(fixed_to_physical), out.numpy(), torch.get_num_threads())
+                                     _affine(fixed_to_physical), out.numpy(), first_z, torch.get_num_threads())
     return out

@@ -640,8 +640,13 @@ class RegistrationResult:
 
         ``physical=True``: derivatives along the physical axes (the fixed image's direction
         applied), the determinant of the transform's Jacobian, i.e. the local volume change. It
-        differs from the default only on oblique images, where the default is not that."""
-        return itk_io.jacobian_determinant(self.displacement_field(), physical, self.device)
+        differs from the default only on oblique images, where the default is not that.
+
+        From :meth:`displacement_field` where it was computed; otherwise slab by slab, without
+        the whole field (:func:`mgr_engine.itk_io.grid_jacobian_determinant`)."""
+        if "displacement_field" in self._cache:
+            return itk_io.jacobian_determinant(self._cache["displacement_field"], physical, self.device)
+        return itk_io.grid_jacobian_determinant(self._grid_transform(), self.fixed, physical, self.device)
 
     def save(self, transform_path) -> None:
         """Write :attr:`transform` (``.h5`` or ``.tfm``, readable by ``itk.transformread``) atomically."""

@@ -448,6 +448,42 @@ def grid_displacement_field(grid, reference, device="cpu"):
     return image
 
 
+def grid_jacobian_determinant(grid, reference, physical: bool = False, device="cpu", slab_voxels: int = 2**23):
+    """The Jacobian determinant of ``grid``'s displacement on ``reference``'s grid: what
+    :func:`jacobian_determinant` computes from :func:`grid_displacement_field`, bit for bit, without
+    the whole field (0.9 GB at 512x512x300). The field is computed slab by slab (about
+    ``slab_voxels`` voxels, with the slice on either side that the central differences take), each
+    slab's determinant kept without those two slices."""
+    import torch
+
+    from . import ops
+    from .resample import displacement_field
+    from .resample import jacobian_determinant as tensor_jacobian_determinant
+
+    on_cpu = torch.device(device).type == "cpu"
+    if on_cpu and not physical and not ops.use_cpp_jacobian(torch.empty(0)):  # ITK's filter, on a whole field
+        return jacobian_determinant(grid_displacement_field(grid, reference, device), physical, device)
+    shape, fixed_to_physical, fixed_to_grid = _reference_grid(grid, reference)
+    image_grid = ImageGrid.of(reference)
+    image, voxels = new_image(shape, np.float32, reference)
+    displacement = grid.displacement.to(device)
+    slices = max(1, slab_voxels // (shape[1] * shape[2]))
+    # one buffer for every slab's field and one for its determinant (on a GPU, the slab's own tensors)
+    buffer_slices = min(slices + 2, shape[0])
+    field_buffer = torch.empty((buffer_slices, *shape[1:], 3)) if on_cpu else None
+    jacobian_buffer = torch.empty((buffer_slices, *shape[1:])) if on_cpu else None
+    for start in range(0, shape[0], slices):
+        stop = min(start + slices, shape[0])
+        first, end = max(start - 1, 0), min(stop + 1, shape[0])
+        field = displacement_field(displacement, fixed_to_grid, (end - first, *shape[1:]), grid.from_grid,
+                                   fixed_to_physical, None if field_buffer is None else field_buffer[:end - first],
+                                   first_z=first)
+        jacobian = tensor_jacobian_determinant(field, image_grid.spacing, image_grid.direction if physical else None,
+                                               None if jacobian_buffer is None else jacobian_buffer[:end - first])
+        voxels[start:stop] = jacobian[start - first:stop - first].cpu().numpy()
+    return image
+
+
 def _suffix(path: Path) -> str:
     suffixes = "".join(path.suffixes[-2:]) if path.name.lower().endswith(".gz") else path.suffix
     return suffixes

@@ -122,19 +122,21 @@ def resampled_image(displacement: torch.Tensor, fixed_to_grid, fixed_shape, volu
 
 
 def displacement_field(displacement: torch.Tensor, fixed_to_grid, fixed_shape, grid_to_physical,
-                       fixed_to_physical, out=None) -> torch.Tensor:
+                       fixed_to_physical, out=None, first_z: int = 0) -> torch.Tensor:
     """The transform's displacement at each voxel of the fixed grid in mm, ``moving point - fixed
     point``: (Z, Y, X, 3) float32 (x, y, z) on ``displacement``'s device. ``grid_to_physical``:
     grid index plus displacement -> moving physical point; ``fixed_to_physical``: fixed voxel
     index -> physical point. ``out``: a (Z, Y, X, 3) float32 CPU tensor to write the field into
-    (and return)."""
+    (and return). ``first_z``: the fixed slice of the first of the Z slices, for a slab of the
+    field (the whole field's values there, bit for bit)."""
     if ops.use_cpp_resample(displacement):
         from .kernels import resample_cpu
 
         return resample_cpu.displacement_field(displacement, fixed_to_grid, fixed_shape, grid_to_physical,
-                                               fixed_to_physical, out)
-    points = grid_points(displacement, fixed_to_grid, fixed_shape)
-    moved = _apply_affine(grid_to_physical, points) - _affine_grid(fixed_to_physical, fixed_shape, displacement.device)
+                                               fixed_to_physical, out, first_z)
+    points = grid_points(displacement, fixed_to_grid, fixed_shape, first_z)
+    moved = (_apply_affine(grid_to_physical, points)
+             - _affine_grid(fixed_to_physical, fixed_shape, displacement.device, first_z))
     field = moved.permute(1, 2, 3, 0).float()
     return field if out is None else out.copy_(field)
 
@@ -191,19 +193,21 @@ def jacobian_determinant(displacement: torch.Tensor, spacing, direction=None, ou
 # ---------------- the PyTorch path of resampled_image and displacement_field (the GPU's, the C++ reference)
 
 
-def grid_points(displacement: torch.Tensor, fixed_to_grid, fixed_shape) -> torch.Tensor:
-    """Where each voxel of the fixed grid lands on the displacement's grid: (3, Z, Y, X) float64
-    grid indices (x, y, z), ``q + displacement(q)`` with ``q`` the voxel's own grid position (no
-    displacement where ``q`` is outside the grid)."""
-    q = _affine_grid(fixed_to_grid, fixed_shape, displacement.device)
+def grid_points(displacement: torch.Tensor, fixed_to_grid, fixed_shape, first_z: int = 0) -> torch.Tensor:
+    """Where each voxel of the fixed grid (its slices from ``first_z`` on) lands on the
+    displacement's grid: (3, Z, Y, X) float64 grid indices (x, y, z), ``q + displacement(q)`` with
+    ``q`` the voxel's own grid position (no displacement where ``q`` is outside the grid)."""
+    q = _affine_grid(fixed_to_grid, fixed_shape, displacement.device, first_z)
     sampled = _sample_linear(displacement.permute(3, 0, 1, 2).double(), q)
     return q + sampled * _inside(q, displacement.shape[:3])
 
 
-def _affine_grid(affine, shape, device) -> torch.Tensor:
-    """``affine`` applied to the index of every voxel of a (Z, Y, X) grid: (3, Z, Y, X) float64 (x, y, z)."""
+def _affine_grid(affine, shape, device, first_z: int = 0) -> torch.Tensor:
+    """``affine`` applied to the index of every voxel of a (Z, Y, X) grid whose slices start at
+    ``first_z``: (3, Z, Y, X) float64 (x, y, z)."""
     affine = torch.as_tensor(np.asarray(affine, dtype=np.float64), device=device)[:, :, None, None, None]
-    z, y, x = (torch.arange(n, dtype=torch.float64, device=device) for n in shape)
+    z, y, x = (torch.arange(start, start + n, dtype=torch.float64, device=device)
+               for start, n in zip((first_z, 0, 0), shape))
     return affine[:, 3] + affine[:, 0] * x + affine[:, 1] * y[:, None] + affine[:, 2] * z[:, None, None]
 
 

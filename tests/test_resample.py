@@ -104,6 +104,16 @@ def test_the_displacement_field_is_written_into_out_on_either_path(kernel):
     assert torch.equal(out, expected)
 
 
+def test_a_slab_of_the_displacement_field_is_those_slices_of_the_whole(kernel):
+    """The Jacobian determinant goes through the field slab by slab: each slab bit for bit."""
+    displacement = random_displacement(NETWORK, 0.15, seed=4)
+    affines = random_affine(5), random_affine(6), random_affine(7)
+    with ops.kernel_mode(kernel):
+        whole = resample.displacement_field(displacement, affines[0], (12, 21, 18), *affines[1:])
+        slab = resample.displacement_field(displacement, affines[0], (5, 21, 18), *affines[1:], first_z=4)
+    assert torch.equal(slab, whole[4:9])
+
+
 def test_volumes_beyond_the_kernels_32_bit_offsets_take_the_pytorch_path():
     require_cpp_extension(resample_cpu)
     displacement = torch.zeros(4, 5, 6, 3)
@@ -139,6 +149,9 @@ def test_resampling_on_the_gpu_matches_the_cpu():
     cpu = resample.displacement_field(displacement, fixed_to_grid, fixed_shape, grid_to_index, np.eye(3, 4))
     gpu = resample.displacement_field(displacement.cuda(), fixed_to_grid, fixed_shape, grid_to_index, np.eye(3, 4))
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-6, atol=1e-5)
+    slab = resample.displacement_field(displacement.cuda(), fixed_to_grid, (30, 120, 96), grid_to_index, np.eye(3, 4),
+                                       first_z=40)  # the Jacobian's slabs
+    assert torch.equal(slab, gpu[40:70])
     spacing = (1.2, 1.0, 0.9)
     for direction in (None, rotation(0.3, -0.2, 0.5)):  # along index axes, and physical
         torch.testing.assert_close(resample.jacobian_determinant(gpu, spacing, direction).cpu(),
@@ -269,6 +282,31 @@ def test_jacobian_determinant_matches_itks_filter(itk_module):
     ours = resample.jacobian_determinant(torch.from_numpy(field), grid.GetSpacing())
     assert ours.dtype == torch.float32 and ours.shape == (20, 24, 18)
     np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("physical", [False, True])
+def test_the_jacobian_slab_by_slab_is_the_whole_fields(itk_module, registration, kernel, physical):
+    """grid_jacobian_determinant (mgr-engine jacobian; a result's Jacobian without its field)
+    computes the field slab by slab: the determinant of the whole field, bit for bit, for slabs
+    of one slice, of 7 of the 20 (a shorter last one), and of the whole."""
+    from mgr_engine import itk_io
+
+    itk = itk_module
+    grid, fixed = registration._grid_transform(), registration.fixed
+    slice_voxels = 24 * 18
+    with ops.kernel_mode(kernel):
+        expected = itk.array_from_image(itk_io.jacobian_determinant(itk_io.grid_displacement_field(grid, fixed), physical))
+        for slab_voxels in (1, 7 * slice_voxels, 2**23):
+            jacobian = itk_io.grid_jacobian_determinant(grid, fixed, physical, slab_voxels=slab_voxels)
+            assert_on_grid(jacobian, fixed)
+            np.testing.assert_array_equal(itk.array_from_image(jacobian), expected)
+        # a result: without its field, and from the field once it was asked for
+        result = RegistrationResult(fixed=fixed, moving=registration.moving, phi_ab=registration.phi_ab)
+        without_field = itk.array_from_image(result.jacobian_determinant(physical))
+        result.displacement_field()
+        np.testing.assert_array_equal(itk.array_from_image(result.jacobian_determinant(physical)), without_field)
+    np.testing.assert_array_equal(without_field, expected)
+    assert expected.min() < expected.max()
 
 
 def affine_displacement(grid, affine):
