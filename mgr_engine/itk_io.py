@@ -837,11 +837,15 @@ _MAX_GZIP_THREADS = 16
 
 
 def default_gzip_threads() -> int:
-    """The threads :func:`gzip_file` takes by default: the cores this process may use, at most 16.
-    ISA-L deflates a float field at about 260 MB/s a thread here, so 16 outrun most disks; and a
-    container that sees a host's 128 cores under a 2-CPU quota would otherwise hold 256 chunks
-    (0.5 GB) in flight."""
+    """The threads :func:`gzip_file` takes by default: the cores this process may use, at most 16,
+    and at most ``OMP_NUM_THREADS`` where it is set (the limit a shared machine's job gives torch
+    and the C++ kernels holds for the outputs' compression too). ISA-L deflates a float field at
+    about 260 MB/s a thread here, so 16 outrun most disks; and a container that sees a host's 128
+    cores under a 2-CPU quota would otherwise hold 256 chunks (0.5 GB) in flight."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    requested = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if requested.isdigit() and int(requested) > 0:  # an empty, zero or malformed value is ignored
+        cores = min(cores, int(requested))
     return min(cores, _MAX_GZIP_THREADS)
 
 

@@ -275,6 +275,21 @@ def test_gzip_file_writes_one_gzip_member_whatever_the_threads(tmp_path, monkeyp
     assert gzip.decompress(written[0]) == data
 
 
+def test_gzip_threads_stay_within_omp_num_threads(monkeypatch):
+    """A job limited by OMP_NUM_THREADS (torch and the C++ kernels follow it) compresses its
+    outputs on no more threads either."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = itk_io.default_gzip_threads()
+    assert 1 <= cores <= 16
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert itk_io.default_gzip_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1000")
+    assert itk_io.default_gzip_threads() == cores
+    for ignored in ("", "0", "two", "-3"):
+        monkeypatch.setenv("OMP_NUM_THREADS", ignored)
+        assert itk_io.default_gzip_threads() == cores
+
+
 @pytest.mark.parametrize("deflate", DEFLATE)
 def test_gzip_file_chunks_refer_back_into_the_chunks_before_them(tmp_path, monkeypatch, deflate):
     """Each chunk is primed with the 32 KiB before it, so the file is as small as one stream's:
