@@ -309,11 +309,12 @@ def run_warp(args) -> None:
     if args.linear == args.nearest_neighbor:
         raise InvalidOptionError("specify exactly one of --linear or --nearest_neighbor")
     check_outputs([("--warped_moving_out", args.warped_moving_out, "image")])
-    fixed = itk_io.load_image(args.fixed, "fixed")
-    moving = itk_io.load_image(args.moving, "moving")
-    interpolation = "linear" if args.linear else "nearest"
     transform = itk_io.read_transform(args.transform) if args.transform else itk_io.identity_transform()
     grid = itk_io.grid_transform(transform)
+    # the fixed image gives the output's grid: its voxels are read only for ITK's filter
+    fixed = itk_io.load_image(args.fixed, "fixed", grid_only=grid is not None)
+    moving = itk_io.load_image(args.moving, "moving")
+    interpolation = "linear" if args.linear else "nearest"
     if grid is not None:  # a registration's transform: evaluated in C++, not point by point by ITK
         warped = itk_io.warp_image(grid, moving, fixed, interpolation)
     else:
@@ -326,8 +327,8 @@ def run_jacobian(args) -> None:
 
     check_outputs([("--jacob", args.jacob, "image"), ("--log_jacob", args.log_jacob, "image")])
     transform = itk_io.read_transform(args.transform)
-    fixed = itk_io.load_image(args.fixed, "fixed")
     grid = itk_io.grid_transform(transform)
+    fixed = itk_io.load_image(args.fixed, "fixed", grid_only=grid is not None)  # as in run_warp
     if grid is not None:  # as in run_warp, and slab by slab: no 900 MB field at 512x512x300
         jacobian = itk_io.grid_jacobian_determinant(grid, fixed, args.physical_jacobian)
     else:

@@ -32,12 +32,14 @@ from .errors import ImageReadError, InvalidImageError, MaskMismatchError, Output
 log = logging.getLogger(__name__)
 
 
-def load_image(image, name: str = "input"):
+def load_image(image, name: str = "input", grid_only: bool = False):
     """An ``itk.Image`` from a path (a file ITK reads, or a folder of DICOM files: its first
     series, as ``itk.imread`` reads a folder), an ``itk.Image`` or a numpy array.
 
     A numpy array is read like ``itk.image_from_array``: axes (z, y, x), 1 mm spacing,
-    zero origin, identity direction.
+    zero origin, identity direction. ``grid_only``: for an image that gives only its grid (size,
+    spacing, origin, direction), a NIfTI, NRRD or MetaImage file is read without its voxels (see
+    :func:`read_image`).
     """
     import itk
 
@@ -48,7 +50,7 @@ def load_image(image, name: str = "input"):
         if path.is_file() and path.stat().st_size == 0:
             raise ImageReadError(f"{name} image {str(path)!r} is empty (0 bytes); re-export or copy it again.")
         try:
-            image = read_image(path)
+            image = read_image(path, grid_only)
         except Exception as exc:  # ITK raises RuntimeError/KeyError depending on the format
             if path.is_dir():
                 raise ImageReadError(
@@ -609,7 +611,7 @@ def _image_io(path):
     return io_class.New() if io_class else None
 
 
-def read_image(path):
+def read_image(path, grid_only: bool = False):
     """``itk.imread(path)``: the image as stored, pixel type included.
 
     Why not ``itk.imread`` itself: its first call loads every ImageIO module ITK has (DICOM, TIFF,
@@ -617,7 +619,12 @@ def read_image(path):
     took 2.1 s against 0.6 s this way (2-core AMD EPYC). A 3-D NIfTI, NRRD or MetaImage file of
     scalars or vectors (a displacement field) is read by its own ImageIO class, imported alone
     (see :func:`wrapped_class`), into the image type ``itk.imread`` picks; any other file, or a
-    folder of DICOM files, by ``itk.imread``."""
+    folder of DICOM files, by ``itk.imread``.
+
+    ``grid_only``: such a file is read up to its header, the image's size, spacing, origin and
+    direction set and no voxels read (a reference grid: decompressing a 512x512x300 int16
+    ``.nii.gz`` took 1.0-1.5 s); its reader stays attached, so that a pipeline that needs the voxels
+    still gets them."""
     import itk
 
     path = str(path)
@@ -634,7 +641,10 @@ def read_image(path):
                 r = reader.New()
                 r.SetImageIO(io)
                 r.SetFileName(path)
-                r.Update()
+                if grid_only:
+                    r.UpdateOutputInformation()
+                else:
+                    r.Update()
                 return r.GetOutput()
     with _process_locale_kept():
         return itk.imread(path)

@@ -58,8 +58,16 @@ def test_read_image_gives_what_imread_gives(tmp_path, suffix, dtype, monkeypatch
     with monkeypatch.context() as patch:
         patch.setattr(itk, "imread", not_called)  # read by the format's own ImageIO
         read = itk_io.read_image(path)
+        grid_only = itk_io.read_image(path, grid_only=True)
     assert_same_image(read, expected)
     assert np.std(itk.array_view_from_image(read)) > 1  # not a blank image
+    # a reference grid (mgr-engine warp's and jacobian's fixed image): the same grid, no voxels read
+    assert type(grid_only) is type(expected)
+    assert grid_only.GetBufferedRegion().GetNumberOfPixels() == 0
+    grid, expected_grid = itk_io.ImageGrid.of(grid_only), itk_io.ImageGrid.of(expected)
+    assert grid.size == expected_grid.size
+    for field in ("spacing", "origin", "direction"):
+        np.testing.assert_array_equal(getattr(grid, field), getattr(expected_grid, field))
 
 
 @pytest.mark.parametrize("suffix", SINGLE_FILE)
