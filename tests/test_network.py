@@ -230,7 +230,7 @@ def test_low_memory_conv_equals_autograd(transposed, layout, grads, activation, 
     for got_grad, expected_grad in zip(torch.autograd.grad(got, inputs, grad_out),
                                        torch.autograd.grad(expected, inputs, grad_out)):
         torch.testing.assert_close(got_grad, expected_grad, rtol=1e-10, atol=1e-12)
-    if grads == "all":  # against finite differences too, on a smaller odd grid: gradcheck takes a
+    if grads == "all":  # against finite differences too, on a smaller grid (4, 3, 5): gradcheck takes a
         # backward pass per output element (10k above for the transposed layer: 25-45 s a case). Not
         # in fast mode, which missed a gradient of x 1% off.
         small = x.detach()[:1, :, :4, :3, :5].contiguous(memory_format=layout).requires_grad_()
