@@ -58,16 +58,21 @@ def test_read_image_gives_what_imread_gives(tmp_path, suffix, dtype, monkeypatch
     with monkeypatch.context() as patch:
         patch.setattr(itk, "imread", not_called)  # read by the format's own ImageIO
         read = itk_io.read_image(path)
-        grid_only = itk_io.read_image(path, grid_only=True)
+        header = itk_io.read_image(path, header_only=True)
+        grid = itk_io.load_image(path, grid_only=True)
     assert_same_image(read, expected)
     assert np.std(itk.array_view_from_image(read)) > 1  # not a blank image
     # a reference grid (mgr-engine warp's and jacobian's fixed image): the same grid, no voxels read
-    assert type(grid_only) is type(expected)
-    assert grid_only.GetBufferedRegion().GetNumberOfPixels() == 0
-    grid, expected_grid = itk_io.ImageGrid.of(grid_only), itk_io.ImageGrid.of(expected)
-    assert grid.size == expected_grid.size
+    assert type(header) is type(expected) and header.GetBufferedRegion().GetNumberOfPixels() == 0
+    expected_grid = itk_io.ImageGrid.of(expected)
+    assert isinstance(grid, itk_io.ImageGrid) and grid.size == expected_grid.size
     for field in ("spacing", "origin", "direction"):
         np.testing.assert_array_equal(getattr(grid, field), getattr(expected_grid, field))
+    # an output on that grid has the image's geometry
+    output, _ = itk_io.new_image(tuple(reversed(grid.size)), np.float32, grid)
+    for get in ("GetSpacing", "GetOrigin"):
+        np.testing.assert_array_equal(np.asarray(getattr(output, get)()), np.asarray(getattr(expected, get)()))
+    np.testing.assert_array_equal(itk.array_from_matrix(output.GetDirection()), itk.array_from_matrix(expected.GetDirection()))
 
 
 @pytest.mark.parametrize("suffix", SINGLE_FILE)
