@@ -265,11 +265,10 @@ def jacobian_determinant(field, physical: bool = False, device="cpu"):
     import itk
     import torch
 
-    from . import ops
     from .resample import jacobian_determinant as tensor_jacobian_determinant
 
     displacement = torch.from_numpy(itk.array_view_from_image(field))
-    if torch.device(device).type == "cpu" and not physical and not ops.use_cpp_jacobian(displacement):
+    if _jacobian_left_to_itk(device, physical):
         jacobian = (wrapped_class("itkDisplacementFieldJacobianDeterminantFilter",
                                   "itkDisplacementFieldJacobianDeterminantFilterIVF33F")
                     or itk.DisplacementFieldJacobianDeterminantFilter[itk.Image[itk.Vector[itk.F, 3], 3], itk.F])
@@ -281,6 +280,16 @@ def jacobian_determinant(field, physical: bool = False, device="cpu"):
     tensor_jacobian_determinant(displacement.to(device), grid.spacing, grid.direction if physical else None,
                                 out=torch.from_numpy(voxels))
     return image
+
+
+def _jacobian_left_to_itk(device, physical: bool) -> bool:
+    """Whether :func:`jacobian_determinant` takes ITK's filter: on the CPU, along the index axes,
+    where the C++ kernel is not taken (not built, or ``kernel_mode("torch")``)."""
+    import torch
+
+    from . import ops
+
+    return torch.device(device).type == "cpu" and not physical and not ops.use_cpp_jacobian(torch.empty(0))
 
 
 def transform_to_displacement_field(transform, reference):
@@ -466,13 +475,12 @@ def grid_jacobian_determinant(grid, reference, physical: bool = False, device="c
     slab's determinant kept without those two slices."""
     import torch
 
-    from . import ops
     from .resample import displacement_field
     from .resample import jacobian_determinant as tensor_jacobian_determinant
 
-    on_cpu = torch.device(device).type == "cpu"
-    if on_cpu and not physical and not ops.use_cpp_jacobian(torch.empty(0)):  # ITK's filter, on a whole field
+    if _jacobian_left_to_itk(device, physical):  # ITK's filter takes a whole field
         return jacobian_determinant(grid_displacement_field(grid, reference, device), physical, device)
+    on_cpu = torch.device(device).type == "cpu"
     shape, fixed_to_physical, fixed_to_grid = _reference_grid(grid, reference)
     image_grid = ImageGrid.of(reference)
     image, voxels = new_image(shape, np.float32, reference)
