@@ -156,7 +156,7 @@ def tensor_rows(args, device, phi):
     cpu = device.type == "cpu"
     # first the CPU's own path (the C++ kernel where built), then the PyTorch path: forced on the
     # CPU, or on the CUDA device
-    sides = (("C++" if ops.use_cpp_resample(displacement) else "PyTorch", torch.device("cpu"), "auto"),
+    sides = (("C++" if resample.use_cpp_resample(displacement) else "PyTorch", torch.device("cpu"), "auto"),
              ("PyTorch", torch.device("cpu"), "torch") if cpu else (f"PyTorch on {device.type}", device, "auto"))
     rows = []
     fields = {}

@@ -17,7 +17,8 @@ Reference: :func:`mgr_engine.resample.jacobian_determinant` (and ITK's filter); 
 from __future__ import annotations
 
 import numpy as np
-import torch
+
+from mgr_engine.kernel_modes import cpu_threads
 
 try:
     from mgr_engine import _jacobian_cpu
@@ -30,23 +31,18 @@ def available() -> bool:
     return _jacobian_cpu is not None
 
 
-def supports(displacement: torch.Tensor) -> bool:
-    """Whether :func:`jacobian_determinant` takes ``displacement``: built, a CPU tensor."""
-    return available() and displacement.device.type == "cpu"
-
-
-def jacobian_determinant(displacement: torch.Tensor, half_weights: np.ndarray, inverse_direction=None,
-                         out=None) -> torch.Tensor:
-    """:func:`mgr_engine.resample.jacobian_determinant` on a CPU tensor: ``displacement`` (Z, Y, X, 3),
+def jacobian_determinant(displacement: np.ndarray, half_weights: np.ndarray, inverse_direction=None,
+                         out: np.ndarray | None = None) -> np.ndarray:
+    """:func:`mgr_engine.resample.jacobian_determinant` on a numpy array: ``displacement`` (Z, Y, X, 3),
     ``half_weights`` the float32 (x, y, z) weights of the central differences, ``inverse_direction``
     (3, 3) for the derivatives along the physical axes (None: along the index axes). (Z, Y, X)
     float32, written into ``out`` where given (C-contiguous)."""
-    out = torch.empty(displacement.shape[:3], dtype=torch.float32) if out is None else out
-    field = displacement.detach().to(torch.float32).contiguous().numpy()
+    out = np.empty(displacement.shape[:3], dtype=np.float32) if out is None else out
+    field = np.ascontiguousarray(displacement, dtype=np.float32)
     weights = np.ascontiguousarray(half_weights, dtype=np.float32)
     if inverse_direction is None:
-        _jacobian_cpu.jacobian_determinant(field, weights, out.numpy(), torch.get_num_threads())
+        _jacobian_cpu.jacobian_determinant(field, weights, out, cpu_threads())
     else:
         _jacobian_cpu.physical_jacobian_determinant(field, weights, np.asarray(inverse_direction, dtype=np.float32),
-                                                    out.numpy(), torch.get_num_threads())
+                                                    out, cpu_threads())
     return out

@@ -19,7 +19,8 @@ Reference: the PyTorch path of :mod:`mgr_engine.resample` (and ITK); test:
 from __future__ import annotations
 
 import numpy as np
-import torch
+
+from mgr_engine.kernel_modes import cpu_threads
 
 try:
     from mgr_engine import _resample_cpu
@@ -32,44 +33,39 @@ def available() -> bool:
     return _resample_cpu is not None
 
 
-# (torch has uint16 and uint32 since 2.3)
-PIXEL_TYPES = tuple(getattr(torch, name) for name in ("uint8", "int16", "uint16", "int32", "uint32", "float32", "float64")
-                    if hasattr(torch, name))
+# ITK's scalar pixel types, sampled as they are (by name: a numpy or a torch dtype)
+PIXEL_TYPES = ("uint8", "int16", "uint16", "int32", "uint32", "float32", "float64")
 
 
-def supports(displacement: torch.Tensor, volume: torch.Tensor | None = None) -> bool:
-    """Whether the kernel takes ``displacement`` (D, H, W, 3) and ``volume``, the image (Z, Y, X):
-    built, CPU tensors, each under 2^31 elements (the kernel's offsets are 32-bit; a larger one
-    takes the PyTorch path instead of the kernel's refusal), the image of one of
-    :data:`PIXEL_TYPES` (ITK's scalar pixel types, sampled as they are)."""
-    tensors = (displacement,) if volume is None else (displacement, volume)
-    return (available() and all(t.device.type == "cpu" and t.numel() < 2**31 for t in tensors)
-            and (volume is None or volume.dtype in PIXEL_TYPES))
-
-
-def _displacement_array(displacement: torch.Tensor) -> np.ndarray:
-    return displacement.detach().to(torch.float64).contiguous().numpy()
+def supports(displacement, volume=None) -> bool:
+    """Whether the kernel takes ``displacement`` (D, H, W, 3) and ``volume``, the image (Z, Y, X),
+    numpy arrays or CPU tensors: built, each under 2^31 elements (the kernel's offsets are 32-bit;
+    a larger one takes the PyTorch path instead of the kernel's refusal), the image of one of
+    :data:`PIXEL_TYPES`."""
+    arrays = (displacement,) if volume is None else (displacement, volume)
+    return (available() and all(int(np.prod(a.shape)) < 2**31 for a in arrays)
+            and (volume is None or str(volume.dtype).removeprefix("torch.") in PIXEL_TYPES))
 
 
 def _affine(affine) -> np.ndarray:
     return np.ascontiguousarray(affine, dtype=np.float64)
 
 
-def resample(displacement: torch.Tensor, fixed_to_grid, fixed_shape, volume: torch.Tensor, grid_to_index,
-             nearest: bool, out=None) -> torch.Tensor:
-    """:func:`mgr_engine.resample.resampled_image` on CPU tensors: ``volume`` at the moving point
+def resample(displacement: np.ndarray, fixed_to_grid, fixed_shape, volume: np.ndarray, grid_to_index,
+             nearest: bool, out: np.ndarray | None = None) -> np.ndarray:
+    """:func:`mgr_engine.resample.resampled_image` on numpy arrays: ``volume`` at the moving point
     of each fixed voxel, (Z, Y, X) of its dtype, written into ``out`` where given (C-contiguous)."""
-    out = torch.empty(tuple(fixed_shape), dtype=volume.dtype) if out is None else out
-    _resample_cpu.resample(_displacement_array(displacement), _affine(fixed_to_grid), volume.detach().contiguous().numpy(),
-                           _affine(grid_to_index), nearest, out.numpy(), torch.get_num_threads())
+    out = np.empty(tuple(fixed_shape), dtype=volume.dtype) if out is None else out
+    _resample_cpu.resample(np.ascontiguousarray(displacement, dtype=np.float64), _affine(fixed_to_grid),
+                           np.ascontiguousarray(volume), _affine(grid_to_index), nearest, out, cpu_threads())
     return out
 
 
-def displacement_field(displacement: torch.Tensor, fixed_to_grid, fixed_shape, grid_to_physical,
-                       fixed_to_physical, out=None, first_z: int = 0) -> torch.Tensor:
-    """:func:`mgr_engine.resample.displacement_field` on CPU tensors: (Z, Y, X, 3) float32, mm (x, y, z),
-    written into ``out`` where given (C-contiguous)."""
-    out = torch.empty((*fixed_shape, 3), dtype=torch.float32) if out is None else out
-    _resample_cpu.displacement_field(_displacement_array(displacement), _affine(fixed_to_grid), _affine(grid_to_physical),
-                                     _affine(fixed_to_physical), out.numpy(), first_z, torch.get_num_threads())
+def displacement_field(displacement: np.ndarray, fixed_to_grid, fixed_shape, grid_to_physical,
+                       fixed_to_physical, out: np.ndarray | None = None, first_z: int = 0) -> np.ndarray:
+    """:func:`mgr_engine.resample.displacement_field` on numpy arrays: (Z, Y, X, 3) float32, mm
+    (x, y, z), written into ``out`` where given (C-contiguous)."""
+    out = np.empty((*fixed_shape, 3), dtype=np.float32) if out is None else out
+    _resample_cpu.displacement_field(np.ascontiguousarray(displacement, dtype=np.float64), _affine(fixed_to_grid),
+                                     _affine(grid_to_physical), _affine(fixed_to_physical), out, first_z, cpu_threads())
     return out

@@ -263,11 +263,9 @@ def jacobian_determinant(field, physical: bool = False, device="cpu"):
     :func:`wrapped_class`). ``physical=True``: derivatives along the physical axes (the direction
     applied)."""
     import itk
-    import torch
 
-    from .resample import jacobian_determinant as tensor_jacobian_determinant
+    from .resample import jacobian_determinant as array_jacobian_determinant
 
-    displacement = torch.from_numpy(itk.array_view_from_image(field))
     if _jacobian_left_to_itk(device, physical):
         jacobian = (wrapped_class("itkDisplacementFieldJacobianDeterminantFilter",
                                   "itkDisplacementFieldJacobianDeterminantFilterIVF33F")
@@ -276,20 +274,34 @@ def jacobian_determinant(field, physical: bool = False, device="cpu"):
         f.Update()
         return f.GetOutput()
     grid = ImageGrid.of(field)
+    displacement = itk.array_view_from_image(field)
     image, voxels = new_image(displacement.shape[:3], np.float32, field)
-    tensor_jacobian_determinant(displacement.to(device), grid.spacing, grid.direction if physical else None,
-                                out=torch.from_numpy(voxels))
+    array_jacobian_determinant(_on_device(displacement, device), grid.spacing, grid.direction if physical else None,
+                               out=voxels)
     return image
 
 
 def _jacobian_left_to_itk(device, physical: bool) -> bool:
     """Whether :func:`jacobian_determinant` takes ITK's filter: on the CPU, along the index axes,
     where the C++ kernel is not taken (not built, or ``kernel_mode("torch")``)."""
+    from .resample import use_cpp_jacobian
+
+    return _is_cpu(device) and not physical and not use_cpp_jacobian(np.empty((0, 0, 0, 3), np.float32))
+
+
+def _is_cpu(device) -> bool:
+    """Whether ``device`` (a torch device or its name) is the CPU, without importing torch."""
+    return str(device).split(":")[0] == "cpu"
+
+
+def _on_device(array: np.ndarray, device):
+    """``array`` as it is on the CPU (the C++ kernels and the CPU path take numpy arrays, and
+    need no torch), else a tensor on ``device``."""
+    if _is_cpu(device):
+        return array
     import torch
 
-    from . import ops
-
-    return torch.device(device).type == "cpu" and not physical and not ops.use_cpp_jacobian(torch.empty(0))
+    return torch.from_numpy(array).to(device)
 
 
 def transform_to_displacement_field(transform, reference):
@@ -372,7 +384,6 @@ def grid_transform(transform):
     into grid voxels; on a grid of unit spacing and identity direction (this engine's) the
     displacement is the transform's own array, not a copy."""
     import itk
-    import torch
 
     from .resample import GridTransform, compose_affines, invert_affine
 
@@ -394,10 +405,10 @@ def grid_transform(transform):
     for affine in affines[fields[0]:]:
         after = compose_affines(affine, after)
     field = parts[fields[0]].GetDisplacementField()
-    displacement = torch.from_numpy(itk.array_view_from_image(field))
+    displacement = itk.array_view_from_image(field)
     grid_to_physical = index_to_physical_affine(field)
     if not np.array_equal(grid_to_physical[:, :3], np.eye(3)):
-        displacement = displacement @ torch.from_numpy(np.linalg.inv(grid_to_physical[:, :3]).T)  # mm -> grid voxels
+        displacement = displacement @ np.linalg.inv(grid_to_physical[:, :3]).T  # mm -> grid voxels
     return GridTransform(displacement, compose_affines(invert_affine(grid_to_physical), before),
                          compose_affines(after, grid_to_physical))
 
@@ -433,7 +444,6 @@ def warp_image(grid, image, reference, interpolation: str = "linear", device="cp
     evaluated on ``device`` (:func:`mgr_engine.resample.resampled_image`; on the CPU in C++,
     straight from the image's voxels into the output's)."""
     import itk
-    import torch
 
     from .resample import compose_affines, invert_affine, resampled_image
 
@@ -441,13 +451,9 @@ def warp_image(grid, image, reference, interpolation: str = "linear", device="cp
     shape, _, fixed_to_grid = _reference_grid(grid, reference)
     grid_to_index = compose_affines(invert_affine(index_to_physical_affine(image)), grid.from_grid)
     warped, voxels = new_image(shape, array.dtype, reference)
-    displacement = grid.displacement.to(device)
-    if hasattr(torch, str(array.dtype)):
-        resampled_image(displacement, fixed_to_grid, shape, torch.from_numpy(np.ascontiguousarray(array)).to(device),
-                        grid_to_index, interpolation, out=torch.from_numpy(voxels))
-    else:  # uint16 / uint32 before torch 2.3, which has no such dtype: through int64, which holds each value
-        volume = torch.from_numpy(array.astype(np.int64)).to(device)
-        voxels[...] = resampled_image(displacement, fixed_to_grid, shape, volume, grid_to_index, interpolation).cpu().numpy()
+    # the image as it is: resampled_image moves it to the displacement's device
+    resampled_image(_on_device(grid.displacement, device), fixed_to_grid, shape, np.ascontiguousarray(array),
+                    grid_to_index, interpolation, out=voxels)
     return warped
 
 
@@ -456,14 +462,12 @@ def grid_displacement_field(grid, reference, device="cpu"):
     ``reference``'s grid in mm, ``transform(p) - p``: an ``Image[Vector[F, 3], 3]``, what
     :func:`transform_to_displacement_field` (ITK's filter) computes from the same transform,
     evaluated on ``device`` (:func:`mgr_engine.resample.displacement_field`; on the CPU in C++)."""
-    import torch
-
     from .resample import displacement_field
 
     shape, fixed_to_physical, fixed_to_grid = _reference_grid(grid, reference)
     image, voxels = new_image(shape, np.float32, reference, is_vector=True)
-    displacement_field(grid.displacement.to(device), fixed_to_grid, shape, grid.from_grid, fixed_to_physical,
-                       out=torch.from_numpy(voxels))
+    displacement_field(_on_device(grid.displacement, device), fixed_to_grid, shape, grid.from_grid, fixed_to_physical,
+                       out=voxels)
     return image
 
 
@@ -473,32 +477,31 @@ def grid_jacobian_determinant(grid, reference, physical: bool = False, device="c
     the whole field (0.9 GB at 512x512x300). The field is computed slab by slab (about
     ``slab_voxels`` voxels, with the slice on either side that the central differences take), each
     slab's determinant kept without those two slices."""
-    import torch
-
     from .resample import displacement_field
-    from .resample import jacobian_determinant as tensor_jacobian_determinant
+    from .resample import jacobian_determinant as array_jacobian_determinant
 
     if _jacobian_left_to_itk(device, physical):  # ITK's filter takes a whole field
         return jacobian_determinant(grid_displacement_field(grid, reference, device), physical, device)
-    on_cpu = torch.device(device).type == "cpu"
+    on_cpu = _is_cpu(device)
     shape, fixed_to_physical, fixed_to_grid = _reference_grid(grid, reference)
     image_grid = ImageGrid.of(reference)
     image, voxels = new_image(shape, np.float32, reference)
-    displacement = grid.displacement.to(device)
+    displacement = _on_device(grid.displacement, device)
     slices = max(1, slab_voxels // (shape[1] * shape[2]))
     # one buffer for every slab's field and one for its determinant (on a GPU, the slab's own tensors)
     buffer_slices = min(slices + 2, shape[0])
-    field_buffer = torch.empty((buffer_slices, *shape[1:], 3)) if on_cpu else None
-    jacobian_buffer = torch.empty((buffer_slices, *shape[1:])) if on_cpu else None
+    field_buffer = np.empty((buffer_slices, *shape[1:], 3), np.float32) if on_cpu else None
+    jacobian_buffer = np.empty((buffer_slices, *shape[1:]), np.float32) if on_cpu else None
     for start in range(0, shape[0], slices):
         stop = min(start + slices, shape[0])
         first, end = max(start - 1, 0), min(stop + 1, shape[0])
         field = displacement_field(displacement, fixed_to_grid, (end - first, *shape[1:]), grid.from_grid,
                                    fixed_to_physical, None if field_buffer is None else field_buffer[:end - first],
                                    first_z=first)
-        jacobian = tensor_jacobian_determinant(field, image_grid.spacing, image_grid.direction if physical else None,
-                                               None if jacobian_buffer is None else jacobian_buffer[:end - first])
-        voxels[start:stop] = jacobian[start - first:stop - first].cpu().numpy()
+        jacobian = array_jacobian_determinant(field, image_grid.spacing, image_grid.direction if physical else None,
+                                              None if jacobian_buffer is None else jacobian_buffer[:end - first])
+        slab = jacobian[start - first:stop - first]
+        voxels[start:stop] = slab if on_cpu else slab.cpu().numpy()
     return image
 
 
@@ -864,15 +867,13 @@ _MAX_GZIP_THREADS = 16
 
 def default_gzip_threads() -> int:
     """The threads :func:`gzip_file` takes by default: the cores this process may use, at most 16,
-    and at most ``OMP_NUM_THREADS`` where it is set (the limit a shared machine's job gives torch
-    and the C++ kernels holds for the outputs' compression too). ISA-L deflates a float field at
-    about 260 MB/s a thread here, so 16 outrun most disks; and a container that sees a host's 128
-    cores under a 2-CPU quota would otherwise hold 256 chunks (0.5 GB) in flight."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    requested = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if requested.isdigit() and int(requested) > 0:  # an empty, zero or malformed value is ignored
-        cores = min(cores, int(requested))
-    return min(cores, _MAX_GZIP_THREADS)
+    and at most ``OMP_NUM_THREADS`` where it is set (:func:`mgr_engine.kernel_modes.usable_cores`).
+    ISA-L deflates a float field at about 260 MB/s a thread here, so 16 outrun most disks; and a
+    container that sees a host's 128 cores under a 2-CPU quota would otherwise hold 256 chunks
+    (0.5 GB) in flight."""
+    from .kernel_modes import usable_cores
+
+    return min(usable_cores(), _MAX_GZIP_THREADS)
 
 
 def gzip_file(source, target, threads: int | None = None, deflate=None) -> None:

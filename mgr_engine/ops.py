@@ -21,17 +21,12 @@ The default comes from the environment variable ``MGR_ENGINE_KERNELS``.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 
-from .errors import InvalidOptionError
-
-KERNEL_MODES = ("auto", "triton", "cpp", "torch")
-_kernel_mode = os.environ.get("MGR_ENGINE_KERNELS", "auto")
+from .kernel_modes import KERNEL_MODES, cpp_kernels_allowed, current_kernel_mode, kernel_mode, set_kernel_mode  # noqa: F401
 
 
 @functools.lru_cache(maxsize=1)
@@ -43,35 +38,17 @@ def triton_available() -> bool:
     return True
 
 
-def set_kernel_mode(mode: str) -> None:
-    """Choose the implementation of warp, composition and LNCC: "auto", "triton", "cpp" or "torch"."""
-    global _kernel_mode
-    if mode not in KERNEL_MODES:
-        raise InvalidOptionError(f"unknown kernel mode {mode!r}: choose one of {', '.join(KERNEL_MODES)}")
-    _kernel_mode = mode
-
-
-@contextlib.contextmanager
-def kernel_mode(mode: str):
-    """Context manager form of :func:`set_kernel_mode`."""
-    previous = _kernel_mode
-    set_kernel_mode(mode)
-    try:
-        yield
-    finally:
-        set_kernel_mode(previous)
-
-
 def use_triton(tensor: torch.Tensor) -> bool:
     """Whether an op on ``tensor`` runs the Triton kernel under the current mode."""
-    if _kernel_mode in ("torch", "cpp"):
+    mode = current_kernel_mode()
+    if mode in ("torch", "cpp"):
         return False
-    if _kernel_mode == "triton":
+    if mode == "triton":
         return True
     return tensor.is_cuda and triton_available()
 
 
-def _is_eager(*tensors: torch.Tensor) -> bool:
+def is_eager(*tensors: torch.Tensor) -> bool:
     """Plain tensors outside any tracer (jit, dynamo, export's fake tensors): a C++ call on
     raw memory would not be traced."""
     is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
@@ -82,14 +59,7 @@ def _is_eager(*tensors: torch.Tensor) -> bool:
 
 def _cpp_kernels_allowed(*tensors: torch.Tensor) -> bool:
     """Whether the current mode lets the C++ extension run on ``tensors`` (which it then checks)."""
-    if _kernel_mode not in ("auto", "cpp"):
-        return False
-    from .kernels import warp_cpu
-
-    if _kernel_mode == "cpp" and not warp_cpu.available():
-        raise InvalidOptionError("kernel mode 'cpp' needs the C++ extension, which was not built: reinstall "
-                                 "mgr_engine where a C++ compiler is found (pip install -e .)")
-    return warp_cpu.available() and _is_eager(*tensors)
+    return cpp_kernels_allowed() and is_eager(*tensors)
 
 
 def use_cpp_warp(image: torch.Tensor, coords: torch.Tensor) -> bool:
@@ -128,24 +98,6 @@ def use_cpp_last_conv(x: torch.Tensor, conv: torch.nn.Conv3d) -> bool:
     return (_cpp_kernels_allowed(x) and last_conv_cpu.supports(x, conv.weight, conv.bias)
             and conv.stride == (1, 1, 1) and conv.padding == (1, 1, 1) and conv.dilation == (1, 1, 1)
             and conv.groups == 1 and conv.padding_mode == "zeros")
-
-
-def use_cpp_resample(*tensors: torch.Tensor) -> bool:
-    """Whether a result's full-resolution resampling (:mod:`mgr_engine.resample`) of ``tensors``
-    (the displacement, the image) runs in C++ under the current mode (:mod:`mgr_engine.kernels.resample_cpu`,
-    CPU tensors)."""
-    from .kernels import resample_cpu
-
-    return _cpp_kernels_allowed(*tensors) and resample_cpu.supports(*tensors)
-
-
-def use_cpp_jacobian(displacement: torch.Tensor) -> bool:
-    """Whether the Jacobian determinant of a (Z, Y, X, 3) ``displacement`` field
-    (:func:`mgr_engine.resample.jacobian_determinant`) runs in C++ under the current mode
-    (:mod:`mgr_engine.kernels.jacobian_cpu`, CPU tensors)."""
-    from .kernels import jacobian_cpu
-
-    return _cpp_kernels_allowed(displacement) and jacobian_cpu.supports(displacement)
 
 
 def is_channels_last(tensor: torch.Tensor) -> bool:

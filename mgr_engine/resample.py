@@ -31,12 +31,15 @@ test: ``tests/test_resample.py``; benchmark: ``benchmarks/bench_resample.py``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from . import ops
 from .errors import InvalidOptionError
+from .kernel_modes import cpp_kernels_allowed
+
+if TYPE_CHECKING:
+    import torch
 
 INTERPOLATIONS = ("linear", "nearest")
 
@@ -64,11 +67,11 @@ class GridTransform:
     point -> ``to_grid`` -> grid index q -> ``q + displacement(q)`` (trilinear, none outside the
     grid) -> ``from_grid`` -> output physical point (mm).
 
-    ``displacement``: (D, H, W, 3) float64 in grid voxels, components (x, y, z); ``to_grid`` and
-    ``from_grid``: (3, 4) float64 affines. A registration's transform (fixed point -> moving
+    ``displacement``: (D, H, W, 3) float64 numpy array in grid voxels, components (x, y, z);
+    ``to_grid`` and ``from_grid``: (3, 4) float64 affines. A registration's transform (fixed point -> moving
     point) is one on the network grid, its displacement :func:`map_displacement` of the map."""
 
-    displacement: torch.Tensor
+    displacement: np.ndarray
     to_grid: np.ndarray
     from_grid: np.ndarray
 
@@ -89,56 +92,124 @@ def map_displacement(phi: np.ndarray, out=None) -> np.ndarray:
     return out
 
 
-def resampled_image(displacement: torch.Tensor, fixed_to_grid, fixed_shape, volume: torch.Tensor, grid_to_index,
-                    interpolation: str = "linear", out=None) -> torch.Tensor:
+def _cpp_takes(*arrays) -> bool:
+    """Whether the current kernel mode lets a C++ kernel take ``arrays``: numpy arrays, or CPU
+    tensors outside any tracer (numpy arrays never load torch)."""
+    if not cpp_kernels_allowed():
+        return False
+    tensors = [a for a in arrays if not isinstance(a, np.ndarray)]
+    if not tensors:
+        return True
+    from . import ops
+
+    return ops.is_eager(*tensors) and all(t.device.type == "cpu" for t in tensors)
+
+
+def use_cpp_resample(*arrays) -> bool:
+    """Whether :func:`resampled_image` and :func:`displacement_field` of ``arrays`` (the
+    displacement, the image) run in C++ under the current mode (:mod:`mgr_engine.kernels.resample_cpu`)."""
+    from .kernels import resample_cpu
+
+    return _cpp_takes(*arrays) and resample_cpu.supports(*arrays)
+
+
+def use_cpp_jacobian(displacement) -> bool:
+    """Whether :func:`jacobian_determinant` of ``displacement`` runs in C++ under the current mode
+    (:mod:`mgr_engine.kernels.jacobian_cpu`)."""
+    from .kernels import jacobian_cpu
+
+    return _cpp_takes(displacement) and jacobian_cpu.available()
+
+
+def _numpy(array) -> np.ndarray:
+    """A numpy array, or a CPU tensor's memory as one."""
+    return array if isinstance(array, np.ndarray) else array.detach().numpy()
+
+
+def _tensor(array):
+    """A tensor, or a numpy array's memory as one."""
+    import torch
+
+    return torch.from_numpy(array) if isinstance(array, np.ndarray) else array
+
+
+def _returned(values, like, out):
+    """``values`` written into ``out`` where given (and ``out`` returned), else as a numpy array
+    where ``like`` is one, else as a tensor: the caller's kind of array."""
+    if out is None:
+        if isinstance(like, np.ndarray):
+            return values if isinstance(values, np.ndarray) else values.cpu().numpy()
+        return _tensor(values)
+    if isinstance(out, np.ndarray):
+        np.copyto(out, values if isinstance(values, np.ndarray) else values.cpu().numpy())
+    else:
+        out.copy_(_tensor(values))
+    return out
+
+
+def resampled_image(displacement, fixed_to_grid, fixed_shape, volume, grid_to_index, interpolation: str = "linear",
+                    out=None):
     """``volume`` (Z, Y, X), an image in moving space, at the moving point of each voxel of the
-    (Z, Y, X) ``fixed_shape`` grid: (Z, Y, X) of ``volume``'s dtype on ``displacement``'s device,
-    0 outside the image, cast as ITK's ``ResampleImageFilter`` casts (an integer type clamped to
-    its range, then truncated toward 0).
+    (Z, Y, X) ``fixed_shape`` grid: (Z, Y, X) of ``volume``'s dtype, 0 outside the image, cast as
+    ITK's ``ResampleImageFilter`` casts (an integer type clamped to its range, then truncated
+    toward 0).
 
     ``displacement``: a :class:`GridTransform`'s; ``fixed_to_grid``: fixed voxel index -> grid
     index; ``grid_to_index``: grid index plus displacement -> ``volume``'s continuous index
-    (through the moving image's physical space). ``out``: a (Z, Y, X) CPU tensor of ``volume``'s
-    dtype to write the result into (and return)."""
+    (through the moving image's physical space). ``displacement`` and ``volume``: numpy arrays
+    (the result one too, computed on the CPU) or tensors on one device (the result a tensor
+    there). ``out``: a (Z, Y, X) CPU array or tensor of ``volume``'s dtype to write the result
+    into (and return)."""
     check_interpolation(interpolation)
-    if ops.use_cpp_resample(displacement, volume):
+    if use_cpp_resample(displacement, volume):
         from .kernels import resample_cpu
 
-        return resample_cpu.resample(displacement, fixed_to_grid, fixed_shape, volume, grid_to_index,
-                                     interpolation == "nearest", out)
-    index = _apply_affine(grid_to_index, grid_points(displacement, fixed_to_grid, fixed_shape))
-    pixels = volume.to(displacement.device, torch.float64)
+        values = resample_cpu.resample(_numpy(displacement), fixed_to_grid, fixed_shape, _numpy(volume), grid_to_index,
+                                       interpolation == "nearest", None if out is None else _numpy(out))
+        return out if out is not None else _returned(values, displacement, None)
+    import torch
+
+    tensor = _tensor(displacement)
+    index = _apply_affine(grid_to_index, grid_points(tensor, fixed_to_grid, fixed_shape))
+    # the image's torch dtype; None for a numpy uint16 or uint32 image before torch 2.3 (no such dtype)
+    dtype = getattr(torch, str(volume.dtype), None) if isinstance(volume, np.ndarray) else volume.dtype
+    pixels = _tensor(volume if dtype is not None else volume.astype(np.int64)).to(tensor.device, torch.float64)
     if interpolation == "nearest":
         rounded = [torch.floor(index[axis] + 0.5).long().clamp_(0, pixels.shape[2 - axis] - 1) for axis in range(3)]
         values = pixels[rounded[2], rounded[1], rounded[0]]
     else:
         values = _interpolate_like_itk(pixels, index)
     values = torch.where(_inside(index, pixels.shape), values, torch.zeros((), dtype=values.dtype, device=values.device))
-    if not volume.dtype.is_floating_point:
-        info = torch.iinfo(volume.dtype)
-        values.clamp_(info.min, info.max)
-    values = values.to(volume.dtype)  # an integer type: truncated toward 0
-    return values if out is None else out.copy_(values)
+    if dtype is None:  # between the image's values, within its range: truncated toward 0
+        values = values.cpu().numpy().astype(volume.dtype)
+    else:
+        if not dtype.is_floating_point:
+            info = torch.iinfo(dtype)
+            values.clamp_(info.min, info.max)
+        values = values.to(dtype)  # an integer type: truncated toward 0
+    return _returned(values, displacement, out)
 
 
-def displacement_field(displacement: torch.Tensor, fixed_to_grid, fixed_shape, grid_to_physical,
-                       fixed_to_physical, out=None, first_z: int = 0) -> torch.Tensor:
+def displacement_field(displacement, fixed_to_grid, fixed_shape, grid_to_physical, fixed_to_physical, out=None,
+                       first_z: int = 0):
     """The transform's displacement at each voxel of the fixed grid in mm, ``moving point - fixed
-    point``: (Z, Y, X, 3) float32 (x, y, z) on ``displacement``'s device. ``grid_to_physical``:
-    grid index plus displacement -> moving physical point; ``fixed_to_physical``: fixed voxel
-    index -> physical point. ``out``: a (Z, Y, X, 3) float32 CPU tensor to write the field into
-    (and return). ``first_z``: the fixed slice of the first of the Z slices, for a slab of the
-    field (the whole field's values there, bit for bit)."""
-    if ops.use_cpp_resample(displacement):
+    point``: (Z, Y, X, 3) float32 (x, y, z), a numpy array where ``displacement`` is one, else a
+    tensor on its device. ``grid_to_physical``: grid index plus displacement -> moving physical
+    point; ``fixed_to_physical``: fixed voxel index -> physical point. ``out``: a (Z, Y, X, 3)
+    float32 CPU array or tensor to write the field into (and return). ``first_z``: the fixed
+    slice of the first of the Z slices, for a slab of the field (the whole field's values there,
+    bit for bit)."""
+    if use_cpp_resample(displacement):
         from .kernels import resample_cpu
 
-        return resample_cpu.displacement_field(displacement, fixed_to_grid, fixed_shape, grid_to_physical,
-                                               fixed_to_physical, out, first_z)
-    points = grid_points(displacement, fixed_to_grid, fixed_shape, first_z)
+        values = resample_cpu.displacement_field(_numpy(displacement), fixed_to_grid, fixed_shape, grid_to_physical,
+                                                 fixed_to_physical, None if out is None else _numpy(out), first_z)
+        return out if out is not None else _returned(values, displacement, None)
+    tensor = _tensor(displacement)
+    points = grid_points(tensor, fixed_to_grid, fixed_shape, first_z)
     moved = (_apply_affine(grid_to_physical, points)
-             - _affine_grid(fixed_to_physical, fixed_shape, displacement.device, first_z))
-    field = moved.permute(1, 2, 3, 0).float()
-    return field if out is None else out.copy_(field)
+             - _affine_grid(fixed_to_physical, fixed_shape, tensor.device, first_z))
+    return _returned(moved.permute(1, 2, 3, 0).float(), displacement, out)
 
 
 def half_derivative_weights(spacing) -> np.ndarray:
@@ -147,9 +218,10 @@ def half_derivative_weights(spacing) -> np.ndarray:
     return np.array([np.float32(1.0 / np.float32(s)) * np.float32(0.5) for s in spacing], dtype=np.float32)
 
 
-def jacobian_determinant(displacement: torch.Tensor, spacing, direction=None, out=None) -> torch.Tensor:
+def jacobian_determinant(displacement, spacing, direction=None, out=None):
     """``det(I + du/dx)`` of a (Z, Y, X, 3) displacement field (mm, components x, y, z) with
-    ``spacing`` (x, y, z): (Z, Y, X) float32 on the field's device.
+    ``spacing`` (x, y, z): (Z, Y, X) float32, a numpy array where ``displacement`` is one (computed
+    on the CPU), else a tensor on its device.
 
     Without ``direction``, as ITK's ``DisplacementFieldJacobianDeterminantFilter`` computes it
     (and so ``unigradicon-jacobian``), operation for operation in float32: central differences
@@ -160,16 +232,20 @@ def jacobian_determinant(displacement: torch.Tensor, spacing, direction=None, ou
     derivatives along the physical axes: the physical Jacobian's determinant (the volume change),
     equal to ITK's on an axis-aligned grid.
 
-    On CPU tensors the C++ kernel computes it (:mod:`mgr_engine.kernels.jacobian_cpu`, the same
+    On the CPU the C++ kernel computes it (:mod:`mgr_engine.kernels.jacobian_cpu`, the same
     operations); this tensor form is its reference, and the GPU's path. ``out``: a (Z, Y, X)
-    float32 CPU tensor to write the result into (and return)."""
+    float32 CPU array or tensor to write the result into (and return)."""
     weights = half_derivative_weights(spacing)
     inverse = None if direction is None else np.linalg.inv(np.asarray(direction, dtype=np.float64))
-    if ops.use_cpp_jacobian(displacement):
+    if use_cpp_jacobian(displacement):
         from .kernels import jacobian_cpu
 
-        return jacobian_cpu.jacobian_determinant(displacement, weights, inverse, out)
-    u = displacement.permute(3, 0, 1, 2).float()  # (3, Z, Y, X)
+        values = jacobian_cpu.jacobian_determinant(_numpy(displacement), weights, inverse,
+                                                   None if out is None else _numpy(out))
+        return out if out is not None else _returned(values, displacement, None)
+    import torch
+
+    u = _tensor(displacement).permute(3, 0, 1, 2).float()  # (3, Z, Y, X)
 
     def derivative(axis: int) -> torch.Tensor:  # of the three components along index axis x, y or z
         dim, n = 3 - axis, u.shape[3 - axis]
@@ -187,10 +263,11 @@ def jacobian_determinant(displacement: torch.Tensor, spacing, direction=None, ou
     r = [[rows[k][i] + 1 if i == k else rows[k][i] for i in range(3)] for k in range(3)]
     determinant = (r[0][0] * r[1][1] * r[2][2] - r[0][0] * r[2][1] * r[1][2] - r[1][0] * r[0][1] * r[2][2]
                    + r[1][0] * r[2][1] * r[0][2] + r[2][0] * r[0][1] * r[1][2] - r[2][0] * r[1][1] * r[0][2])
-    return determinant if out is None else out.copy_(determinant)
+    return _returned(determinant, displacement, out)
 
 
-# ---------------- the PyTorch path of resampled_image and displacement_field (the GPU's, the C++ reference)
+# ---------------- the PyTorch path of resampled_image and displacement_field (the GPU's, the C++ reference);
+# torch imported where it runs: mgr-engine warp and jacobian run the C++ kernels without it
 
 
 def grid_points(displacement: torch.Tensor, fixed_to_grid, fixed_shape, first_z: int = 0) -> torch.Tensor:
@@ -205,6 +282,8 @@ def grid_points(displacement: torch.Tensor, fixed_to_grid, fixed_shape, first_z:
 def _affine_grid(affine, shape, device, first_z: int = 0) -> torch.Tensor:
     """``affine`` applied to the index of every voxel of a (Z, Y, X) grid whose slices start at
     ``first_z``: (3, Z, Y, X) float64 (x, y, z)."""
+    import torch
+
     affine = torch.as_tensor(np.asarray(affine, dtype=np.float64), device=device)[:, :, None, None, None]
     z, y, x = (torch.arange(start, start + n, dtype=torch.float64, device=device)
                for start, n in zip((first_z, 0, 0), shape))
@@ -213,12 +292,16 @@ def _affine_grid(affine, shape, device, first_z: int = 0) -> torch.Tensor:
 
 def _apply_affine(affine, points: torch.Tensor) -> torch.Tensor:
     """``affine`` applied to (3, ...) points (x, y, z)."""
+    import torch
+
     affine = torch.as_tensor(np.asarray(affine, dtype=np.float64), device=points.device)
     return torch.einsum("ij,j...->i...", affine[:, :3], points) + affine[:, 3].reshape(3, *([1] * (points.dim() - 1)))
 
 
 def _inside(index: torch.Tensor, shape_zyx) -> torch.Tensor:
     """Where (3, ...) continuous indices (x, y, z) lie inside a (Z, Y, X) grid, by ITK's rule."""
+    import torch
+
     size = torch.tensor(list(reversed(shape_zyx)), dtype=index.dtype, device=index.device)
     size = size.reshape(3, *([1] * (index.dim() - 1)))
     return ((index >= -0.5) & (index < size - 0.5)).all(0)
@@ -253,6 +336,10 @@ def _interpolate_like_itk(volume: torch.Tensor, index: torch.Tensor) -> torch.Te
 def _sample_linear(volume: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``volume`` (C, Z, Y, X) at (3, ...) continuous indices (x, y, z): (C, ...) trilinear with
     the corners clamped into the volume."""
+    import torch
+
+    from . import ops
+
     steps = torch.tensor([max(n - 1, 1) for n in volume.shape[1:]], dtype=index.dtype, device=index.device)
     coords = index.flip(0) / steps.reshape(3, *([1] * (index.dim() - 1)))
     return ops.warp(volume[None], coords[None].to(volume.dtype), padding="border")[0]

@@ -299,7 +299,10 @@ def test_images_beyond_32_bit_offsets_are_left_to_pytorch():
 
 
 def test_cpp_mode_without_the_extension_says_how_to_build(monkeypatch):
+    from mgr_engine import kernel_modes
+
     monkeypatch.setattr(warp_cpu, "_trilinear_cpu", None)
+    monkeypatch.setattr(kernel_modes, "cpp_extensions_built", lambda: False)
     with ops.kernel_mode("cpp"), pytest.raises(InvalidOptionError, match="pip install"):
         ops.warp(torch.rand(1, 1, 4, 4, 4), ops.identity_map((4, 4, 4)))
     with ops.kernel_mode("auto"):  # auto falls back quietly

@@ -50,7 +50,7 @@ def kernel(request):
 
 
 @pytest.mark.parametrize("interpolation", ["linear", "nearest"])
-@pytest.mark.parametrize("dtype", resample_cpu.PIXEL_TYPES)
+@pytest.mark.parametrize("dtype", [getattr(torch, name) for name in resample_cpu.PIXEL_TYPES if hasattr(torch, name)])
 def test_cpp_resampling_matches_the_pytorch_path(interpolation, dtype):
     displacement = random_displacement(NETWORK, 0.15, seed=1)
     smooth = torch.from_numpy(smooth_volume((13, 17, 11), 3))
@@ -114,16 +114,37 @@ def test_a_slab_of_the_displacement_field_is_those_slices_of_the_whole(kernel):
     assert torch.equal(slab, whole[4:9])
 
 
+@pytest.mark.parametrize("pixels", ["int16", pytest.param("uint16", marks=pytest.mark.skipif(
+    not hasattr(torch, "uint16"), reason="torch < 2.3 has no uint16 tensors to compare with")), "float32"])
+def test_numpy_arrays_give_numpy_arrays_of_the_tensors_values(kernel, pixels):
+    """itk_io passes numpy arrays on the CPU (``mgr-engine warp`` and ``jacobian`` run without
+    torch where the kernels are built): the same values as from tensors, as numpy arrays."""
+    displacement = random_displacement(NETWORK, 0.15, seed=1)
+    volume = torch.from_numpy((smooth_volume((13, 17, 11), 3) * 900 + 400).astype(pixels))
+    fixed_to_grid, grid_to_index = random_affine(2), random_affine(3)
+    with ops.kernel_mode(kernel):
+        outputs = {}
+        for kind, (d, v) in (("tensor", (displacement, volume)), ("array", (displacement.numpy(), volume.numpy()))):
+            field = resample.displacement_field(d, fixed_to_grid, (12, 21, 18), grid_to_index, np.eye(3, 4))
+            outputs[kind] = [resample.resampled_image(d, fixed_to_grid, (12, 21, 18), v, grid_to_index, interpolation)
+                             for interpolation in ("linear", "nearest")]
+            outputs[kind] += [field, resample.jacobian_determinant(field, (1.2, 1.0, 0.9), rotation(0.3, -0.2, 0.5))]
+    for from_tensors, from_arrays in zip(outputs["tensor"], outputs["array"]):
+        assert isinstance(from_tensors, torch.Tensor) and isinstance(from_arrays, np.ndarray)
+        np.testing.assert_array_equal(from_arrays, from_tensors.numpy())
+    assert outputs["array"][0].dtype == np.dtype(pixels) and np.std(outputs["array"][0]) > 10
+
+
 def test_volumes_beyond_the_kernels_32_bit_offsets_take_the_pytorch_path():
     require_cpp_extension(resample_cpu)
     displacement = torch.zeros(4, 5, 6, 3)
     huge = torch.zeros(1).expand(2**11, 2**10, 2**10)  # 2^31 voxels, a view of one
     with ops.kernel_mode("cpp"):
-        assert ops.use_cpp_resample(displacement, torch.zeros(7, 8, 9))
-        assert not ops.use_cpp_resample(displacement, huge)
+        assert resample.use_cpp_resample(displacement, torch.zeros(7, 8, 9))
+        assert not resample.use_cpp_resample(displacement, huge)
         # the displacement's offsets count its three components
-        assert ops.use_cpp_resample(torch.zeros(1).expand(682, 2**10, 2**10, 3))  # 2^31 - 2.1e6 components
-        assert not ops.use_cpp_resample(torch.zeros(1).expand(683, 2**10, 2**10, 3))  # 2^31 + 1.0e6
+        assert resample.use_cpp_resample(torch.zeros(1).expand(682, 2**10, 2**10, 3))  # 2^31 - 2.1e6 components
+        assert not resample.use_cpp_resample(torch.zeros(1).expand(683, 2**10, 2**10, 3))  # 2^31 + 1.0e6
 
 
 def test_no_displacement_outside_the_grid(kernel):
@@ -452,8 +473,8 @@ def test_the_engines_transform_file_is_a_grid_transform_of_its_map(itk_module, r
 
     shape = registration.phi_ab.shape[2:]
     grid = itk_io.grid_transform(read_back(registration.transform, tmp_path / "t.h5"))
-    assert torch.equal(grid.displacement, torch.from_numpy(resample.map_displacement(registration.phi_ab[0].numpy())))
-    assert torch.equal(grid.displacement, registration._grid_transform().displacement)
+    assert np.array_equal(grid.displacement, resample.map_displacement(registration.phi_ab[0].numpy()))
+    assert np.array_equal(grid.displacement, registration._grid_transform().displacement)
     np.testing.assert_allclose(grid.to_grid, resample.invert_affine(itk_io.network_to_physical_affine(registration.fixed, shape)),
                                rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(grid.from_grid, itk_io.network_to_physical_affine(registration.moving, shape),
@@ -475,8 +496,8 @@ def test_warp_image_through_a_read_transform_matches_itk(itk_module, registratio
     transform = read_back(composite(itk, affine_transform(itk, 20), oblique_field_transform(itk, (9, 11, 10), 4.0, 21),
                                          euler, translation), tmp_path / "t.h5")
     grid = itk_io.grid_transform(transform)
-    assert grid is not None and not torch.equal(grid.displacement, torch.from_numpy(
-        itk.array_view_from_image(down_cast_field(itk_io, transform).GetDisplacementField())))  # mm -> grid voxels
+    assert grid is not None and not np.array_equal(grid.displacement, itk.array_view_from_image(
+        down_cast_field(itk_io, transform).GetDisplacementField()))  # mm -> grid voxels
     moving, fixed = registration.moving, registration.fixed
     expected = itk.array_from_image(itk_io.resample(moving, transform, fixed, interpolation))
     with ops.kernel_mode(kernel):
