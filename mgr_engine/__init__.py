@@ -11,13 +11,45 @@
 See :func:`register` and :class:`Engine`.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from . import errors
-from .engine import Engine, RegistrationResult, register, register_many, weights_search_path
-from .model import GradICONNetwork, NetworkConfig
-from .export import export_onnx  # onnx itself is imported only when a graph is built
-from .host_memory import release_freed_memory as release_host_memory
-from .itk_io import write_image  # atomic; a .nii.gz gzipped on every core, not by ITK on one
+
+# Loaded on first use (PEP 562): ``mgr-engine warp`` and ``jacobian`` import this package without
+# torch, which the engine's modules load (1-2 s).
+_LAZY = {  # public name -> (module, attribute)
+    "Engine": ("engine", "Engine"), "RegistrationResult": ("engine", "RegistrationResult"),
+    "register": ("engine", "register"), "register_many": ("engine", "register_many"),
+    "weights_search_path": ("engine", "weights_search_path"),
+    "GradICONNetwork": ("model", "GradICONNetwork"), "NetworkConfig": ("model", "NetworkConfig"),
+    "export_onnx": ("export", "export_onnx"),  # onnx itself is imported only when a graph is built
+    "release_host_memory": ("host_memory", "release_freed_memory"),
+    "write_image": ("itk_io", "write_image"),  # atomic; a .nii.gz gzipped on every core, not by ITK on one
+}
+
+if TYPE_CHECKING:  # what the names are, for type checkers and editors
+    from .engine import Engine, RegistrationResult, register, register_many, weights_search_path
+    from .export import export_onnx
+    from .host_memory import release_freed_memory as release_host_memory
+    from .itk_io import write_image
+    from .model import GradICONNetwork, NetworkConfig
 
 __all__ = ["Engine", "GradICONNetwork", "NetworkConfig", "RegistrationResult", "errors", "export_onnx", "register",
            "register_many", "release_host_memory", "weights_search_path", "write_image"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attribute = _LAZY[name]
+    value = getattr(importlib.import_module(f".{module}", __name__), attribute)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

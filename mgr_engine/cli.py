@@ -306,6 +306,7 @@ def run_export(args) -> None:
 def run_warp(args) -> None:
     from . import itk_io
 
+    itk_io.keep_itk_from_importing_torch()  # C++ kernels on numpy arrays: torch only where they were not built
     if args.linear == args.nearest_neighbor:
         raise InvalidOptionError("specify exactly one of --linear or --nearest_neighbor")
     check_outputs([("--warped_moving_out", args.warped_moving_out, "image")])
@@ -325,6 +326,7 @@ def run_warp(args) -> None:
 def run_jacobian(args) -> None:
     from . import itk_io
 
+    itk_io.keep_itk_from_importing_torch()  # as in run_warp
     check_outputs([("--jacob", args.jacob, "image"), ("--log_jacob", args.log_jacob, "image")])
     transform = itk_io.read_transform(args.transform)
     grid = itk_io.grid_transform(transform)

@@ -8,6 +8,7 @@ resampling; the engine imports the classes it uses on their own. Checked in a fr
 this one other tests load everything), and against the lazy loader's way, which is also the
 fallback."""
 
+import importlib
 import subprocess
 import sys
 import textwrap
@@ -103,14 +104,17 @@ def test_the_lazy_loaders_way_gives_the_same_outputs(fresh_process, tmp_path, mo
 
 def test_the_commands_run_each_in_a_fresh_process(tmp_path):
     """``register`` with a mask, ``jacobian --physical_jacobian`` and ``warp``, each in its own
-    process as users run them. ``ImageGrid.of`` read an image's direction with
-    ``itk.array_from_matrix``, which raises a KeyError until ITK's lazy loader has loaded
-    ITKCommon: in a fresh process both first commands failed (in this one other tests have loaded
-    it). The outputs of the later commands, through ITK's filters, match ``register``'s."""
+    process as users run them; ``warp`` and ``jacobian`` without torch where the C++ kernels are
+    built. ``ImageGrid.of`` read an image's direction with ``itk.array_from_matrix``, which raises
+    a KeyError until ITK's lazy loader has loaded ITKCommon: in a fresh process both first
+    commands failed (in this one other tests have loaded it). The outputs of the later commands,
+    through ITK's filters, match ``register``'s."""
     from helpers import oblique_image, smooth_volume
 
     from mgr_engine import itk_io
+    from mgr_engine.kernel_modes import cpp_extensions_built
 
+    itk_has_torch_switch = hasattr(importlib.import_module("itk.support.helpers"), "_HAVE_TORCH")
     fixed = oblique_image(smooth_volume((30, 34, 28), 1), (1.2, 1.0, 0.9), (-10.0, -12.0, -8.0), (0.1, 0.0, 0.2))
     moving = oblique_image(smooth_volume((32, 30, 33), 2), (1.1, 1.05, 0.95), (-9.0, -14.0, -7.0), (0.15, -0.05, -0.1))
     mask = itk_io.image_like((itk.array_from_image(fixed) > 0.05).astype(np.uint8), fixed)
@@ -129,10 +133,15 @@ def test_the_commands_run_each_in_a_fresh_process(tmp_path):
         ["warp", "--fixed", paths["fixed"], "--moving", paths["moving"], "--transform", transform,
          "--warped_moving_out", out["warped_cli"], "--linear"],
     ]
+    # as the mgr-engine script runs them, then whether torch was loaded
+    script = "import sys\nfrom mgr_engine.cli import main\ncode = main(sys.argv[1:])\nprint('torch' in sys.modules)\nsys.exit(code)"
     for command in commands:
-        run = subprocess.run([sys.executable, "-m", "mgr_engine.cli", "-q", *command], capture_output=True, text=True,
-                             timeout=300)
+        run = subprocess.run([sys.executable, "-c", script, "-q", *command], capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, f"{command[0]}: {run.stderr}"
+        # warp and jacobian run the C++ kernels on numpy arrays: torch's import was 1-2 s of them
+        # (ITK imports torch too, unless itk_io.keep_itk_from_importing_torch finds its switch)
+        torch_expected = command[0] == "register" or not cpp_extensions_built() or not itk_has_torch_switch
+        assert run.stdout.split()[-1] == str(torch_expected), command[0]
     arrays = {name: itk.array_from_image(itk.imread(path)) for name, path in out.items()}
     assert np.std(arrays["jacobian"]) > 1e-3, "the test wants a transform that moves points"
     np.testing.assert_allclose(arrays["jacobian_cli"], arrays["jacobian"], rtol=1e-4, atol=1e-4)
