@@ -8,7 +8,9 @@ with ITK's ``ResampleImageFilter``, or rasterizing it with ``TransformToDisplace
 evaluates that composite transform point by point on the host: 0.3 s each at 160x192x160 on a
 2-core CPU, more than the whole network on a GPU. Here the same arithmetic runs in C++ on the
 CPU (:mod:`mgr_engine.kernels.resample_cpu`) and as whole-volume tensor operations elsewhere
-(the PyTorch path below, the reference of the C++ one).
+(the PyTorch path below, the reference of the C++ one). The functions take numpy arrays
+(``mgr-engine warp`` and ``jacobian`` pass ITK's voxel arrays, and then import no torch) or
+tensors, and return the caller's kind.
 
 ITK's rules, reproduced: a point is inside an image when its continuous index lies in
 ``[-0.5, size - 0.5)`` on every axis; linear interpolation then clamps the eight corners into
