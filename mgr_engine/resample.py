@@ -175,7 +175,8 @@ def resampled_image(displacement, fixed_to_grid, fixed_shape, volume, grid_to_in
     index = _apply_affine(grid_to_index, grid_points(tensor, fixed_to_grid, fixed_shape))
     # the image's torch dtype; None for a numpy uint16 or uint32 image before torch 2.3 (no such dtype)
     dtype = getattr(torch, str(volume.dtype), None) if isinstance(volume, np.ndarray) else volume.dtype
-    pixels = _tensor(volume if dtype is not None else volume.astype(np.int64)).to(tensor.device, torch.float64)
+    # moved in its own type, then widened there: 4x fewer bytes over PCIe for an int16 image
+    pixels = _tensor(volume if dtype is not None else volume.astype(np.int64)).to(tensor.device).to(torch.float64)
     if interpolation == "nearest":
         rounded = [torch.floor(index[axis] + 0.5).long().clamp_(0, pixels.shape[2 - axis] - 1) for axis in range(3)]
         values = pixels[rounded[2], rounded[1], rounded[0]]
