@@ -470,8 +470,8 @@ def warp_image(grid, image, reference, interpolation: str = "linear", device="cp
     grid_to_index = compose_affines(invert_affine(index_to_physical_affine(image)), grid.from_grid)
     warped, voxels = new_image(shape, array.dtype, reference)
     # the image as it is: resampled_image moves it to the displacement's device
-    resampled_image(_on_device(grid.displacement, device), fixed_to_grid, shape, np.ascontiguousarray(array),
-                    grid_to_index, interpolation, out=voxels)
+    resampled_image(_on_device(grid.displacement, device), fixed_to_grid, shape, array, grid_to_index, interpolation,
+                    out=voxels)
     return warped
 
 

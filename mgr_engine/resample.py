@@ -70,8 +70,9 @@ class GridTransform:
     grid) -> ``from_grid`` -> output physical point (mm).
 
     ``displacement``: (D, H, W, 3) float64 numpy array in grid voxels, components (x, y, z);
-    ``to_grid`` and ``from_grid``: (3, 4) float64 affines. A registration's transform (fixed point -> moving
-    point) is one on the network grid, its displacement :func:`map_displacement` of the map."""
+    ``to_grid`` and ``from_grid``: (3, 4) float64 affines. A registration's transform (fixed point
+    -> moving point) is one on the network grid, its displacement :func:`map_displacement` of the
+    map."""
 
     displacement: np.ndarray
     to_grid: np.ndarray
