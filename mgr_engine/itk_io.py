@@ -50,6 +50,8 @@ def load_image(image, name: str = "input", grid_only: bool = False):
             raise ImageReadError(f"{name} image {str(path)!r} does not exist; check the path.")
         if path.is_file() and path.stat().st_size == 0:
             raise ImageReadError(f"{name} image {str(path)!r} is empty (0 bytes); re-export or copy it again.")
+        if not grid_only:  # the grid is read from the header alone
+            check_nifti_complete(path, name)
         try:
             image = read_image(path, header_only=grid_only)
         except Exception as exc:  # ITK raises RuntimeError/KeyError depending on the format
@@ -82,6 +84,95 @@ def load_image(image, name: str = "input", grid_only: bool = False):
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InvalidImageError(f"{name} image has {image.GetNumberOfComponentsPerPixel()} components per voxel; pass a scalar image.")
     return ImageGrid.of(image) if grid_only else image
+
+
+def check_nifti_complete(path, name: str = "input") -> None:
+    """Raise :class:`ImageReadError` where a NIfTI file (``.nii``, ``.nii.gz``) holds fewer bytes
+    than its header announces. ITK's NIfTI reader reads such a file without a word, the missing
+    voxels zero: an interrupted copy registered as part of an image (its NRRD and MetaImage
+    readers refuse a short file). A ``.nii.gz``'s gzip trailer gives its uncompressed size (modulo
+    2^32); only where that is not the header's size (a truncated file, or one of several gzip
+    members, as bgzip writes) is the file decompressed once to count its bytes. Anything else
+    odd is left to ITK's reader."""
+    path = Path(path)
+    suffix = _suffix(path).lower()
+    if suffix not in (".nii", ".nii.gz") or not path.is_file():
+        return
+    compressed = suffix == ".nii.gz"
+    try:
+        with open(path, "rb") as f:
+            header = f.read(2**16 if compressed else _NIFTI2_HEADER_BYTES)
+        if compressed:  # the first bytes inflated, however the file ends
+            header = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(header, _NIFTI2_HEADER_BYTES)
+        expected = _nifti_file_bytes(header)
+        if expected is None:
+            return
+        if not compressed:
+            actual = path.stat().st_size
+        else:
+            with open(path, "rb") as f:
+                f.seek(-4, os.SEEK_END)
+                if struct.unpack("<I", f.read(4))[0] == expected % 2**32:  # ISIZE, the trailer's last field
+                    return
+            actual = _gzip_bytes_before_its_end(path)
+    except (OSError, EOFError, ValueError, zlib.error):  # no NIfTI header to go by: ITK's reader says what is wrong
+        return
+    if actual is not None and actual < expected:
+        raise ImageReadError(
+            f"{name} image {str(path)!r} is truncated: it ends after {actual} of the {expected} bytes its NIfTI "
+            f"header announces ({100 * actual / expected:.3g}%); copy or export it again.")
+
+
+_NIFTI1_HEADER_BYTES, _NIFTI2_HEADER_BYTES = 348, 540
+
+
+def _nifti_file_bytes(header: bytes):
+    """The bytes a single-file NIfTI-1 or NIfTI-2 image takes by its ``header``: the voxels'
+    offset plus the voxels (every dimension, vector components included); None where ``header``
+    is not such a header (its size field, magic, dimensions or bits per voxel)."""
+    for order in "<>":  # the header's own size tells its byte order
+        size = struct.unpack_from(order + "i", header)[0] if len(header) >= 4 else None
+        if size in (_NIFTI1_HEADER_BYTES, _NIFTI2_HEADER_BYTES) and len(header) >= size:
+            break
+    else:
+        return None
+    if size == _NIFTI1_HEADER_BYTES:
+        if header[344:348] != b"n+1\0":  # "ni1": the header of a pair, its voxels in a .img file
+            return None
+        dims = struct.unpack_from(order + "8h", header, 40)
+        bitpix = struct.unpack_from(order + "h", header, 72)[0]
+        offset = struct.unpack_from(order + "f", header, 108)[0]
+        if not np.isfinite(offset):
+            return None
+        offset = int(offset)
+    else:
+        if header[4:8] != b"n+2\0":
+            return None
+        dims = struct.unpack_from(order + "8q", header, 16)
+        bitpix = struct.unpack_from(order + "h", header, 14)[0]
+        offset = struct.unpack_from(order + "q", header, 168)[0]
+    if not 1 <= dims[0] <= 7 or bitpix <= 0 or bitpix % 8 or min(dims[1:dims[0] + 1]) < 1:
+        return None
+    return max(offset, size) + int(np.prod(dims[1:dims[0] + 1], dtype=np.int64)) * (bitpix // 8)
+
+
+def _gzip_bytes_before_its_end(path: Path):
+    """How many bytes the gzip file ``path`` decompresses to, every member counted, where the
+    file ends early up to there; None where it is corrupt otherwise. The standard library's
+    ``read1`` hands out what it inflated before it finds the end missing (``read`` drops the
+    last MiB, as ISA-L's ``read1`` does)."""
+    import gzip
+
+    total = 0
+    with gzip.open(path, "rb") as f:
+        try:
+            while chunk := f.read1(2**20):
+                total += len(chunk)
+        except EOFError:  # "Compressed file ended before the end-of-stream marker was reached"
+            pass
+        except (OSError, zlib.error):
+            return None
+    return total
 
 
 def voxel_array(image) -> np.ndarray:

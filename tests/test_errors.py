@@ -62,6 +62,12 @@ def write_image(path, array):
     return path
 
 
+def truncated(path):
+    """``path`` cut to two thirds of its bytes, as an interrupted copy leaves a file."""
+    data = path.read_bytes()
+    return write_bytes(path, data[:len(data) * 2 // 3])
+
+
 GARBAGE = b"\x00\x01 these bytes are not an image nor a checkpoint \xff\xfe" * 8
 
 
@@ -158,6 +164,10 @@ def test_not_3d(engine, tmp_path, make_input):
         pytest.param(lambda tmp: tmp / "missing.nii.gz", r"does not exist; check the path", id="missing"),
         pytest.param(lambda tmp: write_bytes(tmp / "garbage.nii.gz", GARBAGE), r"ITK cannot read.*use NIfTI",
                      id="garbage"),
+        pytest.param(lambda tmp: truncated(write_image(tmp / "cut.nii.gz", volume(3))),
+                     r"is truncated: it ends after \d+ of the \d+ bytes its NIfTI header announces .*copy or export",
+                     id="truncated-nii-gz"),
+        pytest.param(lambda tmp: truncated(write_image(tmp / "cut.nii", volume(3))), r"is truncated", id="truncated-nii"),
         pytest.param(lambda tmp: write_bytes(mkdir(tmp / "folder") / "notes.txt", b"no DICOM here").parent,
                      r"folder .* holds no DICOM series ITK can read .*give the folder of one DICOM series",
                      id="folder-without-dicom"),

@@ -7,6 +7,7 @@ import gzip
 import importlib.util
 import locale
 import os
+import struct
 import sys
 import zlib
 
@@ -206,6 +207,109 @@ def test_a_2d_file_is_read_as_itk_reads_it(tmp_path):
     path = tmp_path / "slice.nii.gz"
     itk.imwrite(itk.image_from_array(np.arange(12, dtype=np.float32).reshape(3, 4)), str(path))
     assert itk_io.read_image(path).GetImageDimension() == 2
+
+
+# ------------------------------------------------------------------ truncated NIfTI files
+
+
+def nifti_file(tmp_path, suffix, writer="itk"):
+    """An image written as NIfTI by ITK or by write_image (our gzip), with its path."""
+    path = tmp_path / f"image{suffix}"
+    image = image_of(np.float32)
+    if writer == "itk":
+        itk.imwrite(image, str(path))
+    else:
+        itk_io.write_image(image, path)
+    return path, image
+
+
+@pytest.mark.parametrize("suffix,writer", [(".nii", "itk"), (".nii.gz", "itk"), (".nii.gz", "ours")])
+def test_a_truncated_nifti_file_is_refused_where_itk_reads_it(tmp_path, suffix, writer):
+    """ITK's NIfTI reader fills what is missing with zeros without a word (NRRD and MetaImage
+    readers refuse); load_image refuses it, cut anywhere after the header (a .nii one byte short
+    too). A .nii.gz that lacks only its gzip trailer (8 bytes), every voxel there, loads."""
+    from mgr_engine.errors import ImageReadError
+
+    path, _ = nifti_file(tmp_path, suffix, writer)
+    data, whole = path.read_bytes(), itk_io.read_image(path)  # as NIfTI stores it (float32 spacing)
+    for keep in (len(data) // 2, len(data) * 9 // 10) + ((len(data) - 1,) if suffix == ".nii" else ()):
+        path.write_bytes(data[:keep])
+        itk.imread(str(path))  # what the check is for: ITK reads it
+        with pytest.raises(ImageReadError, match=r"moving image .* is truncated: it ends after \d+ of the"):
+            itk_io.load_image(path, "moving")
+    if suffix == ".nii.gz":
+        path.write_bytes(data[:-8])
+        assert_same_image(itk_io.load_image(path, "moving"), whole)
+    path.write_bytes(data)
+    assert_same_image(itk_io.load_image(path, "moving"), whole)
+
+
+@pytest.mark.parametrize("suffix,writer", [(".nii", "itk"), (".nii.gz", "itk"), (".nii.gz", "ours")])
+def test_a_complete_nifti_file_is_checked_by_its_header_and_gzip_trailer(tmp_path, suffix, writer, monkeypatch):
+    """The check reads a few bytes: a complete .nii.gz is not decompressed for it."""
+    path, _ = nifti_file(tmp_path, suffix, writer)
+    monkeypatch.setattr(itk_io, "_gzip_bytes_before_its_end", not_called)
+    itk_io.check_nifti_complete(path)
+    field = itk_io.image_like(np.ones((7, 9, 6, 3), np.float32), image_of(np.float32), is_vector=True)
+    itk_io.write_image(field, tmp_path / f"field{suffix}")  # a vector image: a fifth dimension of 3
+    itk_io.check_nifti_complete(tmp_path / f"field{suffix}")
+
+
+def test_a_nifti_file_of_several_gzip_members_is_counted_whole(tmp_path):
+    """bgzip and concatenated files have one gzip trailer per member, the last one's size not the
+    file's: such a file is decompressed to count its bytes; complete it loads, short it is refused."""
+    from mgr_engine.errors import ImageReadError
+
+    path, _ = nifti_file(tmp_path, ".nii.gz")
+    content = gzip.decompress(path.read_bytes())
+    members = gzip.compress(content[:1000]) + gzip.compress(content[1000:]) + bytes(16)  # zero padding after
+    path.write_bytes(members)
+    assert_same_image(itk_io.load_image(path), itk_io.read_image(path))
+    path.write_bytes(gzip.compress(content[:1000]) + gzip.compress(content[1000:-5]))
+    with pytest.raises(ImageReadError, match=rf"ends after {len(content) - 5} of the {len(content)} bytes"):
+        itk_io.load_image(path)
+
+
+def nifti1_header(order="<", dims=(3, 6, 9, 7, 1, 1, 1, 1), bitpix=32, offset=352.0, magic=b"n+1\0"):
+    header = bytearray(348)
+    struct.pack_into(order + "i", header, 0, 348)
+    struct.pack_into(order + "8h", header, 40, *dims)
+    struct.pack_into(order + "h", header, 72, bitpix)
+    struct.pack_into(order + "f", header, 108, offset)
+    header[344:348] = magic
+    return bytes(header)
+
+
+def nifti2_header(order="<", dims=(3, 6, 9, 7, 1, 1, 1, 1), bitpix=16, offset=544):
+    header = bytearray(540)
+    struct.pack_into(order + "i", header, 0, 540)
+    header[4:12] = b"n+2\0\r\n\x1a\n"
+    struct.pack_into(order + "h", header, 14, bitpix)
+    struct.pack_into(order + "8q", header, 16, *dims)
+    struct.pack_into(order + "q", header, 168, offset)
+    return bytes(header)
+
+
+def test_the_expected_size_comes_from_either_nifti_header_in_either_byte_order():
+    for order in "<>":
+        assert itk_io._nifti_file_bytes(nifti1_header(order)) == 352 + 6 * 9 * 7 * 4
+        assert itk_io._nifti_file_bytes(nifti2_header(order)) == 544 + 6 * 9 * 7 * 2
+    assert itk_io._nifti_file_bytes(nifti1_header(dims=(5, 6, 9, 7, 1, 3, 1, 1))) == 352 + 6 * 9 * 7 * 3 * 4
+    # what the check leaves to ITK's reader: a pair's header, nonsense, too few bytes
+    for header in (nifti1_header(magic=b"ni1\0"), nifti1_header(dims=(0, 6, 9, 7, 1, 1, 1, 1)),
+                   nifti1_header(dims=(3, 6, 0, 7, 1, 1, 1, 1)), nifti1_header(bitpix=12),
+                   nifti1_header(offset=float("nan")), nifti1_header()[:300], b"", b"garbage" * 100):
+        assert itk_io._nifti_file_bytes(header) is None
+
+
+def test_a_header_only_read_does_not_check_the_voxels(tmp_path):
+    """warp's and jacobian's fixed image gives its grid only (see read_image's header_only)."""
+    path, image = nifti_file(tmp_path, ".nii.gz")
+    path.write_bytes(path.read_bytes()[:-100])
+    grid, expected = itk_io.load_image(path, "fixed", grid_only=True), itk_io.ImageGrid.of(image)
+    assert grid.size == expected.size
+    for name in ("spacing", "origin", "direction"):
+        np.testing.assert_allclose(getattr(grid, name), getattr(expected, name), rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------ atomic output
