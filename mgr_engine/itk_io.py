@@ -87,49 +87,70 @@ def load_image(image, name: str = "input", grid_only: bool = False):
 
 
 def check_nifti_complete(path, name: str = "input") -> None:
-    """Raise :class:`ImageReadError` where a NIfTI file (``.nii``, ``.nii.gz``) holds fewer bytes
-    than its header announces. ITK's NIfTI reader reads such a file without a word, the missing
-    voxels zero: an interrupted copy registered as part of an image (its NRRD and MetaImage
-    readers refuse a short file). A ``.nii.gz``'s gzip trailer gives its uncompressed size (modulo
-    2^32); only where that is not the header's size (a truncated file, or one of several gzip
-    members, as bgzip writes) is the file decompressed once to count its bytes. Anything else
-    odd is left to ITK's reader."""
-    path = Path(path)
-    suffix = _suffix(path).lower()
-    if suffix not in (".nii", ".nii.gz") or not path.is_file():
+    """Raise :class:`ImageReadError` where a NIfTI image (``.nii``, ``.nii.gz``, or a ``.hdr`` with
+    its ``.img``/``.img.gz``, Analyze's too) holds fewer bytes than its header announces. ITK's
+    NIfTI reader reads such a file without a word, the missing voxels zero: an interrupted copy
+    registered as part of an image (its NRRD and MetaImage readers refuse a short file). A gzipped
+    file's trailer gives its uncompressed size (modulo 2^32); only where that is not the header's
+    size (a truncated file, or one of several gzip members, as bgzip writes) is the file
+    decompressed once to count its bytes. Anything else odd is left to ITK's reader."""
+    files = _nifti_files(Path(path))
+    if files is None:
         return
-    compressed = suffix == ".nii.gz"
+    header_path, data_path = files
+    single_file = header_path == data_path
     try:
-        with open(path, "rb") as f:
-            header = f.read(2**16 if compressed else _NIFTI2_HEADER_BYTES)
-        if compressed:  # the first bytes inflated, however the file ends
-            header = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(header, _NIFTI2_HEADER_BYTES)
-        expected = _nifti_file_bytes(header)
+        expected = _nifti_file_bytes(_leading_bytes(header_path, _NIFTI2_HEADER_BYTES), single_file)
         if expected is None:
             return
-        if not compressed:
-            actual = path.stat().st_size
+        if not data_path.name.lower().endswith(".gz"):
+            actual = data_path.stat().st_size
         else:
-            with open(path, "rb") as f:
+            with open(data_path, "rb") as f:
                 f.seek(-4, os.SEEK_END)
                 if struct.unpack("<I", f.read(4))[0] == expected % 2**32:  # ISIZE, the trailer's last field
                     return
-            actual = _gzip_bytes_before_its_end(path)
-    except (OSError, EOFError, ValueError, zlib.error):  # no NIfTI header to go by: ITK's reader says what is wrong
+            actual = _gzip_bytes_before_its_end(data_path)
+    except (OSError, EOFError, ValueError, zlib.error):  # no header to go by: ITK's reader says what is wrong
         return
     if actual is not None and actual < expected:
+        voxel_file = "it " if single_file else f"its voxel file {str(data_path)!r} "
         raise ImageReadError(
-            f"{name} image {str(path)!r} is truncated: it ends after {actual} of the {expected} bytes its NIfTI "
+            f"{name} image {str(path)!r} is truncated: {voxel_file}ends after {actual} of the {expected} bytes its "
             f"header announces ({100 * actual / expected:.3g}%); copy or export it again.")
+
+
+def _nifti_files(path: Path):
+    """``(header file, voxel file)`` of a NIfTI or Analyze image at ``path``: the same file for a
+    ``.nii``/``.nii.gz``; a ``.hdr`` and the ``.img`` or ``.img.gz`` beside it (either named);
+    None for any other path."""
+    suffix = _suffix(path).lower()
+    if suffix in (".nii", ".nii.gz"):
+        return (path, path) if path.is_file() else None
+    if suffix not in (".hdr", ".img", ".img.gz"):
+        return None
+    stem = path.name[:-len(suffix)]
+    header = path.with_name(stem + ".hdr")
+    voxels = [path.with_name(stem + ending) for ending in (".img", ".img.gz") if path.with_name(stem + ending).is_file()]
+    return (header, voxels[0]) if header.is_file() and voxels else None
+
+
+def _leading_bytes(path: Path, count: int) -> bytes:
+    """The first ``count`` bytes of a file, inflated where it is gzipped, however the file ends."""
+    with open(path, "rb") as f:
+        if not path.name.lower().endswith(".gz"):
+            return f.read(count)
+        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(f.read(2**16), count)
 
 
 _NIFTI1_HEADER_BYTES, _NIFTI2_HEADER_BYTES = 348, 540
 
 
-def _nifti_file_bytes(header: bytes):
-    """The bytes a single-file NIfTI-1 or NIfTI-2 image takes by its ``header``: the voxels'
-    offset plus the voxels (every dimension, vector components included); None where ``header``
-    is not such a header (its size field, magic, dimensions or bits per voxel)."""
+def _nifti_file_bytes(header: bytes, single_file: bool = True):
+    """The bytes a NIfTI-1, NIfTI-2 or Analyze image's voxel file takes by its ``header``: the
+    voxels' offset plus the voxels (every dimension, vector components included); for a single
+    file (``.nii``) at least the header itself before them. None where ``header`` is not such a
+    header (its size field, magic, dimensions or bits per voxel)."""
     for order in "<>":  # the header's own size tells its byte order
         size = struct.unpack_from(order + "i", header)[0] if len(header) >= 4 else None
         if size in (_NIFTI1_HEADER_BYTES, _NIFTI2_HEADER_BYTES) and len(header) >= size:
@@ -137,7 +158,8 @@ def _nifti_file_bytes(header: bytes):
     else:
         return None
     if size == _NIFTI1_HEADER_BYTES:
-        if header[344:348] != b"n+1\0":  # "ni1": the header of a pair, its voxels in a .img file
+        # "n+1": a single file; "ni1" (or none at all, Analyze 7.5): a header with its voxels in a .img
+        if (header[344:348] == b"n+1\0") != single_file:
             return None
         dims = struct.unpack_from(order + "8h", header, 40)
         bitpix = struct.unpack_from(order + "h", header, 72)[0]
@@ -146,14 +168,15 @@ def _nifti_file_bytes(header: bytes):
             return None
         offset = int(offset)
     else:
-        if header[4:8] != b"n+2\0":
+        if header[4:8] != (b"n+2\0" if single_file else b"ni2\0"):
             return None
         dims = struct.unpack_from(order + "8q", header, 16)
         bitpix = struct.unpack_from(order + "h", header, 14)[0]
         offset = struct.unpack_from(order + "q", header, 168)[0]
-    if not 1 <= dims[0] <= 7 or bitpix <= 0 or bitpix % 8 or min(dims[1:dims[0] + 1]) < 1:
+    if not 1 <= dims[0] <= 7 or bitpix <= 0 or bitpix % 8 or min(dims[1:dims[0] + 1]) < 1 or offset < 0:
         return None
-    return max(offset, size) + int(np.prod(dims[1:dims[0] + 1], dtype=np.int64)) * (bitpix // 8)
+    voxel_bytes = int(np.prod(dims[1:dims[0] + 1], dtype=np.int64)) * (bitpix // 8)
+    return (max(offset, size) if single_file else offset) + voxel_bytes
 
 
 def _gzip_bytes_before_its_end(path: Path):

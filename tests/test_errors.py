@@ -165,7 +165,7 @@ def test_not_3d(engine, tmp_path, make_input):
         pytest.param(lambda tmp: write_bytes(tmp / "garbage.nii.gz", GARBAGE), r"ITK cannot read.*use NIfTI",
                      id="garbage"),
         pytest.param(lambda tmp: truncated(write_image(tmp / "cut.nii.gz", volume(3))),
-                     r"is truncated: it ends after \d+ of the \d+ bytes its NIfTI header announces .*copy or export",
+                     r"is truncated: it ends after \d+ of the \d+ bytes its header announces .*copy or export",
                      id="truncated-nii-gz"),
         pytest.param(lambda tmp: truncated(write_image(tmp / "cut.nii", volume(3))), r"is truncated", id="truncated-nii"),
         pytest.param(lambda tmp: write_bytes(mkdir(tmp / "folder") / "notes.txt", b"no DICOM here").parent,

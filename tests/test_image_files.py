@@ -255,6 +255,23 @@ def test_a_complete_nifti_file_is_checked_by_its_header_and_gzip_trailer(tmp_pat
     itk_io.check_nifti_complete(tmp_path / f"field{suffix}")
 
 
+def test_a_header_and_voxel_file_pair_with_its_voxels_cut_short_is_refused(tmp_path):
+    """A .hdr/.img pair (NIfTI "ni1", or Analyze): the .img is checked, whichever of the two is named."""
+    from mgr_engine.errors import ImageReadError
+
+    itk.imwrite(image_of(np.int16), str(tmp_path / "pair.hdr"))
+    whole = itk_io.read_image(tmp_path / "pair.hdr")
+    for named in ("pair.hdr", "pair.img"):
+        assert_same_image(itk_io.load_image(tmp_path / named), whole)
+    voxels = (tmp_path / "pair.img").read_bytes()
+    (tmp_path / "pair.img").write_bytes(voxels[:-2])  # one int16 voxel short
+    itk.imread(str(tmp_path / "pair.hdr"))  # ITK reads it
+    for named in ("pair.hdr", "pair.img"):
+        with pytest.raises(ImageReadError, match=rf"its voxel file .*pair.img' ends after {len(voxels) - 2} of the "
+                                                 rf"{len(voxels)} bytes"):
+            itk_io.load_image(tmp_path / named)
+
+
 def test_a_nifti_file_of_several_gzip_members_is_counted_whole(tmp_path):
     """bgzip and concatenated files have one gzip trailer per member, the last one's size not the
     file's: such a file is decompressed to count its bytes; complete it loads, short it is refused."""
@@ -295,6 +312,10 @@ def test_the_expected_size_comes_from_either_nifti_header_in_either_byte_order()
         assert itk_io._nifti_file_bytes(nifti1_header(order)) == 352 + 6 * 9 * 7 * 4
         assert itk_io._nifti_file_bytes(nifti2_header(order)) == 544 + 6 * 9 * 7 * 2
     assert itk_io._nifti_file_bytes(nifti1_header(dims=(5, 6, 9, 7, 1, 3, 1, 1))) == 352 + 6 * 9 * 7 * 3 * 4
+    # a pair's header: its voxel file holds the voxels from the offset on (Analyze 7.5 has no magic)
+    for magic in (b"ni1\0", bytes(4)):
+        assert itk_io._nifti_file_bytes(nifti1_header(offset=0.0, magic=magic), single_file=False) == 6 * 9 * 7 * 4
+    assert itk_io._nifti_file_bytes(nifti1_header(), single_file=False) is None
     # what the check leaves to ITK's reader: a pair's header, nonsense, too few bytes
     for header in (nifti1_header(magic=b"ni1\0"), nifti1_header(dims=(0, 6, 9, 7, 1, 1, 1, 1)),
                    nifti1_header(dims=(3, 6, 0, 7, 1, 1, 1, 1)), nifti1_header(bitpix=12),
