@@ -185,21 +185,66 @@ def test_other_formats_go_through_itk(tmp_path):
         assert_same_image(read, itk.imread(str(tmp_path / "image.vtk")))
 
 
-def test_a_dicom_series_folder_is_read_as_itk_reads_it(tmp_path):
-    """A folder of DICOM files (the reference's itk.imread reads its first series) loads as an
-    image; ITK's locale is put back after GDCM."""
-    array = image_of(np.int16)
-    writer = itk.ImageSeriesWriter[type(array), itk.Image[itk.SS, 2]].New()  # one file per slice
-    writer.SetInput(array)
-    writer.SetFileNames([str(tmp_path / f"slice{i:03d}.dcm") for i in range(7)])
+def write_dicom_series(folder, image, prefix="slice"):
+    """``image`` (int16) as a DICOM series, one file per slice, each with its position and the
+    orientation (what a reader derives the geometry from); a new series UID each call."""
+    from itk.ITKCommonBasePython import vectoritkMetaDataDictionary
+
+    direction = itk.array_from_matrix(image.GetDirection())
+    orientation = "\\".join(f"{v:.6f}" for v in [*direction[:, 0], *direction[:, 1]])
+    slices = image.GetLargestPossibleRegion().GetSize()[2]
+    dictionaries, kept = vectoritkMetaDataDictionary(), []
+    for k in range(slices):
+        dictionary = itk.MetaDataDictionary()
+        dictionary["0020|0032"] = "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint([0, 0, k]))
+        dictionary["0020|0037"] = orientation
+        dictionary["0020|0013"] = str(k + 1)  # instance number
+        dictionary["0008|0060"] = "CT"
+        kept.append(dictionary)  # the vector holds pointers
+        dictionaries.push_back(dictionary)
+    writer = itk.ImageSeriesWriter[type(image), itk.Image[itk.SS, 2]].New()
+    writer.SetInput(image)
+    writer.SetFileNames([str(folder / f"{prefix}{i:03d}.dcm") for i in range(slices)])
     writer.SetImageIO(itk.GDCMImageIO.New())
+    writer.SetMetaDataDictionaryArray(dictionaries)
     writer.Update()
+
+
+def test_a_dicom_series_folder_is_read_as_itk_reads_it(tmp_path, monkeypatch):
+    """A folder of DICOM files (the reference's itk.imread reads its first series) loads as
+    itk.imread loads it, through ITK's GDCM classes alone, oblique geometry included; with two
+    series in the folder, the same one. ITK's locale is put back after GDCM."""
+    first = image_of(np.int16)  # oblique
+    write_dicom_series(tmp_path, first)
+    second = itk.image_from_array(np.ascontiguousarray(itk.array_view_from_image(first)[::-1] + 7))
+    second.SetSpacing((0.7, 0.8, 1.5))
+    write_dicom_series(tmp_path, second, prefix="other")
     encoding = locale.getpreferredencoding(False)
-    loaded = itk_io.load_image(tmp_path, "fixed")
+    with monkeypatch.context() as patch:
+        patch.setattr(itk, "imread", not_called)
+        loaded = itk_io.load_image(tmp_path, "fixed")
+        grid = itk_io.load_image(tmp_path, "fixed", grid_only=True)
     assert locale.getpreferredencoding(False) == encoding
     with itk_io._process_locale_kept():
-        assert_same_image(loaded, itk.imread(str(tmp_path)))
-    np.testing.assert_array_equal(itk.array_view_from_image(loaded), itk.array_view_from_image(array))
+        expected = itk.imread(str(tmp_path))
+    assert_same_image(loaded, expected)
+    assert grid.size == tuple(expected.GetLargestPossibleRegion().GetSize())
+    np.testing.assert_array_equal(grid.direction, itk.array_from_matrix(expected.GetDirection()))
+    written = next(image for image in (first, second)
+                   if np.array_equal(itk.array_view_from_image(image), itk.array_view_from_image(loaded)))
+    for get in ("GetSpacing", "GetOrigin"):  # the geometry written, as DICOM's decimal strings keep it
+        np.testing.assert_allclose(np.asarray(getattr(loaded, get)()), np.asarray(getattr(written, get)()), atol=1e-5)
+    np.testing.assert_allclose(itk.array_from_matrix(loaded.GetDirection()),
+                               itk.array_from_matrix(written.GetDirection()), atol=1e-5)
+
+
+def test_a_dicom_folder_falls_back_to_imread_without_the_wrapped_classes(tmp_path, monkeypatch):
+    """Where this ITK has no such wrapped class, itk.imread reads the folder as before."""
+    write_dicom_series(tmp_path, image_of(np.int16))
+    expected = itk_io.read_image(tmp_path)
+    monkeypatch.setattr(itk_io, "wrapped_class", lambda module, name: None)
+    with itk_io._process_locale_kept():
+        assert_same_image(itk_io.read_image(tmp_path), expected)
 
 
 def test_a_2d_file_is_read_as_itk_reads_it(tmp_path):
