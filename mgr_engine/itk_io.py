@@ -696,8 +696,9 @@ def _write_errors_typed(path):
 
 def check_output_path(path, kind: str) -> None:
     """Raise :class:`OutputWriteError` now, before the work whose result goes to ``path``, where
-    writing it would fail: its folder missing, a folder in its place, or an extension no ITK
-    writer of ``kind`` (``"image"`` or ``"transform"``) takes."""
+    writing it would fail: its folder missing, a folder in its place, an extension no ITK writer
+    of ``kind`` (``"image"`` or ``"transform"``) takes, or a transform's ``.mat``, which ITK
+    writes but cannot read back."""
     path = Path(path)
     _output_directory(path)
     if path.is_dir():
@@ -707,10 +708,15 @@ def check_output_path(path, kind: str) -> None:
         # ITK's NIfTI IO says it can write these, then refuses the name ("Bad Nifti file name")
         raise OutputWriteError(f"ITK writes NIfTI only with a lowercase extension; name the output "
                                f"{path.name[:-len(suffix)] + suffix.lower()!r}.")
+    if kind == "transform" and suffix.lower() == ".mat":
+        # ITK writes a registration's transform there without complaint, and then cannot read it
+        # back ("CompositeTransform: Input parameter list size is not expected size")
+        raise OutputWriteError(f"ITK's Matlab transform files cannot hold a registration's transform (a displacement "
+                               f"field): ITK would not read {path.name!r} back. Name the output .h5 (or .tfm, text).")
     if kind == "image":
         can_write, formats = _image_writer_exists(path), ".nii.gz, .nii, .nrrd, .mha or another format ITK writes"
     else:
-        can_write, formats = _transform_writer_exists(path), ".h5, .tfm/.txt or .mat"
+        can_write, formats = _transform_writer_exists(path), ".h5 or .tfm/.txt"
     if can_write is False:
         raise OutputWriteError(f"ITK has no {kind} writer for {path.name!r}; name the output {formats}.")
 
@@ -1114,7 +1120,8 @@ def gzip_file(source, target, threads: int | None = None, deflate=None) -> None:
 
 
 def write_transform(transform, path) -> None:
-    """Write an ITK transform (.h5, .tfm, .mat) atomically; readable by ``itk.transformread``;
+    """Write an ITK transform (.h5, .tfm; .mat only for a transform without a displacement field,
+    see :func:`check_output_path`) atomically; readable by ``itk.transformread``;
     :class:`OutputWriteError` when it cannot be written."""
     with _write_errors_typed(path), atomic_output(path) as tmp:
         _write_transform_file(transform, tmp)

@@ -374,6 +374,8 @@ def test_cli_interrupted_write_leaves_nothing(cli_files, capsys, monkeypatch):
 @pytest.mark.parametrize("outputs, message", [
     (["--transform_out", "{out}/t.xyz"], r"--transform_out: ITK has no transform writer for 't.xyz'; name the output .h5"),
     (["--transform_out", "{out}/t.nii.gz"], r"--transform_out: ITK has no transform writer for 't.nii.gz'"),
+    (["--transform_out", "{out}/t.mat"],
+     r"--transform_out: ITK's Matlab transform files cannot hold a registration's transform .*Name the output \.h5"),
     (["--transform_out", "{out}/missing/t.h5"], r"--transform_out: output directory .*missing' does not exist"),
     (["--warped_moving_out", "{out}"], r"--warped_moving_out: output .* is a directory; give a file name"),
     (["--warped_moving_out", "{out}/w.foo"], r"--warped_moving_out: ITK has no image writer for 'w.foo'"),
@@ -382,7 +384,7 @@ def test_cli_interrupted_write_leaves_nothing(cli_files, capsys, monkeypatch):
      r"--warped_moving_out: ITK writes NIfTI only with a lowercase extension; name the output 'w.nii.gz'"),
     (["--warped_moving_out", "{out}/w.nii.gz", "--jacobian_out", "{out}/./w.nii.gz"],
      r"--warped_moving_out and --jacobian_out name the same file"),
-], ids=["extension", "image-for-transform", "missing-directory", "directory", "image-extension", "transform-for-image",
+], ids=["extension", "image-for-transform", "matlab-transform", "missing-directory", "directory", "image-extension", "transform-for-image",
         "uppercase-nifti", "same-file"])
 def test_cli_refuses_unwritable_outputs_before_registering(cli_files, capsys, monkeypatch, outputs, message):
     inputs, out = cli_files

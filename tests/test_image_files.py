@@ -16,7 +16,7 @@ import pytest
 
 from helpers import oblique_image, smooth_volume
 from mgr_engine import itk_io
-from mgr_engine.errors import OutputWriteError
+from mgr_engine.errors import ImageReadError, OutputWriteError
 
 itk = pytest.importorskip("itk")
 
@@ -254,6 +254,23 @@ def test_a_2d_file_is_read_as_itk_reads_it(tmp_path):
     assert itk_io.read_image(path).GetImageDimension() == 2
 
 
+def test_itk_cannot_read_back_a_registration_transform_written_as_mat(tmp_path):
+    """Why check_output_path refuses a transform's .mat: ITK writes a registration's transform (a
+    composite with a displacement field) there, then cannot read it. If a later ITK reads it
+    back, this test fails and the refusal can go."""
+    fixed, moving = image_of(np.float32), image_of(np.int16)
+    phi = np.stack(np.meshgrid(*[np.linspace(0, 1, n) for n in (5, 6, 4)], indexing="ij")).astype(np.float32)
+    transform = itk_io.map_to_transform(phi + 0.02, moving, fixed)
+    itk_io.write_transform(transform, tmp_path / "t.mat")  # no complaint
+    with pytest.raises(ImageReadError, match="cannot read transform"):
+        itk_io.read_transform(tmp_path / "t.mat")
+    with pytest.raises(OutputWriteError, match="Matlab transform files cannot hold"):
+        itk_io.check_output_path(tmp_path / "t.mat", "transform")
+    itk_io.write_transform(transform, tmp_path / "t.tfm")  # the text format reads back
+    point = fixed.TransformIndexToPhysicalPoint([1, 2, 3])
+    assert np.allclose(itk_io.read_transform(tmp_path / "t.tfm").TransformPoint(point), transform.TransformPoint(point))
+
+
 # ------------------------------------------------------------------ truncated NIfTI files
 
 
@@ -273,8 +290,6 @@ def test_a_truncated_nifti_file_is_refused_where_itk_reads_it(tmp_path, suffix, 
     """ITK's NIfTI reader fills what is missing with zeros without a word (NRRD and MetaImage
     readers refuse); load_image refuses it, cut anywhere after the header (a .nii one byte short
     too). A .nii.gz that lacks only its gzip trailer (8 bytes), every voxel there, loads."""
-    from mgr_engine.errors import ImageReadError
-
     path, _ = nifti_file(tmp_path, suffix, writer)
     data, whole = path.read_bytes(), itk_io.read_image(path)  # as NIfTI stores it (float32 spacing)
     for keep in (len(data) // 2, len(data) * 9 // 10) + ((len(data) - 1,) if suffix == ".nii" else ()):
@@ -302,8 +317,6 @@ def test_a_complete_nifti_file_is_checked_by_its_header_and_gzip_trailer(tmp_pat
 
 def test_a_header_and_voxel_file_pair_with_its_voxels_cut_short_is_refused(tmp_path):
     """A .hdr/.img pair (NIfTI "ni1", or Analyze): the .img is checked, whichever of the two is named."""
-    from mgr_engine.errors import ImageReadError
-
     itk.imwrite(image_of(np.int16), str(tmp_path / "pair.hdr"))
     whole = itk_io.read_image(tmp_path / "pair.hdr")
     for named in ("pair.hdr", "pair.img"):
@@ -320,8 +333,6 @@ def test_a_header_and_voxel_file_pair_with_its_voxels_cut_short_is_refused(tmp_p
 def test_a_nifti_file_of_several_gzip_members_is_counted_whole(tmp_path):
     """bgzip and concatenated files have one gzip trailer per member, the last one's size not the
     file's: such a file is decompressed to count its bytes; complete it loads, short it is refused."""
-    from mgr_engine.errors import ImageReadError
-
     path, _ = nifti_file(tmp_path, ".nii.gz")
     content = gzip.decompress(path.read_bytes())
     members = gzip.compress(content[:1000]) + gzip.compress(content[1000:]) + bytes(16)  # zero padding after
