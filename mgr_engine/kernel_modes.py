@@ -9,7 +9,6 @@ cost them 1-2 s of a 5-9 s command.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import sys
 
@@ -43,14 +42,17 @@ def kernel_mode(mode: str):
         set_kernel_mode(previous)
 
 
-@functools.lru_cache(maxsize=1)
+try:
+    from . import _trilinear_cpu  # noqa: F401
+    _CPP_EXTENSIONS_BUILT = True
+except ImportError:  # no C++ compiler at install time
+    _CPP_EXTENSIONS_BUILT = False
+
+
 def cpp_extensions_built() -> bool:
-    """Whether ``setup.py`` built the C++ extensions (it builds all or none)."""
-    try:
-        from . import _trilinear_cpu  # noqa: F401
-    except ImportError:  # no C++ compiler at install time
-        return False
-    return True
+    """Whether ``setup.py`` built the C++ extensions (it builds all or none). A constant, not an
+    ``lru_cache``: torch.compile traces through this and warns about a cache it ignores."""
+    return _CPP_EXTENSIONS_BUILT
 
 
 def cpp_kernels_allowed() -> bool:
