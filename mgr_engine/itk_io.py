@@ -61,9 +61,8 @@ def load_image(image, name: str = "input", grid_only: bool = False):
                     f"({exc.__class__.__name__}); give the folder of one DICOM series, or an image file "
                     "(NIfTI, NRRD, MHA).") from exc
             raise ImageReadError(
-                f"ITK cannot read the {name} image {str(path)!r} ({exc.__class__.__name__}: "
-                f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}); use NIfTI, NRRD, MHA "
-                "or another format ITK reads."
+                f"ITK cannot read the {name} image {str(path)!r} ({exc.__class__.__name__}: {itk_reason(exc)}); "
+                "use NIfTI, NRRD, MHA or another format ITK reads."
             ) from exc
     elif isinstance(image, np.ndarray):
         if image.ndim != 3:
@@ -688,10 +687,26 @@ def _write_errors_typed(path):
     except OutputWriteError:
         raise
     except (RuntimeError, OSError) as exc:
-        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-        # ITK's message starts with its source file's path and line; the reason follows
-        reason = lines[1] if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else repr(exc))
-        raise OutputWriteError(f"cannot write {str(path)!r}: {reason}") from exc
+        raise OutputWriteError(f"cannot write {str(path)!r}: {itk_reason(exc)}") from exc
+
+
+_ITK_LOCATION = re.compile(r"^\S+:\d+:$")  # "/path/to/itkNrrdImageIO.cxx:935:"
+_ITK_ERROR_PREFIX = re.compile(r"^ITK ERROR: \w+\(0x[0-9a-fA-F]+\): ")
+
+
+def itk_reason(exc) -> str:
+    """What went wrong, from an ITK exception's message (or any other's): the line after ITK's
+    source location, without its "ITK ERROR: Class(0x...): " prefix; where that line ends with a
+    colon (NRRD's "Read: Error reading f.nrrd:", then its chain of troubles), the last line too,
+    the innermost cause. MetaImage's last line ("Reason: Success", an errno of 0) and the IO
+    factories' lists of what they tried say nothing, so only a colon asks for more."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if lines and _ITK_LOCATION.match(lines[0]):
+        lines = lines[1:]
+    if not lines:
+        return repr(exc)
+    reason = _ITK_ERROR_PREFIX.sub("", lines[0])
+    return f"{reason} {lines[-1]}" if reason.endswith(":") and len(lines) > 1 else reason
 
 
 def check_output_path(path, kind: str) -> None:
@@ -1159,7 +1174,7 @@ def read_transform(path):
             transforms.append(listed.pop())
         return down_cast(transforms[-1])  # popped from the back: the file's first
     except Exception as exc:
-        raise ImageReadError(f"cannot read transform {str(path)!r} ({exc.__class__.__name__}); "
+        raise ImageReadError(f"cannot read transform {str(path)!r} ({exc.__class__.__name__}: {itk_reason(exc)}); "
                              "pass an ITK .h5/.tfm/.mat file.") from exc
 
 

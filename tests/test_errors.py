@@ -168,6 +168,11 @@ def test_not_3d(engine, tmp_path, make_input):
                      r"is truncated: it ends after \d+ of the \d+ bytes its header announces .*copy or export",
                      id="truncated-nii-gz"),
         pytest.param(lambda tmp: truncated(write_image(tmp / "cut.nii", volume(3))), r"is truncated", id="truncated-nii"),
+        # ITK refuses these itself; the message carries its innermost reason
+        pytest.param(lambda tmp: truncated(write_image(tmp / "cut.nrrd", volume(3))),
+                     r"ITK cannot read .*Error reading .*cut.nrrd: \[nrrd\] .*fread got only", id="truncated-nrrd"),
+        pytest.param(lambda tmp: truncated(write_image(tmp / "cut.mha", volume(3))),
+                     r"ITK cannot read .*\(RuntimeError: File cannot be read: .*cut.mha for reading.\)", id="truncated-mha"),
         pytest.param(lambda tmp: write_bytes(mkdir(tmp / "folder") / "notes.txt", b"no DICOM here").parent,
                      r"folder .* holds no DICOM series ITK can read .*give the folder of one DICOM series",
                      id="folder-without-dicom"),
@@ -179,6 +184,27 @@ def test_unreadable_file(engine, tmp_path, make_path, advice):
         register(engine, moving=path)
     assert str(path) in str(info.value)
     assert "moving" in str(info.value)
+
+
+ITK_MESSAGES = [  # as ITK 5.4's exceptions read, and the reason shown
+    ("/ITK/Modules/IO/NRRD/src/itkNrrdImageIO.cxx:935:\nITK ERROR: NrrdImageIO(0x55e91222faa0): Read: Error reading "
+     "f.nrrd:\n[nrrd] nrrdLoad: trouble reading \"f.nrrd\"\n[nrrd] _nrrdEncodingRaw_read: fread got only 2 things\n",
+     "Read: Error reading f.nrrd: [nrrd] _nrrdEncodingRaw_read: fread got only 2 things"),
+    ("/ITK/Modules/IO/Meta/src/itkMetaImageIO.cxx:490:\nITK ERROR: MetaImageIO(0x55e912225430): File cannot be read: "
+     "f.mha for reading.\nReason: Success", "File cannot be read: f.mha for reading."),
+    ("/ITK/Modules/IO/PNG/src/itkPNGImageIO.cxx:544:\nPNG supports unsigned char and unsigned short",
+     "PNG supports unsigned char and unsigned short"),
+    ("/ITK/Modules/IO/TransformBase/src/itkTransformFileReader.cxx:128:\nITK ERROR: TransformFileReaderTemplate(0x55): "
+     "Could not create Transform IO object for reading file g.nii.gz\n  Tried to create one of the following:\n"
+     "    HDF5TransformIOTemplate\n  You probably failed to set a file suffix, or\n    set the suffix to an unsupported type.\n",
+     "Could not create Transform IO object for reading file g.nii.gz"),
+    ("Could not create IO object for reading file g.nii.gz", "Could not create IO object for reading file g.nii.gz"),
+]
+
+
+@pytest.mark.parametrize("message, reason", ITK_MESSAGES, ids=["nrrd-chain", "meta", "png", "factory-list", "one-line"])
+def test_the_reason_taken_from_an_itk_exception(message, reason):
+    assert itk_io.itk_reason(RuntimeError(message)) == reason
 
 
 # ------------------------------------------------------------------ invalid options
