@@ -181,8 +181,8 @@ def _nifti_file_bytes(header: bytes, single_file: bool = True):
 def _gzip_bytes_before_its_end(path: Path):
     """How many bytes the gzip file ``path`` decompresses to, every member counted, where the
     file ends early up to there; None where it is corrupt otherwise. The standard library's
-    ``read1`` hands out what it inflated before it finds the end missing (``read`` drops the
-    last MiB, as ISA-L's ``read1`` does)."""
+    ``read1`` hands out what it inflated before it finds the end missing; its ``read``, and
+    ISA-L's ``read1``, lose what the call that finds it had inflated."""
     import gzip
 
     total = 0
@@ -352,7 +352,7 @@ def keep_itk_from_importing_torch() -> None:
     """Stop ITK's Python wrapping from importing torch in this process, for the commands that run
     no network (``mgr-engine warp`` and ``jacobian``: numpy arrays, C++ kernels). Where torch is
     installed, ITK imports it as it loads ITKCommon, so that its snake_case filters accept tensors:
-    1.3 s and 190 MB of a 2.5 s command on a small image (2-core AMD EPYC, ITK 5.4.7). These
+    1.3-2.0 s and 190 MB of a 2.5-3.4 s command on a small image (2-core AMD EPYC, ITK 5.4.7). These
     commands never hand ITK a tensor. A no-op where torch is already loaded, or where ITK has no
     such switch (``itk.support.helpers._HAVE_TORCH``, read when ITKCommon loads)."""
     if "torch" in sys.modules:

@@ -2,8 +2,8 @@
 
 Kept apart from :mod:`mgr_engine.ops` (which documents the modes and re-exports
 :func:`set_kernel_mode` and :func:`kernel_mode`) because it does not import torch:
-``mgr-engine warp`` and ``jacobian`` run the C++ kernels on numpy arrays, and importing torch
-cost them 1-2 s of a 5-9 s command.
+``mgr-engine warp`` and ``jacobian`` run the C++ kernels on numpy arrays, and with torch they
+took 3.9-5.1 s instead of 2.4-2.8 s on a 512x512x300 CT (2-core AMD EPYC).
 """
 
 from __future__ import annotations

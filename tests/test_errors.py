@@ -172,7 +172,8 @@ def test_not_3d(engine, tmp_path, make_input):
         pytest.param(lambda tmp: truncated(write_image(tmp / "cut.nrrd", volume(3))),
                      r"ITK cannot read .*Error reading .*cut.nrrd: \[nrrd\] .*fread got only", id="truncated-nrrd"),
         pytest.param(lambda tmp: truncated(write_image(tmp / "cut.mha", volume(3))),
-                     r"ITK cannot read .*\(RuntimeError: File cannot be read: .*cut.mha for reading.\)", id="truncated-mha"),
+                     r"ITK cannot read .*\(RuntimeError: File cannot be read: .*cut.mha for reading.\)",
+                     id="truncated-mha"),
         pytest.param(lambda tmp: write_bytes(mkdir(tmp / "folder") / "notes.txt", b"no DICOM here").parent,
                      r"folder .* holds no DICOM series ITK can read .*give the folder of one DICOM series",
                      id="folder-without-dicom"),
@@ -410,8 +411,8 @@ def test_cli_interrupted_write_leaves_nothing(cli_files, capsys, monkeypatch):
      r"--warped_moving_out: ITK writes NIfTI only with a lowercase extension; name the output 'w.nii.gz'"),
     (["--warped_moving_out", "{out}/w.nii.gz", "--jacobian_out", "{out}/./w.nii.gz"],
      r"--warped_moving_out and --jacobian_out name the same file"),
-], ids=["extension", "image-for-transform", "matlab-transform", "missing-directory", "directory", "image-extension", "transform-for-image",
-        "uppercase-nifti", "same-file"])
+], ids=["extension", "image-for-transform", "matlab-transform", "missing-directory", "directory", "image-extension",
+        "transform-for-image", "uppercase-nifti", "same-file"])
 def test_cli_refuses_unwritable_outputs_before_registering(cli_files, capsys, monkeypatch, outputs, message):
     inputs, out = cli_files
     monkeypatch.setattr(mgr_engine.engine, "Engine", lambda *a, **k: pytest.fail("the engine was built"))
