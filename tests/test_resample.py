@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import oblique_image, require_cpp_extension, rotation, smooth_volume
+from helpers import (affine_transform, composite, oblique_field_transform, oblique_image, oblique_registration,
+                     random_affine, random_map, read_back, require_cpp_extension, rotation, smooth_volume)
 from mgr_engine import ops, resample
 from mgr_engine.engine import RegistrationResult
 from mgr_engine.kernels import resample_cpu
@@ -13,23 +14,9 @@ from mgr_engine.kernels import resample_cpu
 NETWORK = (16, 19, 14)  # (D, H, W), odd and non-cubic
 
 
-def random_map(shape, scale, seed):
-    """A smooth map that moves points by up to about ``scale`` of the grid, some out of it."""
-    g = torch.Generator().manual_seed(seed)
-    field = torch.nn.functional.interpolate(torch.randn(1, 3, 4, 4, 4, generator=g, dtype=torch.float64),
-                                            size=shape, mode="trilinear")
-    return (ops.identity_map(shape, dtype=torch.float64) + scale * field).float()[0]
-
-
 def random_displacement(shape, scale, seed):
     """:func:`random_map`'s displacement in grid voxels, (D, H, W, 3), as a transform holds it."""
     return torch.from_numpy(resample.map_displacement(random_map(shape, scale, seed).numpy()))
-
-
-def random_affine(seed, offset_scale=2.0):
-    rng = np.random.default_rng(seed)
-    return np.concatenate([np.eye(3) * 0.8 + 0.15 * rng.standard_normal((3, 3)),
-                           offset_scale * rng.standard_normal((3, 1))], axis=1)
 
 
 def cpp_and_torch(call):
@@ -194,12 +181,7 @@ def assert_on_grid(image, reference):
 
 @pytest.fixture(scope="module")
 def registration(itk_module):
-    """A result of a random map between oblique, anisotropic images, the moving one partly
-    outside the fixed one's field of view."""
-    fixed = oblique_image(smooth_volume((20, 24, 18), 1) * 900, (1.2, 1.0, 0.9), (-10.0, -12.0, -8.0), (0.1, 0.0, 0.2))
-    moving = oblique_image(smooth_volume((22, 19, 25), 2) * 700 + 50, (1.1, 1.05, 0.95), (-6.0, -15.0, -2.0),
-                           (0.15, -0.05, -0.1))
-    return RegistrationResult(fixed=fixed, moving=moving, phi_ab=random_map(NETWORK, 0.06, seed=12)[None])
+    return oblique_registration()
 
 
 @pytest.mark.parametrize("interpolation", ["linear", "nearest"])
@@ -424,46 +406,6 @@ def test_warp_of_an_integer_image_with_flat_regions_matches_itk(itk_module, kern
 
 
 # ------------------------------------------- transform files of that form (mgr-engine warp, jacobian)
-
-
-def oblique_field_transform(itk, shape, scale, seed):
-    """An ITK DisplacementFieldTransform on an oblique, anisotropic grid away from the origin: a
-    smooth random displacement of up to about ``scale`` mm."""
-    image = itk.Image[itk.Vector[itk.D, 3], 3].New()
-    image.SetRegions([int(n) for n in reversed(shape)])
-    image.Allocate()
-    image.SetSpacing((2.5, 3.0, 2.2))
-    image.SetOrigin((-12.0, -16.0, -10.0))  # over part of the fixed image of `registration`
-    image.SetDirection(itk.matrix_from_array(rotation(-0.2, 0.1, 0.3)))
-    g = torch.Generator().manual_seed(seed)
-    field = torch.nn.functional.interpolate(torch.randn(1, 3, 3, 3, 3, generator=g, dtype=torch.float64), size=shape,
-                                            mode="trilinear")
-    itk.array_view_from_image(image)[...] = (scale * field[0]).permute(1, 2, 3, 0).numpy()
-    transform = itk.DisplacementFieldTransform[itk.D, 3].New()
-    transform.SetDisplacementField(image)
-    return transform
-
-
-def composite(itk, *applied_in_order):
-    transform = itk.CompositeTransform[itk.D, 3].New()
-    for part in reversed(applied_in_order):  # a composite applies its last-added first
-        transform.AddTransform(part)
-    return transform
-
-
-def affine_transform(itk, seed):
-    transform = itk.AffineTransform[itk.D, 3].New()
-    affine = random_affine(seed, offset_scale=3.0)
-    transform.SetMatrix(itk.matrix_from_array(np.eye(3) + 0.3 * (affine[:, :3] - np.eye(3) * 0.8)))
-    transform.SetTranslation(affine[:, 3].tolist())
-    return transform
-
-
-def read_back(transform, path):
-    from mgr_engine import itk_io
-
-    itk_io.write_transform(transform, path)
-    return itk_io.read_transform(path)
 
 
 def test_the_engines_transform_file_is_a_grid_transform_of_its_map(itk_module, registration, tmp_path):
