@@ -1,7 +1,8 @@
 """``mgr-engine register|warp|jacobian``: drop-in replacements for ``unigradicon-register``,
 ``unigradicon-warp`` and ``unigradicon-jacobian``; ``mgr-engine register-many`` registers the
-pairs of a CSV file (:meth:`mgr_engine.Engine.register_many`); ``mgr-engine train`` trains a
-model (:mod:`mgr_engine.train`).
+pairs of a CSV file (:meth:`mgr_engine.Engine.register_many`); ``mgr-engine transform-points``
+moves landmarks of the fixed image into moving space (:mod:`mgr_engine.points`); ``mgr-engine
+train`` trains a model (:mod:`mgr_engine.train`).
 
 The subcommands take the same flags as the authors' commands (and their defaults:
 ``--model unigradicon``, ``--io_sim lncc``, 50 IO steps), so a script switches by
@@ -219,6 +220,24 @@ def _add_jacobian(sub):
     p.set_defaults(run=run_jacobian)
 
 
+def _add_transform_points(sub):
+    p = sub.add_parser("transform-points", help="move points (landmarks) of the fixed image into moving space through "
+                                                "a transform",
+                       description="Map each point of a points file through a transform (register's "
+                                   "--transform_out: fixed-space point -> moving-space point, mm), as ITK's "
+                                   "TransformPoint does. The file is a table, one point per row: a header naming x, y, "
+                                   "z (or r, a, s) columns, or x, y, z first; comment lines start with #; 3D "
+                                   "Slicer's .fcsv and ANTs' CSV read as they are. The output keeps the file's layout, "
+                                   "other columns and coordinate system, with the moved coordinates.")
+    p.add_argument("--transform", required=True, help="transform file (.h5, .tfm)")
+    p.add_argument("--points", required=True, help="points file (.csv, .fcsv, .txt)")
+    p.add_argument("--points_out", required=True, help="output points file, in the input's layout")
+    p.add_argument("--coordinate_system", choices=["LPS", "RAS"],
+                   help="coordinates of a file that does not declare its own (default LPS, ITK's and the images' "
+                        "origins'; 3D Slicer uses RAS)")
+    p.set_defaults(run=run_transform_points)
+
+
 def check_outputs(outputs) -> None:
     """Refuse, before any work, outputs that could not be written or would overwrite each other:
     ``outputs`` lists ``(option, path, kind)`` for each output option, ``path`` None when not given,
@@ -344,6 +363,18 @@ def run_jacobian(args) -> None:
         itk_io.write_image(image, path)
 
 
+def run_transform_points(args) -> None:
+    from . import itk_io
+    from .points import read_points, transform_points, write_points
+
+    itk_io.keep_itk_from_importing_torch()  # as in run_warp: numpy and ITK's transform only
+    check_outputs([("--points_out", args.points_out, "points")])
+    points_file = read_points(args.points, args.coordinate_system)
+    moved = transform_points(itk_io.read_transform(args.transform), points_file.points)
+    write_points(moved, args.points_out, like=points_file)
+    log.info("moved %d points into %s", len(moved), args.points_out)
+
+
 def _log_image(image, slab_voxels: int = 2**22):
     """The natural log of a float ``itk.Image``, as ITK's ``LogImageFilter`` computes it (``std::log``
     in double, NaN below 0, then rounded to float); that filter would load ITKImageIntensity (4 s).
@@ -432,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_register_many(sub)
     _add_warp(sub)
     _add_jacobian(sub)
+    _add_transform_points(sub)
     _add_export(sub)
     _add_train(sub)
     return parser

@@ -648,6 +648,16 @@ class RegistrationResult:
             return itk_io.jacobian_determinant(self._cache["displacement_field"], physical, self.device)
         return itk_io.grid_jacobian_determinant(self._grid_transform(), self.fixed, physical, self.device)
 
+    def transform_points(self, points, inverse: bool = False):
+        """(N, 3) points (x, y, z, mm, ITK's LPS) through :attr:`transform`: fixed-space points,
+        such as the fixed image's landmarks, -> their moving-space points, as ITK's
+        ``TransformPoint`` maps each, all at once (:func:`mgr_engine.points.transform_points`).
+        ``inverse=True``: moving-space points -> fixed-space points, through
+        :attr:`inverse_transform`. Points files: :func:`mgr_engine.read_points`."""
+        from .points import transform_points
+
+        return transform_points(self.inverse_transform if inverse else self.transform, points)
+
     def save(self, transform_path) -> None:
         """Write :attr:`transform` (``.h5`` or ``.tfm``, readable by ``itk.transformread``) atomically."""
         itk_io.write_transform(self.transform, transform_path)

@@ -31,6 +31,11 @@ class InvalidOptionError(MgrEngineError, ValueError):
     """An option has a value mgr_engine does not know (modality, similarity, model, ...)."""
 
 
+class InvalidPointsError(MgrEngineError, ValueError):
+    """Points (landmarks) that cannot be transformed: not (N, 3) finite numbers, or a points file
+    whose rows or columns cannot be read."""
+
+
 class CheckpointError(MgrEngineError, ValueError):
     """A checkpoint does not match the network architecture it is loaded into."""
 

@@ -713,11 +713,13 @@ def check_output_path(path, kind: str) -> None:
     """Raise :class:`OutputWriteError` now, before the work whose result goes to ``path``, where
     writing it would fail: its folder missing, a folder in its place, an extension no ITK writer
     of ``kind`` (``"image"`` or ``"transform"``) takes, or a transform's ``.mat``, which ITK
-    writes but cannot read back."""
+    writes but cannot read back. ``"points"``: a text file (:mod:`mgr_engine.points`), any name."""
     path = Path(path)
     _output_directory(path)
     if path.is_dir():
         raise OutputWriteError(f"output {str(path)!r} is a directory; give a file name.")
+    if kind == "points":
+        return
     suffix = _suffix(path)
     if kind == "image" and suffix.lower() in _NIFTI_SUFFIXES and suffix != suffix.lower():
         # ITK's NIfTI IO says it can write these, then refuses the name ("Bad Nifti file name")

@@ -95,6 +95,35 @@ def map_displacement(phi: np.ndarray, out=None) -> np.ndarray:
     return out
 
 
+def transformed_points(grid: GridTransform, points: np.ndarray) -> np.ndarray:
+    """``grid`` applied to (N, 3) physical points (x, y, z, mm): (N, 3) float64, what ITK's
+    ``TransformPoint`` gives point by point through the same transform (the displacement
+    interpolated linearly with the corners clamped into its grid, none where the point's grid
+    position lies outside the grid by ITK's rule), in numpy: a few hundred landmarks or a
+    mesh's vertices at once, without a Python call per point."""
+    q = points @ grid.to_grid[:, :3].T + grid.to_grid[:, 3]  # grid positions (x, y, z)
+    nz, ny, nx = grid.displacement.shape[:3]
+    size = np.array([nx, ny, nz])
+    clamped = np.clip(q, 0, size - 1)
+    lower = np.floor(clamped)
+    fraction = clamped - lower
+    # the corners' offsets in the flattened grid along each axis: gathering rows of a (N, 3) view
+    # took a third of the time of indexing the 4-D array with three index arrays
+    strides = np.array([1, nx, nx * ny])
+    lower_offsets = lower.astype(np.intp) * strides
+    upper_offsets = np.minimum(lower.astype(np.intp) + 1, size - 1) * strides
+    rows = grid.displacement.reshape(-1, 3)
+    sampled = np.zeros_like(q)
+    for corner in range(8):
+        upper = [(corner >> axis) & 1 for axis in range(3)]  # along x, y, z: the upper corner?
+        offset = sum((upper_offsets if upper[axis] else lower_offsets)[:, axis] for axis in range(3))
+        weight = np.prod([fraction[:, axis] if upper[axis] else 1 - fraction[:, axis] for axis in range(3)], axis=0)
+        sampled += weight[:, None] * rows.take(offset, axis=0)
+    inside = ((q >= -0.5) & (q < size - 0.5)).all(axis=1)
+    moved = q + sampled * inside[:, None]
+    return moved @ grid.from_grid[:, :3].T + grid.from_grid[:, 3]
+
+
 def _cpp_takes(*arrays) -> bool:
     """Whether the current kernel mode lets a C++ kernel take ``arrays``: numpy arrays, or CPU
     tensors outside any tracer (numpy arrays never load torch)."""

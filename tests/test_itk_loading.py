@@ -103,9 +103,10 @@ def test_the_lazy_loaders_way_gives_the_same_outputs(fresh_process, tmp_path, mo
 
 
 def test_the_commands_run_each_in_a_fresh_process(tmp_path):
-    """``register`` with a mask, ``jacobian --physical_jacobian`` and ``warp``, each in its own
-    process as users run them; ``warp`` and ``jacobian`` without torch where the C++ kernels are
-    built. ``ImageGrid.of`` read an image's direction with ``itk.array_from_matrix``, which raises
+    """``register`` with a mask, ``jacobian --physical_jacobian``, ``warp`` and
+    ``transform-points``, each in its own process as users run them; ``warp`` and ``jacobian``
+    without torch where the C++ kernels are built, ``transform-points`` without it anyway.
+    ``ImageGrid.of`` read an image's direction with ``itk.array_from_matrix``, which raises
     a KeyError until ITK's lazy loader has loaded ITKCommon: in a fresh process both first
     commands failed (in this one other tests have loaded it). The outputs of the later commands,
     through ITK's filters, match ``register``'s."""
@@ -123,6 +124,9 @@ def test_the_commands_run_each_in_a_fresh_process(tmp_path):
         itk.imwrite(image, paths[name])
     out = {name: str(tmp_path / f"{name}.nii.gz") for name in ("warped", "jacobian", "jacobian_cli", "warped_cli")}
     transform = str(tmp_path / "transform.h5")
+    landmarks, moved = tmp_path / "landmarks.csv", tmp_path / "moved.csv"
+    at = np.array([fixed.TransformIndexToPhysicalPoint(index) for index in ([3, 5, 7], [20, 14, 9], [27, 30, 21])])
+    landmarks.write_text("x,y,z\n" + "".join(f"{x!r},{y!r},{z!r}\n" for x, y, z in at.tolist()))
     commands = [
         ["register", "--model", "compact", "--device", "cpu", "--fixed", paths["fixed"], "--moving", paths["moving"],
          "--fixed_modality", "mri", "--moving_modality", "mri", "--fixed_mask", paths["mask"], "--input_masking",
@@ -132,6 +136,7 @@ def test_the_commands_run_each_in_a_fresh_process(tmp_path):
          "--physical_jacobian"],
         ["warp", "--fixed", paths["fixed"], "--moving", paths["moving"], "--transform", transform,
          "--warped_moving_out", out["warped_cli"], "--linear"],
+        ["transform-points", "--transform", transform, "--points", str(landmarks), "--points_out", str(moved)],
     ]
     # as the mgr-engine script runs them, then whether torch was loaded
     script = "import sys\nfrom mgr_engine.cli import main\ncode = main(sys.argv[1:])\nprint('torch' in sys.modules)\nsys.exit(code)"
@@ -140,9 +145,15 @@ def test_the_commands_run_each_in_a_fresh_process(tmp_path):
         assert run.returncode == 0, f"{command[0]}: {run.stderr}"
         # warp and jacobian run the C++ kernels on numpy arrays: torch's import was 1-2 s of them
         # (ITK imports torch too, unless itk_io.keep_itk_from_importing_torch finds its switch)
-        torch_expected = command[0] == "register" or not cpp_extensions_built() or not itk_has_torch_switch
+        # (transform-points runs no kernel: numpy and ITK's transform)
+        torch_expected = (command[0] == "register" or not itk_has_torch_switch
+                          or (command[0] != "transform-points" and not cpp_extensions_built()))
         assert run.stdout.split()[-1] == str(torch_expected), command[0]
     arrays = {name: itk.array_from_image(itk.imread(path)) for name, path in out.items()}
     assert np.std(arrays["jacobian"]) > 1e-3, "the test wants a transform that moves points"
     np.testing.assert_allclose(arrays["jacobian_cli"], arrays["jacobian"], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(arrays["warped_cli"], arrays["warped"], rtol=1e-5, atol=1e-5)
+    written = itk_io.read_transform(transform)
+    expected = np.array([written.TransformPoint(point) for point in at.tolist()])
+    assert np.abs(expected - at).max() > 0.1, "the test wants a transform that moves points"
+    np.testing.assert_allclose(np.loadtxt(moved, delimiter=",", skiprows=1), expected, rtol=0, atol=1e-9)

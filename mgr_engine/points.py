@@ -1,0 +1,230 @@
+"""Points through a registration's transform: landmarks in fixed space -> where they lie in moving
+space (mm), the target registration error's first half.
+
+A registration's transform maps a fixed-space point to its moving-space point (ITK's convention),
+so points go the way images do not: landmarks of the fixed image come out in the moving image.
+Points are physical coordinates in ITK's LPS convention (x grows to the patient's left, y to
+the posterior), the space of the images' origins; 3D Slicer and other RAS tools negate x and y.
+
+Points files (``mgr-engine transform-points``, :func:`read_points`, :func:`write_points`) are
+text tables, one point per row, columns separated by commas, semicolons or blanks:
+
+- a header row names the columns ``x, y, z`` (ANTs' ``antsApplyTransformsToPoints`` CSV),
+  ``r, a, s`` (RAS) or ``l, p, s`` (LPS); without one the first three columns are x, y, z;
+- lines starting with ``#`` are comments; 3D Slicer's ``.fcsv`` declares its columns there
+  (``# columns = id,x,y,z,...``) and its coordinate system (``# CoordinateSystem = RAS``, or
+  ``0`` for RAS and ``1`` for LPS in older files);
+- the other columns (labels, descriptions) and the comments are written back unchanged, only
+  the coordinates replaced, in the file's own coordinate system.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ImageReadError, InvalidOptionError, InvalidPointsError
+
+COORDINATE_SYSTEMS = ("LPS", "RAS")
+_RAS_TO_LPS = np.array([-1.0, -1.0, 1.0])  # either way: x and y negated
+_COLUMN_NAMES = {("x", "y", "z"): None, ("l", "p", "s"): "LPS", ("r", "a", "s"): "RAS"}
+_DECLARED_SYSTEM = re.compile(r"^#\s*CoordinateSystem\s*=\s*(\w+)", re.IGNORECASE)
+_DECLARED_COLUMNS = re.compile(r"^#\s*columns\s*=\s*(.+)$", re.IGNORECASE)
+_SLICER_SYSTEM_CODES = {"0": "RAS", "1": "LPS"}  # Slicer's markups files before 4.11
+
+
+def as_points(points, name: str = "points") -> np.ndarray:
+    """``points`` as an (N, 3) float64 array of finite numbers; :class:`InvalidPointsError` otherwise."""
+    try:
+        array = np.asarray(points, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InvalidPointsError(f"{name} are not numbers ({exc}); pass an (N, 3) array of x, y, z in mm.") from None
+    if array.ndim == 1 and array.shape[0] == 3:
+        array = array[None]
+    if array.ndim != 2 or array.shape[1] != 3:
+        raise InvalidPointsError(f"{name} have shape {array.shape}; pass an (N, 3) array of x, y, z in mm (LPS).")
+    bad = ~np.isfinite(array).all(axis=1)
+    if bad.any():
+        raise InvalidPointsError(f"{name}: point {int(np.argmax(bad))} is not finite ({array[bad][0].tolist()}); "
+                                 "remove or fix it.")
+    return array
+
+
+def transform_points(transform, points) -> np.ndarray:
+    """The (N, 3) physical points (x, y, z, mm, LPS) that ``transform`` maps ``points`` to, as
+    ITK's ``transform.TransformPoint`` maps each: for a registration's transform, fixed-space
+    points (landmarks of the fixed image) -> their moving-space points.
+
+    ``transform``: an ITK transform or the path of a transform file (.h5, .tfm); ``points``: an
+    (N, 3) array (or one point). A transform of this engine's form (a displacement field between
+    linear transforms, as this engine and unigradicon write) is evaluated for all points at once
+    (:func:`mgr_engine.resample.transformed_points`), any other point by point by ITK."""
+    from . import itk_io
+    from .resample import transformed_points
+
+    points = as_points(points)
+    if isinstance(transform, (str, Path)):
+        transform = itk_io.read_transform(transform)
+    grid = itk_io.grid_transform(transform)
+    if grid is not None:
+        return transformed_points(grid, points)
+    return np.array([tuple(transform.TransformPoint([float(c) for c in point])) for point in points],
+                    dtype=np.float64).reshape(-1, 3)
+
+
+@dataclass
+class PointsFile:
+    """A points file as read (:func:`read_points`): ``points`` (N, 3) in LPS mm, and the file's
+    layout, for :func:`write_points` to write other points in it.
+
+    ``coordinate_system``: the file's (``"LPS"`` or ``"RAS"``); ``lines``: each line a string
+    (kept as it was: comments, the header) or the list of a point row's fields; ``columns``: the
+    indices of the x, y, z fields; ``delimiter``: ``None`` for blanks."""
+
+    points: np.ndarray
+    coordinate_system: str
+    lines: list
+    columns: tuple
+    delimiter: str | None
+
+    def text_with(self, points: np.ndarray) -> str:
+        """The file's text with ``points`` (N, 3, LPS mm) in place of its own."""
+        points = as_points(points)
+        if len(points) != len(self.points):
+            raise InvalidPointsError(f"{len(points)} points for a file of {len(self.points)}")
+        if self.coordinate_system == "RAS":
+            points = points * _RAS_TO_LPS
+        rows, out = iter(points), []
+        for line in self.lines:
+            if isinstance(line, str):
+                out.append(line)
+                continue
+            fields = list(line)
+            for column, value in zip(self.columns, next(rows)):
+                fields[column] = repr(float(value))  # the shortest text that reads back as the same float
+            out.append(_row(fields, self.delimiter))
+        return "\n".join(out) + "\n"
+
+
+def read_points(path, coordinate_system: str | None = None) -> PointsFile:
+    """Read a points file (see the module's description); its points in LPS mm.
+
+    ``coordinate_system``: ``"LPS"`` or ``"RAS"``, for a file that does not declare its own
+    (default LPS, ITK's); one that contradicts the file's declaration raises
+    :class:`InvalidOptionError`."""
+    if coordinate_system is not None and coordinate_system.upper() not in COORDINATE_SYSTEMS:
+        raise InvalidOptionError(f"unknown coordinate system {coordinate_system!r}: use 'LPS' or 'RAS'")
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"points file {str(path)!r} does not exist; check the path.")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ImageReadError(f"cannot read points file {str(path)!r} ({exc}); give a text table of x, y, z.") from exc
+    declared, names, lines, delimiter, rows = None, None, [], None, []
+    table_started = False
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            lines.append(line)
+            if match := _DECLARED_SYSTEM.match(line.strip()):
+                value = match.group(1).upper()
+                declared = _SLICER_SYSTEM_CODES.get(value, value)
+            elif match := _DECLARED_COLUMNS.match(line.strip()):
+                names = [name.strip().lower() for name in next(csv.reader([match.group(1)]))]
+            continue
+        if not table_started:  # the first row decides the delimiter, and whether it is a header
+            table_started = True
+            delimiter = "," if "," in line else ";" if ";" in line else None
+            fields = _fields(line, delimiter)
+            if names is None and not _all_numbers(fields[:3]):
+                names = [field.lower() for field in fields]
+                lines.append(line)
+                continue
+        fields = _fields(line, delimiter)
+        lines.append(fields)
+        rows.append((number, fields))
+    columns, named_system = _coordinate_columns(names, path)
+    system = _file_system(path, declared, named_system, coordinate_system)
+    if not rows:
+        raise InvalidPointsError(f"points file {str(path)!r} holds no points; one row per point, columns x, y, z.")
+    points = np.empty((len(rows), 3), dtype=np.float64)
+    for i, (number, fields) in enumerate(rows):
+        try:
+            points[i] = [float(fields[column]) for column in columns]
+        except (IndexError, ValueError):
+            raise InvalidPointsError(f"{path.name}, line {number}: no x, y, z numbers in columns "
+                                     f"{[c + 1 for c in columns]} of {fields}; one point per row.") from None
+    if system == "RAS":
+        points *= _RAS_TO_LPS
+    return PointsFile(as_points(points, f"points of {path.name}"), system, lines, columns, delimiter)
+
+
+def _fields(line: str, delimiter) -> list:
+    """A row's fields: CSV rules (quotes) for a comma or semicolon, else split at blanks."""
+    if delimiter is None:
+        return line.split()
+    return [field.strip() for field in next(csv.reader([line], delimiter=delimiter))]
+
+
+def _row(fields, delimiter) -> str:
+    """A row's fields joined as :func:`_fields` splits them."""
+    if delimiter is None:
+        return " ".join(fields)
+    text = io.StringIO()
+    csv.writer(text, delimiter=delimiter, lineterminator="").writerow(fields)
+    return text.getvalue()
+
+
+def _all_numbers(fields) -> bool:
+    try:
+        [float(field) for field in fields]
+    except ValueError:
+        return False
+    return True
+
+
+def _coordinate_columns(names, path: Path):
+    """The x, y, z columns' indices from a header's ``names`` (the first three without one), and
+    the coordinate system the names imply (None for x, y, z)."""
+    if names is None:
+        return (0, 1, 2), None
+    for wanted, system in _COLUMN_NAMES.items():
+        if all(name in names for name in wanted):
+            return tuple(names.index(name) for name in wanted), system
+    raise InvalidPointsError(f"points file {str(path)!r}: its header {names} names no x, y, z (or r, a, s) columns; "
+                             "name them, or leave the header out with x, y, z as the first three columns.")
+
+
+def _file_system(path: Path, declared, named, asked) -> str:
+    """The coordinate system of a file: what it declares (a comment, its column names), else what
+    the caller asked for, else LPS; a caller's contradicting a file's declaration raises."""
+    if declared is not None and declared not in COORDINATE_SYSTEMS:
+        raise InvalidPointsError(f"points file {str(path)!r} declares coordinate system {declared!r}; "
+                                 "mgr_engine reads LPS or RAS.")
+    if declared and named and declared != named:
+        raise InvalidPointsError(f"points file {str(path)!r} declares {declared} but names its columns as {named}.")
+    own = declared or named
+    if own and asked and asked.upper() != own:
+        raise InvalidOptionError(f"points file {str(path)!r} declares {own} coordinates, not {asked.upper()}; "
+                                 "leave the coordinate system out (the file's own is used).")
+    return own or (asked.upper() if asked else "LPS")
+
+
+def write_points(points, path, like: PointsFile | None = None) -> None:
+    """Write (N, 3) ``points`` (LPS mm) atomically: in ``like``'s layout and coordinate system
+    (its other columns and comments kept), else as a CSV with the header ``x,y,z`` (LPS)."""
+    from .itk_io import atomic_output, check_output_path
+
+    check_output_path(path, "points")
+    points = as_points(points)
+    if like is None:
+        text = "x,y,z\n" + "".join(",".join(repr(float(c)) for c in point) + "\n" for point in points)
+    else:
+        text = like.text_with(points)
+    with atomic_output(path) as staged:
+        Path(staged).write_text(text, encoding="utf-8")

@@ -1,0 +1,195 @@
+"""Points through a transform (mgr_engine.points): against ITK's TransformPoint, and points files."""
+
+import numpy as np
+import pytest
+
+from helpers import affine_transform, composite, oblique_field_transform, oblique_registration, random_map, read_back
+from mgr_engine import itk_io, points, resample
+from mgr_engine.cli import main
+from mgr_engine.errors import ImageReadError, InvalidOptionError, InvalidPointsError, OutputWriteError
+
+itk = pytest.importorskip("itk")
+
+
+def itk_transform_points(transform, at):
+    return np.array([tuple(transform.TransformPoint([float(c) for c in point])) for point in at])
+
+
+def points_around(image, count, seed, margin=3.0):
+    """``count`` random physical points over ``image``'s grid and up to ``margin`` voxels beyond it."""
+    size = np.array(image.GetLargestPossibleRegion().GetSize(), dtype=np.float64)
+    index = np.random.default_rng(seed).uniform(-margin, size - 1 + margin, (count, 3))
+    affine = itk_io.index_to_physical_affine(image)
+    return index @ affine[:, :3].T + affine[:, 3]
+
+
+@pytest.fixture(scope="module")
+def registration():
+    result = oblique_registration()
+    result.phi_ba = random_map(tuple(result.phi_ab.shape[2:]), 0.05, seed=14)[None]  # the inverse direction's map
+    return result
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_a_results_points_match_itks_transform_point(registration, inverse):
+    transform = registration.inverse_transform if inverse else registration.transform
+    at = points_around(registration.moving if inverse else registration.fixed, 500, seed=1)
+    expected = itk_transform_points(transform, at)
+    moved = registration.transform_points(at, inverse=inverse)
+    assert moved.shape == (500, 3) and moved.dtype == np.float64
+    shift = np.linalg.norm(expected - at, axis=1)
+    assert shift.max() > 2.0, "the test wants a transform that moves points (mm)"
+    np.testing.assert_allclose(moved, expected, rtol=0, atol=1e-9)
+
+
+def test_the_field_adds_nothing_from_half_a_voxel_beyond_its_grid():
+    """ITK's rule: a grid position in [-0.5, n - 0.5) is inside (the edge value repeated beyond
+    the edge), anything else gets no displacement."""
+    phi = random_map((6, 7, 5), 0.1, seed=3).numpy()
+    transform = itk_io.displacement_transform(phi)  # unit spacing, zero origin: grid position = point
+    nx, ny, nz = 5, 7, 6
+    at = np.array([[-0.5, 3.0, 2.0], [-0.5 - 1e-9, 3.0, 2.0], [nx - 0.5, 3.0, 2.0], [nx - 0.5 - 1e-9, 3.0, 2.0],
+                   [2.0, -0.5, 2.0], [2.0, ny - 0.5, 2.0], [2.0, 3.0, nz - 0.5 - 1e-9], [2.0, 3.0, -0.25],
+                   [1.25, 2.5, 3.75], [0.0, 0.0, 0.0], [nx - 1.0, ny - 1.0, nz - 1.0]])
+    moved = points.transform_points(transform, at)
+    np.testing.assert_allclose(moved, itk_transform_points(transform, at), rtol=0, atol=1e-12)
+    unmoved = np.all(moved == at, axis=1)
+    assert unmoved.tolist() == [False, True, True, False, False, True, False, False, False, False, False]
+
+
+def test_a_transform_file_of_another_layout_matches_itk(tmp_path):
+    """A composite of an affine, a field on an oblique grid (displacement in mm) and another
+    affine, read from a file by path."""
+    path = tmp_path / "t.h5"
+    transform = read_back(composite(itk, affine_transform(itk, 20), oblique_field_transform(itk, (9, 11, 10), 4.0, 21),
+                                    affine_transform(itk, 22)), path)
+    assert itk_io.grid_transform(transform) is not None
+    at = np.random.default_rng(2).uniform(-25.0, 25.0, (300, 3))
+    expected = itk_transform_points(transform, at)
+    assert np.linalg.norm(expected - itk_transform_points(
+        composite(itk, affine_transform(itk, 20), affine_transform(itk, 22)), at), axis=1).max() > 1.0
+    np.testing.assert_allclose(points.transform_points(path, at), expected, rtol=0, atol=1e-9)
+
+
+def test_other_transforms_go_point_by_point_through_itk(tmp_path):
+    field = oblique_field_transform(itk, (5, 6, 7), 1.0, 22)
+    at = np.random.default_rng(3).uniform(-20.0, 20.0, (50, 3))
+    for transform in (affine_transform(itk, 23), composite(itk, field, affine_transform(itk, 24), field)):
+        assert itk_io.grid_transform(transform) is None
+        np.testing.assert_array_equal(points.transform_points(transform, at), itk_transform_points(transform, at))
+    assert points.transform_points(affine_transform(itk, 23), [1.0, 2.0, 3.0]).shape == (1, 3)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((4, 2)), np.zeros((2, 3, 3)), [[1.0, np.nan, 2.0]], [["a", "b", "c"]],
+                                 [[1.0, 2.0, np.inf]]])
+def test_points_that_are_not_n_by_3_finite_numbers_are_a_typed_error(bad):
+    with pytest.raises(InvalidPointsError, match=r"\(N, 3\)|not finite|not numbers"):
+        points.transform_points(affine_transform(itk, 23), bad)
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, expected_system", [
+    ("x,y,z,t,label\n1.5,-2,3,0,a\n4,5,6e1,0,b\n", "LPS"),  # ANTs' CSV
+    ("1.5 -2 3\n4\t5  60\n", "LPS"),  # no header, blanks
+    ("label;x;y;z\nA;1.5;-2;3\nB;4;5;60\n", "LPS"),  # semicolons
+    ("# Markups fiducial file version = 4.11\n# CoordinateSystem = RAS\n"
+     "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID\n"
+     "n_1,-1.5,2,3,0,0,0,1,1,1,0,F-1,\"a, b\",vol\nn_2,-4,-5,60,0,0,0,1,1,1,0,F-2,,vol\n", "RAS"),  # 3D Slicer
+    ("# CoordinateSystem = 0\n# columns = id,x,y,z\nn_1,-1.5,2,3\nn_2,-4,-5,60\n", "RAS"),  # Slicer before 4.11
+    ("label,r,a,s\np,-1.5,2,3\nq,-4,-5,60\n", "RAS"),
+])
+def test_points_files_are_read_in_lps(tmp_path, text, expected_system):
+    read = points.read_points(write(tmp_path / "p.csv", text))
+    assert read.coordinate_system == expected_system
+    np.testing.assert_array_equal(read.points, [[1.5, -2.0, 3.0], [4.0, 5.0, 60.0]])
+
+
+def test_a_written_file_keeps_its_layout_and_coordinate_system(tmp_path):
+    text = ("# Markups fiducial file version = 4.11\n# CoordinateSystem = RAS\n"
+            "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID\n"
+            "n_1,-1.5,2,3,0,0,0,1,1,1,0,F-1,\"a, b\",vol\nn_2,-4,-5,60,0,0,0,1,1,1,0,F-2,,vol\n")
+    read = points.read_points(write(tmp_path / "p.fcsv", text))
+    moved = read.points + [[0.1, 0.2, 1 / 3], [10.0, -20.0, 30.0]]
+    points.write_points(moved, tmp_path / "out.fcsv", like=read)
+    written = (tmp_path / "out.fcsv").read_text().splitlines()
+    assert written[:3] == text.splitlines()[:3]
+    x, y, z = -(1.5 + 0.1), -(-2.0 + 0.2), 3.0 + 1 / 3  # back in RAS: x and y negated
+    assert written[3] == f"n_1,{x!r},{y!r},{z!r},0,0,0,1,1,1,0,F-1,\"a, b\",vol"
+    back = points.read_points(tmp_path / "out.fcsv")
+    np.testing.assert_array_equal(back.points, moved)  # repr: the same floats
+    points.write_points(moved, tmp_path / "plain.csv")
+    assert (tmp_path / "plain.csv").read_text().splitlines()[0] == "x,y,z"
+    np.testing.assert_array_equal(points.read_points(tmp_path / "plain.csv").points, moved)
+
+
+def test_the_coordinate_system_asked_for_applies_to_files_that_declare_none(tmp_path):
+    plain = write(tmp_path / "p.txt", "1 2 3\n")
+    np.testing.assert_array_equal(points.read_points(plain, "RAS").points, [[-1.0, -2.0, 3.0]])
+    np.testing.assert_array_equal(points.read_points(plain, "lps").points, [[1.0, 2.0, 3.0]])
+    declared = write(tmp_path / "d.csv", "# CoordinateSystem = LPS\nx,y,z\n1,2,3\n")
+    with pytest.raises(InvalidOptionError, match="declares LPS"):
+        points.read_points(declared, "RAS")
+    with pytest.raises(InvalidOptionError, match="LPS or RAS|'LPS' or 'RAS'"):
+        points.read_points(plain, "IJK")
+
+
+@pytest.mark.parametrize("text, match", [
+    ("", "holds no points"),
+    ("# only a comment\n\n", "holds no points"),
+    ("x,y,z\n", "holds no points"),
+    ("id,a,b,c\n1,2,3,4\n", "names no x, y, z"),
+    ("L1,1,2,3\n", "names no x, y, z"),  # a label first and no header
+    ("1,2,3\n4,five,6\n", "line 2"),
+    ("1,2\n", "line 1"),
+    ("# CoordinateSystem = IJK\n1,2,3\n", "declares coordinate system 'IJK'"),
+    ("# CoordinateSystem = LPS\nr,a,s\n1,2,3\n", "declares LPS but names its columns as RAS"),
+    ("x,y,z\n1,nan,3\n", "not finite"),
+])
+def test_unreadable_points_files_are_a_typed_error(tmp_path, text, match):
+    with pytest.raises(InvalidPointsError, match=match):
+        points.read_points(write(tmp_path / "p.csv", text))
+
+
+def test_a_missing_points_file_is_a_typed_error(tmp_path):
+    with pytest.raises(ImageReadError, match="does not exist"):
+        points.read_points(tmp_path / "nothing.csv")
+    (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00\x81")
+    with pytest.raises(ImageReadError, match="cannot read points file"):
+        points.read_points(tmp_path / "binary.csv")
+
+
+def test_the_command_moves_a_files_points_as_the_result_does(registration, tmp_path, capsys):
+    transform = tmp_path / "transform.h5"
+    registration.save(transform)
+    at = points_around(registration.fixed, 40, seed=4, margin=0.0)
+    table = "".join(f"P{i},{-x!r},{-y!r},{z!r}\n" for i, (x, y, z) in enumerate(at.tolist()))  # in RAS
+    source = write(tmp_path / "landmarks.fcsv", "# CoordinateSystem = RAS\n# columns = label,x,y,z\n" + table)
+    out = tmp_path / "moved.fcsv"
+    assert main(["transform-points", "--transform", str(transform), "--points", str(source),
+                 "--points_out", str(out)]) == 0
+    moved = points.read_points(out)
+    assert moved.coordinate_system == "RAS" and out.read_text().splitlines()[2].startswith("P0,")
+    np.testing.assert_allclose(moved.points, registration.transform_points(at), rtol=0, atol=1e-9)
+    assert np.abs(moved.points - at).max() > 1.0
+    # an output folder that does not exist: refused before the work, nothing written
+    assert main(["transform-points", "--transform", str(transform), "--points", str(source),
+                 "--points_out", str(tmp_path / "missing" / "out.csv")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(OutputWriteError):
+        points.write_points(at, tmp_path)  # a folder
+
+
+def test_numpy_evaluation_equals_the_transform_of_the_maps_grid():
+    """:func:`resample.transformed_points` with identity affines is the map's displacement,
+    interpolated: at grid nodes exactly the node's value."""
+    phi = random_map((6, 7, 5), 0.1, seed=5).numpy()
+    displacement = resample.map_displacement(phi)
+    grid = resample.GridTransform(displacement, np.eye(3, 4), np.eye(3, 4))
+    nodes = np.array([[0, 0, 0], [4, 6, 5], [2, 3, 1]], dtype=np.float64)  # x, y, z
+    moved = resample.transformed_points(grid, nodes)
+    expected = nodes + displacement[nodes[:, 2].astype(int), nodes[:, 1].astype(int), nodes[:, 0].astype(int)]
+    np.testing.assert_array_equal(moved, expected)
