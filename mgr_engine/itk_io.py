@@ -417,7 +417,7 @@ def _jacobian_left_to_itk(device, physical: bool) -> bool:
     where the C++ kernel is not taken (not built, or ``kernel_mode("torch")``)."""
     from .resample import use_cpp_jacobian
 
-    return _is_cpu(device) and not physical and not use_cpp_jacobian(np.empty((0, 0, 0, 3), np.float32))
+    return _is_cpu(device) and not physical and not use_cpp_jacobian()
 
 
 def _is_cpu(device) -> bool:

@@ -145,12 +145,12 @@ def use_cpp_resample(*arrays) -> bool:
     return _cpp_takes(*arrays) and resample_cpu.supports(*arrays)
 
 
-def use_cpp_jacobian(displacement) -> bool:
-    """Whether :func:`jacobian_determinant` of ``displacement`` runs in C++ under the current mode
-    (:mod:`mgr_engine.kernels.jacobian_cpu`)."""
+def use_cpp_jacobian(*arrays) -> bool:
+    """Whether :func:`jacobian_determinant` of ``arrays`` (the displacement; none: a numpy array)
+    runs in C++ under the current mode (:mod:`mgr_engine.kernels.jacobian_cpu`)."""
     from .kernels import jacobian_cpu
 
-    return _cpp_takes(displacement) and jacobian_cpu.available()
+    return _cpp_takes(*arrays) and jacobian_cpu.available()
 
 
 def _numpy(array) -> np.ndarray:

@@ -33,10 +33,10 @@ def folding_field(shape, scale=3.0) -> torch.Tensor:
 
 def both_paths(field, spacing, direction=None):
     with ops.kernel_mode("cpp"):
-        assert resample.use_cpp_jacobian(field)
+        assert resample.use_cpp_jacobian(field) and resample.use_cpp_jacobian()
         cpp = resample.jacobian_determinant(field, spacing, direction)
     with ops.kernel_mode("torch"):
-        assert not resample.use_cpp_jacobian(field)
+        assert not resample.use_cpp_jacobian(field) and not resample.use_cpp_jacobian()
         reference = resample.jacobian_determinant(field, spacing, direction)
     return cpp, reference
 
