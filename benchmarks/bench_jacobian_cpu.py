@@ -7,8 +7,7 @@ A smooth random displacement field (up to about 10 mm, with folds) at a CT's siz
 (512x512x300, 0.7 x 0.7 x 1.25 mm, oblique), host memory kept as the engine keeps it. Median
 time of each, after two warm-ups; the memory the tensor calls allocate, summed over their
 allocations with frees not subtracted (torch's profiler; ITK's allocations are not seen by it); the largest difference from ITK's filter (index axes) or
-from the tensor form (physical axes). The tensor form's physical case takes tens of seconds a
-call at the default size.
+from the tensor form (physical axes).
 
     .venv/bin/python benchmarks/bench_jacobian_cpu.py
     .venv/bin/python benchmarks/bench_jacobian_cpu.py --shape 160 192 160 --repeats 5

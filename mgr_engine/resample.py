@@ -251,7 +251,7 @@ def half_derivative_weights(spacing) -> np.ndarray:
     return np.array([np.float32(1.0 / np.float32(s)) * np.float32(0.5) for s in spacing], dtype=np.float32)
 
 
-def jacobian_determinant(displacement, spacing, direction=None, out=None):
+def jacobian_determinant(displacement, spacing, direction=None, out=None, slab_voxels: int = 2**23):
     """``det(I + du/dx)`` of a (Z, Y, X, 3) displacement field (mm, components x, y, z) with
     ``spacing`` (x, y, z): (Z, Y, X) float32, a numpy array where ``displacement`` is one (computed
     on the CPU), else a tensor on its device.
@@ -267,7 +267,10 @@ def jacobian_determinant(displacement, spacing, direction=None, out=None):
 
     On the CPU the C++ kernel computes it (:mod:`mgr_engine.kernels.jacobian_cpu`, the same
     operations); this tensor form is its reference, and the GPU's path. ``out``: a (Z, Y, X)
-    float32 CPU array or tensor to write the result into (and return)."""
+    float32 CPU array or tensor to write the result into (and return). The tensor form goes
+    through slabs of about ``slab_voxels`` voxels (and the slice on either side that the central
+    differences read): its temporaries take about 80 bytes a voxel, 6 GiB for a whole
+    512x512x300 field."""
     weights = half_derivative_weights(spacing)
     inverse = None if direction is None else np.linalg.inv(np.asarray(direction, dtype=np.float64))
     if use_cpp_jacobian(displacement):
@@ -278,7 +281,22 @@ def jacobian_determinant(displacement, spacing, direction=None, out=None):
         return out if out is not None else _returned(values, displacement, None)
     import torch
 
-    u = _tensor(displacement).permute(3, 0, 1, 2).float()  # (3, Z, Y, X)
+    field = _tensor(displacement)
+    nz = field.shape[0]
+    slices = max(1, slab_voxels // max(1, field.shape[1] * field.shape[2]))
+    determinant = torch.empty(field.shape[:3], dtype=torch.float32, device=field.device)
+    for start in range(0, nz, slices):
+        stop = min(start + slices, nz)
+        first, end = max(start - 1, 0), min(stop + 1, nz)
+        slab = _determinant_of_slab(field[first:end].permute(3, 0, 1, 2).float(), weights, inverse)
+        determinant[start:stop] = slab[start - first:stop - first]
+    return _returned(determinant, displacement, out)
+
+
+def _determinant_of_slab(u: torch.Tensor, weights: np.ndarray, inverse) -> torch.Tensor:
+    """:func:`jacobian_determinant`'s tensor form on a (3, Z, Y, X) slab of the field: (Z, Y, X),
+    its first and last slices differenced against themselves (right only at the field's ends)."""
+    import torch
 
     def derivative(axis: int) -> torch.Tensor:  # of the three components along index axis x, y or z
         dim, n = 3 - axis, u.shape[3 - axis]
@@ -294,9 +312,8 @@ def jacobian_determinant(displacement, spacing, direction=None, out=None):
         rows = [rows[0] * float(inverse[0, k]) + rows[1] * float(inverse[1, k]) + rows[2] * float(inverse[2, k])
                 for k in range(3)]
     r = [[rows[k][i] + 1 if i == k else rows[k][i] for i in range(3)] for k in range(3)]
-    determinant = (r[0][0] * r[1][1] * r[2][2] - r[0][0] * r[2][1] * r[1][2] - r[1][0] * r[0][1] * r[2][2]
-                   + r[1][0] * r[2][1] * r[0][2] + r[2][0] * r[0][1] * r[1][2] - r[2][0] * r[1][1] * r[0][2])
-    return _returned(determinant, displacement, out)
+    return (r[0][0] * r[1][1] * r[2][2] - r[0][0] * r[2][1] * r[1][2] - r[1][0] * r[0][1] * r[2][2]
+            + r[1][0] * r[2][1] * r[0][2] + r[2][0] * r[0][1] * r[1][2] - r[2][0] * r[1][1] * r[0][2])
 
 
 # ---------------- the PyTorch path of resampled_image and displacement_field (the GPU's, the C++ reference);

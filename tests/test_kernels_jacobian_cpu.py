@@ -53,6 +53,23 @@ def test_the_kernel_is_its_reference_bit_for_bit(shape, spacing, physical):
         assert cpp.min() < 0 < 2 < cpp.max(), "the test wants folds and expansions"
 
 
+@pytest.mark.parametrize("physical", [False, True], ids=["index axes", "physical axes"])
+def test_the_tensor_form_slab_by_slab_is_the_whole_fields(physical):
+    """The tensor form (the GPU's path) bounds its temporaries by going through slabs, each with
+    the slice on either side: the whole field's determinant bit for bit, for slabs of one slice,
+    of 4 of 13 slices and of the whole, numpy arrays and tensors alike."""
+    field = folding_field((13, 10, 12))
+    direction = DIRECTION if physical else None
+    with ops.kernel_mode("torch"):
+        whole = resample.jacobian_determinant(field, SPACINGS[1], direction, slab_voxels=2**23)
+        for slab_voxels in (1, 4 * 10 * 12, 2**23):
+            assert torch.equal(resample.jacobian_determinant(field, SPACINGS[1], direction, slab_voxels=slab_voxels),
+                               whole), slab_voxels
+        from_numpy = resample.jacobian_determinant(field.numpy(), SPACINGS[1], direction, slab_voxels=1)
+    assert isinstance(from_numpy, np.ndarray) and np.array_equal(from_numpy, whole.numpy())
+    assert whole.min() < 0 < 2 < whole.max(), "the test wants folds and expansions"
+
+
 def test_the_physical_form_differs_from_the_index_form_on_an_oblique_grid():
     """Guards the kernel's physical branch: dropping the direction would pass the test above only
     if the reference dropped it too, which this catches."""
