@@ -180,7 +180,7 @@ def _returned(values, like, out):
 
 
 def resampled_image(displacement, fixed_to_grid, fixed_shape, volume, grid_to_index, interpolation: str = "linear",
-                    out=None):
+                    out=None, slab_voxels: int = 2**22):
     """``volume`` (Z, Y, X), an image in moving space, at the moving point of each voxel of the
     (Z, Y, X) ``fixed_shape`` grid: (Z, Y, X) of ``volume``'s dtype, 0 outside the image, cast as
     ITK's ``ResampleImageFilter`` casts (an integer type clamped to its range, then truncated
@@ -191,7 +191,8 @@ def resampled_image(displacement, fixed_to_grid, fixed_shape, volume, grid_to_in
     (through the moving image's physical space). ``displacement`` and ``volume``: numpy arrays
     (the result one too, computed on the CPU) or tensors on one device (the result a tensor
     there). ``out``: a (Z, Y, X) CPU array or tensor of ``volume``'s dtype to write the result
-    into (and return)."""
+    into (and return). The PyTorch path goes through slabs of about ``slab_voxels`` fixed voxels
+    (see :func:`_slabs`)."""
     check_interpolation(interpolation)
     if use_cpp_resample(displacement, volume):
         from .kernels import resample_cpu
@@ -202,47 +203,70 @@ def resampled_image(displacement, fixed_to_grid, fixed_shape, volume, grid_to_in
     import torch
 
     tensor = _tensor(displacement)
-    index = _apply_affine(grid_to_index, grid_points(tensor, fixed_to_grid, fixed_shape))
     # the image's torch dtype; None for a numpy uint16 or uint32 image before torch 2.3 (no such dtype)
     dtype = getattr(torch, str(volume.dtype), None) if isinstance(volume, np.ndarray) else volume.dtype
     # moved in its own type, then widened there: 4x fewer bytes over PCIe for an int16 image
     pixels = _tensor(volume if dtype is not None else volume.astype(np.int64)).to(tensor.device).to(torch.float64)
-    if interpolation == "nearest":
-        rounded = [torch.floor(index[axis] + 0.5).long().clamp_(0, pixels.shape[2 - axis] - 1) for axis in range(3)]
-        values = pixels[rounded[2], rounded[1], rounded[0]]
-    else:
-        values = _interpolate_like_itk(pixels, index)
-    values = torch.where(_inside(index, pixels.shape), values, torch.zeros((), dtype=values.dtype, device=values.device))
-    if dtype is None:  # between the image's values, within its range: truncated toward 0
-        values = values.cpu().numpy().astype(volume.dtype)
-    else:
+    if dtype is None:
+        result = out if out is not None else np.empty(fixed_shape, volume.dtype)
+    else:  # out itself where given, on the host: a GPU holds one slab of the result at a time
+        result = _tensor(out) if out is not None else torch.empty(fixed_shape, dtype=dtype, device=tensor.device)
+    for start, stop in _slabs(fixed_shape, slab_voxels):
+        slab_shape = (stop - start, *fixed_shape[1:])
+        index = _apply_affine(grid_to_index, grid_points(tensor, fixed_to_grid, slab_shape, start))
+        if interpolation == "nearest":
+            rounded = [torch.floor(index[axis] + 0.5).long().clamp_(0, pixels.shape[2 - axis] - 1) for axis in range(3)]
+            values = pixels[rounded[2], rounded[1], rounded[0]]
+        else:
+            values = _interpolate_like_itk(pixels, index)
+        values = torch.where(_inside(index, pixels.shape), values,
+                             torch.zeros((), dtype=values.dtype, device=values.device))
+        if dtype is None:  # between the image's values, within its range: truncated toward 0
+            result[start:stop] = values.cpu().numpy().astype(volume.dtype)
+            continue
         if not dtype.is_floating_point:
             info = torch.iinfo(dtype)
             values.clamp_(info.min, info.max)
-        values = values.to(dtype)  # an integer type: truncated toward 0
-    return _returned(values, displacement, out)
+        result[start:stop] = values.to(dtype)  # an integer type: truncated toward 0
+    return out if out is not None else _returned(result, displacement, None)
 
 
 def displacement_field(displacement, fixed_to_grid, fixed_shape, grid_to_physical, fixed_to_physical, out=None,
-                       first_z: int = 0):
+                       first_z: int = 0, slab_voxels: int = 2**22):
     """The transform's displacement at each voxel of the fixed grid in mm, ``moving point - fixed
     point``: (Z, Y, X, 3) float32 (x, y, z), a numpy array where ``displacement`` is one, else a
     tensor on its device. ``grid_to_physical``: grid index plus displacement -> moving physical
     point; ``fixed_to_physical``: fixed voxel index -> physical point. ``out``: a (Z, Y, X, 3)
     float32 CPU array or tensor to write the field into (and return). ``first_z``: the fixed
     slice of the first of the Z slices, for a slab of the field (the whole field's values there,
-    bit for bit)."""
+    bit for bit). The PyTorch path goes through slabs of about ``slab_voxels`` fixed voxels (see
+    :func:`_slabs`)."""
     if use_cpp_resample(displacement):
         from .kernels import resample_cpu
 
         values = resample_cpu.displacement_field(_numpy(displacement), fixed_to_grid, fixed_shape, grid_to_physical,
                                                  fixed_to_physical, None if out is None else _numpy(out), first_z)
         return out if out is not None else _returned(values, displacement, None)
+    import torch
+
     tensor = _tensor(displacement)
-    points = grid_points(tensor, fixed_to_grid, fixed_shape, first_z)
-    moved = (_apply_affine(grid_to_physical, points)
-             - _affine_grid(fixed_to_physical, fixed_shape, tensor.device, first_z))
-    return _returned(moved.permute(1, 2, 3, 0).float(), displacement, out)
+    result = (_tensor(out) if out is not None  # as in resampled_image
+              else torch.empty((*fixed_shape, 3), dtype=torch.float32, device=tensor.device))
+    for start, stop in _slabs(fixed_shape, slab_voxels):
+        slab_shape, slab_z = (stop - start, *fixed_shape[1:]), first_z + start
+        moved = (_apply_affine(grid_to_physical, grid_points(tensor, fixed_to_grid, slab_shape, slab_z))
+                 - _affine_grid(fixed_to_physical, slab_shape, tensor.device, slab_z))
+        result[start:stop] = moved.permute(1, 2, 3, 0)  # rounded to float32
+    return out if out is not None else _returned(result, displacement, None)
+
+
+def _slabs(shape, slab_voxels: int):
+    """(start, stop) of the slabs of about ``slab_voxels`` voxels (whole slices) of a (Z, Y, X)
+    grid. The PyTorch paths compute each voxel on its own, in float64 temporaries of about 280
+    bytes a voxel: 21 GiB for a whole 512x512x300 image, 1.1 GiB for a slab of 4 M voxels. The
+    results are the same bits slab by slab."""
+    slices = max(1, slab_voxels // max(1, shape[1] * shape[2]))
+    return [(start, min(start + slices, shape[0])) for start in range(0, shape[0], slices)]
 
 
 def half_derivative_weights(spacing) -> np.ndarray:
@@ -283,10 +307,8 @@ def jacobian_determinant(displacement, spacing, direction=None, out=None, slab_v
 
     field = _tensor(displacement)
     nz = field.shape[0]
-    slices = max(1, slab_voxels // max(1, field.shape[1] * field.shape[2]))
     determinant = torch.empty(field.shape[:3], dtype=torch.float32, device=field.device)
-    for start in range(0, nz, slices):
-        stop = min(start + slices, nz)
+    for start, stop in _slabs(field.shape[:3], slab_voxels):
         first, end = max(start - 1, 0), min(stop + 1, nz)
         slab = _determinant_of_slab(field[first:end].permute(3, 0, 1, 2).float(), weights, inverse)
         determinant[start:stop] = slab[start - first:stop - first]

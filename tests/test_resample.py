@@ -101,6 +101,36 @@ def test_a_slab_of_the_displacement_field_is_those_slices_of_the_whole(kernel):
     assert torch.equal(slab, whole[4:9])
 
 
+@pytest.mark.parametrize("arrays", ["tensors", "numpy"])
+def test_the_pytorch_path_slab_by_slab_is_the_whole_images(arrays):
+    """The PyTorch path (the GPU's) bounds its float64 temporaries by going through slabs of the
+    fixed grid: the same bits for slabs of one slice, of 5 of 12 slices and of the whole, with and
+    without ``out``."""
+    displacement = random_displacement(NETWORK, 0.15, seed=1)
+    volume = (torch.from_numpy(smooth_volume((13, 17, 11), 3)) * 900 - 300).to(torch.int16)
+    if arrays == "numpy":
+        displacement, volume = displacement.numpy(), volume.numpy()
+    fixed_to_grid, grid_to_index, grid_to_physical, fixed_to_physical = (random_affine(seed) for seed in (2, 3, 6, 7))
+    shape = (12, 21, 18)
+
+    def outputs(slab_voxels, out):
+        image = resample.resampled_image(displacement, fixed_to_grid, shape, volume, grid_to_index, "linear",
+                                         out=None if out is None else out[0], slab_voxels=slab_voxels)
+        nearest = resample.resampled_image(displacement, fixed_to_grid, shape, volume, grid_to_index, "nearest",
+                                           slab_voxels=slab_voxels)
+        field = resample.displacement_field(displacement, fixed_to_grid, shape, grid_to_physical, fixed_to_physical,
+                                            out=None if out is None else out[1], first_z=3, slab_voxels=slab_voxels)
+        return [np.asarray(image), np.asarray(nearest), np.asarray(field)]
+
+    with ops.kernel_mode("torch"):
+        whole = outputs(2**22, None)
+        for slab_voxels in (1, 5 * 21 * 18):
+            for out in (None, (np.zeros(shape, np.int16), np.zeros((*shape, 3), np.float32))):
+                for got, expected in zip(outputs(slab_voxels, out), whole):
+                    np.testing.assert_array_equal(got, expected)
+    assert np.std(whole[0]) > 10 and np.abs(whole[2]).max() > 1.0
+
+
 @pytest.mark.parametrize("pixels", ["int16", pytest.param("uint16", marks=pytest.mark.skipif(
     not hasattr(torch, "uint16"), reason="torch < 2.3 has no uint16 tensors to compare with")), "float32"])
 def test_numpy_arrays_give_numpy_arrays_of_the_tensors_values(kernel, pixels):
