@@ -337,14 +337,10 @@ def _allocated_image(image_type, shape, reference, zeroed: bool = False):
     image = image_type.New()
     image.SetRegions([int(n) for n in reversed(tuple(shape))])
     image.Allocate(zeroed)
-    if isinstance(reference, ImageGrid):
-        image.SetSpacing(reference.spacing.tolist())
-        image.SetOrigin(reference.origin.tolist())
-        image.SetDirection(itk.matrix_from_array(np.ascontiguousarray(reference.direction)))
-    else:
-        image.SetSpacing(reference.GetSpacing())
-        image.SetOrigin(reference.GetOrigin())
-        image.SetDirection(reference.GetDirection())
+    grid = ImageGrid.of(reference)  # float64 numbers, as ITK holds them: the same grid exactly
+    image.SetSpacing(grid.spacing.tolist())
+    image.SetOrigin(grid.origin.tolist())
+    image.SetDirection(itk.matrix_from_array(np.ascontiguousarray(grid.direction)))
     return image
 
 
