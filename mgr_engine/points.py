@@ -1,5 +1,5 @@
 """Points through a registration's transform: landmarks in fixed space -> where they lie in moving
-space (mm), the target registration error's first half.
+space (mm), what a target registration error compares with the moving image's landmarks.
 
 A registration's transform maps a fixed-space point to its moving-space point (ITK's convention),
 so points go the way images do not: landmarks of the fixed image come out in the moving image.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +69,7 @@ def transform_points(transform, points) -> np.ndarray:
     from .resample import transformed_points
 
     points = as_points(points)
-    if isinstance(transform, (str, Path)):
+    if isinstance(transform, (str, os.PathLike)):
         transform = itk_io.read_transform(transform)
     grid = itk_io.grid_transform(transform)
     if grid is not None:
