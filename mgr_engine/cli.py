@@ -51,6 +51,9 @@ def _add_register(sub):
     p.add_argument("--loss_function_masking", action="store_true", help="compute the IO similarity inside the masks only")
     p.add_argument("--transform_out", required=True, help="output transform (.h5 or .tfm): fixed point -> moving point")
     p.add_argument("--warped_moving_out", help="output: the moving image resampled onto the fixed grid")
+    p.add_argument("--inverse_transform_out",
+                   help="output transform (.h5 or .tfm): moving point -> fixed point, the network's backward map "
+                        "(without IO one more forward pass); for moving-space landmarks or images into fixed space")
     p.add_argument("--io_iterations", type=_io_iterations, default=50, help="IO steps (default 50); 'None' disables IO")
     p.add_argument("--io_lr", type=float, default=2e-5, help="IO learning rate (default 2e-5)")
     p.add_argument("--io_sim", default="lncc", choices=["lncc", "lncc2", "mind"], help="IO similarity (default lncc)")
@@ -283,6 +286,7 @@ def run_register(args) -> None:
     if args.backend != "onnxruntime" and (args.onnx_model or args.onnx_providers):
         raise InvalidOptionError("--onnx_model/--onnx_providers need --backend onnxruntime")
     check_outputs([("--transform_out", args.transform_out, "transform"),
+                   ("--inverse_transform_out", args.inverse_transform_out, "transform"),
                    ("--warped_moving_out", args.warped_moving_out, "image"),
                    ("--displacement_field_out", args.displacement_field_out, "image"),
                    ("--jacobian_out", args.jacobian_out, "image")])
@@ -296,6 +300,8 @@ def run_register(args) -> None:
         masking=masking or "loss", ct_window=args.ct_window, quantile_range=args.quantile_range, seed=args.seed)
     # Compute every output before writing any, so a failure leaves nothing behind.
     outputs = [(args.transform_out, result.transform, itk_io.write_transform)]
+    if args.inverse_transform_out:
+        outputs.append((args.inverse_transform_out, result.inverse_transform, itk_io.write_transform))
     if args.warped_moving_out:
         outputs.append((args.warped_moving_out, result.warp(), itk_io.write_image))
     if args.displacement_field_out:
