@@ -229,11 +229,11 @@ def _add_transform_points(sub):
                        description="Map each point of a points file through a transform (register's "
                                    "--transform_out: fixed-space point -> moving-space point, mm), as ITK's "
                                    "TransformPoint does. The file is a table, one point per row: a header naming x, y, "
-                                   "z (or r, a, s) columns, or x, y, z first; comment lines start with #; 3D "
-                                   "Slicer's .fcsv and ANTs' CSV read as they are. The output keeps the file's layout, "
-                                   "other columns and coordinate system, with the moved coordinates.")
+                                   "z (or r, a, s) columns, or x, y, z first; comment lines start with #. 3D "
+                                   "Slicer's .mrk.json and .fcsv and ANTs' CSV read as they are. The output keeps the "
+                                   "file's layout, other columns and coordinate system, with the moved coordinates.")
     p.add_argument("--transform", required=True, help="transform file (.h5, .tfm)")
-    p.add_argument("--points", required=True, help="points file (.csv, .fcsv, .txt)")
+    p.add_argument("--points", required=True, help="points file (.csv, .txt, .fcsv, .mrk.json)")
     p.add_argument("--points_out", required=True, help="output points file, in the input's layout")
     p.add_argument("--coordinate_system", choices=["LPS", "RAS"],
                    help="coordinates of a file that does not declare its own (default LPS, ITK's and the images' "

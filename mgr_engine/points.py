@@ -16,16 +16,22 @@ text tables, one point per row, columns separated by commas, semicolons or blank
   ``0`` for RAS and ``1`` for LPS in older files);
 - the other columns (labels, descriptions) and the comments are written back unchanged, only
   the coordinates replaced, in the file's own coordinate system.
+
+3D Slicer's markups JSON (``.mrk.json``, its default since 4.11) is read too: the ``position``
+of every control point of its markups, in each markup's ``coordinateSystem``; written back with
+the positions replaced and everything else kept.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -80,36 +86,21 @@ def transform_points(transform, points) -> np.ndarray:
 
 @dataclass
 class PointsFile:
-    """A points file as read (:func:`read_points`): ``points`` (N, 3) in LPS mm, and the file's
-    layout, for :func:`write_points` to write other points in it.
-
-    ``coordinate_system``: the file's (``"LPS"`` or ``"RAS"``); ``lines``: each line a string
-    (kept as it was: comments, the header) or the list of a point row's fields; ``columns``: the
-    indices of the x, y, z fields; ``delimiter``: ``None`` for blanks."""
+    """A points file as read (:func:`read_points`): ``points`` (N, 3) in LPS mm, the file's
+    ``coordinate_system`` (``"LPS"`` or ``"RAS"``; in a markups JSON each markup keeps its own),
+    and its layout, for :func:`write_points` to write other points in it."""
 
     points: np.ndarray
     coordinate_system: str
-    lines: list
-    columns: tuple
-    delimiter: str | None
+    _signs: np.ndarray  # (N, 3): each point from LPS to the file's coordinates
+    _render: Callable[[np.ndarray], str]  # the file's text with other points, in the file's coordinates
 
     def text_with(self, points: np.ndarray) -> str:
         """The file's text with ``points`` (N, 3, LPS mm) in place of its own."""
         points = as_points(points)
         if len(points) != len(self.points):
             raise InvalidPointsError(f"{len(points)} points for a file of {len(self.points)}")
-        if self.coordinate_system == "RAS":
-            points = points * _RAS_TO_LPS
-        rows, out = iter(points), []
-        for line in self.lines:
-            if isinstance(line, str):
-                out.append(line)
-                continue
-            fields = list(line)
-            for column, value in zip(self.columns, next(rows)):
-                fields[column] = repr(float(value))  # the shortest text that reads back as the same float
-            out.append(_row(fields, self.delimiter))
-        return "\n".join(out) + "\n"
+        return self._render(points * self._signs)
 
 
 def read_points(path, coordinate_system: str | None = None) -> PointsFile:
@@ -127,6 +118,13 @@ def read_points(path, coordinate_system: str | None = None) -> PointsFile:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise ImageReadError(f"cannot read points file {str(path)!r} ({exc}); give a text table of x, y, z.") from exc
+    if path.suffix.lower() == ".json" or text.lstrip().startswith("{"):
+        return _read_markups_json(path, text, coordinate_system)
+    return _read_table(path, text, coordinate_system)
+
+
+def _read_table(path: Path, text: str, asked) -> PointsFile:
+    """A text table of points (see the module's description)."""
     declared, names, lines, delimiter, rows = None, None, [], None, []
     table_started = False
     for number, line in enumerate(text.splitlines(), start=1):
@@ -150,7 +148,7 @@ def read_points(path, coordinate_system: str | None = None) -> PointsFile:
         lines.append(fields)
         rows.append((number, fields))
     columns, named_system = _coordinate_columns(names, path)
-    system = _file_system(path, declared, named_system, coordinate_system)
+    system = _file_system(path, declared, named_system, asked)
     if not rows:
         raise InvalidPointsError(f"points file {str(path)!r} holds no points; one row per point, columns x, y, z.")
     points = np.empty((len(rows), 3), dtype=np.float64)
@@ -160,9 +158,63 @@ def read_points(path, coordinate_system: str | None = None) -> PointsFile:
         except (IndexError, ValueError):
             raise InvalidPointsError(f"{path.name}, line {number}: no x, y, z numbers in columns "
                                      f"{[c + 1 for c in columns]} of {fields}; one point per row.") from None
-    if system == "RAS":
-        points *= _RAS_TO_LPS
-    return PointsFile(as_points(points, f"points of {path.name}"), system, lines, columns, delimiter)
+
+    def render(coordinates: np.ndarray) -> str:
+        rows_out, out = iter(coordinates), []
+        for line in lines:
+            if isinstance(line, str):  # a comment, the header
+                out.append(line)
+                continue
+            fields = list(line)
+            for column, value in zip(columns, next(rows_out)):
+                fields[column] = repr(float(value))  # the shortest text that reads back as the same float
+            out.append(_row(fields, delimiter))
+        return "\n".join(out) + "\n"
+
+    signs = np.tile(_RAS_TO_LPS if system == "RAS" else np.ones(3), (len(points), 1))
+    return PointsFile(as_points(points * signs, f"points of {path.name}"), system, signs, render)
+
+
+def _read_markups_json(path: Path, text: str, asked) -> PointsFile:
+    """3D Slicer's markups file (``.mrk.json``): the control points of its markups, each markup in
+    its ``coordinateSystem`` (where it names none: the one asked for, else LPS, the format's
+    default)."""
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidPointsError(f"points file {str(path)!r} is not valid JSON ({exc}).") from None
+    markups = document.get("markups") if isinstance(document, dict) else None
+    if not isinstance(markups, list):
+        raise InvalidPointsError(f"points file {str(path)!r} holds no \"markups\" list; give a 3D Slicer markups "
+                                 "file (.mrk.json) or a text table of x, y, z.")
+    control_points, systems, positions = [], [], []
+    for markup in markups:
+        if not isinstance(markup, dict):
+            raise InvalidPointsError(f"points file {str(path)!r}: a markup is {markup!r}, not an object.")
+        declared = str(markup["coordinateSystem"]).upper() if "coordinateSystem" in markup else None
+        system = _file_system(path, declared, None, asked)
+        for point in markup.get("controlPoints") or []:
+            position = point.get("position") if isinstance(point, dict) else None
+            if not isinstance(position, list) or len(position) != 3:
+                raise InvalidPointsError(f"points file {str(path)!r}: control point {point!r} has no position [x, y, z].")
+            control_points.append(point)
+            systems.append(system)
+            positions.append(position)
+    if not control_points:
+        raise InvalidPointsError(f"points file {str(path)!r} holds no control points.")
+    signs = np.array([_RAS_TO_LPS if system == "RAS" else np.ones(3) for system in systems])
+    points = as_points(np.asarray(positions, dtype=np.float64) * signs, f"points of {path.name}")
+
+    def render(coordinates: np.ndarray) -> str:
+        for point, position in zip(control_points, coordinates):
+            point["position"] = [float(value) for value in position]
+        try:
+            return json.dumps(document, indent=4) + "\n"
+        finally:
+            for point, position in zip(control_points, positions):
+                point["position"] = position  # the document as read, for the next call
+
+    return PointsFile(points, systems[0], signs, render)
 
 
 def _fields(line: str, delimiter) -> list:

@@ -1,5 +1,7 @@
 """Points through a transform (mgr_engine.points): against ITK's TransformPoint, and points files."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -124,6 +126,65 @@ def test_a_written_file_keeps_its_layout_and_coordinate_system(tmp_path):
     points.write_points(moved, tmp_path / "plain.csv")
     assert (tmp_path / "plain.csv").read_text().splitlines()[0] == "x,y,z"
     np.testing.assert_array_equal(points.read_points(tmp_path / "plain.csv").points, moved)
+
+
+def markups_json(*markups):
+    """A 3D Slicer markups file (the layout Slicer 5 writes) of ``(coordinate system or None,
+    positions)`` markups."""
+    document = {"@schema": "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/"
+                           "Resources/Schema/markups-schema-v1.0.3.json#", "markups": []}
+    for system, positions in markups:
+        markup = {"type": "Fiducial", "coordinateUnits": "mm",
+                  "controlPoints": [{"id": str(i + 1), "label": f"F-{i + 1}", "position": list(position),
+                                     "orientation": [-1.0, -0.0, -0.0, -0.0, -1.0, -0.0, 0.0, 0.0, 1.0],
+                                     "selected": True, "locked": False, "visibility": True,
+                                     "positionStatus": "defined"} for i, position in enumerate(positions)],
+                  "display": {"visibility": True, "color": [0.4, 1.0, 1.0]}}
+        if system:
+            markup["coordinateSystem"] = system
+        document["markups"].append(markup)
+    return json.dumps(document, indent=4)
+
+
+def test_slicers_markups_json_is_read_and_written_in_its_own_coordinates(tmp_path):
+    source = write(tmp_path / "F.mrk.json", markups_json(("RAS", [[-1.5, 2.0, 3.0], [-4.0, -5.0, 60.0]]),
+                                                         ("LPS", [[7.0, 8.0, 9.0]])))
+    read = points.read_points(source)
+    np.testing.assert_array_equal(read.points, [[1.5, -2.0, 3.0], [4.0, 5.0, 60.0], [7.0, 8.0, 9.0]])
+    assert read.coordinate_system == "RAS"
+    moved = read.points + [[0.5, 0.25, 1.0]]
+    points.write_points(moved, tmp_path / "out.mrk.json", like=read)
+    written, original = json.loads((tmp_path / "out.mrk.json").read_text()), json.loads(source.read_text())
+    positions = [point.pop("position") for markup in written["markups"] for point in markup["controlPoints"]]
+    assert positions == [[-2.0, 1.75, 4.0], [-4.5, -5.25, 61.0], [7.5, 8.25, 10.0]]  # each markup in its own system
+    for markup in original["markups"]:
+        for point in markup["controlPoints"]:
+            del point["position"]
+    assert written == original  # labels, orientation, display: kept
+    np.testing.assert_array_equal(points.read_points(tmp_path / "out.mrk.json").points, moved)
+    points.write_points(moved, tmp_path / "again.mrk.json", like=read)  # the layout is reusable
+    assert (tmp_path / "again.mrk.json").read_text() == (tmp_path / "out.mrk.json").read_text()
+
+
+def test_a_markup_without_a_coordinate_system_takes_the_one_asked_for(tmp_path):
+    undeclared = write(tmp_path / "u.mrk.json", markups_json((None, [[1.0, 2.0, 3.0]])))
+    np.testing.assert_array_equal(points.read_points(undeclared).points, [[1.0, 2.0, 3.0]])  # LPS, the default
+    np.testing.assert_array_equal(points.read_points(undeclared, "RAS").points, [[-1.0, -2.0, 3.0]])
+    with pytest.raises(InvalidOptionError, match="declares RAS"):
+        points.read_points(write(tmp_path / "d.mrk.json", markups_json(("RAS", [[1.0, 2.0, 3.0]]))), "LPS")
+
+
+@pytest.mark.parametrize("text, match", [
+    ("{not json", "not valid JSON"),
+    ('{"markups": 3}', "no \"markups\" list"),
+    (markups_json(("RAS", [])), "no control points"),
+    (markups_json(("IJK", [[1.0, 2.0, 3.0]])), "declares coordinate system 'IJK'"),
+    (markups_json(("LPS", [[1.0, 2.0]])), "has no position"),
+    (markups_json(("LPS", [[1.0, float("nan"), 2.0]])), "not finite"),
+])
+def test_unreadable_markups_files_are_a_typed_error(tmp_path, text, match):
+    with pytest.raises(InvalidPointsError, match=match):
+        points.read_points(write(tmp_path / "p.mrk.json", text))
 
 
 def test_the_coordinate_system_asked_for_applies_to_files_that_declare_none(tmp_path):
