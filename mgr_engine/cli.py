@@ -238,6 +238,10 @@ def _add_transform_points(sub):
     p.add_argument("--coordinate_system", choices=["LPS", "RAS"],
                    help="coordinates of a file that does not declare its own (default LPS, ITK's and the images' "
                         "origins'; 3D Slicer uses RAS)")
+    p.add_argument("--target_points",
+                   help="the moving image's landmarks, row for row: logs the target registration error before and "
+                        "after (mm)")
+    p.add_argument("--tre_out", help="with --target_points: a CSV of each landmark's error before and after (mm)")
     p.set_defaults(run=run_transform_points)
 
 
@@ -370,14 +374,32 @@ def run_jacobian(args) -> None:
 
 
 def run_transform_points(args) -> None:
+    import numpy as np
+
     from . import itk_io
-    from .points import read_points, transform_points, write_points
+    from .points import landmark_distances, read_points, transform_points, write_text
 
     itk_io.keep_itk_from_importing_torch()  # as in run_warp: numpy and ITK's transform only
-    check_outputs([("--points_out", args.points_out, "points")])
+    if args.tre_out and not args.target_points:
+        raise InvalidOptionError("--tre_out needs --target_points (the moving image's landmarks)")
+    check_outputs([("--points_out", args.points_out, "points"), ("--tre_out", args.tre_out, "points")])
     points_file = read_points(args.points, args.coordinate_system)
+    targets = None
+    if args.target_points:
+        targets = read_points(args.target_points, args.coordinate_system).points
+        before = landmark_distances(points_file.points, targets)  # checks the counts before the work
     moved = transform_points(itk_io.read_transform(args.transform), points_file.points)
-    write_points(moved, args.points_out, like=points_file)
+    outputs = [(args.points_out, points_file.text_with(moved))]
+    if targets is not None:
+        after = landmark_distances(moved, targets)
+        for name, errors in (("before registration", before), ("after registration", after)):
+            log.info("target registration error %s over %d landmarks: mean %.2f mm (SD %.2f), median %.2f, max %.2f",
+                     name, len(errors), errors.mean(), errors.std(), np.median(errors), errors.max())
+        if args.tre_out:
+            outputs.append((args.tre_out, "landmark,before_mm,after_mm\n" + "".join(
+                f"{i},{b!r},{a!r}\n" for i, (b, a) in enumerate(zip(before.tolist(), after.tolist())))))
+    for path, text in outputs:  # computed first, then written, each atomically
+        write_text(text, path)
     log.info("moved %d points into %s", len(moved), args.points_out)
 
 

@@ -84,6 +84,17 @@ def transform_points(transform, points) -> np.ndarray:
                     dtype=np.float64).reshape(-1, 3)
 
 
+def landmark_distances(points, targets) -> np.ndarray:
+    """The (N,) distances (mm) between corresponding rows of two (N, 3) point sets: with the
+    fixed landmarks moved by a registration's transform and the moving image's landmarks, the
+    target registration error of each."""
+    points, targets = as_points(points), as_points(targets, "target points")
+    if len(points) != len(targets):
+        raise InvalidPointsError(f"{len(points)} points against {len(targets)} target points; the landmarks "
+                                 "correspond row by row.")
+    return np.linalg.norm(points - targets, axis=1)
+
+
 @dataclass
 class PointsFile:
     """A points file as read (:func:`read_points`): ``points`` (N, 3) in LPS mm, the file's
@@ -271,13 +282,18 @@ def _file_system(path: Path, declared, named, asked) -> str:
 def write_points(points, path, like: PointsFile | None = None) -> None:
     """Write (N, 3) ``points`` (LPS mm) atomically: in ``like``'s layout and coordinate system
     (its other columns and comments kept), else as a CSV with the header ``x,y,z`` (LPS)."""
-    from .itk_io import atomic_output, check_output_path
-
-    check_output_path(path, "points")
     points = as_points(points)
     if like is None:
         text = "x,y,z\n" + "".join(",".join(repr(float(c)) for c in point) + "\n" for point in points)
     else:
         text = like.text_with(points)
+    write_text(text, path)
+
+
+def write_text(text: str, path) -> None:
+    """Write a points file's ``text`` atomically (see :func:`mgr_engine.itk_io.atomic_output`)."""
+    from .itk_io import atomic_output, check_output_path
+
+    check_output_path(path, "points")
     with atomic_output(path) as staged:
         Path(staged).write_text(text, encoding="utf-8")

@@ -244,6 +244,33 @@ def test_the_command_moves_a_files_points_as_the_result_does(registration, tmp_p
         points.write_points(at, tmp_path)  # a folder
 
 
+def test_the_command_reports_the_target_registration_error(registration, tmp_path, caplog):
+    transform = tmp_path / "transform.h5"
+    registration.save(transform)
+    at = points_around(registration.fixed, 12, seed=6, margin=0.0)
+    offsets = np.random.default_rng(7).normal(size=(12, 3))
+    targets = registration.transform_points(at) + offsets  # the moving image's landmarks, a little off
+    points.write_points(at, tmp_path / "fixed.csv")
+    points.write_points(targets, tmp_path / "moving.csv")
+    command = ["transform-points", "--transform", str(transform), "--points", str(tmp_path / "fixed.csv"),
+               "--points_out", str(tmp_path / "moved.csv"), "--target_points", str(tmp_path / "moving.csv")]
+    with caplog.at_level("INFO", logger="mgr_engine"):
+        assert main([*command, "--tre_out", str(tmp_path / "tre.csv")]) == 0
+    table = np.loadtxt(tmp_path / "tre.csv", delimiter=",", skiprows=1)
+    np.testing.assert_allclose(table[:, 1], np.linalg.norm(at - targets, axis=1), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(table[:, 2], np.linalg.norm(offsets, axis=1), rtol=0, atol=1e-9)
+    assert f"after registration over 12 landmarks: mean {np.linalg.norm(offsets, axis=1).mean():.2f} mm" in caplog.text
+    # refused before any output is written: counts that differ, --tre_out alone
+    points.write_points(targets[:11], tmp_path / "eleven.csv")
+    (tmp_path / "moved.csv").unlink()
+    for bad in ([*command[:-1], str(tmp_path / "eleven.csv"), "--tre_out", str(tmp_path / "t2.csv")],
+                [*command[:-2], "--tre_out", str(tmp_path / "t2.csv")]):
+        assert main(bad) == 2
+        assert not (tmp_path / "moved.csv").exists() and not (tmp_path / "t2.csv").exists()
+    with pytest.raises(InvalidPointsError, match="11 target points"):
+        points.landmark_distances(at, targets[:11])
+
+
 def test_numpy_evaluation_equals_the_transform_of_the_maps_grid():
     """:func:`resample.transformed_points` with identity affines is the map's displacement,
     interpolated: at grid nodes exactly the node's value."""
