@@ -262,9 +262,10 @@ def displacement_field(displacement, fixed_to_grid, fixed_shape, grid_to_physica
 
 def _slabs(shape, slab_voxels: int):
     """(start, stop) of the slabs of about ``slab_voxels`` voxels (whole slices) of a (Z, Y, X)
-    grid. The PyTorch paths compute each voxel on its own, in float64 temporaries of about 280
-    bytes a voxel: 21 GiB for a whole 512x512x300 image, 1.1 GiB for a slab of 4 M voxels. The
-    results are the same bits slab by slab."""
+    grid, through which the PyTorch paths go to bound their temporaries: the same bits slab by
+    slab. :func:`resampled_image` and :func:`displacement_field` compute each voxel on its own,
+    in float64 temporaries of about 280 bytes a voxel (21 GiB for a whole 512x512x300 image, 1.1
+    GiB for a slab of 4 M voxels)."""
     slices = max(1, slab_voxels // max(1, shape[1] * shape[2]))
     return [(start, min(start + slices, shape[0])) for start in range(0, shape[0], slices)]
 
@@ -307,12 +308,13 @@ def jacobian_determinant(displacement, spacing, direction=None, out=None, slab_v
 
     field = _tensor(displacement)
     nz = field.shape[0]
-    determinant = torch.empty(field.shape[:3], dtype=torch.float32, device=field.device)
+    # out itself where given, as in resampled_image
+    result = _tensor(out) if out is not None else torch.empty(field.shape[:3], dtype=torch.float32, device=field.device)
     for start, stop in _slabs(field.shape[:3], slab_voxels):
         first, end = max(start - 1, 0), min(stop + 1, nz)
         slab = _determinant_of_slab(field[first:end].permute(3, 0, 1, 2).float(), weights, inverse)
-        determinant[start:stop] = slab[start - first:stop - first]
-    return _returned(determinant, displacement, out)
+        result[start:stop] = slab[start - first:stop - first]
+    return out if out is not None else _returned(result, displacement, None)
 
 
 def _determinant_of_slab(u: torch.Tensor, weights: np.ndarray, inverse) -> torch.Tensor:

@@ -66,7 +66,10 @@ def test_the_tensor_form_slab_by_slab_is_the_whole_fields(physical):
             assert torch.equal(resample.jacobian_determinant(field, SPACINGS[1], direction, slab_voxels=slab_voxels),
                                whole), slab_voxels
         from_numpy = resample.jacobian_determinant(field.numpy(), SPACINGS[1], direction, slab_voxels=1)
+        out = np.full((13, 10, 12), np.nan, np.float32)
+        assert resample.jacobian_determinant(field, SPACINGS[1], direction, out=out, slab_voxels=4 * 10 * 12) is out
     assert isinstance(from_numpy, np.ndarray) and np.array_equal(from_numpy, whole.numpy())
+    assert np.array_equal(out, whole.numpy())
     assert whole.min() < 0 < 2 < whole.max(), "the test wants folds and expansions"
 
 
