@@ -214,7 +214,7 @@ def _read_markups_json(path: Path, text: str, asked) -> PointsFile:
     if not control_points:
         raise InvalidPointsError(f"points file {str(path)!r} holds no control points.")
     signs = np.array([_RAS_TO_LPS if system == "RAS" else np.ones(3) for system in systems])
-    points = as_points(np.asarray(positions, dtype=np.float64) * signs, f"points of {path.name}")
+    points = as_points(positions, f"points of {path.name}") * signs
 
     def render(coordinates: np.ndarray) -> str:
         for point, position in zip(control_points, coordinates):

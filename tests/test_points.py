@@ -181,6 +181,7 @@ def test_a_markup_without_a_coordinate_system_takes_the_one_asked_for(tmp_path):
     (markups_json(("IJK", [[1.0, 2.0, 3.0]])), "declares coordinate system 'IJK'"),
     (markups_json(("LPS", [[1.0, 2.0]])), "has no position"),
     (markups_json(("LPS", [[1.0, float("nan"), 2.0]])), "not finite"),
+    (markups_json(("LPS", [["1", "two", "3"]])), "not numbers"),
 ])
 def test_unreadable_markups_files_are_a_typed_error(tmp_path, text, match):
     with pytest.raises(InvalidPointsError, match=match):
