@@ -184,6 +184,11 @@ def test_resampling_on_the_gpu_matches_the_cpu():
                                        interpolation)
         assert gpu.is_cuda
         torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-9, atol=1e-9)
+        # slabs of 7 slices on the GPU, written into a host tensor: the whole's bits
+        out = torch.empty(fixed_shape)
+        resample.resampled_image(displacement.cuda(), fixed_to_grid, fixed_shape, volume.cuda(), grid_to_index,
+                                 interpolation, out=out, slab_voxels=7 * 120 * 96)
+        assert torch.equal(out, gpu.cpu())
     cpu = resample.displacement_field(displacement, fixed_to_grid, fixed_shape, grid_to_index, np.eye(3, 4))
     gpu = resample.displacement_field(displacement.cuda(), fixed_to_grid, fixed_shape, grid_to_index, np.eye(3, 4))
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-6, atol=1e-5)
@@ -192,8 +197,12 @@ def test_resampling_on_the_gpu_matches_the_cpu():
     assert torch.equal(slab, gpu[40:70])
     spacing = (1.2, 1.0, 0.9)
     for direction in (None, rotation(0.3, -0.2, 0.5)):  # along index axes, and physical
-        torch.testing.assert_close(resample.jacobian_determinant(gpu, spacing, direction).cpu(),
-                                   resample.jacobian_determinant(cpu, spacing, direction), rtol=1e-5, atol=1e-5)
+        on_gpu = resample.jacobian_determinant(gpu, spacing, direction)
+        torch.testing.assert_close(on_gpu.cpu(), resample.jacobian_determinant(cpu, spacing, direction),
+                                   rtol=1e-5, atol=1e-5)
+        out = torch.empty(fixed_shape)
+        resample.jacobian_determinant(gpu, spacing, direction, out=out, slab_voxels=9 * 120 * 96)
+        assert torch.equal(out, on_gpu.cpu())
 
 
 # ---------------------------------------------------------------- against ITK
