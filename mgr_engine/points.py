@@ -220,7 +220,7 @@ def _read_markups_json(path: Path, text: str, asked) -> PointsFile:
         for point, position in zip(control_points, coordinates):
             point["position"] = [float(value) for value in position]
         try:
-            return json.dumps(document, indent=4) + "\n"
+            return json.dumps(document, indent=4, ensure_ascii=False) + "\n"  # labels as written: the file is UTF-8
         finally:
             for point, position in zip(control_points, positions):
                 point["position"] = position  # the document as read, for the next call

@@ -90,7 +90,7 @@ def test_points_that_are_not_n_by_3_finite_numbers_are_a_typed_error(bad):
 
 
 def write(path, text):
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
     return path
 
 
@@ -148,7 +148,7 @@ def markups_json(*markups):
 
 def test_slicers_markups_json_is_read_and_written_in_its_own_coordinates(tmp_path):
     source = write(tmp_path / "F.mrk.json", markups_json(("RAS", [[-1.5, 2.0, 3.0], [-4.0, -5.0, 60.0]]),
-                                                         ("LPS", [[7.0, 8.0, 9.0]])))
+                                                         ("LPS", [[7.0, 8.0, 9.0]])).replace("F-1", "Schädel-1"))
     read = points.read_points(source)
     np.testing.assert_array_equal(read.points, [[1.5, -2.0, 3.0], [4.0, 5.0, 60.0], [7.0, 8.0, 9.0]])
     assert read.coordinate_system == "RAS"
@@ -161,6 +161,7 @@ def test_slicers_markups_json_is_read_and_written_in_its_own_coordinates(tmp_pat
         for point in markup["controlPoints"]:
             del point["position"]
     assert written == original  # labels, orientation, display: kept
+    assert "Schädel-1" in (tmp_path / "out.mrk.json").read_text(encoding="utf-8")  # not escaped
     np.testing.assert_array_equal(points.read_points(tmp_path / "out.mrk.json").points, moved)
     points.write_points(moved, tmp_path / "again.mrk.json", like=read)  # the layout is reusable
     assert (tmp_path / "again.mrk.json").read_text() == (tmp_path / "out.mrk.json").read_text()
