@@ -1159,6 +1159,9 @@ def read_transform(path):
     gives it; :class:`ImageReadError` when it cannot be read."""
     import itk
 
+    if not Path(path).is_file():  # else ITK's HDF5 library prints a page of diagnostics first
+        what = "is a directory" if Path(path).is_dir() else "does not exist"
+        raise ImageReadError(f"transform {str(path)!r} {what}; give the path of an ITK .h5/.tfm file.")
     reader = _transform_file_class("Reader")
     try:
         if reader is None:

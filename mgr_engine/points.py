@@ -124,7 +124,8 @@ def read_points(path, coordinate_system: str | None = None) -> PointsFile:
         raise InvalidOptionError(f"unknown coordinate system {coordinate_system!r}: use 'LPS' or 'RAS'")
     path = Path(path)
     if not path.is_file():
-        raise ImageReadError(f"points file {str(path)!r} does not exist; check the path.")
+        what = "is a directory; give a file" if path.is_dir() else "does not exist; check the path"
+        raise ImageReadError(f"points file {str(path)!r} {what}.")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:

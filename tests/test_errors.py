@@ -435,6 +435,27 @@ def test_cli_warp_and_jacobian_refuse_unwritable_outputs_before_reading(cli_file
     assert files_in(out) == []
 
 
+@pytest.mark.parametrize("given", ["missing", "directory"])
+def test_a_transform_that_is_not_a_file_is_a_typed_error_without_itks_diagnostics(cli_files, capfd, given):
+    """ITK's HDF5 library printed a page of diagnostics, then a message about IO objects."""
+    inputs, out = cli_files
+    transform = str(inputs / "nothing.h5") if given == "missing" else str(inputs)
+    (out / "p.csv").write_text("1,2,3\n")
+    fixed = str(inputs / "fixed.nii.gz")
+    commands = [["warp", "--fixed", fixed, "--moving", fixed, "--transform", transform, "--linear",
+                 "--warped_moving_out", str(out / "w.nii.gz")],
+                ["jacobian", "--fixed", fixed, "--transform", transform, "--jacob", str(out / "j.nii.gz")],
+                ["transform-points", "--transform", transform, "--points", str(out / "p.csv"),
+                 "--points_out", str(out / "moved.csv")]]
+    for command in commands:
+        assert cli.main(command) == 2
+        err = capfd.readouterr().err
+        assert f"mgr-engine {command[0]}: error: transform {transform!r} " in err, err
+        assert ("does not exist" if given == "missing" else "is a directory") in err
+        assert "HDF5-DIAG" not in err
+    assert sorted(f.name for f in out.iterdir()) == ["p.csv"]
+
+
 def test_an_image_itk_cannot_write_is_an_output_write_error(tmp_path):
     """Past the extension check (ITK has a PNG writer), ITK's own refusal comes as a typed error
     with its reason, and nothing is left behind."""
