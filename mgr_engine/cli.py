@@ -95,11 +95,16 @@ def _add_register(sub):
 def _add_register_many(sub):
     p = sub.add_parser("register-many", help="register the pairs listed in a CSV file, reading ahead while the network runs",
                        description="Register every pair of a CSV file with one resident engine (mgr_engine.register_many): "
-                                   "columns fixed, moving, and optionally name, fixed_mask, moving_mask (relative paths "
-                                   "are taken from the CSV file's directory). Writes OUT_DIR/NAME_transform.h5 per pair "
-                                   "(NAME: the name column, else pair_<row>), each atomically, as soon as it is "
-                                   "computed. A bad pair stops the run with its error; the pairs before it are written.")
-    p.add_argument("--pairs", required=True, help="CSV file with a header row: fixed,moving[,name,fixed_mask,moving_mask]")
+                                   "columns fixed, moving, and optionally name, fixed_mask, moving_mask, fixed_points, "
+                                   "moving_points (relative paths are taken from the CSV file's directory). Writes "
+                                   "OUT_DIR/NAME_transform.h5 per pair (NAME: the name column, else pair_<row>), each "
+                                   "atomically, as soon as it is computed. A pair's fixed_points (landmarks, see "
+                                   "transform-points) are moved into OUT_DIR/NAME_<their file name>; with its "
+                                   "moving_points, the target registration error goes into OUT_DIR/tre.csv, one row "
+                                   "per pair, written at the end. A bad pair stops the run with its error; the pairs "
+                                   "before it are written.")
+    p.add_argument("--pairs", required=True,
+                   help="CSV file with a header row: fixed,moving[,name,fixed_mask,moving_mask,fixed_points,moving_points]")
     p.add_argument("--out_dir", required=True, help="directory of the outputs (created if missing)")
     p.add_argument("--fixed_modality", default="mri", choices=["ct", "mri"])
     p.add_argument("--moving_modality", default="mri", choices=["ct", "mri"])
@@ -136,34 +141,67 @@ def _read_pairs_csv(path):
     except OSError as exc:
         raise ImageReadError(f"cannot read the pairs file {str(path)!r} ({exc.strerror or exc}); check the path.") from exc
     columns = set(rows[0]) if rows else set()
-    if not {"fixed", "moving"} <= columns or columns - {"fixed", "moving", "name", "fixed_mask", "moving_mask"}:
-        raise InvalidOptionError(f"{str(path)!r} needs a header row with the columns fixed and moving (optionally name, "
-                                 f"fixed_mask, moving_mask) and at least one pair; found {sorted(columns) or 'no rows'}")
+    if not {"fixed", "moving"} <= columns or columns - {"fixed", "moving", *_OPTIONAL_PAIR_COLUMNS}:
+        raise InvalidOptionError(f"{str(path)!r} needs a header row with the columns fixed and moving (optionally "
+                                 f"{', '.join(_OPTIONAL_PAIR_COLUMNS)}) and at least one pair; found "
+                                 f"{sorted(columns) or 'no rows'}")
 
     def resolve(value):
         return None if not value else str(path.parent / value)
 
-    names, pairs = [], []
+    names, pairs, landmarks = [], [], []
     for index, row in enumerate(rows):
         names.append(row.get("name") or f"pair_{index:04d}")
         pairs.append({key: resolve(row.get(key)) for key in ("fixed", "moving", "fixed_mask", "moving_mask")})
+        landmarks.append((resolve(row.get("fixed_points")), resolve(row.get("moving_points"))))
+        if landmarks[-1][1] and not landmarks[-1][0]:
+            raise InvalidOptionError(f"{str(path)!r}, pair {names[-1]!r}: moving_points without fixed_points; the "
+                                     "error compares the fixed landmarks, moved, with the moving ones.")
     bad = [n for n in names if Path(n).name != n or n in (".", "..")]
     if bad:
         raise InvalidOptionError(f"{str(path)!r}: a name must be a plain file name, without directories: {bad[0]!r}")
     if len(set(names)) != len(names):
         raise InvalidOptionError(f"{str(path)!r}: the name column repeats a name; outputs would overwrite each other")
-    return names, pairs
+    return names, pairs, landmarks
+
+
+_OPTIONAL_PAIR_COLUMNS = ("name", "fixed_mask", "moving_mask", "fixed_points", "moving_points")
+
+
+def _read_landmarks(names, landmarks):
+    """Each pair's ``(points file, target points, name of the output)`` (None where the CSV names
+    none), read before any registration so that a bad file stops the run first; errors name the
+    pair. The moved points go to ``NAME_<the points file's name>``."""
+    from pathlib import Path
+
+    from .errors import MgrEngineError
+    from .points import landmark_distances, read_points
+
+    read = []
+    for name, (fixed_points, moving_points) in zip(names, landmarks):
+        try:
+            points_file = read_points(fixed_points) if fixed_points else None
+            targets = read_points(moving_points).points if moving_points else None
+            if targets is not None:
+                landmark_distances(points_file.points, targets)  # the counts
+        except MgrEngineError as exc:
+            raise type(exc)(f"pair {name!r}: {exc}") from exc
+        read.append((points_file, targets, fixed_points and f"{name}_{Path(fixed_points).name}"))
+    return read
 
 
 def run_register_many(args) -> None:
     from pathlib import Path
 
+    import numpy as np
     from tqdm.auto import tqdm
 
     from . import itk_io
     from .engine import Engine
+    from .points import landmark_distances, write_text
 
-    names, pairs = _read_pairs_csv(args.pairs)
+    names, pairs, landmarks = _read_pairs_csv(args.pairs)
+    landmarks = _read_landmarks(names, landmarks)
     out_dir = Path(args.out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -175,11 +213,28 @@ def run_register_many(args) -> None:
         pairs, batch_size=args.batch_size, prefetch=args.prefetch, fixed_modality=args.fixed_modality,
         moving_modality=args.moving_modality, io_iterations=args.io_iterations, io_sim=args.io_sim, io_lr=args.io_lr,
         masking=args.masking, progress=False, seed=args.seed)
-    for name, result in tqdm(zip(names, results), total=len(names), desc="register-many", unit="pair"):
+    errors_by_pair = []  # (name, before, after): the target registration errors (mm) of each landmark
+    for name, result, (points_file, targets, points_out) in tqdm(zip(names, results, landmarks), total=len(names),
+                                                                 desc="register-many", unit="pair"):
         warped = result.warp() if args.warped else None  # computed before anything of the pair is written
+        moved = result.transform_points(points_file.points) if points_file is not None else None
         itk_io.write_transform(result.transform, out_dir / f"{name}_transform.h5")
         if warped is not None:
             itk_io.write_image(warped, out_dir / f"{name}_warped.nii.gz")
+        if moved is not None:
+            write_text(points_file.text_with(moved), out_dir / points_out)
+        if targets is not None:
+            errors_by_pair.append((name, landmark_distances(points_file.points, targets),
+                                   landmark_distances(moved, targets)))
+    if errors_by_pair:
+        write_text("name,landmarks,mean_before_mm,mean_after_mm,median_after_mm,max_after_mm\n" + "".join(
+            f"{name},{len(after)}," + ",".join(repr(float(v)) for v in (before.mean(), after.mean(), np.median(after),
+                                                                        after.max())) + "\n"
+            for name, before, after in errors_by_pair), out_dir / "tre.csv")
+        before, after = (np.concatenate([errors[i] for errors in errors_by_pair]) for i in (1, 2))
+        log.info("target registration error over %d landmarks of %d pairs: mean %.2f mm before, %.2f mm after "
+                 "(median %.2f, max %.2f)", len(after), len(errors_by_pair), before.mean(), after.mean(),
+                 np.median(after), after.max())
     log.info("wrote the outputs of %d pairs to %s", len(names), out_dir)
 
 

@@ -2,6 +2,7 @@
 gives what register() gives pair by pair, in order; errors name the pair; leaving early stops
 the reading thread."""
 
+import re
 import threading
 import time
 
@@ -234,6 +235,54 @@ def test_cli_stops_at_a_bad_pair_with_the_pairs_before_it_written(tmp_path, caps
     assert cli.main(["-q", "register-many", "--pairs", str(csv_path), "--out_dir", str(out), "--model", "compact"]) == 2
     assert "pair 1:" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["a_transform.h5"]
+
+
+def test_cli_moves_each_pairs_landmarks_and_tabulates_the_error(tmp_path):
+    from mgr_engine import cli, points
+
+    data = dict(zip(("a", "b"), pairs(2, start=180)))
+    csv_path = write_csv(tmp_path, data)
+    rng = np.random.default_rng(3)
+    targets = {}
+    for name in data:
+        at = rng.uniform(3.0, 25.0, (6, 3))  # mm, inside the fixed images
+        points.write_points(at, tmp_path / f"{name}_fixed.csv")
+        targets[name] = at + rng.normal(size=(6, 3))  # stand-ins for the moving image's landmarks
+        points.write_points(targets[name], tmp_path / f"{name}_moving.csv")
+    rows = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join([rows[0] + ",fixed_points,moving_points"]
+                                  + [f"{row},{row.split(',')[0]}_fixed.csv,{row.split(',')[0]}_moving.csv" for row in rows[1:]])
+                        + "\n")
+    out = tmp_path / "out"
+    assert cli.main(["-q", "register-many", "--pairs", str(csv_path), "--out_dir", str(out), "--model", "compact"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a_a_fixed.csv", "a_transform.h5", "b_b_fixed.csv",
+                                                     "b_transform.h5", "tre.csv"]
+    table = np.loadtxt(out / "tre.csv", delimiter=",", skiprows=1, usecols=(1, 2, 3, 4, 5))
+    for row, name in zip(table, data):
+        fixed = points.read_points(tmp_path / f"{name}_fixed.csv").points
+        moved = points.transform_points(out / f"{name}_transform.h5", fixed)
+        np.testing.assert_allclose(points.read_points(out / f"{name}_{name}_fixed.csv").points, moved, atol=1e-9)
+        assert np.abs(moved - fixed).max() > 0.1, "the test wants transforms that move points"
+        after = np.linalg.norm(moved - targets[name], axis=1)
+        before = np.linalg.norm(fixed - targets[name], axis=1)
+        np.testing.assert_allclose(row, [6, before.mean(), after.mean(), np.median(after), after.max()], atol=1e-9)
+
+
+def test_cli_checks_the_landmarks_before_registering(tmp_path, capsys):
+    from mgr_engine import cli, points
+
+    csv_path = write_csv(tmp_path, dict(zip(("a",), pairs(1, start=190))))
+    points.write_points(np.ones((4, 3)), tmp_path / "f.csv")
+    points.write_points(np.ones((3, 3)), tmp_path / "m.csv")
+    rows = csv_path.read_text().splitlines()
+    for columns, values, message in ((",fixed_points,moving_points", ",f.csv,m.csv", "pair 'a': 4 points against 3"),
+                                     (",moving_points", ",m.csv", "moving_points without fixed_points"),
+                                     (",fixed_points", ",nothing.csv", "pair 'a': points file .* does not exist")):
+        csv_path.write_text(f"{rows[0]}{columns}\n{rows[1]}{values}\n")
+        assert cli.main(["register-many", "--pairs", str(csv_path), "--out_dir", str(tmp_path / "out"),
+                         "--model", "compact"]) == 2
+        assert re.search(message, capsys.readouterr().err)
+        assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("text,message", [("fixed,target\nx,y\n", "columns fixed and moving"),
