@@ -169,9 +169,10 @@ _OPTIONAL_PAIR_COLUMNS = ("name", "fixed_mask", "moving_mask", "fixed_points", "
 
 
 def _read_landmarks(names, landmarks):
-    """Each pair's ``(points file, target points, name of the output)`` (None where the CSV names
-    none), read before any registration so that a bad file stops the run first; errors name the
-    pair. The moved points go to ``NAME_<the points file's name>``."""
+    """Each pair's ``(points file, target points, errors before registration, name of the
+    output)`` (None where the CSV names none), read before any registration so that a bad file
+    stops the run first; errors name the pair. The moved points go to ``NAME_<the points file's
+    name>``."""
     from pathlib import Path
 
     from .errors import MgrEngineError
@@ -182,11 +183,11 @@ def _read_landmarks(names, landmarks):
         try:
             points_file = read_points(fixed_points) if fixed_points else None
             targets = read_points(moving_points).points if moving_points else None
-            if targets is not None:
-                landmark_distances(points_file.points, targets)  # the counts
+            # checks the counts too
+            before = landmark_distances(points_file.points, targets) if targets is not None else None
         except MgrEngineError as exc:
             raise type(exc)(f"pair {name!r}: {exc}") from exc
-        read.append((points_file, targets, fixed_points and f"{name}_{Path(fixed_points).name}"))
+        read.append((points_file, targets, before, fixed_points and f"{name}_{Path(fixed_points).name}"))
     return read
 
 
@@ -214,8 +215,8 @@ def run_register_many(args) -> None:
         moving_modality=args.moving_modality, io_iterations=args.io_iterations, io_sim=args.io_sim, io_lr=args.io_lr,
         masking=args.masking, progress=False, seed=args.seed)
     errors_by_pair = []  # (name, before, after): the target registration errors (mm) of each landmark
-    for name, result, (points_file, targets, points_out) in tqdm(zip(names, results, landmarks), total=len(names),
-                                                                 desc="register-many", unit="pair"):
+    for name, result, (points_file, targets, errors_before, points_out) in tqdm(
+            zip(names, results, landmarks), total=len(names), desc="register-many", unit="pair"):
         warped = result.warp() if args.warped else None  # computed before anything of the pair is written
         moved = result.transform_points(points_file.points) if points_file is not None else None
         itk_io.write_transform(result.transform, out_dir / f"{name}_transform.h5")
@@ -224,8 +225,7 @@ def run_register_many(args) -> None:
         if moved is not None:
             write_text(points_file.text_with(moved), out_dir / points_out)
         if targets is not None:
-            errors_by_pair.append((name, landmark_distances(points_file.points, targets),
-                                   landmark_distances(moved, targets)))
+            errors_by_pair.append((name, errors_before, landmark_distances(moved, targets)))
     if errors_by_pair:
         write_text("name,landmarks,mean_before_mm,mean_after_mm,median_after_mm,max_after_mm\n" + "".join(
             f"{name},{len(after)}," + ",".join(repr(float(v)) for v in (before.mean(), after.mean(), np.median(after),
