@@ -92,6 +92,10 @@ def _add_register(sub):
     p.set_defaults(run=run_register)
 
 
+_INDEX_BASE_HELP = ("with voxel indices: the first voxel's index, 0 (the default: ITK, numpy) or 1 (tables that count "
+                    "from 1, such as DIR-Lab's)")
+
+
 def _add_register_many(sub):
     p = sub.add_parser("register-many", help="register the pairs listed in a CSV file, reading ahead while the network runs",
                        description="Register every pair of a CSV file with one resident engine (mgr_engine.register_many): "
@@ -101,7 +105,7 @@ def _add_register_many(sub):
                                    "atomically, as soon as it is computed. A pair's fixed_points (landmarks, see "
                                    "transform-points) are moved into OUT_DIR/NAME_<their file name>; with its "
                                    "moving_points, the target registration error goes into OUT_DIR/tre.csv, one row "
-                                   "per pair, written at the end. A bad pair stops the run with its error; the pairs "
+                                   "per pair, rewritten after each. A bad pair stops the run with its error; the pairs "
                                    "before it are written.")
     p.add_argument("--pairs", required=True,
                    help="CSV file with a header row: fixed,moving[,name,fixed_mask,moving_mask,fixed_points,moving_points]")
@@ -124,6 +128,11 @@ def _add_register_many(sub):
                    help="arithmetic of the forward without IO (default fp32); tf32 and bf16 are for CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile the forward (CUDA graphs on a GPU)")
     p.add_argument("--seed", type=int, help="seed for IO's random regularizer grid (reproducible IO)")
+    p.add_argument("--points_in_voxels", action="store_true",
+                   help="the points files hold continuous voxel indices (i, j, k: a NIfTI file's voxel axes): "
+                        "fixed_points of the pair's fixed image, moving_points and the moved points of its moving image "
+                        "(see transform-points --voxel_indices)")
+    p.add_argument("--index_base", type=int, choices=[0, 1], help=_INDEX_BASE_HELP)
     p.set_defaults(run=run_register_many)
 
 
@@ -168,26 +177,22 @@ def _read_pairs_csv(path):
 _OPTIONAL_PAIR_COLUMNS = ("name", "fixed_mask", "moving_mask", "fixed_points", "moving_points")
 
 
-def _read_landmarks(names, landmarks):
-    """Each pair's ``(points file, target points, errors before registration, name of the
-    output)`` (None where the CSV names none), read before any registration so that a bad file
-    stops the run first; errors name the pair. The moved points go to ``NAME_<the points file's
-    name>``."""
+def _read_landmarks(names, pairs, landmarks, in_voxels: bool, index_base):
+    """Each pair's ``(_Landmarks, name of the output)`` (None where the CSV names no points), read
+    before any registration so that a bad file stops the run first; errors name the pair. The
+    moved points go to ``NAME_<the points file's name>``."""
     from pathlib import Path
 
     from .errors import MgrEngineError
-    from .points import landmark_distances, read_points
 
     read = []
-    for name, (fixed_points, moving_points) in zip(names, landmarks):
+    for name, pair, (fixed_points, moving_points) in zip(names, pairs, landmarks):
         try:
-            points_file = read_points(fixed_points) if fixed_points else None
-            targets = read_points(moving_points).points if moving_points else None
-            # checks the counts too
-            before = landmark_distances(points_file.points, targets) if targets is not None else None
+            images = (pair["fixed"], pair["moving"]) if in_voxels else None
+            pair_landmarks = _Landmarks.read(fixed_points, moving_points, None, images, index_base) if fixed_points else None
         except MgrEngineError as exc:
             raise type(exc)(f"pair {name!r}: {exc}") from exc
-        read.append((points_file, targets, before, fixed_points and f"{name}_{Path(fixed_points).name}"))
+        read.append((pair_landmarks, fixed_points and f"{name}_{Path(fixed_points).name}"))
     return read
 
 
@@ -201,8 +206,10 @@ def run_register_many(args) -> None:
     from .engine import Engine
     from .points import landmark_distances, write_text
 
+    if args.index_base is not None and not args.points_in_voxels:
+        raise InvalidOptionError("--index_base needs --points_in_voxels")
     names, pairs, landmarks = _read_pairs_csv(args.pairs)
-    landmarks = _read_landmarks(names, landmarks)
+    landmarks = _read_landmarks(names, pairs, landmarks, args.points_in_voxels, args.index_base)
     out_dir = Path(args.out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -214,24 +221,26 @@ def run_register_many(args) -> None:
         pairs, batch_size=args.batch_size, prefetch=args.prefetch, fixed_modality=args.fixed_modality,
         moving_modality=args.moving_modality, io_iterations=args.io_iterations, io_sim=args.io_sim, io_lr=args.io_lr,
         masking=args.masking, progress=False, seed=args.seed)
-    errors_by_pair = []  # (name, before, after): the target registration errors (mm) of each landmark
-    for name, result, (points_file, targets, errors_before, points_out) in tqdm(
+    errors_by_pair = []  # (before, after): the target registration errors (mm) of each landmark
+    tre_rows = ["name,landmarks,mean_before_mm,mean_after_mm,median_after_mm,max_after_mm\n"]
+    for name, result, (pair_landmarks, points_out) in tqdm(
             zip(names, results, landmarks), total=len(names), desc="register-many", unit="pair"):
         warped = result.warp() if args.warped else None  # computed before anything of the pair is written
-        moved = result.transform_points(points_file.points) if points_file is not None else None
+        moved = result.transform_points(pair_landmarks.points) if pair_landmarks is not None else None
         itk_io.write_transform(result.transform, out_dir / f"{name}_transform.h5")
         if warped is not None:
             itk_io.write_image(warped, out_dir / f"{name}_warped.nii.gz")
         if moved is not None:
-            write_text(points_file.text_with(moved), out_dir / points_out)
-        if targets is not None:
-            errors_by_pair.append((name, errors_before, landmark_distances(moved, targets)))
+            write_text(pair_landmarks.text_with(moved), out_dir / points_out)
+        if pair_landmarks is not None and pair_landmarks.targets is not None:
+            before, after = pair_landmarks.errors_before, landmark_distances(moved, pair_landmarks.targets)
+            errors_by_pair.append((before, after))
+            tre_rows.append(f"{name},{len(after)}," + ",".join(
+                repr(float(v)) for v in (before.mean(), after.mean(), np.median(after), after.max())) + "\n")
+            # rewritten after each pair: a run stopped by a later pair keeps the rows of those before it
+            write_text("".join(tre_rows), out_dir / "tre.csv")
     if errors_by_pair:
-        write_text("name,landmarks,mean_before_mm,mean_after_mm,median_after_mm,max_after_mm\n" + "".join(
-            f"{name},{len(after)}," + ",".join(repr(float(v)) for v in (before.mean(), after.mean(), np.median(after),
-                                                                        after.max())) + "\n"
-            for name, before, after in errors_by_pair), out_dir / "tre.csv")
-        before, after = (np.concatenate([errors[i] for errors in errors_by_pair]) for i in (1, 2))
+        before, after = (np.concatenate(errors) for errors in zip(*errors_by_pair))
         log.info("target registration error over %d landmarks of %d pairs: mean %.2f mm before, %.2f mm after "
                  "(median %.2f, max %.2f)", len(after), len(errors_by_pair), before.mean(), after.mean(),
                  np.median(after), after.max())
@@ -297,6 +306,12 @@ def _add_transform_points(sub):
                    help="the moving image's landmarks, row for row: logs the target registration error before and "
                         "after (mm)")
     p.add_argument("--tre_out", help="with --target_points: a CSV of each landmark's error before and after (mm)")
+    p.add_argument("--voxel_indices", nargs=2, metavar=("FIXED", "MOVING"),
+                   help="--points hold continuous voxel indices (i, j, k: a NIfTI file's voxel axes, nibabel's array "
+                        "axes) of the image FIXED, --target_points and --points_out those of MOVING, as DIR-Lab's and "
+                        "Learn2Reg's landmark tables; errors stay in mm")
+    p.add_argument("--index_base", type=int, choices=[0, 1],
+                   help=_INDEX_BASE_HELP)
     p.set_defaults(run=run_transform_points)
 
 
@@ -432,19 +447,19 @@ def run_transform_points(args) -> None:
     import numpy as np
 
     from . import itk_io
-    from .points import landmark_distances, read_points, transform_points, write_text
+    from .points import landmark_distances, transform_points, write_text
 
     itk_io.keep_itk_from_importing_torch()  # as in run_warp: numpy and ITK's transform only
     if args.tre_out and not args.target_points:
         raise InvalidOptionError("--tre_out needs --target_points (the moving image's landmarks)")
+    if args.index_base is not None and not args.voxel_indices:
+        raise InvalidOptionError("--index_base needs --voxel_indices (the images whose voxel indices the files hold)")
     check_outputs([("--points_out", args.points_out, "points"), ("--tre_out", args.tre_out, "points")])
-    points_file = read_points(args.points, args.coordinate_system)
-    targets = None
-    if args.target_points:
-        targets = read_points(args.target_points, args.coordinate_system).points
-        before = landmark_distances(points_file.points, targets)  # checks the counts before the work
-    moved = transform_points(itk_io.read_transform(args.transform), points_file.points)
-    outputs = [(args.points_out, points_file.text_with(moved))]
+    landmarks = _Landmarks.read(args.points, args.target_points, args.coordinate_system, args.voxel_indices,
+                                args.index_base)
+    moved = transform_points(itk_io.read_transform(args.transform), landmarks.points)
+    outputs = [(args.points_out, landmarks.text_with(moved))]
+    targets, before = landmarks.targets, landmarks.errors_before
     if targets is not None:
         after = landmark_distances(moved, targets)
         for name, errors in (("before registration", before), ("after registration", after)):
@@ -456,6 +471,50 @@ def run_transform_points(args) -> None:
     for path, text in outputs:  # computed first, then written, each atomically
         write_text(text, path)
     log.info("moved %d points into %s", len(moved), args.points_out)
+
+
+class _Landmarks:
+    """A points file and, optionally, its target points, read for transform-points and
+    register-many: ``points`` and ``targets`` in LPS mm, ``errors_before`` (mm) where there are
+    targets, and :meth:`text_with` to write the moved points in the file's layout. Where the
+    files hold voxel indices, ``images`` names the fixed and the moving image whose indices they are
+    (the points file's are the fixed image's; the targets' and the moved points' the moving
+    image's)."""
+
+    def __init__(self, points_file, points, targets, moving_grid, index_base):
+        from .points import landmark_distances
+
+        self.points_file, self.points, self.targets = points_file, points, targets
+        self._moving_grid, self._index_base = moving_grid, index_base
+        # checks the counts before any registration
+        self.errors_before = landmark_distances(points, targets) if targets is not None else None
+
+    @classmethod
+    def read(cls, points, target_points=None, coordinate_system=None, images=None, index_base=None):
+        from . import itk_io
+        from .points import indices_to_points, read_points
+
+        voxels = images is not None
+        points_file = read_points(points, coordinate_system, voxel_indices=voxels)
+        targets = read_points(target_points, coordinate_system, voxel_indices=voxels).points if target_points else None
+        if not voxels:
+            return cls(points_file, points_file.points, targets, None, None)
+        fixed_grid, moving_grid = (itk_io.load_image(path, name, grid_only=True)
+                                   for name, path in zip(("fixed", "moving"), images))
+        index_base = index_base or 0
+        if targets is not None:
+            targets = indices_to_points(targets, moving_grid, index_base)
+        return cls(points_file, indices_to_points(points_file.points, fixed_grid, index_base), targets, moving_grid,
+                   index_base)
+
+    def text_with(self, moved) -> str:
+        """The points file's text with the ``moved`` points (LPS mm), as voxel indices of the moving
+        image where the file holds voxel indices."""
+        from .points import points_to_indices
+
+        if self._moving_grid is not None:
+            moved = points_to_indices(moved, self._moving_grid, self._index_base)
+        return self.points_file.text_with(moved)
 
 
 def _log_image(image, slab_voxels: int = 2**22):

@@ -20,6 +20,12 @@ text tables, one point per row, columns separated by commas, semicolons or blank
 3D Slicer's markups JSON (``.mrk.json``, its default since 4.11) is read too: the ``position``
 of every control point of its markups, in each markup's ``coordinateSystem``; written back with
 the positions replaced and everything else kept.
+
+Landmarks given as voxel indices (DIR-Lab's and Learn2Reg's tables) are continuous indices
+(i, j, k) of an image's voxel grid in ITK's index order, which is the order of a NIfTI file's
+voxel axes and of nibabel's array axes (the reverse of ``itk.array_from_image``'s z, y, x):
+:func:`indices_to_points` and :func:`points_to_indices` convert them through the image's
+spacing, origin and direction, counting from 0 or, for tables that count from 1, from 1.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ _COLUMN_NAMES = {("x", "y", "z"): None, ("l", "p", "s"): "LPS", ("r", "a", "s"):
 _DECLARED_SYSTEM = re.compile(r"^#\s*CoordinateSystem\s*=\s*(\w+)", re.IGNORECASE)
 _DECLARED_COLUMNS = re.compile(r"^#\s*columns\s*=\s*(.+)$", re.IGNORECASE)
 _SLICER_SYSTEM_CODES = {"0": "RAS", "1": "LPS"}  # Slicer's markups files before 4.11
+_VOXEL = "voxel"  # read_points' coordinate system of a file of voxel indices
 
 
 def as_points(points, name: str = "points") -> np.ndarray:
@@ -84,6 +91,34 @@ def transform_points(transform, points) -> np.ndarray:
                     dtype=np.float64).reshape(-1, 3)
 
 
+def indices_to_points(indices, image, index_base: int = 0) -> np.ndarray:
+    """(N, 3) continuous voxel indices (i, j, k, see the module's description) of ``image`` -> their
+    physical points (x, y, z, mm, LPS).
+
+    ``image``: an ``itk.Image``, an :class:`mgr_engine.itk_io.ImageGrid` or an image file's path
+    (read up to its header); ``index_base``: 0 where the first voxel's index is 0, 1 where it is 1."""
+    matrix, offset = _index_affine(image, index_base)
+    return as_points(indices, "voxel indices") @ matrix.T + offset
+
+
+def points_to_indices(points, image, index_base: int = 0) -> np.ndarray:
+    """The inverse of :func:`indices_to_points`: (N, 3) physical points (LPS mm) -> continuous
+    voxel indices (i, j, k) of ``image``, counted from ``index_base``."""
+    matrix, offset = _index_affine(image, index_base)
+    return np.linalg.solve(matrix, (as_points(points) - offset).T).T
+
+
+def _index_affine(image, index_base: int):
+    """``(matrix, offset)``: index (counted from ``index_base``) -> physical point of ``image``."""
+    from . import itk_io
+
+    if index_base not in (0, 1):
+        raise InvalidOptionError(f"index base {index_base!r}: voxel indices count from 0 or from 1")
+    grid = image if isinstance(image, itk_io.ImageGrid) else itk_io.load_image(image, "landmarks' reference", grid_only=True)
+    affine = itk_io.index_to_physical_affine(grid)
+    return affine[:, :3], affine[:, 3] - index_base * affine[:, :3].sum(axis=1)
+
+
 def landmark_distances(points, targets) -> np.ndarray:
     """The (N,) distances (mm) between corresponding rows of two (N, 3) point sets: with the
     fixed landmarks moved by a registration's transform and the moving image's landmarks, the
@@ -98,8 +133,9 @@ def landmark_distances(points, targets) -> np.ndarray:
 @dataclass
 class PointsFile:
     """A points file as read (:func:`read_points`): ``points`` (N, 3) in LPS mm, the file's
-    ``coordinate_system`` (``"LPS"`` or ``"RAS"``; in a markups JSON each markup keeps its own),
-    and its layout, for :func:`write_points` to write other points in it."""
+    ``coordinate_system`` (``"LPS"`` or ``"RAS"``; in a markups JSON each markup keeps its own;
+    ``"voxel"`` for voxel indices, which ``points`` then are), and its layout, for
+    :func:`write_points` to write other points in it."""
 
     points: np.ndarray
     coordinate_system: str
@@ -107,21 +143,28 @@ class PointsFile:
     _render: Callable[[np.ndarray], str]  # the file's text with other points, in the file's coordinates
 
     def text_with(self, points: np.ndarray) -> str:
-        """The file's text with ``points`` (N, 3, LPS mm) in place of its own."""
+        """The file's text with ``points`` (N, 3, LPS mm, or voxel indices for a file of them) in place of
+        its own."""
         points = as_points(points)
         if len(points) != len(self.points):
             raise InvalidPointsError(f"{len(points)} points for a file of {len(self.points)}")
         return self._render(points * self._signs)
 
 
-def read_points(path, coordinate_system: str | None = None) -> PointsFile:
+def read_points(path, coordinate_system: str | None = None, voxel_indices: bool = False) -> PointsFile:
     """Read a points file (see the module's description); its points in LPS mm.
 
     ``coordinate_system``: ``"LPS"`` or ``"RAS"``, for a file that does not declare its own
     (default LPS, ITK's); one that contradicts the file's declaration raises
-    :class:`InvalidOptionError`."""
+    :class:`InvalidOptionError`. ``voxel_indices=True``: the file holds voxel indices, which
+    ``points`` are then, as written (for :func:`indices_to_points`; ``coordinate_system`` is
+    ``"voxel"``); a file that declares a coordinate system raises :class:`InvalidPointsError`."""
     if coordinate_system is not None and coordinate_system.upper() not in COORDINATE_SYSTEMS:
         raise InvalidOptionError(f"unknown coordinate system {coordinate_system!r}: use 'LPS' or 'RAS'")
+    if voxel_indices:
+        if coordinate_system is not None:
+            raise InvalidOptionError("voxel indices have no coordinate system; give one or the other")
+        coordinate_system = _VOXEL
     path = Path(path)
     if not path.is_file():
         what = "is a directory; give a file" if path.is_dir() else "does not exist; check the path"
@@ -274,6 +317,11 @@ def _file_system(path: Path, declared, named, asked) -> str:
     if declared and named and declared != named:
         raise InvalidPointsError(f"points file {str(path)!r} declares {declared} but names its columns as {named}.")
     own = declared or named
+    if own and asked == _VOXEL:
+        raise InvalidPointsError(f"points file {str(path)!r} declares {own} physical coordinates, not voxel indices; "
+                                 "read it as physical points (no voxel-index option).")
+    if asked == _VOXEL:
+        return _VOXEL
     if own and asked and asked.upper() != own:
         raise InvalidOptionError(f"points file {str(path)!r} declares {own} coordinates, not {asked.upper()}; "
                                  "leave the coordinate system out (the file's own is used).")

@@ -283,3 +283,79 @@ def test_numpy_evaluation_equals_the_transform_of_the_maps_grid():
     moved = resample.transformed_points(grid, nodes)
     expected = nodes + displacement[nodes[:, 2].astype(int), nodes[:, 1].astype(int), nodes[:, 0].astype(int)]
     np.testing.assert_array_equal(moved, expected)
+
+
+def itk_index_to_point(image, indices):
+    def continuous_index(values):
+        index = itk.ContinuousIndex[itk.D, 3]()
+        for axis, value in enumerate(values):
+            index.SetElement(axis, float(value))
+        return index
+
+    return np.array([tuple(image.TransformContinuousIndexToPhysicalPoint(continuous_index(i))) for i in indices])
+
+
+@pytest.mark.parametrize("index_base", [0, 1])
+def test_voxel_indices_convert_as_itk_converts_continuous_indices(registration, tmp_path, index_base):
+    image = registration.fixed  # oblique, anisotropic, away from the origin
+    indices = np.random.default_rng(8).uniform(-2.0, 20.0, (30, 3))
+    expected = itk_index_to_point(image, indices - index_base)
+    at = points.indices_to_points(indices, image, index_base)
+    np.testing.assert_allclose(at, expected, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(points.points_to_indices(at, image, index_base), indices, rtol=0, atol=1e-9)
+    itk_io.write_image(image, tmp_path / "fixed.nii.gz")  # a path: the grid read from the header
+    np.testing.assert_allclose(points.indices_to_points(indices, tmp_path / "fixed.nii.gz", index_base), expected,
+                               rtol=0, atol=1e-4)  # NIfTI stores the geometry in float32
+    with pytest.raises(InvalidOptionError, match="count from 0 or from 1"):
+        points.indices_to_points(indices, image, 2)
+    with pytest.raises(ImageReadError, match="does not exist"):
+        points.indices_to_points(indices, tmp_path / "missing.nii.gz")
+
+
+def test_a_file_of_voxel_indices_declares_no_coordinate_system(tmp_path):
+    read = points.read_points(write(tmp_path / "indices.txt", "10 20 30\n1.5 2 3\n"), voxel_indices=True)
+    assert read.coordinate_system == "voxel"
+    np.testing.assert_array_equal(read.points, [[10, 20, 30], [1.5, 2, 3]])
+    assert read.text_with(np.array([[-1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])) == "-1.0 2.0 3.0\n4.0 5.0 6.0\n"  # as given
+    for text in ("# CoordinateSystem = RAS\n1 2 3\n", "l,p,s\n1,2,3\n"):
+        with pytest.raises(InvalidPointsError, match="physical coordinates, not voxel indices"):
+            points.read_points(write(tmp_path / "declared.csv", text), voxel_indices=True)
+    with pytest.raises(InvalidOptionError, match="no coordinate system"):
+        points.read_points(tmp_path / "indices.txt", "RAS", voxel_indices=True)
+
+
+@pytest.mark.parametrize("index_base", [0, 1])
+def test_the_command_moves_voxel_indices_into_the_moving_images_indices(registration, tmp_path, caplog, index_base):
+    """Fixed-image indices -> physical points -> the transform -> moving-image indices, each step
+    as ITK takes it; the errors in mm."""
+    transform = tmp_path / "transform.h5"
+    registration.save(transform)
+    fixed, moving = tmp_path / "fixed.nrrd", tmp_path / "moving.nrrd"  # NRRD keeps the geometry in float64
+    itk_io.write_image(registration.fixed, fixed)
+    itk_io.write_image(registration.moving, moving)
+    indices = np.random.default_rng(9).uniform(1.0, 13.0, (10, 3)) + index_base
+    target_indices = indices + np.random.default_rng(10).normal(size=(10, 3))
+    write(tmp_path / "fixed.txt", "".join(" ".join(repr(c) for c in row) + "\n" for row in indices.tolist()))
+    write(tmp_path / "moving.txt", "".join(" ".join(repr(c) for c in row) + "\n" for row in target_indices.tolist()))
+    command = ["transform-points", "--transform", str(transform), "--points", str(tmp_path / "fixed.txt"),
+               "--points_out", str(tmp_path / "moved.txt"), "--voxel_indices", str(fixed), str(moving)]
+    with caplog.at_level("INFO", logger="mgr_engine"):
+        assert main([*command, "--index_base", str(index_base), "--target_points", str(tmp_path / "moving.txt"),
+                     "--tre_out", str(tmp_path / "tre.csv")]) == 0
+    moved_points = itk_transform_points(registration.transform, itk_index_to_point(registration.fixed,
+                                                                                   indices - index_base))
+    expected = np.array([tuple(registration.moving.TransformPhysicalPointToContinuousIndex(
+        itk.Point[itk.D, 3]([float(c) for c in point]))) for point in moved_points]) + index_base
+    moved = np.loadtxt(tmp_path / "moved.txt")
+    np.testing.assert_allclose(moved, expected, rtol=0, atol=1e-7)
+    assert np.abs(moved - indices).max() > 1.0
+    targets = itk_index_to_point(registration.moving, target_indices - index_base)
+    table = np.loadtxt(tmp_path / "tre.csv", delimiter=",", skiprows=1)
+    np.testing.assert_allclose(table[:, 2], np.linalg.norm(moved_points - targets, axis=1), rtol=0, atol=1e-7)
+    np.testing.assert_allclose(table[:, 1], np.linalg.norm(itk_index_to_point(registration.fixed, indices - index_base)
+                                                           - targets, axis=1), rtol=0, atol=1e-7)
+    # refused before the work: --index_base alone, a missing image
+    (tmp_path / "moved.txt").unlink()
+    assert main([*command[:-3], "--index_base", "1"]) == 2
+    assert main([*command[:-1], str(tmp_path / "missing.nrrd")]) == 2
+    assert not (tmp_path / "moved.txt").exists()

@@ -235,6 +235,14 @@ def test_cli_stops_at_a_bad_pair_with_the_pairs_before_it_written(tmp_path, caps
     assert cli.main(["-q", "register-many", "--pairs", str(csv_path), "--out_dir", str(out), "--model", "compact"]) == 2
     assert "pair 1:" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["a_transform.h5"]
+    # with landmarks: the table of the pairs before the bad one is kept
+    np.savetxt(tmp_path / "f.txt", np.full((2, 3), 10.0))
+    rows = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join([rows[0] + ",fixed_points,moving_points"] + [row + ",f.txt,f.txt" for row in rows[1:]])
+                        + "\n")
+    assert cli.main(["-q", "register-many", "--pairs", str(csv_path), "--out_dir", str(out), "--model", "compact"]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["a_f.txt", "a_transform.h5", "tre.csv"]
+    assert [line.split(",")[:2] for line in (out / "tre.csv").read_text().splitlines()[1:]] == [["a", "2"]]
 
 
 def test_cli_moves_each_pairs_landmarks_and_tabulates_the_error(tmp_path):
@@ -266,6 +274,33 @@ def test_cli_moves_each_pairs_landmarks_and_tabulates_the_error(tmp_path):
         after = np.linalg.norm(moved - targets[name], axis=1)
         before = np.linalg.norm(fixed - targets[name], axis=1)
         np.testing.assert_allclose(row, [6, before.mean(), after.mean(), np.median(after), after.max()], atol=1e-9)
+
+
+def test_cli_takes_landmarks_as_voxel_indices_of_each_pairs_images(tmp_path):
+    """--points_in_voxels: fixed_points are indices of the pair's fixed image, moving_points and
+    the moved points indices of its moving image (spacings and origins differ); errors in mm."""
+    from mgr_engine import cli, points
+
+    csv_path = write_csv(tmp_path, dict(zip(("a",), pairs(1, start=200))))
+    rng = np.random.default_rng(4)
+    indices = rng.uniform(4.0, 30.0, (5, 3))  # 1-based (i, j, k)
+    target_indices = indices + rng.normal(size=(5, 3))
+    np.savetxt(tmp_path / "f.txt", indices)
+    np.savetxt(tmp_path / "m.txt", target_indices)
+    rows = csv_path.read_text().splitlines()
+    csv_path.write_text(f"{rows[0]},fixed_points,moving_points\n{rows[1]},f.txt,m.txt\n")
+    out = tmp_path / "out"
+    assert cli.main(["-q", "register-many", "--pairs", str(csv_path), "--out_dir", str(out), "--model", "compact",
+                     "--points_in_voxels", "--index_base", "1"]) == 0
+    fixed, moving = tmp_path / "a_fixed.nii.gz", tmp_path / "a_moving.nii.gz"
+    moved = points.transform_points(out / "a_transform.h5", points.indices_to_points(indices, fixed, 1))
+    np.testing.assert_allclose(np.loadtxt(out / "a_f.txt"), points.points_to_indices(moved, moving, 1), atol=1e-9)
+    targets = points.indices_to_points(target_indices, moving, 1)
+    before = np.linalg.norm(points.indices_to_points(indices, fixed, 1) - targets, axis=1)
+    after = np.linalg.norm(moved - targets, axis=1)
+    table = np.loadtxt(out / "tre.csv", delimiter=",", skiprows=1, usecols=(1, 2, 3, 4, 5))
+    np.testing.assert_allclose(table, [5, before.mean(), after.mean(), np.median(after), after.max()], atol=1e-9)
+    assert np.abs(np.linalg.norm(target_indices - indices, axis=1) - before).max() > 0.5, "indices are not mm here"
 
 
 def test_cli_checks_the_landmarks_before_registering(tmp_path, capsys):
