@@ -105,10 +105,14 @@ def _add_register_many(sub):
                                    "atomically, as soon as it is computed. A pair's fixed_points (landmarks, see "
                                    "transform-points) are moved into OUT_DIR/NAME_<their file name>; with its "
                                    "moving_points, the target registration error goes into OUT_DIR/tre.csv, one row "
-                                   "per pair, rewritten after each. A bad pair stops the run with its error; the pairs "
+                                   "per pair, rewritten after each. A pair's moving_labels (a segmentation) are "
+                                   "warped into OUT_DIR/NAME_warped_labels.nii.gz (nearest neighbour); with its "
+                                   "fixed_labels, the Dice of each label before and after goes into OUT_DIR/dice.csv. "
+                                   "A bad pair stops the run with its error; the pairs "
                                    "before it are written.")
     p.add_argument("--pairs", required=True,
-                   help="CSV file with a header row: fixed,moving[,name,fixed_mask,moving_mask,fixed_points,moving_points]")
+                   help="CSV file with a header row: fixed,moving[,name,fixed_mask,moving_mask,fixed_points,moving_points,"
+                        "fixed_labels,moving_labels]")
     p.add_argument("--out_dir", required=True, help="directory of the outputs (created if missing)")
     p.add_argument("--fixed_modality", default="mri", choices=["ct", "mri"])
     p.add_argument("--moving_modality", default="mri", choices=["ct", "mri"])
@@ -137,7 +141,8 @@ def _add_register_many(sub):
 
 
 def _read_pairs_csv(path):
-    """``(names, pairs)`` from a register-many CSV file: paths relative to the file's directory."""
+    """``(names, pairs, landmarks, labels)`` from a register-many CSV file (landmarks and labels:
+    each pair's ``(fixed, moving)`` files or None): paths relative to the file's directory."""
     import csv
     from pathlib import Path
 
@@ -158,23 +163,28 @@ def _read_pairs_csv(path):
     def resolve(value):
         return None if not value else str(path.parent / value)
 
-    names, pairs, landmarks = [], [], []
+    names, pairs, landmarks, labels = [], [], [], []
     for index, row in enumerate(rows):
         names.append(row.get("name") or f"pair_{index:04d}")
         pairs.append({key: resolve(row.get(key)) for key in ("fixed", "moving", "fixed_mask", "moving_mask")})
         landmarks.append((resolve(row.get("fixed_points")), resolve(row.get("moving_points"))))
+        labels.append((resolve(row.get("fixed_labels")), resolve(row.get("moving_labels"))))
         if landmarks[-1][1] and not landmarks[-1][0]:
             raise InvalidOptionError(f"{str(path)!r}, pair {names[-1]!r}: moving_points without fixed_points; the "
                                      "error compares the fixed landmarks, moved, with the moving ones.")
+        if labels[-1][0] and not labels[-1][1]:
+            raise InvalidOptionError(f"{str(path)!r}, pair {names[-1]!r}: fixed_labels without moving_labels; the "
+                                     "overlap compares the moving labels, warped, with the fixed ones.")
     bad = [n for n in names if Path(n).name != n or n in (".", "..")]
     if bad:
         raise InvalidOptionError(f"{str(path)!r}: a name must be a plain file name, without directories: {bad[0]!r}")
     if len(set(names)) != len(names):
         raise InvalidOptionError(f"{str(path)!r}: the name column repeats a name; outputs would overwrite each other")
-    return names, pairs, landmarks
+    return names, pairs, landmarks, labels
 
 
-_OPTIONAL_PAIR_COLUMNS = ("name", "fixed_mask", "moving_mask", "fixed_points", "moving_points")
+_OPTIONAL_PAIR_COLUMNS = ("name", "fixed_mask", "moving_mask", "fixed_points", "moving_points", "fixed_labels",
+                          "moving_labels")
 
 
 def _read_landmarks(names, pairs, landmarks, in_voxels: bool, index_base):
@@ -196,6 +206,25 @@ def _read_landmarks(names, pairs, landmarks, in_voxels: bool, index_base):
     return read
 
 
+def _check_labels(names, pairs, labels):
+    """Each pair's label maps, checked up to their headers before any registration: the fixed
+    labels on the fixed image's grid (the overlap is counted voxel by voxel there), the moving
+    labels readable; errors name the pair."""
+    from . import itk_io
+    from .errors import MgrEngineError
+
+    for name, pair, (fixed_labels, moving_labels) in zip(names, pairs, labels):
+        try:
+            if moving_labels:
+                itk_io.load_image(moving_labels, "moving labels", grid_only=True)
+            if fixed_labels:
+                itk_io.check_same_grid(itk_io.load_image(fixed_labels, "fixed labels", grid_only=True),
+                                       itk_io.load_image(pair["fixed"], "fixed", grid_only=True),
+                                       "fixed labels (fixed_labels)")
+        except MgrEngineError as exc:
+            raise type(exc)(f"pair {name!r}: {exc}") from exc
+
+
 def run_register_many(args) -> None:
     from pathlib import Path
 
@@ -208,8 +237,9 @@ def run_register_many(args) -> None:
 
     if args.index_base is not None and not args.points_in_voxels:
         raise InvalidOptionError("--index_base needs --points_in_voxels")
-    names, pairs, landmarks = _read_pairs_csv(args.pairs)
+    names, pairs, landmarks, labels = _read_pairs_csv(args.pairs)
     landmarks = _read_landmarks(names, pairs, landmarks, args.points_in_voxels, args.index_base)
+    _check_labels(names, pairs, labels)
     out_dir = Path(args.out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -222,29 +252,73 @@ def run_register_many(args) -> None:
         moving_modality=args.moving_modality, io_iterations=args.io_iterations, io_sim=args.io_sim, io_lr=args.io_lr,
         masking=args.masking, progress=False, seed=args.seed)
     errors_by_pair = []  # (before, after): the target registration errors (mm) of each landmark
-    tre_rows = ["name,landmarks,mean_before_mm,mean_after_mm,median_after_mm,max_after_mm\n"]
-    for name, result, (pair_landmarks, points_out) in tqdm(
-            zip(names, results, landmarks), total=len(names), desc="register-many", unit="pair"):
-        warped = result.warp() if args.warped else None  # computed before anything of the pair is written
+    tre_table = _Table(out_dir / "tre.csv", "name,landmarks,mean_before_mm,mean_after_mm,median_after_mm,max_after_mm")
+    overlaps = []  # (before, after): each pair's Dice per label
+    dice_table = _Table(out_dir / "dice.csv", "name,label,dice_before,dice_after")
+    for name, result, (pair_landmarks, points_out), (fixed_labels, moving_labels) in tqdm(
+            zip(names, results, landmarks, labels), total=len(names), desc="register-many", unit="pair"):
+        # computed before anything of the pair is written
+        warped = result.warp() if args.warped else None
         moved = result.transform_points(pair_landmarks.points) if pair_landmarks is not None else None
+        label_map = itk_io.load_image(moving_labels, "moving labels") if moving_labels else None
+        warped_labels = result.warp(label_map, "nearest") if label_map is not None else None
+        overlap = _label_overlaps(result.fixed, fixed_labels, label_map, warped_labels) if fixed_labels else None
         itk_io.write_transform(result.transform, out_dir / f"{name}_transform.h5")
         if warped is not None:
             itk_io.write_image(warped, out_dir / f"{name}_warped.nii.gz")
+        if warped_labels is not None:
+            itk_io.write_image(warped_labels, out_dir / f"{name}_warped_labels.nii.gz")
         if moved is not None:
             write_text(pair_landmarks.text_with(moved), out_dir / points_out)
+        if overlap is not None:
+            overlaps.append(overlap)
+            dice_table.add(f"{name},{label},{before!r},{overlap[1][label]!r}" for label, before in overlap[0].items())
         if pair_landmarks is not None and pair_landmarks.targets is not None:
             before, after = pair_landmarks.errors_before, landmark_distances(moved, pair_landmarks.targets)
             errors_by_pair.append((before, after))
-            tre_rows.append(f"{name},{len(after)}," + ",".join(
-                repr(float(v)) for v in (before.mean(), after.mean(), np.median(after), after.max())) + "\n")
-            # rewritten after each pair: a run stopped by a later pair keeps the rows of those before it
-            write_text("".join(tre_rows), out_dir / "tre.csv")
+            tre_table.add([f"{name},{len(after)}," + ",".join(
+                repr(float(v)) for v in (before.mean(), after.mean(), np.median(after), after.max()))])
     if errors_by_pair:
         before, after = (np.concatenate(errors) for errors in zip(*errors_by_pair))
         log.info("target registration error over %d landmarks of %d pairs: mean %.2f mm before, %.2f mm after "
                  "(median %.2f, max %.2f)", len(after), len(errors_by_pair), before.mean(), after.mean(),
                  np.median(after), after.max())
+    if overlaps:
+        before, after = (np.mean([np.mean(list(dice.values())) for dice in dices]) for dices in zip(*overlaps))
+        log.info("Dice over the labels of %d pairs (mean of each pair's mean): %.3f before, %.3f after",
+                 len(overlaps), before, after)
     log.info("wrote the outputs of %d pairs to %s", len(names), out_dir)
+
+
+class _Table:
+    """A CSV file of register-many's rows, rewritten (atomically) after each pair's: a run stopped
+    by a later pair keeps the rows of the pairs before it."""
+
+    def __init__(self, path, header: str):
+        self.path, self.lines = path, [header]
+
+    def add(self, rows) -> None:
+        from .points import write_text
+
+        self.lines.extend(rows)
+        write_text("".join(line + "\n" for line in self.lines), self.path)
+
+
+def _label_overlaps(fixed, fixed_labels, moving_labels, warped_labels):
+    """``(before, after)``: the Dice of each label of ``fixed_labels`` (a path) with the moving
+    labels on the fixed grid, before registration (identity in physical space) and after
+    (``warped_labels``)."""
+    from . import itk_io
+    from .errors import InvalidImageError
+    from .labels import dice_per_label, label_array
+
+    reference = label_array(itk_io.load_image(fixed_labels, "fixed labels"), f"fixed labels {fixed_labels!r}")
+    if not reference.any():
+        raise InvalidImageError(f"fixed labels {fixed_labels!r} hold background (0) only; give the fixed image's "
+                                "segmentation.")
+    unregistered = itk_io.resample(moving_labels, itk_io.identity_transform(), fixed, "nearest")
+    return tuple(dice_per_label(label_array(labels, "moving labels"), reference)
+                 for labels in (unregistered, warped_labels))
 
 
 def _add_export(sub):

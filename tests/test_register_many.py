@@ -303,6 +303,65 @@ def test_cli_takes_landmarks_as_voxel_indices_of_each_pairs_images(tmp_path):
     assert np.abs(np.linalg.norm(target_indices - indices, axis=1) - before).max() > 0.5, "indices are not mm here"
 
 
+def label_map(image_, thresholds=(200.0, 350.0, 500.0)):
+    """A segmentation on ``image_``'s grid: its intensities cut into labels 0-3 (uint8)."""
+    labels = itk.image_from_array(np.digitize(itk.array_from_image(image_), thresholds).astype(np.uint8))
+    labels.CopyInformation(image_)
+    return labels
+
+
+def test_cli_warps_each_pairs_labels_and_tabulates_their_dice(tmp_path):
+    from mgr_engine import cli, itk_io
+    from mgr_engine.labels import dice_per_label
+
+    data = dict(zip(("a", "b"), pairs(2, start=210)))
+    csv_path = write_csv(tmp_path, data)
+    for name, (fixed, moving) in data.items():
+        itk.imwrite(label_map(fixed), str(tmp_path / f"{name}_fixed_labels.nii.gz"))
+        itk.imwrite(label_map(moving), str(tmp_path / f"{name}_moving_labels.nii.gz"))
+    rows = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join([rows[0] + ",fixed_labels,moving_labels"] + [
+        f"{row},{row.split(',')[0]}_fixed_labels.nii.gz,{row.split(',')[0]}_moving_labels.nii.gz"
+        for row in rows[1:]]) + "\n")
+    out = tmp_path / "out"
+    assert cli.main(["-q", "register-many", "--pairs", str(csv_path), "--out_dir", str(out), "--model", "compact"]) == 0
+    table = np.genfromtxt(out / "dice.csv", delimiter=",", skip_header=1, dtype=None, encoding="utf-8")
+    assert [tuple(row)[:2] for row in table] == [("a", 1), ("a", 2), ("a", 3), ("b", 1), ("b", 2), ("b", 3)]
+    for name in data:
+        fixed = itk_io.read_image(tmp_path / f"{name}_fixed.nii.gz")
+        moving_labels = itk_io.read_image(tmp_path / f"{name}_moving_labels.nii.gz")
+        reference = itk.array_from_image(itk_io.read_image(tmp_path / f"{name}_fixed_labels.nii.gz"))
+        # ITK's ResampleImageFilter (nearest) through the written transform is the oracle of the warp
+        expected = itk_io.resample(moving_labels, itk_io.read_transform(out / f"{name}_transform.h5"), fixed, "nearest")
+        warped = itk_io.read_image(out / f"{name}_warped_labels.nii.gz")
+        assert type(warped) is type(moving_labels)  # uint8 kept
+        np.testing.assert_array_equal(itk.array_from_image(warped), itk.array_from_image(expected))
+        unregistered = itk_io.resample(moving_labels, itk_io.identity_transform(), fixed, "nearest")
+        before = dice_per_label(itk.array_from_image(unregistered), reference)
+        after = dice_per_label(itk.array_from_image(warped), reference)
+        rows = [tuple(row)[1:] for row in table if row[0] == name]
+        np.testing.assert_allclose(rows, [(label, before[label], after[label]) for label in (1, 2, 3)], atol=1e-12)
+        assert before != after, "the test wants transforms that move the labels"
+
+
+def test_cli_checks_the_label_maps_before_registering(tmp_path, capsys):
+    from mgr_engine import cli
+
+    fixed, moving = pairs(1, start=220)[0]
+    csv_path = write_csv(tmp_path, {"a": (fixed, moving)})
+    itk.imwrite(label_map(moving), str(tmp_path / "moving_labels.nii.gz"))  # not on the fixed grid
+    rows = csv_path.read_text().splitlines()
+    for columns, values, message in (
+            (",fixed_labels,moving_labels", ",moving_labels.nii.gz,moving_labels.nii.gz", "pair 'a': fixed labels .* size"),
+            (",fixed_labels", ",moving_labels.nii.gz", "fixed_labels without moving_labels"),
+            (",moving_labels", ",nothing.nii.gz", "pair 'a': moving labels image .* does not exist")):
+        csv_path.write_text(f"{rows[0]}{columns}\n{rows[1]}{values}\n")
+        assert cli.main(["register-many", "--pairs", str(csv_path), "--out_dir", str(tmp_path / "out"),
+                         "--model", "compact"]) == 2
+        assert re.search(message, capsys.readouterr().err)
+        assert not (tmp_path / "out").exists()
+
+
 def test_cli_checks_the_landmarks_before_registering(tmp_path, capsys):
     from mgr_engine import cli, points
 

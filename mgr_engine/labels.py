@@ -1,0 +1,55 @@
+"""Label maps (segmentations) as a registration is judged by them: the moving image's labels
+warped onto the fixed grid (nearest neighbour, :meth:`mgr_engine.RegistrationResult.warp`) and
+their overlap with the fixed image's labels, label by label (Dice)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import InvalidImageError
+
+BACKGROUND = 0
+_DIRECT_CODES = 1 << 20  # label ranges up to this are counted without sorting
+
+
+def label_array(image, name: str = "label map") -> np.ndarray:
+    """The voxels of a label map (an ``itk.Image``) as an int64 (z, y, x) array; a map whose values
+    are not whole numbers (a float image that is not a segmentation) raises :class:`InvalidImageError`."""
+    import itk
+
+    array = itk.array_view_from_image(image)
+    if np.issubdtype(array.dtype, np.integer):
+        return array.astype(np.int64)
+    labels = np.asarray(array, dtype=np.float64)
+    if not np.isfinite(labels).all() or not np.array_equal(labels, np.round(labels)):
+        raise InvalidImageError(f"{name} has values that are not whole numbers (pixel type {array.dtype}); "
+                                "give a segmentation, one integer label per voxel.")
+    return labels.astype(np.int64)
+
+
+def dice_per_label(labels, reference) -> dict:
+    """Dice overlap ``2 |A and B| / (|A| + |B|)`` (``{label: dice}``, labels ascending) of each label
+    of ``reference`` but 0 (background) with the same label of ``labels``, two label maps on one
+    grid; a label ``labels`` lacks has 0, one only ``labels`` holds is not counted.
+
+    Counted in one pass over the voxels (``np.bincount``), not once per label: a map of a hundred
+    labels costs what a map of three does."""
+    labels, reference = np.asarray(labels).ravel(), np.asarray(reference).ravel()
+    if labels.shape != reference.shape:
+        raise InvalidImageError(f"label maps of {labels.size} and {reference.size} voxels: the overlap compares "
+                                "maps on one grid.")
+    if labels.size == 0:
+        return {}
+    low = min(int(labels.min()), int(reference.min()))
+    high = max(int(labels.max()), int(reference.max()))
+    if high - low < _DIRECT_CODES:  # the labels' offsets from the lowest are their bins: no sort
+        values = np.arange(low, high + 1)
+        codes, reference_codes = labels - low, reference - low
+    else:  # sparse label values (IDs in the millions): their ranks as bins
+        values, both = np.unique(np.concatenate([labels, reference]), return_inverse=True)
+        codes, reference_codes = both[:labels.size], both[labels.size:]
+    counts = np.bincount(codes, minlength=len(values))
+    reference_counts = np.bincount(reference_codes, minlength=len(values))
+    common = np.bincount(codes[codes == reference_codes], minlength=len(values))
+    return {int(value): 2.0 * int(common[i]) / int(counts[i] + reference_counts[i]) for i, value in enumerate(values)
+            if value != BACKGROUND and reference_counts[i] > 0}
