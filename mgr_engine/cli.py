@@ -233,7 +233,7 @@ def run_register_many(args) -> None:
 
     from . import itk_io
     from .engine import Engine
-    from .points import landmark_distances, write_text
+    from .points import write_text
 
     if args.index_base is not None and not args.points_in_voxels:
         raise InvalidOptionError("--index_base needs --points_in_voxels")
@@ -274,7 +274,7 @@ def run_register_many(args) -> None:
             overlaps.append(overlap)
             dice_table.add(f"{name},{label},{before!r},{overlap[1][label]!r}" for label, before in overlap[0].items())
         if pair_landmarks is not None and pair_landmarks.targets is not None:
-            before, after = pair_landmarks.errors_before, landmark_distances(moved, pair_landmarks.targets)
+            before, after = pair_landmarks.errors_before, pair_landmarks.errors_after(moved)
             errors_by_pair.append((before, after))
             tre_table.add([f"{name},{len(after)}," + ",".join(
                 repr(float(v)) for v in (before.mean(), after.mean(), np.median(after), after.max()))])
@@ -521,7 +521,7 @@ def run_transform_points(args) -> None:
     import numpy as np
 
     from . import itk_io
-    from .points import landmark_distances, transform_points, write_text
+    from .points import transform_points, write_text
 
     itk_io.keep_itk_from_importing_torch()  # as in run_warp: numpy and ITK's transform only
     if args.tre_out and not args.target_points:
@@ -533,15 +533,17 @@ def run_transform_points(args) -> None:
                                 args.index_base)
     moved = transform_points(itk_io.read_transform(args.transform), landmarks.points)
     outputs = [(args.points_out, landmarks.text_with(moved))]
-    targets, before = landmarks.targets, landmarks.errors_before
-    if targets is not None:
-        after = landmark_distances(moved, targets)
+    if landmarks.targets is not None:
+        before, after = landmarks.errors_before, landmarks.errors_after(moved)
+        if len(after) < len(moved):
+            log.info("%d of %d landmarks are not placed in one of the files (3D Slicer): left out of the error",
+                     len(moved) - len(after), len(moved))
         for name, errors in (("before registration", before), ("after registration", after)):
             log.info("target registration error %s over %d landmarks: mean %.2f mm (SD %.2f), median %.2f, max %.2f",
                      name, len(errors), errors.mean(), errors.std(), np.median(errors), errors.max())
         if args.tre_out:
             outputs.append((args.tre_out, "landmark,before_mm,after_mm\n" + "".join(
-                f"{i},{b!r},{a!r}\n" for i, (b, a) in enumerate(zip(before.tolist(), after.tolist())))))
+                f"{i},{b!r},{a!r}\n" for i, b, a in zip(landmarks.counted.tolist(), before.tolist(), after.tolist()))))
     for path, text in outputs:  # computed first, then written, each atomically
         write_text(text, path)
     log.info("moved %d points into %s", len(moved), args.points_out)
@@ -549,19 +551,28 @@ def run_transform_points(args) -> None:
 
 class _Landmarks:
     """A points file and, optionally, its target points, read for transform-points and
-    register-many: ``points`` and ``targets`` in LPS mm, ``errors_before`` (mm) where there are
-    targets, and :meth:`text_with` to write the moved points in the file's layout. Where the
-    files hold voxel indices, ``images`` names the fixed and the moving image whose indices they are
-    (the points file's are the fixed image's; the targets' and the moved points' the moving
-    image's)."""
+    register-many: ``points`` and ``targets`` in LPS mm; where there are targets, ``counted``
+    (the landmarks placed in both files; 3D Slicer's lists keep points not placed yet) and
+    ``errors_before`` (mm, of the counted landmarks), for :meth:`errors_after`; :meth:`text_with`
+    writes the moved points in the file's layout. Where the files hold voxel indices, ``images``
+    names the fixed and the moving image whose indices they are (the points file's are the fixed
+    image's; the targets' and the moved points' the moving image's)."""
 
-    def __init__(self, points_file, points, targets, moving_grid, index_base):
+    def __init__(self, points_file, points, targets_file, targets, moving_grid, index_base):
+        import numpy as np
+
+        from .errors import InvalidPointsError
         from .points import landmark_distances
 
         self.points_file, self.points, self.targets = points_file, points, targets
         self._moving_grid, self._index_base = moving_grid, index_base
-        # checks the counts before any registration
-        self.errors_before = landmark_distances(points, targets) if targets is not None else None
+        self.counted = self.errors_before = None
+        if targets is not None:
+            before = landmark_distances(points, targets)  # checks the counts before any registration
+            self.counted = np.flatnonzero(points_file.placed & targets_file.placed)
+            if not len(self.counted):
+                raise InvalidPointsError("no landmark is placed in both points files; place them in 3D Slicer first")
+            self.errors_before = before[self.counted]
 
     @classmethod
     def read(cls, points, target_points=None, coordinate_system=None, images=None, index_base=None):
@@ -570,16 +581,23 @@ class _Landmarks:
 
         voxels = images is not None
         points_file = read_points(points, coordinate_system, voxel_indices=voxels)
-        targets = read_points(target_points, coordinate_system, voxel_indices=voxels).points if target_points else None
+        targets_file = read_points(target_points, coordinate_system, voxel_indices=voxels) if target_points else None
+        targets = targets_file.points if targets_file else None
         if not voxels:
-            return cls(points_file, points_file.points, targets, None, None)
+            return cls(points_file, points_file.points, targets_file, targets, None, None)
         fixed_grid, moving_grid = (itk_io.load_image(path, name, grid_only=True)
                                    for name, path in zip(("fixed", "moving"), images))
         index_base = index_base or 0
         if targets is not None:
             targets = indices_to_points(targets, moving_grid, index_base)
-        return cls(points_file, indices_to_points(points_file.points, fixed_grid, index_base), targets, moving_grid,
-                   index_base)
+        return cls(points_file, indices_to_points(points_file.points, fixed_grid, index_base), targets_file, targets,
+                   moving_grid, index_base)
+
+    def errors_after(self, moved):
+        """The counted landmarks' errors (mm) with the ``moved`` points."""
+        from .points import landmark_distances
+
+        return landmark_distances(moved, self.targets)[self.counted]
 
     def text_with(self, moved) -> str:
         """The points file's text with the ``moved`` points (LPS mm), as voxel indices of the moving

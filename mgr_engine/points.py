@@ -19,7 +19,8 @@ text tables, one point per row, columns separated by commas, semicolons or blank
 
 3D Slicer's markups JSON (``.mrk.json``, its default since 4.11) is read too: the ``position``
 of every control point of its markups, in each markup's ``coordinateSystem``; written back with
-the positions replaced and everything else kept.
+the positions replaced and everything else kept. Control points not placed (``positionStatus``
+``"undefined"``, a list's names waiting for their points) keep what they had.
 
 Landmarks given as voxel indices (DIR-Lab's and Learn2Reg's tables) are continuous indices
 (i, j, k) of an image's voxel grid in ITK's index order, which is the order of a NIfTI file's
@@ -134,11 +135,14 @@ def landmark_distances(points, targets) -> np.ndarray:
 class PointsFile:
     """A points file as read (:func:`read_points`): ``points`` (N, 3) in LPS mm, the file's
     ``coordinate_system`` (``"LPS"`` or ``"RAS"``; in a markups JSON each markup keeps its own;
-    ``"voxel"`` for voxel indices, which ``points`` then are), and its layout, for
-    :func:`write_points` to write other points in it."""
+    ``"voxel"`` for voxel indices, which ``points`` then are), which points were ``placed`` (3D
+    Slicer's lists keep control points not placed yet, at a position that means nothing: a target
+    registration error leaves them out, and they are written back as they were), and its layout,
+    for :func:`write_points` to write other points in it."""
 
     points: np.ndarray
     coordinate_system: str
+    placed: np.ndarray  # (N,) bool: False for a markup's control point not placed (positionStatus "undefined")
     _signs: np.ndarray  # (N, 3): each point from LPS to the file's coordinates
     _render: Callable[[np.ndarray], str]  # the file's text with other points, in the file's coordinates
 
@@ -227,7 +231,8 @@ def _read_table(path: Path, text: str, asked) -> PointsFile:
         return "\n".join(out) + "\n"
 
     signs = np.tile(_RAS_TO_LPS if system == "RAS" else np.ones(3), (len(points), 1))
-    return PointsFile(as_points(points * signs, f"points of {path.name}"), system, signs, render)
+    return PointsFile(as_points(points * signs, f"points of {path.name}"), system, np.ones(len(points), bool), signs,
+                      render)
 
 
 def _read_markups_json(path: Path, text: str, asked) -> PointsFile:
@@ -242,7 +247,7 @@ def _read_markups_json(path: Path, text: str, asked) -> PointsFile:
     if not isinstance(markups, list):
         raise InvalidPointsError(f"points file {str(path)!r} holds no \"markups\" list; give a 3D Slicer markups "
                                  "file (.mrk.json) or a text table of x, y, z.")
-    control_points, systems, positions = [], [], []
+    control_points, systems, positions, placed = [], [], [], []
     for markup in markups:
         if not isinstance(markup, dict):
             raise InvalidPointsError(f"points file {str(path)!r}: a markup is {markup!r}, not an object.")
@@ -250,6 +255,9 @@ def _read_markups_json(path: Path, text: str, asked) -> PointsFile:
         system = _file_system(path, declared, None, asked)
         for point in markup.get("controlPoints") or []:
             position = point.get("position") if isinstance(point, dict) else None
+            placed.append(point.get("positionStatus") != "undefined" if isinstance(point, dict) else True)
+            if not placed[-1] and not (isinstance(position, list) and len(position) == 3):
+                position = [0.0, 0.0, 0.0]  # a point not placed may have no position: none is written back
             if not isinstance(position, list) or len(position) != 3:
                 raise InvalidPointsError(f"points file {str(path)!r}: control point {point!r} has no position [x, y, z].")
             control_points.append(point)
@@ -261,15 +269,17 @@ def _read_markups_json(path: Path, text: str, asked) -> PointsFile:
     points = as_points(positions, f"points of {path.name}") * signs
 
     def render(coordinates: np.ndarray) -> str:
-        for point, position in zip(control_points, coordinates):
-            point["position"] = [float(value) for value in position]
+        for point, position, is_placed in zip(control_points, coordinates, placed):
+            if is_placed:
+                point["position"] = [float(value) for value in position]
         try:
             return json.dumps(document, indent=4, ensure_ascii=False) + "\n"  # labels as written: the file is UTF-8
         finally:
-            for point, position in zip(control_points, positions):
-                point["position"] = position  # the document as read, for the next call
+            for point, position, is_placed in zip(control_points, positions, placed):
+                if is_placed:
+                    point["position"] = position  # the document as read, for the next call
 
-    return PointsFile(points, systems[0], signs, render)
+    return PointsFile(points, systems[0], np.array(placed), signs, render)
 
 
 def _fields(line: str, delimiter) -> list:

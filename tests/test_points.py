@@ -359,3 +359,50 @@ def test_the_command_moves_voxel_indices_into_the_moving_images_indices(registra
     assert main([*command[:-3], "--index_base", "1"]) == 2
     assert main([*command[:-1], str(tmp_path / "missing.nrrd")]) == 2
     assert not (tmp_path / "moved.txt").exists()
+
+
+def with_unplaced(text, *unplaced, drop_position=()):
+    """A markups file's text with the control points ``unplaced`` (indices over all markups) marked
+    as not placed (positionStatus "undefined"), those in ``drop_position`` without a position."""
+    document = json.loads(text)
+    control_points = [point for markup in document["markups"] for point in markup["controlPoints"]]
+    for i in unplaced:
+        control_points[i]["positionStatus"] = "undefined"
+        if i in drop_position:
+            del control_points[i]["position"]
+    return json.dumps(document, indent=4)
+
+
+def test_control_points_not_placed_are_written_back_as_they_were(tmp_path):
+    source = write(tmp_path / "F.mrk.json", with_unplaced(markups_json(
+        ("LPS", [[1.0, 2.0, 3.0], [0.0, 0.0, 0.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])), 1, 3, drop_position=(3,)))
+    read = points.read_points(source)
+    assert read.placed.tolist() == [True, False, True, False]
+    points.write_points(read.points + 10.0, tmp_path / "out.mrk.json", like=read)
+    written = json.loads((tmp_path / "out.mrk.json").read_text())["markups"][0]["controlPoints"]
+    assert [point.get("position") for point in written] == [[11.0, 12.0, 13.0], [0.0, 0.0, 0.0], [14.0, 15.0, 16.0],
+                                                            None]
+    assert points.read_points(write(tmp_path / "t.csv", "1,2,3\n")).placed.tolist() == [True]
+
+
+def test_the_error_leaves_out_landmarks_not_placed_in_either_file(registration, tmp_path, caplog):
+    transform = tmp_path / "transform.h5"
+    registration.save(transform)
+    at = points_around(registration.fixed, 6, seed=11, margin=0.0)
+    targets = registration.transform_points(at) + np.random.default_rng(12).normal(size=(6, 3))
+    write(tmp_path / "fixed.mrk.json", with_unplaced(markups_json(("LPS", at.tolist())), 1))
+    write(tmp_path / "moving.mrk.json", with_unplaced(markups_json(("LPS", targets.tolist())), 4))
+    command = ["transform-points", "--transform", str(transform), "--points", str(tmp_path / "fixed.mrk.json"),
+               "--points_out", str(tmp_path / "moved.mrk.json"), "--target_points", str(tmp_path / "moving.mrk.json"),
+               "--tre_out", str(tmp_path / "tre.csv")]
+    with caplog.at_level("INFO", logger="mgr_engine"):
+        assert main(command) == 0
+    table = np.loadtxt(tmp_path / "tre.csv", delimiter=",", skiprows=1)
+    counted = [0, 2, 3, 5]
+    assert table[:, 0].tolist() == counted
+    np.testing.assert_allclose(table[:, 1], np.linalg.norm(at - targets, axis=1)[counted], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(table[:, 2], np.linalg.norm(registration.transform_points(at) - targets, axis=1)[counted],
+                               rtol=0, atol=1e-9)
+    assert "2 of 6 landmarks are not placed" in caplog.text and "over 4 landmarks" in caplog.text
+    write(tmp_path / "none.mrk.json", with_unplaced(markups_json(("LPS", targets.tolist())), 0, 2, 3, 4, 5))
+    assert main([*command[:-4], "--target_points", str(tmp_path / "none.mrk.json")]) == 2
