@@ -10,21 +10,22 @@ from .errors import InvalidImageError
 
 BACKGROUND = 0
 _DIRECT_CODES = 1 << 20  # label ranges up to this are counted without sorting
+_SLAB_VOXELS = 1 << 22
 
 
 def label_array(image, name: str = "label map") -> np.ndarray:
-    """The voxels of a label map (an ``itk.Image``) as an int64 (z, y, x) array; a map whose values
-    are not whole numbers (a float image that is not a segmentation) raises :class:`InvalidImageError`."""
+    """The voxels of a label map (an ``itk.Image``) as an integer (z, y, x) array, a copy in the
+    image's own integer type (int64 for a float image of whole numbers); a map whose values are not
+    whole numbers (a float image that is not a segmentation) raises :class:`InvalidImageError`."""
     import itk
 
     array = itk.array_view_from_image(image)
     if np.issubdtype(array.dtype, np.integer):
-        return array.astype(np.int64)
-    labels = np.asarray(array, dtype=np.float64)
-    if not np.isfinite(labels).all() or not np.array_equal(labels, np.round(labels)):
+        return np.array(array)
+    if not np.isfinite(array).all() or not np.array_equal(array, np.round(array)):
         raise InvalidImageError(f"{name} has values that are not whole numbers (pixel type {array.dtype}); "
                                 "give a segmentation, one integer label per voxel.")
-    return labels.astype(np.int64)
+    return array.astype(np.int64)
 
 
 def dice_per_label(labels, reference) -> dict:
@@ -33,7 +34,8 @@ def dice_per_label(labels, reference) -> dict:
     grid; a label ``labels`` lacks has 0, one only ``labels`` holds is not counted.
 
     Counted in one pass over the voxels (``np.bincount``), not once per label: a map of a hundred
-    labels costs what a map of three does."""
+    labels costs what a map of three does; in slabs of voxels, so that a CT's maps need no
+    whole-volume temporaries."""
     labels, reference = np.asarray(labels).ravel(), np.asarray(reference).ravel()
     if labels.shape != reference.shape:
         raise InvalidImageError(f"label maps of {labels.size} and {reference.size} voxels: the overlap compares "
@@ -44,12 +46,19 @@ def dice_per_label(labels, reference) -> dict:
     high = max(int(labels.max()), int(reference.max()))
     if high - low < _DIRECT_CODES:  # the labels' offsets from the lowest are their bins: no sort
         values = np.arange(low, high + 1)
-        codes, reference_codes = labels - low, reference - low
+
+        def codes(array):
+            return array.astype(np.int64) - low
     else:  # sparse label values (IDs in the millions): their ranks as bins
-        values, both = np.unique(np.concatenate([labels, reference]), return_inverse=True)
-        codes, reference_codes = both[:labels.size], both[labels.size:]
-    counts = np.bincount(codes, minlength=len(values))
-    reference_counts = np.bincount(reference_codes, minlength=len(values))
-    common = np.bincount(codes[codes == reference_codes], minlength=len(values))
+        values = np.union1d(np.unique(labels), np.unique(reference))
+
+        def codes(array):
+            return np.searchsorted(values, array)
+    counts, reference_counts, common = (np.zeros(len(values), np.int64) for _ in range(3))
+    for start in range(0, labels.size, _SLAB_VOXELS):
+        a, b = codes(labels[start:start + _SLAB_VOXELS]), codes(reference[start:start + _SLAB_VOXELS])
+        counts += np.bincount(a, minlength=len(values))
+        reference_counts += np.bincount(b, minlength=len(values))
+        common += np.bincount(a[a == b], minlength=len(values))
     return {int(value): 2.0 * int(common[i]) / int(counts[i] + reference_counts[i]) for i, value in enumerate(values)
             if value != BACKGROUND and reference_counts[i] > 0}

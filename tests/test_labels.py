@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from mgr_engine import labels as labels_module
 from mgr_engine.errors import InvalidImageError
 from mgr_engine.labels import dice_per_label, label_array
 
@@ -17,8 +18,11 @@ def dice_by_label(labels, reference):
     return out
 
 
+@pytest.mark.parametrize("slab", [None, 97])  # the whole map at once; slabs that do not divide it
 @pytest.mark.parametrize("scale", [1, -3, 10**7])  # bins by offset; negative labels; sparse IDs (ranks as bins)
-def test_dice_per_label_is_the_definitions_count(scale):
+def test_dice_per_label_is_the_definitions_count(scale, slab, monkeypatch):
+    if slab:
+        monkeypatch.setattr(labels_module, "_SLAB_VOXELS", slab)
     rng = np.random.default_rng(1)
     reference = rng.integers(0, 12, (9, 14, 11)) * scale
     labels = np.where(rng.random(reference.shape) < 0.7, reference, rng.integers(0, 15, reference.shape) * scale)
@@ -37,5 +41,6 @@ def test_maps_of_different_sizes_and_label_maps_that_are_not_whole_numbers_are_t
         dice_per_label(np.zeros((3, 3, 3)), np.zeros((3, 3, 4)))
     whole = itk.image_from_array(np.array([[[0.0, 2.0], [3.0, 1.0]]], dtype=np.float32))
     assert label_array(whole).dtype == np.int64 and label_array(whole).tolist() == [[[0, 2], [3, 1]]]
+    assert label_array(itk.image_from_array(np.array([[[0, 2]]], dtype=np.uint8))).dtype == np.uint8  # kept
     with pytest.raises(InvalidImageError, match="not whole numbers"):
         label_array(itk.image_from_array(np.array([[[0.0, 2.5]]], dtype=np.float32)), "labels")
