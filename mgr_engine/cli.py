@@ -2,7 +2,8 @@
 ``unigradicon-warp`` and ``unigradicon-jacobian``; ``mgr-engine register-many`` registers the
 pairs of a CSV file (:meth:`mgr_engine.Engine.register_many`); ``mgr-engine transform-points``
 moves landmarks of the fixed image into moving space (:mod:`mgr_engine.points`); ``mgr-engine
-train`` trains a model (:mod:`mgr_engine.train`).
+dice`` measures a transform by the overlap of segmentations (:mod:`mgr_engine.labels`);
+``mgr-engine train`` trains a model (:mod:`mgr_engine.train`).
 
 The subcommands take the same flags as the authors' commands (and their defaults:
 ``--model unigradicon``, ``--io_sim lncc``, 50 IO steps), so a script switches by
@@ -233,6 +234,7 @@ def run_register_many(args) -> None:
 
     from . import itk_io
     from .engine import Engine
+    from .labels import dice_before_and_after
     from .points import write_text
 
     if args.index_base is not None and not args.points_in_voxels:
@@ -262,7 +264,9 @@ def run_register_many(args) -> None:
         moved = result.transform_points(pair_landmarks.points) if pair_landmarks is not None else None
         label_map = itk_io.load_image(moving_labels, "moving labels") if moving_labels else None
         warped_labels = result.warp(label_map, "nearest") if label_map is not None else None
-        overlap = _label_overlaps(result.fixed, fixed_labels, label_map, warped_labels) if fixed_labels else None
+        overlap = None
+        if fixed_labels:
+            overlap = dice_before_and_after(itk_io.load_image(fixed_labels, "fixed labels"), label_map, warped_labels)
         itk_io.write_transform(result.transform, out_dir / f"{name}_transform.h5")
         if warped is not None:
             itk_io.write_image(warped, out_dir / f"{name}_warped.nii.gz")
@@ -302,23 +306,6 @@ class _Table:
 
         self.lines.extend(rows)
         write_text("".join(line + "\n" for line in self.lines), self.path)
-
-
-def _label_overlaps(fixed, fixed_labels, moving_labels, warped_labels):
-    """``(before, after)``: the Dice of each label of ``fixed_labels`` (a path) with the moving
-    labels on the fixed grid, before registration (identity in physical space) and after
-    (``warped_labels``)."""
-    from . import itk_io
-    from .errors import InvalidImageError
-    from .labels import dice_per_label, label_array
-
-    reference = label_array(itk_io.load_image(fixed_labels, "fixed labels"), f"fixed labels {fixed_labels!r}")
-    if not reference.any():
-        raise InvalidImageError(f"fixed labels {fixed_labels!r} hold background (0) only; give the fixed image's "
-                                "segmentation.")
-    unregistered = itk_io.resample(moving_labels, itk_io.identity_transform(), fixed, "nearest")
-    return tuple(dice_per_label(label_array(labels, "moving labels"), reference)
-                 for labels in (unregistered, warped_labels))
 
 
 def _add_export(sub):
@@ -361,6 +348,21 @@ def _add_jacobian(sub):
     p.set_defaults(run=run_jacobian)
 
 
+def _add_dice(sub):
+    p = sub.add_parser("dice", help="overlap (Dice) of the fixed and the moving segmentation before and after a "
+                                    "transform",
+                       description="Warp the moving image's segmentation onto the fixed one's grid through a "
+                                   "transform (register's --transform_out; nearest neighbour) and log the Dice of "
+                                   "each label of the fixed segmentation (0, the background, excluded) before (the "
+                                   "identity in physical space) and after.")
+    p.add_argument("--transform", required=True, help="transform file (.h5, .tfm): fixed point -> moving point")
+    p.add_argument("--fixed_labels", required=True, help="segmentation of the fixed image, on its grid")
+    p.add_argument("--moving_labels", required=True, help="segmentation of the moving image")
+    p.add_argument("--dice_out", help="output CSV: label, dice_before, dice_after")
+    p.add_argument("--warped_labels_out", help="output: the moving segmentation on the fixed grid")
+    p.set_defaults(run=run_dice)
+
+
 def _add_transform_points(sub):
     p = sub.add_parser("transform-points", help="move points (landmarks) of the fixed image into moving space through "
                                                 "a transform",
@@ -392,7 +394,7 @@ def _add_transform_points(sub):
 def check_outputs(outputs) -> None:
     """Refuse, before any work, outputs that could not be written or would overwrite each other:
     ``outputs`` lists ``(option, path, kind)`` for each output option, ``path`` None when not given,
-    ``kind`` ``"image"`` or ``"transform"``."""
+    ``kind`` ``"image"``, ``"transform"`` or ``"text"``."""
     from pathlib import Path
 
     from . import itk_io
@@ -484,16 +486,52 @@ def run_warp(args) -> None:
         raise InvalidOptionError("specify exactly one of --linear or --nearest_neighbor")
     check_outputs([("--warped_moving_out", args.warped_moving_out, "image")])
     transform = itk_io.read_transform(args.transform) if args.transform else itk_io.identity_transform()
+    interpolation = "linear" if args.linear else "nearest"
+    warped = _warped(transform, args.moving, args.fixed, interpolation)
+    itk_io.write_image(warped, args.warped_moving_out)
+
+
+def run_dice(args) -> None:
+    import numpy as np
+
+    from . import itk_io
+    from .labels import dice_before_and_after
+    from .points import write_text
+
+    itk_io.keep_itk_from_importing_torch()  # as in run_warp
+    check_outputs([("--dice_out", args.dice_out, "text"), ("--warped_labels_out", args.warped_labels_out, "image")])
+    transform = itk_io.read_transform(args.transform)
+    fixed_labels = itk_io.load_image(args.fixed_labels, "fixed labels")
+    moving_labels = itk_io.load_image(args.moving_labels, "moving labels")
+    warped = _warped(transform, moving_labels, fixed_labels, "nearest")
+    before, after = dice_before_and_after(fixed_labels, moving_labels, warped)
+    if len(after) <= _LABELS_LOGGED_ONE_BY_ONE:
+        for label, dice in after.items():
+            log.info("label %d: Dice %.3f before, %.3f after", label, before[label], dice)
+    worst = min(after, key=after.get)
+    log.info("Dice over %d labels: mean %.3f before, %.3f after (lowest after: label %d, %.3f)", len(after),
+             np.mean(list(before.values())), np.mean(list(after.values())), worst, after[worst])
+    if args.dice_out:  # computed first, then written, each atomically
+        write_text("label,dice_before,dice_after\n" + "".join(
+            f"{label},{before[label]!r},{dice!r}\n" for label, dice in after.items()), args.dice_out)
+    if args.warped_labels_out:
+        itk_io.write_image(warped, args.warped_labels_out)
+
+
+_LABELS_LOGGED_ONE_BY_ONE = 12  # more go to --dice_out only
+
+
+def _warped(transform, moving, fixed, interpolation: str, moving_name: str = "moving", fixed_name: str = "fixed"):
+    """The image ``moving`` (a path or image) resampled onto the grid of ``fixed`` through ``transform``."""
+    from . import itk_io
+
     grid = itk_io.grid_transform(transform)
     # the fixed image gives the output's grid: its voxels are read only for ITK's filter
-    fixed = itk_io.load_image(args.fixed, "fixed", grid_only=grid is not None)
-    moving = itk_io.load_image(args.moving, "moving")
-    interpolation = "linear" if args.linear else "nearest"
+    fixed = itk_io.load_image(fixed, fixed_name, grid_only=grid is not None)
+    moving = itk_io.load_image(moving, moving_name)
     if grid is not None:  # a registration's transform: evaluated in C++, not point by point by ITK
-        warped = itk_io.warp_image(grid, moving, fixed, interpolation)
-    else:
-        warped = itk_io.resample(moving, transform, fixed, interpolation)
-    itk_io.write_image(warped, args.warped_moving_out)
+        return itk_io.warp_image(grid, moving, fixed, interpolation)
+    return itk_io.resample(moving, transform, fixed, interpolation)
 
 
 def run_jacobian(args) -> None:
@@ -528,7 +566,7 @@ def run_transform_points(args) -> None:
         raise InvalidOptionError("--tre_out needs --target_points (the moving image's landmarks)")
     if args.index_base is not None and not args.voxel_indices:
         raise InvalidOptionError("--index_base needs --voxel_indices (the images whose voxel indices the files hold)")
-    check_outputs([("--points_out", args.points_out, "points"), ("--tre_out", args.tre_out, "points")])
+    check_outputs([("--points_out", args.points_out, "text"), ("--tre_out", args.tre_out, "text")])
     landmarks = _Landmarks.read(args.points, args.target_points, args.coordinate_system, args.voxel_indices,
                                 args.index_base)
     moved = transform_points(itk_io.read_transform(args.transform), landmarks.points)
@@ -698,6 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_warp(sub)
     _add_jacobian(sub)
     _add_transform_points(sub)
+    _add_dice(sub)
     _add_export(sub)
     _add_train(sub)
     return parser

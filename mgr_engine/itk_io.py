@@ -709,12 +709,12 @@ def check_output_path(path, kind: str) -> None:
     """Raise :class:`OutputWriteError` now, before the work whose result goes to ``path``, where
     writing it would fail: its folder missing, a folder in its place, an extension no ITK writer
     of ``kind`` (``"image"`` or ``"transform"``) takes, or a transform's ``.mat``, which ITK
-    writes but cannot read back. ``"points"``: a text file (:mod:`mgr_engine.points`), any name."""
+    writes but cannot read back. ``"text"``: a text file (points, tables), any name."""
     path = Path(path)
     _output_directory(path)
     if path.is_dir():
         raise OutputWriteError(f"output {str(path)!r} is a directory; give a file name.")
-    if kind == "points":
+    if kind == "text":
         return
     suffix = _suffix(path)
     if kind == "image" and suffix.lower() in _NIFTI_SUFFIXES and suffix != suffix.lower():

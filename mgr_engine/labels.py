@@ -62,3 +62,18 @@ def dice_per_label(labels, reference) -> dict:
         common += np.bincount(a[a == b], minlength=len(values))
     return {int(value): 2.0 * int(common[i]) / int(counts[i] + reference_counts[i]) for i, value in enumerate(values)
             if value != BACKGROUND and reference_counts[i] > 0}
+
+
+def dice_before_and_after(fixed_labels, moving_labels, warped_labels):
+    """``(before, after)``: :func:`dice_per_label` of each label of ``fixed_labels`` (an
+    ``itk.Image``) with the moving image's labels on its grid, before registration
+    (``moving_labels`` resampled through the identity in physical space, nearest neighbour) and
+    after (``warped_labels``, the moving labels warped through the registration's transform)."""
+    from . import itk_io
+
+    reference = label_array(fixed_labels, "fixed labels")
+    if not reference.any():
+        raise InvalidImageError("the fixed labels hold background (0) only; give the fixed image's segmentation.")
+    unregistered = itk_io.resample(moving_labels, itk_io.identity_transform(), fixed_labels, "nearest")
+    return tuple(dice_per_label(label_array(labels, "moving labels"), reference)
+                 for labels in (unregistered, warped_labels))

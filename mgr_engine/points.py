@@ -350,9 +350,9 @@ def write_points(points, path, like: PointsFile | None = None) -> None:
 
 
 def write_text(text: str, path) -> None:
-    """Write a points file's ``text`` atomically (see :func:`mgr_engine.itk_io.atomic_output`)."""
+    """Write a text file (points, tables) atomically (see :func:`mgr_engine.itk_io.atomic_output`)."""
     from .itk_io import atomic_output, check_output_path
 
-    check_output_path(path, "points")
+    check_output_path(path, "text")
     with atomic_output(path) as staged:
         Path(staged).write_text(text, encoding="utf-8")

@@ -44,3 +44,52 @@ def test_maps_of_different_sizes_and_label_maps_that_are_not_whole_numbers_are_t
     assert label_array(itk.image_from_array(np.array([[[0, 2]]], dtype=np.uint8))).dtype == np.uint8  # kept
     with pytest.raises(InvalidImageError, match="not whole numbers"):
         label_array(itk.image_from_array(np.array([[[0.0, 2.5]]], dtype=np.float32)), "labels")
+
+
+def segmentation(image, thresholds):
+    """``image``'s intensities cut into labels 0, 1, 2, ... (uint8), on its grid."""
+    itk = pytest.importorskip("itk")
+    labels = itk.image_from_array(np.digitize(itk.array_from_image(image), thresholds).astype(np.uint8))
+    labels.CopyInformation(image)
+    return labels
+
+
+def test_the_command_gives_the_dice_of_itks_nearest_neighbour_warp(tmp_path, caplog):
+    itk = pytest.importorskip("itk")
+    from helpers import oblique_registration
+    from mgr_engine import itk_io
+    from mgr_engine.cli import main
+
+    registration = oblique_registration()  # oblique, anisotropic grids; the moving image partly outside
+    registration.save(tmp_path / "transform.h5")
+    fixed_labels = segmentation(registration.fixed, (150.0, 450.0, 700.0))
+    moving_labels = segmentation(registration.moving, (200.0, 400.0, 600.0))
+    itk_io.write_image(fixed_labels, tmp_path / "fixed_labels.nii.gz")
+    itk_io.write_image(moving_labels, tmp_path / "moving_labels.nii.gz")
+    command = ["dice", "--transform", str(tmp_path / "transform.h5"), "--fixed_labels",
+               str(tmp_path / "fixed_labels.nii.gz"), "--moving_labels", str(tmp_path / "moving_labels.nii.gz"),
+               "--dice_out", str(tmp_path / "dice.csv"), "--warped_labels_out", str(tmp_path / "warped.nii.gz")]
+    with caplog.at_level("INFO", logger="mgr_engine"):
+        assert main(command) == 0
+    fixed_labels = itk_io.read_image(tmp_path / "fixed_labels.nii.gz")  # as the command read them
+    moving_labels = itk_io.read_image(tmp_path / "moving_labels.nii.gz")
+    expected = itk_io.resample(moving_labels, registration.transform, fixed_labels, "nearest")  # ITK's filter
+    np.testing.assert_array_equal(itk.array_from_image(itk_io.read_image(tmp_path / "warped.nii.gz")),
+                                  itk.array_from_image(expected))
+    reference = itk.array_from_image(fixed_labels)
+    unregistered = itk_io.resample(moving_labels, itk_io.identity_transform(), fixed_labels, "nearest")
+    before = dice_by_label(itk.array_from_image(unregistered), reference)
+    after = dice_by_label(itk.array_from_image(expected), reference)
+    table = np.loadtxt(tmp_path / "dice.csv", delimiter=",", skiprows=1)
+    np.testing.assert_allclose(table, [(k, before[k], after[k]) for k in sorted(after)], rtol=0, atol=1e-12)
+    assert len(table) == 3 and before != after
+    assert f"label 2: Dice {before[2]:.3f} before, {after[2]:.3f} after" in caplog.text
+    # a fixed segmentation of background only, float labels that are not whole numbers: refused, nothing written
+    for name, array in (("empty", np.zeros(reference.shape, np.uint8)),
+                        ("float", itk.array_from_image(registration.fixed).astype(np.float32))):
+        bad = itk.image_from_array(array)
+        bad.CopyInformation(fixed_labels)
+        itk_io.write_image(bad, tmp_path / f"{name}.nii.gz")
+        out = [*command[:4], str(tmp_path / f"{name}.nii.gz"), *command[5:-4], "--dice_out", str(tmp_path / "d2.csv")]
+        assert main(out) == 2
+        assert not (tmp_path / "d2.csv").exists()
