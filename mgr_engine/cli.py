@@ -535,7 +535,10 @@ def _warped(transform, moving, fixed, interpolation: str, moving_name: str = "mo
 
 
 def run_jacobian(args) -> None:
+    import itk
+
     from . import itk_io
+    from .resample import jacobian_summary
 
     itk_io.keep_itk_from_importing_torch()  # as in run_warp
     check_outputs([("--jacob", args.jacob, "image"), ("--log_jacob", args.log_jacob, "image")])
@@ -551,6 +554,8 @@ def run_jacobian(args) -> None:
     outputs = [(args.jacob, jacobian)]
     if args.log_jacob:
         outputs.append((args.log_jacob, _log_image(jacobian)))
+    log.info("Jacobian determinant: min %.3f, max %.3f; %.4f %% of the voxels at or below 0 (folds); SD of its log "
+             "%.4f (where above 0)", *jacobian_summary(itk.array_view_from_image(jacobian)))
     for path, image in outputs:
         itk_io.write_image(image, path)
 

@@ -317,6 +317,26 @@ def jacobian_determinant(displacement, spacing, direction=None, out=None, slab_v
     return out if out is not None else _returned(result, displacement, None)
 
 
+def jacobian_summary(jacobian: np.ndarray, slab_voxels: int = 2**22):
+    """``(min, max, percent of voxels <= 0, standard deviation of the log over the voxels > 0)``
+    of a Jacobian determinant's voxels: how much a transform folds (<= 0) and how irregular it is
+    elsewhere. In slabs: no whole-volume log at CT size."""
+    values = np.asarray(jacobian).ravel()
+    low, high, folds = np.inf, -np.inf, 0
+    count, mean, squares = 0, 0.0, 0.0  # of the logs: squares = sum of squared deviations from the mean
+    for start in range(0, values.size, slab_voxels):
+        slab = values[start:start + slab_voxels].astype(np.float64)
+        low, high = min(low, slab.min()), max(high, slab.max())
+        logs = np.log(slab[slab > 0])
+        folds += slab.size - logs.size
+        if logs.size:  # the slab's moments merged into the running ones (Chan et al.): no cancellation
+            slab_mean = logs.mean()
+            delta, merged = slab_mean - mean, count + logs.size
+            squares += np.square(logs - slab_mean).sum() + delta * delta * count * logs.size / merged
+            mean, count = mean + delta * logs.size / merged, merged
+    return float(low), float(high), 100.0 * folds / values.size, float(np.sqrt(squares / count)) if count else np.nan
+
+
 def _determinant_of_slab(u: torch.Tensor, weights: np.ndarray, inverse) -> torch.Tensor:
     """:func:`jacobian_determinant`'s tensor form on a (3, Z, Y, X) slab of the field: (Z, Y, X),
     its first and last slices differenced against themselves (right only at the field's ends)."""

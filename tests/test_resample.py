@@ -362,6 +362,16 @@ def affine_displacement(grid, affine):
     return np.moveaxis(moved - points, 0, -1).astype(np.float32)
 
 
+@pytest.mark.parametrize("slab_voxels", [2**22, 1000, 7])  # one slab; slabs that do not divide the volume
+def test_the_jacobian_summary_is_numpys_over_the_whole_volume(slab_voxels):
+    rng = np.random.default_rng(0)
+    jacobian = np.exp(rng.normal(0.1, 0.3, (30, 40, 50))).astype(np.float32)
+    jacobian[0, 0, :7], jacobian[1, 1, 1] = -0.5, 0.0  # 8 folds
+    low, high, folds, spread = resample.jacobian_summary(jacobian, slab_voxels)
+    assert (low, high) == (-0.5, float(jacobian.max())) and folds == 100.0 * 8 / jacobian.size
+    np.testing.assert_allclose(spread, np.log(jacobian[jacobian > 0].astype(np.float64)).std(), rtol=1e-12)
+
+
 def test_physical_jacobian_of_an_affine_transform_is_its_determinant(itk_module):
     from mgr_engine import itk_io
 
