@@ -128,6 +128,10 @@ def _add_register_many(sub):
     p.add_argument("--batch_size", type=int, default=1, help="pairs per network forward without IO (default 1)")
     p.add_argument("--prefetch", type=int, default=2, help="batches read ahead (default 2)")
     p.add_argument("--warped", action="store_true", help="also write OUT_DIR/NAME_warped.nii.gz (moving on the fixed grid)")
+    p.add_argument("--jacobian_stats", action="store_true",
+                   help="tabulate each transform's Jacobian determinant on the fixed grid in OUT_DIR/jacobian.csv: "
+                        "min, max, percentage of voxels at or below 0 (folds), SD of its log (as mgr-engine jacobian "
+                        "logs)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
                    help="arithmetic of the forward without IO (default fp32); tf32 and bf16 are for CUDA")
@@ -229,6 +233,7 @@ def _check_labels(names, pairs, labels):
 def run_register_many(args) -> None:
     from pathlib import Path
 
+    import itk
     import numpy as np
     from tqdm.auto import tqdm
 
@@ -236,6 +241,7 @@ def run_register_many(args) -> None:
     from .engine import Engine
     from .labels import dice_before_and_after
     from .points import write_text
+    from .resample import jacobian_summary
 
     if args.index_base is not None and not args.points_in_voxels:
         raise InvalidOptionError("--index_base needs --points_in_voxels")
@@ -257,6 +263,7 @@ def run_register_many(args) -> None:
     tre_table = _Table(out_dir / "tre.csv", "name,landmarks,mean_before_mm,mean_after_mm,median_after_mm,max_after_mm")
     overlaps = []  # (before, after): each pair's Dice per label
     dice_table = _Table(out_dir / "dice.csv", "name,label,dice_before,dice_after")
+    jacobian_table = _Table(out_dir / "jacobian.csv", "name,min,max,folds_percent,sd_log_jacobian")
     for name, result, (pair_landmarks, points_out), (fixed_labels, moving_labels) in tqdm(
             zip(names, results, landmarks, labels), total=len(names), desc="register-many", unit="pair"):
         # computed before anything of the pair is written
@@ -267,6 +274,9 @@ def run_register_many(args) -> None:
         overlap = None
         if fixed_labels:
             overlap = dice_before_and_after(itk_io.load_image(fixed_labels, "fixed labels"), label_map, warped_labels)
+        jacobian = None
+        if args.jacobian_stats:
+            jacobian = jacobian_summary(itk.array_view_from_image(result.jacobian_determinant()))
         itk_io.write_transform(result.transform, out_dir / f"{name}_transform.h5")
         if warped is not None:
             itk_io.write_image(warped, out_dir / f"{name}_warped.nii.gz")
@@ -274,6 +284,8 @@ def run_register_many(args) -> None:
             itk_io.write_image(warped_labels, out_dir / f"{name}_warped_labels.nii.gz")
         if moved is not None:
             write_text(pair_landmarks.text_with(moved), out_dir / points_out)
+        if jacobian is not None:
+            jacobian_table.add([f"{name}," + ",".join(repr(value) for value in jacobian)])
         if overlap is not None:
             overlaps.append(overlap)
             dice_table.add(f"{name},{label},{before!r},{overlap[1][label]!r}" for label, before in overlap[0].items())

@@ -344,6 +344,25 @@ def test_cli_warps_each_pairs_labels_and_tabulates_their_dice(tmp_path):
         assert before != after, "the test wants transforms that move the labels"
 
 
+def test_cli_tabulates_each_transforms_jacobian(tmp_path):
+    from mgr_engine import cli, itk_io, resample
+
+    data = dict(zip(("a", "b"), pairs(2, start=230)))
+    out = tmp_path / "out"
+    assert cli.main(["-q", "register-many", "--pairs", str(write_csv(tmp_path, data)), "--out_dir", str(out),
+                     "--model", "compact", "--jacobian_stats"]) == 0
+    table = np.genfromtxt(out / "jacobian.csv", delimiter=",", names=True, dtype=None, encoding="utf-8")
+    assert table.dtype.names == ("name", "min", "max", "folds_percent", "sd_log_jacobian")
+    for row, name in zip(table, data):
+        # the jacobian command's computation from the written transform (its default: the index axes)
+        transform = itk_io.read_transform(out / f"{name}_transform.h5")
+        fixed = itk_io.read_image(tmp_path / f"{name}_fixed.nii.gz")
+        jacobian = itk.array_from_image(itk_io.grid_jacobian_determinant(itk_io.grid_transform(transform), fixed))
+        assert row[0] == name
+        np.testing.assert_allclose(tuple(row)[1:], resample.jacobian_summary(jacobian), rtol=1e-6, atol=1e-9)
+        assert row[4] > 0.0  # the transforms are not the identity
+
+
 def test_cli_checks_the_label_maps_before_registering(tmp_path, capsys):
     from mgr_engine import cli
 
