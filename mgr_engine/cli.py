@@ -225,7 +225,7 @@ def _check_labels(names, pairs, labels):
             if fixed_labels:
                 itk_io.check_same_grid(itk_io.load_image(fixed_labels, "fixed labels", grid_only=True),
                                        itk_io.load_image(pair["fixed"], "fixed", grid_only=True),
-                                       "fixed labels (fixed_labels)")
+                                       "fixed labels")
         except MgrEngineError as exc:
             raise type(exc)(f"pair {name!r}: {exc}") from exc
 

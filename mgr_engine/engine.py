@@ -658,6 +658,19 @@ class RegistrationResult:
 
         return transform_points(self.inverse_transform if inverse else self.transform, points)
 
+    def dice(self, fixed_labels, moving_labels):
+        """``(before, after)``: the Dice overlap of each label of ``fixed_labels`` (a segmentation of
+        the fixed image, on its grid) with ``moving_labels`` (the moving image's, warped onto the fixed
+        grid by :meth:`warp`, nearest neighbour), each a ``{label: dice}`` dict; ``before`` through
+        the identity in physical space. Paths or ``itk.Image``s
+        (:func:`mgr_engine.labels.dice_before_and_after`)."""
+        from .labels import dice_before_and_after
+
+        fixed_labels = itk_io.load_image(fixed_labels, "fixed labels")
+        itk_io.check_same_grid(fixed_labels, self.fixed, "fixed labels")
+        moving_labels = itk_io.load_image(moving_labels, "moving labels")
+        return dice_before_and_after(fixed_labels, moving_labels, self.warp(moving_labels, "nearest"))
+
     def save(self, transform_path) -> None:
         """Write :attr:`transform` (``.h5`` or ``.tfm``, readable by ``itk.transformread``) atomically."""
         itk_io.write_transform(self.transform, transform_path)

@@ -234,8 +234,8 @@ def _matrix_array(matrix) -> np.ndarray:
 
 
 def check_same_grid(mask, image, what: str) -> None:
-    """Raise :class:`MaskMismatchError` unless ``mask`` lies on ``image``'s voxel grid; the
-    message names what differs (size, spacing, origin, direction) with both values."""
+    """Raise :class:`MaskMismatchError` unless ``mask`` (or a segmentation) lies on ``image``'s voxel
+    grid; the message names what differs (size, spacing, origin, direction) with both values."""
     m, i = ImageGrid.of(mask), ImageGrid.of(image)
     differences = [
         (name, mask_value, image_value)
@@ -251,8 +251,8 @@ def check_same_grid(mask, image, what: str) -> None:
         listed = "; ".join(f"{name} {_numbers(mask_value)} against {_numbers(image_value)}"
                            for name, mask_value, image_value in differences)
         raise MaskMismatchError(
-            f"{what} does not lie on its image's grid (mask against image: {listed}); resample the mask onto the "
-            "image (nearest neighbour) first."
+            f"{what} does not lie on its image's grid ({what} against image: {listed}); resample the {what} onto "
+            "the image (nearest neighbour) first."
         )
 
 

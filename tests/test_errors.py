@@ -272,7 +272,7 @@ def test_unknown_masking(engine):
 )
 @pytest.mark.parametrize("side", ["fixed", "moving"])
 def test_mask_on_another_grid(engine, mask, side):
-    with pytest.raises(MaskMismatchError, match=rf"{side} mask does not lie on its image's grid.*resample the mask"):
+    with pytest.raises(MaskMismatchError, match=rf"{side} mask does not lie on its image's grid.*resample the {side} mask"):
         register(engine, masking="input", **{f"{side}_mask": mask()})
 
 

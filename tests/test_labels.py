@@ -93,3 +93,22 @@ def test_the_command_gives_the_dice_of_itks_nearest_neighbour_warp(tmp_path, cap
         out = [*command[:4], str(tmp_path / f"{name}.nii.gz"), *command[5:-4], "--dice_out", str(tmp_path / "d2.csv")]
         assert main(out) == 2
         assert not (tmp_path / "d2.csv").exists()
+
+
+def test_a_results_dice_is_the_commands(tmp_path):
+    itk = pytest.importorskip("itk")
+    from helpers import oblique_registration
+    from mgr_engine import itk_io
+    from mgr_engine.errors import MaskMismatchError
+    from mgr_engine.labels import dice_before_and_after
+
+    registration = oblique_registration()
+    fixed_labels = segmentation(registration.fixed, (150.0, 450.0, 700.0))
+    moving_labels = segmentation(registration.moving, (200.0, 400.0, 600.0))
+    itk_io.write_image(moving_labels, tmp_path / "moving_labels.nrrd")
+    before, after = registration.dice(fixed_labels, tmp_path / "moving_labels.nrrd")  # an image and a path
+    warped = itk_io.resample(moving_labels, registration.transform, fixed_labels, "nearest")  # ITK's filter
+    assert (before, after) == dice_before_and_after(fixed_labels, moving_labels, warped)
+    assert list(after) == [1, 2, 3] and before != after
+    with pytest.raises(MaskMismatchError, match="fixed labels does not lie on its image's grid.*size"):
+        registration.dice(moving_labels, moving_labels)
