@@ -96,7 +96,7 @@ def test_the_command_gives_the_dice_of_itks_nearest_neighbour_warp(tmp_path, cap
 
 
 def test_a_results_dice_is_the_commands(tmp_path):
-    itk = pytest.importorskip("itk")
+    pytest.importorskip("itk")
     from helpers import oblique_registration
     from mgr_engine import itk_io
     from mgr_engine.errors import MaskMismatchError
