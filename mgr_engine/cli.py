@@ -132,6 +132,7 @@ def _add_register_many(sub):
                    help="tabulate each transform's Jacobian determinant on the fixed grid in OUT_DIR/jacobian.csv: "
                         "min, max, percentage of voxels at or below 0 (folds), SD of its log (as mgr-engine jacobian "
                         "logs)")
+    p.add_argument("--physical_jacobian", action="store_true", help="with --jacobian_stats: " + PHYSICAL_JACOBIAN_HELP)
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
                    help="arithmetic of the forward without IO (default fp32); tf32 and bf16 are for CUDA")
@@ -245,6 +246,8 @@ def run_register_many(args) -> None:
 
     if args.index_base is not None and not args.points_in_voxels:
         raise InvalidOptionError("--index_base needs --points_in_voxels")
+    if args.physical_jacobian and not args.jacobian_stats:
+        raise InvalidOptionError("--physical_jacobian needs --jacobian_stats")
     names, pairs, landmarks, labels = _read_pairs_csv(args.pairs)
     landmarks = _read_landmarks(names, pairs, landmarks, args.points_in_voxels, args.index_base)
     _check_labels(names, pairs, labels)
@@ -276,7 +279,7 @@ def run_register_many(args) -> None:
             overlap = dice_before_and_after(itk_io.load_image(fixed_labels, "fixed labels"), label_map, warped_labels)
         jacobian = None
         if args.jacobian_stats:
-            jacobian = jacobian_summary(itk.array_view_from_image(result.jacobian_determinant()))
+            jacobian = jacobian_summary(itk.array_view_from_image(result.jacobian_determinant(args.physical_jacobian)))
         itk_io.write_transform(result.transform, out_dir / f"{name}_transform.h5")
         if warped is not None:
             itk_io.write_image(warped, out_dir / f"{name}_warped.nii.gz")

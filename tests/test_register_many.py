@@ -344,23 +344,29 @@ def test_cli_warps_each_pairs_labels_and_tabulates_their_dice(tmp_path):
         assert before != after, "the test wants transforms that move the labels"
 
 
-def test_cli_tabulates_each_transforms_jacobian(tmp_path):
+@pytest.mark.parametrize("physical", [False, True])
+def test_cli_tabulates_each_transforms_jacobian(tmp_path, physical):
+    from helpers import oblique_image
     from mgr_engine import cli, itk_io, resample
 
-    data = dict(zip(("a", "b"), pairs(2, start=230)))
+    data = {name: tuple(oblique_image(itk.array_from_image(image), image.GetSpacing(), image.GetOrigin(), angles)
+                        for image, angles in zip(pair, ((0.3, -0.2, 0.25), (-0.1, 0.2, 0.1))))
+            for name, pair in zip(("a", "b"), pairs(2, start=230))}
     out = tmp_path / "out"
     assert cli.main(["-q", "register-many", "--pairs", str(write_csv(tmp_path, data)), "--out_dir", str(out),
-                     "--model", "compact", "--jacobian_stats"]) == 0
+                     "--model", "compact", "--jacobian_stats", *(["--physical_jacobian"] if physical else [])]) == 0
     table = np.genfromtxt(out / "jacobian.csv", delimiter=",", names=True, dtype=None, encoding="utf-8")
     assert table.dtype.names == ("name", "min", "max", "folds_percent", "sd_log_jacobian")
     for row, name in zip(table, data):
-        # the jacobian command's computation from the written transform (its default: the index axes)
-        transform = itk_io.read_transform(out / f"{name}_transform.h5")
+        # the jacobian command's computation from the written transform
+        grid = itk_io.grid_transform(itk_io.read_transform(out / f"{name}_transform.h5"))
         fixed = itk_io.read_image(tmp_path / f"{name}_fixed.nii.gz")
-        jacobian = itk.array_from_image(itk_io.grid_jacobian_determinant(itk_io.grid_transform(transform), fixed))
+        summaries = {kind: resample.jacobian_summary(itk.array_from_image(
+            itk_io.grid_jacobian_determinant(grid, fixed, kind))) for kind in (False, True)}
         assert row[0] == name
-        np.testing.assert_allclose(tuple(row)[1:], resample.jacobian_summary(jacobian), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(tuple(row)[1:], summaries[physical], rtol=1e-6, atol=1e-9)
         assert row[4] > 0.0  # the transforms are not the identity
+        assert abs(summaries[True][1] - summaries[False][1]) > 1e-4, "oblique grids: the two kinds differ"
 
 
 def test_cli_checks_the_label_maps_before_registering(tmp_path, capsys):
