@@ -19,7 +19,7 @@ def dice_by_label(labels, reference):
 
 
 @pytest.mark.parametrize("slab", [None, 97])  # the whole map at once; slabs that do not divide it
-@pytest.mark.parametrize("scale", [1, -3, 10**7])  # bins by offset; negative labels; sparse IDs (ranks as bins)
+@pytest.mark.parametrize("scale", [1, -3, 1000, 10**7])  # pairs; negative labels; bins by offset; ranks
 def test_dice_per_label_is_the_definitions_count(scale, slab, monkeypatch):
     if slab:
         monkeypatch.setattr(labels_module, "_SLAB_VOXELS", slab)
@@ -33,6 +33,14 @@ def test_dice_per_label_is_the_definitions_count(scale, slab, monkeypatch):
     np.testing.assert_allclose([dice[k] for k in expected], [expected[k] for k in expected], rtol=0, atol=1e-15)
     assert dice[5 * scale] == 0.0 and 0.5 < dice[1 * scale] < 1.0
     assert dice_per_label(reference, reference) == {k: 1.0 for k in expected}
+
+
+def test_maps_of_two_integer_types_are_counted_as_their_values():
+    rng = np.random.default_rng(2)
+    reference = rng.integers(0, 200, (6, 7, 8)).astype(np.uint8)
+    labels = np.where(rng.random(reference.shape) < 0.6, reference, rng.integers(-3, 5, reference.shape)).astype(np.int16)
+    expected = dice_by_label(labels.astype(np.int64), reference.astype(np.int64))
+    assert dice_per_label(labels, reference) == pytest.approx(expected, abs=1e-15)
 
 
 def test_maps_of_different_sizes_and_label_maps_that_are_not_whole_numbers_are_typed_errors():
