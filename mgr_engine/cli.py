@@ -133,6 +133,10 @@ def _add_register_many(sub):
                         "min, max, percentage of voxels at or below 0 (folds), SD of its log (as mgr-engine jacobian "
                         "logs)")
     p.add_argument("--physical_jacobian", action="store_true", help="with --jacobian_stats: " + PHYSICAL_JACOBIAN_HELP)
+    p.add_argument("--resume", action="store_true",
+                   help="pairs whose OUT_DIR/NAME_transform.h5 exists (an earlier run's) are not registered again; "
+                        "their other outputs and table rows are computed from that file, so the tables cover every "
+                        "pair")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
                    help="arithmetic of the forward without IO (default fp32); tf32 and bf16 are for CUDA")
@@ -239,7 +243,6 @@ def run_register_many(args) -> None:
     from tqdm.auto import tqdm
 
     from . import itk_io
-    from .engine import Engine
     from .labels import dice_before_and_after
     from .points import write_text
     from .resample import jacobian_summary
@@ -256,12 +259,7 @@ def run_register_many(args) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputWriteError(f"cannot create the output directory {str(out_dir)!r} ({exc.strerror or exc})") from exc
-    engine = Engine(model=args.model, weights=args.network_weights, device=args.device, precision=args.precision,
-                    compile=args.compile)
-    results = engine.register_many(
-        pairs, batch_size=args.batch_size, prefetch=args.prefetch, fixed_modality=args.fixed_modality,
-        moving_modality=args.moving_modality, io_iterations=args.io_iterations, io_sim=args.io_sim, io_lr=args.io_lr,
-        masking=args.masking, progress=False, seed=args.seed)
+    results = _registrations(args, names, pairs, out_dir)
     errors_by_pair = []  # (before, after): the target registration errors (mm) of each landmark
     tre_table = _Table(out_dir / "tre.csv", "name,landmarks,mean_before_mm,mean_after_mm,median_after_mm,max_after_mm")
     overlaps = []  # (before, after): each pair's Dice per label
@@ -280,7 +278,8 @@ def run_register_many(args) -> None:
         jacobian = None
         if args.jacobian_stats:
             jacobian = jacobian_summary(itk.array_view_from_image(result.jacobian_determinant(args.physical_jacobian)))
-        itk_io.write_transform(result.transform, out_dir / f"{name}_transform.h5")
+        if not isinstance(result, _SavedRegistration):
+            itk_io.write_transform(result.transform, out_dir / f"{name}_transform.h5")
         if warped is not None:
             itk_io.write_image(warped, out_dir / f"{name}_warped.nii.gz")
         if warped_labels is not None:
@@ -307,6 +306,62 @@ def run_register_many(args) -> None:
         log.info("Dice over the labels of %d pairs (mean of each pair's mean): %.3f before, %.3f after",
                  len(overlaps), before, after)
     log.info("wrote the outputs of %d pairs to %s", len(names), out_dir)
+
+
+def _registrations(args, names, pairs, out_dir):
+    """Each pair's registration, in order: the engine's result, or with ``--resume`` and the pair's
+    transform file in ``out_dir`` already, that file read back (:class:`_SavedRegistration`). The
+    engine is built, and its weights loaded, only if a pair is left to register."""
+    import re
+
+    from .engine import Engine
+
+    saved = [args.resume and (out_dir / f"{name}_transform.h5").is_file() for name in names]
+    if any(saved):
+        log.info("--resume: %d of %d pairs registered by an earlier run, evaluated from their transform files",
+                 sum(saved), len(names))
+    left = [pair for pair, done in zip(pairs, saved) if not done]
+    results = iter(())
+    if left:
+        engine = Engine(model=args.model, weights=args.network_weights, device=args.device, precision=args.precision,
+                        compile=args.compile)
+        results = engine.register_many(
+            left, batch_size=args.batch_size, prefetch=args.prefetch, fixed_modality=args.fixed_modality,
+            moving_modality=args.moving_modality, io_iterations=args.io_iterations, io_sim=args.io_sim,
+            io_lr=args.io_lr, masking=args.masking, progress=False, seed=args.seed)
+    for index, (name, pair, done) in enumerate(zip(names, pairs, saved)):
+        if done:
+            yield _SavedRegistration(out_dir / f"{name}_transform.h5", pair)
+            continue
+        try:
+            yield next(results)
+        except MgrEngineError as exc:  # named as the CSV names it (the engine counts the pairs it was given)
+            message = re.sub(r"^pair \d+: ", "", str(exc))
+            raise type(exc)(f"pair {name!r} (row {index + 1}): {message}") from exc
+
+
+class _SavedRegistration:
+    """A pair's registration read back from its transform file, with what register-many asks of a
+    :class:`mgr_engine.RegistrationResult`, computed as the warp, jacobian and transform-points
+    commands compute them from a file."""
+
+    def __init__(self, transform_path, pair: dict):
+        from . import itk_io
+
+        self.transform = itk_io.read_transform(transform_path)
+        self._pair = pair
+
+    def warp(self, image=None, interpolation: str = "linear"):
+        return _warped(self.transform, self._pair["moving"] if image is None else image, self._pair["fixed"],
+                       interpolation)
+
+    def transform_points(self, points):
+        from .points import transform_points
+
+        return transform_points(self.transform, points)
+
+    def jacobian_determinant(self, physical: bool = False):
+        return _jacobian_image(self.transform, self._pair["fixed"], physical)
 
 
 class _Table:
@@ -558,15 +613,7 @@ def run_jacobian(args) -> None:
 
     itk_io.keep_itk_from_importing_torch()  # as in run_warp
     check_outputs([("--jacob", args.jacob, "image"), ("--log_jacob", args.log_jacob, "image")])
-    transform = itk_io.read_transform(args.transform)
-    grid = itk_io.grid_transform(transform)
-    fixed = itk_io.load_image(args.fixed, "fixed", grid_only=grid is not None)  # as in run_warp
-    if grid is not None:  # as in run_warp, and slab by slab: no 900 MB field at 512x512x300
-        jacobian = itk_io.grid_jacobian_determinant(grid, fixed, args.physical_jacobian)
-    else:
-        field = itk_io.transform_to_displacement_field(transform, fixed)
-        jacobian = itk_io.jacobian_determinant(field, args.physical_jacobian)
-        del field  # 900 MB at 512x512x300, no longer needed
+    jacobian = _jacobian_image(itk_io.read_transform(args.transform), args.fixed, args.physical_jacobian)
     outputs = [(args.jacob, jacobian)]
     if args.log_jacob:
         outputs.append((args.log_jacob, _log_image(jacobian)))
@@ -574,6 +621,18 @@ def run_jacobian(args) -> None:
              "%.4f (where above 0)", *jacobian_summary(itk.array_view_from_image(jacobian)))
     for path, image in outputs:
         itk_io.write_image(image, path)
+
+
+def _jacobian_image(transform, fixed, physical: bool):
+    """The Jacobian determinant of ``transform`` on the grid of ``fixed`` (a path or an image)."""
+    from . import itk_io
+
+    grid = itk_io.grid_transform(transform)
+    fixed = itk_io.load_image(fixed, "fixed", grid_only=grid is not None)  # as in _warped
+    if grid is not None:  # as in _warped, and slab by slab: no 900 MB field at 512x512x300
+        return itk_io.grid_jacobian_determinant(grid, fixed, physical)
+    field = itk_io.transform_to_displacement_field(transform, fixed)
+    return itk_io.jacobian_determinant(field, physical)  # the 900 MB field (512x512x300) freed on return
 
 
 def run_transform_points(args) -> None:

@@ -233,7 +233,7 @@ def test_cli_stops_at_a_bad_pair_with_the_pairs_before_it_written(tmp_path, caps
     csv_path = write_csv(tmp_path, data)
     out = tmp_path / "out"
     assert cli.main(["-q", "register-many", "--pairs", str(csv_path), "--out_dir", str(out), "--model", "compact"]) == 2
-    assert "pair 1:" in capsys.readouterr().err
+    assert "pair 'b' (row 2): " in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["a_transform.h5"]
     # with landmarks: the table of the pairs before the bad one is kept
     np.savetxt(tmp_path / "f.txt", np.full((2, 3), 10.0))
@@ -243,6 +243,37 @@ def test_cli_stops_at_a_bad_pair_with_the_pairs_before_it_written(tmp_path, caps
     assert cli.main(["-q", "register-many", "--pairs", str(csv_path), "--out_dir", str(out), "--model", "compact"]) == 2
     assert sorted(p.name for p in out.iterdir()) == ["a_f.txt", "a_transform.h5", "tre.csv"]
     assert [line.split(",")[:2] for line in (out / "tre.csv").read_text().splitlines()[1:]] == [["a", "2"]]
+
+
+def test_cli_resume_registers_only_the_pairs_left_and_tabulates_every_pair(tmp_path):
+    from mgr_engine import cli
+
+    data = dict(zip(("a", "b", "c"), pairs(3, start=240)))
+    csv_path = write_csv(tmp_path, data)
+    for name, (fixed, moving) in data.items():
+        itk.imwrite(label_map(fixed), str(tmp_path / f"{name}_fl.nii.gz"))
+        itk.imwrite(label_map(moving), str(tmp_path / f"{name}_ml.nii.gz"))
+    np.savetxt(tmp_path / "points.txt", np.random.default_rng(5).uniform(5.0, 25.0, (4, 3)))
+    rows = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join([rows[0] + ",fixed_points,moving_points,fixed_labels,moving_labels"] + [
+        f"{row},points.txt,points.txt,{row.split(',')[0]}_fl.nii.gz,{row.split(',')[0]}_ml.nii.gz"
+        for row in rows[1:]]) + "\n")
+    out = tmp_path / "out"
+    command = ["-q", "register-many", "--pairs", str(csv_path), "--out_dir", str(out), "--model", "compact",
+               "--warped", "--jacobian_stats"]
+    assert cli.main(command) == 0
+    tables = {name: (out / name).read_text() for name in ("tre.csv", "dice.csv", "jacobian.csv")}
+    assert all(len(text.splitlines()) > 3 for text in tables.values())
+    written = {name: (out / f"{name}_transform.h5").stat().st_mtime_ns for name in data}
+    (out / "b_transform.h5").unlink()
+    for name in tables:
+        (out / name).unlink()
+    assert cli.main([*command, "--resume"]) == 0
+    assert {name: (out / name).read_text() for name in tables} == tables  # a and c from their files: the same rows
+    assert [(out / f"{name}_transform.h5").stat().st_mtime_ns == written[name] for name in data] == [True, False, True]
+    # every pair done: no engine, so a checkpoint that does not exist is never read
+    assert cli.main([*command, "--resume", "--network_weights", str(tmp_path / "missing.trch")]) == 0
+    assert cli.main([*command, "--network_weights", str(tmp_path / "missing.trch")]) == 2
 
 
 def test_cli_moves_each_pairs_landmarks_and_tabulates_the_error(tmp_path):
