@@ -252,14 +252,17 @@ def run_register_many(args) -> None:
     if args.physical_jacobian and not args.jacobian_stats:
         raise InvalidOptionError("--physical_jacobian needs --jacobian_stats")
     names, pairs, landmarks, labels = _read_pairs_csv(args.pairs)
+    out_dir = Path(args.out_dir)
+    saved = [args.resume and (out_dir / f"{name}_transform.h5").is_file() for name in names]
+    if all(saved):  # only evaluations from transform files: numpy and ITK, as the jacobian command
+        itk_io.keep_itk_from_importing_torch()
     landmarks = _read_landmarks(names, pairs, landmarks, args.points_in_voxels, args.index_base)
     _check_labels(names, pairs, labels)
-    out_dir = Path(args.out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputWriteError(f"cannot create the output directory {str(out_dir)!r} ({exc.strerror or exc})") from exc
-    results = _registrations(args, names, pairs, out_dir)
+    results = _registrations(args, names, pairs, saved, out_dir)
     errors_by_pair = []  # (before, after): the target registration errors (mm) of each landmark
     tre_table = _Table(out_dir / "tre.csv", "name,landmarks,mean_before_mm,mean_after_mm,median_after_mm,max_after_mm")
     overlaps = []  # (before, after): each pair's Dice per label
@@ -308,21 +311,21 @@ def run_register_many(args) -> None:
     log.info("wrote the outputs of %d pairs to %s", len(names), out_dir)
 
 
-def _registrations(args, names, pairs, out_dir):
-    """Each pair's registration, in order: the engine's result, or with ``--resume`` and the pair's
-    transform file in ``out_dir`` already, that file read back (:class:`_SavedRegistration`). The
-    engine is built, and its weights loaded, only if a pair is left to register."""
+def _registrations(args, names, pairs, saved, out_dir):
+    """Each pair's registration, in order: the engine's result, or where ``saved`` (``--resume``,
+    and the pair's transform file in ``out_dir`` already) that file read back
+    (:class:`_SavedRegistration`). The engine is built, and its weights loaded, only if a pair is
+    left to register."""
     import re
 
-    from .engine import Engine
-
-    saved = [args.resume and (out_dir / f"{name}_transform.h5").is_file() for name in names]
     if any(saved):
         log.info("--resume: %d of %d pairs registered by an earlier run, evaluated from their transform files",
                  sum(saved), len(names))
     left = [pair for pair, done in zip(pairs, saved) if not done]
     results = iter(())
     if left:
+        from .engine import Engine  # torch with it: not imported where every pair is done
+
         engine = Engine(model=args.model, weights=args.network_weights, device=args.device, precision=args.precision,
                         compile=args.compile)
         results = engine.register_many(
