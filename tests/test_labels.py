@@ -86,6 +86,9 @@ def test_the_command_gives_the_dice_of_itks_nearest_neighbour_warp(tmp_path, cap
                                   itk.array_from_image(expected))
     reference = itk.array_from_image(fixed_labels)
     unregistered = itk_io.resample(moving_labels, itk_io.identity_transform(), fixed_labels, "nearest")
+    np.testing.assert_array_equal(  # the command's own identity resampling gives ITK's voxels
+        itk.array_from_image(itk_io.warp_image(labels_module._identity_grid_transform(), moving_labels, fixed_labels,
+                                               "nearest")), itk.array_from_image(unregistered))
     before = dice_by_label(itk.array_from_image(unregistered), reference)
     after = dice_by_label(itk.array_from_image(expected), reference)
     table = np.loadtxt(tmp_path / "dice.csv", delimiter=",", skiprows=1)
