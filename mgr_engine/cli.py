@@ -270,8 +270,10 @@ def run_register_many(args) -> None:
     jacobian_table = _Table(out_dir / "jacobian.csv", "name,min,max,folds_percent,sd_log_jacobian")
     for name, result, (pair_landmarks, points_out), (fixed_labels, moving_labels) in tqdm(
             zip(names, results, landmarks, labels), total=len(names), desc="register-many", unit="pair"):
-        # computed before anything of the pair is written
-        warped = result.warp() if args.warped else None
+        resumed = isinstance(result, _SavedRegistration)
+        # computed before anything of the pair is written; a resumed pair's warped image is kept (written atomically)
+        keep_warped = resumed and (out_dir / f"{name}_warped.nii.gz").is_file()
+        warped = result.warp() if args.warped and not keep_warped else None
         moved = result.transform_points(pair_landmarks.points) if pair_landmarks is not None else None
         label_map = itk_io.load_image(moving_labels, "moving labels") if moving_labels else None
         warped_labels = result.warp(label_map, "nearest") if label_map is not None else None
@@ -281,7 +283,7 @@ def run_register_many(args) -> None:
         jacobian = None
         if args.jacobian_stats:
             jacobian = jacobian_summary(itk.array_view_from_image(result.jacobian_determinant(args.physical_jacobian)))
-        if not isinstance(result, _SavedRegistration):
+        if not resumed:
             itk_io.write_transform(result.transform, out_dir / f"{name}_transform.h5")
         if warped is not None:
             itk_io.write_image(warped, out_dir / f"{name}_warped.nii.gz")

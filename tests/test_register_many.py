@@ -265,12 +265,17 @@ def test_cli_resume_registers_only_the_pairs_left_and_tabulates_every_pair(tmp_p
     tables = {name: (out / name).read_text() for name in ("tre.csv", "dice.csv", "jacobian.csv")}
     assert all(len(text.splitlines()) > 3 for text in tables.values())
     written = {name: (out / f"{name}_transform.h5").stat().st_mtime_ns for name in data}
+    warped = {name: (out / f"{name}_warped.nii.gz").stat().st_mtime_ns for name in data}
     (out / "b_transform.h5").unlink()
+    (out / "c_warped.nii.gz").unlink()
     for name in tables:
         (out / name).unlink()
     assert cli.main([*command, "--resume"]) == 0
     assert {name: (out / name).read_text() for name in tables} == tables  # a and c from their files: the same rows
     assert [(out / f"{name}_transform.h5").stat().st_mtime_ns == written[name] for name in data] == [True, False, True]
+    # a resumed pair's warped image is kept; written where it is missing
+    assert [(out / f"{name}_warped.nii.gz").stat().st_mtime_ns == warped.get(name) for name in data] == [
+        True, False, False]
     # every pair done: no engine, so a checkpoint that does not exist is never read
     assert cli.main([*command, "--resume", "--network_weights", str(tmp_path / "missing.trch")]) == 0
     assert cli.main([*command, "--network_weights", str(tmp_path / "missing.trch")]) == 2
