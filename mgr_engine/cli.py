@@ -336,7 +336,7 @@ def _registrations(args, names, pairs, saved, out_dir):
             io_lr=args.io_lr, masking=args.masking, progress=False, seed=args.seed)
     for index, (name, pair, done) in enumerate(zip(names, pairs, saved)):
         if done:
-            yield _SavedRegistration(out_dir / f"{name}_transform.h5", pair)
+            yield _SavedRegistration(out_dir / f"{name}_transform.h5", pair, name)
             continue
         try:
             yield next(results)
@@ -345,16 +345,42 @@ def _registrations(args, names, pairs, saved, out_dir):
             raise type(exc)(f"pair {name!r} (row {index + 1}): {message}") from exc
 
 
+_GRID_TOLERANCE_MM = 1e-3  # NIfTI headers hold the geometry in float32: about 1e-5 mm apart after a round trip
+
+
 class _SavedRegistration:
     """A pair's registration read back from its transform file, with what register-many asks of a
     :class:`mgr_engine.RegistrationResult`, computed as the warp, jacobian and transform-points
     commands compute them from a file."""
 
-    def __init__(self, transform_path, pair: dict):
+    def __init__(self, transform_path, pair: dict, name: str):
         from . import itk_io
 
         self.transform = itk_io.read_transform(transform_path)
         self._pair = pair
+        self._check_images(transform_path, name)
+
+    def _check_images(self, transform_path, name: str) -> None:
+        """Raise :class:`InvalidOptionError` where the file is a registration's transform (of this
+        engine's form) computed for other images: its affines place the network grid over the
+        fixed and the moving image's extents, which the pair's images (their headers) must give
+        again. Other transforms are taken as they are."""
+        import numpy as np
+
+        from . import itk_io
+        from .resample import invert_affine
+
+        grid = itk_io.grid_transform(self.transform)
+        if grid is None:
+            return
+        shape = grid.displacement.shape[:3]
+        for role, affine in (("fixed", invert_affine(grid.to_grid)), ("moving", grid.from_grid)):
+            image = itk_io.load_image(self._pair[role], role, grid_only=True)
+            if not np.allclose(affine, itk_io.network_to_physical_affine(image, shape), rtol=0, atol=_GRID_TOLERANCE_MM):
+                raise InvalidOptionError(
+                    f"pair {name!r}: {str(transform_path)!r} was computed for another {role} image than "
+                    f"{self._pair[role]!r} (its grid differs); delete the file to register the pair again, or run "
+                    "without --resume.")
 
     def warp(self, image=None, interpolation: str = "linear"):
         return _warped(self.transform, self._pair["moving"] if image is None else image, self._pair["fixed"],

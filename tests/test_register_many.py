@@ -245,7 +245,7 @@ def test_cli_stops_at_a_bad_pair_with_the_pairs_before_it_written(tmp_path, caps
     assert [line.split(",")[:2] for line in (out / "tre.csv").read_text().splitlines()[1:]] == [["a", "2"]]
 
 
-def test_cli_resume_registers_only_the_pairs_left_and_tabulates_every_pair(tmp_path):
+def test_cli_resume_registers_only_the_pairs_left_and_tabulates_every_pair(tmp_path, capsys):
     from mgr_engine import cli
 
     data = dict(zip(("a", "b", "c"), pairs(3, start=240)))
@@ -279,6 +279,10 @@ def test_cli_resume_registers_only_the_pairs_left_and_tabulates_every_pair(tmp_p
     # every pair done: no engine, so a checkpoint that does not exist is never read
     assert cli.main([*command, "--resume", "--network_weights", str(tmp_path / "missing.trch")]) == 0
     assert cli.main([*command, "--network_weights", str(tmp_path / "missing.trch")]) == 2
+    # a transform file computed for other images is refused, not evaluated
+    itk.imwrite(data["a"][1], str(tmp_path / "c_moving.nii.gz"))
+    assert cli.main([*command, "--resume"]) == 2
+    assert re.search(r"pair 'c': .*c_transform.h5' was computed for another moving image", capsys.readouterr().err)
 
 
 def test_cli_moves_each_pairs_landmarks_and_tabulates_the_error(tmp_path):
@@ -403,6 +407,12 @@ def test_cli_tabulates_each_transforms_jacobian(tmp_path, physical):
         np.testing.assert_allclose(tuple(row)[1:], summaries[physical], rtol=1e-6, atol=1e-9)
         assert row[4] > 0.0  # the transforms are not the identity
         assert abs(summaries[True][1] - summaries[False][1]) > 1e-4, "oblique grids: the two kinds differ"
+    # resumed, the oblique pairs' transform files pass the image check and give the same table
+    table_text = (out / "jacobian.csv").read_text()
+    assert cli.main(["-q", "register-many", "--pairs", str(tmp_path / "pairs.csv"), "--out_dir", str(out),
+                     "--model", "compact", "--jacobian_stats", "--resume",
+                     *(["--physical_jacobian"] if physical else [])]) == 0
+    assert (out / "jacobian.csv").read_text() == table_text
 
 
 def test_cli_checks_the_label_maps_before_registering(tmp_path, capsys):
