@@ -205,6 +205,13 @@ def write_csv(folder, pairs_by_name):
     return folder / "pairs.csv"
 
 
+def add_columns(csv_path, columns, values):
+    """Append ``columns`` to a pairs CSV file; ``values(name)`` gives the pair's values of them."""
+    rows = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join([f"{rows[0]},{','.join(columns)}"] + [
+        f"{row},{','.join(values(row.split(',')[0]))}" for row in rows[1:]]) + "\n")
+
+
 def test_cli_writes_each_pairs_transform_as_register_does(tmp_path):
     from mgr_engine import cli
     from mgr_engine.engine import Engine
@@ -237,9 +244,7 @@ def test_cli_stops_at_a_bad_pair_with_the_pairs_before_it_written(tmp_path, caps
     assert [p.name for p in out.iterdir()] == ["a_transform.h5"]
     # with landmarks: the table of the pairs before the bad one is kept
     np.savetxt(tmp_path / "f.txt", np.full((2, 3), 10.0))
-    rows = csv_path.read_text().splitlines()
-    csv_path.write_text("\n".join([rows[0] + ",fixed_points,moving_points"] + [row + ",f.txt,f.txt" for row in rows[1:]])
-                        + "\n")
+    add_columns(csv_path, ("fixed_points", "moving_points"), lambda name: ("f.txt", "f.txt"))
     assert cli.main(["-q", "register-many", "--pairs", str(csv_path), "--out_dir", str(out), "--model", "compact"]) == 2
     assert sorted(p.name for p in out.iterdir()) == ["a_f.txt", "a_transform.h5", "tre.csv"]
     assert [line.split(",")[:2] for line in (out / "tre.csv").read_text().splitlines()[1:]] == [["a", "2"]]
@@ -254,10 +259,8 @@ def test_cli_resume_registers_only_the_pairs_left_and_tabulates_every_pair(tmp_p
         itk.imwrite(label_map(fixed), str(tmp_path / f"{name}_fl.nii.gz"))
         itk.imwrite(label_map(moving), str(tmp_path / f"{name}_ml.nii.gz"))
     np.savetxt(tmp_path / "points.txt", np.random.default_rng(5).uniform(5.0, 25.0, (4, 3)))
-    rows = csv_path.read_text().splitlines()
-    csv_path.write_text("\n".join([rows[0] + ",fixed_points,moving_points,fixed_labels,moving_labels"] + [
-        f"{row},points.txt,points.txt,{row.split(',')[0]}_fl.nii.gz,{row.split(',')[0]}_ml.nii.gz"
-        for row in rows[1:]]) + "\n")
+    add_columns(csv_path, ("fixed_points", "moving_points", "fixed_labels", "moving_labels"),
+                lambda name: ("points.txt", "points.txt", f"{name}_fl.nii.gz", f"{name}_ml.nii.gz"))
     out = tmp_path / "out"
     command = ["-q", "register-many", "--pairs", str(csv_path), "--out_dir", str(out), "--model", "compact",
                "--warped", "--jacobian_stats"]
@@ -297,10 +300,7 @@ def test_cli_moves_each_pairs_landmarks_and_tabulates_the_error(tmp_path):
         points.write_points(at, tmp_path / f"{name}_fixed.csv")
         targets[name] = at + rng.normal(size=(6, 3))  # stand-ins for the moving image's landmarks
         points.write_points(targets[name], tmp_path / f"{name}_moving.csv")
-    rows = csv_path.read_text().splitlines()
-    csv_path.write_text("\n".join([rows[0] + ",fixed_points,moving_points"]
-                                  + [f"{row},{row.split(',')[0]}_fixed.csv,{row.split(',')[0]}_moving.csv" for row in rows[1:]])
-                        + "\n")
+    add_columns(csv_path, ("fixed_points", "moving_points"), lambda name: (f"{name}_fixed.csv", f"{name}_moving.csv"))
     out = tmp_path / "out"
     assert cli.main(["-q", "register-many", "--pairs", str(csv_path), "--out_dir", str(out), "--model", "compact"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["a_a_fixed.csv", "a_transform.h5", "b_b_fixed.csv",
@@ -327,8 +327,7 @@ def test_cli_takes_landmarks_as_voxel_indices_of_each_pairs_images(tmp_path):
     target_indices = indices + rng.normal(size=(5, 3))
     np.savetxt(tmp_path / "f.txt", indices)
     np.savetxt(tmp_path / "m.txt", target_indices)
-    rows = csv_path.read_text().splitlines()
-    csv_path.write_text(f"{rows[0]},fixed_points,moving_points\n{rows[1]},f.txt,m.txt\n")
+    add_columns(csv_path, ("fixed_points", "moving_points"), lambda name: ("f.txt", "m.txt"))
     out = tmp_path / "out"
     assert cli.main(["-q", "register-many", "--pairs", str(csv_path), "--out_dir", str(out), "--model", "compact",
                      "--points_in_voxels", "--index_base", "1"]) == 0
@@ -359,10 +358,8 @@ def test_cli_warps_each_pairs_labels_and_tabulates_their_dice(tmp_path):
     for name, (fixed, moving) in data.items():
         itk.imwrite(label_map(fixed), str(tmp_path / f"{name}_fixed_labels.nii.gz"))
         itk.imwrite(label_map(moving), str(tmp_path / f"{name}_moving_labels.nii.gz"))
-    rows = csv_path.read_text().splitlines()
-    csv_path.write_text("\n".join([rows[0] + ",fixed_labels,moving_labels"] + [
-        f"{row},{row.split(',')[0]}_fixed_labels.nii.gz,{row.split(',')[0]}_moving_labels.nii.gz"
-        for row in rows[1:]]) + "\n")
+    add_columns(csv_path, ("fixed_labels", "moving_labels"),
+                lambda name: (f"{name}_fixed_labels.nii.gz", f"{name}_moving_labels.nii.gz"))
     out = tmp_path / "out"
     assert cli.main(["-q", "register-many", "--pairs", str(csv_path), "--out_dir", str(out), "--model", "compact"]) == 0
     table = np.genfromtxt(out / "dice.csv", delimiter=",", skip_header=1, dtype=None, encoding="utf-8")
