@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .engine import BUNDLED_WEIGHTS as _BUNDLED
-from .train import dice
+from .labels import dice_before_and_after
 
 log = logging.getLogger("mgr_engine.demo")
 
@@ -143,11 +143,6 @@ def build_sample_pair(out_dir=SAMPLE_DIR) -> dict:
 
 
 # ---------------------------------------------------------------- the report
-
-
-def _tissue_dice(a: np.ndarray, b: np.ndarray) -> dict:
-    """Dice of each tissue label of ``a`` and ``b`` (label maps on one grid)."""
-    return {label: dice(a, b, label) for label in TISSUES}
 
 
 def _read_array(path) -> np.ndarray:
@@ -303,13 +298,10 @@ def main(argv=None) -> int:
     moving_labels = itk_io.load_image(data["moving_labels"], "moving labels")
     identity = itk_io.identity_transform()
     transform = itk_io.read_transform(outputs["transform"])
-    fixed_label_array = itk.array_from_image(fixed_labels)
-    dice_before = _tissue_dice(fixed_label_array, itk.array_from_image(
-        itk_io.resample(moving_labels, identity, fixed_labels, "nearest")))
-    warped_labels = itk_io.resample(moving_labels, transform, fixed_labels, "nearest")
+    warped_labels = itk_io.resample(moving_labels, transform, fixed_labels, "nearest")  # ITK's own filter
     outputs["warped moving labels"] = out / "warped_moving_labels.nii.gz"
     itk_io.write_image(warped_labels, outputs["warped moving labels"])
-    dice_after = _tissue_dice(fixed_label_array, itk.array_from_image(warped_labels))
+    dice_before, dice_after = dice_before_and_after(fixed_labels, moving_labels, warped_labels)
     jacobian = _read_array(outputs["Jacobian determinant"])
     negative = 100.0 * float(np.count_nonzero(jacobian < 0)) / jacobian.size
     displacement = _read_array(outputs["displacement field"])
