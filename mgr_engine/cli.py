@@ -217,20 +217,24 @@ def _read_landmarks(names, pairs, landmarks, in_voxels: bool, index_base):
 
 
 def _check_labels(names, pairs, labels):
-    """Each pair's label maps, checked up to their headers before any registration: the fixed
-    labels on the fixed image's grid (the overlap is counted voxel by voxel there), the moving
-    labels readable; errors name the pair."""
+    """Each pair's label maps, checked before any registration: the fixed labels on the fixed
+    image's grid (the overlap is counted voxel by voxel there), the moving labels readable, both up
+    to their headers; a map of floating-point pixels read whole, its values whole numbers (a
+    segmentation, not an intensity image in the wrong column). Errors name the pair."""
     from . import itk_io
     from .errors import MgrEngineError
+    from .labels import label_array
 
     for name, pair, (fixed_labels, moving_labels) in zip(names, pairs, labels):
         try:
-            if moving_labels:
-                itk_io.load_image(moving_labels, "moving labels", grid_only=True)
-            if fixed_labels:
-                itk_io.check_same_grid(itk_io.load_image(fixed_labels, "fixed labels", grid_only=True),
-                                       itk_io.load_image(pair["fixed"], "fixed", grid_only=True),
-                                       "fixed labels")
+            for role, path in (("moving labels", moving_labels), ("fixed labels", fixed_labels)):
+                if not path:
+                    continue
+                grid = itk_io.load_image(path, role, grid_only=True)
+                if role == "fixed labels":
+                    itk_io.check_same_grid(grid, itk_io.load_image(pair["fixed"], "fixed", grid_only=True), role)
+                if type(itk_io.read_image(path, header_only=True)).__name__ in ("itkImageF3", "itkImageD3"):
+                    label_array(itk_io.load_image(path, role), f"{role} {path!r}")
         except MgrEngineError as exc:
             raise type(exc)(f"pair {name!r}: {exc}") from exc
 

@@ -422,7 +422,9 @@ def test_cli_checks_the_label_maps_before_registering(tmp_path, capsys):
     for columns, values, message in (
             (",fixed_labels,moving_labels", ",moving_labels.nii.gz,moving_labels.nii.gz", "pair 'a': fixed labels .* size"),
             (",fixed_labels", ",moving_labels.nii.gz", "fixed_labels without moving_labels"),
-            (",moving_labels", ",nothing.nii.gz", "pair 'a': moving labels image .* does not exist")):
+            (",moving_labels", ",nothing.nii.gz", "pair 'a': moving labels image .* does not exist"),
+            # the images themselves in the label columns: float intensities, not labels
+            (",fixed_labels,moving_labels", ",a_fixed.nii.gz,a_moving.nii.gz", "pair 'a': moving labels .* whole")):
         csv_path.write_text(f"{rows[0]}{columns}\n{rows[1]}{values}\n")
         assert cli.main(["register-many", "--pairs", str(csv_path), "--out_dir", str(tmp_path / "out"),
                          "--model", "compact"]) == 2
