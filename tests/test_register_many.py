@@ -412,41 +412,43 @@ def test_cli_tabulates_each_transforms_jacobian(tmp_path, physical):
     assert (out / "jacobian.csv").read_text() == table_text
 
 
-def test_cli_checks_the_label_maps_before_registering(tmp_path, capsys):
+def assert_refused_before_registering(csv_path, capsys, cases):
+    """For each ``(columns, values, message)``: the one-pair CSV with those columns appended to its
+    header and values to its row makes register-many exit 2 with ``message`` (a regex) before it
+    creates its output folder."""
     from mgr_engine import cli
 
+    rows = csv_path.read_text().splitlines()
+    out = csv_path.parent / "out"
+    for columns, values, message in cases:
+        csv_path.write_text(f"{rows[0]}{columns}\n{rows[1]}{values}\n")
+        assert cli.main(["register-many", "--pairs", str(csv_path), "--out_dir", str(out), "--model", "compact"]) == 2
+        assert re.search(message, capsys.readouterr().err)
+        assert not out.exists()
+
+
+def test_cli_checks_the_label_maps_before_registering(tmp_path, capsys):
     fixed, moving = pairs(1, start=220)[0]
     csv_path = write_csv(tmp_path, {"a": (fixed, moving)})
     itk.imwrite(label_map(moving), str(tmp_path / "moving_labels.nii.gz"))  # not on the fixed grid
-    rows = csv_path.read_text().splitlines()
-    for columns, values, message in (
-            (",fixed_labels,moving_labels", ",moving_labels.nii.gz,moving_labels.nii.gz", "pair 'a': fixed labels .* size"),
-            (",fixed_labels", ",moving_labels.nii.gz", "fixed_labels without moving_labels"),
-            (",moving_labels", ",nothing.nii.gz", "pair 'a': moving labels image .* does not exist"),
-            # the images themselves in the label columns: float intensities, not labels
-            (",fixed_labels,moving_labels", ",a_fixed.nii.gz,a_moving.nii.gz", "pair 'a': moving labels .* whole")):
-        csv_path.write_text(f"{rows[0]}{columns}\n{rows[1]}{values}\n")
-        assert cli.main(["register-many", "--pairs", str(csv_path), "--out_dir", str(tmp_path / "out"),
-                         "--model", "compact"]) == 2
-        assert re.search(message, capsys.readouterr().err)
-        assert not (tmp_path / "out").exists()
+    assert_refused_before_registering(csv_path, capsys, (
+        (",fixed_labels,moving_labels", ",moving_labels.nii.gz,moving_labels.nii.gz", "pair 'a': fixed labels .* size"),
+        (",fixed_labels", ",moving_labels.nii.gz", "fixed_labels without moving_labels"),
+        (",moving_labels", ",nothing.nii.gz", "pair 'a': moving labels image .* does not exist"),
+        # the images themselves in the label columns: float intensities, not labels
+        (",fixed_labels,moving_labels", ",a_fixed.nii.gz,a_moving.nii.gz", "pair 'a': moving labels .* whole")))
 
 
 def test_cli_checks_the_landmarks_before_registering(tmp_path, capsys):
-    from mgr_engine import cli, points
+    from mgr_engine import points
 
     csv_path = write_csv(tmp_path, dict(zip(("a",), pairs(1, start=190))))
     points.write_points(np.ones((4, 3)), tmp_path / "f.csv")
     points.write_points(np.ones((3, 3)), tmp_path / "m.csv")
-    rows = csv_path.read_text().splitlines()
-    for columns, values, message in ((",fixed_points,moving_points", ",f.csv,m.csv", "pair 'a': 4 points against 3"),
-                                     (",moving_points", ",m.csv", "moving_points without fixed_points"),
-                                     (",fixed_points", ",nothing.csv", "pair 'a': points file .* does not exist")):
-        csv_path.write_text(f"{rows[0]}{columns}\n{rows[1]}{values}\n")
-        assert cli.main(["register-many", "--pairs", str(csv_path), "--out_dir", str(tmp_path / "out"),
-                         "--model", "compact"]) == 2
-        assert re.search(message, capsys.readouterr().err)
-        assert not (tmp_path / "out").exists()
+    assert_refused_before_registering(csv_path, capsys, (
+        (",fixed_points,moving_points", ",f.csv,m.csv", "pair 'a': 4 points against 3"),
+        (",moving_points", ",m.csv", "moving_points without fixed_points"),
+        (",fixed_points", ",nothing.csv", "pair 'a': points file .* does not exist")))
 
 
 @pytest.mark.parametrize("text,message", [("fixed,target\nx,y\n", "columns fixed and moving"),
