@@ -136,7 +136,8 @@ def _add_register_many(sub):
     p.add_argument("--resume", action="store_true",
                    help="pairs whose OUT_DIR/NAME_transform.h5 exists (an earlier run's) are not registered again; "
                         "their other outputs and table rows are computed from that file, so the tables cover every "
-                        "pair")
+                        "pair. Refused where the model, checkpoint or registration options differ from those "
+                        "OUT_DIR/register_many.json records")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
                    help="arithmetic of the forward without IO (default fp32); tf32 and bf16 are for CUDA")
@@ -240,6 +241,7 @@ def _check_labels(names, pairs, labels):
 
 
 def run_register_many(args) -> None:
+    import json
     from pathlib import Path
 
     import itk
@@ -262,10 +264,13 @@ def run_register_many(args) -> None:
         itk_io.keep_itk_from_importing_torch()
     landmarks = _read_landmarks(names, pairs, landmarks, args.points_in_voxels, args.index_base)
     _check_labels(names, pairs, labels)
+    settings = _registration_settings(args, out_dir, saved)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputWriteError(f"cannot create the output directory {str(out_dir)!r} ({exc.strerror or exc})") from exc
+    if not all(saved):  # the settings of the pairs registered from now on
+        write_text(json.dumps(settings, indent=1) + "\n", out_dir / _SETTINGS_FILE)
     results = _registrations(args, names, pairs, saved, out_dir)
     errors_by_pair = []  # (before, after): the target registration errors (mm) of each landmark
     tre_table = _Table(out_dir / "tre.csv", "name,landmarks,mean_before_mm,mean_after_mm,median_after_mm,max_after_mm")
@@ -315,6 +320,60 @@ def run_register_many(args) -> None:
         log.info("Dice over the labels of %d pairs (mean of each pair's mean): %.3f before, %.3f after",
                  len(overlaps), before, after)
     log.info("wrote the outputs of %d pairs to %s", len(names), out_dir)
+
+
+_SETTINGS_FILE = "register_many.json"
+
+
+def _registration_settings(args, out_dir, saved) -> dict:
+    """What shapes register-many's registrations (model, the checkpoint's SHA-256, modalities,
+    masking, precision, IO's options), as ``OUT_DIR/register_many.json`` records it. With
+    ``--resume``, the pairs registered already must have been registered so: a difference from the
+    record raises :class:`InvalidOptionError` (a data set's table of one model's results, not of
+    two). The checkpoint is compared only where a pair is left to register (otherwise it is not
+    read, nor torch imported); options that change no registration (device, batching, compile) are
+    not recorded. A resumed folder without a record (an earlier version's) is taken with a warning."""
+    import hashlib
+    import json
+
+    settings = {"model": args.model, "fixed_modality": args.fixed_modality, "moving_modality": args.moving_modality,
+                "masking": args.masking, "precision": args.precision, "io_iterations": args.io_iterations}
+    if args.io_iterations is not None:
+        settings.update(io_sim=args.io_sim, io_lr=args.io_lr, seed=args.seed)
+    if not all(saved):
+        from .engine import resolve_weights
+
+        path = resolve_weights(args.model, args.network_weights)
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:  # 0.3 s for the official checkpoint's 283 MB
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+        settings.update(network_weights=str(path.resolve()), weights_sha256=digest.hexdigest())
+    if not any(saved):
+        return settings
+    record_path = out_dir / _SETTINGS_FILE
+    try:
+        recorded = json.loads(record_path.read_text(encoding="utf-8"))
+        if not isinstance(recorded, dict):
+            raise ValueError(f"a JSON {type(recorded).__name__}, not an object")
+    except FileNotFoundError:
+        log.warning("--resume: %s is missing, so that the pairs registered there had the same model and options as "
+                    "this run is not checked", record_path)
+        return settings
+    except (OSError, ValueError) as exc:
+        raise InvalidOptionError(f"--resume: cannot read {str(record_path)!r} ({exc}), the record of the options the "
+                                 "pairs there were registered with; delete it to resume unchecked") from exc
+    # where IO is on in one run only, io_iterations tells it; the other IO options are not listed
+    changed = [key for key, value in settings.items() if key != "network_weights" and key in recorded
+               and recorded[key] != value]
+    if changed:
+        differences = [f"{key}={recorded[key]!r}, not {settings[key]!r} as now" + (
+            f" (their checkpoint: {recorded.get('network_weights')!r})" if key == "weights_sha256" else "")
+            for key in changed]
+        raise InvalidOptionError(
+            f"--resume: the pairs in {str(out_dir)!r} were registered with {'; '.join(differences)} "
+            f"({_SETTINGS_FILE}); give the same options to resume, or register into another --out_dir")
+    return settings
 
 
 def _registrations(args, names, pairs, saved, out_dir):

@@ -221,8 +221,8 @@ def test_cli_writes_each_pairs_transform_as_register_does(tmp_path):
     out = tmp_path / "out"
     assert cli.main(["-q", "register-many", "--pairs", str(csv_path), "--out_dir", str(out), "--model", "compact",
                      "--batch_size", "2", "--warped"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}_{kind}" for n in data
-                                                          for kind in ("transform.h5", "warped.nii.gz"))
+    assert sorted(p.name for p in out.iterdir()) == sorted(["register_many.json", *(
+        f"{n}_{kind}" for n in data for kind in ("transform.h5", "warped.nii.gz"))])
     engine = Engine(model="compact", device="cpu")
     point = [12.0, 4.0, 15.0]
     for name in data:
@@ -241,12 +241,12 @@ def test_cli_stops_at_a_bad_pair_with_the_pairs_before_it_written(tmp_path, caps
     out = tmp_path / "out"
     assert cli.main(["-q", "register-many", "--pairs", str(csv_path), "--out_dir", str(out), "--model", "compact"]) == 2
     assert "pair 'b' (row 2): " in capsys.readouterr().err
-    assert [p.name for p in out.iterdir()] == ["a_transform.h5"]
+    assert sorted(p.name for p in out.iterdir()) == ["a_transform.h5", "register_many.json"]
     # with landmarks: the table of the pairs before the bad one is kept
     np.savetxt(tmp_path / "f.txt", np.full((2, 3), 10.0))
     add_columns(csv_path, ("fixed_points", "moving_points"), lambda name: ("f.txt", "f.txt"))
     assert cli.main(["-q", "register-many", "--pairs", str(csv_path), "--out_dir", str(out), "--model", "compact"]) == 2
-    assert sorted(p.name for p in out.iterdir()) == ["a_f.txt", "a_transform.h5", "tre.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["a_f.txt", "a_transform.h5", "register_many.json", "tre.csv"]
     assert [line.split(",")[:2] for line in (out / "tre.csv").read_text().splitlines()[1:]] == [["a", "2"]]
 
 
@@ -288,6 +288,55 @@ def test_cli_resume_registers_only_the_pairs_left_and_tabulates_every_pair(tmp_p
     assert re.search(r"pair 'c': .*c_transform.h5' was computed for another moving image", capsys.readouterr().err)
 
 
+def test_cli_resume_refuses_pairs_registered_with_other_options(tmp_path, capsys, caplog):
+    import hashlib
+    import json
+    import shutil
+
+    from mgr_engine import cli
+    from mgr_engine.engine import BUNDLED_WEIGHTS
+
+    csv_path = write_csv(tmp_path, dict(zip(("a", "b"), pairs(2, start=270))))
+    out = tmp_path / "out"
+    command = ["-q", "register-many", "--pairs", str(csv_path), "--out_dir", str(out), "--model", "compact"]
+    assert cli.main(command) == 0
+    record = json.loads((out / "register_many.json").read_text())
+    assert record["weights_sha256"] == hashlib.sha256(BUNDLED_WEIGHTS["compact"].read_bytes()).hexdigest()
+    assert (record["model"], record["io_iterations"], "io_sim" in record) == ("compact", None, False)
+
+    def resumed(*options):
+        (out / "b_transform.h5").unlink(missing_ok=True)
+        return cli.main([*command, "--resume", *options])
+
+    other_weights = tmp_path / "other.safetensors"
+    other_weights.write_bytes(b"not read: refused by its SHA-256 before it is loaded")
+    for options, message in ((["--io_iterations", "2"], "io_iterations=None, not 2 as now"),
+                             (["--moving_modality", "ct"], "moving_modality='mri', not 'ct' as now"),
+                             (["--network_weights", str(other_weights)],
+                              f"weights_sha256='{record['weights_sha256']}', not '.*' as now \\(their checkpoint: "
+                              f"'{BUNDLED_WEIGHTS['compact'].resolve()}'\\)")):
+        assert resumed(*options) == 2
+        assert re.search(f"--resume: the pairs in '.*out' were registered with {message}", capsys.readouterr().err)
+        assert not (out / "b_transform.h5").exists()
+    # the same weights elsewhere are the same weights; the record names the file this run read
+    moved_weights = tmp_path / "copy.safetensors"
+    shutil.copy(BUNDLED_WEIGHTS["compact"], moved_weights)
+    assert resumed("--network_weights", str(moved_weights)) == 0
+    assert json.loads((out / "register_many.json").read_text())["network_weights"] == str(moved_weights.resolve())
+    # every pair done: the options are compared, the weights are not read
+    assert cli.main([*command, "--resume", "--io_iterations", "2"]) == 2
+    assert cli.main([*command, "--resume", "--network_weights", str(other_weights)]) == 0
+    # an earlier version's folder, without a record: resumed with a warning, then recorded
+    (out / "register_many.json").unlink()
+    with caplog.at_level("WARNING", logger="mgr_engine"):
+        assert resumed("--io_iterations", "2") == 0
+    assert "register_many.json is missing, so that the pairs registered there had the same model" in caplog.text
+    assert json.loads((out / "register_many.json").read_text())["io_iterations"] == 2
+    (out / "register_many.json").write_text("{")
+    assert resumed() == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
 def test_cli_moves_each_pairs_landmarks_and_tabulates_the_error(tmp_path):
     from mgr_engine import cli, points
 
@@ -304,7 +353,7 @@ def test_cli_moves_each_pairs_landmarks_and_tabulates_the_error(tmp_path):
     out = tmp_path / "out"
     assert cli.main(["-q", "register-many", "--pairs", str(csv_path), "--out_dir", str(out), "--model", "compact"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["a_a_fixed.csv", "a_transform.h5", "b_b_fixed.csv",
-                                                     "b_transform.h5", "tre.csv"]
+                                                     "b_transform.h5", "register_many.json", "tre.csv"]
     table = np.loadtxt(out / "tre.csv", delimiter=",", skiprows=1, usecols=(1, 2, 3, 4, 5))
     for row, name in zip(table, data):
         fixed = points.read_points(tmp_path / f"{name}_fixed.csv").points
