@@ -112,8 +112,8 @@ def _add_register_many(sub):
                                    "A bad pair stops the run with its error; the pairs "
                                    "before it are written.")
     p.add_argument("--pairs", required=True,
-                   help="CSV file with a header row: fixed,moving[,name,fixed_mask,moving_mask,fixed_points,moving_points,"
-                        "fixed_labels,moving_labels]")
+                   help="CSV file (UTF-8; commas, semicolons or tabs) with a header row: fixed,moving[,name,fixed_mask,"
+                        "moving_mask,fixed_points,moving_points,fixed_labels,moving_labels]")
     p.add_argument("--out_dir", required=True, help="directory of the outputs (created if missing)")
     p.add_argument("--fixed_modality", default="mri", choices=["ct", "mri"])
     p.add_argument("--moving_modality", default="mri", choices=["ct", "mri"])
@@ -155,16 +155,25 @@ def _read_pairs_csv(path):
     """``(names, pairs, landmarks, labels)`` from a register-many CSV file (landmarks and labels:
     each pair's ``(fixed, moving)`` files or None): paths relative to the file's directory."""
     import csv
+    import io
     from pathlib import Path
 
     from .errors import ImageReadError
 
     path = Path(path)
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+        # UTF-8 whatever the locale (a C locale would decode as ASCII), with or without the byte
+        # order mark spreadsheet programs write
+        text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise ImageReadError(f"cannot read the pairs file {str(path)!r} ({exc.strerror or exc}); check the path.") from exc
+    except UnicodeDecodeError as exc:
+        raise InvalidOptionError(f"the pairs file {str(path)!r} is not UTF-8 text (byte {exc.start}); save it as "
+                                 "UTF-8 (a spreadsheet's 'CSV UTF-8')") from exc
+    header = text.partition("\n")[0]
+    # a comma, or the semicolon spreadsheets write where the comma is the decimal mark, or a tab
+    delimiter = next((d for d in ",;\t" if {"fixed", "moving"} <= {c.strip() for c in header.split(d)}), ",")
+    rows = list(csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, skipinitialspace=True))
     columns = set(rows[0]) if rows else set()
     if not {"fixed", "moving"} <= columns or columns - {"fixed", "moving", *_OPTIONAL_PAIR_COLUMNS}:
         raise InvalidOptionError(f"{str(path)!r} needs a header row with the columns fixed and moving (optionally "

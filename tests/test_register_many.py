@@ -500,14 +500,34 @@ def test_cli_checks_the_landmarks_before_registering(tmp_path, capsys):
         (",fixed_points", ",nothing.csv", "pair 'a': points file .* does not exist")))
 
 
+def test_cli_reads_a_pairs_file_as_spreadsheets_save_it(tmp_path):
+    """UTF-8 with a byte order mark, semicolons (where the comma is the decimal mark), CRLF line
+    ends, a space after each separator, and a folder name beyond ASCII."""
+    from mgr_engine import cli
+
+    folder = tmp_path / "Patient Müller"
+    folder.mkdir()
+    write_csv(folder, dict(zip(("a",), pairs(1, start=280))))
+    (tmp_path / "pairs.csv").write_bytes("\ufeffname; fixed; moving\r\na; Patient Müller/a_fixed.nii.gz; "
+                                         "Patient Müller/a_moving.nii.gz\r\n".encode("utf-8"))
+    out = tmp_path / "out"
+    assert cli.main(["-q", "register-many", "--pairs", str(tmp_path / "pairs.csv"), "--out_dir", str(out),
+                     "--model", "compact"]) == 0
+    assert (out / "a_transform.h5").is_file()
+    tabs = "fixed\tmoving\nPatient Müller/a_fixed.nii.gz\tPatient Müller/a_moving.nii.gz\n"
+    (tmp_path / "pairs.tsv").write_text(tabs, encoding="utf-8")
+    assert cli._read_pairs_csv(tmp_path / "pairs.tsv")[1][0]["moving"] == str(folder / "a_moving.nii.gz")
+
+
 @pytest.mark.parametrize("text,message", [("fixed,target\nx,y\n", "columns fixed and moving"),
                                           ("fixed,moving\n", "at least one pair"),
                                           ("name,fixed,moving\na,x,y\na,z,w\n", "repeats a name"),
-                                          ("name,fixed,moving\n../a,x,y\n", "without directories")])
+                                          ("name,fixed,moving\n../a,x,y\n", "without directories"),
+                                          ("fixed,moving\nM\xfcller.nii,x\n".encode("latin-1"), "not UTF-8 text")])
 def test_cli_refuses_a_malformed_pairs_file(tmp_path, capsys, text, message):
     from mgr_engine import cli
 
-    (tmp_path / "pairs.csv").write_text(text)
+    (tmp_path / "pairs.csv").write_bytes(text if isinstance(text, bytes) else text.encode())
     assert cli.main(["register-many", "--pairs", str(tmp_path / "pairs.csv"), "--out_dir", str(tmp_path / "out"),
                      "--model", "compact"]) == 2
     assert message in capsys.readouterr().err
