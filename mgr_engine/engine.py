@@ -182,6 +182,10 @@ class Engine:
                                      "exported graph as it is: drop them, or use backend='torch'")
         self.precision = precision
         self.backend = backend
+        # IO adapts self.network's weights in place, and CUDA graphs replay into the same output
+        # memory: each of the two runs one call at a time, so that threads can share an engine.
+        self._weights_lock = threading.Lock()
+        self._graph_lock = threading.Lock()
         self.model = model
         self.config = config or MODELS[model]
         self.device = torch.device(device) if device is not None else default_device()
@@ -246,9 +250,9 @@ class Engine:
         layout = torch.channels_last_3d
         moving = moving.to(self.device).contiguous(memory_format=layout)
         fixed = fixed.to(self.device).contiguous(memory_format=layout)
-        with self._precision(self.precision):
+        with self._graph_lock if self._outputs_reused else contextlib.nullcontext(), self._precision(self.precision):
             phi = self.inference_network(moving, fixed).float().contiguous()
-        return phi.clone() if self._outputs_reused else phi
+            return phi.clone() if self._outputs_reused else phi
 
     @contextlib.contextmanager
     def _precision(self, precision: str):
@@ -267,7 +271,9 @@ class Engine:
                           generator: torch.Generator | None = None, progress: bool = True):
         """Instance optimization (IO): ``iterations`` Adam steps on all network weights with the
         GradICON loss, then one more forward whose maps are returned. The engine's weights are
-        restored afterwards, so the next call starts from the checkpoint again.
+        restored afterwards, so the next call starts from the checkpoint again. Calls from
+        several threads run one at a time (each adapts the same weights); :meth:`predict_map`
+        goes on beside them.
 
         ``generator``: the GradICON regularizer's random grid
         (:func:`mgr_engine.losses.regularizer_points`). A CPU generator draws the reference's
@@ -290,32 +296,35 @@ class Engine:
             "moving_mask": None if moving_mask is None else moving_mask.to(self.device),
             "fixed_mask": None if fixed_mask is None else fixed_mask.to(self.device),
         }
-        # The checkpoint's weights, to restore afterwards; on a GPU in host memory, where they
-        # do not add to IO's device peak (0.26 GiB of the official network's; 2 x 283 MB of
-        # copies per IO call, against 50 steps of work).
-        saved = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
-        net.requires_grad_(True)
-        optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-        # Each loss stays on the device until the end: reading it every step (.item()) would
-        # make the host wait for the GPU's queue and launch the next step's kernels late.
-        step_losses = []
-        try:
-            with self._precision("fp32"):
-                for _ in tqdm(range(int(iterations)), desc="instance optimization", disable=not progress, leave=False):
-                    optimizer.zero_grad(set_to_none=True)
-                    loss, _, _ = gradicon_objective(net, moving, fixed, sim, lmbda=lmbda, generator=generator, **masks)
-                    loss.backward()
-                    optimizer.step()
-                    step_losses.append(loss.detach())
-                with torch.no_grad():
-                    loss, phi_ab, phi_ba = gradicon_objective(net, moving, fixed, sim, lmbda=lmbda, generator=generator, **masks)
-                step_losses.append(loss)
-                losses = torch.stack(step_losses).tolist()
-        finally:
-            net.load_state_dict(saved)
-            # The last step's gradients would stay on the device until the next IO call.
-            net.zero_grad(set_to_none=True)
-            net.requires_grad_(False)
+        with self._weights_lock:  # one IO at a time on these weights
+            # The checkpoint's weights, to restore afterwards; on a GPU in host memory, where they
+            # do not add to IO's device peak (0.26 GiB of the official network's; 2 x 283 MB of
+            # copies per IO call, against 50 steps of work).
+            saved = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+            net.requires_grad_(True)
+            optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+            # Each loss stays on the device until the end: reading it every step (.item()) would
+            # make the host wait for the GPU's queue and launch the next step's kernels late.
+            step_losses = []
+            try:
+                with self._precision("fp32"):
+                    for _ in tqdm(range(int(iterations)), desc="instance optimization", disable=not progress,
+                                  leave=False):
+                        optimizer.zero_grad(set_to_none=True)
+                        loss, _, _ = gradicon_objective(net, moving, fixed, sim, lmbda=lmbda, generator=generator, **masks)
+                        loss.backward()
+                        optimizer.step()
+                        step_losses.append(loss.detach())
+                    with torch.no_grad():
+                        loss, phi_ab, phi_ba = gradicon_objective(net, moving, fixed, sim, lmbda=lmbda,
+                                                                  generator=generator, **masks)
+                    step_losses.append(loss)
+                    losses = torch.stack(step_losses).tolist()
+            finally:
+                net.load_state_dict(saved)
+                # The last step's gradients would stay on the device until the next IO call.
+                net.zero_grad(set_to_none=True)
+                net.requires_grad_(False)
         log.info("instance optimization: %d steps, loss %.5f -> %.5f", iterations, losses[0], losses[-1])
         return phi_ab, phi_ba, losses
 
@@ -704,8 +713,13 @@ def _engine_for(model, weights, device, backend, onnx_model) -> Engine:
         raise InvalidOptionError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
     if isinstance(weights, dict):  # a state dict: not cacheable
         return Engine(model=model, weights=weights, device=device, backend=backend, onnx_model=onnx_model)
-    return _cached_engine(model, None if weights is None else str(weights), None if device is None else str(device),
-                          backend, None if onnx_model is None else str(onnx_model))
+    with _ENGINE_CACHE_LOCK:  # threads' first calls at once would each load the weights
+        return _cached_engine(model, None if weights is None else str(weights),
+                              None if device is None else str(device), backend,
+                              None if onnx_model is None else str(onnx_model))
+
+
+_ENGINE_CACHE_LOCK = threading.Lock()
 
 
 def register(fixed, moving, *, fixed_modality: str = "mri", moving_modality: str = "mri",
@@ -745,7 +759,8 @@ def register(fixed, moving, *, fixed_modality: str = "mri", moving_modality: str
         :class:`RegistrationResult` with ``transform`` (fixed point -> moving point),
         ``inverse_transform``, ``warp()``, ``displacement_field()``, ``jacobian_determinant()``
         and ``save()``. The engine is cached, so repeated calls do not reload the weights;
-        use :class:`Engine` to control its lifetime.
+        use :class:`Engine` to control its lifetime. Threads share the cached engine; their IO
+        runs one call at a time (see :meth:`Engine.instance_optimize`).
     """
     return _engine_for(model, weights, device, backend, onnx_model).register(
         fixed, moving, fixed_modality=fixed_modality, moving_modality=moving_modality,

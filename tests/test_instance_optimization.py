@@ -326,3 +326,46 @@ def test_checkpointed_unets_give_the_same_gradients():
     assert any(g.abs().max() > 0 for g in grads[0])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_threads_sharing_an_engine_get_each_io_as_if_alone():
+    """IO adapts the engine's network in place: two threads' IO at once would step on each other's
+    weights (torch raised 'modified by an inplace operation' before the lock), and the forward
+    without IO, on its own copy, goes on beside them unchanged."""
+    import threading
+
+    from mgr_engine.model import GradICONNetwork, NetworkConfig, randomize_weights
+
+    config = NetworkConfig(input_shape=(40, 40, 40), down_channels=(2, 4, 8, 8), up_channels=(4, 8, 8))
+    net = randomize_weights(GradICONNetwork(config), 4, displacement_scale=0.5)
+    engine = Engine(weights=official_state_dict(net), config=config, device="cpu")
+    moving, fixed = (torch.from_numpy(smooth_volume(config.input_shape, seed))[None, None] for seed in (23, 24))
+
+    def io():
+        return engine.instance_optimize(moving, fixed, iterations=3, generator=torch.Generator().manual_seed(0),
+                                        progress=False)
+
+    alone, forward = io(), engine.predict_map(moving, fixed)
+    assert (alone[0] - forward).abs().max() > 1e-4  # IO moved the map: interleaved steps would show
+    outcomes = {}
+    start = threading.Barrier(3)
+
+    def run(name, call):
+        start.wait()
+        try:
+            outcomes[name] = [call() for _ in range(2)]
+        except Exception as error:  # reported by the assertion below
+            outcomes[name] = error
+
+    threads = [threading.Thread(target=run, args=(name, call))
+               for name, call in (("io 1", io), ("io 2", io), ("forward", lambda: engine.predict_map(moving, fixed)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for name in ("io 1", "io 2"):
+        assert isinstance(outcomes[name], list), f"{name}: {outcomes[name]!r}"
+        for phi_ab, phi_ba, losses in outcomes[name]:
+            assert torch.equal(phi_ab, alone[0]) and torch.equal(phi_ba, alone[1]) and losses == alone[2]
+    assert all(torch.equal(phi, forward) for phi in outcomes["forward"])
+    assert torch.equal(io()[0], alone[0])  # the checkpoint's weights restored after them all
