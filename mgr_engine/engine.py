@@ -360,27 +360,40 @@ class Engine:
         if io_iterations:
             similarity_by_name(io_sim)
 
+    def _prepare_image(self, image, modality: str, name: str, mask, *, masking, io_iterations, ct_window,
+                       quantile_range):
+        """One image of a pair (and its mask) read, checked and preprocessed for the network:
+        ``(ITK image, network input, IO's loss mask on the network grid or None)``."""
+        itk_image = itk_io.load_image(image, name)
+        mask_array = self._load_mask(mask, itk_image, name)
+        tensor = self.preprocess(itk_image, modality, name=name, mask=mask_array if masking in ("input", "both") else None,
+                                 ct_window=ct_window, quantile_range=quantile_range)
+        loss_mask = None
+        if io_iterations and masking in ("loss", "both") and mask_array is not None:
+            loss_mask = resize_mask(mask_array, self.input_shape)
+        return itk_image, tensor, loss_mask
+
     def _prepare_pair(self, fixed, moving, *, fixed_modality, moving_modality, fixed_mask, moving_mask, masking,
-                      io_iterations, ct_window, quantile_range) -> "_PreparedPair":
-        """Read both images (and masks), check them, preprocess them for the network."""
-        fixed_image = itk_io.load_image(fixed, "fixed")
-        moving_image = itk_io.load_image(moving, "moving")
-        fixed_mask_array = self._load_mask(fixed_mask, fixed_image, "fixed")
-        moving_mask_array = self._load_mask(moving_mask, moving_image, "moving")
-        input_masking = masking in ("input", "both")
-        fixed_tensor = self.preprocess(
-            fixed_image, fixed_modality, name="fixed", mask=fixed_mask_array if input_masking else None,
-            ct_window=ct_window, quantile_range=quantile_range)
-        moving_tensor = self.preprocess(
-            moving_image, moving_modality, name="moving", mask=moving_mask_array if input_masking else None,
-            ct_window=ct_window, quantile_range=quantile_range)
-        loss_masks = [None, None]
-        if io_iterations and masking in ("loss", "both"):
-            loss_masks = [None if m is None else resize_mask(m, self.input_shape) for m in (fixed_mask_array, moving_mask_array)]
-        elif masking == "loss" and (fixed_mask is not None or moving_mask is not None):
+                      io_iterations, ct_window, quantile_range, fixed_cache: dict | None = None) -> "_PreparedPair":
+        """Read both images (and masks), check them, preprocess them for the network.
+        ``fixed_cache``: a dict that keeps the last fixed side read from a file, reused while the
+        same file (with the same mask file) comes again: an atlas registered to a data set is read
+        and preprocessed once."""
+        options = dict(masking=masking, io_iterations=io_iterations, ct_window=ct_window, quantile_range=quantile_range)
+        key = _files_key(fixed, fixed_mask) if fixed_cache is not None else None
+        fixed_side = fixed_cache.get(key) if key is not None else None
+        if fixed_side is None:
+            fixed_side = self._prepare_image(fixed, fixed_modality, "fixed", fixed_mask, **options)
+            if key is not None:
+                fixed_cache.clear()
+                fixed_cache[key] = fixed_side
+        moving_side = self._prepare_image(moving, moving_modality, "moving", moving_mask, **options)
+        if not io_iterations and masking == "loss" and (fixed_mask is not None or moving_mask is not None):
             log.warning("masks given for loss masking, but without instance optimization there is no loss: "
                         "they are not used (pass masking='input' to mask the network's input)")
-        return _PreparedPair(fixed_image, moving_image, fixed_tensor, moving_tensor, *loss_masks)
+        (fixed_image, fixed_tensor, fixed_loss_mask), (moving_image, moving_tensor, moving_loss_mask) = (
+            fixed_side, moving_side)
+        return _PreparedPair(fixed_image, moving_image, fixed_tensor, moving_tensor, fixed_loss_mask, moving_loss_mask)
 
     def _optimize_pair(self, pair: "_PreparedPair", *, io_iterations, io_sim, io_lr, progress, seed) -> "RegistrationResult":
         """Instance optimization on one prepared pair, and its result."""
@@ -441,7 +454,9 @@ class Engine:
 
         A pair that cannot be registered raises its typed error (see :mod:`mgr_engine.errors`),
         its message starting with the pair's index; the results yielded before stay valid.
-        Closing the generator early stops the reading thread.
+        Closing the generator early stops the reading thread. Consecutive pairs with the same
+        fixed file (and fixed mask file) read and preprocess it once, and their results share
+        its ``itk.Image``: a data set registered to one atlas reads the atlas once.
         """
         if not all(isinstance(n, int) and n >= 1 for n in (batch_size, prefetch)):
             raise InvalidOptionError(f"batch_size and prefetch must be whole numbers of at least 1, got {batch_size!r} "
@@ -449,12 +464,14 @@ class Engine:
         self._check_options(fixed_modality=fixed_modality, moving_modality=moving_modality,
                             io_iterations=io_iterations, io_sim=io_sim, masking=masking)
 
+        fixed_cache = {}  # pairs with one fixed file (an atlas) read and preprocess it once
+
         def prepare(index, item):
             fixed, moving, masks = _unpack_pair(index, item)
             try:
                 return self._prepare_pair(fixed, moving, fixed_modality=fixed_modality, moving_modality=moving_modality,
                                           masking=masking, io_iterations=io_iterations, ct_window=ct_window,
-                                          quantile_range=quantile_range, **masks)
+                                          quantile_range=quantile_range, fixed_cache=fixed_cache, **masks)
             except MgrEngineError as error:
                 raise type(error)(f"pair {index}: {error}") from error
 
@@ -512,6 +529,14 @@ def _unpack_pair(index, item):
         return item[0], item[1], {"fixed_mask": None, "moving_mask": None}
     raise InvalidOptionError(f"pair {index}: expected a (fixed, moving) tuple or a mapping with 'fixed' and 'moving', "
                              f"got {type(item).__name__}")
+
+
+def _files_key(image, mask):
+    """What identifies an image given as a file, with its mask (a file or None); None where either
+    is an object in memory, which its owner may change between pairs."""
+    if not isinstance(image, (str, os.PathLike)) or not (mask is None or isinstance(mask, (str, os.PathLike))):
+        return None
+    return os.fspath(image), None if mask is None else os.fspath(mask)
 
 
 _END = object()

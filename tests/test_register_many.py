@@ -532,3 +532,42 @@ def test_cli_refuses_a_malformed_pairs_file(tmp_path, capsys, text, message):
                      "--model", "compact"]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_pairs_with_one_fixed_file_read_it_once(engine, tmp_path, monkeypatch):
+    """An atlas registered to a data set: consecutive pairs naming the same fixed file (and mask)
+    read and preprocess it once, with the maps of pairs read one by one; another file between
+    them, or an image in memory, is read each time."""
+    from mgr_engine import itk_io
+
+    fixed_a, fixed_b = image(300), image(301)
+    movings = [image(302 + k, shape=(36, 50, 41)) for k in range(3)]
+    for name, value in (("a", fixed_a), ("b", fixed_b)):
+        itk.imwrite(value, str(tmp_path / f"{name}.nii.gz"))
+    fixed_paths = [str(tmp_path / name) + ".nii.gz" for name in ("a", "a", "b", "a")]
+    data = [(path, movings[k % 3]) for k, path in enumerate(fixed_paths)]
+    expected = [engine.register(path, moving, io_iterations=None) for path, moving in data]
+    reads = []
+    load_image = itk_io.load_image
+    def counted_load_image(image, name, **options):
+        reads.append(name)
+        return load_image(image, name, **options)
+
+    monkeypatch.setattr(itk_io, "load_image", counted_load_image)
+    streamed = list(engine.register_many(data, io_iterations=None))
+    assert reads.count("fixed") == 3  # a, a (kept), b, a
+    assert streamed[0].fixed is streamed[1].fixed and streamed[1].fixed is not streamed[3].fixed
+    for ours, theirs in zip(streamed, expected):
+        assert torch.equal(ours.phi_ab, theirs.phi_ab)
+    reads.clear()
+    list(engine.register_many([(fixed_a, moving) for moving in movings], io_iterations=None))
+    assert reads.count("fixed") == 3
+    # with masks: kept while the mask file is the same too
+    mask = itk.image_from_array(np.ones(itk.array_view_from_image(fixed_a).shape, np.uint8))
+    mask.CopyInformation(fixed_a)  # a scalar image onto a scalar image
+    itk.imwrite(mask, str(tmp_path / "m.nii.gz"))
+    reads.clear()
+    masked = [{"fixed": fixed_paths[0], "moving": moving, "fixed_mask": str(tmp_path / "m.nii.gz")} for moving in movings]
+    list(engine.register_many([*masked, {"fixed": fixed_paths[0], "moving": movings[0]}], io_iterations=None,
+                              masking="input"))
+    assert reads.count("fixed") == 2 and reads.count("fixed mask") == 1
