@@ -39,6 +39,48 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 BACKENDS = ("torch", "onnxruntime")
 
 
+class _TF32Switches:
+    """cuDNN's and cuBLAS's TF32 switches, which are process-wide. Sections that need them one way
+    (forwards and IO of any engine, in any thread) run beside each other and share one save and
+    restore; a section that needs them the other way waits until those end. (Each section saving
+    and restoring on its own let overlapping ones restore the switches under each other, and
+    leave them changed after all had ended.) A section nested in one of the same thread runs
+    under the outer one's setting."""
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._tf32 = None  # what the open sections run with
+        self._open = 0
+        self._saved = None
+        self._thread = threading.local()
+
+    @contextlib.contextmanager
+    def set_to(self, tf32: bool):
+        if getattr(self._thread, "depth", 0):  # nested: waiting for the outer section would never end
+            yield
+            return
+        with self._changed:
+            while self._open and self._tf32 != tf32:
+                self._changed.wait()
+            if not self._open:
+                self._saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+                torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = self._tf32 = tf32
+            self._open += 1
+        self._thread.depth = 1
+        try:
+            yield
+        finally:
+            self._thread.depth = 0
+            with self._changed:
+                self._open -= 1
+                if not self._open:
+                    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self._saved
+                    self._changed.notify_all()
+
+
+_TF32_SWITCHES = _TF32Switches()
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -256,14 +298,10 @@ class Engine:
 
     @contextlib.contextmanager
     def _precision(self, precision: str):
-        """TF32 and autocast settings of ``precision``, restored afterwards."""
-        tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-        try:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                yield
-        finally:
-            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+        """TF32 (on CUDA, see :class:`_TF32Switches`) and autocast settings of ``precision``."""
+        tf32 = _TF32_SWITCHES.set_to(precision == "tf32") if self.device.type == "cuda" else contextlib.nullcontext()
+        with tf32, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            yield
 
     def instance_optimize(self, moving: torch.Tensor, fixed: torch.Tensor, *, iterations: int = 50,
                           similarity: str = "lncc2", lr: float = 2e-5, lmbda: float = 1.5,

@@ -328,3 +328,58 @@ def test_unet_frees_what_it_recomputes_from_once_backward_ran(monkeypatch):
     assert len(recorded) == 2 * len(unet.upConvs) and all(ref() is not None for ref in recorded)
     out.sum().backward()
     assert [ref() for ref in recorded] == [None] * len(recorded)
+
+
+def test_tf32_switches_are_set_once_for_overlapping_sections_and_restored_after_the_last():
+    """The TF32 switches are process-wide: an engine's forward in one thread and IO in another
+    (both fp32) overlap; a tf32 engine's section waits for them. The CPU build holds the switches
+    as plain flags, so threads on the CPU exercise the bookkeeping CUDA relies on."""
+    import threading
+
+    from mgr_engine.engine import _TF32_SWITCHES
+
+    backends = torch.backends
+    original = (backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32)
+
+    def switches():
+        return backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32
+
+    entered = {name: threading.Event() for name in ("a", "b", "tf32")}
+    leave = {name: threading.Event() for name in ("a", "b", "tf32")}
+    seen = {}
+
+    def section(name, tf32):
+        with _TF32_SWITCHES.set_to(tf32):
+            seen[name] = switches()
+            entered[name].set()
+            leave[name].wait(10)
+            seen[name + " leaving"] = switches()
+
+    threads = {name: threading.Thread(target=section, args=(name, name == "tf32")) for name in ("a", "b", "tf32")}
+    try:
+        backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32 = True, True
+        threads["a"].start()
+        assert entered["a"].wait(10)
+        threads["b"].start()
+        assert entered["b"].wait(10)  # the same setting: no wait
+        threads["tf32"].start()
+        assert not entered["tf32"].wait(0.3)  # the other setting waits for both
+        leave["a"].set()
+        threads["a"].join(10)
+        assert not entered["tf32"].is_set()
+        leave["b"].set()
+        assert entered["tf32"].wait(10)
+        leave["tf32"].set()
+        for thread in threads.values():
+            thread.join(10)
+        assert seen == {"a": (False, False), "b": (False, False), "a leaving": (False, False),
+                        "b leaving": (False, False), "tf32": (True, True), "tf32 leaving": (True, True)}
+        assert switches() == (True, True)  # as they were before the first section
+        with _TF32_SWITCHES.set_to(False):
+            with _TF32_SWITCHES.set_to(True):  # nested in one thread: the outer setting, no deadlock
+                assert switches() == (False, False)
+        assert switches() == (True, True)
+    finally:
+        for event in leave.values():
+            event.set()
+        backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32 = original
