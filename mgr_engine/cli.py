@@ -278,8 +278,10 @@ def run_register_many(args) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputWriteError(f"cannot create the output directory {str(out_dir)!r} ({exc.strerror or exc})") from exc
-    if not all(saved):  # the settings of the pairs registered from now on
-        write_text(json.dumps(settings, indent=1) + "\n", out_dir / _SETTINGS_FILE)
+    if not all(saved):  # the settings of the pairs registered from now on, and what registered them
+        from . import __version__
+
+        write_text(json.dumps({**settings, "mgr_engine": __version__}, indent=1) + "\n", out_dir / _SETTINGS_FILE)
     results = _registrations(args, names, pairs, saved, out_dir)
     errors_by_pair = []  # (before, after): the target registration errors (mm) of each landmark
     tre_table = _Table(out_dir / "tre.csv", "name,landmarks,mean_before_mm,mean_after_mm,median_after_mm,max_after_mm")
@@ -336,7 +338,8 @@ _SETTINGS_FILE = "register_many.json"
 
 def _registration_settings(args, out_dir, saved) -> dict:
     """What shapes register-many's registrations (model, the checkpoint's SHA-256, modalities,
-    masking, precision, IO's options), as ``OUT_DIR/register_many.json`` records it. With
+    masking, precision, IO's options), as ``OUT_DIR/register_many.json`` records it (with the
+    version of mgr_engine that wrote it, which is not compared). With
     ``--resume``, the pairs registered already must have been registered so: a difference from the
     record raises :class:`InvalidOptionError` (a data set's table of one model's results, not of
     two). The checkpoint is compared only where a pair is left to register (otherwise it is not

@@ -293,6 +293,7 @@ def test_cli_resume_refuses_pairs_registered_with_other_options(tmp_path, capsys
     import json
     import shutil
 
+    import mgr_engine
     from mgr_engine import cli
     from mgr_engine.engine import BUNDLED_WEIGHTS
 
@@ -303,6 +304,7 @@ def test_cli_resume_refuses_pairs_registered_with_other_options(tmp_path, capsys
     record = json.loads((out / "register_many.json").read_text())
     assert record["weights_sha256"] == hashlib.sha256(BUNDLED_WEIGHTS["compact"].read_bytes()).hexdigest()
     assert (record["model"], record["io_iterations"], "io_sim" in record) == ("compact", None, False)
+    assert record["mgr_engine"] == mgr_engine.__version__  # recorded, not compared
 
     def resumed(*options):
         (out / "b_transform.h5").unlink(missing_ok=True)
