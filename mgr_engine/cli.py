@@ -282,7 +282,7 @@ def run_register_many(args) -> None:
         from . import __version__
 
         write_text(json.dumps({**settings, "mgr_engine": __version__}, indent=1) + "\n", out_dir / _SETTINGS_FILE)
-    results = _registrations(args, names, pairs, saved, out_dir)
+    results = _registrations(args, names, pairs, saved, out_dir, settings.get("network_weights"))
     errors_by_pair = []  # (before, after): the target registration errors (mm) of each landmark
     tre_table = _Table(out_dir / "tre.csv", "name,landmarks,mean_before_mm,mean_after_mm,median_after_mm,max_after_mm")
     overlaps = []  # (before, after): each pair's Dice per label
@@ -388,11 +388,12 @@ def _registration_settings(args, out_dir, saved) -> dict:
     return settings
 
 
-def _registrations(args, names, pairs, saved, out_dir):
+def _registrations(args, names, pairs, saved, out_dir, weights):
     """Each pair's registration, in order: the engine's result, or where ``saved`` (``--resume``,
     and the pair's transform file in ``out_dir`` already) that file read back
-    (:class:`_SavedRegistration`). The engine is built, and its weights loaded, only if a pair is
-    left to register."""
+    (:class:`_SavedRegistration`). The engine is built, and ``weights`` (the checkpoint file
+    :func:`_registration_settings` resolved and hashed) loaded, only if a pair is left to
+    register."""
     import re
 
     if any(saved):
@@ -403,7 +404,7 @@ def _registrations(args, names, pairs, saved, out_dir):
     if left:
         from .engine import Engine  # torch with it: not imported where every pair is done
 
-        engine = Engine(model=args.model, weights=args.network_weights, device=args.device, precision=args.precision,
+        engine = Engine(model=args.model, weights=weights, device=args.device, precision=args.precision,
                         compile=args.compile)
         results = engine.register_many(
             left, batch_size=args.batch_size, prefetch=args.prefetch, fixed_modality=args.fixed_modality,
