@@ -52,9 +52,10 @@ def dice_per_label(labels, reference) -> dict:
         pairs = np.zeros(span * span, np.int64)
         for start in range(0, labels.size, _SLAB_VOXELS):
             code = labels[start:start + _SLAB_VOXELS].astype(np.intp)
-            code *= span
+            code -= low  # (label - low) * span + (reference - low), in place; offsets first, so that
+            code *= span  # label IDs near 2^63 / span do not overflow
             code += reference[start:start + _SLAB_VOXELS]
-            code -= low * (span + 1)  # (label - low) * span + (reference - low), in place
+            code -= low
             pairs += np.bincount(code, minlength=span * span)
         pairs = pairs.reshape(span, span)  # [label in labels, label in reference]
         counts, reference_counts, common = pairs.sum(axis=1), pairs.sum(axis=0), np.diagonal(pairs)

@@ -35,6 +35,14 @@ def test_dice_per_label_is_the_definitions_count(scale, slab, monkeypatch):
     assert dice_per_label(reference, reference) == {k: 1.0 for k in expected}
 
 
+@pytest.mark.parametrize("offset", [-(2**62), 2**62])  # labels near int64's ends, spanning a few values
+def test_label_ids_near_the_integer_limits_are_counted_as_their_values(offset):
+    rng = np.random.default_rng(3)
+    reference = rng.integers(1, 40, (7, 9, 8)) + offset
+    labels = np.where(rng.random(reference.shape) < 0.6, reference, rng.integers(1, 40, reference.shape) + offset)
+    assert dice_per_label(labels, reference) == pytest.approx(dice_by_label(labels, reference), abs=1e-15)
+
+
 def test_maps_of_two_integer_types_are_counted_as_their_values():
     rng = np.random.default_rng(2)
     reference = rng.integers(0, 200, (6, 7, 8)).astype(np.uint8)
