@@ -483,7 +483,7 @@ class Engine:
         Args:
             pairs: an iterable (a generator too) of ``(fixed, moving)`` tuples or of mappings with
                 keys ``fixed``, ``moving`` and optionally ``fixed_mask``, ``moving_mask``; each
-                image a path, ``itk.Image`` or numpy array, as for :func:`mgr_engine.register`.
+                image as for :func:`mgr_engine.register` (a path, an ``itk.Image``, ...).
             batch_size: pairs per network forward without IO (with ``compile=True`` a last,
                 smaller batch compiles once more).
             prefetch: batches prepared ahead (host memory: two float32 volumes of the network's
@@ -794,8 +794,9 @@ def register(fixed, moving, *, fixed_modality: str = "mri", moving_modality: str
 
     Args:
         fixed, moving: a path (NIfTI, NRRD, MHA, anything ITK reads, or a folder of one DICOM
-            series), an ``itk.Image``, or a numpy array (axes z, y, x; then 1 mm spacing, zero
-            origin, identity direction).
+            series), an ``itk.Image``, a ``SimpleITK.Image``, a nibabel image (``nibabel.load``'s:
+            the grid ITK reads from its file), or a numpy array (axes z, y, x; then 1 mm spacing,
+            zero origin, identity direction).
             Spacing, origin and direction (oblique included) are honoured.
         fixed_modality, moving_modality: ``"mri"`` (clip to [min, 99th percentile]) or ``"ct"``
             (clip to [-1000, 1000] HU), then scale to [0, 1].

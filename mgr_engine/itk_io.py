@@ -35,9 +35,14 @@ log = logging.getLogger(__name__)
 
 def load_image(image, name: str = "input", grid_only: bool = False):
     """An ``itk.Image`` from a path (a file ITK reads, or a folder of DICOM files: its first
-    series, as ``itk.imread`` reads a folder), an ``itk.Image`` or a numpy array.
+    series, as ``itk.imread`` reads a folder), an ``itk.Image``, a ``SimpleITK.Image``, a nibabel
+    image (``nibabel.load``'s NIfTI, MGH, ...) or a numpy array.
 
-    A numpy array is read like ``itk.image_from_array``: axes (z, y, x), 1 mm spacing,
+    A SimpleITK or nibabel image keeps its voxels' type (or the nearest ITK wraps: int8 -> int16,
+    bool -> uint8) and its grid: a nibabel image's ``affine`` (RAS, nibabel's choice of sform and
+    qform) turned into ITK's spacing, origin and direction (LPS), its array axes (i, j, k) ITK's
+    (x, y, z), voxel scaling applied, trailing axes of one voxel dropped, as ITK reads the same
+    NIfTI file. A numpy array is read like ``itk.image_from_array``: axes (z, y, x), 1 mm spacing,
     zero origin, identity direction. ``grid_only``: its :class:`ImageGrid` instead, for an image
     that gives only its grid (an output's reference); a NIfTI, NRRD or MetaImage file is then read
     up to its header, without its voxels (see :func:`read_image`).
@@ -71,18 +76,105 @@ def load_image(image, name: str = "input", grid_only: bool = False):
                 "Split 4-D series into 3-D frames first."
             )
         image = itk.image_from_array(np.ascontiguousarray(image, dtype=np.float32))
+    elif _library_of(image) == "SimpleITK":
+        image = _from_simpleitk(image, name)
+    elif _library_of(image) == "nibabel" and hasattr(image, "affine") and hasattr(image, "dataobj"):
+        image = _from_nibabel(image, name)
     if not hasattr(image, "GetImageDimension"):
         raise InvalidImageError(
-            f"{name} image is a {type(image).__name__}; pass a file path, an itk.Image or a numpy array."
+            f"{name} image is a {type(image).__name__}; pass a file path, an itk.Image, a SimpleITK.Image, a "
+            "nibabel image or a numpy array."
         )
-    if image.GetImageDimension() != 3:
-        raise InvalidImageError(
-            f"{name} image is {image.GetImageDimension()}-D; mgr_engine registers 3-D volumes. "
-            "Split 4-D series into 3-D frames first."
-        )
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InvalidImageError(f"{name} image has {image.GetNumberOfComponentsPerPixel()} components per voxel; pass a scalar image.")
+    _check_scalar_volume(name, image.GetImageDimension(), image.GetNumberOfComponentsPerPixel())
     return ImageGrid.of(image) if grid_only else image
+
+
+def _check_scalar_volume(name: str, dimension: int, components: int) -> None:
+    if dimension != 3:
+        raise InvalidImageError(
+            f"{name} image is {dimension}-D; mgr_engine registers 3-D volumes. Split 4-D series into 3-D frames first.")
+    if components != 1:
+        raise InvalidImageError(f"{name} image has {components} components per voxel; pass a scalar image.")
+
+
+def _library_of(image) -> str:
+    """The top-level package of ``image``'s class ("SimpleITK", "nibabel", ...): neither library
+    is imported unless the image is one of its own."""
+    return type(image).__module__.partition(".")[0]
+
+
+def _from_simpleitk(image, name: str):
+    """An ``itk.Image`` copy of a 3-D scalar ``SimpleITK.Image``: its voxels and its grid (both
+    libraries hold ITK's (x, y, z) spacing, origin and row-major direction)."""
+    import SimpleITK
+
+    _check_scalar_volume(name, image.GetDimension(), image.GetNumberOfComponentsPerPixel())
+    grid = ImageGrid(tuple(int(n) for n in image.GetSize()), np.asarray(image.GetSpacing(), dtype=np.float64),
+                     np.asarray(image.GetOrigin(), dtype=np.float64),
+                     np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3))
+    return _image_on_grid(SimpleITK.GetArrayViewFromImage(image), grid, name)
+
+
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def _from_nibabel(image, name: str):
+    """An ``itk.Image`` copy of a 3-D nibabel image, on the grid ITK reads from the same NIfTI
+    file: the affine's columns' lengths the spacing, its columns' directions the direction, its
+    last column the origin, each turned from RAS to LPS."""
+    array = np.asanyarray(image.dataobj)  # scl_slope and scl_inter applied, as ITK's reader applies them
+    while array.ndim > 3 and array.shape[-1] == 1:  # ITK reads an (X, Y, Z, 1) NIfTI file as 3-D
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise InvalidImageError(
+            f"{name} image has shape {array.shape}; mgr_engine registers 3-D volumes of scalars. Split 4-D "
+            "series into 3-D frames first.")
+    affine = _RAS_TO_LPS @ np.asarray(image.affine, dtype=np.float64)[:3]
+    spacing = np.linalg.norm(affine[:, :3], axis=0)
+    if not (np.isfinite(affine).all() and (spacing > 0).all()):
+        raise InvalidImageError(f"{name} image's affine {affine.tolist()} has no voxel size on some axis; "
+                                "fix the image's header.")
+    direction = affine[:, :3] / spacing
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+        raise InvalidImageError(
+            f"{name} image's affine shears its voxel axes, which an ITK image's grid cannot hold; resample it "
+            "onto an unsheared grid, or pass its file's path (ITK's reader then takes the header's qform).")
+    grid = ImageGrid(tuple(int(n) for n in array.shape), spacing, affine[:, 3], direction)
+    return _image_on_grid(array.transpose(2, 1, 0), grid, name)
+
+
+def _image_on_grid(array: np.ndarray, grid: "ImageGrid", name: str):
+    """A new ``itk.Image`` of the (z, y, x) ``array`` on ``grid``, in ``array``'s type or the
+    nearest one ITK's Python wrapping holds (int8 -> int16; int64 -> int32 where the values fit,
+    else float64; float128 -> float64)."""
+    dtype = array.dtype
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        raise InvalidImageError(f"{name} image's voxels are of type {dtype}; mgr_engine registers images of real "
+                                "numbers.")
+    if not _itk_wraps(dtype):
+        if dtype == np.int8:
+            dtype = np.dtype(np.int16)
+        elif np.issubdtype(dtype, np.integer):
+            fits = array.size == 0 or (int(array.min()) >= -2**31 and int(array.max()) < 2**31)
+            dtype = np.dtype(np.int32 if fits else np.float64)
+        else:
+            dtype = np.dtype(np.float64)
+    image, voxels = new_image(array.shape, dtype, grid)
+    voxels[...] = array
+    return image
+
+
+@functools.lru_cache(maxsize=None)
+def _itk_wraps(dtype) -> bool:
+    """Whether ``itk.image_from_array`` holds arrays of the integer or floating ``dtype`` (ITK's
+    wheels: uint8, uint16, int16, uint32, int32, uint64, float32, float64; not int8, int64)."""
+    import itk
+
+    try:
+        itk.image_view_from_array(np.zeros((1, 1, 1), dtype))
+    except (KeyError, TypeError, itk.TemplateTypeError):
+        return False
+    return True
 
 
 def check_nifti_complete(path, name: str = "input") -> None:
