@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ImageReadError, InvalidImageError, MaskMismatchError, OutputWriteError
+from .errors import ImageReadError, InvalidImageError, MaskMismatchError, MissingDependencyError, OutputWriteError
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +39,15 @@ def load_image(image, name: str = "input", grid_only: bool = False):
     image (``nibabel.load``'s NIfTI, MGH, ...) or a numpy array.
 
     A SimpleITK or nibabel image keeps its voxels' type (or the nearest ITK wraps: int8 -> int16,
-    bool -> uint8) and its grid: a nibabel image's ``affine`` (RAS, nibabel's choice of sform and
+    ...) and its grid: a nibabel image's ``affine`` (RAS, nibabel's choice of sform and
     qform) turned into ITK's spacing, origin and direction (LPS), its array axes (i, j, k) ITK's
     (x, y, z), voxel scaling applied, trailing axes of one voxel dropped, as ITK reads the same
     NIfTI file. A numpy array is read like ``itk.image_from_array``: axes (z, y, x), 1 mm spacing,
-    zero origin, identity direction. ``grid_only``: its :class:`ImageGrid` instead, for an image
-    that gives only its grid (an output's reference); a NIfTI, NRRD or MetaImage file is then read
-    up to its header, without its voxels (see :func:`read_image`).
+    zero origin, identity direction. A FreeSurfer ``.mgz``/``.mgh`` file, which ITK does not read,
+    is read by nibabel (installed with ``mgr_engine[freesurfer]``) as such an image.
+    ``grid_only``: its :class:`ImageGrid` instead, for an image that gives only its grid (an
+    output's reference); a NIfTI, NRRD, MetaImage or MGH file is then read up to its header,
+    without its voxels (see :func:`read_image`).
     """
     import itk
 
@@ -55,6 +57,8 @@ def load_image(image, name: str = "input", grid_only: bool = False):
             raise ImageReadError(f"{name} image {str(path)!r} does not exist; check the path.")
         if path.is_file() and path.stat().st_size == 0:
             raise ImageReadError(f"{name} image {str(path)!r} is empty (0 bytes); re-export or copy it again.")
+        if _suffix(path).lower() in _MGH_SUFFIXES:
+            return _read_mgh(path, name, grid_only)
         if not grid_only:  # the grid is read from the header alone
             check_nifti_complete(path, name)
         try:
@@ -120,14 +124,22 @@ _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 def _from_nibabel(image, name: str):
     """An ``itk.Image`` copy of a 3-D nibabel image, on the grid ITK reads from the same NIfTI
-    file: the affine's columns' lengths the spacing, its columns' directions the direction, its
-    last column the origin, each turned from RAS to LPS."""
+    file (:func:`_nibabel_grid`)."""
+    grid = _nibabel_grid(image, name)
     array = np.asanyarray(image.dataobj)  # scl_slope and scl_inter applied, as ITK's reader applies them
-    while array.ndim > 3 and array.shape[-1] == 1:  # ITK reads an (X, Y, Z, 1) NIfTI file as 3-D
-        array = array[..., 0]
-    if array.ndim != 3:
+    return _image_on_grid(array.reshape(grid.size).transpose(2, 1, 0), grid, name)
+
+
+def _nibabel_grid(image, name: str) -> "ImageGrid":
+    """The grid of a 3-D nibabel image as ITK reads it from the same NIfTI file: the affine's
+    columns' lengths the spacing, its columns' directions the direction, its last column the
+    origin, each turned from RAS to LPS; trailing axes of one voxel dropped."""
+    shape = tuple(int(n) for n in image.shape)
+    while len(shape) > 3 and shape[-1] == 1:  # ITK reads an (X, Y, Z, 1) NIfTI file as 3-D
+        shape = shape[:-1]
+    if len(shape) != 3:
         raise InvalidImageError(
-            f"{name} image has shape {array.shape}; mgr_engine registers 3-D volumes of scalars. Split 4-D "
+            f"{name} image has shape {shape}; mgr_engine registers 3-D volumes of scalars. Split 4-D "
             "series into 3-D frames first.")
     affine = _RAS_TO_LPS @ np.asarray(image.affine, dtype=np.float64)[:3]
     spacing = np.linalg.norm(affine[:, :3], axis=0)
@@ -139,15 +151,38 @@ def _from_nibabel(image, name: str):
         raise InvalidImageError(
             f"{name} image's affine shears its voxel axes, which an ITK image's grid cannot hold; resample it "
             "onto an unsheared grid, or pass its file's path (ITK's reader then takes the header's qform).")
-    grid = ImageGrid(tuple(int(n) for n in array.shape), spacing, affine[:, 3], direction)
-    return _image_on_grid(array.transpose(2, 1, 0), grid, name)
+    return ImageGrid(shape, spacing, affine[:, 3], direction)
+
+
+_MGH_SUFFIXES = (".mgz", ".mgh")
+
+
+def _read_mgh(path: Path, name: str, grid_only: bool):
+    """A FreeSurfer MGH image file (``.mgz``, gzipped, or ``.mgh``), which ITK's wheels do not
+    read, through nibabel: an ``itk.Image`` (its ``ImageGrid`` with ``grid_only``, from the
+    header alone) on its vox2ras affine, as FreeSurfer's ``mri_convert`` writes it to NIfTI."""
+    try:
+        import nibabel
+    except ImportError:
+        raise MissingDependencyError(
+            f"{name} image {str(path)!r} is a FreeSurfer MGH file, which ITK does not read; mgr_engine reads it "
+            "through nibabel: pip install 'mgr_engine[freesurfer]' (or nibabel), or convert it with FreeSurfer's "
+            "mri_convert to .nii.gz.") from None
+    try:
+        image = nibabel.load(str(path))
+        return _nibabel_grid(image, name) if grid_only else _from_nibabel(image, name)
+    except InvalidImageError:
+        raise
+    except (OSError, EOFError, ValueError, zlib.error) as exc:  # nibabel's ImageFileError is a ValueError
+        raise ImageReadError(f"cannot read the {name} image {str(path)!r} ({exc.__class__.__name__}: {exc}); "
+                             "check the file, or convert it with FreeSurfer's mri_convert.") from exc
 
 
 def _image_on_grid(array: np.ndarray, grid: "ImageGrid", name: str):
     """A new ``itk.Image`` of the (z, y, x) ``array`` on ``grid``, in ``array``'s type or the
     nearest one ITK's Python wrapping holds (int8 -> int16; int64 -> int32 where the values fit,
     else float64; float128 -> float64)."""
-    dtype = array.dtype
+    dtype = array.dtype.newbyteorder("=")  # an MGH file's big-endian voxels: swapped as they are copied
     if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
         raise InvalidImageError(f"{name} image's voxels are of type {dtype}; mgr_engine registers images of real "
                                 "numbers.")
@@ -813,6 +848,10 @@ def check_output_path(path, kind: str) -> None:
         # ITK's NIfTI IO says it can write these, then refuses the name ("Bad Nifti file name")
         raise OutputWriteError(f"ITK writes NIfTI only with a lowercase extension; name the output "
                                f"{path.name[:-len(suffix)] + suffix.lower()!r}.")
+    if kind == "image" and suffix.lower() in _MGH_SUFFIXES:  # read through nibabel, not written
+        raise OutputWriteError(f"mgr_engine reads FreeSurfer's MGH files but writes images through ITK, which has "
+                               f"no MGH writer; name the output {path.name[:-len(suffix)] + '.nii.gz'!r} "
+                               "(FreeSurfer's tools read NIfTI).")
     if kind == "transform" and suffix.lower() == ".mat":
         # ITK writes a registration's transform there without complaint, and then cannot read it
         # back ("CompositeTransform: Input parameter list size is not expected size")

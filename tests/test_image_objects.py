@@ -1,12 +1,15 @@
-"""Images given as SimpleITK or nibabel objects (mgr_engine.itk_io.load_image): the voxels and
-the grid ITK reads from the same file, and the registration the file's path gives."""
+"""Images given as SimpleITK or nibabel objects, and FreeSurfer's MGH files, which ITK does not
+read (mgr_engine.itk_io.load_image): the voxels and the grid ITK reads from the same image as a
+file, and the registration the file's path gives."""
+
+import sys
 
 import numpy as np
 import pytest
 
 from helpers import oblique_image, smooth_volume
 from mgr_engine import itk_io
-from mgr_engine.errors import InvalidImageError
+from mgr_engine.errors import ImageReadError, InvalidImageError, MissingDependencyError, OutputWriteError
 
 itk = pytest.importorskip("itk")
 sitk = pytest.importorskip("SimpleITK")
@@ -103,7 +106,41 @@ def test_images_mgr_engine_cannot_register_are_typed_errors(image, message):
         itk_io.load_image(image(), "fixed")
 
 
-def test_a_registration_of_simpleitk_and_nibabel_images_is_that_of_their_files(tmp_path):
+def as_mgz(nifti_path):
+    """The NIfTI file's image as FreeSurfer's .mgz beside it: its voxels, its affine (vox2ras)."""
+    image = nib.load(str(nifti_path))
+    path = nifti_path.with_name(nifti_path.name.replace(".nii.gz", ".mgz"))
+    nib.save(nib.MGHImage(np.asanyarray(image.dataobj), image.affine), str(path))
+    return path
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int32, np.float32])
+def test_a_freesurfer_mgz_file_is_the_image_itk_reads_from_the_same_nifti(tmp_path, dtype):
+    nifti = oblique_file(tmp_path, (smooth_volume((7, 9, 6), seed=6) * 200).astype(dtype))
+    mgz = as_mgz(nifti)
+    itks = itk.imread(str(nifti))
+    assert_same_image(itk_io.load_image(mgz), itks)
+    grid, expected = itk_io.load_image(mgz, grid_only=True), itk_io.ImageGrid.of(itks)
+    assert grid.size == expected.size
+    np.testing.assert_allclose(np.concatenate([grid.spacing, grid.origin, grid.direction.ravel()]),
+                               np.concatenate([expected.spacing, expected.origin, expected.direction.ravel()]),
+                               rtol=0, atol=1e-4)
+
+
+def test_an_mgz_file_that_cannot_be_read_or_written_is_a_typed_error(tmp_path, monkeypatch):
+    mgz = as_mgz(oblique_file(tmp_path, smooth_volume((20, 22, 24), seed=7)))
+    truncated = tmp_path / "truncated.mgz"
+    truncated.write_bytes(mgz.read_bytes()[:mgz.stat().st_size // 2])
+    with pytest.raises(ImageReadError, match="cannot read the moving image .*truncated.mgz"):
+        itk_io.load_image(truncated, "moving")
+    with pytest.raises(OutputWriteError, match="'warped.nii.gz'"):
+        itk_io.check_output_path(tmp_path / "warped.mgz", "image")
+    monkeypatch.setitem(sys.modules, "nibabel", None)  # import nibabel raises ImportError
+    with pytest.raises(MissingDependencyError, match=r"mgr_engine\[freesurfer\]"):
+        itk_io.load_image(mgz, "moving")
+
+
+def test_a_registration_of_simpleitk_and_nibabel_images_and_mgz_files_is_that_of_their_files(tmp_path):
     import mgr_engine
 
     fixed = oblique_file(tmp_path, (smooth_volume((30, 34, 28), seed=4) * 1000).astype(np.int16), name="fixed")
@@ -111,11 +148,12 @@ def test_a_registration_of_simpleitk_and_nibabel_images_is_that_of_their_files(t
     labels = oblique_file(tmp_path, (smooth_volume((30, 34, 28), seed=5) > 0.4).astype(np.uint8), name="labels")
     engine = mgr_engine.Engine(model="compact", device="cpu")
     by_path = engine.register(fixed, moving, io_iterations=None)
-    by_objects = engine.register(sitk.ReadImage(str(fixed)), nib.load(str(moving)), io_iterations=None)
     assert by_path.phi_ab.abs().max() > 0 and by_path.phi_ab.std() > 0
-    np.testing.assert_array_equal(by_objects.phi_ab.numpy(), by_path.phi_ab.numpy())
     point = [-30.0, 20.0, 15.0]
-    np.testing.assert_allclose(by_objects.transform.TransformPoint(point), by_path.transform.TransformPoint(point),
-                               rtol=0, atol=1e-4)
-    warped = by_objects.warp(sitk.ReadImage(str(labels)), interpolation="nearest")
+    for fixed_image, moving_image in [(sitk.ReadImage(str(fixed)), nib.load(str(moving))), (as_mgz(fixed), moving)]:
+        result = engine.register(fixed_image, moving_image, io_iterations=None)
+        np.testing.assert_array_equal(result.phi_ab.numpy(), by_path.phi_ab.numpy())
+        np.testing.assert_allclose(result.transform.TransformPoint(point), by_path.transform.TransformPoint(point),
+                                   rtol=0, atol=1e-4)
+    warped = result.warp(sitk.ReadImage(str(labels)), interpolation="nearest")
     assert_same_image(warped, by_path.warp(str(labels), interpolation="nearest"))
