@@ -42,8 +42,8 @@ def _io_iterations(text: str):
 
 def _add_register(sub):
     p = sub.add_parser("register", help="register two images (unigradicon-register's flags)")
-    p.add_argument("--fixed", required=True, help="path of the fixed image (a file ITK reads, or a DICOM series folder)")
-    p.add_argument("--moving", required=True, help="path of the moving image (a file, or a DICOM series folder)")
+    p.add_argument("--fixed", required=True, help="path of the fixed image (a file ITK reads, a DICOM series folder, or a FreeSurfer .mgz)")
+    p.add_argument("--moving", required=True, help="path of the moving image (a file, a DICOM series folder, or an .mgz)")
     p.add_argument("--fixed_modality", required=True, choices=["ct", "mri"])
     p.add_argument("--moving_modality", required=True, choices=["ct", "mri"])
     p.add_argument("--fixed_mask", help="binary mask on the fixed image's grid")
