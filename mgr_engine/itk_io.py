@@ -93,6 +93,23 @@ def load_image(image, name: str = "input", grid_only: bool = False):
     return ImageGrid.of(image) if grid_only else image
 
 
+def to_simpleitk(image):
+    """A ``SimpleITK.Image`` copy of an ``itk.Image`` (a result's warped image, displacement field
+    or Jacobian determinant): its voxels in their type, a vector image's components as a
+    SimpleITK vector image, and its spacing, origin and direction. Public as
+    ``mgr_engine.to_simpleitk``."""
+    import itk
+    import SimpleITK
+
+    voxels = itk.array_view_from_image(image)
+    converted = SimpleITK.GetImageFromArray(voxels, isVector=voxels.ndim > image.GetImageDimension())
+    grid = ImageGrid.of(image)
+    converted.SetSpacing(grid.spacing.tolist())
+    converted.SetOrigin(grid.origin.tolist())
+    converted.SetDirection(grid.direction.ravel().tolist())
+    return converted
+
+
 def _check_scalar_volume(name: str, dimension: int, components: int) -> None:
     if dimension != 3:
         raise InvalidImageError(

@@ -157,3 +157,27 @@ def test_a_registration_of_simpleitk_and_nibabel_images_and_mgz_files_is_that_of
                                    rtol=0, atol=1e-4)
     warped = result.warp(sitk.ReadImage(str(labels)), interpolation="nearest")
     assert_same_image(warped, by_path.warp(str(labels), interpolation="nearest"))
+
+
+def test_a_results_outputs_as_simpleitk_images_keep_their_voxels_grid_and_transform(tmp_path):
+    import mgr_engine
+
+    fixed = oblique_file(tmp_path, (smooth_volume((26, 30, 24), seed=8) * 1000).astype(np.int16), name="fixed")
+    moving = oblique_file(tmp_path, (smooth_volume((26, 30, 24), seed=9) * 1000).astype(np.int16), name="moving")
+    result = mgr_engine.Engine(model="compact", device="cpu").register(fixed, moving, io_iterations=None)
+    for image in (result.warp(), result.jacobian_determinant()):
+        converted = mgr_engine.to_simpleitk(image)
+        assert isinstance(converted, sitk.Image)
+        assert_same_image(itk_io.load_image(converted), image)
+    field = mgr_engine.to_simpleitk(result.displacement_field())
+    assert field.GetNumberOfComponentsPerPixel() == 3
+    transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    grid = itk_io.ImageGrid.of(result.fixed)
+    rng = np.random.default_rng(0)
+    moved = 0.0
+    for index in rng.integers(0, grid.size, (20, 3)):  # voxel centres, where the field holds the transform
+        point = (grid.origin + grid.direction @ (grid.spacing * index)).tolist()
+        expected = np.asarray(result.transform.TransformPoint(point))
+        np.testing.assert_allclose(transform.TransformPoint(point), expected, rtol=0, atol=1e-3)
+        moved = max(moved, np.abs(expected - point).max())
+    assert moved > 0.5  # mm: the transform is not the identity
