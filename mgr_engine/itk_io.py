@@ -39,10 +39,11 @@ def load_image(image, name: str = "input", grid_only: bool = False):
     image (``nibabel.load``'s NIfTI, MGH, ...) or a numpy array.
 
     A SimpleITK or nibabel image keeps its voxels' type (or the nearest ITK wraps: int8 -> int16,
-    ...) and its grid: a nibabel image's ``affine`` (RAS, nibabel's choice of sform and
-    qform) turned into ITK's spacing, origin and direction (LPS), its array axes (i, j, k) ITK's
-    (x, y, z), voxel scaling applied, trailing axes of one voxel dropped, as ITK reads the same
-    NIfTI file. A numpy array is read like ``itk.image_from_array``: axes (z, y, x), 1 mm spacing,
+    ...) and its grid: a nibabel image's ``affine`` (RAS) turned into ITK's spacing, origin and
+    direction (LPS), its array axes (i, j, k) ITK's (x, y, z), voxel scaling applied, trailing
+    axes of one voxel dropped, as ITK reads the same NIfTI file, but for one case: a file whose
+    sform and qform differ, both set, the sform's code not "scanner" (1), is placed by its qform
+    by ITK and by its sform by nibabel's ``affine``, which is what mgr_engine then follows. A numpy array is read like ``itk.image_from_array``: axes (z, y, x), 1 mm spacing,
     zero origin, identity direction. A FreeSurfer ``.mgz``/``.mgh`` file, which ITK does not read,
     is read by nibabel (installed with ``mgr_engine[freesurfer]``) as such an image.
     ``grid_only``: its :class:`ImageGrid` instead, for an image that gives only its grid (an

@@ -72,6 +72,18 @@ def test_a_nibabel_images_scaling_flips_and_trailing_axis_are_read_as_itk_reads_
         np.testing.assert_allclose(grid.origin + grid.direction @ (grid.spacing * index), expected, atol=1e-4)
 
 
+def test_a_nibabel_image_is_placed_by_its_affine_where_itk_would_take_the_files_other_matrix(tmp_path):
+    sform, qform = np.eye(4), np.eye(4)
+    sform[:3, 3], qform[:3, 3] = [1.0, 2.0, 3.0], [10.0, 20.0, 30.0]
+    image = nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), None)
+    image.set_sform(sform, code="aligned")
+    image.set_qform(qform, code="scanner")
+    path = tmp_path / "two_matrices.nii"
+    nib.save(image, str(path))
+    np.testing.assert_array_equal(itk_io.ImageGrid.of(itk.imread(str(path))).origin, [-10.0, -20.0, 30.0])  # qform
+    np.testing.assert_array_equal(itk_io.load_image(nib.load(str(path))).GetOrigin(), [-1.0, -2.0, 3.0])  # affine
+
+
 @pytest.mark.parametrize("image, itk_type", [
     pytest.param(lambda data: sitk.GetImageFromArray(data.astype(np.int8)), np.int16, id="simpleitk-int8"),
     pytest.param(lambda data: sitk.GetImageFromArray(data.astype(np.int64)), np.int32, id="simpleitk-int64"),
