@@ -50,6 +50,7 @@ def _add_register(sub):
     p.add_argument("--moving_mask", help="binary mask on the moving image's grid")
     p.add_argument("--input_masking", action="store_true", help="zero the images outside their masks before the network")
     p.add_argument("--loss_function_masking", action="store_true", help="compute the IO similarity inside the masks only")
+    p.add_argument("--match_orientation", action="store_true", help=MATCH_ORIENTATION_HELP)
     p.add_argument("--transform_out", required=True, help="output transform (.h5 or .tfm): fixed point -> moving point")
     p.add_argument("--warped_moving_out", help="output: the moving image resampled onto the fixed grid")
     p.add_argument("--inverse_transform_out",
@@ -93,6 +94,9 @@ def _add_register(sub):
     p.set_defaults(run=run_register)
 
 
+MATCH_ORIENTATION_HELP = ("reorder the moving image's voxels onto the fixed image's axes before the network where "
+                          "their axes point in different anatomical directions (a warning says when), as the "
+                          "unigradicon reference does not: the network compares the volumes voxel axis by voxel axis")
 _INDEX_BASE_HELP = ("with voxel indices: the first voxel's index, 0 (the default: ITK, numpy) or 1 (tables that count "
                     "from 1, such as DIR-Lab's)")
 
@@ -125,6 +129,7 @@ def _add_register_many(sub):
     p.add_argument("--io_lr", type=float, default=2e-5, help="IO learning rate (default 2e-5)")
     p.add_argument("--masking", default="loss", choices=["loss", "input", "both"],
                    help="what the masks of the CSV do (default loss: IO's similarity only)")
+    p.add_argument("--match_orientation", action="store_true", help=MATCH_ORIENTATION_HELP)
     p.add_argument("--batch_size", type=int, default=1, help="pairs per network forward without IO (default 1)")
     p.add_argument("--prefetch", type=int, default=2, help="batches read ahead (default 2)")
     p.add_argument("--warped", action="store_true", help="also write OUT_DIR/NAME_warped.nii.gz (moving on the fixed grid)")
@@ -338,7 +343,7 @@ _SETTINGS_FILE = "register_many.json"
 
 def _registration_settings(args, out_dir, saved) -> dict:
     """What shapes register-many's registrations (model, the checkpoint's SHA-256, modalities,
-    masking, precision, IO's options), as ``OUT_DIR/register_many.json`` records it (with the
+    masking, orientation matching, precision, IO's options), as ``OUT_DIR/register_many.json`` records it (with the
     version of mgr_engine that wrote it, which is not compared). With
     ``--resume``, the pairs registered already must have been registered so: a difference from the
     record raises :class:`InvalidOptionError` (a data set's table of one model's results, not of
@@ -349,7 +354,8 @@ def _registration_settings(args, out_dir, saved) -> dict:
     import json
 
     settings = {"model": args.model, "fixed_modality": args.fixed_modality, "moving_modality": args.moving_modality,
-                "masking": args.masking, "precision": args.precision, "io_iterations": args.io_iterations}
+                "masking": args.masking, "match_orientation": args.match_orientation, "precision": args.precision,
+                "io_iterations": args.io_iterations}
     if args.io_iterations is not None:
         settings.update(io_sim=args.io_sim, io_lr=args.io_lr, seed=args.seed)
     if not all(saved):
@@ -409,7 +415,8 @@ def _registrations(args, names, pairs, saved, out_dir, weights):
         results = engine.register_many(
             left, batch_size=args.batch_size, prefetch=args.prefetch, fixed_modality=args.fixed_modality,
             moving_modality=args.moving_modality, io_iterations=args.io_iterations, io_sim=args.io_sim,
-            io_lr=args.io_lr, masking=args.masking, progress=False, seed=args.seed)
+            io_lr=args.io_lr, masking=args.masking, progress=False, seed=args.seed,
+            match_orientation=args.match_orientation)
     for index, (name, pair, done) in enumerate(zip(names, pairs, saved)):
         if done:
             yield _SavedRegistration(out_dir / f"{name}_transform.h5", pair, name)
@@ -624,7 +631,8 @@ def run_register(args) -> None:
         args.fixed, args.moving, fixed_modality=args.fixed_modality, moving_modality=args.moving_modality,
         io_iterations=args.io_iterations, io_sim=args.io_sim, io_lr=args.io_lr,
         fixed_mask=args.fixed_mask if use_masks else None, moving_mask=args.moving_mask if use_masks else None,
-        masking=masking or "loss", ct_window=args.ct_window, quantile_range=args.quantile_range, seed=args.seed)
+        masking=masking or "loss", ct_window=args.ct_window, quantile_range=args.quantile_range, seed=args.seed,
+        match_orientation=args.match_orientation)
     # Compute every output before writing any, so a failure leaves nothing behind.
     outputs = [(args.transform_out, result.transform, itk_io.write_transform)]
     if args.inverse_transform_out:

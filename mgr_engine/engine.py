@@ -227,6 +227,7 @@ class Engine:
         # IO adapts self.network's weights in place, and CUDA graphs replay into the same output
         # memory: each of the two runs one call at a time, so that threads can share an engine.
         self._weights_lock = threading.Lock()
+        self._orientations_warned = set()  # (fixed's axis codes, moving's): warned once per engine
         self._graph_lock = threading.Lock()
         self.model = model
         self.config = config or MODELS[model]
@@ -399,11 +400,17 @@ class Engine:
             similarity_by_name(io_sim)
 
     def _prepare_image(self, image, modality: str, name: str, mask, *, masking, io_iterations, ct_window,
-                       quantile_range):
+                       quantile_range, orient_like=None):
         """One image of a pair (and its mask) read, checked and preprocessed for the network:
-        ``(ITK image, network input, IO's loss mask on the network grid or None)``."""
+        ``(ITK image, network input, IO's loss mask on the network grid or None)``.
+        ``orient_like``: an image whose voxel axes this one's are reordered onto, where they differ."""
         itk_image = itk_io.load_image(image, name)
         mask_array = self._load_mask(mask, itk_image, name)
+        if orient_like is not None:
+            axes = itk_io.matching_axes(itk_io.ImageGrid.of(itk_image).direction, itk_io.ImageGrid.of(orient_like).direction)
+            if axes not in (None, itk_io.IDENTITY_AXES):  # None: left as it is, and warned about
+                itk_image = itk_io.reordered_image(itk_image, *axes)
+                mask_array = None if mask_array is None else itk_io.reordered_voxels(mask_array, *axes)
         tensor = self.preprocess(itk_image, modality, name=name, mask=mask_array if masking in ("input", "both") else None,
                                  ct_window=ct_window, quantile_range=quantile_range)
         loss_mask = None
@@ -412,8 +419,10 @@ class Engine:
         return itk_image, tensor, loss_mask
 
     def _prepare_pair(self, fixed, moving, *, fixed_modality, moving_modality, fixed_mask, moving_mask, masking,
-                      io_iterations, ct_window, quantile_range, fixed_cache: dict | None = None) -> "_PreparedPair":
+                      io_iterations, ct_window, quantile_range, match_orientation=False,
+                      fixed_cache: dict | None = None) -> "_PreparedPair":
         """Read both images (and masks), check them, preprocess them for the network.
+        ``match_orientation``: reorder the moving image's voxels onto the fixed image's axes.
         ``fixed_cache``: a dict that keeps the last fixed side read from a file, reused while the
         same file (with the same mask file) comes again: an atlas registered to a data set is read
         and preprocessed once."""
@@ -425,13 +434,38 @@ class Engine:
             if key is not None:
                 fixed_cache.clear()
                 fixed_cache[key] = fixed_side
-        moving_side = self._prepare_image(moving, moving_modality, "moving", moving_mask, **options)
+        moving_side = self._prepare_image(moving, moving_modality, "moving", moving_mask, **options,
+                                          orient_like=fixed_side[0] if match_orientation else None)
+        self._check_orientations(fixed_side[0], moving_side[0], match_orientation)
         if not io_iterations and masking == "loss" and (fixed_mask is not None or moving_mask is not None):
             log.warning("masks given for loss masking, but without instance optimization there is no loss: "
                         "they are not used (pass masking='input' to mask the network's input)")
         (fixed_image, fixed_tensor, fixed_loss_mask), (moving_image, moving_tensor, moving_loss_mask) = (
             fixed_side, moving_side)
         return _PreparedPair(fixed_image, moving_image, fixed_tensor, moving_tensor, fixed_loss_mask, moving_loss_mask)
+
+    def _check_orientations(self, fixed_image, moving_image, match_orientation: bool) -> None:
+        """Warn (once per engine and pair of orientations) where the two images' voxel axes point
+        in different anatomical directions: the network compares the volumes axis by axis, as
+        stored, so it would see the moving anatomy flipped or turned."""
+        fixed_direction = itk_io.ImageGrid.of(fixed_image).direction
+        moving_direction = itk_io.ImageGrid.of(moving_image).direction
+        axes = itk_io.matching_axes(moving_direction, fixed_direction)
+        if axes == itk_io.IDENTITY_AXES:
+            return
+        codes = itk_io.axis_codes(fixed_direction), itk_io.axis_codes(moving_direction)
+        if codes in self._orientations_warned:
+            return
+        self._orientations_warned.add(codes)
+        if axes is None:
+            advice = ("their axes lie at about 45 degrees to each other, too far from any reordering for "
+                      "match_orientation; resample the moving image onto axes near the fixed image's.")
+        else:
+            advice = ("pass match_orientation=True (mgr-engine: --match_orientation) to reorder the moving "
+                      "image's voxels onto the fixed image's axes first (the unigradicon reference does not).")
+        log.warning("the fixed image's voxel axes point %s, the moving image's %s: the network compares the "
+                    "volumes voxel axis by voxel axis, so it sees the moving anatomy flipped or turned, and the "
+                    "registration is likely wrong; %s", *codes, advice)
 
     def _optimize_pair(self, pair: "_PreparedPair", *, io_iterations, io_sim, io_lr, progress, seed) -> "RegistrationResult":
         """Instance optimization on one prepared pair, and its result."""
@@ -451,14 +485,16 @@ class Engine:
     def register(self, fixed, moving, *, fixed_modality: str = "mri", moving_modality: str = "mri",
                  io_iterations: int | None = 50, io_sim: str = "lncc2", io_lr: float = 2e-5,
                  fixed_mask=None, moving_mask=None, masking: str = "loss", ct_window=None,
-                 quantile_range=None, progress: bool = True, seed: int | None = None) -> "RegistrationResult":
+                 quantile_range=None, progress: bool = True, seed: int | None = None,
+                 match_orientation: bool = False) -> "RegistrationResult":
         """Register ``moving`` onto ``fixed``; see :func:`mgr_engine.register`."""
         started = time.perf_counter()
         self._check_options(fixed_modality=fixed_modality, moving_modality=moving_modality,
                             io_iterations=io_iterations, io_sim=io_sim, masking=masking)
         pair = self._prepare_pair(fixed, moving, fixed_modality=fixed_modality, moving_modality=moving_modality,
                                   fixed_mask=fixed_mask, moving_mask=moving_mask, masking=masking,
-                                  io_iterations=io_iterations, ct_window=ct_window, quantile_range=quantile_range)
+                                  io_iterations=io_iterations, ct_window=ct_window, quantile_range=quantile_range,
+                                  match_orientation=match_orientation)
         if io_iterations:
             result = self._optimize_pair(pair, io_iterations=io_iterations, io_sim=io_sim, io_lr=io_lr,
                                          progress=progress, seed=seed)
@@ -470,7 +506,7 @@ class Engine:
     def register_many(self, pairs, *, batch_size: int = 1, prefetch: int = 2, fixed_modality: str = "mri",
                       moving_modality: str = "mri", io_iterations: int | None = 50, io_sim: str = "lncc2",
                       io_lr: float = 2e-5, masking: str = "loss", ct_window=None, quantile_range=None,
-                      progress: bool = True, seed: int | None = None):
+                      progress: bool = True, seed: int | None = None, match_orientation: bool = False):
         """Register a stream of pairs: a generator of :class:`RegistrationResult`, in the order of ``pairs``.
 
         A background thread reads and preprocesses the next pairs while the network works on
@@ -509,7 +545,8 @@ class Engine:
             try:
                 return self._prepare_pair(fixed, moving, fixed_modality=fixed_modality, moving_modality=moving_modality,
                                           masking=masking, io_iterations=io_iterations, ct_window=ct_window,
-                                          quantile_range=quantile_range, fixed_cache=fixed_cache, **masks)
+                                          quantile_range=quantile_range, match_orientation=match_orientation,
+                                          fixed_cache=fixed_cache, **masks)
             except MgrEngineError as error:
                 raise type(error)(f"pair {index}: {error}") from error
 
@@ -789,7 +826,8 @@ def register(fixed, moving, *, fixed_modality: str = "mri", moving_modality: str
              model: str = "multigradicon", weights=None, io_iterations: int | None = 50, io_sim: str = "lncc2",
              io_lr: float = 2e-5, fixed_mask=None, moving_mask=None, masking: str = "loss",
              ct_window=None, quantile_range=None, device=None, progress: bool = True,
-             seed: int | None = None, backend: str = "torch", onnx_model=None) -> RegistrationResult:
+             seed: int | None = None, backend: str = "torch", onnx_model=None,
+             match_orientation: bool = False) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` with multiGradICON (or uniGradICON).
 
     Args:
@@ -818,6 +856,12 @@ def register(fixed, moving, *, fixed_modality: str = "mri", moving_modality: str
             seed, on a GPU, the grid is drawn there (no host work in each IO step).
         backend: ``"torch"`` or ``"onnxruntime"`` (the network's forward in ONNX Runtime; IO stays
             in PyTorch). onnx_model: its graph, see :class:`Engine`.
+        match_orientation: the network compares the two volumes voxel axis by voxel axis, as
+            stored; where their axes point in different anatomical directions (say a DICOM
+            series stored LPS and a NIfTI file stored RAS) it sees the moving anatomy flipped or
+            turned, and a warning says so. ``True`` first reorders the moving image's voxels
+            onto the fixed image's axes (each voxel keeps its physical position; the result's
+            ``moving`` is that copy), as the reference does not: off by default.
 
     Returns:
         :class:`RegistrationResult` with ``transform`` (fixed point -> moving point),
@@ -830,4 +874,4 @@ def register(fixed, moving, *, fixed_modality: str = "mri", moving_modality: str
         fixed, moving, fixed_modality=fixed_modality, moving_modality=moving_modality,
         io_iterations=io_iterations, io_sim=io_sim, io_lr=io_lr, fixed_mask=fixed_mask,
         moving_mask=moving_mask, masking=masking, ct_window=ct_window, quantile_range=quantile_range,
-        progress=progress, seed=seed)
+        progress=progress, seed=seed, match_orientation=match_orientation)

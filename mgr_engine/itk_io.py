@@ -378,6 +378,64 @@ def _matrix_array(matrix) -> np.ndarray:
     return np.array([[vnl.get(i, j) for j in range(vnl.cols())] for i in range(vnl.rows())], dtype=np.float64)
 
 
+def axis_codes(direction) -> str:
+    """The anatomical direction each voxel axis (i, j, k) of a grid with ``direction`` points to,
+    the nearest of six, as nibabel's axis codes name them ("LPS" for ITK's identity direction,
+    "RAS" for NIfTI's usual storage)."""
+    codes = ""
+    for column in np.asarray(direction, dtype=np.float64).T:
+        axis = int(np.argmax(np.abs(column)))
+        codes += ("RL", "AP", "IS")[axis][int(column[axis] > 0)]  # ITK's physical axes: +x L, +y P, +z S
+    return codes
+
+
+IDENTITY_AXES = ((0, 1, 2), (False, False, False))
+
+
+def matching_axes(direction, target_direction):
+    """How a grid of ``direction`` lines up with one of ``target_direction``: ``(axes, flips)``,
+    for each voxel axis ``c`` of the target the axis ``axes[c]`` nearest to it (the largest
+    cosine between their physical directions) and whether it runs the other way; None where two
+    target axes share their nearest axis (grids at about 45 degrees to each other).
+    :data:`IDENTITY_AXES` where the grids' axes already agree within 45 degrees."""
+    cosines = np.asarray(direction, dtype=np.float64).T @ np.asarray(target_direction, dtype=np.float64)
+    axes = np.abs(cosines).argmax(axis=0)  # [axis of direction, axis of the target]
+    if len(set(axes.tolist())) != 3:
+        return None
+    return tuple(int(a) for a in axes), tuple(bool(cosines[a, c] < 0) for c, a in enumerate(axes))
+
+
+def reordered_voxels(array: np.ndarray, axes, flips) -> np.ndarray:
+    """A (z, y, x) voxel array with its axes reordered as :func:`reordered_grid` reorders its grid
+    (a contiguous copy; voxel values unchanged)."""
+    ijk = array.transpose(2, 1, 0).transpose(axes)
+    ijk = np.flip(ijk, [c for c in range(3) if flips[c]])
+    return np.ascontiguousarray(ijk.transpose(2, 1, 0))
+
+
+def reordered_grid(grid: "ImageGrid", axes, flips) -> "ImageGrid":
+    """The grid of the same voxels stored in another order: its voxel axis ``c`` is ``grid``'s axis
+    ``axes[c]``, reversed where ``flips[c]``. Every voxel keeps its physical position."""
+    axes = list(axes)
+    last = np.array([n - 1 for n in grid.size], dtype=np.float64)
+    first_voxel = np.zeros(3)  # the old index of the new index (0, 0, 0)
+    for c, a in enumerate(axes):
+        if flips[c]:
+            first_voxel[a] = last[a]
+    return ImageGrid(tuple(grid.size[a] for a in axes), grid.spacing[axes],
+                     grid.origin + grid.direction @ (grid.spacing * first_voxel),
+                     grid.direction[:, axes] * np.where(flips, -1.0, 1.0))
+
+
+def reordered_image(image, axes, flips):
+    """An ``itk.Image`` copy of ``image`` with its voxel axes reordered (see :func:`reordered_grid`):
+    the same physical image, stored in another order, like ITK's ``OrientImageFilter``."""
+    import itk
+
+    return image_like(reordered_voxels(itk.array_view_from_image(image), axes, flips),
+                      reordered_grid(ImageGrid.of(image), axes, flips))
+
+
 def check_same_grid(mask, image, what: str) -> None:
     """Raise :class:`MaskMismatchError` unless ``mask`` (or a segmentation) lies on ``image``'s voxel
     grid; the message names what differs (size, spacing, origin, direction) with both values."""

@@ -314,6 +314,7 @@ def test_cli_resume_refuses_pairs_registered_with_other_options(tmp_path, capsys
     other_weights.write_bytes(b"not read: refused by its SHA-256 before it is loaded")
     for options, message in ((["--io_iterations", "2"], "io_iterations=None, not 2 as now"),
                              (["--moving_modality", "ct"], "moving_modality='mri', not 'ct' as now"),
+                             (["--match_orientation"], "match_orientation=False, not True as now"),
                              (["--network_weights", str(other_weights)],
                               f"weights_sha256='{record['weights_sha256']}', not '.*' as now \\(their checkpoint: "
                               f"'{BUNDLED_WEIGHTS['compact'].resolve()}'\\)")):
