@@ -436,7 +436,7 @@ class Engine:
                 fixed_cache[key] = fixed_side
         moving_side = self._prepare_image(moving, moving_modality, "moving", moving_mask, **options,
                                           orient_like=fixed_side[0] if match_orientation else None)
-        self._check_orientations(fixed_side[0], moving_side[0], match_orientation)
+        self._check_orientations(fixed_side[0], moving_side[0])
         if not io_iterations and masking == "loss" and (fixed_mask is not None or moving_mask is not None):
             log.warning("masks given for loss masking, but without instance optimization there is no loss: "
                         "they are not used (pass masking='input' to mask the network's input)")
@@ -444,7 +444,7 @@ class Engine:
             fixed_side, moving_side)
         return _PreparedPair(fixed_image, moving_image, fixed_tensor, moving_tensor, fixed_loss_mask, moving_loss_mask)
 
-    def _check_orientations(self, fixed_image, moving_image, match_orientation: bool) -> None:
+    def _check_orientations(self, fixed_image, moving_image) -> None:
         """Warn (once per engine and pair of orientations) where the two images' voxel axes point
         in different anatomical directions: the network compares the volumes axis by axis, as
         stored, so it would see the moving anatomy flipped or turned."""

@@ -43,9 +43,11 @@ def load_image(image, name: str = "input", grid_only: bool = False):
     direction (LPS), its array axes (i, j, k) ITK's (x, y, z), voxel scaling applied, trailing
     axes of one voxel dropped, as ITK reads the same NIfTI file, but for one case: a file whose
     sform and qform differ, both set, the sform's code not "scanner" (1), is placed by its qform
-    by ITK and by its sform by nibabel's ``affine``, which is what mgr_engine then follows. A numpy array is read like ``itk.image_from_array``: axes (z, y, x), 1 mm spacing,
-    zero origin, identity direction. A FreeSurfer ``.mgz``/``.mgh`` file, which ITK does not read,
-    is read by nibabel (installed with ``mgr_engine[freesurfer]``) as such an image.
+    by ITK and by its sform by nibabel's ``affine``, which mgr_engine follows. A FreeSurfer
+    ``.mgz``/``.mgh`` file, which ITK does not read, is read by nibabel (installed with
+    ``mgr_engine[freesurfer]``) as such an image. A numpy array is read like
+    ``itk.image_from_array``: axes (z, y, x), 1 mm spacing, zero origin, identity direction.
+
     ``grid_only``: its :class:`ImageGrid` instead, for an image that gives only its grid (an
     output's reference); a NIfTI, NRRD, MetaImage or MGH file is then read up to its header,
     without its voxels (see :func:`read_image`).
@@ -417,11 +419,10 @@ def reordered_grid(grid: "ImageGrid", axes, flips) -> "ImageGrid":
     """The grid of the same voxels stored in another order: its voxel axis ``c`` is ``grid``'s axis
     ``axes[c]``, reversed where ``flips[c]``. Every voxel keeps its physical position."""
     axes = list(axes)
-    last = np.array([n - 1 for n in grid.size], dtype=np.float64)
     first_voxel = np.zeros(3)  # the old index of the new index (0, 0, 0)
     for c, a in enumerate(axes):
         if flips[c]:
-            first_voxel[a] = last[a]
+            first_voxel[a] = grid.size[a] - 1
     return ImageGrid(tuple(grid.size[a] for a in axes), grid.spacing[axes],
                      grid.origin + grid.direction @ (grid.spacing * first_voxel),
                      grid.direction[:, axes] * np.where(flips, -1.0, 1.0))
