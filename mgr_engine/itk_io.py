@@ -1064,6 +1064,17 @@ def _read_dicom_series(folder: str, header_only: bool = False):
     io = gdcm_io.New()
     io.SetFileName(files[0])
     io.ReadImageInformation()
+    if len(uids) > 1:  # a study's export often holds localizers and derived series beside the one meant
+        others = []
+        for uid in uids[1:]:
+            other_files = names.GetFileNames(uid)
+            other = gdcm_io.New()
+            other.SetFileName(str(other_files[0]))
+            other.ReadImageInformation()
+            others.append(f"{_series_description(other)} ({len(other_files)} files)")
+        log.warning("%s holds %d DICOM series; reading the first, as itk.imread does: %s (%d files). The others: %s. "
+                    "To register another, give a folder holding that series alone.", folder, len(uids),
+                    _series_description(io), len(files), "; ".join(others))
     dimension = io.GetNumberOfDimensions()
     if io.GetDimensions(dimension - 1) != 1:  # itk.imread stacks files along a new axis then
         dimension += 1
@@ -1075,6 +1086,15 @@ def _read_dicom_series(folder: str, header_only: bool = False):
     r.SetImageIO(io)
     r.SetFileNames(files)
     return _updated_output(r, header_only)
+
+
+def _series_description(io) -> str:
+    """A DICOM series as a person knows it, from a GDCM ImageIO that read one of its files: its
+    Series Description and Series Number where the file has them."""
+    tags = io.GetMetaDataDictionary()
+    number, description = (str(tags[tag]).strip() if tags.HasKey(tag) else "" for tag in ("0020|0011", "0008|103e"))
+    named = " ".join(part for part in (number and f"series {number}", description and repr(description)) if part)
+    return named or "a series without number or description"
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ headers included, with the mode the umask gives."""
 import gzip
 import importlib.util
 import locale
+import logging
 import os
 import struct
 import sys
@@ -185,9 +186,10 @@ def test_other_formats_go_through_itk(tmp_path):
         assert_same_image(read, itk.imread(str(tmp_path / "image.vtk")))
 
 
-def write_dicom_series(folder, image, prefix="slice"):
+def write_dicom_series(folder, image, prefix="slice", number=None, description=None):
     """``image`` (int16) as a DICOM series, one file per slice, each with its position and the
-    orientation (what a reader derives the geometry from); a new series UID each call."""
+    orientation (what a reader derives the geometry from), and the series' ``number`` and
+    ``description`` where given; a new series UID each call."""
     from itk.ITKCommonBasePython import vectoritkMetaDataDictionary
 
     direction = itk.array_from_matrix(image.GetDirection())
@@ -200,6 +202,9 @@ def write_dicom_series(folder, image, prefix="slice"):
         dictionary["0020|0037"] = orientation
         dictionary["0020|0013"] = str(k + 1)  # instance number
         dictionary["0008|0060"] = "CT"
+        for tag, value in (("0020|0011", number), ("0008|103e", description)):
+            if value is not None:
+                dictionary[tag] = str(value)
         kept.append(dictionary)  # the vector holds pointers
         dictionaries.push_back(dictionary)
     writer = itk.ImageSeriesWriter[type(image), itk.Image[itk.SS, 2]].New()
@@ -237,6 +242,23 @@ def test_a_dicom_series_folder_is_read_as_itk_reads_it(tmp_path, monkeypatch):
         np.testing.assert_allclose(np.asarray(getattr(loaded, get)()), np.asarray(getattr(written, get)()), atol=1e-5)
     np.testing.assert_allclose(itk.array_from_matrix(loaded.GetDirection()),
                                itk.array_from_matrix(written.GetDirection()), atol=1e-5)
+
+
+def test_a_dicom_folder_of_several_series_says_which_it_reads(tmp_path, caplog):
+    """itk.imread takes the first series of a folder without a word; a study's export often holds
+    a localizer or a derived series beside the one meant, so the choice is logged with the others."""
+    write_dicom_series(tmp_path, image_of(np.int16), number=3, description="T1 MPRAGE")
+    with caplog.at_level(logging.WARNING, logger="mgr_engine"):
+        itk_io.load_image(tmp_path, "fixed")
+    assert not caplog.records  # one series: nothing to say
+    localizer = itk.image_from_array(np.zeros((3, 9, 6), np.int16))
+    write_dicom_series(tmp_path, localizer, prefix="scout", number=1, description="Localizer")
+    with caplog.at_level(logging.WARNING, logger="mgr_engine"):
+        read = itk_io.load_image(tmp_path, "fixed")
+    [warning] = [record.getMessage() for record in caplog.records]
+    taken = "series 1 'Localizer' (3 files)" if itk.size(read)[2] == 3 else "series 3 'T1 MPRAGE' (7 files)"
+    assert "holds 2 DICOM series; reading the first, as itk.imread does: " + taken in warning
+    assert "series 1 'Localizer' (3 files)" in warning and "series 3 'T1 MPRAGE' (7 files)" in warning
 
 
 def test_a_dicom_folder_falls_back_to_imread_without_the_wrapped_classes(tmp_path, monkeypatch):
