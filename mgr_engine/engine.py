@@ -22,7 +22,8 @@ from .losses import gradicon_regularizer, similarity_by_name, with_constant_targ
 from .model import (GradICONNetwork, NetworkConfig, evaluate_map, fold_batchnorm, load_official_state_dict, map_on_grid,
                     read_safetensors)
 from .ops import warp
-from .preprocess import apply_input_mask, check_modality, check_volume, normalize_intensity, resize, resize_mask
+from .preprocess import (apply_input_mask, check_modality, check_volume, modality_mismatch, normalize_intensity, resize,
+                         resize_mask)
 
 log = logging.getLogger("mgr_engine")
 
@@ -228,6 +229,7 @@ class Engine:
         # memory: each of the two runs one call at a time, so that threads can share an engine.
         self._weights_lock = threading.Lock()
         self._orientations_warned = set()  # (fixed's axis codes, moving's): warned once per engine
+        self._modalities_warned = set()  # (image's role, modality): likewise
         self._graph_lock = threading.Lock()
         self.model = model
         self.config = config or MODELS[model]
@@ -374,6 +376,10 @@ class Engine:
         the network input: a tensor (1, 1, *input_shape)."""
         array = itk_io.voxel_array(itk_image)
         check_volume(array, name)
+        mismatch = modality_mismatch(array, modality, ct_window)
+        if mismatch and (name, modality) not in self._modalities_warned:  # once per engine: a data set's pairs alike
+            self._modalities_warned.add((name, modality))
+            log.warning("the %s image looks like another modality: %s", name, mismatch)
         if ct_window is None and self.preprocessing.get("ct_window"):
             ct_window = tuple(self.preprocessing["ct_window"])
         if quantile_range is None and self.preprocessing.get("mri_quantile_range"):

@@ -48,6 +48,35 @@ def check_volume(array: np.ndarray, name: str) -> None:
         )
 
 
+HU_AIR = -500.0  # air (-1000 HU) and lung lie at or below it in a CT; an MR image has no such values
+AIR_FRACTION = 0.01
+
+
+def modality_mismatch(volume: np.ndarray, modality: str, ct_window=None) -> str | None:
+    """Why ``volume`` looks like another modality than ``modality`` says (a sentence), or None.
+
+    A CT in Hounsfield units has air, at most -500 HU, in at least 1 % of its voxels (the air
+    around the body), which an MR image has not; an image said to be CT, without a ``ct_window``
+    of its own, with no voxel below 0 is not in Hounsfield units (a CT stored without its rescale
+    intercept reads 0 to 4095, air at 0) or is not a CT. Either way the normalization the network
+    was trained with is not the one it gets."""
+    modality = check_modality(modality)
+    low = float(volume.min())
+    if modality == "mri" and low <= HU_AIR:
+        fraction = np.count_nonzero(volume <= HU_AIR) / volume.size
+        if fraction >= AIR_FRACTION:
+            return (f"{100 * fraction:.0f} % of its voxels lie at or below {HU_AIR:g}, as air does in a CT's "
+                    "Hounsfield units, but its modality is 'mri', whose normalization clips to [min, 99th "
+                    "percentile]; pass modality 'ct' for a CT (the [-1000, 1000] HU window the network was "
+                    "trained with on CT)")
+    if modality == "ct" and ct_window is None and low >= 0:
+        return ("its modality is 'ct', but no voxel lies below 0, so it is not in Hounsfield units (air is -1000): "
+                "a CT stored without its rescale intercept reads 0 to 4095, which the [-1000, 1000] HU window "
+                "clips; apply the intercept (or pass a ct_window in its units), or pass modality 'mri' for an MR "
+                "image")
+    return None
+
+
 def check_modality(modality: str, name: str = "input") -> str:
     """The modality in lower case; :class:`InvalidOptionError` unless it is 'ct' or 'mri'."""
     if str(modality).lower() not in MODALITIES:

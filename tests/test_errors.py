@@ -473,3 +473,46 @@ def test_atomic_output_into_missing_directory(tmp_path):
         with itk_io.atomic_output(target):
             pytest.fail("atomic_output yielded a path in a missing directory")
     assert not target.parent.exists()
+
+
+def ct_like(seed=0):
+    """A CT-like volume in Hounsfield units: a body of soft tissue (about 40 HU, some fat at -100)
+    in air (-1000), z, y, x."""
+    volume = np.full((24, 28, 26), -1000.0, np.float32)
+    volume[4:20, 5:23, 5:21] = 40.0 + 60.0 * smooth_volume((16, 18, 16), seed=seed) - 100.0 * (
+        smooth_volume((16, 18, 16), seed=seed + 1) > 0.6)
+    return volume
+
+
+@pytest.mark.parametrize("fixed, fixed_modality, warned", [
+    pytest.param(ct_like(), "mri", "% of its voxels lie at or below -500", id="ct-as-mri"),
+    pytest.param(smooth_volume((24, 28, 26), seed=2) * 900, "ct", "no voxel lies below 0", id="mri-as-ct"),
+    pytest.param(ct_like(), "ct", None, id="ct"),
+    pytest.param(smooth_volume((24, 28, 26), seed=2) * 900, "mri", None, id="mri"),
+    pytest.param(ct_like()[4:20, 5:23, 5:21], "mri", None, id="ct-inside-the-body-as-mri"),  # no air: nothing to tell
+])
+def test_an_image_that_looks_like_another_modality_is_warned_about_once(fixed, fixed_modality, warned, caplog):
+    import logging
+
+    engine = Engine(model="compact", device="cpu")
+    moving = smooth_volume((24, 28, 26), seed=3) * 900
+    with caplog.at_level(logging.WARNING, logger="mgr_engine"):
+        for _ in range(2):
+            engine.register(fixed, moving, fixed_modality=fixed_modality, io_iterations=None)
+    messages = [record.getMessage() for record in caplog.records]
+    if warned is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and messages[0].startswith("the fixed image looks like another modality") and \
+            warned in messages[0]
+
+
+def test_a_ct_window_of_the_images_own_units_is_not_warned_about(caplog):
+    import logging
+
+    stored_without_intercept = ct_like() + 1024.0  # 0 to 4095, air at 24
+    with caplog.at_level(logging.WARNING, logger="mgr_engine"):
+        Engine(model="compact", device="cpu").register(stored_without_intercept, smooth_volume((24, 28, 26), seed=3),
+                                                       fixed_modality="ct", ct_window=(24.0, 2024.0),
+                                                       io_iterations=None)
+    assert not caplog.records
