@@ -375,8 +375,8 @@ class Engine:
         """An ITK image normalized, optionally masked (``mask``: array on its grid), resized to
         the network input: a tensor (1, 1, *input_shape)."""
         array = itk_io.voxel_array(itk_image)
-        check_volume(array, name)
-        mismatch = modality_mismatch(array, modality, ct_window)
+        low = check_volume(array, name)
+        mismatch = modality_mismatch(array, modality, ct_window, low)
         if mismatch and (name, modality) not in self._modalities_warned:  # once per engine: a data set's pairs alike
             self._modalities_warned.add((name, modality))
             log.warning("the %s image looks like another modality: %s", name, mismatch)

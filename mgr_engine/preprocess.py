@@ -26,8 +26,9 @@ def quantile(values: torch.Tensor, q: float) -> float:
     return float(torch.kthvalue(flat, k).values)
 
 
-def check_volume(array: np.ndarray, name: str) -> None:
-    """Raise :class:`InvalidImageError` unless ``array`` is a finite, non-constant 3-D volume."""
+def check_volume(array: np.ndarray, name: str) -> float:
+    """Raise :class:`InvalidImageError` unless ``array`` is a finite, non-constant 3-D volume;
+    return its lowest value."""
     if array.ndim != 3:
         raise InvalidImageError(
             f"{name} image has {array.ndim} dimensions; mgr_engine registers 3-D volumes. "
@@ -41,27 +42,29 @@ def check_volume(array: np.ndarray, name: str) -> None:
             f"{name} image has {bad} NaN or infinite voxels; replace them (for example with the "
             "background value) before registering."
         )
-    if array.min() == array.max():
+    low = float(array.min())
+    if low == array.max():
         raise InvalidImageError(
-            f"{name} image is constant ({array.min()}); there is nothing to register. Check that the "
-            "right file was passed."
+            f"{name} image is constant ({low:g}); there is nothing to register. Check that the right file was "
+            "passed."
         )
+    return low
 
 
 HU_AIR = -500.0  # air (-1000 HU) and lung lie at or below it in a CT; an MR image has no such values
 AIR_FRACTION = 0.01
 
 
-def modality_mismatch(volume: np.ndarray, modality: str, ct_window=None) -> str | None:
+def modality_mismatch(volume: np.ndarray, modality: str, ct_window=None, low: float | None = None) -> str | None:
     """Why ``volume`` looks like another modality than ``modality`` says (a sentence), or None.
 
     A CT in Hounsfield units has air, at most -500 HU, in at least 1 % of its voxels (the air
     around the body), which an MR image has not; an image said to be CT, without a ``ct_window``
     of its own, with no voxel below 0 is not in Hounsfield units (a CT stored without its rescale
     intercept reads 0 to 4095, air at 0) or is not a CT. Either way the normalization the network
-    was trained with is not the one it gets."""
+    was trained with is not the one it gets. ``low``: the volume's lowest value, where known."""
     modality = check_modality(modality)
-    low = float(volume.min())
+    low = float(volume.min()) if low is None else low
     if modality == "mri" and low <= HU_AIR:
         fraction = np.count_nonzero(volume <= HU_AIR) / volume.size
         if fraction >= AIR_FRACTION:
