@@ -430,8 +430,8 @@ class Engine:
         """Read both images (and masks), check them, preprocess them for the network.
         ``match_orientation``: reorder the moving image's voxels onto the fixed image's axes.
         ``fixed_cache``: a dict that keeps the last fixed side read from a file, reused while the
-        same file (with the same mask file) comes again: an atlas registered to a data set is read
-        and preprocessed once."""
+        same, unchanged file (with the same mask file) comes again: an atlas registered to a data
+        set is read and preprocessed once."""
         options = dict(masking=masking, io_iterations=io_iterations, ct_window=ct_window, quantile_range=quantile_range)
         key = _files_key(fixed, fixed_mask) if fixed_cache is not None else None
         fixed_side = fixed_cache.get(key) if key is not None else None
@@ -536,7 +536,9 @@ class Engine:
         its message starting with the pair's index; the results yielded before stay valid.
         Closing the generator early stops the reading thread. Consecutive pairs with the same
         fixed file (and fixed mask file) read and preprocess it once, and their results share
-        its ``itk.Image``: a data set registered to one atlas reads the atlas once.
+        its ``itk.Image``: a data set registered to one atlas reads the atlas once. The same file
+        is the same file under any path (relative, absolute, a link); one rewritten between pairs
+        (another size or modification time) is read again.
         """
         if not all(isinstance(n, int) and n >= 1 for n in (batch_size, prefetch)):
             raise InvalidOptionError(f"batch_size and prefetch must be whole numbers of at least 1, got {batch_size!r} "
@@ -613,11 +615,18 @@ def _unpack_pair(index, item):
 
 
 def _files_key(image, mask):
-    """What identifies an image given as a file, with its mask (a file or None); None where either
-    is an object in memory, which its owner may change between pairs."""
+    """What identifies an image given as a file, with its mask (a file or None): the file itself
+    (device and inode, so that a relative and an absolute path, or a link, name one file) and its
+    size and modification time, so that a file rewritten between pairs is read again. None where
+    either is an object in memory, which its owner may change between pairs, or cannot be found
+    (its reader raises the error)."""
     if not isinstance(image, (str, os.PathLike)) or not (mask is None or isinstance(mask, (str, os.PathLike))):
         return None
-    return os.fspath(image), None if mask is None else os.fspath(mask)
+    try:
+        stats = [os.stat(path) for path in (image, mask) if path is not None]
+    except OSError:
+        return None
+    return tuple((s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
 
 
 _END = object()

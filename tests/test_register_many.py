@@ -2,6 +2,7 @@
 gives what register() gives pair by pair, in order; errors name the pair; leaving early stops
 the reading thread."""
 
+import os
 import re
 import threading
 import time
@@ -574,3 +575,41 @@ def test_pairs_with_one_fixed_file_read_it_once(engine, tmp_path, monkeypatch):
     list(engine.register_many([*masked, {"fixed": fixed_paths[0], "moving": movings[0]}], io_iterations=None,
                               masking="input"))
     assert reads.count("fixed") == 2 and reads.count("fixed mask") == 1
+
+
+def test_fixed_file_kept_by_identity_not_by_path_string(engine, tmp_path, monkeypatch):
+    """The kept fixed side follows the file, not how its path is spelled: a relative path and
+    an absolute one name one file (read once); a file rewritten between pairs is read again,
+    and its pairs get the new image's maps."""
+    from mgr_engine import itk_io
+
+    fixed_a, fixed_b = image(310), image(311)
+    movings = [image(312 + k, shape=(36, 50, 41)) for k in range(3)]
+    path = tmp_path / "atlas.nii.gz"
+    itk.imwrite(fixed_a, str(path))
+    monkeypatch.chdir(tmp_path)
+    reads = []
+    load_image = itk_io.load_image
+    def counted_load_image(image, name, **options):
+        reads.append(name)
+        return load_image(image, name, **options)
+
+    monkeypatch.setattr(itk_io, "load_image", counted_load_image)
+    spelled = list(engine.register_many([("atlas.nii.gz", movings[0]), (str(path), movings[1]),
+                                         (tmp_path / "." / "atlas.nii.gz", movings[2])], io_iterations=None))
+    assert reads.count("fixed") == 1
+    assert spelled[0].fixed is spelled[2].fixed
+
+    def rewritten_between_pairs():
+        yield str(path), movings[0]
+        itk.imwrite(fixed_b, str(path))
+        stat = os.stat(path)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # a coarse clock's tick
+        yield str(path), movings[0]
+
+    reads.clear()
+    rewritten = list(engine.register_many(rewritten_between_pairs(), io_iterations=None, prefetch=1))
+    assert reads.count("fixed") == 2
+    assert torch.equal(rewritten[0].phi_ab, spelled[0].phi_ab)
+    assert torch.equal(rewritten[1].phi_ab, engine.register(fixed_b, movings[0], io_iterations=None).phi_ab)
+    assert not torch.equal(rewritten[0].phi_ab, rewritten[1].phi_ab)
