@@ -175,8 +175,11 @@ def read_points(path, coordinate_system: str | None = None, voxel_indices: bool 
         raise ImageReadError(f"points file {str(path)!r} {what}.")
     try:
         text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ImageReadError(f"cannot read points file {str(path)!r} ({exc}); give a text table of x, y, z.") from exc
+    except OSError as exc:
+        raise ImageReadError(f"cannot read points file {str(path)!r} ({exc.strerror or exc}); check the path.") from exc
+    except UnicodeDecodeError as exc:  # readable, but its content is not what a points file holds
+        raise InvalidPointsError(f"points file {str(path)!r} is not UTF-8 text (byte {exc.start}); give a text table "
+                                 "of x, y, z saved as UTF-8, or a 3D Slicer markups file.") from None
     if path.suffix.lower() == ".json" or text.lstrip().startswith("{"):
         return _read_markups_json(path, text, coordinate_system)
     return _read_table(path, text, coordinate_system)

@@ -221,7 +221,8 @@ def test_a_missing_points_file_is_a_typed_error(tmp_path):
     with pytest.raises(ImageReadError, match="does not exist"):
         points.read_points(tmp_path / "nothing.csv")
     (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00\x81")
-    with pytest.raises(ImageReadError, match="cannot read points file"):
+    # readable but not text: a content error, as a pairs file that is not UTF-8 is an option error
+    with pytest.raises(InvalidPointsError, match="is not UTF-8 text"):
         points.read_points(tmp_path / "binary.csv")
 
 
