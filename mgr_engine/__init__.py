@@ -28,7 +28,7 @@ _LAZY = {  # public name -> (module, attribute)
     "export_onnx": ("export", "export_onnx"),  # onnx itself is imported only when a graph is built
     "release_host_memory": ("host_memory", "release_freed_memory"),
     "write_image": ("itk_io", "write_image"),  # atomic; a .nii.gz gzipped on every core, not by ITK on one
-    "to_simpleitk": ("itk_io", "to_simpleitk"),
+    "to_simpleitk": ("itk_io", "to_simpleitk"), "to_nibabel": ("itk_io", "to_nibabel"),
     "transform_points": ("points", "transform_points"), "read_points": ("points", "read_points"),
     "write_points": ("points", "write_points"),
 }
@@ -37,12 +37,12 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .engine import Engine, RegistrationResult, register, register_many, weights_search_path
     from .export import export_onnx
     from .host_memory import release_freed_memory as release_host_memory
-    from .itk_io import to_simpleitk, write_image
+    from .itk_io import to_nibabel, to_simpleitk, write_image
     from .model import GradICONNetwork, NetworkConfig
     from .points import read_points, transform_points, write_points
 
 __all__ = ["Engine", "GradICONNetwork", "NetworkConfig", "RegistrationResult", "errors", "export_onnx", "read_points",
-           "register", "register_many", "release_host_memory", "to_simpleitk", "transform_points",
+           "register", "register_many", "release_host_memory", "to_nibabel", "to_simpleitk", "transform_points",
            "weights_search_path", "write_image", "write_points"]
 __version__ = "0.1.0"
 

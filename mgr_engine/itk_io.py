@@ -113,6 +113,35 @@ def to_simpleitk(image):
     return converted
 
 
+def to_nibabel(image):
+    """A ``nibabel.Nifti1Image`` copy of an ``itk.Image`` (a result's warped image, displacement
+    field or Jacobian determinant): what ``nibabel.load`` gives for the NIfTI file ITK writes of
+    it. Voxels in their type on axes (x, y, z); the affine in RAS (ITK's LPS grid turned), as
+    both sform and qform (code scanner); a vector image as ITK writes one, on axes (x, y, z, 1,
+    components) with intent "vector" and its components unchanged (a displacement field's in
+    LPS millimetres, as ANTs and ITK read them). Public as ``mgr_engine.to_nibabel``."""
+    import itk
+
+    try:
+        import nibabel
+    except ImportError:
+        raise MissingDependencyError("to_nibabel needs nibabel: pip install nibabel (or 'mgr_engine[freesurfer]')") from None
+    voxels = itk.array_from_image(image)  # a copy: the nibabel image outlives nothing of ITK's
+    vector = voxels.ndim > image.GetImageDimension()
+    voxels = voxels.transpose(2, 1, 0, 3)[:, :, :, None, :] if vector else voxels.transpose(2, 1, 0)
+    grid = ImageGrid.of(image)
+    affine = np.eye(4)
+    affine[:3, :3] = _RAS_TO_LPS @ grid.direction * grid.spacing  # LPS -> RAS is its own inverse
+    affine[:3, 3] = _RAS_TO_LPS @ grid.origin
+    converted = nibabel.Nifti1Image(voxels, affine)
+    converted.set_qform(affine, code="scanner")
+    converted.set_sform(affine, code="scanner")
+    converted.header.set_xyzt_units("mm", "sec")
+    if vector:
+        converted.header.set_intent("vector")
+    return converted
+
+
 def _check_scalar_volume(name: str, dimension: int, components: int) -> None:
     if dimension != 3:
         raise InvalidImageError(
