@@ -538,12 +538,25 @@ def test_cli_refuses_a_malformed_pairs_file(tmp_path, capsys, text, message):
     assert not (tmp_path / "out").exists()
 
 
+def count_image_reads(monkeypatch) -> list:
+    """The roles ("fixed", "moving", "fixed mask", ...) of the images read from now on, in order."""
+    from mgr_engine import itk_io
+
+    reads = []
+    load_image = itk_io.load_image
+
+    def counted_load_image(image, name, **options):
+        reads.append(name)
+        return load_image(image, name, **options)
+
+    monkeypatch.setattr(itk_io, "load_image", counted_load_image)
+    return reads
+
+
 def test_pairs_with_one_fixed_file_read_it_once(engine, tmp_path, monkeypatch):
     """An atlas registered to a data set: consecutive pairs naming the same fixed file (and mask)
     read and preprocess it once, with the maps of pairs read one by one; another file between
     them, or an image in memory, is read each time."""
-    from mgr_engine import itk_io
-
     fixed_a, fixed_b = image(300), image(301)
     movings = [image(302 + k, shape=(36, 50, 41)) for k in range(3)]
     for name, value in (("a", fixed_a), ("b", fixed_b)):
@@ -551,13 +564,7 @@ def test_pairs_with_one_fixed_file_read_it_once(engine, tmp_path, monkeypatch):
     fixed_paths = [str(tmp_path / name) + ".nii.gz" for name in ("a", "a", "b", "a")]
     data = [(path, movings[k % 3]) for k, path in enumerate(fixed_paths)]
     expected = [engine.register(path, moving, io_iterations=None) for path, moving in data]
-    reads = []
-    load_image = itk_io.load_image
-    def counted_load_image(image, name, **options):
-        reads.append(name)
-        return load_image(image, name, **options)
-
-    monkeypatch.setattr(itk_io, "load_image", counted_load_image)
+    reads = count_image_reads(monkeypatch)
     streamed = list(engine.register_many(data, io_iterations=None))
     assert reads.count("fixed") == 3  # a, a (kept), b, a
     assert streamed[0].fixed is streamed[1].fixed and streamed[1].fixed is not streamed[3].fixed
@@ -581,20 +588,12 @@ def test_fixed_file_kept_by_identity_not_by_path_string(engine, tmp_path, monkey
     """The kept fixed side follows the file, not how its path is spelled: a relative path and
     an absolute one name one file (read once); a file rewritten between pairs is read again,
     and its pairs get the new image's maps."""
-    from mgr_engine import itk_io
-
     fixed_a, fixed_b = image(310), image(311)
     movings = [image(312 + k, shape=(36, 50, 41)) for k in range(3)]
     path = tmp_path / "atlas.nii.gz"
     itk.imwrite(fixed_a, str(path))
     monkeypatch.chdir(tmp_path)
-    reads = []
-    load_image = itk_io.load_image
-    def counted_load_image(image, name, **options):
-        reads.append(name)
-        return load_image(image, name, **options)
-
-    monkeypatch.setattr(itk_io, "load_image", counted_load_image)
+    reads = count_image_reads(monkeypatch)
     spelled = list(engine.register_many([("atlas.nii.gz", movings[0]), (str(path), movings[1]),
                                          (tmp_path / "." / "atlas.nii.gz", movings[2])], io_iterations=None))
     assert reads.count("fixed") == 1
