@@ -578,7 +578,7 @@ def _add_transform_points(sub):
 def check_outputs(outputs) -> None:
     """Refuse, before any work, outputs that could not be written or would overwrite each other:
     ``outputs`` lists ``(option, path, kind)`` for each output option, ``path`` None when not given,
-    ``kind`` ``"image"``, ``"transform"`` or ``"text"``."""
+    ``kind`` ``"image"``, ``"field"`` (a displacement field), ``"transform"`` or ``"text"``."""
     from pathlib import Path
 
     from . import itk_io
@@ -622,7 +622,7 @@ def run_register(args) -> None:
     check_outputs([("--transform_out", args.transform_out, "transform"),
                    ("--inverse_transform_out", args.inverse_transform_out, "transform"),
                    ("--warped_moving_out", args.warped_moving_out, "image"),
-                   ("--displacement_field_out", args.displacement_field_out, "image"),
+                   ("--displacement_field_out", args.displacement_field_out, "field"),
                    ("--jacobian_out", args.jacobian_out, "image")])
     engine = Engine(model=args.model, weights=args.network_weights, device=args.device, config=config,
                     backend=args.backend, onnx_model=args.onnx_model, onnx_providers=args.onnx_providers,

@@ -129,10 +129,7 @@ def to_nibabel(image):
     voxels = itk.array_from_image(image)  # a copy: the nibabel image outlives nothing of ITK's
     vector = voxels.ndim > image.GetImageDimension()
     voxels = voxels.transpose(2, 1, 0, 3)[:, :, :, None, :] if vector else voxels.transpose(2, 1, 0)
-    grid = ImageGrid.of(image)
-    affine = np.eye(4)
-    affine[:3, :3] = _RAS_TO_LPS @ grid.direction * grid.spacing  # LPS -> RAS is its own inverse
-    affine[:3, 3] = _RAS_TO_LPS @ grid.origin
+    affine = _ras_affine(ImageGrid.of(image))
     converted = nibabel.Nifti1Image(voxels, affine)
     converted.set_qform(affine, code="scanner")
     converted.set_sform(affine, code="scanner")
@@ -140,6 +137,15 @@ def to_nibabel(image):
     if vector:
         converted.header.set_intent("vector")
     return converted
+
+
+def _ras_affine(grid: "ImageGrid") -> np.ndarray:
+    """The 4x4 voxel-to-RAS affine of ``grid`` (ITK's LPS spacing, origin and direction turned),
+    as NIfTI and MGH headers hold it."""
+    affine = np.eye(4)
+    affine[:3, :3] = _RAS_TO_LPS @ grid.direction * grid.spacing  # LPS -> RAS is its own inverse
+    affine[:3, 3] = _RAS_TO_LPS @ grid.origin
+    return affine
 
 
 def _check_scalar_volume(name: str, dimension: int, components: int) -> None:
@@ -210,13 +216,7 @@ def _read_mgh(path: Path, name: str, grid_only: bool):
     """A FreeSurfer MGH image file (``.mgz``, gzipped, or ``.mgh``), which ITK's wheels do not
     read, through nibabel: an ``itk.Image`` (its ``ImageGrid`` with ``grid_only``, from the
     header alone) on its vox2ras affine, as FreeSurfer's ``mri_convert`` writes it to NIfTI."""
-    try:
-        import nibabel
-    except ImportError:
-        raise MissingDependencyError(
-            f"{name} image {str(path)!r} is a FreeSurfer MGH file, which ITK does not read; mgr_engine reads it "
-            "through nibabel: pip install 'mgr_engine[freesurfer]' (or nibabel), or convert it with FreeSurfer's "
-            "mri_convert to .nii.gz.") from None
+    nibabel = _nibabel_for_mgh(f"{name} image {str(path)!r}")
     try:
         image = nibabel.load(str(path))
         return _nibabel_grid(image, name) if grid_only else _from_nibabel(image, name)
@@ -225,6 +225,57 @@ def _read_mgh(path: Path, name: str, grid_only: bool):
     except (OSError, EOFError, ValueError, zlib.error) as exc:  # nibabel's ImageFileError is a ValueError
         raise ImageReadError(f"cannot read the {name} image {str(path)!r} ({exc.__class__.__name__}: {exc}); "
                              "check the file, or convert it with FreeSurfer's mri_convert.") from exc
+
+
+# The voxel types an MGH file holds, and for the others the one written: uint16 widens, float64
+# narrows to float32 (as FreeSurfer's mri_convert does), wider integers only where they fit.
+_MGH_TYPES = {np.dtype(t): np.dtype(t) for t in (np.uint8, np.int16, np.int32, np.float32)}
+_MGH_TYPES.update({np.dtype(np.uint16): np.dtype(np.int32), np.dtype(np.float64): np.dtype(np.float32)})
+
+
+def _write_mgh(image, path: str) -> None:
+    """Write a scalar ``itk.Image`` as a FreeSurfer MGH file (``.mgz`` gzipped, ``.mgh``) through
+    nibabel: its voxels (an MGH file's type: :data:`_MGH_TYPES`) on its grid's vox2ras affine,
+    the file :func:`_read_mgh` reads back as the same grid."""
+    import itk
+
+    nibabel = _nibabel_for_mgh(f"writing {os.path.basename(path)!r}")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise OutputWriteError(f"{os.path.basename(path)!r}: an MGH file holds scalar volumes, not a vector image "
+                               "(a displacement field); name the output .nii.gz, which ANTs and ITK read as a field.")
+    voxels = itk.array_view_from_image(image)
+    dtype = _MGH_TYPES.get(voxels.dtype)
+    if dtype is None and np.issubdtype(voxels.dtype, np.integer) and voxels.size and (
+            np.iinfo(np.int32).min <= voxels.min() and voxels.max() <= np.iinfo(np.int32).max):
+        dtype = np.dtype(np.int32)
+    if dtype is None:
+        raise OutputWriteError(f"{os.path.basename(path)!r}: an MGH file cannot hold voxels of type {voxels.dtype} "
+                               "with these values (its types: uint8, int16, int32, float32); name the output .nii.gz.")
+    converted = nibabel.MGHImage(np.asarray(voxels.transpose(2, 1, 0), dtype=dtype), _ras_affine(ImageGrid.of(image)))
+    if not path.lower().endswith(".mgz"):
+        nibabel.save(converted, path)
+        return
+    # an .mgz is the .mgh gzipped: on every core here, where nibabel's gzip takes one (20x longer
+    # for a 512x512x300 float32 image)
+    uncompressed = path[: -len(".mgz")] + ".mgh"
+    nibabel.save(converted, uncompressed)
+    try:
+        gzip_file(uncompressed, path)
+    finally:
+        os.remove(uncompressed)
+
+
+def _nibabel_for_mgh(what: str):
+    """nibabel, which reads and writes FreeSurfer's MGH files for mgr_engine;
+    :class:`MissingDependencyError` saying how to install it."""
+    try:
+        import nibabel
+    except ImportError:
+        raise MissingDependencyError(
+            f"{what}: a FreeSurfer MGH file, which ITK does not read or write; mgr_engine does it through nibabel: "
+            "pip install 'mgr_engine[freesurfer]' (or nibabel), or use .nii.gz (FreeSurfer's tools read NIfTI)."
+        ) from None
+    return nibabel
 
 
 def _image_on_grid(array: np.ndarray, grid: "ImageGrid", name: str):
@@ -901,8 +952,10 @@ def atomic_output(path):
 
 def write_image(image, path) -> None:
     """Write an ITK image as ``itk.imwrite`` does, but atomically (see :func:`atomic_output`)
-    and, for a ``.nii.gz``, gzipped on every core (see :func:`_write_image_file`);
-    :class:`OutputWriteError` when it cannot be written. Public as ``mgr_engine.write_image``."""
+    and, for a ``.nii.gz``, gzipped on every core (see :func:`_write_image_file`); a scalar
+    image also as FreeSurfer's ``.mgz``/``.mgh`` (through nibabel, which ITK's wheels lack;
+    float64 voxels as float32, uint16 as int32); :class:`OutputWriteError` when it
+    cannot be written. Public as ``mgr_engine.write_image``."""
     with _write_errors_typed(path), atomic_output(path) as tmp:
         _write_image_file(image, tmp)
 
@@ -941,8 +994,10 @@ def itk_reason(exc) -> str:
 def check_output_path(path, kind: str) -> None:
     """Raise :class:`OutputWriteError` now, before the work whose result goes to ``path``, where
     writing it would fail: its folder missing, a folder in its place, an extension no ITK writer
-    of ``kind`` (``"image"`` or ``"transform"``) takes, or a transform's ``.mat``, which ITK
-    writes but cannot read back. ``"text"``: a text file (points, tables), any name."""
+    of ``kind`` (``"image"``, ``"field"``: a displacement field, or ``"transform"``) takes, a
+    transform's ``.mat``, which ITK writes but cannot read back, or a field's MGH file (a scalar
+    image's is written through nibabel: :class:`MissingDependencyError` without it). ``"text"``:
+    a text file (points, tables), any name."""
     path = Path(path)
     _output_directory(path)
     if path.is_dir():
@@ -950,21 +1005,24 @@ def check_output_path(path, kind: str) -> None:
     if kind == "text":
         return
     suffix = _suffix(path)
-    if kind == "image" and suffix.lower() in _NIFTI_SUFFIXES and suffix != suffix.lower():
+    if kind in ("image", "field") and suffix.lower() in _NIFTI_SUFFIXES and suffix != suffix.lower():
         # ITK's NIfTI IO says it can write these, then refuses the name ("Bad Nifti file name")
         raise OutputWriteError(f"ITK writes NIfTI only with a lowercase extension; name the output "
                                f"{path.name[:-len(suffix)] + suffix.lower()!r}.")
-    if kind == "image" and suffix.lower() in _MGH_SUFFIXES:  # read through nibabel, not written
-        raise OutputWriteError(f"mgr_engine reads FreeSurfer's MGH files but writes images through ITK, which has "
-                               f"no MGH writer; name the output {path.name[:-len(suffix)] + '.nii.gz'!r} "
-                               "(FreeSurfer's tools read NIfTI).")
+    if kind in ("image", "field") and suffix.lower() in _MGH_SUFFIXES:  # written through nibabel, not ITK
+        if kind == "field":
+            raise OutputWriteError(f"an MGH file holds scalar volumes, not a displacement field; name the output "
+                                   f"{path.name[:-len(suffix)] + '.nii.gz'!r}, which ANTs and ITK read as a field.")
+        _nibabel_for_mgh(f"output {path.name!r}")
+        return
     if kind == "transform" and suffix.lower() == ".mat":
         # ITK writes a registration's transform there without complaint, and then cannot read it
         # back ("CompositeTransform: Input parameter list size is not expected size")
         raise OutputWriteError(f"ITK's Matlab transform files cannot hold a registration's transform (a displacement "
                                f"field): ITK would not read {path.name!r} back. Name the output .h5 (or .tfm, text).")
-    if kind == "image":
-        can_write, formats = _image_writer_exists(path), ".nii.gz, .nii, .nrrd, .mha or another format ITK writes"
+    if kind in ("image", "field"):
+        kind, can_write = "image", _image_writer_exists(path)
+        formats = ".nii.gz, .nii, .nrrd, .mha or another format ITK writes"
     else:
         can_write, formats = _transform_writer_exists(path), ".h5 or .tfm/.txt"
     if can_write is False:
@@ -1143,7 +1201,8 @@ def _process_locale_kept():
 
 def _write_image_file(image, path) -> None:
     """``itk.imwrite(image, path)`` (no compression unless the format implies it); to NIfTI, NRRD
-    or MetaImage through that format's ImageIO alone (see :func:`read_image`).
+    or MetaImage through that format's ImageIO alone (see :func:`read_image`); to MGH through
+    nibabel (:func:`_write_mgh`).
 
     A ``.nii`` or ``.nii.gz`` of the pixel types this engine writes is laid out here
     (:class:`_NiftiBytes`: ITK's header, the voxels straight from the image) and a ``.nii.gz`` is
@@ -1153,6 +1212,9 @@ def _write_image_file(image, path) -> None:
     writer gives, once decompressed. Another pixel type's ``.nii.gz`` is written by ITK as
     ``.nii`` beside it, then gzipped."""
     path = str(path)
+    if _suffix(Path(path)).lower() in _MGH_SUFFIXES:
+        _write_mgh(image, path)
+        return
     if path.endswith((".nii", ".nii.gz")):  # ITK takes no other case
         nifti = _NiftiBytes.of(image, os.path.dirname(path) or None)
         if nifti is not None:

@@ -411,8 +411,11 @@ def test_cli_interrupted_write_leaves_nothing(cli_files, capsys, monkeypatch):
      r"--warped_moving_out: ITK writes NIfTI only with a lowercase extension; name the output 'w.nii.gz'"),
     (["--warped_moving_out", "{out}/w.nii.gz", "--jacobian_out", "{out}/./w.nii.gz"],
      r"--warped_moving_out and --jacobian_out name the same file"),
+    (["--warped_moving_out", "{out}/w.mgz", "--displacement_field_out", "{out}/d.mgz"],
+     r"--displacement_field_out: an MGH file holds scalar volumes, not a displacement field; name the output "
+     r"'d.nii.gz'"),
 ], ids=["extension", "image-for-transform", "matlab-transform", "missing-directory", "directory", "image-extension",
-        "transform-for-image", "uppercase-nifti", "same-file"])
+        "transform-for-image", "uppercase-nifti", "same-file", "mgz-field"])
 def test_cli_refuses_unwritable_outputs_before_registering(cli_files, capsys, monkeypatch, outputs, message):
     inputs, out = cli_files
     monkeypatch.setattr(mgr_engine.engine, "Engine", lambda *a, **k: pytest.fail("the engine was built"))

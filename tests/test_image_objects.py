@@ -145,11 +145,45 @@ def test_an_mgz_file_that_cannot_be_read_or_written_is_a_typed_error(tmp_path, m
     truncated.write_bytes(mgz.read_bytes()[:mgz.stat().st_size // 2])
     with pytest.raises(ImageReadError, match="cannot read the moving image .*truncated.mgz"):
         itk_io.load_image(truncated, "moving")
-    with pytest.raises(OutputWriteError, match="'warped.nii.gz'"):
-        itk_io.check_output_path(tmp_path / "warped.mgz", "image")
+    with pytest.raises(OutputWriteError, match="not a displacement field; name the output 'field.nii.gz'"):
+        itk_io.check_output_path(tmp_path / "field.mgz", "field")
+    itk_io.check_output_path(tmp_path / "warped.mgz", "image")
+    field = itk.image_from_array(np.zeros((4, 5, 6, 3), np.float32), is_vector=True)
+    too_wide = itk.image_from_array(np.full((4, 5, 6), 2**40, np.uint64))
+    for image, message in ((field, "not a vector image"), (too_wide, "type uint64 with these values")):
+        with pytest.raises(OutputWriteError, match=message):
+            itk_io.write_image(image, tmp_path / "out.mgz")
+        assert not list(tmp_path.glob("*out.mgz*"))  # nothing left behind, staged or not
     monkeypatch.setitem(sys.modules, "nibabel", None)  # import nibabel raises ImportError
     with pytest.raises(MissingDependencyError, match=r"mgr_engine\[freesurfer\]"):
         itk_io.load_image(mgz, "moving")
+    with pytest.raises(MissingDependencyError, match=r"output 'warped.mgz'.*mgr_engine\[freesurfer\]"):
+        itk_io.check_output_path(tmp_path / "warped.mgz", "image")
+
+
+@pytest.mark.parametrize("suffix", [".mgz", ".mgh"])
+@pytest.mark.parametrize("dtype, written", [(np.uint8, np.uint8), (np.int16, np.int16), (np.int32, np.int32),
+                                            (np.float32, np.float32), (np.uint16, np.int32), (np.float64, np.float32),
+                                            (np.uint32, np.int32)])
+def test_an_image_written_as_mgz_is_read_back_as_itself(tmp_path, suffix, dtype, written):
+    """``write_image`` to FreeSurfer's MGH (through nibabel): read back as the image (the grid
+    within the header's float32, the voxels' values; types an MGH file lacks as the nearest it
+    holds), placed as nibabel places the NIfTI file ITK writes, gzipped only as ``.mgz``."""
+    values = smooth_volume((7, 9, 6), seed=11) * (100 if np.issubdtype(dtype, np.integer) else 1)
+    nifti = oblique_file(tmp_path, values.astype(dtype))
+    image = itk.imread(str(nifti))
+    path = tmp_path / f"written{suffix}"
+    itk_io.write_image(image, path)
+    assert (path.read_bytes()[:2] == b"\x1f\x8b") == (suffix == ".mgz")
+    back = itk_io.load_image(path)
+    assert itk.array_view_from_image(back).dtype == written
+    np.testing.assert_array_equal(itk.array_view_from_image(back), itk.array_view_from_image(image).astype(written))
+    grid, expected = itk_io.ImageGrid.of(back), itk_io.ImageGrid.of(image)
+    assert grid.size == expected.size
+    np.testing.assert_allclose(np.concatenate([grid.spacing, grid.origin, grid.direction.ravel()]),
+                               np.concatenate([expected.spacing, expected.origin, expected.direction.ravel()]),
+                               rtol=0, atol=1e-4)
+    np.testing.assert_allclose(nib.load(str(path)).affine, nib.load(str(nifti)).affine, rtol=0, atol=1e-4)
 
 
 def test_a_registration_of_simpleitk_and_nibabel_images_and_mgz_files_is_that_of_their_files(tmp_path):
