@@ -21,6 +21,10 @@ import sys
 from .errors import InvalidOptionError, MgrEngineError, OutputWriteError
 
 log = logging.getLogger("mgr_engine")
+# A command's findings (Dice, target registration errors, the Jacobian's summary): logged at INFO
+# but kept under -q, which hides the progress lines only; a command without an output file for
+# them would otherwise print nothing.
+results_log = logging.getLogger("mgr_engine.results")
 
 PHYSICAL_JACOBIAN_HELP = (
     "Jacobian determinant along the physical axes (the image direction applied): the local volume change. Default: "
@@ -328,13 +332,13 @@ def run_register_many(args) -> None:
                 repr(float(v)) for v in (before.mean(), after.mean(), np.median(after), after.max()))])
     if errors_by_pair:
         before, after = (np.concatenate(errors) for errors in zip(*errors_by_pair))
-        log.info("target registration error over %d landmarks of %d pairs: mean %.2f mm before, %.2f mm after "
-                 "(median %.2f, max %.2f)", len(after), len(errors_by_pair), before.mean(), after.mean(),
-                 np.median(after), after.max())
+        results_log.info("target registration error over %d landmarks of %d pairs: mean %.2f mm before, %.2f mm "
+                         "after (median %.2f, max %.2f)", len(after), len(errors_by_pair), before.mean(), after.mean(),
+                         np.median(after), after.max())
     if overlaps:
         before, after = (np.mean([np.mean(list(dice.values())) for dice in dices]) for dices in zip(*overlaps))
-        log.info("Dice over the labels of %d pairs (mean of each pair's mean): %.3f before, %.3f after",
-                 len(overlaps), before, after)
+        results_log.info("Dice over the labels of %d pairs (mean of each pair's mean): %.3f before, %.3f after",
+                         len(overlaps), before, after)
     log.info("wrote the outputs of %d pairs to %s", len(names), out_dir)
 
 
@@ -692,10 +696,10 @@ def run_dice(args) -> None:
     before, after = dice_before_and_after(fixed_labels, moving_labels, warped)
     if len(after) <= _LABELS_LOGGED_ONE_BY_ONE:
         for label, dice in after.items():
-            log.info("label %d: Dice %.3f before, %.3f after", label, before[label], dice)
+            results_log.info("label %d: Dice %.3f before, %.3f after", label, before[label], dice)
     worst = min(after, key=after.get)
-    log.info("Dice over %d labels: mean %.3f before, %.3f after (lowest after: label %d, %.3f)", len(after),
-             np.mean(list(before.values())), np.mean(list(after.values())), worst, after[worst])
+    results_log.info("Dice over %d labels: mean %.3f before, %.3f after (lowest after: label %d, %.3f)", len(after),
+                     np.mean(list(before.values())), np.mean(list(after.values())), worst, after[worst])
     if args.dice_out:  # computed first, then written, each atomically
         write_text("label,dice_before,dice_after\n" + "".join(
             f"{label},{before[label]!r},{dice!r}\n" for label, dice in after.items()), args.dice_out)
@@ -732,8 +736,8 @@ def run_jacobian(args) -> None:
     outputs = [(args.jacob, jacobian)]
     if args.log_jacob:
         outputs.append((args.log_jacob, _log_image(jacobian)))
-    log.info("Jacobian determinant: min %.3f, max %.3f; %.4f %% of the voxels at or below 0 (folds); SD of its log "
-             "%.4f (where above 0)", *jacobian_summary(itk.array_view_from_image(jacobian)))
+    results_log.info("Jacobian determinant: min %.3f, max %.3f; %.4f %% of the voxels at or below 0 (folds); SD of "
+                     "its log %.4f (where above 0)", *jacobian_summary(itk.array_view_from_image(jacobian)))
     for path, image in outputs:
         itk_io.write_image(image, path)
 
@@ -772,8 +776,9 @@ def run_transform_points(args) -> None:
             log.info("%d of %d landmarks are not placed in one of the files (3D Slicer): left out of the error",
                      len(moved) - len(after), len(moved))
         for name, errors in (("before registration", before), ("after registration", after)):
-            log.info("target registration error %s over %d landmarks: mean %.2f mm (SD %.2f), median %.2f, max %.2f",
-                     name, len(errors), errors.mean(), errors.std(), np.median(errors), errors.max())
+            results_log.info("target registration error %s over %d landmarks: mean %.2f mm (SD %.2f), median %.2f, "
+                             "max %.2f", name, len(errors), errors.mean(), errors.std(), np.median(errors),
+                             errors.max())
         if args.tre_out:
             outputs.append((args.tre_out, "landmark,before_mm,after_mm\n" + "".join(
                 f"{i},{b!r},{a!r}\n" for i, b, a in zip(landmarks.counted.tolist(), before.tolist(), after.tolist()))))
@@ -924,7 +929,9 @@ def run_train(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mgr-engine", description="multiGradICON registration engine")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="only warnings, errors and the results (Dice, target registration errors, the Jacobian's "
+                             "summary)")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_register(sub)
     _add_register_many(sub)
@@ -940,6 +947,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    results_log.setLevel(logging.INFO)
     try:
         args.run(args)
     except MgrEngineError as exc:

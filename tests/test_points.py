@@ -407,3 +407,23 @@ def test_the_error_leaves_out_landmarks_not_placed_in_either_file(registration, 
     assert "2 of 6 landmarks are not placed" in caplog.text and "over 4 landmarks" in caplog.text
     write(tmp_path / "none.mrk.json", with_unplaced(markups_json(("LPS", targets.tolist())), 0, 2, 3, 4, 5))
     assert main([*command[:-4], "--target_points", str(tmp_path / "none.mrk.json")]) == 2
+
+
+def test_quiet_keeps_a_commands_results_and_hides_its_progress(tmp_path):
+    """``-q`` hides the progress lines (INFO) but not what a command found: its target registration
+    error (as Dice and the Jacobian's summary) would otherwise go nowhere without an output file.
+    In a fresh process, where the command configures logging itself."""
+    import subprocess
+    import sys
+
+    itk_io.write_transform(affine_transform(itk, seed=5), tmp_path / "affine.h5")
+    write(tmp_path / "p.csv", "x,y,z\n1,2,3\n-4,5,6.5\n")
+    write(tmp_path / "t.csv", "x,y,z\n2,2,3\n-4,6,6.5\n")
+    command = [sys.executable, "-m", "mgr_engine.cli", "transform-points", "--transform", str(tmp_path / "affine.h5"),
+               "--points", str(tmp_path / "p.csv"), "--target_points", str(tmp_path / "t.csv"),
+               "--points_out", str(tmp_path / "out.csv")]
+    for quiet in (False, True):
+        run = subprocess.run(command[:3] + ["-q"] * quiet + command[3:], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert "target registration error after registration over 2 landmarks" in run.stderr
+        assert ("moved 2 points into" in run.stderr) is not quiet
