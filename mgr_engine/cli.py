@@ -252,7 +252,7 @@ def _check_labels(names, pairs, labels):
                 grid = itk_io.load_image(path, role, grid_only=True)
                 if role == "fixed labels":
                     itk_io.check_same_grid(grid, itk_io.load_image(pair["fixed"], "fixed", grid_only=True), role)
-                if type(itk_io.read_image(path, header_only=True)).__name__ in ("itkImageF3", "itkImageD3"):
+                if itk_io.has_float_voxels(path):
                     label_array(itk_io.load_image(path, role), f"{role} {path!r}")
         except MgrEngineError as exc:
             raise type(exc)(f"pair {name!r}: {exc}") from exc

@@ -278,6 +278,14 @@ def _nibabel_for_mgh(what: str):
     return nibabel
 
 
+def has_float_voxels(path) -> bool:
+    """Whether the image file ``path`` holds floating-point voxels, from its header alone (an
+    MGH file's through nibabel, as :func:`load_image` reads it)."""
+    if _suffix(Path(path)).lower() in _MGH_SUFFIXES:
+        return _nibabel_for_mgh(f"image {str(path)!r}").load(str(path)).get_data_dtype().kind == "f"
+    return type(read_image(path, header_only=True)).__name__ in ("itkImageF3", "itkImageD3")
+
+
 def _image_on_grid(array: np.ndarray, grid: "ImageGrid", name: str):
     """A new ``itk.Image`` of the (z, y, x) ``array`` on ``grid``, in ``array``'s type or the
     nearest one ITK's Python wrapping holds (int8 -> int16; int64 -> int32 where the values fit,

@@ -481,15 +481,38 @@ def assert_refused_before_registering(csv_path, capsys, cases):
 
 
 def test_cli_checks_the_label_maps_before_registering(tmp_path, capsys):
+    from mgr_engine import itk_io
+
     fixed, moving = pairs(1, start=220)[0]
     csv_path = write_csv(tmp_path, {"a": (fixed, moving)})
     itk.imwrite(label_map(moving), str(tmp_path / "moving_labels.nii.gz"))  # not on the fixed grid
+    for role, value in (("fixed", fixed), ("moving", moving)):
+        itk_io.write_image(value, tmp_path / f"a_{role}.mgz")  # FreeSurfer's, which ITK does not read
     assert_refused_before_registering(csv_path, capsys, (
         (",fixed_labels,moving_labels", ",moving_labels.nii.gz,moving_labels.nii.gz", "pair 'a': fixed labels .* size"),
         (",fixed_labels", ",moving_labels.nii.gz", "fixed_labels without moving_labels"),
         (",moving_labels", ",nothing.nii.gz", "pair 'a': moving labels image .* does not exist"),
         # the images themselves in the label columns: float intensities, not labels
-        (",fixed_labels,moving_labels", ",a_fixed.nii.gz,a_moving.nii.gz", "pair 'a': moving labels .* whole")))
+        (",fixed_labels,moving_labels", ",a_fixed.nii.gz,a_moving.nii.gz", "pair 'a': moving labels .* whole"),
+        (",fixed_labels,moving_labels", ",a_fixed.mgz,a_moving.mgz", "pair 'a': moving labels .* whole")))
+
+
+def test_label_maps_as_freesurfer_files_are_checked_as_nifti_ones(tmp_path):
+    """FreeSurfer's .mgz label maps (aseg, aparc+aseg) pass the check before registering, and an
+    .mgz of intensities is refused as a NIfTI one is (ITK, which typed the voxels, reads no MGH)."""
+    from mgr_engine import cli, itk_io
+
+    fixed, moving = pairs(1, start=220)[0]
+    for name, value in (("fixed_labels", label_map(fixed)), ("moving_labels", label_map(moving)),
+                        ("fixed_float_labels", itk.cast_image_filter(label_map(fixed), ttype=(
+                            type(label_map(fixed)), itk.Image[itk.F, 3]))), ("intensities", moving)):
+        itk_io.write_image(value, tmp_path / f"{name}.mgz")
+    itk_io.write_image(fixed, tmp_path / "fixed.nii.gz")
+    pair = {"fixed": str(tmp_path / "fixed.nii.gz")}
+    for fixed_labels in ("fixed_labels", "fixed_float_labels"):  # whole numbers as float32: labels too
+        cli._check_labels(["a"], [pair], [(str(tmp_path / f"{fixed_labels}.mgz"), str(tmp_path / "moving_labels.mgz"))])
+    with pytest.raises(InvalidImageError, match="pair 'a': moving labels .*intensities.mgz.* whole"):
+        cli._check_labels(["a"], [pair], [(str(tmp_path / "fixed_labels.mgz"), str(tmp_path / "intensities.mgz"))])
 
 
 def test_cli_checks_the_landmarks_before_registering(tmp_path, capsys):
