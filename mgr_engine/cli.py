@@ -22,8 +22,8 @@ from .errors import InvalidOptionError, MgrEngineError, OutputWriteError
 
 log = logging.getLogger("mgr_engine")
 # A command's findings (Dice, target registration errors, the Jacobian's summary): logged at INFO
-# but kept under -q, which hides the progress lines only; a command without an output file for
-# them would otherwise print nothing.
+# but kept under -q, which hides the progress lines and bars only; a command without an output
+# file for them would otherwise print nothing.
 results_log = logging.getLogger("mgr_engine.results")
 
 PHYSICAL_JACOBIAN_HELP = (
@@ -298,7 +298,8 @@ def run_register_many(args) -> None:
     dice_table = _Table(out_dir / "dice.csv", "name,label,dice_before,dice_after")
     jacobian_table = _Table(out_dir / "jacobian.csv", "name,min,max,folds_percent,sd_log_jacobian")
     for name, result, (pair_landmarks, points_out), (fixed_labels, moving_labels) in tqdm(
-            zip(names, results, landmarks, labels), total=len(names), desc="register-many", unit="pair"):
+            zip(names, results, landmarks, labels), total=len(names), desc="register-many", unit="pair",
+            disable=args.quiet):
         resumed = isinstance(result, _SavedRegistration)
         # computed before anything of the pair is written; a resumed pair's warped image is kept (written atomically)
         keep_warped = resumed and (out_dir / f"{name}_warped.nii.gz").is_file()
@@ -636,7 +637,7 @@ def run_register(args) -> None:
         io_iterations=args.io_iterations, io_sim=args.io_sim, io_lr=args.io_lr,
         fixed_mask=args.fixed_mask if use_masks else None, moving_mask=args.moving_mask if use_masks else None,
         masking=masking or "loss", ct_window=args.ct_window, quantile_range=args.quantile_range, seed=args.seed,
-        match_orientation=args.match_orientation)
+        match_orientation=args.match_orientation, progress=not args.quiet)
     # Compute every output before writing any, so a failure leaves nothing behind.
     outputs = [(args.transform_out, result.transform, itk_io.write_transform)]
     if args.inverse_transform_out:
@@ -931,7 +932,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mgr-engine", description="multiGradICON registration engine")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="only warnings, errors and the results (Dice, target registration errors, the Jacobian's "
-                             "summary)")
+                             "summary): no progress lines or bars")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_register(sub)
     _add_register_many(sub)

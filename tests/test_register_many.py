@@ -635,3 +635,41 @@ def test_fixed_file_kept_by_identity_not_by_path_string(engine, tmp_path, monkey
     assert torch.equal(rewritten[0].phi_ab, spelled[0].phi_ab)
     assert torch.equal(rewritten[1].phi_ab, engine.register(fixed_b, movings[0], io_iterations=None).phi_ab)
     assert not torch.equal(rewritten[0].phi_ab, rewritten[1].phi_ab)
+
+
+def test_quiet_commands_show_no_progress_bars(tmp_path, monkeypatch):
+    """``-q`` turns off IO's progress bar in ``register`` and the pairs' bar in ``register-many``
+    (bars on stderr clutter the logs of scripts that asked for quiet)."""
+    import mgr_engine.engine
+    import tqdm.auto
+    from mgr_engine import cli
+    from mgr_engine.errors import MgrEngineError
+
+    asked = []
+
+    class RecordingEngine:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def register(self, *args, progress=True, **kwargs):
+            asked.append(("register", progress))
+            raise MgrEngineError("recorded")  # main() returns 2; no output is computed
+
+    monkeypatch.setattr(mgr_engine.engine, "Engine", RecordingEngine)
+    bars = tqdm.auto.tqdm
+
+    def recording_tqdm(*args, disable=False, **kwargs):
+        asked.append(("register-many", not disable))
+        return bars(*args, disable=disable, **kwargs)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", recording_tqdm)
+    monkeypatch.setattr(cli, "_registrations", lambda *args, **kwargs: iter(()))  # no pair is registered
+    csv_path = write_csv(tmp_path, dict(zip(("a",), pairs(1, start=290))))
+    for quiet in (False, True):
+        flag = ["-q"] * quiet
+        assert cli.main([*flag, "register", "--fixed", str(tmp_path / "a_fixed.nii.gz"), "--moving",
+                         str(tmp_path / "a_moving.nii.gz"), "--fixed_modality", "mri", "--moving_modality", "mri",
+                         "--transform_out", str(tmp_path / "t.h5")]) == 2
+        assert cli.main([*flag, "register-many", "--pairs", str(csv_path), "--out_dir", str(tmp_path / "out"),
+                         "--model", "compact"]) == 0
+    assert asked == [("register", True), ("register-many", True), ("register", False), ("register-many", False)]
