@@ -252,17 +252,10 @@ def _write_mgh(image, path: str) -> None:
         raise OutputWriteError(f"{os.path.basename(path)!r}: an MGH file cannot hold voxels of type {voxels.dtype} "
                                "with these values (its types: uint8, int16, int32, float32); name the output .nii.gz.")
     converted = nibabel.MGHImage(np.asarray(voxels.transpose(2, 1, 0), dtype=dtype), _ras_affine(ImageGrid.of(image)))
-    if not path.lower().endswith(".mgz"):
+    if path.lower().endswith(".mgz"):  # the .mgh gzipped: nibabel's gzip takes one core (20x longer at 512x512x300)
+        _write_then_gzip(lambda uncompressed: nibabel.save(converted, uncompressed), path[: -len(".mgz")] + ".mgh", path)
+    else:
         nibabel.save(converted, path)
-        return
-    # an .mgz is the .mgh gzipped: on every core here, where nibabel's gzip takes one (20x longer
-    # for a 512x512x300 float32 image)
-    uncompressed = path[: -len(".mgz")] + ".mgh"
-    nibabel.save(converted, uncompressed)
-    try:
-        gzip_file(uncompressed, path)
-    finally:
-        os.remove(uncompressed)
 
 
 def _nibabel_for_mgh(what: str):
@@ -1028,13 +1021,13 @@ def check_output_path(path, kind: str) -> None:
         # back ("CompositeTransform: Input parameter list size is not expected size")
         raise OutputWriteError(f"ITK's Matlab transform files cannot hold a registration's transform (a displacement "
                                f"field): ITK would not read {path.name!r} back. Name the output .h5 (or .tfm, text).")
-    if kind in ("image", "field"):
-        kind, can_write = "image", _image_writer_exists(path)
+    if kind in ("image", "field"):  # a field is an image to ITK's writers
+        writer, can_write = "image", _image_writer_exists(path)
         formats = ".nii.gz, .nii, .nrrd, .mha or another format ITK writes"
     else:
-        can_write, formats = _transform_writer_exists(path), ".h5 or .tfm/.txt"
+        writer, can_write, formats = "transform", _transform_writer_exists(path), ".h5 or .tfm/.txt"
     if can_write is False:
-        raise OutputWriteError(f"ITK has no {kind} writer for {path.name!r}; name the output {formats}.")
+        raise OutputWriteError(f"ITK has no {writer} writer for {path.name!r}; name the output {formats}.")
 
 
 _NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".img.gz")
@@ -1232,14 +1225,19 @@ def _write_image_file(image, path) -> None:
                 nifti.write(path)
             return
     if path.endswith(".nii.gz"):
-        uncompressed = path[: -len(".gz")]
-        _write_with_itk(image, uncompressed)
-        try:
-            gzip_file(uncompressed, path)
-        finally:
-            os.remove(uncompressed)
+        _write_then_gzip(lambda uncompressed: _write_with_itk(image, uncompressed), path[: -len(".gz")], path)
         return
     _write_with_itk(image, path)
+
+
+def _write_then_gzip(write, uncompressed: str, path: str) -> None:
+    """``write(uncompressed)``, then that file gzipped on every core into ``path``
+    (:func:`gzip_file`) and removed: for writers that compress on one core or not at all."""
+    write(uncompressed)
+    try:
+        gzip_file(uncompressed, path)
+    finally:
+        os.remove(uncompressed)
 
 
 def _write_with_itk(image, path) -> None:
