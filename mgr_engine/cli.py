@@ -105,6 +105,10 @@ _INDEX_BASE_HELP = ("with voxel indices: the first voxel's index, 0 (the default
                     "from 1, such as DIR-Lab's)")
 
 
+# register-many's --image_format: extensions of formats ITK writes (mgz: through nibabel)
+IMAGE_FORMATS = ("nii.gz", "nii", "nrrd", "mha", "mgz")
+
+
 def _add_register_many(sub):
     p = sub.add_parser("register-many", help="register the pairs listed in a CSV file, reading ahead while the network runs",
                        description="Register every pair of a CSV file with one resident engine (mgr_engine.register_many): "
@@ -115,7 +119,8 @@ def _add_register_many(sub):
                                    "transform-points) are moved into OUT_DIR/NAME_<their file name>; with its "
                                    "moving_points, the target registration error goes into OUT_DIR/tre.csv, one row "
                                    "per pair, rewritten after each. A pair's moving_labels (a segmentation) are "
-                                   "warped into OUT_DIR/NAME_warped_labels.nii.gz (nearest neighbour); with its "
+                                   "warped into OUT_DIR/NAME_warped_labels.nii.gz (nearest neighbour; --image_format "
+                                   "names another format); with its "
                                    "fixed_labels, the Dice of each label before and after goes into OUT_DIR/dice.csv. "
                                    "A bad pair stops the run with its error; the pairs "
                                    "before it are written.")
@@ -137,11 +142,21 @@ def _add_register_many(sub):
     p.add_argument("--batch_size", type=int, default=1, help="pairs per network forward without IO (default 1)")
     p.add_argument("--prefetch", type=int, default=2, help="batches read ahead (default 2)")
     p.add_argument("--warped", action="store_true", help="also write OUT_DIR/NAME_warped.nii.gz (moving on the fixed grid)")
+    p.add_argument("--displacement_fields", action="store_true",
+                   help="also write OUT_DIR/NAME_displacement.nii.gz: the dense displacement field on the fixed grid "
+                        "(mm, as register --displacement_field_out)")
+    p.add_argument("--jacobians", action="store_true",
+                   help="also write OUT_DIR/NAME_jacobian.nii.gz: the Jacobian determinant on the fixed grid "
+                        "(as register --jacobian_out)")
+    p.add_argument("--image_format", default="nii.gz", choices=IMAGE_FORMATS,
+                   help="file format of the images written (warped images and labels, displacement fields, Jacobians; "
+                        "default nii.gz); mgz takes no displacement field")
     p.add_argument("--jacobian_stats", action="store_true",
                    help="tabulate each transform's Jacobian determinant on the fixed grid in OUT_DIR/jacobian.csv: "
                         "min, max, percentage of voxels at or below 0 (folds), SD of its log (as mgr-engine jacobian "
                         "logs)")
-    p.add_argument("--physical_jacobian", action="store_true", help="with --jacobian_stats: " + PHYSICAL_JACOBIAN_HELP)
+    p.add_argument("--physical_jacobian", action="store_true",
+                   help="with --jacobian_stats or --jacobians: " + PHYSICAL_JACOBIAN_HELP)
     p.add_argument("--resume", action="store_true",
                    help="pairs whose OUT_DIR/NAME_transform.h5 exists (an earlier run's) are not registered again; "
                         "their other outputs and table rows are computed from that file, so the tables cover every "
@@ -273,8 +288,11 @@ def run_register_many(args) -> None:
 
     if args.index_base is not None and not args.points_in_voxels:
         raise InvalidOptionError("--index_base needs --points_in_voxels")
-    if args.physical_jacobian and not args.jacobian_stats:
-        raise InvalidOptionError("--physical_jacobian needs --jacobian_stats")
+    if args.physical_jacobian and not (args.jacobian_stats or args.jacobians):
+        raise InvalidOptionError("--physical_jacobian needs --jacobian_stats or --jacobians")
+    if args.displacement_fields and args.image_format == "mgz":
+        raise InvalidOptionError("--image_format mgz cannot hold --displacement_fields (an MGH file holds scalar "
+                                 "volumes); use nii.gz, which ANTs and ITK read as a field.")
     names, pairs, landmarks, labels = _read_pairs_csv(args.pairs)
     out_dir = Path(args.out_dir)
     saved = [args.resume and (out_dir / f"{name}_transform.h5").is_file() for name in names]
@@ -287,6 +305,8 @@ def run_register_many(args) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputWriteError(f"cannot create the output directory {str(out_dir)!r} ({exc.strerror or exc})") from exc
+    if args.warped or args.displacement_fields or args.jacobians or any(moving for _, moving in labels):
+        itk_io.check_output_path(out_dir / f"{names[0]}_warped.{args.image_format}", "image")  # mgz: nibabel
     if not all(saved):  # the settings of the pairs registered from now on, and what registered them
         from . import __version__
 
@@ -301,24 +321,34 @@ def run_register_many(args) -> None:
             zip(names, results, landmarks, labels), total=len(names), desc="register-many", unit="pair",
             disable=args.quiet):
         resumed = isinstance(result, _SavedRegistration)
-        # computed before anything of the pair is written; a resumed pair's warped image is kept (written atomically)
-        keep_warped = resumed and (out_dir / f"{name}_warped.nii.gz").is_file()
-        warped = result.warp() if args.warped and not keep_warped else None
+
+        def image_path(kind):
+            return out_dir / f"{name}_{kind}.{args.image_format}"
+
+        def wanted(option, kind):  # a resumed pair's image is kept where it is there (written atomically)
+            return option and not (resumed and image_path(kind).is_file())
+
+        # computed before anything of the pair is written
+        images = {"warped": result.warp() if wanted(args.warped, "warped") else None,
+                  "displacement": result.displacement_field() if wanted(args.displacement_fields, "displacement")
+                  else None}
+        write_jacobian = wanted(args.jacobians, "jacobian")
+        jacobian_image = (result.jacobian_determinant(args.physical_jacobian)
+                          if write_jacobian or args.jacobian_stats else None)
+        images["jacobian"] = jacobian_image if write_jacobian else None
         moved = result.transform_points(pair_landmarks.points) if pair_landmarks is not None else None
         label_map = itk_io.load_image(moving_labels, "moving labels") if moving_labels else None
-        warped_labels = result.warp(label_map, "nearest") if label_map is not None else None
+        images["warped_labels"] = result.warp(label_map, "nearest") if label_map is not None else None
         overlap = None
         if fixed_labels:
-            overlap = dice_before_and_after(itk_io.load_image(fixed_labels, "fixed labels"), label_map, warped_labels)
-        jacobian = None
-        if args.jacobian_stats:
-            jacobian = jacobian_summary(itk.array_view_from_image(result.jacobian_determinant(args.physical_jacobian)))
+            overlap = dice_before_and_after(itk_io.load_image(fixed_labels, "fixed labels"), label_map,
+                                            images["warped_labels"])
+        jacobian = jacobian_summary(itk.array_view_from_image(jacobian_image)) if args.jacobian_stats else None
         if not resumed:
             itk_io.write_transform(result.transform, out_dir / f"{name}_transform.h5")
-        if warped is not None:
-            itk_io.write_image(warped, out_dir / f"{name}_warped.nii.gz")
-        if warped_labels is not None:
-            itk_io.write_image(warped_labels, out_dir / f"{name}_warped_labels.nii.gz")
+        for kind, image in images.items():
+            if image is not None:
+                itk_io.write_image(image, image_path(kind))
         if moved is not None:
             write_text(pair_landmarks.text_with(moved), out_dir / points_out)
         if jacobian is not None:
@@ -478,6 +508,9 @@ class _SavedRegistration:
         from .points import transform_points
 
         return transform_points(self.transform, points)
+
+    def displacement_field(self):
+        return _displacement_field(self.transform, self._pair["fixed"])
 
     def jacobian_determinant(self, physical: bool = False):
         return _jacobian_image(self.transform, self._pair["fixed"], physical)
@@ -741,6 +774,17 @@ def run_jacobian(args) -> None:
                      "its log %.4f (where above 0)", *jacobian_summary(itk.array_view_from_image(jacobian)))
     for path, image in outputs:
         itk_io.write_image(image, path)
+
+
+def _displacement_field(transform, fixed):
+    """The displacement field (mm) of ``transform`` on the grid of ``fixed`` (a path or an image)."""
+    from . import itk_io
+
+    grid = itk_io.grid_transform(transform)
+    fixed = itk_io.load_image(fixed, "fixed", grid_only=grid is not None)  # as in _warped
+    if grid is not None:
+        return itk_io.grid_displacement_field(grid, fixed)
+    return itk_io.transform_to_displacement_field(transform, fixed)
 
 
 def _jacobian_image(transform, fixed, physical: bool):

@@ -465,6 +465,51 @@ def test_cli_tabulates_each_transforms_jacobian(tmp_path, physical):
     assert (out / "jacobian.csv").read_text() == table_text
 
 
+def test_cli_writes_each_pairs_field_and_jacobian_in_the_format_asked(tmp_path, capsys):
+    nibabel = pytest.importorskip("nibabel")
+    from mgr_engine import cli, itk_io
+
+    data = dict(zip(("a", "b"), pairs(2, start=250)))
+    csv_path = write_csv(tmp_path, data)
+    out = tmp_path / "out"
+    command = ["-q", "register-many", "--pairs", str(csv_path), "--out_dir", str(out), "--model", "compact"]
+    assert cli.main([*command, "--displacement_fields", "--jacobians", "--image_format", "nrrd"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(["register_many.json", *(
+        f"{n}_{kind}" for n in data for kind in ("transform.h5", "displacement.nrrd", "jacobian.nrrd"))])
+    written = {}
+    for name in data:
+        transform = itk_io.read_transform(out / f"{name}_transform.h5")
+        field = itk_io.read_image(out / f"{name}_displacement.nrrd")
+        array = itk.array_from_image(field)
+        fixed = itk_io.read_image(tmp_path / f"{name}_fixed.nii.gz")
+        assert field.GetSpacing() == fixed.GetSpacing() and field.GetOrigin() == fixed.GetOrigin()
+        for index in ((0, 0, 0), (30, 17, 5), (43, 47, 39)):  # (i, j, k); the array is (k, j, i)
+            point = np.array(field.TransformIndexToPhysicalPoint(index))
+            np.testing.assert_allclose(array[index[::-1]], np.array(transform.TransformPoint(point)) - point, atol=1e-4)
+        assert np.abs(array).max() > 0.1, "the test wants transforms that move points"
+        jacobian = itk.array_from_image(itk_io.read_image(out / f"{name}_jacobian.nrrd"))
+        np.testing.assert_array_equal(jacobian, itk.array_from_image(
+            itk_io.grid_jacobian_determinant(itk_io.grid_transform(transform), fixed, False)))
+        written[name] = array, jacobian
+    # resumed: a missing field is computed from the transform file, the same voxels
+    (out / "a_displacement.nrrd").unlink()
+    kept = (out / "b_displacement.nrrd").stat().st_mtime_ns
+    assert cli.main([*command, "--displacement_fields", "--image_format", "nrrd", "--resume"]) == 0
+    np.testing.assert_array_equal(itk.array_from_image(itk_io.read_image(out / "a_displacement.nrrd")),
+                                  written["a"][0])
+    assert (out / "b_displacement.nrrd").stat().st_mtime_ns == kept
+    # FreeSurfer's format through nibabel (its array's axes: i, j, k); no displacement field there
+    assert cli.main([*command, "--jacobians", "--image_format", "mgz", "--resume"]) == 0
+    for name in data:
+        np.testing.assert_array_equal(np.asarray(nibabel.load(out / f"{name}_jacobian.mgz").dataobj).transpose(),
+                                      written[name][1])
+    capsys.readouterr()
+    assert cli.main([*command, "--displacement_fields", "--image_format", "mgz", "--resume"]) == 2
+    assert "--image_format mgz cannot hold --displacement_fields" in capsys.readouterr().err
+    assert cli.main([*command, "--physical_jacobian"]) == 2
+    assert "--physical_jacobian needs --jacobian_stats or --jacobians" in capsys.readouterr().err
+
+
 def assert_refused_before_registering(csv_path, capsys, cases):
     """For each ``(columns, values, message)``: the one-pair CSV with those columns appended to its
     header and values to its row makes register-many exit 2 with ``message`` (a regex) before it
