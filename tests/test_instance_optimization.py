@@ -64,12 +64,12 @@ def reference_io(net, similarity, moving, fixed, mask_kwargs, layout=torch.conti
 # steps amplify: after three steps the reference's float32 map is 0.07 voxel from its float64
 # one (lncc2), and the reference run channels-last 0.057 voxel from itself run contiguous
 # (masked lncc2, AMD EPYC without AVX-512, 2026-12-01; 1.9e-3 on an EPYC with AVX-512). So the
-# engine's own layout, channels-last, is held to the reference run channels-last.
+# engine's own layout, channels-last, is held to the reference run channels-last (masked; the
+# masks' arithmetic does not depend on the layout, so no masked contiguous case: 30 s of CI).
 @pytest.mark.parametrize("similarity,masked,layout", [
     ("lncc", False, torch.contiguous_format),
     ("lncc2", False, torch.contiguous_format),
     ("mind", False, torch.contiguous_format),
-    ("lncc2", True, torch.contiguous_format),
     ("lncc2", True, torch.channels_last_3d),
 ])
 def test_io_losses_equal_reference(similarity, masked, layout):

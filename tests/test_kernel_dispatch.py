@@ -61,11 +61,13 @@ def test_instance_optimization_agrees_across_modes(similarity, masked, monkeypat
     regularizer, the similarity, loss masks, Adam) on the Triton kernels and on PyTorch's ops:
     the same losses and map. A network three levels deep on an odd, non-cubic grid, small
     enough for the interpreter."""
+    iterations = 2
     if INTERPRETED:  # it runs each program in Python: fewer, larger blocks (any power of two is valid)
         from mgr_engine.kernels import lncc, warp
 
         monkeypatch.setattr(warp, "BLOCK", 8192)
         monkeypatch.setattr(lncc, "BLOCK", 8192)
+        iterations = 1  # a step's forward and backward run every kernel; a second step, a minute of CI, none new
     shape = (18, 21, 17)
     config = NetworkConfig(input_shape=shape, down_channels=(2, 4, 8, 8), up_channels=(4, 8, 8))
     network = randomize_(GradICONNetwork(config), seed=4, displacement_scale=0.3)
@@ -79,7 +81,7 @@ def test_instance_optimization_agrees_across_modes(similarity, masked, monkeypat
     results = {}
     for mode in ("torch", "triton"):
         with ops.kernel_mode(mode):
-            results[mode] = engine.instance_optimize(moving, fixed, iterations=2, similarity=similarity,
+            results[mode] = engine.instance_optimize(moving, fixed, iterations=iterations, similarity=similarity,
                                                      progress=False, generator=torch.Generator().manual_seed(0),
                                                      **masks)
     voxel = torch.tensor(shape, device=DEVICE).view(1, 3, 1, 1, 1) - 1
