@@ -300,7 +300,8 @@ def run_register_many(args) -> None:
         itk_io.keep_itk_from_importing_torch()
     landmarks = _read_landmarks(names, pairs, landmarks, args.points_in_voxels, args.index_base)
     _check_labels(names, pairs, labels)
-    settings = _registration_settings(args, out_dir, saved)
+    settings = _registration_settings(args, out_dir, saved,
+                                      masked=any(pair["fixed_mask"] or pair["moving_mask"] for pair in pairs))
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -376,9 +377,9 @@ def run_register_many(args) -> None:
 _SETTINGS_FILE = "register_many.json"
 
 
-def _registration_settings(args, out_dir, saved) -> dict:
+def _registration_settings(args, out_dir, saved, masked: bool) -> dict:
     """What shapes register-many's registrations (model, the checkpoint's SHA-256, modalities,
-    masking, orientation matching, precision, IO's options), as ``OUT_DIR/register_many.json`` records it (with the
+    masking where ``masked`` (a pair has a mask), orientation matching, precision, IO's options), as ``OUT_DIR/register_many.json`` records it (with the
     version of mgr_engine that wrote it, which is not compared). With
     ``--resume``, the pairs registered already must have been registered so: a difference from the
     record raises :class:`InvalidOptionError` (a data set's table of one model's results, not of
@@ -389,8 +390,11 @@ def _registration_settings(args, out_dir, saved) -> dict:
     import json
 
     settings = {"model": args.model, "fixed_modality": args.fixed_modality, "moving_modality": args.moving_modality,
-                "masking": args.masking, "match_orientation": args.match_orientation, "precision": args.precision,
+                "match_orientation": args.match_orientation, "precision": args.precision,
                 "io_iterations": args.io_iterations}
+    # --masking only where it changes a registration: pairs with masks, and input masking or IO
+    if masked and (args.masking != "loss" or args.io_iterations is not None):
+        settings["masking"] = args.masking
     if args.io_iterations is not None:
         settings.update(io_sim=args.io_sim, io_lr=args.io_lr, seed=args.seed)
     if not all(saved):

@@ -327,6 +327,8 @@ def test_cli_resume_refuses_pairs_registered_with_other_options(tmp_path, capsys
     shutil.copy(BUNDLED_WEIGHTS["compact"], moved_weights)
     assert resumed("--network_weights", str(moved_weights)) == 0
     assert json.loads((out / "register_many.json").read_text())["network_weights"] == str(moved_weights.resolve())
+    # without masks, --masking changes no registration: not recorded, not compared
+    assert "masking" not in record and resumed("--masking", "input") == 0
     # every pair done: the options are compared, the weights are not read
     assert cli.main([*command, "--resume", "--io_iterations", "2"]) == 2
     assert cli.main([*command, "--resume", "--network_weights", str(other_weights)]) == 0
@@ -339,6 +341,17 @@ def test_cli_resume_refuses_pairs_registered_with_other_options(tmp_path, capsys
     (out / "register_many.json").write_text("{")
     assert resumed() == 2
     assert "cannot read" in capsys.readouterr().err
+    # with masks, input masking changes the registrations: recorded and compared
+    mask = itk.image_from_array(np.ones((40, 48, 44), np.uint8))
+    mask.CopyInformation(itk.imread(str(tmp_path / "a_fixed.nii.gz")))
+    itk.imwrite(mask, str(tmp_path / "a_mask.nii.gz"))
+    add_columns(csv_path, ("fixed_mask",), lambda name: ("a_mask.nii.gz" if name == "a" else "",))
+    command[command.index("--out_dir") + 1] = str(out / "masked")
+    assert cli.main([*command, "--masking", "input"]) == 0
+    out = out / "masked"
+    assert json.loads((out / "register_many.json").read_text())["masking"] == "input"
+    assert resumed("--masking", "both") == 2
+    assert "masking='input', not 'both' as now" in capsys.readouterr().err
 
 
 def test_cli_moves_each_pairs_landmarks_and_tabulates_the_error(tmp_path):
