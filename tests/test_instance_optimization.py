@@ -94,10 +94,13 @@ def test_io_losses_equal_reference(similarity, masked, layout):
     # normalized steps grow that: up to 4e-5 relative after three steps (masked lncc2).
     torch.testing.assert_close(losses[0], expected[0], rtol=2e-5, atol=2e-6)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=2e-4, atol=2e-6)
-    # The map: 5e-3 voxel, measured up to 4.4e-3 (mind). Three steps move it by 0.8 voxel
-    # (lncc), one step by 0.27, so a wrong or missing step shows.
+    # The map: 0.03 voxel. Measured up to 4.4e-3 on 2 threads (mind: 5e-4 on 2 or 3 threads),
+    # but 0.016 with OMP_NUM_THREADS=1 (mind; the others stayed below 5e-3): another split of the
+    # reductions, whose rounding Adam amplifies as above (float32 against float64: 0.07), so a
+    # tighter bound would pass or fail by the machine's core count. Three steps move the map by
+    # 0.8 voxel (lncc, mind), one step by 0.27, so a wrong or missing step still shows.
     voxel = torch.tensor(SHAPE, dtype=torch.float32).view(1, 3, 1, 1, 1) - 1
-    assert ((phi_ab - expected_map) * voxel).abs().max() < 5e-3
+    assert ((phi_ab - expected_map) * voxel).abs().max() < 0.03
     # the engine's weights are the checkpoint's again
     assert all(torch.equal(before[k], v) for k, v in engine.network.state_dict().items())
 
