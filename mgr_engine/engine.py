@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import queue
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -538,7 +539,7 @@ class Engine:
         fixed file (and fixed mask file) read and preprocess it once, and their results share
         its ``itk.Image``: a data set registered to one atlas reads the atlas once. The same file
         is the same file under any path (relative, absolute, a link); one rewritten between pairs
-        (another size or modification time) is read again.
+        (another size or modification time; for a DICOM folder, of any of its files) is read again.
         """
         if not all(isinstance(n, int) and n >= 1 for n in (batch_size, prefetch)):
             raise InvalidOptionError(f"batch_size and prefetch must be whole numbers of at least 1, got {batch_size!r} "
@@ -619,14 +620,24 @@ def _files_key(image, mask):
     (device and inode, so that a relative and an absolute path, or a link, name one file) and its
     size and modification time, so that a file rewritten between pairs is read again. None where
     either is an object in memory, which its owner may change between pairs, or cannot be found
-    (its reader raises the error)."""
+    (its reader raises the error). A folder (a DICOM series) is identified with its files: one of
+    them rewritten in place leaves the folder's own modification time as it was."""
     if not isinstance(image, (str, os.PathLike)) or not (mask is None or isinstance(mask, (str, os.PathLike))):
         return None
     try:
-        stats = [os.stat(path) for path in (image, mask) if path is not None]
+        return tuple(_file_key(path) for path in (image, mask) if path is not None)
     except OSError:
         return None
-    return tuple((s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
+
+
+def _file_key(path) -> tuple:
+    info = os.stat(path)
+    key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    if not stat.S_ISDIR(info.st_mode):
+        return key
+    with os.scandir(path) as entries:
+        files = sorted((entry.name, entry.stat()) for entry in entries if entry.is_file())
+    return key + tuple((name, file.st_ino, file.st_size, file.st_mtime_ns) for name, file in files)
 
 
 _END = object()
