@@ -45,8 +45,8 @@ def cpp_extensions():
 
 class ParallelBuildExt(build_ext):
     """Compiles the C++ extensions side by side, one per core, unless ``-j`` says otherwise: on
-    the 2-core CI machine 111 s instead of 177 s one after another (trilinear_cpu alone takes
-    100 s)."""
+    the 2-core CI machine 100-111 s instead of 177 s one after another (trilinear_cpu alone
+    takes 100 s)."""
 
     def finalize_options(self):
         if self.parallel is None:

@@ -137,7 +137,8 @@ def test_bf16_precision_runs_in_bf16_and_returns_float32_maps():
 @pytest.mark.slow
 def test_compiled_forward_equals_eager():
     """U-Nets three levels deep: inductor compiles one C++ kernel per fused op and shape, about
-    4 s each on 2 cores without a cache (as in CI): 53 kernels and 207 s at the official depth.
+    4 s each on 2 cores without a cache (as in CI): 53 kernels and 207 s at the official depth
+    (five levels, narrow channels, 72^3), 42 kernels and 168 s here.
     The depth is a loop of the same modules, so a shallower network compiles the same code."""
     shape = (40, 44, 48)
     config = NetworkConfig(input_shape=shape, down_channels=(2, 4, 8, 8), up_channels=(4, 8, 8))
