@@ -748,16 +748,24 @@ def run_dice(args) -> None:
 _LABELS_LOGGED_ONE_BY_ONE = 12  # more go to --dice_out only
 
 
+def _grid_and_fixed(transform, fixed):
+    """``(grid, fixed)``: ``transform`` as arrays where it is a registration's (evaluated in C++,
+    not point by point by ITK), else None; and the fixed image (a path or an image), which gives
+    an output's grid: its voxels are read only for ITK's filters (grid None)."""
+    from . import itk_io
+
+    grid = itk_io.grid_transform(transform)
+    return grid, itk_io.load_image(fixed, "fixed", grid_only=grid is not None)
+
+
 def _warped(transform, moving, fixed, interpolation: str):
     """The image ``moving`` resampled onto the grid of ``fixed`` (each a path or an image) through
     ``transform``."""
     from . import itk_io
 
-    grid = itk_io.grid_transform(transform)
-    # the fixed image gives the output's grid: its voxels are read only for ITK's filter
-    fixed = itk_io.load_image(fixed, "fixed", grid_only=grid is not None)
+    grid, fixed = _grid_and_fixed(transform, fixed)
     moving = itk_io.load_image(moving, "moving")
-    if grid is not None:  # a registration's transform: evaluated in C++, not point by point by ITK
+    if grid is not None:
         return itk_io.warp_image(grid, moving, fixed, interpolation)
     return itk_io.resample(moving, transform, fixed, interpolation)
 
@@ -784,8 +792,7 @@ def _displacement_field(transform, fixed):
     """The displacement field (mm) of ``transform`` on the grid of ``fixed`` (a path or an image)."""
     from . import itk_io
 
-    grid = itk_io.grid_transform(transform)
-    fixed = itk_io.load_image(fixed, "fixed", grid_only=grid is not None)  # as in _warped
+    grid, fixed = _grid_and_fixed(transform, fixed)
     if grid is not None:
         return itk_io.grid_displacement_field(grid, fixed)
     return itk_io.transform_to_displacement_field(transform, fixed)
@@ -795,9 +802,8 @@ def _jacobian_image(transform, fixed, physical: bool):
     """The Jacobian determinant of ``transform`` on the grid of ``fixed`` (a path or an image)."""
     from . import itk_io
 
-    grid = itk_io.grid_transform(transform)
-    fixed = itk_io.load_image(fixed, "fixed", grid_only=grid is not None)  # as in _warped
-    if grid is not None:  # as in _warped, and slab by slab: no 900 MB field at 512x512x300
+    grid, fixed = _grid_and_fixed(transform, fixed)
+    if grid is not None:  # slab by slab: no 900 MB field at 512x512x300
         return itk_io.grid_jacobian_determinant(grid, fixed, physical)
     field = itk_io.transform_to_displacement_field(transform, fixed)
     return itk_io.jacobian_determinant(field, physical)  # the 900 MB field (512x512x300) freed on return
