@@ -142,6 +142,10 @@ def _add_register_many(sub):
     p.add_argument("--batch_size", type=int, default=1, help="pairs per network forward without IO (default 1)")
     p.add_argument("--prefetch", type=int, default=2, help="batches read ahead (default 2)")
     p.add_argument("--warped", action="store_true", help="also write OUT_DIR/NAME_warped.nii.gz (moving on the fixed grid)")
+    p.add_argument("--inverse_transforms", action="store_true",
+                   help="also write OUT_DIR/NAME_inverse_transform.h5: moving-space point -> fixed-space point (the "
+                        "network's backward map, as register --inverse_transform_out; without IO one more forward "
+                        "per pair)")
     p.add_argument("--displacement_fields", action="store_true",
                    help="also write OUT_DIR/NAME_displacement.nii.gz: the dense displacement field on the fixed grid "
                         "(mm, as register --displacement_field_out)")
@@ -158,7 +162,8 @@ def _add_register_many(sub):
     p.add_argument("--physical_jacobian", action="store_true",
                    help="with --jacobian_stats or --jacobians: " + PHYSICAL_JACOBIAN_HELP)
     p.add_argument("--resume", action="store_true",
-                   help="pairs whose OUT_DIR/NAME_transform.h5 exists (an earlier run's) are not registered again; "
+                   help="pairs whose OUT_DIR/NAME_transform.h5 exists (an earlier run's; with --inverse_transforms, "
+                        "and NAME_inverse_transform.h5) are not registered again; "
                         "their other outputs and table rows are computed from that file, so the tables cover every "
                         "pair. Refused where the model, checkpoint or registration options differ from those "
                         "OUT_DIR/register_many.json records")
@@ -295,7 +300,13 @@ def run_register_many(args) -> None:
                                  "volumes); use nii.gz, which ANTs and ITK read as a field.")
     names, pairs, landmarks, labels = _read_pairs_csv(args.pairs)
     out_dir = Path(args.out_dir)
-    saved = [args.resume and (out_dir / f"{name}_transform.h5").is_file() for name in names]
+    kinds = ("transform", "inverse_transform") if args.inverse_transforms else ("transform",)
+    saved = [args.resume and all((out_dir / f"{name}_{kind}.h5").is_file() for kind in kinds) for name in names]
+    redone = [name for name, done in zip(names, saved) if args.resume and not done
+              and (out_dir / f"{name}_transform.h5").is_file()]
+    if redone:
+        log.info("--resume: %d pairs with a transform file but no inverse (%s, ...) are registered again",
+                 len(redone), redone[0])
     if all(saved):  # only evaluations from transform files: numpy and ITK, as the jacobian command
         itk_io.keep_itk_from_importing_torch()
     landmarks = _read_landmarks(names, pairs, landmarks, args.points_in_voxels, args.index_base)
@@ -340,6 +351,7 @@ def run_register_many(args) -> None:
         moved = result.transform_points(pair_landmarks.points) if pair_landmarks is not None else None
         label_map = itk_io.load_image(moving_labels, "moving labels") if moving_labels else None
         images["warped_labels"] = result.warp(label_map, "nearest") if label_map is not None else None
+        inverse = result.inverse_transform if args.inverse_transforms and not resumed else None
         overlap = None
         if fixed_labels:
             overlap = dice_before_and_after(itk_io.load_image(fixed_labels, "fixed labels"), label_map,
@@ -347,6 +359,8 @@ def run_register_many(args) -> None:
         jacobian = jacobian_summary(itk.array_view_from_image(jacobian_image)) if args.jacobian_stats else None
         if not resumed:
             itk_io.write_transform(result.transform, out_dir / f"{name}_transform.h5")
+        if inverse is not None:
+            itk_io.write_transform(inverse, out_dir / f"{name}_inverse_transform.h5")
         for kind, image in images.items():
             if image is not None:
                 itk_io.write_image(image, image_path(kind))

@@ -220,17 +220,33 @@ def test_cli_writes_each_pairs_transform_as_register_does(tmp_path):
     data = dict(zip(("a", "b", "c"), pairs(3, start=140)))
     csv_path = write_csv(tmp_path, data)
     out = tmp_path / "out"
-    assert cli.main(["-q", "register-many", "--pairs", str(csv_path), "--out_dir", str(out), "--model", "compact",
-                     "--batch_size", "2", "--warped"]) == 0
+    command = ["-q", "register-many", "--pairs", str(csv_path), "--out_dir", str(out), "--model", "compact",
+               "--batch_size", "2"]
+    assert cli.main([*command, "--warped", "--inverse_transforms"]) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(["register_many.json", *(
-        f"{n}_{kind}" for n in data for kind in ("transform.h5", "warped.nii.gz"))])
+        f"{n}_{kind}" for n in data for kind in ("transform.h5", "inverse_transform.h5", "warped.nii.gz"))])
     engine = Engine(model="compact", device="cpu")
-    point = [12.0, 4.0, 15.0]
-    for name in data:
+    for name, (fixed, moving) in data.items():
         expected = engine.register(str(tmp_path / f"{name}_fixed.nii.gz"), str(tmp_path / f"{name}_moving.nii.gz"),
-                                   io_iterations=None).transform
-        written = itk.transformread(str(out / f"{name}_transform.h5"))[0]
-        assert np.allclose(written.TransformPoint(point), expected.TransformPoint(point), atol=1e-3)
+                                   io_iterations=None)
+        for kind, transform, image in (("transform", expected.transform, fixed),
+                                       ("inverse_transform", expected.inverse_transform, moving)):
+            written = itk.transformread(str(out / f"{name}_{kind}.h5"))[0]
+            for offset in ([12.0, 4.0, 15.0], [30.0, 30.0, 30.0]):  # inside the image the transform starts from
+                point = np.array(image.GetOrigin()) + offset
+                assert np.allclose(written.TransformPoint(point), transform.TransformPoint(point), atol=1e-3)
+                # the network's displacement, not only the images' offset: the backward map is no exact inverse
+                back = (expected.transform if kind == "inverse_transform" else expected.inverse_transform
+                        ).TransformPoint(transform.TransformPoint(point))
+                assert np.abs(np.array(back) - point).max() > 0.1
+    # --resume with --inverse_transforms: a pair without its inverse file is registered again
+    written = {name: (out / f"{name}_transform.h5").stat().st_mtime_ns for name in data}
+    (out / "b_inverse_transform.h5").unlink()
+    assert cli.main([*command, "--resume"]) == 0  # no inverse asked: every pair done
+    assert not (out / "b_inverse_transform.h5").exists()
+    assert cli.main([*command, "--resume", "--inverse_transforms"]) == 0
+    assert (out / "b_inverse_transform.h5").is_file()
+    assert [(out / f"{name}_transform.h5").stat().st_mtime_ns == written[name] for name in data] == [True, False, True]
 
 
 def test_cli_stops_at_a_bad_pair_with_the_pairs_before_it_written(tmp_path, capsys):
