@@ -730,6 +730,22 @@ def test_fixed_dicom_folder_is_read_again_once_one_of_its_files_is_rewritten(tmp
     assert _files_key(str(folder), None) != key
 
 
+@pytest.mark.parametrize("header, data", [("image.mhd", "image.raw"), ("image.hdr", "image.img")])
+def test_fixed_header_file_is_read_again_once_its_voxel_file_is_rewritten(tmp_path, header, data):
+    """MetaImage and Analyze keep the voxels in a file of their own, which can be rewritten while
+    the header stays as it was: the kept fixed side follows that file too."""
+    from mgr_engine.engine import _files_key
+
+    itk.imwrite(image(1), str(tmp_path / header))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([header, data])
+    key = _files_key(tmp_path / header, None)
+    voxels = (tmp_path / data).read_bytes()
+    (tmp_path / data).write_bytes(voxels[::-1])  # same size, other voxels
+    info = os.stat(tmp_path / data)
+    os.utime(tmp_path / data, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000_000))  # a coarse clock's tick
+    assert _files_key(tmp_path / header, None) != key
+
+
 def test_quiet_commands_show_no_progress_bars(tmp_path, monkeypatch):
     """``-q`` turns off IO's progress bar in ``register`` and the pairs' bar in ``register-many``
     (bars on stderr clutter the logs of scripts that asked for quiet)."""
