@@ -494,6 +494,7 @@ class _SavedRegistration:
 
         self.transform = itk_io.read_transform(transform_path)
         self._pair = pair
+        self._field = None
         self._check_images(transform_path, name)
 
     def _check_images(self, transform_path, name: str) -> None:
@@ -528,9 +529,16 @@ class _SavedRegistration:
         return transform_points(self.transform, points)
 
     def displacement_field(self):
-        return _displacement_field(self.transform, self._pair["fixed"])
+        """Computed once, kept for :meth:`jacobian_determinant` (as the engine's result does)."""
+        if self._field is None:
+            self._field = _displacement_field(self.transform, self._pair["fixed"])
+        return self._field
 
     def jacobian_determinant(self, physical: bool = False):
+        from . import itk_io
+
+        if self._field is not None:  # the same voxels as slab by slab, without a second field
+            return itk_io.jacobian_determinant(self._field, physical)
         return _jacobian_image(self.transform, self._pair["fixed"], physical)
 
 

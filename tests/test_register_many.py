@@ -494,7 +494,7 @@ def test_cli_tabulates_each_transforms_jacobian(tmp_path, physical):
     assert (out / "jacobian.csv").read_text() == table_text
 
 
-def test_cli_writes_each_pairs_field_and_jacobian_in_the_format_asked(tmp_path, capsys):
+def test_cli_writes_each_pairs_field_and_jacobian_in_the_format_asked(tmp_path, capsys, monkeypatch):
     nibabel = pytest.importorskip("nibabel")
     from mgr_engine import cli, itk_io
 
@@ -527,6 +527,15 @@ def test_cli_writes_each_pairs_field_and_jacobian_in_the_format_asked(tmp_path, 
     np.testing.assert_array_equal(itk.array_from_image(itk_io.read_image(out / "a_displacement.nrrd")),
                                   written["a"][0])
     assert (out / "b_displacement.nrrd").stat().st_mtime_ns == kept
+    # both missing: the Jacobian of the field just computed, not of a second one computed slab by slab
+    for kind in ("displacement", "jacobian"):
+        (out / f"a_{kind}.nrrd").unlink()
+    with monkeypatch.context() as patch:
+        patch.setattr(itk_io, "grid_jacobian_determinant", lambda *args, **kwargs: pytest.fail("a second field"))
+        assert cli.main([*command, "--displacement_fields", "--jacobians", "--image_format", "nrrd", "--resume"]) == 0
+    for index, kind in enumerate(("displacement", "jacobian")):
+        np.testing.assert_array_equal(itk.array_from_image(itk_io.read_image(out / f"a_{kind}.nrrd")),
+                                      written["a"][index])
     # FreeSurfer's format through nibabel (its array's axes: i, j, k); no displacement field there
     assert cli.main([*command, "--jacobians", "--image_format", "mgz", "--resume"]) == 0
     for name in data:
