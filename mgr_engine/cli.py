@@ -166,7 +166,8 @@ def _add_register_many(sub):
                         "and NAME_inverse_transform.h5) are not registered again; "
                         "their other outputs and table rows are computed from that file, so the tables cover every "
                         "pair. Refused where the model, checkpoint or registration options differ from those "
-                        "OUT_DIR/register_many.json records")
+                        "OUT_DIR/register_many.json records, or a pair's image or mask files from those its "
+                        "transform was computed from (recorded by SHA-256)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
                    help="arithmetic of the forward without IO (default fp32); tf32 and bf16 are for CUDA")
@@ -311,26 +312,34 @@ def run_register_many(args) -> None:
         itk_io.keep_itk_from_importing_torch()
     landmarks = _read_landmarks(names, pairs, landmarks, args.points_in_voxels, args.index_base)
     _check_labels(names, pairs, labels)
-    settings = _registration_settings(args, out_dir, saved,
-                                      masked=any(pair["fixed_mask"] or pair["moving_mask"] for pair in pairs))
+    settings, recorded_inputs = _registration_settings(
+        args, out_dir, saved, masked=any(pair["fixed_mask"] or pair["moving_mask"] for pair in pairs))
+    _check_inputs_unchanged(names, pairs, saved, recorded_inputs, out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputWriteError(f"cannot create the output directory {str(out_dir)!r} ({exc.strerror or exc})") from exc
     if args.warped or args.displacement_fields or args.jacobians or any(moving for _, moving in labels):
         itk_io.check_output_path(out_dir / f"{names[0]}_warped.{args.image_format}", "image")  # mgz: nibabel
-    if not all(saved):  # the settings of the pairs registered from now on, and what registered them
+    # the settings of the pairs registered from now on, what registered them, and each pair's inputs
+    inputs = {name: recorded_inputs[name] for name, done in zip(names, saved) if done and name in recorded_inputs}
+
+    def write_record():
         from . import __version__
 
-        write_text(json.dumps({**settings, "mgr_engine": __version__}, indent=1) + "\n", out_dir / _SETTINGS_FILE)
+        write_text(json.dumps({**settings, "mgr_engine": __version__, _INPUTS_KEY: inputs}, indent=1) + "\n",
+                   out_dir / _SETTINGS_FILE)
+
+    if not all(saved):
+        write_record()
     results = _registrations(args, names, pairs, saved, out_dir, settings.get("network_weights"))
     errors_by_pair = []  # (before, after): the target registration errors (mm) of each landmark
     tre_table = _Table(out_dir / "tre.csv", "name,landmarks,mean_before_mm,mean_after_mm,median_after_mm,max_after_mm")
     overlaps = []  # (before, after): each pair's Dice per label
     dice_table = _Table(out_dir / "dice.csv", "name,label,dice_before,dice_after")
     jacobian_table = _Table(out_dir / "jacobian.csv", "name,min,max,folds_percent,sd_log_jacobian")
-    for name, result, (pair_landmarks, points_out), (fixed_labels, moving_labels) in tqdm(
-            zip(names, results, landmarks, labels), total=len(names), desc="register-many", unit="pair",
+    for name, pair, result, (pair_landmarks, points_out), (fixed_labels, moving_labels) in tqdm(
+            zip(names, pairs, results, landmarks, labels), total=len(names), desc="register-many", unit="pair",
             disable=args.quiet):
         resumed = isinstance(result, _SavedRegistration)
 
@@ -359,6 +368,8 @@ def run_register_many(args) -> None:
         jacobian = jacobian_summary(itk.array_view_from_image(jacobian_image)) if args.jacobian_stats else None
         if not resumed:
             itk_io.write_transform(result.transform, out_dir / f"{name}_transform.h5")
+            inputs[name] = _input_digests(pair)
+            write_record()
         if inverse is not None:
             itk_io.write_transform(inverse, out_dir / f"{name}_inverse_transform.h5")
         for kind, image in images.items():
@@ -391,15 +402,17 @@ def run_register_many(args) -> None:
 _SETTINGS_FILE = "register_many.json"
 
 
-def _registration_settings(args, out_dir, saved, masked: bool) -> dict:
-    """What shapes register-many's registrations (model, the checkpoint's SHA-256, modalities,
+def _registration_settings(args, out_dir, saved, masked: bool) -> tuple:
+    """``(settings, inputs)``: what shapes register-many's registrations (model, the checkpoint's SHA-256, modalities,
     masking where ``masked`` (a pair has a mask), orientation matching, precision, IO's options), as ``OUT_DIR/register_many.json`` records it (with the
     version of mgr_engine that wrote it, which is not compared). With
     ``--resume``, the pairs registered already must have been registered so: a difference from the
     record raises :class:`InvalidOptionError` (a data set's table of one model's results, not of
     two). The checkpoint is compared only where a pair is left to register (otherwise it is not
     read, nor torch imported); options that change no registration (device, batching, compile) are
-    not recorded. A resumed folder without a record (an earlier version's) is taken with a warning."""
+    not recorded. A resumed folder without a record (an earlier version's) is taken with a warning.
+    ``inputs``: the record's digests of the resumed pairs' input files (:func:`_input_digests`),
+    {} where there is none."""
     import hashlib
     import json
 
@@ -421,7 +434,7 @@ def _registration_settings(args, out_dir, saved, masked: bool) -> dict:
                 digest.update(chunk)
         settings.update(network_weights=str(path.resolve()), weights_sha256=digest.hexdigest())
     if not any(saved):
-        return settings
+        return settings, {}
     record_path = out_dir / _SETTINGS_FILE
     try:
         recorded = json.loads(record_path.read_text(encoding="utf-8"))
@@ -430,7 +443,7 @@ def _registration_settings(args, out_dir, saved, masked: bool) -> dict:
     except FileNotFoundError:
         log.warning("--resume: %s is missing, so that the pairs registered there had the same model and options as "
                     "this run is not checked", record_path)
-        return settings
+        return settings, {}
     except (OSError, ValueError) as exc:
         raise InvalidOptionError(f"--resume: cannot read {str(record_path)!r} ({exc}), the record of the options the "
                                  "pairs there were registered with; delete it to resume unchecked") from exc
@@ -444,7 +457,73 @@ def _registration_settings(args, out_dir, saved, masked: bool) -> dict:
         raise InvalidOptionError(
             f"--resume: the pairs in {str(out_dir)!r} were registered with {'; '.join(differences)} "
             f"({_SETTINGS_FILE}); give the same options to resume, or register into another --out_dir")
-    return settings
+    inputs = recorded.get(_INPUTS_KEY)
+    return settings, inputs if isinstance(inputs, dict) else {}
+
+
+_INPUTS_KEY = "inputs"  # in register_many.json: each registered pair's _input_digests
+
+
+def _input_digests(pair: dict, known: dict | None = None) -> dict:
+    """``{role: {"size", "mtime_ns", "sha256"}}`` of the files a pair was registered from (its
+    images and masks; a DICOM folder with its files, a ``.mhd`` or ``.hdr`` header with its voxel
+    file), so that ``--resume`` can tell a transform computed from other voxels on the same grid.
+    A file whose size and modification time match ``known``'s record is not read again (a resumed
+    data set of CTs is not hashed whole on each run); a copy or a touch is read and compared."""
+    import hashlib
+    from pathlib import Path
+
+    from .itk_io import voxel_files
+
+    digests = {}
+    for role in ("fixed", "moving", "fixed_mask", "moving_mask"):
+        if not pair.get(role):
+            continue
+        path = Path(pair[role])
+        folder = path.is_dir()
+        files = sorted(p for p in path.iterdir() if p.is_file()) if folder else [
+            path, *(p for p in voxel_files(path) if p.is_file())]
+        stats = [f.stat() for f in files]
+        record = {"size": sum(s.st_size for s in stats), "mtime_ns": max((s.st_mtime_ns for s in stats), default=0)}
+        previous = (known or {}).get(role)
+        if isinstance(previous, dict) and all(previous.get(key) == value for key, value in record.items()):
+            digests[role] = previous
+            continue
+        digest = hashlib.sha256()
+        for file in files:
+            if folder:  # a slice renamed is another series
+                digest.update(file.name.encode() + b"\0")
+            with open(file, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(chunk)
+        digests[role] = {**record, "sha256": digest.hexdigest()}
+    return digests
+
+
+def _check_inputs_unchanged(names, pairs, saved, recorded: dict, out_dir) -> None:
+    """Raise :class:`InvalidOptionError` where a resumed pair's input files are not those its
+    transform was computed from (their SHA-256 differs from ``recorded``'s; a mask added or
+    removed counts): a segmentation re-run or an image re-exported on the same grid would
+    otherwise be judged through a stale transform. Pairs without a record (an earlier version's,
+    or a run stopped between a transform and its record) are taken as they are."""
+    from .errors import ImageReadError
+
+    for name, pair, done in zip(names, pairs, saved):
+        record = recorded.get(name)
+        if not done or not isinstance(record, dict):
+            continue
+        try:
+            current = _input_digests(pair, record)
+        except OSError as exc:
+            raise ImageReadError(f"pair {name!r}: cannot read {exc.filename!r} ({exc.strerror or exc})") from exc
+        changed = sorted(role for role in current.keys() | record.keys()
+                         if (current.get(role) or {}).get("sha256") != (record.get(role) or {}).get("sha256"))
+        if changed:
+            raise InvalidOptionError(
+                f"--resume: pair {name!r}: its {' and '.join(role.replace('_', ' ') for role in changed)} "
+                f"{'is' if len(changed) == 1 else 'are'} not the file{'s' * (len(changed) > 1)} "
+                f"{str(out_dir / f'{name}_transform.h5')!r} was computed from (another SHA-256 than "
+                f"{_SETTINGS_FILE} records); delete that file to register the pair again, or run without --resume.")
 
 
 def _registrations(args, names, pairs, saved, out_dir, weights):

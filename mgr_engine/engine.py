@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import json
 import logging
 import os
@@ -639,29 +638,11 @@ def _file_key(path) -> tuple:
         with os.scandir(path) as entries:
             files = sorted((entry.name, entry.stat()) for entry in entries if entry.is_file())
         return key + tuple((name, file.st_ino, file.st_size, file.st_mtime_ns) for name, file in files)
-    for data in _voxel_files(Path(path)):
+    for data in itk_io.voxel_files(Path(path)):
         with contextlib.suppress(OSError):  # a missing data file: its reader raises the error
             data_info = os.stat(data)
             key += (data_info.st_ino, data_info.st_size, data_info.st_mtime_ns)
     return key
-
-
-def _voxel_files(header: Path) -> list:
-    """The files holding the voxels of a header-only image file: an Analyze ``.hdr``'s ``.img``
-    (gzipped or not), a MetaImage ``.mhd``'s ``ElementDataFile`` (none where its voxels follow
-    the header, ``LOCAL``, or are a list of slices); [] for other files."""
-    suffix = header.suffix.lower()
-    if suffix == ".hdr":
-        return [header.with_suffix(".img"), header.with_suffix(".img.gz")]
-    if suffix != ".mhd":
-        return []
-    with contextlib.suppress(OSError), open(header, encoding="latin-1") as f:  # latin-1: any byte decodes
-        for line in itertools.islice(f, 64):  # ElementDataFile is the header's last field
-            name, _, value = line.partition("=")
-            if name.strip() == "ElementDataFile":
-                value = value.strip()
-                return [] if value.upper() in ("LOCAL", "LIST") or "%" in value else [header.parent / value]
-    return []
 
 
 _END = object()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import itertools
 import logging
 import os
 import re
@@ -31,6 +32,24 @@ import numpy as np
 from .errors import ImageReadError, InvalidImageError, MaskMismatchError, MissingDependencyError, OutputWriteError
 
 log = logging.getLogger(__name__)
+
+
+def voxel_files(header: Path) -> list:
+    """The files holding the voxels of a header-only image file: an Analyze ``.hdr``'s ``.img``
+    (gzipped or not), a MetaImage ``.mhd``'s ``ElementDataFile`` (none where its voxels follow
+    the header, ``LOCAL``, or are a list of slices); [] for other files."""
+    suffix = header.suffix.lower()
+    if suffix == ".hdr":
+        return [header.with_suffix(".img"), header.with_suffix(".img.gz")]
+    if suffix != ".mhd":
+        return []
+    with contextlib.suppress(OSError), open(header, encoding="latin-1") as f:  # latin-1: any byte decodes
+        for line in itertools.islice(f, 64):  # ElementDataFile is the header's last field
+            name, _, value = line.partition("=")
+            if name.strip() == "ElementDataFile":
+                value = value.strip()
+                return [] if value.upper() in ("LOCAL", "LIST") or "%" in value else [header.parent / value]
+    return []
 
 
 def load_image(image, name: str = "input", grid_only: bool = False):

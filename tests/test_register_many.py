@@ -268,6 +268,8 @@ def test_cli_stops_at_a_bad_pair_with_the_pairs_before_it_written(tmp_path, caps
 
 
 def test_cli_resume_registers_only_the_pairs_left_and_tabulates_every_pair(tmp_path, capsys):
+    import json
+
     from mgr_engine import cli
 
     data = dict(zip(("a", "b", "c"), pairs(3, start=240)))
@@ -299,8 +301,15 @@ def test_cli_resume_registers_only_the_pairs_left_and_tabulates_every_pair(tmp_p
     # every pair done: no engine, so a checkpoint that does not exist is never read
     assert cli.main([*command, "--resume", "--network_weights", str(tmp_path / "missing.trch")]) == 0
     assert cli.main([*command, "--network_weights", str(tmp_path / "missing.trch")]) == 2
-    # a transform file computed for other images is refused, not evaluated
+    # a transform file computed for other images is refused, not evaluated: by the files' SHA-256
+    # that register_many.json records, and without a record (an earlier version's) by their grids
     itk.imwrite(data["a"][1], str(tmp_path / "c_moving.nii.gz"))
+    capsys.readouterr()
+    assert cli.main([*command, "--resume"]) == 2
+    assert re.search(r"pair 'c': its moving is not the file .*c_transform.h5' was computed from",
+                     capsys.readouterr().err)
+    record = json.loads((out / "register_many.json").read_text())
+    (out / "register_many.json").write_text(json.dumps({key: value for key, value in record.items() if key != "inputs"}))
     assert cli.main([*command, "--resume"]) == 2
     assert re.search(r"pair 'c': .*c_transform.h5' was computed for another moving image", capsys.readouterr().err)
 
@@ -368,6 +377,42 @@ def test_cli_resume_refuses_pairs_registered_with_other_options(tmp_path, capsys
     assert json.loads((out / "register_many.json").read_text())["masking"] == "input"
     assert resumed("--masking", "both") == 2
     assert "masking='input', not 'both' as now" in capsys.readouterr().err
+
+
+def test_cli_resume_refuses_a_transform_computed_from_other_voxels_on_the_same_grid(tmp_path, capsys, monkeypatch):
+    """The grid check cannot see an image re-exported (a new skull strip, another reconstruction)
+    on the same grid: register_many.json records each pair's input files by SHA-256."""
+    import hashlib
+    import json
+
+    from mgr_engine import cli
+
+    data = dict(zip(("a", "b"), pairs(2, start=300)))
+    csv_path = write_csv(tmp_path, data)
+    out = tmp_path / "out"
+    command = ["-q", "register-many", "--pairs", str(csv_path), "--out_dir", str(out), "--model", "compact", "--resume"]
+    assert cli.main(command) == 0
+    inputs = json.loads((out / "register_many.json").read_text())["inputs"]
+    assert sorted(inputs) == ["a", "b"] and sorted(inputs["b"]) == ["fixed", "moving"]
+    moving = tmp_path / "b_moving.nii.gz"
+    assert inputs["b"]["moving"]["sha256"] == hashlib.sha256(moving.read_bytes()).hexdigest()
+    transform = (out / "b_transform.h5").read_bytes()
+    original = moving.read_bytes()
+    other = image(999, shape=(36, 50, 41))  # the same grid as b's moving image, other voxels
+    other.SetOrigin(data["b"][1].GetOrigin())
+    itk.imwrite(other, str(moving))
+    assert cli.main(command) == 2
+    assert re.search(r"--resume: pair 'b': its moving is not the file '.*b_transform.h5' was computed from",
+                     capsys.readouterr().err)
+    assert (out / "b_transform.h5").read_bytes() == transform
+    # the same bytes again, with a new modification time (a copy, a touch): compared, and taken
+    moving.write_bytes(original)
+    os.utime(moving, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert cli.main([*command, "--warped"]) == 0
+    # a file whose size and time match its record is not read again
+    monkeypatch.setattr(hashlib, "sha256", lambda: pytest.fail("hashed again"))
+    recorded = {"moving": {**inputs["b"]["moving"], "mtime_ns": moving.stat().st_mtime_ns}}
+    assert cli._input_digests({"moving": str(moving)}, recorded) == recorded
 
 
 def test_cli_moves_each_pairs_landmarks_and_tabulates_the_error(tmp_path):
