@@ -70,7 +70,7 @@ if [[ $SMOKE != 1 ]]; then  # the CPU dry run uses the venv's install
         cat "$OUT/install.log"; exit 1; }
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
+  python3 -m mgr_engine.cli info  # versions, the GPU as torch sees it, which kernels the ops take
 } 2>&1 | tee "$OUT/device.txt"
 
 if [[ $SMOKE == 1 ]]; then

@@ -3,7 +3,8 @@
 pairs of a CSV file (:meth:`mgr_engine.Engine.register_many`); ``mgr-engine transform-points``
 moves landmarks of the fixed image into moving space (:mod:`mgr_engine.points`); ``mgr-engine
 dice`` measures a transform by the overlap of segmentations (:mod:`mgr_engine.labels`);
-``mgr-engine train`` trains a model (:mod:`mgr_engine.train`).
+``mgr-engine train`` trains a model (:mod:`mgr_engine.train`); ``mgr-engine info`` says what the
+installation has (:mod:`mgr_engine.info`).
 
 The subcommands take the same flags as the authors' commands (and their defaults:
 ``--model unigradicon``, ``--io_sim lncc``, 50 IO steps), so a script switches by
@@ -1083,6 +1084,25 @@ def run_train(args) -> None:
           + (f", loss {last['loss']:.4f}" if "loss" in last else ""))
 
 
+def _add_info(sub):
+    p = sub.add_parser("info", help="what this installation has: versions, devices, C++ kernels, weights found",
+                       description="Print the versions of mgr_engine, Python, torch and the packages it uses where "
+                                   "installed, the GPUs torch sees, whether the C++ kernels were built and which "
+                                   "implementation the ops take on the CPU and on CUDA, and the checkpoint each model "
+                                   "would load (or where it was looked for). Paste it into a bug report.")
+    p.add_argument("--json", action="store_true", help="print it as a JSON object")
+    p.set_defaults(run=run_info)
+
+
+def run_info(args) -> None:
+    import json
+
+    from .info import collect, format_report
+
+    report = collect()
+    sys.stdout.write(json.dumps(report, indent=1) + "\n" if args.json else format_report(report))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mgr-engine", description="multiGradICON registration engine")
     parser.add_argument("-q", "--quiet", action="store_true",
@@ -1097,6 +1117,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dice(sub)
     _add_export(sub)
     _add_train(sub)
+    _add_info(sub)
     return parser
 
 
