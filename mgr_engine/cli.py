@@ -468,13 +468,13 @@ _INPUTS_KEY = "inputs"  # in register_many.json: each registered pair's _input_d
 def _input_digests(pair: dict, known: dict | None = None) -> dict:
     """``{role: {"size", "mtime_ns", "sha256"}}`` of the files a pair was registered from (its
     images and masks; a DICOM folder with its files, a ``.mhd`` or ``.hdr`` header with its voxel
-    file), so that ``--resume`` can tell a transform computed from other voxels on the same grid.
+    file, a DICOM file with its folder's files), so that ``--resume`` can tell a transform computed from other voxels on the same grid.
     A file whose size and modification time match ``known``'s record is not read again (a resumed
     data set of CTs is not hashed whole on each run); a copy or a touch is read and compared."""
     import hashlib
     from pathlib import Path
 
-    from .itk_io import voxel_files
+    from .itk_io import companion_files
 
     digests = {}
     for role in ("fixed", "moving", "fixed_mask", "moving_mask"):
@@ -483,7 +483,7 @@ def _input_digests(pair: dict, known: dict | None = None) -> dict:
         path = Path(pair[role])
         folder = path.is_dir()
         files = sorted(p for p in path.iterdir() if p.is_file()) if folder else [
-            path, *(p for p in voxel_files(path) if p.is_file())]
+            path, *(p for p in companion_files(path) if p.is_file())]
         stats = [f.stat() for f in files]
         record = {"size": sum(s.st_size for s in stats), "mtime_ns": max((s.st_mtime_ns for s in stats), default=0)}
         previous = (known or {}).get(role)

@@ -622,7 +622,8 @@ def _files_key(image, mask):
     either is an object in memory, which its owner may change between pairs, or cannot be found
     (its reader raises the error). A folder (a DICOM series) is identified with its files: one of
     them rewritten in place leaves the folder's own modification time as it was; a header (Analyze
-    ``.hdr``, MetaImage ``.mhd``) with the file of its voxels, which can be rewritten alone."""
+    ``.hdr``, MetaImage ``.mhd``) with the file of its voxels, which can be rewritten alone, and a
+    DICOM file with the files of its folder (its series is read, :func:`itk_io.companion_files`)."""
     if not isinstance(image, (str, os.PathLike)) or not (mask is None or isinstance(mask, (str, os.PathLike))):
         return None
     try:
@@ -638,7 +639,7 @@ def _file_key(path) -> tuple:
         with os.scandir(path) as entries:
             files = sorted((entry.name, entry.stat()) for entry in entries if entry.is_file())
         return key + tuple((name, file.st_ino, file.st_size, file.st_mtime_ns) for name, file in files)
-    for data in itk_io.voxel_files(Path(path)):
+    for data in itk_io.companion_files(Path(path)):
         with contextlib.suppress(OSError):  # a missing data file: its reader raises the error
             data_info = os.stat(data)
             key += (data_info.st_ino, data_info.st_size, data_info.st_mtime_ns)

@@ -34,28 +34,47 @@ from .errors import ImageReadError, InvalidImageError, MaskMismatchError, Missin
 log = logging.getLogger(__name__)
 
 
-def voxel_files(header: Path) -> list:
-    """The files holding the voxels of a header-only image file: an Analyze ``.hdr``'s ``.img``
-    (gzipped or not), a MetaImage ``.mhd``'s ``ElementDataFile`` (none where its voxels follow
-    the header, ``LOCAL``, or are a list of slices); [] for other files."""
-    suffix = header.suffix.lower()
+def companion_files(path: Path) -> list:
+    """The files besides ``path`` that an image read from it takes voxels from: an Analyze
+    ``.hdr``'s ``.img`` (gzipped or not), a MetaImage ``.mhd``'s ``ElementDataFile`` (none where
+    its voxels follow the header, ``LOCAL``, or are a list of slices), a DICOM file's folder (the
+    other files of its series are among them, see :func:`load_image`); [] for other files."""
+    suffix = path.suffix.lower()
     if suffix == ".hdr":
-        return [header.with_suffix(".img"), header.with_suffix(".img.gz")]
-    if suffix != ".mhd":
+        return [path.with_suffix(".img"), path.with_suffix(".img.gz")]
+    if suffix == ".mhd":
+        with contextlib.suppress(OSError), open(path, encoding="latin-1") as f:  # latin-1: any byte decodes
+            for line in itertools.islice(f, 64):  # ElementDataFile is the header's last field
+                name, _, value = line.partition("=")
+                if name.strip() == "ElementDataFile":
+                    value = value.strip()
+                    return [] if value.upper() in ("LOCAL", "LIST") or "%" in value else [path.parent / value]
         return []
-    with contextlib.suppress(OSError), open(header, encoding="latin-1") as f:  # latin-1: any byte decodes
-        for line in itertools.islice(f, 64):  # ElementDataFile is the header's last field
-            name, _, value = line.partition("=")
-            if name.strip() == "ElementDataFile":
-                value = value.strip()
-                return [] if value.upper() in ("LOCAL", "LIST") or "%" in value else [header.parent / value]
+    if is_dicom_file(path):
+        with contextlib.suppress(OSError), os.scandir(path.parent) as entries:
+            return sorted(Path(entry.path) for entry in entries if entry.is_file() and entry.name != path.name)
     return []
+
+
+def is_dicom_file(path) -> bool:
+    """Whether ``path`` is a file in DICOM's file format (a 128-byte preamble, then "DICM")."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
 
 
 def load_image(image, name: str = "input", grid_only: bool = False):
     """An ``itk.Image`` from a path (a file ITK reads, or a folder of DICOM files: its first
     series, as ``itk.imread`` reads a folder), an ``itk.Image``, a ``SimpleITK.Image``, a nibabel
     image (``nibabel.load``'s NIfTI, MGH, ...) or a numpy array.
+
+    A DICOM file that is one slice of a series in its folder gives the whole series (the way to
+    choose one of a folder's several series); ``itk.imread`` would read the one slice, which no
+    3-D registration can take. A DICOM file holding a volume (multi-frame) or alone in its
+    series is read as ``itk.imread`` reads it.
 
     A SimpleITK or nibabel image keeps its voxels' type (or the nearest ITK wraps: int8 -> int16,
     ...) and its grid: a nibabel image's ``affine`` (RAS) turned into ITK's spacing, origin and
@@ -84,7 +103,12 @@ def load_image(image, name: str = "input", grid_only: bool = False):
         if not grid_only:  # the grid is read from the header alone
             check_nifti_complete(path, name)
         try:
-            image = read_image(path, header_only=grid_only)
+            image = None
+            if path.is_file() and is_dicom_file(path):  # one slice of a series: the series
+                with _process_locale_kept():
+                    image = _read_dicom_series(str(path.parent), grid_only, member=str(path))
+            if image is None:
+                image = read_image(path, header_only=grid_only)
         except Exception as exc:  # ITK raises RuntimeError/KeyError depending on the format
             if path.is_dir():
                 raise ImageReadError(
@@ -1150,12 +1174,14 @@ def _updated_output(reader, header_only: bool):
     return reader.GetOutput()
 
 
-def _read_dicom_series(folder: str, header_only: bool = False):
+def _read_dicom_series(folder: str, header_only: bool = False, member: str | None = None):
     """The first DICOM series of ``folder`` as ``itk.imread`` reads a folder (series told apart
     by their details and their date, the first UID's files, an image type from the first file's
     pixel type), through ITK's GDCM and series reader classes imported alone: 0.5 s for a first
     read where ``itk.imread`` took 1.2 s more loading every ImageIO module (torch loaded already,
-    2-core AMD EPYC). None where this ITK or this series needs ``itk.imread``'s own way."""
+    2-core AMD EPYC). With ``member`` (a file in ``folder``), the series that file belongs to
+    instead, or None where it is alone in its series. None where this ITK or this series needs
+    ``itk.imread``'s own way."""
     series_names = wrapped_class("itkGDCMImageIO", "itkGDCMSeriesFileNames")
     gdcm_io = wrapped_class("itkGDCMImageIO", "itkGDCMImageIO")
     if series_names is None or gdcm_io is None:
@@ -1168,10 +1194,19 @@ def _read_dicom_series(folder: str, header_only: bool = False):
     if not uids:
         return None  # itk.imread says there are no DICOM files
     files = [str(name) for name in names.GetFileNames(uids[0])]
+    if member is not None:
+        member = os.path.realpath(member)
+        files = next((series for series in ([str(name) for name in names.GetFileNames(uid)] for uid in uids)
+                      if member in map(os.path.realpath, series)), [])
+        if len(files) < 2:
+            return None
     io = gdcm_io.New()
     io.SetFileName(files[0])
     io.ReadImageInformation()
-    if len(uids) > 1:  # a study's export often holds localizers and derived series beside the one meant
+    if member is not None:
+        log.info("%s is one file of a DICOM series: reading the series, %s (%d files)", member,
+                 _series_description(io), len(files))
+    elif len(uids) > 1:  # a study's export often holds localizers and derived series beside the one meant
         others = []
         for uid in uids[1:]:
             other_files = names.GetFileNames(uid)
@@ -1180,7 +1215,8 @@ def _read_dicom_series(folder: str, header_only: bool = False):
             other.ReadImageInformation()
             others.append(f"{_series_description(other)} ({len(other_files)} files)")
         log.warning("%s holds %d DICOM series; reading the first, as itk.imread does: %s (%d files). The others: %s. "
-                    "To register another, give a folder holding that series alone.", folder, len(uids),
+                    "To register another, give one of its files (its series is read) or a folder holding it "
+                    "alone.", folder, len(uids),
                     _series_description(io), len(files), "; ".join(others))
     dimension = io.GetNumberOfDimensions()
     if io.GetDimensions(dimension - 1) != 1:  # itk.imread stacks files along a new axis then

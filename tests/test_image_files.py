@@ -261,6 +261,42 @@ def test_a_dicom_folder_of_several_series_says_which_it_reads(tmp_path, caplog):
     assert "series 1 'Localizer' (3 files)" in warning and "series 3 'T1 MPRAGE' (7 files)" in warning
 
 
+def test_a_dicom_file_gives_the_series_it_belongs_to(tmp_path, caplog):
+    """A folder of several series: one file names its series (the way to choose one); that
+    series is read whole, as from a folder holding it alone. A file alone in its series (a
+    single slice, a multi-frame volume) is read as itk.imread reads it."""
+    study, alone = tmp_path / "study", tmp_path / "t1_alone"
+    study.mkdir()
+    alone.mkdir()
+    t1 = image_of(np.int16)  # oblique, 7 slices
+    write_dicom_series(study, t1, number=3, description="T1 MPRAGE")
+    write_dicom_series(alone, t1, number=3, description="T1 MPRAGE")
+    localizer = itk.image_from_array((np.arange(3 * 9 * 6) % 50).astype(np.int16).reshape(3, 9, 6))
+    write_dicom_series(study, localizer, prefix="scout", number=1, description="Localizer")
+    expected = itk_io.load_image(alone, "fixed")
+    with caplog.at_level(logging.INFO, logger="mgr_engine"):
+        read = itk_io.load_image(study / "slice004.dcm", "fixed")
+    assert_same_image(read, expected)
+    assert "slice004.dcm is one file of a DICOM series: reading the series, series 3 'T1 MPRAGE' (7 files)" in (
+        caplog.text)
+    assert "holds 2 DICOM series" not in caplog.text  # chosen, not guessed
+    grid = itk_io.load_image(study / "slice000.dcm", "fixed", grid_only=True)
+    assert grid.size == tuple(itk.size(expected))
+    np.testing.assert_array_equal(grid.origin, np.asarray(expected.GetOrigin()))
+    scout = itk_io.load_image(study / "scout001.dcm", "moving")
+    assert tuple(itk.size(scout)) == (6, 9, 3)
+    np.testing.assert_array_equal(itk.array_view_from_image(scout), itk.array_view_from_image(localizer))
+    # a file alone in its series: the file, as before
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "only.dcm").write_bytes((alone / "slice002.dcm").read_bytes())
+    with itk_io._process_locale_kept():
+        assert_same_image(itk_io.load_image(single / "only.dcm", "fixed"), itk.imread(str(single / "only.dcm")))
+    # what keys a kept fixed image: a slice's folder, whose other files can be rewritten alone
+    assert itk_io.is_dicom_file(study / "slice004.dcm") and not itk_io.is_dicom_file(study)
+    assert (study / "scout000.dcm") in itk_io.companion_files(study / "slice004.dcm")
+
+
 def test_a_dicom_folder_falls_back_to_imread_without_the_wrapped_classes(tmp_path, monkeypatch):
     """Where this ITK has no such wrapped class, itk.imread reads the folder as before."""
     write_dicom_series(tmp_path, image_of(np.int16))
