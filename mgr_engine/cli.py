@@ -211,8 +211,8 @@ def _read_pairs_csv(path):
                                  f"{', '.join(_OPTIONAL_PAIR_COLUMNS)}) and at least one pair; found "
                                  f"{sorted(columns) or 'no rows'}")
 
-    def resolve(value):
-        return None if not value else str(path.parent / value)
+    def resolve(value):  # absolute: ITK's module loader changes the working directory under other threads
+        return None if not value else str((path.parent / value).absolute())
 
     names, pairs, landmarks, labels = [], [], [], []
     for index, row in enumerate(rows):
@@ -301,7 +301,7 @@ def run_register_many(args) -> None:
         raise InvalidOptionError("--image_format mgz cannot hold --displacement_fields (an MGH file holds scalar "
                                  "volumes); use nii.gz, which ANTs and ITK read as a field.")
     names, pairs, landmarks, labels = _read_pairs_csv(args.pairs)
-    out_dir = Path(args.out_dir)
+    out_dir = Path(args.out_dir).absolute()  # as the pairs' paths
     kinds = ("transform", "inverse_transform") if args.inverse_transforms else ("transform",)
     saved = [args.resume and all((out_dir / f"{name}_{kind}.h5").is_file() for kind in kinds) for name in names]
     redone = [name for name, done in zip(names, saved) if args.resume and not done

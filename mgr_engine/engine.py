@@ -526,7 +526,8 @@ class Engine:
         Args:
             pairs: an iterable (a generator too) of ``(fixed, moving)`` tuples or of mappings with
                 keys ``fixed``, ``moving`` and optionally ``fixed_mask``, ``moving_mask``; each
-                image as for :func:`mgr_engine.register` (a path, an ``itk.Image``, ...).
+                image as for :func:`mgr_engine.register` (a path, an ``itk.Image``, ...). Relative
+                paths are taken from the working directory at this call.
             batch_size: pairs per network forward without IO (with ``compile=True`` a last,
                 smaller batch compiles once more).
             prefetch: batches prepared ahead (host memory: two float32 volumes of the network's
@@ -548,9 +549,15 @@ class Engine:
                             io_iterations=io_iterations, io_sim=io_sim, masking=masking)
 
         fixed_cache = {}  # pairs with one fixed file (an atlas) read and preprocess it once
+        # Relative paths are taken from the directory of this call, in this thread: ITK's lazy
+        # loader changes the process's working directory while it loads a module, so a thread
+        # opening a relative path meanwhile misses it. Its first load (numpy views of images) is
+        # made here, before the reading thread starts.
+        cwd = os.getcwd()
+        itk_io.load_array_views()
 
         def prepare(index, item):
-            fixed, moving, masks = _unpack_pair(index, item)
+            fixed, moving, masks = _unpack_pair(index, item, cwd)
             try:
                 return self._prepare_pair(fixed, moving, fixed_modality=fixed_modality, moving_modality=moving_modality,
                                           masking=masking, io_iterations=io_iterations, ct_window=ct_window,
@@ -601,18 +608,27 @@ class _Batch:
     fixed: torch.Tensor
 
 
-def _unpack_pair(index, item):
-    """``(fixed, moving, masks)`` of one element of :meth:`Engine.register_many`'s ``pairs``."""
+def _unpack_pair(index, item, cwd: str):
+    """``(fixed, moving, masks)`` of one element of :meth:`Engine.register_many`'s ``pairs``,
+    relative paths joined to ``cwd``."""
     if isinstance(item, dict):
         unknown = set(item) - {"fixed", "moving", "fixed_mask", "moving_mask"}
         if unknown or not {"fixed", "moving"} <= set(item):
             raise InvalidOptionError(f"pair {index}: a mapping needs the keys 'fixed' and 'moving' (and optionally "
                                      f"'fixed_mask', 'moving_mask'); got {sorted(item)}")
-        return item["fixed"], item["moving"], {"fixed_mask": item.get("fixed_mask"), "moving_mask": item.get("moving_mask")}
-    if isinstance(item, (tuple, list)) and len(item) == 2:
-        return item[0], item[1], {"fixed_mask": None, "moving_mask": None}
-    raise InvalidOptionError(f"pair {index}: expected a (fixed, moving) tuple or a mapping with 'fixed' and 'moving', "
-                             f"got {type(item).__name__}")
+        fixed, moving, masks = item["fixed"], item["moving"], {key: item.get(key) for key in ("fixed_mask", "moving_mask")}
+    elif isinstance(item, (tuple, list)) and len(item) == 2:
+        (fixed, moving), masks = item, {"fixed_mask": None, "moving_mask": None}
+    else:
+        raise InvalidOptionError(f"pair {index}: expected a (fixed, moving) tuple or a mapping with 'fixed' and "
+                                 f"'moving', got {type(item).__name__}")
+
+    def absolute(value):
+        if isinstance(value, (str, os.PathLike)) and not os.path.isabs(value):
+            return os.path.join(cwd, value)
+        return value
+
+    return absolute(fixed), absolute(moving), {key: absolute(value) for key, value in masks.items()}
 
 
 def _files_key(image, mask):

@@ -689,6 +689,17 @@ def keep_itk_from_importing_torch() -> None:
         helpers._HAVE_TORCH = False
 
 
+def load_array_views() -> None:
+    """Load ITK's module of numpy views of images (``itk.array_view_from_image``) now, in this
+    thread. ITK's lazy loader changes the process's working directory while it loads a module
+    (``itk.support.base.LibraryLoader``): loaded first by a reading thread, this one changed it
+    under another thread, which then could not find its relative paths (reproduced)."""
+    import itk
+
+    with contextlib.suppress(Exception):  # another ITK's layout: loaded on first use, as before
+        itk.PyBuffer  # noqa: B018 (the attribute's access loads the module)
+
+
 def wrapped_class(module: str, name: str):
     """ITK's wrapped class ``name`` from its own wrapper module ``itk.<module>Python``, imported
     alone; None where this ITK lays its wrappers out otherwise (then ``itk.<Class>`` is the way).

@@ -71,6 +71,21 @@ def test_same_maps_as_register_in_order(engine, batch_size):
                        one_by_one[2].inverse_transform.TransformPoint(point), atol=1e-3)
 
 
+def test_relative_paths_are_taken_from_the_directory_of_the_call(engine, tmp_path, monkeypatch):
+    """ITK's lazy loader changes the process's working directory while it loads a module, under
+    the reading thread as much as under any other: relative paths are joined to the directory
+    the call was made in, before that thread starts."""
+    (fixed, moving), = pairs(1, start=320)
+    itk.imwrite(fixed, str(tmp_path / "f.nii.gz"))
+    itk.imwrite(moving, str(tmp_path / "m.nii.gz"))
+    monkeypatch.chdir(tmp_path)
+    stream = engine.register_many([("f.nii.gz", "m.nii.gz")], io_iterations=None)
+    monkeypatch.chdir(tmp_path.parent)  # as ITK's loader does for a while
+    [result] = list(stream)
+    expected = engine.register(str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), io_iterations=None)
+    assert torch.equal(result.phi_ab, expected.phi_ab)
+
+
 def test_fixed_batch_onnx_graph_takes_a_smaller_last_batch(engine, tmp_path):
     """A batch-2 ONNX graph over 3 pairs: the last batch of one is padded, not refused."""
     pytest.importorskip("onnxruntime")
@@ -247,6 +262,37 @@ def test_cli_writes_each_pairs_transform_as_register_does(tmp_path):
     assert cli.main([*command, "--resume", "--inverse_transforms"]) == 0
     assert (out / "b_inverse_transform.h5").is_file()
     assert [(out / f"{name}_transform.h5").stat().st_mtime_ns == written[name] for name in data] == [True, False, True]
+
+
+def test_cli_takes_relative_paths_while_itk_changes_the_working_directory(tmp_path, monkeypatch):
+    """ITK's lazy loader changes the working directory while it loads a module, in whichever
+    thread: here the reading thread does so while it converts each image (for 0.2 s, a module
+    loaded slowly), so the CSV's images and the outputs, named relative to the directory the
+    command started in, must not be opened through it."""
+    from mgr_engine import cli, itk_io
+
+    data = dict(zip(("a", "b", "c"), pairs(3, start=330)))
+    write_csv(tmp_path, data)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    voxel_array = itk_io.voxel_array
+
+    def loading_a_module(image):
+        back = os.getcwd()
+        os.chdir(elsewhere)
+        try:
+            time.sleep(0.2)
+            return voxel_array(image)
+        finally:
+            os.chdir(back)
+
+    monkeypatch.setattr(itk_io, "voxel_array", loading_a_module)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["-q", "register-many", "--pairs", "pairs.csv", "--out_dir", "out", "--model", "compact",
+                     "--warped"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(["register_many.json", *(
+        f"{n}_{kind}" for n in data for kind in ("transform.h5", "warped.nii.gz"))])
+    assert not any(elsewhere.iterdir())
 
 
 def test_cli_stops_at_a_bad_pair_with_the_pairs_before_it_written(tmp_path, capsys):
