@@ -282,6 +282,7 @@ def _check_labels(names, pairs, labels):
 
 def run_register_many(args) -> None:
     import json
+    import time
     from pathlib import Path
 
     import itk
@@ -334,6 +335,7 @@ def run_register_many(args) -> None:
     if not all(saved):
         write_record()
     results = _registrations(args, names, pairs, saved, out_dir, settings.get("network_weights"))
+    started, first_done = time.perf_counter(), None  # the first pair's time includes loading the model, if any
     errors_by_pair = []  # (before, after): the target registration errors (mm) of each landmark
     tre_table = _Table(out_dir / "tre.csv", "name,landmarks,mean_before_mm,mean_after_mm,median_after_mm,max_after_mm")
     overlaps = []  # (before, after): each pair's Dice per label
@@ -388,6 +390,7 @@ def run_register_many(args) -> None:
             errors_by_pair.append((before, after))
             tre_table.add([f"{name},{len(after)}," + ",".join(
                 repr(float(v)) for v in (before.mean(), after.mean(), np.median(after), after.max()))])
+        first_done = first_done or time.perf_counter()
     if errors_by_pair:
         before, after = (np.concatenate(errors) for errors in zip(*errors_by_pair))
         results_log.info("target registration error over %d landmarks of %d pairs: mean %.2f mm before, %.2f mm "
@@ -397,7 +400,11 @@ def run_register_many(args) -> None:
         before, after = (np.mean([np.mean(list(dice.values())) for dice in dices]) for dices in zip(*overlaps))
         results_log.info("Dice over the labels of %d pairs (mean of each pair's mean): %.3f before, %.3f after",
                          len(overlaps), before, after)
-    log.info("wrote the outputs of %d pairs to %s", len(names), out_dir)
+    elapsed = time.perf_counter() - started
+    per_pair = (f": the first {first_done - started:.1f} s (start-up included), then "
+                f"{(elapsed - (first_done - started)) / (len(names) - 1):.2f} s a pair") if len(names) > 1 else ""
+    log.info("wrote the outputs of %d pairs (%d registered, %d from their transform files) to %s in %.1f s%s",
+             len(names), saved.count(False), sum(saved), out_dir, elapsed, per_pair)
 
 
 _SETTINGS_FILE = "register_many.json"

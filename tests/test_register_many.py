@@ -2,6 +2,7 @@
 gives what register() gives pair by pair, in order; errors name the pair; leaving early stops
 the reading thread."""
 
+import logging
 import os
 import re
 import threading
@@ -228,7 +229,7 @@ def add_columns(csv_path, columns, values):
         f"{row},{','.join(values(row.split(',')[0]))}" for row in rows[1:]]) + "\n")
 
 
-def test_cli_writes_each_pairs_transform_as_register_does(tmp_path):
+def test_cli_writes_each_pairs_transform_as_register_does(tmp_path, caplog):
     from mgr_engine import cli
     from mgr_engine.engine import Engine
 
@@ -259,8 +260,11 @@ def test_cli_writes_each_pairs_transform_as_register_does(tmp_path):
     (out / "b_inverse_transform.h5").unlink()
     assert cli.main([*command, "--resume"]) == 0  # no inverse asked: every pair done
     assert not (out / "b_inverse_transform.h5").exists()
-    assert cli.main([*command, "--resume", "--inverse_transforms"]) == 0
+    with caplog.at_level(logging.INFO, logger="mgr_engine"):
+        assert cli.main([*command, "--resume", "--inverse_transforms"]) == 0
     assert (out / "b_inverse_transform.h5").is_file()
+    assert re.search(r"wrote the outputs of 3 pairs \(1 registered, 2 from their transform files\) to .*out in "
+                     r"[0-9.]+ s: the first [0-9.]+ s \(start-up included\), then [0-9.]+ s a pair", caplog.text)
     assert [(out / f"{name}_transform.h5").stat().st_mtime_ns == written[name] for name in data] == [True, False, True]
 
 
