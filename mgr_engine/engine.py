@@ -862,6 +862,9 @@ def _engine_for(model, weights, device, backend, onnx_model) -> Engine:
     if isinstance(weights, dict):  # a state dict: not cacheable
         return Engine(model=model, weights=weights, device=device, backend=backend, onnx_model=onnx_model)
     with _ENGINE_CACHE_LOCK:  # threads' first calls at once would each load the weights
+        # and ITK's module of array views, which register() needs, before threads read images:
+        # loading it changes the process's working directory (see itk_io.load_array_views)
+        itk_io.load_array_views()
         return _cached_engine(model, None if weights is None else str(weights),
                               None if device is None else str(device), backend,
                               None if onnx_model is None else str(onnx_model))

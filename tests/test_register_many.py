@@ -87,6 +87,48 @@ def test_relative_paths_are_taken_from_the_directory_of_the_call(engine, tmp_pat
     assert torch.equal(result.phi_ab, expected.phi_ab)
 
 
+def test_threads_first_registrations_do_not_see_itk_change_the_working_directory(tmp_path):
+    """In a fresh process: ITK's loader changes the working directory while it loads a module;
+    threads making their first mgr_engine.register calls at once must not meet that window: the
+    module they need is loaded while the engine is made, under its lock, before any of them
+    reads an image (before, by the first to convert one, while the others read theirs)."""
+    import subprocess
+    import sys
+
+    code = """
+import os, threading, sys
+import numpy as np
+import mgr_engine
+seen = []
+chdir = os.chdir
+from mgr_engine import engine
+# at each change: whether an engine was made already (then other threads were free to read images)
+os.chdir = lambda path: (seen.append(engine._cached_engine.cache_info().currsize), chdir(path))
+volume = (np.indices((20, 24, 22)).sum(axis=0) % 7).astype(np.float32)
+errors = []
+def register():
+    try:
+        mgr_engine.register(volume, volume + 1, model="compact", io_iterations=None, device="cpu", progress=False)
+    except Exception as exc:
+        errors.append(exc)
+threads = [threading.Thread(target=register, name=f"request-{i}") for i in range(3)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(len(seen), sum(seen), errors)
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    changes, after_an_engine, errors = out.stdout.split(maxsplit=2)
+    assert errors.strip() == "[]"
+    # ITK changed it (and back) for each module it loaded, all before the engine was made
+    assert int(changes) > 0 and after_an_engine == "0"
+
+
 def test_fixed_batch_onnx_graph_takes_a_smaller_last_batch(engine, tmp_path):
     """A batch-2 ONNX graph over 3 pairs: the last batch of one is padded, not refused."""
     pytest.importorskip("onnxruntime")
