@@ -411,9 +411,10 @@ _SETTINGS_FILE = "register_many.json"
 
 
 def _registration_settings(args, out_dir, saved, masked: bool) -> tuple:
-    """``(settings, inputs)``: what shapes register-many's registrations (model, the checkpoint's SHA-256, modalities,
-    masking where ``masked`` (a pair has a mask), orientation matching, precision, IO's options), as ``OUT_DIR/register_many.json`` records it (with the
-    version of mgr_engine that wrote it, which is not compared). With
+    """``(settings, inputs)``: what shapes register-many's registrations (model, the checkpoint's
+    SHA-256, modalities, masking where ``masked`` (a pair has a mask), orientation matching,
+    precision, IO's options), as ``OUT_DIR/register_many.json`` records it (with the version of
+    mgr_engine that wrote it, which is not compared). With
     ``--resume``, the pairs registered already must have been registered so: a difference from the
     record raises :class:`InvalidOptionError` (a data set's table of one model's results, not of
     two). The checkpoint is compared only where a pair is left to register (otherwise it is not
@@ -475,9 +476,10 @@ _INPUTS_KEY = "inputs"  # in register_many.json: each registered pair's _input_d
 def _input_digests(pair: dict, known: dict | None = None) -> dict:
     """``{role: {"size", "mtime_ns", "sha256"}}`` of the files a pair was registered from (its
     images and masks; a DICOM folder with its files, a ``.mhd`` or ``.hdr`` header with its voxel
-    file, a DICOM file with its folder's files), so that ``--resume`` can tell a transform computed from other voxels on the same grid.
-    A file whose size and modification time match ``known``'s record is not read again (a resumed
-    data set of CTs is not hashed whole on each run); a copy or a touch is read and compared."""
+    file, a DICOM file with its folder's files), so that ``--resume`` can tell a transform
+    computed from other voxels on the same grid. A file whose size and modification time match
+    ``known``'s record is not read again (a resumed data set of CTs is not hashed whole on each
+    run); a copy or a touch is read and compared."""
     import hashlib
     from pathlib import Path
 

@@ -616,7 +616,8 @@ def _unpack_pair(index, item, cwd: str):
         if unknown or not {"fixed", "moving"} <= set(item):
             raise InvalidOptionError(f"pair {index}: a mapping needs the keys 'fixed' and 'moving' (and optionally "
                                      f"'fixed_mask', 'moving_mask'); got {sorted(item)}")
-        fixed, moving, masks = item["fixed"], item["moving"], {key: item.get(key) for key in ("fixed_mask", "moving_mask")}
+        fixed, moving = item["fixed"], item["moving"]
+        masks = {key: item.get(key) for key in ("fixed_mask", "moving_mask")}
     elif isinstance(item, (tuple, list)) and len(item) == 2:
         (fixed, moving), masks = item, {"fixed_mask": None, "moving_mask": None}
     else:
