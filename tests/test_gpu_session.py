@@ -1,7 +1,8 @@
 """benchmarks/gpu_session.sh, checked where a CPU can. The GPU machine has no itk: the tests
 its first stage names must collect without it (one module that imports itk fails the
 collection, and then not one test of the stage runs, in a GPU session that comes rarely), and
-the engine's tensor path, which its benchmarks time, must run without it."""
+the engine's tensor path, which its benchmarks time, must run without it, and so must
+``mgr-engine info``, which it records."""
 
 import os
 import re
@@ -49,6 +50,8 @@ engine = Engine(weights=official_state_dict(net), config=net.config, device="cpu
 moving, fixed = (torch.from_numpy(smooth_volume((72, 72, 72), seed))[None, None] for seed in (1, 2))
 engine.predict_map(moving, fixed)
 engine.instance_optimize(moving, fixed, iterations=1, similarity="mind", progress=False)
+from mgr_engine import cli
+cli.main(["info"])  # what the session records in device.txt
 print("ran without itk")
 """
 
