@@ -87,7 +87,9 @@ def collect() -> dict:
         "mgr_engine": {"version": __version__, "path": os.path.dirname(os.path.abspath(__file__))},
         "python": {"version": platform.python_version(), "executable": sys.executable,
                    "platform": platform.platform(), "usable_cores": usable_cores()},
-        "torch": {"version": torch.__version__, "threads": torch.get_num_threads(), "cuda": torch.version.cuda,
+        "torch": {"version": torch.__version__, "threads": torch.get_num_threads(),
+                  # a ROCm build has no CUDA version; torch.cuda is its HIP devices
+                  "cuda": torch.version.cuda or (getattr(torch.version, "hip", None) and f"HIP {torch.version.hip}"),
                   "cuda_available": torch.cuda.is_available(), "devices": devices},
         "kernels": {"mode": mode, "mode_from_environment": "MGR_ENGINE_KERNELS" in os.environ,
                     "cpp_extensions": built, "cpu_ops": cpu_ops, "cuda_ops": cuda_ops},
