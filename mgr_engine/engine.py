@@ -9,6 +9,7 @@ import logging
 import os
 import queue
 import stat
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -271,6 +272,8 @@ class Engine:
             if compile:
                 mode = "reduce-overhead" if self._outputs_reused else None
                 self.inference_network = torch.compile(self.inference_network, mode=mode, fullgraph=True)
+        if "itk" in sys.modules:  # a program of images: ITK's module loader, now rather than under its threads
+            itk_io.load_array_views()
         log.info("loaded %s weights from %s on %s", model, source, self.device)
 
     def _inference_copy(self) -> GradICONNetwork:

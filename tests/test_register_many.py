@@ -129,6 +129,44 @@ print(len(seen), sum(seen), errors)
     assert int(changes) > 0 and after_an_engine == "0"
 
 
+def test_an_engine_made_where_itk_is_imported_loads_itks_module_then(tmp_path):
+    """In a fresh process that imported itk (a program of images): an Engine made by hand, before
+    the threads that use it, makes ITK's loader change the working directory then, not under
+    those threads' first registrations; without itk imported the engine does not import it."""
+    import subprocess
+    import sys
+
+    code = """
+import os, sys, threading
+import numpy as np
+import {first}
+import mgr_engine
+engine = mgr_engine.Engine(model="compact", device="cpu")
+print("itk" in sys.modules)
+seen = []
+chdir = os.chdir
+os.chdir = lambda path: (seen.append(path), chdir(path))
+volume = (np.indices((20, 24, 22)).sum(axis=0) % 7).astype(np.float32)
+threads = [threading.Thread(target=engine.register, args=(volume, volume + 1), kwargs=dict(io_iterations=None))
+           for _ in range(2)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(len(seen))
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    for first, itk_imported, changes in (("itk", "True", "0"), ("json", "False", None)):
+        out = subprocess.run([sys.executable, "-c", code.format(first=first)], capture_output=True, text=True,
+                             env=env, cwd=tmp_path, timeout=300)
+        assert out.returncode == 0, out.stderr
+        imported, seen = out.stdout.split()
+        assert imported == itk_imported
+        if changes is not None:
+            assert seen == changes
+
+
 def test_fixed_batch_onnx_graph_takes_a_smaller_last_batch(engine, tmp_path):
     """A batch-2 ONNX graph over 3 pairs: the last batch of one is padded, not refused."""
     pytest.importorskip("onnxruntime")
