@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import queue
-import stat
 import sys
 import threading
 import time
@@ -654,16 +653,9 @@ def _files_key(image, mask):
 
 def _file_key(path) -> tuple:
     info = os.stat(path)
-    key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
-    if stat.S_ISDIR(info.st_mode):
-        with os.scandir(path) as entries:
-            files = sorted((entry.name, entry.stat()) for entry in entries if entry.is_file())
-        return key + tuple((name, file.st_ino, file.st_size, file.st_mtime_ns) for name, file in files)
-    for data in itk_io.companion_files(Path(path)):
-        with contextlib.suppress(OSError):  # a missing data file: its reader raises the error
-            data_info = os.stat(data)
-            key += (data_info.st_ino, data_info.st_size, data_info.st_mtime_ns)
-    return key
+    files = ((file.name, file.stat()) for file in itk_io.image_files(path))  # a folder's, a header's data file
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns) + tuple(
+        (name, file.st_ino, file.st_size, file.st_mtime_ns) for name, file in files)
 
 
 _END = object()

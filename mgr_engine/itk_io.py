@@ -56,6 +56,15 @@ def companion_files(path: Path) -> list:
     return []
 
 
+def image_files(path) -> list:
+    """The files an image read from ``path`` takes its voxels from: a folder's files (a DICOM
+    series), by name; else the file with those of its :func:`companion_files` that exist."""
+    path = Path(path)
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.is_file())
+    return [path, *(p for p in companion_files(path) if p.is_file())]
+
+
 def is_dicom_file(path) -> bool:
     """Whether ``path`` is a file in DICOM's file format (a 128-byte preamble, then "DICM")."""
     try:
@@ -1204,8 +1213,9 @@ def _read_dicom_series(folder: str, header_only: bool = False, member: str | Non
     uids = names.GetSeriesUIDs()
     if not uids:
         return None  # itk.imread says there are no DICOM files
-    files = [str(name) for name in names.GetFileNames(uids[0])]
-    if member is not None:
+    if member is None:
+        files = [str(name) for name in names.GetFileNames(uids[0])]
+    else:
         member = os.path.realpath(member)
         files = next((series for series in ([str(name) for name in names.GetFileNames(uid)] for uid in uids)
                       if member in map(os.path.realpath, series)), [])
