@@ -19,7 +19,7 @@ import argparse
 import logging
 import sys
 
-from .errors import InvalidOptionError, MgrEngineError, OutputWriteError
+from .errors import ImageReadError, InvalidOptionError, MgrEngineError, OutputWriteError
 
 log = logging.getLogger("mgr_engine")
 # A command's findings (Dice, target registration errors, the Jacobian's summary): logged at INFO
@@ -189,8 +189,6 @@ def _read_pairs_csv(path):
     import io
     from pathlib import Path
 
-    from .errors import ImageReadError
-
     path = Path(path)
     try:
         # UTF-8 whatever the locale (a C locale would decode as ASCII), with or without the byte
@@ -314,9 +312,10 @@ def run_register_many(args) -> None:
         itk_io.keep_itk_from_importing_torch()
     landmarks = _read_landmarks(names, pairs, landmarks, args.points_in_voxels, args.index_base)
     _check_labels(names, pairs, labels)
-    settings, recorded_inputs = _registration_settings(
+    settings, record = _registration_settings(
         args, out_dir, saved, masked=any(pair["fixed_mask"] or pair["moving_mask"] for pair in pairs))
-    _check_inputs_unchanged(names, pairs, saved, recorded_inputs, out_dir)
+    recorded_inputs = record.get(_INPUTS_KEY) if isinstance(record.get(_INPUTS_KEY), dict) else {}
+    resumed_inputs = _check_inputs_unchanged(names, pairs, saved, recorded_inputs, out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -324,16 +323,19 @@ def run_register_many(args) -> None:
     if args.warped or args.displacement_fields or args.jacobians or any(moving for _, moving in labels):
         itk_io.check_output_path(out_dir / f"{names[0]}_warped.{args.image_format}", "image")  # mgz: nibabel
     # the settings of the pairs registered from now on, what registered them, and each pair's inputs
-    inputs = {name: recorded_inputs[name] for name, done in zip(names, saved) if done and name in recorded_inputs}
+    # (those of a resumed folder's pairs that this table does not list are kept)
+    inputs = {**recorded_inputs, **resumed_inputs}
 
-    def write_record():
-        from . import __version__
-
-        write_text(json.dumps({**settings, "mgr_engine": __version__, _INPUTS_KEY: inputs}, indent=1) + "\n",
-                   out_dir / _SETTINGS_FILE)
+    def write_record(head: dict):
+        write_text(json.dumps({**head, _INPUTS_KEY: inputs}, indent=1) + "\n", out_dir / _SETTINGS_FILE)
 
     if not all(saved):
-        write_record()
+        from . import __version__
+
+        record = {**settings, "mgr_engine": __version__}
+        write_record(record)
+    elif inputs != recorded_inputs:  # only files touched or copied since (the same bytes): their new times
+        write_record(record)
     results = _registrations(args, names, pairs, saved, out_dir, settings.get("network_weights"))
     started, first_done = time.perf_counter(), None  # the first pair's time includes loading the model, if any
     errors_by_pair = []  # (before, after): the target registration errors (mm) of each landmark
@@ -369,10 +371,11 @@ def run_register_many(args) -> None:
             overlap = dice_before_and_after(itk_io.load_image(fixed_labels, "fixed labels"), label_map,
                                             images["warped_labels"])
         jacobian = jacobian_summary(itk.array_view_from_image(jacobian_image)) if args.jacobian_stats else None
+        digests = None if resumed else _input_digests(name, pair)
         if not resumed:
             itk_io.write_transform(result.transform, out_dir / f"{name}_transform.h5")
-            inputs[name] = _input_digests(pair)
-            write_record()
+            inputs[name] = digests
+            write_record(record)
         if inverse is not None:
             itk_io.write_transform(inverse, out_dir / f"{name}_inverse_transform.h5")
         for kind, image in images.items():
@@ -411,7 +414,7 @@ _SETTINGS_FILE = "register_many.json"
 
 
 def _registration_settings(args, out_dir, saved, masked: bool) -> tuple:
-    """``(settings, inputs)``: what shapes register-many's registrations (model, the checkpoint's
+    """``(settings, record)``: what shapes register-many's registrations (model, the checkpoint's
     SHA-256, modalities, masking where ``masked`` (a pair has a mask), orientation matching,
     precision, IO's options), as ``OUT_DIR/register_many.json`` records it (with the version of
     mgr_engine that wrote it, which is not compared). With
@@ -420,8 +423,8 @@ def _registration_settings(args, out_dir, saved, masked: bool) -> tuple:
     two). The checkpoint is compared only where a pair is left to register (otherwise it is not
     read, nor torch imported); options that change no registration (device, batching, compile) are
     not recorded. A resumed folder without a record (an earlier version's) is taken with a warning.
-    ``inputs``: the record's digests of the resumed pairs' input files (:func:`_input_digests`),
-    {} where there is none."""
+    ``record``: the folder's record as read (with each registered pair's :func:`_input_digests`
+    under ``"inputs"``), {} where there is none or nothing is resumed."""
     import hashlib
     import json
 
@@ -464,20 +467,28 @@ def _registration_settings(args, out_dir, saved, masked: bool) -> tuple:
         raise InvalidOptionError(
             f"--resume: the pairs in {str(out_dir)!r} were registered with {'; '.join(differences)} "
             f"({_SETTINGS_FILE}); give the same options to resume, or register into another --out_dir")
-    inputs = recorded.get(_INPUTS_KEY)
-    return settings, inputs if isinstance(inputs, dict) else {}
+    return settings, recorded
 
 
 _INPUTS_KEY = "inputs"  # in register_many.json: each registered pair's _input_digests
 
 
-def _input_digests(pair: dict, known: dict | None = None) -> dict:
-    """``{role: {"size", "mtime_ns", "sha256"}}`` of the files a pair was registered from (its
-    images and masks; a DICOM folder with its files, a ``.mhd`` or ``.hdr`` header with its voxel
-    file, a DICOM file with its folder's files), so that ``--resume`` can tell a transform
-    computed from other voxels on the same grid. A file whose size and modification time match
-    ``known``'s record is not read again (a resumed data set of CTs is not hashed whole on each
-    run); a copy or a touch is read and compared."""
+def _input_digests(name: str, pair: dict, known: dict | None = None) -> dict:
+    """``{role: {"size", "mtime_ns", "sha256"}}`` of the files the pair ``name`` was registered
+    from (its images and masks; a DICOM folder with its files, a ``.mhd`` or ``.hdr`` header with
+    its voxel file, a DICOM file with its folder's files), so that ``--resume`` can tell a
+    transform computed from other voxels on the same grid. A file whose size and modification
+    time match ``known``'s record is not read again (a resumed data set of CTs is not hashed whole
+    on each run); a copy or a touch is read and compared. Raises :class:`ImageReadError` where a
+    file cannot be read (gone since the pair was registered, say)."""
+    try:
+        return _read_input_digests(pair, known or {})
+    except OSError as exc:
+        raise ImageReadError(f"pair {name!r}: cannot read {exc.filename!r} ({exc.strerror or exc}) to record what it "
+                             "was registered from; put the file back, or register the pair again") from exc
+
+
+def _read_input_digests(pair: dict, known: dict) -> dict:
     import hashlib
     from pathlib import Path
 
@@ -491,7 +502,7 @@ def _input_digests(pair: dict, known: dict | None = None) -> dict:
         files = image_files(pair[role])
         stats = [f.stat() for f in files]
         record = {"size": sum(s.st_size for s in stats), "mtime_ns": max((s.st_mtime_ns for s in stats), default=0)}
-        previous = (known or {}).get(role)
+        previous = known.get(role)
         if isinstance(previous, dict) and all(previous.get(key) == value for key, value in record.items()):
             digests[role] = previous
             continue
@@ -511,22 +522,21 @@ def _hash_file(digest, path) -> None:
             digest.update(chunk)
 
 
-def _check_inputs_unchanged(names, pairs, saved, recorded: dict, out_dir) -> None:
+def _check_inputs_unchanged(names, pairs, saved, recorded: dict, out_dir) -> dict:
     """Raise :class:`InvalidOptionError` where a resumed pair's input files are not those its
     transform was computed from (their SHA-256 differs from ``recorded``'s; a mask added or
     removed counts): a segmentation re-run or an image re-exported on the same grid would
     otherwise be judged through a stale transform. Pairs without a record (an earlier version's,
-    or a run stopped between a transform and its record) are taken as they are."""
-    from .errors import ImageReadError
-
+    or a run stopped between a transform and its record) are taken as they are. Returns the
+    resumed pairs' records as they are now: a file touched or copied since (the same bytes, a new
+    modification time) is recorded with its new time, so that the next resume does not hash it
+    again."""
+    current_records = {}
     for name, pair, done in zip(names, pairs, saved):
         record = recorded.get(name)
         if not done or not isinstance(record, dict):
             continue
-        try:
-            current = _input_digests(pair, record)
-        except OSError as exc:
-            raise ImageReadError(f"pair {name!r}: cannot read {exc.filename!r} ({exc.strerror or exc})") from exc
+        current = current_records[name] = _input_digests(name, pair, record)
         changed = sorted(role for role in current.keys() | record.keys()
                          if (current.get(role) or {}).get("sha256") != (record.get(role) or {}).get("sha256"))
         if changed:
@@ -535,6 +545,7 @@ def _check_inputs_unchanged(names, pairs, saved, recorded: dict, out_dir) -> Non
                 f"{'is' if len(changed) == 1 else 'are'} not the file{'s' * (len(changed) > 1)} "
                 f"{str(out_dir / f'{name}_transform.h5')!r} was computed from (another SHA-256 than "
                 f"{_SETTINGS_FILE} records); delete that file to register the pair again, or run without --resume.")
+    return current_records
 
 
 def _registrations(args, names, pairs, saved, out_dir, weights):

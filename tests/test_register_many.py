@@ -536,14 +536,59 @@ def test_cli_resume_refuses_a_transform_computed_from_other_voxels_on_the_same_g
     assert re.search(r"--resume: pair 'b': its moving is not the file '.*b_transform.h5' was computed from",
                      capsys.readouterr().err)
     assert (out / "b_transform.h5").read_bytes() == transform
-    # the same bytes again, with a new modification time (a copy, a touch): compared, and taken
+    # the same bytes again, with a new modification time (a copy, a touch): compared, taken, and
+    # recorded with that time, the rest of the record as it was
     moving.write_bytes(original)
     os.utime(moving, ns=(time.time_ns(), time.time_ns() + 10**9))
+    before = json.loads((out / "register_many.json").read_text())
     assert cli.main([*command, "--warped"]) == 0
-    # a file whose size and time match its record is not read again
+    after = json.loads((out / "register_many.json").read_text())
+    assert after["inputs"]["b"]["moving"] == {**inputs["b"]["moving"], "mtime_ns": moving.stat().st_mtime_ns}
+    assert {**after, "inputs": None} == {**before, "inputs": None} and after["inputs"]["a"] == inputs["a"]
+    # a file whose size and time match its record is not read again: the next resume hashes nothing
     monkeypatch.setattr(hashlib, "sha256", lambda: pytest.fail("hashed again"))
-    recorded = {"moving": {**inputs["b"]["moving"], "mtime_ns": moving.stat().st_mtime_ns}}
-    assert cli._input_digests({"moving": str(moving)}, recorded) == recorded
+    assert cli.main(command) == 0
+    assert cli._input_digests("b", {"moving": str(moving)}, after["inputs"]["b"]) == {
+        "moving": after["inputs"]["b"]["moving"]}
+
+
+def test_cli_resume_keeps_the_records_of_pairs_its_table_leaves_out(tmp_path):
+    """A folder resumed with a table of some of its pairs (and new ones) keeps the input records of
+    the others: their transform files are still there, to be resumed, and checked, later."""
+    import json
+
+    from mgr_engine import cli
+
+    header, *rows = write_csv(tmp_path, dict(zip(("a", "b", "c"), pairs(3, start=340)))).read_text().splitlines()
+    out = tmp_path / "out"
+    command = ["-q", "register-many", "--out_dir", str(out), "--model", "compact", "--resume", "--pairs"]
+    for table in ((rows[0], rows[1]), (rows[0], rows[2])):  # a and b; then a, resumed, and c
+        (tmp_path / "some.csv").write_text("\n".join([header, *table]) + "\n")
+        assert cli.main([*command, str(tmp_path / "some.csv")]) == 0
+    assert sorted(json.loads((out / "register_many.json").read_text())["inputs"]) == ["a", "b", "c"]
+
+
+def test_cli_names_the_pair_whose_input_is_gone_once_registered(tmp_path, capsys, monkeypatch):
+    """register-many records the files a pair was registered from after its registration: a file
+    gone by then is an ImageReadError naming the pair, and that pair's transform is not written."""
+    from mgr_engine import cli, engine
+
+    data = dict(zip(("a", "b"), pairs(2, start=360)))
+    csv_path = write_csv(tmp_path, data)
+    out = tmp_path / "out"
+    register_many = engine.Engine.register_many
+
+    def deleting_b_moving_once_read(self, *args, **kwargs):
+        for index, result in enumerate(register_many(self, *args, **kwargs)):
+            if index == 1:
+                (tmp_path / "b_moving.nii.gz").unlink()
+            yield result
+
+    monkeypatch.setattr(engine.Engine, "register_many", deleting_b_moving_once_read)
+    assert cli.main(["-q", "register-many", "--pairs", str(csv_path), "--out_dir", str(out), "--model", "compact"]) == 2
+    assert re.search(r"error: pair 'b': cannot read '.*b_moving.nii.gz' \(No such file or directory\) to record",
+                     capsys.readouterr().err)
+    assert sorted(p.name for p in out.iterdir()) == ["a_transform.h5", "register_many.json"]
 
 
 def test_cli_moves_each_pairs_landmarks_and_tabulates_the_error(tmp_path):
