@@ -130,10 +130,7 @@ def load_image(image, name: str = "input", grid_only: bool = False):
             ) from exc
     elif isinstance(image, np.ndarray):
         if image.ndim != 3:
-            raise InvalidImageError(
-                f"{name} array has {image.ndim} dimensions; mgr_engine registers 3-D volumes (z, y, x). "
-                "Split 4-D series into 3-D frames first."
-            )
+            raise not_a_volume(f"{name} array has {image.ndim} dimensions", image.ndim, " (z, y, x)")
         image = itk.image_from_array(np.ascontiguousarray(image, dtype=np.float32))
     elif _library_of(image) == "SimpleITK":
         image = _from_simpleitk(image, name)
@@ -200,10 +197,17 @@ def _ras_affine(grid: "ImageGrid") -> np.ndarray:
     return affine
 
 
+def not_a_volume(what: str, dimension: int, kind: str = "") -> InvalidImageError:
+    """The error for an input of ``dimension`` axes (``what`` says which, and how it is) where a
+    3-D volume is needed, with the advice that fits: a 4-D series is split, a slice is not a volume."""
+    advice = ("split a 4-D series into 3-D frames first (one time point or echo each)" if dimension > 3 else
+              "pass the whole volume, not one slice of it (for a DICOM series, its folder or any of its files)")
+    return InvalidImageError(f"{what}; mgr_engine registers 3-D volumes{kind}: {advice}.")
+
+
 def _check_scalar_volume(name: str, dimension: int, components: int) -> None:
     if dimension != 3:
-        raise InvalidImageError(
-            f"{name} image is {dimension}-D; mgr_engine registers 3-D volumes. Split 4-D series into 3-D frames first.")
+        raise not_a_volume(f"{name} image is {dimension}-D", dimension)
     if components != 1:
         raise InvalidImageError(f"{name} image has {components} components per voxel; pass a scalar image.")
 
@@ -245,9 +249,7 @@ def _nibabel_grid(image, name: str) -> "ImageGrid":
     while len(shape) > 3 and shape[-1] == 1:  # ITK reads an (X, Y, Z, 1) NIfTI file as 3-D
         shape = shape[:-1]
     if len(shape) != 3:
-        raise InvalidImageError(
-            f"{name} image has shape {shape}; mgr_engine registers 3-D volumes of scalars. Split 4-D "
-            "series into 3-D frames first.")
+        raise not_a_volume(f"{name} image has shape {shape}", len(shape), " of scalars")
     affine = _RAS_TO_LPS @ np.asarray(image.affine, dtype=np.float64)[:3]
     spacing = np.linalg.norm(affine[:, :3], axis=0)
     if not (np.isfinite(affine).all() and (spacing > 0).all()):

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InvalidImageError, InvalidOptionError
+from .itk_io import not_a_volume
 
 MODALITIES = ("ct", "mri")
 DEFAULT_CT_WINDOW = (-1000.0, 1000.0)
@@ -30,10 +31,7 @@ def check_volume(array: np.ndarray, name: str) -> float:
     """Raise :class:`InvalidImageError` unless ``array`` is a finite, non-constant 3-D volume;
     return its lowest value."""
     if array.ndim != 3:
-        raise InvalidImageError(
-            f"{name} image has {array.ndim} dimensions; mgr_engine registers 3-D volumes. "
-            "Pass a single 3-D volume (split 4-D series into 3-D frames first)."
-        )
+        raise not_a_volume(f"{name} image has {array.ndim} dimensions", array.ndim)
     if array.size == 0 or min(array.shape) < 2:
         raise InvalidImageError(f"{name} image has shape {array.shape}; each axis needs at least 2 voxels.")
     if not np.all(np.isfinite(array)):

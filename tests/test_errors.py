@@ -4,6 +4,7 @@ import os
 import re
 
 import itk
+import nibabel
 import numpy as np
 import pytest
 import torch
@@ -143,17 +144,25 @@ def test_non_finite_voxels(engine, value):
         register(engine, fixed=with_voxel(value))
 
 
+SLICE_ADVICE = r"mgr_engine registers 3-D volumes.*: pass the whole volume, not one slice"
+SERIES_ADVICE = r"mgr_engine registers 3-D volumes.*: split a 4-D series into 3-D frames"
+
+
 @pytest.mark.parametrize(
-    "make_input",
+    "make_input, advice",
     [
-        pytest.param(lambda tmp: volume()[0], id="2d-array"),
-        pytest.param(lambda tmp: np.stack([volume(), volume(3)]), id="4d-array"),
-        pytest.param(lambda tmp: itk_image(volume()[0]), id="2d-itk-image"),
-        pytest.param(lambda tmp: write_image(tmp / "slice.nii.gz", volume()[0]), id="2d-nifti-file"),
+        pytest.param(lambda tmp: volume()[0], SLICE_ADVICE, id="2d-array"),
+        pytest.param(lambda tmp: np.stack([volume(), volume(3)]), SERIES_ADVICE, id="4d-array"),
+        pytest.param(lambda tmp: itk_image(volume()[0]), SLICE_ADVICE, id="2d-itk-image"),
+        pytest.param(lambda tmp: write_image(tmp / "slice.nii.gz", volume()[0]), SLICE_ADVICE, id="2d-nifti-file"),
+        pytest.param(lambda tmp: write_image(tmp / "series.nii.gz", np.stack([volume(), volume(3)])), SERIES_ADVICE,
+                     id="4d-nifti-file"),
+        pytest.param(lambda tmp: nibabel.Nifti1Image(np.stack([volume(), volume(3)], axis=-1), np.eye(4)),
+                     SERIES_ADVICE, id="4d-nibabel-image"),
     ],
 )
-def test_not_3d(engine, tmp_path, make_input):
-    with pytest.raises(InvalidImageError, match=r"mgr_engine registers 3-D volumes"):
+def test_not_3d(engine, tmp_path, make_input, advice):
+    with pytest.raises(InvalidImageError, match=advice):
         register(engine, moving=make_input(tmp_path))
 
 
