@@ -23,8 +23,8 @@ from .losses import gradicon_regularizer, similarity_by_name, with_constant_targ
 from .model import (GradICONNetwork, NetworkConfig, evaluate_map, fold_batchnorm, load_official_state_dict, map_on_grid,
                     read_safetensors)
 from .ops import warp
-from .preprocess import (apply_input_mask, check_modality, check_volume, modality_mismatch, normalize_intensity, resize,
-                         resize_mask)
+from .preprocess import (apply_input_mask, check_mask, check_modality, check_volume, modality_mismatch,
+                         normalize_intensity, resize, resize_mask)
 
 log = logging.getLogger("mgr_engine")
 
@@ -397,7 +397,9 @@ class Engine:
             return None
         mask_image = itk_io.load_image(mask, f"{name} mask")
         itk_io.check_same_grid(mask_image, image, f"{name} mask")
-        return itk_io.voxel_array(mask_image)
+        array = itk_io.voxel_array(mask_image)
+        check_mask(array, f"{name} mask")
+        return array
 
     def _check_options(self, *, fixed_modality, moving_modality, io_iterations, io_sim, masking) -> None:
         """Refuse unknown options before any image is read."""
@@ -892,7 +894,9 @@ def register(fixed, moving, *, fixed_modality: str = "mri", moving_modality: str
             ``0`` for none.
         io_sim: IO similarity, ``"lncc2"`` (1 - LNCC^2), ``"lncc"`` (1 - LNCC) or ``"mind"`` (MIND-SSC).
         io_lr: IO learning rate.
-        fixed_mask, moving_mask: binary masks on the images' grids (paths, images or arrays).
+        fixed_mask, moving_mask: binary masks on the images' grids (paths, images or arrays): 0
+            outside, a positive whole number inside (labels too); fractions (a probability map),
+            negative values or an empty mask raise :class:`InvalidImageError`.
         masking: ``"loss"`` (similarity only inside the masks, needs IO), ``"input"`` (zero the
             images outside the masks before the network) or ``"both"``.
         ct_window: (min, max) HU window for CT images; quantile_range: (low, high) quantiles for MRI.

@@ -49,6 +49,31 @@ def check_volume(array: np.ndarray, name: str) -> float:
     return low
 
 
+def check_mask(array: np.ndarray, name: str) -> None:
+    """Raise :class:`InvalidImageError` unless ``array`` is a mask: whole numbers, none negative
+    (0 outside, any positive label inside, so that input masking's "positive" and loss masking's
+    "nonzero" agree), at least one voxel inside. A probability map's fractions would be kept
+    wherever positive (the reference's command line casts them to integers first, dropping all
+    but exact 1s), and an empty mask leaves nothing to register: both are a wrong file or a step
+    missed, not a mask."""
+    if array.size == 0:
+        return  # check_same_grid has compared it with a checked image
+    if not np.issubdtype(array.dtype, np.integer):
+        if not np.isfinite(array).all():
+            raise InvalidImageError(f"{name} has NaN or infinite voxels; give a binary mask (0 outside, 1 inside).")
+        if not np.array_equal(array, np.round(array)):
+            raise InvalidImageError(
+                f"{name} has fractional values (from {float(array.min()):g} to "
+                f"{float(array.max()):g}): a probability map? Threshold it into a binary mask (0 outside, 1 inside; "
+                "for instance at 0.5) first.")
+    low, high = array.min(), array.max()
+    if low < 0:
+        raise InvalidImageError(f"{name} has negative values (down to {low}); give a binary mask (0 outside, 1 inside).")
+    if high <= 0:
+        raise InvalidImageError(f"{name} is empty (no voxel above 0): nothing to register inside it. Check that the "
+                                "right file was passed.")
+
+
 HU_AIR = -500.0  # air (-1000 HU) and lung lie at or below it in a CT; an MR image has no such values
 AIR_FRACTION = 0.01
 

@@ -285,6 +285,41 @@ def test_mask_on_another_grid(engine, mask, side):
         register(engine, masking="input", **{f"{side}_mask": mask()})
 
 
+def mask_with(value, at=(slice(5, 15), slice(6, 18), slice(4, 16))):
+    """A binary mask on IMAGE_SHAPE, ``value`` inside a box (None: nothing inside)."""
+    mask = np.zeros(IMAGE_SHAPE, np.float32)
+    if value is not None:
+        mask[at] = value
+    return mask
+
+
+@pytest.mark.parametrize(
+    "mask, message",
+    [
+        pytest.param(lambda: np.where(mask_with(1.0) > 0, 0.8, 0.1).astype(np.float32),
+                     r"fixed mask has fractional values \(from 0.1 to 0.8\): a probability map\? Threshold it",
+                     id="probabilities"),
+        pytest.param(lambda: mask_with(None), r"fixed mask is empty \(no voxel above 0\)", id="empty"),
+        pytest.param(lambda: mask_with(-1.0), r"fixed mask has negative values \(down to -1", id="negative"),
+        pytest.param(lambda: mask_with(np.nan), r"fixed mask has NaN or infinite voxels", id="nan"),
+    ],
+)
+@pytest.mark.parametrize("masking, io_iterations", [("input", None), ("loss", 1)])
+def test_a_mask_that_is_not_a_binary_mask(engine, mask, message, masking, io_iterations):
+    """Input masking keeps positive voxels, loss masking nonzero ones (the reference's rules):
+    the two agree only on masks of whole numbers, none negative, and an empty mask or a
+    probability map is a wrong file either way."""
+    with pytest.raises(InvalidImageError, match=message):
+        register(engine, masking=masking, io_iterations=io_iterations, fixed_mask=mask())
+
+
+def test_masks_of_labels_and_of_any_integer_type_are_taken(engine):
+    labels = mask_with(1.0)
+    labels[10:, :, :] *= 3  # two labels inside
+    for mask in (labels, labels.astype(np.uint8), labels > 0, itk_image(labels * 85)):
+        register(engine, masking="input", fixed_mask=mask)
+
+
 def test_a_mask_mismatch_names_what_differs_in_plain_numbers(engine):
     """Same size and spacing, another origin: the message says so (it listed size and spacing
     only, equal on both sides, and in NumPy 2's ``np.float64(...)`` form)."""
