@@ -372,17 +372,17 @@ def run_register_many(args) -> None:
                                             images["warped_labels"])
         jacobian = jacobian_summary(itk.array_view_from_image(jacobian_image)) if args.jacobian_stats else None
         digests = None if resumed else _input_digests(name, pair)
+        # the pair's files all or none; its record after its transform, which it describes
+        outputs = [] if resumed else [(result.transform, out_dir / f"{name}_transform.h5")]
+        if inverse is not None:
+            outputs.append((inverse, out_dir / f"{name}_inverse_transform.h5"))
+        outputs += [(image, image_path(kind)) for kind, image in images.items() if image is not None]
+        if moved is not None:
+            outputs.append((pair_landmarks.text_with(moved), out_dir / points_out))
+        itk_io.write_outputs(outputs)
         if not resumed:
-            itk_io.write_transform(result.transform, out_dir / f"{name}_transform.h5")
             inputs[name] = digests
             write_record(record)
-        if inverse is not None:
-            itk_io.write_transform(inverse, out_dir / f"{name}_inverse_transform.h5")
-        for kind, image in images.items():
-            if image is not None:
-                itk_io.write_image(image, image_path(kind))
-        if moved is not None:
-            write_text(pair_landmarks.text_with(moved), out_dir / points_out)
         if jacobian is not None:
             jacobian_table.add([f"{name}," + ",".join(repr(value) for value in jacobian)])
         if overlap is not None:
@@ -798,19 +798,18 @@ def run_register(args) -> None:
         fixed_mask=args.fixed_mask if use_masks else None, moving_mask=args.moving_mask if use_masks else None,
         masking=masking or "loss", ct_window=args.ct_window, quantile_range=args.quantile_range, seed=args.seed,
         match_orientation=args.match_orientation, progress=not args.quiet)
-    # Compute every output before writing any, so a failure leaves nothing behind.
-    outputs = [(args.transform_out, result.transform, itk_io.write_transform)]
+    # Every output computed, then written all or none: a failure leaves nothing behind.
+    outputs = [(result.transform, args.transform_out)]
     if args.inverse_transform_out:
-        outputs.append((args.inverse_transform_out, result.inverse_transform, itk_io.write_transform))
+        outputs.append((result.inverse_transform, args.inverse_transform_out))
     if args.warped_moving_out:
-        outputs.append((args.warped_moving_out, result.warp(), itk_io.write_image))
+        outputs.append((result.warp(), args.warped_moving_out))
     if args.displacement_field_out:
-        outputs.append((args.displacement_field_out, result.displacement_field(), itk_io.write_image))
+        outputs.append((result.displacement_field(), args.displacement_field_out))
     if args.jacobian_out:
-        outputs.append((args.jacobian_out, result.jacobian_determinant(args.physical_jacobian), itk_io.write_image))
-    for path, value, write in outputs:
-        write(value, path)
-        log.info("wrote %s", path)
+        outputs.append((result.jacobian_determinant(args.physical_jacobian), args.jacobian_out))
+    itk_io.write_outputs(outputs)
+    log.info("wrote %s", ", ".join(str(path) for _, path in outputs))
 
 
 def run_export(args) -> None:
@@ -846,7 +845,6 @@ def run_dice(args) -> None:
 
     from . import itk_io
     from .labels import dice_before_and_after
-    from .points import write_text
 
     itk_io.keep_itk_from_importing_torch()  # as in run_warp
     check_outputs([("--dice_out", args.dice_out, "text"), ("--warped_labels_out", args.warped_labels_out, "image")])
@@ -861,11 +859,11 @@ def run_dice(args) -> None:
     worst = min(after, key=after.get)
     results_log.info("Dice over %d labels: mean %.3f before, %.3f after (lowest after: label %d, %.3f)", len(after),
                      np.mean(list(before.values())), np.mean(list(after.values())), worst, after[worst])
-    if args.dice_out:  # computed first, then written, each atomically
-        write_text("label,dice_before,dice_after\n" + "".join(
-            f"{label},{before[label]!r},{dice!r}\n" for label, dice in after.items()), args.dice_out)
-    if args.warped_labels_out:
-        itk_io.write_image(warped, args.warped_labels_out)
+    outputs = [(warped, args.warped_labels_out)] if args.warped_labels_out else []
+    if args.dice_out:
+        outputs.append(("label,dice_before,dice_after\n" + "".join(
+            f"{label},{before[label]!r},{dice!r}\n" for label, dice in after.items()), args.dice_out))
+    itk_io.write_outputs(outputs)  # computed first, then written all or none
 
 
 _LABELS_LOGGED_ONE_BY_ONE = 12  # more go to --dice_out only
@@ -902,13 +900,12 @@ def run_jacobian(args) -> None:
     itk_io.keep_itk_from_importing_torch()  # as in run_warp
     check_outputs([("--jacob", args.jacob, "image"), ("--log_jacob", args.log_jacob, "image")])
     jacobian = _jacobian_image(itk_io.read_transform(args.transform), args.fixed, args.physical_jacobian)
-    outputs = [(args.jacob, jacobian)]
+    outputs = [(jacobian, args.jacob)]
     if args.log_jacob:
-        outputs.append((args.log_jacob, _log_image(jacobian)))
+        outputs.append((_log_image(jacobian), args.log_jacob))
     results_log.info("Jacobian determinant: min %.3f, max %.3f; %.4f %% of the voxels at or below 0 (folds); SD of "
                      "its log %.4f (where above 0)", *jacobian_summary(itk.array_view_from_image(jacobian)))
-    for path, image in outputs:
-        itk_io.write_image(image, path)
+    itk_io.write_outputs(outputs)
 
 
 def _displacement_field(transform, fixed):
@@ -936,7 +933,7 @@ def run_transform_points(args) -> None:
     import numpy as np
 
     from . import itk_io
-    from .points import transform_points, write_text
+    from .points import transform_points
 
     itk_io.keep_itk_from_importing_torch()  # as in run_warp: numpy and ITK's transform only
     if args.tre_out and not args.target_points:
@@ -947,7 +944,7 @@ def run_transform_points(args) -> None:
     landmarks = _Landmarks.read(args.points, args.target_points, args.coordinate_system, args.voxel_indices,
                                 args.index_base)
     moved = transform_points(itk_io.read_transform(args.transform), landmarks.points)
-    outputs = [(args.points_out, landmarks.text_with(moved))]
+    outputs = [(landmarks.text_with(moved), args.points_out)]
     if landmarks.targets is not None:
         before, after = landmarks.errors_before, landmarks.errors_after(moved)
         if len(after) < len(moved):
@@ -958,10 +955,10 @@ def run_transform_points(args) -> None:
                              "max %.2f", name, len(errors), errors.mean(), errors.std(), np.median(errors),
                              errors.max())
         if args.tre_out:
-            outputs.append((args.tre_out, "landmark,before_mm,after_mm\n" + "".join(
-                f"{i},{b!r},{a!r}\n" for i, b, a in zip(landmarks.counted.tolist(), before.tolist(), after.tolist()))))
-    for path, text in outputs:  # computed first, then written, each atomically
-        write_text(text, path)
+            outputs.append(("landmark,before_mm,after_mm\n" + "".join(
+                f"{i},{b!r},{a!r}\n" for i, b, a in zip(landmarks.counted.tolist(), before.tolist(), after.tolist())),
+                args.tre_out))
+    itk_io.write_outputs(outputs)  # computed first, then written all or none
     log.info("moved %d points into %s", len(moved), args.points_out)
 
 

@@ -995,25 +995,64 @@ def _output_directory(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_output(path):
-    """Yield a path with ``path``'s file name in a new hidden folder beside it; on success what
-    was written there replaces its namesakes beside ``path``, on any error or Ctrl-C it is deleted.
+def staged_outputs():
+    """Yield ``stage(path)``, which gives a path with ``path``'s file name in a new hidden folder
+    beside it. On success everything written there replaces its namesakes beside the paths, once
+    every staged file is there; on any error or Ctrl-C none does, and the folders are deleted:
+    several outputs of one command are written all or none.
 
     A folder, not a temporary name: formats with a detached header (.mhd, .nhdr, .hdr) also write
-    a data file named after the header, and the header refers to it by that name. The data file
-    is moved first, the header last. The writer creates the files itself, so they get the mode
-    the umask gives (``mkstemp``'s would be 0600, unreadable by the user's group)."""
-    path = Path(path)
-    directory = _output_directory(path)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=directory))
+    a data file named after the header, and the header refers to it by that name. Data files are
+    moved first, each header last. The writer creates the files itself, so they get the mode the
+    umask gives (``mkstemp``'s would be 0600, unreadable by the user's group)."""
+    staged = []  # (staging folder, final path)
+
+    def stage(path) -> str:
+        path = Path(path)
+        staged.append((Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial",
+                                             dir=_output_directory(path))), path))
+        return str(staged[-1][0] / path.name)
+
     try:
-        yield str(staging / path.name)
-        if not (staging / path.name).is_file():
-            raise OutputWriteError(f"nothing was written to {str(path)!r}; check the file extension.")
-        for written in sorted(staging.iterdir(), key=lambda f: f.name == path.name):  # the header last
-            os.replace(written, directory / written.name)
+        yield stage
+        for staging, path in staged:
+            if not (staging / path.name).is_file():
+                raise OutputWriteError(f"nothing was written to {str(path)!r}; check the file extension.")
+        for staging, path in staged:
+            for written in sorted(staging.iterdir(), key=lambda f: f.name == path.name):  # the header last
+                try:
+                    os.replace(written, path.parent / written.name)
+                except OSError as exc:  # a folder made there since the check, a file system full of inodes
+                    raise OutputWriteError(f"cannot write {str(path.parent / written.name)!r} "
+                                           f"({exc.strerror or exc})") from exc
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        for staging, _ in staged:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_output(path):
+    """Yield a path to write ``path``'s file to; it replaces ``path`` once written, and is deleted
+    on any error (see :func:`staged_outputs`)."""
+    with staged_outputs() as stage:
+        yield stage(path)
+
+
+def write_outputs(outputs) -> None:
+    """Write a command's outputs all or none (see :func:`staged_outputs`): ``outputs`` lists
+    ``(value, path)``, each value an ITK transform, an ITK image or a text (``str``), written as
+    :func:`write_transform`, :func:`write_image` and :func:`mgr_engine.points.write_text` write
+    them. A writer failing on the third (a format refusing the pixel type, a full disk) leaves
+    none behind, not even the first two."""
+    with staged_outputs() as stage:
+        for value, path in outputs:
+            with _write_errors_typed(path):
+                if isinstance(value, str):
+                    Path(stage(path)).write_text(value, encoding="utf-8")
+                elif hasattr(value, "TransformPoint"):
+                    _write_transform_file(value, stage(path))
+                else:
+                    _write_image_file(value, stage(path))
 
 
 def write_image(image, path) -> None:

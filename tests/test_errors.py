@@ -511,6 +511,34 @@ def test_an_image_itk_cannot_write_is_an_output_write_error(tmp_path):
     assert files_in(tmp_path) == []
 
 
+def test_cli_writes_its_outputs_all_or_none(cli_files, capsys):
+    """ITK refuses the warped image only once it is written (a float image as PNG passes the
+    extension check): the transform, computed and staged before it, is not left behind, and the
+    files of an earlier run with the same names are kept as they were."""
+    inputs, out = cli_files
+    args = register_args(inputs, out) + ["--jacobian_out", str(out / "j.nii.gz")]
+    (out / "transform.h5").write_bytes(b"an earlier run's")
+    assert cli.main(args + ["--warped_moving_out", str(out / "w.png")]) == 2
+    assert re.search(r"error: cannot write '.*w.png': .*PNG supports unsigned char", capsys.readouterr().err)
+    assert files_in(out) == ["transform.h5"] and (out / "transform.h5").read_bytes() == b"an earlier run's"
+    assert cli.main(args + ["--warped_moving_out", str(out / "w.nii.gz")]) == 0
+    assert files_in(out) == ["j.nii.gz", "transform.h5", "w.nii.gz"]
+
+
+def test_write_outputs_writes_each_kind_or_none(tmp_path):
+    transform = itk_io.identity_transform()
+    image = itk_image(volume())
+    outputs = [(transform, tmp_path / "t.h5"), (image, tmp_path / "i.mhd"), ("a,b\n", tmp_path / "table.csv")]
+    with pytest.raises(OutputWriteError, match=r"cannot write '.*bad.png'"):
+        itk_io.write_outputs(outputs + [(image, tmp_path / "bad.png")])
+    assert files_in(tmp_path) == []
+    itk_io.write_outputs(outputs)
+    assert files_in(tmp_path) == ["i.mhd", "i.raw", "t.h5", "table.csv"]  # .mhd with its voxel file
+    assert (tmp_path / "table.csv").read_text() == "a,b\n"
+    np.testing.assert_array_equal(itk.array_from_image(itk.imread(str(tmp_path / "i.mhd"))), volume())
+    assert itk_io.read_transform(tmp_path / "t.h5").TransformPoint([1.0, 2.0, 3.0]) == (1.0, 2.0, 3.0)
+
+
 # ------------------------------------------------------------------ atomic output
 
 
