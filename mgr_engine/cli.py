@@ -202,7 +202,8 @@ def _read_pairs_csv(path):
     header = text.partition("\n")[0]
     # a comma, or the semicolon spreadsheets write where the comma is the decimal mark, or a tab
     delimiter = next((d for d in ",;\t" if {"fixed", "moving"} <= {c.strip() for c in header.split(d)}), ",")
-    rows = list(csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, skipinitialspace=True))
+    rows = [row for row in csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, skipinitialspace=True)
+            if any(isinstance(value, str) and value.strip() for value in row.values())]  # a spreadsheet's ",,," rows
     columns = set(rows[0]) if rows else set()
     if not {"fixed", "moving"} <= columns or columns - {"fixed", "moving", *_OPTIONAL_PAIR_COLUMNS}:
         raise InvalidOptionError(f"{str(path)!r} needs a header row with the columns fixed and moving (optionally "
@@ -216,6 +217,10 @@ def _read_pairs_csv(path):
     for index, row in enumerate(rows):
         names.append(row.get("name") or f"pair_{index:04d}")
         pairs.append({key: resolve(row.get(key)) for key in ("fixed", "moving", "fixed_mask", "moving_mask")})
+        missing = [role for role in ("fixed", "moving") if not pairs[-1][role]]
+        if missing:
+            raise InvalidOptionError(f"{str(path)!r}, pair {names[-1]!r} (row {index + 1}): no {' and no '.join(missing)} "
+                                     "image; each row names both.")
         landmarks.append((resolve(row.get("fixed_points")), resolve(row.get("moving_points"))))
         labels.append((resolve(row.get("fixed_labels")), resolve(row.get("moving_labels"))))
         if landmarks[-1][1] and not landmarks[-1][0]:

@@ -848,12 +848,19 @@ def test_cli_reads_a_pairs_file_as_spreadsheets_save_it(tmp_path):
     tabs = "fixed\tmoving\nPatient Müller/a_fixed.nii.gz\tPatient Müller/a_moving.nii.gz\n"
     (tmp_path / "pairs.tsv").write_text(tabs, encoding="utf-8")
     assert cli._read_pairs_csv(tmp_path / "pairs.tsv")[1][0]["moving"] == str(folder / "a_moving.nii.gz")
+    # rows of empty cells, as spreadsheets export below a table, are not pairs
+    (tmp_path / "pairs.csv").write_text("name,fixed,moving\na,x,y\n,,\n,,\n")
+    assert cli._read_pairs_csv(tmp_path / "pairs.csv")[0] == ["a"]
 
 
 @pytest.mark.parametrize("text,message", [("fixed,target\nx,y\n", "columns fixed and moving"),
                                           ("fixed,moving\n", "at least one pair"),
                                           ("name,fixed,moving\na,x,y\na,z,w\n", "repeats a name"),
                                           ("name,fixed,moving\n../a,x,y\n", "without directories"),
+                                          ("name,fixed,moving\na,x,y\nb,,y\n",
+                                           "pair 'b' (row 2): no fixed image; each row names both"),
+                                          ("fixed,moving\nx,\n", "pair 'pair_0000' (row 1): no moving image"),
+                                          ("name,fixed,moving\n,,\n, ,\n", "at least one pair"),
                                           ("fixed,moving\nM\xfcller.nii,x\n".encode("latin-1"), "not UTF-8 text")])
 def test_cli_refuses_a_malformed_pairs_file(tmp_path, capsys, text, message):
     from mgr_engine import cli
