@@ -260,6 +260,19 @@ def _read_landmarks(names, pairs, landmarks, in_voxels: bool, index_base):
     return read
 
 
+def _check_inputs_exist(names, pairs):
+    """Raise :class:`ImageReadError` before any registration where a pair's image or mask does not
+    exist: a path mistyped in the 80th row is not found after 79 registrations. (Whether ITK reads
+    it is found when the pair is read.)"""
+    from pathlib import Path
+
+    for index, (name, pair) in enumerate(zip(names, pairs)):
+        for role, path in pair.items():
+            if path and not Path(path).exists():
+                raise ImageReadError(f"pair {name!r} (row {index + 1}): {role.replace('_', ' ')} {path!r} does not "
+                                     "exist; check the path (relative paths are taken from the pairs file's folder).")
+
+
 def _check_labels(names, pairs, labels):
     """Each pair's label maps, checked before any registration: the fixed labels on the fixed
     image's grid (the overlap is counted voxel by voxel there), the moving labels readable, both up
@@ -315,6 +328,7 @@ def run_register_many(args) -> None:
                  len(redone), redone[0])
     if all(saved):  # only evaluations from transform files: numpy and ITK, as the jacobian command
         itk_io.keep_itk_from_importing_torch()
+    _check_inputs_exist(names, pairs)
     landmarks = _read_landmarks(names, pairs, landmarks, args.points_in_voxels, args.index_base)
     _check_labels(names, pairs, labels)
     settings, record = _registration_settings(

@@ -831,6 +831,19 @@ def test_cli_checks_the_landmarks_before_registering(tmp_path, capsys):
         (",fixed_points", ",nothing.csv", "pair 'a': points file .* does not exist")))
 
 
+def test_cli_finds_a_missing_input_before_registering_any_pair(tmp_path, capsys, monkeypatch):
+    from mgr_engine import cli, engine
+
+    csv_path = write_csv(tmp_path, dict(zip(("a", "b"), pairs(2, start=380))))
+    add_columns(csv_path, ("moving_mask",), lambda name: ("" if name == "a" else "b_mask.nii.gz",))
+    monkeypatch.setattr(engine, "Engine", lambda *a, **k: pytest.fail("the engine was built"))
+    assert cli.main(["-q", "register-many", "--pairs", str(csv_path), "--out_dir", str(tmp_path / "out"),
+                     "--model", "compact"]) == 2
+    assert re.search(r"error: pair 'b' \(row 2\): moving mask '.*b_mask.nii.gz' does not exist; check the path",
+                     capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_reads_a_pairs_file_as_spreadsheets_save_it(tmp_path):
     """UTF-8 with a byte order mark, semicolons (where the comma is the decimal mark), CRLF line
     ends, a space after each separator, and a folder name beyond ASCII."""
