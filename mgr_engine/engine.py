@@ -827,7 +827,9 @@ class RegistrationResult:
         return dice_before_and_after(fixed_labels, moving_labels, self.warp(moving_labels, "nearest"))
 
     def save(self, transform_path) -> None:
-        """Write :attr:`transform` (``.h5`` or ``.tfm``, readable by ``itk.transformread``) atomically."""
+        """Write :attr:`transform` (``.h5`` or ``.tfm``, readable by ``itk.transformread``) atomically;
+        :class:`OutputWriteError` where it cannot be, its name checked before the transform is built."""
+        itk_io.check_output_path(transform_path, "transform")
         itk_io.write_transform(self.transform, transform_path)
 
 

@@ -1030,14 +1030,6 @@ def staged_outputs():
             shutil.rmtree(staging, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def atomic_output(path):
-    """Yield a path to write ``path``'s file to; it replaces ``path`` once written, and is deleted
-    on any error (see :func:`staged_outputs`)."""
-    with staged_outputs() as stage:
-        yield stage(path)
-
-
 def write_outputs(outputs) -> None:
     """Write a command's outputs all or none (see :func:`staged_outputs`): ``outputs`` lists
     ``(value, path)``, each value an ITK transform, an ITK image or a text (``str``), written as
@@ -1046,35 +1038,37 @@ def write_outputs(outputs) -> None:
     none behind, not even the first two."""
     with staged_outputs() as stage:
         for value, path in outputs:
-            with _write_errors_typed(path):
+            staged = stage(path)
+            with _write_errors_typed(path, staged):
                 if isinstance(value, str):
-                    Path(stage(path)).write_text(value, encoding="utf-8")
+                    Path(staged).write_text(value, encoding="utf-8")
                 elif hasattr(value, "TransformPoint"):
-                    _write_transform_file(value, stage(path))
+                    _write_transform_file(value, staged)
                 else:
-                    _write_image_file(value, stage(path))
+                    _write_image_file(value, staged)
 
 
 def write_image(image, path) -> None:
-    """Write an ITK image as ``itk.imwrite`` does, but atomically (see :func:`atomic_output`)
+    """Write an ITK image as ``itk.imwrite`` does, but atomically (see :func:`staged_outputs`)
     and, for a ``.nii.gz``, gzipped on every core (see :func:`_write_image_file`); a scalar
     image also as FreeSurfer's ``.mgz``/``.mgh`` (through nibabel, which ITK's wheels lack;
     float64 voxels as float32, uint16 as int32); :class:`OutputWriteError` when it
-    cannot be written. Public as ``mgr_engine.write_image``."""
-    with _write_errors_typed(path), atomic_output(path) as tmp:
-        _write_image_file(image, tmp)
+    cannot be written (its name checked first, as :func:`check_output_path` does). Public as
+    ``mgr_engine.write_image``."""
+    check_output_path(path, "image")
+    write_outputs([(image, path)])
 
 
 @contextlib.contextmanager
-def _write_errors_typed(path):
-    """ITK's RuntimeError and the file system's OSError while writing ``path``, as
-    :class:`OutputWriteError`."""
+def _write_errors_typed(path, staged: str):
+    """ITK's RuntimeError and the file system's OSError while writing ``path`` (into ``staged``,
+    whose name the message does not show), as :class:`OutputWriteError`."""
     try:
         yield
     except OutputWriteError:
         raise
     except (RuntimeError, OSError) as exc:
-        raise OutputWriteError(f"cannot write {str(path)!r}: {itk_reason(exc)}") from exc
+        raise OutputWriteError(f"cannot write {str(path)!r}: {itk_reason(exc).replace(staged, str(path))}") from exc
 
 
 _ITK_LOCATION = re.compile(r"^\S+:\d+:$")  # "/path/to/itkNrrdImageIO.cxx:935:"
@@ -1578,8 +1572,7 @@ def write_transform(transform, path) -> None:
     """Write an ITK transform (.h5, .tfm; .mat only for a transform without a displacement field,
     see :func:`check_output_path`) atomically; readable by ``itk.transformread``;
     :class:`OutputWriteError` when it cannot be written."""
-    with _write_errors_typed(path), atomic_output(path) as tmp:
-        _write_transform_file(transform, tmp)
+    write_outputs([(transform, path)])
 
 
 def _write_transform_file(transform, path) -> None:

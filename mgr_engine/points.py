@@ -353,9 +353,8 @@ def write_points(points, path, like: PointsFile | None = None) -> None:
 
 
 def write_text(text: str, path) -> None:
-    """Write a text file (points, tables) atomically (see :func:`mgr_engine.itk_io.atomic_output`)."""
-    from .itk_io import atomic_output, check_output_path
+    """Write a text file (points, tables) atomically (see :func:`mgr_engine.itk_io.staged_outputs`)."""
+    from .itk_io import check_output_path, write_outputs
 
     check_output_path(path, "text")
-    with atomic_output(path) as staged:
-        Path(staged).write_text(text, encoding="utf-8")
+    write_outputs([(text, path)])

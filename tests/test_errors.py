@@ -542,12 +542,33 @@ def test_write_outputs_writes_each_kind_or_none(tmp_path):
 # ------------------------------------------------------------------ atomic output
 
 
-def test_atomic_output_into_missing_directory(tmp_path):
+def test_staged_output_into_missing_directory(tmp_path):
     target = tmp_path / "missing" / "transform.h5"
     with pytest.raises(OutputWriteError, match=r"output directory .* does not exist; create it first"):
-        with itk_io.atomic_output(target):
-            pytest.fail("atomic_output yielded a path in a missing directory")
+        with itk_io.staged_outputs() as stage:
+            stage(target)
+            pytest.fail("staged_outputs gave a path in a missing directory")
     assert not target.parent.exists()
+
+
+def test_an_itk_error_names_the_output_not_its_staging_folder(tmp_path, monkeypatch):
+    """ITK's messages name the file it was given: the staged one, in a hidden folder the user
+    never asked for."""
+    def failing(transform, path):
+        raise RuntimeError(f"Could not create Transform IO object for writing file {path}")
+
+    monkeypatch.setattr(itk_io, "_write_transform_file", failing)
+    with pytest.raises(OutputWriteError) as raised:
+        itk_io.write_transform(itk_io.identity_transform(), tmp_path / "t.h5")
+    assert str(raised.value) == (f"cannot write {str(tmp_path / 't.h5')!r}: Could not create Transform IO object for "
+                                 f"writing file {tmp_path / 't.h5'}")
+    assert files_in(tmp_path) == []
+
+
+def test_saving_a_result_under_a_name_no_writer_takes(engine, tmp_path):
+    with pytest.raises(OutputWriteError, match=r"^ITK has no transform writer for 't.xyz'; name the output .h5"):
+        register(engine).save(tmp_path / "t.xyz")
+    assert files_in(tmp_path) == []
 
 
 def ct_like(seed=0):

@@ -482,8 +482,8 @@ def test_an_output_replaces_the_old_file(tmp_path):
 
 def test_a_writer_that_writes_nothing_is_an_error(tmp_path):
     with pytest.raises(OutputWriteError, match="nothing was written"):
-        with itk_io.atomic_output(tmp_path / "image.nii.gz"):
-            pass
+        with itk_io.staged_outputs() as stage:
+            stage(tmp_path / "image.nii.gz")
     assert list(tmp_path.iterdir()) == []
 
 
