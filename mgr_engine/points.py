@@ -55,6 +55,9 @@ _VOXEL = "voxel"  # read_points' coordinate system of a file of voxel indices
 
 def as_points(points, name: str = "points") -> np.ndarray:
     """``points`` as an (N, 3) float64 array of finite numbers; :class:`InvalidPointsError` otherwise."""
+    if isinstance(points, (str, os.PathLike)):
+        raise InvalidPointsError(f"{name} {str(points)!r} is a path, not points: read a points file with "
+                                 "mgr_engine.read_points(path).points (in mm, LPS, whatever the file's convention).")
     try:
         array = np.asarray(points, dtype=np.float64)
     except (TypeError, ValueError) as exc:

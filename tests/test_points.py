@@ -1,6 +1,7 @@
 """Points through a transform (mgr_engine.points): against ITK's TransformPoint, and points files."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,6 +88,13 @@ def test_other_transforms_go_point_by_point_through_itk(tmp_path):
 def test_points_that_are_not_n_by_3_finite_numbers_are_a_typed_error(bad):
     with pytest.raises(InvalidPointsError, match=r"\(N, 3\)|not finite|not numbers"):
         points.transform_points(affine_transform(itk, 23), bad)
+
+
+@pytest.mark.parametrize("path", ["landmarks.csv", Path("landmarks.csv")])
+def test_a_points_files_path_is_told_to_go_through_read_points(path):
+    with pytest.raises(InvalidPointsError, match=r"points 'landmarks.csv' is a path, not points: read a points file "
+                                                 r"with mgr_engine.read_points\(path\).points"):
+        points.transform_points(affine_transform(itk, 23), path)
 
 
 def write(path, text):
