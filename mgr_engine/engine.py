@@ -397,9 +397,8 @@ class Engine:
             return None
         mask_image = itk_io.load_image(mask, f"{name} mask")
         itk_io.check_same_grid(mask_image, image, f"{name} mask")
-        array = itk_io.voxel_array(mask_image)
-        check_mask(array, f"{name} mask")
-        return array
+        check_mask(itk_io.voxel_view(mask_image), f"{name} mask")  # an integer mask (most) has no fractions to test
+        return itk_io.voxel_array(mask_image)
 
     def _check_options(self, *, fixed_modality, moving_modality, io_iterations, io_sim, masking) -> None:
         """Refuse unknown options before any image is read."""

@@ -479,6 +479,13 @@ def _gzip_bytes_before_its_end(path: Path):
     return total
 
 
+def voxel_view(image) -> np.ndarray:
+    """The voxels of a scalar ITK image as a (z, y, x) numpy view in its own pixel type (no copy)."""
+    import itk
+
+    return itk.array_view_from_image(image)
+
+
 def voxel_array(image) -> np.ndarray:
     """The voxels of a scalar ITK image as a float32 (z, y, x) array (a copy)."""
     import itk

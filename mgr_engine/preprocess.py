@@ -49,6 +49,9 @@ def check_volume(array: np.ndarray, name: str) -> float:
     return low
 
 
+_MASK_SLAB = 1 << 20  # voxels checked at a time
+
+
 def check_mask(array: np.ndarray, name: str) -> None:
     """Raise :class:`InvalidImageError` unless ``array`` is a mask: whole numbers, none negative
     (0 outside, any positive label inside, so that input masking's "positive" and loss masking's
@@ -58,14 +61,16 @@ def check_mask(array: np.ndarray, name: str) -> None:
     missed, not a mask."""
     if array.size == 0:
         return  # check_same_grid has compared it with a checked image
-    if not np.issubdtype(array.dtype, np.integer):
-        if not np.isfinite(array).all():
-            raise InvalidImageError(f"{name} has NaN or infinite voxels; give a binary mask (0 outside, 1 inside).")
-        if not np.array_equal(array, np.round(array)):
-            raise InvalidImageError(
-                f"{name} has fractional values (from {float(array.min()):g} to "
-                f"{float(array.max()):g}): a probability map? Threshold it into a binary mask (0 outside, 1 inside; "
-                "for instance at 0.5) first.")
+    if not np.issubdtype(array.dtype, np.integer) and array.dtype != bool:
+        flat = array.reshape(-1)
+        for start in range(0, flat.size, _MASK_SLAB):  # no whole-volume temporaries (a CT's mask: 300 MB each)
+            slab = flat[start:start + _MASK_SLAB]
+            if not np.isfinite(slab).all():
+                raise InvalidImageError(f"{name} has NaN or infinite voxels; give a binary mask (0 outside, 1 inside).")
+            if (slab != np.rint(slab)).any():
+                raise InvalidImageError(
+                    f"{name} has fractional values (from {float(array.min()):g} to {float(array.max()):g}): a "
+                    "probability map? Threshold it into a binary mask (0 outside, 1 inside; for instance at 0.5) first.")
     low, high = array.min(), array.max()
     if low < 0:
         raise InvalidImageError(f"{name} has negative values (down to {low}); give a binary mask (0 outside, 1 inside).")

@@ -301,6 +301,10 @@ def mask_with(value, at=(slice(5, 15), slice(6, 18), slice(4, 16))):
                      id="probabilities"),
         pytest.param(lambda: mask_with(None), r"fixed mask is empty \(no voxel above 0\)", id="empty"),
         pytest.param(lambda: mask_with(-1.0), r"fixed mask has negative values \(down to -1", id="negative"),
+        pytest.param(lambda: itk.image_from_array(mask_with(-1.0).astype(np.int16)),
+                     r"fixed mask has negative values \(down to -1", id="negative-int16-image"),
+        pytest.param(lambda: itk.image_from_array(mask_with(None).astype(np.uint8)), r"fixed mask is empty",
+                     id="empty-uint8-image"),
         pytest.param(lambda: mask_with(np.nan), r"fixed mask has NaN or infinite voxels", id="nan"),
     ],
 )
@@ -316,7 +320,8 @@ def test_a_mask_that_is_not_a_binary_mask(engine, mask, message, masking, io_ite
 def test_masks_of_labels_and_of_any_integer_type_are_taken(engine):
     labels = mask_with(1.0)
     labels[10:, :, :] *= 3  # two labels inside
-    for mask in (labels, labels.astype(np.uint8), labels > 0, itk_image(labels * 85)):
+    for mask in (labels, labels.astype(np.uint8), labels > 0, itk_image(labels * 85),
+                 itk.image_from_array(labels.astype(np.uint8))):
         register(engine, masking="input", fixed_mask=mask)
 
 
