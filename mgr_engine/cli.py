@@ -798,6 +798,9 @@ def run_register(args) -> None:
     masking = {(True, True): "both", (True, False): "input", (False, True): "loss"}.get(
         (args.input_masking, args.loss_function_masking))
     use_masks = masking is not None
+    if not use_masks and (args.fixed_mask or args.moving_mask):  # unigradicon-register ignores them without a word
+        log.warning("--fixed_mask/--moving_mask are not used without --input_masking or --loss_function_masking "
+                    "(as unigradicon-register); pass one of them to use the masks")
     config = None  # the model's own (a .safetensors file carries its configuration)
     if args.network_input_shape:
         config = NetworkConfig(input_shape=tuple(args.network_input_shape))

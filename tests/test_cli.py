@@ -109,6 +109,23 @@ def test_register_writes_the_inverse_transform(files, tmp_path):
     assert max(np.linalg.norm(np.array(forward.TransformPoint(p)) - e) for p, e in zip(at, expected)) > 1.0
 
 
+def test_register_warns_that_masks_without_a_masking_option_are_not_used(files, tmp_path, caplog):
+    """unigradicon-register takes --fixed_mask without --input_masking/--loss_function_masking and
+    ignores it without a word; so does mgr-engine (a drop-in), with a warning."""
+    import logging
+
+    command = ["register", "--fixed", files["fixed"], "--moving", files["moving"], "--fixed_modality", "mri",
+               "--moving_modality", "mri", "--network_weights", files["weights"], "--io_iterations", "None",
+               "--network_input_shape", *map(str, SHAPE), "--transform_out", str(tmp_path / "t.h5"),
+               "--fixed_mask", files["fixed"]]
+    for masking, warned in (([], True), (["--input_masking"], False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mgr_engine"):
+            assert cli.main(command + masking) == 0
+        assert ("--fixed_mask/--moving_mask are not used without --input_masking or --loss_function_masking"
+                in caplog.text) is warned
+
+
 def test_warp_and_jacobian_reproduce_reference(files, tmp_path, monkeypatch):
     transform = str(tmp_path / "t.h5")
     assert cli.main(["register", "--fixed", files["fixed"], "--moving", files["moving"], "--fixed_modality", "mri",
