@@ -273,7 +273,11 @@ class Engine:
                 self.inference_network = torch.compile(self.inference_network, mode=mode, fullgraph=True)
         if "itk" in sys.modules:  # a program of images: ITK's module loader, now rather than under its threads
             itk_io.load_array_views()
-        log.info("loaded %s weights from %s on %s", model, source, self.device)
+        if self.config == MODELS[model]:
+            log.info("loaded %s weights from %s on %s", model, source, self.device)
+        else:  # a config given, or a .safetensors file's own (mgr-engine train's): not the named model's network
+            log.info("loaded weights from %s on %s into a network of input %s, not %s's network", source, self.device,
+                     "x".join(map(str, self.config.input_shape)), model)
 
     def _inference_copy(self) -> GradICONNetwork:
         """BatchNorm folded, channels-last (about 1.4x faster 3-D convolutions on the CPU)."""

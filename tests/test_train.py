@@ -365,6 +365,20 @@ def test_safetensors_roundtrip(tmp_path):
     assert (expected - identity_map((72, 72, 72))).abs().max() * 71 > 0.5  # the network moves points
 
 
+def test_the_log_names_the_network_a_safetensors_file_brings(caplog):
+    """A .safetensors file carries its network's configuration, which the engine takes over the
+    named model's: the log said "loaded multigradicon weights" for the compact model's file."""
+    import logging
+
+    bundled = engine_module.BUNDLED_WEIGHTS["compact"]
+    with caplog.at_level(logging.INFO, logger="mgr_engine"):
+        engine_module.Engine(model="compact", device="cpu")
+        engine_module.Engine(weights=bundled, device="cpu")
+    assert f"loaded compact weights from {bundled} on cpu" in caplog.text
+    assert f"loaded weights from {bundled} on cpu into a network of input 64x64x64, not multigradicon's" in caplog.text
+    assert "loaded multigradicon weights" not in caplog.text
+
+
 def test_compact_config_is_under_20_megabytes(tmp_path):
     net = GradICONNetwork(engine_module.COMPACT_CONFIG)
     path = train.export_weights(net, tmp_path / "compact.safetensors")
