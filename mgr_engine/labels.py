@@ -14,6 +14,22 @@ _DIRECT_CODES = 1 << 20  # label ranges up to this are counted without sorting
 _SLAB_VOXELS = 1 << 22
 
 
+def not_whole_numbers(array: np.ndarray) -> str | None:
+    """Why ``array`` is not all whole numbers, ``"NaN or infinite"`` or ``"fractional"``, or None
+    where it is (an integer array always); tested slab by slab, without whole-volume temporaries
+    (a CT-sized float map: 300 MB each)."""
+    if np.issubdtype(array.dtype, np.integer) or array.dtype == bool:
+        return None
+    flat = array.reshape(-1)
+    for start in range(0, flat.size, _SLAB_VOXELS):
+        slab = flat[start:start + _SLAB_VOXELS]
+        if not np.isfinite(slab).all():
+            return "NaN or infinite"
+        if (slab != np.rint(slab)).any():
+            return "fractional"
+    return None
+
+
 def label_array(image, name: str = "label map") -> np.ndarray:
     """The voxels of a label map (an ``itk.Image``) as an integer (z, y, x) array, a copy in the
     image's own integer type (int64 for a float image of whole numbers); a map whose values are not
@@ -23,7 +39,7 @@ def label_array(image, name: str = "label map") -> np.ndarray:
     array = itk.array_view_from_image(image)
     if np.issubdtype(array.dtype, np.integer):
         return np.array(array)
-    if not np.isfinite(array).all() or not np.array_equal(array, np.round(array)):
+    if not_whole_numbers(array):
         raise InvalidImageError(f"{name} has values that are not whole numbers (pixel type {array.dtype}); "
                                 "give a segmentation, one integer label per voxel.")
     return array.astype(np.int64)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .errors import InvalidImageError, InvalidOptionError
 from .itk_io import not_a_volume
+from .labels import not_whole_numbers
 
 MODALITIES = ("ct", "mri")
 DEFAULT_CT_WINDOW = (-1000.0, 1000.0)
@@ -49,9 +50,6 @@ def check_volume(array: np.ndarray, name: str) -> float:
     return low
 
 
-_MASK_SLAB = 1 << 20  # voxels checked at a time
-
-
 def check_mask(array: np.ndarray, name: str) -> None:
     """Raise :class:`InvalidImageError` unless ``array`` is a mask: whole numbers, none negative
     (0 outside, any positive label inside, so that input masking's "positive" and loss masking's
@@ -61,16 +59,13 @@ def check_mask(array: np.ndarray, name: str) -> None:
     missed, not a mask."""
     if array.size == 0:
         return  # check_same_grid has compared it with a checked image
-    if not np.issubdtype(array.dtype, np.integer) and array.dtype != bool:
-        flat = array.reshape(-1)
-        for start in range(0, flat.size, _MASK_SLAB):  # no whole-volume temporaries (a CT's mask: 300 MB each)
-            slab = flat[start:start + _MASK_SLAB]
-            if not np.isfinite(slab).all():
-                raise InvalidImageError(f"{name} has NaN or infinite voxels; give a binary mask (0 outside, 1 inside).")
-            if (slab != np.rint(slab)).any():
-                raise InvalidImageError(
-                    f"{name} has fractional values (from {float(array.min()):g} to {float(array.max()):g}): a "
-                    "probability map? Threshold it into a binary mask (0 outside, 1 inside; for instance at 0.5) first.")
+    problem = not_whole_numbers(array)  # an integer mask (most are) has none
+    if problem == "NaN or infinite":
+        raise InvalidImageError(f"{name} has NaN or infinite voxels; give a binary mask (0 outside, 1 inside).")
+    if problem == "fractional":
+        raise InvalidImageError(
+            f"{name} has fractional values (from {float(array.min()):g} to {float(array.max()):g}): a "
+            "probability map? Threshold it into a binary mask (0 outside, 1 inside; for instance at 0.5) first.")
     low, high = array.min(), array.max()
     if low < 0:
         raise InvalidImageError(f"{name} has negative values (down to {low}); give a binary mask (0 outside, 1 inside).")
