@@ -168,7 +168,8 @@ def _add_register_many(sub):
                         "their other outputs and table rows are computed from that file, so the tables cover every "
                         "pair. Refused where the model, checkpoint or registration options differ from those "
                         "OUT_DIR/register_many.json records, or a pair's image or mask files from those its "
-                        "transform was computed from (recorded by SHA-256)")
+                        "transform was computed from (recorded by SHA-256); a transform it does not record (a run "
+                        "with other options replaced the record) is registered again")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
                    help="arithmetic of the forward without IO (default fp32); tf32 and bf16 are for CUDA")
@@ -320,30 +321,48 @@ def run_register_many(args) -> None:
     names, pairs, landmarks, labels = _read_pairs_csv(args.pairs)
     out_dir = Path(args.out_dir).absolute()  # as the pairs' paths
     kinds = ("transform", "inverse_transform") if args.inverse_transforms else ("transform",)
-    saved = [args.resume and all((out_dir / f"{name}_{kind}.h5").is_file() for kind in kinds) for name in names]
-    redone = [name for name, done in zip(names, saved) if args.resume and not done
-              and (out_dir / f"{name}_transform.h5").is_file()]
-    if redone:
+    transforms_there = [args.resume and all((out_dir / f"{name}_{kind}.h5").is_file() for kind in kinds)
+                        for name in names]
+    record = _read_record(out_dir, resume=any(transforms_there))
+    recorded_inputs = record.get(_INPUTS_KEY) if isinstance(record.get(_INPUTS_KEY), dict) else None
+    # a transform the record does not list was registered with other options (a run without
+    # --resume replaced the record) or stopped before its record: registered again
+    unrecorded = [name for name, there in zip(names, transforms_there)
+                  if there and recorded_inputs is not None and name not in recorded_inputs]
+    saved = [there and name not in unrecorded for name, there in zip(names, transforms_there)]
+    without_inverse = [name for name, there in zip(names, transforms_there) if args.resume and not there
+                       and (out_dir / f"{name}_transform.h5").is_file()]
+    if without_inverse:
         log.info("--resume: %d pairs with a transform file but no inverse (%s, ...) are registered again",
-                 len(redone), redone[0])
+                 len(without_inverse), without_inverse[0])
+    if unrecorded:
+        log.info("--resume: %d pairs whose transform file %s does not record (%s, ...; registered with other "
+                 "options, or stopped before their record) are registered again", len(unrecorded), _SETTINGS_FILE,
+                 unrecorded[0])
+    if args.resume and any(saved) and not record:
+        log.warning("--resume: %s is missing, so that the pairs registered there had the same model and options as "
+                    "this run is not checked", out_dir / _SETTINGS_FILE)
     if all(saved):  # only evaluations from transform files: numpy and ITK, as the jacobian command
         itk_io.keep_itk_from_importing_torch()
     _check_inputs_exist(names, pairs)
     landmarks = _read_landmarks(names, pairs, landmarks, args.points_in_voxels, args.index_base)
     _check_labels(names, pairs, labels)
-    settings, record = _registration_settings(
-        args, out_dir, saved, masked=any(pair["fixed_mask"] or pair["moving_mask"] for pair in pairs))
-    recorded_inputs = record.get(_INPUTS_KEY) if isinstance(record.get(_INPUTS_KEY), dict) else {}
-    resumed_inputs = _check_inputs_unchanged(names, pairs, saved, recorded_inputs, out_dir)
+    settings = _registration_settings(
+        args, saved, masked=any(pair["fixed_mask"] or pair["moving_mask"] for pair in pairs))
+    if any(saved):
+        _check_resumed_settings(settings, record, out_dir)
+    resumed_inputs = _check_inputs_unchanged(names, pairs, saved, recorded_inputs or {}, out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputWriteError(f"cannot create the output directory {str(out_dir)!r} ({exc.strerror or exc})") from exc
     if args.warped or args.displacement_fields or args.jacobians or any(moving for _, moving in labels):
         itk_io.check_output_path(out_dir / f"{names[0]}_warped.{args.image_format}", "image")  # mgz: nibabel
-    # the settings of the pairs registered from now on, what registered them, and each pair's inputs
-    # (those of a resumed folder's pairs that this table does not list are kept)
-    inputs = {**recorded_inputs, **resumed_inputs}
+    # the settings of the pairs registered from now on, what registered them, and each pair's inputs:
+    # the records of the folder's other pairs are kept where they were registered with these settings
+    kept_inputs = _records_kept(settings, record, recorded_inputs or {}, names, out_dir) if not all(saved) \
+        else recorded_inputs or {}
+    inputs = {**kept_inputs, **resumed_inputs}
 
     def write_record(head: dict):
         write_text(json.dumps({**head, _INPUTS_KEY: inputs}, indent=1) + "\n", out_dir / _SETTINGS_FILE)
@@ -432,20 +451,37 @@ def run_register_many(args) -> None:
 _SETTINGS_FILE = "register_many.json"
 
 
-def _registration_settings(args, out_dir, saved, masked: bool) -> tuple:
-    """``(settings, record)``: what shapes register-many's registrations (model, the checkpoint's
-    SHA-256, modalities, masking where ``masked`` (a pair has a mask), orientation matching,
-    precision, IO's options), as ``OUT_DIR/register_many.json`` records it (with the version of
-    mgr_engine that wrote it, which is not compared). With
-    ``--resume``, the pairs registered already must have been registered so: a difference from the
-    record raises :class:`InvalidOptionError` (a data set's table of one model's results, not of
-    two). The checkpoint is compared only where a pair is left to register (otherwise it is not
-    read, nor torch imported); options that change no registration (device, batching, compile) are
-    not recorded. A resumed folder without a record (an earlier version's) is taken with a warning.
-    ``record``: the folder's record as read (with each registered pair's :func:`_input_digests`
-    under ``"inputs"``), {} where there is none or nothing is resumed."""
-    import hashlib
+def _read_record(out_dir, resume: bool) -> dict:
+    """``OUT_DIR/register_many.json`` (the options its pairs were registered with, and under
+    ``"inputs"`` each pair's :func:`_input_digests`), {} where there is none. Unreadable, it
+    raises :class:`InvalidOptionError` where ``resume`` (a pair's transform is there to resume,
+    which it could not check), and is otherwise replaced with a warning."""
     import json
+
+    record_path = out_dir / _SETTINGS_FILE
+    try:
+        recorded = json.loads(record_path.read_text(encoding="utf-8"))
+        if not isinstance(recorded, dict):
+            raise ValueError(f"a JSON {type(recorded).__name__}, not an object")
+        return recorded
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        if resume:
+            raise InvalidOptionError(f"--resume: cannot read {str(record_path)!r} ({exc}), the record of the options "
+                                     "the pairs there were registered with; delete it to resume unchecked") from exc
+        log.warning("cannot read %s (%s); it is replaced with this run's record", record_path, exc)
+        return {}
+
+
+def _registration_settings(args, saved, masked: bool) -> dict:
+    """What shapes register-many's registrations (model, the checkpoint's SHA-256, modalities,
+    masking where ``masked`` (a pair has a mask), orientation matching, precision, IO's options),
+    as ``OUT_DIR/register_many.json`` records it (with the version of mgr_engine that wrote it,
+    which is not compared). The checkpoint is resolved and hashed only where a pair is left to
+    register (otherwise it is not read, nor torch imported); options that change no registration
+    (device, batching, compile) are not recorded."""
+    import hashlib
 
     settings = {"model": args.model, "fixed_modality": args.fixed_modality, "moving_modality": args.moving_modality,
                 "match_orientation": args.match_orientation, "precision": args.precision,
@@ -462,34 +498,46 @@ def _registration_settings(args, out_dir, saved, masked: bool) -> tuple:
         digest = hashlib.sha256()
         _hash_file(digest, path)  # 0.3 s for the official checkpoint's 283 MB
         settings.update(network_weights=str(path.resolve()), weights_sha256=digest.hexdigest())
-    if not any(saved):
-        return settings, {}
-    record_path = out_dir / _SETTINGS_FILE
-    try:
-        recorded = json.loads(record_path.read_text(encoding="utf-8"))
-        if not isinstance(recorded, dict):
-            raise ValueError(f"a JSON {type(recorded).__name__}, not an object")
-    except FileNotFoundError:
-        log.warning("--resume: %s is missing, so that the pairs registered there had the same model and options as "
-                    "this run is not checked", record_path)
-        return settings, {}
-    except (OSError, ValueError) as exc:
-        raise InvalidOptionError(f"--resume: cannot read {str(record_path)!r} ({exc}), the record of the options the "
-                                 "pairs there were registered with; delete it to resume unchecked") from exc
+    return settings
+
+
+def _check_resumed_settings(settings: dict, record: dict, out_dir) -> None:
+    """Raise :class:`InvalidOptionError` where ``--resume``'s ``settings`` differ from those the
+    pairs in ``out_dir`` were registered with (``record``): a data set's table of one model's
+    results, not of two. A resumed folder without a record (an earlier version's) is not checked."""
     # where IO is on in one run only, io_iterations tells it; the other IO options are not listed
-    changed = [key for key, value in settings.items() if key != "network_weights" and key in recorded
-               and recorded[key] != value]
+    changed = [key for key, value in settings.items() if key != "network_weights" and key in record
+               and record[key] != value]
     if changed:
-        differences = [f"{key}={recorded[key]!r}, not {settings[key]!r} as now" + (
-            f" (their checkpoint: {recorded.get('network_weights')!r})" if key == "weights_sha256" else "")
+        differences = [f"{key}={record[key]!r}, not {settings[key]!r} as now" + (
+            f" (their checkpoint: {record.get('network_weights')!r})" if key == "weights_sha256" else "")
             for key in changed]
         raise InvalidOptionError(
             f"--resume: the pairs in {str(out_dir)!r} were registered with {'; '.join(differences)} "
             f"({_SETTINGS_FILE}); give the same options to resume, or register into another --out_dir")
-    return settings, recorded
+
+
+def _records_kept(settings: dict, record: dict, recorded_inputs: dict, names, out_dir) -> dict:
+    """The input records of ``recorded_inputs`` that a run registering with ``settings`` keeps in
+    ``OUT_DIR/register_many.json``: all of them where the folder's pairs were registered with the
+    same settings (every one, strictly), none otherwise, as its record will state this run's
+    settings: a later ``--resume`` then registers the folder's other pairs again rather than take
+    their transforms for this run's. Those dropped are logged."""
+    def compared(options):
+        return {key: value for key, value in options.items() if key not in _NOT_SETTINGS}
+
+    if compared(settings) == compared(record):
+        return recorded_inputs
+    left_out = [name for name in recorded_inputs if name not in names and (out_dir / f"{name}_transform.h5").is_file()]
+    if left_out:
+        log.warning("%d pairs in %s that this table does not list (%s, ...) were registered with other options; %s "
+                    "now records this run's, so --resume would register them again", len(left_out), out_dir,
+                    left_out[0], _SETTINGS_FILE)
+    return {}
 
 
 _INPUTS_KEY = "inputs"  # in register_many.json: each registered pair's _input_digests
+_NOT_SETTINGS = ("network_weights", "mgr_engine", _INPUTS_KEY)  # in register_many.json: not compared
 
 
 def _input_digests(name: str, pair: dict, known: dict | None = None) -> dict:
@@ -545,8 +593,8 @@ def _check_inputs_unchanged(names, pairs, saved, recorded: dict, out_dir) -> dic
     """Raise :class:`InvalidOptionError` where a resumed pair's input files are not those its
     transform was computed from (their SHA-256 differs from ``recorded``'s; a mask added or
     removed counts): a segmentation re-run or an image re-exported on the same grid would
-    otherwise be judged through a stale transform. Pairs without a record (an earlier version's,
-    or a run stopped between a transform and its record) are taken as they are. Returns the
+    otherwise be judged through a stale transform. Pairs without a record (an earlier version's
+    folder) are taken as they are. Returns the
     resumed pairs' records as they are now: a file touched or copied since (the same bytes, a new
     modification time) is recorded with its new time, so that the next resume does not hash it
     again."""

@@ -568,6 +568,44 @@ def test_cli_resume_keeps_the_records_of_pairs_its_table_leaves_out(tmp_path):
     assert sorted(json.loads((out / "register_many.json").read_text())["inputs"]) == ["a", "b", "c"]
 
 
+def test_cli_resume_registers_again_what_a_run_with_other_options_left_unrecorded(tmp_path, caplog):
+    """A run without --resume replaces the folder's record with its options: the records of the
+    pairs it leaves out are kept where they were registered with the same options; otherwise
+    they are dropped (logged), and a later --resume registers those pairs again rather than take
+    their transforms for this run's."""
+    import json
+
+    from mgr_engine import cli
+
+    header, *rows = write_csv(tmp_path, dict(zip(("a", "b"), pairs(2, start=360)))).read_text().splitlines()
+    (tmp_path / "a.csv").write_text("\n".join([header, rows[0]]) + "\n")
+    out = tmp_path / "out"
+    command = ["-q", "register-many", "--out_dir", str(out), "--model", "compact", "--pairs"]
+
+    def recorded_pairs():
+        return sorted(json.loads((out / "register_many.json").read_text())["inputs"])
+
+    assert cli.main([*command, str(tmp_path / "pairs.csv")]) == 0
+    assert cli.main([*command, str(tmp_path / "a.csv")]) == 0  # the same options: b's record kept
+    assert recorded_pairs() == ["a", "b"]
+    b_transform = (out / "b_transform.h5").read_bytes()
+    with caplog.at_level("INFO", logger="mgr_engine"):
+        assert cli.main([*command, str(tmp_path / "a.csv"), "--moving_modality", "ct"]) == 0
+        assert re.search(r"1 pairs in .*out that this table does not list \(b, \.\.\.\) were registered with other "
+                         "options", caplog.text)
+        assert recorded_pairs() == ["a"]
+        caplog.clear()
+        assert cli.main([*command, str(tmp_path / "pairs.csv"), "--moving_modality", "ct", "--resume"]) == 0
+    assert "1 pairs whose transform file register_many.json does not record (b, ...;" in caplog.text
+    assert "1 of 2 pairs registered by an earlier run" in caplog.text
+    assert recorded_pairs() == ["a", "b"] and (out / "b_transform.h5").read_bytes() != b_transform
+    # an unreadable record is replaced by a run without --resume (refused by one with it)
+    (out / "register_many.json").write_text("{")
+    with caplog.at_level("WARNING", logger="mgr_engine"):
+        assert cli.main([*command, str(tmp_path / "a.csv")]) == 0
+    assert "register_many.json (Expecting property name" in caplog.text and recorded_pairs() == ["a"]
+
+
 def test_cli_names_the_pair_whose_input_is_gone_once_registered(tmp_path, capsys, monkeypatch):
     """register-many records the files a pair was registered from after its registration: a file
     gone by then is an ImageReadError naming the pair, and that pair's transform is not written."""
