@@ -124,9 +124,12 @@ def load_image(image, name: str = "input", grid_only: bool = False):
                     f"{name} image folder {str(path)!r} holds no DICOM series ITK can read "
                     f"({exc.__class__.__name__}); give the folder of one DICOM series, or an image file "
                     "(NIfTI, NRRD, MHA).") from exc
+            reason = itk_reason(exc)
+            advice = ("its header's axes are sheared (a NIfTI sform without a qform, say), which an ITK image's grid "
+                      "cannot hold; resample it onto an unsheared grid first" if "orthonormal" in reason
+                      else "use NIfTI, NRRD, MHA or another format ITK reads")
             raise ImageReadError(
-                f"ITK cannot read the {name} image {str(path)!r} ({exc.__class__.__name__}: {itk_reason(exc)}); "
-                "use NIfTI, NRRD, MHA or another format ITK reads."
+                f"ITK cannot read the {name} image {str(path)!r} ({exc.__class__.__name__}: {reason}); {advice}."
             ) from exc
     elif isinstance(image, np.ndarray):
         if image.ndim != 3:

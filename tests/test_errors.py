@@ -69,6 +69,15 @@ def truncated(path):
     return write_bytes(path, data[:len(data) * 2 // 3])
 
 
+def sheared_nifti(path):
+    """A NIfTI file whose only affine (an sform, no qform) shears its voxel axes: ITK cannot
+    read it."""
+    image = nibabel.Nifti1Image(volume(3), np.array([[2, 0.5, 0, 0], [0, 2, 0, 0], [0, 0, 2, 0], [0, 0, 0, 1.0]]))
+    image.set_qform(None)
+    nibabel.save(image, str(path))
+    return path
+
+
 GARBAGE = b"\x00\x01 these bytes are not an image nor a checkpoint \xff\xfe" * 8
 
 
@@ -183,6 +192,9 @@ def test_not_3d(engine, tmp_path, make_input, advice):
         pytest.param(lambda tmp: truncated(write_image(tmp / "cut.mha", volume(3))),
                      r"ITK cannot read .*\(RuntimeError: File cannot be read: .*cut.mha for reading.\)",
                      id="truncated-mha"),
+        pytest.param(lambda tmp: sheared_nifti(tmp / "sheared.nii.gz"),
+                     r"ITK cannot read .*orthonormal.*; its header's axes are sheared .*resample it onto an unsheared",
+                     id="sheared-sform-only"),
         pytest.param(lambda tmp: write_bytes(mkdir(tmp / "folder") / "notes.txt", b"no DICOM here").parent,
                      r"folder .* holds no DICOM series ITK can read .*give the folder of one DICOM series",
                      id="folder-without-dicom"),
