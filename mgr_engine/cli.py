@@ -954,8 +954,11 @@ def _warped(transform, moving, fixed, interpolation: str):
     ``transform``."""
     from . import itk_io
 
+    from .labels import warn_if_linear_on_labels
+
     grid, fixed = _grid_and_fixed(transform, fixed)
     moving = itk_io.load_image(moving, "moving")
+    warn_if_linear_on_labels(moving, interpolation)
     if grid is not None:
         return itk_io.warp_image(grid, moving, fixed, interpolation)
     return itk_io.resample(moving, transform, fixed, interpolation)

@@ -19,6 +19,7 @@ from torch import nn
 
 from . import host_memory, itk_io, resample
 from .errors import CheckpointError, InvalidOptionError, MgrEngineError, WeightsNotFoundError
+from .labels import warn_if_linear_on_labels
 from .losses import gradicon_regularizer, similarity_by_name, with_constant_targets
 from .model import (GradICONNetwork, NetworkConfig, evaluate_map, fold_batchnorm, load_official_state_dict, map_on_grid,
                     read_safetensors)
@@ -767,11 +768,16 @@ class RegistrationResult:
     def warp(self, image=None, interpolation: str = "linear"):
         """``image`` (default: the moving image; any image in moving space) resampled onto the
         fixed grid through :attr:`transform`; ``interpolation`` is ``"linear"`` or ``"nearest"``
-        (for label maps). Keeps the pixel type; 0 outside the image.
+        (for label maps: a label map warped linearly is warned of). Keeps the pixel type; 0 outside
+        the image.
 
         What ``itk.ResampleImageFilter`` computes through :attr:`transform` (an integer type
         truncated, as ITK does), evaluated on the engine's device (:func:`mgr_engine.itk_io.warp_image`)."""
-        image = self.moving if image is None else itk_io.load_image(image, "image to warp")
+        if image is None:
+            image = self.moving
+        else:
+            image = itk_io.load_image(image, "image to warp")
+            warn_if_linear_on_labels(image, interpolation)
         return itk_io.warp_image(self._grid_transform(), image, self.fixed, interpolation, self.device)
 
     def displacement_field(self):

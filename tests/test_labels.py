@@ -131,3 +131,36 @@ def test_a_results_dice_is_the_commands(tmp_path):
     assert list(after) == [1, 2, 3] and before != after
     with pytest.raises(MaskMismatchError, match="fixed labels does not lie on its image's grid.*size"):
         registration.dice(moving_labels, moving_labels)
+
+
+def test_a_label_map_warped_linearly_is_warned_of(tmp_path, caplog):
+    """Linear interpolation truncated to the label map's type mixes labels at their borders: the
+    result's warp and the warp command warn, for integer and float label maps; an intensity image
+    (a uint8 MR of 256 values, a float CT) and a nearest-neighbour warp are not warned of."""
+    itk = pytest.importorskip("itk")
+    from helpers import oblique_registration
+    from mgr_engine import itk_io
+    from mgr_engine.cli import main
+
+    registration = oblique_registration()
+    registration.save(tmp_path / "transform.h5")
+    labels = segmentation(registration.moving, (200.0, 400.0, 600.0))
+    moving = itk.array_from_image(registration.moving)
+    intensities = np.interp(moving, (moving.min(), moving.max()), (0, 255)).round().astype(np.uint8)
+    images = {"labels": labels, "float labels": itk.image_from_array(itk.array_from_image(labels).astype(np.float32)),
+              "uint8 intensities": itk.image_from_array(intensities), "float image": registration.moving}
+    assert len(np.unique(intensities[::4, ::4, ::4])) > 64
+    warning = "looks like a label map"
+    for name, image in images.items():
+        image.CopyInformation(registration.moving)
+        path = tmp_path / f"{name.replace(' ', '_')}.nii.gz"
+        itk_io.write_image(image, path)
+        for interpolation, flag in (("linear", "--linear"), ("nearest", "--nearest_neighbor")):
+            caplog.clear()
+            with caplog.at_level("WARNING", logger="mgr_engine"):
+                registration.warp(image, interpolation)
+                assert main(["warp", "--fixed", str(tmp_path / "labels.nii.gz"), "--moving", str(path), flag,
+                             "--transform", str(tmp_path / "transform.h5"),
+                             "--warped_moving_out", str(tmp_path / "warped.nii.gz")]) == 0
+            expected = 2 if name.endswith("labels") and interpolation == "linear" else 0
+            assert caplog.text.count(warning) == expected, (name, interpolation)
