@@ -68,7 +68,8 @@ def _add_register(sub):
     p.add_argument("--network_weights", help="checkpoint (Step_2_final.trch); default: see README, nothing is downloaded")
     p.add_argument("--ct_window", nargs=2, type=float, metavar=("MIN", "MAX"), help="CT window in HU (default -1000 1000)")
     p.add_argument("--quantile_range", nargs=2, type=float, metavar=("LOWER", "UPPER"),
-                   help="MRI clipping quantiles (default: image minimum and 0.99)")
+                   help="MRI clipping quantiles, between 0 and 1 (default: image minimum and 0.99; 0.01 0.99 clips at "
+                        "the 1st and 99th percentiles)")
     # Flags of unigradicon-register that mgr_engine does not implement: accepted, refused if used.
     p.add_argument("--fixed_segmentation", help=argparse.SUPPRESS)
     p.add_argument("--moving_segmentation", help=argparse.SUPPRESS)
@@ -841,6 +842,11 @@ def run_register(args) -> None:
             "--loss_function_masking.")
     if args.io_lr <= 0:
         raise InvalidOptionError("--io_lr must be positive")
+    modalities = {str(args.fixed_modality).lower(), str(args.moving_modality).lower()}
+    for option, modality in (("ct_window", "ct"), ("quantile_range", "mri")):
+        if getattr(args, option) and modality not in modalities:  # the reference ignores it without a word
+            log.warning("--%s is not used: it normalizes '%s' images, and neither --fixed_modality nor "
+                        "--moving_modality is %s", option, modality, modality)
     if (args.input_masking or args.loss_function_masking) and not (args.fixed_mask or args.moving_mask):
         raise InvalidOptionError("--input_masking/--loss_function_masking need --fixed_mask and/or --moving_mask")
     masking = {(True, True): "both", (True, False): "input", (False, True): "loss"}.get(

@@ -24,8 +24,8 @@ from .losses import gradicon_regularizer, similarity_by_name, with_constant_targ
 from .model import (GradICONNetwork, NetworkConfig, evaluate_map, fold_batchnorm, load_official_state_dict, map_on_grid,
                     read_safetensors)
 from .ops import warp
-from .preprocess import (apply_input_mask, check_mask, check_modality, check_volume, modality_mismatch,
-                         normalize_intensity, resize, resize_mask)
+from .preprocess import (apply_input_mask, check_intensity_ranges, check_mask, check_modality, check_volume,
+                         modality_mismatch, normalize_intensity, resize, resize_mask)
 
 log = logging.getLogger("mgr_engine")
 
@@ -405,14 +405,18 @@ class Engine:
         check_mask(itk_io.voxel_view(mask_image), f"{name} mask")  # an integer mask (most) has no fractions to test
         return itk_io.voxel_array(mask_image)
 
-    def _check_options(self, *, fixed_modality, moving_modality, io_iterations, io_sim, masking) -> None:
-        """Refuse unknown options before any image is read."""
+    def _check_options(self, *, fixed_modality, moving_modality, io_iterations, io_sim, io_lr, masking, ct_window,
+                       quantile_range) -> None:
+        """Refuse unknown or impossible options before any image is read."""
         if masking not in MASKING_MODES:
             raise InvalidOptionError(f"unknown masking {masking!r}: choose one of {', '.join(MASKING_MODES)}")
         check_modality(fixed_modality, "fixed")
         check_modality(moving_modality, "moving")
+        check_intensity_ranges(ct_window, quantile_range)
         if io_iterations:
             similarity_by_name(io_sim)
+            if not io_lr > 0:
+                raise InvalidOptionError(f"io_lr must be positive, got {io_lr}")
 
     def _prepare_image(self, image, modality: str, name: str, mask, *, masking, io_iterations, ct_window,
                        quantile_range, orient_like=None):
@@ -504,8 +508,9 @@ class Engine:
                  match_orientation: bool = False) -> "RegistrationResult":
         """Register ``moving`` onto ``fixed``; see :func:`mgr_engine.register`."""
         started = time.perf_counter()
-        self._check_options(fixed_modality=fixed_modality, moving_modality=moving_modality,
-                            io_iterations=io_iterations, io_sim=io_sim, masking=masking)
+        self._check_options(fixed_modality=fixed_modality, moving_modality=moving_modality, io_iterations=io_iterations,
+                            io_sim=io_sim, io_lr=io_lr, masking=masking, ct_window=ct_window,
+                            quantile_range=quantile_range)
         pair = self._prepare_pair(fixed, moving, fixed_modality=fixed_modality, moving_modality=moving_modality,
                                   fixed_mask=fixed_mask, moving_mask=moving_mask, masking=masking,
                                   io_iterations=io_iterations, ct_window=ct_window, quantile_range=quantile_range,
@@ -553,8 +558,9 @@ class Engine:
         if not all(isinstance(n, int) and n >= 1 for n in (batch_size, prefetch)):
             raise InvalidOptionError(f"batch_size and prefetch must be whole numbers of at least 1, got {batch_size!r} "
                                      f"and {prefetch!r}")
-        self._check_options(fixed_modality=fixed_modality, moving_modality=moving_modality,
-                            io_iterations=io_iterations, io_sim=io_sim, masking=masking)
+        self._check_options(fixed_modality=fixed_modality, moving_modality=moving_modality, io_iterations=io_iterations,
+                            io_sim=io_sim, io_lr=io_lr, masking=masking, ct_window=ct_window,
+                            quantile_range=quantile_range)
 
         fixed_cache = {}  # pairs with one fixed file (an atlas) read and preprocess it once
         # Relative paths are taken from the directory of this call, in this thread: ITK's lazy
@@ -910,7 +916,9 @@ def register(fixed, moving, *, fixed_modality: str = "mri", moving_modality: str
             negative values or an empty mask raise :class:`InvalidImageError`.
         masking: ``"loss"`` (similarity only inside the masks, needs IO), ``"input"`` (zero the
             images outside the masks before the network) or ``"both"``.
-        ct_window: (min, max) HU window for CT images; quantile_range: (low, high) quantiles for MRI.
+        ct_window: (min, max) HU window for CT images; quantile_range: (low, high) quantiles for MRI,
+            between 0 and 1 (``(0.01, 0.99)``: the 1st and 99th percentiles). Checked before any
+            image is read.
         device: torch device, default CUDA when available.
         progress: show a progress bar during IO.
         seed: seeds the GradICON regularizer's random grid, for reproducible IO: drawn on the

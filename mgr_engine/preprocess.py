@@ -110,6 +110,27 @@ def check_modality(modality: str, name: str = "input") -> str:
     return str(modality).lower()
 
 
+def check_intensity_ranges(ct_window=None, quantile_range=None) -> None:
+    """Raise :class:`InvalidOptionError` unless ``ct_window`` (where given) is two finite numbers,
+    min below max, and ``quantile_range`` two quantiles ``0 <= lower < upper <= 1``. The reference
+    clamps a quantile above 1 to the image's maximum, so percentiles given for quantiles ((1, 99)
+    for (0.01, 0.99)) failed only as "an empty intensity range" after the images were read."""
+    for option, value in (("ct_window", ct_window), ("quantile_range", quantile_range)):
+        if value is None:
+            continue
+        try:
+            low, high = (float(v) for v in value)
+        except (TypeError, ValueError):
+            raise InvalidOptionError(f"{option} takes two numbers (lower, upper), not {value!r}") from None
+        if not (np.isfinite(low) and np.isfinite(high) and low < high):
+            raise InvalidOptionError(f"{option} ({low:g}, {high:g}) needs a lower bound below its upper bound, both finite"
+                                     + (" (HU; the default is -1000 1000)" if option == "ct_window" else ""))
+        if option == "quantile_range" and not 0 <= low < high <= 1:
+            raise InvalidOptionError(
+                f"quantile_range ({low:g}, {high:g}) takes quantiles between 0 and 1, not percentiles: 0.01 0.99 "
+                "clips at the 1st and 99th percentiles")
+
+
 def normalize_intensity(volume: np.ndarray, modality: str, *, ct_window=None, quantile_range=None,
                         name: str = "input") -> torch.Tensor:
     """Clip and scale a volume to [0, 1] by modality; returns a float32 tensor of the same shape."""

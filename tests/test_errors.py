@@ -246,6 +246,45 @@ def test_unknown_similarity_fails_before_any_work(engine, monkeypatch):
         register(engine, io_iterations=1, io_sim="ssd")
 
 
+@pytest.mark.parametrize("options, message", [
+    pytest.param(dict(quantile_range=(1, 99)), r"quantile_range \(1, 99\) takes quantiles between 0 and 1, not "
+                 r"percentiles: 0.01 0.99", id="percentiles"),
+    pytest.param(dict(quantile_range=(0, 1.5)), "takes quantiles between 0 and 1", id="quantile-above-1"),
+    pytest.param(dict(quantile_range=(0.99, 0.01)), r"\(0.99, 0.01\) needs a lower bound below its upper",
+                 id="quantiles-swapped"),
+    pytest.param(dict(ct_window=(1000, -1000), fixed_modality="ct"), r"ct_window \(1000, -1000\) needs a lower bound",
+                 id="window-swapped"),
+    pytest.param(dict(ct_window=(0, float("nan"))), "both finite", id="window-nan"),
+    pytest.param(dict(ct_window=(-1000,)), r"ct_window takes two numbers \(lower, upper\), not \(-1000,\)",
+                 id="window-one-number"),
+    pytest.param(dict(io_iterations=1, io_lr=0), "io_lr must be positive, got 0", id="io-lr-zero"),
+])
+def test_impossible_options_fail_before_any_work(engine, monkeypatch, options, message):
+    """Before: a quantile above 1 was clamped to the image's maximum (as the reference does), so
+    percentiles given for quantiles failed as an empty intensity range after the images were
+    read, or not at all; io_lr was checked after preprocessing."""
+    monkeypatch.setattr(itk_io, "load_image", lambda *a, **k: pytest.fail("an image was loaded before the check"))
+    with pytest.raises(InvalidOptionError, match=message):
+        register(engine, **options)
+    with pytest.raises(InvalidOptionError, match=message):
+        engine.register_many([(volume(1), volume(2))], **{"io_iterations": None, **options})
+
+
+def test_the_command_warns_of_an_intensity_range_its_modalities_do_not_use(tmp_path, caplog):
+    fixed, moving = (write_image(tmp_path / f"{name}.nii.gz", volume(seed)) for seed, name in ((1, "f"), (2, "m")))
+    command = ["register", "--fixed", str(fixed), "--moving", str(moving), "--model", "compact", "--io_iterations",
+               "None", "--transform_out", str(tmp_path / "t.h5")]
+    for modalities, option, unused in ((("mri", "mri"), ["--ct_window", "-200", "300"], True),
+                                       (("ct", "mri"), ["--ct_window", "-200", "300"], False),
+                                       (("ct", "ct"), ["--quantile_range", "0.01", "0.99"], True),
+                                       (("ct", "mri"), ["--quantile_range", "0.01", "0.99"], False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="mgr_engine"):
+            assert cli.main([*command, "--fixed_modality", modalities[0], "--moving_modality", modalities[1],
+                             *option]) == 0
+        assert (f"{option[0]} is not used" in caplog.text) == unused, (modalities, option)
+
+
 def test_unknown_model():
     with pytest.raises(InvalidOptionError, match=r"unknown model 'foo'.*choose one of"):
         mgr_engine.register(volume(1), volume(2), model="foo", io_iterations=None)
