@@ -1134,6 +1134,15 @@ def check_output_path(path, kind: str) -> None:
         formats = ".nii.gz, .nii, .nrrd, .mha or another format ITK writes"
     else:
         writer, can_write, formats = "transform", _transform_writer_exists(path), ".h5 or .tfm/.txt"
+    if can_write is False and writer == "transform":
+        lower = path.name[:-len(suffix)] + suffix.lower()
+        if suffix and _transform_writer_exists(Path(lower)):  # ITK's transform IOs match lowercase extensions only
+            raise OutputWriteError(f"ITK writes transforms only with a lowercase extension; name the output {lower!r}.")
+        if suffix and _image_writer_exists(path):
+            raise OutputWriteError(
+                f"{path.name!r} names an image, not a transform file: name the transform {formats}; the dense "
+                "displacement field as an image (ANTs reads a .nii.gz field) is --displacement_field_out "
+                "(RegistrationResult.displacement_field()).")
     if can_write is False:
         raise OutputWriteError(f"ITK has no {writer} writer for {path.name!r}; name the output {formats}.")
 

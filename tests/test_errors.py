@@ -500,7 +500,10 @@ def test_cli_interrupted_write_leaves_nothing(cli_files, capsys, monkeypatch):
 
 @pytest.mark.parametrize("outputs, message", [
     (["--transform_out", "{out}/t.xyz"], r"--transform_out: ITK has no transform writer for 't.xyz'; name the output .h5"),
-    (["--transform_out", "{out}/t.nii.gz"], r"--transform_out: ITK has no transform writer for 't.nii.gz'"),
+    (["--transform_out", "{out}/t.nii.gz"], r"--transform_out: 't.nii.gz' names an image, not a transform file: name "
+     r"the transform .h5 or .tfm/.txt; the dense displacement field as an image .* is --displacement_field_out"),
+    (["--transform_out", "{out}/t.H5"],
+     r"--transform_out: ITK writes transforms only with a lowercase extension; name the output 't.h5'"),
     (["--transform_out", "{out}/t.mat"],
      r"--transform_out: ITK's Matlab transform files cannot hold a registration's transform .*Name the output \.h5"),
     (["--transform_out", "{out}/missing/t.h5"], r"--transform_out: output directory .*missing' does not exist"),
@@ -514,7 +517,7 @@ def test_cli_interrupted_write_leaves_nothing(cli_files, capsys, monkeypatch):
     (["--warped_moving_out", "{out}/w.mgz", "--displacement_field_out", "{out}/d.mgz"],
      r"--displacement_field_out: an MGH file holds scalar volumes, not a displacement field; name the output "
      r"'d.nii.gz'"),
-], ids=["extension", "image-for-transform", "matlab-transform", "missing-directory", "directory", "image-extension",
+], ids=["extension", "image-for-transform", "uppercase-transform", "matlab-transform", "missing-directory", "directory", "image-extension",
         "transform-for-image", "uppercase-nifti", "same-file", "mgz-field"])
 def test_cli_refuses_unwritable_outputs_before_registering(cli_files, capsys, monkeypatch, outputs, message):
     inputs, out = cli_files
