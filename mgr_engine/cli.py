@@ -748,7 +748,8 @@ def _add_warp(sub):
     p = sub.add_parser("warp", help="warp an image with a transform (unigradicon-warp's flags)")
     p.add_argument("--fixed", required=True, help="image whose grid the output takes")
     p.add_argument("--moving", required=True, help="image to warp")
-    p.add_argument("--transform", help="transform file; identity if omitted")
+    p.add_argument("--transform", help="transform file (.h5, .tfm) or displacement field image (.nii.gz, .nrrd, .mha); "
+                                       "identity if omitted")
     p.add_argument("--warped_moving_out", required=True)
     p.add_argument("--nearest_neighbor", action="store_true")
     p.add_argument("--linear", action="store_true")
@@ -757,7 +758,7 @@ def _add_warp(sub):
 
 def _add_jacobian(sub):
     p = sub.add_parser("jacobian", help="Jacobian map of a transform (unigradicon-jacobian's flags)")
-    p.add_argument("--transform", required=True)
+    p.add_argument("--transform", required=True, help="transform file (.h5, .tfm) or displacement field image")
     p.add_argument("--fixed", required=True, help="the fixed image used in the registration")
     p.add_argument("--jacob", required=True, help="output Jacobian determinant image")
     p.add_argument("--log_jacob", help="output log-Jacobian image")
@@ -772,7 +773,8 @@ def _add_dice(sub):
                                    "transform (register's --transform_out; nearest neighbour) and log the Dice of "
                                    "each label of the fixed segmentation (0, the background, excluded) before (the "
                                    "identity in physical space) and after.")
-    p.add_argument("--transform", required=True, help="transform file (.h5, .tfm): fixed point -> moving point")
+    p.add_argument("--transform", required=True, help="transform file (.h5, .tfm) or displacement field image: fixed "
+                                                      "point -> moving point")
     p.add_argument("--fixed_labels", required=True, help="segmentation of the fixed image, on its grid")
     p.add_argument("--moving_labels", required=True, help="segmentation of the moving image")
     p.add_argument("--dice_out", help="output CSV: label, dice_before, dice_after")
@@ -789,7 +791,7 @@ def _add_transform_points(sub):
                                    "z (or r, a, s) columns, or x, y, z first; comment lines start with #. 3D "
                                    "Slicer's .mrk.json and .fcsv and ANTs' CSV read as they are. The output keeps the "
                                    "file's layout, other columns and coordinate system, with the moved coordinates.")
-    p.add_argument("--transform", required=True, help="transform file (.h5, .tfm)")
+    p.add_argument("--transform", required=True, help="transform file (.h5, .tfm) or displacement field image")
     p.add_argument("--points", required=True, help="points file (.csv, .txt, .fcsv, .mrk.json)")
     p.add_argument("--points_out", required=True, help="output points file, in the input's layout")
     p.add_argument("--coordinate_system", choices=["LPS", "RAS"],

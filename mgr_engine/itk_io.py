@@ -1610,12 +1610,15 @@ def _write_transform_file(transform, path) -> None:
 
 def read_transform(path):
     """The first transform of an ITK transform file (.h5, .tfm, .mat), as ``itk.transformread``
-    gives it; :class:`ImageReadError` when it cannot be read."""
+    gives it, or a displacement field image (NIfTI, NRRD, MetaImage: :func:`field_image_transform`);
+    :class:`ImageReadError` when it cannot be read."""
     import itk
 
     if not Path(path).is_file():  # else ITK's HDF5 library prints a page of diagnostics first
         what = "is a directory" if Path(path).is_dir() else "does not exist"
         raise ImageReadError(f"transform {str(path)!r} {what}; give the path of an ITK .h5/.tfm file.")
+    if _suffix(Path(path)).lower() in _IMAGE_IO_BY_SUFFIX:
+        return field_image_transform(path)
     reader = _transform_file_class("Reader")
     try:
         if reader is None:
@@ -1630,7 +1633,43 @@ def read_transform(path):
         return down_cast(transforms[-1])  # popped from the back: the file's first
     except Exception as exc:
         raise ImageReadError(f"cannot read transform {str(path)!r} ({exc.__class__.__name__}: {itk_reason(exc)}); "
-                             "pass an ITK .h5/.tfm/.mat file.") from exc
+                             "pass an ITK .h5/.tfm/.mat file or a displacement field image.") from exc
+
+
+def field_image_transform(path):
+    """A displacement field image file (``register --displacement_field_out``'s, ANTs' ``Warp``
+    fields) as an ITK ``DisplacementFieldTransform``: a point p of the field's grid -> ``p +
+    field(p)`` (mm, LPS; linear between voxels, no displacement outside the grid), as
+    antsApplyTransforms and ITK take such a field. :class:`ImageReadError` for an image that is not
+    a 3-D field of 3 finite components per voxel."""
+    import itk
+
+    try:
+        field = read_image(path)
+    except Exception as exc:
+        raise ImageReadError(f"cannot read the displacement field {str(path)!r} ({exc.__class__.__name__}: "
+                             f"{itk_reason(exc)}).") from exc
+    array = itk.array_view_from_image(field)
+    if field.GetImageDimension() != 3 or array.ndim != 4 or array.shape[-1] != 3:
+        components = array.shape[-1] if array.ndim == field.GetImageDimension() + 1 else 1
+        raise ImageReadError(
+            f"transform {str(path)!r} is a {field.GetImageDimension()}-D image of {components} component"
+            f"{'s' * (components != 1)} per voxel, not a displacement field (3-D, 3 components: x, y, z in mm); "
+            "give a transform file (.h5, .tfm) or a displacement field image.")
+    if not np.isfinite(array).all():
+        raise ImageReadError(f"displacement field {str(path)!r} has NaN or infinite displacements.")
+    grid = ImageGrid.of(field)
+    double = itk.Image[itk.Vector[itk.D, 3], 3].New()  # the type the transform holds
+    double.SetRegions([int(n) for n in grid.size])
+    double.SetSpacing(field.GetSpacing())  # one by one: CopyInformation would also copy the component count
+    double.SetOrigin(field.GetOrigin())
+    double.SetDirection(field.GetDirection())
+    double.Allocate()
+    itk.array_view_from_image(double)[...] = array
+    field_transform = wrapped_class("itkDisplacementFieldTransform", "itkDisplacementFieldTransformD3")
+    transform = (field_transform or itk.DisplacementFieldTransform[itk.D, 3]).New()
+    transform.SetDisplacementField(double)
+    return transform
 
 
 def down_cast(obj):

@@ -521,3 +521,54 @@ def test_other_transforms_are_left_to_itk(itk_module, tmp_path):
                             ("two fields", composite(itk, field, affine_transform(itk, 24), field)),
                             ("identity", itk_io.identity_transform())):
         assert itk_io.grid_transform(read_back(transform, tmp_path / f"{name}.h5")) is None, name
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_a_displacement_field_image_is_read_as_the_transform_it_samples(itk_module, registration, suffix, tmp_path):
+    """A result's field written as an image (``--displacement_field_out``; ANTs' warp fields) is
+    read back as ITK's DisplacementFieldTransform of it: at the fixed voxels it samples (oblique,
+    anisotropic), the result's transform up to the field's float32; ``warp`` and ``jacobian``
+    take it as they take a transform file."""
+    from mgr_engine import itk_io
+    from mgr_engine.cli import main
+
+    itk = itk_module
+    path = tmp_path / f"field{suffix}"
+    itk_io.write_image(registration.displacement_field(), path)
+    transform = itk_io.read_transform(path)
+    assert transform.GetNameOfClass() == "DisplacementFieldTransform"
+    fixed = registration.fixed
+    size = itk.size(fixed)
+    rng = np.random.default_rng(5)
+    voxels = [[int(rng.integers(n)) for n in size] for _ in range(40)]
+    for index in voxels:
+        point = fixed.TransformIndexToPhysicalPoint(index)
+        np.testing.assert_allclose(transform.TransformPoint(point), registration.transform.TransformPoint(point),
+                                   rtol=0, atol=1e-4)
+    # the commands: as the result's warp and Jacobian, read from the field
+    itk_io.write_image(fixed, tmp_path / "fixed.nii.gz")
+    itk_io.write_image(registration.moving, tmp_path / "moving.nii.gz")
+    assert main(["warp", "--fixed", str(tmp_path / "fixed.nii.gz"), "--moving", str(tmp_path / "moving.nii.gz"),
+                 "--transform", str(path), "--linear", "--warped_moving_out", str(tmp_path / "w.nii.gz")]) == 0
+    np.testing.assert_allclose(itk.array_from_image(itk_io.read_image(tmp_path / "w.nii.gz")),
+                               itk.array_from_image(registration.warp()), rtol=1e-5, atol=1e-2)
+    assert main(["jacobian", "--fixed", str(tmp_path / "fixed.nii.gz"), "--transform", str(path),
+                 "--jacob", str(tmp_path / "j.nii.gz")]) == 0
+    np.testing.assert_allclose(itk.array_from_image(itk_io.read_image(tmp_path / "j.nii.gz")),
+                               itk.array_from_image(registration.jacobian_determinant()), rtol=1e-4, atol=1e-4)
+
+
+def test_an_image_that_is_not_a_displacement_field_is_not_a_transform(itk_module, registration, tmp_path):
+    from mgr_engine import itk_io
+    from mgr_engine.errors import ImageReadError
+
+    itk = itk_module
+    itk_io.write_image(registration.fixed, tmp_path / "scalar.nii.gz")
+    with pytest.raises(ImageReadError, match=r"is a 3-D image of 1 component per voxel, not a displacement field"):
+        itk_io.read_transform(tmp_path / "scalar.nii.gz")
+    field = itk.array_from_image(registration.displacement_field())
+    field[1, 2, 3, 0] = np.nan
+    bad = itk_io.image_like(field, registration.fixed, is_vector=True)
+    itk_io.write_image(bad, tmp_path / "nan.mha")
+    with pytest.raises(ImageReadError, match="has NaN or infinite displacements"):
+        itk_io.read_transform(tmp_path / "nan.mha")
