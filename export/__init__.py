@@ -10,12 +10,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 from pathlib import Path
 
 from ..errors import InvalidOptionError, OnnxError, OutputWriteError
+from ..itk_io import staged_outputs
 from .graph import DEFAULT_OPSET, DTYPES, STAGE_OPS, check_opset, full_graph, ops_used, stage_graph
 from .runtime import STAGE_FILES, load_session, onnx_predictor, stage_network
 
@@ -33,7 +33,9 @@ def export_onnx(path, model: str = "multigradicon", weights=None, kind: str = "f
         path: ``kind="full"``: the ``.onnx`` file to write. ``kind="stages"``: a directory
             (created if its parent exists) that receives ``psi1.onnx`` .. ``psi4.onnx``.
         model, weights, config: as for :class:`mgr_engine.Engine` (``weights``: checkpoint path
-            or state dict; default: the search path of :func:`mgr_engine.weights_search_path`).
+            or state dict; default: the search path of :func:`mgr_engine.weights_search_path`, the
+            bundled file for ``"compact"``; a ``.safetensors`` file brings its own network
+            configuration unless ``config`` is given).
         kind: ``"full"``: (moving, fixed) -> map, displacement, with every warp in the graph
             (GridSample, opset >= 20). ``"stages"``: each U-Net alone, using only
             :data:`STAGE_OPS` (for TensorRT), opset >= 13.
@@ -52,7 +54,7 @@ def export_onnx(path, model: str = "multigradicon", weights=None, kind: str = "f
     each before anything is written.
     """
     from ..engine import MODELS, load_checkpoint, resolve_weights
-    from ..model import GradICONNetwork, load_official_state_dict
+    from ..model import GradICONNetwork, load_official_state_dict, read_safetensors
     from .graph import _onnx
 
     if kind not in KINDS:
@@ -72,7 +74,12 @@ def export_onnx(path, model: str = "multigradicon", weights=None, kind: str = "f
     if isinstance(weights, dict):
         state = weights
     else:
-        state = load_checkpoint(resolve_weights(model, weights))
+        weights_path = resolve_weights(model, weights)
+        if weights_path.suffix == ".safetensors":  # the bundled compact model's, mgr-engine train's: its own network
+            state, saved_config, _ = read_safetensors(weights_path)
+            config = config or saved_config
+        else:
+            state = load_checkpoint(weights_path)
     network = GradICONNetwork(config or MODELS[model], initialize=False)
     load_official_state_dict(network, state)  # CheckpointError naming the offending keys
     network.eval()
@@ -89,8 +96,15 @@ def export_onnx(path, model: str = "multigradicon", weights=None, kind: str = "f
             Path(path).mkdir()
         except OSError as exc:
             raise OutputWriteError(f"cannot create the directory {str(path)!r} ({exc.strerror}).") from exc
-    for target, graph in zip(targets, models):
-        _write_atomically(graph.SerializeToString(), target)
+    target = targets[0]
+    try:  # all or none (the four stage graphs too), with the mode the umask gives, as the other outputs
+        with staged_outputs() as stage:
+            for target, graph in zip(targets, models):
+                Path(stage(target)).write_bytes(graph.SerializeToString())
+    except OutputWriteError:
+        raise
+    except OSError as exc:  # named as the output, not as its hidden staging file
+        raise OutputWriteError(f"cannot write {str(target)!r} ({exc.strerror or exc}); choose a writable place.") from exc
     return targets
 
 
@@ -116,20 +130,3 @@ def _output_paths(path: Path, kind: str) -> list:
         raise OutputWriteError(f"cannot write to {str(directory)!r} ({exc.strerror}); choose a writable place.") from exc
     return targets
 
-
-def _write_atomically(data: bytes, path: Path) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename: no half-written model."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    except OSError as exc:
-        raise OutputWriteError(f"cannot write {str(path)!r} ({exc.strerror}); choose a writable place.") from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise OutputWriteError(f"cannot write {str(path)!r} ({exc.strerror}); choose a writable place.") from exc
-        raise

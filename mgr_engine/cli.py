@@ -730,8 +730,10 @@ def _add_export(sub):
     p.add_argument("--out", required=True, help="kind full: the .onnx file; kind stages: a directory for psi1..psi4.onnx")
     p.add_argument("--kind", default="full", choices=["full", "stages"],
                    help="full: (moving, fixed) -> map with the warps (opset >= 20); stages: each U-Net alone")
-    p.add_argument("--model", default="multigradicon", choices=["unigradicon", "multigradicon"])
-    p.add_argument("--network_weights", help="checkpoint (Step_2_final.trch); default: see README, nothing is downloaded")
+    p.add_argument("--model", default="multigradicon", choices=["unigradicon", "multigradicon", "compact"],
+                   help="compact: the bundled model (64^3)")
+    p.add_argument("--network_weights", help="checkpoint (Step_2_final.trch, or a .safetensors file of mgr-engine "
+                                             "train, with its network); default: see README, nothing is downloaded")
     p.add_argument("--opset", type=int, help="ONNX opset (default 20 for full, 17 for stages)")
     p.add_argument("--fp16", action="store_true", help="float16 U-Nets (full: maps and warps stay float32)")
     p.add_argument("--batch", type=int, default=1, help="static batch size of the inputs (default 1)")
@@ -891,11 +893,10 @@ def run_register(args) -> None:
 
 
 def run_export(args) -> None:
-    from .engine import MODELS
     from .export import export_onnx
     from .model import NetworkConfig
 
-    config = MODELS[args.model]
+    config = None  # the model's, or a .safetensors file's own
     if args.network_input_shape:
         config = NetworkConfig(input_shape=tuple(args.network_input_shape))
     written = export_onnx(args.out, model=args.model, weights=args.network_weights, kind=args.kind, opset=args.opset,

@@ -1,5 +1,7 @@
 """ONNX export and the ONNX Runtime backend against the PyTorch engine, every weight randomized."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -347,6 +349,33 @@ def test_cli_export_and_register_with_onnxruntime(tmp_path, capsys):
     assert np.abs(moved - points).max() > 0.5
     assert max(np.linalg.norm(np.array(a.TransformPoint(p)) - np.array(b.TransformPoint(p))) for p in points) < 5e-3
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_a_safetensors_file_is_exported_with_its_own_network(narrow, tmp_path):
+    """The bundled compact model (``export-onnx --model compact``) and a ``mgr-engine train``
+    file of another configuration are exported with the network their file declares (was: the
+    official one, refused as another architecture), their graphs the PyTorch engine's maps, each
+    written with the mode the umask gives (was 0600: unreadable by the user's group)."""
+    from mgr_engine.engine import BUNDLED_WEIGHTS
+    from mgr_engine.model import save_safetensors
+
+    net, moving, fixed, expected = narrow
+    trained = save_safetensors(net, tmp_path / "trained.safetensors", half=False)
+    compact = Engine(model="compact", device="cpu")
+    compact_pair = pair(compact.input_shape)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert cli.main(["-q", "export-onnx", "--model", "compact", "--out", str(tmp_path / "compact.onnx")]) == 0
+    for graph, engine, inputs, reference in (
+            (tmp_path / "compact.onnx", compact, compact_pair, compact.predict_map(*compact_pair)),
+            (export_onnx(tmp_path / "trained.onnx", weights=trained)[0], torch_engine(net), (moving, fixed), expected)):
+        assert (graph.stat().st_mode & 0o777) == 0o666 & ~umask
+        session = Engine(model="compact" if engine is compact else "multigradicon",
+                         weights=BUNDLED_WEIGHTS["compact"] if engine is compact else trained, device="cpu",
+                         backend="onnxruntime", onnx_model=graph)
+        shape = engine.input_shape
+        assert voxel_error(session.predict_map(*inputs), reference, shape) < 1e-3
+        assert voxel_error(reference, torch.zeros_like(reference), shape) > 1.0
 
 
 @pytest.mark.slow
