@@ -899,8 +899,8 @@ def register(fixed, moving, *, fixed_modality: str = "mri", moving_modality: str
     Args:
         fixed, moving: a path (NIfTI, NRRD, MHA, anything ITK reads, or a folder of one DICOM
             series), an ``itk.Image``, a ``SimpleITK.Image``, a nibabel image (``nibabel.load``'s:
-            the grid ITK reads from its file), or a numpy array (axes z, y, x; then 1 mm spacing,
-            zero origin, identity direction).
+            the grid ITK reads from its file), or a numpy array or torch tensor (axes z, y, x; then
+            1 mm spacing, zero origin, identity direction; a tensor is copied to the host).
             Spacing, origin and direction (oblique included) are honoured.
         fixed_modality, moving_modality: ``"mri"`` (clip to [min, 99th percentile]) or ``"ct"``
             (clip to [-1000, 1000] HU), then scale to [0, 1].

@@ -78,7 +78,7 @@ def is_dicom_file(path) -> bool:
 def load_image(image, name: str = "input", grid_only: bool = False):
     """An ``itk.Image`` from a path (a file ITK reads, or a folder of DICOM files: its first
     series, as ``itk.imread`` reads a folder), an ``itk.Image``, a ``SimpleITK.Image``, a nibabel
-    image (``nibabel.load``'s NIfTI, MGH, ...) or a numpy array.
+    image (``nibabel.load``'s NIfTI, MGH, ...), a numpy array or a torch tensor.
 
     A DICOM file that is one slice of a series in its folder gives the whole series (the way to
     choose one of a folder's several series); ``itk.imread`` would read the one slice, which no
@@ -93,7 +93,8 @@ def load_image(image, name: str = "input", grid_only: bool = False):
     by ITK and by its sform by nibabel's ``affine``, which mgr_engine follows. A FreeSurfer
     ``.mgz``/``.mgh`` file, which ITK does not read, is read by nibabel (installed with
     ``mgr_engine[freesurfer]``) as such an image. A numpy array is read like
-    ``itk.image_from_array``: axes (z, y, x), 1 mm spacing, zero origin, identity direction.
+    ``itk.image_from_array``: axes (z, y, x), 1 mm spacing, zero origin, identity direction; a
+    torch tensor as the numpy array of its values (copied to the host).
 
     ``grid_only``: its :class:`ImageGrid` instead, for an image that gives only its grid (an
     output's reference); a NIfTI, NRRD, MetaImage or MGH file is then read up to its header,
@@ -101,6 +102,9 @@ def load_image(image, name: str = "input", grid_only: bool = False):
     """
     import itk
 
+    if _library_of(image) == "torch" and hasattr(image, "detach"):  # read as the numpy array of its values
+        image = image.detach().cpu()
+        image = (image.float() if str(image.dtype) == "torch.bfloat16" else image).numpy()
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.exists():
@@ -132,6 +136,9 @@ def load_image(image, name: str = "input", grid_only: bool = False):
                 f"ITK cannot read the {name} image {str(path)!r} ({exc.__class__.__name__}: {reason}); {advice}."
             ) from exc
     elif isinstance(image, np.ndarray):
+        if image.ndim > 3 and all(n == 1 for n in image.shape[:-3]):  # a torch-style (1, 1, D, H, W) batch
+            raise InvalidImageError(f"{name} array has shape {image.shape}; pass its volume, "
+                                    f"array[{', '.join('0' * (image.ndim - 3))}] (z, y, x).")
         if image.ndim != 3:
             raise not_a_volume(f"{name} array has {image.ndim} dimensions", image.ndim, " (z, y, x)")
         image = itk.image_from_array(np.ascontiguousarray(image, dtype=np.float32))
@@ -142,7 +149,7 @@ def load_image(image, name: str = "input", grid_only: bool = False):
     if not hasattr(image, "GetImageDimension"):
         raise InvalidImageError(
             f"{name} image is a {type(image).__name__}; pass a file path, an itk.Image, a SimpleITK.Image, a "
-            "nibabel image or a numpy array."
+            "nibabel image, a numpy array or a torch tensor."
         )
     _check_scalar_volume(name, image.GetImageDimension(), image.GetNumberOfComponentsPerPixel())
     return ImageGrid.of(image) if grid_only else image

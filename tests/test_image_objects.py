@@ -263,3 +263,20 @@ def test_to_nibabel_without_nibabel_is_a_typed_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "nibabel", None)
     with pytest.raises(MissingDependencyError, match="pip install nibabel"):
         mgr_engine.to_nibabel(itk.image_from_array(np.zeros((4, 5, 6), np.float32)))
+
+
+def test_a_torch_tensor_is_read_as_the_numpy_array_of_its_values():
+    """A tensor (float, bfloat16, bool, with autograd) is the image of its values' numpy array:
+    axes (z, y, x), 1 mm spacing; a (1, 1, D, H, W) batch is told to pass its volume."""
+    torch = pytest.importorskip("torch")
+
+    values = smooth_volume((6, 7, 5), seed=3) * 100
+    for tensor, as_array in ((torch.from_numpy(values).requires_grad_(True), values),
+                             (torch.from_numpy(values).to(torch.bfloat16),
+                              torch.from_numpy(values).to(torch.bfloat16).float().numpy()),
+                             (torch.from_numpy(values > 50), values > 50)):
+        assert_same_image(itk_io.load_image(tensor, "fixed"), itk_io.load_image(as_array))
+    for batch in (torch.from_numpy(values)[None, None], values[None]):
+        with pytest.raises(InvalidImageError, match=r"fixed array has shape \((1, )+6, 7, 5\); pass its volume, "
+                                                    r"array\[0(, 0)?\] \(z, y, x\)"):
+            itk_io.load_image(batch, "fixed")
