@@ -1177,6 +1177,8 @@ def run_train(args) -> None:
     for key in ("down_channels", "up_channels"):
         if key in options:
             options[key] = tuple(options[key])
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        raise InvalidOptionError(f"--max_minutes {args.max_minutes:g}: give a positive wall time")
     last = train(args.run_dir, options, device=args.device,
                  max_seconds=None if args.max_minutes is None else 60.0 * args.max_minutes,
                  init_weights=args.init_weights)

@@ -107,8 +107,16 @@ class TrainConfig:
         if self.variant not in VARIANTS:
             raise InvalidOptionError(f"unknown randomization variant {self.variant!r}: choose one of {', '.join(VARIANTS)}")
         similarity_by_name(self.similarity)
-        if self.steps < 0 or self.batch_size < 1 or not self.lr > 0 or not 0 <= self.shapes_fraction <= 1:
-            raise InvalidOptionError("steps >= 0, batch_size >= 1, lr > 0 and 0 <= shapes_fraction <= 1 are required")
+        # each option by name (save_every and log_every of 0 were a ZeroDivisionError at the first step)
+        ranges = {"steps": (self.steps >= 0, ">= 0"), "last_unet_from": (self.last_unet_from >= 0, ">= 0"),
+                  "batch_size": (self.batch_size >= 1, ">= 1"), "lr": (self.lr > 0, "> 0"),
+                  "lmbda": (self.lmbda >= 0, ">= 0"), "shapes_fraction": (0 <= self.shapes_fraction <= 1, "in [0, 1]"),
+                  "affine_noise": (self.affine_noise >= 0, ">= 0"), "save_every": (self.save_every >= 1, ">= 1"),
+                  "log_every": (self.log_every >= 1, ">= 1"), "eval_every": (self.eval_every >= 0, ">= 0 (0: never)"),
+                  "eval_pairs": (self.eval_pairs >= 1 or not self.eval_every, ">= 1 where eval_every > 0")}
+        bad = [f"{name} {getattr(self, name)!r} (needs {bound})" for name, (ok, bound) in ranges.items() if not ok]
+        if bad:
+            raise InvalidOptionError(f"training options out of range: {'; '.join(bad)}")
         if len(self.down_channels) != len(self.up_channels) + 1 or self.down_channels[0] != 2:
             raise InvalidOptionError("down_channels needs one entry more than up_channels and starts with 2")
         size = min(self.network_config().level_shapes()[2])
@@ -352,7 +360,8 @@ def _resolve_config(stored: dict | None, options: dict) -> TrainConfig:
 
 def train(run_dir, config: TrainConfig | dict | None = None, *, device=None, max_seconds: float | None = None,
           init_weights=None) -> dict:
-    """Train, or resume training, in ``run_dir`` up to ``config.steps``; returns the last step's terms.
+    """Train, or resume training, in ``run_dir`` up to ``config.steps``; returns the last step's terms
+    (``{"step": step}`` alone where no step was left to take).
 
     ``config``: a :class:`TrainConfig`, or a dict of some of its fields (the rest default).
     When ``run_dir`` holds a checkpoint the run resumes from it with its stored configuration;
@@ -432,4 +441,4 @@ def train(run_dir, config: TrainConfig | dict | None = None, *, device=None, max
                 break
     if step == first_step:  # no step taken in this call: still write the weights it holds
         export_weights(network, run_dir / WEIGHTS_FILE, config=config, step=step)
-    return last
+    return last or {"step": step}

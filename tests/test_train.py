@@ -296,6 +296,24 @@ def test_resuming_refuses_another_configuration(tmp_path):
         train.train(tmp_path, {"stepz": 2}, device="cpu")
 
 
+@pytest.mark.parametrize("options, named", [
+    ({"save_every": 0, "log_every": 0}, r"save_every 0 \(needs >= 1\); log_every 0 \(needs >= 1\)"),
+    ({"lmbda": -1.0}, r"lmbda -1.0 \(needs >= 0\)"),
+    ({"eval_every": 5, "eval_pairs": 0}, r"eval_pairs 0 \(needs >= 1 where eval_every > 0\)"),
+    ({"steps": -1, "batch_size": 0}, r"steps -1 \(needs >= 0\); batch_size 0 \(needs >= 1\)"),
+])
+def test_options_out_of_range_are_named_before_a_step(tmp_path, options, named):
+    """save_every or log_every of 0 was a ZeroDivisionError after the first step; a negative
+    GradICON weight trained; one message named four options at once."""
+    from mgr_engine import cli
+
+    with pytest.raises(InvalidOptionError, match="training options out of range: " + named):
+        train.train(tmp_path, tiny_options(**options), device="cpu")
+    assert not (tmp_path / train.LOG_FILE).exists()
+    assert cli.main(["train", "--run_dir", str(tmp_path / "cli"), "--max_minutes", "0"]) == 2
+    assert train.train(tmp_path / "none", tiny_options(steps=0), device="cpu") == {"step": 0}  # was {}
+
+
 def test_resuming_with_a_new_learning_rate_applies_it(tmp_path):
     train.train(tmp_path, tiny_options(steps=1, lr=1e-3), device="cpu")
     train.train(tmp_path, {"steps": 2, "lr": 2e-4}, device="cpu")
