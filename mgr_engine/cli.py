@@ -368,6 +368,7 @@ def run_register_many(args) -> None:
     def write_record(head: dict):
         write_text(json.dumps({**head, _INPUTS_KEY: inputs}, indent=1) + "\n", out_dir / _SETTINGS_FILE)
 
+    results = _registrations(args, names, pairs, saved, out_dir, settings.get("network_weights"))
     if not all(saved):
         from . import __version__
 
@@ -375,7 +376,6 @@ def run_register_many(args) -> None:
         write_record(record)
     elif inputs != recorded_inputs:  # only files touched or copied since (the same bytes): their new times
         write_record(record)
-    results = _registrations(args, names, pairs, saved, out_dir, settings.get("network_weights"))
     started, first_done = time.perf_counter(), None  # the first pair's time includes loading the model, if any
     errors_by_pair = []  # (before, after): the target registration errors (mm) of each landmark
     tre_table = _Table(out_dir / "tre.csv", "name,landmarks,mean_before_mm,mean_after_mm,median_after_mm,max_after_mm")
@@ -617,13 +617,12 @@ def _check_inputs_unchanged(names, pairs, saved, recorded: dict, out_dir) -> dic
 
 
 def _registrations(args, names, pairs, saved, out_dir, weights):
-    """Each pair's registration, in order: the engine's result, or where ``saved`` (``--resume``,
-    and the pair's transform file in ``out_dir`` already) that file read back
-    (:class:`_SavedRegistration`). The engine is built, and ``weights`` (the checkpoint file
-    :func:`_registration_settings` resolved and hashed) loaded, only if a pair is left to
-    register."""
-    import re
-
+    """Each pair's registration, in order (an iterator): the engine's result, or where ``saved``
+    (``--resume``, and the pair's transform file in ``out_dir`` already) that file read back
+    (:class:`_SavedRegistration`). The engine is built, ``weights`` (the checkpoint file
+    :func:`_registration_settings` resolved and hashed) loaded and its options checked now, only
+    if a pair is left to register: before anything is written, so that a checkpoint of another
+    architecture or an option out of range leaves the folder as it was."""
     if any(saved):
         log.info("--resume: %d of %d pairs registered by an earlier run, evaluated from their transform files",
                  sum(saved), len(names))
@@ -639,6 +638,14 @@ def _registrations(args, names, pairs, saved, out_dir, weights):
             moving_modality=args.moving_modality, io_iterations=args.io_iterations, io_sim=args.io_sim,
             io_lr=args.io_lr, masking=args.masking, progress=False, seed=args.seed,
             match_orientation=args.match_orientation)
+    return _in_table_order(names, pairs, saved, out_dir, results)
+
+
+def _in_table_order(names, pairs, saved, out_dir, results):
+    """:func:`_registrations`' iterator: the engine's ``results`` for the pairs left, a saved
+    pair's transform file read back in its row; an engine error named by the pair's row."""
+    import re
+
     for index, (name, pair, done) in enumerate(zip(names, pairs, saved)):
         if done:
             yield _SavedRegistration(out_dir / f"{name}_transform.h5", pair, name)

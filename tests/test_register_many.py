@@ -606,6 +606,29 @@ def test_cli_resume_registers_again_what_a_run_with_other_options_left_unrecorde
     assert "register_many.json (Expecting property name" in caplog.text and recorded_pairs() == ["a"]
 
 
+def test_cli_refused_by_the_engine_leaves_the_folder_as_it_was(tmp_path, capsys):
+    """An option the engine refuses, or a checkpoint it cannot load, came after the folder's
+    record had been replaced with this run's options (and the other pairs' input records
+    dropped): the engine is now built and its options checked before anything is written."""
+    import torch
+
+    from mgr_engine import cli
+
+    write_csv(tmp_path, dict(zip(("a", "b"), pairs(2, start=380))))
+    out = tmp_path / "out"
+    command = ["-q", "register-many", "--pairs", str(tmp_path / "pairs.csv"), "--out_dir", str(out), "--model",
+               "compact"]
+    assert cli.main(command) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    torch.save({"not": torch.zeros(1)}, tmp_path / "other.trch")
+    for options, message in ((["--batch_size", "0"], "batch_size and prefetch must be whole numbers"),
+                             (["--io_iterations", "1", "--io_lr", "0"], "io_lr must be positive"),
+                             (["--network_weights", str(tmp_path / "other.trch")], "checkpoint")):
+        assert cli.main([*command, *options]) == 2
+        assert message in capsys.readouterr().err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before, options
+
+
 def test_cli_names_the_pair_whose_input_is_gone_once_registered(tmp_path, capsys, monkeypatch):
     """register-many records the files a pair was registered from after its registration: a file
     gone by then is an ImageReadError naming the pair, and that pair's transform is not written."""
