@@ -103,6 +103,12 @@ def resolve_weights(model: str, weights=None) -> Path:
     Nothing is downloaded."""
     if weights is not None:
         path = Path(weights)
+        if path.is_dir():  # the checkpoint's folder given for the file
+            inside = [file for pattern in (CHECKPOINT_NAME, f"*/{CHECKPOINT_NAME}", "*.safetensors")
+                      for file in sorted(path.glob(pattern))]  # not deeper: it may be a home folder
+            raise WeightsNotFoundError(
+                f"weights {str(path)!r} is a directory; give the checkpoint file"
+                + (f": {str(inside[0])!r}?" if inside else f" ({CHECKPOINT_NAME} or a .safetensors file), not its folder."))
         if not path.is_file():
             raise WeightsNotFoundError(f"weights file {str(path)!r} does not exist; check the path.")
         return path

@@ -419,6 +419,18 @@ def test_missing_weights_path(narrow_net, tmp_path):
     assert str(path) in str(info.value)
 
 
+def test_a_weights_folder_is_told_to_give_the_file_inside(narrow_net, tmp_path):
+    """A folder for the checkpoint was told it 'does not exist'; the file it holds (the
+    ``<model>1.0/Step_2_final.trch`` layout of the search path, a .safetensors) is named."""
+    with pytest.raises(WeightsNotFoundError, match=r"'.*empty' is a directory; give the checkpoint file "
+                                                   r"\(Step_2_final.trch or a .safetensors file\), not its folder"):
+        Engine(weights=mkdir(tmp_path / "empty"), config=narrow_net.config, device="cpu")
+    checkpoint = mkdir(mkdir(tmp_path / "weights") / "multigradicon1.0") / "Step_2_final.trch"
+    checkpoint.write_bytes(b"")
+    with pytest.raises(WeightsNotFoundError, match=f"give the checkpoint file: {re.escape(repr(str(checkpoint)))}"):
+        Engine(weights=tmp_path / "weights", config=narrow_net.config, device="cpu")
+
+
 def test_no_weights_anywhere(tmp_path, monkeypatch):
     weights_dir, cache_dir = tmp_path / "weights", tmp_path / "cache"
     weights_dir.mkdir()
