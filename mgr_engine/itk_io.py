@@ -124,10 +124,12 @@ def load_image(image, name: str = "input", grid_only: bool = False):
                 image = read_image(path, header_only=grid_only)
         except Exception as exc:  # ITK raises RuntimeError/KeyError depending on the format
             if path.is_dir():
+                images = sorted(f.name for f in path.iterdir() if _suffix(f).lower() in _IMAGE_FILE_SUFFIXES)
                 raise ImageReadError(
                     f"{name} image folder {str(path)!r} holds no DICOM series ITK can read "
                     f"({exc.__class__.__name__}); give the folder of one DICOM series, or an image file "
-                    "(NIfTI, NRRD, MHA).") from exc
+                    + (f"such as {str(path / images[0])!r} ({len(images)} there)." if images
+                       else "(NIfTI, NRRD, MHA).")) from exc
             reason = itk_reason(exc)
             advice = ("its header's axes are sheared (a NIfTI sform without a qform, say), which an ITK image's grid "
                       "cannot hold; resample it onto an unsheared grid first" if "orthonormal" in reason
@@ -1155,6 +1157,7 @@ def check_output_path(path, kind: str) -> None:
 
 
 _NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".img.gz")
+_IMAGE_FILE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".mgz", ".mgh")  # a folder's, named
 
 
 def _image_writer_exists(path):

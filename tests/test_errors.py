@@ -198,6 +198,9 @@ def test_not_3d(engine, tmp_path, make_input, advice):
         pytest.param(lambda tmp: write_bytes(mkdir(tmp / "folder") / "notes.txt", b"no DICOM here").parent,
                      r"folder .* holds no DICOM series ITK can read .*give the folder of one DICOM series",
                      id="folder-without-dicom"),
+        pytest.param(lambda tmp: write_image(mkdir(tmp / "niftis") / "t1.nii.gz", volume(3)).parent,
+                     r"folder .* holds no DICOM series .* or an image file such as '.*niftis/t1.nii.gz' \(1 there\)",
+                     id="folder-of-nifti"),
     ],
 )
 def test_unreadable_file(engine, tmp_path, make_path, advice):
