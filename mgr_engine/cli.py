@@ -337,9 +337,8 @@ def run_register_many(args) -> None:
         log.info("--resume: %d pairs with a transform file but no inverse (%s, ...) are registered again",
                  len(without_inverse), without_inverse[0])
     if unrecorded:
-        log.info("--resume: %d pairs whose transform file %s does not record (%s, ...; registered with other "
-                 "options, or stopped before their record) are registered again", len(unrecorded), _SETTINGS_FILE,
-                 unrecorded[0])
+        log.info("--resume: %d pairs whose transform %s does not list (%s, ...; registered with other options, or "
+                 "stopped before their record) are registered again", len(unrecorded), _SETTINGS_FILE, unrecorded[0])
     if args.resume and any(saved) and not record:
         log.warning("--resume: %s is missing, so that the pairs registered there had the same model and options as "
                     "this run is not checked", out_dir / _SETTINGS_FILE)
@@ -595,10 +594,9 @@ def _check_inputs_unchanged(names, pairs, saved, recorded: dict, out_dir) -> dic
     transform was computed from (their SHA-256 differs from ``recorded``'s; a mask added or
     removed counts): a segmentation re-run or an image re-exported on the same grid would
     otherwise be judged through a stale transform. Pairs without a record (an earlier version's
-    folder) are taken as they are. Returns the
-    resumed pairs' records as they are now: a file touched or copied since (the same bytes, a new
-    modification time) is recorded with its new time, so that the next resume does not hash it
-    again."""
+    folder) are taken as they are. Returns the resumed pairs' records as they are now: a file
+    touched or copied since (the same bytes, a new modification time) is recorded with its new
+    time, so that the next resume does not hash it again."""
     current_records = {}
     for name, pair, done in zip(names, pairs, saved):
         record = recorded.get(name)
@@ -969,7 +967,6 @@ def _warped(transform, moving, fixed, interpolation: str):
     """The image ``moving`` resampled onto the grid of ``fixed`` (each a path or an image) through
     ``transform``."""
     from . import itk_io
-
     from .labels import warn_if_linear_on_labels
 
     grid, fixed = _grid_and_fixed(transform, fixed)

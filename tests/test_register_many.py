@@ -596,7 +596,7 @@ def test_cli_resume_registers_again_what_a_run_with_other_options_left_unrecorde
         assert recorded_pairs() == ["a"]
         caplog.clear()
         assert cli.main([*command, str(tmp_path / "pairs.csv"), "--moving_modality", "ct", "--resume"]) == 0
-    assert "1 pairs whose transform file register_many.json does not record (b, ...;" in caplog.text
+    assert "1 pairs whose transform register_many.json does not list (b, ...;" in caplog.text
     assert "1 of 2 pairs registered by an earlier run" in caplog.text
     assert recorded_pairs() == ["a", "b"] and (out / "b_transform.h5").read_bytes() != b_transform
     # an unreadable record is replaced by a run without --resume (refused by one with it)
