@@ -835,9 +835,17 @@ def displacement_transform(phi: np.ndarray):
     image.SetRegions([int(n) for n in reversed(phi.shape[1:])])
     image.Allocate()
     map_displacement(phi, out=itk.array_view_from_image(image))
+    return _field_transform(image)
+
+
+def _field_transform(field):
+    """ITK's DisplacementFieldTransform of ``field``, an ``itk.Image[itk.Vector[itk.D, 3], 3]``
+    (imported alone, see :func:`wrapped_class`)."""
+    import itk
+
     field_transform = wrapped_class("itkDisplacementFieldTransform", "itkDisplacementFieldTransformD3")
     transform = (field_transform or itk.DisplacementFieldTransform[itk.D, 3]).New()
-    transform.SetDisplacementField(image)
+    transform.SetDisplacementField(field)
     return transform
 
 
@@ -1157,7 +1165,6 @@ def check_output_path(path, kind: str) -> None:
 
 
 _NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".img.gz")
-_IMAGE_FILE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".mgz", ".mgh")  # a folder's, named
 
 
 def _image_writer_exists(path):
@@ -1190,6 +1197,7 @@ def _transform_writer_exists(path):
 # class alone (see read_image). Other extensions go through ITK's IO factories.
 _IMAGE_IO_BY_SUFFIX = {".nii": "Nifti", ".nii.gz": "Nifti", ".nrrd": "Nrrd", ".nhdr": "Nrrd", ".mha": "Meta",
                        ".mhd": "Meta"}
+_IMAGE_FILE_SUFFIXES = (*_IMAGE_IO_BY_SUFFIX, *_MGH_SUFFIXES)  # a folder's image files, named in an error
 # ITK's names of the pixel component types (ImageIOBase::GetComponentTypeAsString) as they
 # appear in its wrapped class names (itkImageFileReaderISS3: short).
 _COMPONENT_CODES = {"unsigned_char": "UC", "char": "SC", "unsigned_short": "US", "short": "SS", "unsigned_int": "UI",
@@ -1668,18 +1676,9 @@ def field_image_transform(path):
             "give a transform file (.h5, .tfm) or a displacement field image.")
     if not np.isfinite(array).all():
         raise ImageReadError(f"displacement field {str(path)!r} has NaN or infinite displacements.")
-    grid = ImageGrid.of(field)
-    double = itk.Image[itk.Vector[itk.D, 3], 3].New()  # the type the transform holds
-    double.SetRegions([int(n) for n in grid.size])
-    double.SetSpacing(field.GetSpacing())  # one by one: CopyInformation would also copy the component count
-    double.SetOrigin(field.GetOrigin())
-    double.SetDirection(field.GetDirection())
-    double.Allocate()
+    double = _allocated_image(itk.Image[itk.Vector[itk.D, 3], 3], array.shape[:3], field)  # the transform's type
     itk.array_view_from_image(double)[...] = array
-    field_transform = wrapped_class("itkDisplacementFieldTransform", "itkDisplacementFieldTransformD3")
-    transform = (field_transform or itk.DisplacementFieldTransform[itk.D, 3]).New()
-    transform.SetDisplacementField(double)
-    return transform
+    return _field_transform(double)
 
 
 def down_cast(obj):
