@@ -23,10 +23,10 @@ demo: $(STAMP)
 
 # MGR_ENGINE_REQUIRE_CPP: a C++ extension that failed to build fails its tests instead of skipping them.
 test: $(STAMP)
-	MGR_ENGINE_REQUIRE_CPP=1 $(PY) -m pytest -q -ra tests
+	MGR_ENGINE_REQUIRE_CPP=1 $(PY) -m pytest -q -ra --tb=short tests
 
 test-fast: $(STAMP)
-	MGR_ENGINE_REQUIRE_CPP=1 $(PY) -m pytest -q -ra -m "not slow" tests
+	MGR_ENGINE_REQUIRE_CPP=1 $(PY) -m pytest -q -ra --tb=short -m "not slow" tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_register.py
