@@ -16,6 +16,7 @@ half-written file is left behind. ``mgr-engine export-onnx`` writes the ONNX gra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 
@@ -352,22 +353,19 @@ def run_register_many(args) -> None:
     if any(saved):
         _check_resumed_settings(settings, record, out_dir)
     resumed_inputs = _check_inputs_unchanged(names, pairs, saved, recorded_inputs or {}, out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputWriteError(f"cannot create the output directory {str(out_dir)!r} ({exc.strerror or exc})") from exc
-    if args.warped or args.displacement_fields or args.jacobians or any(moving for _, moving in labels):
-        itk_io.check_output_path(out_dir / f"{names[0]}_warped.{args.image_format}", "image")  # mgz: nibabel
-    # the settings of the pairs registered from now on, what registered them, and each pair's inputs:
-    # the records of the folder's other pairs are kept where they were registered with these settings
-    kept_inputs = _records_kept(settings, record, recorded_inputs or {}, names, out_dir) if not all(saved) \
-        else recorded_inputs or {}
+    with _output_folder(out_dir):
+        if args.warped or args.displacement_fields or args.jacobians or any(moving for _, moving in labels):
+            itk_io.check_output_path(out_dir / f"{names[0]}_warped.{args.image_format}", "image")  # mgz: nibabel
+        # the settings of the pairs registered from now on, what registered them, and each pair's inputs:
+        # the records of the folder's other pairs are kept where they were registered with these settings
+        kept_inputs = _records_kept(settings, record, recorded_inputs or {}, names, out_dir) if not all(saved) \
+            else recorded_inputs or {}
+        results = _registrations(args, names, pairs, saved, out_dir, settings.get("network_weights"))
     inputs = {**kept_inputs, **resumed_inputs}
 
     def write_record(head: dict):
         write_text(json.dumps({**head, _INPUTS_KEY: inputs}, indent=1) + "\n", out_dir / _SETTINGS_FILE)
 
-    results = _registrations(args, names, pairs, saved, out_dir, settings.get("network_weights"))
     if not all(saved):
         from . import __version__
 
@@ -449,6 +447,26 @@ def run_register_many(args) -> None:
 
 
 _SETTINGS_FILE = "register_many.json"
+
+
+@contextlib.contextmanager
+def _output_folder(out_dir):
+    """Creates ``out_dir`` and its missing parents for the checks run inside; removes those it
+    created where the checks refuse the run, so that a refused run leaves no empty folder."""
+    created = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]  # deepest first
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputWriteError(f"cannot create the output directory {str(out_dir)!r} ({exc.strerror or exc})") from exc
+    try:
+        yield
+    except BaseException:
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:  # something was written there after all
+                break
+        raise
 
 
 def _read_record(out_dir, resume: bool) -> dict:

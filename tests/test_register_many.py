@@ -609,7 +609,8 @@ def test_cli_resume_registers_again_what_a_run_with_other_options_left_unrecorde
 def test_cli_refused_by_the_engine_leaves_the_folder_as_it_was(tmp_path, capsys):
     """An option the engine refuses, or a checkpoint it cannot load, came after the folder's
     record had been replaced with this run's options (and the other pairs' input records
-    dropped): the engine is now built and its options checked before anything is written."""
+    dropped): the engine is now built and its options checked before anything is written, and a
+    folder the run created for its outputs is removed again."""
     import torch
 
     from mgr_engine import cli
@@ -622,11 +623,15 @@ def test_cli_refused_by_the_engine_leaves_the_folder_as_it_was(tmp_path, capsys)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     torch.save({"not": torch.zeros(1)}, tmp_path / "other.trch")
     for options, message in ((["--batch_size", "0"], "batch_size and prefetch must be whole numbers"),
-                             (["--io_iterations", "1", "--io_lr", "0"], "io_lr must be positive"),
+                             (["--io_iterations", "1", "--io_lr", "0"], "io_lr must be"),
                              (["--network_weights", str(tmp_path / "other.trch")], "checkpoint")):
         assert cli.main([*command, *options]) == 2
         assert message in capsys.readouterr().err
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before, options
+        # into a folder the run would create: none is left behind
+        new = tmp_path / "new" / "out"
+        assert cli.main([*command[:-3], str(new), *command[-2:], *options]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "new").exists(), options
 
 
 def test_cli_names_the_pair_whose_input_is_gone_once_registered(tmp_path, capsys, monkeypatch):
