@@ -859,7 +859,7 @@ def check_outputs(outputs) -> None:
 
 def run_register(args) -> None:
     from . import itk_io
-    from .engine import Engine
+    from .engine import Engine, check_io_lr
     from .model import NetworkConfig
 
     if args.fixed_segmentation or args.moving_segmentation or args.dice_loss_weight or args.intensity_conservation_loss:
@@ -867,8 +867,7 @@ def run_register(args) -> None:
             "--fixed_segmentation/--moving_segmentation/--dice_loss_weight/--intensity_conservation_loss are not "
             "supported by mgr-engine; for masking use --fixed_mask/--moving_mask with --input_masking or "
             "--loss_function_masking.")
-    if args.io_lr <= 0:
-        raise InvalidOptionError("--io_lr must be positive")
+    check_io_lr(args.io_lr)  # before the model is loaded
     modalities = {str(args.fixed_modality).lower(), str(args.moving_modality).lower()}
     for option, modality in (("ct_window", "ct"), ("quantile_range", "mri")):
         if getattr(args, option) and modality not in modalities:  # the reference ignores it without a word

@@ -6,6 +6,8 @@ import contextlib
 import functools
 import json
 import logging
+import math
+import numbers
 import os
 import queue
 import sys
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 from . import host_memory, itk_io, resample
-from .errors import CheckpointError, InvalidOptionError, MgrEngineError, WeightsNotFoundError
+from .errors import CheckpointError, InstanceOptimizationError, InvalidOptionError, MgrEngineError, WeightsNotFoundError
 from .labels import warn_if_linear_on_labels
 from .losses import gradicon_regularizer, similarity_by_name, with_constant_targets
 from .model import (GradICONNetwork, NetworkConfig, evaluate_map, fold_batchnorm, load_official_state_dict, map_on_grid,
@@ -149,6 +151,12 @@ def load_checkpoint(path) -> dict:
             f"checkpoint {str(path)!r} holds a {type(state).__name__}, not a state dict; pass the regis_net "
             f"state dict ({CHECKPOINT_NAME}), not a whole model or a list of tensors.")
     return state
+
+
+def check_io_lr(lr) -> None:
+    """Instance optimization's Adam learning rate: a positive finite number."""
+    if not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
+        raise InvalidOptionError(f"io_lr must be a positive finite number, got {lr!r}")
 
 
 def gradicon_objective(network: GradICONNetwork, moving, fixed, similarity, *, lmbda=1.5,
@@ -342,8 +350,7 @@ class Engine:
 
         if int(iterations) < 1:
             raise InvalidOptionError("instance optimization needs iterations >= 1 (use predict_map for none)")
-        if not lr > 0:
-            raise InvalidOptionError(f"io_lr must be positive, got {lr}")
+        check_io_lr(lr)
         sim = with_constant_targets(similarity_by_name(similarity))
         net = self.network
         moving, fixed = moving.to(self.device), fixed.to(self.device)
@@ -375,6 +382,12 @@ class Engine:
                                                                   generator=generator, **masks)
                     step_losses.append(loss)
                     losses = torch.stack(step_losses).tolist()
+                diverged = next((step for step, value in enumerate(losses) if not math.isfinite(value)), None)
+                if diverged is not None:  # its maps are NaN: no transform to give
+                    raise InstanceOptimizationError(
+                        f"instance optimization diverged: its loss was {losses[diverged]} "
+                        f"{f'after step {diverged}' if diverged else 'before the first step'} of {iterations} "
+                        f"(io_lr {lr}); lower io_lr (the reference's is 2e-5) or register without it.")
             finally:
                 net.load_state_dict(saved)
                 # The last step's gradients would stay on the device until the next IO call.
@@ -421,8 +434,7 @@ class Engine:
         check_intensity_ranges(ct_window, quantile_range)
         if io_iterations:
             similarity_by_name(io_sim)
-            if not io_lr > 0:
-                raise InvalidOptionError(f"io_lr must be positive, got {io_lr}")
+            check_io_lr(io_lr)
 
     def _prepare_image(self, image, modality: str, name: str, mask, *, masking, io_iterations, ct_window,
                        quantile_range, orient_like=None):

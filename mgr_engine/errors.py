@@ -40,6 +40,10 @@ class CheckpointError(MgrEngineError, ValueError):
     """A checkpoint does not match the network architecture it is loaded into."""
 
 
+class InstanceOptimizationError(MgrEngineError, ArithmeticError):
+    """Instance optimization diverged: its loss became NaN or infinite (a learning rate too large)."""
+
+
 class WeightsNotFoundError(MgrEngineError, FileNotFoundError):
     """No weights file where mgr_engine looked for one."""
 

@@ -499,6 +499,11 @@ def load_official_state_dict(network: GradICONNetwork, state_dict: dict) -> None
             + ". Pass the Step_2_final.trch of uniGradICON/multiGradICON for the official network, "
             "or the NetworkConfig the checkpoint was trained with."
         )
+    not_finite = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if not_finite:  # the network would map every pair to NaN, written without a word
+        raise CheckpointError(
+            f"the checkpoint holds NaN or infinite weights in {len(not_finite)} tensors, first: "
+            f"{', '.join(not_finite[:3])}; the file is damaged or was saved from a diverged training run.")
     network.load_state_dict(renamed, strict=True)
 
 

@@ -16,6 +16,7 @@ from mgr_engine import Engine, cli, itk_io
 from mgr_engine.errors import (
     CheckpointError,
     ImageReadError,
+    InstanceOptimizationError,
     OutputWriteError,
     InvalidImageError,
     InvalidOptionError,
@@ -125,6 +126,7 @@ def official_state():
         (ImageReadError, OSError),
         (OutputWriteError, OSError),
         (WeightsNotFoundError, FileNotFoundError),
+        (InstanceOptimizationError, ArithmeticError),
     ],
 )
 def test_error_classes_derive_from_base_and_builtin(error, builtin):
@@ -261,7 +263,9 @@ def test_unknown_similarity_fails_before_any_work(engine, monkeypatch):
     pytest.param(dict(ct_window=(0, float("nan"))), "both finite", id="window-nan"),
     pytest.param(dict(ct_window=(-1000,)), r"ct_window takes two numbers \(lower, upper\), not \(-1000,\)",
                  id="window-one-number"),
-    pytest.param(dict(io_iterations=1, io_lr=0), "io_lr must be positive, got 0", id="io-lr-zero"),
+    pytest.param(dict(io_iterations=1, io_lr=0), "io_lr must be a positive finite number, got 0", id="io-lr-zero"),
+    pytest.param(dict(io_iterations=1, io_lr=float("inf")), "io_lr must be a positive finite number, got inf",
+                 id="io-lr-infinite"),
 ])
 def test_impossible_options_fail_before_any_work(engine, monkeypatch, options, message):
     """Before: a quantile above 1 was clamped to the image's maximum (as the reference does), so
@@ -398,6 +402,37 @@ def test_a_mask_mismatch_names_what_differs_in_plain_numbers(engine):
 def test_checkpoint_of_another_architecture(narrow_net, official_state):
     with pytest.raises(CheckpointError, match=r"does not match the network architecture.*wrong shape.*NetworkConfig"):
         Engine(weights=official_state, config=narrow_net.config, device="cpu")
+
+
+def test_checkpoint_with_nan_weights(narrow_net):
+    """A damaged checkpoint, or one saved from a diverged training run, mapped every pair to NaN."""
+    state = official_state_dict(narrow_net)
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key] = state[key].clone()
+    state[key].view(-1)[3] = float("nan")
+    with pytest.raises(CheckpointError, match=rf"NaN or infinite weights in 1 tensors, first: {re.escape(key)}; "
+                                              "the file is damaged"):
+        Engine(weights=state, config=narrow_net.config, device="cpu")
+
+
+def test_diverging_instance_optimization_is_an_error_not_a_nan_transform(engine, tmp_path, official_checkpoint,
+                                                                         capsys):
+    """An io_lr of 1e3 (for 1e-3, say) made NaN weights after the first step: the transform, field
+    and warped image came out NaN, and the command wrote them without a word."""
+    before = register(engine).phi_ab
+    with pytest.raises(InstanceOptimizationError, match=r"instance optimization diverged: its loss was nan after "
+                                                        r"step 1 of 2 \(io_lr 1000.0\); lower io_lr"):
+        register(engine, io_iterations=2, io_lr=1e3)
+    assert torch.equal(register(engine).phi_ab, before)  # the checkpoint's weights are back
+    out = mkdir(tmp_path / "out")
+    args = ["-q", "register", "--fixed", str(write_image(tmp_path / "f.nii.gz", volume(1))),
+            "--moving", str(write_image(tmp_path / "m.nii.gz", volume(2))), "--network_weights",
+            str(official_checkpoint), "--network_input_shape", *map(str, SHAPE), "--io_iterations", "2",
+            "--io_lr", "1000", "--fixed_modality", "mri", "--moving_modality", "mri", "--transform_out",
+            str(out / "t.h5"), "--warped_moving_out", str(out / "w.nii.gz")]
+    assert cli.main(args) == 2
+    assert "error: instance optimization diverged" in capsys.readouterr().err
+    assert files_in(out) == []
 
 
 @pytest.mark.parametrize(
