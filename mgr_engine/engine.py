@@ -419,7 +419,7 @@ class Engine:
     def _load_mask(self, mask, image, name: str):
         if mask is None:
             return None
-        mask_image = itk_io.load_image(mask, f"{name} mask")
+        mask_image = itk_io.load_image(mask, f"{name} mask", on_grid_of=image)
         itk_io.check_same_grid(mask_image, image, f"{name} mask")
         check_mask(itk_io.voxel_view(mask_image), f"{name} mask")  # an integer mask (most) has no fractions to test
         return itk_io.voxel_array(mask_image)
@@ -790,8 +790,8 @@ class RegistrationResult:
         return itk_io.grid_transform(self.transform)
 
     def warp(self, image=None, interpolation: str = "linear"):
-        """``image`` (default: the moving image; any image in moving space) resampled onto the
-        fixed grid through :attr:`transform`; ``interpolation`` is ``"linear"`` or ``"nearest"``
+        """``image`` (default: the moving image; any image in moving space; an array of the moving
+        image's shape lies on its grid) resampled onto the fixed grid through :attr:`transform`; ``interpolation`` is ``"linear"`` or ``"nearest"``
         (for label maps: a label map warped linearly is warned of). Keeps the pixel type; 0 outside
         the image.
 
@@ -800,7 +800,7 @@ class RegistrationResult:
         if image is None:
             image = self.moving
         else:
-            image = itk_io.load_image(image, "image to warp")
+            image = itk_io.load_image(image, "image to warp", on_grid_of=self.moving)
             warn_if_linear_on_labels(image, interpolation)
         return itk_io.warp_image(self._grid_transform(), image, self.fixed, interpolation, self.device)
 
@@ -850,13 +850,13 @@ class RegistrationResult:
         """``(before, after)``: the Dice overlap of each label of ``fixed_labels`` (a segmentation of
         the fixed image, on its grid) with ``moving_labels`` (the moving image's, warped onto the fixed
         grid by :meth:`warp`, nearest neighbour), each a ``{label: dice}`` dict; ``before`` through
-        the identity in physical space. Paths or ``itk.Image``s
-        (:func:`mgr_engine.labels.dice_before_and_after`)."""
+        the identity in physical space. Paths or ``itk.Image``s, or arrays on the fixed and moving
+        images' grids (:func:`mgr_engine.labels.dice_before_and_after`)."""
         from .labels import dice_before_and_after
 
-        fixed_labels = itk_io.load_image(fixed_labels, "fixed labels")
+        fixed_labels = itk_io.load_image(fixed_labels, "fixed labels", on_grid_of=self.fixed)
         itk_io.check_same_grid(fixed_labels, self.fixed, "fixed labels")
-        moving_labels = itk_io.load_image(moving_labels, "moving labels")
+        moving_labels = itk_io.load_image(moving_labels, "moving labels", on_grid_of=self.moving)
         return dice_before_and_after(fixed_labels, moving_labels, self.warp(moving_labels, "nearest"))
 
     def save(self, transform_path) -> None:

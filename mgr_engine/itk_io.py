@@ -75,7 +75,7 @@ def is_dicom_file(path) -> bool:
         return False
 
 
-def load_image(image, name: str = "input", grid_only: bool = False):
+def load_image(image, name: str = "input", grid_only: bool = False, on_grid_of=None):
     """An ``itk.Image`` from a path (a file ITK reads, or a folder of DICOM files: its first
     series, as ``itk.imread`` reads a folder), an ``itk.Image``, a ``SimpleITK.Image``, a nibabel
     image (``nibabel.load``'s NIfTI, MGH, ...), a numpy array or a torch tensor.
@@ -99,6 +99,11 @@ def load_image(image, name: str = "input", grid_only: bool = False):
     ``grid_only``: its :class:`ImageGrid` instead, for an image that gives only its grid (an
     output's reference); a NIfTI, NRRD, MetaImage or MGH file is then read up to its header,
     without its voxels (see :func:`read_image`).
+
+    ``on_grid_of``: the image (``itk.Image`` or :class:`ImageGrid`) an array or tensor belongs to
+    (a mask of the fixed image, a label map of the moving one): an array of its shape takes its
+    spacing, origin and direction, which an array does not carry. An array of another shape is
+    refused where that image's grid is not an array's (1 mm, zero origin, identity).
     """
     import itk
 
@@ -143,7 +148,22 @@ def load_image(image, name: str = "input", grid_only: bool = False):
                                     f"array[{', '.join('0' * (image.ndim - 3))}] (z, y, x).")
         if image.ndim != 3:
             raise not_a_volume(f"{name} array has {image.ndim} dimensions", image.ndim, " (z, y, x)")
-        image = itk.image_from_array(np.ascontiguousarray(image, dtype=np.float32))
+        if np.iscomplexobj(image):  # numpy would keep the real part, with a ComplexWarning
+            raise InvalidImageError(f"{name} array holds complex numbers; pass its magnitude, np.abs(array).")
+        if image.dtype.kind not in "biuf":
+            raise InvalidImageError(f"{name} array holds {image.dtype} values, not numbers; pass a numeric array.")
+        array = np.ascontiguousarray(image, dtype=np.float32)
+        image = itk.image_from_array(array)
+        if on_grid_of is not None:
+            grid = ImageGrid.of(on_grid_of)
+            if array.shape == tuple(reversed(grid.size)):
+                image = _allocated_image(type(image), array.shape, grid)
+                itk.array_view_from_image(image)[...] = array
+            elif not _is_array_grid(grid):
+                raise InvalidImageError(
+                    f"{name} array has shape {array.shape}, not its image's {tuple(reversed(grid.size))} (z, y, x), "
+                    "and an array carries no spacing or origin to place it by; pass it as an itk.Image or a file "
+                    "with its grid, or resample it onto its image's grid.")
     elif _library_of(image) == "SimpleITK":
         image = _from_simpleitk(image, name)
     elif _library_of(image) == "nibabel" and hasattr(image, "affine") and hasattr(image, "dataobj"):
@@ -684,6 +704,11 @@ def new_image(shape, dtype, reference, is_vector: bool = False):
         image_type = type(itk.image_view_from_array(np.zeros((1, 1, 1), dtype)))
     image = _allocated_image(image_type, shape, reference)
     return image, itk.array_view_from_image(image)
+
+
+def _is_array_grid(grid: "ImageGrid") -> bool:
+    """Whether ``grid`` is the one an array is read on (``itk.image_from_array``'s)."""
+    return bool(np.all(grid.spacing == 1) and np.all(grid.origin == 0) and np.array_equal(grid.direction, np.eye(3)))
 
 
 def _allocated_image(image_type, shape, reference, zeroed: bool = False):

@@ -384,6 +384,21 @@ def test_masks_of_labels_and_of_any_integer_type_are_taken(engine):
         register(engine, masking="input", fixed_mask=mask)
 
 
+def test_a_mask_array_lies_on_its_images_grid(engine):
+    """An array carries no grid: a mask array of an image with a spacing or origin of its own was
+    refused as lying elsewhere (1 mm apart from the origin); it takes its image's grid now, and
+    one of another shape is told to come with its grid."""
+    fixed = itk_image(volume(1), spacing=[1.5, 0.8, 1.2])
+    fixed.SetOrigin([4.0, -2.0, 7.5])
+    mask_image = itk_image(mask_with(1.0), spacing=[1.5, 0.8, 1.2])
+    mask_image.SetOrigin([4.0, -2.0, 7.5])
+    expected = register(engine, fixed=fixed, masking="input", fixed_mask=mask_image).phi_ab
+    assert torch.equal(register(engine, fixed=fixed, masking="input", fixed_mask=mask_with(1.0)).phi_ab, expected)
+    with pytest.raises(InvalidImageError, match=r"fixed mask array has shape \(20, 24, 21\), not its image's "
+                                                r"\(20, 24, 22\) \(z, y, x\), and an array carries no spacing"):
+        register(engine, fixed=fixed, masking="input", fixed_mask=mask_with(1.0)[..., 1:])
+
+
 def test_a_mask_mismatch_names_what_differs_in_plain_numbers(engine):
     """Same size and spacing, another origin: the message says so (it listed size and spacing
     only, equal on both sides, and in NumPy 2's ``np.float64(...)`` form)."""

@@ -280,3 +280,15 @@ def test_a_torch_tensor_is_read_as_the_numpy_array_of_its_values():
         with pytest.raises(InvalidImageError, match=r"fixed array has shape \((1, )+6, 7, 5\); pass its volume, "
                                                     r"array\[0(, 0)?\] \(z, y, x\)"):
             itk_io.load_image(batch, "fixed")
+
+
+def test_an_array_of_complex_or_non_numbers_is_refused():
+    """numpy cast a complex array to float32 keeping its real part (with a ComplexWarning), and
+    an array of strings failed inside ITK's conversion."""
+    values = smooth_volume((6, 7, 5), seed=3)
+    for array, message in ((values.astype(np.complex64), r"fixed array holds complex numbers; pass its magnitude, "
+                                                         r"np\.abs\(array\)"),
+                           (values.astype(str), r"fixed array holds <U\d+ values, not numbers"),
+                           (values.astype(object), r"fixed array holds object values, not numbers")):
+        with pytest.raises(InvalidImageError, match=message):
+            itk_io.load_image(array, "fixed")

@@ -133,6 +133,26 @@ def test_a_results_dice_is_the_commands(tmp_path):
         registration.dice(moving_labels, moving_labels)
 
 
+def test_a_results_arrays_lie_on_their_images_grids():
+    """An array carries no grid: one of the moving image's shape was warped as if its voxels were
+    1 mm apart from the origin, however the moving image lies (a map of wrong values, silently);
+    it now takes its image's grid, and an array of another shape is refused."""
+    itk = pytest.importorskip("itk")
+    from helpers import oblique_registration
+
+    registration = oblique_registration()
+    fixed_labels = segmentation(registration.fixed, (150.0, 450.0, 700.0))
+    moving_labels = segmentation(registration.moving, (200.0, 400.0, 600.0))
+    moving_array = itk.array_from_image(moving_labels)
+    np.testing.assert_array_equal(itk.array_from_image(registration.warp(moving_array, "nearest")),
+                                  itk.array_from_image(registration.warp(moving_labels, "nearest")))
+    assert registration.dice(itk.array_from_image(fixed_labels), moving_array) == \
+        registration.dice(fixed_labels, moving_labels)
+    with pytest.raises(InvalidImageError, match=r"image to warp array has shape \(22, 19, 24\), not its image's "
+                                                r"\(22, 19, 25\) \(z, y, x\), and an array carries no spacing"):
+        registration.warp(moving_array[..., 1:])
+
+
 def test_a_label_map_warped_linearly_is_warned_of(tmp_path, caplog):
     """Linear interpolation truncated to the label map's type mixes labels at their borders: the
     result's warp and the warp command warn, for integer and float label maps; an intensity image
