@@ -791,9 +791,9 @@ class RegistrationResult:
 
     def warp(self, image=None, interpolation: str = "linear"):
         """``image`` (default: the moving image; any image in moving space; an array of the moving
-        image's shape lies on its grid) resampled onto the fixed grid through :attr:`transform`; ``interpolation`` is ``"linear"`` or ``"nearest"``
-        (for label maps: a label map warped linearly is warned of). Keeps the pixel type; 0 outside
-        the image.
+        image's shape lies on its grid) resampled onto the fixed grid through :attr:`transform`;
+        ``interpolation`` is ``"linear"`` or ``"nearest"`` (for label maps: a label map warped
+        linearly is warned of). Keeps the pixel type; 0 outside the image.
 
         What ``itk.ResampleImageFilter`` computes through :attr:`transform` (an integer type
         truncated, as ITK does), evaluated on the engine's device (:func:`mgr_engine.itk_io.warp_image`)."""

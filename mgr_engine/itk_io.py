@@ -153,17 +153,16 @@ def load_image(image, name: str = "input", grid_only: bool = False, on_grid_of=N
         if image.dtype.kind not in "biuf":
             raise InvalidImageError(f"{name} array holds {image.dtype} values, not numbers; pass a numeric array.")
         array = np.ascontiguousarray(image, dtype=np.float32)
-        image = itk.image_from_array(array)
-        if on_grid_of is not None:
-            grid = ImageGrid.of(on_grid_of)
-            if array.shape == tuple(reversed(grid.size)):
-                image = _allocated_image(type(image), array.shape, grid)
-                itk.array_view_from_image(image)[...] = array
-            elif not _is_array_grid(grid):
-                raise InvalidImageError(
-                    f"{name} array has shape {array.shape}, not its image's {tuple(reversed(grid.size))} (z, y, x), "
-                    "and an array carries no spacing or origin to place it by; pass it as an itk.Image or a file "
-                    "with its grid, or resample it onto its image's grid.")
+        grid = None if on_grid_of is None else ImageGrid.of(on_grid_of)
+        if grid is not None and array.shape == tuple(reversed(grid.size)):
+            image = _image_on_grid(array, grid, name)
+        elif grid is not None and not _is_array_grid(grid):
+            raise InvalidImageError(
+                f"{name} array has shape {array.shape}, not its image's {tuple(reversed(grid.size))} (z, y, x), "
+                "and an array carries no spacing or origin to place it by; pass it as an itk.Image or a file "
+                "with its grid, or resample it onto its image's grid.")
+        else:
+            image = itk.image_from_array(array)
     elif _library_of(image) == "SimpleITK":
         image = _from_simpleitk(image, name)
     elif _library_of(image) == "nibabel" and hasattr(image, "affine") and hasattr(image, "dataobj"):

@@ -623,7 +623,8 @@ def test_cli_refused_by_the_engine_leaves_the_folder_as_it_was(tmp_path, capsys)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     torch.save({"not": torch.zeros(1)}, tmp_path / "other.trch")
     for options, message in ((["--batch_size", "0"], "batch_size and prefetch must be whole numbers"),
-                             (["--io_iterations", "1", "--io_lr", "0"], "io_lr must be"),
+                             (["--io_iterations", "1", "--io_lr", "0"],
+                              "io_lr must be a positive finite number, got 0"),
                              (["--network_weights", str(tmp_path / "other.trch")], "checkpoint")):
         assert cli.main([*command, *options]) == 2
         assert message in capsys.readouterr().err
