@@ -86,8 +86,30 @@ class _TF32Switches:
 _TF32_SWITCHES = _TF32Switches()
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(device=None) -> torch.device:
+    """``device`` as a ``torch.device`` (``None``: CUDA when available, else the CPU), or
+    :class:`InvalidOptionError` where this machine cannot run on it: torch's own errors there
+    ("Torch not compiled with CUDA enabled", an AssertionError) came from deep in the first
+    registration, after the weights had loaded."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InvalidOptionError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N' (N: the GPU's index), "
+                                 "or leave it out for CUDA where available") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = (f"this torch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None
+                   else "torch sees no GPU (check the driver with nvidia-smi, and CUDA_VISIBLE_DEVICES)")
+            raise InvalidOptionError(f"device {str(resolved)!r} is not available: {why}; use device 'cpu'")
+        if resolved.index is not None and resolved.index >= count:
+            raise InvalidOptionError(f"device {str(resolved)!r} does not exist: torch sees {count} GPU"
+                                     f"{'s' if count > 1 else ''} (cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise InvalidOptionError("device 'mps' is not available on this machine (Apple GPUs only); use device 'cpu'")
+    return resolved
 
 
 def weights_search_path(model: str) -> list[Path]:
@@ -249,7 +271,7 @@ class Engine:
         self._graph_lock = threading.Lock()
         self.model = model
         self.config = config or MODELS[model]
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
         if cache_host_memory is None:
             cache_host_memory = os.environ.get("MGR_ENGINE_CACHE_HOST_MEMORY", "1") != "0"
         if cache_host_memory and self.device.type == "cpu":

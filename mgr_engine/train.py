@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from . import synth
-from .engine import COMPACT_CONFIG, gradicon_objective
+from .engine import COMPACT_CONFIG, gradicon_objective, resolve_device
 from .errors import InvalidOptionError
 from .losses import similarity_by_name
 from .model import GradICONNetwork, NetworkConfig, load_official_state_dict, read_safetensors, save_safetensors
@@ -374,7 +374,7 @@ def train(run_dir, config: TrainConfig | dict | None = None, *, device=None, max
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     options = dataclasses.asdict(config) if isinstance(config, TrainConfig) else dict(config or {})
     stored = load_checkpoint_state(run_dir)
     config = _resolve_config(None if stored is None else stored["config"], options)

@@ -300,6 +300,25 @@ def test_unknown_model():
         Engine(model="foo")
 
 
+@pytest.mark.parametrize("device, gpus, cuda_build, message", [
+    ("gpu", 0, None, r"unknown device 'gpu': use 'cpu', 'cuda' or 'cuda:N'"),
+    ("cuda", 0, None, r"device 'cuda' is not available: this torch \(.*\) is built without CUDA; use device 'cpu'"),
+    ("cuda", 0, "12.8", r"device 'cuda' is not available: torch sees no GPU \(check the driver"),
+    ("cuda:2", 2, "12.8", r"device 'cuda:2' does not exist: torch sees 2 GPUs \(cuda:0 to cuda:1\)"),
+    ("cuda:1", 1, "12.8", r"device 'cuda:1' does not exist: torch sees 1 GPU \(cuda:0\)"),
+])
+def test_a_device_this_machine_lacks(narrow_net, monkeypatch, device, gpus, cuda_build, message):
+    """torch's AssertionError "Torch not compiled with CUDA enabled" (or a RuntimeError listing
+    every device type torch knows) came from the first registration, after the weights loaded."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.version, "cuda", cuda_build)
+    with pytest.raises(InvalidOptionError, match=message):
+        Engine(weights=official_state_dict(narrow_net), config=narrow_net.config, device=device)
+    with pytest.raises(InvalidOptionError, match=message):
+        mgr_engine.register(volume(1), volume(2), model="compact", device=device, io_iterations=None)
+
+
 @pytest.mark.parametrize("up_channels", [(4, 8, 8, 16, 16), (4, 8, 8), (4,)])
 def test_network_input_shape_too_small(up_channels):
     down_channels = (2, *up_channels)
