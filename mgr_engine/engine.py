@@ -181,6 +181,19 @@ def check_io_lr(lr) -> None:
         raise InvalidOptionError(f"io_lr must be a positive finite number, got {lr!r}")
 
 
+def check_io_iterations(iterations) -> None:
+    """Instance optimization's number of steps: ``None`` or a whole number >= 0 (0 and ``None``:
+    no IO). 2.5 ran 2 steps, ``True`` one and ``"2"`` two, without a word; NaN raised a bare
+    ValueError."""
+    if iterations is None:
+        return
+    whole = (isinstance(iterations, numbers.Real) and not isinstance(iterations, bool) and math.isfinite(iterations)
+             and float(iterations).is_integer())
+    if not whole or iterations < 0:
+        raise InvalidOptionError(f"io_iterations must be a whole number of steps >= 0 (None or 0: no instance "
+                                 f"optimization), got {iterations!r}")
+
+
 def gradicon_objective(network: GradICONNetwork, moving, fixed, similarity, *, lmbda=1.5,
                        moving_mask=None, fixed_mask=None, generator=None, loss_moving=None, loss_fixed=None):
     """The GradICON loss of the paper (eq. 3) for one pair, and both maps on the grid.
@@ -370,8 +383,10 @@ class Engine:
         """
         from tqdm.auto import tqdm
 
-        if int(iterations) < 1:
+        check_io_iterations(iterations)
+        if iterations < 1:
             raise InvalidOptionError("instance optimization needs iterations >= 1 (use predict_map for none)")
+        iterations = int(iterations)
         check_io_lr(lr)
         sim = with_constant_targets(similarity_by_name(similarity))
         net = self.network
@@ -395,7 +410,7 @@ class Engine:
             step_losses = []
             try:
                 with self._precision("fp32"):
-                    for step in tqdm(range(int(iterations)), desc="instance optimization", disable=not progress,
+                    for step in tqdm(range(iterations), desc="instance optimization", disable=not progress,
                                      leave=False):
                         optimizer.zero_grad(set_to_none=True)
                         loss, _, _ = gradicon_objective(net, moving, fixed, sim, lmbda=lmbda, generator=generator, **masks)
@@ -460,6 +475,7 @@ class Engine:
         check_modality(fixed_modality, "fixed")
         check_modality(moving_modality, "moving")
         check_intensity_ranges(ct_window, quantile_range)
+        check_io_iterations(io_iterations)
         if io_iterations:
             similarity_by_name(io_sim)
             check_io_lr(io_lr)

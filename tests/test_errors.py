@@ -266,11 +266,15 @@ def test_unknown_similarity_fails_before_any_work(engine, monkeypatch):
     pytest.param(dict(io_iterations=1, io_lr=0), "io_lr must be a positive finite number, got 0", id="io-lr-zero"),
     pytest.param(dict(io_iterations=1, io_lr=float("inf")), "io_lr must be a positive finite number, got inf",
                  id="io-lr-infinite"),
+    *(pytest.param(dict(io_iterations=steps), rf"io_iterations must be a whole number of steps >= 0 \(None or 0: no "
+                   rf"instance optimization\), got {re.escape(repr(steps))}", id=f"io-iterations-{steps!r}")
+      for steps in (2.5, True, "2", float("nan"), -1)),
 ])
 def test_impossible_options_fail_before_any_work(engine, monkeypatch, options, message):
     """Before: a quantile above 1 was clamped to the image's maximum (as the reference does), so
     percentiles given for quantiles failed as an empty intensity range after the images were
-    read, or not at all; io_lr was checked after preprocessing."""
+    read, or not at all; io_lr was checked after preprocessing; io_iterations 2.5 ran 2 steps, True
+    one, "2" two."""
     monkeypatch.setattr(itk_io, "load_image", lambda *a, **k: pytest.fail("an image was loaded before the check"))
     with pytest.raises(InvalidOptionError, match=message):
         register(engine, **options)
