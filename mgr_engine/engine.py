@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from . import host_memory, itk_io, resample
-from .errors import CheckpointError, InstanceOptimizationError, InvalidOptionError, MgrEngineError, WeightsNotFoundError
+from .errors import (CheckpointError, InstanceOptimizationError, InvalidImageError, InvalidOptionError, MgrEngineError,
+                     WeightsNotFoundError)
 from .labels import warn_if_linear_on_labels
 from .losses import gradicon_regularizer, similarity_by_name, with_constant_targets
 from .model import (GradICONNetwork, NetworkConfig, evaluate_map, fold_batchnorm, load_official_state_dict, map_on_grid,
@@ -497,6 +498,11 @@ class Engine:
         loss_mask = None
         if io_iterations and masking in ("loss", "both") and mask_array is not None:
             loss_mask = resize_mask(mask_array, self.input_shape)
+            if not loss_mask.any():  # IO would then optimize the regularizer alone, without a word
+                raise InvalidImageError(
+                    f"{name} mask's {int((mask_array != 0).sum())} voxels fall between the samples of the network's "
+                    f"{'x'.join(map(str, self.input_shape))} grid, so IO's similarity would see none of the image: "
+                    "give a larger mask (a region, not a few voxels), or none.")
         return itk_image, tensor, loss_mask
 
     def _prepare_pair(self, fixed, moving, *, fixed_modality, moving_modality, fixed_mask, moving_mask, masking,
@@ -975,7 +981,8 @@ def register(fixed, moving, *, fixed_modality: str = "mri", moving_modality: str
         io_lr: IO learning rate.
         fixed_mask, moving_mask: binary masks on the images' grids (paths, images or arrays): 0
             outside, a positive whole number inside (labels too); fractions (a probability map),
-            negative values or an empty mask raise :class:`InvalidImageError`.
+            negative values, an empty mask or (loss masking) one the network grid misses
+            raise :class:`InvalidImageError`.
         masking: ``"loss"`` (similarity only inside the masks, needs IO), ``"input"`` (zero the
             images outside the masks before the network) or ``"both"``.
         ct_window: (min, max) HU window for CT images; quantile_range: (low, high) quantiles for MRI,

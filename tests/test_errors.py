@@ -399,6 +399,19 @@ def test_a_mask_that_is_not_a_binary_mask(engine, mask, message, masking, io_ite
         register(engine, masking=masking, io_iterations=io_iterations, fixed_mask=mask())
 
 
+def test_a_loss_mask_the_network_grid_misses(engine):
+    """A thin mask of a long image (200 slices onto 72) fell between the nearest-neighbour samples
+    of the network grid: IO optimized the regularizer alone, the similarity's mask empty."""
+    fixed = smooth_volume((200, 24, 22), 1) * 500 + 10
+    mask = np.zeros(fixed.shape, np.uint8)
+    mask[1, 6:18, 4:16] = 1  # slice 1 of 200 lies between the samples 0 and 2.8
+    with pytest.raises(InvalidImageError, match=r"fixed mask's 144 voxels fall between the samples of the network's "
+                                                r"72x72x72 grid, so IO's similarity would see none of the image"):
+        register(engine, fixed=fixed, masking="loss", io_iterations=1, fixed_mask=mask)
+    mask[2] = mask[1]  # slice 2 is sampled
+    register(engine, fixed=fixed, masking="loss", io_iterations=1, fixed_mask=mask)
+
+
 def test_masks_of_labels_and_of_any_integer_type_are_taken(engine):
     labels = mask_with(1.0)
     labels[10:, :, :] *= 3  # two labels inside
