@@ -34,6 +34,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ from typing import Callable
 import numpy as np
 
 from .errors import ImageReadError, InvalidOptionError, InvalidPointsError
+
+log = logging.getLogger(__name__)
 
 COORDINATE_SYSTEMS = ("LPS", "RAS")
 _RAS_TO_LPS = np.array([-1.0, -1.0, 1.0])  # either way: x and y negated
@@ -81,15 +84,24 @@ def transform_points(transform, points) -> np.ndarray:
     ``transform``: an ITK transform or the path of a transform file (.h5, .tfm); ``points``: an
     (N, 3) array (or one point). A transform of this engine's form (a displacement field between
     linear transforms, as this engine and unigradicon write) is evaluated for all points at once
-    (:func:`mgr_engine.resample.transformed_points`), any other point by point by ITK."""
+    (:func:`mgr_engine.resample.transformed_points`), any other point by point by ITK. Points of
+    the former outside the image it was computed on are warned of: there it has no displacement."""
     from . import itk_io
-    from .resample import transformed_points
+    from .resample import points_outside_field, transformed_points
 
     points = as_points(points)
     if isinstance(transform, (str, os.PathLike)):
         transform = itk_io.read_transform(transform)
     grid = itk_io.grid_transform(transform)
     if grid is not None:
+        outside = np.flatnonzero(points_outside_field(grid, points))
+        if outside.size:  # most often points of another coordinate system (RAS) or image
+            first = outside[0]
+            log.warning("%d of %d points (first: point %d, at %s mm) lie outside the image the transform was "
+                        "computed on, where it has no displacement field: as ITK does, they are moved by its linear "
+                        "parts alone. Are they in mm in ITK's LPS (RAS, as 3D Slicer's, negates x and y), and points "
+                        "of the right image?", outside.size, len(points), first,
+                        "(" + ", ".join(f"{c:g}" for c in points[first]) + ")")
         return transformed_points(grid, points)
     return np.array([tuple(transform.TransformPoint([float(c) for c in point])) for point in points],
                     dtype=np.float64).reshape(-1, 3)

@@ -101,9 +101,9 @@ def transformed_points(grid: GridTransform, points: np.ndarray) -> np.ndarray:
     interpolated linearly with the corners clamped into its grid, none where the point's grid
     position lies outside the grid by ITK's rule), in numpy: a few hundred landmarks or a
     mesh's vertices at once, without a Python call per point."""
-    q = points @ grid.to_grid[:, :3].T + grid.to_grid[:, 3]  # grid positions (x, y, z)
-    nz, ny, nx = grid.displacement.shape[:3]
-    size = np.array([nx, ny, nz])
+    q = _grid_positions(grid, points)
+    size = _grid_size(grid)
+    nx, ny = size[:2]
     clamped = np.clip(q, 0, size - 1)
     lower = np.floor(clamped)
     fraction = clamped - lower
@@ -119,9 +119,28 @@ def transformed_points(grid: GridTransform, points: np.ndarray) -> np.ndarray:
         offset = sum((upper_offsets if upper[axis] else lower_offsets)[:, axis] for axis in range(3))
         weight = np.prod([fraction[:, axis] if upper[axis] else 1 - fraction[:, axis] for axis in range(3)], axis=0)
         sampled += weight[:, None] * rows.take(offset, axis=0)
-    inside = ((q >= -0.5) & (q < size - 0.5)).all(axis=1)
-    moved = q + sampled * inside[:, None]
+    moved = q + sampled * _inside_field(q, size)[:, None]
     return moved @ grid.from_grid[:, :3].T + grid.from_grid[:, 3]
+
+
+def points_outside_field(grid: GridTransform, points: np.ndarray) -> np.ndarray:
+    """Which of (N, 3) physical points lie outside ``grid``'s displacement field (ITK's rule: half
+    a grid voxel beyond its first and last positions), where :func:`transformed_points`, as ITK's
+    ``TransformPoint``, moves them by the affines alone: an (N,) bool array."""
+    return ~_inside_field(_grid_positions(grid, points), _grid_size(grid))
+
+
+def _grid_positions(grid: GridTransform, points: np.ndarray) -> np.ndarray:
+    return points @ grid.to_grid[:, :3].T + grid.to_grid[:, 3]  # (x, y, z) in grid voxels
+
+
+def _grid_size(grid: GridTransform) -> np.ndarray:
+    nz, ny, nx = grid.displacement.shape[:3]
+    return np.array([nx, ny, nz])
+
+
+def _inside_field(q: np.ndarray, size: np.ndarray) -> np.ndarray:
+    return ((q >= -0.5) & (q < size - 0.5)).all(axis=1)
 
 
 def _cpp_takes(*arrays) -> bool:

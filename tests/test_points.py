@@ -60,6 +60,28 @@ def test_the_field_adds_nothing_from_half_a_voxel_beyond_its_grid():
     assert unmoved.tolist() == [False, True, True, False, False, True, False, False, False, False, False]
 
 
+def test_points_outside_the_transforms_image_are_warned_of(registration, caplog):
+    """Landmarks of another image, or in another coordinate system (RAS given as LPS), fall
+    outside the field, where ITK's rule moves them by the affines alone: they came back without
+    a word, looking like landmarks the registration left where they were."""
+    inside = points_around(registration.fixed, 6, seed=2, margin=0.0)
+    with caplog.at_level("WARNING", logger="mgr_engine"):
+        registration.transform_points(inside)
+    assert "outside" not in caplog.text
+    elsewhere = inside + [200.0, 0.0, 0.0]  # 20 cm away from the 2-cm image
+    at = np.concatenate([inside[:2], elsewhere])
+    grid = itk_io.grid_transform(registration.transform)
+    assert resample.points_outside_field(grid, at).tolist() == [False] * 2 + [True] * 6
+    by_affines_alone = (at @ grid.to_grid[:, :3].T + grid.to_grid[:, 3]) @ grid.from_grid[:, :3].T + grid.from_grid[:, 3]
+    moved = resample.transformed_points(grid, at)
+    np.testing.assert_allclose(moved[2:], by_affines_alone[2:], rtol=0, atol=1e-9)
+    assert np.abs(moved[:2] - by_affines_alone[:2]).max() > 0.1
+    with caplog.at_level("WARNING", logger="mgr_engine"):
+        registration.transform_points(at)
+    assert (f"6 of 8 points (first: point 2, at ({', '.join(f'{c:g}' for c in elsewhere[0])}) mm) lie outside the "
+            "image the transform was computed on") in caplog.text
+
+
 def test_a_transform_file_of_another_layout_matches_itk(tmp_path):
     """A composite of an affine, a field on an oblique grid (displacement in mm) and another
     affine, read from a file by path."""
