@@ -322,6 +322,9 @@ class Engine:
             if compile:
                 mode = "reduce-overhead" if self._outputs_reused else None
                 self.inference_network = torch.compile(self.inference_network, mode=mode, fullgraph=True)
+                # torch.compile says nothing while it works: a first call looked hung
+                log.info("compile=True: the first registration (and the first of each new batch size) compiles "
+                         "the network first, for minutes on a CPU")
         if "itk" in sys.modules:  # a program of images: ITK's module loader, now rather than under its threads
             itk_io.load_array_views()
         if self.config == MODELS[model]:
