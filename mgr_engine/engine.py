@@ -833,9 +833,19 @@ class RegistrationResult:
         The network's backward map (computed on first access when IO did not compute it)."""
         if "inverse" not in self._cache:
             if self.phi_ba is None:
+                if self._inverse is None:
+                    raise MgrEngineError("this result was copied (pickled) without the engine that computes its "
+                                         "inverse map: read its inverse_transform before copying it, or register "
+                                         "with instance optimization, which computes both maps.")
                 self.phi_ba = self._inverse().cpu()
             self._cache["inverse"] = itk_io.map_to_transform(self.phi_ba[0].numpy(), self.fixed, self.moving)
         return self._cache["inverse"]
+
+    def __getstate__(self):
+        """For pickle and copy (a process pool's results, a cache on disk): the maps and images,
+        without the engine (locks, a network) that would compute the inverse map on demand, and
+        without the outputs computed so far (ITK transforms), which are computed again."""
+        return {**self.__dict__, "_inverse": None, "_cache": {}}
 
     def _grid_transform(self) -> resample.GridTransform:
         """:attr:`transform` as arrays, what the engine evaluates it with: the same numbers ITK's

@@ -1,11 +1,15 @@
 """register() against the authors' pipeline (preprocess + register_pair), in millimetres."""
 
+import copy
+import pickle
+
 import numpy as np
 import pytest
 import torch
 
 from helpers import oblique_image, random_network, reference_network, smooth_volume
 from mgr_engine import Engine
+from mgr_engine.errors import MgrEngineError
 from mgr_engine.model import official_state_dict
 from mgr_engine.preprocess import normalize_intensity
 
@@ -111,6 +115,24 @@ def test_save_roundtrip_and_warp(setting, tmp_path):
     expected = interpolator.EvaluateAtContinuousIndex(index)
     assert expected != 0.0
     assert abs(itk.array_from_image(warped)[voxel[2], voxel[1], voxel[0]] - expected) < 1e-3
+
+
+def test_a_result_survives_pickle_without_its_engine(setting):
+    """A process pool's results and a cache on disk pickle results: it failed on the engine's
+    locks ("cannot pickle '_thread.lock' object"), which the result kept for its inverse."""
+    net, fixed, moving = setting
+    engine = Engine(weights=official_state_dict(net), config=net.config, device="cpu")
+    result = engine.register(fixed, moving, io_iterations=None)
+    points = np.array(random_points(fixed, 20))
+    copied = pickle.loads(pickle.dumps(result))
+    np.testing.assert_array_equal(copied.transform_points(points), result.transform_points(points))
+    np.testing.assert_array_equal(itk.array_from_image(copied.warp()), itk.array_from_image(result.warp()))
+    assert copied.fixed.GetSpacing() == fixed.GetSpacing() and copied.moving.GetOrigin() == moving.GetOrigin()
+    with pytest.raises(MgrEngineError, match=r"copied \(pickled\) without the engine that computes its inverse map: "
+                                              r"read its inverse_transform before copying it"):
+        copied.inverse_transform
+    inverse_points = result.transform_points(points, inverse=True)  # computes the inverse map before the copy
+    np.testing.assert_array_equal(copy.deepcopy(result).transform_points(points, inverse=True), inverse_points)
 
 
 def test_numpy_input_is_one_millimetre_identity_grid():
