@@ -142,11 +142,13 @@ def normalize_intensity(volume: np.ndarray, modality: str, *, ct_window=None, qu
         low, high = quantile(values, quantile_range[0]), quantile(values, quantile_range[1])
     else:
         low, high = float(values.min()), quantile(values, DEFAULT_MRI_UPPER_QUANTILE)
-    if not high > low:
+    if not high > low:  # only an MRI's quantiles can meet: ct_window is checked before
+        used = quantile_range if quantile_range is not None else (0, DEFAULT_MRI_UPPER_QUANTILE)
         raise InvalidImageError(
-            f"{name} image: intensity range [{low}, {high}] is empty after clipping ({modality}); "
-            "choose a wider ct_window/quantile_range or check the modality."
-        )
+            f"{name} image: its {used[0]:g} and {used[1]:g} quantiles, which the MRI normalization clips to, are "
+            f"both {low:g}: at least {100 * (used[1] - used[0]):g} % of its voxels hold that value (a small object "
+            "in an empty volume, a label map?), which leaves no intensity range. Crop the image to its content, or "
+            "widen quantile_range (0 1 takes the whole range).")
     # ITK's ShiftScale computes in double, then stores float: do the same. Clamping the float32
     # values to float32 bounds first is exact and leaves two float64 passes, in place.
     scaled = values.clamp(float(np.float32(low)), float(np.float32(high))).double()

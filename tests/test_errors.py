@@ -282,6 +282,19 @@ def test_impossible_options_fail_before_any_work(engine, monkeypatch, options, m
         engine.register_many([(volume(1), volume(2))], **{"io_iterations": None, **options})
 
 
+def test_an_mri_whose_quantiles_meet_says_why(engine):
+    """A small object in an empty volume: its 99th percentile is its minimum. The error said to
+    "choose a wider ct_window/quantile_range or check the modality", for an MRI with neither."""
+    sparse = np.zeros(IMAGE_SHAPE, np.float32)
+    sparse[8:10, 8:10, 8:10] = 100.0  # 8 of 10560 voxels
+    with pytest.raises(InvalidImageError, match=r"fixed image: its 0 and 0.99 quantiles, which the MRI normalization "
+                                                r"clips to, are both 0: at least 99 % of its voxels hold that value"):
+        register(engine, fixed=sparse)
+    with pytest.raises(InvalidImageError, match=r"its 0.5 and 0.9 quantiles.*both 0: at least 40 %.*widen quantile_range"):
+        register(engine, fixed=sparse, quantile_range=(0.5, 0.9))
+    register(engine, fixed=sparse, quantile_range=(0, 1))
+
+
 def test_the_command_warns_of_an_intensity_range_its_modalities_do_not_use(tmp_path, caplog):
     fixed, moving = (write_image(tmp_path / f"{name}.nii.gz", volume(seed)) for seed, name in ((1, "f"), (2, "m")))
     command = ["register", "--fixed", str(fixed), "--moving", str(moving), "--model", "compact", "--io_iterations",
