@@ -93,8 +93,9 @@ def load_image(image, name: str = "input", grid_only: bool = False, on_grid_of=N
     by ITK and by its sform by nibabel's ``affine``, which mgr_engine follows. A FreeSurfer
     ``.mgz``/``.mgh`` file, which ITK does not read, is read by nibabel (installed with
     ``mgr_engine[freesurfer]``) as such an image. A numpy array is read like
-    ``itk.image_from_array``: axes (z, y, x), 1 mm spacing, zero origin, identity direction; a
-    torch tensor as the numpy array of its values (copied to the host).
+    ``itk.image_from_array``: axes (z, y, x), 1 mm spacing, zero origin, identity direction, its
+    type kept (a bool mask as uint8, float16 as float32, int8 and int64 as above); a torch tensor
+    as the numpy array of its values (copied to the host).
 
     ``grid_only``: its :class:`ImageGrid` instead, for an image that gives only its grid (an
     output's reference); a NIfTI, NRRD, MetaImage or MGH file is then read up to its header,
@@ -152,7 +153,10 @@ def load_image(image, name: str = "input", grid_only: bool = False, on_grid_of=N
             raise InvalidImageError(f"{name} array holds complex numbers; pass its magnitude, np.abs(array).")
         if image.dtype.kind not in "biuf":
             raise InvalidImageError(f"{name} array holds {image.dtype} values, not numbers; pass a numeric array.")
-        array = np.ascontiguousarray(image, dtype=np.float32)
+        # Its type kept, as a file's is (a label map warped comes back as labels, not float32), or
+        # the nearest ITK wraps: a mask's bool as uint8, float16 as float32.
+        array = image.view(np.uint8) if image.dtype == np.bool_ else image
+        array = array.astype(np.float32) if array.dtype == np.float16 else array
         grid = None if on_grid_of is None else ImageGrid.of(on_grid_of)
         if grid is not None and array.shape == tuple(reversed(grid.size)):
             image = _image_on_grid(array, grid, name)
@@ -162,7 +166,8 @@ def load_image(image, name: str = "input", grid_only: bool = False, on_grid_of=N
                 "and an array carries no spacing or origin to place it by; pass it as an itk.Image or a file "
                 "with its grid, or resample it onto its image's grid.")
         else:
-            image = itk.image_from_array(array)
+            image = _image_on_grid(array, ImageGrid(tuple(reversed(array.shape)), np.ones(3), np.zeros(3), np.eye(3)),
+                                   name)
     elif _library_of(image) == "SimpleITK":
         image = _from_simpleitk(image, name)
     elif _library_of(image) == "nibabel" and hasattr(image, "affine") and hasattr(image, "dataobj"):

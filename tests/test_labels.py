@@ -153,6 +153,27 @@ def test_a_results_arrays_lie_on_their_images_grids():
         registration.warp(moving_array[..., 1:])
 
 
+@pytest.mark.parametrize("dtype, itk_dtype", [
+    (np.uint8, np.uint8), (np.int16, np.int16), (np.uint16, np.uint16), (np.int64, np.int32), (np.int8, np.int16),
+    (np.bool_, np.uint8), (np.float16, np.float32), (np.float64, np.float64),
+])
+def test_an_array_keeps_its_type_as_a_file_does(dtype, itk_dtype):
+    """Arrays were read as float32 whatever their type: a uint8 label map warped came back as
+    float32, where the same map as an itk.Image or a file comes back as uint8 labels."""
+    itk = pytest.importorskip("itk")
+    from helpers import oblique_registration
+
+    registration = oblique_registration()
+    labels = itk.array_from_image(segmentation(registration.moving, (200.0, 400.0, 600.0)))
+    array = labels > 1 if dtype is np.bool_ else labels.astype(dtype)
+    as_image = itk.image_from_array(array.astype(itk_dtype))
+    as_image.CopyInformation(registration.moving)
+    warped = registration.warp(array, "nearest")
+    assert itk.array_view_from_image(warped).dtype == itk_dtype
+    np.testing.assert_array_equal(itk.array_view_from_image(warped),
+                                  itk.array_view_from_image(registration.warp(as_image, "nearest")))
+
+
 def test_a_label_map_warped_linearly_is_warned_of(tmp_path, caplog):
     """Linear interpolation truncated to the label map's type mixes labels at their borders: the
     result's warp and the warp command warn, for integer and float label maps; an intensity image
