@@ -106,8 +106,6 @@ def load_image(image, name: str = "input", grid_only: bool = False, on_grid_of=N
     spacing, origin and direction, which an array does not carry. An array of another shape is
     refused where that image's grid is not an array's (1 mm, zero origin, identity).
     """
-    import itk
-
     if _library_of(image) == "torch" and hasattr(image, "detach"):  # read as the numpy array of its values
         image = image.detach().cpu()
         image = (image.float() if str(image.dtype) == "torch.bfloat16" else image).numpy()
