@@ -1109,6 +1109,15 @@ def write_image(image, path) -> None:
     float64 voxels as float32, uint16 as int32); :class:`OutputWriteError` when it
     cannot be written (its name checked first, as :func:`check_output_path` does). Public as
     ``mgr_engine.write_image``."""
+    if not hasattr(image, "GetLargestPossibleRegion"):  # a path was written as its text, an array failed in ITK
+        if isinstance(image, (str, os.PathLike)):
+            advice = "to convert an image file, read it first (mgr_engine.itk_io.load_image or itk.imread)"
+        elif isinstance(image, np.ndarray) or _library_of(image) == "torch":
+            advice = ("an array carries no spacing, origin or direction: make it an itk.Image on its grid first "
+                      "(itk.image_from_array, then SetSpacing, SetOrigin and SetDirection)")
+        else:
+            advice = "convert it first (a SimpleITK image: SimpleITK.WriteImage writes it)"
+        raise InvalidImageError(f"write_image writes an itk.Image, not a {type(image).__name__}; {advice}.")
     check_output_path(path, "image")
     write_outputs([(image, path)])
 
