@@ -179,14 +179,32 @@ def load_image(image, name: str = "input", grid_only: bool = False, on_grid_of=N
     return ImageGrid.of(image) if grid_only else image
 
 
+def _check_itk_image(image, function: str) -> None:
+    """:class:`InvalidImageError` unless ``image`` is an ``itk.Image``, saying what to do instead."""
+    if hasattr(image, "GetLargestPossibleRegion"):
+        return
+    if isinstance(image, (str, os.PathLike)):
+        advice = "an image file is read first (mgr_engine.itk_io.load_image or itk.imread)"
+    elif isinstance(image, np.ndarray) or _library_of(image) == "torch":
+        advice = ("an array carries no spacing, origin or direction: make it an itk.Image on its grid first "
+                  "(itk.image_from_array, then SetSpacing, SetOrigin and SetDirection)")
+    else:
+        advice = "a result's outputs (warp, displacement_field, jacobian_determinant) are itk.Images"
+    raise InvalidImageError(f"{function} takes an itk.Image, not a {type(image).__name__}: {advice}.")
+
+
 def to_simpleitk(image):
     """A ``SimpleITK.Image`` copy of an ``itk.Image`` (a result's warped image, displacement field
     or Jacobian determinant): its voxels in their type, a vector image's components as a
     SimpleITK vector image, and its spacing, origin and direction. Public as
     ``mgr_engine.to_simpleitk``."""
     import itk
-    import SimpleITK
 
+    try:
+        import SimpleITK
+    except ImportError:
+        raise MissingDependencyError("to_simpleitk needs SimpleITK: pip install SimpleITK") from None
+    _check_itk_image(image, "to_simpleitk")
     voxels = itk.array_view_from_image(image)
     converted = SimpleITK.GetImageFromArray(voxels, isVector=voxels.ndim > image.GetImageDimension())
     grid = ImageGrid.of(image)
@@ -209,6 +227,7 @@ def to_nibabel(image):
         import nibabel
     except ImportError:
         raise MissingDependencyError("to_nibabel needs nibabel: pip install nibabel (or 'mgr_engine[freesurfer]')") from None
+    _check_itk_image(image, "to_nibabel")
     voxels = itk.array_from_image(image)  # a copy: the nibabel image outlives nothing of ITK's
     vector = voxels.ndim > image.GetImageDimension()
     voxels = voxels.transpose(2, 1, 0, 3)[:, :, :, None, :] if vector else voxels.transpose(2, 1, 0)
@@ -1109,15 +1128,7 @@ def write_image(image, path) -> None:
     float64 voxels as float32, uint16 as int32); :class:`OutputWriteError` when it
     cannot be written (its name checked first, as :func:`check_output_path` does). Public as
     ``mgr_engine.write_image``."""
-    if not hasattr(image, "GetLargestPossibleRegion"):  # a path was written as its text, an array failed in ITK
-        if isinstance(image, (str, os.PathLike)):
-            advice = "to convert an image file, read it first (mgr_engine.itk_io.load_image or itk.imread)"
-        elif isinstance(image, np.ndarray) or _library_of(image) == "torch":
-            advice = ("an array carries no spacing, origin or direction: make it an itk.Image on its grid first "
-                      "(itk.image_from_array, then SetSpacing, SetOrigin and SetDirection)")
-        else:
-            advice = "convert it first (a SimpleITK image: SimpleITK.WriteImage writes it)"
-        raise InvalidImageError(f"write_image writes an itk.Image, not a {type(image).__name__}; {advice}.")
+    _check_itk_image(image, "write_image")  # a path was written as its own text, an array failed in ITK
     check_output_path(path, "image")
     write_outputs([(image, path)])
 

@@ -704,17 +704,22 @@ def test_an_image_itk_cannot_write_is_an_output_write_error(tmp_path):
 
 
 @pytest.mark.parametrize("value, advice", [
-    pytest.param(lambda path: str(path), r"not a str; to convert an image file, read it first", id="path"),
-    pytest.param(lambda path: volume(), r"not a ndarray; an array carries no spacing, origin or direction", id="array"),
-    pytest.param(lambda path: torch.from_numpy(volume()), r"not a Tensor; an array carries no spacing", id="tensor"),
+    pytest.param(lambda path: str(path), r"not a str: an image file is read first", id="path"),
+    pytest.param(lambda path: volume(), r"not a ndarray: an array carries no spacing, origin or direction", id="array"),
+    pytest.param(lambda path: torch.from_numpy(volume()), r"not a Tensor: an array carries no spacing", id="tensor"),
+    pytest.param(lambda path: None, r"not a NoneType: a result's outputs \(warp, displacement_field", id="none"),
 ])
-def test_write_image_of_what_is_not_an_image(tmp_path, value, advice):
-    """A path was written as its own text into the .nii.gz (12 bytes, no error); an array or a
-    tensor raised an AttributeError from ITK's writer."""
+def test_outputs_of_what_is_not_an_itk_image(tmp_path, value, advice):
+    """write_image of a path wrote the path's own text into the .nii.gz (12 bytes, no error); an
+    array or a tensor raised an AttributeError from ITK's writer, and to_simpleitk and
+    to_nibabel "RuntimeError: No suitable template parameter can be found"."""
     source = write_image(tmp_path / "source.nii.gz", volume())
-    with pytest.raises(InvalidImageError, match=r"write_image writes an itk.Image, " + advice):
+    with pytest.raises(InvalidImageError, match=r"write_image takes an itk.Image, " + advice):
         mgr_engine.write_image(value(source), tmp_path / "copy.nii.gz")
     assert files_in(tmp_path) == ["source.nii.gz"]
+    for function in ("to_simpleitk", "to_nibabel"):
+        with pytest.raises(InvalidImageError, match=rf"{function} takes an itk.Image, " + advice):
+            getattr(mgr_engine, function)(value(source))
 
 
 def test_cli_writes_its_outputs_all_or_none(cli_files, capsys):
