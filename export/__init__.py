@@ -14,7 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..errors import InvalidOptionError, OnnxError, OutputWriteError
+from ..errors import InvalidOptionError, OnnxError, OutputWriteError, tilde_hint
 from ..itk_io import staged_outputs
 from .graph import DEFAULT_OPSET, DTYPES, STAGE_OPS, check_opset, full_graph, ops_used, stage_graph
 from .runtime import STAGE_FILES, load_session, onnx_predictor, stage_network
@@ -121,7 +121,8 @@ def _output_paths(path: Path, kind: str) -> list:
         targets = [path / name for name in STAGE_FILES]
         directory = path if path.is_dir() else (path.parent if str(path.parent) else Path("."))  # created when writing
     if not directory.is_dir():
-        raise OutputWriteError(f"output directory {str(directory)!r} does not exist; create it first.")
+        raise OutputWriteError(f"output directory {str(directory)!r} does not exist{tilde_hint(directory)}; create it "
+                               "first.")
     try:  # the only reliable test of writability (permissions, read-only mounts, root)
         fd, probe = tempfile.mkstemp(prefix=".mgr_engine-probe-", dir=directory)
         os.close(fd)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InvalidOptionError, MissingDependencyError, OnnxError
+from ..errors import InvalidOptionError, MissingDependencyError, OnnxError, tilde_hint
 from ..model import GradICONNetwork, NetworkConfig
 
 STAGE_FILES = ("psi1.onnx", "psi2.onnx", "psi3.onnx", "psi4.onnx")
@@ -91,8 +91,8 @@ def load_session(model, *, providers=None, device=None, threads: int | None = No
     elif not isinstance(model, (bytes, bytearray)):
         path = Path(model)
         if not path.is_file():
-            raise OnnxError(f"ONNX model {str(path)!r} does not exist; export one with mgr_engine.export_onnx "
-                            "or `mgr-engine export-onnx`.")
+            raise OnnxError(f"ONNX model {str(path)!r} does not exist{tilde_hint(path)}; export one with "
+                            "mgr_engine.export_onnx or `mgr-engine export-onnx`.")
         model = str(path)
     options = session_options(threads)
     try:

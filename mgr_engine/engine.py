@@ -21,7 +21,7 @@ from torch import nn
 
 from . import host_memory, itk_io, resample
 from .errors import (CheckpointError, InstanceOptimizationError, InvalidImageError, InvalidOptionError, MgrEngineError,
-                     WeightsNotFoundError)
+                     WeightsNotFoundError, tilde_hint)
 from .labels import warn_if_linear_on_labels
 from .losses import gradicon_regularizer, similarity_by_name, with_constant_targets
 from .model import (GradICONNetwork, NetworkConfig, evaluate_map, fold_batchnorm, load_official_state_dict, map_on_grid,
@@ -135,7 +135,7 @@ def resolve_weights(model: str, weights=None) -> Path:
                 f"weights {str(path)!r} is a directory; give the checkpoint file"
                 + (f": {str(inside[0])!r}?" if inside else f" ({CHECKPOINT_NAME} or a .safetensors file), not its folder."))
         if not path.is_file():
-            raise WeightsNotFoundError(f"weights file {str(path)!r} does not exist; check the path.")
+            raise WeightsNotFoundError(f"weights file {str(path)!r} does not exist{tilde_hint(path)}; check the path.")
         return path
     if model in BUNDLED_WEIGHTS:
         if BUNDLED_WEIGHTS[model].is_file():

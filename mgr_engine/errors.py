@@ -11,6 +11,13 @@ class MgrEngineError(Exception):
     """Base class of every error mgr_engine raises on purpose."""
 
 
+def tilde_hint(path) -> str:
+    """What to add to "does not exist" for a path that starts with ``~``: Python's file functions,
+    ITK's and these do not expand it (a shell does, unquoted), so ``"~/t1.nii.gz"`` names a
+    folder called ``~``."""
+    return " ('~' is not expanded: pass os.path.expanduser(path))" if str(path).startswith("~") else ""
+
+
 class InvalidImageError(MgrEngineError, ValueError):
     """An input image cannot be registered (constant, NaN/Inf, wrong dimension, empty)."""
 

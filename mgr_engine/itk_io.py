@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ImageReadError, InvalidImageError, MaskMismatchError, MissingDependencyError, OutputWriteError
+from .errors import (ImageReadError, InvalidImageError, MaskMismatchError, MissingDependencyError, OutputWriteError,
+                     tilde_hint)
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def load_image(image, name: str = "input", grid_only: bool = False, on_grid_of=N
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.exists():
-            raise ImageReadError(f"{name} image {str(path)!r} does not exist; check the path.")
+            raise ImageReadError(f"{name} image {str(path)!r} does not exist{tilde_hint(path)}; check the path.")
         if path.is_file() and path.stat().st_size == 0:
             raise ImageReadError(f"{name} image {str(path)!r} is empty (0 bytes); re-export or copy it again.")
         if _suffix(path).lower() in _MGH_SUFFIXES:
@@ -1063,7 +1064,8 @@ def _suffix(path: Path) -> str:
 def _output_directory(path: Path) -> Path:
     """The folder ``path`` goes into; :class:`OutputWriteError` where there is none."""
     if not path.parent.is_dir():
-        raise OutputWriteError(f"output directory {str(path.parent)!r} does not exist; create it first.")
+        raise OutputWriteError(f"output directory {str(path.parent)!r} does not exist{tilde_hint(path)}; create it "
+                               "first.")
     return path.parent
 
 
@@ -1680,7 +1682,7 @@ def read_transform(path):
     import itk
 
     if not Path(path).is_file():  # else ITK's HDF5 library prints a page of diagnostics first
-        what = "is a directory" if Path(path).is_dir() else "does not exist"
+        what = "is a directory" if Path(path).is_dir() else f"does not exist{tilde_hint(path)}"
         raise ImageReadError(f"transform {str(path)!r} {what}; give the path of an ITK .h5/.tfm file.")
     if _suffix(Path(path)).lower() in _IMAGE_IO_BY_SUFFIX:
         return field_image_transform(path)

@@ -43,7 +43,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import ImageReadError, InvalidOptionError, InvalidPointsError
+from .errors import ImageReadError, InvalidOptionError, InvalidPointsError, tilde_hint
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def read_points(path, coordinate_system: str | None = None, voxel_indices: bool 
         coordinate_system = _VOXEL
     path = Path(path)
     if not path.is_file():
-        what = "is a directory; give a file" if path.is_dir() else "does not exist; check the path"
+        what = "is a directory; give a file" if path.is_dir() else f"does not exist{tilde_hint(path)}; check the path"
         raise ImageReadError(f"points file {str(path)!r} {what}.")
     try:
         text = path.read_text(encoding="utf-8-sig")

@@ -520,6 +520,24 @@ def test_unusable_checkpoint_file(narrow_net, tmp_path, save, message):
         Engine(weights=path, config=narrow_net.config, device="cpu")
 
 
+def test_a_path_that_starts_with_a_tilde_is_told_it_is_not_expanded(engine, narrow_net):
+    """Python, ITK and mgr_engine do not expand '~' (a shell does): "~/t1.nii.gz" was said not to
+    exist, and "~/out/t.h5" to want its folder '~/out' created, a folder named '~'."""
+    hint = re.escape("('~' is not expanded: pass os.path.expanduser(path))")
+    with pytest.raises(ImageReadError, match=r"fixed image '~/t1.nii.gz' does not exist " + hint):
+        register(engine, fixed="~/t1.nii.gz")
+    with pytest.raises(WeightsNotFoundError, match=r"weights file '~/w.trch' does not exist " + hint):
+        Engine(weights="~/w.trch", config=narrow_net.config, device="cpu")
+    with pytest.raises(OutputWriteError, match=r"output directory '~/out' does not exist " + hint):
+        mgr_engine.write_image(itk_image(volume()), "~/out/image.nii.gz")
+    with pytest.raises(ImageReadError, match=r"transform '~/t.h5' does not exist " + hint):
+        mgr_engine.transform_points("~/t.h5", [[0.0, 0.0, 0.0]])
+    with pytest.raises(ImageReadError, match=r"points file '~/p.csv' does not exist " + hint):
+        mgr_engine.read_points("~/p.csv")
+    with pytest.raises(ImageReadError, match=r"fixed image '/nowhere/t1.nii.gz' does not exist; check the path"):
+        register(engine, fixed="/nowhere/t1.nii.gz")
+
+
 def test_missing_weights_path(narrow_net, tmp_path):
     path = tmp_path / "nowhere" / "Step_2_final.trch"
     with pytest.raises(WeightsNotFoundError, match=r"does not exist; check the path") as info:
