@@ -487,13 +487,16 @@ class Engine:
     def _prepare_image(self, image, modality: str, name: str, mask, *, masking, io_iterations, ct_window,
                        quantile_range, orient_like=None):
         """One image of a pair (and its mask) read, checked and preprocessed for the network:
-        ``(ITK image, network input, IO's loss mask on the network grid or None)``.
-        ``orient_like``: an image whose voxel axes this one's are reordered onto, where they differ."""
+        ``(ITK image, network input, IO's loss mask on the network grid or None, grid as given)``.
+        ``orient_like``: an image whose voxel axes this one's are reordered onto, where they differ;
+        the grid as given is then the image's before (None where it was not reordered)."""
         itk_image = itk_io.load_image(image, name)
         mask_array = self._load_mask(mask, itk_image, name)
+        grid_as_given = None
         if orient_like is not None:
             axes = itk_io.matching_axes(itk_io.ImageGrid.of(itk_image).direction, itk_io.ImageGrid.of(orient_like).direction)
             if axes not in (None, itk_io.IDENTITY_AXES):  # None: left as it is, and warned about
+                grid_as_given = itk_io.ImageGrid.of(itk_image)
                 itk_image = itk_io.reordered_image(itk_image, *axes)
                 mask_array = None if mask_array is None else itk_io.reordered_voxels(mask_array, *axes)
         tensor = self.preprocess(itk_image, modality, name=name, mask=mask_array if masking in ("input", "both") else None,
@@ -506,7 +509,7 @@ class Engine:
                     f"{name} mask's {int((mask_array != 0).sum())} voxels fall between the samples of the network's "
                     f"{'x'.join(map(str, self.input_shape))} grid, so IO's similarity would see none of the image: "
                     "give a larger mask (a region, not a few voxels), or none.")
-        return itk_image, tensor, loss_mask
+        return itk_image, tensor, loss_mask, grid_as_given
 
     def _prepare_pair(self, fixed, moving, *, fixed_modality, moving_modality, fixed_mask, moving_mask, masking,
                       io_iterations, ct_window, quantile_range, match_orientation=False,
@@ -530,9 +533,10 @@ class Engine:
         if not io_iterations and masking == "loss" and (fixed_mask is not None or moving_mask is not None):
             log.warning("masks given for loss masking, but without instance optimization there is no loss: "
                         "they are not used (pass masking='input' to mask the network's input)")
-        (fixed_image, fixed_tensor, fixed_loss_mask), (moving_image, moving_tensor, moving_loss_mask) = (
+        (fixed_image, fixed_tensor, fixed_loss_mask, _), (moving_image, moving_tensor, moving_loss_mask, moving_grid) = (
             fixed_side, moving_side)
-        return _PreparedPair(fixed_image, moving_image, fixed_tensor, moving_tensor, fixed_loss_mask, moving_loss_mask)
+        return _PreparedPair(fixed_image, moving_image, fixed_tensor, moving_tensor, fixed_loss_mask, moving_loss_mask,
+                             moving_grid)
 
     def _check_orientations(self, fixed_image, moving_image) -> None:
         """Warn (once per engine and pair of orientations) where the two images' voxel axes point
@@ -570,6 +574,7 @@ class Engine:
             fixed=pair.fixed_image, moving=pair.moving_image, phi_ab=phi_ab.detach().cpu(),
             phi_ba=None if phi_ba is None else phi_ba.detach().cpu(), io_losses=list(losses),
             device=self.device, _inverse=functools.partial(self.predict_map, pair.fixed, pair.moving),
+            _moving_grid_as_given=pair.moving_grid_as_given,
         )
 
     def register(self, fixed, moving, *, fixed_modality: str = "mri", moving_modality: str = "mri",
@@ -682,6 +687,7 @@ class _PreparedPair:
     moving: torch.Tensor
     fixed_loss_mask: torch.Tensor | None = None
     moving_loss_mask: torch.Tensor | None = None
+    moving_grid_as_given: object = None  # where match_orientation reordered the moving image: its grid before
 
 
 @dataclass
@@ -817,6 +823,9 @@ class RegistrationResult:
     device: torch.device = torch.device("cpu")
     _inverse: object = None
     _cache: dict = field(default_factory=dict, repr=False)
+    # The moving image's grid as the caller gave it, where match_orientation reordered ``moving``:
+    # an array of the moving image (labels to warp) lies on it, not on the reordered copy's.
+    _moving_grid_as_given: object = None
 
     @property
     def transform(self):
@@ -847,6 +856,10 @@ class RegistrationResult:
         without the outputs computed so far (ITK transforms), which are computed again."""
         return {**self.__dict__, "_inverse": None, "_cache": {}}
 
+    def _moving_arrays_grid(self):
+        """The grid an array of the moving image's shape lies on: the moving image's as given."""
+        return self.moving if self._moving_grid_as_given is None else self._moving_grid_as_given
+
     def _grid_transform(self) -> resample.GridTransform:
         """:attr:`transform` as arrays, what the engine evaluates it with: the same numbers ITK's
         transform holds (its displacement field's own buffer, not a copy)."""
@@ -854,7 +867,7 @@ class RegistrationResult:
 
     def warp(self, image=None, interpolation: str = "linear"):
         """``image`` (default: the moving image; any image in moving space; an array of the moving
-        image's shape lies on its grid) resampled onto the fixed grid through :attr:`transform`;
+        image's shape lies on its grid as given, before ``match_orientation``'s reordering) resampled onto the fixed grid through :attr:`transform`;
         ``interpolation`` is ``"linear"`` or ``"nearest"`` (for label maps: a label map warped
         linearly is warned of). Keeps the pixel type; 0 outside the image.
 
@@ -863,7 +876,7 @@ class RegistrationResult:
         if image is None:
             image = self.moving
         else:
-            image = itk_io.load_image(image, "image to warp", on_grid_of=self.moving)
+            image = itk_io.load_image(image, "image to warp", on_grid_of=self._moving_arrays_grid())
             warn_if_linear_on_labels(image, interpolation)
         return itk_io.warp_image(self._grid_transform(), image, self.fixed, interpolation, self.device)
 
@@ -919,7 +932,7 @@ class RegistrationResult:
 
         fixed_labels = itk_io.load_image(fixed_labels, "fixed labels", on_grid_of=self.fixed)
         itk_io.check_same_grid(fixed_labels, self.fixed, "fixed labels")
-        moving_labels = itk_io.load_image(moving_labels, "moving labels", on_grid_of=self.moving)
+        moving_labels = itk_io.load_image(moving_labels, "moving labels", on_grid_of=self._moving_arrays_grid())
         return dice_before_and_after(fixed_labels, moving_labels, self.warp(moving_labels, "nearest"))
 
     def save(self, transform_path) -> None:
@@ -1013,7 +1026,8 @@ def register(fixed, moving, *, fixed_modality: str = "mri", moving_modality: str
             series stored LPS and a NIfTI file stored RAS) it sees the moving anatomy flipped or
             turned, and a warning says so. ``True`` first reorders the moving image's voxels
             onto the fixed image's axes (each voxel keeps its physical position; the result's
-            ``moving`` is that copy), as the reference does not: off by default.
+            ``moving`` is that copy, while arrays given to its ``warp`` and ``dice`` still lie on
+            the moving image's grid as given), as the reference does not: off by default.
 
     Returns:
         :class:`RegistrationResult` with ``transform`` (fixed point -> moving point),

@@ -98,6 +98,33 @@ def test_a_moving_image_stored_in_another_order_is_warned_about_and_matched_on_r
     results = list(engine.register_many([(fixed, moving_stored_otherwise)], match_orientation=True, io_iterations=None))
     np.testing.assert_array_equal(results[0].phi_ab.numpy(), engine.register(fixed, moving, io_iterations=None).phi_ab.numpy())
 
+    # An array of the moving image as given (its labels, say) lies on that image's grid, not on
+    # the reordered copy's: of the same shape there after a flip, it was warped flipped, silently.
+    labels = itk.array_from_image(mask_stored_otherwise)
+    fixed_labels = itk.array_from_image(itk_io.resample(mask, expected.transform, fixed, "nearest"))
+    for result in (matched, results[0]):
+        warped = itk.array_view_from_image(result.warp(mask_stored_otherwise, "nearest"))
+        assert warped.any()
+        np.testing.assert_array_equal(itk.array_view_from_image(result.warp(labels, "nearest")), warped)
+        assert result.dice(fixed_labels, labels) == result.dice(fixed_labels, mask_stored_otherwise)
+
+
+def test_an_array_of_a_flipped_moving_image_is_warped_where_it_was_given():
+    """A moving image stored RAS against an LPS fixed one: match_orientation flips its x and y
+    axes, keeping its shape, so an array of its labels was taken for the flipped copy's and
+    warped mirrored, half its voxels wrong, without a word."""
+    import mgr_engine
+
+    fixed = oblique_image(smooth_volume((20, 22, 18), seed=1) * 1000, [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], (0, 0, 0))
+    moving = itk_io.reordered_image(fixed, (0, 1, 2), (True, True, False))  # stored RAS
+    labels = (itk.array_from_image(moving) > 500).astype(np.uint8)
+    label_image = itk.image_from_array(labels)
+    label_image.CopyInformation(moving)
+    result = mgr_engine.register(fixed, moving, model="compact", io_iterations=None, match_orientation=True,
+                                 progress=False)
+    expected = itk.array_view_from_image(result.warp(label_image, "nearest"))
+    np.testing.assert_array_equal(itk.array_view_from_image(result.warp(labels, "nearest")), expected)
+
 
 def test_the_command_matches_orientations_on_request(tmp_path):
     from mgr_engine import cli
