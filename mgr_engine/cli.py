@@ -34,6 +34,10 @@ PHYSICAL_JACOBIAN_HELP = (
     "oblique images")
 
 
+def _pairs(count: int) -> str:
+    return f"{count} pair{'' if count == 1 else 's'}"
+
+
 def _io_iterations(text: str):
     if text in ("None", "none", "0"):
         return None
@@ -335,11 +339,11 @@ def run_register_many(args) -> None:
     without_inverse = [name for name, there in zip(names, transforms_there) if args.resume and not there
                        and (out_dir / f"{name}_transform.h5").is_file()]
     if without_inverse:
-        log.info("--resume: %d pairs with a transform file but no inverse (%s, ...) are registered again",
-                 len(without_inverse), without_inverse[0])
+        log.info("--resume: registering again %s with a transform file but no inverse (%s, ...)",
+                 _pairs(len(without_inverse)), without_inverse[0])
     if unrecorded:
-        log.info("--resume: %d pairs whose transform %s does not list (%s, ...; registered with other options, or "
-                 "stopped before their record) are registered again", len(unrecorded), _SETTINGS_FILE, unrecorded[0])
+        log.info("--resume: registering again %s whose transform %s does not list (%s, ...; registered with other "
+                 "options, or stopped before their record)", _pairs(len(unrecorded)), _SETTINGS_FILE, unrecorded[0])
     if args.resume and any(saved) and not record:
         log.warning("--resume: %s is missing, so that the pairs registered there had the same model and options as "
                     "this run is not checked", out_dir / _SETTINGS_FILE)
@@ -432,18 +436,18 @@ def run_register_many(args) -> None:
         first_done = first_done or time.perf_counter()
     if errors_by_pair:
         before, after = (np.concatenate(errors) for errors in zip(*errors_by_pair))
-        results_log.info("target registration error over %d landmarks of %d pairs: mean %.2f mm before, %.2f mm "
-                         "after (median %.2f, max %.2f)", len(after), len(errors_by_pair), before.mean(), after.mean(),
+        results_log.info("target registration error over %d landmarks of %s: mean %.2f mm before, %.2f mm "
+                         "after (median %.2f, max %.2f)", len(after), _pairs(len(errors_by_pair)), before.mean(), after.mean(),
                          np.median(after), after.max())
     if overlaps:
         before, after = (np.mean([np.mean(list(dice.values())) for dice in dices]) for dices in zip(*overlaps))
-        results_log.info("Dice over the labels of %d pairs (mean of each pair's mean): %.3f before, %.3f after",
-                         len(overlaps), before, after)
+        results_log.info("Dice over the labels of %s (mean of each pair's mean): %.3f before, %.3f after",
+                         _pairs(len(overlaps)), before, after)
     elapsed = time.perf_counter() - started
     per_pair = (f": the first {first_done - started:.1f} s (start-up included), then "
                 f"{(elapsed - (first_done - started)) / (len(names) - 1):.2f} s a pair") if len(names) > 1 else ""
-    log.info("wrote the outputs of %d pairs (%d registered, %d from their transform files) to %s in %.1f s%s",
-             len(names), saved.count(False), sum(saved), out_dir, elapsed, per_pair)
+    log.info("wrote the outputs of %s (%d registered, %d from their transform files) to %s in %.1f s%s",
+             _pairs(len(names)), saved.count(False), sum(saved), out_dir, elapsed, per_pair)
 
 
 _SETTINGS_FILE = "register_many.json"
@@ -548,8 +552,8 @@ def _records_kept(settings: dict, record: dict, recorded_inputs: dict, names, ou
         return recorded_inputs
     left_out = [name for name in recorded_inputs if name not in names and (out_dir / f"{name}_transform.h5").is_file()]
     if left_out:
-        log.warning("%d pairs in %s that this table does not list (%s, ...) were registered with other options; %s "
-                    "now records this run's, so --resume would register them again", len(left_out), out_dir,
+        log.warning("%s in %s that this table does not list (%s, ...) had been registered with other options; %s "
+                    "now records this run's, so --resume would register them again", _pairs(len(left_out)), out_dir,
                     left_out[0], _SETTINGS_FILE)
     return {}
 
@@ -640,8 +644,8 @@ def _registrations(args, names, pairs, saved, out_dir, weights):
     if a pair is left to register: before anything is written, so that a checkpoint of another
     architecture or an option out of range leaves the folder as it was."""
     if any(saved):
-        log.info("--resume: %d of %d pairs registered by an earlier run, evaluated from their transform files",
-                 sum(saved), len(names))
+        log.info("--resume: %d of %s registered by an earlier run, evaluated from their transform files",
+                 sum(saved), _pairs(len(names)))
     left = [pair for pair, done in zip(pairs, saved) if not done]
     results = iter(())
     if left:

@@ -591,12 +591,12 @@ def test_cli_resume_registers_again_what_a_run_with_other_options_left_unrecorde
     b_transform = (out / "b_transform.h5").read_bytes()
     with caplog.at_level("INFO", logger="mgr_engine"):
         assert cli.main([*command, str(tmp_path / "a.csv"), "--moving_modality", "ct"]) == 0
-        assert re.search(r"1 pairs in .*out that this table does not list \(b, \.\.\.\) were registered with other "
-                         "options", caplog.text)
+        assert re.search(r"1 pair in .*out that this table does not list \(b, \.\.\.\) had been registered with "
+                         "other options", caplog.text)
         assert recorded_pairs() == ["a"]
         caplog.clear()
         assert cli.main([*command, str(tmp_path / "pairs.csv"), "--moving_modality", "ct", "--resume"]) == 0
-    assert "1 pairs whose transform register_many.json does not list (b, ...;" in caplog.text
+    assert "registering again 1 pair whose transform register_many.json does not list (b, ...;" in caplog.text
     assert "1 of 2 pairs registered by an earlier run" in caplog.text
     assert recorded_pairs() == ["a", "b"] and (out / "b_transform.h5").read_bytes() != b_transform
     # an unreadable record is replaced by a run without --resume (refused by one with it)
