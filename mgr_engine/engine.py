@@ -388,7 +388,7 @@ class Engine:
         from tqdm.auto import tqdm
 
         check_io_iterations(iterations)
-        if iterations < 1:
+        if iterations is None or iterations < 1:
             raise InvalidOptionError("instance optimization needs iterations >= 1 (use predict_map for none)")
         iterations = int(iterations)
         check_io_lr(lr)
@@ -419,7 +419,8 @@ class Engine:
                         optimizer.zero_grad(set_to_none=True)
                         loss, _, _ = gradicon_objective(net, moving, fixed, sim, lmbda=lmbda, generator=generator, **masks)
                         step_losses.append(loss.detach())
-                        if (step + 1) % check_every == 0 and not torch.isfinite(torch.stack(step_losses[-check_every:])).all():
+                        recent = step_losses[-check_every:]
+                        if (step + 1) % check_every == 0 and not torch.isfinite(torch.stack(recent)).all():
                             break
                         loss.backward()
                         optimizer.step()
@@ -867,9 +868,10 @@ class RegistrationResult:
 
     def warp(self, image=None, interpolation: str = "linear"):
         """``image`` (default: the moving image; any image in moving space; an array of the moving
-        image's shape lies on its grid as given, before ``match_orientation``'s reordering) resampled onto the fixed grid through :attr:`transform`;
-        ``interpolation`` is ``"linear"`` or ``"nearest"`` (for label maps: a label map warped
-        linearly is warned of). Keeps the pixel type; 0 outside the image.
+        image's shape lies on its grid as given, before ``match_orientation``'s reordering)
+        resampled onto the fixed grid through :attr:`transform`; ``interpolation`` is ``"linear"``
+        or ``"nearest"`` (for label maps: a label map warped linearly is warned of). Keeps the
+        pixel type; 0 outside the image.
 
         What ``itk.ResampleImageFilter`` computes through :attr:`transform` (an integer type
         truncated, as ITK does), evaluated on the engine's device (:func:`mgr_engine.itk_io.warp_image`)."""
