@@ -473,7 +473,7 @@ class Engine:
         return itk_io.voxel_array(mask_image)
 
     def _check_options(self, *, fixed_modality, moving_modality, io_iterations, io_sim, io_lr, masking, ct_window,
-                       quantile_range) -> None:
+                       quantile_range, seed) -> None:
         """Refuse unknown or impossible options before any image is read."""
         if masking not in MASKING_MODES:
             raise InvalidOptionError(f"unknown masking {masking!r}: choose one of {', '.join(MASKING_MODES)}")
@@ -481,6 +481,11 @@ class Engine:
         check_modality(moving_modality, "moving")
         check_intensity_ranges(ct_window, quantile_range)
         check_io_iterations(io_iterations)
+        # torch.manual_seed takes a Python int only: NumPy's (a seed drawn by rng.integers), a
+        # float or a string failed with a bare TypeError/RuntimeError after the images were read
+        if seed is not None and not (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
+                                     and -2**63 <= seed < 2**64):
+            raise InvalidOptionError(f"seed must be a whole number (a 64-bit integer) or None, got {seed!r}")
         if io_iterations:
             similarity_by_name(io_sim)
             check_io_lr(io_lr)
@@ -564,7 +569,7 @@ class Engine:
 
     def _optimize_pair(self, pair: "_PreparedPair", *, io_iterations, io_sim, io_lr, progress, seed) -> "RegistrationResult":
         """Instance optimization on one prepared pair, and its result."""
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
         phi_ab, phi_ba, losses = self.instance_optimize(
             pair.moving, pair.fixed, iterations=io_iterations, similarity=io_sim, lr=io_lr,
             moving_mask=pair.moving_loss_mask, fixed_mask=pair.fixed_loss_mask, generator=generator, progress=progress)
@@ -587,7 +592,7 @@ class Engine:
         started = time.perf_counter()
         self._check_options(fixed_modality=fixed_modality, moving_modality=moving_modality, io_iterations=io_iterations,
                             io_sim=io_sim, io_lr=io_lr, masking=masking, ct_window=ct_window,
-                            quantile_range=quantile_range)
+                            quantile_range=quantile_range, seed=seed)
         pair = self._prepare_pair(fixed, moving, fixed_modality=fixed_modality, moving_modality=moving_modality,
                                   fixed_mask=fixed_mask, moving_mask=moving_mask, masking=masking,
                                   io_iterations=io_iterations, ct_window=ct_window, quantile_range=quantile_range,
@@ -637,7 +642,7 @@ class Engine:
                                      f"and {prefetch!r}")
         self._check_options(fixed_modality=fixed_modality, moving_modality=moving_modality, io_iterations=io_iterations,
                             io_sim=io_sim, io_lr=io_lr, masking=masking, ct_window=ct_window,
-                            quantile_range=quantile_range)
+                            quantile_range=quantile_range, seed=seed)
 
         fixed_cache = {}  # pairs with one fixed file (an atlas) read and preprocess it once
         # Relative paths are taken from the directory of this call, in this thread: ITK's lazy

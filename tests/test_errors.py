@@ -269,6 +269,8 @@ def test_unknown_similarity_fails_before_any_work(engine, monkeypatch):
     *(pytest.param(dict(io_iterations=steps), rf"io_iterations must be a whole number of steps >= 0 \(None or 0: no "
                    rf"instance optimization\), got {re.escape(repr(steps))}", id=f"io-iterations-{steps!r}")
       for steps in (2.5, True, "2", float("nan"), -1)),
+    *(pytest.param(dict(io_iterations=1, seed=seed), rf"seed must be a whole number \(a 64-bit integer\) or None, "
+                   rf"got {re.escape(repr(seed))}", id=f"seed-{seed!r}") for seed in ("1", 1.5, True, 2**70)),
 ])
 def test_impossible_options_fail_before_any_work(engine, monkeypatch, options, message):
     """Before: a quantile above 1 was clamped to the image's maximum (as the reference does), so
@@ -293,6 +295,13 @@ def test_an_mri_whose_quantiles_meet_says_why(engine):
     with pytest.raises(InvalidImageError, match=r"its 0.5 and 0.9 quantiles.*both 0: at least 40 %.*widen quantile_range"):
         register(engine, fixed=sparse, quantile_range=(0.5, 0.9))
     register(engine, fixed=sparse, quantile_range=(0, 1))
+
+
+def test_a_numpy_integer_seeds_io_as_a_python_one_does(engine):
+    """torch's manual_seed takes Python ints only: a seed drawn by NumPy (rng.integers) raised a
+    bare TypeError once the images had been read and preprocessed."""
+    seeded = register(engine, io_iterations=1, seed=np.int64(7)).io_losses
+    assert seeded == register(engine, io_iterations=1, seed=7).io_losses
 
 
 def test_the_command_warns_of_an_intensity_range_its_modalities_do_not_use(tmp_path, caplog):
