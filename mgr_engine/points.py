@@ -57,7 +57,13 @@ _VOXEL = "voxel"  # read_points' coordinate system of a file of voxel indices
 
 
 def as_points(points, name: str = "points") -> np.ndarray:
-    """``points`` as an (N, 3) float64 array of finite numbers; :class:`InvalidPointsError` otherwise."""
+    """``points`` (an array, or a :class:`PointsFile` of points in mm) as an (N, 3) float64 array of
+    finite numbers; :class:`InvalidPointsError` otherwise."""
+    if isinstance(points, PointsFile):  # read_points' result, whose .points was meant
+        if points.coordinate_system == _VOXEL:
+            raise InvalidPointsError(f"{name} are voxel indices (read with voxel_indices=True): convert them to mm "
+                                     "first, with mgr_engine.points.indices_to_points(file.points, image).")
+        points = points.points
     if isinstance(points, (str, os.PathLike)):
         raise InvalidPointsError(f"{name} {str(points)!r} is a path, not points: read a points file with "
                                  "mgr_engine.read_points(path).points (in mm, LPS, whatever the file's convention).")
@@ -81,8 +87,9 @@ def transform_points(transform, points) -> np.ndarray:
     ITK's ``transform.TransformPoint`` maps each: for a registration's transform, fixed-space
     points (landmarks of the fixed image) -> their moving-space points.
 
-    ``transform``: an ITK transform or the path of a transform file (.h5, .tfm); ``points``: an
-    (N, 3) array (or one point). A transform of this engine's form (a displacement field between
+    ``transform``: an ITK transform, the path of a transform file (.h5, .tfm) or a
+    :class:`mgr_engine.RegistrationResult` (its ``transform``); ``points``: an (N, 3) array (or
+    one point) or a :class:`PointsFile` in mm. A transform of this engine's form (a displacement field between
     linear transforms, as this engine and unigradicon write) is evaluated for all points at once
     (:func:`mgr_engine.resample.transformed_points`), any other point by point by ITK. Points of
     the former outside the image it was computed on are warned of: there it has no displacement."""
@@ -92,6 +99,11 @@ def transform_points(transform, points) -> np.ndarray:
     points = as_points(points)
     if isinstance(transform, (str, os.PathLike)):
         transform = itk_io.read_transform(transform)
+    elif hasattr(transform, "phi_ab") and hasattr(transform, "transform"):  # a RegistrationResult
+        transform = transform.transform
+    if not hasattr(transform, "TransformPoint"):
+        raise InvalidOptionError(f"transform_points takes an ITK transform, a transform file's path or a registration "
+                                 f"result, not a {type(transform).__name__}.")
     grid = itk_io.grid_transform(transform)
     if grid is not None:
         outside = np.flatnonzero(points_outside_field(grid, points))

@@ -82,6 +82,24 @@ def test_points_outside_the_transforms_image_are_warned_of(registration, caplog)
             "image the transform was computed on") in caplog.text
 
 
+def test_a_points_file_and_a_result_are_taken_as_what_they_hold(registration, tmp_path):
+    """read_points' result and a registration result, given where their points and transform
+    were meant, failed: "points are not numbers (... not 'PointsFile')", and an AttributeError
+    ('RegistrationResult' object has no attribute 'GetNameOfClass'), as did None."""
+    path = write(tmp_path / "p.csv", "x,y,z\n-3.5,-2,1.25\n4,-6.5,3\n")
+    landmarks = points.read_points(path)
+    expected = registration.transform_points(landmarks.points)
+    np.testing.assert_array_equal(registration.transform_points(landmarks), expected)
+    np.testing.assert_array_equal(points.transform_points(registration, landmarks), expected)
+    with pytest.raises(InvalidOptionError, match=r"transform_points takes an ITK transform, a transform file's path "
+                                                 r"or a registration result, not a NoneType"):
+        points.transform_points(None, landmarks)
+    indices = points.read_points(write(tmp_path / "v.txt", "1 2 3\n"), voxel_indices=True)
+    with pytest.raises(InvalidPointsError, match=r"points are voxel indices \(read with voxel_indices=True\): "
+                                                 r"convert them to mm first"):
+        registration.transform_points(indices)
+
+
 def test_a_transform_file_of_another_layout_matches_itk(tmp_path):
     """A composite of an affine, a field on an oblique grid (displacement in mm) and another
     affine, read from a file by path."""
