@@ -178,7 +178,9 @@ class PointsFile:
         its own."""
         points = as_points(points)
         if len(points) != len(self.points):
-            raise InvalidPointsError(f"{len(points)} points for a file of {len(self.points)}")
+            count = f"{len(points)} point{'' if len(points) == 1 else 's'}"
+            raise InvalidPointsError(f"{count} to write in the layout of a file of {len(self.points)}: give one point "
+                                     "for each of its rows (like= is that file).")
         return self._render(points * self._signs)
 
 

@@ -100,6 +100,15 @@ def test_a_points_file_and_a_result_are_taken_as_what_they_hold(registration, tm
         registration.transform_points(indices)
 
 
+def test_points_written_in_a_files_layout_are_one_for_each_of_its_rows(tmp_path):
+    """The error said "1 points for a file of 2", not what to give."""
+    like = points.read_points(write(tmp_path / "p.csv", "x,y,z\n1,2,3\n4,5,6\n"))
+    with pytest.raises(InvalidPointsError, match=r"^1 point to write in the layout of a file of 2: give one point for "
+                                                 r"each of its rows \(like= is that file\)"):
+        points.write_points([[0.0, 0.0, 0.0]], tmp_path / "out.csv", like=like)
+    assert not (tmp_path / "out.csv").exists()
+
+
 def test_a_transform_file_of_another_layout_matches_itk(tmp_path):
     """A composite of an affine, a field on an oblique grid (displacement in mm) and another
     affine, read from a file by path."""
