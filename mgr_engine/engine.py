@@ -949,9 +949,33 @@ class RegistrationResult:
         itk_io.write_transform(self.transform, transform_path)
 
 
-@functools.lru_cache(maxsize=2)
+_ENGINE_CACHE = {}  # settings -> (their files' versions, Engine): the two used last, the latest last
+
+
 def _cached_engine(model, weights, device, backend="torch", onnx_model=None):
-    return Engine(model=model, weights=weights, device=device, backend=backend, onnx_model=onnx_model)
+    """The engine of these settings, made again where its checkpoint (or ONNX model) file was
+    rewritten since: keyed by the path alone, a checkpoint retrained or copied over the old one
+    at the same path went on being served from memory."""
+    settings = (model, weights, device, backend, onnx_model)
+    versions = (_file_version(resolve_weights(model, weights)), None if onnx_model is None else _file_version(onnx_model))
+    versions_and_engine = _ENGINE_CACHE.pop(settings, None)
+    if versions_and_engine is None or versions_and_engine[0] != versions:
+        versions_and_engine = None  # an outdated engine's memory is free before the new one loads
+        versions_and_engine = versions, Engine(model=model, weights=weights, device=device, backend=backend,
+                                               onnx_model=onnx_model)
+    _ENGINE_CACHE[settings] = versions_and_engine
+    while len(_ENGINE_CACHE) > 2:
+        del _ENGINE_CACHE[next(iter(_ENGINE_CACHE))]
+    return versions_and_engine[1]
+
+
+def _file_version(path) -> tuple:
+    """What changes when a file (or a folder's files) is written again: device, inode, size and
+    modification time of each."""
+    path = Path(path)
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path] if path.exists() else []
+    return tuple((file.name, info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+                 for file, info in ((file, file.stat()) for file in files))
 
 
 def register_many(pairs, *, model: str = "multigradicon", weights=None, device=None, batch_size: int = 1,
@@ -1039,8 +1063,9 @@ def register(fixed, moving, *, fixed_modality: str = "mri", moving_modality: str
     Returns:
         :class:`RegistrationResult` with ``transform`` (fixed point -> moving point),
         ``inverse_transform``, ``warp()``, ``displacement_field()``, ``jacobian_determinant()``
-        and ``save()``. The engine is cached, so repeated calls do not reload the weights;
-        use :class:`Engine` to control its lifetime. Threads share the cached engine; their IO
+        and ``save()``. The engine is cached, so repeated calls do not reload the weights
+        (unless the checkpoint file was written again since: its size and modification time are
+        compared); use :class:`Engine` to control its lifetime. Threads share the cached engine; their IO
         runs one call at a time (see :meth:`Engine.instance_optimize`).
     """
     return _engine_for(model, weights, device, backend, onnx_model).register(

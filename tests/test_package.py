@@ -33,3 +33,34 @@ def test_an_unknown_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="has no attribute 'Engin'"):
         mgr_engine.Engin  # noqa: B018
     assert not hasattr(mgr_engine, "Engin")
+
+
+def test_register_loads_a_checkpoint_again_once_it_is_rewritten_at_its_path(tmp_path):
+    """mgr_engine.register caches its engine by its settings: a checkpoint retrained, or another
+    copied over it at the same path, went on being served from memory, silently."""
+    import numpy as np
+    import torch
+
+    from helpers import randomize_
+    from mgr_engine import engine
+    from mgr_engine.model import GradICONNetwork, official_state_dict
+
+    path = tmp_path / "Step_2_final.trch"
+    fixed = np.random.default_rng(0).random((20, 22, 18)).astype(np.float32)
+    moving = np.ascontiguousarray(fixed[::-1])
+
+    def saved_and_registered(seed):
+        torch.save(official_state_dict(randomize_(GradICONNetwork(engine.MODELS["compact"]), seed)), path)
+        return mgr_engine.register(fixed, moving, model="compact", weights=path, io_iterations=None,
+                                   progress=False).phi_ab
+
+    first = saved_and_registered(1)
+    cached = engine._ENGINE_CACHE[("compact", str(path), None, "torch", None)][1]
+    assert torch.equal(mgr_engine.register(fixed, moving, model="compact", weights=path, io_iterations=None,
+                                           progress=False).phi_ab, first)
+    assert engine._ENGINE_CACHE[("compact", str(path), None, "torch", None)][1] is cached  # unchanged: kept
+    second = saved_and_registered(2)
+    assert not torch.equal(second, first)
+    expected = mgr_engine.Engine(model="compact", weights=path).register(fixed, moving, io_iterations=None,
+                                                                         progress=False).phi_ab
+    assert torch.equal(second, expected)

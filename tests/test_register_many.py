@@ -103,7 +103,7 @@ seen = []
 chdir = os.chdir
 from mgr_engine import engine
 # at each change: whether an engine was made already (then other threads were free to read images)
-os.chdir = lambda path: (seen.append(engine._cached_engine.cache_info().currsize), chdir(path))
+os.chdir = lambda path: (seen.append(len(engine._ENGINE_CACHE)), chdir(path))
 volume = (np.indices((20, 24, 22)).sum(axis=0) % 7).astype(np.float32)
 errors = []
 def register():
