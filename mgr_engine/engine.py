@@ -957,7 +957,9 @@ def _cached_engine(model, weights, device, backend="torch", onnx_model=None):
     rewritten since: keyed by the path alone, a checkpoint retrained or copied over the old one
     at the same path went on being served from memory."""
     settings = (model, weights, device, backend, onnx_model)
-    versions = (_file_version(resolve_weights(model, weights)), None if onnx_model is None else _file_version(onnx_model))
+    # _file_key, as an image file's: a missing ONNX model is left for the engine's typed error
+    onnx_version = _file_key(onnx_model) if onnx_model is not None and Path(onnx_model).exists() else None
+    versions = (_file_key(resolve_weights(model, weights)), onnx_version)
     versions_and_engine = _ENGINE_CACHE.pop(settings, None)
     if versions_and_engine is None or versions_and_engine[0] != versions:
         versions_and_engine = None  # an outdated engine's memory is free before the new one loads
@@ -967,15 +969,6 @@ def _cached_engine(model, weights, device, backend="torch", onnx_model=None):
     while len(_ENGINE_CACHE) > 2:
         del _ENGINE_CACHE[next(iter(_ENGINE_CACHE))]
     return versions_and_engine[1]
-
-
-def _file_version(path) -> tuple:
-    """What changes when a file (or a folder's files) is written again: device, inode, size and
-    modification time of each."""
-    path = Path(path)
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path] if path.exists() else []
-    return tuple((file.name, info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
-                 for file, info in ((file, file.stat()) for file in files))
 
 
 def register_many(pairs, *, model: str = "multigradicon", weights=None, device=None, batch_size: int = 1,
