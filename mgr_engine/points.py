@@ -89,10 +89,11 @@ def transform_points(transform, points) -> np.ndarray:
 
     ``transform``: an ITK transform, the path of a transform file (.h5, .tfm) or a
     :class:`mgr_engine.RegistrationResult` (its ``transform``); ``points``: an (N, 3) array (or
-    one point) or a :class:`PointsFile` in mm. A transform of this engine's form (a displacement field between
-    linear transforms, as this engine and unigradicon write) is evaluated for all points at once
-    (:func:`mgr_engine.resample.transformed_points`), any other point by point by ITK. Points of
-    the former outside the image it was computed on are warned of: there it has no displacement."""
+    one point) or a :class:`PointsFile` in mm. A transform of this engine's form (a displacement
+    field between linear transforms, as this engine and unigradicon write) is evaluated for all
+    points at once (:func:`mgr_engine.resample.transformed_points`), any other point by point by
+    ITK. Points of the former outside the image it was computed on are warned of: there it has
+    no displacement."""
     from . import itk_io
     from .resample import points_outside_field, transformed_points
 
