@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -195,6 +196,64 @@ def check_io_iterations(iterations) -> None:
                                  f"optimization), got {iterations!r}")
 
 
+def network_input(tensor, name: str, shape, *, check_values: bool = True, warn_range=None) -> torch.Tensor:
+    """``tensor`` (a torch tensor or a numpy array) checked as the network's input, float32:
+    ``(B, 1, *shape)``, floating point, and (``check_values``) finite and within [0, 1], as
+    :meth:`Engine.preprocess` gives it. Values outside [0, 1] go to ``warn_range(message)``, not
+    refused: a normalization of one's own may overshoot a little, harmlessly. A double array ran
+    into "Input type (double) and bias type (float)", a missing batch axis into "rank 5 tensor",
+    raw CT values gave a map without a word."""
+    if not isinstance(tensor, torch.Tensor):
+        if not hasattr(tensor, "__array__"):
+            raise InvalidImageError(f"{name} is a {type(tensor).__name__}, not a tensor: give a (B, 1, "
+                                    f"{', '.join(map(str, shape))}) torch tensor preprocessed to [0, 1].")
+        tensor = torch.tensor(np.asarray(tensor))  # a copy: a read-only array is no trouble
+    expected = (1, *shape)
+    if tensor.dim() != 5 or tuple(tensor.shape[1:]) != expected:
+        hint = (" (tensor[None, None] adds the batch and channel axes)" if tuple(tensor.shape) == tuple(shape)
+                else "; images of other sizes go through Engine.preprocess, or Engine.register, which resize them")
+        raise InvalidImageError(f"{name} must be a (B, {', '.join(map(str, expected))}) tensor, a batch of volumes "
+                                f"on the network's grid, got {tuple(tensor.shape)}{hint}.")
+    if not tensor.is_floating_point():
+        raise InvalidImageError(f"{name} is {str(tensor.dtype).removeprefix('torch.')}: the network takes "
+                                "floating-point intensities preprocessed to [0, 1] (Engine.preprocess).")
+    tensor = tensor.float()
+    if check_values:
+        low, high = torch.aminmax(tensor)  # one pass (1 ms at 175^3); NaN propagates into both
+        if not (math.isfinite(low) and math.isfinite(high)):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise InvalidImageError(f"{name} has {bad} NaN or infinite voxels; the maps would be NaN. Replace them "
+                                    "(for example with the background value) first.")
+        if (low < 0 or high > 1) and warn_range is not None:
+            warn_range(f"{name}'s values span [{float(low):g}, {float(high):g}], not [0, 1]: the network was trained on "
+                       "intensities preprocessed to [0, 1] (Engine.preprocess, or Engine.register for images); raw "
+                       "values (CT in HU, MRI in scanner units) give a meaningless map")
+    return tensor
+
+
+def loss_mask_input(mask, name: str, image: torch.Tensor) -> torch.Tensor:
+    """IO's loss mask checked against its image (its shape broadcasts to the image's, every
+    volume keeps a voxel): a mask of another size raised torch's "expanded size", an empty one
+    left IO to optimize the regularizer alone, without a word."""
+    if not isinstance(mask, torch.Tensor):
+        mask = torch.tensor(np.asarray(mask))
+    try:
+        fits = torch.broadcast_shapes(mask.shape, image.shape) == image.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise InvalidImageError(f"{name} has shape {tuple(mask.shape)}, which does not fit its image's "
+                                f"{tuple(image.shape)}: give a mask on the network's grid.")
+    if mask.is_floating_point() and not torch.isfinite(mask).all():
+        raise InvalidImageError(f"{name} has NaN or infinite voxels; give a binary mask (0 outside, 1 inside).")
+    inside = (mask != 0).expand(image.shape).flatten(1).any(dim=1)
+    if not inside.all():
+        raise InvalidImageError(f"{name} is empty (no voxel inside) in volume {int((~inside).nonzero()[0])} of the "
+                                "batch: IO would optimize the regularizer alone there. Give a mask that covers "
+                                "the region to align, or none.")
+    return mask
+
+
 def gradicon_objective(network: GradICONNetwork, moving, fixed, similarity, *, lmbda=1.5,
                        moving_mask=None, fixed_mask=None, generator=None, loss_moving=None, loss_fixed=None):
     """The GradICON loss of the paper (eq. 3) for one pair, and both maps on the grid.
@@ -282,6 +341,7 @@ class Engine:
         self._weights_lock = threading.Lock()
         self._orientations_warned = set()  # (fixed's axis codes, moving's): warned once per engine
         self._modalities_warned = set()  # (image's role, modality): likewise
+        self._range_warned = False  # tensors outside [0, 1] given to predict_map or instance_optimize
         self._graph_lock = threading.Lock()
         self.model = model
         self.config = config or MODELS[model]
@@ -349,16 +409,40 @@ class Engine:
     def predict_map(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         """Map ``Phi[moving, fixed]`` (B, 3, *input_shape) in [0, 1] coordinates, one direction only.
 
-        ``moving``/``fixed``: (B, 1, *input_shape) tensors already preprocessed to [0, 1].
+        ``moving``/``fixed``: (B, 1, *input_shape) tensors (or arrays) already preprocessed to
+        [0, 1] (:meth:`preprocess`); other floating dtypes are computed in float32. Their values
+        (finite, within [0, 1]) are checked on the CPU only: on a GPU that would wait for it.
         """
+        moving, fixed = self._network_inputs(moving, fixed, check_values=None)
         if self.backend == "onnxruntime":
-            return self.inference_network(moving.float(), fixed.float()).to(self.device)
+            return self.inference_network(moving, fixed).to(self.device)
         layout = torch.channels_last_3d
         moving = moving.to(self.device).contiguous(memory_format=layout)
         fixed = fixed.to(self.device).contiguous(memory_format=layout)
         with self._graph_lock if self._outputs_reused else contextlib.nullcontext(), self._precision(self.precision):
             phi = self.inference_network(moving, fixed).float().contiguous()
             return phi.clone() if self._outputs_reused else phi
+
+    def _network_inputs(self, moving, fixed, *, check_values: bool | None):
+        """Both inputs checked (:func:`network_input`); ``check_values=None``: where they lie on
+        the CPU, where it costs no wait for a GPU."""
+        def on_cpu(tensor):  # an array: on the host
+            return not isinstance(tensor, torch.Tensor) or tensor.device.type == "cpu"
+
+        moving, fixed = (network_input(tensor, name, self.input_shape, warn_range=self._warn_range_once,
+                                       check_values=on_cpu(tensor) if check_values is None else check_values)
+                         for tensor, name in ((moving, "moving"), (fixed, "fixed")))
+        if len(moving) != len(fixed):
+            raise InvalidImageError(f"moving and fixed hold {len(moving)} and {len(fixed)} volumes: give one fixed "
+                                    "volume for each moving one.")
+        return moving, fixed
+
+    def _warn_range_once(self, message: str) -> None:
+        """Warn of network inputs outside [0, 1] once per engine: a loop over a data set would
+        repeat it for every pair."""
+        if not self._range_warned:
+            self._range_warned = True
+            log.warning("%s (said once per engine)", message)
 
     @contextlib.contextmanager
     def _precision(self, precision: str):
@@ -392,12 +476,19 @@ class Engine:
             raise InvalidOptionError("instance optimization needs iterations >= 1 (use predict_map for none)")
         iterations = int(iterations)
         check_io_lr(lr)
+        if not (isinstance(lmbda, numbers.Real) and math.isfinite(lmbda) and lmbda >= 0):
+            raise InvalidOptionError(f"lmbda (the GradICON regularizer's weight) must be a finite number >= 0 "
+                                     f"(the paper's is 1.5), got {lmbda!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise InvalidOptionError(f"generator must be a torch.Generator (torch.Generator().manual_seed(seed)) or "
+                                     f"None, got {type(generator).__name__}")
         sim = with_constant_targets(similarity_by_name(similarity))
         net = self.network
-        moving, fixed = moving.to(self.device), fixed.to(self.device)
+        # Checked on any device: one wait for the GPU before minutes of steps.
+        moving, fixed = (tensor.to(self.device) for tensor in self._network_inputs(moving, fixed, check_values=True))
         masks = {
-            "moving_mask": None if moving_mask is None else moving_mask.to(self.device),
-            "fixed_mask": None if fixed_mask is None else fixed_mask.to(self.device),
+            name: None if mask is None else loss_mask_input(mask, name, image).to(self.device)
+            for name, mask, image in (("moving_mask", moving_mask, moving), ("fixed_mask", fixed_mask, fixed))
         }
         with self._weights_lock:  # one IO at a time on these weights
             # The checkpoint's weights, to restore afterwards; on a GPU in host memory, where they
@@ -446,10 +537,12 @@ class Engine:
 
     # ------------------------------------------------------------- images
 
-    def preprocess(self, itk_image, modality: str, *, name: str, mask=None, ct_window=None, quantile_range=None):
-        """An ITK image normalized, optionally masked (``mask``: array on its grid), resized to
-        the network input: a tensor (1, 1, *input_shape)."""
-        array = itk_io.voxel_array(itk_image)
+    def preprocess(self, image, modality: str, *, name: str = "input", mask=None, ct_window=None,
+                   quantile_range=None):
+        """An image (anything :meth:`register` takes: a path, ``itk.Image``, array, ...) normalized,
+        optionally masked (``mask``: array on its grid), resized to the network input: a tensor
+        (1, 1, *input_shape) for :meth:`predict_map`. ``name`` names it in messages."""
+        array = itk_io.voxel_array(itk_io.load_image(image, name))
         low = check_volume(array, name)
         mismatch = modality_mismatch(array, modality, ct_window, low)
         if mismatch and (name, modality) not in self._modalities_warned:  # once per engine: a data set's pairs alike

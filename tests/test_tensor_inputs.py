@@ -1,0 +1,140 @@
+"""Tensors given straight to ``Engine.predict_map`` and ``Engine.instance_optimize`` (a real-time
+pipeline's way in): other floating dtypes and arrays computed as float32, wrong shapes, dtypes,
+NaN voxels, masks and options refused with typed errors that say what to give."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import smooth_volume
+from mgr_engine import Engine
+from mgr_engine.errors import InvalidImageError, InvalidOptionError
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(model="compact", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def inputs(engine):
+    moving, fixed = (torch.from_numpy(smooth_volume(engine.input_shape, seed)).clamp(0, 1)[None, None] for seed in (1, 2))
+    return moving, fixed
+
+
+def test_other_floating_dtypes_and_arrays_give_the_float32_map(engine, inputs):
+    moving, fixed = inputs
+    expected = engine.predict_map(moving, fixed)
+    assert expected.dtype == torch.float32
+    for given in ((moving.double(), fixed.double()), (moving.numpy(), fixed.numpy()),
+                  (moving.numpy().astype(np.float64), fixed.numpy())):
+        torch.testing.assert_close(engine.predict_map(*given), expected)
+    # bfloat16 rounds the intensities themselves: the same map within that rounding
+    halves = engine.predict_map(moving.bfloat16(), fixed.bfloat16())
+    assert halves.dtype == torch.float32 and (halves - expected).abs().max() < 0.02
+
+
+def grid(engine):
+    return ", ".join(map(str, engine.input_shape))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda m: m[0, 0], r"got \(64, 64, 64\) \(tensor\[None, None\] adds the batch and channel axes\)"),
+    (lambda m: m[0], r"got \(1, 64, 64, 64\); images of other sizes go through Engine.preprocess"),
+    (lambda m: m[..., :32], r"got \(1, 1, 64, 64, 32\)"),
+    (lambda m: m.expand(1, 2, -1, -1, -1), r"got \(1, 2, 64, 64, 64\)"),
+    (lambda m: (m * 255).to(torch.uint8), "moving is uint8: the network takes floating-point intensities"),
+    (lambda m: m.clone().index_put_((torch.tensor([0]),) * 5, torch.tensor(float("nan"))),
+     "moving has 1 NaN or infinite voxels"),
+    (lambda m: [1, 2, 3], r"moving is a list, not a tensor: give a \(B, 1, 64, 64, 64\) torch tensor"),
+    (lambda m: "moving.nii.gz", "moving is a str, not a tensor"),
+])
+def test_predict_map_refuses_what_is_not_a_network_input(engine, inputs, make, message):
+    moving, fixed = inputs
+    with pytest.raises(InvalidImageError, match=message) as caught:
+        engine.predict_map(make(moving), fixed)
+    if "must be" in str(caught.value):
+        assert f"(B, 1, {grid(engine)})" in str(caught.value)
+
+
+def test_batches_of_different_sizes_are_refused(engine, inputs):
+    moving, fixed = inputs
+    with pytest.raises(InvalidImageError, match="moving and fixed hold 2 and 1 volumes"):
+        engine.predict_map(torch.cat([moving, moving]), fixed)
+
+
+def test_values_outside_zero_to_one_are_warned_about_once_per_engine(inputs, caplog):
+    engine = Engine(model="compact", device="cpu")
+    moving, fixed = inputs
+    raw_ct = moving * 2000 - 1000
+    with caplog.at_level(logging.WARNING, logger="mgr_engine"):
+        engine.predict_map(moving, fixed)
+        assert not caplog.records
+        engine.predict_map(raw_ct, fixed)
+        engine.predict_map(raw_ct, fixed)
+    warned = [record.getMessage() for record in caplog.records]
+    assert len(warned) == 1 and "moving's values span [-998.773, 1000]" in warned[0] and "not [0, 1]" in warned[0]
+
+
+def test_instance_optimization_refuses_a_nan_image_as_the_image_not_as_a_learning_rate(engine, inputs):
+    moving, fixed = inputs
+    nan_fixed = fixed.clone()
+    nan_fixed[..., 3, 4, 5] = float("nan")
+    with pytest.raises(InvalidImageError, match="fixed has 1 NaN or infinite voxels"):
+        engine.instance_optimize(moving, nan_fixed, iterations=1, progress=False)
+
+
+@pytest.mark.parametrize("mask, message", [
+    (torch.zeros(1, 1, 64, 64, 64), "moving_mask is empty .* in volume 0 of the batch"),
+    (torch.ones(1, 1, 32, 32, 32), r"moving_mask has shape \(1, 1, 32, 32, 32\), which does not fit"),
+    (torch.full((64, 64, 64), float("nan")), "moving_mask has NaN or infinite voxels"),
+])
+def test_instance_optimization_refuses_loss_masks_that_would_mislead_it(engine, inputs, mask, message):
+    moving, fixed = inputs
+    with pytest.raises(InvalidImageError, match=message):
+        engine.instance_optimize(moving, fixed, iterations=1, progress=False, moving_mask=mask)
+
+
+def test_a_mask_empty_in_one_volume_of_a_batch_is_named(engine, inputs):
+    moving, fixed = (torch.cat([tensor, tensor]) for tensor in inputs)
+    mask = torch.ones(2, 1, 64, 64, 64)
+    mask[1] = 0
+    with pytest.raises(InvalidImageError, match="fixed_mask is empty .* in volume 1 of the batch"):
+        engine.instance_optimize(moving, fixed, iterations=1, progress=False, fixed_mask=mask)
+
+
+def test_instance_optimization_takes_arrays_and_masks_that_broadcast(engine, inputs):
+    moving, fixed = inputs
+    mask = np.zeros(engine.input_shape, bool)
+    mask[8:56, 8:56, 8:56] = True
+    _, _, given = engine.instance_optimize(moving.numpy(), fixed.double(), iterations=1, progress=False,
+                                           fixed_mask=mask, generator=torch.Generator().manual_seed(0))
+    _, _, expected = engine.instance_optimize(moving, fixed, iterations=1, progress=False,
+                                              fixed_mask=torch.from_numpy(mask).float()[None, None],
+                                              generator=torch.Generator().manual_seed(0))
+    assert given == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(lmbda=-1.0), "lmbda .* must be a finite number >= 0 .* got -1.0"),
+    (dict(lmbda="1.5"), "got '1.5'"),
+    (dict(lmbda=float("nan")), "got nan"),
+    (dict(generator=0), r"generator must be a torch.Generator \(torch.Generator\(\).manual_seed\(seed\)\) or None, got int"),
+])
+def test_instance_optimization_refuses_bad_options(engine, inputs, options, message):
+    with pytest.raises(InvalidOptionError, match=message):
+        engine.instance_optimize(*inputs, iterations=1, progress=False, **options)
+
+
+def test_preprocess_takes_what_register_takes(engine, tmp_path):
+    itk = pytest.importorskip("itk")
+    array = smooth_volume((30, 40, 50), seed=3) * 800 + 20
+    expected = engine.preprocess(itk.image_from_array(array), "mri", name="fixed")
+    assert expected.shape == (1, 1, *engine.input_shape) and 0 <= expected.min() and expected.max() <= 1
+    itk.imwrite(itk.image_from_array(array), str(tmp_path / "fixed.nii.gz"))
+    for given in (array, torch.from_numpy(array), tmp_path / "fixed.nii.gz", str(tmp_path / "fixed.nii.gz")):
+        assert torch.equal(engine.preprocess(given, "mri", name="fixed"), expected)
+    with pytest.raises(InvalidImageError, match="input array has 2 dimensions"):
+        engine.preprocess(array[0], "mri")
