@@ -51,9 +51,21 @@ class NetworkConfig:
     up_channels: tuple = (16, 32, 64, 128, 256)
 
     def __post_init__(self):
-        shape = tuple(self.input_shape)
+        # Tuples, whatever sequence was given (a config read from JSON has lists): the config is
+        # hashed and compared with the models' own.
+        for name in ("input_shape", "down_channels", "up_channels"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        shape = self.input_shape
         if len(shape) != 3 or not all(isinstance(n, numbers.Integral) and n > 0 for n in shape):
             raise InvalidOptionError(f"network input shape {shape}: give three positive integers (D, H, W)")
+        down, up = self.down_channels, self.up_channels
+        if not all(isinstance(n, numbers.Integral) and n > 0 for n in down + up) or not up:
+            raise InvalidOptionError(f"network channels down {down}, up {up}: give positive integers, at least one "
+                                     "level")
+        if len(down) != len(up) + 1 or down[0] != 2:
+            raise InvalidOptionError(
+                f"network channels down {down}, up {up}: down_channels starts with 2 (the moving and fixed "
+                f"images) and has one entry more than up_channels ({len(down)} and {len(up)} given)")
         # The quarter-resolution U-Net (input ceil(n / 4)) average-pools its input once per
         # level, and torch refuses to pool an axis of 1 voxel.
         smallest = self.smallest_input_size()

@@ -117,15 +117,7 @@ class TrainConfig:
         bad = [f"{name} {getattr(self, name)!r} (needs {bound})" for name, (ok, bound) in ranges.items() if not ok]
         if bad:
             raise InvalidOptionError(f"training options out of range: {'; '.join(bad)}")
-        if len(self.down_channels) != len(self.up_channels) + 1 or self.down_channels[0] != 2:
-            raise InvalidOptionError("down_channels needs one entry more than up_channels and starts with 2")
-        size = min(self.network_config().level_shapes()[2])
-        for _ in range(len(self.up_channels) - 1):
-            size = -(-size // 2)
-        if size < 2:
-            raise InvalidOptionError(
-                f"input_shape {tuple(self.input_shape)} is too small for U-Nets {len(self.up_channels)} levels deep: the "
-                "quarter-resolution input must stay at least 2 voxels wide at the deepest level (use fewer levels)")
+        self.network_config()  # channels and input shape, checked by NetworkConfig
         return self
 
 

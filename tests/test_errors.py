@@ -367,6 +367,29 @@ def test_network_input_shape_not_three_sizes(shape):
         NetworkConfig(input_shape=shape)
 
 
+@pytest.mark.parametrize("channels, message", [
+    (dict(down_channels=(1, 4, 8, 8), up_channels=(4, 8, 8)), r"starts with 2 \(the moving and fixed images\)"),
+    (dict(down_channels=(2, 4, 8), up_channels=(4, 8, 8)), r"one entry more than up_channels \(3 and 3 given\)"),
+    (dict(down_channels=(2, 4, -8, 8), up_channels=(4, 8, 8)), "give positive integers"),
+    (dict(down_channels=(2, 4.0, 8, 8), up_channels=(4, 8, 8)), "give positive integers"),
+    (dict(down_channels=(2,), up_channels=()), "at least one level"),
+])
+def test_network_channels_that_build_no_network(channels, message):
+    """Refused where the configuration is made: a first entry of 1 built a network whose first
+    forward failed, a negative count was torch's "negative dimension"."""
+    with pytest.raises(InvalidOptionError, match=message):
+        NetworkConfig(input_shape=(40, 40, 40), **channels)
+
+
+def test_a_network_configuration_of_lists_is_the_one_of_tuples():
+    """A configuration read from JSON (lists) is hashable and equal to the model's own."""
+    from mgr_engine.engine import COMPACT_CONFIG
+
+    config = NetworkConfig(*(list(value) for value in (COMPACT_CONFIG.input_shape, COMPACT_CONFIG.down_channels,
+                                                       COMPACT_CONFIG.up_channels)))
+    assert config == COMPACT_CONFIG and hash(config) == hash(COMPACT_CONFIG)
+
+
 def volume_tensor(config):
     return torch.rand(1, 1, *config.input_shape)
 
