@@ -14,7 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..errors import InvalidOptionError, OnnxError, OutputWriteError, tilde_hint
+from ..errors import OnnxError, OutputWriteError, tilde_hint
 from ..itk_io import staged_outputs
 from .graph import DEFAULT_OPSET, DTYPES, STAGE_OPS, check_opset, full_graph, ops_used, stage_graph
 from .runtime import STAGE_FILES, load_session, onnx_predictor, stage_network
@@ -53,7 +53,7 @@ def export_onnx(path, model: str = "multigradicon", weights=None, kind: str = "f
     :class:`~mgr_engine.errors.WeightsNotFoundError`, :class:`~mgr_engine.errors.OutputWriteError`,
     each before anything is written.
     """
-    from ..engine import MODELS, load_checkpoint, resolve_weights
+    from ..engine import MODELS, check_model, load_checkpoint, resolve_weights
     from ..model import GradICONNetwork, load_official_state_dict, read_safetensors
     from .graph import _onnx
 
@@ -63,8 +63,7 @@ def export_onnx(path, model: str = "multigradicon", weights=None, kind: str = "f
         raise OnnxError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if kind == "stages" and cpu_rewrites:
         raise OnnxError("cpu_rewrites applies to the full graph; the stage graphs keep the plain TensorRT op set")
-    if model not in MODELS:
-        raise InvalidOptionError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
+    check_model(model)
     if int(batch) < 1:
         raise OnnxError(f"batch must be at least 1, got {batch}")
     opset = check_opset(kind, DEFAULT_OPSET[kind] if opset is None else opset)

@@ -114,8 +114,18 @@ def resolve_device(device=None) -> torch.device:
     return resolved
 
 
-def weights_search_path(model: str) -> list[Path]:
-    """Where weights for ``model`` are looked for when no path is given, in order."""
+def check_model(model) -> None:
+    """Raise :class:`InvalidOptionError` unless ``model`` names one of :data:`MODELS`."""
+    if model not in MODELS:
+        raise InvalidOptionError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
+
+
+def weights_search_path(model: str = "multigradicon") -> list[Path]:
+    """Where weights for ``model`` are looked for when no path is given, in order: for the
+    bundled compact model its file in the package."""
+    check_model(model)
+    if model in BUNDLED_WEIGHTS:
+        return [BUNDLED_WEIGHTS[model]]
     places = []
     if os.environ.get("MGR_ENGINE_WEIGHTS_DIR"):
         places.append(Path(os.environ["MGR_ENGINE_WEIGHTS_DIR"]) / f"{model}1.0" / CHECKPOINT_NAME)
@@ -322,8 +332,7 @@ class Engine:
     def __init__(self, model: str = "multigradicon", weights=None, device=None, *, config: NetworkConfig | None = None,
                  backend: str = "torch", onnx_model=None, onnx_providers=None, precision: str = "fp32",
                  io_checkpointing: bool = False, compile: bool = False, cache_host_memory: bool | None = None):
-        if model not in MODELS:
-            raise InvalidOptionError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
+        check_model(model)
         if backend not in BACKENDS:
             raise InvalidOptionError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         if backend != "onnxruntime" and (onnx_model is not None or onnx_providers is not None):
@@ -1083,8 +1092,7 @@ def register_many(pairs, *, model: str = "multigradicon", weights=None, device=N
 
 def _engine_for(model, weights, device, backend, onnx_model) -> Engine:
     """The cached engine of these settings (a state dict as ``weights``: a new engine)."""
-    if model not in MODELS:
-        raise InvalidOptionError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
+    check_model(model)
     if isinstance(weights, dict):  # a state dict: not cacheable
         return Engine(model=model, weights=weights, device=device, backend=backend, onnx_model=onnx_model)
     with _ENGINE_CACHE_LOCK:  # threads' first calls at once would each load the weights

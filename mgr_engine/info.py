@@ -51,7 +51,7 @@ def collect() -> dict:
     import torch
 
     from . import __version__
-    from .engine import BUNDLED_WEIGHTS, MODELS, resolve_weights, weights_search_path
+    from .engine import MODELS, resolve_weights, weights_search_path
     from .errors import WeightsNotFoundError
     from .kernel_modes import cpp_extensions_built, current_kernel_mode, usable_cores
     from .ops import triton_available
@@ -81,8 +81,7 @@ def collect() -> dict:
         try:
             weights[model] = {"found": True, "path": str(resolve_weights(model))}
         except WeightsNotFoundError:
-            places = [BUNDLED_WEIGHTS[model]] if model in BUNDLED_WEIGHTS else weights_search_path(model)
-            weights[model] = {"found": False, "looked_in": [str(p) for p in places]}
+            weights[model] = {"found": False, "looked_in": [str(p) for p in weights_search_path(model)]}
     return {
         "mgr_engine": {"version": __version__, "path": os.path.dirname(os.path.abspath(__file__))},
         "python": {"version": platform.python_version(), "executable": sys.executable,

@@ -53,3 +53,18 @@ def test_info_reports_the_installation_as_it_is(tmp_path, capsys, monkeypatch):
     with kernel_mode("torch"):
         text = info(capsys)
     assert "kernel mode torch (MGR_ENGINE_KERNELS): ops on the CPU run PyTorch, on CUDA PyTorch\n" in text
+
+
+def test_weights_search_path_names_where_each_model_is_looked_for(tmp_path, monkeypatch):
+    """The bundled model's file for it (the cache folder named before was never looked in); an
+    unknown model refused, not given a folder of its name."""
+    import pytest
+
+    from mgr_engine.errors import InvalidOptionError
+
+    monkeypatch.setenv("MGR_ENGINE_WEIGHTS_DIR", str(tmp_path))
+    assert mgr_engine.weights_search_path("compact") == [BUNDLED_WEIGHTS["compact"]]
+    places = mgr_engine.weights_search_path()
+    assert places[0] == tmp_path / "multigradicon1.0" / CHECKPOINT_NAME and len(places) == 2
+    with pytest.raises(InvalidOptionError, match="unknown model 'multigradicon2': choose one of multigradicon, "):
+        mgr_engine.weights_search_path("multigradicon2")
