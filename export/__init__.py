@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import tempfile
 from pathlib import Path
@@ -53,7 +54,7 @@ def export_onnx(path, model: str = "multigradicon", weights=None, kind: str = "f
     :class:`~mgr_engine.errors.WeightsNotFoundError`, :class:`~mgr_engine.errors.OutputWriteError`,
     each before anything is written.
     """
-    from ..engine import MODELS, check_model, load_checkpoint, resolve_weights
+    from ..engine import MODELS, check_flag, check_model, load_checkpoint, resolve_weights
     from ..model import GradICONNetwork, load_official_state_dict, read_safetensors
     from .graph import _onnx
 
@@ -64,8 +65,10 @@ def export_onnx(path, model: str = "multigradicon", weights=None, kind: str = "f
     if kind == "stages" and cpu_rewrites:
         raise OnnxError("cpu_rewrites applies to the full graph; the stage graphs keep the plain TensorRT op set")
     check_model(model)
-    if int(batch) < 1:
-        raise OnnxError(f"batch must be at least 1, got {batch}")
+    if not isinstance(batch, numbers.Integral) or isinstance(batch, bool) or batch < 1:
+        raise OnnxError(f"batch must be a whole number of at least 1, got {batch!r}")
+    if cpu_rewrites is not None:  # "no" was a silent True
+        check_flag(cpu_rewrites, "cpu_rewrites")
     opset = check_opset(kind, DEFAULT_OPSET[kind] if opset is None else opset)
     onnx = _onnx()
     targets = _output_paths(Path(path), kind)  # fails early on an unwritable place

@@ -32,6 +32,8 @@ come from a :class:`~mgr_engine.model.GradICONNetwork`.
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 
@@ -423,10 +425,9 @@ def check_opset(kind: str, opset) -> int:
     onnx = _onnx()
     minimum = MIN_OPSET_FULL if kind == "full" else MIN_OPSET_STAGE
     newest = onnx.defs.onnx_opset_version()
-    try:
-        value = int(opset)
-    except (TypeError, ValueError):
-        raise OnnxError(f"opset must be an integer, got {opset!r}") from None
+    if not isinstance(opset, numbers.Integral) or isinstance(opset, bool):  # int(20.5) was a silent 20
+        raise OnnxError(f"opset must be an integer, got {opset!r}")
+    value = int(opset)
     if value < minimum:
         reason = ("the full graph warps 3-D volumes with GridSample, which takes 5-D tensors only from opset 20"
                   if kind == "full" else "the stage graphs need Resize with an optional roi and Slice/Pad with tensor "

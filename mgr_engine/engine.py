@@ -193,6 +193,13 @@ def check_io_lr(lr) -> None:
         raise InvalidOptionError(f"io_lr must be a positive finite number, got {lr!r}")
 
 
+def check_flag(value, name: str) -> None:
+    """Raise :class:`InvalidOptionError` unless ``value`` is True or False: a string such as
+    ``"no"`` is truthy, and ``inverse="no"`` moved points the other way without a word."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise InvalidOptionError(f"{name} must be True or False, got {value!r}")
+
+
 def check_io_iterations(iterations) -> None:
     """Instance optimization's number of steps: ``None`` or a whole number >= 0 (0 and ``None``:
     no IO). 2.5 ran 2 steps, ``True`` one and ``"2"`` two, without a word; NaN raised a bare
@@ -339,6 +346,10 @@ class Engine:
             raise InvalidOptionError("onnx_model and onnx_providers need backend='onnxruntime'")
         if precision not in PRECISIONS:
             raise InvalidOptionError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        check_flag(compile, "compile")  # compile="no" compiled for minutes
+        check_flag(io_checkpointing, "io_checkpointing")
+        if cache_host_memory is not None:
+            check_flag(cache_host_memory, "cache_host_memory")
         if backend == "onnxruntime" and (compile or precision != "fp32"):
             # Both act on the torch forward; ONNX Runtime would silently ignore them.
             raise InvalidOptionError("compile and precision apply to backend='torch'; ONNX Runtime runs the "
@@ -575,7 +586,7 @@ class Engine:
         return itk_io.voxel_array(mask_image)
 
     def _check_options(self, *, fixed_modality, moving_modality, io_iterations, io_sim, io_lr, masking, ct_window,
-                       quantile_range, seed) -> None:
+                       quantile_range, seed, match_orientation) -> None:
         """Refuse unknown or impossible options before any image is read."""
         if masking not in MASKING_MODES:
             raise InvalidOptionError(f"unknown masking {masking!r}: choose one of {', '.join(MASKING_MODES)}")
@@ -583,6 +594,7 @@ class Engine:
         check_modality(moving_modality, "moving")
         check_intensity_ranges(ct_window, quantile_range)
         check_io_iterations(io_iterations)
+        check_flag(match_orientation, "match_orientation")
         # torch.manual_seed takes a Python int only: NumPy's (a seed drawn by rng.integers), a
         # float or a string failed with a bare TypeError/RuntimeError after the images were read
         if seed is not None and not (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
@@ -694,7 +706,7 @@ class Engine:
         started = time.perf_counter()
         self._check_options(fixed_modality=fixed_modality, moving_modality=moving_modality, io_iterations=io_iterations,
                             io_sim=io_sim, io_lr=io_lr, masking=masking, ct_window=ct_window,
-                            quantile_range=quantile_range, seed=seed)
+                            quantile_range=quantile_range, seed=seed, match_orientation=match_orientation)
         pair = self._prepare_pair(fixed, moving, fixed_modality=fixed_modality, moving_modality=moving_modality,
                                   fixed_mask=fixed_mask, moving_mask=moving_mask, masking=masking,
                                   io_iterations=io_iterations, ct_window=ct_window, quantile_range=quantile_range,
@@ -744,7 +756,7 @@ class Engine:
                                      f"and {prefetch!r}")
         self._check_options(fixed_modality=fixed_modality, moving_modality=moving_modality, io_iterations=io_iterations,
                             io_sim=io_sim, io_lr=io_lr, masking=masking, ct_window=ct_window,
-                            quantile_range=quantile_range, seed=seed)
+                            quantile_range=quantile_range, seed=seed, match_orientation=match_orientation)
 
         fixed_cache = {}  # pairs with one fixed file (an atlas) read and preprocess it once
         # Relative paths are taken from the directory of this call, in this thread: ITK's lazy
@@ -1017,6 +1029,7 @@ class RegistrationResult:
 
         From :meth:`displacement_field` where it was computed; otherwise slab by slab, without
         the whole field (:func:`mgr_engine.itk_io.grid_jacobian_determinant`)."""
+        check_flag(physical, "physical")
         if "displacement_field" in self._cache:
             return itk_io.jacobian_determinant(self._cache["displacement_field"], physical, self.device)
         return itk_io.grid_jacobian_determinant(self._grid_transform(), self.fixed, physical, self.device)
@@ -1029,6 +1042,7 @@ class RegistrationResult:
         :attr:`inverse_transform`. Points files: :func:`mgr_engine.read_points`."""
         from .points import transform_points
 
+        check_flag(inverse, "inverse")
         return transform_points(self.inverse_transform if inverse else self.transform, points)
 
     def dice(self, fixed_labels, moving_labels):

@@ -832,6 +832,21 @@ def test_saving_a_result_under_a_name_no_writer_takes(engine, tmp_path):
     assert files_in(tmp_path) == []
 
 
+def test_flags_given_as_strings_are_refused(engine, tmp_path):
+    """ "no" is truthy: ``inverse="no"`` moved points the other way, ``match_orientation="no"``
+    reordered the moving image, each without a word."""
+    with pytest.raises(InvalidOptionError, match="match_orientation must be True or False, got 'no'"):
+        engine.register(tmp_path / "not read.nii.gz", volume(2), io_iterations=None, match_orientation="no")
+    result = register(engine)
+    points = np.array([[5.0, 6.0, 7.0]])
+    with pytest.raises(InvalidOptionError, match="inverse must be True or False, got 'no'"):
+        result.transform_points(points, inverse="no")
+    with pytest.raises(InvalidOptionError, match="physical must be True or False, got 'yes'"):
+        result.jacobian_determinant(physical="yes")
+    # NumPy's booleans are booleans
+    np.testing.assert_array_equal(result.transform_points(points, inverse=np.False_), result.transform_points(points))
+
+
 def ct_like(seed=0):
     """A CT-like volume in Hounsfield units: a body of soft tissue (about 40 HU, some fat at -100)
     in air (-1000), z, y, x."""

@@ -238,6 +238,20 @@ def test_opsets_that_cannot_express_the_graph(narrow, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("options, message", [
+    (dict(batch=2.5), r"batch must be a whole number of at least 1, got 2.5"),
+    (dict(batch="2"), "got '2'"), (dict(batch=True), "got True"), (dict(batch=0), "got 0"),
+    (dict(opset=20.5), r"opset must be an integer, got 20.5"), (dict(opset="20"), "got '20'"),
+    (dict(cpu_rewrites="no"), r"cpu_rewrites must be True or False, got 'no'"),
+])
+def test_export_options_of_the_wrong_type(tmp_path, options, message):
+    """Refused before anything is written: 2.5 and '2' as a batch were torch's or onnx's
+    TypeError midway, opset 20.5 a silent 20, cpu_rewrites='no' a silent True."""
+    with pytest.raises((OnnxError, InvalidOptionError), match=message):
+        export_onnx(tmp_path / "a.onnx", model="compact", **options)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_wrong_architecture_checkpoint(tmp_path):
     narrow_net = random_network((72, 72, 72), narrow=True)
     official = random_network((72, 72, 72))

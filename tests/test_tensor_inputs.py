@@ -138,3 +138,10 @@ def test_preprocess_takes_what_register_takes(engine, tmp_path):
         assert torch.equal(engine.preprocess(given, "mri", name="fixed"), expected)
     with pytest.raises(InvalidImageError, match="input array has 2 dimensions"):
         engine.preprocess(array[0], "mri")
+
+
+@pytest.mark.parametrize("flag", ["compile", "io_checkpointing", "cache_host_memory"])
+def test_engine_flags_given_as_strings_are_refused(flag):
+    """compile="no" is truthy: it compiled the network for minutes."""
+    with pytest.raises(InvalidOptionError, match=f"{flag} must be True or False, got 'no'"):
+        Engine(model="compact", device="cpu", **{flag: "no"})
