@@ -562,8 +562,9 @@ class Engine:
         """An image (anything :meth:`register` takes: a path, ``itk.Image``, array, ...) normalized,
         optionally masked (``mask``: array on its grid), resized to the network input: a tensor
         (1, 1, *input_shape) for :meth:`predict_map`. ``name`` names it in messages."""
-        array = itk_io.voxel_array(itk_io.load_image(image, name))
-        low = check_volume(array, name)
+        itk_image = itk_io.load_image(image, name)
+        array = itk_io.voxel_array(itk_image)
+        low = check_volume(array, name, itk_io.voxel_view(itk_image).dtype)
         mismatch = modality_mismatch(array, modality, ct_window, low)
         if mismatch and (name, modality) not in self._modalities_warned:  # once per engine: a data set's pairs alike
             self._modalities_warned.add((name, modality))

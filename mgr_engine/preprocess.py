@@ -28,17 +28,20 @@ def quantile(values: torch.Tensor, q: float) -> float:
     return float(torch.kthvalue(flat, k).values)
 
 
-def check_volume(array: np.ndarray, name: str) -> float:
+def check_volume(array: np.ndarray, name: str, stored_dtype=None) -> float:
     """Raise :class:`InvalidImageError` unless ``array`` is a finite, non-constant 3-D volume;
-    return its lowest value."""
+    return its lowest value. ``stored_dtype``: the image's own pixel type, where ``array`` is
+    its float32 copy (a float64 value beyond float32's range became infinite there)."""
     if array.ndim != 3:
         raise not_a_volume(f"{name} image has {array.ndim} dimensions", array.ndim)
     if array.size == 0 or min(array.shape) < 2:
         raise InvalidImageError(f"{name} image has shape {array.shape}; each axis needs at least 2 voxels.")
     if not np.all(np.isfinite(array)):
         bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        overflow = (" in float32, which the network computes in (a float64 value beyond +-3.4e38 is infinite "
+                    "there)" if np.dtype(stored_dtype or array.dtype) == np.float64 else "")
         raise InvalidImageError(
-            f"{name} image has {bad} NaN or infinite voxels; replace them (for example with the "
+            f"{name} image has {bad} NaN or infinite voxels{overflow}; replace them (for example with the "
             "background value) before registering."
         )
     low = float(array.min())

@@ -156,6 +156,15 @@ def test_non_finite_voxels(engine, value):
         register(engine, fixed=with_voxel(value))
 
 
+def test_a_float64_value_beyond_float32s_range_is_told_so(engine):
+    """It is finite where it is stored: "NaN or infinite" alone sent the user looking for NaN."""
+    fixed = volume(1).astype(np.float64)
+    fixed[3, 4, 5] = 1e300
+    with pytest.raises(InvalidImageError, match=r"1 NaN or infinite voxels in float32, .*\(a float64 value beyond "
+                                                r"\+-3.4e38 is infinite there\); replace them"):
+        register(engine, fixed=fixed)
+
+
 SLICE_ADVICE = r"mgr_engine registers 3-D volumes.*: pass the whole volume, not one slice"
 SERIES_ADVICE = r"mgr_engine registers 3-D volumes.*: split a 4-D series into 3-D frames"
 
