@@ -239,8 +239,15 @@ def _read_pairs_csv(path):
     bad = [n for n in names if Path(n).name != n or n in (".", "..")]
     if bad:
         raise InvalidOptionError(f"{str(path)!r}: a name must be a plain file name, without directories: {bad[0]!r}")
-    if len(set(names)) != len(names):
-        raise InvalidOptionError(f"{str(path)!r}: the name column repeats a name; outputs would overwrite each other")
+    first_of = {}  # names folded to lower case: macOS's and Windows' file systems do not tell case apart
+    for name in names:
+        other = first_of.setdefault(name.casefold(), name)
+        if other == name and names.count(name) > 1:
+            raise InvalidOptionError(f"{str(path)!r}: the name column repeats {name!r}; outputs would overwrite each "
+                                     "other")
+        if other != name:
+            raise InvalidOptionError(f"{str(path)!r}: the names {other!r} and {name!r} differ only in case; on macOS "
+                                     "and Windows file systems their outputs would overwrite each other: rename one")
     return names, pairs, landmarks, labels
 
 

@@ -935,7 +935,9 @@ def test_cli_reads_a_pairs_file_as_spreadsheets_save_it(tmp_path):
 
 @pytest.mark.parametrize("text,message", [("fixed,target\nx,y\n", "columns fixed and moving"),
                                           ("fixed,moving\n", "at least one pair"),
-                                          ("name,fixed,moving\na,x,y\na,z,w\n", "repeats a name"),
+                                          ("name,fixed,moving\na,x,y\na,z,w\n", "repeats 'a'"),
+                                          ("name,fixed,moving\nSub01,x,y\nb,u,v\nsub01,z,w\n",
+                                           "the names 'Sub01' and 'sub01' differ only in case; on macOS"),
                                           ("name,fixed,moving\n../a,x,y\n", "without directories"),
                                           ("name,fixed,moving\na,x,y\nb,,y\n",
                                            "pair 'b' (row 2): no fixed image; each row names both"),
