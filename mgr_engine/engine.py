@@ -249,8 +249,8 @@ def network_input(tensor, name: str, shape, *, check_values: bool = True, warn_r
 
 
 def loss_mask_input(mask, name: str, image: torch.Tensor) -> torch.Tensor:
-    """IO's loss mask checked against its image (its shape broadcasts to the image's, every
-    volume keeps a voxel): a mask of another size raised torch's "expanded size", an empty one
+    """IO's loss mask checked against its image (its shape broadcasts to the image's, a voxel
+    inside): a mask of another size raised torch's "expanded size", an empty one
     left IO to optimize the regularizer alone, without a word."""
     if not isinstance(mask, torch.Tensor):
         mask = torch.tensor(np.asarray(mask))
@@ -263,11 +263,9 @@ def loss_mask_input(mask, name: str, image: torch.Tensor) -> torch.Tensor:
                                 f"{tuple(image.shape)}: give a mask on the network's grid.")
     if mask.is_floating_point() and not torch.isfinite(mask).all():
         raise InvalidImageError(f"{name} has NaN or infinite voxels; give a binary mask (0 outside, 1 inside).")
-    inside = (mask != 0).expand(image.shape).flatten(1).any(dim=1)
-    if not inside.all():
-        raise InvalidImageError(f"{name} is empty (no voxel inside) in volume {int((~inside).nonzero()[0])} of the "
-                                "batch: IO would optimize the regularizer alone there. Give a mask that covers "
-                                "the region to align, or none.")
+    if not (mask != 0).any():
+        raise InvalidImageError(f"{name} is empty (no voxel inside): IO would optimize the regularizer alone. Give a "
+                                "mask that covers the region to align, or none.")
     return mask
 
 
@@ -486,6 +484,8 @@ class Engine:
         stream (a seeded run reproduces its losses); on a GPU, ``None`` or a CUDA generator draws
         on the device, without host work in each step.
 
+        ``moving``/``fixed``: one pair, (1, 1, *input_shape), as for :meth:`predict_map`.
+
         Returns ``(phi_ab, phi_ba, losses)``: both maps and the loss of each step's forward,
         followed by the loss of the final forward (``iterations + 1`` values).
         """
@@ -506,6 +506,11 @@ class Engine:
         net = self.network
         # Checked on any device: one wait for the GPU before minutes of steps.
         moving, fixed = (tensor.to(self.device) for tensor in self._network_inputs(moving, fixed, check_values=True))
+        if len(moving) != 1:  # Adam on shared weights would fit the network to all pairs at once
+            raise InvalidImageError(
+                f"instance optimization adapts the network to one pair; got a batch of {len(moving)}. Call it once "
+                "per pair (tensors of batch 1): on a batch it would optimize one network for all pairs together, "
+                "and each pair's map would differ from its own IO's.")
         masks = {
             name: None if mask is None else loss_mask_input(mask, name, image).to(self.device)
             for name, mask, image in (("moving_mask", moving_mask, moving), ("fixed_mask", fixed_mask, fixed))
