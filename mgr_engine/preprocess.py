@@ -7,6 +7,8 @@ Both are then resized to the network's input shape with trilinear interpolation.
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -122,9 +124,13 @@ def check_intensity_ranges(ct_window=None, quantile_range=None) -> None:
         if value is None:
             continue
         try:
-            low, high = (float(v) for v in value)
-        except (TypeError, ValueError):
-            raise InvalidOptionError(f"{option} takes two numbers (lower, upper), not {value!r}") from None
+            values = tuple(value)
+        except TypeError:
+            values = ()
+        # numbers, not what float() takes: ("0", "1000") passed here and failed later as a TypeError
+        if len(values) != 2 or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values):
+            raise InvalidOptionError(f"{option} takes two numbers (lower, upper), not {value!r}")
+        low, high = (float(v) for v in values)
         if not (np.isfinite(low) and np.isfinite(high) and low < high):
             raise InvalidOptionError(f"{option} ({low:g}, {high:g}) needs a lower bound below its upper bound, both finite"
                                      + (" (HU; the default is -1000 1000)" if option == "ct_window" else ""))

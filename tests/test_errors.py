@@ -272,6 +272,10 @@ def test_unknown_similarity_fails_before_any_work(engine, monkeypatch):
     pytest.param(dict(ct_window=(0, float("nan"))), "both finite", id="window-nan"),
     pytest.param(dict(ct_window=(-1000,)), r"ct_window takes two numbers \(lower, upper\), not \(-1000,\)",
                  id="window-one-number"),
+    pytest.param(dict(ct_window=(0, "1000"), fixed_modality="ct"), r"ct_window takes two numbers \(lower, upper\), "
+                 r"not \(0, '1000'\)", id="window-string"),
+    pytest.param(dict(quantile_range=0.99), r"quantile_range takes two numbers \(lower, upper\), not 0.99",
+                 id="quantile-one-number"),
     pytest.param(dict(io_iterations=1, io_lr=0), "io_lr must be a positive finite number, got 0", id="io-lr-zero"),
     pytest.param(dict(io_iterations=1, io_lr=float("inf")), "io_lr must be a positive finite number, got inf",
                  id="io-lr-infinite"),
