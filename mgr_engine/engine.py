@@ -419,6 +419,7 @@ class Engine:
 
     @property
     def input_shape(self) -> tuple:
+        """The network's input grid (D, H, W): (175, 175, 175) for the official models."""
         return tuple(self.config.input_shape)
 
     # ------------------------------------------------------------- tensors
