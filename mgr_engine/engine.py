@@ -111,6 +111,13 @@ def resolve_device(device=None) -> torch.device:
                                      f"{'s' if count > 1 else ''} (cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
     elif resolved.type == "mps" and not torch.backends.mps.is_available():
         raise InvalidOptionError("device 'mps' is not available on this machine (Apple GPUs only); use device 'cpu'")
+    elif resolved.type not in ("cpu", "cuda", "mps"):
+        # 'meta' holds no data (the engine loaded, its first registration failed); 'xpu' and the
+        # like raised torch's AssertionError where absent. Untested here either way.
+        backend = getattr(torch, resolved.type, None)
+        if resolved.type == "meta" or not (backend and hasattr(backend, "is_available") and backend.is_available()):
+            raise InvalidOptionError(f"device {str(resolved)!r} is not one this machine can register on: use 'cpu', "
+                                     "'cuda' or 'cuda:N', or leave it out for CUDA where available")
     return resolved
 
 

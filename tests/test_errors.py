@@ -345,6 +345,8 @@ def test_unknown_model():
     ("cuda", 0, "12.8", r"device 'cuda' is not available: torch sees no GPU \(check the driver"),
     ("cuda:2", 2, "12.8", r"device 'cuda:2' does not exist: torch sees 2 GPUs \(cuda:0 to cuda:1\)"),
     ("cuda:1", 1, "12.8", r"device 'cuda:1' does not exist: torch sees 1 GPU \(cuda:0\)"),
+    ("meta", 0, None, r"device 'meta' is not one this machine can register on: use 'cpu', 'cuda' or 'cuda:N'"),
+    ("xpu", 0, None, r"device 'xpu' is not one this machine can register on"),
 ])
 def test_a_device_this_machine_lacks(narrow_net, monkeypatch, device, gpus, cuda_build, message):
     """torch's AssertionError "Torch not compiled with CUDA enabled" (or a RuntimeError listing
@@ -352,6 +354,7 @@ def test_a_device_this_machine_lacks(narrow_net, monkeypatch, device, gpus, cuda
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     monkeypatch.setattr(torch.version, "cuda", cuda_build)
+    monkeypatch.setattr(torch.xpu, "is_available", lambda: False)  # an Intel GPU's machine would have one
     with pytest.raises(InvalidOptionError, match=message):
         Engine(weights=official_state_dict(narrow_net), config=narrow_net.config, device=device)
     with pytest.raises(InvalidOptionError, match=message):
