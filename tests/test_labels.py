@@ -205,3 +205,33 @@ def test_a_label_map_warped_linearly_is_warned_of(tmp_path, caplog):
                              "--warped_moving_out", str(tmp_path / "warped.nii.gz")]) == 0
             expected = 2 if name.endswith("labels") and interpolation == "linear" else 0
             assert caplog.text.count(warning) == expected, (name, interpolation)
+
+
+def test_label_numberings_that_do_not_meet_are_named(caplog):
+    """A fixed label the moving labels lack on the fixed grid has a Dice of 0 no registration can
+    raise: every label so (two numberings) is an error, some a warning that names them. Before,
+    both gave tables of zeros without a word."""
+    itk = pytest.importorskip("itk")
+    from helpers import oblique_registration
+
+    registration = oblique_registration()
+    fixed_labels = segmentation(registration.fixed, (150.0, 450.0, 700.0))  # labels 1, 2, 3
+    moving_labels = segmentation(registration.moving, (200.0, 400.0, 600.0))
+
+    def renumbered(mapping):
+        array = itk.array_from_image(moving_labels)
+        image = itk.image_from_array(np.select([array == k for k in mapping], list(mapping.values()), 0).astype(np.uint8))
+        image.CopyInformation(moving_labels)
+        return image
+
+    with caplog.at_level("WARNING", logger="mgr_engine"):
+        registration.dice(fixed_labels, moving_labels)
+    assert "do not occur" not in caplog.text
+    with pytest.raises(InvalidImageError, match=r"share no label \(fixed: 1, 2, 3; the moving labels on the fixed "
+                                                r"grid: 11, 12, 13\): every Dice would be 0"):
+        registration.dice(fixed_labels, renumbered({1: 11, 2: 12, 3: 13}))
+    with caplog.at_level("WARNING", logger="mgr_engine"):
+        before, after = registration.dice(fixed_labels, renumbered({1: 1, 2: 2, 3: 30}))
+    assert before[3] == after[3] == 0.0
+    assert ("fixed labels 3 do not occur in the moving labels on the fixed grid (the moving labels on the fixed "
+            "grid: 1, 2, 30)") in caplog.text
