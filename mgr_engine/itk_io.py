@@ -389,13 +389,14 @@ def has_float_voxels(path) -> bool:
 
 def _image_on_grid(array: np.ndarray, grid: "ImageGrid", name: str):
     """A new ``itk.Image`` of the (z, y, x) ``array`` on ``grid``, in ``array``'s type or the
-    nearest one ITK's Python wrapping holds (int8 -> int16; int64 -> int32 where the values fit,
-    else float64; float128 -> float64)."""
+    nearest one ITK's Python wrapping holds and writes (int8 -> int16; int64 and uint64 -> int32
+    where the values fit, else float64; float128 -> float64). ITK holds uint64 images, but its
+    wheels' file writers do not take them: a uint64 label map warped could not be written."""
     dtype = array.dtype.newbyteorder("=")  # an MGH file's big-endian voxels: swapped as they are copied
     if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
         raise InvalidImageError(f"{name} image's voxels are of type {dtype}; mgr_engine registers images of real "
                                 "numbers.")
-    if not _itk_wraps(dtype):
+    if not _itk_wraps(dtype) or dtype == np.uint64:
         if dtype == np.int8:
             dtype = np.dtype(np.int16)
         elif np.issubdtype(dtype, np.integer):
@@ -1139,12 +1140,18 @@ def write_image(image, path) -> None:
 def _write_errors_typed(path, staged: str):
     """ITK's RuntimeError and the file system's OSError while writing ``path`` (into ``staged``,
     whose name the message does not show), as :class:`OutputWriteError`."""
+    import itk
+
     try:
         yield
     except OutputWriteError:
         raise
     except (RuntimeError, OSError) as exc:
         raise OutputWriteError(f"cannot write {str(path)!r}: {itk_reason(exc).replace(staged, str(path))}") from exc
+    except itk.TemplateTypeError as exc:  # a pixel type ITK holds but its wheels' writers do not (uint64)
+        raise OutputWriteError(f"cannot write {str(path)!r}: ITK's file writers take no image of this pixel type "
+                               f"({exc.__class__.__name__}: {str(exc).splitlines()[0]}); cast it to a type they take "
+                               "(uint8, int16, int32, float32, ...) first.") from exc
 
 
 _ITK_LOCATION = re.compile(r"^\S+:\d+:$")  # "/path/to/itkNrrdImageIO.cxx:935:"

@@ -91,13 +91,17 @@ def test_a_nibabel_image_is_placed_by_its_affine_where_itk_would_take_the_files_
                  np.int32, id="nibabel-int64"),
     pytest.param(lambda data: nib.Nifti1Image(data.transpose(2, 1, 0) * 2**40, np.eye(4), dtype=np.int64),
                  np.float64, id="nibabel-int64-beyond-int32"),
+    pytest.param(lambda data: (data + 3).astype(np.uint64), np.int32, id="array-uint64"),  # ITK holds, cannot write it
+    pytest.param(lambda data: nib.Nifti1Image(data.transpose(2, 1, 0) * 2**40, np.eye(4), dtype=np.uint64),
+                 np.float64, id="nibabel-uint64-beyond-int32"),
 ])
 def test_types_itk_does_not_wrap_become_the_nearest_it_does(image, itk_type):
     data = np.arange(60).reshape(3, 4, 5) % 7 - 3  # (z, y, x)
-    ours = itk.array_view_from_image(itk_io.load_image(image(data)))
+    given = image(data)
+    ours = itk.array_view_from_image(itk_io.load_image(given))
     assert ours.dtype == itk_type
-    scale = 2**40 if itk_type == np.float64 else 1
-    np.testing.assert_array_equal(ours, data * scale)
+    expected = given if isinstance(given, np.ndarray) else data * (2**40 if itk_type == np.float64 else 1)
+    np.testing.assert_array_equal(ours, expected)
 
 
 @pytest.mark.parametrize("image, message", [
