@@ -575,7 +575,11 @@ class Engine:
         """An image (anything :meth:`register` takes: a path, ``itk.Image``, array, ...) normalized,
         optionally masked (``mask``: array on its grid), resized to the network input: a tensor
         (1, 1, *input_shape) for :meth:`predict_map`. ``name`` names it in messages."""
-        itk_image = itk_io.load_image(image, name)
+        return self._preprocess_image(itk_io.load_image(image, name), modality, name=name, mask=mask,
+                                      ct_window=ct_window, quantile_range=quantile_range)
+
+    def _preprocess_image(self, itk_image, modality: str, *, name: str, mask, ct_window, quantile_range):
+        """:meth:`preprocess` of an ``itk.Image``, read already."""
         array = itk_io.voxel_array(itk_image)
         low = check_volume(array, name, itk_io.voxel_view(itk_image).dtype)
         mismatch = modality_mismatch(array, modality, ct_window, low)
@@ -633,8 +637,9 @@ class Engine:
                 grid_as_given = itk_io.ImageGrid.of(itk_image)
                 itk_image = itk_io.reordered_image(itk_image, *axes)
                 mask_array = None if mask_array is None else itk_io.reordered_voxels(mask_array, *axes)
-        tensor = self.preprocess(itk_image, modality, name=name, mask=mask_array if masking in ("input", "both") else None,
-                                 ct_window=ct_window, quantile_range=quantile_range)
+        tensor = self._preprocess_image(itk_image, modality, name=name,
+                                        mask=mask_array if masking in ("input", "both") else None,
+                                        ct_window=ct_window, quantile_range=quantile_range)
         loss_mask = None
         if io_iterations and masking in ("loss", "both") and mask_array is not None:
             loss_mask = resize_mask(mask_array, self.input_shape)
