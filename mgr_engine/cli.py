@@ -261,17 +261,27 @@ def _read_landmarks(names, pairs, landmarks, in_voxels: bool, index_base):
     moved points go to ``NAME_<the points file's name>``."""
     from pathlib import Path
 
-    from .errors import MgrEngineError
-
     read = []
     for name, pair, (fixed_points, moving_points) in zip(names, pairs, landmarks):
-        try:
+        with _errors_named(name):
             images = (pair["fixed"], pair["moving"]) if in_voxels else None
             pair_landmarks = _Landmarks.read(fixed_points, moving_points, None, images, index_base) if fixed_points else None
-        except MgrEngineError as exc:
-            raise type(exc)(f"pair {name!r}: {exc}") from exc
         read.append((pair_landmarks, fixed_points and f"{name}_{Path(fixed_points).name}"))
     return read
+
+
+@contextlib.contextmanager
+def _errors_named(name: str):
+    """A typed error raised inside, its message prefixed with the pair's name (where it does not
+    name it already)."""
+    from .errors import MgrEngineError
+
+    try:
+        yield
+    except MgrEngineError as exc:
+        if str(exc).startswith(f"pair {name!r}"):
+            raise
+        raise type(exc)(f"pair {name!r}: {exc}") from exc
 
 
 def _check_inputs_exist(names, pairs):
@@ -293,11 +303,10 @@ def _check_labels(names, pairs, labels):
     to their headers; a map of floating-point pixels read whole, its values whole numbers (a
     segmentation, not an intensity image in the wrong column). Errors name the pair."""
     from . import itk_io
-    from .errors import MgrEngineError
     from .labels import label_array
 
     for name, pair, (fixed_labels, moving_labels) in zip(names, pairs, labels):
-        try:
+        with _errors_named(name):
             for role, path in (("moving labels", moving_labels), ("fixed labels", fixed_labels)):
                 if not path:
                     continue
@@ -306,8 +315,6 @@ def _check_labels(names, pairs, labels):
                     itk_io.check_same_grid(grid, itk_io.load_image(pair["fixed"], "fixed", grid_only=True), role)
                 if itk_io.has_float_voxels(path):
                     label_array(itk_io.load_image(path, role), f"{role} {path!r}")
-        except MgrEngineError as exc:
-            raise type(exc)(f"pair {name!r}: {exc}") from exc
 
 
 def run_register_many(args) -> None:
@@ -393,54 +400,55 @@ def run_register_many(args) -> None:
     for name, pair, result, (pair_landmarks, points_out), (fixed_labels, moving_labels) in tqdm(
             zip(names, pairs, results, landmarks, labels), total=len(names), desc="register-many", unit="pair",
             disable=args.quiet):
-        resumed = isinstance(result, _SavedRegistration)
+        with _errors_named(name):  # the pair's outputs: which of a data set's pairs failed
+            resumed = isinstance(result, _SavedRegistration)
 
-        def image_path(kind):
-            return out_dir / f"{name}_{kind}.{args.image_format}"
+            def image_path(kind):
+                return out_dir / f"{name}_{kind}.{args.image_format}"
 
-        def wanted(option, kind):  # a resumed pair's image is kept where it is there (written atomically)
-            return option and not (resumed and image_path(kind).is_file())
+            def wanted(option, kind):  # a resumed pair's image is kept where it is there (written atomically)
+                return option and not (resumed and image_path(kind).is_file())
 
-        # computed before anything of the pair is written
-        images = {"warped": result.warp() if wanted(args.warped, "warped") else None,
-                  "displacement": result.displacement_field() if wanted(args.displacement_fields, "displacement")
-                  else None}
-        write_jacobian = wanted(args.jacobians, "jacobian")
-        jacobian_image = (result.jacobian_determinant(args.physical_jacobian)
-                          if write_jacobian or args.jacobian_stats else None)
-        images["jacobian"] = jacobian_image if write_jacobian else None
-        moved = result.transform_points(pair_landmarks.points) if pair_landmarks is not None else None
-        label_map = itk_io.load_image(moving_labels, "moving labels") if moving_labels else None
-        images["warped_labels"] = result.warp(label_map, "nearest") if label_map is not None else None
-        inverse = result.inverse_transform if args.inverse_transforms and not resumed else None
-        overlap = None
-        if fixed_labels:
-            overlap = dice_before_and_after(itk_io.load_image(fixed_labels, "fixed labels"), label_map,
-                                            images["warped_labels"])
-        jacobian = jacobian_summary(itk.array_view_from_image(jacobian_image)) if args.jacobian_stats else None
-        digests = None if resumed else _input_digests(name, pair)
-        # the pair's files all or none; its record after its transform, which it describes
-        outputs = [] if resumed else [(result.transform, out_dir / f"{name}_transform.h5")]
-        if inverse is not None:
-            outputs.append((inverse, out_dir / f"{name}_inverse_transform.h5"))
-        outputs += [(image, image_path(kind)) for kind, image in images.items() if image is not None]
-        if moved is not None:
-            outputs.append((pair_landmarks.text_with(moved), out_dir / points_out))
-        itk_io.write_outputs(outputs)
-        if not resumed:
-            inputs[name] = digests
-            write_record(record)
-        if jacobian is not None:
-            jacobian_table.add([f"{name}," + ",".join(repr(value) for value in jacobian)])
-        if overlap is not None:
-            overlaps.append(overlap)
-            dice_table.add(f"{name},{label},{before!r},{overlap[1][label]!r}" for label, before in overlap[0].items())
-        if pair_landmarks is not None and pair_landmarks.targets is not None:
-            before, after = pair_landmarks.errors_before, pair_landmarks.errors_after(moved)
-            errors_by_pair.append((before, after))
-            tre_table.add([f"{name},{len(after)}," + ",".join(
-                repr(float(v)) for v in (before.mean(), after.mean(), np.median(after), after.max()))])
-        first_done = first_done or time.perf_counter()
+            # computed before anything of the pair is written
+            images = {"warped": result.warp() if wanted(args.warped, "warped") else None,
+                      "displacement": result.displacement_field() if wanted(args.displacement_fields, "displacement")
+                      else None}
+            write_jacobian = wanted(args.jacobians, "jacobian")
+            jacobian_image = (result.jacobian_determinant(args.physical_jacobian)
+                              if write_jacobian or args.jacobian_stats else None)
+            images["jacobian"] = jacobian_image if write_jacobian else None
+            moved = result.transform_points(pair_landmarks.points) if pair_landmarks is not None else None
+            label_map = itk_io.load_image(moving_labels, "moving labels") if moving_labels else None
+            images["warped_labels"] = result.warp(label_map, "nearest") if label_map is not None else None
+            inverse = result.inverse_transform if args.inverse_transforms and not resumed else None
+            overlap = None
+            if fixed_labels:
+                overlap = dice_before_and_after(itk_io.load_image(fixed_labels, "fixed labels"), label_map,
+                                                images["warped_labels"])
+            jacobian = jacobian_summary(itk.array_view_from_image(jacobian_image)) if args.jacobian_stats else None
+            digests = None if resumed else _input_digests(name, pair)
+            # the pair's files all or none; its record after its transform, which it describes
+            outputs = [] if resumed else [(result.transform, out_dir / f"{name}_transform.h5")]
+            if inverse is not None:
+                outputs.append((inverse, out_dir / f"{name}_inverse_transform.h5"))
+            outputs += [(image, image_path(kind)) for kind, image in images.items() if image is not None]
+            if moved is not None:
+                outputs.append((pair_landmarks.text_with(moved), out_dir / points_out))
+            itk_io.write_outputs(outputs)
+            if not resumed:
+                inputs[name] = digests
+                write_record(record)
+            if jacobian is not None:
+                jacobian_table.add([f"{name}," + ",".join(repr(value) for value in jacobian)])
+            if overlap is not None:
+                overlaps.append(overlap)
+                dice_table.add(f"{name},{label},{before!r},{overlap[1][label]!r}" for label, before in overlap[0].items())
+            if pair_landmarks is not None and pair_landmarks.targets is not None:
+                before, after = pair_landmarks.errors_before, pair_landmarks.errors_after(moved)
+                errors_by_pair.append((before, after))
+                tre_table.add([f"{name},{len(after)}," + ",".join(
+                    repr(float(v)) for v in (before.mean(), after.mean(), np.median(after), after.max()))])
+            first_done = first_done or time.perf_counter()
     if errors_by_pair:
         before, after = (np.concatenate(errors) for errors in zip(*errors_by_pair))
         results_log.info("target registration error over %d landmarks of %s: mean %.2f mm before, %.2f mm "

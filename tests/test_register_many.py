@@ -751,6 +751,30 @@ def test_cli_warps_each_pairs_labels_and_tabulates_their_dice(tmp_path):
         assert before != after, "the test wants transforms that move the labels"
 
 
+def test_cli_names_the_pair_whose_outputs_fail(tmp_path, capsys):
+    """An error while a pair's outputs are made (here its moving labels numbered otherwise than
+    its fixed ones) named no pair: which of a data set's rows to mend was left to guess."""
+    from mgr_engine import cli
+
+    data = dict(zip(("a", "b"), pairs(2, start=220)))
+    csv_path = write_csv(tmp_path, data)
+    for name, (fixed, moving) in data.items():
+        itk.imwrite(label_map(fixed), str(tmp_path / f"{name}_fixed_labels.nii.gz"))
+        labels = label_map(moving)
+        if name == "b":  # labels 11-13 for 1-3
+            view = itk.array_view_from_image(labels)
+            view[view > 0] += 10
+        itk.imwrite(labels, str(tmp_path / f"{name}_moving_labels.nii.gz"))
+    add_columns(csv_path, ("fixed_labels", "moving_labels"),
+                lambda name: (f"{name}_fixed_labels.nii.gz", f"{name}_moving_labels.nii.gz"))
+    out = tmp_path / "out"
+    assert cli.main(["-q", "register-many", "--pairs", str(csv_path), "--out_dir", str(out), "--model",
+                     "compact"]) == 2
+    assert ("error: pair 'b': the fixed and moving labels share no label (fixed: 1, 2, 3; the moving labels on the "
+            "fixed grid: 11, 12, 13)") in capsys.readouterr().err
+    assert (out / "a_transform.h5").is_file() and not (out / "b_transform.h5").exists()  # b's outputs: none
+
+
 @pytest.mark.parametrize("physical", [False, True])
 def test_cli_tabulates_each_transforms_jacobian(tmp_path, physical):
     from helpers import oblique_image
