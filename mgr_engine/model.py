@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from .errors import CheckpointError, InvalidOptionError
+from .errors import CheckpointError, InvalidImageError, InvalidOptionError
 from .kernels import decoder_cpu, last_conv_cpu
 from .ops import (compose_maps, identity_map, is_channels_last, memory_format_of, use_cpp_decoder,
                   use_cpp_last_conv, warp)
@@ -367,7 +367,8 @@ class GradICONNetwork(nn.Module):
         """
         expected = tuple(self.config.input_shape)
         if tuple(moving.shape[2:]) != expected or tuple(fixed.shape[2:]) != expected:
-            raise ValueError(f"network input must be {expected}, got {tuple(moving.shape[2:])} and {tuple(fixed.shape[2:])}")
+            raise InvalidImageError(f"network input must be {expected}, got {tuple(moving.shape[2:])} and "
+                                    f"{tuple(fixed.shape[2:])}; Engine.preprocess resizes an image to it")
         psi1, psi2, psi3, psi4 = (functools.partial(self._run_unet, unet) for unet in self.unets)
         moving_half = F.avg_pool3d(moving, 2, ceil_mode=True)
         fixed_half = F.avg_pool3d(fixed, 2, ceil_mode=True)

@@ -145,3 +145,10 @@ def test_engine_flags_given_as_strings_are_refused(flag):
     """compile="no" is truthy: it compiled the network for minutes."""
     with pytest.raises(InvalidOptionError, match=f"{flag} must be True or False, got 'no'"):
         Engine(model="compact", device="cpu", **{flag: "no"})
+
+
+def test_the_network_itself_refuses_another_grid_as_a_typed_error(engine):
+    """``GradICONNetwork`` used on its own (a training loop's): a plain ValueError before."""
+    with torch.no_grad(), pytest.raises(InvalidImageError, match=r"network input must be \(64, 64, 64\), got "
+                                                                  r"\(32, 32, 32\) and \(32, 32, 32\); Engine.preprocess"):
+        engine.network(torch.rand(1, 1, 32, 32, 32), torch.rand(1, 1, 32, 32, 32))
