@@ -145,6 +145,7 @@ def resolve_weights(model: str, weights=None) -> Path:
     """The checkpoint file to load: ``weights`` if given, else the first file on the search path.
     Nothing is downloaded."""
     if weights is not None:
+        _check_weights_type(weights)
         path = Path(weights)
         if path.is_dir():  # the checkpoint's folder given for the file
             inside = [file for pattern in (CHECKPOINT_NAME, f"*/{CHECKPOINT_NAME}", "*.safetensors")
@@ -173,6 +174,13 @@ def resolve_weights(model: str, weights=None) -> Path:
         f"or copy it to $MGR_ENGINE_WEIGHTS_DIR/{model}1.0/{CHECKPOINT_NAME}, "
         f"or to {candidates[-1]}."
     )
+
+
+def _check_weights_type(weights) -> None:
+    """:class:`InvalidOptionError` unless ``weights`` is a path or a state dict (a list was read
+    as the file name "[1]")."""
+    if not isinstance(weights, (str, os.PathLike, dict)):
+        raise InvalidOptionError(f"weights must be a checkpoint's path or a state dict, got a {type(weights).__name__}")
 
 
 def load_checkpoint(path) -> dict:
@@ -1126,6 +1134,8 @@ def register_many(pairs, *, model: str = "multigradicon", weights=None, device=N
 def _engine_for(model, weights, device, backend, onnx_model) -> Engine:
     """The cached engine of these settings (a state dict as ``weights``: a new engine)."""
     check_model(model)
+    if weights is not None:
+        _check_weights_type(weights)
     if isinstance(weights, dict):  # a state dict: not cacheable
         return Engine(model=model, weights=weights, device=device, backend=backend, onnx_model=onnx_model)
     with _ENGINE_CACHE_LOCK:  # threads' first calls at once would each load the weights

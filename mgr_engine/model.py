@@ -31,6 +31,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -485,6 +486,14 @@ def load_official_state_dict(network: GradICONNetwork, state_dict: dict) -> None
         raise CheckpointError("the checkpoint holds no state dict; expected the regis_net state_dict of Step_2_final.trch")
     if all(k.startswith("regis_net.") for k in state_dict):  # a whole GradientICON module's dict
         state_dict = {k[len("regis_net."):]: v for k, v in state_dict.items()}
+    # NumPy arrays (weights read with safetensors.numpy, say) as tensors; anything else is no weight
+    state_dict = {k: torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v for k, v in state_dict.items()}
+    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"the state dict's {', '.join(map(repr, not_tensors[:3]))} "
+                              f"{'are' if len(not_tensors) > 1 else 'is'} not a tensor "
+                              f"({type(state_dict[not_tensors[0]]).__name__}); expected the regis_net "
+                              "state_dict of Step_2_final.trch")
     own = network.state_dict()
     renamed, unexpected = {}, []
     for key, value in state_dict.items():

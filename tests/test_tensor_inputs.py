@@ -152,3 +152,24 @@ def test_the_network_itself_refuses_another_grid_as_a_typed_error(engine):
     with torch.no_grad(), pytest.raises(InvalidImageError, match=r"network input must be \(64, 64, 64\), got "
                                                                   r"\(32, 32, 32\) and \(32, 32, 32\); Engine.preprocess"):
         engine.network(torch.rand(1, 1, 32, 32, 32), torch.rand(1, 1, 32, 32, 32))
+
+
+def test_a_state_dict_of_arrays_loads_and_one_of_other_things_is_refused(engine):
+    """NumPy arrays (weights read with safetensors.numpy) were an AttributeError; a training
+    checkpoint's dict (the state dict inside, a step count beside) a KeyError-like mismatch or an
+    AttributeError; a list given as weights was read as the file '[1]'."""
+    from mgr_engine.errors import CheckpointError
+    from mgr_engine.model import official_state_dict
+
+    state = official_state_dict(engine.network)
+    from_arrays = Engine(model="compact", weights={k: v.numpy() for k, v in state.items()}, device="cpu")
+    for ours, theirs in zip(from_arrays.network.state_dict().values(), engine.network.state_dict().values()):
+        assert torch.equal(ours, theirs)
+    with pytest.raises(CheckpointError, match=r"the state dict's 'model', 'step' are not a tensor \(dict\)"):
+        Engine(model="compact", weights={"model": state, "step": 3}, device="cpu")
+    with pytest.raises(InvalidOptionError, match="weights must be a checkpoint's path or a state dict, got a list"):
+        Engine(model="compact", weights=[1], device="cpu")
+    import mgr_engine
+
+    with pytest.raises(InvalidOptionError, match="got a list"):
+        mgr_engine.register(np.ones((20, 20, 20)), np.ones((20, 20, 20)), model="compact", weights=[1])
