@@ -55,7 +55,7 @@ def export_onnx(path, model: str = "multigradicon", weights=None, kind: str = "f
     each before anything is written.
     """
     from ..engine import MODELS, check_flag, check_model, load_checkpoint, resolve_weights
-    from ..model import GradICONNetwork, load_official_state_dict, read_safetensors
+    from ..model import GradICONNetwork, as_network_config, load_official_state_dict, read_safetensors
     from .graph import _onnx
 
     if kind not in KINDS:
@@ -65,6 +65,7 @@ def export_onnx(path, model: str = "multigradicon", weights=None, kind: str = "f
     if kind == "stages" and cpu_rewrites:
         raise OnnxError("cpu_rewrites applies to the full graph; the stage graphs keep the plain TensorRT op set")
     check_model(model)
+    config = as_network_config(config)
     if not isinstance(batch, numbers.Integral) or isinstance(batch, bool) or batch < 1:
         raise OnnxError(f"batch must be a whole number of at least 1, got {batch!r}")
     if cpu_rewrites is not None:  # "no" was a silent True

@@ -25,8 +25,8 @@ from .errors import (CheckpointError, InstanceOptimizationError, InvalidImageErr
                      WeightsNotFoundError, tilde_hint)
 from .labels import warn_if_linear_on_labels
 from .losses import gradicon_regularizer, similarity_by_name, with_constant_targets
-from .model import (GradICONNetwork, NetworkConfig, evaluate_map, fold_batchnorm, load_official_state_dict, map_on_grid,
-                    read_safetensors)
+from .model import (GradICONNetwork, NetworkConfig, as_network_config, evaluate_map, fold_batchnorm,
+                    load_official_state_dict, map_on_grid, read_safetensors)
 from .ops import warp
 from .preprocess import (apply_input_mask, check_intensity_ranges, check_mask, check_modality, check_volume,
                          modality_mismatch, normalize_intensity, resize, resize_mask)
@@ -377,6 +377,7 @@ class Engine:
         self._range_warned = False  # tensors outside [0, 1] given to predict_map or instance_optimize
         self._graph_lock = threading.Lock()
         self.model = model
+        config = as_network_config(config)
         self.config = config or MODELS[model]
         self.device = resolve_device(device)
         if cache_host_memory is None:

@@ -87,6 +87,23 @@ class NetworkConfig:
         return full, half, quarter
 
 
+def as_network_config(config) -> NetworkConfig | None:
+    """``config`` as a :class:`NetworkConfig`: one already, a dict of its fields (a configuration
+    read from JSON), or None; anything else is an :class:`InvalidOptionError` (a dict or a shape
+    given for it was an AttributeError deep in the network's construction)."""
+    if config is None or isinstance(config, NetworkConfig):
+        return config
+    if isinstance(config, dict):
+        try:
+            return NetworkConfig(**config)
+        except TypeError as exc:  # a field NetworkConfig lacks
+            raise InvalidOptionError(f"network config {config!r}: {exc}; its fields are input_shape, "
+                                     "down_channels, up_channels") from None
+    raise InvalidOptionError(f"config must be a NetworkConfig (or a dict of its fields), got a {type(config).__name__}"
+                             + (": NetworkConfig(input_shape=...) for a shape" if isinstance(config, (tuple, list))
+                                else ""))
+
+
 def _match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     """Keep the first ``channels`` channels of x, or zero-pad in front up to ``channels``."""
     if x.shape[1] >= channels:
@@ -584,6 +601,5 @@ def read_safetensors(path):
             "written by mgr_engine (mgr-engine train)") from exc
     config = None
     if "network_config" in metadata:
-        fields = json.loads(metadata["network_config"])
-        config = NetworkConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        config = as_network_config(json.loads(metadata["network_config"]))  # JSON's lists, kept as tuples
     return state, config, metadata

@@ -173,3 +173,15 @@ def test_a_state_dict_of_arrays_loads_and_one_of_other_things_is_refused(engine)
 
     with pytest.raises(InvalidOptionError, match="got a list"):
         mgr_engine.register(np.ones((20, 20, 20)), np.ones((20, 20, 20)), model="compact", weights=[1])
+
+
+def test_a_network_config_given_as_a_dict_is_taken_and_a_shape_is_refused():
+    """A dict of its fields (JSON's) or a bare shape was an AttributeError deep in the network."""
+    from mgr_engine.engine import COMPACT_CONFIG
+
+    fields = {"input_shape": [64, 64, 64], "down_channels": [2, 8, 16, 32, 64], "up_channels": [8, 16, 32, 32]}
+    assert Engine(model="compact", device="cpu", config=fields).config == COMPACT_CONFIG
+    with pytest.raises(InvalidOptionError, match=r"got a tuple: NetworkConfig\(input_shape=...\) for a shape"):
+        Engine(model="compact", device="cpu", config=(64, 64, 64))
+    with pytest.raises(InvalidOptionError, match="unexpected keyword argument 'shape'; its fields are input_shape"):
+        Engine(model="compact", device="cpu", config={"shape": (64, 64, 64)})
