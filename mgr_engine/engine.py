@@ -257,9 +257,9 @@ def network_input(tensor, name: str, shape, *, check_values: bool = True, warn_r
             raise InvalidImageError(f"{name} has {bad} NaN or infinite voxels; the maps would be NaN. Replace them "
                                     "(for example with the background value) first.")
         if (low < 0 or high > 1) and warn_range is not None:
-            warn_range(f"{name}'s values span [{float(low):g}, {float(high):g}], not [0, 1]: the network was trained on "
-                       "intensities preprocessed to [0, 1] (Engine.preprocess, or Engine.register for images); raw "
-                       "values (CT in HU, MRI in scanner units) give a meaningless map")
+            warn_range(f"{name}'s values span [{float(low):g}, {float(high):g}], not [0, 1]: the network was "
+                       "trained on intensities preprocessed to [0, 1] (Engine.preprocess, or Engine.register for "
+                       "images); raw values (CT in HU, MRI in scanner units) give a meaningless map")
     return tensor
 
 

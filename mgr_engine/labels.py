@@ -176,7 +176,8 @@ def _check_label_numbering(before, after) -> None:
     missing = in_fixed - in_moving
     if not missing:
         return
-    moving = f"the moving labels on the fixed grid: {listed(in_moving)}" if in_moving else "the moving labels: background only"
+    moving = (f"the moving labels on the fixed grid: {listed(in_moving)}" if in_moving
+              else "the moving labels: background only")
     if missing == in_fixed:
         raise InvalidImageError(f"the fixed and moving labels share no label (fixed: {listed(in_fixed)}; {moving}): "
                                 "every Dice would be 0. Give two segmentations with one label numbering.")

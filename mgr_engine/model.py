@@ -55,7 +55,10 @@ class NetworkConfig:
         # Tuples, whatever sequence was given (a config read from JSON has lists): the config is
         # hashed and compared with the models' own.
         for name in ("input_shape", "down_channels", "up_channels"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
+            try:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+            except TypeError:  # 64 for (64, 64, 64)
+                raise InvalidOptionError(f"network {name} {getattr(self, name)!r}: give a sequence of integers") from None
         shape = self.input_shape
         if len(shape) != 3 or not all(isinstance(n, numbers.Integral) and n > 0 for n in shape):
             raise InvalidOptionError(f"network input shape {shape}: give three positive integers (D, H, W)")

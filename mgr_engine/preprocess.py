@@ -41,7 +41,7 @@ def check_volume(array: np.ndarray, name: str, stored_dtype=None) -> float:
     if not np.all(np.isfinite(array)):
         bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
         overflow = (" in float32, which the network computes in (a float64 value beyond +-3.4e38 is infinite "
-                    "there)" if np.dtype(stored_dtype or array.dtype) == np.float64 else "")
+                    "there)" if np.dtype(array.dtype if stored_dtype is None else stored_dtype) == np.float64 else "")
         raise InvalidImageError(
             f"{name} image has {bad} NaN or infinite voxels{overflow}; replace them (for example with the "
             "background value) before registering."

@@ -389,6 +389,7 @@ def test_network_input_shape_not_three_sizes(shape):
     (dict(down_channels=(2, 4, -8, 8), up_channels=(4, 8, 8)), "give positive integers"),
     (dict(down_channels=(2, 4.0, 8, 8), up_channels=(4, 8, 8)), "give positive integers"),
     (dict(down_channels=(2,), up_channels=()), "at least one level"),
+    (dict(down_channels=2, up_channels=(4, 8, 8)), "network down_channels 2: give a sequence of integers"),
 ])
 def test_network_channels_that_build_no_network(channels, message):
     """Refused where the configuration is made: a first entry of 1 built a network whose first
