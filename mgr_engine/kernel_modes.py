@@ -9,6 +9,7 @@ took 3.9-5.1 s instead of 2.4-2.8 s on a 512x512x300 CT (2-core AMD EPYC).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 
@@ -16,6 +17,12 @@ from .errors import InvalidOptionError
 
 KERNEL_MODES = ("auto", "triton", "cpp", "torch")
 _kernel_mode = os.environ.get("MGR_ENGINE_KERNELS", "auto")
+if _kernel_mode not in KERNEL_MODES:
+    # A typo ("CPP") ran neither Triton nor C++ kernels (1.4-3x slower on the CPU), without a word;
+    # an error here would make the package unimportable, `mgr-engine info` included.
+    logging.getLogger("mgr_engine").warning("MGR_ENGINE_KERNELS=%r is not a kernel mode (%s): using 'auto'",
+                                            _kernel_mode, ", ".join(KERNEL_MODES))
+    _kernel_mode = "auto"
 
 
 def current_kernel_mode() -> str:

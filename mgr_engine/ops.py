@@ -22,10 +22,12 @@ The default comes from the environment variable ``MGR_ENGINE_KERNELS``.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
 
+from .errors import InvalidOptionError
 from .kernel_modes import KERNEL_MODES, cpp_kernels_allowed, current_kernel_mode, kernel_mode, set_kernel_mode  # noqa: F401
 
 
@@ -44,6 +46,13 @@ def use_triton(tensor: torch.Tensor) -> bool:
     if mode in ("torch", "cpp"):
         return False
     if mode == "triton":
+        # Triton's own messages ("0 active drivers", an ImportError) said nothing of the mode
+        if not triton_available():
+            raise InvalidOptionError("kernel mode 'triton' needs triton (pip install triton); use 'auto'")
+        if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise InvalidOptionError("kernel mode 'triton' runs on CUDA tensors, or on the CPU in Triton's "
+                                     "interpreter (TRITON_INTERPRET=1 before triton is imported, for tests); "
+                                     "use 'auto' or 'cpp' on the CPU")
         return True
     return tensor.is_cuda and triton_available()
 

@@ -17,15 +17,33 @@ from mgr_engine.model import GradICONNetwork, evaluate_map, official_state_dict
 require_triton_kernels()
 
 
-def test_auto_mode_uses_triton_only_on_cuda():
+def test_auto_mode_uses_triton_only_on_cuda(monkeypatch):
     with ops.kernel_mode("auto"):
         assert not ops.use_triton(torch.zeros(1))
     with ops.kernel_mode("triton"):
-        assert ops.use_triton(torch.zeros(1))
+        assert ops.use_triton(torch.zeros(1, device=DEVICE))
     with ops.kernel_mode("torch"):
         assert not ops.use_triton(torch.zeros(1))
     with pytest.raises(InvalidOptionError):
         ops.set_kernel_mode("cuda")
+    # forced on a CPU tensor without the interpreter: Triton's "0 active drivers" before
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with ops.kernel_mode("triton"), pytest.raises(InvalidOptionError, match="'triton' runs on CUDA tensors, or on "
+                                                                             "the CPU in Triton's interpreter"):
+        ops.use_triton(torch.zeros(1))
+
+
+def test_a_kernel_mode_the_environment_misspells_is_warned_about_and_auto(tmp_path):
+    """MGR_ENGINE_KERNELS=CPP ran neither C++ nor Triton kernels, silently (1.4-3x slower)."""
+    import os
+    import subprocess
+    import sys
+
+    script = "from mgr_engine import kernel_modes; print(kernel_modes.current_kernel_mode())"
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={**os.environ, "MGR_ENGINE_KERNELS": "CPP"}, cwd=tmp_path)
+    assert run.stdout.strip() == "auto"
+    assert "MGR_ENGINE_KERNELS='CPP' is not a kernel mode (auto, triton, cpp, torch): using 'auto'" in run.stderr
 
 
 def test_regularizer_and_similarity_agree_across_modes():
