@@ -215,6 +215,21 @@ def check_flag(value, name: str) -> None:
         raise InvalidOptionError(f"{name} must be True or False, got {value!r}")
 
 
+_FLAG_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def _environment_flag(variable: str, default: bool) -> bool:
+    """An environment variable read as a switch: 1/true/yes/on or 0/false/no/off (any case);
+    unset or empty, ``default``. Anything else is an :class:`InvalidOptionError`: "false" read as
+    "not 0" switched it on."""
+    value = os.environ.get(variable, "").strip()
+    if not value:
+        return default
+    if value.lower() not in _FLAG_WORDS:
+        raise InvalidOptionError(f"{variable}={value!r}: give 1 or 0 (true/false, yes/no, on/off)")
+    return _FLAG_WORDS[value.lower()]
+
+
 def check_io_iterations(iterations) -> None:
     """Instance optimization's number of steps: ``None`` or a whole number >= 0 (0 and ``None``:
     no IO). 2.5 ran 2 steps, ``True`` one and ``"2"`` two, without a word; NaN raised a bare
@@ -381,7 +396,7 @@ class Engine:
         self.config = config or MODELS[model]
         self.device = resolve_device(device)
         if cache_host_memory is None:
-            cache_host_memory = os.environ.get("MGR_ENGINE_CACHE_HOST_MEMORY", "1") != "0"
+            cache_host_memory = _environment_flag("MGR_ENGINE_CACHE_HOST_MEMORY", default=True)
         if cache_host_memory and self.device.type == "cpu":
             host_memory.keep_freed_memory()
         # Preprocessing defaults a safetensors file declares (MRI quantile range, CT window),

@@ -102,7 +102,8 @@ def test_large_blocks_in_other_threads_still_allocate():
 
 
 @pytest.mark.parametrize("argument,env_value,expected", [
-    ("None", None, True), ("None", "0", False), ("False", None, False), ("True", "0", True)])
+    ("None", None, True), ("None", "0", False), ("False", None, False), ("True", "0", True),
+    ("None", "false", False), ("None", "Off", False), ("None", "yes", True)])  # "false" was "not 0": on
 def test_cpu_engine_keeps_freed_memory_unless_told_not_to(argument, env_value, expected):
     import os
 
@@ -120,3 +121,12 @@ def test_cpu_engine_keeps_freed_memory_unless_told_not_to(argument, env_value, e
         print(json.dumps({{"kept": host_memory.keeping_freed_memory()}}))
     """, env=env)
     assert result["kept"] is expected
+
+
+def test_a_host_memory_switch_the_environment_misspells_is_refused(monkeypatch):
+    from mgr_engine import Engine
+    from mgr_engine.errors import InvalidOptionError
+
+    monkeypatch.setenv("MGR_ENGINE_CACHE_HOST_MEMORY", "disabled")
+    with pytest.raises(InvalidOptionError, match=r"MGR_ENGINE_CACHE_HOST_MEMORY='disabled': give 1 or 0"):
+        Engine(model="compact", device="cpu")
