@@ -331,11 +331,13 @@ class Engine:
             ``"compact"`` (64^3, narrower; weights bundled in the package).
         weights: path of the checkpoint (``Step_2_final.trch``, the ``regis_net`` state dict, or a
             ``.safetensors`` file from ``mgr-engine train``, whose stored NetworkConfig is used
-            unless ``config`` is given) or a state dict. ``None``: for ``"compact"`` the file in the
-            package; otherwise ``$MGR_ENGINE_WEIGHTS_DIR/<model>1.0/Step_2_final.trch``, then the
-            user cache directory. Nothing is downloaded.
+            unless ``config`` is given) or a state dict (tensors or NumPy arrays). ``None``: for
+            ``"compact"`` the file in the package; otherwise
+            ``$MGR_ENGINE_WEIGHTS_DIR/<model>1.0/Step_2_final.trch``, then the user cache
+            directory. Nothing is downloaded.
         device: torch device; default CUDA when available, else CPU.
-        config: network shape, for checkpoints of non-official configurations.
+        config: network shape (a :class:`NetworkConfig` or a dict of its fields), for checkpoints
+            of non-official configurations.
         backend: ``"torch"``, or ``"onnxruntime"``: the network's forward (no IO) runs in ONNX
             Runtime; instance optimization stays in PyTorch (see :mod:`mgr_engine.export`).
         onnx_model: with ``backend="onnxruntime"``: a full-graph ``.onnx`` file or a directory of
@@ -1183,8 +1185,9 @@ def register(fixed, moving, *, fixed_modality: str = "mri", moving_modality: str
         fixed_modality, moving_modality: ``"mri"`` (clip to [min, 99th percentile]) or ``"ct"``
             (clip to [-1000, 1000] HU), then scale to [0, 1].
         model: ``"multigradicon"``, ``"unigradicon"`` or ``"compact"`` (the bundled compact model).
-        weights: checkpoint path; default ``$MGR_ENGINE_WEIGHTS_DIR/<model>1.0/Step_2_final.trch``
-            or the user cache directory (see :func:`weights_search_path`).
+        weights: checkpoint path, or a state dict (tensors or NumPy arrays; not cached); default
+            ``$MGR_ENGINE_WEIGHTS_DIR/<model>1.0/Step_2_final.trch`` or the user cache directory
+            (see :func:`weights_search_path`).
         io_iterations: instance-optimization steps (Adam on the network weights); ``None`` or
             ``0`` for none.
         io_sim: IO similarity, ``"lncc2"`` (1 - LNCC^2), ``"lncc"`` (1 - LNCC) or ``"mind"`` (MIND-SSC).
