@@ -46,15 +46,22 @@ def use_triton(tensor: torch.Tensor) -> bool:
     if mode in ("torch", "cpp"):
         return False
     if mode == "triton":
-        # Triton's own messages ("0 active drivers", an ImportError) said nothing of the mode
-        if not triton_available():
-            raise InvalidOptionError("kernel mode 'triton' needs triton (pip install triton); use 'auto'")
-        if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise InvalidOptionError("kernel mode 'triton' runs on CUDA tensors, or on the CPU in Triton's "
-                                     "interpreter (TRITON_INTERPRET=1 before triton is imported, for tests); "
-                                     "use 'auto' or 'cpp' on the CPU")
+        is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+        if not (is_compiling is not None and is_compiling()):  # Dynamo's capture launches nothing
+            _check_triton_runs_on(tensor)
         return True
     return tensor.is_cuda and triton_available()
+
+
+def _check_triton_runs_on(tensor: torch.Tensor) -> None:
+    """:class:`InvalidOptionError` where kernel mode "triton" cannot launch on ``tensor``: Triton's
+    own messages ("0 active drivers", an ImportError) said nothing of the mode."""
+    if not triton_available():
+        raise InvalidOptionError("kernel mode 'triton' needs triton (pip install triton); use 'auto'")
+    if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise InvalidOptionError("kernel mode 'triton' runs on CUDA tensors, or on the CPU in Triton's interpreter "
+                                 "(TRITON_INTERPRET=1 before triton is imported, for tests); use 'auto' or 'cpp' on "
+                                 "the CPU")
 
 
 def is_eager(*tensors: torch.Tensor) -> bool:
