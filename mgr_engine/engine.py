@@ -796,7 +796,9 @@ class Engine:
         is the same file under any path (relative, absolute, a link); one rewritten between pairs
         (another size or modification time; for a DICOM folder, of any of its files) is read again.
         """
-        if not all(isinstance(n, int) and n >= 1 for n in (batch_size, prefetch)):
+        # NumPy's integers too (a batch size computed with numpy); not True
+        if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1
+                   for n in (batch_size, prefetch)):
             raise InvalidOptionError(f"batch_size and prefetch must be whole numbers of at least 1, got {batch_size!r} "
                                      f"and {prefetch!r}")
         self._check_options(fixed_modality=fixed_modality, moving_modality=moving_modality, io_iterations=io_iterations,

@@ -51,7 +51,7 @@ def wait_for_no_loader(timeout=5.0):
     return not loader_threads()
 
 
-@pytest.mark.parametrize("batch_size", [1, 2, 4])
+@pytest.mark.parametrize("batch_size", [1, 2, 4, np.int64(2)])  # a size computed with NumPy was refused
 def test_same_maps_as_register_in_order(engine, batch_size):
     data = pairs(5)
     one_by_one = [engine.register(f, m, io_iterations=None) for f, m in data]
