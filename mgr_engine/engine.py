@@ -974,7 +974,9 @@ def _prefetched_batches(pairs, prepare, batch_size: int, prefetch: int, pin: boo
 
 @dataclass
 class RegistrationResult:
-    """What :func:`mgr_engine.register` returns.
+    """What :func:`mgr_engine.register` returns; also made from a map of :meth:`Engine.predict_map`
+    and the two images it was computed from, ``RegistrationResult(fixed, moving, phi_ab)``, for
+    its transform, warp and the rest in mm (``phi_ba``, the backward map, for its inverse).
 
     ``phi_ab``: the map moving <- fixed on the network grid ((1, 3, *input_shape), [0, 1]
     coordinates); ``io_losses``: the loss of each IO step (empty without IO); ``device``: where
@@ -1010,9 +1012,10 @@ class RegistrationResult:
         if "inverse" not in self._cache:
             if self.phi_ba is None:
                 if self._inverse is None:
-                    raise MgrEngineError("this result was copied (pickled) without the engine that computes its "
-                                         "inverse map: read its inverse_transform before copying it, or register "
-                                         "with instance optimization, which computes both maps.")
+                    raise MgrEngineError("this result has no inverse map and no engine to compute it (it was "
+                                         "made from a map, or copied or pickled without its engine): give it "
+                                         "phi_ba (Engine.predict_map(fixed, moving)), read inverse_transform before "
+                                         "copying, or register with instance optimization, which computes both maps.")
                 self.phi_ba = self._inverse().cpu()
             self._cache["inverse"] = itk_io.map_to_transform(self.phi_ba[0].numpy(), self.fixed, self.moving)
         return self._cache["inverse"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import oblique_image, random_network, reference_network, smooth_volume
-from mgr_engine import Engine
+from mgr_engine import Engine, RegistrationResult
 from mgr_engine.errors import MgrEngineError
 from mgr_engine.model import official_state_dict
 from mgr_engine.preprocess import normalize_intensity
@@ -128,11 +128,30 @@ def test_a_result_survives_pickle_without_its_engine(setting):
     np.testing.assert_array_equal(copied.transform_points(points), result.transform_points(points))
     np.testing.assert_array_equal(itk.array_from_image(copied.warp()), itk.array_from_image(result.warp()))
     assert copied.fixed.GetSpacing() == fixed.GetSpacing() and copied.moving.GetOrigin() == moving.GetOrigin()
-    with pytest.raises(MgrEngineError, match=r"copied \(pickled\) without the engine that computes its inverse map: "
-                                              r"read its inverse_transform before copying it"):
+    with pytest.raises(MgrEngineError, match=r"copied or pickled without its engine\): give it phi_ba .*read "
+                                              r"inverse_transform before copying"):
         copied.inverse_transform
     inverse_points = result.transform_points(points, inverse=True)  # computes the inverse map before the copy
     np.testing.assert_array_equal(copy.deepcopy(result).transform_points(points, inverse=True), inverse_points)
+
+
+def test_a_result_made_from_predict_maps_map_is_registers(setting):
+    """The tensor path's way to millimetres (a pipeline that preprocesses and predicts itself):
+    a RegistrationResult of the two images and the map gives register()'s transform and warp."""
+    net, fixed, moving = setting
+    engine = Engine(weights=official_state_dict(net), config=net.config, device="cpu")
+    expected = engine.register(fixed, moving, io_iterations=None)
+    phi_ab = engine.predict_map(engine.preprocess(moving, "mri"), engine.preprocess(fixed, "mri"))
+    made = RegistrationResult(fixed, moving, phi_ab)
+    points = np.array(random_points(fixed, 20))
+    np.testing.assert_array_equal(made.transform_points(points), expected.transform_points(points))
+    np.testing.assert_array_equal(itk.array_from_image(made.warp()), itk.array_from_image(expected.warp()))
+    with pytest.raises(MgrEngineError, match=r"no inverse map and no engine to compute it \(it was made from a map"):
+        made.inverse_transform
+    phi_ba = engine.predict_map(engine.preprocess(fixed, "mri"), engine.preprocess(moving, "mri"))
+    both = RegistrationResult(fixed, moving, phi_ab, phi_ba)
+    np.testing.assert_array_equal(both.transform_points(points, inverse=True),
+                                  expected.transform_points(points, inverse=True))
 
 
 def test_numpy_input_is_one_millimetre_identity_grid():
