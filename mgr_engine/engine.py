@@ -996,6 +996,20 @@ class RegistrationResult:
     # an array of the moving image (labels to warp) lies on it, not on the reordered copy's.
     _moving_grid_as_given: object = None
 
+    def __post_init__(self):
+        # A result made by hand from predict_map's maps: a batch's map would have been cut to its
+        # first pair's without a word (the transform takes phi[0]); the images as register takes them.
+        for name in ("phi_ab", "phi_ba"):
+            phi = getattr(self, name)
+            one_map = isinstance(phi, torch.Tensor) and phi.dim() == 5 and tuple(phi.shape[:2]) == (1, 3)
+            if phi is not None and not one_map:
+                raise InvalidImageError(
+                    f"{name} must be one pair's map, a (1, 3, D, H, W) tensor as Engine.predict_map gives for one "
+                    f"pair (phi[k:k + 1] of a batch's), got {tuple(getattr(phi, 'shape', ())) or type(phi).__name__}")
+        for name in ("fixed", "moving"):
+            if not hasattr(getattr(self, name), "GetLargestPossibleRegion"):
+                setattr(self, name, itk_io.load_image(getattr(self, name), name))
+
     @property
     def transform(self):
         """``itk.CompositeTransform`` mapping fixed-space points to moving-space points (mm);

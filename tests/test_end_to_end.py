@@ -161,3 +161,19 @@ def test_numpy_input_is_one_millimetre_identity_grid():
     assert tuple(result.fixed.GetSpacing()) == (1.0, 1.0, 1.0)
     assert tuple(result.fixed.GetLargestPossibleRegion().GetSize()) == (48, 44, 40)
     assert isinstance(result.phi_ab, torch.Tensor) and result.phi_ab.shape == (1, 3, *SHAPE)
+
+
+def test_a_result_made_from_a_batchs_map_is_refused_and_from_arrays_taken(setting):
+    """A batch's map (B = 2) gave the first pair's transform without a word; images given as
+    arrays (as register takes them) were an AttributeError at the first output."""
+    from mgr_engine.errors import InvalidImageError
+
+    net, fixed, moving = setting
+    engine = Engine(weights=official_state_dict(net), config=net.config, device="cpu")
+    moving_in, fixed_in = engine.preprocess(moving, "mri"), engine.preprocess(fixed, "mri")
+    batch = engine.predict_map(torch.cat([moving_in, fixed_in]), torch.cat([fixed_in, moving_in]))
+    with pytest.raises(InvalidImageError, match=r"phi_ab must be one pair's map, a \(1, 3, D, H, W\) tensor .* got "
+                                                r"\(2, 3, "):
+        RegistrationResult(fixed, moving, batch)
+    arrays = RegistrationResult(itk.array_from_image(fixed), itk.array_from_image(moving), batch[:1])
+    assert arrays.warp().GetSpacing() == (1.0, 1.0, 1.0)  # an array's grid: 1 mm, as register reads one
