@@ -356,9 +356,10 @@ class GradICONNetwork(nn.Module):
         """``initialize=False``: the U-Nets' parameters and BatchNorm statistics are allocated but
         not set, for a network whose weights are loaded (strictly) or replaced next: the random
         initialization of the official network's 70.7 M parameters takes 0.37 s of a CPU engine's
-        start (2 cores), which built two networks."""
+        start (2 cores), which built two networks. ``config``: a :class:`NetworkConfig` or a dict
+        of its fields."""
         super().__init__()
-        self.config = config
+        self.config = config = as_network_config(config) or NetworkConfig()
         # Built on the meta device (no memory, no initialization), then given uninitialized memory;
         # not by to_empty(), whose empty_like of meta tensors imports sympy (0.4 s).
         with contextlib.nullcontext() if initialize else torch.device("meta"):

@@ -185,3 +185,8 @@ def test_a_network_config_given_as_a_dict_is_taken_and_a_shape_is_refused():
         Engine(model="compact", device="cpu", config=(64, 64, 64))
     with pytest.raises(InvalidOptionError, match="unexpected keyword argument 'shape'; its fields are input_shape"):
         Engine(model="compact", device="cpu", config={"shape": (64, 64, 64)})
+    from mgr_engine import GradICONNetwork
+
+    assert GradICONNetwork(fields, initialize=False).config == COMPACT_CONFIG
+    with pytest.raises(InvalidOptionError, match="got a tuple"):
+        GradICONNetwork((64, 64, 64))
