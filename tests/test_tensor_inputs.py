@@ -1,6 +1,7 @@
 """Tensors given straight to ``Engine.predict_map`` and ``Engine.instance_optimize`` (a real-time
 pipeline's way in): other floating dtypes and arrays computed as float32, wrong shapes, dtypes,
-NaN voxels, masks and options refused with typed errors that say what to give."""
+NaN voxels, masks and options refused with typed errors that say what to give; the engine's
+weights and network configuration given as Python objects (state dicts, dicts of fields)."""
 
 import logging
 
@@ -20,8 +21,7 @@ def engine():
 
 @pytest.fixture(scope="module")
 def inputs(engine):
-    moving, fixed = (torch.from_numpy(smooth_volume(engine.input_shape, seed)).clamp(0, 1)[None, None] for seed in (1, 2))
-    return moving, fixed
+    return tuple(torch.from_numpy(smooth_volume(engine.input_shape, seed)).clamp(0, 1)[None, None] for seed in (1, 2))
 
 
 def test_other_floating_dtypes_and_arrays_give_the_float32_map(engine, inputs):
