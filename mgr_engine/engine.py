@@ -243,11 +243,15 @@ def check_io_iterations(iterations) -> None:
                                  f"optimization), got {iterations!r}")
 
 
+_RANGE_SLACK = 0.1  # network inputs this far beyond [0, 1] are not warned about
+
+
 def network_input(tensor, name: str, shape, *, check_values: bool = True, warn_range=None) -> torch.Tensor:
     """``tensor`` (a torch tensor or a numpy array) checked as the network's input, float32:
     ``(B, 1, *shape)``, floating point, and (``check_values``) finite and within [0, 1], as
-    :meth:`Engine.preprocess` gives it. Values outside [0, 1] go to ``warn_range(message)``, not
-    refused: a normalization of one's own may overshoot a little, harmlessly. A double array ran
+    :meth:`Engine.preprocess` gives it. Values beyond [-0.1, 1.1] go to ``warn_range(message)``,
+    not refused; a normalization of one's own may overshoot a little, harmlessly, and would use up
+    a once-per-engine warning that raw values later need. A double array ran
     into "Input type (double) and bias type (float)", a missing batch axis into "rank 5 tensor",
     raw CT values gave a map without a word."""
     if not isinstance(tensor, torch.Tensor):
@@ -271,7 +275,7 @@ def network_input(tensor, name: str, shape, *, check_values: bool = True, warn_r
             bad = int((~torch.isfinite(tensor)).sum())
             raise InvalidImageError(f"{name} has {bad} NaN or infinite voxels; the maps would be NaN. Replace them "
                                     "(for example with the background value) first.")
-        if (low < 0 or high > 1) and warn_range is not None:
+        if (low < -_RANGE_SLACK or high > 1 + _RANGE_SLACK) and warn_range is not None:
             warn_range(f"{name}'s values span [{float(low):g}, {float(high):g}], not [0, 1]: the network was "
                        "trained on intensities preprocessed to [0, 1] (Engine.preprocess, or Engine.register for "
                        "images); raw values (CT in HU, MRI in scanner units) give a meaningless map")
@@ -391,7 +395,7 @@ class Engine:
         self._weights_lock = threading.Lock()
         self._orientations_warned = set()  # (fixed's axis codes, moving's): warned once per engine
         self._modalities_warned = set()  # (image's role, modality): likewise
-        self._range_warned = False  # tensors outside [0, 1] given to predict_map or instance_optimize
+        self._range_warned = False  # tensors far outside [0, 1] given to predict_map or instance_optimize
         self._graph_lock = threading.Lock()
         self.model = model
         config = as_network_config(config)
@@ -490,7 +494,7 @@ class Engine:
         return moving, fixed
 
     def _warn_range_once(self, message: str) -> None:
-        """Warn of network inputs outside [0, 1] once per engine: a loop over a data set would
+        """Warn of network inputs far outside [0, 1] once per engine: a loop over a data set would
         repeat it for every pair."""
         if not self._range_warned:
             self._range_warned = True
