@@ -40,7 +40,7 @@ def test_freed_memory_is_reused_and_release_undoes_it():
         from mgr_engine import Engine, export_onnx, host_memory, release_host_memory
         default = faults_of_a_new_tensor()
         assert host_memory.keep_freed_memory()
-        kept = [faults_of_a_new_tensor() for _ in range(10)]
+        kept = [faults_of_a_new_tensor() for _ in range(20)]
         release_host_memory()
         released = [faults_of_a_new_tensor() for _ in range(2)]
         print(json.dumps({"default": default, "kept": kept, "released": released,
@@ -50,7 +50,9 @@ def test_freed_memory_is_reused_and_release_undoes_it():
     # The heap grows first, by one to five blocks: torch asks for 64-byte alignment, glibc's
     # memalign wants a little more than the freed block, and small objects allocated between the
     # blocks keep it from merging until enough free space has gathered (measured, 10 runs).
-    # From then on the same pages are reused.
+    # From then on the same pages are reused. How many blocks depends on what the package's
+    # imports left on the heap: up to 8 after 2026-12-04's changes (10 runs), which failed 3 runs
+    # in 12 with 10 tries; 20 leave room.
     assert result["kept"][0] > 30000 and max(result["kept"][-3:]) < 1000
     assert min(result["released"]) > 30000 and not result["state"]
 
