@@ -545,7 +545,9 @@ def voxel_array(image) -> np.ndarray:
     """The voxels of a scalar ITK image as a float32 (z, y, x) array (a copy)."""
     import itk
 
-    return np.array(itk.array_view_from_image(image), dtype=np.float32)  # one copy, converted or not
+    # a float64 value beyond float32's range becomes infinite, which check_volume reports as such
+    with np.errstate(over="ignore"):
+        return np.array(itk.array_view_from_image(image), dtype=np.float32)  # one copy, converted or not
 
 
 @dataclass(frozen=True)
