@@ -371,7 +371,7 @@ def run_register_many(args) -> None:
     if any(saved):
         _check_resumed_settings(settings, record, out_dir)
     resumed_inputs = _check_inputs_unchanged(names, pairs, saved, recorded_inputs or {}, out_dir)
-    with _output_folder(out_dir):
+    with _output_folder(out_dir):  # a folder this run created is removed where it stops before writing into it
         if args.warped or args.displacement_fields or args.jacobians or any(moving for _, moving in labels):
             itk_io.check_output_path(out_dir / f"{names[0]}_warped.{args.image_format}", "image")  # mgz: nibabel
         # the settings of the pairs registered from now on, what registered them, and each pair's inputs:
@@ -379,76 +379,75 @@ def run_register_many(args) -> None:
         kept_inputs = _records_kept(settings, record, recorded_inputs or {}, names, out_dir) if not all(saved) \
             else recorded_inputs or {}
         results = _registrations(args, names, pairs, saved, out_dir, settings.get("network_weights"))
-    inputs = {**kept_inputs, **resumed_inputs}
+        inputs = {**kept_inputs, **resumed_inputs}
 
-    def write_record(head: dict):
-        write_text(json.dumps({**head, _INPUTS_KEY: inputs}, indent=1) + "\n", out_dir / _SETTINGS_FILE)
+        def write_record(head: dict):
+            write_text(json.dumps({**head, _INPUTS_KEY: inputs}, indent=1) + "\n", out_dir / _SETTINGS_FILE)
 
-    if not all(saved):
-        from . import __version__
+        if not all(saved):  # written with the first pair's outputs: a run stopped before leaves the record as it was
+            from . import __version__
 
-        record = {**settings, "mgr_engine": __version__}
-        write_record(record)
-    elif inputs != recorded_inputs:  # only files touched or copied since (the same bytes): their new times
-        write_record(record)
-    started, first_done = time.perf_counter(), None  # the first pair's time includes loading the model, if any
-    errors_by_pair = []  # (before, after): the target registration errors (mm) of each landmark
-    tre_table = _Table(out_dir / "tre.csv", "name,landmarks,mean_before_mm,mean_after_mm,median_after_mm,max_after_mm")
-    overlaps = []  # (before, after): each pair's Dice per label
-    dice_table = _Table(out_dir / "dice.csv", "name,label,dice_before,dice_after")
-    jacobian_table = _Table(out_dir / "jacobian.csv", "name,min,max,folds_percent,sd_log_jacobian")
-    for name, pair, result, (pair_landmarks, points_out), (fixed_labels, moving_labels) in tqdm(
-            zip(names, pairs, results, landmarks, labels), total=len(names), desc="register-many", unit="pair",
-            disable=args.quiet):
-        with _errors_named(name):  # the pair's outputs: which of a data set's pairs failed
-            resumed = isinstance(result, _SavedRegistration)
+            record = {**settings, "mgr_engine": __version__}
+        elif inputs != recorded_inputs:  # only files touched or copied since (the same bytes): their new times
+            write_record(record)
+        started, first_done = time.perf_counter(), None  # the first pair's time includes loading the model, if any
+        errors_by_pair = []  # (before, after): the target registration errors (mm) of each landmark
+        tre_table = _Table(out_dir / "tre.csv", "name,landmarks,mean_before_mm,mean_after_mm,median_after_mm,max_after_mm")
+        overlaps = []  # (before, after): each pair's Dice per label
+        dice_table = _Table(out_dir / "dice.csv", "name,label,dice_before,dice_after")
+        jacobian_table = _Table(out_dir / "jacobian.csv", "name,min,max,folds_percent,sd_log_jacobian")
+        for name, pair, result, (pair_landmarks, points_out), (fixed_labels, moving_labels) in tqdm(
+                zip(names, pairs, results, landmarks, labels), total=len(names), desc="register-many", unit="pair",
+                disable=args.quiet):
+            with _errors_named(name):  # the pair's outputs: which of a data set's pairs failed
+                resumed = isinstance(result, _SavedRegistration)
 
-            def image_path(kind):
-                return out_dir / f"{name}_{kind}.{args.image_format}"
+                def image_path(kind):
+                    return out_dir / f"{name}_{kind}.{args.image_format}"
 
-            def wanted(option, kind):  # a resumed pair's image is kept where it is there (written atomically)
-                return option and not (resumed and image_path(kind).is_file())
+                def wanted(option, kind):  # a resumed pair's image is kept where it is there (written atomically)
+                    return option and not (resumed and image_path(kind).is_file())
 
-            # computed before anything of the pair is written
-            images = {"warped": result.warp() if wanted(args.warped, "warped") else None,
-                      "displacement": result.displacement_field() if wanted(args.displacement_fields, "displacement")
-                      else None}
-            write_jacobian = wanted(args.jacobians, "jacobian")
-            jacobian_image = (result.jacobian_determinant(args.physical_jacobian)
-                              if write_jacobian or args.jacobian_stats else None)
-            images["jacobian"] = jacobian_image if write_jacobian else None
-            moved = result.transform_points(pair_landmarks.points) if pair_landmarks is not None else None
-            label_map = itk_io.load_image(moving_labels, "moving labels") if moving_labels else None
-            images["warped_labels"] = result.warp(label_map, "nearest") if label_map is not None else None
-            inverse = result.inverse_transform if args.inverse_transforms and not resumed else None
-            overlap = None
-            if fixed_labels:
-                overlap = dice_before_and_after(itk_io.load_image(fixed_labels, "fixed labels"), label_map,
-                                                images["warped_labels"])
-            jacobian = jacobian_summary(itk.array_view_from_image(jacobian_image)) if args.jacobian_stats else None
-            digests = None if resumed else _input_digests(name, pair)
-            # the pair's files all or none; its record after its transform, which it describes
-            outputs = [] if resumed else [(result.transform, out_dir / f"{name}_transform.h5")]
-            if inverse is not None:
-                outputs.append((inverse, out_dir / f"{name}_inverse_transform.h5"))
-            outputs += [(image, image_path(kind)) for kind, image in images.items() if image is not None]
-            if moved is not None:
-                outputs.append((pair_landmarks.text_with(moved), out_dir / points_out))
-            itk_io.write_outputs(outputs)
-            if not resumed:
-                inputs[name] = digests
-                write_record(record)
-            if jacobian is not None:
-                jacobian_table.add([f"{name}," + ",".join(repr(value) for value in jacobian)])
-            if overlap is not None:
-                overlaps.append(overlap)
-                dice_table.add(f"{name},{label},{before!r},{overlap[1][label]!r}" for label, before in overlap[0].items())
-            if pair_landmarks is not None and pair_landmarks.targets is not None:
-                before, after = pair_landmarks.errors_before, pair_landmarks.errors_after(moved)
-                errors_by_pair.append((before, after))
-                tre_table.add([f"{name},{len(after)}," + ",".join(
-                    repr(float(v)) for v in (before.mean(), after.mean(), np.median(after), after.max()))])
-            first_done = first_done or time.perf_counter()
+                # computed before anything of the pair is written
+                images = {"warped": result.warp() if wanted(args.warped, "warped") else None,
+                          "displacement": result.displacement_field() if wanted(args.displacement_fields, "displacement")
+                          else None}
+                write_jacobian = wanted(args.jacobians, "jacobian")
+                jacobian_image = (result.jacobian_determinant(args.physical_jacobian)
+                                  if write_jacobian or args.jacobian_stats else None)
+                images["jacobian"] = jacobian_image if write_jacobian else None
+                moved = result.transform_points(pair_landmarks.points) if pair_landmarks is not None else None
+                label_map = itk_io.load_image(moving_labels, "moving labels") if moving_labels else None
+                images["warped_labels"] = result.warp(label_map, "nearest") if label_map is not None else None
+                inverse = result.inverse_transform if args.inverse_transforms and not resumed else None
+                overlap = None
+                if fixed_labels:
+                    overlap = dice_before_and_after(itk_io.load_image(fixed_labels, "fixed labels"), label_map,
+                                                    images["warped_labels"])
+                jacobian = jacobian_summary(itk.array_view_from_image(jacobian_image)) if args.jacobian_stats else None
+                digests = None if resumed else _input_digests(name, pair)
+                # the pair's files all or none; its record after its transform, which it describes
+                outputs = [] if resumed else [(result.transform, out_dir / f"{name}_transform.h5")]
+                if inverse is not None:
+                    outputs.append((inverse, out_dir / f"{name}_inverse_transform.h5"))
+                outputs += [(image, image_path(kind)) for kind, image in images.items() if image is not None]
+                if moved is not None:
+                    outputs.append((pair_landmarks.text_with(moved), out_dir / points_out))
+                itk_io.write_outputs(outputs)
+                if not resumed:
+                    inputs[name] = digests
+                    write_record(record)
+                if jacobian is not None:
+                    jacobian_table.add([f"{name}," + ",".join(repr(value) for value in jacobian)])
+                if overlap is not None:
+                    overlaps.append(overlap)
+                    dice_table.add(f"{name},{label},{before!r},{overlap[1][label]!r}" for label, before in overlap[0].items())
+                if pair_landmarks is not None and pair_landmarks.targets is not None:
+                    before, after = pair_landmarks.errors_before, pair_landmarks.errors_after(moved)
+                    errors_by_pair.append((before, after))
+                    tre_table.add([f"{name},{len(after)}," + ",".join(
+                        repr(float(v)) for v in (before.mean(), after.mean(), np.median(after), after.max()))])
+                first_done = first_done or time.perf_counter()
     if errors_by_pair:
         before, after = (np.concatenate(errors) for errors in zip(*errors_by_pair))
         results_log.info("target registration error over %d landmarks of %s: mean %.2f mm before, %.2f mm "

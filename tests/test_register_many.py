@@ -397,6 +397,26 @@ def test_cli_stops_at_a_bad_pair_with_the_pairs_before_it_written(tmp_path, caps
     assert [line.split(",")[:2] for line in (out / "tre.csv").read_text().splitlines()[1:]] == [["a", "2"]]
 
 
+def test_cli_stopped_at_its_first_pair_leaves_the_folder_as_it_was(tmp_path, capsys):
+    """A run whose first pair fails wrote its record (register_many.json) all the same, with its
+    options in place of those of the folder's pairs: now the record is written with the first
+    pair's outputs, and a folder the run created is removed again."""
+    from mgr_engine import cli
+
+    data = dict(zip(("a", "b"), pairs(2, start=170)))
+    csv_path = write_csv(tmp_path, data)
+    command = ["-q", "register-many", "--pairs", str(csv_path), "--model", "compact", "--out_dir"]
+    out = tmp_path / "out"
+    assert cli.main([*command, str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    write_csv(tmp_path, {"a": (data["a"][0], np.full((30, 30, 30), 7.0, np.float32)), "b": data["b"]})
+    for folder in (out, tmp_path / "new" / "out"):
+        assert cli.main([*command, str(folder), "--moving_modality", "ct"]) == 2
+        assert "pair 'a' (row 1): moving image is constant" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not (tmp_path / "new").exists()
+
+
 def test_cli_resume_registers_only_the_pairs_left_and_tabulates_every_pair(tmp_path, capsys):
     import json
 
