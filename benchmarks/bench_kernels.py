@@ -3,8 +3,9 @@
 
 For each op (trilinear warp, map composition, LNCC^2 loss) at full size (175^3 by default):
 median time of forward and of forward+backward, peak GPU memory of forward+backward, and
-the effective bandwidth of the Triton forward against the GPU's peak (ideal traffic: every
-input read once, every output written once). LNCC^2 also against the authors' ``SquaredLNCC``
+the effective bandwidth of the Triton forward against the GPU's datasheet peak and against a
+device-to-device copy measured in the same run (ideal traffic: every input read once, every
+output written once). LNCC^2 also against the authors' ``SquaredLNCC``
 (separable conv3d), the baseline of issue 3's target (>= 10x forward+backward, <= 1/4 of its
 peak memory), where icon_registration imports. Everything in float32, TF32 off. Then the
 warp and composition for several BLOCK sizes (``--blocks``; none: no sweep).
@@ -130,6 +131,7 @@ def run(args):
     repeats = args.repeats if not args.smoke else 1
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter: times are meaningless)"
     peak = args.peak_gbs or next((v for k, v in PEAK_GBS.items() if k in name), None)
+    copy_gbs = copy_bandwidth(device, repeats) if device == "cuda" else None
     rows = []
     for op, (fn, inputs, ideal_bytes) in cases(shape, device).items():
         forward_backward = gradients_of(fn, inputs)
@@ -156,14 +158,17 @@ def run(args):
                "MiB": peak_memory(reference_forward_backward, device)}
 
     lines = [f"## Kernels, {name}, volume {'x'.join(map(str, shape))}, float32", "",
-             f"torch {torch.__version__}; median of {repeats} runs; memory = peak extra GPU memory of forward+backward.", "",
+             f"torch {torch.__version__}; median of {repeats} runs; memory = peak extra GPU memory of forward+backward; "
+             f"bandwidth against the datasheet's peak ({peak or '?'} GB/s) and against a device-to-device copy "
+             f"measured here ({f'{copy_gbs:.0f}' if copy_gbs else '-'} GB/s, bytes read and written).", "",
              "| op | torch fwd | compile fwd | triton fwd | torch fwd+bwd | compile fwd+bwd | triton fwd+bwd | "
-             "speed-up fwd+bwd vs torch | memory torch / triton (MiB) | triton fwd GB/s (of peak) |",
+             "speed-up fwd+bwd vs torch | memory torch / triton (MiB) | triton fwd GB/s (of peak, of copy) |",
              "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
         def ms(key):
             return f"{r[key] * 1e3:.3f} ms" if key in r else "-"
-        frac = f" ({r['bandwidth'] / peak:.0%})" if peak else ""
+        fractions = [f"{r['bandwidth'] / ceiling:.0%}" for ceiling in (peak, copy_gbs) if ceiling]
+        frac = f" ({', '.join(fractions)})" if fractions else ""
         lines.append(
             f"| {r['op']} | {ms('torch fwd')} | {ms('compile fwd')} | {ms('triton fwd')} | {ms('torch fwd+bwd')} | "
             f"{ms('compile fwd+bwd')} | {ms('triton fwd+bwd')} | {r['torch fwd+bwd'] / r['triton fwd+bwd']:.1f}x | "
@@ -180,6 +185,17 @@ def run(args):
     if args.blocks:
         lines += ["", *block_sweep(shape, device, repeats, args.blocks)]
     print_and_append("\n".join(lines) + "\n", args.results)
+
+
+def copy_bandwidth(device, repeats, gib: float = 2.0) -> float:
+    """GB/s of a device-to-device copy of ``gib`` GiB (bytes read plus written): the bandwidth a
+    memory-bound kernel can reach on this GPU, below the datasheet's peak (about 4.3 of 4.8 TB/s
+    on an H200 here, KINDS.md)."""
+    n = int(gib * 2**30) // 4
+    source, target = torch.empty(n, device=device), torch.empty(n, device=device)
+    seconds = timed(lambda: target.copy_(source), device, repeats)
+    del source, target
+    return 2 * n * 4 / seconds / 1e9
 
 
 def block_sweep(shape, device, repeats, blocks):
