@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from . import synth
 from .engine import COMPACT_CONFIG, gradicon_objective, resolve_device
-from .errors import InvalidOptionError
+from .errors import InvalidOptionError, OutputWriteError
 from .losses import similarity_by_name
 from .model import GradICONNetwork, NetworkConfig, load_official_state_dict, read_safetensors, save_safetensors
 
@@ -365,7 +365,8 @@ def train(run_dir, config: TrainConfig | dict | None = None, *, device=None, max
     the run resumes.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InvalidOptionError(f"run directory {str(run_dir)!r} is a file; give a directory (new or a run's)")
     device = resolve_device(device)
     options = dataclasses.asdict(config) if isinstance(config, TrainConfig) else dict(config or {})
     stored = load_checkpoint_state(run_dir)
@@ -389,7 +390,11 @@ def train(run_dir, config: TrainConfig | dict | None = None, *, device=None, max
         step = int(stored["step"])
         for group in optimizer.param_groups:
             group["lr"] = config.lr
-        log.info("resumed %s at step %d of %d (lr %g)", run_dir, step, config.steps, config.lr)
+        if step < config.steps:
+            log.info("resumed %s at step %d of %d (lr %g)", run_dir, step, config.steps, config.lr)
+        else:
+            log.info("%s is at step %d already, %d asked for: no step to take (steps N trains up to step N)",
+                     run_dir, step, config.steps)
     else:
         if init_weights is not None:
             state, saved_config, _ = read_safetensors(init_weights)
@@ -400,6 +405,10 @@ def train(run_dir, config: TrainConfig | dict | None = None, *, device=None, max
             load_official_state_dict(network, state)
             log.info("initial weights from %s", init_weights)
         log.info("new run in %s: %s", run_dir, config)
+    try:  # only now: a run refused above (its options, its initial weights) leaves no folder behind
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputWriteError(f"cannot create the run directory {str(run_dir)!r} ({exc.strerror or exc})") from exc
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
 
     started, first_step = time.perf_counter(), step

@@ -314,6 +314,27 @@ def test_options_out_of_range_are_named_before_a_step(tmp_path, options, named):
     assert train.train(tmp_path / "none", tiny_options(steps=0), device="cpu") == {"step": 0}  # was {}
 
 
+def test_a_refused_run_leaves_no_run_directory(tmp_path):
+    """The run directory was made before the options were checked: a refused new run left an
+    empty folder (its name then looked like a run to resume)."""
+    with pytest.raises(InvalidOptionError, match="too small"):
+        train.train(tmp_path / "small" / "run", tiny_options(input_shape=(8, 8, 8), steps=0), device="cpu")
+    with pytest.raises(InvalidOptionError, match="out of range"):
+        train.train(tmp_path / "range", tiny_options(lmbda=-1.0, steps=0), device="cpu")
+    assert not any(tmp_path.iterdir())
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InvalidOptionError, match="is a file; give a directory"):
+        train.train(tmp_path / "file", tiny_options(steps=0), device="cpu")
+
+
+def test_resuming_a_run_past_its_steps_says_there_is_no_step_to_take(tmp_path, caplog):
+    train.train(tmp_path, tiny_options(steps=2), device="cpu")
+    with caplog.at_level("INFO", logger="mgr_engine"):
+        assert train.train(tmp_path, {"steps": 1}, device="cpu") == {"step": 2}
+    assert "is at step 2 already, 1 asked for: no step to take" in caplog.text
+    assert "resumed" not in caplog.text  # was "resumed ... at step 2 of 1"
+
+
 def test_resuming_with_a_new_learning_rate_applies_it(tmp_path):
     train.train(tmp_path, tiny_options(steps=1, lr=1e-3), device="cpu")
     train.train(tmp_path, {"steps": 2, "lr": 2e-4}, device="cpu")
