@@ -928,6 +928,7 @@ def run_register(args) -> None:
         outputs.append((result.displacement_field(), args.displacement_field_out))
     if args.jacobian_out:
         outputs.append((result.jacobian_determinant(args.physical_jacobian), args.jacobian_out))
+        _log_jacobian_summary(outputs[-1][0])  # as the jacobian command: the folds are the first thing looked at
     itk_io.write_outputs(outputs)
     log.info("wrote %s", ", ".join(str(path) for _, path in outputs))
 
@@ -1013,10 +1014,7 @@ def _warped(transform, moving, fixed, interpolation: str):
 
 
 def run_jacobian(args) -> None:
-    import itk
-
     from . import itk_io
-    from .resample import jacobian_summary
 
     itk_io.keep_itk_from_importing_torch()  # as in run_warp
     check_outputs([("--jacob", args.jacob, "image"), ("--log_jacob", args.log_jacob, "image")])
@@ -1024,9 +1022,18 @@ def run_jacobian(args) -> None:
     outputs = [(jacobian, args.jacob)]
     if args.log_jacob:
         outputs.append((_log_image(jacobian), args.log_jacob))
+    _log_jacobian_summary(jacobian)
+    itk_io.write_outputs(outputs)
+
+
+def _log_jacobian_summary(jacobian) -> None:
+    """The Jacobian determinant image's summary in the results' log: how much the transform folds."""
+    import itk
+
+    from .resample import jacobian_summary
+
     results_log.info("Jacobian determinant: min %.3f, max %.3f; %.4f %% of the voxels at or below 0 (folds); SD of "
                      "its log %.4f (where above 0)", *jacobian_summary(itk.array_view_from_image(jacobian)))
-    itk_io.write_outputs(outputs)
 
 
 def _displacement_field(transform, fixed):

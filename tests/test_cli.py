@@ -148,12 +148,14 @@ def test_warp_and_jacobian_reproduce_reference(files, tmp_path, monkeypatch):
     assert np.std(a) > 0  # the transform is not the identity
 
 
-def test_extra_outputs(files, tmp_path):
+def test_extra_outputs(files, tmp_path, caplog):
     out = {name: str(tmp_path / f"{name}.nii.gz") for name in ("field", "jac")}
-    assert cli.main(["register", "--fixed", files["fixed"], "--moving", files["moving"], "--fixed_modality", "mri",
-                     "--moving_modality", "mri", "--network_weights", files["weights"], "--io_iterations", "None",
-                     "--network_input_shape", *map(str, SHAPE), "--transform_out", str(tmp_path / "t.h5"),
-                     "--displacement_field_out", out["field"], "--jacobian_out", out["jac"], "--physical_jacobian"]) == 0
+    with caplog.at_level("INFO", logger="mgr_engine.results"):
+        assert cli.main(["register", "--fixed", files["fixed"], "--moving", files["moving"], "--fixed_modality", "mri",
+                         "--moving_modality", "mri", "--network_weights", files["weights"], "--io_iterations",
+                         "None", "--network_input_shape", *map(str, SHAPE), "--transform_out", str(tmp_path / "t.h5"),
+                         "--displacement_field_out", out["field"], "--jacobian_out", out["jac"],
+                         "--physical_jacobian"]) == 0
     field = itk.imread(out["field"])
     assert field.GetNumberOfComponentsPerPixel() == 3
     assert tuple(field.GetSpacing()) == pytest.approx(tuple(itk.imread(files["fixed"]).GetSpacing()))
@@ -162,6 +164,8 @@ def test_extra_outputs(files, tmp_path):
     jacobian = itk.array_from_image(itk.imread(out["jac"]))
     assert jacobian.std() > 0.01
     np.testing.assert_allclose(jacobian, along_index_axes.numpy(), rtol=1e-5, atol=1e-5)
+    # its summary logged, as the jacobian command logs it
+    assert f"Jacobian determinant: min {jacobian.min():.3f}, max {jacobian.max():.3f};" in caplog.text
 
 
 def test_physical_jacobian_of_an_affine_transform_on_an_oblique_image(tmp_path):
