@@ -5,7 +5,9 @@ STAMP := $(VENV)/.mgr_engine-installed
 
 .PHONY: demo test test-fast bench clean
 
+# torch 2.13 (below) has wheels for Python 3.10 and later: say so before a venv is made for another.
 $(PY):
+	@python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "make: $$(python3 --version) is too old: the torch==2.13.0 it installs needs Python 3.10 or later (python3 on PATH)"; exit 1; }
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
