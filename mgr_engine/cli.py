@@ -168,6 +168,12 @@ def _add_register_many(sub):
                         "logs)")
     p.add_argument("--physical_jacobian", action="store_true",
                    help="with --jacobian_stats or --jacobians: " + PHYSICAL_JACOBIAN_HELP)
+    p.add_argument("--keep_going", action="store_true",
+                   help="a pair that fails while it is registered (an image that cannot be read or is constant, "
+                        "instance optimization that diverged, landmarks or labels that do not fit) is logged and "
+                        "skipped, and the run goes on; it then ends with an error that names the pairs skipped "
+                        "(--resume registers only those once mended). Missing files are still refused before the "
+                        "first registration")
     p.add_argument("--resume", action="store_true",
                    help="pairs whose OUT_DIR/NAME_transform.h5 exists (an earlier run's; with --inverse_transforms, "
                         "and NAME_inverse_transform.h5) are not registered again; "
@@ -395,11 +401,15 @@ def run_register_many(args) -> None:
         tre_table = _Table(out_dir / "tre.csv", "name,landmarks,mean_before_mm,mean_after_mm,median_after_mm,max_after_mm")
         overlaps = []  # (before, after): each pair's Dice per label
         dice_table = _Table(out_dir / "dice.csv", "name,label,dice_before,dice_after")
+        failed = []  # the names of the pairs --keep_going skipped
         jacobian_table = _Table(out_dir / "jacobian.csv", "name,min,max,folds_percent,sd_log_jacobian")
         for name, pair, result, (pair_landmarks, points_out), (fixed_labels, moving_labels) in tqdm(
                 zip(names, pairs, results, landmarks, labels), total=len(names), desc="register-many", unit="pair",
                 disable=args.quiet):
-            with _errors_named(name):  # the pair's outputs: which of a data set's pairs failed
+            # the pair's outputs: which of a data set's pairs failed
+            with _skipped_if_keep_going(name, args.keep_going, failed), _errors_named(name):
+                if isinstance(result, MgrEngineError):  # the engine's error for this pair, with --keep_going
+                    raise result
                 resumed = isinstance(result, _SavedRegistration)
 
                 def image_path(kind):
@@ -448,6 +458,8 @@ def run_register_many(args) -> None:
                     tre_table.add([f"{name},{len(after)}," + ",".join(
                         repr(float(v)) for v in (before.mean(), after.mean(), np.median(after), after.max()))])
                 first_done = first_done or time.perf_counter()
+        if len(failed) == len(names):  # nothing written: a folder this run created goes
+            raise _skipped_pairs_error(failed, len(names))
     if errors_by_pair:
         before, after = (np.concatenate(errors) for errors in zip(*errors_by_pair))
         results_log.info("target registration error over %d landmarks of %s: mean %.2f mm before, %.2f mm "
@@ -458,10 +470,36 @@ def run_register_many(args) -> None:
         results_log.info("Dice over the labels of %s (mean of each pair's mean): %.3f before, %.3f after",
                          _pairs(len(overlaps)), before, after)
     elapsed = time.perf_counter() - started
+    written = [done for name, done in zip(names, saved) if name not in failed]
     per_pair = (f": the first {first_done - started:.1f} s (start-up included), then "
-                f"{(elapsed - (first_done - started)) / (len(names) - 1):.2f} s a pair") if len(names) > 1 else ""
+                f"{(elapsed - (first_done - started)) / (len(written) - 1):.2f} s a pair") if len(written) > 1 else ""
     log.info("wrote the outputs of %s (%d registered, %d from their transform files) to %s in %.1f s%s",
-             _pairs(len(names)), saved.count(False), sum(saved), out_dir, elapsed, per_pair)
+             _pairs(len(written)), written.count(False), sum(written), out_dir, elapsed, per_pair)
+    if failed:
+        raise _skipped_pairs_error(failed, len(names))
+
+
+@contextlib.contextmanager
+def _skipped_if_keep_going(name: str, keep_going: bool, failed: list):
+    """With ``keep_going`` (``--keep_going``), a pair's own typed error raised inside is logged and
+    the pair's name added to ``failed``; otherwise, and for an output that cannot be written
+    (which the next pairs' would meet too: a full disk), it is raised."""
+    try:
+        yield
+    except OutputWriteError:
+        raise
+    except MgrEngineError as exc:
+        if not keep_going:
+            raise
+        log.error("%s (skipped: --keep_going)", exc)
+        failed.append(name)
+
+
+def _skipped_pairs_error(failed: list, total: int) -> MgrEngineError:
+    shown = ", ".join(repr(name) for name in failed[:5]) + (", ..." if len(failed) > 5 else "")
+    return MgrEngineError(f"{len(failed)} of {_pairs(total)} failed and were skipped ({shown}; their errors are logged "
+                          "above); the other pairs' outputs are written. Mend them and run again with --resume, which "
+                          "registers only the pairs left.")
 
 
 _SETTINGS_FILE = "register_many.json"
@@ -671,24 +709,28 @@ def _registrations(args, names, pairs, saved, out_dir, weights):
             left, batch_size=args.batch_size, prefetch=args.prefetch, fixed_modality=args.fixed_modality,
             moving_modality=args.moving_modality, io_iterations=args.io_iterations, io_sim=args.io_sim,
             io_lr=args.io_lr, masking=args.masking, progress=False, seed=args.seed,
-            match_orientation=args.match_orientation)
+            match_orientation=args.match_orientation, on_error="yield" if args.keep_going else "raise")
     return _in_table_order(names, pairs, saved, out_dir, results)
 
 
 def _in_table_order(names, pairs, saved, out_dir, results):
     """:func:`_registrations`' iterator: the engine's ``results`` for the pairs left, a saved
-    pair's transform file read back in its row; an engine error named by the pair's row."""
+    pair's transform file read back in its row; an engine error (raised, or yielded in the pair's
+    place with ``--keep_going``) named by the pair's row."""
     import re
+
+    def named(exc):  # as the CSV names the pair (the engine counts the pairs it was given)
+        return type(exc)(f"pair {name!r} (row {index + 1}): {re.sub(r'^pair [0-9]+: ', '', str(exc))}")
 
     for index, (name, pair, done) in enumerate(zip(names, pairs, saved)):
         if done:
             yield _SavedRegistration(out_dir / f"{name}_transform.h5", pair, name)
             continue
         try:
-            yield next(results)
-        except MgrEngineError as exc:  # named as the CSV names it (the engine counts the pairs it was given)
-            message = re.sub(r"^pair \d+: ", "", str(exc))
-            raise type(exc)(f"pair {name!r} (row {index + 1}): {message}") from exc
+            result = next(results)
+        except MgrEngineError as exc:
+            raise named(exc) from exc
+        yield named(result) if isinstance(result, MgrEngineError) else result
 
 
 _GRID_TOLERANCE_MM = 1e-3  # NIfTI headers hold the geometry in float32: about 1e-5 mm apart after a round trip

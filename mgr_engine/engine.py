@@ -771,7 +771,8 @@ class Engine:
     def register_many(self, pairs, *, batch_size: int = 1, prefetch: int = 2, fixed_modality: str = "mri",
                       moving_modality: str = "mri", io_iterations: int | None = 50, io_sim: str = "lncc2",
                       io_lr: float = 2e-5, masking: str = "loss", ct_window=None, quantile_range=None,
-                      progress: bool = True, seed: int | None = None, match_orientation: bool = False):
+                      progress: bool = True, seed: int | None = None, match_orientation: bool = False,
+                      on_error: str = "raise"):
         """Register a stream of pairs: a generator of :class:`RegistrationResult`, in the order of ``pairs``.
 
         A background thread reads and preprocesses the next pairs while the network works on
@@ -790,10 +791,16 @@ class Engine:
                 smaller batch compiles once more).
             prefetch: batches prepared ahead (host memory: two float32 volumes of the network's
                 input shape per pair, 43 MB at 175^3).
+            on_error: ``"raise"`` or ``"yield"``, see below.
             Other arguments: as :func:`mgr_engine.register`, the same for every pair.
 
-        A pair that cannot be registered raises its typed error (see :mod:`mgr_engine.errors`),
-        its message starting with the pair's index; the results yielded before stay valid.
+        A pair that cannot be registered (an image that cannot be read or is not a volume, a bad
+        mask, instance optimization that diverged) raises its typed error (see
+        :mod:`mgr_engine.errors`), its message starting with the pair's index; the results
+        yielded before stay valid. With ``on_error="yield"`` that error (an exception object,
+        not raised) is yielded in the pair's place instead and the stream goes on: a data set's
+        one corrupt file does not stop a night's run. Errors that are not a pair's own (the
+        ``pairs`` iterable failing, the device) are raised either way.
         Closing the generator early stops the reading thread. Consecutive pairs with the same
         fixed file (and fixed mask file) read and preprocess it once, and their results share
         its ``itk.Image``: a data set registered to one atlas reads the atlas once. The same file
@@ -805,6 +812,8 @@ class Engine:
                    for n in (batch_size, prefetch)):
             raise InvalidOptionError(f"batch_size and prefetch must be whole numbers of at least 1, got {batch_size!r} "
                                      f"and {prefetch!r}")
+        if on_error not in ("raise", "yield"):
+            raise InvalidOptionError(f"on_error must be 'raise' or 'yield', got {on_error!r}")
         self._check_options(fixed_modality=fixed_modality, moving_modality=moving_modality, io_iterations=io_iterations,
                             io_sim=io_sim, io_lr=io_lr, masking=masking, ct_window=ct_window,
                             quantile_range=quantile_range, seed=seed, match_orientation=match_orientation)
@@ -825,20 +834,30 @@ class Engine:
                                           quantile_range=quantile_range, match_orientation=match_orientation,
                                           fixed_cache=fixed_cache, **masks)
             except MgrEngineError as error:
-                raise type(error)(f"pair {index}: {error}") from error
+                raise _named_for_pair(error, index) from error
 
         io = dict(io_iterations=io_iterations, io_sim=io_sim, io_lr=io_lr, progress=progress, seed=seed) if io_iterations else None
         # A generator of its own, so that the checks above raise at the call, not at the first result.
         return self._registered_stream(_prefetched_batches(pairs, prepare, batch_size, prefetch, pin=(
-            self.device.type == "cuda" and self.backend == "torch")), io)
+            self.device.type == "cuda" and self.backend == "torch"), pair_errors=on_error == "yield"), io)
 
     def _registered_stream(self, batches, io):
-        """The results of :meth:`register_many` for prepared ``batches``; ``io``: IO's options or None."""
+        """The results of :meth:`register_many` for prepared ``batches`` (a pair's error in place
+        of a batch, where they are yielded); ``io``: IO's options or None."""
         with contextlib.closing(batches):
             for batch in batches:
+                if isinstance(batch, _PairError):
+                    yield batch.error
+                    continue
                 if io is not None:
                     for pair in batch.pairs:
-                        yield self._optimize_pair(pair, **io)
+                        try:
+                            result = self._optimize_pair(pair, **io)
+                        except MgrEngineError as error:
+                            if not batch.pair_errors:
+                                raise _named_for_pair(error, pair.index) from error
+                            result = _named_for_pair(error, pair.index)
+                        yield result
                     continue
                 pinned = batch.moving.is_pinned()
                 phi_ab = self.predict_map(batch.moving.to(self.device, non_blocking=pinned),
@@ -859,15 +878,31 @@ class _PreparedPair:
     fixed_loss_mask: torch.Tensor | None = None
     moving_loss_mask: torch.Tensor | None = None
     moving_grid_as_given: object = None  # where match_orientation reordered the moving image: its grid before
+    index: int | None = None  # in register_many's pairs
 
 
 @dataclass
 class _Batch:
-    """Prepared pairs and their network inputs stacked (B, 1, *input_shape), pinned on CUDA."""
+    """Prepared pairs and their network inputs stacked (B, 1, *input_shape), pinned on CUDA;
+    ``pair_errors``: whether a pair's error is yielded in its place rather than raised."""
 
     pairs: list
     moving: torch.Tensor
     fixed: torch.Tensor
+    pair_errors: bool = False
+
+
+@dataclass
+class _PairError:
+    """A pair's error in :func:`_prefetched_batches`' stream, where pair errors are yielded."""
+
+    error: MgrEngineError
+
+
+def _named_for_pair(error: MgrEngineError, index) -> MgrEngineError:
+    """``error`` again (its type), its message starting with the pair's index in register_many's pairs."""
+    message = str(error)
+    return error if index is None or message.startswith(f"pair {index}: ") else type(error)(f"pair {index}: {message}")
 
 
 def _unpack_pair(index, item, cwd: str):
@@ -921,10 +956,12 @@ def _file_key(path) -> tuple:
 _END = object()
 
 
-def _prefetched_batches(pairs, prepare, batch_size: int, prefetch: int, pin: bool):
+def _prefetched_batches(pairs, prepare, batch_size: int, prefetch: int, pin: bool, pair_errors: bool = False):
     """Batches of ``prepare(index, item)`` for the items of ``pairs``, made by a background thread
     at most ``prefetch`` batches ahead. An error is raised here after the batch of the pairs
-    before it; leaving the generator stops the thread."""
+    before it; with ``pair_errors`` a pair's own error (a :class:`MgrEngineError` of ``prepare``)
+    comes as a :class:`_PairError` in its place instead, and the pairs after it go on. Leaving
+    the generator stops the thread."""
     ready = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
 
@@ -942,7 +979,7 @@ def _prefetched_batches(pairs, prepare, batch_size: int, prefetch: int, pin: boo
         fixed = torch.cat([p.fixed for p in prepared])
         if pin:  # page-locked: the copy to the GPU runs asynchronously, at full bus speed
             moving, fixed = moving.pin_memory(), fixed.pin_memory()
-        return _Batch(prepared, moving, fixed)
+        return _Batch(prepared, moving, fixed, pair_errors)
 
     def load():
         prepared, last = [], _END
@@ -950,7 +987,19 @@ def _prefetched_batches(pairs, prepare, batch_size: int, prefetch: int, pin: boo
             for index, item in enumerate(pairs):
                 if stop.is_set():
                     return
-                prepared.append(prepare(index, item))
+                try:
+                    pair = prepare(index, item)
+                except MgrEngineError as error:
+                    if not pair_errors:
+                        raise
+                    if prepared and not put(batch_of(prepared)):  # in order: the pairs before it first
+                        return
+                    prepared = []
+                    if not put(_PairError(error)):
+                        return
+                    continue
+                pair.index = index
+                prepared.append(pair)
                 if len(prepared) == batch_size:
                     if not put(batch_of(prepared)):
                         return

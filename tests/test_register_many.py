@@ -15,7 +15,8 @@ import torch
 from helpers import random_network, smooth_volume
 from mgr_engine import Engine, register_many
 from mgr_engine.engine import _PreparedPair, _prefetched_batches
-from mgr_engine.errors import InvalidImageError, InvalidOptionError
+from mgr_engine.errors import (ImageReadError, InstanceOptimizationError, InvalidImageError,
+                               InvalidOptionError)
 from mgr_engine.model import official_state_dict
 
 itk = pytest.importorskip("itk")
@@ -221,6 +222,35 @@ def test_bad_pair_raises_its_typed_error_after_the_pairs_before_it(engine):
     assert wait_for_no_loader()
 
 
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_on_error_yield_gives_a_bad_pairs_error_in_its_place_and_goes_on(engine, batch_size):
+    """A data set's one bad pair stopped the stream: with on_error="yield" its typed error takes
+    its place, and the pairs after it are registered as they would be alone."""
+    good = pairs(3, start=300)
+    data = [good[0], (good[1][0], np.zeros((30, 30, 30), np.float32)), ("/no/such/file.nii.gz", good[1][1]),
+            "not a pair", good[1], good[2]]
+    streamed = list(engine.register_many(data, batch_size=batch_size, io_iterations=None, on_error="yield"))
+    assert len(streamed) == len(data)
+    assert isinstance(streamed[1], InvalidImageError) and str(streamed[1]).startswith("pair 1: moving image is constant")
+    assert isinstance(streamed[2], ImageReadError) and str(streamed[2]).startswith("pair 2: fixed image")
+    assert isinstance(streamed[3], InvalidOptionError) and str(streamed[3]).startswith("pair 3: expected a (fixed")
+    for result, (fixed, moving) in zip([streamed[0], *streamed[4:]], good):
+        torch.testing.assert_close(result.phi_ab, engine.register(fixed, moving, io_iterations=None).phi_ab)
+    assert wait_for_no_loader()
+
+
+def test_on_error_yield_gives_instance_optimizations_divergence_in_the_pairs_place(engine):
+    data = pairs(2, start=320)
+    options = dict(io_iterations=1, io_lr=1e6, progress=False)
+    with pytest.raises(InstanceOptimizationError, match=r"^pair 0: instance optimization diverged"):
+        list(engine.register_many(data, **options))
+    streamed = list(engine.register_many(data, on_error="yield", **options))
+    assert [type(result) for result in streamed] == [InstanceOptimizationError] * 2
+    assert str(streamed[1]).startswith("pair 1: instance optimization diverged")
+    with pytest.raises(InvalidOptionError, match="on_error must be 'raise' or 'yield', got 'skip'"):
+        engine.register_many(data, on_error="skip")
+
+
 def test_error_of_the_pairs_iterable_reaches_the_caller(engine):
     def broken():
         yield pairs(1, start=80)[0]
@@ -395,6 +425,39 @@ def test_cli_stops_at_a_bad_pair_with_the_pairs_before_it_written(tmp_path, caps
     assert cli.main(["-q", "register-many", "--pairs", str(csv_path), "--out_dir", str(out), "--model", "compact"]) == 2
     assert sorted(p.name for p in out.iterdir()) == ["a_f.txt", "a_transform.h5", "register_many.json", "tre.csv"]
     assert [line.split(",")[:2] for line in (out / "tre.csv").read_text().splitlines()[1:]] == [["a", "2"]]
+
+
+def test_cli_keep_going_skips_the_pairs_that_fail_and_names_them(tmp_path, capsys, caplog):
+    """--keep_going: a constant image and an unreadable file no longer stop a data set's run; the
+    run ends with an error naming them, and --resume registers only them once mended."""
+    from mgr_engine import cli
+
+    data = dict(zip("abcd", pairs(4, start=190)))
+    data["b"] = (data["b"][0], np.full((30, 30, 30), 7.0, np.float32))
+    csv_path = write_csv(tmp_path, data)
+    (tmp_path / "c_moving.nii.gz").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    command = ["register-many", "--pairs", str(csv_path), "--out_dir", str(out), "--model", "compact",
+               "--jacobian_stats", "--keep_going"]
+    with caplog.at_level("ERROR", logger="mgr_engine"):
+        assert cli.main(command) == 2
+    assert "pair 'b' (row 2): moving image is constant (7)" in caplog.text
+    assert "pair 'c' (row 3): ITK cannot read the moving image" in caplog.text
+    assert "2 of 4 pairs failed and were skipped ('b', 'c'; their errors are logged above)" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["a_transform.h5", "d_transform.h5", "jacobian.csv",
+                                                     "register_many.json"]
+    assert [row.split(",")[0] for row in (out / "jacobian.csv").read_text().splitlines()[1:]] == ["a", "d"]
+    d_transform = (out / "d_transform.h5").read_bytes()
+    itk.imwrite(itk.image_from_array(smooth_volume((30, 30, 30), 1)), str(tmp_path / "b_moving.nii.gz"))
+    assert cli.main([*command, "--resume"]) == 2  # b mended, c still unreadable
+    assert "1 of 4 pairs failed and were skipped ('c';" in capsys.readouterr().err
+    assert (out / "b_transform.h5").is_file() and (out / "d_transform.h5").read_bytes() == d_transform
+    assert [row.split(",")[0] for row in (out / "jacobian.csv").read_text().splitlines()[1:]] == ["a", "b", "d"]
+    # every pair failing: a folder the run created is not left behind
+    write_csv(tmp_path, {"c": data["c"]})
+    (tmp_path / "c_moving.nii.gz").write_bytes(b"not an image")
+    assert cli.main([*command[:4], str(tmp_path / "new"), *command[5:]]) == 2
+    assert "1 of 1 pair failed" in capsys.readouterr().err and not (tmp_path / "new").exists()
 
 
 def test_cli_stopped_at_its_first_pair_leaves_the_folder_as_it_was(tmp_path, capsys):
@@ -793,6 +856,18 @@ def test_cli_names_the_pair_whose_outputs_fail(tmp_path, capsys):
     assert ("error: pair 'b': the fixed and moving labels share no label (fixed: 1, 2, 3; the moving labels on the "
             "fixed grid: 11, 12, 13)") in capsys.readouterr().err
     assert (out / "a_transform.h5").is_file() and not (out / "b_transform.h5").exists()  # b's outputs: none
+    # --keep_going skips it as it skips a pair that fails to register; a third pair after it is written
+    data["c"] = data["a"]
+    for role in ("fixed", "moving"):
+        for kind in ("", "_labels"):
+            (tmp_path / f"c_{role}{kind}.nii.gz").write_bytes((tmp_path / f"a_{role}{kind}.nii.gz").read_bytes())
+    csv_path.write_text(csv_path.read_text() + "c,c_fixed.nii.gz,c_moving.nii.gz,c_fixed_labels.nii.gz,"
+                                               "c_moving_labels.nii.gz\n")
+    assert cli.main(["-q", "register-many", "--pairs", str(csv_path), "--out_dir", str(out), "--model", "compact",
+                     "--keep_going"]) == 2
+    assert "1 of 3 pairs failed and were skipped ('b';" in capsys.readouterr().err
+    assert (out / "c_transform.h5").is_file() and not (out / "b_transform.h5").exists()
+    assert [row.split(",")[0] for row in (out / "dice.csv").read_text().splitlines()[1:]] == ["a"] * 3 + ["c"] * 3
 
 
 @pytest.mark.parametrize("physical", [False, True])
