@@ -838,12 +838,14 @@ class Engine:
 
         io = dict(io_iterations=io_iterations, io_sim=io_sim, io_lr=io_lr, progress=progress, seed=seed) if io_iterations else None
         # A generator of its own, so that the checks above raise at the call, not at the first result.
+        yield_errors = on_error == "yield"
         return self._registered_stream(_prefetched_batches(pairs, prepare, batch_size, prefetch, pin=(
-            self.device.type == "cuda" and self.backend == "torch"), pair_errors=on_error == "yield"), io)
+            self.device.type == "cuda" and self.backend == "torch"), pair_errors=yield_errors), io, yield_errors)
 
-    def _registered_stream(self, batches, io):
+    def _registered_stream(self, batches, io, yield_errors: bool):
         """The results of :meth:`register_many` for prepared ``batches`` (a pair's error in place
-        of a batch, where they are yielded); ``io``: IO's options or None."""
+        of a batch, where they are yielded); ``io``: IO's options or None; ``yield_errors``: IO's
+        errors yielded in the pair's place too."""
         with contextlib.closing(batches):
             for batch in batches:
                 if isinstance(batch, _PairError):
@@ -854,7 +856,7 @@ class Engine:
                         try:
                             result = self._optimize_pair(pair, **io)
                         except MgrEngineError as error:
-                            if not batch.pair_errors:
+                            if not yield_errors:
                                 raise _named_for_pair(error, pair.index) from error
                             result = _named_for_pair(error, pair.index)
                         yield result
@@ -883,13 +885,11 @@ class _PreparedPair:
 
 @dataclass
 class _Batch:
-    """Prepared pairs and their network inputs stacked (B, 1, *input_shape), pinned on CUDA;
-    ``pair_errors``: whether a pair's error is yielded in its place rather than raised."""
+    """Prepared pairs and their network inputs stacked (B, 1, *input_shape), pinned on CUDA."""
 
     pairs: list
     moving: torch.Tensor
     fixed: torch.Tensor
-    pair_errors: bool = False
 
 
 @dataclass
@@ -979,7 +979,7 @@ def _prefetched_batches(pairs, prepare, batch_size: int, prefetch: int, pin: boo
         fixed = torch.cat([p.fixed for p in prepared])
         if pin:  # page-locked: the copy to the GPU runs asynchronously, at full bus speed
             moving, fixed = moving.pin_memory(), fixed.pin_memory()
-        return _Batch(prepared, moving, fixed, pair_errors)
+        return _Batch(prepared, moving, fixed)
 
     def load():
         prepared, last = [], _END
