@@ -1211,7 +1211,8 @@ def register_many(pairs, *, model: str = "multigradicon", weights=None, device=N
     :meth:`Engine.register_many` for ``pairs``, ``batch_size`` and ``prefetch``).
 
     ``model``, ``weights``, ``device``, ``backend``, ``onnx_model``: as :func:`register`;
-    ``options``: :func:`register`'s other keyword arguments, the same for every pair. ::
+    ``options``: :func:`register`'s other keyword arguments, the same for every pair, and
+    ``on_error`` (``"yield"``: a bad pair's error in its place, see :meth:`Engine.register_many`). ::
 
         pairs = [(f"fixed_{i}.nii.gz", f"moving_{i}.nii.gz") for i in range(100)]
         for i, result in enumerate(mgr_engine.register_many(pairs, io_iterations=None, batch_size=4)):
