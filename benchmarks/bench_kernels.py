@@ -194,7 +194,6 @@ def copy_bandwidth(device, repeats, gib: float = 2.0) -> float:
     n = int(gib * 2**30) // 4
     source, target = torch.empty(n, device=device), torch.empty(n, device=device)
     seconds = timed(lambda: target.copy_(source), device, repeats)
-    del source, target
     return 2 * n * 4 / seconds / 1e9
 
 
