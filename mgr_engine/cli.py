@@ -720,7 +720,9 @@ def _in_table_order(names, pairs, saved, out_dir, results):
     import re
 
     def named(exc):  # as the CSV names the pair (the engine counts the pairs it was given)
-        return type(exc)(f"pair {name!r} (row {index + 1}): {re.sub(r'^pair [0-9]+: ', '', str(exc))}")
+        renamed = type(exc)(f"pair {name!r} (row {index + 1}): {re.sub(r'^pair [0-9]+: ', '', str(exc))}")
+        renamed.__cause__ = exc  # a yielded error (--keep_going) keeps its traceback too
+        return renamed
 
     for index, (name, pair, done) in enumerate(zip(names, pairs, saved)):
         if done:

@@ -900,9 +900,14 @@ class _PairError:
 
 
 def _named_for_pair(error: MgrEngineError, index) -> MgrEngineError:
-    """``error`` again (its type), its message starting with the pair's index in register_many's pairs."""
+    """``error`` again (its type, caused by it: a yielded error keeps its traceback), its message
+    starting with the pair's index in register_many's pairs."""
     message = str(error)
-    return error if index is None or message.startswith(f"pair {index}: ") else type(error)(f"pair {index}: {message}")
+    if index is None or message.startswith(f"pair {index}: "):
+        return error
+    named = type(error)(f"pair {index}: {message}")
+    named.__cause__ = error
+    return named
 
 
 def _unpack_pair(index, item, cwd: str):

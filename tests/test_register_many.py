@@ -247,6 +247,7 @@ def test_on_error_yield_gives_instance_optimizations_divergence_in_the_pairs_pla
     streamed = list(engine.register_many(data, on_error="yield", **options))
     assert [type(result) for result in streamed] == [InstanceOptimizationError] * 2
     assert str(streamed[1]).startswith("pair 1: instance optimization diverged")
+    assert streamed[1].__cause__.__traceback__ is not None  # where it was raised, for a bug report
     with pytest.raises(InvalidOptionError, match="on_error must be 'raise' or 'yield', got 'skip'"):
         engine.register_many(data, on_error="skip")
 
