@@ -401,8 +401,8 @@ def run_register_many(args) -> None:
         tre_table = _Table(out_dir / "tre.csv", "name,landmarks,mean_before_mm,mean_after_mm,median_after_mm,max_after_mm")
         overlaps = []  # (before, after): each pair's Dice per label
         dice_table = _Table(out_dir / "dice.csv", "name,label,dice_before,dice_after")
-        failed = []  # the names of the pairs --keep_going skipped
         jacobian_table = _Table(out_dir / "jacobian.csv", "name,min,max,folds_percent,sd_log_jacobian")
+        failed = []  # the names of the pairs --keep_going skipped
         for name, pair, result, (pair_landmarks, points_out), (fixed_labels, moving_labels) in tqdm(
                 zip(names, pairs, results, landmarks, labels), total=len(names), desc="register-many", unit="pair",
                 disable=args.quiet):
@@ -719,7 +719,7 @@ def _in_table_order(names, pairs, saved, out_dir, results):
     place with ``--keep_going``) named by the pair's row."""
     import re
 
-    def named(exc):  # as the CSV names the pair (the engine counts the pairs it was given)
+    def named(exc, name, index):  # as the CSV names the pair (the engine counts the pairs it was given)
         renamed = type(exc)(f"pair {name!r} (row {index + 1}): {re.sub(r'^pair [0-9]+: ', '', str(exc))}")
         renamed.__cause__ = exc  # a yielded error (--keep_going) keeps its traceback too
         return renamed
@@ -731,8 +731,8 @@ def _in_table_order(names, pairs, saved, out_dir, results):
         try:
             result = next(results)
         except MgrEngineError as exc:
-            raise named(exc) from exc
-        yield named(result) if isinstance(result, MgrEngineError) else result
+            raise named(exc, name, index) from exc
+        yield named(result, name, index) if isinstance(result, MgrEngineError) else result
 
 
 _GRID_TOLERANCE_MM = 1e-3  # NIfTI headers hold the geometry in float32: about 1e-5 mm apart after a round trip
