@@ -971,8 +971,9 @@ def run_register(args) -> None:
     if args.displacement_field_out:
         outputs.append((result.displacement_field(), args.displacement_field_out))
     if args.jacobian_out:
-        outputs.append((result.jacobian_determinant(args.physical_jacobian), args.jacobian_out))
-        _log_jacobian_summary(outputs[-1][0])  # as the jacobian command: the folds are the first thing looked at
+        jacobian = result.jacobian_determinant(args.physical_jacobian)
+        outputs.append((jacobian, args.jacobian_out))
+        _log_jacobian_summary(jacobian)  # as the jacobian command: the folds are the first thing looked at
     itk_io.write_outputs(outputs)
     log.info("wrote %s", ", ".join(str(path) for _, path in outputs))
 

@@ -834,13 +834,13 @@ class Engine:
                                           quantile_range=quantile_range, match_orientation=match_orientation,
                                           fixed_cache=fixed_cache, **masks)
             except MgrEngineError as error:
-                raise _named_for_pair(error, index) from error
+                raise _named_for_pair(error, index)  # caused by error
 
         io = dict(io_iterations=io_iterations, io_sim=io_sim, io_lr=io_lr, progress=progress, seed=seed) if io_iterations else None
         # A generator of its own, so that the checks above raise at the call, not at the first result.
         yield_errors = on_error == "yield"
         return self._registered_stream(_prefetched_batches(pairs, prepare, batch_size, prefetch, pin=(
-            self.device.type == "cuda" and self.backend == "torch"), pair_errors=yield_errors), io, yield_errors)
+            self.device.type == "cuda" and self.backend == "torch"), yield_errors=yield_errors), io, yield_errors)
 
     def _registered_stream(self, batches, io, yield_errors: bool):
         """The results of :meth:`register_many` for prepared ``batches`` (a pair's error in place
@@ -857,7 +857,7 @@ class Engine:
                             result = self._optimize_pair(pair, **io)
                         except MgrEngineError as error:
                             if not yield_errors:
-                                raise _named_for_pair(error, pair.index) from error
+                                raise _named_for_pair(error, pair.index)
                             result = _named_for_pair(error, pair.index)
                         yield result
                     continue
@@ -961,10 +961,10 @@ def _file_key(path) -> tuple:
 _END = object()
 
 
-def _prefetched_batches(pairs, prepare, batch_size: int, prefetch: int, pin: bool, pair_errors: bool = False):
+def _prefetched_batches(pairs, prepare, batch_size: int, prefetch: int, pin: bool, yield_errors: bool = False):
     """Batches of ``prepare(index, item)`` for the items of ``pairs``, made by a background thread
     at most ``prefetch`` batches ahead. An error is raised here after the batch of the pairs
-    before it; with ``pair_errors`` a pair's own error (a :class:`MgrEngineError` of ``prepare``)
+    before it; with ``yield_errors`` a pair's own error (a :class:`MgrEngineError` of ``prepare``)
     comes as a :class:`_PairError` in its place instead, and the pairs after it go on. Leaving
     the generator stops the thread."""
     ready = queue.Queue(maxsize=prefetch)
@@ -995,7 +995,7 @@ def _prefetched_batches(pairs, prepare, batch_size: int, prefetch: int, pin: boo
                 try:
                     pair = prepare(index, item)
                 except MgrEngineError as error:
-                    if not pair_errors:
+                    if not yield_errors:
                         raise
                     if prepared and not put(batch_of(prepared)):  # in order: the pairs before it first
                         return
