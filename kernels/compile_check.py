@@ -59,6 +59,7 @@ class CompiledKernel:
     stack_bytes: int
     local_bytes: int  # spilled registers live in local memory
     seconds: float
+    atomic_orders: tuple = ()  # memory orders of the atomic adds in the PTX ("relaxed", "acq_rel")
 
 
 def signature_of(kernel, float_type: str) -> dict:
@@ -113,21 +114,25 @@ def compile_all(arch: int = 90, float_types=("fp32", "fp64")):
                     raise RuntimeError(f"{kernel.__name__} ({float_type}, {constexprs}) does not compile for "
                                        f"sm_{arch}: {error}") from error
                 usage = resource_usage(binary.asm["cubin"])
+                orders = tuple(sorted(set(re.findall(r"\b(?:atom|red)\.global\.\w+\.(\w+)\.", binary.asm["ptx"]))))
                 compiled.append(CompiledKernel(kernel.__name__, float_type, constexprs, usage["REG"], usage["STACK"],
-                                               usage["LOCAL"], time.perf_counter() - started))
+                                               usage["LOCAL"], time.perf_counter() - started, orders))
     return compiled
 
 
 def summary(compiled) -> str:
     """One Markdown row per kernel and float type: how many specializations, the most registers,
-    stack and local memory among them."""
-    lines = ["| kernel | float | specializations | registers (max) | stack bytes (max) | local (spill) bytes (max) |",
-             "|---|---|--:|--:|--:|--:|"]
+    stack and local memory among them, and the memory orders of their atomic adds (Triton's
+    default, acq_rel, fences each one)."""
+    lines = ["| kernel | float | specializations | registers (max) | stack bytes (max) | local (spill) bytes (max) "
+             "| atomic adds' memory order |",
+             "|---|---|--:|--:|--:|--:|---|"]
     groups = itertools.groupby(compiled, key=lambda c: (c.name, c.float_type))
     for (name, float_type), group in groups:
         group = list(group)
         lines.append(f"| {name} | {float_type} | {len(group)} | {max(c.registers for c in group)} | "
-                     f"{max(c.stack_bytes for c in group)} | {max(c.local_bytes for c in group)} |")
+                     f"{max(c.stack_bytes for c in group)} | {max(c.local_bytes for c in group)} | "
+                     f"{', '.join(sorted({o for c in group for o in c.atomic_orders})) or '-'} |")
     return "\n".join(lines)
 
 

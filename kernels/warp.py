@@ -10,12 +10,15 @@ channel-reversed, permuted copy of the map plus the sampling pass.
 With ``ADD_COORDS`` the kernel returns ``coords + sample`` (map composition, see
 :mod:`kernels.compose`), saving a pass over the map.
 
-Backward: the image gradient is scattered with atomic adds (float32), the map
-gradient is computed in the same pass from the eight corners.
+Backward: the image gradient is scattered with atomic adds (float32, relaxed: nothing reads
+it before the kernel ends, and Triton's default acquire-release order fences every add), the
+map gradient is computed in the same pass from the eight corners. Indices within a volume are
+32-bit (8 per map point: 64-bit products cost), so a volume holds fewer than 2^31 voxels.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -23,7 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 256
+# map points per program: 128 was the fastest forward+backward of 128, 256 and 512 on an
+# H200 (benchmarks/RESULTS.md, thirty-fifth session)
+BLOCK = 128
 
 
 @triton.jit
@@ -64,7 +69,7 @@ def _corner(i0, j0, k0, fi, fj, fk, D, H, W, m, corner: tl.constexpr):
     wj = fj * dj + (1.0 - fj) * (1 - dj)
     wk = fk * dk + (1.0 - fk) * (1 - dk)
     valid = m & (ii >= 0) & (ii < D) & (jj >= 0) & (jj < H) & (kk >= 0) & (kk < W)
-    return ii.to(tl.int64) * H * W + jj * W + kk, wi, wj, wk, valid
+    return ii * (H * W) + jj * W + kk, wi, wj, wk, valid
 
 
 @triton.jit
@@ -120,7 +125,8 @@ def warp_bwd_kernel(img_ptr, coords_ptr, grad_out_ptr, grad_img_ptr, grad_coords
             gk += go * v * (wi * wj * sk)
             if NEED_IMG_GRAD:
                 contribution = (go * (wi * wj * wk)).to(grad_img_ptr.dtype.element_ty)
-                tl.atomic_add(grad_img_ptr + (b * C + c) * D * H * W + index, contribution, mask=valid)
+                tl.atomic_add(grad_img_ptr + (b * C + c) * D * H * W + index, contribution, mask=valid,
+                              sem="relaxed")
     # chain rule through the index c -> ((2c - 1 + 1) / 2)(n - 1); a clamped (border) index has no gradient
     gi = gi * (D - 1)
     gj = gj * (H - 1)
@@ -145,6 +151,9 @@ def _prepare(image: torch.Tensor, coords: torch.Tensor):
     batch = image.shape[0]
     if coords.shape[0] not in (1, batch):
         raise ValueError(f"coords batch {coords.shape[0]} does not match image batch {batch}")
+    if math.prod(image.shape[2:]) >= 2**31 or math.prod(coords.shape[2:]) >= 2**31:
+        raise ValueError(f"volumes of 2^31 voxels or more are beyond the warp kernel's 32-bit indices: "
+                         f"image {tuple(image.shape)}, coords {tuple(coords.shape)}")
     # Both in the wider type, at least float32, as grid_sample under autocast promotes: a map
     # cast to an autocast U-Net's bfloat16 would be a third of a voxel off at 175^3.
     dtype = torch.promote_types(torch.promote_types(image.dtype, coords.dtype), torch.float32)

@@ -164,3 +164,14 @@ def test_kernels_refuse_an_interpreter_that_cannot_run_them(monkeypatch):
     for call in (lambda: kwarp.warp(image, coords), lambda: kcompose.compose_maps(coords, coords)):
         with pytest.raises(RuntimeError, match="the reason"):
             call()
+
+
+@pytest.mark.parametrize("too_large", ["image", "coords"])
+def test_volumes_beyond_32_bit_indices_are_refused(too_large):
+    """The kernels index within a volume in 32 bits: 2^31 voxels (an expanded tensor here,
+    no memory behind it) would wrap around to other voxels, so they are refused up front."""
+    huge = torch.zeros(1, 3, 1, 1, 1).expand(1, 3, 2048, 1024, 1024)
+    small_image, small_coords = torch.zeros(1, 1, 4, 4, 4), random_map(1, (4, 4, 4), torch.float32).cpu()
+    image, coords = (huge[:, :1], small_coords) if too_large == "image" else (small_image, huge)
+    with pytest.raises(ValueError, match="2\\^31 voxels"):
+        kwarp.warp_forward(image, coords, zero_pad=True, add_coords=False)
