@@ -56,6 +56,7 @@ from .engine import COMPACT_CONFIG, gradicon_objective, resolve_device
 from .errors import InvalidOptionError, OutputWriteError
 from .losses import similarity_by_name
 from .model import GradICONNetwork, NetworkConfig, load_official_state_dict, read_safetensors, save_safetensors
+from .ops import network_memory_format
 
 log = logging.getLogger("mgr_engine.train")
 
@@ -374,8 +375,8 @@ def train(run_dir, config: TrainConfig | dict | None = None, *, device=None, max
 
     with torch.random.fork_rng(devices=[]):  # the initial weights follow the run's seed
         torch.manual_seed(config.seed)
-        # Channels-last, as the engine's networks: a compact training step 1.12x faster on the CPU.
-        network = GradICONNetwork(config.network_config()).to(device, memory_format=torch.channels_last_3d)
+        # the engine's layout: on the CPU channels-last, a compact training step 1.12x faster
+        network = GradICONNetwork(config.network_config()).to(device, memory_format=network_memory_format(device))
     network.unet_autocast = torch.bfloat16 if config.amp else None
     optimizer = torch.optim.Adam(network.parameters(), lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)

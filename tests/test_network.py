@@ -391,3 +391,16 @@ def test_tf32_switches_are_set_once_for_overlapping_sections_and_restored_after_
         for event in leave.values():
             event.set()
         backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32 = original
+
+
+def test_networks_layout_follows_the_device():
+    """Channels-last 3-D on the CPU (faster convolutions there), contiguous on a GPU (cuDNN was
+    faster so on an H200): the engine's networks and its inputs to them in that layout."""
+    from mgr_engine import ops
+
+    assert ops.network_memory_format("cpu") == torch.channels_last_3d
+    assert ops.network_memory_format(torch.device("cuda", 1)) == torch.contiguous_format
+    net = random_network((72, 72, 72), narrow=True, seed=1)
+    engine = Engine(weights=official_state_dict(net), config=net.config, device="cpu")
+    for network in (engine.network, engine.inference_network):
+        assert ops.is_channels_last(network.unets[0].lastConv.weight)
