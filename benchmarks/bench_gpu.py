@@ -13,8 +13,9 @@ Measured, all in one run on one device:
   as the reference draws it), time per step and peak memory;
 * precision: TF32 and bf16-autocast forwards of ours against fp32, largest point
   difference in network voxels (1 voxel = 1 mm for a 175 mm field of view);
-* layout: ours with the network channels-last (the engine's choice, from CPU timings) and
-  contiguous: warm no-IO latency and a few IO steps (``--layout-io-steps``);
+* layout: ours with the networks channels-last and contiguous (the engine's choice by device,
+  ``ops.network_memory_format``), on a GPU also each with ``cudnn.benchmark``: warm no-IO
+  latency and a few IO steps (``--layout-io-steps``);
 * ``Engine(compile=True)`` (torch.compile; CUDA graphs on a GPU): cold (compiling) and warm
   latency, printed after the main table so that a failure or a slow compile loses nothing
   else (``--skip-compile`` leaves it out, ``--compile-only`` runs it alone).
@@ -107,6 +108,7 @@ def main(argv=None):
 
     from mgr_engine import Engine
     from mgr_engine.model import official_state_dict
+    from mgr_engine.ops import network_memory_format
 
     # Plain fp32 everywhere unless a row says otherwise (cuDNN would use TF32 for convolutions).
     torch.backends.cudnn.allow_tf32 = False
@@ -196,21 +198,34 @@ def main(argv=None):
             io_rows.append((f"mgr_engine instance_optimize{label}", t, peak_gib(device, before, ours)))
         engine.network.checkpoint_unets = False
 
-    # --- layout: the engine runs its networks channels-last, measured faster on the CPU only
+    # --- layout: the engine's choice by device (ops.network_memory_format) against the other,
+    # and on a GPU each with cuDNN's autotuning (cudnn.benchmark: it times every algorithm of a
+    # convolution shape on its first call; the engine leaves the flag as the user set it)
     layouts = []
-    for layout_name, layout in (("channels-last 3-D (the engine's)", torch.channels_last_3d),
-                                ("contiguous", torch.contiguous_format)):
+    engines_layout = network_memory_format(device)
+    variants = [(name, layout, False) for name, layout in (("channels-last 3-D", torch.channels_last_3d),
+                                                            ("contiguous", torch.contiguous_format))]
+    if device == "cuda":
+        variants += [(f"{name}, cudnn.benchmark", layout, True) for name, layout, _ in variants]
+    try:
+        for layout_name, layout, autotuned in variants:
+            layout_name += " (the engine's)" if layout == engines_layout and not autotuned else ""
+            torch.backends.cudnn.benchmark = autotuned
+            for network in (engine.network, engine.inference_network):
+                network.to(memory_format=layout)
+            engine.predict_map(moving, fixed)  # not timed: with autotuning, its first call tunes
+            warm_layout = statistics.median(clock(lambda: engine.predict_map(moving, fixed), device)[0]
+                                            for _ in range(args.repeats))
+            io_layout = float("nan")
+            if not args.skip_io and args.layout_io_steps > 0:
+                engine.instance_optimize(moving, fixed, iterations=1, similarity="lncc", progress=False)  # likewise
+                io_layout = clock(lambda: engine.instance_optimize(moving, fixed, iterations=args.layout_io_steps,
+                                                                   similarity="lncc", progress=False), device)[0]
+            layouts.append((layout_name, warm_layout, io_layout))
+    finally:
+        torch.backends.cudnn.benchmark = False
         for network in (engine.network, engine.inference_network):
-            network.to(memory_format=layout)
-        warm_layout = statistics.median(clock(lambda: engine.predict_map(moving, fixed), device)[0]
-                                        for _ in range(args.repeats))
-        io_layout = float("nan")
-        if not args.skip_io and args.layout_io_steps > 0:
-            io_layout = clock(lambda: engine.instance_optimize(moving, fixed, iterations=args.layout_io_steps,
-                                                               similarity="lncc", progress=False), device)[0]
-        layouts.append((layout_name, warm_layout, io_layout))
-    for network in (engine.network, engine.inference_network):
-        network.to(memory_format=torch.channels_last_3d)
+            network.to(memory_format=engines_layout)
 
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     lines = [f"## End to end on tensors, {name}, network {'x'.join(map(str, shape))}", "",

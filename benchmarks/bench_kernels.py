@@ -5,7 +5,9 @@ For each op (trilinear warp, map composition, LNCC^2 loss) at full size (175^3 b
 median time of forward and of forward+backward, peak GPU memory of forward+backward, and
 the effective bandwidth of the Triton forward against the GPU's datasheet peak and against a
 device-to-device copy measured in the same run (ideal traffic: every input read once, every
-output written once). LNCC^2 also against the authors' ``SquaredLNCC``
+output written once). A 0.2 ms call's time with CUDA events includes the host's launch
+overhead; a second table gives the GPU time of the kernels alone (torch.profiler), and the
+bandwidth from it. LNCC^2 also against the authors' ``SquaredLNCC``
 (separable conv3d), the baseline of issue 3's target (>= 10x forward+backward, <= 1/4 of its
 peak memory), where icon_registration imports. Everything in float32, TF32 off. Then the
 warp and composition for several BLOCK sizes (``--blocks``; none: no sweep).
@@ -53,6 +55,22 @@ def timed(fn, device, repeats, warmups: int = 2):
             fn()
             times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def kernel_seconds(fn, repeats):
+    """GPU time per call of the kernels (and copies) ``fn()`` launches, from torch.profiler: what
+    the device spends, without the host's launch overhead that :func:`timed` includes for short
+    ops. None where the profiler saw no GPU activity."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    # the device's own events (kernels, copies, fills): a host event also counts the kernels it launched
+    busy_us = sum(event.device_time_total for event in profile.events()
+                  if event.device_type == torch.autograd.DeviceType.CUDA)
+    return busy_us / repeats / 1e6 if busy_us else None
 
 
 def print_and_append(table: str, results) -> None:
@@ -146,7 +164,13 @@ def run(args):
                     result[f"{mode} fwd"] = timed(f, device, repeats)
                 result[f"{mode} fwd+bwd"] = timed(fb, device, repeats)
                 result[f"{mode} MiB"] = peak_memory(fb, device)
+                if device == "cuda" and mode != "compile":
+                    with torch.no_grad():
+                        result[f"{mode} fwd kernels"] = kernel_seconds(f, repeats)
+                    result[f"{mode} fwd+bwd kernels"] = kernel_seconds(fb, repeats)
         result["bandwidth"] = ideal_bytes / result["triton fwd"] / 1e9
+        if result.get("triton fwd kernels"):
+            result["kernel bandwidth"] = ideal_bytes / result["triton fwd kernels"] / 1e9
         rows.append(result)
     reference = reference_lncc2(shape, device)
     if reference is not None:
@@ -173,6 +197,17 @@ def run(args):
             f"| {r['op']} | {ms('torch fwd')} | {ms('compile fwd')} | {ms('triton fwd')} | {ms('torch fwd+bwd')} | "
             f"{ms('compile fwd+bwd')} | {ms('triton fwd+bwd')} | {r['torch fwd+bwd'] / r['triton fwd+bwd']:.1f}x | "
             f"{r['torch MiB']:.0f} / {r['triton MiB']:.0f} | {r['bandwidth']:.0f}{frac} |")
+    if any("kernel bandwidth" in r for r in rows):
+        lines += ["", "| op, GPU time of the kernels alone (profiler) | torch fwd | triton fwd | torch fwd+bwd | "
+                  "triton fwd+bwd | triton fwd GB/s (of peak, of copy) |", "|---|--:|--:|--:|--:|--:|"]
+        for r in rows:
+            def ms(key):
+                return f"{r[key] * 1e3:.3f} ms" if r.get(key) else "-"
+            gbs = r.get("kernel bandwidth")
+            fractions = ", ".join(f"{gbs / ceiling:.0%}" for ceiling in (peak, copy_gbs) if ceiling and gbs)
+            bandwidth = f"{gbs:.0f} ({fractions})" if gbs else "-"
+            lines.append(f"| {r['op']} | {ms('torch fwd kernels')} | {ms('triton fwd kernels')} | "
+                         f"{ms('torch fwd+bwd kernels')} | {ms('triton fwd+bwd kernels')} | {bandwidth} |")
     if reference is not None:
         ours = next(r for r in rows if r["op"] == "lncc2_loss")
         lines += ["", "| lncc2_loss against the reference's SquaredLNCC (conv3d) | reference | triton | reference / triton |",
@@ -199,13 +234,13 @@ def copy_bandwidth(device, repeats, gib: float = 2.0) -> float:
 
 def block_sweep(shape, device, repeats, blocks):
     """Forward+backward time of the Triton warp and composition for each BLOCK (map points per
-    program): the float32 backward holds 218 registers a thread at BLOCK 256 on sm_90
-    (kernels.compile_check), so fewer points a program may hide more latency."""
+    program): the float32 backward holds 213 registers a thread at BLOCK 256 and 93 at BLOCK 128
+    on sm_90 (kernels.compile_check), so fewer points a program may hide more latency."""
     from mgr_engine.kernels import warp as kwarp
 
     ops_under_test = {op: gradients_of(fn, inputs) for op, (fn, inputs, _) in cases(shape, device).items()
                       if not op.startswith("lncc")}  # the warp kernels' BLOCK; LNCC has its own
-    lines = ["| BLOCK | " + " | ".join(f"{op} fwd+bwd" for op in ops_under_test) + " |",
+    lines = ["| BLOCK | " + " | ".join(f"{op} fwd+bwd, call / kernels" for op in ops_under_test) + " |",
              "|--:|" + "--:|" * len(ops_under_test)]
     default = kwarp.BLOCK
     try:
@@ -214,7 +249,9 @@ def block_sweep(shape, device, repeats, blocks):
             cells = []
             for forward_backward in ops_under_test.values():
                 with ops.kernel_mode("triton"):
-                    cells.append(f"{timed(forward_backward, device, repeats) * 1e3:.3f} ms")
+                    call = timed(forward_backward, device, repeats)
+                    kernels = kernel_seconds(forward_backward, repeats) if device == "cuda" else None
+                cells.append(f"{call * 1e3:.3f} ms / {f'{kernels * 1e3:.3f} ms' if kernels else '-'}")
             lines.append(f"| {block}{' (default)' if block == default else ''} | " + " | ".join(cells) + " |")
     finally:
         kwarp.BLOCK = default
@@ -227,7 +264,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--peak-gbs", type=float, help="the GPU's peak memory bandwidth in GB/s")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
-    p.add_argument("--blocks", type=int, nargs="*", default=[128, 256, 512],
+    p.add_argument("--blocks", type=int, nargs="*", default=[64, 128, 256],
                    help="BLOCK sizes of the warp kernels to compare (none: no sweep)")
     p.add_argument("--smoke", action="store_true", help="tiny volume, one repeat: check the script runs")
     p.add_argument("--results", type=Path, help="append the table to this file")

@@ -10,8 +10,10 @@
 #   python3 -m pip download --no-deps -d .whl unigradicon==1.0.6 icon_registration==1.1.9
 # On the device: the run tool with carry [".whl"], timeout_s 590, and the command
 #   bash benchmarks/gpu_session.sh
-# then give_back at once, and copy $OUT's RESULTS-*.md, profile.md and memory.log into
-# benchmarks/RESULTS.md with the device's name.
+# then give_back at once, and copy $OUT's RESULTS-*.md, profile.md and memory.log (logs.tar.gz) into
+# benchmarks/RESULTS.md with the device's name. At most 8 files come back from $OUT: the logs
+# come packed in logs.tar.gz. SKIP="resample engine-compiled" leaves those stages out (a second
+# call, with less device time left).
 #
 # Stages (seconds at most; the total is BUDGET, default 540):
 #   tests    150  the Triton kernel tests compiled on the GPU, 175^3 included (fills Triton's cache),
@@ -20,12 +22,12 @@
 #                 the warp kernels' BLOCK sweep (128, 256, 512)
 #   engine   180  bench_gpu.py: end to end against the reference, TF32/bf16, IO memory, layouts
 #   profile   60  profile_gpu.py: where a registration's and an IO step's device time goes
-#   engine-compiled  rest  bench_gpu.py --compile-only (CUDA graphs)
-#   memory    40  profile_io_memory.py --reference: what an IO step keeps for its backward pass,
+#   memory    60  profile_io_memory.py --reference: what an IO step keeps for its backward pass,
 #                 by node, against the reference
 #   resample  40  bench_resample.py --tensors: a result's warped image, field and Jacobian on the
 #                 GPU against the CPU's path (no itk there, so not against ITK)
-#   kernels-compiled rest  bench_kernels.py with torch.compile
+#   kernels-compiled 120  bench_kernels.py with torch.compile
+#   engine-compiled  150  bench_gpu.py --compile-only (CUDA graphs)
 #
 # A dry run on the CPU, small sizes, the kernels in Triton's interpreter:
 #   SMOKE=1 OUT=/tmp/gpu-smoke PATH=.venv/bin:$PATH bash benchmarks/gpu_session.sh
@@ -47,6 +49,10 @@ started=$SECONDS
 stage() {
     local name=$1 limit=$2 left
     shift 2
+    if [[ " ${SKIP:-} " == *" $name "* ]]; then
+        echo "== $name: skipped (SKIP)" | tee -a "$OUT/stages.txt"
+        return
+    fi
     left=$((BUDGET - (SECONDS - started)))
     ((limit > left)) && limit=$left
     if ((limit < 20)); then
@@ -111,10 +117,13 @@ stage kernels $((SMOKE == 1 ? 130 : 90)) python3 benchmarks/bench_kernels.py --n
     --results "$OUT/RESULTS-kernels.md"
 stage engine 180 python3 benchmarks/bench_gpu.py --skip-compile "${engine[@]}" --results "$OUT/RESULTS-gpu.md"
 stage profile 60 python3 benchmarks/profile_gpu.py "${profile[@]}" --out "$OUT/profile.md"
-stage engine-compiled 150 python3 benchmarks/bench_gpu.py --compile-only "${engine[@]}" --results "$OUT/RESULTS-gpu.md"
-stage memory 40 python3 benchmarks/profile_io_memory.py "${memory[@]}"
+stage memory 60 python3 benchmarks/profile_io_memory.py "${memory[@]}"
 stage resample 40 python3 benchmarks/bench_resample.py --tensors "${resample[@]}" --results "$OUT/RESULTS-resample.md"
 if [[ $SMOKE != 1 ]]; then  # torch.compile of the kernels' references: nothing to check on the CPU
     stage kernels-compiled 120 python3 benchmarks/bench_kernels.py --blocks "${kernels[@]}" --results "$OUT/RESULTS-kernels.md"
 fi
+# last: mostly torch.compile's own compilation (72 s of 135 on an H200)
+stage engine-compiled 150 python3 benchmarks/bench_gpu.py --compile-only "${engine[@]}" --results "$OUT/RESULTS-gpu.md"
 echo "== total $((SECONDS - started)) s of ${BUDGET}" | tee -a "$OUT/stages.txt"
+# at most 8 files come back: the logs in one archive beside the results
+(cd "$OUT" && tar czf logs.tar.gz --remove-files -- *.log)

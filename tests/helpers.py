@@ -107,8 +107,8 @@ def import_reference():
 def _saved_tensors(node):
     """The tensors an autograd node keeps: a custom Function's ``saved_tensors``, or the
     ``_saved_*`` attributes of a built-in node."""
-    if hasattr(node, "saved_tensors"):
-        return list(node.saved_tensors)
+    if hasattr(node, "saved_tensors"):  # None for an absent optional input (the LNCC kernel's mask)
+        return [tensor for tensor in node.saved_tensors if tensor is not None]
     tensors = []
     for name in dir(node):
         if name.startswith("_saved_"):

@@ -315,6 +315,27 @@ def test_unet_keeps_less_for_backward_with_the_same_gradients(monkeypatch, dtype
     assert kept_plain - kept_low == sum(activations) + sum(decoder_outputs) > 0
 
 
+def test_kept_for_backward_counts_a_function_that_saved_an_absent_input():
+    """A custom Function saves None for an optional input left out (the LNCC kernel's mask):
+    the memory profile of an IO step on a GPU stopped there with an AttributeError."""
+    from helpers import kept_for_backward
+
+    class Doubled(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, mask):
+            ctx.save_for_backward(x, mask)
+            return 2 * x
+
+        @staticmethod
+        def backward(ctx, grad):
+            return 2 * grad, None
+
+    x = torch.ones(4, 5, requires_grad=True)
+    total, by_node = kept_for_backward(Doubled.apply(x, None))
+    assert total == x.untyped_storage().nbytes()
+    assert by_node == {("Doubled", (4, 5)): [1, total]}
+
+
 def test_unet_frees_what_it_recomputes_from_once_backward_ran(monkeypatch):
     """The tensors a decoder level's output is recomputed from are freed by the backward pass,
     as autograd's saved tensors are, while the graph lives on: IO's ``loss`` holds the graph
