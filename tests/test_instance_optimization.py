@@ -310,7 +310,9 @@ def test_instance_optimization_steps_do_not_wait_for_the_gpu(similarity, masked)
     engine.instance_optimize(moving, fixed, iterations=1, **options)  # compiles the kernels
     few, more = synchronizations(2), synchronizations(5)
     assert few, "torch reported no synchronization at all: the check itself does not work"
-    assert more == few, f"synchronizations in each step: {more - few}"
+    # growth only: a one-off synchronization inside torch (its first call of something) was
+    # seen in the two-step run alone on an H200
+    assert not more - few, f"synchronizations in each step: {more - few}"
 
 
 def test_checkpointed_unets_give_the_same_gradients():
