@@ -13,6 +13,7 @@ Measured, all in one run on one device:
   as the reference draws it), time per step and peak memory;
 * precision: TF32 and bf16-autocast forwards of ours against fp32, largest point
   difference in network voxels (1 voxel = 1 mm for a 175 mm field of view);
+* transposed convolutions: ours as they are and in sub-pixel form (one convolution, a shuffle);
 * layout: ours with the networks channels-last and contiguous (the engine's choice by device,
   ``ops.network_memory_format``), on a GPU also each with ``cudnn.benchmark``: warm no-IO
   latency and a few IO steps (``--layout-io-steps``);
@@ -107,7 +108,7 @@ def main(argv=None):
     from helpers import import_reference, random_network, smooth_volume
 
     from mgr_engine import Engine
-    from mgr_engine.model import official_state_dict
+    from mgr_engine.model import official_state_dict, with_subpixel_upconvs
     from mgr_engine.ops import network_memory_format
 
     # Plain fp32 everywhere unless a row says otherwise (cuDNN would use TF32 for convolutions).
@@ -171,6 +172,18 @@ def main(argv=None):
         finally:
             engine.precision = "fp32"
         precision.append((name, t, ((phi_low.float() - phi) * voxels).abs().max().item()))
+
+    # --- the transposed convolutions in sub-pixel form (model.SubpixelConvTranspose3d): cuDNN ran
+    # them as a slow dgrad kernel, half of a no-IO registration's GPU time on an H200
+    default_network = engine.inference_network
+    engine.inference_network = with_subpixel_upconvs(default_network)
+    try:
+        _, phi_subpixel = clock(lambda: engine.predict_map(moving, fixed), device)
+        subpixel = (statistics.median(clock(lambda: engine.predict_map(moving, fixed), device)[0]
+                                      for _ in range(args.repeats)),
+                    ((phi_subpixel - phi) * voxels).abs().max().item())
+    finally:
+        engine.inference_network = default_network
 
     # --- IO
     io_rows = []
@@ -239,6 +252,10 @@ def main(argv=None):
               f"Largest difference between both maps: {agreement:.2e} voxel.", "",
               "| precision (mgr_engine, no IO) | warm latency | largest point difference against fp32 |", "|---|--:|--:|"]
     lines += [f"| {n} | {t * 1e3:.1f} ms | {d:.3f} voxel |" for n, t, d in precision]
+    lines += ["", f"| transposed convolutions (mgr_engine, no IO, fp32) | warm (median of {args.repeats}) | "
+              "largest point difference |", "|---|--:|--:|",
+              f"| ConvTranspose3d (the engine's) | {warm * 1e3:.1f} ms | 0 |",
+              f"| sub-pixel: conv3d into 8 parities, shuffle | {subpixel[0] * 1e3:.1f} ms | {subpixel[1]:.2e} voxel |"]
     if io_rows:
         base_t, base_m = io_rows[0][1], io_rows[0][2]
         lines += ["", f"| IO, {args.io_steps} steps + final forward, LNCC | time | per step | peak memory (own weights + "

@@ -349,6 +349,54 @@ def fold_batchnorm(unet: UNet) -> UNet:
     return folded.requires_grad_(False)
 
 
+# Sub-pixel form of a transposed convolution of kernel 4, stride 2, padding 1, per axis: the
+# output voxels 2j - 1 and 2j both sum input voxels j - 1 and j (window taps 0 and 1), with the
+# transposed kernel's taps SUBPIXEL_TAPS[sub-position][window tap].
+SUBPIXEL_TAPS = ((2, 0), (3, 1))
+
+
+class SubpixelConvTranspose3d(nn.Module):
+    """A U-Net's ``ConvTranspose3d(kernel 4, stride 2, padding 1)`` as one ``conv3d`` of kernel
+    2 (padding 1) into 8x the channels, one group per output parity, then a depth-to-space
+    shuffle and a crop of one voxel: the same sums of products (float64: equal to 1e-15). cuDNN
+    ran the transposed convolutions as a slow dgrad kernel, 54% of a no-IO registration's GPU
+    time on an H200 (RESULTS.md, thirty-fifth session), where implicit-GEMM convolutions are its
+    fast path; that this form is faster there is **not yet measured** (``bench_gpu.py`` has the
+    row), so the engine does not use it. On the CPU, channels-last, it is slower (0.76 s against
+    0.32 s for the 48 -> 16 channel layer at 88^3; contiguous 0.57 s against 1.39 s). Inference
+    only: built from a layer's weights, which it copies."""
+
+    def __init__(self, conv: nn.ConvTranspose3d):
+        super().__init__()
+        geometry = (conv.kernel_size, conv.stride, conv.padding, conv.output_padding, conv.dilation, conv.groups)
+        if geometry != ((4, 4, 4), (2, 2, 2), (1, 1, 1), (0, 0, 0), (1, 1, 1), 1) or conv.padding_mode != "zeros":
+            raise ValueError(f"only kernel 4, stride 2, padding 1 transposed convolutions have this form, not {conv}")
+        self.out_channels = conv.out_channels
+        taps = torch.tensor(SUBPIXEL_TAPS, device=conv.weight.device)
+        weight = conv.weight.detach()  # (in, out, 4, 4, 4)
+        # (in, out, sd, a, sh, b, sw, c): the transposed kernel's tap for each sub-position and window tap
+        weight = weight[:, :, taps[:, :, None, None, None, None], taps[None, None, :, :, None, None],
+                        taps[None, None, None, None, :, :]]
+        weight = weight.permute(2, 4, 6, 1, 0, 3, 5, 7).reshape(8 * self.out_channels, conv.in_channels, 2, 2, 2)
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().repeat(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv3d(x, self.weight, self.bias, padding=1)
+        batch, _, d, h, w = y.shape
+        y = y.view(batch, 2, 2, 2, self.out_channels, d, h, w).permute(0, 4, 5, 1, 6, 2, 7, 3)
+        return y.reshape(batch, self.out_channels, 2 * d, 2 * h, 2 * w)[:, :, 1:-1, 1:-1, 1:-1]
+
+
+def with_subpixel_upconvs(network: GradICONNetwork) -> GradICONNetwork:
+    """A copy of an inference ``network`` whose U-Nets' transposed convolutions are
+    :class:`SubpixelConvTranspose3d` (for ``benchmarks/bench_gpu.py``'s comparison)."""
+    copied = copy.deepcopy(network)
+    for unet in copied.unets:
+        unet.upConvs = nn.ModuleList(SubpixelConvTranspose3d(conv) for conv in unet.upConvs)
+    return copied
+
+
 class GradICONNetwork(nn.Module):
     """Four U-Nets nested as TS{TS{DS{TS{DS{Psi1}, Psi2}}, Psi3}, Psi4}; see the module docstring."""
 

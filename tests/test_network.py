@@ -425,3 +425,39 @@ def test_networks_layout_follows_the_device():
     engine = Engine(weights=official_state_dict(net), config=net.config, device="cpu")
     for network in (engine.network, engine.inference_network):
         assert ops.is_channels_last(network.unets[0].lastConv.weight)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+@pytest.mark.parametrize("shape", [(5, 6, 7), (1, 3, 2)])
+def test_subpixel_transposed_convolution_equals_the_transposed_one(shape, layout):
+    """The sub-pixel form (one convolution into 8 parities, a shuffle, a crop) sums the same
+    products as ConvTranspose3d(4, stride 2, padding 1): float64, odd and even sizes, batch 2."""
+    from mgr_engine.model import SubpixelConvTranspose3d
+
+    torch.manual_seed(0)
+    conv = torch.nn.ConvTranspose3d(3, 5, kernel_size=4, stride=2, padding=1).double()
+    x = torch.randn(2, 3, *shape, dtype=torch.float64).contiguous(memory_format=layout)
+    with torch.no_grad():
+        expected = conv(x)
+        got = SubpixelConvTranspose3d(conv.to(memory_format=layout))(x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
+    with pytest.raises(ValueError, match="kernel 4, stride 2, padding 1"):
+        SubpixelConvTranspose3d(torch.nn.ConvTranspose3d(3, 5, kernel_size=4, stride=2, padding=2))
+
+
+def test_network_with_subpixel_upconvs_predicts_the_same_map():
+    """The engine's inference network (BatchNorm folded, channels-last on the CPU, the C++
+    decoder) with every transposed convolution in the sub-pixel form: the same map (float32)."""
+    from mgr_engine.model import with_subpixel_upconvs
+    from mgr_engine.ops import identity_map
+
+    net = random_network((72, 72, 72), narrow=True, seed=6, displacement_scale=0.5)
+    engine = Engine(weights=official_state_dict(net), config=net.config, device="cpu")
+    moving, fixed = (torch.from_numpy(smooth_volume((72, 72, 72), seed))[None, None] for seed in (1, 2))
+    expected = engine.predict_map(moving, fixed)
+    engine.inference_network = with_subpixel_upconvs(engine.inference_network)
+    got = engine.predict_map(moving, fixed)
+    voxel = torch.tensor([71.0, 71.0, 71.0]).view(1, 3, 1, 1, 1)
+    assert ((got - expected) * voxel).abs().max() < 1e-4
+    assert ((expected - identity_map((72, 72, 72))) * voxel).abs().max() > 0.5  # not the identity map
