@@ -19,7 +19,7 @@
 #   tests    150  the Triton kernel tests compiled on the GPU, 175^3 included (fills Triton's cache),
 #                 the regularizer's noise drawn on the GPU, a result's full-resolution resampling there
 #   kernels   90  bench_kernels.py without torch.compile: time, memory, bandwidth per kernel,
-#                 the warp kernels' BLOCK sweep (128, 256, 512)
+#                 the warp kernels' BLOCK sweep (64, 128, 256)
 #   engine   180  bench_gpu.py: end to end against the reference, TF32/bf16, IO memory, layouts
 #   profile   60  profile_gpu.py: where a registration's and an IO step's device time goes
 #   memory    60  profile_io_memory.py --reference: what an IO step keeps for its backward pass,
@@ -28,6 +28,8 @@
 #                 GPU against the CPU's path (no itk there, so not against ITK)
 #   kernels-compiled 120  bench_kernels.py with torch.compile
 #   engine-compiled  150  bench_gpu.py --compile-only (CUDA graphs)
+# On an H200 (2026-12-04) they took 49, 19, 89, 20, 9, 20 (first run), 29 and 86 s; a machine's
+# start about 40 s.
 #
 # A dry run on the CPU, small sizes, the kernels in Triton's interpreter:
 #   SMOKE=1 OUT=/tmp/gpu-smoke PATH=.venv/bin:$PATH bash benchmarks/gpu_session.sh
