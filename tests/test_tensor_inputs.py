@@ -191,3 +191,34 @@ def test_a_network_config_given_as_a_dict_is_taken_and_a_shape_is_refused():
     assert GradICONNetwork(fields, initialize=False).config == COMPACT_CONFIG
     with pytest.raises(InvalidOptionError, match="got a tuple"):
         GradICONNetwork((64, 64, 64))
+
+
+def test_warm_up_runs_the_network_and_one_io_step_and_leaves_the_weights(inputs, monkeypatch, caplog):
+    """``warm_up`` (a real-time system's start-up) runs the forward for the batch size asked
+    and, given a similarity, one IO step with it; the engine's weights stay the checkpoint's,
+    so the next registration's map is what it would have been."""
+    engine = Engine(model="compact", device="cpu")
+    moving, fixed = inputs
+    expected = engine.predict_map(moving, fixed)
+    weights = {k: v.clone() for k, v in engine.network.state_dict().items()}
+    calls = []
+    for name in ("predict_map", "instance_optimize"):
+        original = getattr(engine, name)
+        monkeypatch.setattr(engine, name, lambda *args, _original=original, _name=name, **kwargs:
+                            calls.append((_name, args[0].shape[0], kwargs.get("similarity"))) or _original(*args, **kwargs))
+    with caplog.at_level(logging.INFO, logger="mgr_engine"):
+        seconds = engine.warm_up(batch_size=2, io_sim="mind")
+    assert seconds > 0 and "warm-up" in caplog.text
+    assert calls == [("predict_map", 2, None), ("instance_optimize", 1, "mind")]
+    assert all(torch.equal(weights[k], v) for k, v in engine.network.state_dict().items())
+    assert torch.equal(engine.predict_map(moving, fixed), expected)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"batch_size": 0}, "batch_size 0"), ({"batch_size": True}, "batch_size True"),
+    ({"io_sim": "ncc"}, "unknown similarity 'ncc'"),
+])
+def test_warm_up_refuses_bad_options_before_any_work(engine, options, message, monkeypatch):
+    monkeypatch.setattr(engine, "predict_map", lambda *args: pytest.fail("ran before refusing"))
+    with pytest.raises(InvalidOptionError, match=message):
+        engine.warm_up(**options)
