@@ -351,9 +351,10 @@ class Engine:
             names); default CUDA when onnxruntime-gpu is installed and ``device`` is not CPU.
         precision: arithmetic of the no-IO forward: ``"fp32"`` (default; also switches off the
             TF32 convolutions cuDNN would otherwise use), ``"tf32"`` (CUDA) or ``"bf16"``
-            (autocast; maps and sampling stay float32). Instance optimization is always fp32.
-            Both are for CUDA: on the 2-core CPU (AMD EPYC with AVX512-BF16) ``"bf16"`` made
-            ``predict_map`` at 175^3 slower, 1.7-1.8 against 1.6 s in fp32.
+            (autocast; maps and sampling stay float32). Both are for CUDA: on the 2-core CPU (AMD
+            EPYC with AVX512-BF16) ``"bf16"`` made ``predict_map`` at 175^3 slower, 1.7-1.8
+            against 1.6 s in fp32. Instance optimization is fp32 unless
+            :meth:`instance_optimize` is given ``precision="tf32"``.
         compile: ``torch.compile`` the no-IO forward (with CUDA graphs on a GPU, mode
             ``"reduce-overhead"``): for a resident engine that registers many pairs, since the
             first call compiles for minutes (131 s at 175^3 on the 2-core CPU).
@@ -535,7 +536,8 @@ class Engine:
     def instance_optimize(self, moving: torch.Tensor, fixed: torch.Tensor, *, iterations: int = 50,
                           similarity: str = "lncc2", lr: float = 2e-5, lmbda: float = 1.5,
                           moving_mask: torch.Tensor | None = None, fixed_mask: torch.Tensor | None = None,
-                          generator: torch.Generator | None = None, progress: bool = True):
+                          generator: torch.Generator | None = None, progress: bool = True,
+                          precision: str = "fp32"):
         """Instance optimization (IO): ``iterations`` Adam steps on all network weights with the
         GradICON loss, then one more forward whose maps are returned. The engine's weights are
         restored afterwards, so the next call starts from the checkpoint again. Calls from
@@ -549,12 +551,21 @@ class Engine:
 
         ``moving``/``fixed``: one pair, (1, 1, *input_shape), as for :meth:`predict_map`.
 
+        ``precision``: ``"fp32"`` (default, whatever the engine's ``precision``) or ``"tf32"``:
+        on CUDA, cuDNN's TF32 tensor cores for IO's convolutions, whose fp32 weight gradients
+        were 61% of an IO step's GPU time on an H200 (benchmarks/RESULTS.md). How far TF32
+        moves IO's result is not measured: with randomized weights IO is chaotic at float32
+        rounding, so only the official weights can tell. No effect on the CPU.
+
         Returns ``(phi_ab, phi_ba, losses)``: both maps and the loss of each step's forward,
         followed by the loss of the final forward (``iterations + 1`` values).
         """
         from tqdm.auto import tqdm
 
         check_io_iterations(iterations)
+        if precision not in ("fp32", "tf32"):
+            raise InvalidOptionError(f"instance optimization precision {precision!r}: 'fp32' or 'tf32' "
+                                     "(bf16 is for the forward without IO)")
         if iterations is None or iterations < 1:
             raise InvalidOptionError("instance optimization needs iterations >= 1 (use predict_map for none)")
         iterations = int(iterations)
@@ -592,7 +603,7 @@ class Engine:
             check_every = 1 if self.device.type == "cpu" else 10
             step_losses = []
             try:
-                with self._precision("fp32"):
+                with self._precision(precision):
                     for step in tqdm(range(iterations), desc="instance optimization", disable=not progress,
                                      leave=False):
                         optimizer.zero_grad(set_to_none=True)

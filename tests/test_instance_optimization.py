@@ -117,6 +117,26 @@ def test_io_changes_the_map_and_next_call_starts_from_checkpoint():
     assert all(p.grad is None and not p.requires_grad for p in engine.network.parameters())
 
 
+def test_io_runs_under_the_precision_asked_and_refuses_bf16(monkeypatch):
+    """``precision="tf32"`` puts IO's steps under the engine's TF32 section (cuDNN's and
+    cuBLAS' switches on CUDA); the default is fp32 whatever the engine's own precision; bf16
+    (the no-IO forward's autocast) is refused before any step."""
+    from mgr_engine.errors import InvalidOptionError
+
+    net = random_network(SHAPE, narrow=True, seed=4, displacement_scale=0.3)
+    moving, fixed = images()
+    engine = Engine(weights=official_state_dict(net), config=net.config, device="cpu", precision="tf32")
+    sections = []
+    original = engine._precision
+    monkeypatch.setattr(engine, "_precision", lambda precision: sections.append(precision) or original(precision))
+    engine.instance_optimize(moving, fixed, iterations=1, progress=False)
+    engine.instance_optimize(moving, fixed, iterations=1, progress=False, precision="tf32")
+    assert sections == ["fp32", "tf32"]
+    with pytest.raises(InvalidOptionError, match="'fp32' or 'tf32'"):
+        engine.instance_optimize(moving, fixed, iterations=1, progress=False, precision="bf16")
+    assert sections == ["fp32", "tf32"]
+
+
 # The reference's MIND-SSC builds float32 kernels, so it is compared in float32.
 @pytest.mark.parametrize("ours,theirs,dtype", [(lncc_loss, "lncc", torch.float64), (lncc2_loss, "lncc2", torch.float64),
                                                (mind_loss, "mind", torch.float32)])
