@@ -57,6 +57,11 @@ def timed(fn, device, repeats, warmups: int = 2):
     return statistics.median(times)
 
 
+def milliseconds(seconds) -> str:
+    """A table cell: ``seconds`` in ms, or "-" where not measured (None)."""
+    return f"{seconds * 1e3:.3f} ms" if seconds else "-"
+
+
 def kernel_seconds(fn, repeats):
     """GPU time per call of the kernels (and copies) ``fn()`` launches, from torch.profiler: what
     the device spends, without the host's launch overhead that :func:`timed` includes for short
@@ -188,26 +193,27 @@ def run(args):
              "| op | torch fwd | compile fwd | triton fwd | torch fwd+bwd | compile fwd+bwd | triton fwd+bwd | "
              "speed-up fwd+bwd vs torch | memory torch / triton (MiB) | triton fwd GB/s (of peak, of copy) |",
              "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+
+    def ms(r, key):
+        return milliseconds(r.get(key))
+
     for r in rows:
-        def ms(key):
-            return f"{r[key] * 1e3:.3f} ms" if key in r else "-"
         fractions = [f"{r['bandwidth'] / ceiling:.0%}" for ceiling in (peak, copy_gbs) if ceiling]
         frac = f" ({', '.join(fractions)})" if fractions else ""
         lines.append(
-            f"| {r['op']} | {ms('torch fwd')} | {ms('compile fwd')} | {ms('triton fwd')} | {ms('torch fwd+bwd')} | "
-            f"{ms('compile fwd+bwd')} | {ms('triton fwd+bwd')} | {r['torch fwd+bwd'] / r['triton fwd+bwd']:.1f}x | "
-            f"{r['torch MiB']:.0f} / {r['triton MiB']:.0f} | {r['bandwidth']:.0f}{frac} |")
+            f"| {r['op']} | {ms(r, 'torch fwd')} | {ms(r, 'compile fwd')} | {ms(r, 'triton fwd')} | "
+            f"{ms(r, 'torch fwd+bwd')} | {ms(r, 'compile fwd+bwd')} | {ms(r, 'triton fwd+bwd')} | "
+            f"{r['torch fwd+bwd'] / r['triton fwd+bwd']:.1f}x | {r['torch MiB']:.0f} / {r['triton MiB']:.0f} | "
+            f"{r['bandwidth']:.0f}{frac} |")
     if any("kernel bandwidth" in r for r in rows):
         lines += ["", "| op, GPU time of the kernels alone (profiler) | torch fwd | triton fwd | torch fwd+bwd | "
                   "triton fwd+bwd | triton fwd GB/s (of peak, of copy) |", "|---|--:|--:|--:|--:|--:|"]
         for r in rows:
-            def ms(key):
-                return f"{r[key] * 1e3:.3f} ms" if r.get(key) else "-"
             gbs = r.get("kernel bandwidth")
             fractions = ", ".join(f"{gbs / ceiling:.0%}" for ceiling in (peak, copy_gbs) if ceiling and gbs)
             bandwidth = f"{gbs:.0f} ({fractions})" if gbs else "-"
-            lines.append(f"| {r['op']} | {ms('torch fwd kernels')} | {ms('triton fwd kernels')} | "
-                         f"{ms('torch fwd+bwd kernels')} | {ms('triton fwd+bwd kernels')} | {bandwidth} |")
+            lines.append(f"| {r['op']} | {ms(r, 'torch fwd kernels')} | {ms(r, 'triton fwd kernels')} | "
+                         f"{ms(r, 'torch fwd+bwd kernels')} | {ms(r, 'triton fwd+bwd kernels')} | {bandwidth} |")
     if reference is not None:
         ours = next(r for r in rows if r["op"] == "lncc2_loss")
         lines += ["", "| lncc2_loss against the reference's SquaredLNCC (conv3d) | reference | triton | reference / triton |",
@@ -251,7 +257,7 @@ def block_sweep(shape, device, repeats, blocks):
                 with ops.kernel_mode("triton"):
                     call = timed(forward_backward, device, repeats)
                     kernels = kernel_seconds(forward_backward, repeats) if device == "cuda" else None
-                cells.append(f"{call * 1e3:.3f} ms / {f'{kernels * 1e3:.3f} ms' if kernels else '-'}")
+                cells.append(f"{milliseconds(call)} / {milliseconds(kernels)}")
             lines.append(f"| {block}{' (default)' if block == default else ''} | " + " | ".join(cells) + " |")
     finally:
         kwarp.BLOCK = default

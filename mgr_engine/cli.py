@@ -731,7 +731,7 @@ def _in_table_order(names, pairs, saved, out_dir, results):
         try:
             result = next(results)
         except MgrEngineError as exc:
-            raise named(exc, name, index) from exc
+            raise named(exc, name, index)  # caused by exc
         yield named(result, name, index) if isinstance(result, MgrEngineError) else result
 
 

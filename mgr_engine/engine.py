@@ -230,6 +230,12 @@ def _environment_flag(variable: str, default: bool) -> bool:
     return _FLAG_WORDS[value.lower()]
 
 
+def _is_count(n) -> bool:
+    """Whether ``n`` is a whole number >= 1: NumPy's integers too (a batch size computed with
+    numpy), not True."""
+    return isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1
+
+
 def check_io_iterations(iterations) -> None:
     """Instance optimization's number of steps: ``None`` or a whole number >= 0 (0 and ``None``:
     no IO). 2.5 ran 2 steps, ``True`` one and ``"2"`` two, without a word; NaN raised a bare
@@ -489,7 +495,7 @@ class Engine:
         after any IO. For an engine in a real-time system, call it at start-up. On an H200, a
         process's first registration took 784 ms against 47 ms warm (RESULTS.md). Returns the
         seconds it took."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not _is_count(batch_size):
             raise InvalidOptionError(f"batch_size {batch_size!r}: give a positive integer")
         if io_sim is not None:
             similarity_by_name(io_sim)  # a typed error before any work
@@ -843,9 +849,7 @@ class Engine:
         is the same file under any path (relative, absolute, a link); one rewritten between pairs
         (another size or modification time; for a DICOM folder, of any of its files) is read again.
         """
-        # NumPy's integers too (a batch size computed with numpy); not True
-        if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1
-                   for n in (batch_size, prefetch)):
+        if not (_is_count(batch_size) and _is_count(prefetch)):
             raise InvalidOptionError(f"batch_size and prefetch must be whole numbers of at least 1, got {batch_size!r} "
                                      f"and {prefetch!r}")
         if on_error not in ("raise", "yield"):
@@ -892,9 +896,9 @@ class Engine:
                         try:
                             result = self._optimize_pair(pair, **io)
                         except MgrEngineError as error:
-                            if not yield_errors:
-                                raise _named_for_pair(error, pair.index)
                             result = _named_for_pair(error, pair.index)
+                            if not yield_errors:
+                                raise result
                         yield result
                     continue
                 pinned = batch.moving.is_pinned()
