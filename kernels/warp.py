@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mgr_engine.errors import InvalidImageError
+
 # map points per program: 128 gave the fastest forward+backward of 128, 256 and 512 on an H200,
 # and again of 64, 128 and 256 with relaxed atomics (benchmarks/RESULTS.md, thirty-fifth session)
 BLOCK = 128
@@ -152,8 +154,9 @@ def _prepare(image: torch.Tensor, coords: torch.Tensor):
     if coords.shape[0] not in (1, batch):
         raise ValueError(f"coords batch {coords.shape[0]} does not match image batch {batch}")
     if math.prod(image.shape[2:]) >= 2**31 or math.prod(coords.shape[2:]) >= 2**31:
-        raise ValueError(f"volumes of 2^31 voxels or more are beyond the warp kernel's 32-bit indices: "
-                         f"image {tuple(image.shape)}, coords {tuple(coords.shape)}")
+        raise InvalidImageError(f"volumes of 2^31 voxels or more are beyond the warp kernel's 32-bit indices "
+                                f"(image {tuple(image.shape)}, coords {tuple(coords.shape)}): run PyTorch's ops "
+                                "for them (MGR_ENGINE_KERNELS=torch, or mgr_engine.ops.kernel_mode('torch'))")
     # Both in the wider type, at least float32, as grid_sample under autocast promotes: a map
     # cast to an autocast U-Net's bfloat16 would be a third of a voxel off at 175^3.
     dtype = torch.promote_types(torch.promote_types(image.dtype, coords.dtype), torch.float32)

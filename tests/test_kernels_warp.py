@@ -13,6 +13,7 @@ from helpers import KERNEL_DEVICE as DEVICE
 require_triton_kernels()
 
 from mgr_engine import ops  # noqa: E402
+from mgr_engine.errors import InvalidImageError  # noqa: E402
 from mgr_engine.kernels import compose as kcompose  # noqa: E402
 from mgr_engine.kernels import warp as kwarp  # noqa: E402
 
@@ -180,5 +181,5 @@ def test_volumes_beyond_32_bit_indices_are_refused(too_large):
     huge = torch.zeros(1, 3, 1, 1, 1).expand(1, 3, 2048, 1024, 1024)
     small_image, small_coords = torch.zeros(1, 1, 4, 4, 4), random_map(1, (4, 4, 4), torch.float32).cpu()
     image, coords = (huge[:, :1], small_coords) if too_large == "image" else (small_image, huge)
-    with pytest.raises(ValueError, match="2\\^31 voxels"):
+    with pytest.raises(InvalidImageError, match="2\\^31 voxels.*MGR_ENGINE_KERNELS=torch"):
         kwarp.warp_forward(image, coords, zero_pad=True, add_coords=False)
