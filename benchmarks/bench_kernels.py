@@ -97,23 +97,40 @@ def peak_memory(fn, device):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def smooth_displacement(shape, generator, amplitude: float = 0.02, knots: int = 6):
+    """A displacement of the kind a registration produces: random at ``knots``^3 points, trilinear
+    in between, ``amplitude`` (standard deviation, [0, 1] units: 3.5 voxels at 175) at the knots."""
+    coarse = amplitude * torch.randn(1, 3, knots, knots, knots, generator=generator)
+    return torch.nn.functional.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)
+
+
 def make_inputs(shape, device):
     gen = torch.Generator().manual_seed(0)
     image = torch.rand(1, 1, *shape, generator=gen)
     target = (0.7 * image + 0.3 * torch.rand(1, 1, *shape, generator=gen))
     identity = ops.identity_map(shape)
+    # independent jitter at every point: neighbouring points gather from unrelated cache lines (the worst case)
     coords = identity + 0.02 * torch.randn(1, 3, *shape, generator=gen)
     field = 0.02 * torch.randn(1, 3, *shape, generator=gen)
-    return [t.to(device) for t in (image, target, coords, field)]
+    # smooth, as the engine's maps and fields are: neighbouring points share their corners' cache lines
+    smooth_coords = identity + smooth_displacement(shape, gen)
+    smooth_field = smooth_displacement(shape, gen)
+    return [t.to(device) for t in (image, target, coords, field, smooth_coords, smooth_field)]
 
 
 def cases(shape, device):
-    image, target, coords, field = make_inputs(shape, device)
+    image, target, coords, field, smooth_coords, smooth_field = make_inputs(shape, device)
     n = image.numel()
+    warp_bytes, compose_bytes = 4 * n * (3 + 1 + 1), 4 * n * (3 + 3 + 3)
     return {
         # name: (function of (mode-setting wrapper), differentiable inputs, ideal forward bytes)
-        "warp (1 channel, zeros)": (lambda: ops.warp(image, coords, "zeros"), (image, coords), 4 * n * (3 + 1 + 1)),
-        "compose_maps (3 channels, border)": (lambda: ops.compose_maps(field, coords), (field, coords), 4 * n * (3 + 3 + 3)),
+        "warp (1 channel, zeros), jittered map": (lambda: ops.warp(image, coords, "zeros"), (image, coords), warp_bytes),
+        "warp (1 channel, zeros), smooth map": (
+            lambda: ops.warp(image, smooth_coords, "zeros"), (image, smooth_coords), warp_bytes),
+        "compose_maps (3 channels, border), jittered": (
+            lambda: ops.compose_maps(field, coords), (field, coords), compose_bytes),
+        "compose_maps (3 channels, border), smooth": (
+            lambda: ops.compose_maps(smooth_field, smooth_coords), (smooth_field, smooth_coords), compose_bytes),
         "lncc2_loss": (lambda: losses.lncc2_loss(image, target), (image,), 4 * n * 2),
     }
 
@@ -125,7 +142,7 @@ def reference_lncc2(shape, device):
         from icon_registration.losses import SquaredLNCC
     except ImportError:
         return None
-    image, target, _, _ = make_inputs(shape, device)
+    image, target, *_ = make_inputs(shape, device)
     loss = SquaredLNCC(sigma=5)
     return (lambda: loss(image, target)), (image,)
 
@@ -238,29 +255,33 @@ def copy_bandwidth(device, repeats, gib: float = 2.0) -> float:
     return 2 * n * 4 / seconds / 1e9
 
 
-def block_sweep(shape, device, repeats, blocks):
-    """Forward+backward time of the Triton warp and composition for each BLOCK (map points per
-    program): the float32 backward holds 213 registers a thread at BLOCK 256 and 93 at BLOCK 128
-    on sm_90 (kernels.compile_check), so fewer points a program may hide more latency."""
+def block_sweep(shape, device, repeats, configurations):
+    """Forward+backward time of the Triton warp and composition for each configuration
+    ``BLOCK[:NUM_WARPS]`` (map points and warps per program): the float32 backward holds 213
+    registers a thread at BLOCK 256 and 93 at BLOCK 128 on sm_90 (kernels.compile_check), so
+    fewer points a program may hide more latency."""
     from mgr_engine.kernels import warp as kwarp
 
     ops_under_test = {op: gradients_of(fn, inputs) for op, (fn, inputs, _) in cases(shape, device).items()
                       if not op.startswith("lncc")}  # the warp kernels' BLOCK; LNCC has its own
-    lines = ["| BLOCK | " + " | ".join(f"{op} fwd+bwd, call / kernels" for op in ops_under_test) + " |",
+    lines = ["| BLOCK:warps | " + " | ".join(f"{op} fwd+bwd, call / kernels" for op in ops_under_test) + " |",
              "|--:|" + "--:|" * len(ops_under_test)]
-    default = kwarp.BLOCK
+    default = kwarp.BLOCK, kwarp.NUM_WARPS
     try:
-        for block in blocks:
-            kwarp.BLOCK = block
+        for configuration in configurations:
+            block, _, warps = configuration.partition(":")
+            kwarp.BLOCK, kwarp.NUM_WARPS = int(block), int(warps or default[1])
             cells = []
             for forward_backward in ops_under_test.values():
                 with ops.kernel_mode("triton"):
                     call = timed(forward_backward, device, repeats)
                     kernels = kernel_seconds(forward_backward, repeats) if device == "cuda" else None
                 cells.append(f"{milliseconds(call)} / {milliseconds(kernels)}")
-            lines.append(f"| {block}{' (default)' if block == default else ''} | " + " | ".join(cells) + " |")
+            is_default = (kwarp.BLOCK, kwarp.NUM_WARPS) == default
+            lines.append(f"| {kwarp.BLOCK}:{kwarp.NUM_WARPS}{' (default)' if is_default else ''} | "
+                         + " | ".join(cells) + " |")
     finally:
-        kwarp.BLOCK = default
+        kwarp.BLOCK, kwarp.NUM_WARPS = default
     return lines
 
 
@@ -270,8 +291,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--peak-gbs", type=float, help="the GPU's peak memory bandwidth in GB/s")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
-    p.add_argument("--blocks", type=int, nargs="*", default=[64, 128, 256],
-                   help="BLOCK sizes of the warp kernels to compare (none: no sweep)")
+    p.add_argument("--blocks", nargs="*", default=["64", "128", "256", "128:2", "256:8"],
+                   help="BLOCK[:NUM_WARPS] of the warp kernels to compare (none: no sweep)")
     p.add_argument("--smoke", action="store_true", help="tiny volume, one repeat: check the script runs")
     p.add_argument("--results", type=Path, help="append the table to this file")
     run(p.parse_args(argv))

@@ -31,6 +31,8 @@ from mgr_engine.errors import InvalidImageError
 # map points per program: 128 gave the fastest forward+backward of 128, 256 and 512 on an H200,
 # and again of 64, 128 and 256 with relaxed atomics (benchmarks/RESULTS.md, thirty-fifth session)
 BLOCK = 128
+# warps (of 32 threads) per program: Triton's default; benchmarks/bench_kernels.py sweeps it with BLOCK
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -191,7 +193,7 @@ def warp_forward(image, coords, zero_pad: bool, add_coords: bool):
     out = torch.empty((batch, channels, *coords.shape[2:]), dtype=image.dtype, device=image.device)
     grid = (triton.cdiv(n_out, BLOCK), batch)
     warp_fwd_kernel[grid](image, coords, out, channels, d, h, w, n_out,
-                          ZERO_PAD=zero_pad, ADD_COORDS=add_coords, BLOCK=BLOCK)
+                          ZERO_PAD=zero_pad, ADD_COORDS=add_coords, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out
 
 
@@ -206,7 +208,8 @@ def warp_backward(image, coords, grad_out, zero_pad: bool, add_coords: bool, nee
     grad_coords = torch.empty_like(coords)
     grid = (triton.cdiv(n_out, BLOCK), batch)
     warp_bwd_kernel[grid](image, coords, grad_out.contiguous(), grad_image, grad_coords, channels, d, h, w, n_out,
-                          ZERO_PAD=zero_pad, ADD_COORDS=add_coords, NEED_IMG_GRAD=need_image_grad, BLOCK=BLOCK)
+                          ZERO_PAD=zero_pad, ADD_COORDS=add_coords, NEED_IMG_GRAD=need_image_grad, BLOCK=BLOCK,
+                          num_warps=NUM_WARPS)
     if coords_batch == 1 and batch != 1:  # a broadcast map gathers the gradient of every sample
         grad_coords = grad_coords.sum(0, keepdim=True)
     return (grad_image.to(image.dtype) if need_image_grad else None), grad_coords
