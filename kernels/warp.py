@@ -51,6 +51,17 @@ def _axis_setup(c, size, BORDER: tl.constexpr):
 
 
 @triton.jit
+def _axis_corners(c, size, stride, BORDER: tl.constexpr):
+    """One axis of the interpolation: the lower and upper neighbours' offsets (index times
+    ``stride``), their weights and whether each lies in the volume, and ``inside`` (see
+    :func:`_axis_setup`). Computed once per axis; the eight corners combine them."""
+    x0, frac, inside = _axis_setup(c, size, BORDER)
+    lower = x0 * stride
+    return (lower, lower + stride, 1.0 - frac, frac,
+            (x0 >= 0) & (x0 < size), (x0 >= -1) & (x0 < size - 1), inside)
+
+
+@triton.jit
 def _load_map(coords_ptr, b, offs, n_out, m):
     """The three coordinates of sample ``b`` at output voxels ``offs``; also the map's base pointer."""
     base = coords_ptr + b * 3 * n_out
@@ -61,22 +72,17 @@ def _load_map(coords_ptr, b, offs, n_out, m):
 
 
 @triton.jit
-def _corner(i0, j0, k0, fi, fj, fk, D, H, W, m, corner: tl.constexpr):
-    """Flat index, per-axis weights and validity of one of the eight interpolation corners."""
-    di = corner // 4
-    dj = (corner // 2) % 2
-    dk = corner % 2
-    ii = i0 + di
-    jj = j0 + dj
-    kk = k0 + dk
-    wi = fi * di + (1.0 - fi) * (1 - di)
-    wj = fj * dj + (1.0 - fj) * (1 - dj)
-    wk = fk * dk + (1.0 - fk) * (1 - dk)
-    valid = m & (ii >= 0) & (ii < D) & (jj >= 0) & (jj < H) & (kk >= 0) & (kk < W)
-    return ii * (H * W) + jj * W + kk, wi, wj, wk, valid
+def _row_pair(row_ptr, row_ok, k_lo, k_hi, ok_k_lo, ok_k_hi):
+    """The two W-neighbours of one (D, H) corner row, 0 outside the volume."""
+    lower = tl.load(row_ptr + k_lo, mask=row_ok & ok_k_lo, other=0.0)
+    upper = tl.load(row_ptr + k_hi, mask=row_ok & ok_k_hi, other=0.0)
+    return lower, upper
 
 
-@triton.jit
+# The sizes are not specialized: Triton would compile a variant for each combination of their
+# divisibility by 16, so volumes of other sizes (a registration's half-resolution level, a new
+# image's grid) would each compile anew on their first call.
+@triton.jit(do_not_specialize=["D", "H", "W", "n_out"])
 def warp_fwd_kernel(img_ptr, coords_ptr, out_ptr, C, D, H, W, n_out,
                     ZERO_PAD: tl.constexpr, ADD_COORDS: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -84,21 +90,50 @@ def warp_fwd_kernel(img_ptr, coords_ptr, out_ptr, C, D, H, W, n_out,
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     m = offs < n_out
     cbase, ci, cj, ck = _load_map(coords_ptr, b, offs, n_out, m)
-    i0, fi, _ = _axis_setup(ci, D, not ZERO_PAD)
-    j0, fj, _ = _axis_setup(cj, H, not ZERO_PAD)
-    k0, fk, _ = _axis_setup(ck, W, not ZERO_PAD)
+    i_lo, i_hi, wi_lo, wi_hi, ok_i_lo, ok_i_hi, _ = _axis_corners(ci, D, H * W, not ZERO_PAD)
+    j_lo, j_hi, wj_lo, wj_hi, ok_j_lo, ok_j_hi, _ = _axis_corners(cj, H, W, not ZERO_PAD)
+    k_lo, k_hi, wk_lo, wk_hi, ok_k_lo, ok_k_hi, _ = _axis_corners(ck, W, 1, not ZERO_PAD)
+    # the four (D, H) corner rows, shared by both W-neighbours and every channel
+    row00, row01, row10, row11 = i_lo + j_lo, i_lo + j_hi, i_hi + j_lo, i_hi + j_hi
+    ok00, ok01 = m & ok_i_lo & ok_j_lo, m & ok_i_lo & ok_j_hi
+    ok10, ok11 = m & ok_i_hi & ok_j_lo, m & ok_i_hi & ok_j_hi
+    w00, w01, w10, w11 = wi_lo * wj_lo, wi_lo * wj_hi, wi_hi * wj_lo, wi_hi * wj_hi
     for c in range(C):
         base = img_ptr + (b * C + c) * D * H * W
-        acc = tl.zeros_like(fi)
-        for corner in tl.static_range(8):
-            index, wi, wj, wk, valid = _corner(i0, j0, k0, fi, fj, fk, D, H, W, m, corner)
-            acc += tl.load(base + index, mask=valid, other=0.0) * (wi * wj * wk)
+        lo, hi = _row_pair(base + row00, ok00, k_lo, k_hi, ok_k_lo, ok_k_hi)
+        acc = w00 * (lo * wk_lo + hi * wk_hi)
+        lo, hi = _row_pair(base + row01, ok01, k_lo, k_hi, ok_k_lo, ok_k_hi)
+        acc += w01 * (lo * wk_lo + hi * wk_hi)
+        lo, hi = _row_pair(base + row10, ok10, k_lo, k_hi, ok_k_lo, ok_k_hi)
+        acc += w10 * (lo * wk_lo + hi * wk_hi)
+        lo, hi = _row_pair(base + row11, ok11, k_lo, k_hi, ok_k_lo, ok_k_hi)
+        acc += w11 * (lo * wk_lo + hi * wk_hi)
         if ADD_COORDS:
             acc += tl.load(cbase + c * n_out + offs, mask=m, other=0.0)
         tl.store(out_ptr + (b * C + c) * n_out + offs, acc, mask=m)
 
 
 @triton.jit
+def _row_backward(img_base, grad_img_base, row, row_ok, wi, wj, si, sj, go, k_lo, k_hi, wk_lo, wk_hi, ok_k_lo, ok_k_hi,
+                  NEED_IMG_GRAD: tl.constexpr):
+    """One (D, H) corner row of the backward pass: its contributions to the map gradient's three
+    components (``si``/``sj``: +1 for the upper neighbour of an axis, -1 for the lower), and,
+    with NEED_IMG_GRAD, the image gradient scattered to its two W-neighbours."""
+    lo, hi = _row_pair(img_base + row, row_ok, k_lo, k_hi, ok_k_lo, ok_k_hi)
+    along_w = lo * wk_lo + hi * wk_hi
+    gi = go * (si * wj) * along_w
+    gj = go * (wi * sj) * along_w
+    gk = go * (wi * wj) * (hi - lo)
+    if NEED_IMG_GRAD:
+        weight = go * (wi * wj)
+        ptr = grad_img_base + row
+        element = grad_img_base.dtype.element_ty
+        tl.atomic_add(ptr + k_lo, (weight * wk_lo).to(element), mask=row_ok & ok_k_lo, sem="relaxed")
+        tl.atomic_add(ptr + k_hi, (weight * wk_hi).to(element), mask=row_ok & ok_k_hi, sem="relaxed")
+    return gi, gj, gk
+
+
+@triton.jit(do_not_specialize=["D", "H", "W", "n_out"])
 def warp_bwd_kernel(img_ptr, coords_ptr, grad_out_ptr, grad_img_ptr, grad_coords_ptr, C, D, H, W, n_out,
                     ZERO_PAD: tl.constexpr, ADD_COORDS: tl.constexpr, NEED_IMG_GRAD: tl.constexpr,
                     BLOCK: tl.constexpr):
@@ -108,29 +143,31 @@ def warp_bwd_kernel(img_ptr, coords_ptr, grad_out_ptr, grad_img_ptr, grad_coords
     m = offs < n_out
     gbase = grad_coords_ptr + b * 3 * n_out
     _, ci, cj, ck = _load_map(coords_ptr, b, offs, n_out, m)
-    i0, fi, in_i = _axis_setup(ci, D, not ZERO_PAD)
-    j0, fj, in_j = _axis_setup(cj, H, not ZERO_PAD)
-    k0, fk, in_k = _axis_setup(ck, W, not ZERO_PAD)
-    gi = tl.zeros_like(fi)
-    gj = tl.zeros_like(fi)
-    gk = tl.zeros_like(fi)
+    i_lo, i_hi, wi_lo, wi_hi, ok_i_lo, ok_i_hi, in_i = _axis_corners(ci, D, H * W, not ZERO_PAD)
+    j_lo, j_hi, wj_lo, wj_hi, ok_j_lo, ok_j_hi, in_j = _axis_corners(cj, H, W, not ZERO_PAD)
+    k_lo, k_hi, wk_lo, wk_hi, ok_k_lo, ok_k_hi, in_k = _axis_corners(ck, W, 1, not ZERO_PAD)
+    row00, row01, row10, row11 = i_lo + j_lo, i_lo + j_hi, i_hi + j_lo, i_hi + j_hi
+    ok00, ok01 = m & ok_i_lo & ok_j_lo, m & ok_i_lo & ok_j_hi
+    ok10, ok11 = m & ok_i_hi & ok_j_lo, m & ok_i_hi & ok_j_hi
+    gi = tl.zeros_like(wi_lo)
+    gj = tl.zeros_like(wi_lo)
+    gk = tl.zeros_like(wi_lo)
     for c in range(C):
         base = img_ptr + (b * C + c) * D * H * W
+        grad_base = grad_img_ptr + (b * C + c) * D * H * W
         go = tl.load(grad_out_ptr + (b * C + c) * n_out + offs, mask=m, other=0.0)
-        for corner in tl.static_range(8):
-            index, wi, wj, wk, valid = _corner(i0, j0, k0, fi, fj, fk, D, H, W, m, corner)
-            # d(weight)/d(index) is +1 for the upper corner of an axis, -1 for the lower one
-            si = 2.0 * (corner // 4) - 1.0
-            sj = 2.0 * ((corner // 2) % 2) - 1.0
-            sk = 2.0 * (corner % 2) - 1.0
-            v = tl.load(base + index, mask=valid, other=0.0)
-            gi += go * v * (si * wj * wk)
-            gj += go * v * (wi * sj * wk)
-            gk += go * v * (wi * wj * sk)
-            if NEED_IMG_GRAD:
-                contribution = (go * (wi * wj * wk)).to(grad_img_ptr.dtype.element_ty)
-                tl.atomic_add(grad_img_ptr + (b * C + c) * D * H * W + index, contribution, mask=valid,
-                              sem="relaxed")
+        di, dj, dk = _row_backward(base, grad_base, row00, ok00, wi_lo, wj_lo, -1.0, -1.0, go,
+                                   k_lo, k_hi, wk_lo, wk_hi, ok_k_lo, ok_k_hi, NEED_IMG_GRAD)
+        gi, gj, gk = gi + di, gj + dj, gk + dk
+        di, dj, dk = _row_backward(base, grad_base, row01, ok01, wi_lo, wj_hi, -1.0, 1.0, go,
+                                   k_lo, k_hi, wk_lo, wk_hi, ok_k_lo, ok_k_hi, NEED_IMG_GRAD)
+        gi, gj, gk = gi + di, gj + dj, gk + dk
+        di, dj, dk = _row_backward(base, grad_base, row10, ok10, wi_hi, wj_lo, 1.0, -1.0, go,
+                                   k_lo, k_hi, wk_lo, wk_hi, ok_k_lo, ok_k_hi, NEED_IMG_GRAD)
+        gi, gj, gk = gi + di, gj + dj, gk + dk
+        di, dj, dk = _row_backward(base, grad_base, row11, ok11, wi_hi, wj_hi, 1.0, 1.0, go,
+                                   k_lo, k_hi, wk_lo, wk_hi, ok_k_lo, ok_k_hi, NEED_IMG_GRAD)
+        gi, gj, gk = gi + di, gj + dj, gk + dk
     # chain rule through the index c -> ((2c - 1 + 1) / 2)(n - 1); a clamped (border) index has no gradient
     gi = gi * (D - 1)
     gj = gj * (H - 1)
