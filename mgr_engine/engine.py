@@ -18,15 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from . import host_memory, itk_io, resample
 from .errors import (CheckpointError, InstanceOptimizationError, InvalidImageError, InvalidOptionError, MgrEngineError,
                      WeightsNotFoundError, tilde_hint)
 from .labels import warn_if_linear_on_labels
 from .losses import gradicon_regularizer, similarity_by_name, with_constant_targets
-from .model import (GradICONNetwork, NetworkConfig, as_network_config, evaluate_map, fold_batchnorm,
-                    load_official_state_dict, map_on_grid, read_safetensors)
+from .model import (GradICONNetwork, NetworkConfig, as_network_config, evaluate_map, inference_network,
+                    load_official_state_dict, map_on_grid, read_safetensors, uses_subpixel_upconvs)
 from .ops import network_memory_format, warp
 from .preprocess import (apply_input_mask, check_intensity_ranges, check_mask, check_modality, check_volume,
                          modality_mismatch, normalize_intensity, resize, resize_mask)
@@ -455,10 +454,10 @@ class Engine:
                      "x".join(map(str, self.config.input_shape)), model)
 
     def _inference_copy(self) -> GradICONNetwork:
-        """BatchNorm folded, in the device's layout (:func:`network_memory_format`)."""
-        net = GradICONNetwork(self.config, initialize=False)
-        net.unets = nn.ModuleList(fold_batchnorm(unet) for unet in self.network.unets)
-        return net.eval().to(self.device, memory_format=network_memory_format(self.device))
+        """BatchNorm folded, the transposed convolutions in sub-pixel form where that is faster
+        (:func:`uses_subpixel_upconvs`), in the device's layout (:func:`network_memory_format`)."""
+        net = inference_network(self.network, subpixel_upconvs=uses_subpixel_upconvs(self.device))
+        return net.to(self.device, memory_format=network_memory_format(self.device))
 
     @property
     def input_shape(self) -> tuple:

@@ -361,8 +361,9 @@ class SubpixelConvTranspose3d(nn.Module):
     shuffle and a crop of one voxel: the same sums of products (float64: equal to 1e-15). cuDNN
     ran the transposed convolutions as a slow dgrad kernel, 54% of a no-IO registration's GPU
     time on an H200 (RESULTS.md, thirty-fifth session), where implicit-GEMM convolutions are its
-    fast path; that this form is faster there is **not yet measured** (``bench_gpu.py`` has the
-    row), so the engine does not use it. On the CPU, channels-last, it is slower (0.76 s against
+    fast path: in this form a warm no-IO registration took 35.9 ms against 48.5 ms there
+    (thirty-sixth session), so the engine's inference network uses it on CUDA
+    (:func:`uses_subpixel_upconvs`). On the CPU, channels-last, it is slower (0.76 s against
     0.32 s for the 48 -> 16 channel layer at 88^3; contiguous 0.57 s against 1.39 s). Inference
     only: built from a layer's weights, which it copies."""
 
@@ -388,13 +389,24 @@ class SubpixelConvTranspose3d(nn.Module):
         return y.reshape(batch, self.out_channels, 2 * d, 2 * h, 2 * w)[:, :, 1:-1, 1:-1, 1:-1]
 
 
-def with_subpixel_upconvs(network: GradICONNetwork) -> GradICONNetwork:
-    """A copy of an inference ``network`` whose U-Nets' transposed convolutions are
-    :class:`SubpixelConvTranspose3d` (for ``benchmarks/bench_gpu.py``'s comparison)."""
-    copied = copy.deepcopy(network)
-    for unet in copied.unets:
-        unet.upConvs = nn.ModuleList(SubpixelConvTranspose3d(conv) for conv in unet.upConvs)
-    return copied
+def uses_subpixel_upconvs(device) -> bool:
+    """Whether the engine's inference network runs its transposed convolutions in sub-pixel
+    form (:class:`SubpixelConvTranspose3d`) on ``device``: on CUDA, where it is faster; not on
+    the CPU, where it is slower."""
+    return torch.device(device).type == "cuda"
+
+
+def inference_network(network: "GradICONNetwork", *, subpixel_upconvs: bool) -> "GradICONNetwork":
+    """An inference copy of ``network`` (eval mode, no gradients): each U-Net's BatchNorm folded
+    (:func:`fold_batchnorm`) and, with ``subpixel_upconvs``, its transposed convolutions in
+    sub-pixel form. On ``network``'s device; the caller sets the layout."""
+    unets = [fold_batchnorm(unet) for unet in network.unets]
+    if subpixel_upconvs:
+        for unet in unets:
+            unet.upConvs = nn.ModuleList(SubpixelConvTranspose3d(conv) for conv in unet.upConvs)
+    copied = GradICONNetwork(network.config, initialize=False)
+    copied.unets = nn.ModuleList(unets)
+    return copied.eval().to(network.identity_full.device)
 
 
 class GradICONNetwork(nn.Module):

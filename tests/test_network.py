@@ -446,18 +446,24 @@ def test_subpixel_transposed_convolution_equals_the_transposed_one(shape, layout
         SubpixelConvTranspose3d(torch.nn.ConvTranspose3d(3, 5, kernel_size=4, stride=2, padding=2))
 
 
-def test_network_with_subpixel_upconvs_predicts_the_same_map():
+def test_network_with_subpixel_upconvs_predicts_the_same_map(monkeypatch):
     """The engine's inference network (BatchNorm folded, channels-last on the CPU, the C++
-    decoder) with every transposed convolution in the sub-pixel form: the same map (float32)."""
-    from mgr_engine.model import with_subpixel_upconvs
+    decoder) with every transposed convolution in the sub-pixel form, as the engine builds it
+    where :func:`uses_subpixel_upconvs` says so (on CUDA): the same map (float32)."""
+    from mgr_engine import engine as engine_module
+    from mgr_engine.model import SubpixelConvTranspose3d
     from mgr_engine.ops import identity_map
 
     net = random_network((72, 72, 72), narrow=True, seed=6, displacement_scale=0.5)
     engine = Engine(weights=official_state_dict(net), config=net.config, device="cpu")
+    assert not any(isinstance(conv, SubpixelConvTranspose3d) for conv in engine.inference_network.modules())
+    monkeypatch.setattr(engine_module, "uses_subpixel_upconvs", lambda device: True)
+    subpixel_engine = Engine(weights=official_state_dict(net), config=net.config, device="cpu")
+    upconvs = [conv for unet in subpixel_engine.inference_network.unets for conv in unet.upConvs]
+    assert len(upconvs) == 20 and all(isinstance(conv, SubpixelConvTranspose3d) for conv in upconvs)
     moving, fixed = (torch.from_numpy(smooth_volume((72, 72, 72), seed))[None, None] for seed in (1, 2))
     expected = engine.predict_map(moving, fixed)
-    engine.inference_network = with_subpixel_upconvs(engine.inference_network)
-    got = engine.predict_map(moving, fixed)
+    got = subpixel_engine.predict_map(moving, fixed)
     voxel = torch.tensor([71.0, 71.0, 71.0]).view(1, 3, 1, 1, 1)
     assert ((got - expected) * voxel).abs().max() < 1e-4
     assert ((expected - identity_map((72, 72, 72))) * voxel).abs().max() > 0.5  # not the identity map
