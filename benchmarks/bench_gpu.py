@@ -7,14 +7,16 @@ same randomized checkpoint, called as ``register_pair`` calls it; ours is
 ``Engine.predict_map`` (no IO) and ``Engine.instance_optimize`` (IO).
 
 Measured, all in one run on one device:
-* no IO: cold (first call of a network, after a process warm-up that both sides share) and
-  warm latency (median), peak memory;
+* no IO: cold (first call of a network, after a process warm-up: each side in a fresh child
+  process of its own, and both in this one, ours first, where the reference then finds cuDNN's
+  plans for the shapes both share made) and warm latency (median), peak memory;
 * IO: ``--io-steps`` Adam steps (reference ``finetune_execute``, ours ``instance_optimize``,
   with and without U-Net checkpointing, seeded: the regularizer's noise drawn on the CPU
   as the reference draws it, and on a GPU with TF32 convolutions), time per step and peak memory;
 * precision: TF32 and bf16-autocast forwards of ours against fp32, largest point
   difference in network voxels (1 voxel = 1 mm for a 175 mm field of view);
-* transposed convolutions: ours as they are and in sub-pixel form (one convolution, a shuffle);
+* transposed convolutions: ours as ConvTranspose3d and in sub-pixel form (one convolution, a
+  shuffle; the engine's on CUDA), warm latency and peak memory;
 * layout: ours with the networks channels-last and contiguous (the engine's choice by device,
   ``ops.network_memory_format``), on a GPU also each with ``cudnn.benchmark``: warm no-IO
   latency and a few IO steps (``--layout-io-steps``);
@@ -105,6 +107,64 @@ def peak_gib(device, allocated_before, own_modules):
     return (torch.cuda.max_memory_allocated() - allocated_before + resident_bytes(*own_modules)) / 2**30
 
 
+def first_call_alone(side: str, device: str, shape: tuple) -> None:
+    """In this (fresh) process: the process-wide set-up (:func:`warm_up_process`), then one
+    side's network built and its first call timed, printed as ``first call: <seconds>``. Run in
+    a child process per side by :func:`first_call_in_fresh_process`: in one process, whichever
+    side runs second finds cuDNN's plans for the shapes both share already made."""
+    from helpers import import_reference, random_network, smooth_volume
+
+    from mgr_engine import Engine
+    from mgr_engine.model import official_state_dict
+
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    net = random_network(shape, seed=1, displacement_scale=0.3)
+    moving, fixed = (torch.from_numpy(smooth_volume(shape, seed))[None, None].to(device) for seed in (1, 2))
+    warm_up_process(device)
+    if side == "ours":
+        engine = Engine(weights=official_state_dict(net), config=net.config, device=device)
+        cached = triton_cache_entries()
+        seconds = clock(lambda: engine.predict_map(moving, fixed), device)[0]
+        print(f"Triton kernels compiled by the first call: {triton_cache_entries() - cached}")
+    else:
+        from icon_registration import config as icon_config
+
+        icon_config.device = torch.device(device)
+        reference = import_reference()(net).to(device)
+        with torch.no_grad():
+            seconds = clock(lambda: reference(moving, fixed), device)[0]
+    print(f"first call: {seconds}")
+
+
+def triton_cache_entries() -> int:
+    """How many kernels Triton's on-disk cache holds (one folder each)."""
+    import os
+
+    try:
+        from triton import knobs
+
+        folder = knobs.cache.dir
+    except (ImportError, AttributeError):
+        folder = os.environ.get("TRITON_CACHE_DIR", os.path.expanduser("~/.triton/cache"))
+    return len(os.listdir(folder)) if os.path.isdir(folder) else 0
+
+
+def first_call_in_fresh_process(side: str, device: str, shape: tuple) -> float:
+    """Seconds of ``side``'s first no-IO call in a child process of its own (:func:`first_call_alone`);
+    nan where the child fails (its error printed)."""
+    import subprocess
+
+    child = subprocess.run([sys.executable, __file__, "--first-call-of", side, "--device", device,
+                            "--shape", *map(str, shape)], capture_output=True, text=True, timeout=600)
+    found = [line for line in child.stdout.splitlines() if line.startswith("first call: ")]
+    print(f"{side}, first call in a fresh process: " + "; ".join(
+        line for line in child.stdout.splitlines() if line.startswith(("first call: ", "Triton kernels"))), flush=True)
+    if child.returncode != 0 or not found:
+        print(f"{side}'s first call in a fresh process failed:\n{child.stdout[-2000:]}{child.stderr[-3000:]}", flush=True)
+        return float("nan")
+    return float(found[-1].split(": ")[1])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -116,13 +176,17 @@ def main(argv=None):
     p.add_argument("--skip-compile", action="store_true", help="leave out the Engine(compile=True) row")
     p.add_argument("--compile-only", action="store_true", help="only the Engine(compile=True) row")
     p.add_argument("--results", type=Path)
+    p.add_argument("--first-call-of", choices=("ours", "reference"), help=argparse.SUPPRESS)  # a child process
     args = p.parse_args(argv)
+    if args.first_call_of:
+        first_call_alone(args.first_call_of, args.device, tuple(args.shape))
+        return
     device, shape = args.device, tuple(args.shape)
 
     from helpers import import_reference, random_network, smooth_volume
 
     from mgr_engine import Engine
-    from mgr_engine.model import official_state_dict, with_subpixel_upconvs
+    from mgr_engine.model import inference_network, official_state_dict, uses_subpixel_upconvs
     from mgr_engine.ops import network_memory_format
 
     # Plain fp32 everywhere unless a row says otherwise (cuDNN would use TF32 for convolutions).
@@ -171,7 +235,11 @@ def main(argv=None):
         ref_warm = statistics.median(clock(reference_forward, device)[0] for _ in range(args.repeats))
         ref_peak = peak_gib(device, before, (reference,))
         agreement = ((phi - ref_phi) * voxels).abs().max().item()
-    rows += [("no IO, first call", ref_cold, cold), (f"no IO, warm (median of {args.repeats})", ref_warm, warm)]
+    fresh = {side: first_call_in_fresh_process(side, device, shape) if reference is not None or side == "ours"
+             else missing for side in ("reference", "ours")}
+    rows += [("no IO, first call, each side in a fresh process of its own", fresh["reference"], fresh["ours"]),
+             ("no IO, first call in this process (ours first)", ref_cold, cold),
+             (f"no IO, warm (median of {args.repeats})", ref_warm, warm)]
 
     # --- precision
     precision = []
@@ -188,15 +256,23 @@ def main(argv=None):
             engine.precision = "fp32"
         precision.append((name, t, ((phi_low.float() - phi) * voxels).abs().max().item()))
 
-    # --- the transposed convolutions in sub-pixel form (model.SubpixelConvTranspose3d): cuDNN ran
-    # them as a slow dgrad kernel, half of a no-IO registration's GPU time on an H200
+    # --- the transposed convolutions as ConvTranspose3d and in sub-pixel form (model.SubpixelConvTranspose3d):
+    # cuDNN ran the former as a slow dgrad kernel, half of a no-IO registration's GPU time on an H200
     default_network = engine.inference_network
-    engine.inference_network = with_subpixel_upconvs(default_network)
+    upconvs = []
     try:
-        _, phi_subpixel = clock(lambda: engine.predict_map(moving, fixed), device)
-        subpixel = (statistics.median(clock(lambda: engine.predict_map(moving, fixed), device)[0]
-                                      for _ in range(args.repeats)),
-                    ((phi_subpixel - phi) * voxels).abs().max().item())
+        for name, subpixel in (("ConvTranspose3d", False), ("sub-pixel: conv3d into 8 parities, shuffle", True)):
+            engine.inference_network = inference_network(engine.network, subpixel_upconvs=subpixel).to(
+                device, memory_format=network_memory_format(device))
+            _, phi_form = clock(lambda: engine.predict_map(moving, fixed), device)
+            form_warm = statistics.median(clock(lambda: engine.predict_map(moving, fixed), device)[0]
+                                          for _ in range(args.repeats))
+            before = reset_peak(device)
+            engine.predict_map(moving, fixed)
+            form_peak = peak_gib(device, before, (engine.network, engine.inference_network))
+            default = " (the engine's)" if subpixel == uses_subpixel_upconvs(device) else ""
+            upconvs.append((name + default, form_warm, form_peak, ((phi_form - phi) * voxels).abs().max().item()))
+            engine.inference_network = None  # its memory back before the next form's copy
     finally:
         engine.inference_network = default_network
 
@@ -272,9 +348,9 @@ def main(argv=None):
               "| precision (mgr_engine, no IO) | warm latency | largest point difference against fp32 |", "|---|--:|--:|"]
     lines += [f"| {n} | {t * 1e3:.1f} ms | {d:.3f} voxel |" for n, t, d in precision]
     lines += ["", f"| transposed convolutions (mgr_engine, no IO, fp32) | warm (median of {args.repeats}) | "
-              "largest point difference |", "|---|--:|--:|",
-              f"| ConvTranspose3d (the engine's) | {warm * 1e3:.1f} ms | 0 |",
-              f"| sub-pixel: conv3d into 8 parities, shuffle | {subpixel[0] * 1e3:.1f} ms | {subpixel[1]:.2e} voxel |"]
+              "peak memory (own weights + the call's peak) | largest point difference against the engine's |",
+              "|---|--:|--:|--:|"]
+    lines += [f"| {n} | {t * 1e3:.1f} ms | {m:.2f} GiB | {d:.2e} voxel |" for n, t, m, d in upconvs]
     if io_rows:
         base_t, base_m = io_rows[0][1], io_rows[0][2]
         lines += ["", f"| IO, {args.io_steps} steps + final forward, LNCC | time | per step | peak memory (own weights + "
