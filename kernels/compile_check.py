@@ -45,7 +45,8 @@ def kernel_specializations():
                                 "BLOCK": (warp.BLOCK,)}),
         (lncc.blur_axis_kernel, {"FROM_IMAGES": flags,
                                  "EPILOGUE": (lncc.STORE, lncc.LOSS_SUMS, lncc.MOMENT_GRADS, lncc.INPUT_GRADS),
-                                 "SQUARED": flags, "HAS_MASK": flags, "ACC": ("follows the pointers",),
+                                 "SQUARED": flags, "HAS_MASK": flags, "CHANNELS": (3, 5),
+                                 "ACC": ("follows the pointers",),
                                  "TAPS": (lncc.LNCC_TAPS,), "BLOCK": (lncc.BLOCK,)}),
     ]
 
