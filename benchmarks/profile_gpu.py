@@ -66,6 +66,8 @@ def main(argv=None):
     p.add_argument("--io-steps", type=int, default=2)
     p.add_argument("--rows", type=int, default=30)
     p.add_argument("--out", type=Path, help="append the tables to this file")
+    p.add_argument("--first-call", action="store_true",
+                   help="profile only this process's first registration (its one-time set-up), by host time")
     args = p.parse_args(argv)
     device, shape = args.device, tuple(args.shape)
 
@@ -76,12 +78,32 @@ def main(argv=None):
     def no_io():
         engine.predict_map(moving, fixed)
 
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    if args.first_call:  # a fresh process: what a first registration pays once (cuDNN, Triton, CUDA's loading)
+        from bench_gpu import warm_up_process
+
+        warm_up_process(device)  # as bench_gpu's first calls: the process-wide set-up both sides share
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            started = time.perf_counter()
+            no_io()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - started
+        text = (f"## Profile of a process's first registration, {name}, network {'x'.join(map(str, shape))}, "
+                f"torch {torch.__version__}\n\n```\nwall time {wall:.3f} s under the profiler\n\n"
+                + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows,
+                                            max_name_column_width=60) + "\n```\n")
+        print(text, flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(text)
+        return
+
     def io(steps):
         engine.instance_optimize(moving, fixed, iterations=steps, similarity="lncc2", progress=False)
 
     no_io()  # warm-ups: cuDNN's plans, Triton's compilation
     io(1)
-    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     text = (f"## Profile, {name}, network {'x'.join(map(str, shape))}, torch {torch.__version__}\n\n"
             f"### no IO: one predict_map\n\n```\n{profiled(no_io, device, args.rows)}\n```\n\n"
             f"### IO: {args.io_steps} steps of instance_optimize (1 - LNCC^2) and the final forward\n\n"
