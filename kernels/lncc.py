@@ -164,9 +164,10 @@ def _launch(shape, batch, *, src, images, dst, dst2=None, mask=None, scale=None,
         ACC=acc, TAPS=LNCC_TAPS, BLOCK=BLOCK)
 
 
-def _blurred_moments(i, j, mask, *, last_epilogue, last_dst, squared, scale=None, channels=5):
-    """Passes W and H into two 5-channel scratch buffers, freed once read, then pass D with
-    ``last_epilogue`` into ``last_dst`` (``channels``: what MOMENT_GRADS stores there)."""
+def _blurred_moments(i, j, mask, *, last_epilogue, squared, last_dst=None, scale=None, channels=5):
+    """Passes W and H into two 5-channel scratch buffers, each freed once read, then pass D with
+    ``last_epilogue`` into ``last_dst``; without one, into a (B, ``channels``, n_vox) buffer
+    allocated once the first scratch buffer is freed (the moment gradients), returned."""
     batch, shape = i.shape[0], tuple(i.shape[2:])
     n_vox = i[0, 0].numel()
     common = dict(images=(i, j), mask=mask, squared=squared)
@@ -175,8 +176,11 @@ def _blurred_moments(i, j, mask, *, last_epilogue, last_dst, squared, scale=None
     second = torch.empty_like(first)
     _launch(shape, batch, src=first, dst=second, axis=1, **common)
     del first
+    if last_dst is None:
+        last_dst = torch.empty((batch, channels, n_vox), dtype=i.dtype, device=i.device)
     _launch(shape, batch, src=second, dst=last_dst, axis=2, epilogue=last_epilogue, scale=scale,
             channels=channels, **common)
+    return last_dst
 
 
 def _prepare(image, target, mask):
@@ -219,9 +223,8 @@ class WindowedLNCCLoss(torch.autograd.Function):
         channels = 5 if need_i and need_j else 3
         images = (j, i) if need_j and not need_i else (i, j)
         common = dict(images=images, squared=ctx.squared)
-        grads = torch.empty((batch, channels, i[0, 0].numel()), dtype=i.dtype, device=i.device)
-        _blurred_moments(*images, mask, last_epilogue=MOMENT_GRADS, last_dst=grads, scale=scale,
-                         channels=channels, squared=ctx.squared)
+        grads = _blurred_moments(*images, mask, last_epilogue=MOMENT_GRADS, scale=scale, channels=channels,
+                                 squared=ctx.squared)
         spare = torch.empty_like(grads)
         _launch(shape, batch, src=grads, dst=spare, axis=0, channels=channels, **common)
         _launch(shape, batch, src=spare, dst=grads, axis=1, channels=channels, **common)

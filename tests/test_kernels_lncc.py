@@ -4,6 +4,8 @@ On the CPU through Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py)
 sizes; on a GPU compiled, and ``test_full_size`` runs at the network's 175^3.
 """
 
+import weakref
+
 import pytest
 import torch
 
@@ -105,3 +107,54 @@ def test_full_size(masked):
     torch.testing.assert_close(result, expected, rtol=1e-4, atol=1e-6)
     for a, b in zip(torch.autograd.grad(result, (image, target)), torch.autograd.grad(expected, (image, target))):
         assert float((a - b).norm() / b.norm()) < 1e-4
+
+
+class CountingTorch:
+    """``torch`` as :mod:`kernels.lncc` sees it, its allocations (``empty``, ``empty_like``,
+    ``zeros``, ``full``) counted: the bytes alive now and at the most."""
+
+    def __init__(self):
+        self.alive = self.peak = 0
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def _counted(self, tensor):
+        nbytes = tensor.untyped_storage().nbytes()
+        self.alive += nbytes
+        self.peak = max(self.peak, self.alive)
+        weakref.finalize(tensor, self._freed, nbytes)
+        return tensor
+
+    def _freed(self, nbytes):
+        self.alive -= nbytes
+
+    def empty(self, *args, **kwargs):
+        return self._counted(torch.empty(*args, **kwargs))
+
+    def empty_like(self, *args, **kwargs):
+        return self._counted(torch.empty_like(*args, **kwargs))
+
+    def zeros(self, *args, **kwargs):
+        return self._counted(torch.zeros(*args, **kwargs))
+
+    def full(self, *args, **kwargs):
+        return self._counted(torch.full(*args, **kwargs))
+
+
+@pytest.mark.parametrize("gradients_of", ["image", "both"])
+def test_scratch_memory_peaks_at_ten_volumes(monkeypatch, gradients_of):
+    """The kernel's own buffers over forward and backward: at most the first chain's two
+    5-channel buffers at once (10 volumes), the gradients and moment gradients allocated after
+    them freed; 12 volumes before the backward freed its scratch, 13 when it allocated the
+    moment gradients before the chain."""
+    counting = CountingTorch()
+    monkeypatch.setattr(klncc, "torch", counting)
+    image, target, _ = volumes(2, (6, 7, 5), torch.float32)
+    inputs = (image, target) if gradients_of == "both" else (image,)
+    for tensor in inputs:
+        tensor.requires_grad_()
+    grads = torch.autograd.grad(klncc.lncc2_loss(image, target), inputs)
+    assert len(grads) == len(inputs)
+    volume = image.numel() * image.element_size()
+    assert 10 * volume <= counting.peak <= 10 * volume + 64, counting.peak / volume
