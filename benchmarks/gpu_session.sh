@@ -29,7 +29,8 @@
 #   kernels-compiled 120  bench_kernels.py with torch.compile
 #   engine-compiled  150  bench_gpu.py --compile-only (CUDA graphs)
 # On an H200 (2026-12-04) they took 49, 19, 89, 20, 9, 20 (first run), 29 and 86 s; a machine's
-# start about 40 s.
+# start about 40 s. In the next session tests 46, kernels 23 (smooth maps added), engine 110 (two
+# fresh processes added), engine-compiled 120 s.
 #
 # A dry run on the CPU, small sizes, the kernels in Triton's interpreter:
 #   SMOKE=1 OUT=/tmp/gpu-smoke PATH=.venv/bin:$PATH bash benchmarks/gpu_session.sh

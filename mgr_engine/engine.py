@@ -492,8 +492,8 @@ class Engine:
         ``io_sim`` (``"lncc2"``, ``"lncc"`` or ``"mind"``): also one instance-optimization step
         with that similarity, for its backward kernels; the weights are restored after it, as
         after any IO. For an engine in a real-time system, call it at start-up. On an H200, a
-        process's first registration took 784 ms against 47 ms warm (RESULTS.md). Returns the
-        seconds it took."""
+        fresh process's first registration took 616 ms against 33 ms warm, 555 ms of it in
+        Triton's first launches (RESULTS.md, thirty-sixth session). Returns the seconds it took."""
         if not _is_count(batch_size):
             raise InvalidOptionError(f"batch_size {batch_size!r}: give a positive integer")
         if io_sim is not None:
