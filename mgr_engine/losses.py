@@ -209,10 +209,11 @@ SIMILARITIES = {"lncc": lncc_loss, "lncc2": lncc2_loss, "mind": mind_loss}
 
 
 def similarity_by_name(name: str):
-    """The similarity loss called ``name`` (``lncc``, ``lncc2`` or ``mind``)."""
+    """The similarity loss called ``name`` (``lncc``, ``lncc2`` or ``mind``, in any case, as
+    modalities are)."""
     try:
-        return SIMILARITIES[name]
-    except KeyError:
+        return SIMILARITIES[name.lower()]
+    except (KeyError, AttributeError):  # AttributeError: not a string
         raise InvalidOptionError(
             f"unknown similarity {name!r}: choose one of {', '.join(SIMILARITIES)}"
         ) from None

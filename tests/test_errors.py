@@ -265,6 +265,15 @@ def test_unknown_similarity_fails_before_any_work(engine, monkeypatch):
         register(engine, io_iterations=1, io_sim="ssd")
 
 
+def test_similarity_names_in_any_case_as_modalities():
+    from mgr_engine import losses
+
+    assert losses.similarity_by_name("LNCC2") is losses.lncc2_loss
+    assert losses.similarity_by_name("Mind") is losses.mind_loss
+    with pytest.raises(InvalidOptionError, match=r"unknown similarity 2.*choose one of lncc, lncc2, mind"):
+        losses.similarity_by_name(2)
+
+
 @pytest.mark.parametrize("options, message", [
     pytest.param(dict(quantile_range=(1, 99)), r"quantile_range \(1, 99\) takes quantiles between 0 and 1, not "
                  r"percentiles: 0.01 0.99", id="percentiles"),
