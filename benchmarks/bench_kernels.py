@@ -9,8 +9,10 @@ output written once). A 0.2 ms call's time with CUDA events includes the host's 
 overhead; a second table gives the GPU time of the kernels alone (torch.profiler), and the
 bandwidth from it. LNCC^2 also against the authors' ``SquaredLNCC``
 (separable conv3d), the baseline of issue 3's target (>= 10x forward+backward, <= 1/4 of its
-peak memory), where icon_registration imports. Everything in float32, TF32 off. Then the
-warp and composition for several BLOCK sizes (``--blocks``; none: no sweep).
+peak memory), where icon_registration imports. Everything in float32, TF32 off. The warp and
+composition at two maps: jittered independently at every point (neighbours gather from
+unrelated cache lines, the worst case) and smooth (as a registration's). Then both for several
+``BLOCK:warps`` configurations (``--blocks``; none: no sweep).
 
     python benchmarks/bench_kernels.py                 # on a CUDA machine
     python benchmarks/bench_kernels.py --results benchmarks/RESULTS.md

@@ -31,7 +31,7 @@ from mgr_engine.errors import InvalidImageError
 # map points per program: 128 gave the fastest forward+backward of 128, 256 and 512 on an H200,
 # and again of 64, 128 and 256 with relaxed atomics (benchmarks/RESULTS.md, thirty-fifth session)
 BLOCK = 128
-# warps (of 32 threads) per program: Triton's default; benchmarks/bench_kernels.py sweeps it with BLOCK
+# warps (of 32 threads) per program, Triton's default: 2 and 8 were no faster (thirty-sixth session)
 NUM_WARPS = 4
 
 
@@ -72,6 +72,14 @@ def _load_map(coords_ptr, b, offs, n_out, m):
 
 
 @triton.jit
+def _corner_rows(i_lo, i_hi, j_lo, j_hi, ok_i_lo, ok_i_hi, ok_j_lo, ok_j_hi, m):
+    """The four (D, H) corner rows (offsets of their first W-neighbour, then whether each lies in
+    the volume), shared by both W-neighbours and every channel."""
+    return (i_lo + j_lo, i_lo + j_hi, i_hi + j_lo, i_hi + j_hi,
+            m & ok_i_lo & ok_j_lo, m & ok_i_lo & ok_j_hi, m & ok_i_hi & ok_j_lo, m & ok_i_hi & ok_j_hi)
+
+
+@triton.jit
 def _row_pair(row_ptr, row_ok, k_lo, k_hi, ok_k_lo, ok_k_hi):
     """The two W-neighbours of one (D, H) corner row, 0 outside the volume."""
     lower = tl.load(row_ptr + k_lo, mask=row_ok & ok_k_lo, other=0.0)
@@ -93,10 +101,8 @@ def warp_fwd_kernel(img_ptr, coords_ptr, out_ptr, C, D, H, W, n_out,
     i_lo, i_hi, wi_lo, wi_hi, ok_i_lo, ok_i_hi, _ = _axis_corners(ci, D, H * W, not ZERO_PAD)
     j_lo, j_hi, wj_lo, wj_hi, ok_j_lo, ok_j_hi, _ = _axis_corners(cj, H, W, not ZERO_PAD)
     k_lo, k_hi, wk_lo, wk_hi, ok_k_lo, ok_k_hi, _ = _axis_corners(ck, W, 1, not ZERO_PAD)
-    # the four (D, H) corner rows, shared by both W-neighbours and every channel
-    row00, row01, row10, row11 = i_lo + j_lo, i_lo + j_hi, i_hi + j_lo, i_hi + j_hi
-    ok00, ok01 = m & ok_i_lo & ok_j_lo, m & ok_i_lo & ok_j_hi
-    ok10, ok11 = m & ok_i_hi & ok_j_lo, m & ok_i_hi & ok_j_hi
+    row00, row01, row10, row11, ok00, ok01, ok10, ok11 = _corner_rows(i_lo, i_hi, j_lo, j_hi, ok_i_lo, ok_i_hi,
+                                                                      ok_j_lo, ok_j_hi, m)
     w00, w01, w10, w11 = wi_lo * wj_lo, wi_lo * wj_hi, wi_hi * wj_lo, wi_hi * wj_hi
     for c in range(C):
         base = img_ptr + (b * C + c) * D * H * W
@@ -146,9 +152,8 @@ def warp_bwd_kernel(img_ptr, coords_ptr, grad_out_ptr, grad_img_ptr, grad_coords
     i_lo, i_hi, wi_lo, wi_hi, ok_i_lo, ok_i_hi, in_i = _axis_corners(ci, D, H * W, not ZERO_PAD)
     j_lo, j_hi, wj_lo, wj_hi, ok_j_lo, ok_j_hi, in_j = _axis_corners(cj, H, W, not ZERO_PAD)
     k_lo, k_hi, wk_lo, wk_hi, ok_k_lo, ok_k_hi, in_k = _axis_corners(ck, W, 1, not ZERO_PAD)
-    row00, row01, row10, row11 = i_lo + j_lo, i_lo + j_hi, i_hi + j_lo, i_hi + j_hi
-    ok00, ok01 = m & ok_i_lo & ok_j_lo, m & ok_i_lo & ok_j_hi
-    ok10, ok11 = m & ok_i_hi & ok_j_lo, m & ok_i_hi & ok_j_hi
+    row00, row01, row10, row11, ok00, ok01, ok10, ok11 = _corner_rows(i_lo, i_hi, j_lo, j_hi, ok_i_lo, ok_i_hi,
+                                                                      ok_j_lo, ok_j_hi, m)
     gi = tl.zeros_like(wi_lo)
     gj = tl.zeros_like(wi_lo)
     gk = tl.zeros_like(wi_lo)
