@@ -4,7 +4,7 @@ by their own device time, for issue 3 item 4 (fuse only what a profile shows pay
 
 Randomized official-architecture weights, two smooth volumes, on tensors (no itk needed).
 Profiled after a warm-up of each: one ``Engine.predict_map`` (no IO) and ``--io-steps``
-steps of ``Engine.instance_optimize`` with 1 - LNCC^2.
+steps of ``Engine.instance_optimize`` with 1 - LNCC^2, on a GPU also in TF32.
 
     python benchmarks/profile_gpu.py --out profile.md                      # GPU, 175^3
     python benchmarks/profile_gpu.py --device cpu --shape 72 72 72 --rows 10   # a check on the CPU
@@ -99,8 +99,9 @@ def main(argv=None):
                 f.write(text)
         return
 
-    def io(steps):
-        engine.instance_optimize(moving, fixed, iterations=steps, similarity="lncc2", progress=False)
+    def io(steps, precision="fp32"):
+        engine.instance_optimize(moving, fixed, iterations=steps, similarity="lncc2", progress=False,
+                                 precision=precision)
 
     no_io()  # warm-ups: cuDNN's plans, Triton's compilation
     io(1)
@@ -108,6 +109,10 @@ def main(argv=None):
             f"### no IO: one predict_map\n\n```\n{profiled(no_io, device, args.rows)}\n```\n\n"
             f"### IO: {args.io_steps} steps of instance_optimize (1 - LNCC^2) and the final forward\n\n"
             f"```\n{profiled(lambda: io(args.io_steps), device, args.rows)}\n```\n")
+    if device == "cuda":  # IO in TF32 (opt-in, 4.5x the reference's fp32 IO on an H200): what is left then
+        io(1, "tf32")
+        text += (f"\n### IO in TF32: {args.io_steps} steps of instance_optimize(precision='tf32')\n\n"
+                 f"```\n{profiled(lambda: io(args.io_steps, 'tf32'), device, args.rows)}\n```\n")
     print(text, flush=True)
     if args.out:
         with open(args.out, "a") as f:
