@@ -12,7 +12,8 @@ bandwidth from it. LNCC^2 also against the authors' ``SquaredLNCC``
 peak memory), where icon_registration imports. Everything in float32, TF32 off. The warp and
 composition at two maps: jittered independently at every point (neighbours gather from
 unrelated cache lines, the worst case) and smooth (as a registration's). Then both for several
-``BLOCK:warps`` configurations (``--blocks``; none: no sweep).
+``BLOCK:warps`` configurations (``--blocks``; none: no sweep), and LNCC^2 for several numbers
+of slabs of its H and W passes (``--lncc-slabs``).
 
     python benchmarks/bench_kernels.py                 # on a CUDA machine
     python benchmarks/bench_kernels.py --results benchmarks/RESULTS.md
@@ -244,6 +245,8 @@ def run(args):
                   f"{ref['MiB'] / ours['triton MiB']:.1f}x |"]
     if args.blocks:
         lines += ["", *block_sweep(shape, device, repeats, args.blocks)]
+    if args.lncc_slabs:
+        lines += ["", *slab_sweep(shape, device, repeats, args.lncc_slabs, ref if reference is not None else None)]
     print_and_append("\n".join(lines) + "\n", args.results)
 
 
@@ -287,6 +290,33 @@ def block_sweep(shape, device, repeats, configurations):
     return lines
 
 
+def slab_sweep(shape, device, repeats, slab_counts, ref):
+    """lncc2_loss forward+backward (a gradient to the image) for each number of slabs its H and
+    W passes run in (``kernels.lncc.SLABS``): more slabs, less scratch and more launches; 1 is
+    the whole volume at once (10 volumes of scratch at the peak). Against the reference's
+    SquaredLNCC where ``ref`` has its figures."""
+    from mgr_engine.kernels import lncc as klncc
+
+    fn, inputs, _ = cases(shape, device)["lncc2_loss"]
+    forward_backward = gradients_of(fn, inputs)
+    lines = ["| lncc2_loss, SLABS | fwd+bwd, call / kernels | peak extra memory | against the reference (time, memory) |",
+             "|--:|--:|--:|--:|"]
+    default = klncc.SLABS
+    try:
+        for slabs in slab_counts:
+            klncc.SLABS = slabs
+            with ops.kernel_mode("triton"):
+                call = timed(forward_backward, device, repeats)
+                kernels = kernel_seconds(forward_backward, repeats) if device == "cuda" else None
+                mib = peak_memory(forward_backward, device)
+            against = f"{ref['fwd+bwd'] / call:.1f}x, {mib / ref['MiB']:.0%}" if ref else "-"
+            lines.append(f"| {slabs}{' (default)' if slabs == default else ''} | {milliseconds(call)} / "
+                         f"{milliseconds(kernels)} | {mib:.0f} MiB | {against} |")
+    finally:
+        klncc.SLABS = default
+    return lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", type=int, nargs=3, default=(175, 175, 175))
@@ -295,6 +325,8 @@ def main(argv=None):
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     p.add_argument("--blocks", nargs="*", default=["64", "128", "256", "128:2", "256:8"],
                    help="BLOCK[:NUM_WARPS] of the warp kernels to compare (none: no sweep)")
+    p.add_argument("--lncc-slabs", type=int, nargs="*", default=[1, 3, 5, 7],
+                   help="numbers of slabs of the LNCC kernel's H and W passes to compare (none: no sweep)")
     p.add_argument("--smoke", action="store_true", help="tiny volume, one repeat: check the script runs")
     p.add_argument("--results", type=Path, help="append the table to this file")
     run(p.parse_args(argv))

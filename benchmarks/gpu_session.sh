@@ -95,7 +95,7 @@ if [[ $SMOKE == 1 ]]; then
     echo 'raise ModuleNotFoundError("no itk here, as on the GPU image", name="itk")' > "$OUT/no-itk/itk/__init__.py"
     export PYTHONPATH=$OUT/no-itk${PYTHONPATH:+:$PYTHONPATH}
     tests=(-k "gradcheck or 16bit")
-    kernels=(--smoke --blocks 128)
+    kernels=(--smoke --blocks 128 --lncc-slabs 1 5)
     engine=(--device cpu --shape 72 72 72 --io-steps 1 --repeats 1)
     profile=(--device cpu --shape 72 72 72 --io-steps 1 --rows 10)
     memory=(--device cpu --shape 72 72 72 --reference)

@@ -6,18 +6,22 @@ padding), the LNCC map from them, and its (masked) mean, as ``1 - mean``.
 
 Three separable passes, one per axis; every pass carries all five moments:
 
-forward:  (I, J) --W--> m1 --H--> m2 --D + epilogue--> per-sample sums of lncc (or lncc^2)
-backward: (I, J) --W--> m1 --H--> m2 --D + epilogue--> g (the five dL/d(blurred moment))
+forward:  (I, J) --D--> m1 --H--> m2 --W + epilogue--> per-sample sums of lncc (or lncc^2)
+backward: (I, J) --D--> m1 --H--> m2 --W + epilogue--> g (the five dL/d(blurred moment))
           g --W--> g1 --H--> g2 --D + epilogue--> dL/dI, dL/dJ
 
 The first pass forms the moments from I and J on the fly, and the last pass of each
 chain consumes the blurred moments in registers: neither the five moment volumes nor
-the five blurred volumes are stored, only two partially blurred 5-channel buffers at a
-time (10 volumes at the peak, in the first chain). The Gaussian is symmetric and
-zero-padded, so the backward blur is the same blur. Where only one image needs a gradient
-(the moving image, in registration), g carries the three moment gradients it depends on
-(those of E[I], E[I^2], E[IJ]); LNCC is symmetric in I and J, so a gradient for J alone
-runs the same chain with the images swapped.
+the five blurred volumes are stored. The D pass, which mixes slices, writes the one
+full 5-channel buffer; the H and W passes stay within a slice, so they run slab by slab
+(``SLABS`` slabs of whole D slices) through a scratch buffer of one slab, and g is written
+over the slabs of m1 already read. So the peak is that buffer, one slab's scratch and the
+gradients: 6 volumes (7 with both gradients) at ``SLABS`` 5, where separate buffers for
+m1, m2 and g took 10. The Gaussian is symmetric and zero-padded, so the backward blur is
+the same blur. Where only one image needs a gradient (the moving image, in registration),
+g carries the three moment gradients it depends on (those of E[I], E[I^2], E[IJ]); LNCC
+is symmetric in I and J, so a gradient for J alone runs the same chain with the images
+swapped.
 """
 
 from __future__ import annotations
@@ -30,40 +34,48 @@ from mgr_engine.losses import LNCC_SIGMA, LNCC_TAPS, gaussian_kernel1d
 
 BLOCK = 256
 EPS = 1e-5
+# the H and W passes run in this many slabs of whole D slices: their scratch is a slab's
+SLABS = 5
+W_AXIS, H_AXIS, D_AXIS = 0, 1, 2
 # what the last pass of a chain does with the five blurred moments
 STORE, LOSS_SUMS, MOMENT_GRADS, INPUT_GRADS = 0, 1, 2, 3
 
 
 @triton.jit
 def blur_axis_kernel(src_ptr, i_ptr, j_ptr, dst_ptr, dst2_ptr, taps_ptr, mask_ptr, scale_ptr,
-                     n_vox, size, stride,
+                     count, size, stride, volume, src_channel_stride, src_sample_stride,
+                     dst_channel_stride, dst_sample_stride,
                      FROM_IMAGES: tl.constexpr, EPILOGUE: tl.constexpr, SQUARED: tl.constexpr,
                      HAS_MASK: tl.constexpr, CHANNELS: tl.constexpr, ACC: tl.constexpr, TAPS: tl.constexpr,
                      BLOCK: tl.constexpr):
-    """Blur five (or three) channels along one axis (``stride``/``size``), then apply ``EPILOGUE``.
+    """Blur five (or three) channels along one axis (``stride``/``size``) over ``count`` voxels
+    of each sample (a volume, or for the H and W passes a slab of whole D slices), then apply
+    ``EPILOGUE``.
 
     Sources: the five moments formed from images ``i_ptr``/``j_ptr`` (FROM_IMAGES), or a
-    buffer ``src_ptr`` (B, channels, n_vox): five moments for LOSS_SUMS and MOMENT_GRADS, else
-    CHANNELS moment gradients. Epilogues: STORE to ``dst_ptr``; LOSS_SUMS adds each sample's
-    sum of lncc (or lncc^2) inside the mask to ``dst_ptr[b]``; MOMENT_GRADS stores
-    dL/d(blurred moments) given ``scale_ptr[b]`` = dL/d(sample's sum), all five or (CHANNELS
-    3) those of E[I], E[I^2] and E[IJ]; INPUT_GRADS turns blurred moment gradients into dL/dI
-    (``dst_ptr``) and, from five, dL/dJ (``dst2_ptr``).
+    buffer ``src_ptr`` (channels and samples at their strides): five moments for LOSS_SUMS
+    and MOMENT_GRADS, else CHANNELS moment gradients. Epilogues: STORE to ``dst_ptr``
+    (strided likewise); LOSS_SUMS adds each sample's sum of lncc (or lncc^2) inside the mask
+    to ``dst_ptr[b]``; MOMENT_GRADS stores dL/d(blurred moments) given ``scale_ptr[b]`` =
+    dL/d(sample's sum), all five or (CHANNELS 3) those of E[I], E[I^2] and E[IJ];
+    INPUT_GRADS turns blurred moment gradients into dL/dI (``dst_ptr``) and, from five,
+    dL/dJ (``dst2_ptr``). Image-shaped tensors (images, mask, INPUT_GRADS' outputs) hold
+    ``volume`` voxels a sample; every pointer points at the launch's first voxel.
     """
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n_vox
+    m = offs < count
     pos = (offs // stride) % size
     half = TAPS // 2
-    img_i = i_ptr + b * n_vox
-    img_j = j_ptr + b * n_vox
+    img_i = i_ptr + b * volume
+    img_j = j_ptr + b * volume
     # the source's channels: five moments, or (STORE, INPUT_GRADS) CHANNELS moment gradients
     src_channels = 5
     if CHANNELS == 3:
         if EPILOGUE == 0 or EPILOGUE == 3:
             src_channels = 3
-    src = src_ptr + b * src_channels * n_vox
+    src = src_ptr + b * src_sample_stride
     m0 = tl.zeros((BLOCK,), dtype=ACC)
     m1 = tl.zeros((BLOCK,), dtype=ACC)
     m2 = tl.zeros((BLOCK,), dtype=ACC)
@@ -84,28 +96,28 @@ def blur_axis_kernel(src_ptr, i_ptr, j_ptr, dst_ptr, dst2_ptr, taps_ptr, mask_pt
             m4 += weight * (vi * vj)
         else:
             m0 += weight * tl.load(src + at, mask=valid, other=0.0).to(ACC)
-            m1 += weight * tl.load(src + n_vox + at, mask=valid, other=0.0).to(ACC)
-            m2 += weight * tl.load(src + 2 * n_vox + at, mask=valid, other=0.0).to(ACC)
+            m1 += weight * tl.load(src + src_channel_stride + at, mask=valid, other=0.0).to(ACC)
+            m2 += weight * tl.load(src + 2 * src_channel_stride + at, mask=valid, other=0.0).to(ACC)
             if src_channels == 5:
-                m3 += weight * tl.load(src + 3 * n_vox + at, mask=valid, other=0.0).to(ACC)
-                m4 += weight * tl.load(src + 4 * n_vox + at, mask=valid, other=0.0).to(ACC)
+                m3 += weight * tl.load(src + 3 * src_channel_stride + at, mask=valid, other=0.0).to(ACC)
+                m4 += weight * tl.load(src + 4 * src_channel_stride + at, mask=valid, other=0.0).to(ACC)
 
-    dst = dst_ptr + b * CHANNELS * n_vox
+    dst = dst_ptr + b * dst_sample_stride
     if EPILOGUE == 0:  # STORE
         tl.store(dst + offs, m0, mask=m)
-        tl.store(dst + n_vox + offs, m1, mask=m)
-        tl.store(dst + 2 * n_vox + offs, m2, mask=m)
+        tl.store(dst + dst_channel_stride + offs, m1, mask=m)
+        tl.store(dst + 2 * dst_channel_stride + offs, m2, mask=m)
         if CHANNELS == 5:
-            tl.store(dst + 3 * n_vox + offs, m3, mask=m)
-            tl.store(dst + 4 * n_vox + offs, m4, mask=m)
+            tl.store(dst + 3 * dst_channel_stride + offs, m3, mask=m)
+            tl.store(dst + 4 * dst_channel_stride + offs, m4, mask=m)
     elif EPILOGUE == 3:  # INPUT_GRADS
         vi = tl.load(img_i + offs, mask=m, other=0.0).to(ACC)
         vj = tl.load(img_j + offs, mask=m, other=0.0).to(ACC)
         if CHANNELS == 5:  # m0..m4: the blurred gradients of E[I], E[J], E[I^2], E[J^2], E[IJ]
-            tl.store(dst_ptr + b * n_vox + offs, m0 + 2.0 * vi * m2 + vj * m4, mask=m)
-            tl.store(dst2_ptr + b * n_vox + offs, m1 + 2.0 * vj * m3 + vi * m4, mask=m)
+            tl.store(dst_ptr + b * volume + offs, m0 + 2.0 * vi * m2 + vj * m4, mask=m)
+            tl.store(dst2_ptr + b * volume + offs, m1 + 2.0 * vj * m3 + vi * m4, mask=m)
         else:  # m0..m2: the blurred gradients of E[I], E[I^2], E[IJ]
-            tl.store(dst_ptr + b * n_vox + offs, m0 + 2.0 * vi * m1 + vj * m2, mask=m)
+            tl.store(dst_ptr + b * volume + offs, m0 + 2.0 * vi * m1 + vj * m2, mask=m)
     else:
         # m0..m4 = E[I], E[J], E[I^2], E[J^2], E[IJ] under the window
         raw_i = m2 - m0 * m0
@@ -115,7 +127,7 @@ def blur_axis_kernel(src_ptr, i_ptr, j_ptr, dst_ptr, dst2_ptr, taps_ptr, mask_pt
         rsq = 1.0 / tl.sqrt(var_i * var_j)
         lncc = (m4 - m0 * m1) * rsq
         if HAS_MASK:
-            inside = tl.load(mask_ptr + b * n_vox + offs, mask=m, other=0.0) != 0
+            inside = tl.load(mask_ptr + b * volume + offs, mask=m, other=0.0) != 0
         else:
             inside = m
         inside = inside & m
@@ -134,53 +146,90 @@ def blur_axis_kernel(src_ptr, i_ptr, j_ptr, dst_ptr, dst2_ptr, taps_ptr, mask_pt
             g_sjj = tl.where(raw_j > 0.0, -0.5 * a * lncc / var_j, 0.0)
             if CHANNELS == 5:
                 tl.store(dst + offs, -g_cov * m1 - 2.0 * m0 * g_sii, mask=m)
-                tl.store(dst + n_vox + offs, -g_cov * m0 - 2.0 * m1 * g_sjj, mask=m)
-                tl.store(dst + 2 * n_vox + offs, g_sii, mask=m)
-                tl.store(dst + 3 * n_vox + offs, g_sjj, mask=m)
-                tl.store(dst + 4 * n_vox + offs, g_cov, mask=m)
+                tl.store(dst + dst_channel_stride + offs, -g_cov * m0 - 2.0 * m1 * g_sjj, mask=m)
+                tl.store(dst + 2 * dst_channel_stride + offs, g_sii, mask=m)
+                tl.store(dst + 3 * dst_channel_stride + offs, g_sjj, mask=m)
+                tl.store(dst + 4 * dst_channel_stride + offs, g_cov, mask=m)
             else:  # what dL/dI needs: the gradients of E[I], E[I^2], E[IJ]
                 tl.store(dst + offs, -g_cov * m1 - 2.0 * m0 * g_sii, mask=m)
-                tl.store(dst + n_vox + offs, g_sii, mask=m)
-                tl.store(dst + 2 * n_vox + offs, g_cov, mask=m)
+                tl.store(dst + dst_channel_stride + offs, g_sii, mask=m)
+                tl.store(dst + 2 * dst_channel_stride + offs, g_cov, mask=m)
 
 
 def _passes(shape):
-    """(size, stride) of the W, H and D axes of a (D, H, W) volume, in pass order."""
+    """(size, stride) of the W, H and D axes of a (D, H, W) volume (W_AXIS, H_AXIS, D_AXIS)."""
     d, h, w = shape
     return [(w, 1), (h, w), (d, h * w)]
 
 
-def _launch(shape, batch, *, src, images, dst, dst2=None, mask=None, scale=None, axis, from_images=False,
+def _launch(shape, axis, *, images, src, dst, count, dst2=None, mask=None, scale=None, from_images=False,
             epilogue=STORE, squared=False, channels=5):
+    """One blur pass over ``count`` voxels a sample. ``images`` and ``mask``: (B, volume) views
+    starting at the pass' first voxel; ``src``/``dst``: (B, channels, voxels) views likewise
+    (their strides passed on), or an image-shaped output (INPUT_GRADS), or the sums (LOSS_SUMS)."""
     i, j = images
     size, stride = _passes(shape)[axis]
-    n_vox = shape[0] * shape[1] * shape[2]
+    batch, volume = i.shape[0], shape[0] * shape[1] * shape[2]
     acc = tl.float64 if i.dtype == torch.float64 else tl.float32
     taps = gaussian_kernel1d(LNCC_TAPS, LNCC_SIGMA, i.dtype, i.device)
-    blur_axis_kernel[(triton.cdiv(n_vox, BLOCK), batch)](
+    src_strides = (src.stride(1), src.stride(0)) if src is not None else (0, 0)
+    dst_strides = (dst.stride(1), dst.stride(0)) if dst.dim() == 3 else (0, 0)
+    blur_axis_kernel[(triton.cdiv(count, BLOCK), batch)](
         src if src is not None else i, i, j, dst, dst2 if dst2 is not None else dst, taps,
-        mask if mask is not None else i, scale if scale is not None else taps, n_vox, size, stride,
+        mask if mask is not None else i, scale if scale is not None else taps, count, size, stride, volume,
+        *src_strides, *dst_strides,
         FROM_IMAGES=from_images, EPILOGUE=epilogue, SQUARED=squared, HAS_MASK=mask is not None, CHANNELS=channels,
         ACC=acc, TAPS=LNCC_TAPS, BLOCK=BLOCK)
 
 
-def _blurred_moments(i, j, mask, *, last_epilogue, squared, last_dst=None, scale=None, channels=5):
-    """Passes W and H into two 5-channel scratch buffers, each freed once read, then pass D with
-    ``last_epilogue`` into ``last_dst``; without one, into a (B, ``channels``, n_vox) buffer
-    allocated once the first scratch buffer is freed (the moment gradients), returned."""
+def _slabs(shape):
+    """(start, stop) voxel ranges of ``SLABS`` slabs of whole D slices of a (D, H, W) volume."""
+    depth, plane = shape[0], shape[1] * shape[2]
+    slices = -(-depth // SLABS)
+    return [(first * plane, min(first + slices, depth) * plane) for first in range(0, depth, slices)]
+
+
+def _flat(volume):
+    """A (B, 1, D, H, W) tensor as (B, D * H * W); None stays None."""
+    return None if volume is None else volume.view(volume.shape[0], -1)
+
+
+def _blurred_moments(i, j, mask, *, epilogue, squared, sums=None, scale=None, channels=5):
+    """The first chain: the moments blurred along D into a (B, 5, volume) buffer, then along H
+    and W slab by slab through one slab's scratch, the W pass with ``epilogue``: LOSS_SUMS into
+    ``sums``, or MOMENT_GRADS into the buffer's first ``channels`` channels of that slab (read
+    already, and by no later slab). Returns the buffer."""
     batch, shape = i.shape[0], tuple(i.shape[2:])
-    n_vox = i[0, 0].numel()
-    common = dict(images=(i, j), mask=mask, squared=squared)
-    first = torch.empty((batch, 5, n_vox), dtype=i.dtype, device=i.device)
-    _launch(shape, batch, src=None, dst=first, axis=0, from_images=True, **common)
-    second = torch.empty_like(first)
-    _launch(shape, batch, src=first, dst=second, axis=1, **common)
-    del first
-    if last_dst is None:
-        last_dst = torch.empty((batch, channels, n_vox), dtype=i.dtype, device=i.device)
-    _launch(shape, batch, src=second, dst=last_dst, axis=2, epilogue=last_epilogue, scale=scale,
-            channels=channels, **common)
-    return last_dst
+    volume = i[0, 0].numel()
+    moments = torch.empty((batch, 5, volume), dtype=i.dtype, device=i.device)
+    _launch(shape, D_AXIS, images=(i, j), src=None, dst=moments, count=volume, from_images=True)
+    slabs = _slabs(shape)
+    scratch = torch.empty((batch, 5, max(stop - start for start, stop in slabs)), dtype=i.dtype, device=i.device)
+    flat_i, flat_j, flat_mask = _flat(i), _flat(j), _flat(mask)
+    for start, stop in slabs:
+        part, images = scratch[:, :, :stop - start], (flat_i[:, start:stop], flat_j[:, start:stop])
+        _launch(shape, H_AXIS, images=images, src=moments[:, :, start:stop], dst=part, count=stop - start)
+        _launch(shape, W_AXIS, images=images, src=part,
+                dst=sums if epilogue == LOSS_SUMS else moments[:, :channels, start:stop], count=stop - start,
+                mask=None if mask is None else flat_mask[:, start:stop], scale=scale, epilogue=epilogue,
+                squared=squared, channels=channels)
+    return moments
+
+
+def _blur_within_slices(grads, images, shape):
+    """The W and H passes of the moment gradients ``grads`` (B, channels, volume), in place,
+    slab by slab through one slab's scratch."""
+    batch, channels = grads.shape[:2]
+    slabs = _slabs(shape)
+    scratch = torch.empty((batch, channels, max(stop - start for start, stop in slabs)),
+                          dtype=grads.dtype, device=grads.device)
+    flat_i, flat_j = (_flat(image) for image in images)
+    for start, stop in slabs:
+        part, slab_images = scratch[:, :, :stop - start], (flat_i[:, start:stop], flat_j[:, start:stop])
+        _launch(shape, W_AXIS, images=slab_images, src=grads[:, :, start:stop], dst=part, count=stop - start,
+                channels=channels)
+        _launch(shape, H_AXIS, images=slab_images, src=part, dst=grads[:, :, start:stop], count=stop - start,
+                channels=channels)
 
 
 def _prepare(image, target, mask):
@@ -203,7 +252,7 @@ class WindowedLNCCLoss(torch.autograd.Function):
         i, j, mask = _prepare(image, target, mask)
         batch = i.shape[0]
         sums = torch.zeros(batch, dtype=i.dtype, device=i.device)
-        _blurred_moments(i, j, mask, last_epilogue=LOSS_SUMS, last_dst=sums, squared=squared)
+        _blurred_moments(i, j, mask, epilogue=LOSS_SUMS, sums=sums, squared=squared)
         if mask is None:
             counts = torch.full((batch,), i[0, 0].numel(), dtype=i.dtype, device=i.device)
         else:
@@ -222,17 +271,13 @@ class WindowedLNCCLoss(torch.autograd.Function):
         # one image's gradient needs three moment gradients; LNCC is symmetric in its images
         channels = 5 if need_i and need_j else 3
         images = (j, i) if need_j and not need_i else (i, j)
-        common = dict(images=images, squared=ctx.squared)
-        grads = _blurred_moments(*images, mask, last_epilogue=MOMENT_GRADS, scale=scale, channels=channels,
-                                 squared=ctx.squared)
-        spare = torch.empty_like(grads)
-        _launch(shape, batch, src=grads, dst=spare, axis=0, channels=channels, **common)
-        _launch(shape, batch, src=spare, dst=grads, axis=1, channels=channels, **common)
-        del spare
+        grads = _blurred_moments(*images, mask, epilogue=MOMENT_GRADS, scale=scale, channels=channels,
+                                 squared=ctx.squared)[:, :channels]
+        _blur_within_slices(grads, images, shape)
         first_grad = torch.empty_like(i)
         second_grad = torch.empty_like(j) if channels == 5 else None
-        _launch(shape, batch, src=grads, dst=first_grad, dst2=second_grad, axis=2, epilogue=INPUT_GRADS,
-                channels=channels, **common)
+        _launch(shape, D_AXIS, images=images, src=grads, dst=first_grad, dst2=second_grad, count=i[0, 0].numel(),
+                epilogue=INPUT_GRADS, channels=channels)
         grad_i, grad_j = (first_grad, second_grad) if images[0] is i else (None, first_grad)
         return (grad_i.to(ctx.dtypes[0]) if need_i else None,
                 grad_j.to(ctx.dtypes[1]) if need_j else None, None, None)
