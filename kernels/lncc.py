@@ -15,9 +15,9 @@ chain consumes the blurred moments in registers: neither the five moment volumes
 the five blurred volumes are stored. The D pass, which mixes slices, writes the one
 full 5-channel buffer; the H and W passes stay within a slice, so they run slab by slab
 (``SLABS`` slabs of whole D slices) through a scratch buffer of one slab, and g is written
-over the slabs of m1 already read. So the peak is that buffer, one slab's scratch and the
-gradients: 6 volumes (7 with both gradients) at ``SLABS`` 5, where separate buffers for
-m1, m2 and g took 10. The Gaussian is symmetric and zero-padded, so the backward blur is
+over the slabs of m1 already read. So at most that buffer and either one slab's scratch or
+the gradients are alive: 6 volumes (7 with both gradients) at ``SLABS`` 5, where separate
+buffers for m1, m2 and g took 10. The Gaussian is symmetric and zero-padded, so the backward blur is
 the same blur. Where only one image needs a gradient (the moving image, in registration),
 g carries the three moment gradients it depends on (those of E[I], E[I^2], E[IJ]); LNCC
 is symmetric in I and J, so a gradient for J alone runs the same chain with the images
@@ -33,7 +33,6 @@ import triton.language as tl
 from mgr_engine.losses import LNCC_SIGMA, LNCC_TAPS, gaussian_kernel1d
 
 BLOCK = 256
-EPS = 1e-5
 # the H and W passes run in this many slabs of whole D slices: their scratch is a slab's
 SLABS = 5
 W_AXIS, H_AXIS, D_AXIS = 0, 1, 2
