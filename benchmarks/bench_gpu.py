@@ -69,8 +69,9 @@ def clock(fn, device):
 def warm_up_process(device) -> None:
     """The process-wide set-up whichever side runs first would pay alone (cuDNN's and cuBLAS'
     handles, CUDA's lazy loading of their libraries): small convolutions, transposed
-    convolutions, pooling, upsampling and sampling on ``device``. On the H200, ours ran first
-    in a fresh process: a first call of 784 ms against the reference's 319 ms."""
+    convolutions, pooling, upsampling and sampling on ``device``. It does not make one process'
+    first calls comparable (on an H200 ours, first, 896 ms; the reference's 355 ms after it, 519
+    ms in a process of its own), hence :func:`first_call_in_fresh_process`."""
     x = torch.rand(1, 2, 8, 8, 8, device=device)
     y = torch.nn.functional.conv3d(x, torch.rand(4, 2, 3, 3, 3, device=device), padding=1)
     y = torch.nn.functional.conv_transpose3d(y, torch.rand(4, 2, 4, 4, 4, device=device), stride=2, padding=1)
@@ -111,7 +112,7 @@ def first_call_alone(side: str, device: str, shape: tuple) -> None:
     """In this (fresh) process: the process-wide set-up (:func:`warm_up_process`), then one
     side's network built and its first call timed, printed as ``first call: <seconds>``. Run in
     a child process per side by :func:`first_call_in_fresh_process`: in one process, whichever
-    side runs second finds cuDNN's plans for the shapes both share already made."""
+    side runs second finds set-up the first left (cuDNN's, for the shapes both share)."""
     from helpers import import_reference, random_network, smooth_volume
 
     from mgr_engine import Engine

@@ -197,7 +197,7 @@ def run(args):
         if result.get("triton fwd kernels"):
             result["kernel bandwidth"] = ideal_bytes / result["triton fwd kernels"] / 1e9
         rows.append(result)
-    reference = reference_lncc2(shape, device)
+    reference, ref = reference_lncc2(shape, device), None
     if reference is not None:
         fn, inputs = reference
         reference_forward_backward = gradients_of(fn, inputs)
@@ -234,7 +234,7 @@ def run(args):
             bandwidth = f"{gbs:.0f} ({fractions})" if gbs else "-"
             lines.append(f"| {r['op']} | {ms(r, 'torch fwd kernels')} | {ms(r, 'triton fwd kernels')} | "
                          f"{ms(r, 'torch fwd+bwd kernels')} | {ms(r, 'triton fwd+bwd kernels')} | {bandwidth} |")
-    if reference is not None:
+    if ref is not None:
         ours = next(r for r in rows if r["op"] == "lncc2_loss")
         lines += ["", "| lncc2_loss against the reference's SquaredLNCC (conv3d) | reference | triton | reference / triton |",
                   "|---|--:|--:|--:|",
@@ -246,7 +246,7 @@ def run(args):
     if args.blocks:
         lines += ["", *block_sweep(shape, device, repeats, args.blocks)]
     if args.lncc_slabs:
-        lines += ["", *slab_sweep(shape, device, repeats, args.lncc_slabs, ref if reference is not None else None)]
+        lines += ["", *slab_sweep(shape, device, repeats, args.lncc_slabs, ref)]
     print_and_append("\n".join(lines) + "\n", args.results)
 
 

@@ -18,10 +18,11 @@
 # Stages (seconds at most; the total is BUDGET, default 540):
 #   tests    150  the Triton kernel tests compiled on the GPU, 175^3 included (fills Triton's cache),
 #                 the regularizer's noise drawn on the GPU, a result's full-resolution resampling there
-#   kernels   90  bench_kernels.py without torch.compile: time, memory, bandwidth per kernel,
-#                 the warp kernels' BLOCK sweep (64, 128, 256)
+#   kernels   90  bench_kernels.py without torch.compile: time, memory, bandwidth per kernel (warps
+#                 at jittered and smooth maps), the warp kernels' BLOCK:warps sweep, the LNCC
+#                 kernel's slab sweep (1, 3, 5, 7)
 #   engine   180  bench_gpu.py: end to end against the reference, TF32/bf16, IO memory, layouts
-#   profile   60  profile_gpu.py: where a registration's and an IO step's device time goes
+#   profile   60  profile_gpu.py: where a registration's and an IO step's (fp32, TF32) device time goes
 #   memory    60  profile_io_memory.py --reference: what an IO step keeps for its backward pass,
 #                 by node, against the reference
 #   resample  40  bench_resample.py --tensors: a result's warped image, field and Jacobian on the

@@ -59,6 +59,24 @@ def convolutions_by_shape(prof, time_key, rows):
     return "\n".join(lines) + "\n"
 
 
+def first_call_profile(no_io, device, rows, title):
+    """``no_io()``, this process's first registration, under the profiler by host time, after the
+    process-wide warm-up that bench_gpu's first calls also get (small convolutions, sampling)."""
+    from bench_gpu import warm_up_process
+
+    warm_up_process(device)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        started = time.perf_counter()
+        no_io()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - started
+    return (f"## Profile of a process's first registration, {title}, torch {torch.__version__}\n\n"
+            f"```\nwall time {wall:.3f} s under the profiler\n\n"
+            + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60)
+            + "\n```\n")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -80,44 +98,26 @@ def main(argv=None):
 
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     if args.first_call:  # a fresh process: what a first registration pays once (cuDNN, Triton, CUDA's loading)
-        from bench_gpu import warm_up_process
+        text = first_call_profile(no_io, device, args.rows, f"{name}, network {'x'.join(map(str, shape))}")
+    else:
+        def io(steps, precision="fp32"):
+            engine.instance_optimize(moving, fixed, iterations=steps, similarity="lncc2", progress=False,
+                                     precision=precision)
 
-        warm_up_process(device)  # as bench_gpu's first calls: the process-wide set-up both sides share
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            started = time.perf_counter()
-            no_io()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            wall = time.perf_counter() - started
-        text = (f"## Profile of a process's first registration, {name}, network {'x'.join(map(str, shape))}, "
-                f"torch {torch.__version__}\n\n```\nwall time {wall:.3f} s under the profiler\n\n"
-                + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows,
-                                            max_name_column_width=60) + "\n```\n")
-        print(text, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(text)
-        return
-
-    def io(steps, precision="fp32"):
-        engine.instance_optimize(moving, fixed, iterations=steps, similarity="lncc2", progress=False,
-                                 precision=precision)
-
-    no_io()  # warm-ups: cuDNN's plans, Triton's compilation
-    io(1)
-    text = (f"## Profile, {name}, network {'x'.join(map(str, shape))}, torch {torch.__version__}\n\n"
-            f"### no IO: one predict_map\n\n```\n{profiled(no_io, device, args.rows)}\n```\n\n"
-            f"### IO: {args.io_steps} steps of instance_optimize (1 - LNCC^2) and the final forward\n\n"
-            f"```\n{profiled(lambda: io(args.io_steps), device, args.rows)}\n```\n")
-    if device == "cuda":  # IO in TF32 (opt-in, 4.5x the reference's fp32 IO on an H200): what is left then
-        io(1, "tf32")
-        text += (f"\n### IO in TF32: {args.io_steps} steps of instance_optimize(precision='tf32')\n\n"
-                 f"```\n{profiled(lambda: io(args.io_steps, 'tf32'), device, args.rows)}\n```\n")
+        no_io()  # warm-ups: cuDNN's plans, Triton's compilation
+        io(1)
+        text = (f"## Profile, {name}, network {'x'.join(map(str, shape))}, torch {torch.__version__}\n\n"
+                f"### no IO: one predict_map\n\n```\n{profiled(no_io, device, args.rows)}\n```\n\n"
+                f"### IO: {args.io_steps} steps of instance_optimize (1 - LNCC^2) and the final forward\n\n"
+                f"```\n{profiled(lambda: io(args.io_steps), device, args.rows)}\n```\n")
+        if device == "cuda":  # IO in TF32 (opt-in, 4.5x the reference's fp32 IO on an H200): what is left then
+            io(1, "tf32")
+            text += (f"\n### IO in TF32: {args.io_steps} steps of instance_optimize(precision='tf32')\n\n"
+                     f"```\n{profiled(lambda: io(args.io_steps, 'tf32'), device, args.rows)}\n```\n")
     print(text, flush=True)
     if args.out:
         with open(args.out, "a") as f:
             f.write(text)
-
 
 if __name__ == "__main__":
     main()
