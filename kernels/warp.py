@@ -31,7 +31,7 @@ from mgr_engine.errors import InvalidImageError
 # map points per program: 128 gave the fastest forward+backward of 128, 256 and 512 on an H200,
 # and again of 64, 128 and 256 with relaxed atomics (benchmarks/RESULTS.md, thirty-fifth session)
 BLOCK = 128
-# warps (of 32 threads) per program, Triton's default: 2 and 8 were no faster (thirty-sixth session)
+# warps (of 32 threads) per program, Triton's default: 2 and 8 were no faster on an H200 (thirty-sixth session)
 NUM_WARPS = 4
 
 
