@@ -13,7 +13,7 @@ peak memory), where icon_registration imports. Everything in float32, TF32 off. 
 composition at two maps: jittered independently at every point (neighbours gather from
 unrelated cache lines, the worst case) and smooth (as a registration's). Then both for several
 ``BLOCK:warps`` configurations (``--blocks``; none: no sweep), and LNCC^2 for several numbers
-of slabs of its H and W passes (``--lncc-slabs``).
+of slabs its passes run in (``--lncc-slabs``).
 
     python benchmarks/bench_kernels.py                 # on a CUDA machine
     python benchmarks/bench_kernels.py --results benchmarks/RESULTS.md
@@ -291,10 +291,10 @@ def block_sweep(shape, device, repeats, configurations):
 
 
 def slab_sweep(shape, device, repeats, slab_counts, ref):
-    """lncc2_loss forward+backward (a gradient to the image) for each number of slabs its H and
-    W passes run in (``kernels.lncc.SLABS``): more slabs, less scratch and more launches; 1 is
-    the whole volume at once (10 volumes of scratch at the peak). Against the reference's
-    SquaredLNCC where ``ref`` has its figures."""
+    """lncc2_loss forward+backward (a gradient to the image) for each number of slabs its passes
+    run in (``kernels.lncc.SLABS``): more slabs, less scratch (3 volumes + 10 / SLABS, at least
+    the gradient's 4) and more launches (8 x SLABS + 1); 1 is the whole volume at once (13
+    volumes at the peak). Against the reference's SquaredLNCC where ``ref`` has its figures."""
     from mgr_engine.kernels import lncc as klncc
 
     fn, inputs, _ = cases(shape, device)["lncc2_loss"]
@@ -325,8 +325,8 @@ def main(argv=None):
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     p.add_argument("--blocks", nargs="*", default=["64", "128", "256", "128:2", "256:8"],
                    help="BLOCK[:NUM_WARPS] of the warp kernels to compare (none: no sweep)")
-    p.add_argument("--lncc-slabs", type=int, nargs="*", default=[1, 3, 5, 7],
-                   help="numbers of slabs of the LNCC kernel's H and W passes to compare (none: no sweep)")
+    p.add_argument("--lncc-slabs", type=int, nargs="*", default=[1, 3, 5, 7, 10],
+                   help="numbers of slabs the LNCC kernel's passes run in, to compare (none: no sweep)")
     p.add_argument("--smoke", action="store_true", help="tiny volume, one repeat: check the script runs")
     p.add_argument("--results", type=Path, help="append the table to this file")
     run(p.parse_args(argv))

@@ -20,7 +20,7 @@
 #                 the regularizer's noise drawn on the GPU, a result's full-resolution resampling there
 #   kernels   90  bench_kernels.py without torch.compile: time, memory, bandwidth per kernel (warps
 #                 at jittered and smooth maps), the warp kernels' BLOCK:warps sweep, the LNCC
-#                 kernel's slab sweep (1, 3, 5, 7)
+#                 kernel's slab sweep (1, 3, 5, 7, 10)
 #   engine   180  bench_gpu.py: end to end against the reference, TF32/bf16, IO memory, layouts
 #   profile   60  profile_gpu.py: where a registration's and an IO step's (fp32, TF32) device time goes
 #   memory    60  profile_io_memory.py --reference: what an IO step keeps for its backward pass,

@@ -12,16 +12,19 @@ backward: (I, J) --D--> m1 --H--> m2 --W + epilogue--> g (the five dL/d(blurred 
 
 The first pass forms the moments from I and J on the fly, and the last pass of each
 chain consumes the blurred moments in registers: neither the five moment volumes nor
-the five blurred volumes are stored. The D pass, which mixes slices, writes the one
-full 5-channel buffer; the H and W passes stay within a slice, so they run slab by slab
-(``SLABS`` slabs of whole D slices) through a scratch buffer of one slab, and g is written
-over the slabs of m1 already read. So at most that buffer and either one slab's scratch or
-the gradients are alive: 6 volumes (7 with both gradients) at ``SLABS`` 5, where separate
-buffers for m1, m2 and g took 10. The Gaussian is symmetric and zero-padded, so the backward blur is
-the same blur. Where only one image needs a gradient (the moving image, in registration),
-g carries the three moment gradients it depends on (those of E[I], E[I^2], E[IJ]); LNCC
-is symmetric in I and J, so a gradient for J alone runs the same chain with the images
-swapped.
+the five blurred volumes are stored. The first chain runs slab by slab (``SLABS`` slabs
+of whole D slices) through two buffers of one slab: its D pass reads the images' slices
+beyond the slab (the images are whole), its H and W passes stay within the slab's slices,
+so no slab needs another's result. Only g, which the D pass of the second chain mixes
+across slices, is a whole buffer; its H and W passes run in place slab by slab through a
+third slab buffer. So the forward keeps 2 volumes of scratch at ``SLABS`` 5, and the
+backward at most g (3 volumes, 5 with both gradients) and either the slab buffers or the
+gradients: 5 volumes (7 with both gradients), where a whole D-blurred moment buffer took 6
+and separate buffers for each pass' output 10. The Gaussian is symmetric and zero-padded,
+so the backward blur is the same blur. Where only one image needs a gradient (the moving
+image, in registration), g carries the three moment gradients it depends on (those of
+E[I], E[I^2], E[IJ]); LNCC is symmetric in I and J, so a gradient for J alone runs the
+same chain with the images swapped.
 """
 
 from __future__ import annotations
@@ -33,22 +36,23 @@ import triton.language as tl
 from mgr_engine.losses import LNCC_SIGMA, LNCC_TAPS, gaussian_kernel1d
 
 BLOCK = 256
-# the H and W passes run in this many slabs of whole D slices: their scratch is a slab's
+# the first chain, and the H and W passes of the second, run in this many slabs of whole D
+# slices: their scratch is a slab's
 SLABS = 5
 W_AXIS, H_AXIS, D_AXIS = 0, 1, 2
 # what the last pass of a chain does with the five blurred moments
 STORE, LOSS_SUMS, MOMENT_GRADS, INPUT_GRADS = 0, 1, 2, 3
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["first"])
 def blur_axis_kernel(src_ptr, i_ptr, j_ptr, dst_ptr, dst2_ptr, taps_ptr, mask_ptr, scale_ptr,
-                     count, size, stride, volume, src_channel_stride, src_sample_stride,
+                     first, count, size, stride, volume, src_channel_stride, src_sample_stride,
                      dst_channel_stride, dst_sample_stride,
                      FROM_IMAGES: tl.constexpr, EPILOGUE: tl.constexpr, SQUARED: tl.constexpr,
                      HAS_MASK: tl.constexpr, CHANNELS: tl.constexpr, ACC: tl.constexpr, TAPS: tl.constexpr,
                      BLOCK: tl.constexpr):
     """Blur five (or three) channels along one axis (``stride``/``size``) over ``count`` voxels
-    of each sample (a volume, or for the H and W passes a slab of whole D slices), then apply
+    of each sample (a volume, or a slab of whole D slices from voxel ``first`` on), then apply
     ``EPILOGUE``.
 
     Sources: the five moments formed from images ``i_ptr``/``j_ptr`` (FROM_IMAGES), or a
@@ -59,13 +63,14 @@ def blur_axis_kernel(src_ptr, i_ptr, j_ptr, dst_ptr, dst2_ptr, taps_ptr, mask_pt
     dL/d(sample's sum), all five or (CHANNELS 3) those of E[I], E[I^2] and E[IJ];
     INPUT_GRADS turns blurred moment gradients into dL/dI (``dst_ptr``) and, from five,
     dL/dJ (``dst2_ptr``). Image-shaped tensors (images, mask, INPUT_GRADS' outputs) hold
-    ``volume`` voxels a sample; every pointer points at the launch's first voxel.
+    ``volume`` voxels a sample; every pointer points at the launch's first voxel, so the D
+    pass of a slab reads the images before and after it at negative and past-the-end offsets.
     """
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     m = offs < count
-    pos = (offs // stride) % size
+    pos = ((first + offs) // stride) % size  # along the axis, in the whole volume
     half = TAPS // 2
     img_i = i_ptr + b * volume
     img_j = j_ptr + b * volume
@@ -161,10 +166,10 @@ def _passes(shape):
     return [(w, 1), (h, w), (d, h * w)]
 
 
-def _launch(shape, axis, *, images, src, dst, count, dst2=None, mask=None, scale=None, from_images=False,
-            epilogue=STORE, squared=False, channels=5):
-    """One blur pass over ``count`` voxels a sample. ``images`` and ``mask``: (B, volume) views
-    starting at the pass' first voxel; ``src``/``dst``: (B, channels, voxels) views likewise
+def _launch(shape, axis, *, images, src, dst, count, first=0, dst2=None, mask=None, scale=None,
+            from_images=False, epilogue=STORE, squared=False, channels=5):
+    """One blur pass over ``count`` voxels a sample from voxel ``first`` on. ``images`` and
+    ``mask``: (B, volume - first) views starting at the pass' first voxel; ``src``/``dst``: (B, channels, voxels) views likewise
     (their strides passed on), or an image-shaped output (INPUT_GRADS), or the sums (LOSS_SUMS)."""
     i, j = images
     size, stride = _passes(shape)[axis]
@@ -175,7 +180,7 @@ def _launch(shape, axis, *, images, src, dst, count, dst2=None, mask=None, scale
     dst_strides = (dst.stride(1), dst.stride(0)) if dst.dim() == 3 else (0, 0)
     blur_axis_kernel[(triton.cdiv(count, BLOCK), batch)](
         src if src is not None else i, i, j, dst, dst2 if dst2 is not None else dst, taps,
-        mask if mask is not None else i, scale if scale is not None else taps, count, size, stride, volume,
+        mask if mask is not None else i, scale if scale is not None else taps, first, count, size, stride, volume,
         *src_strides, *dst_strides,
         FROM_IMAGES=from_images, EPILOGUE=epilogue, SQUARED=squared, HAS_MASK=mask is not None, CHANNELS=channels,
         ACC=acc, TAPS=LNCC_TAPS, BLOCK=BLOCK)
@@ -193,26 +198,25 @@ def _flat(volume):
     return None if volume is None else volume.view(volume.shape[0], -1)
 
 
-def _blurred_moments(i, j, mask, *, epilogue, squared, sums=None, scale=None, channels=5):
-    """The first chain: the moments blurred along D into a (B, 5, volume) buffer, then along H
-    and W slab by slab through one slab's scratch, the W pass with ``epilogue``: LOSS_SUMS into
-    ``sums``, or MOMENT_GRADS into the buffer's first ``channels`` channels of that slab (read
-    already, and by no later slab). Returns the buffer."""
+def _moment_chain(i, j, mask, *, epilogue, squared, sums=None, grads=None, scale=None, channels=5):
+    """The first chain, slab by slab: a slab's moments blurred along D into one slab buffer, then
+    along H into another, then along W with ``epilogue``: LOSS_SUMS into ``sums``, or
+    MOMENT_GRADS into the slab's part of ``grads`` (B, ``channels``, volume)."""
     batch, shape = i.shape[0], tuple(i.shape[2:])
-    volume = i[0, 0].numel()
-    moments = torch.empty((batch, 5, volume), dtype=i.dtype, device=i.device)
-    _launch(shape, D_AXIS, images=(i, j), src=None, dst=moments, count=volume, from_images=True)
     slabs = _slabs(shape)
-    scratch = torch.empty((batch, 5, max(stop - start for start, stop in slabs)), dtype=i.dtype, device=i.device)
+    longest = max(stop - start for start, stop in slabs)
+    along_d, along_dh = (torch.empty((batch, 5, longest), dtype=i.dtype, device=i.device) for _ in range(2))
     flat_i, flat_j, flat_mask = _flat(i), _flat(j), _flat(mask)
     for start, stop in slabs:
-        part, images = scratch[:, :, :stop - start], (flat_i[:, start:stop], flat_j[:, start:stop])
-        _launch(shape, H_AXIS, images=images, src=moments[:, :, start:stop], dst=part, count=stop - start)
-        _launch(shape, W_AXIS, images=images, src=part,
-                dst=sums if epilogue == LOSS_SUMS else moments[:, :channels, start:stop], count=stop - start,
-                mask=None if mask is None else flat_mask[:, start:stop], scale=scale, epilogue=epilogue,
+        count, images = stop - start, (flat_i[:, start:], flat_j[:, start:])
+        _launch(shape, D_AXIS, images=images, src=None, dst=along_d[:, :, :count], count=count, first=start,
+                from_images=True)
+        _launch(shape, H_AXIS, images=images, src=along_d[:, :, :count], dst=along_dh[:, :, :count], count=count,
+                first=start)
+        _launch(shape, W_AXIS, images=images, src=along_dh[:, :, :count],
+                dst=sums if epilogue == LOSS_SUMS else grads[:, :, start:stop], count=count, first=start,
+                mask=None if mask is None else flat_mask[:, start:], scale=scale, epilogue=epilogue,
                 squared=squared, channels=channels)
-    return moments
 
 
 def _blur_within_slices(grads, images, shape):
@@ -224,11 +228,11 @@ def _blur_within_slices(grads, images, shape):
                           dtype=grads.dtype, device=grads.device)
     flat_i, flat_j = (_flat(image) for image in images)
     for start, stop in slabs:
-        part, slab_images = scratch[:, :, :stop - start], (flat_i[:, start:stop], flat_j[:, start:stop])
+        part, slab_images = scratch[:, :, :stop - start], (flat_i[:, start:], flat_j[:, start:])
         _launch(shape, W_AXIS, images=slab_images, src=grads[:, :, start:stop], dst=part, count=stop - start,
-                channels=channels)
+                first=start, channels=channels)
         _launch(shape, H_AXIS, images=slab_images, src=part, dst=grads[:, :, start:stop], count=stop - start,
-                channels=channels)
+                first=start, channels=channels)
 
 
 def _prepare(image, target, mask):
@@ -251,7 +255,7 @@ class WindowedLNCCLoss(torch.autograd.Function):
         i, j, mask = _prepare(image, target, mask)
         batch = i.shape[0]
         sums = torch.zeros(batch, dtype=i.dtype, device=i.device)
-        _blurred_moments(i, j, mask, epilogue=LOSS_SUMS, sums=sums, squared=squared)
+        _moment_chain(i, j, mask, epilogue=LOSS_SUMS, sums=sums, squared=squared)
         if mask is None:
             counts = torch.full((batch,), i[0, 0].numel(), dtype=i.dtype, device=i.device)
         else:
@@ -270,8 +274,9 @@ class WindowedLNCCLoss(torch.autograd.Function):
         # one image's gradient needs three moment gradients; LNCC is symmetric in its images
         channels = 5 if need_i and need_j else 3
         images = (j, i) if need_j and not need_i else (i, j)
-        grads = _blurred_moments(*images, mask, epilogue=MOMENT_GRADS, scale=scale, channels=channels,
-                                 squared=ctx.squared)[:, :channels]
+        grads = torch.empty((batch, channels, i[0, 0].numel()), dtype=i.dtype, device=i.device)
+        _moment_chain(*images, mask, epilogue=MOMENT_GRADS, grads=grads, scale=scale, channels=channels,
+                      squared=ctx.squared)
         _blur_within_slices(grads, images, shape)
         first_grad = torch.empty_like(i)
         second_grad = torch.empty_like(j) if channels == 5 else None
