@@ -137,7 +137,8 @@ def blur_axis_kernel(src_ptr, i_ptr, j_ptr, dst_ptr, dst2_ptr, taps_ptr, mask_pt
         inside = inside & m
         if EPILOGUE == 1:  # LOSS_SUMS
             value = lncc * lncc if SQUARED else lncc
-            tl.atomic_add(dst_ptr + b, tl.sum(tl.where(inside, value, 0.0), axis=0))
+            # relaxed: nothing reads the sums before the kernel ends (acq_rel, the default, fences each add)
+            tl.atomic_add(dst_ptr + b, tl.sum(tl.where(inside, value, 0.0), axis=0), sem="relaxed")
         else:  # MOMENT_GRADS
             scale = tl.load(scale_ptr + b).to(ACC)
             if SQUARED:
