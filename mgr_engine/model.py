@@ -280,11 +280,10 @@ class UNet(nn.Module):
         nn.init.zeros_(self.lastConv.weight)
         nn.init.zeros_(self.lastConv.bias)
 
-    def forward(self, moving: torch.Tensor, fixed: torch.Tensor, recompute_decoder_outputs: bool = True) -> torch.Tensor:
-        """The displacement field (B, 3, D, H, W). ``recompute_decoder_outputs``: with gradients,
-        the layers after each decoder level recompute its output in their backward pass instead
-        of keeping it (:func:`decoder_output_recipe`); off under activation checkpointing, which
-        recomputes everything and must not have closures keep tensors alive."""
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """The displacement field (B, 3, D, H, W). With gradients, the layers after each decoder
+        level recompute its output in their backward pass instead of keeping it
+        (:func:`decoder_output_recipe`), in activation checkpointing's recomputed forward too."""
         x = torch.cat([moving, fixed], 1)
         if is_channels_last(self.lastConv.weight):
             # The first skip in the network's layout: planar, it made the last level's
@@ -297,6 +296,10 @@ class UNet(nn.Module):
             y = low_memory_conv(conv, x)
             x = y + _match_channels(F.avg_pool3d(x, 2, ceil_mode=True), y.shape[1])
         recompute_x = None  # how to recompute x, the decoder level's output, in the backward pass
+        # Each level drops its names for what it no longer needs (del) before the next large
+        # allocation: held until reassigned, the full-resolution level's convolution output and
+        # the level below's output stayed alive through its BatchNorm, concatenation and the
+        # last convolution (0.45 GiB at 175^3, at the peak of IO under io_checkpointing).
         for depth in reversed(range(len(self.upConvs))):
             y = low_memory_conv(self.upConvs[depth], x, recompute_x=recompute_x)
             norm, skip = self.batchNorms[depth], skips[depth]
@@ -305,11 +308,13 @@ class UNet(nn.Module):
                     x = decoder_cpu.upsample_add_concat(y, x, norm.scale, skip)  # the line below in one pass
                 else:
                     x = crop_concat(norm(y, _upsampled(x, y.shape[1])), skip)
+                del y
                 continue
             before_norm = decoder_cpu.upsample_add(y, x) if use_cpp_decoder(y, x) else y + _upsampled(x, y.shape[1])
+            del y, x
             x = crop_concat(norm(before_norm), skip)
-            if recompute_decoder_outputs:
-                recompute_x = decoder_output_recipe(norm, before_norm, skip)
+            recompute_x = decoder_output_recipe(norm, before_norm, skip)  # with gradients, holds before_norm
+            del before_norm
         if use_cpp_last_conv(x, self.lastConv):  # planar output
             return last_conv_cpu.last_conv(x, self.lastConv.weight, self.lastConv.bias, recompute_x=recompute_x) / 10
         # Contiguous: the field feeds many warps, which read (B, 3, D, H, W) in that layout (one
@@ -479,8 +484,7 @@ class GradICONNetwork(nn.Module):
 
     def _run_unet_plain(self, unet: UNet, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         if self.checkpoint_unets and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(unet, moving, fixed, recompute_decoder_outputs=False,
-                                                     use_reentrant=False)
+            return torch.utils.checkpoint.checkpoint(unet, moving, fixed, use_reentrant=False)
         return unet(moving, fixed)
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
