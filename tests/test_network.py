@@ -408,6 +408,53 @@ def test_checkpointed_unet_recomputes_decoder_outputs_in_its_recomputation(monke
     assert len(recipes) == 2 * len(net.unets[3].upConvs) and all(r is not None for r in recipes)
 
 
+def eval_batchnorm(channels, seed):
+    norm = torch.nn.BatchNorm3d(channels).eval().double()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor, low in ((norm.weight, -1.0), (norm.bias, -1.0), (norm.running_mean, -1.0), (norm.running_var, 0.5)):
+            tensor.copy_(torch.rand(channels, generator=gen, dtype=torch.float64) * 1.5 + low)
+    return norm
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d], ids=["planar", "channels-last"])
+@pytest.mark.parametrize("cropped", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eval_norm_crop_concat_equals_autograds_chain(layout, cropped, dtype):
+    """IO's BatchNorm, crop and concatenation in one function, its input gradient computed in
+    place: the output bit for bit, the gradients of the input, the skip, BatchNorm's weight and
+    bias as autograd's chain of BatchNorm and _CropConcat gives them, in the inputs' layouts."""
+    from mgr_engine.model import _EvalNormCropConcat, crop_concat, norm_crop_concat
+
+    norm = eval_batchnorm(4, seed=1).to(dtype)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, 6, 7, 5 + cropped, generator=gen, dtype=dtype).contiguous(memory_format=layout)
+    skip = torch.randn(2, 3, 6, 7, 5, generator=gen, dtype=dtype).contiguous(memory_format=layout)
+    grad = torch.randn(2, 7, 6, 7, 5, generator=gen, dtype=dtype)
+    x.requires_grad_(), skip.requires_grad_()
+    ours = norm_crop_concat(norm, x, skip)
+    assert isinstance(ours.grad_fn, _EvalNormCropConcat._backward_cls)
+    theirs = crop_concat(norm(x), skip)
+    assert torch.equal(ours, theirs)
+    inputs = (x, skip, norm.weight, norm.bias)
+    for a, b, tensor in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(theirs, inputs, grad), inputs):
+        torch.testing.assert_close(a, b, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+        assert a.stride() == tensor.stride()
+
+
+def test_eval_norm_crop_concat_gradcheck():
+    from mgr_engine.model import _EvalNormCropConcat
+
+    norm = eval_batchnorm(3, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 3, 4, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    skip = torch.randn(1, 2, 3, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(
+        lambda x, skip, weight, bias: _EvalNormCropConcat.apply(x, skip, weight, bias, norm.running_mean,
+                                                                 norm.running_var, norm.eps),
+        (x, skip, norm.weight, norm.bias))
+
+
 def test_tf32_switches_are_set_once_for_overlapping_sections_and_restored_after_the_last():
     """The TF32 switches are process-wide: an engine's forward in one thread and IO in another
     (both fp32) overlap; a tf32 engine's section waits for them. The CPU build holds the switches
