@@ -170,8 +170,9 @@ def _passes(shape):
 def _launch(shape, axis, *, images, src, dst, count, first=0, dst2=None, mask=None, scale=None,
             from_images=False, epilogue=STORE, squared=False, channels=5):
     """One blur pass over ``count`` voxels a sample from voxel ``first`` on. ``images`` and
-    ``mask``: (B, volume - first) views starting at the pass' first voxel; ``src``/``dst``: (B, channels, voxels) views likewise
-    (their strides passed on), or an image-shaped output (INPUT_GRADS), or the sums (LOSS_SUMS)."""
+    ``mask``: (B, volume - first) views starting at the pass' first voxel; ``src``/``dst``:
+    (B, channels, voxels) views likewise (their strides passed on), or an image-shaped output
+    (INPUT_GRADS), or the sums (LOSS_SUMS)."""
     i, j = images
     size, stride = _passes(shape)[axis]
     batch, volume = i.shape[0], shape[0] * shape[1] * shape[2]

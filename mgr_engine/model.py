@@ -202,8 +202,8 @@ def norm_crop_concat(norm: nn.Module, x: torch.Tensor, skip: torch.Tensor) -> to
     """A decoder level's output ``crop_concat(norm(x), skip)``; with gradients through an
     eval-mode BatchNorm (IO's) outside autocast, in one autograd function
     (:class:`_EvalNormCropConcat`)."""
-    if (isinstance(norm, nn.BatchNorm3d) and not norm.training and torch.is_grad_enabled()
-            and not torch.jit.is_tracing() and not _autocast_enabled(x.device.type)):
+    if (isinstance(norm, nn.BatchNorm3d) and not norm.training and norm.affine and norm.track_running_stats
+            and torch.is_grad_enabled() and not torch.jit.is_tracing() and not _autocast_enabled(x.device.type)):
         return _EvalNormCropConcat.apply(x, skip, norm.weight, norm.bias, norm.running_mean, norm.running_var,
                                          norm.eps)
     return crop_concat(norm(x), skip)
