@@ -119,5 +119,6 @@ def main(argv=None):
         with open(args.out, "a") as f:
             f.write(text)
 
+
 if __name__ == "__main__":
     main()

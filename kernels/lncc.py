@@ -195,6 +195,13 @@ def _slabs(shape):
     return [(first * plane, min(first + slices, depth) * plane) for first in range(0, depth, slices)]
 
 
+def _slab_buffer(like, channels, slabs):
+    """An empty (B, ``channels``, voxels of the longest of ``slabs``) buffer of ``like``'s batch,
+    type and device: one slab's scratch."""
+    longest = max(stop - start for start, stop in slabs)
+    return torch.empty((like.shape[0], channels, longest), dtype=like.dtype, device=like.device)
+
+
 def _flat(volume):
     """A (B, 1, D, H, W) tensor as (B, D * H * W); None stays None."""
     return None if volume is None else volume.view(volume.shape[0], -1)
@@ -204,10 +211,9 @@ def _moment_chain(i, j, mask, *, epilogue, squared, sums=None, grads=None, scale
     """The first chain, slab by slab: a slab's moments blurred along D into one slab buffer, then
     along H into another, then along W with ``epilogue``: LOSS_SUMS into ``sums``, or
     MOMENT_GRADS into the slab's part of ``grads`` (B, ``channels``, volume)."""
-    batch, shape = i.shape[0], tuple(i.shape[2:])
+    shape = tuple(i.shape[2:])
     slabs = _slabs(shape)
-    longest = max(stop - start for start, stop in slabs)
-    along_d, along_dh = (torch.empty((batch, 5, longest), dtype=i.dtype, device=i.device) for _ in range(2))
+    along_d, along_dh = _slab_buffer(i, 5, slabs), _slab_buffer(i, 5, slabs)
     flat_i, flat_j, flat_mask = _flat(i), _flat(j), _flat(mask)
     for start, stop in slabs:
         count, images = stop - start, (flat_i[:, start:], flat_j[:, start:])
@@ -224,10 +230,9 @@ def _moment_chain(i, j, mask, *, epilogue, squared, sums=None, grads=None, scale
 def _blur_within_slices(grads, images, shape):
     """The W and H passes of the moment gradients ``grads`` (B, channels, volume), in place,
     slab by slab through one slab's scratch."""
-    batch, channels = grads.shape[:2]
+    channels = grads.shape[1]
     slabs = _slabs(shape)
-    scratch = torch.empty((batch, channels, max(stop - start for start, stop in slabs)),
-                          dtype=grads.dtype, device=grads.device)
+    scratch = _slab_buffer(grads, channels, slabs)
     flat_i, flat_j = (_flat(image) for image in images)
     for start, stop in slabs:
         part, slab_images = scratch[:, :, :stop - start], (flat_i[:, start:], flat_j[:, start:])

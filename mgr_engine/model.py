@@ -198,12 +198,18 @@ def crop_concat(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     return _cropped_cat(x, skip)
 
 
+def _eval_norm_with_gradients(norm: nn.Module, x: torch.Tensor) -> bool:
+    """Whether a decoder level's ``norm(x)`` runs as in IO: BatchNorm in eval mode (in training
+    mode its forward updates the running statistics), with gradients, outside autocast."""
+    return not norm.training and torch.is_grad_enabled() and not _autocast_enabled(x.device.type)
+
+
 def norm_crop_concat(norm: nn.Module, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     """A decoder level's output ``crop_concat(norm(x), skip)``; with gradients through an
     eval-mode BatchNorm (IO's) outside autocast, in one autograd function
     (:class:`_EvalNormCropConcat`)."""
-    if (isinstance(norm, nn.BatchNorm3d) and not norm.training and norm.affine and norm.track_running_stats
-            and torch.is_grad_enabled() and not torch.jit.is_tracing() and not _autocast_enabled(x.device.type)):
+    if (isinstance(norm, nn.BatchNorm3d) and norm.affine and norm.track_running_stats and not torch.jit.is_tracing()
+            and _eval_norm_with_gradients(norm, x)):
         return _EvalNormCropConcat.apply(x, skip, norm.weight, norm.bias, norm.running_mean, norm.running_var,
                                          norm.eps)
     return crop_concat(norm(x), skip)
@@ -288,10 +294,9 @@ def decoder_output_recipe(norm: nn.Module, before_norm: torch.Tensor, skip: torc
     """How to recompute a decoder level's output ``crop_concat(norm(before_norm), skip)`` bit
     for bit, for the layer after it to call in its backward pass instead of keeping that
     output: ``(function, (before_norm, skip))``, ``function`` of those two tensors, which
-    BatchNorm's backward and the encoder keep anyway. Only where BatchNorm is in eval mode (as
-    in IO; in training mode its forward updates the running statistics) and outside autocast;
-    ``None`` elsewhere."""
-    if norm.training or not torch.is_grad_enabled() or _autocast_enabled(before_norm.device.type):
+    BatchNorm's backward and the encoder keep anyway. Only as in IO
+    (:func:`_eval_norm_with_gradients`); ``None`` elsewhere."""
+    if not _eval_norm_with_gradients(norm, before_norm):
         return None
 
     def recompute(before_norm, skip):

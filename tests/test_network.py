@@ -409,12 +409,7 @@ def test_checkpointed_unet_recomputes_decoder_outputs_in_its_recomputation(monke
 
 
 def eval_batchnorm(channels, seed):
-    norm = torch.nn.BatchNorm3d(channels).eval().double()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for tensor, low in ((norm.weight, -1.0), (norm.bias, -1.0), (norm.running_mean, -1.0), (norm.running_var, 0.5)):
-            tensor.copy_(torch.rand(channels, generator=gen, dtype=torch.float64) * 1.5 + low)
-    return norm
+    return randomize_(torch.nn.BatchNorm3d(channels), seed).eval().double()
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d], ids=["planar", "channels-last"])
