@@ -12,8 +12,9 @@ bandwidth from it. LNCC^2 also against the authors' ``SquaredLNCC``
 peak memory), where icon_registration imports. Everything in float32, TF32 off. The warp and
 composition at two maps: jittered independently at every point (neighbours gather from
 unrelated cache lines, the worst case) and smooth (as a registration's). Then both for several
-``BLOCK:warps`` configurations (``--blocks``; none: no sweep), and LNCC^2 for several numbers
-of slabs its passes run in (``--lncc-slabs``).
+``BLOCK:warps`` configurations (``--blocks``; none: no sweep), LNCC^2 for several numbers
+of slabs its passes run in (``--lncc-slabs``), and the backward pass of IO's eval-mode
+BatchNorm, crop and concatenation at the U-Net's two finest levels.
 
     python benchmarks/bench_kernels.py                 # on a CUDA machine
     python benchmarks/bench_kernels.py --results benchmarks/RESULTS.md
@@ -25,6 +26,8 @@ Needs no itk.
 from __future__ import annotations
 
 import argparse
+import functools
+import math
 import statistics
 import sys
 import time
@@ -247,6 +250,7 @@ def run(args):
         lines += ["", *block_sweep(shape, device, repeats, args.blocks)]
     if args.lncc_slabs:
         lines += ["", *slab_sweep(shape, device, repeats, args.lncc_slabs, ref)]
+    lines += ["", *norm_backward_sweep(shape, device, repeats, peak, copy_gbs)]
     print_and_append("\n".join(lines) + "\n", args.results)
 
 
@@ -314,6 +318,60 @@ def slab_sweep(shape, device, repeats, slab_counts, ref):
                          f"{milliseconds(kernels)} | {mib:.0f} MiB | {against} |")
     finally:
         klncc.SLABS = default
+    return lines
+
+
+def norm_backward_sweep(shape, device, repeats, peak, copy_gbs):
+    """The backward pass of IO's eval-mode BatchNorm, crop and concatenation (the U-Net decoder's
+    two finest levels as an IO step meets them: one sample, 16 channels on the grid one voxel
+    larger than the input's, cropped to it; 32 channels at half resolution), torch's (its CUDA
+    BatchNorm backward reduces each channel in one thread block) against the Triton kernel's;
+    and the forward + backward. Bandwidth of the Triton backward's kernels (the skip's gradient,
+    a copy, included) for its ideal traffic: the gradient's and x's C channels read, x's
+    gradient written."""
+    from mgr_engine.model import norm_crop_concat
+
+    half = tuple(-(-n // 2) for n in shape)
+    levels = {"16 ch, full resolution": (16, tuple(n + 1 for n in shape), shape, 2),
+              "32 ch, half resolution": (32, half, half, 16)}
+    lines = ["| eval BatchNorm + crop + concat, 1 sample | torch bwd, call / kernels | triton bwd, call / kernels | "
+             "speed-up bwd (kernels) | torch fwd+bwd | triton fwd+bwd | memory fwd+bwd torch / triton (MiB) | "
+             "triton bwd kernels GB/s (of peak, of copy) |", "|---|--:|--:|--:|--:|--:|--:|--:|"]
+    gen = torch.Generator().manual_seed(1)
+    for level, (channels, grid, skip_grid, skip_channels) in levels.items():
+        norm = torch.nn.BatchNorm3d(channels).eval().to(device)
+        with torch.no_grad():
+            for t in (norm.weight, norm.bias, norm.running_mean):
+                t.copy_(torch.randn(channels, generator=gen))
+            norm.running_var.copy_(torch.rand(channels, generator=gen) + 0.5)
+        x = torch.randn(1, channels, *grid, generator=gen).to(device).requires_grad_()
+        skip = torch.randn(1, skip_channels, *skip_grid, generator=gen).to(device).requires_grad_()
+        inputs = (x, skip, norm.weight, norm.bias)
+        grad = torch.randn(1, channels + skip_channels, *skip_grid, generator=gen).to(device)
+        cells = {}
+        for mode in ("torch", "triton"):
+            with ops.kernel_mode(mode):
+                # the backward alone: of one forward's graph, kept
+                backward = functools.partial(torch.autograd.grad, norm_crop_concat(norm, x, skip), inputs, grad,
+                                             retain_graph=True)
+
+                def forward_backward():
+                    return torch.autograd.grad(norm_crop_concat(norm, x, skip), inputs, grad)
+
+                cells[mode] = {"bwd": timed(backward, device, repeats), "fwd+bwd": timed(forward_backward, device, repeats),
+                               "bwd kernels": kernel_seconds(backward, repeats) if device == "cuda" else None,
+                               "MiB": peak_memory(forward_backward, device)}
+                del backward  # and the graph it holds
+        torch_, triton_ = cells["torch"], cells["triton"]
+        ideal_bytes = 4 * channels * (math.prod(skip_grid) + 2 * math.prod(grid))
+        kernels = triton_["bwd kernels"]
+        speed_up = f"{torch_['bwd kernels'] / kernels:.1f}x" if kernels else "-"
+        gbs = ideal_bytes / kernels / 1e9 if kernels else None
+        fractions = ", ".join(f"{gbs / ceiling:.0%}" for ceiling in (peak, copy_gbs) if ceiling and gbs)
+        lines.append(f"| {level} ({'x'.join(map(str, grid))}) | {milliseconds(torch_['bwd'])} / "
+                     f"{milliseconds(torch_['bwd kernels'])} | {milliseconds(triton_['bwd'])} / {milliseconds(kernels)} | "
+                     f"{speed_up} | {milliseconds(torch_['fwd+bwd'])} | {milliseconds(triton_['fwd+bwd'])} | "
+                     f"{torch_['MiB']:.0f} / {triton_['MiB']:.0f} | {f'{gbs:.0f} ({fractions})' if gbs else '-'} |")
     return lines
 
 

@@ -20,7 +20,7 @@
 #                 the regularizer's noise drawn on the GPU, a result's full-resolution resampling there
 #   kernels   90  bench_kernels.py without torch.compile: time, memory, bandwidth per kernel (warps
 #                 at jittered and smooth maps), the warp kernels' BLOCK:warps sweep, the LNCC
-#                 kernel's slab sweep (1, 3, 5, 7, 10)
+#                 kernel's slab sweep (1, 3, 5, 7, 10), IO's BatchNorm backward (torch, Triton)
 #   engine   180  bench_gpu.py: end to end against the reference, TF32/bf16, IO memory, layouts
 #   profile   60  profile_gpu.py: where a registration's and an IO step's (fp32, TF32) device time goes
 #   memory    60  profile_io_memory.py --reference: what an IO step keeps for its backward pass,
@@ -111,7 +111,7 @@ else
 fi
 
 stage tests 150 python3 -m pytest -q -p no:cacheprovider "${tests[@]}" tests/test_kernels_warp.py \
-    tests/test_kernels_lncc.py tests/test_kernel_dispatch.py \
+    tests/test_kernels_lncc.py tests/test_kernels_norm_crop_concat.py tests/test_kernel_dispatch.py \
     tests/test_instance_optimization.py::test_regularizer_points_on_a_gpu \
     tests/test_instance_optimization.py::test_instance_optimization_steps_do_not_wait_for_the_gpu \
     tests/test_network.py::test_predict_map_on_gpu_tensors_does_not_wait_for_the_gpu \

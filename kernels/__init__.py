@@ -3,7 +3,9 @@
 One file per op, each with its ``autograd.Function``: ``warp`` (trilinear sampling at a
 map), ``compose`` (map composition) and ``lncc`` (windowed LNCC / LNCC^2 loss). Their
 PyTorch references are :mod:`mgr_engine.ops` and :mod:`mgr_engine.losses`, which
-dispatch here on CUDA tensors (see :func:`mgr_engine.ops.use_triton`).
+dispatch here on CUDA tensors (see :func:`mgr_engine.ops.use_triton`). And
+``norm_crop_concat``, the backward pass of IO's eval-mode BatchNorm, crop and concatenation,
+which :class:`mgr_engine.model._EvalNormCropConcat` (its reference) takes on CUDA.
 
 On the CPU, C++ with OpenMP (``*_cpu.cpp``, built by ``setup.py``): ``warp_cpu``, the
 warp forward and backward, taken by :func:`mgr_engine.ops.warp` on CPU tensors (see

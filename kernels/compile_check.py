@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import triton
 import triton.language as tl
 
-from . import lncc, warp
+from . import lncc, norm_crop_concat, warp
 
 FLOAT_TYPES = {"fp32": tl.float32, "fp64": tl.float64}
 
@@ -48,6 +48,9 @@ def kernel_specializations():
                                  "SQUARED": flags, "HAS_MASK": flags, "CHANNELS": (3, 5),
                                  "ACC": ("follows the pointers",),
                                  "TAPS": (lncc.LNCC_TAPS,), "BLOCK": (lncc.BLOCK,)}),
+        (norm_crop_concat.norm_grad_kernel, {"INPUT_GRAD": flags, "ACC": ("follows the pointers",),
+                                             "BLOCK": (norm_crop_concat.BLOCK,),
+                                             "ROUNDS": (norm_crop_concat.ROUNDS,)}),
     ]
 
 

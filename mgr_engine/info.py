@@ -73,7 +73,7 @@ def collect() -> dict:
     cpp = "C++ kernels (PyTorch where one does not apply)" if cpp_extensions_built() else None
     cpu_ops = {"auto": cpp or "PyTorch (C++ kernels not built)", "cpp": cpp or "nothing: mode cpp without C++ kernels "
                "raises", "torch": "PyTorch", "triton": "Triton (in its interpreter only: TRITON_INTERPRET=1)"}[mode]
-    triton = "Triton kernels (warp, composition, LNCC)"
+    triton = "Triton kernels (warp, composition, LNCC, IO's BatchNorm backward)"
     cuda_ops = {"auto": triton if triton_available() else "PyTorch (triton not installed)", "cpp": "PyTorch",
                 "torch": "PyTorch", "triton": triton}[mode]
     weights = {}

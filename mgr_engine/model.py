@@ -40,7 +40,7 @@ from torch import nn
 from .errors import CheckpointError, InvalidImageError, InvalidOptionError
 from .kernels import decoder_cpu, last_conv_cpu
 from .ops import (compose_maps, identity_map, is_channels_last, memory_format_of, use_cpp_decoder,
-                  use_cpp_last_conv, warp)
+                  use_cpp_last_conv, use_triton, warp)
 
 
 @dataclass(frozen=True)
@@ -162,8 +162,11 @@ class _EvalNormCropConcat(torch.autograd.Function):
     """``crop_concat(norm(x), skip)`` for an eval-mode BatchNorm ``norm`` (IO's), whose
     backward turns BatchNorm's output gradient into its input gradient in place: autograd's
     chain (:class:`_CropConcat`, then BatchNorm's backward) held both, at 175^3 two 0.33 GiB
-    volumes at the peak of IO under io_checkpointing. The forward is ``F.batch_norm``, the
-    weight and bias gradients torch's BatchNorm backward."""
+    volumes at the peak of IO under io_checkpointing. The forward is ``F.batch_norm``; the
+    backward, where the ops take Triton kernels (:func:`mgr_engine.ops.use_triton`), one pass of
+    :mod:`kernels.norm_crop_concat` (torch's CUDA BatchNorm backward reduces each channel in one
+    thread block), elsewhere the crop's gradient, torch's BatchNorm backward for the weight and
+    bias gradients, and the input gradient in place."""
 
     @staticmethod
     def forward(ctx, x, skip, weight, bias, running_mean, running_var, eps):
@@ -176,7 +179,12 @@ class _EvalNormCropConcat(torch.autograd.Function):
         x, weight, running_mean, running_var = ctx.saved_tensors
         needs_x, needs_skip, needs_weight, needs_bias = ctx.needs_input_grad[:4]
         grad_x = grad_skip = grad_weight = grad_bias = None
-        if needs_x or needs_weight or needs_bias:
+        if (needs_x or needs_weight or needs_bias) and use_triton(grad) and _triton_norm_fits(grad, x):
+            from .kernels.norm_crop_concat import norm_crop_concat_backward
+
+            grad_x, grad_weight, grad_bias = norm_crop_concat_backward(grad, x, weight, running_mean, running_var,
+                                                                       ctx.eps, needs_x)
+        elif needs_x or needs_weight or needs_bias:
             grad_norm = _uncropped_gradient(grad, x.shape, ctx.layouts[0])  # BatchNorm's output gradient
             if needs_weight or needs_bias:
                 _, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
@@ -187,7 +195,15 @@ class _EvalNormCropConcat(torch.autograd.Function):
                 grad_x = grad_norm.mul_(scale.to(grad.dtype).view(1, -1, 1, 1, 1))
         if needs_skip:
             grad_skip = grad[:, x.shape[1]:].contiguous(memory_format=ctx.layouts[1])
-        return grad_x, grad_skip, grad_weight, grad_bias, None, None, None
+        return (grad_x, grad_skip, grad_weight if needs_weight else None, grad_bias if needs_bias else None,
+                None, None, None)
+
+
+def _triton_norm_fits(grad: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether the Triton kernel of ``_EvalNormCropConcat``'s backward takes these tensors."""
+    from .kernels.norm_crop_concat import fits
+
+    return fits(grad, x)
 
 
 def crop_concat(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
