@@ -32,7 +32,11 @@ BLOCK = 1024  # voxels a program handles at once
 ROUNDS = 8  # blocks per program: a chunk of BLOCK * ROUNDS voxels, one pair of partial sums
 
 
-@triton.jit
+# Only the W strides are specialized (to 1, contiguous rows): Triton would compile a variant for
+# each combination of the sizes' and other strides' divisibility by 16, one per decoder level
+# and resolution of the network (up to 15 on an IO call's first step).
+@triton.jit(do_not_specialize=["channels", "d", "h", "w", "x_d", "x_h", "x_w", "chunks", "g_sb", "g_sc", "g_sd",
+                               "g_sh", "x_sb", "x_sc", "x_sd", "x_sh", "o_sb", "o_sc", "o_sd", "o_sh"])
 def norm_grad_kernel(grad_ptr, x_ptr, grad_x_ptr, scale_ptr, mean_ptr, partial_ptr,
                      channels, d, h, w, x_d, x_h, x_w, chunks,
                      g_sb, g_sc, g_sd, g_sh, g_sw, x_sb, x_sc, x_sd, x_sh, x_sw, o_sb, o_sc, o_sd, o_sh, o_sw,
