@@ -65,6 +65,28 @@ def io_step_loss(engine, moving: torch.Tensor, fixed: torch.Tensor, similarity: 
     return loss
 
 
+class _RecomputationRefused(Exception):
+    pass
+
+
+def kept_for_backward_refusing_recomputation(loss, ignore):
+    """``helpers.kept_for_backward`` of ``loss``'s graph, in which the maps of IO's compositions
+    and warps are recomputed in the backward pass (``GradICONNetwork.recompute_maps``): reading
+    a node's saved tensors there would recompute its region, so the compositions refuse to run
+    during the walk and those nodes count as keeping nothing. The region's inputs (the fields
+    d1 to d4, the images), which the regions hold, count where other nodes keep them too."""
+    from unittest import mock
+
+    import mgr_engine.model
+    from helpers import kept_for_backward
+
+    def refuse(*args, **kwargs):
+        raise _RecomputationRefused
+
+    with mock.patch.object(mgr_engine.model, "compose_maps", refuse):
+        return kept_for_backward(loss, ignore=ignore, unreadable=(_RecomputationRefused,))
+
+
 def reference_model(shape, device: str, similarity: str) -> torch.nn.Module:
     """The reference's ``GradientICONSparse`` (eval mode, lambda 1.5) with the weights
     ``benchmark_engine`` gives the engine, on ``device``."""
@@ -149,7 +171,7 @@ def main(argv=None) -> int:
     ours = "mgr_engine instance_optimize" + (" (io_checkpointing)" if args.checkpointing else "")
     # Each graph is counted and freed before the next is built: two alive would double the peak.
     # Not under checkpointing: reading a checkpointed node's saved tensors recomputes them.
-    kept = None if args.checkpointing else kept_for_backward(
+    kept = None if args.checkpointing else kept_for_backward_refusing_recomputation(
         io_step_loss(engine, moving, fixed, args.similarity), ignore=engine.network.parameters())
     if kept:
         print_kept(ours, *kept, args.rows)

@@ -25,7 +25,8 @@ from .errors import (CheckpointError, InstanceOptimizationError, InvalidImageErr
 from .labels import warn_if_linear_on_labels
 from .losses import gradicon_regularizer, similarity_by_name, with_constant_targets
 from .model import (GradICONNetwork, NetworkConfig, as_network_config, evaluate_map, inference_network,
-                    load_official_state_dict, map_on_grid, read_safetensors, uses_subpixel_upconvs)
+                    load_official_state_dict, map_on_grid, read_safetensors, recomputed_in_backward,
+                    uses_subpixel_upconvs)
 from .ops import network_memory_format, warp
 from .preprocess import (apply_input_mask, check_intensity_ranges, check_mask, check_modality, check_volume,
                          modality_mismatch, normalize_intensity, resize, resize_mask)
@@ -320,15 +321,20 @@ def gradicon_objective(network: GradICONNetwork, moving, fixed, similarity, *, l
     fields_ab = network.displacement_fields(moving, fixed)
     fields_ba = network.displacement_fields(fixed, moving)
     identity = network.identity_full
-    phi_ab = map_on_grid(fields_ab, identity)
-    phi_ba = map_on_grid(fields_ba, identity)
     loss_moving = moving if loss_moving is None else loss_moving
     loss_fixed = fixed if loss_fixed is None else loss_fixed
-    similarity_loss = (similarity(warp(loss_moving, phi_ab), loss_fixed, fixed_mask)
-                       + similarity(warp(loss_fixed, phi_ba), loss_moving, moving_mask))
+
+    def map_and_warped(image, *fields):
+        phi = map_on_grid(fields, identity)
+        return phi, warp(image, phi)
+
+    recompute = network.recompute_maps
+    phi_ab, warped_ab = recomputed_in_backward(map_and_warped, loss_moving, *fields_ab, recompute=recompute)
+    phi_ba, warped_ba = recomputed_in_backward(map_and_warped, loss_fixed, *fields_ba, recompute=recompute)
+    similarity_loss = similarity(warped_ab, loss_fixed, fixed_mask) + similarity(warped_ba, loss_moving, moving_mask)
     regularizer = gradicon_regularizer(
-        functools.partial(evaluate_map, fields_ab), functools.partial(evaluate_map, fields_ba), identity, generator
-    )
+        functools.partial(evaluate_map, fields_ab), functools.partial(evaluate_map, fields_ba), identity, generator,
+        recompute=recompute)
     return lmbda * regularizer + similarity_loss, phi_ab, phi_ba
 
 
@@ -367,7 +373,8 @@ class Engine:
             them: less memory, more time. At 175^3 on the 2-core AMD EPYC with freed host memory
             returned, peak 6.9 -> 5.3 GiB, one IO step 26.5 -> 28.0 s (one call each,
             ``benchmarks/bench_low_memory_conv.py``); the default path already recomputes what
-            is cheap (:func:`mgr_engine.model.low_memory_conv`).
+            is cheap (:func:`mgr_engine.model.low_memory_conv`, and the maps of the compositions
+            and warps, :func:`mgr_engine.model.recomputed_in_backward`).
         cache_host_memory: on the CPU, keep freed host memory in the process for reuse instead
             of returning it to the system after each large tensor (:mod:`mgr_engine.host_memory`,
             glibc only; process-wide): at 175^3 an IO step and ``predict_map`` 1.7x faster, for a

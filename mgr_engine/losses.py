@@ -240,20 +240,26 @@ def regularizer_points(identity: torch.Tensor, generator: torch.Generator | None
 
 
 def gradicon_regularizer(map_ab, map_ba, identity: torch.Tensor, generator: torch.Generator | None = None,
-                         delta: float = 0.001) -> torch.Tensor:
+                         delta: float = 0.001, recompute: bool = False) -> torch.Tensor:
     """GradICON's penalty ``|| grad(Phi_AB o Phi_BA) - I ||_F^2`` by finite differences.
 
     ``map_ab``/``map_ba`` evaluate a map at arbitrary coordinates. The penalty is
     taken at a jittered identity grid (:func:`regularizer_points`): for each axis, the mean
     squared difference quotient (step ``delta``) of the inverse-consistency error
-    ``x - Phi_AB(Phi_BA(x))``.
+    ``x - Phi_AB(Phi_BA(x))``. ``recompute``: each round trip's intermediate maps are recomputed
+    in the backward pass instead of kept (:func:`mgr_engine.model.recomputed_in_backward`).
     """
+    from .model import recomputed_in_backward
+
+    def round_trip(points):
+        return map_ab(map_ba(points))
+
     points = regularizer_points(identity, generator)
-    error = points - map_ab(map_ba(points))
+    error = points - recomputed_in_backward(round_trip, points, recompute=recompute)
     total = 0.0
     for axis in range(3):
         step = torch.zeros(1, 3, 1, 1, 1, dtype=identity.dtype, device=identity.device)
         step[:, axis] = delta
-        error_step = points + step - map_ab(map_ba(points + step))
+        error_step = points + step - recomputed_in_backward(round_trip, points + step, recompute=recompute)
         total = total + torch.mean(((error - error_step) / delta) ** 2)
     return total

@@ -120,11 +120,13 @@ def _saved_tensors(node):
     return tensors
 
 
-def kept_for_backward(output: torch.Tensor, ignore=()):
+def kept_for_backward(output: torch.Tensor, ignore=(), unreadable=()):
     """What autograd keeps for ``output``'s backward pass, found by walking its graph: every
     tensor a node saved, each storage counted once (for the first node found that holds it),
-    but for the storages of the tensors in ``ignore`` (say, the weights, alive anyway).
-    Returns ``(total bytes, {(node type, tensor shape): [count, bytes]})``."""
+    but for the storages of the tensors in ``ignore`` (say, the weights, alive anyway). A node
+    whose saved tensors raise one of the exception types ``unreadable`` when read (a node inside
+    an activation-checkpointed region, whose reading would recompute the region, made to raise
+    instead) keeps nothing. Returns ``(total bytes, {(node type, tensor shape): [count, bytes]})``."""
     seen_storages, seen_nodes = {t.untyped_storage().data_ptr() for t in ignore}, set()
     by_node_and_shape = {}
     stack = [output.grad_fn]
@@ -134,7 +136,11 @@ def kept_for_backward(output: torch.Tensor, ignore=()):
             continue
         seen_nodes.add(node)
         kind = type(node).__name__.removesuffix("Backward")
-        for tensor in _saved_tensors(node):
+        try:
+            saved = _saved_tensors(node)
+        except unreadable:
+            saved = []
+        for tensor in saved:
             storage = tensor.untyped_storage()
             if storage.nbytes() == 0 or storage.data_ptr() in seen_storages:
                 continue

@@ -353,6 +353,43 @@ def test_checkpointed_unets_give_the_same_gradients():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+def _objective_gradients_and_kept_bytes(net, moving, fixed):
+    """The parameters' gradients of one IO objective and the bytes its graph keeps for the
+    backward pass outside checkpointed regions (each storage once)."""
+    from mgr_engine.engine import gradicon_objective
+
+    kept = {}
+
+    def pack(tensor):
+        kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    net.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss, _, _ = gradicon_objective(net, moving, fixed, lncc2_loss, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    return [p.grad.clone() for p in net.parameters()], sum(kept.values())
+
+
+@pytest.mark.parametrize("checkpoint_unets", [False, True])
+def test_recomputed_maps_give_the_same_gradients_and_keep_less(checkpoint_unets):
+    """``recompute_maps``: the compositions' and warps' maps recomputed in the backward pass: the
+    same gradients, and the maps (3 x 72^3 float32 each) no longer kept."""
+    net = random_network(SHAPE, narrow=True, seed=8, displacement_scale=0.3).requires_grad_(True)
+    net.checkpoint_unets = checkpoint_unets
+    moving, fixed = images()
+    results = {}
+    for recompute in (False, True):
+        net.recompute_maps = recompute
+        results[recompute] = _objective_gradients_and_kept_bytes(net, moving, fixed)
+    (grads, kept), (recomputed_grads, recomputed_kept) = results[False], results[True]
+    assert any(g.abs().max() > 0 for g in grads)
+    for a, b in zip(grads, recomputed_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    full_resolution_map = 3 * 4 * SHAPE[0] * SHAPE[1] * SHAPE[2]
+    assert kept - recomputed_kept >= 18 * full_resolution_map, (kept, recomputed_kept)  # 21.5 here
+
+
 def test_threads_sharing_an_engine_get_each_io_as_if_alone():
     """IO adapts the engine's network in place: two threads' IO at once would step on each other's
     weights (torch raised 'modified by an inplace operation' before the lock), and the forward
