@@ -11,7 +11,8 @@ Measured, all in one run on one device:
   process of its own, and both in this one, ours first, where the reference then finds cuDNN's
   plans for the shapes both share made) and warm latency (median), peak memory;
 * IO: ``--io-steps`` Adam steps (reference ``finetune_execute``, ours ``instance_optimize``,
-  with and without U-Net checkpointing, seeded: the regularizer's noise drawn on the CPU
+  with and without U-Net checkpointing, with its maps kept instead of recomputed in the
+  backward pass (``recompute_maps`` off), seeded: the regularizer's noise drawn on the CPU
   as the reference draws it, and on a GPU with TF32 convolutions), time per step and peak memory;
 * precision: TF32 and bf16-autocast forwards of ours against fp32, largest point
   difference in network voxels (1 voxel = 1 mm for a 175 mm field of view);
@@ -294,18 +295,22 @@ def main(argv=None):
         # per step at 175^3, the reference's stream): the third row shows what that costs.
         # TF32: time only (IO with randomized weights is chaotic at float32 rounding, so a point
         # difference against fp32 would measure that, not TF32).
-        variants = (("", False, None, "fp32"), (" (U-Net checkpointing)", True, None, "fp32"),
-                    (" (seeded: noise drawn on the CPU)", False, torch.Generator().manual_seed(0), "fp32"),
-                    *([(" (TF32 convolutions)", False, None, "tf32")] if device == "cuda" else []))
-        for label, checkpointed, generator, io_precision in variants:
+        # "maps kept": without recompute_maps (the default since the thirty-eighth session), what
+        # recomputing the compositions' and warps' maps in the backward pass saves and costs
+        variants = (("", False, None, "fp32", True), (" (U-Net checkpointing)", True, None, "fp32", True),
+                    (" (maps kept, not recomputed)", False, None, "fp32", False),
+                    (" (seeded: noise drawn on the CPU)", False, torch.Generator().manual_seed(0), "fp32", True),
+                    *([(" (TF32 convolutions)", False, None, "tf32", True)] if device == "cuda" else []))
+        for label, checkpointed, generator, io_precision, recompute_maps in variants:
             engine.network.checkpoint_unets = checkpointed
+            engine.network.recompute_maps = recompute_maps
             before = reset_peak(device)
             torch.manual_seed(0)
             t, _ = clock(lambda: engine.instance_optimize(moving, fixed, iterations=args.io_steps, similarity="lncc",
                                                           generator=generator, progress=False, precision=io_precision),
                          device)
             io_rows.append((f"mgr_engine instance_optimize{label}", t, peak_gib(device, before, ours)))
-        engine.network.checkpoint_unets = False
+        engine.network.checkpoint_unets, engine.network.recompute_maps = False, True
 
     # --- layout: the engine's choice by device (ops.network_memory_format) against the other,
     # and on a GPU each with cuDNN's autotuning (cudnn.benchmark: it times every algorithm of a

@@ -25,9 +25,8 @@ from .errors import (CheckpointError, InstanceOptimizationError, InvalidImageErr
 from .labels import warn_if_linear_on_labels
 from .losses import gradicon_regularizer, similarity_by_name, with_constant_targets
 from .model import (GradICONNetwork, NetworkConfig, as_network_config, evaluate_map, inference_network,
-                    load_official_state_dict, map_on_grid, read_safetensors, recomputed_in_backward,
-                    uses_subpixel_upconvs)
-from .ops import network_memory_format, warp
+                    load_official_state_dict, map_on_grid, read_safetensors, uses_subpixel_upconvs)
+from .ops import network_memory_format, recomputed_in_backward, warp
 from .preprocess import (apply_input_mask, check_intensity_ranges, check_mask, check_modality, check_volume,
                          modality_mismatch, normalize_intensity, resize, resize_mask)
 
@@ -374,7 +373,7 @@ class Engine:
             returned, peak 6.9 -> 5.3 GiB, one IO step 26.5 -> 28.0 s (one call each,
             ``benchmarks/bench_low_memory_conv.py``); the default path already recomputes what
             is cheap (:func:`mgr_engine.model.low_memory_conv`, and the maps of the compositions
-            and warps, :func:`mgr_engine.model.recomputed_in_backward`).
+            and warps, :func:`mgr_engine.ops.recomputed_in_backward`).
         cache_host_memory: on the CPU, keep freed host memory in the process for reuse instead
             of returning it to the system after each large tensor (:mod:`mgr_engine.host_memory`,
             glibc only; process-wide): at 175^3 an IO step and ``predict_map`` 1.7x faster, for a

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InvalidOptionError
-from .ops import use_cpp_blur, use_triton
+from .ops import recomputed_in_backward, use_cpp_blur, use_triton
 
 LNCC_SIGMA = 5
 LNCC_TAPS = 4 * LNCC_SIGMA + 1
@@ -247,10 +247,8 @@ def gradicon_regularizer(map_ab, map_ba, identity: torch.Tensor, generator: torc
     taken at a jittered identity grid (:func:`regularizer_points`): for each axis, the mean
     squared difference quotient (step ``delta``) of the inverse-consistency error
     ``x - Phi_AB(Phi_BA(x))``. ``recompute``: each round trip's intermediate maps are recomputed
-    in the backward pass instead of kept (:func:`mgr_engine.model.recomputed_in_backward`).
+    in the backward pass instead of kept (:func:`mgr_engine.ops.recomputed_in_backward`).
     """
-    from .model import recomputed_in_backward
-
     def round_trip(points):
         return map_ab(map_ba(points))
 

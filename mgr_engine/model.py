@@ -39,8 +39,8 @@ from torch import nn
 
 from .errors import CheckpointError, InvalidImageError, InvalidOptionError
 from .kernels import decoder_cpu, last_conv_cpu
-from .ops import (compose_maps, identity_map, is_channels_last, memory_format_of, use_cpp_decoder,
-                  use_cpp_last_conv, use_triton, warp)
+from .ops import (compose_maps, identity_map, is_channels_last, memory_format_of, recomputed_in_backward,
+                  use_cpp_decoder, use_cpp_last_conv, use_triton, warp)
 
 
 @dataclass(frozen=True)
@@ -577,15 +577,6 @@ def evaluate_map(fields, coords: torch.Tensor) -> torch.Tensor:
 def map_on_grid(fields, identity: torch.Tensor) -> torch.Tensor:
     """``Phi`` on the full-resolution identity grid: the last field lies on that grid, so it adds directly."""
     return evaluate_map(fields[:-1], identity + fields[-1])
-
-
-def recomputed_in_backward(function, *tensors, recompute: bool):
-    """``function(*tensors)``; with ``recompute`` and gradients, under activation checkpointing:
-    what it computes between its inputs and outputs (maps, 61 MiB each at 175^3) is not kept
-    for the backward pass but recomputed there, the same compositions and warps again."""
-    if recompute and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(function, *tensors, use_reentrant=False)
-    return function(*tensors)
 
 
 def warp_through(image, fields, identity, displacement=None, *, recompute: bool = False):

@@ -26,6 +26,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .errors import InvalidOptionError
 from .kernel_modes import KERNEL_MODES, cpp_kernels_allowed, current_kernel_mode, kernel_mode, set_kernel_mode  # noqa: F401
@@ -180,3 +181,11 @@ def compose_maps(displacement: torch.Tensor, coords: torch.Tensor) -> torch.Tens
         return compose_maps_cpu(displacement, coords)
     return coords + warp(displacement, coords, padding="border")
 
+
+def recomputed_in_backward(function, *tensors, recompute: bool):
+    """``function(*tensors)``; with ``recompute`` and gradients, under activation checkpointing:
+    what it computes between its inputs and outputs (maps, 61 MiB each at 175^3) is not kept
+    for the backward pass but recomputed there, the same compositions and warps again."""
+    if recompute and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(function, *tensors, use_reentrant=False)
+    return function(*tensors)
