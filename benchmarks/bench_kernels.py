@@ -329,7 +329,7 @@ def norm_backward_sweep(shape, device, repeats, peak, copy_gbs):
     and the forward + backward. Bandwidth of the Triton backward's kernels (the skip's gradient,
     a copy, included) for its ideal traffic: the gradient's and x's C channels read, x's
     gradient written."""
-    from mgr_engine.model import norm_crop_concat
+    from mgr_engine.model import norm_crop_concat, randomize_weights
 
     half = tuple(-(-n // 2) for n in shape)
     levels = {"16 ch, full resolution": (16, tuple(n + 1 for n in shape), shape, 2),
@@ -339,11 +339,7 @@ def norm_backward_sweep(shape, device, repeats, peak, copy_gbs):
              "triton bwd kernels GB/s (of peak, of copy) |", "|---|--:|--:|--:|--:|--:|--:|--:|"]
     gen = torch.Generator().manual_seed(1)
     for level, (channels, grid, skip_grid, skip_channels) in levels.items():
-        norm = torch.nn.BatchNorm3d(channels).eval().to(device)
-        with torch.no_grad():
-            for t in (norm.weight, norm.bias, norm.running_mean):
-                t.copy_(torch.randn(channels, generator=gen))
-            norm.running_var.copy_(torch.rand(channels, generator=gen) + 0.5)
+        norm = randomize_weights(torch.nn.BatchNorm3d(channels), seed=channels).eval().to(device)
         x = torch.randn(1, channels, *grid, generator=gen).to(device).requires_grad_()
         skip = torch.randn(1, skip_channels, *skip_grid, generator=gen).to(device).requires_grad_()
         inputs = (x, skip, norm.weight, norm.bias)

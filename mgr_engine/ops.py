@@ -183,9 +183,9 @@ def compose_maps(displacement: torch.Tensor, coords: torch.Tensor) -> torch.Tens
 
 
 def recomputed_in_backward(function, *tensors, recompute: bool):
-    """``function(*tensors)``; with ``recompute`` and gradients, under activation checkpointing:
-    what it computes between its inputs and outputs (maps, 61 MiB each at 175^3) is not kept
-    for the backward pass but recomputed there, the same compositions and warps again."""
+    """``function(*tensors)``; with ``recompute`` and gradients, under (non-reentrant) activation
+    checkpointing: what it computes between its inputs and outputs (a chain's maps, 61 MiB each
+    at 175^3; a U-Net's activations) is not kept for the backward pass but recomputed there."""
     if recompute and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(function, *tensors, use_reentrant=False)
     return function(*tensors)

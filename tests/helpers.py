@@ -47,6 +47,12 @@ def randomize_(network: torch.nn.Module, seed: int = 0, displacement_scale: floa
     return randomize_weights(network, seed, displacement_scale)
 
 
+def eval_batchnorm(channels: int, seed: int, dtype=torch.float64, device="cpu") -> torch.nn.BatchNorm3d:
+    """A BatchNorm3d in eval mode (as IO runs the U-Nets'), its weight, bias and running
+    statistics random."""
+    return randomize_(torch.nn.BatchNorm3d(channels), seed).eval().to(device, dtype)
+
+
 def random_network(shape=(72, 72, 72), narrow=False, seed=0, displacement_scale=1.0) -> GradICONNetwork:
     config = NetworkConfig(input_shape=tuple(shape), **(NARROW if narrow else {}))
     return randomize_(GradICONNetwork(config), seed, displacement_scale).eval()

@@ -9,7 +9,7 @@ a GPU compiled, and ``test_full_size`` at the full-resolution level of a 175^3 n
 import pytest
 import torch
 
-from helpers import INTERPRETED, NARROW, randomize_, require_triton_kernels
+from helpers import INTERPRETED, NARROW, eval_batchnorm, randomize_, require_triton_kernels
 from helpers import KERNEL_DEVICE as DEVICE
 
 require_triton_kernels()
@@ -37,10 +37,6 @@ def kernel_calls(monkeypatch):
     return calls
 
 
-def eval_batchnorm(channels, dtype, seed):
-    return randomize_(torch.nn.BatchNorm3d(channels), seed).eval().to(DEVICE, dtype)
-
-
 def inputs(batch, channels, skip_channels, grid, skip_grid, dtype, layout, seed=2):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, channels, *grid, generator=gen, dtype=dtype)
@@ -62,7 +58,7 @@ def gradients(norm, x, skip, grad, mode):
 @pytest.mark.parametrize("batch,channels", [(1, 1), (2, 4)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gradients_equal_the_reference(layout, grid, skip_grid, batch, channels, dtype, kernel_calls):
-    norm = eval_batchnorm(channels, dtype, seed=1)
+    norm = eval_batchnorm(channels, seed=1, dtype=dtype, device=DEVICE)
     x, skip, grad = inputs(batch, channels, 3, grid, skip_grid, dtype, layout)
     expected, expected_grads = gradients(norm, x, skip, grad, "torch")
     assert not kernel_calls
@@ -83,7 +79,7 @@ def test_gradients_equal_the_reference(layout, grid, skip_grid, batch, channels,
 @pytest.mark.parametrize("needs", ["weight and bias", "x"])
 def test_only_the_gradients_asked_for(needs, kernel_calls):
     """x without gradient (the kernel writes no input gradient), or BatchNorm's parameters frozen."""
-    norm = eval_batchnorm(3, torch.float64, seed=5)
+    norm = eval_batchnorm(3, seed=5, dtype=torch.float64, device=DEVICE)
     x, skip, grad = inputs(2, 3, 2, (7, 6, 8), (6, 6, 7), torch.float64, torch.contiguous_format)
     if needs == "x":
         norm.requires_grad_(False)
@@ -103,7 +99,7 @@ def test_only_the_gradients_asked_for(needs, kernel_calls):
 def test_gradcheck():
     """In the interpreter a random projection of the Jacobian (fast_mode; the full one took 190 s
     on 2 cores), whose errors the float64 comparisons above bound; compiled, the full one."""
-    norm = eval_batchnorm(3, torch.float64, seed=3)
+    norm = eval_batchnorm(3, seed=3, dtype=torch.float64, device=DEVICE)
     x, skip, _ = inputs(2, 3, 2, (4, 5, 4), (3, 5, 4), torch.float64, torch.contiguous_format, seed=4)
     with ops.kernel_mode("triton"):
         torch.autograd.gradcheck(
@@ -132,7 +128,7 @@ def test_unet_gradients_with_the_kernel_equal_the_reference(kernel_calls):
 @pytest.mark.skipif(DEVICE != "cuda", reason="the full-resolution level on a GPU")
 def test_full_size(kernel_calls):
     """The full-resolution level of a 175^3 network in IO: 16 channels at 176^3, two samples."""
-    norm = eval_batchnorm(16, torch.float32, seed=8)
+    norm = eval_batchnorm(16, seed=8, dtype=torch.float32, device=DEVICE)
     x, skip, grad = inputs(2, 16, 2, (176, 176, 176), (175, 175, 175), torch.float32, torch.contiguous_format)
     _, expected = gradients(norm, x, skip, grad, "torch")
     _, grads = gradients(norm, x, skip, grad, "triton")

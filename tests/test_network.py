@@ -5,7 +5,8 @@ import weakref
 import pytest
 import torch
 
-from helpers import NARROW, cuda_sync_debug, random_network, randomize_, reference_network, smooth_volume
+from helpers import (NARROW, cuda_sync_debug, eval_batchnorm, random_network, randomize_, reference_network,
+                     smooth_volume)
 from mgr_engine import Engine, NetworkConfig
 from mgr_engine.errors import CheckpointError
 from mgr_engine.model import GradICONNetwork, load_official_state_dict, official_state_dict
@@ -408,10 +409,6 @@ def test_checkpointed_unet_recomputes_decoder_outputs_in_its_recomputation(monke
     assert len(recipes) == 2 * len(net.unets[3].upConvs) and all(r is not None for r in recipes)
 
 
-def eval_batchnorm(channels, seed):
-    return randomize_(torch.nn.BatchNorm3d(channels), seed).eval().double()
-
-
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d], ids=["planar", "channels-last"])
 @pytest.mark.parametrize("cropped", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -421,7 +418,7 @@ def test_eval_norm_crop_concat_equals_autograds_chain(layout, cropped, dtype):
     bias as autograd's chain of BatchNorm and _CropConcat gives them, in the inputs' layouts."""
     from mgr_engine.model import _EvalNormCropConcat, crop_concat, norm_crop_concat
 
-    norm = eval_batchnorm(4, seed=1).to(dtype)
+    norm = eval_batchnorm(4, seed=1, dtype=dtype)
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(2, 4, 6, 7, 5 + cropped, generator=gen, dtype=dtype).contiguous(memory_format=layout)
     skip = torch.randn(2, 3, 6, 7, 5, generator=gen, dtype=dtype).contiguous(memory_format=layout)
