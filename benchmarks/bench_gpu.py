@@ -12,8 +12,10 @@ Measured, all in one run on one device:
   plans for the shapes both share made) and warm latency (median), peak memory;
 * IO: ``--io-steps`` Adam steps (reference ``finetune_execute``, ours ``instance_optimize``,
   with and without U-Net checkpointing, with its maps kept instead of recomputed in the
-  backward pass (``recompute_maps`` off), seeded: the regularizer's noise drawn on the CPU
-  as the reference draws it, and on a GPU with TF32 convolutions), time per step and peak memory;
+  backward pass (``recompute_maps`` off), with the U-Nets' finest decoder levels kept instead
+  of recomputed (``recompute_finest_levels`` off; a GPU's default recomputes them), seeded: the
+  regularizer's noise drawn on the CPU as the reference draws it, and on a GPU with TF32
+  convolutions), time per step and peak memory;
 * precision: TF32 and bf16-autocast forwards of ours against fp32, largest point
   difference in network voxels (1 voxel = 1 mm for a 175 mm field of view);
 * transposed convolutions: ours as ConvTranspose3d and in sub-pixel form (one convolution, a
@@ -296,21 +298,27 @@ def main(argv=None):
         # TF32: time only (IO with randomized weights is chaotic at float32 rounding, so a point
         # difference against fp32 would measure that, not TF32).
         # "maps kept": without recompute_maps (the default since the thirty-eighth session), what
-        # recomputing the compositions' and warps' maps in the backward pass saves and costs
-        variants = (("", False, None, "fp32", True), (" (U-Net checkpointing)", True, None, "fp32", True),
-                    (" (maps kept, not recomputed)", False, None, "fp32", False),
-                    (" (seeded: noise drawn on the CPU)", False, torch.Generator().manual_seed(0), "fp32", True),
-                    *([(" (TF32 convolutions)", False, None, "tf32", True)] if device == "cuda" else []))
-        for label, checkpointed, generator, io_precision, recompute_maps in variants:
-            engine.network.checkpoint_unets = checkpointed
-            engine.network.recompute_maps = recompute_maps
+        # recomputing the compositions' and warps' maps in the backward pass saves and costs;
+        # "finest levels": recompute_finest_levels forced either way (None: recomputed on a GPU)
+        defaults = {"checkpoint_unets": False, "recompute_maps": True, "recompute_finest_levels": None}
+        finest = (" (finest levels kept, not recomputed)", {"recompute_finest_levels": False}, None, "fp32")
+        if device != "cuda":
+            finest = (" (finest levels recomputed, a GPU's default)", {"recompute_finest_levels": True}, None, "fp32")
+        variants = (("", {}, None, "fp32"), (" (U-Net checkpointing)", {"checkpoint_unets": True}, None, "fp32"),
+                    (" (maps kept, not recomputed)", {"recompute_maps": False}, None, "fp32"), finest,
+                    (" (seeded: noise drawn on the CPU)", {}, torch.Generator().manual_seed(0), "fp32"),
+                    *([(" (TF32 convolutions)", {}, None, "tf32")] if device == "cuda" else []))
+        for label, settings, generator, io_precision in variants:
+            for name, value in {**defaults, **settings}.items():
+                setattr(engine.network, name, value)
             before = reset_peak(device)
             torch.manual_seed(0)
             t, _ = clock(lambda: engine.instance_optimize(moving, fixed, iterations=args.io_steps, similarity="lncc",
                                                           generator=generator, progress=False, precision=io_precision),
                          device)
             io_rows.append((f"mgr_engine instance_optimize{label}", t, peak_gib(device, before, ours)))
-        engine.network.checkpoint_unets, engine.network.recompute_maps = False, True
+        for name, value in defaults.items():
+            setattr(engine.network, name, value)
 
     # --- layout: the engine's choice by device (ops.network_memory_format) against the other,
     # and on a GPU each with cuDNN's autotuning (cudnn.benchmark: it times every algorithm of a

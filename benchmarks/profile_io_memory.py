@@ -71,10 +71,12 @@ class _RecomputationRefused(Exception):
 
 def kept_for_backward_refusing_recomputation(loss, ignore):
     """``helpers.kept_for_backward`` of ``loss``'s graph, in which the maps of IO's compositions
-    and warps are recomputed in the backward pass (``GradICONNetwork.recompute_maps``): reading
-    a node's saved tensors there would recompute its region, so the compositions refuse to run
-    during the walk and those nodes count as keeping nothing. The region's inputs (the fields
-    d1 to d4, the images), which the regions hold, count where other nodes keep them too."""
+    and warps (``GradICONNetwork.recompute_maps``) and the U-Nets' finest decoder levels
+    (``recompute_finest_levels``) are recomputed in the backward pass: reading a node's saved
+    tensors there would recompute its region, so the compositions and the decoder levels'
+    BatchNorm refuse to run during the walk and those nodes count as keeping nothing. The
+    regions' inputs (the fields d1 to d4, the images, the second-finest levels' BatchNorm
+    inputs), which the regions hold, count where other nodes keep them too."""
     from unittest import mock
 
     import mgr_engine.model
@@ -83,7 +85,8 @@ def kept_for_backward_refusing_recomputation(loss, ignore):
     def refuse(*args, **kwargs):
         raise _RecomputationRefused
 
-    with mock.patch.object(mgr_engine.model, "compose_maps", refuse):
+    with mock.patch.object(mgr_engine.model, "compose_maps", refuse), \
+            mock.patch.object(mgr_engine.model, "norm_crop_concat", refuse):
         return kept_for_backward(loss, ignore=ignore, unreadable=(_RecomputationRefused,))
 
 
@@ -158,6 +161,9 @@ def main(argv=None) -> int:
     parser.add_argument("--peak", action="store_true", help="the peak of a whole IO call, under the profiler")
     parser.add_argument("--io-steps", type=int, default=2, help="IO steps of the --peak call")
     parser.add_argument("--checkpointing", action="store_true", help="Engine(io_checkpointing=True)")
+    parser.add_argument("--finest-levels", choices=("recomputed", "kept"), default="recomputed",
+                        help="GradICONNetwork.recompute_finest_levels: recomputed (a GPU's default, forecast here "
+                             "on any device) or kept (the CPU's default)")
     args = parser.parse_args(argv)
     shape = tuple(args.shape)
 
@@ -165,10 +171,12 @@ def main(argv=None) -> int:
 
     engine, moving, fixed = benchmark_engine(shape, args.device, cache_host_memory=False,
                                              io_checkpointing=args.checkpointing)
+    engine.network.recompute_finest_levels = args.finest_levels == "recomputed"
     parameters = sum(p.numel() * p.element_size() for p in engine.network.parameters())
     print(f"{args.device}, torch {torch.__version__}, network input {shape}, 1-{args.similarity.upper()}; weights "
           f"{parameters / GIB:.2f} GiB (with their gradients and Adam's two moments, {4 * parameters / GIB:.2f} GiB)\n")
-    ours = "mgr_engine instance_optimize" + (" (io_checkpointing)" if args.checkpointing else "")
+    ours = "mgr_engine instance_optimize" + (" (io_checkpointing)" if args.checkpointing else
+                                             f" (finest levels {args.finest_levels})")
     # Each graph is counted and freed before the next is built: two alive would double the peak.
     # Not under checkpointing: reading a checkpointed node's saved tensors recomputes them.
     kept = None if args.checkpointing else kept_for_backward_refusing_recomputation(

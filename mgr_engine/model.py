@@ -350,10 +350,17 @@ class UNet(nn.Module):
         nn.init.zeros_(self.lastConv.weight)
         nn.init.zeros_(self.lastConv.bias)
 
-    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor, *, recompute_finest_level: bool = False
+                ) -> torch.Tensor:
         """The displacement field (B, 3, D, H, W). With gradients, the layers after each decoder
         level recompute its output in their backward pass instead of keeping it
-        (:func:`decoder_output_recipe`), in activation checkpointing's recomputed forward too."""
+        (:func:`decoder_output_recipe`), in activation checkpointing's recomputed forward too.
+
+        ``recompute_finest_level``: with gradients through eval-mode BatchNorm (IO), the finest
+        decoder level and the last convolution run under activation checkpointing from the
+        level below's BatchNorm input (:meth:`_finest_level`), so that the finest level's
+        BatchNorm input (16 x 176^3, 0.33 GiB for a full-resolution U-Net) is not kept for the
+        backward pass but recomputed there, at the cost of one more transposed convolution."""
         x = torch.cat([moving, fixed], 1)
         if is_channels_last(self.lastConv.weight):
             # The first skip in the network's layout: planar, it made the last level's
@@ -371,20 +378,47 @@ class UNet(nn.Module):
         # the level below's output stayed alive through its BatchNorm, concatenation and the
         # last convolution (0.45 GiB at 175^3, at the peak of IO under io_checkpointing).
         for depth in reversed(range(len(self.upConvs))):
-            y = low_memory_conv(self.upConvs[depth], x, recompute_x=recompute_x)
             norm, skip = self.batchNorms[depth], skips[depth]
             if isinstance(norm, FoldedBatchNorm):  # inference
+                y = low_memory_conv(self.upConvs[depth], x)
                 if use_cpp_decoder(y, x, norm.scale, skip):
                     x = decoder_cpu.upsample_add_concat(y, x, norm.scale, skip)  # the line below in one pass
                 else:
                     x = crop_concat(norm(y, _upsampled(x, y.shape[1])), skip)
                 del y
                 continue
-            before_norm = decoder_cpu.upsample_add(y, x) if use_cpp_decoder(y, x) else y + _upsampled(x, y.shape[1])
-            del y, x
-            x = norm_crop_concat(norm, before_norm, skip)
-            recompute_x = decoder_output_recipe(norm, before_norm, skip)  # with gradients, holds before_norm
+            before_norm = self._before_norm(depth, x, recompute_x)
+            del x
+            if depth == 1 and recompute_finest_level and _eval_norm_with_gradients(norm, before_norm):
+                return recomputed_in_backward(self._finest_level, before_norm, skip, skips[0], recompute=True)
+            x, recompute_x = self._level_output(depth, before_norm, skip)
             del before_norm
+        return self._last_conv(x, recompute_x)
+
+    def _before_norm(self, depth: int, x: torch.Tensor, recompute_x) -> torch.Tensor:
+        """Decoder level ``depth``'s BatchNorm input: its transposed convolution of the level
+        below's output ``x`` plus ``x`` upsampled."""
+        y = low_memory_conv(self.upConvs[depth], x, recompute_x=recompute_x)
+        return decoder_cpu.upsample_add(y, x) if use_cpp_decoder(y, x) else y + _upsampled(x, y.shape[1])
+
+    def _level_output(self, depth: int, before_norm: torch.Tensor, skip: torch.Tensor):
+        """Decoder level ``depth``'s output and how to recompute it (:func:`decoder_output_recipe`;
+        with gradients it holds ``before_norm``)."""
+        norm = self.batchNorms[depth]
+        return norm_crop_concat(norm, before_norm, skip), decoder_output_recipe(norm, before_norm, skip)
+
+    def _finest_level(self, before_norm: torch.Tensor, skip: torch.Tensor, first_skip: torch.Tensor) -> torch.Tensor:
+        """The rest of :meth:`forward` from the second-finest level's BatchNorm input
+        ``before_norm`` and its ``skip``: that level's output, the finest level (``first_skip``,
+        the input images, as its skip) and the last convolution."""
+        x, recompute_x = self._level_output(1, before_norm, skip)
+        finest_before_norm = self._before_norm(0, x, recompute_x)
+        del x
+        x, recompute_x = self._level_output(0, finest_before_norm, first_skip)
+        del finest_before_norm
+        return self._last_conv(x, recompute_x)
+
+    def _last_conv(self, x: torch.Tensor, recompute_x) -> torch.Tensor:
         if use_cpp_last_conv(x, self.lastConv):  # planar output
             return last_conv_cpu.last_conv(x, self.lastConv.weight, self.lastConv.bias, recompute_x=recompute_x) / 10
         # Contiguous: the field feeds many warps, which read (B, 3, D, H, W) in that layout (one
@@ -515,6 +549,14 @@ class GradICONNetwork(nn.Module):
         # 175^3) are recomputed in the backward pass instead of kept (recomputed_in_backward):
         # IO's forecast peak at 175^3 5.73 -> 4.70 GiB, no slowdown in two pairs of runs on 2 CPU cores.
         self.recompute_maps = True
+        # With gradients (IO), each U-Net's finest decoder level and last convolution run again in
+        # the backward pass (UNet.forward's recompute_finest_level) instead of keeping the finest
+        # level's BatchNorm input, 0.33 GiB for each of the four full-resolution U-Net calls of an
+        # IO step at 175^3, for one more transposed convolution each: IO's forecast peak at 175^3
+        # 4.70 -> 3.63 GiB. None: on a GPU, where memory is scarce and the convolution takes
+        # milliseconds; not on the CPU, where memory is plentiful and two IO steps at 175^3 took
+        # 19% longer (44.5 -> 53.0 s, 2 cores).
+        self.recompute_finest_levels: bool | None = None
         full, half, quarter = config.level_shapes()
         for name, shape in (("identity_full", full), ("identity_half", half)):
             self.register_buffer(name, identity_map(shape), persistent=False)
@@ -555,7 +597,12 @@ class GradICONNetwork(nn.Module):
         return self._run_unet_plain(unet, moving, fixed)
 
     def _run_unet_plain(self, unet: UNet, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        return recomputed_in_backward(unet, moving, fixed, recompute=self.checkpoint_unets)
+        if self.checkpoint_unets:  # the whole U-Net recomputed, its finest level with it
+            return recomputed_in_backward(unet, moving, fixed, recompute=True)
+        recompute_finest_level = self.recompute_finest_levels
+        if recompute_finest_level is None:
+            recompute_finest_level = moving.is_cuda
+        return unet(moving, fixed, recompute_finest_level=recompute_finest_level)
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         """The map ``Phi[moving, fixed]`` on the full-resolution grid: moving o Phi ~ fixed."""

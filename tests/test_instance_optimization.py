@@ -1,6 +1,7 @@
 """Instance optimization: losses step by step equal to the authors' finetune_execute."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -382,6 +383,42 @@ def test_recomputed_maps_give_the_same_gradients_and_keep_less(checkpoint_unets)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     full_resolution_map = 3 * 4 * SHAPE[0] * SHAPE[1] * SHAPE[2]
     assert kept - recomputed_kept >= 18 * full_resolution_map, (kept, recomputed_kept)  # 21.5 here
+
+
+@pytest.mark.parametrize("recompute_maps", [False, True])
+def test_recomputed_finest_levels_give_the_same_gradients_and_keep_less(recompute_maps):
+    """``recompute_finest_levels``: each U-Net's finest decoder level and last convolution run
+    again in the backward pass: the same gradients, and the finest levels' BatchNorm inputs no
+    longer kept; by default (None) only on a GPU."""
+    net = random_network(SHAPE, narrow=True, seed=8, displacement_scale=0.3).requires_grad_(True)
+    net.recompute_maps = recompute_maps
+    moving, fixed = images()
+    results = {}
+    for recompute in (False, True, None):
+        net.recompute_finest_levels = recompute
+        results[recompute] = _objective_gradients_and_kept_bytes(net, moving, fixed)
+    (grads, kept), (recomputed_grads, recomputed_kept) = results[False], results[True]
+    assert results[None][1] == kept  # the CPU's default keeps them
+    assert any(g.abs().max() > 0 for g in grads)
+    for a, b in zip(grads, recomputed_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # BatchNorm's input is the transposed convolution's output, on the grid rounded up to even
+    finest_channels = net.unets[0].batchNorms[0].num_features
+    full, half, quarter = (4 * finest_channels * math.prod(-(-n // 2) * 2 for n in shape)
+                           for shape in net.config.level_shapes())
+    # two directions, each Psi3 and Psi4 at full resolution, Psi2 at half, Psi1 at a quarter
+    assert kept - recomputed_kept >= 2 * (2 * full + half + quarter), (kept, recomputed_kept)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_finest_levels_are_recomputed_by_default_on_a_gpu():
+    net = random_network(SHAPE, narrow=True, seed=8, displacement_scale=0.3).cuda().requires_grad_(True)
+    moving, fixed = (image.cuda() for image in images())
+    kept = {}
+    for recompute in (None, True, False):
+        net.recompute_finest_levels = recompute
+        kept[recompute] = _objective_gradients_and_kept_bytes(net, moving, fixed)[1]
+    assert kept[None] == kept[True] < kept[False], kept
 
 
 def test_threads_sharing_an_engine_get_each_io_as_if_alone():

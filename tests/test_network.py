@@ -409,6 +409,24 @@ def test_checkpointed_unet_recomputes_decoder_outputs_in_its_recomputation(monke
     assert len(recipes) == 2 * len(net.unets[3].upConvs) and all(r is not None for r in recipes)
 
 
+def test_finest_level_is_recomputed_only_through_eval_batchnorm():
+    """A training-mode BatchNorm's forward updates its running statistics, so running the finest
+    level again in the backward pass would update them twice: ``recompute_finest_level`` acts
+    in eval mode (IO) only, and a training step counts one batch and the same statistics."""
+    import copy
+
+    net = random_network((72, 72, 72), narrow=True, seed=4)
+    moving, fixed = pair((40, 36, 34))
+    statistics = []
+    for recompute in (False, True):
+        unet = copy.deepcopy(net.unets[3]).train().requires_grad_(True)
+        unet(moving, fixed, recompute_finest_level=recompute).sum().backward()
+        assert [int(norm.num_batches_tracked) for norm in unet.batchNorms] == [1] * len(unet.batchNorms)
+        statistics.append([torch.cat([norm.running_mean, norm.running_var]) for norm in unet.batchNorms])
+    for kept, recomputed in zip(*statistics):
+        torch.testing.assert_close(kept, recomputed, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d], ids=["planar", "channels-last"])
 @pytest.mark.parametrize("cropped", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
