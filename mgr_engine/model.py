@@ -602,7 +602,9 @@ class GradICONNetwork(nn.Module):
         recompute_finest_level = self.recompute_finest_levels
         if recompute_finest_level is None:
             recompute_finest_level = moving.is_cuda
-        return unet(moving, fixed, recompute_finest_level=recompute_finest_level)
+        if recompute_finest_level and torch.is_grad_enabled():  # the export's U-Nets take no such option
+            return unet(moving, fixed, recompute_finest_level=True)
+        return unet(moving, fixed)
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         """The map ``Phi[moving, fixed]`` on the full-resolution grid: moving o Phi ~ fixed."""
