@@ -15,7 +15,8 @@ Measured, all in one run on one device:
   backward pass (``recompute_maps`` off), with the U-Nets' finest decoder levels kept instead
   of recomputed (``recompute_finest_levels`` off; a GPU's default recomputes them), seeded: the
   regularizer's noise drawn on the CPU as the reference draws it, and on a GPU with TF32
-  convolutions), time per step and peak memory;
+  convolutions and with the transposed convolutions' forward as ConvTranspose3d instead of
+  sub-pixel), time per step and peak memory;
 * precision: TF32 and bf16-autocast forwards of ours against fp32, largest point
   difference in network voxels (1 voxel = 1 mm for a 175 mm field of view);
 * transposed convolutions: ours as ConvTranspose3d and in sub-pixel form (one convolution, a
@@ -45,10 +46,12 @@ other side's weights.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -189,7 +192,7 @@ def main(argv=None):
 
     from helpers import import_reference, random_network, smooth_volume
 
-    from mgr_engine import Engine
+    from mgr_engine import Engine, model
     from mgr_engine.model import inference_network, official_state_dict, uses_subpixel_upconvs
     from mgr_engine.ops import network_memory_format
 
@@ -300,22 +303,30 @@ def main(argv=None):
         # "maps kept": without recompute_maps (the default since the thirty-eighth session), what
         # recomputing the compositions' and warps' maps in the backward pass saves and costs;
         # "finest levels": recompute_finest_levels forced either way (None: recomputed on a GPU)
+        # "ConvTranspose3d forward": the transposed convolutions' forward as cuDNN's dgrad kernel,
+        # not in sub-pixel form (model.uses_subpixel_upconvs), as IO ran before the 39th session
         defaults = {"checkpoint_unets": False, "recompute_maps": True, "recompute_finest_levels": None}
         finest = (" (finest levels kept, not recomputed)", {"recompute_finest_levels": False}, None, "fp32")
         if device != "cuda":
             finest = (" (finest levels recomputed, a GPU's default)", {"recompute_finest_levels": True}, None, "fp32")
+        gpu_only = [(" (TF32 convolutions)", {}, None, "tf32"),
+                    (" (ConvTranspose3d forward, not sub-pixel)", {"subpixel": False}, None, "fp32")]
         variants = (("", {}, None, "fp32"), (" (U-Net checkpointing)", {"checkpoint_unets": True}, None, "fp32"),
                     (" (maps kept, not recomputed)", {"recompute_maps": False}, None, "fp32"), finest,
                     (" (seeded: noise drawn on the CPU)", {}, torch.Generator().manual_seed(0), "fp32"),
-                    *([(" (TF32 convolutions)", {}, None, "tf32")] if device == "cuda" else []))
+                    *(gpu_only if device == "cuda" else []))
         for label, settings, generator, io_precision in variants:
+            settings = dict(settings)
+            subpixel = settings.pop("subpixel", None)
             for name, value in {**defaults, **settings}.items():
                 setattr(engine.network, name, value)
             before = reset_peak(device)
             torch.manual_seed(0)
-            t, _ = clock(lambda: engine.instance_optimize(moving, fixed, iterations=args.io_steps, similarity="lncc",
-                                                          generator=generator, progress=False, precision=io_precision),
-                         device)
+            with mock.patch.object(model, "uses_subpixel_upconvs", lambda _: subpixel) if subpixel is not None \
+                    else contextlib.nullcontext():
+                t, _ = clock(lambda: engine.instance_optimize(moving, fixed, iterations=args.io_steps,
+                                                              similarity="lncc", generator=generator, progress=False,
+                                                              precision=io_precision), device)
             io_rows.append((f"mgr_engine instance_optimize{label}", t, peak_gib(device, before, ours)))
         for name, value in defaults.items():
             setattr(engine.network, name, value)

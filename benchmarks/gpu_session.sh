@@ -114,12 +114,14 @@ stage tests 150 python3 -m pytest -q -p no:cacheprovider "${tests[@]}" tests/tes
     tests/test_kernels_lncc.py tests/test_kernels_norm_crop_concat.py tests/test_kernel_dispatch.py \
     tests/test_instance_optimization.py::test_regularizer_points_on_a_gpu \
     tests/test_instance_optimization.py::test_instance_optimization_steps_do_not_wait_for_the_gpu \
+    tests/test_instance_optimization.py::test_finest_levels_are_recomputed_by_default_on_a_gpu \
     tests/test_network.py::test_predict_map_on_gpu_tensors_does_not_wait_for_the_gpu \
+    tests/test_network.py::test_io_transposed_convolution_in_subpixel_form \
     tests/test_resample.py::test_resampling_on_the_gpu_matches_the_cpu
 # the dry run's kernels run in Triton's interpreter: 80-92 s on 2 cores, alone
 stage kernels $((SMOKE == 1 ? 130 : 90)) python3 benchmarks/bench_kernels.py --no-compile "${kernels[@]}" \
     --results "$OUT/RESULTS-kernels.md"
-stage engine 180 python3 benchmarks/bench_gpu.py --skip-compile "${engine[@]}" --results "$OUT/RESULTS-gpu.md"
+stage engine 210 python3 benchmarks/bench_gpu.py --skip-compile "${engine[@]}" --results "$OUT/RESULTS-gpu.md"
 stage profile 60 python3 benchmarks/profile_gpu.py "${profile[@]}" --out "$OUT/profile.md"
 stage memory 60 python3 benchmarks/profile_io_memory.py "${memory[@]}"
 stage resample 40 python3 benchmarks/bench_resample.py --tensors "${resample[@]}" --results "$OUT/RESULTS-resample.md"

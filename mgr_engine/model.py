@@ -245,14 +245,23 @@ class _LowMemoryConv(torch.autograd.Function):
     saved tensors once the backward pass has run. A closure holding them lived as long as the
     graph, which IO's ``loss`` holds until the next step's forward has ended: the tensor peak of
     a two-step IO call at 175^3 fell 7.89 -> 5.78 GiB without it
-    (``benchmarks/profile_io_memory.py --peak``)."""
+    (``benchmarks/profile_io_memory.py --peak``).
+
+    With ``subpixel`` (a kernel-4, stride-2 transposed convolution where
+    :func:`uses_subpixel_upconvs`: CUDA), the forward computes the output in sub-pixel form, as
+    the inference network does (cuDNN runs a transposed convolution's forward as its slow dgrad
+    kernel); the backward pass stays the transposed convolution's (a strided convolution for the
+    input gradient)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, transposed, activation, recompute_x):
+    def forward(ctx, x, weight, bias, stride, padding, transposed, activation, recompute_x, subpixel):
         ctx.recompute, kept = recompute_x if recompute_x is not None else (None, (x,))
         ctx.save_for_backward(weight, *kept)
         ctx.conv = (bias is not None, stride, padding, transposed, activation)
         conv_input = F.leaky_relu(x, LEAKY_SLOPE) if activation else x
+        if subpixel:  # the same output; the backward pass below stays the transposed convolution's
+            y = F.conv3d(conv_input, subpixel_weight(weight), None if bias is None else bias.repeat(8), padding=1)
+            return subpixel_shuffle(y, weight.shape[1])
         if transposed:
             return F.conv_transpose3d(conv_input, weight, bias, stride, padding)
         return F.conv3d(conv_input, weight, bias, stride, padding)
@@ -270,7 +279,7 @@ class _LowMemoryConv(torch.autograd.Function):
             [needs_x, needs_weight, needs_bias and has_bias])
         if needs_x and activation:
             grad_input = torch.ops.aten.leaky_relu_backward(grad_input, x, LEAKY_SLOPE, False)
-        return (grad_input if needs_x else None), grad_weight, grad_bias, None, None, None, None, None
+        return (grad_input if needs_x else None), grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -300,8 +309,10 @@ def low_memory_conv(conv: nn.Module, x: torch.Tensor, *, activation: bool = True
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
     if needs_grad and not _autocast_enabled(x.device.type) and _plain_geometry(conv):
         transposed = isinstance(conv, nn.ConvTranspose3d)
+        subpixel = (transposed and conv.kernel_size == (4, 4, 4) and conv.stride[0] == 2 and conv.padding[0] == 1
+                    and uses_subpixel_upconvs(x.device))
         return _LowMemoryConv.apply(x, conv.weight, conv.bias, conv.stride[0], conv.padding[0], transposed,
-                                    activation, recompute_x)
+                                    activation, recompute_x, subpixel)
     return conv(F.leaky_relu(x, LEAKY_SLOPE) if activation else x)
 
 
@@ -458,12 +469,6 @@ def fold_batchnorm(unet: UNet) -> UNet:
     return folded.requires_grad_(False)
 
 
-# Sub-pixel form of a transposed convolution of kernel 4, stride 2, padding 1, per axis: the
-# output voxels 2j - 1 and 2j both sum input voxels j - 1 and j (window taps 0 and 1), with the
-# transposed kernel's taps SUBPIXEL_TAPS[sub-position][window tap].
-SUBPIXEL_TAPS = ((2, 0), (3, 1))
-
-
 class SubpixelConvTranspose3d(nn.Module):
     """A U-Net's ``ConvTranspose3d(kernel 4, stride 2, padding 1)`` as one ``conv3d`` of kernel
     2 (padding 1) into 8x the channels, one group per output parity, then a depth-to-space
@@ -482,26 +487,39 @@ class SubpixelConvTranspose3d(nn.Module):
         if geometry != ((4, 4, 4), (2, 2, 2), (1, 1, 1), (0, 0, 0), (1, 1, 1), 1) or conv.padding_mode != "zeros":
             raise ValueError(f"only kernel 4, stride 2, padding 1 transposed convolutions have this form, not {conv}")
         self.out_channels = conv.out_channels
-        taps = torch.tensor(SUBPIXEL_TAPS, device=conv.weight.device)
-        weight = conv.weight.detach()  # (in, out, 4, 4, 4)
-        # (in, out, sd, a, sh, b, sw, c): the transposed kernel's tap for each sub-position and window tap
-        weight = weight[:, :, taps[:, :, None, None, None, None], taps[None, None, :, :, None, None],
-                        taps[None, None, None, None, :, :]]
-        weight = weight.permute(2, 4, 6, 1, 0, 3, 5, 7).reshape(8 * self.out_channels, conv.in_channels, 2, 2, 2)
-        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("weight", subpixel_weight(conv.weight.detach()))
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().repeat(8))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.conv3d(x, self.weight, self.bias, padding=1)
-        batch, _, d, h, w = y.shape
-        y = y.view(batch, 2, 2, 2, self.out_channels, d, h, w).permute(0, 4, 5, 1, 6, 2, 7, 3)
-        return y.reshape(batch, self.out_channels, 2 * d, 2 * h, 2 * w)[:, :, 1:-1, 1:-1, 1:-1]
+        return subpixel_shuffle(F.conv3d(x, self.weight, self.bias, padding=1), self.out_channels)
+
+
+def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A kernel-4 transposed convolution's weight (in, out, 4, 4, 4) in sub-pixel form
+    (8 * out, in, 2, 2, 2), output parities outermost.
+
+    Per axis, the output voxels 2j - 1 and 2j (sub-positions s = 0, 1 after the crop) both sum
+    the input voxels j - 1 and j (window taps a = 0, 1) with the transposed kernel's tap
+    k = 2 (1 - a) + s: its 4 taps split as (1 - a, s), then flipped. Views and one flip, no
+    index tensor (on a GPU, one made per IO step would be a host-to-device copy that waits)."""
+    in_channels, out_channels = weight.shape[:2]
+    taps = weight.reshape(in_channels, out_channels, 2, 2, 2, 2, 2, 2).flip(2, 4, 6)  # (in, out, a, s per axis)
+    return taps.permute(3, 5, 7, 1, 0, 2, 4, 6).reshape(8 * out_channels, in_channels, 2, 2, 2).contiguous()
+
+
+def subpixel_shuffle(y: torch.Tensor, out_channels: int) -> torch.Tensor:
+    """The sub-pixel convolution's output (B, 8 * out, d, h, w) as the transposed convolution's
+    (B, out, 2d - 2, 2h - 2, 2w - 2): each parity's channels to its voxels, one voxel cropped."""
+    batch, _, d, h, w = y.shape
+    y = y.view(batch, 2, 2, 2, out_channels, d, h, w).permute(0, 4, 5, 1, 6, 2, 7, 3)
+    return y.reshape(batch, out_channels, 2 * d, 2 * h, 2 * w)[:, :, 1:-1, 1:-1, 1:-1]
 
 
 def uses_subpixel_upconvs(device) -> bool:
     """Whether the engine's inference network runs its transposed convolutions in sub-pixel
-    form (:class:`SubpixelConvTranspose3d`) on ``device``: on CUDA, where it is faster; not on
-    the CPU, where it is slower."""
+    form (:class:`SubpixelConvTranspose3d`) on ``device``, and IO's forward computes their
+    outputs so (:class:`_LowMemoryConv`): on CUDA, where it is faster; not on the CPU, where it
+    is slower."""
     return torch.device(device).type == "cuda"
 
 

@@ -5,8 +5,8 @@ import weakref
 import pytest
 import torch
 
-from helpers import (NARROW, cuda_sync_debug, eval_batchnorm, random_network, randomize_, reference_network,
-                     smooth_volume)
+from helpers import (KERNEL_DEVICE, NARROW, cuda_sync_debug, eval_batchnorm, random_network, randomize_,
+                     reference_network, smooth_volume)
 from mgr_engine import Engine, NetworkConfig
 from mgr_engine.errors import CheckpointError
 from mgr_engine.model import GradICONNetwork, load_official_state_dict, official_state_dict
@@ -550,6 +550,33 @@ def test_subpixel_transposed_convolution_equals_the_transposed_one(shape, layout
     torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
     with pytest.raises(ValueError, match="kernel 4, stride 2, padding 1"):
         SubpixelConvTranspose3d(torch.nn.ConvTranspose3d(3, 5, kernel_size=4, stride=2, padding=2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d], ids=["planar", "channels-last"])
+def test_io_transposed_convolution_in_subpixel_form(monkeypatch, dtype, layout):
+    """With gradients (IO), a transposed convolution's forward runs in sub-pixel form where
+    :func:`uses_subpixel_upconvs` says so (CUDA): the output and the gradients of the input, the
+    weight and the bias as the transposed convolution's (on a GPU where there is one)."""
+    from mgr_engine import model
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # torch's default allows TF32
+    torch.manual_seed(0)
+    conv = torch.nn.ConvTranspose3d(6, 4, kernel_size=4, stride=2, padding=1)
+    conv = conv.to(KERNEL_DEVICE, dtype, memory_format=layout)
+    x = torch.randn(2, 6, 5, 7, 6, dtype=dtype, device=KERNEL_DEVICE).contiguous(memory_format=layout)
+    x.requires_grad_(True)
+    grad = torch.randn(2, 4, 10, 14, 12, dtype=dtype, device=KERNEL_DEVICE)
+    results, calls, plain = [], [], model.subpixel_weight
+    monkeypatch.setattr(model, "subpixel_weight", lambda weight: calls.append(1) or plain(weight))
+    for subpixel in (False, True):
+        monkeypatch.setattr(model, "uses_subpixel_upconvs", lambda device: subpixel)
+        out = model.low_memory_conv(conv, x)
+        results.append((out, *torch.autograd.grad(out, [x, conv.weight, conv.bias], grad)))
+    assert len(calls) == 1  # the sub-pixel form ran, once
+    tolerance = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    for plain_result, subpixel_result in zip(*results):
+        torch.testing.assert_close(subpixel_result, plain_result, **tolerance)
 
 
 def test_network_with_subpixel_upconvs_predicts_the_same_map(monkeypatch):
