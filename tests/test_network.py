@@ -241,11 +241,12 @@ def test_low_memory_conv_equals_autograd(transposed, layout, grads, activation, 
         torch.testing.assert_close(got_grad, expected_grad, rtol=1e-10, atol=1e-12)
     if grads == "all":  # against finite differences too, on a smaller grid (4, 3, 5): gradcheck takes a
         # backward pass per output element (10k above for the transposed layer: 25-45 s a case). Not
-        # in fast mode, which missed a gradient of x 1% off.
+        # in fast mode, which missed a gradient of x 1% off. A transposed layer's forward here in
+        # sub-pixel form, as on a GPU (its plain form is autograd's, compared above).
         small = x.detach()[:1, :, :4, :3, :5].contiguous(memory_format=layout).requires_grad_()
         recompute_small = (lambda source: source.clone(), (small.detach().clone(),)) if recompute else None
         torch.autograd.gradcheck(lambda x, weight, bias: _LowMemoryConv.apply(
-            x, weight, bias, conv.stride[0], conv.padding[0], transposed, activation, recompute_small),
+            x, weight, bias, conv.stride[0], conv.padding[0], transposed, activation, recompute_small, transposed),
             (small, conv.weight, conv.bias))
 
 
