@@ -199,7 +199,8 @@ def main(argv=None) -> int:
         reference_kept = kept_for_backward(reference(moving, fixed)[0], ignore=reference.parameters())
         print_kept("reference finetune_execute", *reference_kept, args.rows)
         if kept:
-            print(f"mgr_engine keeps {kept[0] / reference_kept[0]:.0%} of what the reference keeps.\n")
+            print(f"mgr_engine keeps {kept[0] / reference_kept[0]:.0%} of what the reference keeps, outside its "
+                  "recomputed regions, whose inputs this walk does not count (--peak counts everything).\n")
         if args.peak:
             def reference_io_call(steps=args.io_steps):
                 itk_wrapper.finetune_execute(reference, moving, fixed, steps, 2e-5)
