@@ -412,6 +412,8 @@ def test_recomputed_finest_levels_give_the_same_gradients_and_keep_less(recomput
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_finest_levels_are_recomputed_by_default_on_a_gpu():
+    """On CUDA the default (None) recomputes the finest decoder levels: its graph keeps what
+    ``recompute_finest_levels=True`` keeps, less than ``False``."""
     net = random_network(SHAPE, narrow=True, seed=8, displacement_scale=0.3).cuda().requires_grad_(True)
     moving, fixed = (image.cuda() for image in images())
     kept = {}
