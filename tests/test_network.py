@@ -453,6 +453,25 @@ def test_eval_norm_crop_concat_equals_autograds_chain(layout, cropped, dtype):
         assert a.stride() == tensor.stride()
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d], ids=["planar", "channels-last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eval_norm_cropped_cat_is_batch_norms_arithmetic(layout, dtype):
+    """IO's BatchNorm written straight into the concatenation gives torch's BatchNorm bit for
+    bit, over many channels' terms (with ``1 / sqrt`` for ``rsqrt`` most seeds of 256 channels
+    differed in a few of them, and IO against the reference drifted past its tolerance)."""
+    from mgr_engine.model import _cropped_cat, _eval_norm_cropped_cat
+
+    for seed in range(4):
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(2, 256, 4, 3, 6, generator=gen, dtype=dtype).contiguous(memory_format=layout)
+        skip = torch.randn(2, 5, 3, 3, 5, generator=gen, dtype=dtype).contiguous(memory_format=layout)
+        mean, weight, bias = (torch.randn(256, generator=gen, dtype=dtype) for _ in range(3))
+        var = torch.rand(256, generator=gen, dtype=dtype) + 0.1
+        expected = _cropped_cat(torch.nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, 1e-5), skip)
+        got = _eval_norm_cropped_cat(x, skip, weight, bias, mean, var, 1e-5)
+        assert torch.equal(got, expected) and got.stride() == expected.stride()
+
+
 def test_eval_norm_crop_concat_gradcheck():
     from mgr_engine.model import _EvalNormCropConcat
 
