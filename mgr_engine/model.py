@@ -162,10 +162,10 @@ class _EvalNormCropConcat(torch.autograd.Function):
     backward turns BatchNorm's output gradient into its input gradient in place: autograd's
     chain (:class:`_CropConcat`, then BatchNorm's backward) held both, at 175^3 two 0.33 GiB
     volumes at the peak of IO under io_checkpointing. The forward is
-    :func:`_eval_norm_cropped_cat`; the backward, where the ops take Triton kernels (:func:`mgr_engine.ops.use_triton`), one pass of
-    :mod:`kernels.norm_crop_concat` (torch's CUDA BatchNorm backward reduces each channel in one
-    thread block), elsewhere the crop's gradient, torch's BatchNorm backward for the weight and
-    bias gradients, and the input gradient in place."""
+    :func:`_eval_norm_cropped_cat`; the backward, where the ops take Triton kernels
+    (:func:`mgr_engine.ops.use_triton`), one pass of :mod:`kernels.norm_crop_concat` (torch's CUDA
+    BatchNorm backward reduces each channel in one thread block), elsewhere the crop's gradient,
+    torch's BatchNorm backward for the weight and bias gradients, and the input gradient in place."""
 
     @staticmethod
     def forward(ctx, x, skip, weight, bias, running_mean, running_var, eps):
@@ -335,8 +335,7 @@ def low_memory_conv(conv: nn.Module, x: torch.Tensor, *, activation: bool = True
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
     if needs_grad and not _autocast_enabled(x.device.type) and _plain_geometry(conv):
         transposed = isinstance(conv, nn.ConvTranspose3d)
-        subpixel = (transposed and conv.kernel_size == (4, 4, 4) and conv.stride[0] == 2 and conv.padding[0] == 1
-                    and uses_subpixel_upconvs(x.device))
+        subpixel = transposed and has_subpixel_form(conv) and uses_subpixel_upconvs(x.device)
         return _LowMemoryConv.apply(x, conv.weight, conv.bias, conv.stride[0], conv.padding[0], transposed,
                                     activation, recompute_x, subpixel)
     return conv(F.leaky_relu(x, LEAKY_SLOPE) if activation else x)
@@ -513,8 +512,7 @@ class SubpixelConvTranspose3d(nn.Module):
 
     def __init__(self, conv: nn.ConvTranspose3d):
         super().__init__()
-        geometry = (conv.kernel_size, conv.stride, conv.padding, conv.output_padding, conv.dilation, conv.groups)
-        if geometry != ((4, 4, 4), (2, 2, 2), (1, 1, 1), (0, 0, 0), (1, 1, 1), 1) or conv.padding_mode != "zeros":
+        if not has_subpixel_form(conv):
             raise ValueError(f"only kernel 4, stride 2, padding 1 transposed convolutions have this form, not {conv}")
         self.out_channels = conv.out_channels
         self.register_buffer("weight", subpixel_weight(conv.weight.detach()))
@@ -522,6 +520,13 @@ class SubpixelConvTranspose3d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return subpixel_shuffle(F.conv3d(x, self.weight, self.bias, padding=1), self.out_channels)
+
+
+def has_subpixel_form(conv: nn.ConvTranspose3d) -> bool:
+    """Whether ``conv`` is what :class:`SubpixelConvTranspose3d` computes: kernel 4, stride 2,
+    zero padding 1, no output padding, dilation or groups."""
+    geometry = (conv.kernel_size, conv.stride, conv.padding, conv.output_padding, conv.dilation, conv.groups)
+    return geometry == ((4, 4, 4), (2, 2, 2), (1, 1, 1), (0, 0, 0), (1, 1, 1), 1) and conv.padding_mode == "zeros"
 
 
 def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
