@@ -309,7 +309,8 @@ def main(argv=None):
         finest = (" (finest levels kept, not recomputed)", {"recompute_finest_levels": False}, None, "fp32")
         if device != "cuda":
             finest = (" (finest levels recomputed, a GPU's default)", {"recompute_finest_levels": True}, None, "fp32")
-        gpu_only = [(" (TF32 convolutions)", {}, None, "tf32"),
+        # "tf32x3": IO's convolutions and their gradients as three TF32 products (float32's accuracy)
+        gpu_only = [(" (TF32 convolutions)", {}, None, "tf32"), (" (tf32x3: three TF32 products)", {}, None, "tf32x3"),
                     (" (ConvTranspose3d forward, not sub-pixel)", {"subpixel": False}, None, "fp32")]
         variants = (("", {}, None, "fp32"), (" (U-Net checkpointing)", {"checkpoint_unets": True}, None, "fp32"),
                     (" (maps kept, not recomputed)", {"recompute_maps": False}, None, "fp32"), finest,

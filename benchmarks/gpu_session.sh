@@ -21,8 +21,8 @@
 #   kernels   90  bench_kernels.py without torch.compile: time, memory, bandwidth per kernel (warps
 #                 at jittered and smooth maps), the warp kernels' BLOCK:warps sweep, the LNCC
 #                 kernel's slab sweep (1, 3, 5, 7, 10), IO's BatchNorm backward (torch, Triton)
-#   engine   180  bench_gpu.py: end to end against the reference, TF32/bf16, IO memory, layouts
-#   profile   60  profile_gpu.py: where a registration's and an IO step's (fp32, TF32) device time goes
+#   engine   210  bench_gpu.py: end to end against the reference, TF32/bf16, IO memory, layouts
+#   profile   75  profile_gpu.py: where a registration's and an IO step's (fp32, TF32, tf32x3) device time goes
 #   memory    60  profile_io_memory.py --reference: what an IO step keeps for its backward pass,
 #                 by node, against the reference
 #   resample  40  bench_resample.py --tensors: a result's warped image, field and Jacobian on the
@@ -115,14 +115,16 @@ stage tests 150 python3 -m pytest -q -p no:cacheprovider "${tests[@]}" tests/tes
     tests/test_instance_optimization.py::test_regularizer_points_on_a_gpu \
     tests/test_instance_optimization.py::test_instance_optimization_steps_do_not_wait_for_the_gpu \
     tests/test_instance_optimization.py::test_finest_levels_are_recomputed_by_default_on_a_gpu \
+    tests/test_instance_optimization.py::test_io_gradients_in_tf32x3_are_as_accurate_as_float32s \
     tests/test_network.py::test_predict_map_on_gpu_tensors_does_not_wait_for_the_gpu \
     tests/test_network.py::test_io_transposed_convolution_in_subpixel_form \
+    tests/test_network.py::test_low_memory_conv_in_tf32x3 \
     tests/test_resample.py::test_resampling_on_the_gpu_matches_the_cpu
 # the dry run's kernels run in Triton's interpreter: 80-92 s on 2 cores, alone
 stage kernels $((SMOKE == 1 ? 130 : 90)) python3 benchmarks/bench_kernels.py --no-compile "${kernels[@]}" \
     --results "$OUT/RESULTS-kernels.md"
 stage engine 210 python3 benchmarks/bench_gpu.py --skip-compile "${engine[@]}" --results "$OUT/RESULTS-gpu.md"
-stage profile 60 python3 benchmarks/profile_gpu.py "${profile[@]}" --out "$OUT/profile.md"
+stage profile 75 python3 benchmarks/profile_gpu.py "${profile[@]}" --out "$OUT/profile.md"
 stage memory 60 python3 benchmarks/profile_io_memory.py "${memory[@]}"
 stage resample 40 python3 benchmarks/bench_resample.py --tensors "${resample[@]}" --results "$OUT/RESULTS-resample.md"
 if [[ $SMOKE != 1 ]]; then  # torch.compile of the kernels' references: nothing to check on the CPU

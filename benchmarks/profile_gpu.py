@@ -110,10 +110,12 @@ def main(argv=None):
                 f"### no IO: one predict_map\n\n```\n{profiled(no_io, device, args.rows)}\n```\n\n"
                 f"### IO: {args.io_steps} steps of instance_optimize (1 - LNCC^2) and the final forward\n\n"
                 f"```\n{profiled(lambda: io(args.io_steps), device, args.rows)}\n```\n")
-        if device == "cuda":  # IO in TF32 (opt-in, 4.5x the reference's fp32 IO on an H200): what is left then
-            io(1, "tf32")
-            text += (f"\n### IO in TF32: {args.io_steps} steps of instance_optimize(precision='tf32')\n\n"
-                     f"```\n{profiled(lambda: io(args.io_steps, 'tf32'), device, args.rows)}\n```\n")
+        # on CUDA: IO in TF32 (opt-in, 4.5x the reference's fp32 IO on an H200): what is left then; in
+        # tf32x3 (three TF32 products a convolution, float32's accuracy): what the splits cost
+        for precision in ("tf32", "tf32x3") if device == "cuda" else ():
+            io(1, precision)
+            text += (f"\n### IO in {precision}: {args.io_steps} steps of instance_optimize(precision='{precision}')"
+                     f"\n\n```\n{profiled(lambda: io(args.io_steps, precision), device, args.rows)}\n```\n")
     print(text, flush=True)
     if args.out:
         with open(args.out, "a") as f:

@@ -164,8 +164,15 @@ def main(argv=None) -> int:
     parser.add_argument("--finest-levels", choices=("recomputed", "kept"), default="recomputed",
                         help="GradICONNetwork.recompute_finest_levels: recomputed (a GPU's default, forecast here "
                              "on any device) or kept (the CPU's default)")
+    parser.add_argument("--precision", choices=("fp32", "tf32x3"), default="fp32",
+                        help="instance_optimize's precision; tf32x3 splits IO's convolutions into three products "
+                             "on any device here (on the CPU, float32 products: the same tensors held)")
     args = parser.parse_args(argv)
     shape = tuple(args.shape)
+    if args.precision == "tf32x3" and args.device == "cpu":
+        from mgr_engine import model
+
+        model.splits_tf32 = lambda x: x.dtype == torch.float32
 
     from helpers import benchmark_engine, kept_for_backward
 
@@ -176,7 +183,8 @@ def main(argv=None) -> int:
     print(f"{args.device}, torch {torch.__version__}, network input {shape}, 1-{args.similarity.upper()}; weights "
           f"{parameters / GIB:.2f} GiB (with their gradients and Adam's two moments, {4 * parameters / GIB:.2f} GiB)\n")
     ours = "mgr_engine instance_optimize" + (" (io_checkpointing)" if args.checkpointing else
-                                             f" (finest levels {args.finest_levels})")
+                                             f" (finest levels {args.finest_levels})") + (
+        " in tf32x3" if args.precision == "tf32x3" else "")
     # Each graph is counted and freed before the next is built: two alive would double the peak.
     # Not under checkpointing: reading a checkpointed node's saved tensors recomputes them.
     kept = None if args.checkpointing else kept_for_backward_refusing_recomputation(
@@ -187,7 +195,7 @@ def main(argv=None) -> int:
     if args.peak:
         def io_call(steps=args.io_steps):
             engine.instance_optimize(moving, fixed, iterations=steps, similarity=args.similarity,
-                                     progress=False)
+                                     progress=False, precision=args.precision)
 
         io_call(1)  # warm-up: caches and first-call allocations
         peaks[ours] = peak_memory(io_call, args.device)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from . import host_memory, itk_io, resample
+from . import model as _model  # its process-wide SPLIT_TF32_CONVOLUTIONS, beside the TF32 switches
 from .errors import (CheckpointError, InstanceOptimizationError, InvalidImageError, InvalidOptionError, MgrEngineError,
                      WeightsNotFoundError, tilde_hint)
 from .labels import warn_if_linear_on_labels
@@ -46,31 +47,42 @@ BACKENDS = ("torch", "onnxruntime")
 
 
 class _TF32Switches:
-    """cuDNN's and cuBLAS's TF32 switches, which are process-wide. Sections that need them one way
-    (forwards and IO of any engine, in any thread) run beside each other and share one save and
-    restore; a section that needs them the other way waits until those end. (Each section saving
-    and restoring on its own let overlapping ones restore the switches under each other, and
-    leave them changed after all had ended.) A section nested in one of the same thread runs
-    under the outer one's setting."""
+    """cuDNN's and cuBLAS's TF32 switches, and :data:`mgr_engine.model.SPLIT_TF32_CONVOLUTIONS`
+    beside them, which are process-wide. A section runs under one of :data:`TF32_SETTINGS`.
+    Sections that need the same setting (forwards and IO of any engine, in any thread) run beside
+    each other and share one save and restore; a section that needs another waits until those
+    end. (Each section saving and restoring on its own let overlapping ones restore the switches
+    under each other, and leave them changed after all had ended.) A section nested in one of the
+    same thread runs under the outer one's setting."""
 
     def __init__(self):
         self._changed = threading.Condition()
-        self._tf32 = None  # what the open sections run with
+        self._setting = None  # what the open sections run with
         self._open = 0
         self._saved = None
         self._thread = threading.local()
 
+    @staticmethod
+    def _switches():
+        return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, _model.SPLIT_TF32_CONVOLUTIONS
+
+    @staticmethod
+    def _set(switches):
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, _model.SPLIT_TF32_CONVOLUTIONS = switches
+
     @contextlib.contextmanager
-    def set_to(self, tf32: bool):
+    def set_to(self, setting: str):
+        switches = TF32_SETTINGS[setting]
         if getattr(self._thread, "depth", 0):  # nested: waiting for the outer section would never end
             yield
             return
         with self._changed:
-            while self._open and self._tf32 != tf32:
+            while self._open and self._setting != setting:
                 self._changed.wait()
             if not self._open:
-                self._saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-                torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = self._tf32 = tf32
+                self._saved = self._switches()
+                self._set(switches)
+                self._setting = setting
             self._open += 1
         self._thread.depth = 1
         try:
@@ -80,10 +92,14 @@ class _TF32Switches:
             with self._changed:
                 self._open -= 1
                 if not self._open:
-                    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self._saved
+                    self._set(self._saved)
                     self._changed.notify_all()
 
 
+# cuDNN's TF32, cuBLAS's TF32, IO's convolutions as three TF32 products (model.tf32x3): "tf32x3"
+# keeps cuBLAS in fp32, since no matrix product of IO goes through the split (the LNCC window's
+# banded matrices in the PyTorch path)
+TF32_SETTINGS = {"fp32": (False, False, False), "tf32": (True, True, False), "tf32x3": (True, False, True)}
 _TF32_SWITCHES = _TF32Switches()
 
 
@@ -364,7 +380,7 @@ class Engine:
             (autocast; maps and sampling stay float32). Both are for CUDA: on the 2-core CPU (AMD
             EPYC with AVX512-BF16) ``"bf16"`` made ``predict_map`` at 175^3 slower, 1.7-1.8
             against 1.6 s in fp32. Instance optimization is fp32 unless
-            :meth:`instance_optimize` is given ``precision="tf32"``.
+            :meth:`instance_optimize` is given ``precision="tf32"`` or ``"tf32x3"``.
         compile: ``torch.compile`` the no-IO forward (with CUDA graphs on a GPU, mode
             ``"reduce-overhead"``): for a resident engine that registers many pairs, since the
             first call compiles for minutes (131 s at 175^3 on the 2-core CPU).
@@ -540,7 +556,8 @@ class Engine:
     @contextlib.contextmanager
     def _precision(self, precision: str):
         """TF32 (on CUDA, see :class:`_TF32Switches`) and autocast settings of ``precision``."""
-        tf32 = _TF32_SWITCHES.set_to(precision == "tf32") if self.device.type == "cuda" else contextlib.nullcontext()
+        tf32 = (_TF32_SWITCHES.set_to(precision if precision in TF32_SETTINGS else "fp32")
+                if self.device.type == "cuda" else contextlib.nullcontext())
         with tf32, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             yield
 
@@ -562,11 +579,14 @@ class Engine:
 
         ``moving``/``fixed``: one pair, (1, 1, *input_shape), as for :meth:`predict_map`.
 
-        ``precision``: ``"fp32"`` (default, whatever the engine's ``precision``) or ``"tf32"``:
-        on CUDA, cuDNN's TF32 tensor cores for IO's convolutions, whose fp32 weight gradients
-        were 61% of an IO step's GPU time on an H200 (benchmarks/RESULTS.md). How far TF32
-        moves IO's result is not measured: with randomized weights IO is chaotic at float32
-        rounding, so only the official weights can tell. No effect on the CPU.
+        ``precision``: ``"fp32"`` (default, whatever the engine's ``precision``), ``"tf32"`` or
+        ``"tf32x3"``, for CUDA (no effect on the CPU). ``"tf32"``: cuDNN's TF32 tensor cores for
+        IO's convolutions, whose fp32 weight gradients were 61% of an IO step's GPU time on an
+        H200 (benchmarks/RESULTS.md); how far it moves IO's result is not measured (with
+        randomized weights IO is chaotic at float32 rounding, so only the official weights can
+        tell). ``"tf32x3"``: each of the steps' convolutions, input gradients and weight
+        gradients as three TF32 products (:func:`mgr_engine.model.tf32x3`), float32's accuracy
+        by construction, and the final forward in fp32; its speed on a GPU is not measured yet.
 
         Returns ``(phi_ab, phi_ba, losses)``: both maps and the loss of each step's forward,
         followed by the loss of the final forward (``iterations + 1`` values).
@@ -574,8 +594,8 @@ class Engine:
         from tqdm.auto import tqdm
 
         check_io_iterations(iterations)
-        if precision not in ("fp32", "tf32"):
-            raise InvalidOptionError(f"instance optimization precision {precision!r}: 'fp32' or 'tf32' "
+        if precision not in ("fp32", "tf32", "tf32x3"):
+            raise InvalidOptionError(f"instance optimization precision {precision!r}: 'fp32', 'tf32' or 'tf32x3' "
                                      "(bf16 is for the forward without IO)")
         if iterations is None or iterations < 1:
             raise InvalidOptionError("instance optimization needs iterations >= 1 (use predict_map for none)")
@@ -614,6 +634,7 @@ class Engine:
             check_every = 1 if self.device.type == "cpu" else 10
             step_losses = []
             try:
+                finished = False
                 with self._precision(precision):
                     for step in tqdm(range(iterations), desc="instance optimization", disable=not progress,
                                      leave=False):
@@ -626,11 +647,15 @@ class Engine:
                         loss.backward()
                         optimizer.step()
                     else:
-                        with torch.no_grad():
-                            loss, phi_ab, phi_ba = gradicon_objective(net, moving, fixed, sim, lmbda=lmbda,
-                                                                      generator=generator, **masks)
-                        step_losses.append(loss)
-                    losses = torch.stack(step_losses).tolist()
+                        finished = True
+                if finished:
+                    # tf32x3 splits only the convolutions autograd records, none of this forward's:
+                    # its own section (after the steps', which a nested one would not change), fp32
+                    with self._precision("fp32" if precision == "tf32x3" else precision), torch.no_grad():
+                        loss, phi_ab, phi_ba = gradicon_objective(net, moving, fixed, sim, lmbda=lmbda,
+                                                                  generator=generator, **masks)
+                    step_losses.append(loss)
+                losses = torch.stack(step_losses).tolist()
                 diverged = next((index for index, value in enumerate(losses) if not math.isfinite(value)), None)
                 if diverged is not None:  # its maps are NaN: no transform to give
                     raise InstanceOptimizationError(

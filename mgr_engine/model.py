@@ -259,6 +259,43 @@ def norm_crop_concat(norm: nn.Module, x: torch.Tensor, skip: torch.Tensor) -> to
 LEAKY_SLOPE = 0.01  # F.leaky_relu's default, the authors' activation
 
 
+# Process-wide, like torch.backends.cudnn.allow_tf32, which it accompanies: set (with cuDNN's TF32
+# switch on) by the engine's TF32 sections for instance optimization in precision "tf32x3".
+SPLIT_TF32_CONVOLUTIONS = False
+
+
+def splits_tf32(x: torch.Tensor) -> bool:
+    """Whether :class:`_LowMemoryConv` computes its convolutions of ``x`` as three TF32 products
+    (:func:`tf32x3`): float32 on CUDA inside a "tf32x3" section."""
+    return SPLIT_TF32_CONVOLUTIONS and x.is_cuda and x.dtype == torch.float32
+
+
+def round_to_tf32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (float32) with its mantissa rounded to TF32's 10 bits, to nearest with ties away from
+    zero (how cuDNN's TF32 convolutions round their operands, as far as the H200's point
+    differences tell: benchmarks/emulate_tf32.py); same strides."""
+    # half of the 13 dropped bits carries into the kept ones (and into the exponent)
+    return ((t.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
+
+
+def tf32x3(product, a: torch.Tensor, b: torch.Tensor, *, a_disposable: bool = False) -> torch.Tensor:
+    """``product(a, b)`` for a bilinear ``product`` (a convolution, or its input or weight
+    gradient) of float32 tensors, as three products of operands that TF32 holds exactly:
+    ``a = a_hi + a_lo``, ``b = b_hi + b_lo`` with ``a_hi``, ``b_hi`` rounded to TF32 and the
+    remainders 2^-11 of them, and ``a_lo * b_lo`` (2^-22 relative) dropped. On tensor cores, three
+    TF32 products give float32's accuracy (benchmarks/RESULTS.md: within float32's own rounding
+    of a convolution, where one TF32 product is 3e-4 off) faster than one float32 product on
+    CUDA cores. ``a_disposable``: ``a`` may be overwritten (with ``a_lo``), one copy of it less."""
+    a_hi, b_hi = round_to_tf32(a), round_to_tf32(b)
+    a_lo = a.sub_(a_hi) if a_disposable else a - a_hi
+    del a  # a caller that holds no name of a disposable one has its memory back after this product
+    out = product(a_lo, b_hi)  # the small terms first
+    del a_lo
+    out += product(a_hi, b - b_hi)
+    out += product(a_hi, b_hi)
+    return out
+
+
 class _LowMemoryConv(torch.autograd.Function):
     """``conv(leaky_relu(x))``, or ``conv(x)``, for a U-Net's 3-D convolution or transposed
     convolution, keeping the least for the backward pass. Autograd would keep ``x`` (the
@@ -277,35 +314,61 @@ class _LowMemoryConv(torch.autograd.Function):
     :func:`uses_subpixel_upconvs`: CUDA), the forward computes the output in sub-pixel form, as
     the inference network does (cuDNN runs a transposed convolution's forward as its slow dgrad
     kernel); the backward pass stays the transposed convolution's (a strided convolution for the
-    input gradient)."""
+    input gradient). With ``split_tf32`` (:func:`splits_tf32`), the convolution, its input
+    gradient and its weight gradient each as :func:`tf32x3`."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, transposed, activation, recompute_x, subpixel):
+    def forward(ctx, x, weight, bias, stride, padding, transposed, activation, recompute_x, subpixel, split_tf32):
         ctx.recompute, kept = recompute_x if recompute_x is not None else (None, (x,))
         ctx.save_for_backward(weight, *kept)
-        ctx.conv = (bias is not None, stride, padding, transposed, activation)
-        conv_input = F.leaky_relu(x, LEAKY_SLOPE) if activation else x
+        ctx.conv = (bias is not None, stride, padding, transposed, activation, split_tf32)
+        out_channels = weight.shape[1] if transposed else weight.shape[0]
         if subpixel:  # the same output; the backward pass below stays the transposed convolution's
-            y = F.conv3d(conv_input, subpixel_weight(weight), None if bias is None else bias.repeat(8), padding=1)
-            return subpixel_shuffle(y, weight.shape[1])
-        if transposed:
-            return F.conv_transpose3d(conv_input, weight, bias, stride, padding)
-        return F.conv3d(conv_input, weight, bias, stride, padding)
+            weight, bias = subpixel_weight(weight), None if bias is None else bias.repeat(8)
+            conv = functools.partial(F.conv3d, padding=1)
+        elif transposed:
+            conv = functools.partial(F.conv_transpose3d, stride=stride, padding=padding)
+        else:
+            conv = functools.partial(F.conv3d, stride=stride, padding=padding)
+        if split_tf32:  # leaky_relu's output is ours to overwrite
+            y = tf32x3(conv, F.leaky_relu(x, LEAKY_SLOPE) if activation else x, weight, a_disposable=activation)
+            if bias is not None:
+                y += bias.view(-1, 1, 1, 1)
+        else:
+            y = conv(F.leaky_relu(x, LEAKY_SLOPE) if activation else x, weight, bias)
+        return subpixel_shuffle(y, out_channels) if subpixel else y
 
     @staticmethod
     def backward(ctx, grad):
         weight, *kept = ctx.saved_tensors
         x = kept[0] if ctx.recompute is None else ctx.recompute(*kept)
-        has_bias, stride, padding, transposed, activation = ctx.conv
+        has_bias, stride, padding, transposed, activation, split_tf32 = ctx.conv
         needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-            grad, F.leaky_relu(x, LEAKY_SLOPE) if activation else x, weight,
-            [weight.shape[1 if transposed else 0]] if has_bias else None,
-            [stride] * 3, [padding] * 3, [1, 1, 1], transposed, [0, 0, 0], 1,
-            [needs_x, needs_weight, needs_bias and has_bias])
+
+        def conv_input():
+            return F.leaky_relu(x, LEAKY_SLOPE) if activation else x
+
+        def convolution_backward(grad, conv_input, weight, mask):
+            return torch.ops.aten.convolution_backward(
+                grad, conv_input, weight, [weight.shape[1 if transposed else 0]] if mask[2] else None,
+                [stride] * 3, [padding] * 3, [1, 1, 1], transposed, [0, 0, 0], 1, mask)
+
+        if split_tf32:
+            grad_input = grad_weight = grad_bias = None
+            if needs_weight:  # the convolution's input is ours where made here (the activation's, or recomputed)
+                grad_weight = tf32x3(lambda inp, g: convolution_backward(g, inp, weight, [False, True, False])[1],
+                                     conv_input(), grad, a_disposable=activation or ctx.recompute is not None)
+            if needs_x:  # x gives the input gradient its shape and layout (the values are unused)
+                grad_input = tf32x3(lambda g, w: convolution_backward(g, x, w, [True, False, False])[0], grad, weight)
+            if needs_bias and has_bias:
+                grad_bias = grad.sum((0, 2, 3, 4))
+        else:
+            grad_input, grad_weight, grad_bias = convolution_backward(
+                grad, conv_input(), weight, [needs_x, needs_weight, needs_bias and has_bias])
         if needs_x and activation:
             grad_input = torch.ops.aten.leaky_relu_backward(grad_input, x, LEAKY_SLOPE, False)
-        return (grad_input if needs_x else None), grad_weight, grad_bias, None, None, None, None, None, None
+        return ((grad_input if needs_x else None), grad_weight, grad_bias,
+                None, None, None, None, None, None, None)
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -337,7 +400,7 @@ def low_memory_conv(conv: nn.Module, x: torch.Tensor, *, activation: bool = True
         transposed = isinstance(conv, nn.ConvTranspose3d)
         subpixel = transposed and has_subpixel_form(conv) and uses_subpixel_upconvs(x.device)
         return _LowMemoryConv.apply(x, conv.weight, conv.bias, conv.stride[0], conv.padding[0], transposed,
-                                    activation, recompute_x, subpixel)
+                                    activation, recompute_x, subpixel, splits_tf32(x))
     return conv(F.leaky_relu(x, LEAKY_SLOPE) if activation else x)
 
 

@@ -119,9 +119,10 @@ def test_io_changes_the_map_and_next_call_starts_from_checkpoint():
 
 
 def test_io_runs_under_the_precision_asked_and_refuses_bf16(monkeypatch):
-    """``precision="tf32"`` puts IO's steps under the engine's TF32 section (cuDNN's and
-    cuBLAS' switches on CUDA); the default is fp32 whatever the engine's own precision; bf16
-    (the no-IO forward's autocast) is refused before any step."""
+    """``precision="tf32"`` puts IO's steps and final forward under the engine's TF32 section
+    (cuDNN's and cuBLAS' switches on CUDA), ``"tf32x3"`` its steps (the final forward, which
+    records no convolution for the split, in fp32); the default is fp32 whatever the engine's
+    own precision; bf16 (the no-IO forward's autocast) is refused before any step."""
     from mgr_engine.errors import InvalidOptionError
 
     net = random_network(SHAPE, narrow=True, seed=4, displacement_scale=0.3)
@@ -132,10 +133,12 @@ def test_io_runs_under_the_precision_asked_and_refuses_bf16(monkeypatch):
     monkeypatch.setattr(engine, "_precision", lambda precision: sections.append(precision) or original(precision))
     engine.instance_optimize(moving, fixed, iterations=1, progress=False)
     engine.instance_optimize(moving, fixed, iterations=1, progress=False, precision="tf32")
-    assert sections == ["fp32", "tf32"]
-    with pytest.raises(InvalidOptionError, match="'fp32' or 'tf32'"):
+    engine.instance_optimize(moving, fixed, iterations=1, progress=False, precision="tf32x3")
+    expected = ["fp32", "fp32", "tf32", "tf32", "tf32x3", "fp32"]  # the steps', the final forward's
+    assert sections == expected
+    with pytest.raises(InvalidOptionError, match="'fp32', 'tf32' or 'tf32x3'"):
         engine.instance_optimize(moving, fixed, iterations=1, progress=False, precision="bf16")
-    assert sections == ["fp32", "tf32"]
+    assert sections == expected
 
 
 # The reference's MIND-SSC builds float32 kernels, so it is compared in float32.
@@ -421,6 +424,41 @@ def test_finest_levels_are_recomputed_by_default_on_a_gpu():
         net.recompute_finest_levels = recompute
         kept[recompute] = _objective_gradients_and_kept_bytes(net, moving, fixed)[1]
     assert kept[None] == kept[True] < kept[False], kept
+
+
+def test_io_gradients_in_tf32x3_are_as_accurate_as_float32s():
+    """An IO objective's weight gradients with every convolution, input gradient and weight
+    gradient as three TF32 products (precision "tf32x3"; the finest levels recomputed in the
+    backward pass, whose convolutions split too) as close to float64's as float32's, where one
+    TF32 product each is 10x further or more. (The objective amplifies rounding: float32's are
+    2e-3 off here.) On the CPU, float32 products of TF32-rounded operands stand in for tensor
+    cores; on CUDA, cuDNN's TF32 through the engine's sections."""
+    from mgr_engine import model
+    from mgr_engine.engine import _TF32_SWITCHES
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net = random_network(SHAPE, narrow=True, seed=8, displacement_scale=0.3).to(device).requires_grad_(True)
+    net.recompute_finest_levels = True
+    moving, fixed = (image.to(device) for image in images())
+    split, rounded = model.tf32x3, model.round_to_tf32
+
+    def gradients(setting, net=net, moving=moving, fixed=fixed):
+        with _TF32_SWITCHES.set_to(setting), pytest.MonkeyPatch.context() as patch:
+            if device == "cpu" and setting != "fp32":
+                patch.setattr(model, "splits_tf32", lambda x: x.dtype == torch.float32)
+                if setting == "tf32x3":  # three products of a tensor core's operands
+                    patch.setattr(model, "tf32x3", lambda product, a, b, **options: split(
+                        lambda p, q: product(rounded(p), rounded(q)), a, b, **options))
+                else:  # one
+                    patch.setattr(model, "tf32x3", lambda product, a, b, **options: product(rounded(a), rounded(b)))
+            grads = _objective_gradients_and_kept_bytes(net, moving, fixed)[0]
+        return torch.cat([g.flatten().double() for g in grads])
+
+    exact = gradients("fp32", copy.deepcopy(net).double(), moving.double(), fixed.double())
+    errors = {setting: ((gradients(setting) - exact).norm() / exact.norm()).item()
+              for setting in ("fp32", "tf32x3", "tf32")}
+    assert errors["tf32x3"] < 1.5 * errors["fp32"], errors
+    assert errors["tf32"] > 10 * errors["fp32"], errors
 
 
 def test_threads_sharing_an_engine_get_each_io_as_if_alone():

@@ -246,7 +246,8 @@ def test_low_memory_conv_equals_autograd(transposed, layout, grads, activation, 
         small = x.detach()[:1, :, :4, :3, :5].contiguous(memory_format=layout).requires_grad_()
         recompute_small = (lambda source: source.clone(), (small.detach().clone(),)) if recompute else None
         torch.autograd.gradcheck(lambda x, weight, bias: _LowMemoryConv.apply(
-            x, weight, bias, conv.stride[0], conv.padding[0], transposed, activation, recompute_small, transposed),
+            x, weight, bias, conv.stride[0], conv.padding[0], transposed, activation, recompute_small, transposed,
+            False),
             (small, conv.weight, conv.bias))
 
 
@@ -263,6 +264,76 @@ def test_low_memory_conv_leaves_other_layers_to_autograd(layer):
     got = low_memory_conv(layer, x, recompute_x=(lambda source: source.clone(), (x.detach().clone(),)))
     assert type(got.grad_fn).__name__ != "_LowMemoryConvBackward"
     assert torch.equal(got, plain_conv(layer, x))
+
+
+@pytest.mark.parametrize("disposable", [False, True])
+def test_tf32x3_is_as_accurate_as_float32_where_one_tf32_product_is_not(disposable):
+    """Three products of TF32 operands (float32 convolutions of rounded operands stand in for a
+    tensor core's) give a convolution to float32's accuracy; one is 3e-4 off. ``a_disposable``
+    overwrites the first operand, and only then."""
+    from mgr_engine.model import round_to_tf32, tf32x3
+
+    torch.manual_seed(0)
+    x, weight = torch.randn(1, 16, 12, 11, 10), 0.05 * torch.randn(8, 16, 3, 3, 3)
+    exact = torch.nn.functional.conv3d(x.double(), weight.double(), padding=1)
+
+    def tf32_product(a, b):
+        return torch.nn.functional.conv3d(round_to_tf32(a), round_to_tf32(b), padding=1)
+
+    def error(y):
+        return ((y.double() - exact).abs().max() / exact.abs().max()).item()
+
+    first = x.clone()
+    split = error(tf32x3(tf32_product, first, weight, a_disposable=disposable))
+    float32 = error(torch.nn.functional.conv3d(x, weight, padding=1))
+    assert error(tf32_product(x, weight)) > 1e-4
+    assert split < max(3 * float32, 2e-6), (split, float32)
+    assert torch.equal(first, x) != disposable
+
+
+@pytest.mark.parametrize("kind", ["conv", "strided conv", "transposed", "subpixel"])
+@pytest.mark.parametrize("activation,recompute", [(True, False), (True, True), (False, True), (False, False)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d], ids=["planar", "channels-last"])
+def test_low_memory_conv_in_tf32x3(monkeypatch, kind, activation, recompute, layout):
+    """Where :func:`splits_tf32` (IO in precision "tf32x3" on CUDA), the convolution, its input
+    gradient and its weight gradient are each one :func:`tf32x3` of TF32 products, and they and
+    the bias gradient have float32's accuracy against float64. On the CPU, float32 products of
+    TF32-rounded operands stand in for tensor cores; on CUDA, cuDNN's TF32 (switched on)."""
+    import copy
+
+    from mgr_engine import model
+
+    torch.manual_seed(5)
+    conv = {"conv": lambda: torch.nn.Conv3d(6, 4, 3, padding=1), "strided conv": lambda: torch.nn.Conv3d(6, 4, 3, padding=1, stride=2),
+            "transposed": lambda: torch.nn.ConvTranspose3d(6, 4, 4, padding=1, stride=2),
+            "subpixel": lambda: torch.nn.ConvTranspose3d(6, 4, 4, padding=1, stride=2)}[kind]()
+    conv = conv.to(KERNEL_DEVICE, memory_format=layout)
+    x = torch.randn(2, 6, 7, 6, 5, device=KERNEL_DEVICE).contiguous(memory_format=layout).requires_grad_()
+    x_before = x.detach().clone()
+    recompute_x = (lambda source: source.clone(), (x.detach().clone(),)) if recompute else None
+    monkeypatch.setattr(model, "uses_subpixel_upconvs", lambda device: kind == "subpixel")
+    monkeypatch.setattr(model, "splits_tf32", lambda x: True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    products, split = [], model.tf32x3
+
+    def counted(product, a, b, **options):
+        products.append(product)
+        if KERNEL_DEVICE == "cpu":  # a tensor core's operands
+            return split(lambda p, q: product(model.round_to_tf32(p), model.round_to_tf32(q)), a, b, **options)
+        return split(product, a, b, **options)
+
+    monkeypatch.setattr(model, "tf32x3", counted)
+    out = model.low_memory_conv(conv, x, activation=activation, recompute_x=recompute_x)
+    grad = torch.randn_like(out)
+    got = (out, *torch.autograd.grad(out, [x, conv.weight, conv.bias], grad))
+    assert len(products) == 3  # forward, input gradient, weight gradient
+    assert torch.equal(x, x_before)  # overwritten only where the function made its own copy
+    conv64, x64 = copy.deepcopy(conv).double(), x.detach().double().requires_grad_()
+    out64 = plain_conv(conv64, x64, activation)
+    expected = (out64, *torch.autograd.grad(out64, [x64, conv64.weight, conv64.bias], grad.double()))
+    for name, got_tensor, expected_tensor in zip(("output", "x", "weight", "bias"), got, expected):
+        error = (got_tensor.double() - expected_tensor).abs().max() / expected_tensor.abs().max()
+        assert error < 1e-5, (name, error.item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -492,26 +563,28 @@ def test_tf32_switches_are_set_once_for_overlapping_sections_and_restored_after_
     as plain flags, so threads on the CPU exercise the bookkeeping CUDA relies on."""
     import threading
 
+    from mgr_engine import model
     from mgr_engine.engine import _TF32_SWITCHES
 
     backends = torch.backends
     original = (backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32)
 
     def switches():
-        return backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32
+        return backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32, model.SPLIT_TF32_CONVOLUTIONS
 
     entered = {name: threading.Event() for name in ("a", "b", "tf32")}
     leave = {name: threading.Event() for name in ("a", "b", "tf32")}
     seen = {}
 
-    def section(name, tf32):
-        with _TF32_SWITCHES.set_to(tf32):
+    def section(name, setting):
+        with _TF32_SWITCHES.set_to(setting):
             seen[name] = switches()
             entered[name].set()
             leave[name].wait(10)
             seen[name + " leaving"] = switches()
 
-    threads = {name: threading.Thread(target=section, args=(name, name == "tf32")) for name in ("a", "b", "tf32")}
+    threads = {name: threading.Thread(target=section, args=(name, "tf32" if name == "tf32" else "fp32"))
+               for name in ("a", "b", "tf32")}
     try:
         backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32 = True, True
         threads["a"].start()
@@ -528,13 +601,17 @@ def test_tf32_switches_are_set_once_for_overlapping_sections_and_restored_after_
         leave["tf32"].set()
         for thread in threads.values():
             thread.join(10)
-        assert seen == {"a": (False, False), "b": (False, False), "a leaving": (False, False),
-                        "b leaving": (False, False), "tf32": (True, True), "tf32 leaving": (True, True)}
-        assert switches() == (True, True)  # as they were before the first section
-        with _TF32_SWITCHES.set_to(False):
-            with _TF32_SWITCHES.set_to(True):  # nested in one thread: the outer setting, no deadlock
-                assert switches() == (False, False)
-        assert switches() == (True, True)
+        assert seen == {"a": (False, False, False), "b": (False, False, False), "a leaving": (False, False, False),
+                        "b leaving": (False, False, False), "tf32": (True, True, False),
+                        "tf32 leaving": (True, True, False)}
+        assert switches() == (True, True, False)  # as they were before the first section
+        with _TF32_SWITCHES.set_to("fp32"):
+            with _TF32_SWITCHES.set_to("tf32"):  # nested in one thread: the outer setting, no deadlock
+                assert switches() == (False, False, False)
+        # IO's split convolutions: cuDNN in TF32 for them, cuBLAS left in fp32 (nothing splits its products)
+        with _TF32_SWITCHES.set_to("tf32x3"):
+            assert switches() == (True, False, True)
+        assert switches() == (True, True, False)
     finally:
         for event in leave.values():
             event.set()
