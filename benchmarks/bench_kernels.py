@@ -13,8 +13,9 @@ peak memory), where icon_registration imports. Everything in float32, TF32 off. 
 composition at two maps: jittered independently at every point (neighbours gather from
 unrelated cache lines, the worst case) and smooth (as a registration's). Then both for several
 ``BLOCK:warps`` configurations (``--blocks``; none: no sweep), LNCC^2 for several numbers
-of slabs its passes run in (``--lncc-slabs``), and the backward pass of IO's eval-mode
-BatchNorm, crop and concatenation at the U-Net's two finest levels.
+of slabs its passes run in (``--lncc-slabs``), the backward pass of IO's eval-mode
+BatchNorm, crop and concatenation at the U-Net's two finest levels, and IO's convolutions at a
+full-resolution U-Net's layers in fp32, TF32 and tf32x3 (three TF32 products).
 
     python benchmarks/bench_kernels.py                 # on a CUDA machine
     python benchmarks/bench_kernels.py --results benchmarks/RESULTS.md
@@ -251,6 +252,7 @@ def run(args):
     if args.lncc_slabs:
         lines += ["", *slab_sweep(shape, device, repeats, args.lncc_slabs, ref)]
     lines += ["", *norm_backward_sweep(shape, device, repeats, peak, copy_gbs)]
+    lines += ["", *convolution_precision_sweep(shape, device, repeats)]
     print_and_append("\n".join(lines) + "\n", args.results)
 
 
@@ -368,6 +370,59 @@ def norm_backward_sweep(shape, device, repeats, peak, copy_gbs):
                      f"{milliseconds(torch_['bwd kernels'])} | {milliseconds(triton_['bwd'])} / {milliseconds(kernels)} | "
                      f"{speed_up} | {milliseconds(torch_['fwd+bwd'])} | {milliseconds(triton_['fwd+bwd'])} | "
                      f"{torch_['MiB']:.0f} / {triton_['MiB']:.0f} | {f'{gbs:.0f} ({fractions})' if gbs else '-'} |")
+    return lines
+
+
+def convolution_precision_sweep(shape, device, repeats):
+    """IO's convolutions forward + backward (gradients of x and the weight, as an IO step takes
+    them through ``model.low_memory_conv``) at the layers of a full-resolution U-Net, in each
+    TF32 setting of the engine's sections: ``fp32`` (CUDA cores), ``tf32`` (one TF32 product),
+    ``tf32x3`` (three TF32 products of split operands, float32's accuracy: ``model.tf32x3``);
+    time, GPU time of the kernels, peak extra memory, and each setting's largest weight-gradient
+    difference against fp32, relative to its largest value. On the CPU no setting changes the
+    arithmetic (a dry run of the script)."""
+    from mgr_engine import model
+    from mgr_engine.engine import _TF32_SWITCHES
+
+    half, quarter = (tuple(-(-n // f) for n in shape) for f in (2, 4))
+    one_larger = tuple(n + 1 for n in shape)
+    layers = {  # name: (layer, input grid): the official widths (down 2, 16, 32, ...; up 16, 32, ...)
+        "down 2 -> 16, stride 2": (torch.nn.Conv3d(2, 16, 3, stride=2, padding=1), shape),
+        "down 16 -> 32, stride 2": (torch.nn.Conv3d(16, 32, 3, stride=2, padding=1), half),
+        "up 96 -> 32, transposed": (torch.nn.ConvTranspose3d(96, 32, 4, stride=2, padding=1), quarter),
+        "up 48 -> 16, transposed": (torch.nn.ConvTranspose3d(48, 16, 4, stride=2, padding=1), half),
+        "last 18 -> 3": (torch.nn.Conv3d(18, 3, 3, padding=1), one_larger),
+    }
+    lines = ["| IO convolution, fwd+bwd, 1 sample | fp32 call / kernels | tf32 call / kernels | tf32x3 call / kernels "
+             "| tf32x3 speed-up (kernels) vs fp32 | peak MiB fp32 / tf32 / tf32x3 | weight gradient vs fp32: tf32 / tf32x3 |",
+             "|---|--:|--:|--:|--:|--:|--:|"]
+    gen = torch.Generator().manual_seed(2)
+    for name, (layer, grid) in layers.items():
+        layer = model.randomize_weights(layer, seed=3).to(device)
+        x = torch.randn(1, layer.in_channels, *grid, generator=gen).to(device).requires_grad_()
+        grad = None
+        cells, weight_grads = {}, {}
+        for setting in ("fp32", "tf32", "tf32x3"):
+            with _TF32_SWITCHES.set_to(setting):
+                if grad is None:
+                    grad = torch.randn(model.low_memory_conv(layer, x).shape, generator=gen).to(device)
+
+                def forward_backward():
+                    return torch.autograd.grad(model.low_memory_conv(layer, x), (x, layer.weight), grad)
+
+                weight_grads[setting] = forward_backward()[1]
+                cells[setting] = (timed(forward_backward, device, repeats),
+                                  kernel_seconds(forward_backward, repeats) if device == "cuda" else None,
+                                  peak_memory(forward_backward, device))
+        fp32_kernels, x3_kernels = cells["fp32"][1], cells["tf32x3"][1]
+        speed_up = f"{fp32_kernels / x3_kernels:.2f}x" if x3_kernels else "-"
+        scale = weight_grads["fp32"].abs().max()
+        differences = " / ".join(f"{((weight_grads[s] - weight_grads['fp32']).abs().max() / scale).item():.1e}"
+                                 for s in ("tf32", "tf32x3"))
+        lines.append(f"| {name} ({'x'.join(map(str, grid))}) | "
+                     + " | ".join(f"{milliseconds(call)} / {milliseconds(kernels)}" for call, kernels, _ in cells.values())
+                     + f" | {speed_up} | " + " / ".join(f"{mib:.0f}" for _, _, mib in cells.values())
+                     + f" | {differences} |")
     return lines
 
 

@@ -274,8 +274,8 @@ def round_to_tf32(t: torch.Tensor) -> torch.Tensor:
     """``t`` (float32) with its mantissa rounded to TF32's 10 bits, to nearest with ties away from
     zero (how cuDNN's TF32 convolutions round their operands, as far as the H200's point
     differences tell: benchmarks/emulate_tf32.py); same strides."""
-    # half of the 13 dropped bits carries into the kept ones (and into the exponent)
-    return ((t.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
+    bits = t.view(torch.int32) + 0x1000  # half of the 13 dropped bits carries into the kept ones (and the exponent)
+    return bits.bitwise_and_(-0x2000).view(torch.float32)  # in place: one copy of t, not two at once
 
 
 def tf32x3(product, a: torch.Tensor, b: torch.Tensor, *, a_disposable: bool = False) -> torch.Tensor:
