@@ -18,9 +18,10 @@
 # Stages (seconds at most; the total is BUDGET, default 540):
 #   tests    150  the Triton kernel tests compiled on the GPU, 175^3 included (fills Triton's cache),
 #                 the regularizer's noise drawn on the GPU, a result's full-resolution resampling there
-#   kernels   90  bench_kernels.py without torch.compile: time, memory, bandwidth per kernel (warps
+#   kernels  120  bench_kernels.py without torch.compile: time, memory, bandwidth per kernel (warps
 #                 at jittered and smooth maps), the warp kernels' BLOCK:warps sweep, the LNCC
-#                 kernel's slab sweep (1, 3, 5, 7, 10), IO's BatchNorm backward (torch, Triton)
+#                 kernel's slab sweep (1, 3, 5, 7, 10), IO's BatchNorm backward (torch, Triton),
+#                 IO's convolutions by layer in fp32, tf32, tf32x3
 #   engine   210  bench_gpu.py: end to end against the reference, TF32/bf16, IO memory, layouts
 #   profile   75  profile_gpu.py: where a registration's and an IO step's (fp32, TF32, tf32x3) device time goes
 #   memory    60  profile_io_memory.py --reference: what an IO step keeps for its backward pass,
@@ -121,7 +122,7 @@ stage tests 150 python3 -m pytest -q -p no:cacheprovider "${tests[@]}" tests/tes
     tests/test_network.py::test_low_memory_conv_in_tf32x3 \
     tests/test_resample.py::test_resampling_on_the_gpu_matches_the_cpu
 # the dry run's kernels run in Triton's interpreter: 80-92 s on 2 cores, alone
-stage kernels $((SMOKE == 1 ? 130 : 90)) python3 benchmarks/bench_kernels.py --no-compile "${kernels[@]}" \
+stage kernels $((SMOKE == 1 ? 130 : 120)) python3 benchmarks/bench_kernels.py --no-compile "${kernels[@]}" \
     --results "$OUT/RESULTS-kernels.md"
 stage engine 210 python3 benchmarks/bench_gpu.py --skip-compile "${engine[@]}" --results "$OUT/RESULTS-gpu.md"
 stage profile 75 python3 benchmarks/profile_gpu.py "${profile[@]}" --out "$OUT/profile.md"
