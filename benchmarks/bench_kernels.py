@@ -400,13 +400,11 @@ def convolution_precision_sweep(shape, device, repeats):
     for name, (layer, grid) in layers.items():
         layer = model.randomize_weights(layer, seed=3).to(device)
         x = torch.randn(1, layer.in_channels, *grid, generator=gen).to(device).requires_grad_()
-        grad = None
+        with torch.no_grad():
+            grad = torch.randn(layer(x).shape, generator=gen).to(device)
         cells, weight_grads = {}, {}
         for setting in ("fp32", "tf32", "tf32x3"):
             with _TF32_SWITCHES.set_to(setting):
-                if grad is None:
-                    grad = torch.randn(model.low_memory_conv(layer, x).shape, generator=gen).to(device)
-
                 def forward_backward():
                     return torch.autograd.grad(model.low_memory_conv(layer, x), (x, layer.weight), grad)
 
