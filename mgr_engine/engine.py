@@ -68,7 +68,9 @@ class _TF32Switches:
 
     @staticmethod
     def _set(switches):
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, _model.SPLIT_TF32_CONVOLUTIONS = switches
+        cudnn, matmul, split = switches
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
+        _model.SPLIT_TF32_CONVOLUTIONS = split
 
     @contextlib.contextmanager
     def set_to(self, setting: str):

@@ -304,9 +304,10 @@ def test_low_memory_conv_in_tf32x3(monkeypatch, kind, activation, recompute, lay
     from mgr_engine import model
 
     torch.manual_seed(5)
-    conv = {"conv": lambda: torch.nn.Conv3d(6, 4, 3, padding=1), "strided conv": lambda: torch.nn.Conv3d(6, 4, 3, padding=1, stride=2),
-            "transposed": lambda: torch.nn.ConvTranspose3d(6, 4, 4, padding=1, stride=2),
-            "subpixel": lambda: torch.nn.ConvTranspose3d(6, 4, 4, padding=1, stride=2)}[kind]()
+    if kind in ("transposed", "subpixel"):
+        conv = torch.nn.ConvTranspose3d(6, 4, 4, padding=1, stride=2)
+    else:
+        conv = torch.nn.Conv3d(6, 4, 3, padding=1, stride=2 if kind == "strided conv" else 1)
     conv = conv.to(KERNEL_DEVICE, memory_format=layout)
     x = torch.randn(2, 6, 7, 6, 5, device=KERNEL_DEVICE).contiguous(memory_format=layout).requires_grad_()
     x_before = x.detach().clone()
