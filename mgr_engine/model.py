@@ -259,6 +259,11 @@ def norm_crop_concat(norm: nn.Module, x: torch.Tensor, skip: torch.Tensor) -> to
 LEAKY_SLOPE = 0.01  # F.leaky_relu's default, the authors' activation
 
 
+def _conv_input(x: torch.Tensor, activation: bool) -> torch.Tensor:
+    """What a U-Net convolution convolves: ``leaky_relu(x)`` (a new tensor) or ``x`` itself."""
+    return F.leaky_relu(x, LEAKY_SLOPE) if activation else x
+
+
 # Process-wide, like torch.backends.cudnn.allow_tf32, which it accompanies: set (with cuDNN's TF32
 # switch on) by the engine's TF32 sections for instance optimization in precision "tf32x3".
 SPLIT_TF32_CONVOLUTIONS = False
@@ -331,11 +336,11 @@ class _LowMemoryConv(torch.autograd.Function):
         else:
             conv = functools.partial(F.conv3d, stride=stride, padding=padding)
         if split_tf32:  # leaky_relu's output is ours to overwrite
-            y = tf32x3(conv, F.leaky_relu(x, LEAKY_SLOPE) if activation else x, weight, a_disposable=activation)
+            y = tf32x3(conv, _conv_input(x, activation), weight, a_disposable=activation)
             if bias is not None:
                 y += bias.view(-1, 1, 1, 1)
         else:
-            y = conv(F.leaky_relu(x, LEAKY_SLOPE) if activation else x, weight, bias)
+            y = conv(_conv_input(x, activation), weight, bias)
         return subpixel_shuffle(y, out_channels) if subpixel else y
 
     @staticmethod
@@ -344,9 +349,6 @@ class _LowMemoryConv(torch.autograd.Function):
         x = kept[0] if ctx.recompute is None else ctx.recompute(*kept)
         has_bias, stride, padding, transposed, activation, split_tf32 = ctx.conv
         needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-
-        def conv_input():
-            return F.leaky_relu(x, LEAKY_SLOPE) if activation else x
 
         def convolution_backward(grad, conv_input, weight, mask):
             return torch.ops.aten.convolution_backward(
@@ -357,14 +359,15 @@ class _LowMemoryConv(torch.autograd.Function):
             grad_input = grad_weight = grad_bias = None
             if needs_weight:  # the convolution's input is ours where made here (the activation's, or recomputed)
                 grad_weight = tf32x3(lambda inp, g: convolution_backward(g, inp, weight, [False, True, False])[1],
-                                     conv_input(), grad, a_disposable=activation or ctx.recompute is not None)
+                                     _conv_input(x, activation), grad,
+                                     a_disposable=activation or ctx.recompute is not None)
             if needs_x:  # x gives the input gradient its shape and layout (the values are unused)
                 grad_input = tf32x3(lambda g, w: convolution_backward(g, x, w, [True, False, False])[0], grad, weight)
             if needs_bias and has_bias:
                 grad_bias = grad.sum((0, 2, 3, 4))
         else:
             grad_input, grad_weight, grad_bias = convolution_backward(
-                grad, conv_input(), weight, [needs_x, needs_weight, needs_bias and has_bias])
+                grad, _conv_input(x, activation), weight, [needs_x, needs_weight, needs_bias and has_bias])
         if needs_x and activation:
             grad_input = torch.ops.aten.leaky_relu_backward(grad_input, x, LEAKY_SLOPE, False)
         return ((grad_input if needs_x else None), grad_weight, grad_bias,
@@ -401,7 +404,7 @@ def low_memory_conv(conv: nn.Module, x: torch.Tensor, *, activation: bool = True
         subpixel = transposed and has_subpixel_form(conv) and uses_subpixel_upconvs(x.device)
         return _LowMemoryConv.apply(x, conv.weight, conv.bias, conv.stride[0], conv.padding[0], transposed,
                                     activation, recompute_x, subpixel, splits_tf32(x))
-    return conv(F.leaky_relu(x, LEAKY_SLOPE) if activation else x)
+    return conv(_conv_input(x, activation))
 
 
 def decoder_output_recipe(norm: nn.Module, before_norm: torch.Tensor, skip: torch.Tensor):

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from mgr_engine import ops
-from mgr_engine.model import GradICONNetwork, NetworkConfig, official_state_dict, randomize_weights
+from mgr_engine.model import (GradICONNetwork, NetworkConfig, official_state_dict, randomize_weights, round_to_tf32,
+                               tf32x3)
 
 # The Triton kernels' tests run compiled on a GPU, else in Triton's interpreter (conftest.py
 # sets TRITON_INTERPRET=1 where there is no GPU).
@@ -29,6 +30,13 @@ def cuda_sync_debug(mode: str):
         yield
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def tensor_core_tf32x3(product, a, b, **options):
+    """:func:`mgr_engine.model.tf32x3` (as imported here, before a test patches it) with each of
+    its three products' operands rounded to TF32, as a tensor core rounds them: on the CPU,
+    whose float32 products of such operands are exact, a stand-in for cuDNN's TF32."""
+    return tf32x3(lambda p, q: product(round_to_tf32(p), round_to_tf32(q)), a, b, **options)
 
 
 def require_triton_kernels():

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from helpers import cuda_sync_debug, random_network, reference_network, smooth_volume
+from helpers import cuda_sync_debug, random_network, reference_network, smooth_volume, tensor_core_tf32x3
 from mgr_engine import Engine, ops
 from mgr_engine.losses import lncc2_loss, lncc_loss, mind_loss, regularizer_points
 from mgr_engine.model import official_state_dict
@@ -440,15 +440,14 @@ def test_io_gradients_in_tf32x3_are_as_accurate_as_float32s():
     net = random_network(SHAPE, narrow=True, seed=8, displacement_scale=0.3).to(device).requires_grad_(True)
     net.recompute_finest_levels = True
     moving, fixed = (image.to(device) for image in images())
-    split, rounded = model.tf32x3, model.round_to_tf32
+    rounded = model.round_to_tf32
 
     def gradients(setting, net=net, moving=moving, fixed=fixed):
         with _TF32_SWITCHES.set_to(setting), pytest.MonkeyPatch.context() as patch:
             if device == "cpu" and setting != "fp32":
                 patch.setattr(model, "splits_tf32", lambda x: x.dtype == torch.float32)
                 if setting == "tf32x3":  # three products of a tensor core's operands
-                    patch.setattr(model, "tf32x3", lambda product, a, b, **options: split(
-                        lambda p, q: product(rounded(p), rounded(q)), a, b, **options))
+                    patch.setattr(model, "tf32x3", tensor_core_tf32x3)
                 else:  # one
                     patch.setattr(model, "tf32x3", lambda product, a, b, **options: product(rounded(a), rounded(b)))
             grads = _objective_gradients_and_kept_bytes(net, moving, fixed)[0]

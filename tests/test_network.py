@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import (KERNEL_DEVICE, NARROW, cuda_sync_debug, eval_batchnorm, random_network, randomize_,
-                     reference_network, smooth_volume)
+                     reference_network, smooth_volume, tensor_core_tf32x3)
 from mgr_engine import Engine, NetworkConfig
 from mgr_engine.errors import CheckpointError
 from mgr_engine.model import GradICONNetwork, load_official_state_dict, official_state_dict
@@ -271,22 +271,22 @@ def test_tf32x3_is_as_accurate_as_float32_where_one_tf32_product_is_not(disposab
     """Three products of TF32 operands (float32 convolutions of rounded operands stand in for a
     tensor core's) give a convolution to float32's accuracy; one is 3e-4 off. ``a_disposable``
     overwrites the first operand, and only then."""
-    from mgr_engine.model import round_to_tf32, tf32x3
+    from mgr_engine.model import round_to_tf32
 
     torch.manual_seed(0)
     x, weight = torch.randn(1, 16, 12, 11, 10), 0.05 * torch.randn(8, 16, 3, 3, 3)
     exact = torch.nn.functional.conv3d(x.double(), weight.double(), padding=1)
 
-    def tf32_product(a, b):
-        return torch.nn.functional.conv3d(round_to_tf32(a), round_to_tf32(b), padding=1)
+    def conv(a, b):
+        return torch.nn.functional.conv3d(a, b, padding=1)
 
     def error(y):
         return ((y.double() - exact).abs().max() / exact.abs().max()).item()
 
     first = x.clone()
-    split = error(tf32x3(tf32_product, first, weight, a_disposable=disposable))
-    float32 = error(torch.nn.functional.conv3d(x, weight, padding=1))
-    assert error(tf32_product(x, weight)) > 1e-4
+    split = error(tensor_core_tf32x3(conv, first, weight, a_disposable=disposable))
+    float32 = error(conv(x, weight))
+    assert error(conv(round_to_tf32(x), round_to_tf32(weight))) > 1e-4
     assert split < max(3 * float32, 2e-6), (split, float32)
     assert torch.equal(first, x) != disposable
 
@@ -319,9 +319,7 @@ def test_low_memory_conv_in_tf32x3(monkeypatch, kind, activation, recompute, lay
 
     def counted(product, a, b, **options):
         products.append(product)
-        if KERNEL_DEVICE == "cpu":  # a tensor core's operands
-            return split(lambda p, q: product(model.round_to_tf32(p), model.round_to_tf32(q)), a, b, **options)
-        return split(product, a, b, **options)
+        return (tensor_core_tf32x3 if KERNEL_DEVICE == "cpu" else split)(product, a, b, **options)
 
     monkeypatch.setattr(model, "tf32x3", counted)
     out = model.low_memory_conv(conv, x, activation=activation, recompute_x=recompute_x)
