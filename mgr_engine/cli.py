@@ -89,8 +89,9 @@ def _add_register(sub):
                         "at least 65 voxels per axis for U-Nets of the official depth)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
-                   help="arithmetic of the forward without IO (default fp32; IO is always fp32); "
+                   help="arithmetic of the forward without IO (default fp32; IO's: --io_precision); "
                         "tf32 and bf16 are for CUDA (bf16 is slower on the CPU)")
+    p.add_argument("--io_precision", default="fp32", choices=IO_PRECISION_CHOICES, help=IO_PRECISION_HELP)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the forward (CUDA graphs on a GPU); pays off over many registrations")
     p.add_argument("--io_checkpointing", action="store_true",
@@ -105,6 +106,11 @@ def _add_register(sub):
     p.set_defaults(run=run_register)
 
 
+# engine.IO_PRECISIONS, written out: the parser is built without importing torch
+IO_PRECISION_CHOICES = ("fp32", "tf32", "tf32x3")
+IO_PRECISION_HELP = ("arithmetic of IO's convolutions on CUDA (default fp32; no effect on the CPU): tf32 runs them on "
+                     "TF32 tensor cores (faster, operands rounded to 10 bits), tf32x3 as three TF32 products each "
+                     "(float32's accuracy)")
 MATCH_ORIENTATION_HELP = ("reorder the moving image's voxels onto the fixed image's axes before the network where "
                           "their axes point in different anatomical directions (a warning says when), as the "
                           "unigradicon reference does not: the network compares the volumes voxel axis by voxel axis")
@@ -185,6 +191,7 @@ def _add_register_many(sub):
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
                    help="arithmetic of the forward without IO (default fp32); tf32 and bf16 are for CUDA")
+    p.add_argument("--io_precision", default="fp32", choices=IO_PRECISION_CHOICES, help=IO_PRECISION_HELP)
     p.add_argument("--compile", action="store_true", help="torch.compile the forward (CUDA graphs on a GPU)")
     p.add_argument("--seed", type=int, help="seed for IO's random regularizer grid (reproducible IO)")
     p.add_argument("--points_in_voxels", action="store_true",
@@ -537,6 +544,8 @@ def _read_record(out_dir, resume: bool) -> dict:
         recorded = json.loads(record_path.read_text(encoding="utf-8"))
         if not isinstance(recorded, dict):
             raise ValueError(f"a JSON {type(recorded).__name__}, not an object")
+        if recorded.get("io_iterations") is not None:  # written before --io_precision, whose IO was fp32
+            recorded.setdefault("io_precision", "fp32")
         return recorded
     except FileNotFoundError:
         return {}
@@ -564,7 +573,7 @@ def _registration_settings(args, saved, masked: bool) -> dict:
     if masked and (args.masking != "loss" or args.io_iterations is not None):
         settings["masking"] = args.masking
     if args.io_iterations is not None:
-        settings.update(io_sim=args.io_sim, io_lr=args.io_lr, seed=args.seed)
+        settings.update(io_sim=args.io_sim, io_lr=args.io_lr, io_precision=args.io_precision, seed=args.seed)
     if not all(saved):
         from .engine import resolve_weights
 
@@ -708,7 +717,7 @@ def _registrations(args, names, pairs, saved, out_dir, weights):
         results = engine.register_many(
             left, batch_size=args.batch_size, prefetch=args.prefetch, fixed_modality=args.fixed_modality,
             moving_modality=args.moving_modality, io_iterations=args.io_iterations, io_sim=args.io_sim,
-            io_lr=args.io_lr, masking=args.masking, progress=False, seed=args.seed,
+            io_lr=args.io_lr, io_precision=args.io_precision, masking=args.masking, progress=False, seed=args.seed,
             match_orientation=args.match_orientation, on_error="yield" if args.keep_going else "raise")
     return _in_table_order(names, pairs, saved, out_dir, results)
 
@@ -958,7 +967,7 @@ def run_register(args) -> None:
                     precision=args.precision, io_checkpointing=args.io_checkpointing, compile=args.compile)
     result = engine.register(
         args.fixed, args.moving, fixed_modality=args.fixed_modality, moving_modality=args.moving_modality,
-        io_iterations=args.io_iterations, io_sim=args.io_sim, io_lr=args.io_lr,
+        io_iterations=args.io_iterations, io_sim=args.io_sim, io_lr=args.io_lr, io_precision=args.io_precision,
         fixed_mask=args.fixed_mask if use_masks else None, moving_mask=args.moving_mask if use_masks else None,
         masking=masking or "loss", ct_window=args.ct_window, quantile_range=args.quantile_range, seed=args.seed,
         match_orientation=args.match_orientation, progress=not args.quiet)

@@ -109,6 +109,29 @@ def test_register_writes_the_inverse_transform(files, tmp_path):
     assert max(np.linalg.norm(np.array(forward.TransformPoint(p)) - e) for p, e in zip(at, expected)) > 1.0
 
 
+def test_register_runs_io_in_the_precision_asked(files, tmp_path, monkeypatch):
+    """``--io_precision`` is instance optimization's precision (fp32 by default); the parser's
+    choices are the engine's (written out there, so that parsing imports no torch)."""
+    from mgr_engine import Engine
+    from mgr_engine.engine import IO_PRECISIONS
+
+    assert cli.IO_PRECISION_CHOICES == IO_PRECISIONS
+    asked = []
+    original = Engine.instance_optimize
+
+    def recording(self, *args, precision, **kwargs):
+        asked.append(precision)
+        return original(self, *args, precision=precision, **kwargs)
+
+    monkeypatch.setattr(Engine, "instance_optimize", recording)
+    command = ["-q", "register", "--fixed", files["fixed"], "--moving", files["moving"], "--fixed_modality", "mri",
+               "--moving_modality", "mri", "--model", "compact", "--io_iterations", "1",
+               "--transform_out", str(tmp_path / "transform.h5")]
+    assert cli.main(command) == 0
+    assert cli.main([*command, "--io_precision", "tf32x3"]) == 0
+    assert asked == ["fp32", "tf32x3"]
+
+
 def test_register_warns_that_masks_without_a_masking_option_are_not_used(files, tmp_path, caplog):
     """unigradicon-register takes --fixed_mask without --input_masking/--loss_function_masking and
     ignores it without a word; so does mgr-engine (a drop-in), with a warning."""

@@ -292,6 +292,8 @@ def test_similarity_names_in_any_case_as_modalities():
     pytest.param(dict(io_iterations=1, io_lr=0), "io_lr must be a positive finite number, got 0", id="io-lr-zero"),
     pytest.param(dict(io_iterations=1, io_lr=float("inf")), "io_lr must be a positive finite number, got inf",
                  id="io-lr-infinite"),
+    pytest.param(dict(io_iterations=1, io_precision="bf16"), r"instance optimization precision 'bf16': choose one "
+                 r"of fp32, tf32, tf32x3 \(bf16 is for the forward without IO\)", id="io-precision-bf16"),
     *(pytest.param(dict(io_iterations=steps), rf"io_iterations must be a whole number of steps >= 0 \(None or 0: no "
                    rf"instance optimization\), got {re.escape(repr(steps))}", id=f"io-iterations-{steps!r}")
       for steps in (2.5, True, "2", float("nan"), -1)),

@@ -136,9 +136,40 @@ def test_io_runs_under_the_precision_asked_and_refuses_bf16(monkeypatch):
     engine.instance_optimize(moving, fixed, iterations=1, progress=False, precision="tf32x3")
     expected = ["fp32", "fp32", "tf32", "tf32", "tf32x3", "fp32"]  # the steps', the final forward's
     assert sections == expected
-    with pytest.raises(InvalidOptionError, match="'fp32', 'tf32' or 'tf32x3'"):
+    with pytest.raises(InvalidOptionError, match="choose one of fp32, tf32, tf32x3"):
         engine.instance_optimize(moving, fixed, iterations=1, progress=False, precision="bf16")
     assert sections == expected
+
+
+def test_registrations_run_io_in_the_precision_asked(monkeypatch):
+    """``io_precision`` of ``register`` and ``register_many`` (the engine's and the module's) is
+    instance_optimize's ``precision``, fp32 by default; refused before any image is read."""
+    import mgr_engine
+    from mgr_engine import engine as engine_module
+    from mgr_engine.errors import InvalidOptionError
+
+    net = random_network(SHAPE, narrow=True, seed=4, displacement_scale=0.3)
+    engine = Engine(weights=official_state_dict(net), config=net.config, device="cpu")
+    monkeypatch.setattr(engine_module, "_engine_for", lambda *args: engine)
+    asked = []
+    original = engine.instance_optimize
+
+    def recording(*args, precision, **kwargs):
+        asked.append(precision)
+        return original(*args, precision=precision, **kwargs)
+
+    monkeypatch.setattr(engine, "instance_optimize", recording)
+    fixed, moving = smooth_volume((40, 44, 36), 1), smooth_volume((40, 44, 36), 2)
+    options = dict(io_iterations=1, progress=False)
+    engine.register(fixed, moving, **options)
+    engine.register(fixed, moving, io_precision="tf32", **options)
+    list(engine.register_many([(fixed, moving)], io_precision="tf32x3", **options))
+    mgr_engine.register(fixed, moving, io_precision="tf32x3", **options)
+    list(mgr_engine.register_many([(fixed, moving)], io_precision="tf32", **options))
+    assert asked == ["fp32", "tf32", "tf32x3", "tf32x3", "tf32"]
+    with pytest.raises(InvalidOptionError, match="instance optimization precision 'tf32x2'"):
+        engine.register("not read", "not read", io_precision="tf32x2", **options)
+    assert len(asked) == 5
 
 
 # The reference's MIND-SSC builds float32 kernels, so it is compared in float32.

@@ -594,6 +594,48 @@ def test_cli_resume_refuses_pairs_registered_with_other_options(tmp_path, capsys
     assert "masking='input', not 'both' as now" in capsys.readouterr().err
 
 
+def test_cli_io_precision_is_used_recorded_and_compared_on_resume(tmp_path, capsys, monkeypatch):
+    """register-many's --io_precision reaches instance optimization and register_many.json; a
+    record from before the option (IO options without it) stands for fp32, the only IO then."""
+    import json
+
+    from mgr_engine import cli
+
+    asked = []
+    original = Engine.instance_optimize
+
+    def recording(self, *args, precision, **kwargs):
+        asked.append(precision)
+        return original(self, *args, precision=precision, **kwargs)
+
+    monkeypatch.setattr(Engine, "instance_optimize", recording)
+    write_csv(tmp_path, dict(zip(("a", "b"), pairs(2, start=400))))
+    out = tmp_path / "out"
+    command = ["-q", "register-many", "--pairs", str(tmp_path / "pairs.csv"), "--out_dir", str(out), "--model",
+               "compact", "--io_iterations", "1"]
+    assert cli.main([*command, "--io_precision", "tf32"]) == 0
+    assert asked == ["tf32", "tf32"]
+    assert json.loads((out / "register_many.json").read_text())["io_precision"] == "tf32"
+
+    def resumed(*options):
+        (out / "b_transform.h5").unlink(missing_ok=True)
+        return cli.main([*command, "--resume", *options])
+
+    assert resumed() == 2
+    assert "were registered with io_precision='tf32', not 'fp32' as now" in capsys.readouterr().err
+    assert resumed("--io_precision", "tf32") == 0 and asked == ["tf32", "tf32", "tf32"]
+    record = json.loads((out / "register_many.json").read_text())
+    del record["io_precision"]  # as written before --io_precision
+    (out / "register_many.json").write_text(json.dumps(record))
+    assert resumed("--io_precision", "tf32") == 2
+    assert "were registered with io_precision='fp32', not 'tf32' as now" in capsys.readouterr().err
+    assert resumed() == 0 and asked == ["tf32", "tf32", "tf32", "fp32"]
+    assert json.loads((out / "register_many.json").read_text())["io_precision"] == "fp32"
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*command, "--io_precision", "bf16"])
+    assert exit_.value.code == 2 and "--io_precision: invalid choice: 'bf16'" in capsys.readouterr().err
+
+
 def test_cli_resume_refuses_a_transform_computed_from_other_voxels_on_the_same_grid(tmp_path, capsys, monkeypatch):
     """The grid check cannot see an image re-exported (a new skull strip, another reconstruction)
     on the same grid: register_many.json records each pair's input files by SHA-256."""
