@@ -63,12 +63,12 @@ def _axis_corners(c, size, stride, BORDER: tl.constexpr):
 
 @triton.jit
 def _load_map(coords_ptr, b, offs, n_out, m):
-    """The three coordinates of sample ``b`` at output voxels ``offs``; also the map's base pointer."""
+    """The three coordinates of sample ``b`` at output voxels ``offs``."""
     base = coords_ptr + b * 3 * n_out
     ci = tl.load(base + offs, mask=m, other=0.0)
     cj = tl.load(base + n_out + offs, mask=m, other=0.0)
     ck = tl.load(base + 2 * n_out + offs, mask=m, other=0.0)
-    return base, ci, cj, ck
+    return ci, cj, ck
 
 
 @triton.jit
@@ -97,7 +97,7 @@ def warp_fwd_kernel(img_ptr, coords_ptr, out_ptr, C, D, H, W, n_out,
     b = tl.program_id(1).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     m = offs < n_out
-    cbase, ci, cj, ck = _load_map(coords_ptr, b, offs, n_out, m)
+    ci, cj, ck = _load_map(coords_ptr, b, offs, n_out, m)
     i_lo, i_hi, wi_lo, wi_hi, ok_i_lo, ok_i_hi, _ = _axis_corners(ci, D, H * W, not ZERO_PAD)
     j_lo, j_hi, wj_lo, wj_hi, ok_j_lo, ok_j_hi, _ = _axis_corners(cj, H, W, not ZERO_PAD)
     k_lo, k_hi, wk_lo, wk_hi, ok_k_lo, ok_k_hi, _ = _axis_corners(ck, W, 1, not ZERO_PAD)
@@ -114,8 +114,8 @@ def warp_fwd_kernel(img_ptr, coords_ptr, out_ptr, C, D, H, W, n_out,
         acc += w10 * (lo * wk_lo + hi * wk_hi)
         lo, hi = _row_pair(base + row11, ok11, k_lo, k_hi, ok_k_lo, ok_k_hi)
         acc += w11 * (lo * wk_lo + hi * wk_hi)
-        if ADD_COORDS:
-            acc += tl.load(cbase + c * n_out + offs, mask=m, other=0.0)
+        if ADD_COORDS:  # channel c's coordinate, held since the start, not loaded again (C == 3)
+            acc += tl.where(c == 0, ci, tl.where(c == 1, cj, ck))
         tl.store(out_ptr + (b * C + c) * n_out + offs, acc, mask=m)
 
 
@@ -148,7 +148,7 @@ def warp_bwd_kernel(img_ptr, coords_ptr, grad_out_ptr, grad_img_ptr, grad_coords
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     m = offs < n_out
     gbase = grad_coords_ptr + b * 3 * n_out
-    _, ci, cj, ck = _load_map(coords_ptr, b, offs, n_out, m)
+    ci, cj, ck = _load_map(coords_ptr, b, offs, n_out, m)
     i_lo, i_hi, wi_lo, wi_hi, ok_i_lo, ok_i_hi, in_i = _axis_corners(ci, D, H * W, not ZERO_PAD)
     j_lo, j_hi, wj_lo, wj_hi, ok_j_lo, ok_j_hi, in_j = _axis_corners(cj, H, W, not ZERO_PAD)
     k_lo, k_hi, wk_lo, wk_hi, ok_k_lo, ok_k_hi, in_k = _axis_corners(ck, W, 1, not ZERO_PAD)
@@ -157,10 +157,18 @@ def warp_bwd_kernel(img_ptr, coords_ptr, grad_out_ptr, grad_img_ptr, grad_coords
     gi = tl.zeros_like(wi_lo)
     gj = tl.zeros_like(wi_lo)
     gk = tl.zeros_like(wi_lo)
+    # with ADD_COORDS, the output gradient's three channels, kept from the loop for the identity term
+    go_i = tl.zeros_like(wi_lo)
+    go_j = tl.zeros_like(wi_lo)
+    go_k = tl.zeros_like(wi_lo)
     for c in range(C):
         base = img_ptr + (b * C + c) * D * H * W
         grad_base = grad_img_ptr + (b * C + c) * D * H * W
         go = tl.load(grad_out_ptr + (b * C + c) * n_out + offs, mask=m, other=0.0)
+        if ADD_COORDS:
+            go_i = tl.where(c == 0, go, go_i)
+            go_j = tl.where(c == 1, go, go_j)
+            go_k = tl.where(c == 2, go, go_k)
         di, dj, dk = _row_backward(base, grad_base, row00, ok00, wi_lo, wj_lo, -1.0, -1.0, go,
                                    k_lo, k_hi, wk_lo, wk_hi, ok_k_lo, ok_k_hi, NEED_IMG_GRAD)
         gi, gj, gk = gi + di, gj + dj, gk + dk
@@ -182,10 +190,9 @@ def warp_bwd_kernel(img_ptr, coords_ptr, grad_out_ptr, grad_img_ptr, grad_coords
         gj = tl.where(in_j, gj, 0.0)
         gk = tl.where(in_k, gk, 0.0)
     if ADD_COORDS:  # d(coords + sample)/d coords has the identity too (C == 3)
-        gout = grad_out_ptr + b * 3 * n_out
-        gi += tl.load(gout + offs, mask=m, other=0.0)
-        gj += tl.load(gout + n_out + offs, mask=m, other=0.0)
-        gk += tl.load(gout + 2 * n_out + offs, mask=m, other=0.0)
+        gi += go_i
+        gj += go_j
+        gk += go_k
     tl.store(gbase + offs, gi, mask=m)
     tl.store(gbase + n_out + offs, gj, mask=m)
     tl.store(gbase + 2 * n_out + offs, gk, mask=m)
