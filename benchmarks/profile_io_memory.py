@@ -33,10 +33,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
-import tempfile
-import warnings
 from pathlib import Path
 
 import torch
@@ -44,11 +41,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from helpers import TIMELINE_CATEGORIES, peak_memory  # noqa: E402
+
 GIB, MIB = 2**30, 2**20
-# The columns of torch.profiler's memory timeline after its leading zero
-# (torch/profiler/_memory_profiler.py, _CATEGORY_TO_INDEX; None is "unknown").
-TIMELINE_CATEGORIES = ("parameter", "optimizer state", "input", "temporary", "activation", "gradient",
-                       "autograd detail", "unknown")
 
 
 def io_step_loss(engine, moving: torch.Tensor, fixed: torch.Tensor, similarity: str = "lncc2") -> torch.Tensor:
@@ -101,25 +96,6 @@ def reference_model(shape, device: str, similarity: str) -> torch.nn.Module:
     icon_config.device = torch.device(device)
     loss_fn = {"lncc": icon.LNCC, "lncc2": icon.SquaredLNCC}[similarity](sigma=5)
     return reference_network(random_network(shape, seed=1, displacement_scale=0.3), loss_fn).to(device)
-
-
-def peak_memory(call, device: str):
-    """``(peak bytes, {category: bytes at the peak})`` of the tensors alive during ``call()``
-    on ``device``, tensors made before it included, from torch.profiler's memory timeline."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.startswith("cuda"):
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities, profile_memory=True, record_shapes=True,
-                                with_stack=True) as profiler:
-        call()
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "timeline.json"
-        with warnings.catch_warnings():  # deprecated for CUDA memory snapshots, which the CPU lacks
-            warnings.simplefilter("ignore", FutureWarning)
-            profiler.export_memory_timeline(str(path), str(torch.device(device, 0) if device == "cuda" else device))
-        _, sizes = json.loads(path.read_text())
-    at_peak = max(sizes, key=sum)
-    return sum(at_peak), dict(zip(TIMELINE_CATEGORIES, at_peak[1:]))
 
 
 def print_kept(title: str, total: int, by_shape: dict, rows: int) -> None:

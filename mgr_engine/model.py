@@ -290,14 +290,27 @@ def tf32x3(product, a: torch.Tensor, b: torch.Tensor, *, a_disposable: bool = Fa
     remainders 2^-11 of them, and ``a_lo * b_lo`` (2^-22 relative) dropped. On tensor cores, three
     TF32 products give float32's accuracy (benchmarks/RESULTS.md: within float32's own rounding
     of a convolution, where one TF32 product is 3e-4 off) faster than one float32 product on
-    CUDA cores. ``a_disposable``: ``a`` may be overwritten (with ``a_lo``), one copy of it less."""
-    a_hi, b_hi = round_to_tf32(a), round_to_tf32(b)
-    a_lo = a.sub_(a_hi) if a_disposable else a - a_hi
-    del a  # a caller that holds no name of a disposable one has its memory back after this product
-    out = product(a_lo, b_hi)  # the small terms first
-    del a_lo
-    out += product(a_hi, b - b_hi)
-    out += product(a_hi, b_hi)
+    CUDA cores. ``a_disposable``: ``a`` may be overwritten (with ``a_lo``).
+
+    Memory beside the operands: one copy of each, two of the smaller where ``a`` is kept. One
+    operand's remainder is made first (``a``'s where it may be overwritten, else the smaller's);
+    the other's high part becomes its remainder in place after its last product."""
+    a_first = a_disposable or a.numel() <= b.numel()
+    first, second = (a, b) if a_first else (b, a)
+    del a, b  # a caller that holds no name of a disposable one has its memory back after its last product
+
+    def times(first_part, second_part):
+        return product(first_part, second_part) if a_first else product(second_part, first_part)
+
+    first_hi, second_hi = round_to_tf32(first), round_to_tf32(second)
+    first_lo = first.sub_(first_hi) if a_disposable else first - first_hi
+    del first
+    out = times(first_lo, second_hi)
+    del first_lo
+    out += times(first_hi, second_hi)
+    second_lo = second_hi.sub_(second).neg_()  # second - second_hi, exact
+    del second
+    out += times(first_hi, second_lo)
     return out
 
 

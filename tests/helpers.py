@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
+import tempfile
 import types
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -280,3 +284,27 @@ def require_cpp_extension(kernel=None) -> None:
         pytest.fail(f"the C++ extension of {kernel.__name__} was not built (pip install -e . with a C++ compiler)",
                     pytrace=False)
     pytest.skip("the C++ extension was not built", allow_module_level=True)
+
+
+# The columns of torch.profiler's memory timeline after its leading zero
+# (torch/profiler/_memory_profiler.py, _CATEGORY_TO_INDEX; None is "unknown").
+TIMELINE_CATEGORIES = ("parameter", "optimizer state", "input", "temporary", "activation", "gradient",
+                       "autograd detail", "unknown")
+
+def peak_memory(call, device: str):
+    """``(peak bytes, {category: bytes at the peak})`` of the tensors alive during ``call()``
+    on ``device``, tensors made before it included, from torch.profiler's memory timeline."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities, profile_memory=True, record_shapes=True,
+                                with_stack=True) as profiler:
+        call()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "timeline.json"
+        with warnings.catch_warnings():  # deprecated for CUDA memory snapshots, which the CPU lacks
+            warnings.simplefilter("ignore", FutureWarning)
+            profiler.export_memory_timeline(str(path), str(torch.device(device, 0) if device == "cuda" else device))
+        _, sizes = json.loads(path.read_text())
+    at_peak = max(sizes, key=sum)
+    return sum(at_peak), dict(zip(TIMELINE_CATEGORIES, at_peak[1:]))
