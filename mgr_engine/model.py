@@ -308,7 +308,7 @@ def tf32x3(product, a: torch.Tensor, b: torch.Tensor, *, a_disposable: bool = Fa
     out = times(first_lo, second_hi)
     del first_lo
     out += times(first_hi, second_hi)
-    second_lo = second_hi.sub_(second).neg_()  # second - second_hi, exact
+    second_lo = torch.sub(second, second_hi, out=second_hi)  # exact; one pass, in place of the high part
     del second
     out += times(first_hi, second_lo)
     return out
