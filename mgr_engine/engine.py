@@ -222,6 +222,7 @@ def load_checkpoint(path) -> dict:
 
 
 def check_io_precision(precision) -> None:
+    """Instance optimization's arithmetic: one of :data:`IO_PRECISIONS`."""
     if precision not in IO_PRECISIONS:
         raise InvalidOptionError(f"instance optimization precision {precision!r}: choose one of "
                                  f"{', '.join(IO_PRECISIONS)} (bf16 is for the forward without IO)")
