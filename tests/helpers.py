@@ -43,6 +43,20 @@ def tensor_core_tf32x3(product, a, b, **options):
     return tf32x3(lambda p, q: product(round_to_tf32(p), round_to_tf32(q)), a, b, **options)
 
 
+def recorded_io_precisions(monkeypatch, owner) -> list:
+    """The ``precision`` of each ``instance_optimize`` call on ``owner`` (the ``Engine`` class, or
+    one engine), appended to the list returned; the calls run as they would."""
+    asked = []
+    original = owner.instance_optimize
+
+    def recording(*args, precision, **kwargs):
+        asked.append(precision)
+        return original(*args, precision=precision, **kwargs)
+
+    monkeypatch.setattr(owner, "instance_optimize", recording)
+    return asked
+
+
 def require_triton_kernels():
     """Skip the calling test module unless its Triton kernels can run (compiled on CUDA, or interpreted)."""
     pytest.importorskip("triton")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import random_network, smooth_volume
+from helpers import random_network, recorded_io_precisions, smooth_volume
 from mgr_engine import cli, itk_io, resample
 from mgr_engine.model import official_state_dict
 
@@ -116,14 +116,7 @@ def test_register_runs_io_in_the_precision_asked(files, tmp_path, monkeypatch):
     from mgr_engine.engine import IO_PRECISIONS
 
     assert cli.IO_PRECISION_CHOICES == IO_PRECISIONS
-    asked = []
-    original = Engine.instance_optimize
-
-    def recording(self, *args, precision, **kwargs):
-        asked.append(precision)
-        return original(self, *args, precision=precision, **kwargs)
-
-    monkeypatch.setattr(Engine, "instance_optimize", recording)
+    asked = recorded_io_precisions(monkeypatch, Engine)
     command = ["-q", "register", "--fixed", files["fixed"], "--moving", files["moving"], "--fixed_modality", "mri",
                "--moving_modality", "mri", "--model", "compact", "--io_iterations", "1",
                "--transform_out", str(tmp_path / "transform.h5")]

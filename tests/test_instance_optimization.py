@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from helpers import cuda_sync_debug, random_network, reference_network, smooth_volume, tensor_core_tf32x3
+from helpers import (cuda_sync_debug, random_network, recorded_io_precisions, reference_network, smooth_volume,
+                     tensor_core_tf32x3)
 from mgr_engine import Engine, ops
 from mgr_engine.losses import lncc2_loss, lncc_loss, mind_loss, regularizer_points
 from mgr_engine.model import official_state_dict
@@ -151,14 +152,7 @@ def test_registrations_run_io_in_the_precision_asked(monkeypatch):
     net = random_network(SHAPE, narrow=True, seed=4, displacement_scale=0.3)
     engine = Engine(weights=official_state_dict(net), config=net.config, device="cpu")
     monkeypatch.setattr(engine_module, "_engine_for", lambda *args: engine)
-    asked = []
-    original = engine.instance_optimize
-
-    def recording(*args, precision, **kwargs):
-        asked.append(precision)
-        return original(*args, precision=precision, **kwargs)
-
-    monkeypatch.setattr(engine, "instance_optimize", recording)
+    asked = recorded_io_precisions(monkeypatch, engine)
     fixed, moving = smooth_volume((40, 44, 36), 1), smooth_volume((40, 44, 36), 2)
     options = dict(io_iterations=1, progress=False)
     engine.register(fixed, moving, **options)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import random_network, smooth_volume
+from helpers import random_network, recorded_io_precisions, smooth_volume
 from mgr_engine import Engine, register_many
 from mgr_engine.engine import _PreparedPair, _prefetched_batches
 from mgr_engine.errors import (ImageReadError, InstanceOptimizationError, InvalidImageError,
@@ -601,14 +601,7 @@ def test_cli_io_precision_is_used_recorded_and_compared_on_resume(tmp_path, caps
 
     from mgr_engine import cli
 
-    asked = []
-    original = Engine.instance_optimize
-
-    def recording(self, *args, precision, **kwargs):
-        asked.append(precision)
-        return original(self, *args, precision=precision, **kwargs)
-
-    monkeypatch.setattr(Engine, "instance_optimize", recording)
+    asked = recorded_io_precisions(monkeypatch, Engine)
     write_csv(tmp_path, dict(zip(("a", "b"), pairs(2, start=400))))
     out = tmp_path / "out"
     command = ["-q", "register-many", "--pairs", str(tmp_path / "pairs.csv"), "--out_dir", str(out), "--model",
