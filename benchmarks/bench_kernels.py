@@ -378,9 +378,9 @@ def convolution_precision_sweep(shape, device, repeats):
     them through ``model.low_memory_conv``) at the layers of a full-resolution U-Net, in each
     TF32 setting of the engine's sections: ``fp32`` (CUDA cores), ``tf32`` (one TF32 product),
     ``tf32x3`` (three TF32 products of split operands, float32's accuracy: ``model.tf32x3``);
-    time, GPU time of the kernels, peak extra memory, and each setting's largest weight-gradient
-    difference against fp32, relative to its largest value. On the CPU no setting changes the
-    arithmetic (a dry run of the script)."""
+    time, GPU time of the kernels, peak extra memory, and each setting's largest differences
+    against fp32 of the output, the input gradient and the weight gradient, each relative to its
+    largest value. On the CPU no setting changes the arithmetic (a dry run of the script)."""
     from mgr_engine import model
     from mgr_engine.engine import _TF32_SWITCHES
 
@@ -394,28 +394,31 @@ def convolution_precision_sweep(shape, device, repeats):
         "last 18 -> 3": (torch.nn.Conv3d(18, 3, 3, padding=1), one_larger),
     }
     lines = ["| IO convolution, fwd+bwd, 1 sample | fp32 call / kernels | tf32 call / kernels | tf32x3 call / kernels "
-             "| tf32x3 speed-up (kernels) vs fp32 | peak MiB fp32 / tf32 / tf32x3 | weight gradient vs fp32: tf32 / tf32x3 |",
-             "|---|--:|--:|--:|--:|--:|--:|"]
+             "| tf32x3 speed-up (kernels) vs fp32 | peak MiB fp32 / tf32 / tf32x3 "
+             "| tf32 vs fp32: output / input gradient / weight gradient | tf32x3 vs fp32: the same |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|"]
     gen = torch.Generator().manual_seed(2)
     for name, (layer, grid) in layers.items():
         layer = model.randomize_weights(layer, seed=3).to(device)
         x = torch.randn(1, layer.in_channels, *grid, generator=gen).to(device).requires_grad_()
         with torch.no_grad():
             grad = torch.randn(layer(x).shape, generator=gen).to(device)
-        cells, weight_grads = {}, {}
+        cells, results = {}, {}
         for setting in ("fp32", "tf32", "tf32x3"):
             with _TF32_SWITCHES.set_to(setting):
                 def forward_backward():
                     return torch.autograd.grad(model.low_memory_conv(layer, x), (x, layer.weight), grad)
 
-                weight_grads[setting] = forward_backward()[1]
+                out = model.low_memory_conv(layer, x)
+                results[setting] = (out.detach(), *torch.autograd.grad(out, (x, layer.weight), grad))
+                del out
                 cells[setting] = (timed(forward_backward, device, repeats),
                                   kernel_seconds(forward_backward, repeats) if device == "cuda" else None,
                                   peak_memory(forward_backward, device))
         fp32_kernels, x3_kernels = cells["fp32"][1], cells["tf32x3"][1]
         speed_up = f"{fp32_kernels / x3_kernels:.2f}x" if x3_kernels else "-"
-        scale = weight_grads["fp32"].abs().max()
-        differences = " / ".join(f"{((weight_grads[s] - weight_grads['fp32']).abs().max() / scale).item():.1e}"
+        differences = " | ".join(" / ".join(f"{((ours - exact).abs().max() / exact.abs().max()).item():.1e}"
+                                            for ours, exact in zip(results[s], results["fp32"]))
                                  for s in ("tf32", "tf32x3"))
         lines.append(f"| {name} ({'x'.join(map(str, grid))}) | "
                      + " | ".join(f"{milliseconds(call)} / {milliseconds(kernels)}" for call, kernels, _ in cells.values())
