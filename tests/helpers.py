@@ -305,6 +305,7 @@ def require_cpp_extension(kernel=None) -> None:
 TIMELINE_CATEGORIES = ("parameter", "optimizer state", "input", "temporary", "activation", "gradient",
                        "autograd detail", "unknown")
 
+
 def peak_memory(call, device: str):
     """``(peak bytes, {category: bytes at the peak})`` of the tensors alive during ``call()``
     on ``device``, tensors made before it included, from torch.profiler's memory timeline."""

@@ -304,11 +304,10 @@ def test_tf32x3_copies_each_operand_once_and_the_smaller_twice_where_a_is_kept(d
 
     unit = 1 << 16  # floats
     a, b = torch.randn(a_size * unit), torch.randn(b_size * unit)
-    n = unit
 
     def call():
-        first = a.clone() if disposable else a  # the caller's copy, dropped to tf32x3
-        return tf32x3(lambda p, q: torch.dot(p[:n], q[:n]), first, b, a_disposable=disposable)
+        first = a.clone() if disposable else a  # a copy for tf32x3 to overwrite
+        return tf32x3(lambda p, q: torch.dot(p[:unit], q[:unit]), first, b, a_disposable=disposable)
 
     operands = (a_size + b_size + (a_size if disposable else 0)) * unit * 4
     copies = a_size + b_size + (0 if disposable else min(a_size, b_size))
