@@ -10,6 +10,7 @@ wheel, ptxas included) but no driver.
 
     python -m mgr_engine.kernels.compile_check              # sm_90 (H100, H200)
     python -m mgr_engine.kernels.compile_check --arch 80    # A100
+    python -m mgr_engine.kernels.compile_check --sass warp  # + the warp kernels' memory instructions
 
 It must run without ``TRITON_INTERPRET=1``: under it ``triton.jit`` builds interpreted
 functions, which do not compile.
@@ -64,6 +65,15 @@ class CompiledKernel:
     local_bytes: int  # spilled registers live in local memory
     seconds: float
     atomic_orders: tuple = ()  # memory orders of the atomic adds in the PTX ("relaxed", "acq_rel")
+    memory_instructions: dict | None = None  # {"loads", "stores", "atomics"}: global ones in the SASS, static
+
+
+def _cuobjdump(cubin: bytes, option: str) -> str:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([tool, option, f.name], capture_output=True, text=True, check=True).stdout
 
 
 def signature_of(kernel, float_type: str) -> dict:
@@ -82,17 +92,23 @@ def signature_of(kernel, float_type: str) -> dict:
 
 def resource_usage(cubin: bytes) -> dict:
     """REG, STACK and LOCAL of the one function in ``cubin``, from ``cuobjdump -res-usage``."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        report = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    report = _cuobjdump(cubin, "-res-usage")
     return {key: int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", report)}
 
 
-def compile_all(arch: int = 90, float_types=("fp32", "fp64")):
+def memory_instructions(cubin: bytes) -> dict:
+    """Global loads (LDG), stores (STG) and atomics (ATOMG, REDG) in ``cubin``'s SASS
+    (``cuobjdump -sass``), counted where they are written, not as they run: a loop body counts
+    once, a loop the compiler unrolled or peeled as often as it appears."""
+    opcodes = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", _cuobjdump(cubin, "-sass"))
+    return {"loads": opcodes.count("LDG"), "stores": opcodes.count("STG"),
+            "atomics": sum(opcodes.count(op) for op in ("ATOMG", "REDG"))}
+
+
+def compile_all(arch: int = 90, float_types=("fp32", "fp64"), sass_of: str | None = None):
     """Compile every specialization of :func:`kernel_specializations` for ``sm_<arch>``; a
-    failure raises RuntimeError naming the kernel and its constexprs, from Triton's error."""
+    failure raises RuntimeError naming the kernel and its constexprs, from Triton's error.
+    ``sass_of``: the kernels whose name contains it also count their memory instructions."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -119,8 +135,9 @@ def compile_all(arch: int = 90, float_types=("fp32", "fp64")):
                                        f"sm_{arch}: {error}") from error
                 usage = resource_usage(binary.asm["cubin"])
                 orders = tuple(sorted(set(re.findall(r"\b(?:atom|red)\.global\.\w+\.(\w+)\.", binary.asm["ptx"]))))
+                counts = memory_instructions(binary.asm["cubin"]) if sass_of and sass_of in kernel.__name__ else None
                 compiled.append(CompiledKernel(kernel.__name__, float_type, constexprs, usage["REG"], usage["STACK"],
-                                               usage["LOCAL"], time.perf_counter() - started, orders))
+                                               usage["LOCAL"], time.perf_counter() - started, orders, counts))
     return compiled
 
 
@@ -140,15 +157,33 @@ def summary(compiled) -> str:
     return "\n".join(lines)
 
 
+def sass_table(compiled) -> str:
+    """One Markdown row per specialization with :func:`memory_instructions` counted."""
+    lines = ["| kernel | float | constexprs | registers | global loads | global stores | global atomics |",
+             "|---|---|---|--:|--:|--:|--:|"]
+    for c in compiled:
+        if c.memory_instructions:
+            flags = ", ".join(f"{k}={v}" for k, v in c.constexprs.items() if k not in ("BLOCK", "ACC", "TAPS"))
+            counts = c.memory_instructions
+            lines.append(f"| {c.name} | {c.float_type} | {flags} | {c.registers} | {counts['loads']} | "
+                         f"{counts['stores']} | {counts['atomics']} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability as one number: 80, 90, ...")
+    parser.add_argument("--sass", metavar="NAME",
+                        help="also count the global memory instructions in the SASS of the kernels whose name "
+                             "contains NAME (static counts: a loop body once)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    compiled = compile_all(args.arch)
+    compiled = compile_all(args.arch, sass_of=args.sass)
     print(f"Triton {triton.__version__}, sm_{args.arch}: {len(compiled)} specializations compiled in "
           f"{time.perf_counter() - started:.0f} s\n")
     print(summary(compiled))
+    if args.sass:
+        print("\n" + sass_table(compiled))
     return 0
 
 

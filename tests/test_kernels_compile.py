@@ -18,11 +18,12 @@ pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA 
 def test_every_kernel_compiles_for_the_gpu(arch, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # interpreted kernels do not compile
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from an earlier run's cache
-    run = subprocess.run([sys.executable, "-m", "mgr_engine.kernels.compile_check", "--arch", str(arch)],
-                         env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-m", "mgr_engine.kernels.compile_check", "--arch", str(arch),
+                          "--sass", "warp_fwd"], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     print(run.stdout)
-    rows = [line for line in run.stdout.splitlines() if line.startswith("| ") and "_kernel |" in line]
+    table, sass = run.stdout.split("| kernel | float | constexprs |")
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "_kernel |" in line]
     # four kernels in float32 and float64, each row with its count of specializations
     assert len(rows) == 8, run.stdout
     assert all(int(row.split("|")[3]) > 0 for row in rows)
@@ -32,6 +33,12 @@ def test_every_kernel_compiles_for_the_gpu(arch, tmp_path):
     with_atomics = ("warp_bwd_kernel", "blur_axis_kernel")
     assert {name: order for name, order in orders.items() if order != "-"} == {
         f"{kernel} {dtype}": "relaxed" for kernel in with_atomics for dtype in ("fp32", "fp64")}, run.stdout
+    # --sass: the warp forward's memory instructions in each of its 8 specializations, at least
+    # its three coordinates and eight corners read, one channel written (a composition: three)
+    counts = [[int(cell) for cell in line.split("|")[5:8]]
+              for line in sass.splitlines() if "| warp_fwd_kernel |" in line]
+    assert len(counts) == 8 and all(loads >= 11 and stores in (1, 3) and atomics == 0
+                                    for loads, stores, atomics in counts), sass
 
 
 def test_interpreter_is_refused(monkeypatch):
