@@ -407,11 +407,10 @@ def convolution_precision_sweep(shape, device, repeats):
         for setting in ("fp32", "tf32", "tf32x3"):
             with _TF32_SWITCHES.set_to(setting):
                 def forward_backward():
-                    return torch.autograd.grad(model.low_memory_conv(layer, x), (x, layer.weight), grad)
+                    out = model.low_memory_conv(layer, x)
+                    return out.detach(), *torch.autograd.grad(out, (x, layer.weight), grad)
 
-                out = model.low_memory_conv(layer, x)
-                results[setting] = (out.detach(), *torch.autograd.grad(out, (x, layer.weight), grad))
-                del out
+                results[setting] = forward_backward()
                 cells[setting] = (timed(forward_backward, device, repeats),
                                   kernel_seconds(forward_backward, repeats) if device == "cuda" else None,
                                   peak_memory(forward_backward, device))

@@ -35,14 +35,13 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from mgr_engine import Engine, NetworkConfig, ops  # noqa: E402
 from mgr_engine.model import (SubpixelConvTranspose3d, inference_network, official_state_dict,  # noqa: E402
                                round_to_tf32)
+from helpers import truncate_to_tf32  # noqa: E402
 
 
 def to_tf32(t: torch.Tensor, rounding: str = "nearest") -> torch.Tensor:
     """``t`` (float32) with its mantissa cut to TF32's 10 bits, rounded to nearest (ties away from
     zero, :func:`mgr_engine.model.round_to_tf32`) or truncated; same strides."""
-    if rounding == "nearest":
-        return round_to_tf32(t)
-    return (t.view(torch.int32) & -0x2000).view(torch.float32)
+    return round_to_tf32(t) if rounding == "nearest" else truncate_to_tf32(t)
 
 
 def tf32_emulated(network, rounding: str, fp32_last_conv: bool):

@@ -43,8 +43,6 @@ BUNDLED_WEIGHTS = {"compact": Path(__file__).parent / "weights" / "compact.safet
 CHECKPOINT_NAME = "Step_2_final.trch"
 MASKING_MODES = ("input", "loss", "both")
 PRECISIONS = ("fp32", "tf32", "bf16")
-# instance optimization's (see Engine.instance_optimize)
-IO_PRECISIONS = ("fp32", "tf32", "tf32x3")
 BACKENDS = ("torch", "onnxruntime")
 
 
@@ -105,6 +103,7 @@ class _TF32Switches:
 # banded matrices in the PyTorch path)
 TF32_SETTINGS = {"fp32": (False, False, False), "tf32": (True, True, False), "tf32x3": (True, False, True)}
 _TF32_SWITCHES = _TF32Switches()
+IO_PRECISIONS = tuple(TF32_SETTINGS)  # instance optimization's: one TF32 setting each (see Engine.instance_optimize)
 
 
 def resolve_device(device=None) -> torch.device:

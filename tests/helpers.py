@@ -36,6 +36,11 @@ def cuda_sync_debug(mode: str):
         torch.cuda.set_sync_debug_mode("default")
 
 
+def truncate_to_tf32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (float32) with its mantissa cut to TF32's 10 bits (:func:`round_to_tf32` rounds)."""
+    return (t.view(torch.int32) & -0x2000).view(torch.float32)
+
+
 def tensor_core_tf32x3(product, a, b, **options):
     """:func:`mgr_engine.model.tf32x3` (as imported here, before a test patches it) with each of
     its three products' operands rounded to TF32, as a tensor core rounds them: on the CPU,

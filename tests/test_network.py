@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import (KERNEL_DEVICE, NARROW, cuda_sync_debug, eval_batchnorm, random_network, randomize_,
-                     reference_network, smooth_volume, tensor_core_tf32x3)
+                     reference_network, smooth_volume, tensor_core_tf32x3, truncate_to_tf32)
 from mgr_engine import Engine, NetworkConfig
 from mgr_engine.errors import CheckpointError
 from mgr_engine.model import GradICONNetwork, load_official_state_dict, official_state_dict
@@ -342,13 +342,10 @@ def test_low_memory_conv_in_tf32x3(monkeypatch, kind, activation, recompute, lay
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     products, split = [], model.tf32x3
 
-    def truncated(t):
-        return (t.view(torch.int32) & -0x2000).view(torch.float32)
-
     def counted(product, a, b, **options):
         products.append(product)
         if KERNEL_DEVICE == "cpu":  # a tensor core that truncates: the split must not rely on how it rounds
-            return split(lambda p, q: product(truncated(p), truncated(q)), a, b, **options)
+            return split(lambda p, q: product(truncate_to_tf32(p), truncate_to_tf32(q)), a, b, **options)
         return split(product, a, b, **options)
 
     monkeypatch.setattr(model, "tf32x3", counted)
