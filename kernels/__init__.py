@@ -12,5 +12,6 @@ warp forward and backward, taken by :func:`mgr_engine.ops.warp` on CPU tensors (
 :func:`mgr_engine.ops.use_cpp_warp`); ``decoder_cpu``, the U-Net's decoder epilogue
 (trilinear 2x upsampling, multiply-add, concatenation; see :func:`mgr_engine.ops.use_cpp_decoder`);
 ``last_conv_cpu``, the U-Net's last convolution (:func:`mgr_engine.ops.use_cpp_last_conv`);
-``gaussian_blur_cpu``, LNCC's window (:func:`mgr_engine.ops.use_cpp_blur`).
+``gaussian_blur_cpu``, LNCC's window (:func:`mgr_engine.ops.use_cpp_blur`); ``mind_ssc_cpu``, the
+MIND-SSC descriptor and loss (:func:`mgr_engine.ops.use_cpp_mind`).
 """

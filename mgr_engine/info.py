@@ -21,6 +21,7 @@ CPP_EXTENSIONS = {
     "_gaussian_blur_cpu": "LNCC window",
     "_resample_cpu": "full-resolution resampling",
     "_jacobian_cpu": "Jacobian determinant",
+    "_mind_ssc_cpu": "MIND-SSC descriptor",
 }
 # Packages the engine uses where installed, each with what for.
 OPTIONAL_PACKAGES = {

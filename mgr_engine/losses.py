@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InvalidOptionError
-from .ops import recomputed_in_backward, use_cpp_blur, use_triton
+from .ops import recomputed_in_backward, use_cpp_blur, use_cpp_mind, use_triton
 
 LNCC_SIGMA = 5
 LNCC_TAPS = 4 * LNCC_SIGMA + 1
@@ -110,7 +110,8 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch
     included = (mask != 0).expand_as(values)
     dims = tuple(range(1, values.dim()))
     counts = included.sum(dims).clamp_min(1)
-    totals = (values * included).sum(dims, dtype=torch.float32)
+    # at least float32 (a float16 sum of a volume would overflow), float64 kept
+    totals = (values * included).sum(dims, dtype=torch.promote_types(values.dtype, torch.float32))
     return (totals / counts).mean().to(values.dtype)
 
 
@@ -156,8 +157,13 @@ def mind_ssc(image: torch.Tensor, radius: int = 2, dilation: int = 2) -> torch.T
     Squared differences between the pairs of dilated six-neighbours, averaged
     over a (2 radius + 1)^3 patch (edges replicated), normalized by their
     minimum and mean, then ``exp(-.)``. Channel order is that of ``_MIND_PAIRS``
-    (the loss, a mean over channels, does not depend on it).
+    (the loss, a mean over channels, does not depend on it). In C++ on CPU tensors where built
+    (:mod:`mgr_engine.kernels.mind_ssc_cpu`).
     """
+    if use_cpp_mind(image):
+        from .kernels import mind_ssc_cpu
+
+        return mind_ssc_cpu.mind_ssc(image, radius, dilation)
     shape = image.shape[2:]
     padded = F.pad(image, (dilation,) * 6, mode="replicate")
     diffs = torch.cat(
@@ -179,9 +185,21 @@ def mind_ssc(image: torch.Tensor, radius: int = 2, dilation: int = 2) -> torch.T
     return torch.exp(-mind / variance)
 
 
+def mind_distance(image, target_descriptor, mask=None):
+    """Mean squared difference between ``image``'s MIND-SSC descriptor and ``target_descriptor``
+    (:func:`mind_ssc` of the target). On CPU tensors where built in one C++ op
+    (:func:`mgr_engine.kernels.mind_ssc_cpu.mind_distance`) where the target's descriptor needs no gradient."""
+    if use_cpp_mind(image):
+        from .kernels import mind_ssc_cpu
+
+        if mind_ssc_cpu.supports_distance(image, target_descriptor, mask):
+            return mind_ssc_cpu.mind_distance(image, target_descriptor, mask)
+    return masked_mean((mind_ssc(image) - target_descriptor) ** 2, mask)
+
+
 def mind_loss(image, target, mask=None):
     """Mean squared difference of MIND-SSC descriptors (radius 2, dilation 2)."""
-    return masked_mean((mind_ssc(image) - mind_ssc(target)) ** 2, mask)
+    return mind_distance(image, mind_ssc(target), mask)
 
 
 def with_constant_targets(similarity):
@@ -198,7 +216,7 @@ def with_constant_targets(similarity):
         return cached[id(target)][1]
 
     if similarity is mind_loss:
-        return lambda image, target, mask=None: masked_mean((mind_ssc(image) - of_target(mind_ssc, target)) ** 2, mask)
+        return lambda image, target, mask=None: mind_distance(image, of_target(mind_ssc, target), mask)
     if similarity in (lncc_loss, lncc2_loss):
         return lambda image, target, mask=None: similarity(
             image, target, mask, moments_of_target=None if use_triton(image) else of_target(target_moments, target))

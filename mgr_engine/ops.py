@@ -106,6 +106,14 @@ def use_cpp_blur(volume: torch.Tensor, taps: torch.Tensor) -> bool:
     return _cpp_kernels_allowed(volume) and gaussian_blur_cpu.supports(volume, taps)
 
 
+def use_cpp_mind(image: torch.Tensor) -> bool:
+    """Whether the MIND-SSC descriptor of ``image`` runs in C++ under the current mode
+    (:mod:`mgr_engine.kernels.mind_ssc_cpu`, CPU tensors)."""
+    from .kernels import mind_ssc_cpu
+
+    return _cpp_kernels_allowed(image) and mind_ssc_cpu.supports(image)
+
+
 def use_cpp_last_conv(x: torch.Tensor, conv: torch.nn.Conv3d) -> bool:
     """Whether a U-Net's last convolution ``conv`` (3x3x3, padding 1, 3 outputs) runs in C++
     on ``x`` under the current mode (:mod:`mgr_engine.kernels.last_conv_cpu`, CPU tensors)."""
