@@ -23,7 +23,7 @@
 #                 kernel's slab sweep (1, 3, 5, 7, 10), IO's BatchNorm backward (torch, Triton),
 #                 IO's convolutions by layer in fp32, tf32, tf32x3
 #   engine   210  bench_gpu.py: end to end against the reference, TF32/bf16, IO memory, layouts
-#   profile   75  profile_gpu.py: where a registration's and an IO step's (fp32, TF32, tf32x3) device time goes
+#   profile   75  profile_gpu.py: where a registration's and an IO step's (fp32, TF32, tf32x3, MIND-SSC) device time goes
 #   memory    60  profile_io_memory.py --reference: what an IO step keeps for its backward pass,
 #                 by node, against the reference
 #   resample  40  bench_resample.py --tensors: a result's warped image, field and Jacobian on the

@@ -4,7 +4,8 @@ by their own device time, for issue 3 item 4 (fuse only what a profile shows pay
 
 Randomized official-architecture weights, two smooth volumes, on tensors (no itk needed).
 Profiled after a warm-up of each: one ``Engine.predict_map`` (no IO) and ``--io-steps``
-steps of ``Engine.instance_optimize`` with 1 - LNCC^2, on a GPU also in TF32.
+steps of ``Engine.instance_optimize`` with 1 - LNCC^2, on a GPU also in TF32 and tf32x3, and with
+MIND-SSC (whose descriptor is PyTorch ops there).
 
     python benchmarks/profile_gpu.py --out profile.md                      # GPU, 175^3
     python benchmarks/profile_gpu.py --device cpu --shape 72 72 72 --rows 10   # a check on the CPU
@@ -100,8 +101,8 @@ def main(argv=None):
     if args.first_call:  # a fresh process: what a first registration pays once (cuDNN, Triton, CUDA's loading)
         text = first_call_profile(no_io, device, args.rows, f"{name}, network {'x'.join(map(str, shape))}")
     else:
-        def io(steps, precision="fp32"):
-            engine.instance_optimize(moving, fixed, iterations=steps, similarity="lncc2", progress=False,
+        def io(steps, precision="fp32", similarity="lncc2"):
+            engine.instance_optimize(moving, fixed, iterations=steps, similarity=similarity, progress=False,
                                      precision=precision)
 
         no_io()  # warm-ups: cuDNN's plans, Triton's compilation
@@ -116,6 +117,10 @@ def main(argv=None):
             io(1, precision)
             text += (f"\n### IO in {precision}: {args.io_steps} steps of instance_optimize(precision='{precision}')"
                      f"\n\n```\n{profiled(lambda: io(args.io_steps, precision), device, args.rows)}\n```\n")
+        if device == "cuda":  # MIND-SSC's descriptor is PyTorch ops on a GPU: would a Triton kernel pay?
+            io(1, similarity="mind")
+            text += (f"\n### IO with MIND-SSC: {args.io_steps} steps of instance_optimize(similarity='mind')"
+                     f"\n\n```\n{profiled(lambda: io(args.io_steps, similarity='mind'), device, args.rows)}\n```\n")
     print(text, flush=True)
     if args.out:
         with open(args.out, "a") as f:
