@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Per-kernel benchmark: Triton kernels against the PyTorch reference op and its torch.compile.
 
-For each op (trilinear warp, map composition, LNCC^2 loss) at full size (175^3 by default):
+For each op (trilinear warp, map composition, LNCC^2 loss, MIND-SSC descriptor) at full size (175^3 by default):
 median time of forward and of forward+backward, peak GPU memory of forward+backward, and
 the effective bandwidth of the Triton forward against the GPU's datasheet peak and against a
 device-to-device copy measured in the same run (ideal traffic: every input read once, every
@@ -139,6 +139,8 @@ def cases(shape, device):
         "compose_maps (3 channels, border), smooth": (
             lambda: ops.compose_maps(smooth_field, smooth_coords), (smooth_field, smooth_coords), compose_bytes),
         "lncc2_loss": (lambda: losses.lncc2_loss(image, target), (image,), 4 * n * 2),
+        # the image read, 12 channels written
+        "mind_ssc descriptor": (lambda: losses.mind_ssc(image), (image,), 4 * n * 13),
     }
 
 
@@ -274,7 +276,7 @@ def block_sweep(shape, device, repeats, configurations):
     from mgr_engine.kernels import warp as kwarp
 
     ops_under_test = {op: gradients_of(fn, inputs) for op, (fn, inputs, _) in cases(shape, device).items()
-                      if not op.startswith("lncc")}  # the warp kernels' BLOCK; LNCC has its own
+                      if op.startswith(("warp", "compose"))}  # the warp kernels' BLOCK; the others have their own
     lines = ["| BLOCK:warps | " + " | ".join(f"{op} fwd+bwd, call / kernels" for op in ops_under_test) + " |",
              "|--:|" + "--:|" * len(ops_under_test)]
     default = kwarp.BLOCK, kwarp.NUM_WARPS

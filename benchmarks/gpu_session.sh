@@ -19,7 +19,7 @@
 #   tests    150  the Triton kernel tests compiled on the GPU, 175^3 included (fills Triton's cache),
 #                 the regularizer's noise drawn on the GPU, a result's full-resolution resampling there
 #   kernels  120  bench_kernels.py without torch.compile: time, memory, bandwidth per kernel (warps
-#                 at jittered and smooth maps), the warp kernels' BLOCK:warps sweep, the LNCC
+#                 at jittered and smooth maps, MIND-SSC), the warp kernels' BLOCK:warps sweep, the LNCC
 #                 kernel's slab sweep (1, 3, 5, 7, 10), IO's BatchNorm backward (torch, Triton),
 #                 IO's convolutions by layer in fp32, tf32, tf32x3
 #   engine   210  bench_gpu.py: end to end against the reference, TF32/bf16, IO memory, layouts

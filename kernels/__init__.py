@@ -1,7 +1,8 @@
 """Fused Triton kernels (installed as ``mgr_engine.kernels``).
 
 One file per op, each with its ``autograd.Function``: ``warp`` (trilinear sampling at a
-map), ``compose`` (map composition) and ``lncc`` (windowed LNCC / LNCC^2 loss). Their
+map), ``compose`` (map composition), ``lncc`` (windowed LNCC / LNCC^2 loss) and ``mind_ssc``
+(the MIND-SSC descriptor). Their
 PyTorch references are :mod:`mgr_engine.ops` and :mod:`mgr_engine.losses`, which
 dispatch here on CUDA tensors (see :func:`mgr_engine.ops.use_triton`). And
 ``norm_crop_concat``, the backward pass of IO's eval-mode BatchNorm, crop and concatenation,

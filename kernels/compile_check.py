@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import triton
 import triton.language as tl
 
-from . import lncc, norm_crop_concat, warp
+from . import lncc, mind_ssc, norm_crop_concat, warp
 
 FLOAT_TYPES = {"fp32": tl.float32, "fp64": tl.float64}
 
@@ -52,7 +52,20 @@ def kernel_specializations():
         (norm_crop_concat.norm_grad_kernel, {"INPUT_GRAD": flags, "ACC": ("follows the pointers",),
                                              "BLOCK": (norm_crop_concat.BLOCK,),
                                              "ROUNDS": (norm_crop_concat.ROUNDS,)}),
+        (mind_ssc.squares_kernel, {"GRAD": flags, "BLOCK": (mind_ssc.BLOCK,)}),
+        (mind_ssc.box_axis_kernel, {"RADIUS": (2,), "ADJOINT": flags, "BLOCK": (mind_ssc.BLOCK,)}),
+        (mind_ssc.normalize_kernel, {"GRAD": flags, "BLOCK": (mind_ssc.BLOCK,)}),
+        (mind_ssc.gather_pairs_kernel, {"BLOCK": (mind_ssc.BLOCK,)}),
     ]
+
+
+# Arguments that are not what signature_of assumes (a float pointer, or a 32-bit integer): the
+# MIND-SSC kernels' table of pair offsets and the patch mean's scale.
+SIGNATURE_OVERRIDES = {
+    "squares_kernel": {"offsets_ptr": "*i32"},
+    "gather_pairs_kernel": {"offsets_ptr": "*i32"},
+    "box_axis_kernel": {"scale": "fp32"},
+}
 
 
 @dataclass
@@ -78,7 +91,8 @@ def _cuobjdump(cubin: bytes, option: str) -> str:
 
 def signature_of(kernel, float_type: str) -> dict:
     """Triton's signature for ``kernel``: ``*_ptr`` arguments point to ``float_type``, the other
-    runtime arguments are 32-bit integers (sizes and strides), constexprs are marked so."""
+    runtime arguments are 32-bit integers (sizes and strides), constexprs are marked so; except
+    where :data:`SIGNATURE_OVERRIDES` says otherwise."""
     signature = {}
     for param in kernel.params:
         if param.is_constexpr:
@@ -87,7 +101,7 @@ def signature_of(kernel, float_type: str) -> dict:
             signature[param.name] = f"*{float_type}"
         else:
             signature[param.name] = "i32"
-    return signature
+    return signature | SIGNATURE_OVERRIDES.get(kernel.__name__, {})
 
 
 def resource_usage(cubin: bytes) -> dict:

@@ -157,9 +157,14 @@ def mind_ssc(image: torch.Tensor, radius: int = 2, dilation: int = 2) -> torch.T
     Squared differences between the pairs of dilated six-neighbours, averaged
     over a (2 radius + 1)^3 patch (edges replicated), normalized by their
     minimum and mean, then ``exp(-.)``. Channel order is that of ``_MIND_PAIRS``
-    (the loss, a mean over channels, does not depend on it). In C++ on CPU tensors where built
+    (the loss, a mean over channels, does not depend on it). In Triton on CUDA tensors
+    (:mod:`mgr_engine.kernels.mind_ssc`), in C++ on CPU tensors where built
     (:mod:`mgr_engine.kernels.mind_ssc_cpu`).
     """
+    if use_triton(image) and image.dim() == 5 and image.shape[1] == 1 and image.dtype in (torch.float32, torch.float64):
+        from .kernels.mind_ssc import mind_ssc as triton_mind_ssc
+
+        return triton_mind_ssc(image, radius, dilation)
     if use_cpp_mind(image):
         from .kernels import mind_ssc_cpu
 

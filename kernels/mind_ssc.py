@@ -1,0 +1,243 @@
+"""MIND-SSC descriptor (Triton), forward and backward.
+
+Semantics of :func:`mgr_engine.losses.mind_ssc` (radius 2, dilation 2 in IO): for the 12 pairs
+(a_k, b_k) of dilated six-neighbours sqrt(2) apart, with replicated edges,
+
+    S_k = (I[x + a_k] - I[x + b_k])^2,  SSD_k = mean of S_k over the (2r + 1)^3 patch,
+    M_k = SSD_k - min_j SSD_j,  V = mean_k M_k,  desc_k = exp(-M_k / clamp(V, lo, hi))
+
+with ``lo, hi = mean(V) * (1e-3, 1e3)`` (V's mean over the batch, not differentiated). On a GPU
+the PyTorch path is a dozen passes over 12-channel volumes and autograd keeps most of them (1.1
+GiB a call at 175^3, twice an IO step); here:
+
+forward:  image --pad--> P --squares--> S --box D, H, W--> SSD --normalize--> M, V; desc = exp(-M / clamp(V))
+backward: (recomputed) SSD --normalize'--> dSSD --box' W, H, D--> dS --squares'--> dD --gather--> dP --pad'--> dI
+
+Each box pass sums 2r + 1 gathered voxels along one axis (edge voxels repeated; its adjoint adds
+what the edges took back onto them), ping-ponging between two 12-channel buffers; ``normalize'``
+forms the gradient through exp, the clamp (inside the bounds only, as ``torch.clamp``), the mean
+and the minimum (to the first of equal minima, as ``torch.min``); ``gather`` sums, for each
+voxel of the padded image, the 24 pair differences that read it (no atomics); ``pad'`` is
+PyTorch's replicate-padding backward. The backward recomputes the patch means instead of keeping
+them: the autograd graph keeps the image, the descriptor and the two bounds. The bounds stay a
+tensor (no ``.item()``: that would wait for the GPU twice a call).
+
+The CPU twin is :mod:`mgr_engine.kernels.mind_ssc_cpu` (C++, the same passes plane by plane).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+BLOCK = 256
+
+
+def pair_offsets(dilation: int, device) -> torch.Tensor:
+    """The 12 pairs of neighbour offsets, (12, 6) int32 (a_z, a_y, a_x, b_z, b_y, b_x) in voxels,
+    in the reference's channel order."""
+    from mgr_engine.losses import _MIND_PAIRS
+
+    return (torch.tensor(_MIND_PAIRS, dtype=torch.int32) * dilation).reshape(12, 6).to(device)
+
+
+# Sizes are not specialized (see warp.py): each new grid would compile its own variants.
+@triton.jit(do_not_specialize=["D", "H", "W", "pad", "volume"])
+def squares_kernel(padded_ptr, offsets_ptr, out_ptr, D, H, W, pad, volume, GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    """out_k = (P[x + a_k] - P[x + b_k])^2 for the 12 pairs, P the image padded by ``pad``; with
+    GRAD, out_k (the patch sums' gradient) becomes 2 (P[x + a_k] - P[x + b_k]) out_k."""
+    b = tl.program_id(1).to(tl.int64)
+    v = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = v < volume
+    x = v % W
+    y = (v // W) % H
+    z = v // (W * H)
+    pw = W + 2 * pad
+    pplane = (H + 2 * pad) * pw
+    centre = padded_ptr + b * (D + 2 * pad) * pplane + (z + pad) * pplane + (y + pad) * pw + x + pad
+    for k in range(12):
+        a = (tl.load(offsets_ptr + 6 * k) * pplane + tl.load(offsets_ptr + 6 * k + 1) * pw
+             + tl.load(offsets_ptr + 6 * k + 2))
+        c = (tl.load(offsets_ptr + 6 * k + 3) * pplane + tl.load(offsets_ptr + 6 * k + 4) * pw
+             + tl.load(offsets_ptr + 6 * k + 5))
+        d = tl.load(centre + a, mask=m, other=0.0) - tl.load(centre + c, mask=m, other=0.0)
+        out = out_ptr + (b * 12 + k) * volume + v
+        if GRAD:
+            tl.store(out, 2.0 * d * tl.load(out, mask=m, other=0.0), mask=m)
+        else:
+            tl.store(out, d * d, mask=m)
+
+
+@triton.jit(do_not_specialize=["total", "n", "stride"])
+def box_axis_kernel(src_ptr, dst_ptr, total, n, stride, scale, RADIUS: tl.constexpr, ADJOINT: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """dst = scale * the sum over t in [-r, r] of src at clamp(i + t) along one axis (index i,
+    ``n`` voxels ``stride`` apart) of every voxel of every channel (``total`` of them); with
+    ADJOINT its transpose: each voxel's gathered neighbours, and at the axis' ends what the
+    clamped taps took (position q counted r - q times from either end)."""
+    v = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = v < total
+    i = (v // stride) % n
+    acc = tl.zeros((BLOCK,), dtype=dst_ptr.dtype.element_ty)
+    for t in tl.static_range(2 * RADIUS + 1):
+        shift = t - RADIUS
+        if ADJOINT:
+            inside = (i - shift >= 0) & (i - shift < n)
+            acc += tl.load(src_ptr + v - shift * stride, mask=m & inside, other=0.0)
+        else:
+            j = tl.minimum(tl.maximum(i + shift, 0), n - 1)
+            acc += tl.load(src_ptr + v + (j - i) * stride, mask=m, other=0.0)
+    if ADJOINT:
+        for q in tl.static_range(RADIUS):
+            low = m & (i == 0) & (i + q < n)  # position q, inside the axis
+            acc += (RADIUS - q) * tl.load(src_ptr + v + q * stride, mask=low, other=0.0)
+            high = m & (i == n - 1) & (i - q >= 0)  # position n - 1 - q
+            acc += (RADIUS - q) * tl.load(src_ptr + v - q * stride, mask=high, other=0.0)
+    tl.store(dst_ptr + v, acc * scale, mask=m)
+
+
+@triton.jit(do_not_specialize=["volume"])
+def normalize_kernel(ssd_ptr, var_ptr, desc_ptr, grad_ptr, bounds_ptr, volume, GRAD: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    """Per voxel over the 12 channels: M_k = SSD_k - min into ssd, V = mean_k M_k into var. With
+    GRAD, ssd becomes the gradient in SSD given desc, grad (the descriptor's) and the bounds."""
+    b = tl.program_id(1).to(tl.int64)
+    v = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = v < volume
+    base = b * 12 * volume + v
+    low = tl.load(ssd_ptr + base, mask=m, other=0.0)
+    argmin = tl.zeros((BLOCK,), dtype=tl.int32)
+    for k in range(1, 12):
+        s = tl.load(ssd_ptr + base + k * volume, mask=m, other=0.0)
+        lower = s < low  # the first of equal minima, as torch.min
+        argmin = tl.where(lower, k, argmin)
+        low = tl.where(lower, s, low)
+    var = tl.zeros((BLOCK,), dtype=low.dtype)
+    for k in range(12):
+        var += tl.load(ssd_ptr + base + k * volume, mask=m, other=0.0) - low
+    var = var / 12.0
+    if GRAD:
+        lo = tl.load(bounds_ptr)
+        hi = tl.load(bounds_ptr + 1)
+        clamped = tl.minimum(tl.maximum(var, lo), hi)
+        # desc_k = exp(-M_k / Vc): dM_k = -g_k desc_k / Vc, and through Vc (where V is inside the
+        # bounds) dV = sum_k g_k desc_k M_k / Vc^2, shared by the 12 M_k of the mean
+        dv = tl.zeros((BLOCK,), dtype=low.dtype)
+        for k in range(12):
+            at = base + k * volume
+            g = tl.load(grad_ptr + at, mask=m, other=0.0)
+            e = tl.load(desc_ptr + at, mask=m, other=0.0)
+            dv += g * e * (tl.load(ssd_ptr + at, mask=m, other=0.0) - low)
+        dv = tl.where((var >= lo) & (var <= hi), dv / (clamped * clamped) / 12.0, 0.0)
+        total = tl.zeros((BLOCK,), dtype=low.dtype)  # sum_k dM_k, which the minimum's channel gives back
+        for k in range(12):
+            at = base + k * volume
+            total += -tl.load(grad_ptr + at, mask=m, other=0.0) * tl.load(desc_ptr + at, mask=m, other=0.0) / clamped
+        total += 12.0 * dv
+        for k in range(12):
+            at = base + k * volume
+            dm = -tl.load(grad_ptr + at, mask=m, other=0.0) * tl.load(desc_ptr + at, mask=m, other=0.0) / clamped + dv
+            tl.store(ssd_ptr + at, dm - tl.where(argmin == k, total, 0.0), mask=m)
+    else:
+        for k in range(12):
+            at = base + k * volume
+            tl.store(ssd_ptr + at, tl.load(ssd_ptr + at, mask=m, other=0.0) - low, mask=m)
+        tl.store(var_ptr + b * volume + v, var, mask=m)
+
+
+@triton.jit(do_not_specialize=["D", "H", "W", "pad", "volume", "padded_volume"])
+def gather_pairs_kernel(diff_grad_ptr, offsets_ptr, out_ptr, D, H, W, pad, volume, padded_volume,
+                        BLOCK: tl.constexpr):
+    """The gradient of the padded image: at each of its voxels p, the sum over the 12 pairs of
+    the difference's gradient at p - a_k minus that at p - b_k (where inside the volume)."""
+    b = tl.program_id(1).to(tl.int64)
+    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = p < padded_volume
+    pw = W + 2 * pad
+    ph = H + 2 * pad
+    z0 = p // (pw * ph) - pad
+    y0 = (p // pw) % ph - pad
+    x0 = p % pw - pad
+    acc = tl.zeros((BLOCK,), dtype=out_ptr.dtype.element_ty)
+    for k in range(12):
+        channel = diff_grad_ptr + (b * 12 + k) * volume
+        for side in tl.static_range(2):
+            z = z0 - tl.load(offsets_ptr + 6 * k + 3 * side)
+            y = y0 - tl.load(offsets_ptr + 6 * k + 3 * side + 1)
+            x = x0 - tl.load(offsets_ptr + 6 * k + 3 * side + 2)
+            inside = m & (z >= 0) & (z < D) & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+            acc += (1.0 - 2.0 * side) * tl.load(channel + (z * H + y) * W + x, mask=inside, other=0.0)
+    tl.store(out_ptr + b * padded_volume + p, acc, mask=m)
+
+
+def _patch_means(padded, offsets, grid, pad, radius):
+    """(SSD, scratch): the 12 patch means of the padded image's pair squares, and a buffer of
+    their shape."""
+    batch = padded.shape[0]
+    volume = grid[0] * grid[1] * grid[2]
+    squares = torch.empty((batch, 12, *grid), dtype=padded.dtype, device=padded.device)
+    squares_kernel[(triton.cdiv(volume, BLOCK), batch)](padded, offsets, squares, *grid, pad, volume, GRAD=False,
+                                                        BLOCK=BLOCK)
+    return _box(squares, torch.empty_like(squares), radius, adjoint=False)
+
+
+def _box(data, scratch, radius, adjoint):
+    """The patch sum (or its transpose) of ``data``'s 12 channels divided by the patch's size, along
+    D, H and W through ``scratch``; returns (result, the other buffer)."""
+    depth, height, width = data.shape[2:]
+    side = 2 * radius + 1
+    for axis, (n, stride) in enumerate(((depth, height * width), (height, width), (width, 1))):
+        scale = 1.0 / side**3 if axis == 2 else 1.0
+        box_axis_kernel[(triton.cdiv(data.numel(), BLOCK),)](data, scratch, data.numel(), n, stride, scale,
+                                                            RADIUS=radius, ADJOINT=adjoint, BLOCK=BLOCK)
+        data, scratch = scratch, data
+    return data, scratch
+
+
+class MindSSC(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, image, radius: int, dilation: int):
+        image = image.detach().contiguous()
+        batch, _, *grid = image.shape
+        offsets = pair_offsets(dilation, image.device)
+        padded = F.pad(image, (dilation,) * 6, mode="replicate")
+        desc, _ = _patch_means(padded, offsets, grid, dilation, radius)
+        variance = torch.empty((batch, 1, *grid), dtype=image.dtype, device=image.device)
+        volume = variance[0].numel()
+        normalize_kernel[(triton.cdiv(volume, BLOCK), batch)](desc, variance, desc, desc, desc, volume, GRAD=False,
+                                                              BLOCK=BLOCK)
+        # the bounds as the reference takes them: from the mean over the batch, in the image's dtype
+        level = variance.mean()
+        bounds = torch.stack([level * 0.001, level * 1000])
+        desc.div_(torch.clamp(variance, bounds[0], bounds[1])).neg_().exp_()
+        ctx.save_for_backward(image, desc, bounds)
+        ctx.args = (radius, dilation)
+        return desc
+
+    @staticmethod
+    def backward(ctx, grad_desc):
+        image, desc, bounds = ctx.saved_tensors
+        radius, dilation = ctx.args
+        batch, _, *grid = image.shape
+        offsets = pair_offsets(dilation, image.device)
+        padded = F.pad(image, (dilation,) * 6, mode="replicate")
+        work, scratch = _patch_means(padded, offsets, grid, dilation, radius)
+        volume = desc[0, 0].numel()
+        normalize_kernel[(triton.cdiv(volume, BLOCK), batch)](work, work, desc, grad_desc.to(desc.dtype).contiguous(),
+                                                              bounds, volume, GRAD=True, BLOCK=BLOCK)
+        work, scratch = _box(work, scratch, radius, adjoint=True)
+        del scratch
+        squares_kernel[(triton.cdiv(volume, BLOCK), batch)](padded, offsets, work, *grid, dilation, volume, GRAD=True,
+                                                            BLOCK=BLOCK)
+        grad_padded = torch.empty_like(padded)
+        padded_volume = padded[0].numel()
+        gather_pairs_kernel[(triton.cdiv(padded_volume, BLOCK), batch)](work, offsets, grad_padded, *grid, dilation,
+                                                                       volume, padded_volume, BLOCK=BLOCK)
+        return torch.ops.aten.replication_pad3d_backward(grad_padded, image, [dilation] * 6), None, None
+
+
+def mind_ssc(image: torch.Tensor, radius: int = 2, dilation: int = 2) -> torch.Tensor:
+    """Triton version of :func:`mgr_engine.losses.mind_ssc` ((B, 1, D, H, W) images, float32 or float64)."""
+    return MindSSC.apply(image, radius, dilation)

@@ -1,0 +1,103 @@
+"""Triton MIND-SSC descriptor (kernels/mind_ssc.py) against the PyTorch reference (mgr_engine.losses).
+
+On the CPU through Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py), at small
+sizes; on a GPU compiled, and ``test_full_size`` runs at the network's 175^3.
+"""
+
+import pytest
+import torch
+
+from helpers import INTERPRETED, require_triton_kernels, smooth_volume
+from helpers import KERNEL_DEVICE as DEVICE
+
+require_triton_kernels()
+
+from mgr_engine import losses, ops  # noqa: E402
+from mgr_engine.kernels import mind_ssc as kmind  # noqa: E402
+
+# Odd and non-cubic grids; axes shorter than the dilation (2) and the patch radius (2), a single
+# voxel, where replicate padding reads the edge voxel for most offsets.
+SHAPES = [(7, 9, 11), (1, 6, 5), (2, 3, 13), (12, 1, 4)]
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5}  # relative to the largest value
+
+
+def reference(image):
+    with ops.kernel_mode("torch"):
+        return losses.mind_ssc(image)
+
+
+def assert_close(got, expected, dtype):
+    torch.testing.assert_close(got, expected, rtol=0, atol=TOLERANCE[dtype] * float(expected.detach().abs().max()))
+
+
+def image_with_flat_region(batch, shape, dtype, seed):
+    """Random values with a constant block: there the 12 patch means tie at 0 and the variance
+    falls below its clamp's lower bound (see test_kernels_mind_ssc_cpu.py)."""
+    image = torch.rand(batch, 1, *shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    image[..., : max(shape[0] // 2, 1), :, : max(shape[2] // 2, 1)] = 0.25
+    return image.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_values_and_gradients_match_pytorch(dtype, shape, batch):
+    image = image_with_flat_region(batch, shape, dtype, seed=0).requires_grad_()
+    got = kmind.mind_ssc(image)
+    expected = reference(image)
+    assert got.shape == expected.shape == (batch, 12, *shape) and got.is_contiguous()
+    assert_close(got, expected, dtype)
+    grad_out = torch.randn(got.shape, generator=torch.Generator().manual_seed(1), dtype=dtype).to(DEVICE)
+    (got_grad,) = torch.autograd.grad(got, image, grad_out)
+    (expected_grad,) = torch.autograd.grad(expected, image, grad_out)
+    assert float(expected_grad.abs().max()) > 0
+    assert_close(got_grad, expected_grad, dtype)
+
+
+def test_gradcheck_float64():
+    image = torch.rand(1, 1, 5, 6, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    # in the interpreter a random projection of the Jacobian (fast mode), as test_kernels_warp.py
+    assert torch.autograd.gradcheck(kmind.mind_ssc, (image.to(DEVICE).requires_grad_(),), fast_mode=INTERPRETED)
+
+
+def test_mind_loss_takes_it_in_kernel_mode_triton(monkeypatch):
+    """losses.mind_ssc (and so IO's MIND-SSC loss) dispatches here where Triton runs (CUDA, or
+    kernel mode "triton" in the interpreter): the target's descriptor once, the image's every
+    call; loss and gradient equal kernel mode "torch"'s."""
+    calls = []
+    original = kmind.MindSSC.apply
+    monkeypatch.setattr(kmind.MindSSC, "apply", lambda *args: calls.append(args[0].requires_grad) or original(*args))
+    shape = (10, 9, 12)
+    image = torch.from_numpy(smooth_volume(shape, 1))[None, None].double().to(DEVICE).requires_grad_()
+    target = torch.from_numpy(smooth_volume(shape, 2))[None, None].double().to(DEVICE)
+    mask = (torch.rand(1, 1, *shape, generator=torch.Generator().manual_seed(3)) > 0.3).to(DEVICE)
+
+    def loss_and_gradient():
+        similarity = losses.with_constant_targets(losses.similarity_by_name("mind"))
+        loss = similarity(image, target, mask)
+        return loss.item(), torch.autograd.grad(loss, image)[0]
+
+    with ops.kernel_mode("triton" if INTERPRETED else "auto"):
+        got = loss_and_gradient()
+    assert calls == [False, True]
+    with ops.kernel_mode("torch"):
+        expected = loss_and_gradient()
+    assert len(calls) == 2
+    assert abs(got[0] - expected[0]) <= 1e-12 * expected[0]
+    assert float(expected[1].abs().max()) > 0
+    assert_close(got[1], expected[1], torch.float64)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="full size on a GPU only (the interpreter is slow)")
+def test_full_size():
+    image = torch.from_numpy(smooth_volume((175, 175, 175), 1))[None, None].to(DEVICE).requires_grad_()
+    got = kmind.mind_ssc(image)
+    expected = reference(image)
+    exact = reference(image.detach().double())
+    grad_out = torch.randn(got.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    got_grad, expected_grad = (torch.autograd.grad(d, image, grad_out)[0] for d in (got, expected))
+    # float32 against float64: the descriptor divides by a clamped local variance, tiny in flat
+    # regions, so each implementation's rounding shows (about 1e-6 of the value, 1e-4 of the
+    # gradient on the CPU); no worse than PyTorch's own float32
+    assert (got.double() - exact).abs().max() <= max(2e-6, 2 * (expected.double() - exact).abs().max())
+    assert (got_grad - expected_grad).abs().max() <= 5e-4 * expected_grad.abs().max()
