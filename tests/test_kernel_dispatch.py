@@ -73,7 +73,7 @@ def test_regularizer_and_similarity_agree_across_modes():
     assert results["torch"][0] > 0
 
 
-@pytest.mark.parametrize("similarity,masked", [("lncc2", True), ("lncc", False)])
+@pytest.mark.parametrize("similarity,masked", [("lncc2", True), ("lncc", False), ("mind", True)])
 def test_instance_optimization_agrees_across_modes(similarity, masked, monkeypatch):
     """Instance optimization end to end (the network's compositions and warps, the GradICON
     regularizer, the similarity, loss masks, Adam) on the Triton kernels and on PyTorch's ops:
@@ -81,10 +81,11 @@ def test_instance_optimization_agrees_across_modes(similarity, masked, monkeypat
     enough for the interpreter."""
     iterations = 2
     if INTERPRETED:  # it runs each program in Python: fewer, larger blocks (any power of two is valid)
-        from mgr_engine.kernels import lncc, warp
+        from mgr_engine.kernels import lncc, mind_ssc, warp
 
         monkeypatch.setattr(warp, "BLOCK", 8192)
         monkeypatch.setattr(lncc, "BLOCK", 8192)
+        monkeypatch.setattr(mind_ssc, "BLOCK", 8192)
         iterations = 1  # a step's forward and backward run every kernel; a second step, a minute of CI, none new
     shape = (18, 21, 17)
     config = NetworkConfig(input_shape=shape, down_channels=(2, 4, 8, 8), up_channels=(4, 8, 8))
