@@ -70,16 +70,19 @@ def squares_kernel(padded_ptr, offsets_ptr, out_ptr, D, H, W, pad, volume, GRAD:
             tl.store(out, d * d, mask=m)
 
 
-@triton.jit(do_not_specialize=["total", "n", "stride"])
-def box_axis_kernel(src_ptr, dst_ptr, total, n, stride, scale, RADIUS: tl.constexpr, ADJOINT: tl.constexpr,
+@triton.jit(do_not_specialize=["volume", "n", "stride"])
+def box_axis_kernel(src_ptr, dst_ptr, volume, n, stride, scale, RADIUS: tl.constexpr, ADJOINT: tl.constexpr,
                     BLOCK: tl.constexpr):
     """dst = scale * the sum over t in [-r, r] of src at clamp(i + t) along one axis (index i,
-    ``n`` voxels ``stride`` apart) of every voxel of every channel (``total`` of them); with
-    ADJOINT its transpose: each voxel's gathered neighbours, and at the axis' ends what the
-    clamped taps took (position q counted r - q times from either end)."""
-    v = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = v < total
+    ``n`` voxels ``stride`` apart) of every voxel of one channel (program axis 1: sample and
+    channel; 32-bit indices within it); with ADJOINT its transpose: each voxel's gathered
+    neighbours, and at the axis' ends what the clamped taps took (position q counted r - q
+    times from either end)."""
+    base = tl.program_id(1).to(tl.int64) * volume
+    v = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = v < volume
     i = (v // stride) % n
+    src_ptr += base
     acc = tl.zeros((BLOCK,), dtype=dst_ptr.dtype.element_ty)
     for t in tl.static_range(2 * RADIUS + 1):
         shift = t - RADIUS
@@ -95,7 +98,7 @@ def box_axis_kernel(src_ptr, dst_ptr, total, n, stride, scale, RADIUS: tl.conste
             acc += (RADIUS - q) * tl.load(src_ptr + v + q * stride, mask=low, other=0.0)
             high = m & (i == n - 1) & (i - q >= 0)  # position n - 1 - q
             acc += (RADIUS - q) * tl.load(src_ptr + v - q * stride, mask=high, other=0.0)
-    tl.store(dst_ptr + v, acc * scale, mask=m)
+    tl.store(dst_ptr + base + v, acc * scale, mask=m)
 
 
 @triton.jit(do_not_specialize=["volume"])
@@ -188,10 +191,11 @@ def _box(data, scratch, radius, adjoint):
     D, H and W through ``scratch``; returns (result, the other buffer)."""
     depth, height, width = data.shape[2:]
     side = 2 * radius + 1
+    volume = depth * height * width
+    grid = (triton.cdiv(volume, BLOCK), data.shape[0] * data.shape[1])
     for axis, (n, stride) in enumerate(((depth, height * width), (height, width), (width, 1))):
         scale = 1.0 / side**3 if axis == 2 else 1.0
-        box_axis_kernel[(triton.cdiv(data.numel(), BLOCK),)](data, scratch, data.numel(), n, stride, scale,
-                                                            RADIUS=radius, ADJOINT=adjoint, BLOCK=BLOCK)
+        box_axis_kernel[grid](data, scratch, volume, n, stride, scale, RADIUS=radius, ADJOINT=adjoint, BLOCK=BLOCK)
         data, scratch = scratch, data
     return data, scratch
 
