@@ -11,7 +11,7 @@ the PyTorch path is a dozen passes over 12-channel volumes and autograd keeps mo
 GiB a call at 175^3, twice an IO step); here:
 
 forward:  image --pad--> P --squares--> S --box D, H, W--> SSD --normalize--> M, V; desc = exp(-M / clamp(V))
-backward: (recomputed) SSD --normalize'--> dSSD --box' W, H, D--> dS --squares'--> dD --gather--> dP --pad'--> dI
+backward: (recomputed) SSD --normalize'--> dSSD --box' D, H, W--> dS --squares'--> dD --gather--> dP --pad'--> dI
 
 Each box pass sums 2r + 1 gathered voxels along one axis (edge voxels repeated; its adjoint adds
 what the edges took back onto them), ping-ponging between two 12-channel buffers; ``normalize'``
