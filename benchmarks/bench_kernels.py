@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Per-kernel benchmark: Triton kernels against the PyTorch reference op and its torch.compile.
 
-For each op (trilinear warp, map composition, LNCC^2 loss, MIND-SSC descriptor) at full size (175^3 by default):
+For each op (trilinear warp, map composition, LNCC^2 loss, MIND-SSC descriptor and loss) at full size (175^3 by default):
 median time of forward and of forward+backward, peak GPU memory of forward+backward, and
 the effective bandwidth of the Triton forward against the GPU's datasheet peak and against a
 device-to-device copy measured in the same run (ideal traffic: every input read once, every
@@ -128,6 +128,8 @@ def make_inputs(shape, device):
 def cases(shape, device):
     image, target, coords, field, smooth_coords, smooth_field = make_inputs(shape, device)
     n = image.numel()
+    with torch.no_grad():
+        target_descriptor = losses.mind_ssc(target)
     warp_bytes, compose_bytes = 4 * n * (3 + 1 + 1), 4 * n * (3 + 3 + 3)
     return {
         # name: (function of (mode-setting wrapper), differentiable inputs, ideal forward bytes)
@@ -141,6 +143,9 @@ def cases(shape, device):
         "lncc2_loss": (lambda: losses.lncc2_loss(image, target), (image,), 4 * n * 2),
         # the image read, 12 channels written
         "mind_ssc descriptor": (lambda: losses.mind_ssc(image), (image,), 4 * n * 13),
+        # IO's MIND-SSC loss against the target's descriptor (computed once, as IO does): the image
+        # and the target's 12 channels read
+        "mind_ssc loss": (lambda: losses.mind_distance(image, target_descriptor), (image,), 4 * n * 13),
     }
 
 

@@ -54,7 +54,9 @@ def kernel_specializations():
                                              "ROUNDS": (norm_crop_concat.ROUNDS,)}),
         (mind_ssc.squares_kernel, {"GRAD": flags, "BLOCK": (mind_ssc.BLOCK,)}),
         (mind_ssc.box_axis_kernel, {"RADIUS": (2,), "ADJOINT": flags, "BLOCK": (mind_ssc.BLOCK,)}),
-        (mind_ssc.normalize_kernel, {"GRAD": flags, "BLOCK": (mind_ssc.BLOCK,)}),
+        (mind_ssc.normalize_kernel, {"GRAD": flags, "FROM_TARGET": flags, "HAS_WEIGHT": flags,
+                                     "BLOCK": (mind_ssc.BLOCK,)}),
+        (mind_ssc.distance_kernel, {"HAS_WEIGHT": flags, "BLOCK": (mind_ssc.BLOCK,)}),
         (mind_ssc.gather_pairs_kernel, {"BLOCK": (mind_ssc.BLOCK,)}),
     ]
 

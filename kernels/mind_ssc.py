@@ -101,11 +101,26 @@ def box_axis_kernel(src_ptr, dst_ptr, volume, n, stride, scale, RADIUS: tl.const
     tl.store(dst_ptr + base + v, acc * scale, mask=m)
 
 
+@triton.jit
+def _desc_grad(grad_ptr, target_ptr, weight_ptr, scale_ptr, b, e, at, at_voxel, m, FROM_TARGET: tl.constexpr,
+               HAS_WEIGHT: tl.constexpr):
+    """The descriptor's gradient at ``at``: read from grad_ptr, or for the loss
+    scale_b / 2 * sum weight (desc - target)^2 formed from the target (e: desc there)."""
+    if FROM_TARGET:
+        g = tl.load(scale_ptr + b) * (e - tl.load(target_ptr + at, mask=m, other=0.0))
+        if HAS_WEIGHT:
+            g = g * tl.load(weight_ptr + at_voxel, mask=m, other=0.0)
+        return g
+    return tl.load(grad_ptr + at, mask=m, other=0.0)
+
+
 @triton.jit(do_not_specialize=["volume"])
-def normalize_kernel(ssd_ptr, var_ptr, desc_ptr, grad_ptr, bounds_ptr, volume, GRAD: tl.constexpr,
-                     BLOCK: tl.constexpr):
+def normalize_kernel(ssd_ptr, var_ptr, desc_ptr, grad_ptr, target_ptr, weight_ptr, scale_ptr, bounds_ptr, volume,
+                     GRAD: tl.constexpr, FROM_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
     """Per voxel over the 12 channels: M_k = SSD_k - min into ssd, V = mean_k M_k into var. With
-    GRAD, ssd becomes the gradient in SSD given desc, grad (the descriptor's) and the bounds."""
+    GRAD, ssd becomes the gradient in SSD given desc, the bounds and the descriptor's gradient
+    (grad, or with FROM_TARGET formed from the target, the voxels' weights and the sample's scale:
+    :func:`_desc_grad`)."""
     b = tl.program_id(1).to(tl.int64)
     v = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = v < volume
@@ -124,30 +139,53 @@ def normalize_kernel(ssd_ptr, var_ptr, desc_ptr, grad_ptr, bounds_ptr, volume, G
     if GRAD:
         lo = tl.load(bounds_ptr)
         hi = tl.load(bounds_ptr + 1)
+        at_voxel = b * volume + v
         clamped = tl.minimum(tl.maximum(var, lo), hi)
         # desc_k = exp(-M_k / Vc): dM_k = -g_k desc_k / Vc, and through Vc (where V is inside the
         # bounds) dV = sum_k g_k desc_k M_k / Vc^2, shared by the 12 M_k of the mean
         dv = tl.zeros((BLOCK,), dtype=low.dtype)
         for k in range(12):
             at = base + k * volume
-            g = tl.load(grad_ptr + at, mask=m, other=0.0)
             e = tl.load(desc_ptr + at, mask=m, other=0.0)
+            g = _desc_grad(grad_ptr, target_ptr, weight_ptr, scale_ptr, b, e, at, at_voxel, m, FROM_TARGET, HAS_WEIGHT)
             dv += g * e * (tl.load(ssd_ptr + at, mask=m, other=0.0) - low)
         dv = tl.where((var >= lo) & (var <= hi), dv / (clamped * clamped) / 12.0, 0.0)
         total = tl.zeros((BLOCK,), dtype=low.dtype)  # sum_k dM_k, which the minimum's channel gives back
         for k in range(12):
             at = base + k * volume
-            total += -tl.load(grad_ptr + at, mask=m, other=0.0) * tl.load(desc_ptr + at, mask=m, other=0.0) / clamped
+            e = tl.load(desc_ptr + at, mask=m, other=0.0)
+            g = _desc_grad(grad_ptr, target_ptr, weight_ptr, scale_ptr, b, e, at, at_voxel, m, FROM_TARGET, HAS_WEIGHT)
+            total += -g * e / clamped
         total += 12.0 * dv
         for k in range(12):
             at = base + k * volume
-            dm = -tl.load(grad_ptr + at, mask=m, other=0.0) * tl.load(desc_ptr + at, mask=m, other=0.0) / clamped + dv
-            tl.store(ssd_ptr + at, dm - tl.where(argmin == k, total, 0.0), mask=m)
+            e = tl.load(desc_ptr + at, mask=m, other=0.0)
+            g = _desc_grad(grad_ptr, target_ptr, weight_ptr, scale_ptr, b, e, at, at_voxel, m, FROM_TARGET, HAS_WEIGHT)
+            tl.store(ssd_ptr + at, -g * e / clamped + dv - tl.where(argmin == k, total, 0.0), mask=m)
     else:
         for k in range(12):
             at = base + k * volume
             tl.store(ssd_ptr + at, tl.load(ssd_ptr + at, mask=m, other=0.0) - low, mask=m)
         tl.store(var_ptr + b * volume + v, var, mask=m)
+
+
+@triton.jit(do_not_specialize=["volume"])
+def distance_kernel(desc_ptr, target_ptr, weight_ptr, partial_ptr, volume, HAS_WEIGHT: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """Each program's sum of weight * (desc - target)^2 over its voxels and the 12 channels, into
+    partial[sample, program] (summed by the caller: the same order every run)."""
+    b = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0)
+    v = pid * BLOCK + tl.arange(0, BLOCK)
+    m = v < volume
+    acc = tl.zeros((BLOCK,), dtype=partial_ptr.dtype.element_ty)
+    for k in range(12):
+        at = (b * 12 + k) * volume + v
+        d = tl.load(desc_ptr + at, mask=m, other=0.0) - tl.load(target_ptr + at, mask=m, other=0.0)
+        acc += d * d
+    if HAS_WEIGHT:
+        acc = acc * tl.load(weight_ptr + b * volume + v, mask=m, other=0.0)
+    tl.store(partial_ptr + b * tl.num_programs(0) + pid, tl.sum(acc, axis=0))
 
 
 @triton.jit(do_not_specialize=["D", "H", "W", "pad", "volume", "padded_volume"])
@@ -200,22 +238,52 @@ def _box(data, scratch, radius, adjoint):
     return data, scratch
 
 
+def _descriptor(image, radius, dilation):
+    """The descriptor of ``image`` (contiguous, detached) and the bounds its variance was clamped to
+    (a tensor: no wait for the GPU)."""
+    batch, _, *grid = image.shape
+    padded = F.pad(image, (dilation,) * 6, mode="replicate")
+    desc, _ = _patch_means(padded, pair_offsets(dilation, image.device), grid, dilation, radius)
+    variance = torch.empty((batch, 1, *grid), dtype=image.dtype, device=image.device)
+    volume = variance[0].numel()
+    normalize_kernel[(triton.cdiv(volume, BLOCK), batch)](desc, variance, desc, desc, desc, desc, desc, desc, volume,
+                                                          GRAD=False, FROM_TARGET=False, HAS_WEIGHT=False, BLOCK=BLOCK)
+    # the bounds as the reference takes them: from the mean over the batch, in the image's dtype
+    level = variance.mean()
+    bounds = torch.stack([level * 0.001, level * 1000])
+    desc.div_(torch.clamp(variance, bounds[0], bounds[1])).neg_().exp_()
+    return desc, bounds
+
+
+def _image_grad(image, desc, bounds, radius, dilation, grad_desc=None, target=None, weights=None, scales=None):
+    """The image's gradient, given the descriptor's (``grad_desc``), or for the loss
+    ``sum_n scales_n / 2 * sum weights (desc - target)^2`` the target, weights and scales."""
+    batch, _, *grid = image.shape
+    offsets = pair_offsets(dilation, image.device)
+    padded = F.pad(image, (dilation,) * 6, mode="replicate")
+    work, scratch = _patch_means(padded, offsets, grid, dilation, radius)
+    volume = desc[0, 0].numel()
+    from_target = grad_desc is None
+    normalize_kernel[(triton.cdiv(volume, BLOCK), batch)](
+        work, work, desc, desc if from_target else grad_desc, target if from_target else desc,
+        desc if weights is None else weights, scales if from_target else desc, bounds, volume,
+        GRAD=True, FROM_TARGET=from_target, HAS_WEIGHT=weights is not None, BLOCK=BLOCK)
+    work, scratch = _box(work, scratch, radius, adjoint=True)
+    del scratch
+    squares_kernel[(triton.cdiv(volume, BLOCK), batch)](padded, offsets, work, *grid, dilation, volume, GRAD=True,
+                                                        BLOCK=BLOCK)
+    grad_padded = torch.empty_like(padded)
+    padded_volume = padded[0].numel()
+    gather_pairs_kernel[(triton.cdiv(padded_volume, BLOCK), batch)](work, offsets, grad_padded, *grid, dilation,
+                                                                   volume, padded_volume, BLOCK=BLOCK)
+    return torch.ops.aten.replication_pad3d_backward(grad_padded, image, [dilation] * 6)
+
+
 class MindSSC(torch.autograd.Function):
     @staticmethod
     def forward(ctx, image, radius: int, dilation: int):
         image = image.detach().contiguous()
-        batch, _, *grid = image.shape
-        offsets = pair_offsets(dilation, image.device)
-        padded = F.pad(image, (dilation,) * 6, mode="replicate")
-        desc, _ = _patch_means(padded, offsets, grid, dilation, radius)
-        variance = torch.empty((batch, 1, *grid), dtype=image.dtype, device=image.device)
-        volume = variance[0].numel()
-        normalize_kernel[(triton.cdiv(volume, BLOCK), batch)](desc, variance, desc, desc, desc, volume, GRAD=False,
-                                                              BLOCK=BLOCK)
-        # the bounds as the reference takes them: from the mean over the batch, in the image's dtype
-        level = variance.mean()
-        bounds = torch.stack([level * 0.001, level * 1000])
-        desc.div_(torch.clamp(variance, bounds[0], bounds[1])).neg_().exp_()
+        desc, bounds = _descriptor(image, radius, dilation)
         ctx.save_for_backward(image, desc, bounds)
         ctx.args = (radius, dilation)
         return desc
@@ -223,25 +291,52 @@ class MindSSC(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_desc):
         image, desc, bounds = ctx.saved_tensors
-        radius, dilation = ctx.args
+        grad = _image_grad(image, desc, bounds, *ctx.args, grad_desc=grad_desc.to(desc.dtype).contiguous())
+        return grad, None, None
+
+
+class MindDistance(torch.autograd.Function):
+    """``masked_mean((mind_ssc(image) - target_desc) ** 2, mask)`` with the difference, its square
+    and the descriptor's gradient computed where used, not stored (12 channels each)."""
+
+    @staticmethod
+    def forward(ctx, image, target_desc, included, radius: int, dilation: int):
+        image = image.detach().contiguous()
         batch, _, *grid = image.shape
-        offsets = pair_offsets(dilation, image.device)
-        padded = F.pad(image, (dilation,) * 6, mode="replicate")
-        work, scratch = _patch_means(padded, offsets, grid, dilation, radius)
+        desc, bounds = _descriptor(image, radius, dilation)
+        target_desc = target_desc.detach().expand(batch, *target_desc.shape[1:]).contiguous()
+        weights = None if included is None else included.expand(batch, 1, *grid).contiguous()
         volume = desc[0, 0].numel()
-        normalize_kernel[(triton.cdiv(volume, BLOCK), batch)](work, work, desc, grad_desc.to(desc.dtype).contiguous(),
-                                                              bounds, volume, GRAD=True, BLOCK=BLOCK)
-        work, scratch = _box(work, scratch, radius, adjoint=True)
-        del scratch
-        squares_kernel[(triton.cdiv(volume, BLOCK), batch)](padded, offsets, work, *grid, dilation, volume, GRAD=True,
-                                                            BLOCK=BLOCK)
-        grad_padded = torch.empty_like(padded)
-        padded_volume = padded[0].numel()
-        gather_pairs_kernel[(triton.cdiv(padded_volume, BLOCK), batch)](work, offsets, grad_padded, *grid, dilation,
-                                                                       volume, padded_volume, BLOCK=BLOCK)
-        return torch.ops.aten.replication_pad3d_backward(grad_padded, image, [dilation] * 6), None, None
+        programs = triton.cdiv(volume, BLOCK)
+        # masked_mean's sums: in at least float32
+        partial = torch.empty((batch, programs), dtype=torch.promote_types(image.dtype, torch.float32),
+                              device=image.device)
+        distance_kernel[(programs, batch)](desc, target_desc, desc if weights is None else weights, partial, volume,
+                                           HAS_WEIGHT=weights is not None, BLOCK=BLOCK)
+        # masked_mean's divisors: the included values of each sample (12 per voxel), at least 1
+        counts = (torch.full((batch,), float(volume), dtype=partial.dtype, device=image.device) if weights is None
+                  else weights.flatten(1).sum(1, dtype=partial.dtype)) * 12
+        counts = counts.clamp_min(1)
+        ctx.save_for_backward(image, desc, bounds, target_desc, weights, counts)
+        ctx.args = (radius, dilation)
+        return (partial.sum(1) / counts).mean().to(image.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        image, desc, bounds, target_desc, weights, counts = ctx.saved_tensors
+        scales = (2 * grad_loss / (image.shape[0] * counts)).to(image.dtype)
+        grad = _image_grad(image, desc, bounds, *ctx.args, target=target_desc, weights=weights, scales=scales)
+        return grad, None, None, None, None
 
 
 def mind_ssc(image: torch.Tensor, radius: int = 2, dilation: int = 2) -> torch.Tensor:
     """Triton version of :func:`mgr_engine.losses.mind_ssc` ((B, 1, D, H, W) images, float32 or float64)."""
     return MindSSC.apply(image, radius, dilation)
+
+
+def mind_distance(image: torch.Tensor, target_desc: torch.Tensor, mask: torch.Tensor | None = None,
+                  radius: int = 2, dilation: int = 2) -> torch.Tensor:
+    """Triton version of ``masked_mean((mind_ssc(image) - target_desc) ** 2, mask)``, differentiable
+    in ``image`` (see :func:`mgr_engine.losses.mind_distance`, which checks the inputs fit)."""
+    included = None if mask is None else (mask != 0).to(image.dtype)
+    return MindDistance.apply(image, target_desc, included, radius, dilation)

@@ -130,23 +130,9 @@ def mind_ssc(image: torch.Tensor, radius: int = 2, dilation: int = 2) -> torch.T
     return MindSSCCPU.apply(image, radius, dilation)
 
 
-def supports_distance(image: torch.Tensor, target_desc: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """Whether :func:`mind_distance` takes these: :func:`supports` ``image``, a target descriptor of
-    its grid and dtype that needs no gradient, with one sample or as many as ``image``, and a mask
-    (B or 1, 1, D, H, W) of its grid or none."""
-    if not supports(image) or target_desc.requires_grad and torch.is_grad_enabled():
-        return False
-    batch, grid = image.shape[0], tuple(image.shape[2:])
-    if (target_desc.device.type != "cpu" or target_desc.dtype != image.dtype or target_desc.dim() != 5
-            or target_desc.shape[0] not in (1, batch) or tuple(target_desc.shape[1:]) != (12, *grid)):
-        return False
-    return mask is None or (mask.device.type == "cpu" and mask.dim() == 5 and mask.shape[0] in (1, batch)
-                            and mask.shape[1] == 1 and tuple(mask.shape[2:]) == grid)
-
-
 def mind_distance(image: torch.Tensor, target_desc: torch.Tensor, mask: torch.Tensor | None = None,
                   radius: int = 2, dilation: int = 2) -> torch.Tensor:
     """``masked_mean((reference(image) - target_desc) ** 2, mask)`` in C++, differentiable (once) in
-    ``image``. Needs :func:`supports_distance`."""
+    ``image``. Needs :func:`supports` and :func:`mgr_engine.losses.fused_distance_applies`."""
     included = None if mask is None else (mask != 0).to(image.dtype)
     return MindDistanceCPU.apply(image, target_desc, included, radius, dilation)

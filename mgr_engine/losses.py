@@ -190,14 +190,37 @@ def mind_ssc(image: torch.Tensor, radius: int = 2, dilation: int = 2) -> torch.T
     return torch.exp(-mind / variance)
 
 
+def fused_distance_applies(image, target_descriptor, mask=None) -> bool:
+    """Whether :func:`mind_distance`'s inputs fit its fused kernels (Triton, C++): an image
+    (B, 1, D, H, W) of float32 or float64, a target descriptor of its grid, dtype and device that
+    needs no gradient, with one sample or B, and a mask (B or 1, 1, D, H, W) of its grid or none."""
+    if image.dim() != 5 or image.shape[1] != 1 or image.dtype not in (torch.float32, torch.float64):
+        return False
+    batch, grid = image.shape[0], tuple(image.shape[2:])
+    if target_descriptor.requires_grad and torch.is_grad_enabled():
+        return False
+    if (target_descriptor.device != image.device or target_descriptor.dtype != image.dtype
+            or target_descriptor.dim() != 5 or target_descriptor.shape[0] not in (1, batch)
+            or tuple(target_descriptor.shape[1:]) != (12, *grid)):
+        return False
+    return mask is None or (mask.device == image.device and mask.dim() == 5 and mask.shape[0] in (1, batch)
+                            and mask.shape[1] == 1 and tuple(mask.shape[2:]) == grid)
+
+
 def mind_distance(image, target_descriptor, mask=None):
     """Mean squared difference between ``image``'s MIND-SSC descriptor and ``target_descriptor``
-    (:func:`mind_ssc` of the target). On CPU tensors where built in one C++ op
-    (:func:`mgr_engine.kernels.mind_ssc_cpu.mind_distance`) where the target's descriptor needs no gradient."""
-    if use_cpp_mind(image):
-        from .kernels import mind_ssc_cpu
+    (:func:`mind_ssc` of the target). Where the target's descriptor needs no gradient (IO's case),
+    one op that keeps neither the difference nor its square: in Triton on CUDA tensors
+    (:func:`mgr_engine.kernels.mind_ssc.mind_distance`), in C++ on CPU tensors where built
+    (:func:`mgr_engine.kernels.mind_ssc_cpu.mind_distance`)."""
+    if fused_distance_applies(image, target_descriptor, mask):
+        if use_triton(image):
+            from .kernels.mind_ssc import mind_distance as triton_mind_distance
 
-        if mind_ssc_cpu.supports_distance(image, target_descriptor, mask):
+            return triton_mind_distance(image, target_descriptor, mask)
+        if use_cpp_mind(image):
+            from .kernels import mind_ssc_cpu
+
             return mind_ssc_cpu.mind_distance(image, target_descriptor, mask)
     return masked_mean((mind_ssc(image) - target_descriptor) ** 2, mask)
 

@@ -21,6 +21,15 @@ SHAPES = [(7, 9, 11), (1, 6, 5), (2, 3, 13), (12, 1, 4)]
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5}  # relative to the largest value
 
 
+@pytest.fixture(autouse=True)
+def fewer_programs_in_the_interpreter(monkeypatch):
+    """The interpreter runs each program in Python, at about the same cost whatever its block
+    size: blocks of 1024 voxels (any power of two is valid) instead of 256. Most grids here then
+    take one program a channel; (12, 10, 14) and the 175^3 test on a GPU still span several."""
+    if INTERPRETED:
+        monkeypatch.setattr(kmind, "BLOCK", 1024)
+
+
 def reference(image):
     with ops.kernel_mode("torch"):
         return losses.mind_ssc(image)
@@ -60,14 +69,42 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(kmind.mind_ssc, (image.to(DEVICE).requires_grad_(),), fast_mode=INTERPRETED)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_distance_loss_and_gradient_match_pytorch(dtype, masked, batch):
+    """The MIND-SSC loss against a target's descriptor in one op (no difference or square kept)
+    against kernel mode "torch"; one mask for the batch, or one each."""
+    shape = (9, 8, 10)
+    image = image_with_flat_region(batch, shape, dtype, seed=2)
+    target_desc = reference(torch.rand(batch, 1, *shape, generator=torch.Generator().manual_seed(3),
+                                       dtype=dtype).to(DEVICE))
+    mask = None
+    if masked:
+        mask = (torch.rand(1 if batch == 2 else batch, 1, *shape, generator=torch.Generator().manual_seed(4))
+                > 0.4).to(DEVICE)
+    assert losses.fused_distance_applies(image, target_desc, mask)
+    moving = image.clone().requires_grad_()
+    got = kmind.mind_distance(moving, target_desc, mask)
+    got_grad = torch.autograd.grad(got, moving)[0]
+    with ops.kernel_mode("torch"):
+        expected = losses.mind_distance(moving, target_desc, mask)
+        expected_grad = torch.autograd.grad(expected, moving)[0]
+    assert got.dtype == expected.dtype == dtype
+    assert abs(got.item() - expected.item()) <= TOLERANCE[dtype] * expected.item()
+    assert float(expected_grad.abs().max()) > 0
+    assert_close(got_grad, expected_grad, dtype)
+
+
 def test_mind_loss_takes_it_in_kernel_mode_triton(monkeypatch):
-    """losses.mind_ssc (and so IO's MIND-SSC loss) dispatches here where Triton runs (CUDA, or
-    kernel mode "triton" in the interpreter): the target's descriptor once, the image's every
-    call; loss and gradient equal kernel mode "torch"'s."""
+    """IO's MIND-SSC loss dispatches here where Triton runs (CUDA, or kernel mode "triton" in the
+    interpreter): the target's descriptor once, then one fused loss a call; loss and gradient
+    equal kernel mode "torch"'s. A target that wants its gradient gets it through the descriptor op."""
     calls = []
-    original = kmind.MindSSC.apply
-    monkeypatch.setattr(kmind.MindSSC, "apply", lambda *args: calls.append(args[0].requires_grad) or original(*args))
-    shape = (10, 9, 12)
+    for function in (kmind.MindSSC, kmind.MindDistance):
+        monkeypatch.setattr(function, "apply", lambda *args, _name=function.__name__, _apply=function.apply:
+                            calls.append(_name) or _apply(*args))
+    shape = (12, 10, 14)
     image = torch.from_numpy(smooth_volume(shape, 1))[None, None].double().to(DEVICE).requires_grad_()
     target = torch.from_numpy(smooth_volume(shape, 2))[None, None].double().to(DEVICE)
     mask = (torch.rand(1, 1, *shape, generator=torch.Generator().manual_seed(3)) > 0.3).to(DEVICE)
@@ -77,15 +114,20 @@ def test_mind_loss_takes_it_in_kernel_mode_triton(monkeypatch):
         loss = similarity(image, target, mask)
         return loss.item(), torch.autograd.grad(loss, image)[0]
 
-    with ops.kernel_mode("triton" if INTERPRETED else "auto"):
+    mode = "triton" if INTERPRETED else "auto"
+    with ops.kernel_mode(mode):
         got = loss_and_gradient()
-    assert calls == [False, True]
+    assert calls == ["MindSSC", "MindDistance"]
     with ops.kernel_mode("torch"):
         expected = loss_and_gradient()
     assert len(calls) == 2
     assert abs(got[0] - expected[0]) <= 1e-12 * expected[0]
     assert float(expected[1].abs().max()) > 0
     assert_close(got[1], expected[1], torch.float64)
+    with ops.kernel_mode(mode):
+        target_grad = target.clone().requires_grad_()
+        losses.mind_loss(image, target_grad).backward()
+    assert calls[2:] == ["MindSSC", "MindSSC"] and float(target_grad.grad.abs().max()) > 0
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="full size on a GPU only (the interpreter is slow)")

@@ -107,14 +107,16 @@ def test_thread_counts_give_the_same_bits():
 def test_declines_what_it_does_not_compute():
     image = torch.rand(1, 1, 5, 5, 5)
     target_desc = mind_ssc_cpu.reference(image)
-    assert mind_ssc_cpu.supports_distance(image, target_desc, None)
+    assert mind_ssc_cpu.supports(image) and losses.fused_distance_applies(image, target_desc, None)
     assert not mind_ssc_cpu.supports(image.half())
     assert not mind_ssc_cpu.supports(image[0])  # 4-D
     assert not mind_ssc_cpu.supports(torch.rand(1, 2, 5, 5, 5))  # 2 channels
-    assert not mind_ssc_cpu.supports_distance(image, target_desc.double(), None)
-    assert not mind_ssc_cpu.supports_distance(image, target_desc[:, :6], None)
-    assert not mind_ssc_cpu.supports_distance(image, target_desc.requires_grad_(), None)  # its gradient wanted
-    assert not mind_ssc_cpu.supports_distance(image, target_desc.detach(), torch.ones(1, 1, 5, 5, 4))
+    fits = losses.fused_distance_applies
+    assert not fits(image, target_desc.double(), None)
+    assert not fits(image, target_desc[:, :6], None)
+    assert not fits(image, target_desc.requires_grad_(), None)  # its gradient wanted
+    assert not fits(image, target_desc.detach(), torch.ones(1, 1, 5, 5, 4))
+    assert not fits(image.expand(2, 1, 5, 5, 5), target_desc.detach().expand(3, 12, 5, 5, 5), None)
 
 
 def test_io_similarity_takes_it_on_the_cpu(monkeypatch):
