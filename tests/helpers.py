@@ -328,3 +328,14 @@ def peak_memory(call, device: str):
         _, sizes = json.loads(path.read_text())
     at_peak = max(sizes, key=sum)
     return sum(at_peak), dict(zip(TIMELINE_CATEGORIES, at_peak[1:]))
+
+
+def image_with_flat_region(batch, shape, dtype, seed, device="cpu"):
+    """A MIND-SSC test image: random values with a constant block, where the 12 patch means tie at
+    0 and the variance falls below its clamp's lower bound. (Which of tied minima takes the
+    gradient is not seen there, where the pairs' differences are 0; near ties elsewhere, as in an
+    image symmetric in two axes, rounding decides in either implementation, so the kernels' tests
+    do not compare it.)"""
+    image = torch.rand(batch, 1, *shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    image[..., : max(shape[0] // 2, 1), :, : max(shape[2] // 2, 1)] = 0.25
+    return image.to(device)

@@ -7,7 +7,7 @@ sizes; on a GPU compiled, and ``test_full_size`` runs at the network's 175^3.
 import pytest
 import torch
 
-from helpers import INTERPRETED, require_triton_kernels, smooth_volume
+from helpers import INTERPRETED, image_with_flat_region, require_triton_kernels, smooth_volume
 from helpers import KERNEL_DEVICE as DEVICE
 
 require_triton_kernels()
@@ -39,19 +39,11 @@ def assert_close(got, expected, dtype):
     torch.testing.assert_close(got, expected, rtol=0, atol=TOLERANCE[dtype] * float(expected.detach().abs().max()))
 
 
-def image_with_flat_region(batch, shape, dtype, seed):
-    """Random values with a constant block: there the 12 patch means tie at 0 and the variance
-    falls below its clamp's lower bound (see test_kernels_mind_ssc_cpu.py)."""
-    image = torch.rand(batch, 1, *shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-    image[..., : max(shape[0] // 2, 1), :, : max(shape[2] // 2, 1)] = 0.25
-    return image.to(DEVICE)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("batch", [1, 2])
 def test_values_and_gradients_match_pytorch(dtype, shape, batch):
-    image = image_with_flat_region(batch, shape, dtype, seed=0).requires_grad_()
+    image = image_with_flat_region(batch, shape, dtype, seed=0, device=DEVICE).requires_grad_()
     got = kmind.mind_ssc(image)
     expected = reference(image)
     assert got.shape == expected.shape == (batch, 12, *shape) and got.is_contiguous()
@@ -76,7 +68,7 @@ def test_distance_loss_and_gradient_match_pytorch(dtype, masked, batch):
     """The MIND-SSC loss against a target's descriptor in one op (no difference or square kept)
     against kernel mode "torch"; one mask for the batch, or one each."""
     shape = (9, 8, 10)
-    image = image_with_flat_region(batch, shape, dtype, seed=2)
+    image = image_with_flat_region(batch, shape, dtype, seed=2, device=DEVICE)
     target_desc = reference(torch.rand(batch, 1, *shape, generator=torch.Generator().manual_seed(3),
                                        dtype=dtype).to(DEVICE))
     mask = None

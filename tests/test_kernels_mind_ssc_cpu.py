@@ -8,7 +8,7 @@ Skipped where the extension was not built, except under ``MGR_ENGINE_REQUIRE_CPP
 import pytest
 import torch
 
-from helpers import require_cpp_extension, smooth_volume
+from helpers import image_with_flat_region, require_cpp_extension, smooth_volume
 from mgr_engine import losses, ops
 from mgr_engine.kernels import mind_ssc_cpu
 
@@ -22,16 +22,6 @@ TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5}  # relative to the large
 
 def assert_close(got, expected, dtype):
     torch.testing.assert_close(got, expected, rtol=0, atol=TOLERANCE[dtype] * float(expected.detach().abs().max()))
-
-
-def image_with_flat_region(batch, shape, dtype, seed):
-    """Random values with a constant block: there the 12 patch means tie at 0 and the variance
-    falls below its clamp's lower bound. (Which of tied minima takes the gradient is not seen
-    there, where the pairs' differences are 0; near ties elsewhere, as in an image symmetric in
-    two axes, rounding decides in either implementation, so it is not compared.)"""
-    image = torch.rand(batch, 1, *shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-    image[..., : max(shape[0] // 2, 1), :, : max(shape[2] // 2, 1)] = 0.25
-    return image
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
