@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from bench_kernels import timed  # noqa: E402  (median after two warm-ups)
-from bench_warp_cpu import allocated_mib, cpu_benchmark_parser, exit_unless_built  # noqa: E402
+from bench_warp_cpu import allocated_mib, cpu_benchmark_parser, exit_unless_built, io_call_seconds  # noqa: E402
 
 from mgr_engine import host_memory, losses  # noqa: E402
 from mgr_engine.kernels import gaussian_blur_cpu  # noqa: E402
@@ -72,16 +72,6 @@ def op_rows(shape, repeats):
     return rows
 
 
-def end_to_end(shape, repeats):
-    from helpers import benchmark_engine
-
-    engine, moving, fixed = benchmark_engine(shape)
-    run = lambda: engine.instance_optimize(moving, fixed, iterations=1, progress=False)  # noqa: E731
-    with PYTORCH_BLUR:
-        pytorch = timed(run, "cpu", repeats)
-    return pytorch, timed(run, "cpu", repeats)
-
-
 def main(argv=None) -> int:
     args = cpu_benchmark_parser(__doc__).parse_args(argv)
     exit_unless_built(gaussian_blur_cpu.available(), "_gaussian_blur_cpu")
@@ -96,7 +86,7 @@ def main(argv=None) -> int:
               f"| {m_ours:.0f} MiB | {difference:.1e} |")
     print("(difference: largest, relative to the largest value; of the loss row, the image's gradient)")
     if not args.skip_end_to_end:
-        pytorch, ours = end_to_end(shape, max(2, args.repeats // 2))
+        pytorch, ours = io_call_seconds(shape, max(2, args.repeats // 2), PYTORCH_BLUR)
         print(f"\nIO call with one step (objective forward + backward, Adam step, final forward): PyTorch blur "
               f"{pytorch:.1f} s, C++ {ours:.1f} s ({pytorch / ours:.2f}x)")
     return 0

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from bench_kernels import timed  # noqa: E402  (median after two warm-ups)
-from bench_warp_cpu import allocated_mib, cpu_benchmark_parser, exit_unless_built  # noqa: E402
+from bench_warp_cpu import allocated_mib, cpu_benchmark_parser, exit_unless_built, io_call_seconds  # noqa: E402
 
 from mgr_engine import host_memory, losses  # noqa: E402
 from mgr_engine.kernels import mind_ssc_cpu  # noqa: E402
@@ -73,16 +73,6 @@ def op_rows(shape, repeats):
     return rows
 
 
-def end_to_end(shape, repeats):
-    from helpers import benchmark_engine
-
-    engine, moving, fixed = benchmark_engine(shape)
-    run = lambda: engine.instance_optimize(moving, fixed, iterations=1, similarity="mind", progress=False)  # noqa: E731
-    with PYTORCH_MIND:
-        pytorch = timed(run, "cpu", repeats)
-    return pytorch, timed(run, "cpu", repeats)
-
-
 def main(argv=None) -> int:
     args = cpu_benchmark_parser(__doc__).parse_args(argv)
     exit_unless_built(mind_ssc_cpu.available(), "_mind_ssc_cpu")
@@ -102,7 +92,7 @@ def main(argv=None) -> int:
           f"{padded_mib:.0f} MiB, in the forward; it, its gradient and the variance, "
           f"{2 * padded_mib + shape[0] * shape[1] * shape[2] * 4 / 2**20:.0f} MiB, in the backward)")
     if not args.skip_end_to_end:
-        pytorch, ours = end_to_end(shape, max(2, args.repeats // 2))
+        pytorch, ours = io_call_seconds(shape, max(2, args.repeats // 2), PYTORCH_MIND, similarity="mind")
         print(f"\nIO call with one MIND-SSC step (objective forward + backward, Adam step, final forward): "
               f"PyTorch descriptor {pytorch:.1f} s, C++ {ours:.1f} s ({pytorch / ours:.2f}x)")
     return 0

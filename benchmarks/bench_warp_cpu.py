@@ -56,6 +56,19 @@ def cpu_benchmark_parser(doc: str, end_to_end: bool = True) -> argparse.Argument
     return parser
 
 
+def io_call_seconds(shape, repeats, pytorch_patch, **io_options):
+    """Median seconds of one IO call (``instance_optimize``, one step and the final forward; randomized
+    official weights, ``io_options`` passed on) with ``pytorch_patch`` active (PyTorch's op), then
+    without (the C++ kernel), in this process."""
+    from helpers import benchmark_engine
+
+    engine, moving, fixed = benchmark_engine(shape)
+    run = lambda: engine.instance_optimize(moving, fixed, iterations=1, progress=False, **io_options)  # noqa: E731
+    with pytorch_patch:
+        pytorch = timed(run, "cpu", repeats)
+    return pytorch, timed(run, "cpu", repeats)
+
+
 def exit_unless_built(available: bool, extension: str) -> None:
     """Exit, saying how to build it, where the C++ ``extension`` was not built."""
     if not available:

@@ -27,19 +27,23 @@ The CPU twin is :mod:`mgr_engine.kernels.mind_ssc_cpu` (C++, the same passes pla
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from mgr_engine.losses import _MIND_PAIRS, mind_variance_bounds
+
 BLOCK = 256
 
 
-def pair_offsets(dilation: int, device) -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def pair_offsets(dilation: int, device: torch.device) -> torch.Tensor:
     """The 12 pairs of neighbour offsets, (12, 6) int32 (a_z, a_y, a_x, b_z, b_y, b_x) in voxels,
-    in the reference's channel order."""
-    from mgr_engine.losses import _MIND_PAIRS
-
+    in the reference's channel order. Kept per device: read-only, and a copy to the GPU each
+    forward and backward would be a host-to-device transfer on IO's path."""
     return (torch.tensor(_MIND_PAIRS, dtype=torch.int32) * dilation).reshape(12, 6).to(device)
 
 
@@ -248,9 +252,7 @@ def _descriptor(image, radius, dilation):
     volume = variance[0].numel()
     normalize_kernel[(triton.cdiv(volume, BLOCK), batch)](desc, variance, desc, desc, desc, desc, desc, desc, volume,
                                                           GRAD=False, FROM_TARGET=False, HAS_WEIGHT=False, BLOCK=BLOCK)
-    # the bounds as the reference takes them: from the mean over the batch, in the image's dtype
-    level = variance.mean()
-    bounds = torch.stack([level * 0.001, level * 1000])
+    bounds = torch.stack(mind_variance_bounds(variance))  # as the reference takes them
     desc.div_(torch.clamp(variance, bounds[0], bounds[1])).neg_().exp_()
     return desc, bounds
 

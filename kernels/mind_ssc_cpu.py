@@ -42,8 +42,9 @@ def reference(image: torch.Tensor, radius: int = 2, dilation: int = 2) -> torch.
 
 def supports(image: torch.Tensor) -> bool:
     """Whether :func:`mind_ssc` takes ``image``: a CPU tensor (B, 1, D, H, W) of float32 or float64."""
-    return (_mind_ssc_cpu is not None and image.device.type == "cpu" and image.dtype in (torch.float32, torch.float64)
-            and image.dim() == 5 and image.shape[1] == 1)
+    from mgr_engine.losses import mind_kernels_take
+
+    return _mind_ssc_cpu is not None and image.device.type == "cpu" and mind_kernels_take(image)
 
 
 def pair_offsets(dilation: int) -> np.ndarray:
@@ -55,14 +56,14 @@ def pair_offsets(dilation: int) -> np.ndarray:
 
 def _descriptor(image: torch.Tensor, radius: int, dilation: int):
     """The descriptor of ``image`` (contiguous, detached) and the bounds its variance was clamped to."""
+    from mgr_engine.losses import mind_variance_bounds
+
     batch, _, *grid = image.shape
     desc = torch.empty((batch, 12, *grid), dtype=image.dtype)
     variance = torch.empty((batch, 1, *grid), dtype=image.dtype)
     _mind_ssc_cpu.forward(image.view(batch, *grid).numpy(), pair_offsets(dilation), radius, desc.numpy(),
                           variance.numpy(), torch.get_num_threads())
-    # the bounds as the reference takes them: from the mean over the batch, in the image's dtype
-    level = variance.mean()
-    lo, hi = level * 0.001, level * 1000
+    lo, hi = mind_variance_bounds(variance)  # as the reference takes them
     desc.div_(torch.clamp(variance, lo, hi)).neg_().exp_()
     return desc, lo.item(), hi.item()
 

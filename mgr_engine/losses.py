@@ -161,7 +161,7 @@ def mind_ssc(image: torch.Tensor, radius: int = 2, dilation: int = 2) -> torch.T
     (:mod:`mgr_engine.kernels.mind_ssc`), in C++ on CPU tensors where built
     (:mod:`mgr_engine.kernels.mind_ssc_cpu`).
     """
-    if use_triton(image) and image.dim() == 5 and image.shape[1] == 1 and image.dtype in (torch.float32, torch.float64):
+    if use_triton(image) and mind_kernels_take(image):
         from .kernels.mind_ssc import mind_ssc as triton_mind_ssc
 
         return triton_mind_ssc(image, radius, dilation)
@@ -184,17 +184,28 @@ def mind_ssc(image: torch.Tensor, radius: int = 2, dilation: int = 2) -> torch.T
     ssd = separable_filter(diffs**2, functools.partial(box_matrix, radius=radius, dtype=diffs.dtype, device=diffs.device))
     mind = ssd - ssd.min(dim=1, keepdim=True).values
     variance = mind.mean(dim=1, keepdim=True)
-    level = variance.mean().detach()  # the bounds are constants, not differentiated
-    # tensor bounds, not .item(): on a GPU that would wait for the queue twice per descriptor
-    variance = torch.clamp(variance, level * 0.001, level * 1000)
-    return torch.exp(-mind / variance)
+    return torch.exp(-mind / torch.clamp(variance, *mind_variance_bounds(variance)))
+
+
+def mind_variance_bounds(variance: torch.Tensor):
+    """The bounds (lo, hi) MIND-SSC clamps its local variance into: 1e-3 and 1e3 times its mean
+    over the batch, constants (not differentiated). Tensors, not ``.item()``: on a GPU that would
+    wait for the queue twice per descriptor."""
+    level = variance.mean().detach()
+    return level * 0.001, level * 1000
+
+
+def mind_kernels_take(image: torch.Tensor) -> bool:
+    """Whether the MIND-SSC kernels (Triton, C++) compute on ``image``'s shape and dtype: (B, 1, D,
+    H, W), float32 or float64; each kernel module checks its device."""
+    return image.dim() == 5 and image.shape[1] == 1 and image.dtype in (torch.float32, torch.float64)
 
 
 def fused_distance_applies(image, target_descriptor, mask=None) -> bool:
-    """Whether :func:`mind_distance`'s inputs fit its fused kernels (Triton, C++): an image
-    (B, 1, D, H, W) of float32 or float64, a target descriptor of its grid, dtype and device that
+    """Whether :func:`mind_distance`'s inputs fit its fused kernels (Triton, C++): an image they
+    take (:func:`mind_kernels_take`), a target descriptor of its grid, dtype and device that
     needs no gradient, with one sample or B, and a mask (B or 1, 1, D, H, W) of its grid or none."""
-    if image.dim() != 5 or image.shape[1] != 1 or image.dtype not in (torch.float32, torch.float64):
+    if not mind_kernels_take(image):
         return False
     batch, grid = image.shape[0], tuple(image.shape[2:])
     if target_descriptor.requires_grad and torch.is_grad_enabled():
