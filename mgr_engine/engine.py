@@ -387,9 +387,11 @@ class Engine:
             names); default CUDA when onnxruntime-gpu is installed and ``device`` is not CPU.
         precision: arithmetic of the no-IO forward: ``"fp32"`` (default; also switches off the
             TF32 convolutions cuDNN would otherwise use), ``"tf32"`` (CUDA) or ``"bf16"``
-            (autocast; maps and sampling stay float32). Both are for CUDA: on the 2-core CPU (AMD
-            EPYC with AVX512-BF16) ``"bf16"`` made ``predict_map`` at 175^3 slower, 1.7-1.8
-            against 1.6 s in fp32. Instance optimization is fp32 unless
+            (autocast; maps and sampling stay float32). Both are for CUDA: on the CPU ``"tf32"``
+            runs in fp32 (with a warning), and ``"bf16"`` made ``predict_map`` at 175^3 slower on
+            both 2-core CPUs measured, 1.7-1.8 against 1.6 s in fp32 on an AMD EPYC with
+            AVX512-BF16, 2.34 against 2.06 s on an Intel Xeon with AMX-BF16, its points there
+            0.53 voxel from fp32's. Instance optimization is fp32 unless
             :meth:`instance_optimize` is given ``precision="tf32"`` or ``"tf32x3"``.
         compile: ``torch.compile`` the no-IO forward (with CUDA graphs on a GPU, mode
             ``"reduce-overhead"``): for a resident engine that registers many pairs, since the
@@ -434,6 +436,7 @@ class Engine:
         self._orientations_warned = set()  # (fixed's axis codes, moving's): warned once per engine
         self._modalities_warned = set()  # (image's role, modality): likewise
         self._range_warned = False  # tensors far outside [0, 1] given to predict_map or instance_optimize
+        self._precisions_warned = set()  # TF32 settings asked of a device without TF32
         self._graph_lock = threading.Lock()
         self.model = model
         config = as_network_config(config)
@@ -565,7 +568,13 @@ class Engine:
 
     @contextlib.contextmanager
     def _precision(self, precision: str):
-        """TF32 (on CUDA, see :class:`_TF32Switches`) and autocast settings of ``precision``."""
+        """TF32 (on CUDA, see :class:`_TF32Switches`) and autocast settings of ``precision``. A TF32
+        setting elsewhere runs in fp32, which it says once per engine and setting: a user who asked
+        for TF32 on the CPU would otherwise time fp32 and never learn why."""
+        if precision in ("tf32", "tf32x3") and self.device.type != "cuda" and precision not in self._precisions_warned:
+            self._precisions_warned.add(precision)
+            log.warning("precision %r acts on CUDA devices only (TF32 tensor cores); on %s this runs in fp32 "
+                        "(said once per engine)", precision, self.device.type)
         tf32 = (_TF32_SWITCHES.set_to(precision if precision in TF32_SETTINGS else "fp32")
                 if self.device.type == "cuda" else contextlib.nullcontext())
         with tf32, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -590,7 +599,7 @@ class Engine:
         ``moving``/``fixed``: one pair, (1, 1, *input_shape), as for :meth:`predict_map`.
 
         ``precision``: ``"fp32"`` (default, whatever the engine's ``precision``), ``"tf32"`` or
-        ``"tf32x3"``, for CUDA (no effect on the CPU). ``"tf32"``: cuDNN's TF32 tensor cores for
+        ``"tf32x3"``, for CUDA (elsewhere fp32, with a warning once per engine). ``"tf32"``: cuDNN's TF32 tensor cores for
         IO's convolutions, whose fp32 weight gradients were 61% of an IO step's GPU time on an
         H200 (benchmarks/RESULTS.md); how far it moves IO's result is not measured (with
         randomized weights IO is chaotic at float32 rounding, so only the official weights can

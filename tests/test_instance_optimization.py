@@ -1,6 +1,7 @@
 """Instance optimization: losses step by step equal to the authors' finetune_execute."""
 
 import copy
+import logging
 import math
 
 import pytest
@@ -140,6 +141,29 @@ def test_io_runs_under_the_precision_asked_and_refuses_bf16(monkeypatch):
     with pytest.raises(InvalidOptionError, match="choose one of fp32, tf32, tf32x3"):
         engine.instance_optimize(moving, fixed, iterations=1, progress=False, precision="bf16")
     assert sections == expected
+
+
+def test_tf32_on_the_cpu_says_it_runs_in_fp32(caplog):
+    """TF32 settings act on CUDA only: asked of a CPU engine (its no-IO forward, or IO), each says
+    once per engine that it runs in fp32, and the maps are fp32's; fp32 and bf16 say nothing."""
+    net = random_network(SHAPE, narrow=True, seed=4, displacement_scale=0.3)
+    moving, fixed = images()
+    plain = Engine(weights=official_state_dict(net), config=net.config, device="cpu")
+    engine = Engine(weights=official_state_dict(net), config=net.config, device="cpu", precision="tf32")
+    with caplog.at_level(logging.WARNING, logger="mgr_engine"):
+        for _ in range(2):
+            phi = engine.predict_map(moving, fixed)
+            engine.instance_optimize(moving, fixed, iterations=1, progress=False, precision="tf32x3")
+    said = [r.getMessage() for r in caplog.records if "acts on CUDA devices only" in r.getMessage()]
+    assert [message.split()[1] for message in said] == ["'tf32'", "'tf32x3'"]
+    assert all("on cpu this runs in fp32" in message for message in said)
+    assert torch.equal(phi, plain.predict_map(moving, fixed))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mgr_engine"):
+        plain.instance_optimize(moving, fixed, iterations=1, progress=False)
+        Engine(weights=official_state_dict(net), config=net.config, device="cpu",
+               precision="bf16").predict_map(moving, fixed)
+    assert not [r for r in caplog.records if "acts on CUDA" in r.getMessage()]
 
 
 def test_registrations_run_io_in_the_precision_asked(monkeypatch):
