@@ -287,14 +287,14 @@ def _read_landmarks(names, pairs, landmarks, in_voxels: bool, index_base):
 def _errors_named(name: str):
     """A typed error raised inside, its message prefixed with the pair's name (where it does not
     name it already)."""
-    from .errors import MgrEngineError
+    from .errors import MgrEngineError, with_message
 
     try:
         yield
     except MgrEngineError as exc:
         if str(exc).startswith(f"pair {name!r}"):
             raise
-        raise type(exc)(f"pair {name!r}: {exc}") from exc
+        raise with_message(exc, f"pair {name!r}: {exc}") from exc
 
 
 def _check_inputs_exist(names, pairs):
@@ -728,10 +728,10 @@ def _in_table_order(names, pairs, saved, out_dir, results):
     place with ``--keep_going``) named by the pair's row."""
     import re
 
+    from .errors import with_message
+
     def named(exc, name, index):  # as the CSV names the pair (the engine counts the pairs it was given)
-        renamed = type(exc)(f"pair {name!r} (row {index + 1}): {re.sub(r'^pair [0-9]+: ', '', str(exc))}")
-        renamed.__cause__ = exc  # a yielded error (--keep_going) keeps its traceback too
-        return renamed
+        return with_message(exc, f"pair {name!r} (row {index + 1}): {re.sub(r'^pair [0-9]+: ', '', str(exc))}")
 
     for index, (name, pair, done) in enumerate(zip(names, pairs, saved)):
         if done:

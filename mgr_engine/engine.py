@@ -22,7 +22,7 @@ import torch
 from . import host_memory, itk_io, resample
 from . import model as _model  # its process-wide SPLIT_TF32_CONVOLUTIONS, beside the TF32 switches
 from .errors import (CheckpointError, InstanceOptimizationError, InvalidImageError, InvalidOptionError, MgrEngineError,
-                     WeightsNotFoundError, tilde_hint)
+                     WeightsNotFoundError, tilde_hint, with_message)
 from .labels import warn_if_linear_on_labels
 from .losses import gradicon_regularizer, similarity_by_name, with_constant_targets
 from .model import (GradICONNetwork, NetworkConfig, as_network_config, evaluate_map, inference_network,
@@ -995,9 +995,7 @@ def _named_for_pair(error: MgrEngineError, index) -> MgrEngineError:
     message = str(error)
     if index is None or message.startswith(f"pair {index}: "):
         return error
-    named = type(error)(f"pair {index}: {message}")
-    named.__cause__ = error
-    return named
+    return with_message(error, f"pair {index}: {message}")
 
 
 def _unpack_pair(index, item, cwd: str):

@@ -18,6 +18,14 @@ def tilde_hint(path) -> str:
     return " ('~' is not expanded: pass os.path.expanduser(path))" if str(path).startswith("~") else ""
 
 
+def with_message(error: MgrEngineError, message: str) -> MgrEngineError:
+    """``error`` again with ``message``: the same type, caused by ``error``, so that one yielded
+    rather than raised (``register_many``'s ``on_error="yield"``) keeps its traceback too."""
+    renamed = type(error)(message)
+    renamed.__cause__ = error
+    return renamed
+
+
 class InvalidImageError(MgrEngineError, ValueError):
     """An input image cannot be registered (constant, NaN/Inf, wrong dimension, empty)."""
 
