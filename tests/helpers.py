@@ -333,9 +333,19 @@ def peak_memory(call, device: str):
 def image_with_flat_region(batch, shape, dtype, seed, device="cpu"):
     """A MIND-SSC test image: random values with a constant block, where the 12 patch means tie at
     0 and the variance falls below its clamp's lower bound. (Which of tied minima takes the
-    gradient is not seen there, where the pairs' differences are 0; near ties elsewhere, as in an
-    image symmetric in two axes, rounding decides in either implementation, so the kernels' tests
-    do not compare it.)"""
+    gradient is not seen there, where the pairs' differences are 0: see
+    :func:`image_constant_along_z`.)"""
     image = torch.rand(batch, 1, *shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
     image[..., : max(shape[0] // 2, 1), :, : max(shape[2] // 2, 1)] = 0.25
     return image.to(device)
+
+
+def image_constant_along_z(shape, dtype, seed, device="cpu"):
+    """A MIND-SSC test image with exact ties of nonzero patch means: random in (y, x), the same
+    in every z-slice. A z-neighbour then equals the centre, so the pairs (+z, +y) and (-z, +y)
+    (and so on for -y, +x, -x) have the same differences bit for bit in any implementation, and
+    where one of them is the minimum, which of the tied channels takes the gradient (the first,
+    as ``torch.min``) shows in the image gradient: their shifts differ along z. (Near ties, as in
+    an image symmetric in two axes, are decided by rounding, differently in each implementation.)"""
+    plane = torch.rand(1, 1, 1, *shape[1:], generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    return plane.expand(1, 1, *shape).contiguous().to(device)

@@ -7,7 +7,7 @@ sizes; on a GPU compiled, and ``test_full_size`` runs at the network's 175^3.
 import pytest
 import torch
 
-from helpers import INTERPRETED, image_with_flat_region, require_triton_kernels, smooth_volume
+from helpers import INTERPRETED, image_constant_along_z, image_with_flat_region, require_triton_kernels, smooth_volume
 from helpers import KERNEL_DEVICE as DEVICE
 
 require_triton_kernels()
@@ -52,6 +52,20 @@ def test_values_and_gradients_match_pytorch(dtype, shape, batch):
     (got_grad,) = torch.autograd.grad(got, image, grad_out)
     (expected_grad,) = torch.autograd.grad(expected, image, grad_out)
     assert float(expected_grad.abs().max()) > 0
+    assert_close(got_grad, expected_grad, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tied_minima_give_the_gradient_to_the_first(dtype):
+    """Exact ties of nonzero patch means (:func:`helpers.image_constant_along_z`): the gradient
+    through the minimum goes to the first of the tied channels, as in the PyTorch path."""
+    image = image_constant_along_z((6, 9, 8), dtype, seed=6, device=DEVICE).requires_grad_()
+    got = kmind.mind_ssc(image)
+    expected = reference(image)
+    assert_close(got, expected, dtype)
+    grad_out = torch.randn(got.shape, generator=torch.Generator().manual_seed(7), dtype=dtype).to(DEVICE)
+    (got_grad,) = torch.autograd.grad(got, image, grad_out)
+    (expected_grad,) = torch.autograd.grad(expected, image, grad_out)
     assert_close(got_grad, expected_grad, dtype)
 
 

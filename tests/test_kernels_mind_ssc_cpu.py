@@ -8,7 +8,7 @@ Skipped where the extension was not built, except under ``MGR_ENGINE_REQUIRE_CPP
 import pytest
 import torch
 
-from helpers import image_with_flat_region, require_cpp_extension, smooth_volume
+from helpers import image_constant_along_z, image_with_flat_region, require_cpp_extension, smooth_volume
 from mgr_engine import losses, ops
 from mgr_engine.kernels import mind_ssc_cpu
 
@@ -38,6 +38,20 @@ def test_descriptor_values_and_gradients_match_pytorch(dtype, shape, batch):
     (got_grad,) = torch.autograd.grad(got, image, grad_out)
     (expected_grad,) = torch.autograd.grad(expected, image, grad_out)
     assert float(expected_grad.abs().max()) > 0
+    assert_close(got_grad, expected_grad, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tied_minima_give_the_gradient_to_the_first(dtype):
+    """Exact ties of nonzero patch means (:func:`helpers.image_constant_along_z`): the gradient
+    through the minimum goes to the first of the tied channels, as in the PyTorch path."""
+    image = image_constant_along_z((6, 9, 8), dtype, seed=6).requires_grad_()
+    got = mind_ssc_cpu.mind_ssc(image)
+    expected = mind_ssc_cpu.reference(image)
+    assert_close(got, expected, dtype)
+    grad_out = torch.randn(got.shape, generator=torch.Generator().manual_seed(7), dtype=dtype)
+    (got_grad,) = torch.autograd.grad(got, image, grad_out)
+    (expected_grad,) = torch.autograd.grad(expected, image, grad_out)
     assert_close(got_grad, expected_grad, dtype)
 
 
