@@ -118,6 +118,20 @@ def _upsampled(x: torch.Tensor, channels: int) -> torch.Tensor:
     return F.interpolate(_match_channels(x, channels), scale_factor=2, mode="trilinear", align_corners=False)
 
 
+def half_resolution(x: torch.Tensor) -> torch.Tensor:
+    """``F.avg_pool3d(x, 2, ceil_mode=True)``, a U-Net encoder level's pooled path. For a
+    channels-last float32 CPU tensor with even sizes, as the depthwise convolution it is (weights
+    1/8, stride 2): torch's CPU average pooling copies a channels-last input to planar first and
+    returns it planar (2 cores, 16 x 88^3: 27 against 1 ms). Odd sizes (a partial window averages
+    the voxels it covers) and everything else take ``F.avg_pool3d``."""
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and is_channels_last(x)
+            and all(n % 2 == 0 for n in x.shape[2:]) and not _autocast_enabled("cpu")):
+        channels = x.shape[1]
+        weight = torch.full((channels, 1, 2, 2, 2), 0.125, dtype=x.dtype).contiguous(memory_format=torch.channels_last_3d)
+        return F.conv3d(x, weight, stride=2, groups=channels)
+    return F.avg_pool3d(x, 2, ceil_mode=True)
+
+
 def _cropped_cat(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     d, h, w = skip.shape[2:]
     return torch.cat([x[:, :, :d, :h, :w], skip], 1)
@@ -490,7 +504,7 @@ class UNet(nn.Module):
         for conv in self.downConvs:
             skips.append(x)
             y = low_memory_conv(conv, x)
-            x = y + _match_channels(F.avg_pool3d(x, 2, ceil_mode=True), y.shape[1])
+            x = y + _match_channels(half_resolution(x), y.shape[1])
         recompute_x = None  # how to recompute x, the decoder level's output, in the backward pass
         # Each level drops its names for what it no longer needs (del) before the next large
         # allocation: held until reassigned, the full-resolution level's convolution output and

@@ -49,6 +49,35 @@ def test_maps_equal_reference(shape, narrow, batch):
     assert ((folded - expected) * voxels(shape)).abs().max() < 2e-3
 
 
+@pytest.mark.parametrize("shape, layout, dtype, convolved", [
+    ((2, 16, 8, 6, 10), torch.channels_last_3d, torch.float32, True),
+    ((1, 3, 4, 4, 2), torch.channels_last_3d, torch.float32, True),
+    ((1, 2, 7, 6, 5), torch.channels_last_3d, torch.float32, False),  # odd: partial windows
+    ((1, 16, 8, 6, 10), torch.contiguous_format, torch.float32, False),
+    ((1, 16, 8, 6, 10), torch.channels_last_3d, torch.float64, False),
+])
+def test_half_resolution_is_average_pooling(monkeypatch, shape, layout, dtype, convolved):
+    """The encoder's pooled path: values and gradients of ``F.avg_pool3d(x, 2, ceil_mode=True)``,
+    as a depthwise convolution for even channels-last float32 CPU tensors (torch's pooling
+    copies those to planar), in their layout."""
+    import torch.nn.functional as F
+
+    from mgr_engine import model
+
+    calls, conv3d = [], F.conv3d
+    monkeypatch.setattr(F, "conv3d", lambda *args, **kwargs: calls.append(1) or conv3d(*args, **kwargs))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen, dtype=dtype).contiguous(memory_format=layout).requires_grad_()
+    got = model.half_resolution(x)
+    expected = F.avg_pool3d(x, 2, ceil_mode=True)
+    assert bool(calls) == convolved
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+    assert got.is_contiguous(memory_format=torch.channels_last_3d) or not convolved
+    grad = torch.randn(got.shape, generator=gen, dtype=dtype)
+    torch.testing.assert_close(torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(expected, x, grad)[0],
+                               rtol=1e-6, atol=0)
+
+
 def test_state_dict_keys_are_the_official_ones():
     net = random_network((72, 72, 72))
     ref = reference_network(net)
