@@ -599,11 +599,11 @@ class Engine:
         ``moving``/``fixed``: one pair, (1, 1, *input_shape), as for :meth:`predict_map`.
 
         ``precision``: ``"fp32"`` (default, whatever the engine's ``precision``), ``"tf32"`` or
-        ``"tf32x3"``, for CUDA (elsewhere fp32, with a warning once per engine). ``"tf32"``: cuDNN's TF32 tensor cores for
-        IO's convolutions, whose fp32 weight gradients were 61% of an IO step's GPU time on an
-        H200 (benchmarks/RESULTS.md); how far it moves IO's result is not measured (with
-        randomized weights IO is chaotic at float32 rounding, so only the official weights can
-        tell). ``"tf32x3"``: each of the steps' convolutions, input gradients and weight
+        ``"tf32x3"``, for CUDA (elsewhere fp32, with a warning once per engine). ``"tf32"``:
+        cuDNN's TF32 tensor cores for IO's convolutions, whose fp32 weight gradients were 61% of
+        an IO step's GPU time on an H200 (benchmarks/RESULTS.md); how far it moves IO's result is
+        not measured (with randomized weights IO is chaotic at float32 rounding, so only the
+        official weights can tell). ``"tf32x3"``: each of the steps' convolutions, input gradients and weight
         gradients as three TF32 products (:func:`mgr_engine.model.tf32x3`), float32's accuracy
         by construction, and the final forward in fp32; its speed on a GPU is not measured yet.
 

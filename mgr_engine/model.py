@@ -127,7 +127,7 @@ def half_resolution(x: torch.Tensor) -> torch.Tensor:
     if (x.device.type == "cpu" and x.dtype == torch.float32 and is_channels_last(x)
             and all(n % 2 == 0 for n in x.shape[2:]) and not _autocast_enabled("cpu")):
         channels = x.shape[1]
-        weight = torch.full((channels, 1, 2, 2, 2), 0.125, dtype=x.dtype).contiguous(memory_format=torch.channels_last_3d)
+        weight = torch.full((channels, 1, 2, 2, 2), 0.125, dtype=x.dtype)
         return F.conv3d(x, weight, stride=2, groups=channels)
     return F.avg_pool3d(x, 2, ceil_mode=True)
 
