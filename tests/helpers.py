@@ -330,6 +330,26 @@ def peak_memory(call, device: str):
     return sum(at_peak), dict(zip(TIMELINE_CATEGORIES, at_peak[1:]))
 
 
+# The MIND-SSC kernels' tests (C++ and Triton): tolerance relative to the largest reference value
+MIND_TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5}
+
+
+def assert_mind_close(got, expected, dtype):
+    """``got`` within :data:`MIND_TOLERANCE` of ``expected``, relative to its largest value."""
+    torch.testing.assert_close(got, expected, rtol=0,
+                               atol=MIND_TOLERANCE[dtype] * float(expected.detach().abs().max()))
+
+
+def descriptors_and_gradients(op, reference, image, seed):
+    """``((op(image), reference(image)), (their gradients to image))`` for one random output
+    gradient (a CPU generator seeded with ``seed``): what the MIND-SSC kernels' tests compare.
+    ``image`` requires its gradient."""
+    got, expected = op(image), reference(image)
+    grad_out = torch.randn(got.shape, generator=torch.Generator().manual_seed(seed), dtype=got.dtype).to(got.device)
+    gradients = (torch.autograd.grad(got, image, grad_out)[0], torch.autograd.grad(expected, image, grad_out)[0])
+    return (got, expected), gradients
+
+
 def image_with_flat_region(batch, shape, dtype, seed, device="cpu"):
     """A MIND-SSC test image: random values with a constant block, where the 12 patch means tie at
     0 and the variance falls below its clamp's lower bound. (Which of tied minima takes the

@@ -7,7 +7,9 @@ sizes; on a GPU compiled, and ``test_full_size`` runs at the network's 175^3.
 import pytest
 import torch
 
-from helpers import INTERPRETED, image_constant_along_z, image_with_flat_region, require_triton_kernels, smooth_volume
+from helpers import (INTERPRETED, assert_mind_close, descriptors_and_gradients, image_constant_along_z,
+                     image_with_flat_region, require_triton_kernels, smooth_volume)
+from helpers import MIND_TOLERANCE as TOLERANCE
 from helpers import KERNEL_DEVICE as DEVICE
 
 require_triton_kernels()
@@ -18,7 +20,6 @@ from mgr_engine.kernels import mind_ssc as kmind  # noqa: E402
 # Odd and non-cubic grids; axes shorter than the dilation (2) and the patch radius (2), a single
 # voxel, where replicate padding reads the edge voxel for most offsets.
 SHAPES = [(7, 9, 11), (1, 6, 5), (2, 3, 13), (12, 1, 4)]
-TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5}  # relative to the largest value
 
 
 @pytest.fixture(autouse=True)
@@ -35,24 +36,17 @@ def reference(image):
         return losses.mind_ssc(image)
 
 
-def assert_close(got, expected, dtype):
-    torch.testing.assert_close(got, expected, rtol=0, atol=TOLERANCE[dtype] * float(expected.detach().abs().max()))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("batch", [1, 2])
 def test_values_and_gradients_match_pytorch(dtype, shape, batch):
     image = image_with_flat_region(batch, shape, dtype, seed=0, device=DEVICE).requires_grad_()
-    got = kmind.mind_ssc(image)
-    expected = reference(image)
+    pairs = descriptors_and_gradients(kmind.mind_ssc, reference, image, seed=1)
+    (got, expected), (got_grad, expected_grad) = pairs
     assert got.shape == expected.shape == (batch, 12, *shape) and got.is_contiguous()
-    assert_close(got, expected, dtype)
-    grad_out = torch.randn(got.shape, generator=torch.Generator().manual_seed(1), dtype=dtype).to(DEVICE)
-    (got_grad,) = torch.autograd.grad(got, image, grad_out)
-    (expected_grad,) = torch.autograd.grad(expected, image, grad_out)
+    assert_mind_close(got, expected, dtype)
     assert float(expected_grad.abs().max()) > 0
-    assert_close(got_grad, expected_grad, dtype)
+    assert_mind_close(got_grad, expected_grad, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -60,13 +54,10 @@ def test_tied_minima_give_the_gradient_to_the_first(dtype):
     """Exact ties of nonzero patch means (:func:`helpers.image_constant_along_z`): the gradient
     through the minimum goes to the first of the tied channels, as in the PyTorch path."""
     image = image_constant_along_z((6, 9, 8), dtype, seed=6, device=DEVICE).requires_grad_()
-    got = kmind.mind_ssc(image)
-    expected = reference(image)
-    assert_close(got, expected, dtype)
-    grad_out = torch.randn(got.shape, generator=torch.Generator().manual_seed(7), dtype=dtype).to(DEVICE)
-    (got_grad,) = torch.autograd.grad(got, image, grad_out)
-    (expected_grad,) = torch.autograd.grad(expected, image, grad_out)
-    assert_close(got_grad, expected_grad, dtype)
+    pairs = descriptors_and_gradients(kmind.mind_ssc, reference, image, seed=7)
+    (got, expected), (got_grad, expected_grad) = pairs
+    assert_mind_close(got, expected, dtype)
+    assert_mind_close(got_grad, expected_grad, dtype)
 
 
 def test_gradcheck_float64():
@@ -99,7 +90,7 @@ def test_distance_loss_and_gradient_match_pytorch(dtype, masked, batch):
     assert got.dtype == expected.dtype == dtype
     assert abs(got.item() - expected.item()) <= TOLERANCE[dtype] * expected.item()
     assert float(expected_grad.abs().max()) > 0
-    assert_close(got_grad, expected_grad, dtype)
+    assert_mind_close(got_grad, expected_grad, dtype)
 
 
 def test_mind_loss_takes_it_in_kernel_mode_triton(monkeypatch):
@@ -129,7 +120,7 @@ def test_mind_loss_takes_it_in_kernel_mode_triton(monkeypatch):
     assert len(calls) == 2
     assert abs(got[0] - expected[0]) <= 1e-12 * expected[0]
     assert float(expected[1].abs().max()) > 0
-    assert_close(got[1], expected[1], torch.float64)
+    assert_mind_close(got[1], expected[1], torch.float64)
     with ops.kernel_mode(mode):
         target_grad = target.clone().requires_grad_()
         losses.mind_loss(image, target_grad).backward()

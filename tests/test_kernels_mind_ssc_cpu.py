@@ -8,7 +8,9 @@ Skipped where the extension was not built, except under ``MGR_ENGINE_REQUIRE_CPP
 import pytest
 import torch
 
-from helpers import image_constant_along_z, image_with_flat_region, require_cpp_extension, smooth_volume
+from helpers import (assert_mind_close, descriptors_and_gradients, image_constant_along_z, image_with_flat_region,
+                     require_cpp_extension, smooth_volume)
+from helpers import MIND_TOLERANCE as TOLERANCE
 from mgr_engine import losses, ops
 from mgr_engine.kernels import mind_ssc_cpu
 
@@ -17,11 +19,6 @@ require_cpp_extension(mind_ssc_cpu)
 # Odd and non-cubic grids; axes shorter than the dilation (2) and the patch radius (2), a single
 # voxel, where replicate padding reads the edge voxel for most offsets; one longer than a vector's lanes.
 SHAPES = [(7, 9, 11), (1, 6, 5), (2, 3, 37), (12, 1, 4)]
-TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5}  # relative to the largest value
-
-
-def assert_close(got, expected, dtype):
-    torch.testing.assert_close(got, expected, rtol=0, atol=TOLERANCE[dtype] * float(expected.detach().abs().max()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -30,15 +27,12 @@ def assert_close(got, expected, dtype):
 def test_descriptor_values_and_gradients_match_pytorch(dtype, shape, batch):
     image = image_with_flat_region(batch, shape, dtype, seed=0).requires_grad_()
     assert mind_ssc_cpu.supports(image)
-    got = mind_ssc_cpu.mind_ssc(image)
-    expected = mind_ssc_cpu.reference(image)
+    pairs = descriptors_and_gradients(mind_ssc_cpu.mind_ssc, mind_ssc_cpu.reference, image, seed=1)
+    (got, expected), (got_grad, expected_grad) = pairs
     assert got.shape == expected.shape == (batch, 12, *shape) and got.is_contiguous()
-    assert_close(got, expected, dtype)
-    grad_out = torch.randn(got.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
-    (got_grad,) = torch.autograd.grad(got, image, grad_out)
-    (expected_grad,) = torch.autograd.grad(expected, image, grad_out)
+    assert_mind_close(got, expected, dtype)
     assert float(expected_grad.abs().max()) > 0
-    assert_close(got_grad, expected_grad, dtype)
+    assert_mind_close(got_grad, expected_grad, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -46,13 +40,10 @@ def test_tied_minima_give_the_gradient_to_the_first(dtype):
     """Exact ties of nonzero patch means (:func:`helpers.image_constant_along_z`): the gradient
     through the minimum goes to the first of the tied channels, as in the PyTorch path."""
     image = image_constant_along_z((6, 9, 8), dtype, seed=6).requires_grad_()
-    got = mind_ssc_cpu.mind_ssc(image)
-    expected = mind_ssc_cpu.reference(image)
-    assert_close(got, expected, dtype)
-    grad_out = torch.randn(got.shape, generator=torch.Generator().manual_seed(7), dtype=dtype)
-    (got_grad,) = torch.autograd.grad(got, image, grad_out)
-    (expected_grad,) = torch.autograd.grad(expected, image, grad_out)
-    assert_close(got_grad, expected_grad, dtype)
+    pairs = descriptors_and_gradients(mind_ssc_cpu.mind_ssc, mind_ssc_cpu.reference, image, seed=7)
+    (got, expected), (got_grad, expected_grad) = pairs
+    assert_mind_close(got, expected, dtype)
+    assert_mind_close(got_grad, expected_grad, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -80,7 +71,7 @@ def test_loss_and_gradient_match_pytorch(dtype, masked, batch):
     assert got[0].dtype == expected[0].dtype == dtype
     assert abs(got[0].item() - expected[0].item()) <= TOLERANCE[dtype] * expected[0].item()
     assert float(expected[1].abs().max()) > 0
-    assert_close(got[1], expected[1], dtype)
+    assert_mind_close(got[1], expected[1], dtype)
 
 
 def test_gradcheck_float64():
