@@ -7,7 +7,8 @@ backward (gradients to input, weight and bias), PyTorch (oneDNN) against C++, ch
 inputs as the engine's network has them. End to end, with randomized official weights, in one
 process: ``Engine.predict_map`` (no IO, warm median) and one IO call (``instance_optimize`` with
 one step: forward + backward of the GradICON objective, an Adam step, the final forward), with
-every C++ kernel, and with every C++ kernel but this one.
+every C++ kernel, and with every C++ kernel but this one. And the C++ op in each vector width
+the CPU runs (64 bytes: AVX-512, 32: AVX2 + FMA, 16: SSE2), as CPUs without AVX-512 run it.
 
     .venv/bin/python benchmarks/bench_last_conv_cpu.py
     .venv/bin/python benchmarks/bench_last_conv_cpu.py --shape 96 96 96 --repeats 3   # quick
@@ -58,6 +59,32 @@ def op_rows(shape, cin, repeats):
     return ref, ours, out_difference, grad_difference
 
 
+def width_rows(shape, cin, repeats):
+    """(vector bytes, forward seconds, forward + backward seconds) of the C++ op in each vector
+    width this CPU runs, widest first: the passes an AVX2-only (32) or older (16) CPU takes."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, cin, *shape, generator=gen).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    weight = (0.1 * torch.randn(3, cin, 3, 3, 3, generator=gen)).requires_grad_()
+    bias = torch.randn(3, generator=gen).requires_grad_()
+    grad_out = torch.randn(1, 3, *shape, generator=gen)
+    rows = []
+    try:
+        for cap in (64, 32, 16):
+            if last_conv_cpu.vector_bytes(cap) != cap:
+                continue
+
+            def forward():
+                with torch.no_grad():
+                    return last_conv_cpu.last_conv(x, weight, bias)
+
+            rows.append((cap, timed(forward, "cpu", repeats),
+                         timed(lambda: torch.autograd.grad(last_conv_cpu.last_conv(x, weight, bias), (x, weight, bias),
+                                                           grad_out), "cpu", repeats)))
+    finally:
+        last_conv_cpu.vector_bytes(0)
+    return rows
+
+
 def end_to_end(shape, repeats):
     from helpers import benchmark_engine
 
@@ -94,6 +121,9 @@ def main(argv=None) -> int:
               f"| {ref[1] * 1e3:.0f} ms | {ours[1] * 1e3:.0f} ms | {ref[1] / ours[1]:.2f}x | {ref[3]:.0f} MiB "
               f"| {ours[3]:.0f} MiB | {out_diff:.1e} / {grad_diff:.1e} |")
     print("(difference: output, largest absolute / gradients, largest relative L2)")
+    print(f"\n| C++ at {shape}, vectors of | forward | forward + backward |\n|---|--:|--:|")
+    for width, forward, forward_backward in width_rows(shape, cin, args.repeats):
+        print(f"| {width} bytes | {forward * 1e3:.0f} ms | {forward_backward * 1e3:.0f} ms |")
     if not args.skip_end_to_end:
         (p0, io0), (p1, io1), difference = end_to_end(shape, max(2, args.repeats // 2))
         print(f"\nEngine.predict_map (no IO): PyTorch last conv {p0:.2f} s, C++ {p1:.2f} s ({p0 / p1:.2f}x); "

@@ -16,6 +16,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <stdexcept>
 
 namespace py = pybind11;
@@ -35,3 +36,59 @@ inline void check(bool condition, const char* message) {
 #define CPU_DISPATCH_AVX2
 #endif
 #define INLINE_INTO_CLONES inline __attribute__((always_inline))
+
+// Explicit dispatch, for a body templated on its vector width: target_clones compiles one body
+// for every target, but a body that pins its vectors in registers (keep_in_register) must be
+// written in vectors as wide as its target's registers. SIMD_AVX512 / SIMD_AVX2 mark the
+// functions compiled for x86-64-v4 / v3, and simd_bytes() says which the CPU runs: 64, 32, or
+// 16 (the SSE2 baseline, or another architecture's generic vectors). forced_simd_bytes() caps
+// it, for tests (so that every path runs on an AVX-512 CPU).
+#if defined(__x86_64__) && defined(__linux__) && (defined(__clang__) || __GNUC__ >= 11)
+#define SIMD_LEVELS 1
+#define SIMD_AVX512 __attribute__((target("arch=x86-64-v4")))
+#define SIMD_AVX2 __attribute__((target("arch=x86-64-v3")))
+#endif
+
+inline int& forced_simd_bytes() {
+    static int bytes = 0;  // 0: no cap
+    return bytes;
+}
+
+inline int simd_bytes() {
+#ifdef SIMD_LEVELS
+    // The features of x86-64-v4 and v3 that name the instructions these bodies compile to.
+    static const int widest =
+        __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512cd") &&
+                __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")
+            ? 64
+        : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2") ? 32
+                                                                                                             : 16;
+#else
+    static const int widest = 16;
+#endif
+    return forced_simd_bytes() ? std::min(forced_simd_bytes(), widest) : widest;
+}
+
+// A GCC vector of BYTES bytes of T: code written on it compiles to that width's instructions.
+template <typename T, int BYTES>
+struct Vector {
+    typedef T type __attribute__((vector_size(BYTES)));
+};
+
+// v = the sizeof(V) bytes at `from`, unaligned. (Returned by reference: a vector returned by
+// value draws GCC's -Wpsabi note for targets whose registers do not hold it.)
+template <typename V>
+INLINE_INTO_CLONES void load_vector(V& v, const void* from) {
+    __builtin_memcpy(&v, from, sizeof(V));
+}
+
+// Keeps v in a register for all its uses: GCC otherwise folds a vector's load into each
+// multiply-add that reads it, one load per use (the last convolution's three output channels
+// loaded each input vector three times and ran at a third of the FMA peak). Needs the function
+// compiled for a target whose registers hold V (SIMD_AVX512 for 64 bytes, SIMD_AVX2 for 32).
+template <typename V>
+INLINE_INTO_CLONES void keep_in_register(V& v) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    asm("" : "+v"(v));
+#endif
+}

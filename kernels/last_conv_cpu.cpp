@@ -12,8 +12,11 @@
 // output and its gradient are planar (B, 3, D, H, W), the layout the warps read the field in.
 // Every pass vectorizes along x: each input z-slice is transposed once, per thread, into rows
 // of (Cin, W + padding), so that a block of L output voxels along x is L contiguous lanes.
-// The three passes are compiled for AVX-512, AVX2+FMA and baseline x86-64 and the best the
-// CPU has is picked at load time (target_clones), since the package is built without -march.
+// The three passes are compiled for AVX-512, AVX2+FMA and baseline x86-64 in vectors of that
+// width (64, 32, 16 bytes), and the widest the CPU runs is picked at run time (simd_bytes()),
+// since the package is built without -march. Each loaded vector feeds its multiply-adds from a
+// register (keep_in_register): GCC loaded it again for each, and the passes ran at a third of
+// the FMA peak (RESULTS.md, forty-fourth session).
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -27,21 +30,27 @@ inline int omp_get_num_threads() { return 1; }
 #include <cstring>
 #include <vector>
 
-#include "cpu_kernel.h"  // Array, check, CPU_DISPATCH, INLINE_INTO_CLONES
+#include "cpu_kernel.h"  // Array, check, INLINE_INTO_CLONES, SIMD_*, Vector, load_vector, keep_in_register
 
 namespace {
 
 constexpr int COUT = 3;
-constexpr int GROUP = 4;  // blocks of lanes along x computed together, sharing each weight broadcast
 
-// Lanes per block along x: one 64-byte vector.
+// Lanes per block along x: one 64-byte vector (the widest; narrower vectors divide it).
 template <typename T>
 constexpr int64_t lanes() { return 64 / sizeof(T); }
 
+// Blocks of lanes along x computed together, sharing each weight broadcast: 3 x 6 accumulators
+// of AVX-512's 32 vector registers, 3 x 3 of AVX2's (or SSE2's) 16.
+constexpr int group(int bytes) { return bytes == 64 ? 6 : 3; }
+
 struct Shape {
     int64_t batch, depth, height, width, cin;
-    int64_t padded;  // row length of a transposed slice: x = -1 .. W - 1 + padding, whole blocks
-    int64_t blocks;  // blocks of lanes along x
+    // A transposed slice's rows: x = 0 at index `origin`, 64-byte aligned (so that the loads at
+    // x and x - 1 + dx of a pass over whole vectors split a cache line two times in three, not
+    // three), and row length `padded`, whole 64-byte vectors with room for x = -1 and for a last
+    // vector's x + 1.
+    int64_t origin, padded;
     template <typename T>
     Shape(const Array<T>& input, const Array<T>& weight) {
         check(input.ndim() == 5, "input must be (B, D, H, W, Cin), channels last");
@@ -50,36 +59,37 @@ struct Shape {
         check(weight.ndim() == 5 && weight.shape(0) == COUT && weight.shape(1) == cin && weight.shape(2) == 3 &&
                   weight.shape(3) == 3 && weight.shape(4) == 3,
               "weight must be (3, Cin, 3, 3, 3)");
-        blocks = (width + GROUP * lanes<T>() - 1) / (GROUP * lanes<T>()) * GROUP;  // whole groups
-        padded = blocks * lanes<T>() + 2;
+        origin = lanes<T>();
+        padded = ((width + lanes<T>() - 1) / lanes<T>() + 2) * lanes<T>();
     }
     int64_t slices() const { return batch * depth; }
     int64_t voxels_per_slice() const { return height * width; }
 };
 
 // Three z-slices of a volume with `channels` channels, each in padded rows: row y of channel k
-// starts at (y * channels + k) * padded, and x sits at index x + 1 (index 0 and those past W
-// stay zero). Each thread keeps the three slices its current output slice needs. The source
-// is channels-last, (B, D, H, W, channels) (the input: transposed), or planar,
-// (B, channels, D, H, W) (the output gradient: rows copied).
+// starts at (y * channels + k) * padded, and x sits at index x + origin (the indices before
+// and those past W stay zero). Each thread keeps the three slices its current output slice
+// needs. The source is channels-last, (B, D, H, W, channels) (the input: transposed), or
+// planar, (B, channels, D, H, W) (the output gradient: rows copied).
 template <typename T>
 class SliceRing {
    public:
     SliceRing(const Shape& s, int64_t channels, bool channels_last)
         : s_(s), channels_(channels), channels_last_(channels_last),
-          data_(3 * size_t(s.height * channels * s.padded), T(0)) {}
+          data_(3 * size_t(s.height * channels * s.padded) + size_t(lanes<T>()), T(0)),
+          base_(data_.data() + (64 - reinterpret_cast<uintptr_t>(data_.data()) % 64) % 64 / sizeof(T)) {}
 
     // Slice z of batch item b of `source`, or nullptr outside the volume.
     const T* get(const T* source, int64_t b, int64_t z) {
         if (z < 0 || z >= s_.depth) return nullptr;
         const int slot = int(z % 3);
-        T* out = data_.data() + size_t(slot) * size_t(s_.height * channels_ * s_.padded);
+        T* out = base_ + size_t(slot) * size_t(s_.height * channels_ * s_.padded);
         if (key_[slot] == b * s_.depth + z) return out;
         key_[slot] = b * s_.depth + z;
         const int64_t plane = s_.voxels_per_slice();
         for (int64_t y = 0; y < s_.height; ++y)
             for (int64_t k = 0; k < channels_; ++k) {
-                T* dst = out + (y * channels_ + k) * s_.padded + 1;
+                T* dst = out + (y * channels_ + k) * s_.padded + s_.origin;
                 if (channels_last_) {  // contiguous writes; a row's reads stay in L1
                     const T* from = source + ((b * s_.depth + z) * plane + y * s_.width) * channels_ + k;
                     for (int64_t x = 0; x < s_.width; ++x) dst[x] = from[x * channels_];
@@ -96,6 +106,7 @@ class SliceRing {
     const int64_t channels_;
     const bool channels_last_;
     std::vector<T> data_;
+    T* const base_;  // data_'s first 64-byte aligned element: each row's x = 0 is aligned
     int64_t key_[3] = {-1, -1, -1};
 };
 
@@ -106,59 +117,89 @@ inline void share(int64_t n, int64_t* first, int64_t* last) {
 }
 
 // ---------------------------------------------------------------- forward
-// Output slice z of one batch item: rows[dz] are the transposed input slices z - 1, z, z + 1.
-template <typename T>
-INLINE_INTO_CLONES void forward_slice_body(const Shape& s, const T* const rows[3], const T* weight, const T* bias, T* out) {
-    constexpr int64_t L = lanes<T>();
-    constexpr int G = GROUP;  // blocks per pass: each weight broadcast feeds 3 x G accumulators
+// G blocks of L = BYTES / sizeof(T) output voxels along x, from x0, of output row y of one
+// slice: rows[dz] are the transposed input slices z - 1, z, z + 1.
+template <typename T, int BYTES, int G>
+INLINE_INTO_CLONES void forward_blocks(const Shape& s, const T* const rows[3], const T* weight, const T* bias, T* out,
+                                       int64_t y, int64_t x0) {
+    using V = typename Vector<T, BYTES>::type;
+    constexpr int64_t L = BYTES / sizeof(T);
     const int64_t taps = s.cin * 27, channel = s.depth * s.voxels_per_slice();  // planar output
-    for (int64_t y = 0; y < s.height; ++y) {
-        for (int64_t x0 = 0; x0 < s.width; x0 += G * L) {
-            T acc[3][G][L];
-            for (int c = 0; c < 3; ++c)
-                for (int j = 0; j < G; ++j)
-                    for (int64_t l = 0; l < L; ++l) acc[c][j][l] = T(0);
-            for (int dz = 0; dz < 3; ++dz) {
-                if (!rows[dz]) continue;
-                for (int dy = 0; dy < 3; ++dy) {
-                    const int64_t yy = y + dy - 1;
-                    if (yy < 0 || yy >= s.height) continue;
-                    for (int64_t ci = 0; ci < s.cin; ++ci) {
-                        const T* row = rows[dz] + (yy * s.cin + ci) * s.padded + x0;
-                        const T* w = weight + ci * 27 + dz * 9 + dy * 3;
-                        for (int dx = 0; dx < 3; ++dx) {
-                            const T w0 = w[dx], w1 = w[taps + dx], w2 = w[2 * taps + dx];
-                            for (int j = 0; j < G; ++j) {
-                                const T* in = row + dx + j * L;  // x + dx - 1, shifted by the padding's 1
-#pragma omp simd
-                                for (int64_t l = 0; l < L; ++l) {
-                                    acc[0][j][l] += w0 * in[l];
-                                    acc[1][j][l] += w1 * in[l];
-                                    acc[2][j][l] += w2 * in[l];
-                                }
-                            }
-                        }
+    V acc[3][G];
+    for (int c = 0; c < 3; ++c)
+        for (int j = 0; j < G; ++j) acc[c][j] = V{};
+    for (int dz = 0; dz < 3; ++dz) {
+        if (!rows[dz]) continue;
+        for (int dy = 0; dy < 3; ++dy) {
+            const int64_t yy = y + dy - 1;
+            if (yy < 0 || yy >= s.height) continue;
+            for (int64_t ci = 0; ci < s.cin; ++ci) {
+                const T* row = rows[dz] + (yy * s.cin + ci) * s.padded + x0;
+                const T* w = weight + ci * 27 + dz * 9 + dy * 3;
+                for (int dx = 0; dx < 3; ++dx) {
+                    const V w0 = V{} + w[dx], w1 = V{} + w[taps + dx], w2 = V{} + w[2 * taps + dx];
+                    for (int j = 0; j < G; ++j) {
+                        V in;
+                        load_vector(in, row + s.origin - 1 + dx + j * L);  // x + dx - 1
+                        keep_in_register(in);  // one load for the three channels
+                        acc[0][j] += w0 * in;
+                        acc[1][j] += w1 * in;
+                        acc[2][j] += w2 * in;
                     }
                 }
             }
-            // Constant indices into acc (a computed one would keep it out of registers).
-            for (int c = 0; c < 3; ++c) {
-                T* o = out + c * channel + y * s.width + x0;
-                for (int j = 0; j < G; ++j)
-                    for (int64_t l = 0; l < L; ++l)
-                        if (x0 + j * L + l < s.width) o[j * L + l] = acc[c][j][l] + bias[c];
-            }
         }
+    }
+    for (int c = 0; c < 3; ++c) {
+        T* o = out + c * channel + y * s.width + x0;
+        for (int j = 0; j < G; ++j)
+            for (int64_t l = 0; l < L; ++l)
+                if (x0 + j * L + l < s.width) o[j * L + l] = acc[c][j][l] + bias[c];
     }
 }
 
-CPU_DISPATCH void forward_slice(const Shape& s, const float* const rows[3], const float* weight, const float* bias,
-                                float* out) {
-    forward_slice_body(s, rows, weight, bias, out);
+// The row's last `left` blocks (fewer than a group), as one pass of that many.
+template <typename T, int BYTES, int G>
+INLINE_INTO_CLONES void forward_tail(int left, const Shape& s, const T* const rows[3], const T* weight,
+                                     const T* bias, T* out, int64_t y, int64_t x0) {
+    if constexpr (G > 0) {
+        if (left == G) return forward_blocks<T, BYTES, G>(s, rows, weight, bias, out, y, x0);
+        forward_tail<T, BYTES, G - 1>(left, s, rows, weight, bias, out, y, x0);
+    }
 }
-CPU_DISPATCH void forward_slice(const Shape& s, const double* const rows[3], const double* weight,
-                                const double* bias, double* out) {
-    forward_slice_body(s, rows, weight, bias, out);
+
+// Output slice z of one batch item, in vectors of BYTES bytes.
+template <typename T, int BYTES>
+INLINE_INTO_CLONES void forward_slice_body(const Shape& s, const T* const rows[3], const T* weight, const T* bias,
+                                           T* out) {
+    constexpr int64_t L = BYTES / sizeof(T);
+    constexpr int G = group(BYTES);
+    const int64_t blocks = (s.width + L - 1) / L;
+    for (int64_t y = 0; y < s.height; ++y) {
+        int64_t j0 = 0;
+        for (; j0 + G <= blocks; j0 += G) forward_blocks<T, BYTES, G>(s, rows, weight, bias, out, y, j0 * L);
+        forward_tail<T, BYTES, G - 1>(int(blocks - j0), s, rows, weight, bias, out, y, j0 * L);
+    }
+}
+
+#ifdef SIMD_LEVELS
+template <typename T>
+SIMD_AVX512 void forward_slice_avx512(const Shape& s, const T* const rows[3], const T* weight, const T* bias, T* out) {
+    forward_slice_body<T, 64>(s, rows, weight, bias, out);
+}
+template <typename T>
+SIMD_AVX2 void forward_slice_avx2(const Shape& s, const T* const rows[3], const T* weight, const T* bias, T* out) {
+    forward_slice_body<T, 32>(s, rows, weight, bias, out);
+}
+#endif
+
+template <typename T>
+void forward_slice(const Shape& s, const T* const rows[3], const T* weight, const T* bias, T* out) {
+#ifdef SIMD_LEVELS
+    if (simd_bytes() == 64) return forward_slice_avx512(s, rows, weight, bias, out);
+    if (simd_bytes() == 32) return forward_slice_avx2(s, rows, weight, bias, out);
+#endif
+    forward_slice_body<T, 16>(s, rows, weight, bias, out);
 }
 
 template <typename T>
@@ -191,107 +232,152 @@ void last_conv_forward(const Array<T>& input, const Array<T>& weight, const Arra
 // grad_input[b, z, y, x, ci] = sum over c, dz, dy, dx of weight[c, ci, dz, dy, dx] *
 // grad_out[b, c, z - dz + 1, y - dy + 1, x - dx + 1]: the same stencil, flipped, over the three
 // planar gradient channels. grads[dz] are slices z - dz + 1 of grad_out in SliceRing's padded
-// rows (channel c of row y at (y * 3 + c) * padded, x at x + 1); three input channels and G
-// blocks along x at a time, so that the accumulators stay in registers.
-template <typename T>
-INLINE_INTO_CLONES void grad_input_slice_body(const Shape& s, const T* const grads[3], const T* weight, T* out) {
-    constexpr int64_t L = lanes<T>();
-    constexpr int G = GROUP, CB = 3;  // CB input channels x G blocks of accumulators per pass
+// rows (channel c of row y at (y * 3 + c) * padded, x at x + origin). CB input channels x G
+// blocks of L = BYTES / sizeof(T) voxels along x from x0, of row y, at a time, so that the
+// accumulators stay in registers.
+template <typename T, int BYTES, int G>
+INLINE_INTO_CLONES void grad_input_blocks(const Shape& s, const T* const grads[3], const T* weight, T* out,
+                                          int64_t y, int64_t x0) {
+    using V = typename Vector<T, BYTES>::type;
+    constexpr int64_t L = BYTES / sizeof(T);
+    constexpr int CB = 3;
     const int64_t taps = s.cin * 27;
-    for (int64_t y = 0; y < s.height; ++y) {
-        T* out_row = out + y * s.width * s.cin;
-        for (int64_t x0 = 0; x0 < s.width; x0 += G * L) {
-            for (int64_t ci0 = 0; ci0 < s.cin; ci0 += CB) {
-                const int cb = int(std::min<int64_t>(CB, s.cin - ci0));
-                T acc[CB][G][L];
-                for (int k = 0; k < CB; ++k)
-                    for (int j = 0; j < G; ++j)
-                        for (int64_t l = 0; l < L; ++l) acc[k][j][l] = T(0);
-                for (int dz = 0; dz < 3; ++dz) {
-                    if (!grads[dz]) continue;
-                    for (int dy = 0; dy < 3; ++dy) {
-                        const int64_t yy = y - dy + 1;
-                        if (yy < 0 || yy >= s.height) continue;
-                        for (int c = 0; c < COUT; ++c) {
-                            const T* row = grads[dz] + (yy * COUT + c) * s.padded + x0;
-                            const T* w = weight + c * taps + ci0 * 27 + dz * 9 + dy * 3;
-                            for (int dx = 0; dx < 3; ++dx) {
-                                T wk[CB];
-                                for (int k = 0; k < CB; ++k) wk[k] = k < cb ? w[k * 27 + dx] : T(0);
-                                for (int j = 0; j < G; ++j) {
-                                    const T* g = row + 2 - dx + j * L;  // x - dx + 1, shifted by the padding's 1
-#pragma omp simd
-                                    for (int64_t l = 0; l < L; ++l)
-                                        for (int k = 0; k < CB; ++k) acc[k][j][l] += wk[k] * g[l];
-                                }
-                            }
+    T* out_row = out + y * s.width * s.cin;
+    for (int64_t ci0 = 0; ci0 < s.cin; ci0 += CB) {
+        const int cb = int(std::min<int64_t>(CB, s.cin - ci0));
+        V acc[CB][G];
+        for (int k = 0; k < CB; ++k)
+            for (int j = 0; j < G; ++j) acc[k][j] = V{};
+        for (int dz = 0; dz < 3; ++dz) {
+            if (!grads[dz]) continue;
+            for (int dy = 0; dy < 3; ++dy) {
+                const int64_t yy = y - dy + 1;
+                if (yy < 0 || yy >= s.height) continue;
+                for (int c = 0; c < COUT; ++c) {
+                    const T* row = grads[dz] + (yy * COUT + c) * s.padded + x0;
+                    const T* w = weight + c * taps + ci0 * 27 + dz * 9 + dy * 3;
+                    for (int dx = 0; dx < 3; ++dx) {
+                        V wk[CB];
+                        for (int k = 0; k < CB; ++k) wk[k] = V{} + (k < cb ? w[k * 27 + dx] : T(0));
+                        for (int j = 0; j < G; ++j) {
+                            V g;
+                            load_vector(g, row + s.origin + 1 - dx + j * L);  // x - dx + 1
+                            keep_in_register(g);  // one load for the CB channels
+                            for (int k = 0; k < CB; ++k) acc[k][j] += wk[k] * g;
                         }
                     }
                 }
-                for (int j = 0; j < G; ++j)  // constant indices into acc, as in the forward
-                    for (int64_t l = 0; l < L; ++l)
-                        if (x0 + j * L + l < s.width)
-                            for (int k = 0; k < CB; ++k)
-                                if (k < cb) out_row[(x0 + j * L + l) * s.cin + ci0 + k] = acc[k][j][l];
             }
         }
+        for (int j = 0; j < G; ++j)
+            for (int64_t l = 0; l < L; ++l)
+                if (x0 + j * L + l < s.width)
+                    for (int k = 0; k < CB; ++k)
+                        if (k < cb) out_row[(x0 + j * L + l) * s.cin + ci0 + k] = acc[k][j][l];
     }
 }
 
-CPU_DISPATCH void grad_input_slice(const Shape& s, const float* const grads[3], const float* weight, float* out) {
-    grad_input_slice_body(s, grads, weight, out);
+template <typename T, int BYTES, int G>
+INLINE_INTO_CLONES void grad_input_tail(int left, const Shape& s, const T* const grads[3], const T* weight, T* out,
+                                        int64_t y, int64_t x0) {
+    if constexpr (G > 0) {
+        if (left == G) return grad_input_blocks<T, BYTES, G>(s, grads, weight, out, y, x0);
+        grad_input_tail<T, BYTES, G - 1>(left, s, grads, weight, out, y, x0);
+    }
 }
-CPU_DISPATCH void grad_input_slice(const Shape& s, const double* const grads[3], const double* weight, double* out) {
-    grad_input_slice_body(s, grads, weight, out);
+
+template <typename T, int BYTES>
+INLINE_INTO_CLONES void grad_input_slice_body(const Shape& s, const T* const grads[3], const T* weight, T* out) {
+    constexpr int64_t L = BYTES / sizeof(T);
+    constexpr int G = group(BYTES);
+    const int64_t blocks = (s.width + L - 1) / L;
+    for (int64_t y = 0; y < s.height; ++y) {
+        int64_t j0 = 0;
+        for (; j0 + G <= blocks; j0 += G) grad_input_blocks<T, BYTES, G>(s, grads, weight, out, y, j0 * L);
+        grad_input_tail<T, BYTES, G - 1>(int(blocks - j0), s, grads, weight, out, y, j0 * L);
+    }
+}
+
+#ifdef SIMD_LEVELS
+template <typename T>
+SIMD_AVX512 void grad_input_slice_avx512(const Shape& s, const T* const grads[3], const T* weight, T* out) {
+    grad_input_slice_body<T, 64>(s, grads, weight, out);
+}
+template <typename T>
+SIMD_AVX2 void grad_input_slice_avx2(const Shape& s, const T* const grads[3], const T* weight, T* out) {
+    grad_input_slice_body<T, 32>(s, grads, weight, out);
+}
+#endif
+
+template <typename T>
+void grad_input_slice(const Shape& s, const T* const grads[3], const T* weight, T* out) {
+#ifdef SIMD_LEVELS
+    if (simd_bytes() == 64) return grad_input_slice_avx512(s, grads, weight, out);
+    if (simd_bytes() == 32) return grad_input_slice_avx2(s, grads, weight, out);
+#endif
+    grad_input_slice_body<T, 16>(s, grads, weight, out);
 }
 
 // grad_weight[c, ci, dz, dy, dx] = sum over voxels of grad_out[c, z, y, x] *
 // in[z + dz - 1, y + dy - 1, x + dx - 1, ci], for output slice z: partial sums per lane in
-// sums[((c * cin + ci) * 27 + tap) * L + l], reduced over lanes (and threads) at the end.
-// grad is the output gradient's slice z in SliceRing's padded rows.
-template <typename T>
+// sums[((c * cin + ci) * 27 + tap) * SLOT + l] (l < L), reduced over lanes (and threads) at the
+// end. grad is the output gradient's slice z in SliceRing's padded rows.
+template <typename T, int BYTES>
 INLINE_INTO_CLONES void grad_weight_slice_body(const Shape& s, const T* const rows[3], const T* grad, T* sums) {
-    constexpr int64_t L = lanes<T>();
-    constexpr int CB = 2;  // input channels per pass: each loaded gradient lane feeds 3 x 3 x CB sums
-    for (int64_t y = 0; y < s.height; ++y) {
-        const T* g0 = grad + (y * COUT + 0) * s.padded + 1;
-        const T* g1 = grad + (y * COUT + 1) * s.padded + 1;
-        const T* g2 = grad + (y * COUT + 2) * s.padded + 1;
+    using V = typename Vector<T, BYTES>::type;
+    constexpr int64_t L = BYTES / sizeof(T), SLOT = lanes<T>();  // a weight's partial sums: SLOT lanes, L used
+    // Input channels per pass: each loaded gradient vector feeds 3 x 3 x CB sums, in 18 of
+    // AVX-512's 32 registers (9 of the 16 of narrower ones).
+    constexpr int CB = BYTES == 64 ? 2 : 1;
+    constexpr int64_t ROWS = 8;  // rows summed before the sums are updated: their reads stay in L1
+    const int64_t blocks = (s.width + L - 1) / L;
+    for (int64_t y0 = 0; y0 < s.height; y0 += ROWS) {
+        const int64_t y1 = std::min(y0 + ROWS, s.height);
         for (int dz = 0; dz < 3; ++dz) {
             if (!rows[dz]) continue;
             for (int dy = 0; dy < 3; ++dy) {
-                const int64_t yy = y + dy - 1;
-                if (yy < 0 || yy >= s.height) continue;
                 for (int64_t ci0 = 0; ci0 < s.cin; ci0 += CB) {
                     const int cb = int(std::min<int64_t>(CB, s.cin - ci0));
-                    // A lone last channel reads its own row twice and keeps the first sums only.
-                    const T* in[CB];
-                    for (int k = 0; k < CB; ++k)
-                        in[k] = rows[dz] + (yy * s.cin + ci0 + (k < cb ? k : 0)) * s.padded;  // in[x + dx]: x + dx - 1
-                    T p[CB][3][3][L];  // [channel][c][dx][lane]
+                    V p[CB][3][3];  // [channel][c][dx]
                     for (int k = 0; k < CB; ++k)
                         for (int c = 0; c < 3; ++c)
-                            for (int dx = 0; dx < 3; ++dx)
-                                for (int64_t l = 0; l < L; ++l) p[k][c][dx][l] = T(0);
-                    for (int64_t x0 = 0; x0 < s.width; x0 += L) {
-#pragma omp simd
-                        for (int64_t l = 0; l < L; ++l) {
-                            const T a = g0[x0 + l], b = g1[x0 + l], c = g2[x0 + l];
+                            for (int dx = 0; dx < 3; ++dx) p[k][c][dx] = V{};
+                    for (int64_t y = std::max<int64_t>(y0, 1 - dy); y < std::min<int64_t>(y1, s.height + 1 - dy); ++y) {
+                        const int64_t yy = y + dy - 1;
+                        const T* g0 = grad + (y * COUT + 0) * s.padded + s.origin;
+                        const T* g1 = grad + (y * COUT + 1) * s.padded + s.origin;
+                        const T* g2 = grad + (y * COUT + 2) * s.padded + s.origin;
+                        // A lone last channel reads its own row twice and keeps the first sums only.
+                        const T* in[CB];
+                        for (int k = 0; k < CB; ++k)
+                            in[k] = rows[dz] + (yy * s.cin + ci0 + (k < cb ? k : 0)) * s.padded + s.origin - 1;  // in[x + dx]: x + dx - 1
+                        for (int64_t x0 = 0; x0 < blocks * L; x0 += L) {
+                            V a, b, c;
+                            load_vector(a, g0 + x0);
+                            load_vector(b, g1 + x0);
+                            load_vector(c, g2 + x0);
+                            keep_in_register(a);  // each loaded once for its 3 x CB sums
+                            keep_in_register(b);
+                            keep_in_register(c);
                             for (int k = 0; k < CB; ++k)
                                 for (int dx = 0; dx < 3; ++dx) {
-                                    const T v = in[k][x0 + dx + l];
-                                    p[k][0][dx][l] += a * v;
-                                    p[k][1][dx][l] += b * v;
-                                    p[k][2][dx][l] += c * v;
+                                    V v;
+                                    load_vector(v, in[k] + x0 + dx);
+                                    keep_in_register(v);
+                                    p[k][0][dx] += a * v;
+                                    p[k][1][dx] += b * v;
+                                    p[k][2][dx] += c * v;
                                 }
                         }
                     }
                     for (int k = 0; k < cb; ++k)
                         for (int c = 0; c < 3; ++c)
                             for (int dx = 0; dx < 3; ++dx) {
-                                T* q = sums + ((c * s.cin + ci0 + k) * 27 + dz * 9 + dy * 3 + dx) * L;
-#pragma omp simd
-                                for (int64_t l = 0; l < L; ++l) q[l] += p[k][c][dx][l];
+                                T* q = sums + ((c * s.cin + ci0 + k) * 27 + dz * 9 + dy * 3 + dx) * SLOT;
+                                V total;
+                                load_vector(total, q);
+                                total += p[k][c][dx];
+                                __builtin_memcpy(q, &total, sizeof(V));
                             }
                 }
             }
@@ -299,11 +385,24 @@ INLINE_INTO_CLONES void grad_weight_slice_body(const Shape& s, const T* const ro
     }
 }
 
-CPU_DISPATCH void grad_weight_slice(const Shape& s, const float* const rows[3], const float* grad, float* sums) {
-    grad_weight_slice_body(s, rows, grad, sums);
+#ifdef SIMD_LEVELS
+template <typename T>
+SIMD_AVX512 void grad_weight_slice_avx512(const Shape& s, const T* const rows[3], const T* grad, T* sums) {
+    grad_weight_slice_body<T, 64>(s, rows, grad, sums);
 }
-CPU_DISPATCH void grad_weight_slice(const Shape& s, const double* const rows[3], const double* grad, double* sums) {
-    grad_weight_slice_body(s, rows, grad, sums);
+template <typename T>
+SIMD_AVX2 void grad_weight_slice_avx2(const Shape& s, const T* const rows[3], const T* grad, T* sums) {
+    grad_weight_slice_body<T, 32>(s, rows, grad, sums);
+}
+#endif
+
+template <typename T>
+void grad_weight_slice(const Shape& s, const T* const rows[3], const T* grad, T* sums) {
+#ifdef SIMD_LEVELS
+    if (simd_bytes() == 64) return grad_weight_slice_avx512(s, rows, grad, sums);
+    if (simd_bytes() == 32) return grad_weight_slice_avx2(s, rows, grad, sums);
+#endif
+    grad_weight_slice_body<T, 16>(s, rows, grad, sums);
 }
 
 template <typename T>
@@ -377,4 +476,14 @@ PYBIND11_MODULE(_last_conv_cpu, module) {
                    "backward (mgr_engine.kernels.last_conv_cpu)";
     define<float>(module);
     define<double>(module);
+    module.def(
+        "simd_bytes",
+        [](int cap) {
+            check(cap == -1 || cap == 0 || cap == 16 || cap == 32 || cap == 64, "cap must be 16, 32, 64 or 0");
+            if (cap >= 0) forced_simd_bytes() = cap;
+            return simd_bytes();
+        },
+        py::arg("cap") = -1,
+        "The vector width in bytes the passes run in: 64 (AVX-512), 32 (AVX2+FMA) or 16. cap: 16, 32 or 64 caps "
+        "it there from now on (so that tests run every width on one CPU), 0 lifts the cap.");
 }

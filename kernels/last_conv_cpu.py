@@ -7,7 +7,8 @@ full-resolution U-Net (2 cores), as much as the rest of its forward. The extensi
 ``mgr_engine._last_conv_cpu`` (``kernels/last_conv_cpu.cpp``, built by ``setup.py``) computes
 it vectorized along x, for a channels-last input (the engine's layout), with a planar output
 (the layout the warps read the field in, so the network's last ``.contiguous()`` has nothing
-left to do), and its gradients with respect to the input and the weight.
+left to do), and its gradients with respect to the input and the weight, in the widest vectors
+the CPU has (:func:`vector_bytes`).
 
 Reference: :func:`reference` (``F.conv3d``); test: ``tests/test_kernels_last_conv_cpu.py``;
 benchmark: ``benchmarks/bench_last_conv_cpu.py``.
@@ -32,6 +33,13 @@ CHANNELS_LAST = torch.channels_last_3d
 def available() -> bool:
     """Whether the C++ extension was built."""
     return _last_conv_cpu is not None
+
+
+def vector_bytes(cap: int | None = None) -> int:
+    """The vector width in bytes the C++ passes run in: 64 (AVX-512), 32 (AVX2 + FMA) or 16
+    (SSE2, or another architecture's). ``cap`` (16, 32 or 64) caps it from now on, in this
+    process, and 0 lifts the cap: the tests run every width on one CPU."""
+    return _last_conv_cpu.simd_bytes(-1 if cap is None else cap)
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -15,10 +15,22 @@ from mgr_engine.kernels import last_conv_cpu
 require_cpp_extension(last_conv_cpu)
 
 CHANNELS_LAST = torch.channels_last_3d
-# Odd and non-cubic grids; one slice deep; rows shorter than one block of lanes and longer
-# than one group of blocks (64 float32 lanes), so the kernel's x padding is exercised.
-SHAPES = [(5, 6, 7), (1, 4, 9), (3, 5, 70), (9, 4, 3), (12, 11, 33)]
+# Odd and non-cubic grids; one slice deep; rows shorter than one vector and longer than one
+# group of vectors (6 x 16 float32 lanes in 64-byte vectors, 3 x 8 in 32-byte ones), ending in
+# a partial group and a partial vector, so that the kernel's x padding and tails are exercised.
+SHAPES = [(5, 6, 7), (1, 4, 9), (3, 5, 70), (9, 4, 3), (12, 11, 33), (3, 4, 130)]
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5}  # relative to the largest value
+
+
+@pytest.fixture(params=[64, 32, 16], ids=lambda n: f"{n}-byte-vectors")
+def vector_bytes(request):
+    """The kernel's passes in vectors of this width: each body the CPU can run, on one CPU."""
+    try:
+        if last_conv_cpu.vector_bytes(request.param) != request.param:
+            pytest.skip(f"this CPU has no {request.param}-byte vectors")
+        yield request.param
+    finally:
+        last_conv_cpu.vector_bytes(0)
 
 
 def inputs(batch, cin, shape, dtype, seed=0, layout=CHANNELS_LAST):
@@ -36,7 +48,7 @@ def assert_close(got, expected, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("batch,cin", [(1, 18), (2, 7), (3, 1)])
-def test_values_and_gradients_match_conv3d(dtype, shape, batch, cin):
+def test_values_and_gradients_match_conv3d(dtype, shape, batch, cin, vector_bytes):
     x, weight, bias = inputs(batch, cin, shape, dtype)
     x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()
     got = last_conv_cpu.last_conv(x, weight, bias)
@@ -50,7 +62,7 @@ def test_values_and_gradients_match_conv3d(dtype, shape, batch, cin):
         assert_close(a, b, dtype)
 
 
-def test_gradcheck_float64():
+def test_gradcheck_float64(vector_bytes):
     x, weight, bias = inputs(2, 3, (3, 4, 5), torch.float64, seed=2)
     torch.autograd.gradcheck(last_conv_cpu.last_conv, (x.requires_grad_(), weight.requires_grad_(),
                                                        bias.requires_grad_()))
