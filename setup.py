@@ -44,15 +44,37 @@ def cpp_extensions():
             for name, extra in flags.items()]
 
 
+# The extensions whose point loops read their image at a map's corners: vectorized, each corner
+# is a gather. GCC's generic tuning emits no gather instructions (GCC 12 leaves them out for
+# older AMD cores; later versions, after the Downfall microcode, for every CPU); the loops then
+# load the corners lane by lane. These flags turn gathers back on: the first set the compiler
+# takes (GCC 13 and later name the one of 8 or more elements use_gather_8parts, GCC 12
+# use_gather); clang takes neither and emits gathers on its own. On a 2-core Intel Xeon
+# (Sapphire Rapids) the warp's forward ran 1.4-2x faster, the result's resampling 1.2-1.5x
+# (benchmarks/RESULTS.md, forty-fourth session).
+GATHER_EXTENSIONS = ("mgr_engine._trilinear_cpu", "mgr_engine._resample_cpu")
+GATHER_FLAGS = ("-mtune-ctrl=use_gather_2parts,use_gather_4parts,use_gather_8parts",
+                "-mtune-ctrl=use_gather_2parts,use_gather_4parts,use_gather")
+
+
 class ParallelBuildExt(build_ext):
     """Compiles the C++ extensions side by side, one per core, unless ``-j`` says otherwise: on
     the 2-core CI machine 100-111 s instead of 177 s one after another (trilinear_cpu alone
-    takes 100 s)."""
+    takes 100 s). Adds the first of GATHER_FLAGS the compiler takes to GATHER_EXTENSIONS."""
 
     def finalize_options(self):
         if self.parallel is None:
             self.parallel = os.cpu_count() or 1
         super().finalize_options()
+
+    def build_extensions(self):
+        from pybind11.setup_helpers import has_flag
+
+        gather = next((flag for flag in GATHER_FLAGS if has_flag(self.compiler, flag)), None)
+        for extension in self.extensions:
+            if gather and extension.name in GATHER_EXTENSIONS:
+                extension.extra_compile_args.append(gather)
+        super().build_extensions()
 
 
 def license_metadata():
