@@ -49,6 +49,34 @@ inline void check(bool condition, const char* message) {
 #define SIMD_AVX2 __attribute__((target("arch=x86-64-v3")))
 #endif
 
+// SIMD_DISPATCH(name, body, params, args) defines `template <typename T> void name params`,
+// which runs `body<T, BYTES> args` in the widest vectors simd_bytes() allows, each width in a
+// function compiled for its target (params: the parameter list in parentheses, T in it; args:
+// the call's arguments in parentheses).
+#ifdef SIMD_LEVELS
+#define SIMD_DISPATCH(name, body, params, args)                       \
+    template <typename T>                                              \
+    SIMD_AVX512 void name##_avx512 params {                           \
+        body<T, 64> args;                                              \
+    }                                                                  \
+    template <typename T>                                              \
+    SIMD_AVX2 void name##_avx2 params {                               \
+        body<T, 32> args;                                              \
+    }                                                                  \
+    template <typename T>                                              \
+    void name params {                                                 \
+        if (simd_bytes() == 64) return name##_avx512 args;             \
+        if (simd_bytes() == 32) return name##_avx2 args;               \
+        body<T, 16> args;                                              \
+    }
+#else
+#define SIMD_DISPATCH(name, body, params, args) \
+    template <typename T>                        \
+    void name params {                           \
+        body<T, 16> args;                        \
+    }
+#endif
+
 inline int& forced_simd_bytes() {
     static int bytes = 0;  // 0: no cap
     return bytes;

@@ -30,7 +30,7 @@ inline int omp_get_num_threads() { return 1; }
 #include <cstring>
 #include <vector>
 
-#include "cpu_kernel.h"  // Array, check, INLINE_INTO_CLONES, SIMD_*, Vector, load_vector, keep_in_register
+#include "cpu_kernel.h"  // Array, check, INLINE_INTO_CLONES, SIMD_DISPATCH, Vector, load_vector, keep_in_register
 
 namespace {
 
@@ -182,25 +182,9 @@ INLINE_INTO_CLONES void forward_slice_body(const Shape& s, const T* const rows[3
     }
 }
 
-#ifdef SIMD_LEVELS
-template <typename T>
-SIMD_AVX512 void forward_slice_avx512(const Shape& s, const T* const rows[3], const T* weight, const T* bias, T* out) {
-    forward_slice_body<T, 64>(s, rows, weight, bias, out);
-}
-template <typename T>
-SIMD_AVX2 void forward_slice_avx2(const Shape& s, const T* const rows[3], const T* weight, const T* bias, T* out) {
-    forward_slice_body<T, 32>(s, rows, weight, bias, out);
-}
-#endif
-
-template <typename T>
-void forward_slice(const Shape& s, const T* const rows[3], const T* weight, const T* bias, T* out) {
-#ifdef SIMD_LEVELS
-    if (simd_bytes() == 64) return forward_slice_avx512(s, rows, weight, bias, out);
-    if (simd_bytes() == 32) return forward_slice_avx2(s, rows, weight, bias, out);
-#endif
-    forward_slice_body<T, 16>(s, rows, weight, bias, out);
-}
+SIMD_DISPATCH(forward_slice, forward_slice_body,
+              (const Shape& s, const T* const rows[3], const T* weight, const T* bias, T* out),
+              (s, rows, weight, bias, out))
 
 template <typename T>
 void last_conv_forward(const Array<T>& input, const Array<T>& weight, const Array<T>& bias, Array<T>& out,
@@ -298,25 +282,8 @@ INLINE_INTO_CLONES void grad_input_slice_body(const Shape& s, const T* const gra
     }
 }
 
-#ifdef SIMD_LEVELS
-template <typename T>
-SIMD_AVX512 void grad_input_slice_avx512(const Shape& s, const T* const grads[3], const T* weight, T* out) {
-    grad_input_slice_body<T, 64>(s, grads, weight, out);
-}
-template <typename T>
-SIMD_AVX2 void grad_input_slice_avx2(const Shape& s, const T* const grads[3], const T* weight, T* out) {
-    grad_input_slice_body<T, 32>(s, grads, weight, out);
-}
-#endif
-
-template <typename T>
-void grad_input_slice(const Shape& s, const T* const grads[3], const T* weight, T* out) {
-#ifdef SIMD_LEVELS
-    if (simd_bytes() == 64) return grad_input_slice_avx512(s, grads, weight, out);
-    if (simd_bytes() == 32) return grad_input_slice_avx2(s, grads, weight, out);
-#endif
-    grad_input_slice_body<T, 16>(s, grads, weight, out);
-}
+SIMD_DISPATCH(grad_input_slice, grad_input_slice_body,
+              (const Shape& s, const T* const grads[3], const T* weight, T* out), (s, grads, weight, out))
 
 // grad_weight[c, ci, dz, dy, dx] = sum over voxels of grad_out[c, z, y, x] *
 // in[z + dz - 1, y + dy - 1, x + dx - 1, ci], for output slice z: partial sums per lane in
@@ -385,25 +352,8 @@ INLINE_INTO_CLONES void grad_weight_slice_body(const Shape& s, const T* const ro
     }
 }
 
-#ifdef SIMD_LEVELS
-template <typename T>
-SIMD_AVX512 void grad_weight_slice_avx512(const Shape& s, const T* const rows[3], const T* grad, T* sums) {
-    grad_weight_slice_body<T, 64>(s, rows, grad, sums);
-}
-template <typename T>
-SIMD_AVX2 void grad_weight_slice_avx2(const Shape& s, const T* const rows[3], const T* grad, T* sums) {
-    grad_weight_slice_body<T, 32>(s, rows, grad, sums);
-}
-#endif
-
-template <typename T>
-void grad_weight_slice(const Shape& s, const T* const rows[3], const T* grad, T* sums) {
-#ifdef SIMD_LEVELS
-    if (simd_bytes() == 64) return grad_weight_slice_avx512(s, rows, grad, sums);
-    if (simd_bytes() == 32) return grad_weight_slice_avx2(s, rows, grad, sums);
-#endif
-    grad_weight_slice_body<T, 16>(s, rows, grad, sums);
-}
+SIMD_DISPATCH(grad_weight_slice, grad_weight_slice_body,
+              (const Shape& s, const T* const rows[3], const T* grad, T* sums), (s, rows, grad, sums))
 
 template <typename T>
 void last_conv_backward(const Array<T>& input, const Array<T>& weight, const Array<T>& grad_out,
