@@ -36,24 +36,29 @@ from mgr_engine import model  # noqa: E402
 from mgr_engine.kernels import last_conv_cpu  # noqa: E402
 
 
-def op_rows(shape, cin, repeats):
+def op_timings(op, shape, cin, repeats):
+    """Median seconds of ``op`` (the C++ op or its reference) forward and forward + backward (all
+    three gradients) on seeded inputs (channels-last x, as the network has it), then the
+    allocated MiB of each and their results."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, cin, *shape, generator=gen).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
     weight = (0.1 * torch.randn(3, cin, 3, 3, 3, generator=gen)).requires_grad_()
     bias = torch.randn(3, generator=gen).requires_grad_()
     grad_out = torch.randn(1, 3, *shape, generator=gen)
-    rows = []
-    for name, op in (("PyTorch", last_conv_cpu.reference), ("C++", last_conv_cpu.last_conv)):
-        def forward():
-            with torch.no_grad():
-                return op(x, weight, bias)
 
-        def forward_backward():
-            return torch.autograd.grad(op(x, weight, bias), (x, weight, bias), grad_out)
+    def forward():
+        with torch.no_grad():
+            return op(x, weight, bias)
 
-        rows.append((name, timed(forward, "cpu", repeats), timed(forward_backward, "cpu", repeats),
-                     allocated_mib(forward), allocated_mib(forward_backward), forward(), forward_backward()))
-    (_, *ref), (_, *ours) = rows
+    def forward_backward():
+        return torch.autograd.grad(op(x, weight, bias), (x, weight, bias), grad_out)
+
+    return (timed(forward, "cpu", repeats), timed(forward_backward, "cpu", repeats),
+            allocated_mib(forward), allocated_mib(forward_backward), forward(), forward_backward())
+
+
+def op_rows(shape, cin, repeats):
+    ref, ours = (op_timings(op, shape, cin, repeats) for op in (last_conv_cpu.reference, last_conv_cpu.last_conv))
     out_difference = float((ours[4] - ref[4]).abs().max())
     grad_difference = max(float((a - b).norm() / b.norm()) for a, b in zip(ours[5], ref[5]))
     return ref, ours, out_difference, grad_difference
@@ -62,24 +67,11 @@ def op_rows(shape, cin, repeats):
 def width_rows(shape, cin, repeats):
     """(vector bytes, forward seconds, forward + backward seconds) of the C++ op in each vector
     width this CPU runs, widest first: the passes an AVX2-only (32) or older (16) CPU takes."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, cin, *shape, generator=gen).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
-    weight = (0.1 * torch.randn(3, cin, 3, 3, 3, generator=gen)).requires_grad_()
-    bias = torch.randn(3, generator=gen).requires_grad_()
-    grad_out = torch.randn(1, 3, *shape, generator=gen)
     rows = []
     try:
         for cap in (64, 32, 16):
-            if last_conv_cpu.vector_bytes(cap) != cap:
-                continue
-
-            def forward():
-                with torch.no_grad():
-                    return last_conv_cpu.last_conv(x, weight, bias)
-
-            rows.append((cap, timed(forward, "cpu", repeats),
-                         timed(lambda: torch.autograd.grad(last_conv_cpu.last_conv(x, weight, bias), (x, weight, bias),
-                                                           grad_out), "cpu", repeats)))
+            if last_conv_cpu.vector_bytes(cap) == cap:
+                rows.append((cap, *op_timings(last_conv_cpu.last_conv, shape, cin, repeats)[:2]))
     finally:
         last_conv_cpu.vector_bytes(0)
     return rows
