@@ -37,6 +37,10 @@ OPTIONAL_PACKAGES = {
 }
 
 
+# The instruction sets the C++ kernels' vector widths stand for (kernels/cpu_kernel.h).
+VECTOR_ISA = {64: "AVX-512", 32: "AVX2 + FMA", 16: "SSE2 or the platform's baseline"}
+
+
 def _version(package: str):
     try:
         return importlib.metadata.version(package)
@@ -47,7 +51,8 @@ def _version(package: str):
 def collect() -> dict:
     """The installation as a JSON-ready dict: ``mgr_engine``, ``python``, ``torch`` (version,
     threads, CUDA and its devices), ``kernels`` (the mode in force, each C++ extension built or
-    not, which implementation the ops take on the CPU and on CUDA), ``packages`` (version or None)
+    not, the vector width in bytes the C++ kernels run in, which implementation the ops take on
+    the CPU and on CUDA), ``packages`` (version or None)
     and ``weights`` (each model's checkpoint file, or where it was looked for)."""
     import torch
 
@@ -70,6 +75,11 @@ def collect() -> dict:
             built[module] = True
         except ImportError:
             built[module] = False
+    vector_bytes = None
+    if built.get("_last_conv_cpu"):
+        from .kernels import last_conv_cpu
+
+        vector_bytes = last_conv_cpu.vector_bytes()
     mode = current_kernel_mode()
     cpp = "C++ kernels (PyTorch where one does not apply)" if cpp_extensions_built() else None
     cpu_ops = {"auto": cpp or "PyTorch (C++ kernels not built)", "cpp": cpp or "nothing: mode cpp without C++ kernels "
@@ -92,7 +102,8 @@ def collect() -> dict:
                   "cuda": torch.version.cuda or (getattr(torch.version, "hip", None) and f"HIP {torch.version.hip}"),
                   "cuda_available": torch.cuda.is_available(), "devices": devices},
         "kernels": {"mode": mode, "mode_from_environment": "MGR_ENGINE_KERNELS" in os.environ,
-                    "cpp_extensions": built, "cpu_ops": cpu_ops, "cuda_ops": cuda_ops},
+                    "cpp_extensions": built, "cpu_vector_bytes": vector_bytes, "cpu_ops": cpu_ops,
+                    "cuda_ops": cuda_ops},
         "packages": {package: _version(package) for package in OPTIONAL_PACKAGES},
         "weights": weights,
     }
@@ -112,7 +123,9 @@ def format_report(report: dict) -> str:
                 f"not available ({'a CPU-only build' if torch_info['cuda'] is None else 'no GPU seen'})"),
              f"kernel mode {kernels['mode']}" + (" (MGR_ENGINE_KERNELS)" if kernels["mode_from_environment"] else "")
              + f": ops on the CPU run {kernels['cpu_ops']}, on CUDA {kernels['cuda_ops']}",
-             "C++ extensions:"]
+             "C++ extensions" + (f" (vectors of {kernels['cpu_vector_bytes']} bytes: "
+                                 f"{VECTOR_ISA[kernels['cpu_vector_bytes']]})" if kernels["cpu_vector_bytes"] else "")
+             + ":"]
     for module, what in CPP_EXTENSIONS.items():
         state = "built" if kernels["cpp_extensions"][module] else "NOT BUILT (reinstall where a C++ compiler is found)"
         lines.append(f"  {module:<20} {state:<14} {what}")

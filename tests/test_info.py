@@ -48,6 +48,11 @@ def test_info_reports_the_installation_as_it_is(tmp_path, capsys, monkeypatch):
     assert f"  multigradicon        not found; looked in {tmp_path / 'multigradicon1.0' / CHECKPOINT_NAME}" in text
     built = "built" if cpp_extensions_built() else "NOT BUILT"
     assert all(f"  {module:<20} {built}" in text for module in report["kernels"]["cpp_extensions"])
+    if cpp_extensions_built():  # the width the last convolution's passes run in, which the others' clones match
+        from mgr_engine.kernels import last_conv_cpu
+
+        assert report["kernels"]["cpu_vector_bytes"] == last_conv_cpu.vector_bytes() in (16, 32, 64)
+        assert f"C++ extensions (vectors of {last_conv_cpu.vector_bytes()} bytes: " in text
     # the mode in force, and where it came from
     monkeypatch.setenv("MGR_ENGINE_KERNELS", "torch")
     with kernel_mode("torch"):
