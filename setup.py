@@ -45,13 +45,12 @@ def cpp_extensions():
 
 
 # The extensions whose point loops read their image at a map's corners: vectorized, each corner
-# is a gather. GCC's generic tuning emits no gather instructions (GCC 12 leaves them out for
-# older AMD cores; later versions, after the Downfall microcode, for every CPU); the loops then
-# load the corners lane by lane. These flags turn gathers back on: the first set the compiler
-# takes (GCC 13 and later name the one of 8 or more elements use_gather_8parts, GCC 12
-# use_gather); clang takes neither and emits gathers on its own. On a 2-core Intel Xeon
-# (Sapphire Rapids) the warp's forward ran 1.4-2x faster, the result's resampling 1.2-1.5x
-# (benchmarks/RESULTS.md, forty-fourth session).
+# is a gather. GCC's generic tuning emits no gather instructions (GCC 12.2 here; gathers are slow
+# on some CPUs: older AMD cores, Intel ones with the Downfall microcode), and the loops then load
+# the corners lane by lane. These flags turn gathers on: the first set the compiler takes (newer
+# GCCs name the one of 8 or more elements use_gather_8parts, GCC 12 use_gather); clang takes
+# neither. On a 2-core Intel Xeon (Sapphire Rapids) the warp's forward ran 1.4-2x faster, the
+# result's resampling 1.2-1.5x (benchmarks/RESULTS.md, forty-fourth session).
 GATHER_EXTENSIONS = ("mgr_engine._trilinear_cpu", "mgr_engine._resample_cpu")
 GATHER_FLAGS = ("-mtune-ctrl=use_gather_2parts,use_gather_4parts,use_gather_8parts",
                 "-mtune-ctrl=use_gather_2parts,use_gather_4parts,use_gather")
