@@ -49,7 +49,7 @@ def cpp_extensions():
 # on some CPUs: older AMD cores, Intel ones with the Downfall microcode), and the loops then load
 # the corners lane by lane. These flags turn gathers on: the first set the compiler takes (newer
 # GCCs name the one of 8 or more elements use_gather_8parts, GCC 12 use_gather); clang takes
-# neither. On a 2-core Intel Xeon (Sapphire Rapids) the warp's forward ran 1.4-2x faster, the
+# neither. On a 2-core Intel Xeon (Sapphire Rapids) the warp's forward ran 1.75-2x faster, the
 # result's resampling 1.2-1.5x (benchmarks/RESULTS.md, forty-fourth session).
 GATHER_EXTENSIONS = ("mgr_engine._trilinear_cpu", "mgr_engine._resample_cpu")
 GATHER_FLAGS = ("-mtune-ctrl=use_gather_2parts,use_gather_4parts,use_gather_8parts",
