@@ -320,7 +320,7 @@ def test_cpp_mode_without_the_extension_says_how_to_build(monkeypatch):
 def test_point_loops_are_built_with_gathers():
     """The warp's and the result resampling's point loops read each corner of a vector of points
     with one gather instruction. GCC's generic tuning emits none unless setup.py's flags turn
-    them on, and the loops then load the corners lane by lane (the warp's forward 1.4-2x slower
+    them on, and the loops then load the corners lane by lane (the warp's forward 1.75-2x slower
     on an Intel Xeon): a compiler that names those flags otherwise would fail here, not only
     run slower."""
     from mgr_engine import _resample_cpu, _trilinear_cpu
