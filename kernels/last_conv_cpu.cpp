@@ -28,6 +28,7 @@ inline int omp_get_num_threads() { return 1; }
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_kernel.h"  // Array, check, INLINE_INTO_CLONES, SIMD_DISPATCH, Vector, load_vector, keep_in_register
@@ -116,6 +117,29 @@ inline void share(int64_t n, int64_t* first, int64_t* last) {
     *first = n * tid / team, *last = n * (tid + 1) / team;
 }
 
+// The last `left` blocks of a row (fewer than a group), as one pass of that many.
+template <int G, typename Pass>
+INLINE_INTO_CLONES void pass_tail(int left, Pass& pass, int64_t y, int64_t x0) {
+    if constexpr (G > 0) {
+        if (left == G) return pass(std::integral_constant<int, G>{}, y, x0);
+        pass_tail<G - 1>(left, pass, y, x0);
+    }
+}
+
+// pass(std::integral_constant<int, G>{}, y, x0) over each row y of a slice, G blocks of L lanes
+// from x0 at a time: whole groups of group(BYTES), then the rest as one pass of fewer.
+template <typename T, int BYTES, typename Pass>
+INLINE_INTO_CLONES void over_groups(const Shape& s, Pass pass) {
+    constexpr int64_t L = BYTES / sizeof(T);
+    constexpr int G = group(BYTES);
+    const int64_t blocks = (s.width + L - 1) / L;
+    for (int64_t y = 0; y < s.height; ++y) {
+        int64_t j0 = 0;
+        for (; j0 + G <= blocks; j0 += G) pass(std::integral_constant<int, G>{}, y, j0 * L);
+        pass_tail<G - 1>(int(blocks - j0), pass, y, j0 * L);
+    }
+}
+
 // ---------------------------------------------------------------- forward
 // G blocks of L = BYTES / sizeof(T) output voxels along x, from x0, of output row y of one
 // slice: rows[dz] are the transposed input slices z - 1, z, z + 1.
@@ -158,28 +182,13 @@ INLINE_INTO_CLONES void forward_blocks(const Shape& s, const T* const rows[3], c
     }
 }
 
-// The row's last `left` blocks (fewer than a group), as one pass of that many.
-template <typename T, int BYTES, int G>
-INLINE_INTO_CLONES void forward_tail(int left, const Shape& s, const T* const rows[3], const T* weight,
-                                     const T* bias, T* out, int64_t y, int64_t x0) {
-    if constexpr (G > 0) {
-        if (left == G) return forward_blocks<T, BYTES, G>(s, rows, weight, bias, out, y, x0);
-        forward_tail<T, BYTES, G - 1>(left, s, rows, weight, bias, out, y, x0);
-    }
-}
-
 // Output slice z of one batch item, in vectors of BYTES bytes.
 template <typename T, int BYTES>
 INLINE_INTO_CLONES void forward_slice_body(const Shape& s, const T* const rows[3], const T* weight, const T* bias,
                                            T* out) {
-    constexpr int64_t L = BYTES / sizeof(T);
-    constexpr int G = group(BYTES);
-    const int64_t blocks = (s.width + L - 1) / L;
-    for (int64_t y = 0; y < s.height; ++y) {
-        int64_t j0 = 0;
-        for (; j0 + G <= blocks; j0 += G) forward_blocks<T, BYTES, G>(s, rows, weight, bias, out, y, j0 * L);
-        forward_tail<T, BYTES, G - 1>(int(blocks - j0), s, rows, weight, bias, out, y, j0 * L);
-    }
+    over_groups<T, BYTES>(s, [&](auto blocks, int64_t y, int64_t x0) __attribute__((always_inline)) {
+        forward_blocks<T, BYTES, decltype(blocks)::value>(s, rows, weight, bias, out, y, x0);
+    });
 }
 
 SIMD_DISPATCH(forward_slice, forward_slice_body,
@@ -261,25 +270,11 @@ INLINE_INTO_CLONES void grad_input_blocks(const Shape& s, const T* const grads[3
     }
 }
 
-template <typename T, int BYTES, int G>
-INLINE_INTO_CLONES void grad_input_tail(int left, const Shape& s, const T* const grads[3], const T* weight, T* out,
-                                        int64_t y, int64_t x0) {
-    if constexpr (G > 0) {
-        if (left == G) return grad_input_blocks<T, BYTES, G>(s, grads, weight, out, y, x0);
-        grad_input_tail<T, BYTES, G - 1>(left, s, grads, weight, out, y, x0);
-    }
-}
-
 template <typename T, int BYTES>
 INLINE_INTO_CLONES void grad_input_slice_body(const Shape& s, const T* const grads[3], const T* weight, T* out) {
-    constexpr int64_t L = BYTES / sizeof(T);
-    constexpr int G = group(BYTES);
-    const int64_t blocks = (s.width + L - 1) / L;
-    for (int64_t y = 0; y < s.height; ++y) {
-        int64_t j0 = 0;
-        for (; j0 + G <= blocks; j0 += G) grad_input_blocks<T, BYTES, G>(s, grads, weight, out, y, j0 * L);
-        grad_input_tail<T, BYTES, G - 1>(int(blocks - j0), s, grads, weight, out, y, j0 * L);
-    }
+    over_groups<T, BYTES>(s, [&](auto blocks, int64_t y, int64_t x0) __attribute__((always_inline)) {
+        grad_input_blocks<T, BYTES, decltype(blocks)::value>(s, grads, weight, out, y, x0);
+    });
 }
 
 SIMD_DISPATCH(grad_input_slice, grad_input_slice_body,
