@@ -396,8 +396,9 @@ def test_unet_keeps_less_for_backward_with_the_same_gradients(monkeypatch, dtype
     """With gradients and BatchNorm in eval mode (as in IO), a U-Net keeps neither the
     activations' outputs nor the decoder levels' outputs, which the layers after them recompute:
     the bytes autograd keeps fall by exactly those (3.3 GiB of an IO step at 175^3), and every
-    gradient is bit for bit autograd's, in float32 and float64, the last convolution the C++
-    one on the CPU (the recomputation repeats the forward's own ops)."""
+    gradient is bit for bit autograd's (but for the transposed convolutions' bias gradients,
+    summed in another order), in float32 and float64, the last convolution the C++ one on the
+    CPU (the recomputation repeats the forward's own ops)."""
     from helpers import kept_for_backward
     from mgr_engine import model
 
@@ -434,8 +435,14 @@ def test_unet_keeps_less_for_backward_with_the_same_gradients(monkeypatch, dtype
     grads_plain = torch.autograd.grad(out_plain, parameters, grad_out)
 
     assert torch.equal(out, out_plain)
-    for low, plain in zip(grads_low, grads_plain):
-        assert torch.equal(low, plain)
+    # The transposed convolutions' bias gradients excepted: sums of the output gradient, which
+    # autograd takes from oneDNN's reference loop on the CPU, slower and in another order
+    sums = {id(conv.bias) for conv in unet.upConvs}
+    for parameter, low, plain in zip(parameters, grads_low, grads_plain):
+        if id(parameter) in sums:
+            torch.testing.assert_close(low, plain, rtol=1e-4 if dtype == torch.float32 else 1e-12, atol=0)
+        else:
+            assert torch.equal(low, plain)
     levels = len(unet.upConvs)
     assert len(activations) == 2 * levels and len(decoder_outputs) == levels
     # (The images require gradients here, as the warped moving image does in IO: autograd's
