@@ -5,8 +5,10 @@ Per decoder level of a full-resolution U-Net of the official architecture at 175
 0 and 1, the two largest): median time and allocated memory of ``decoder_cpu.reference``
 (F.interpolate, addcmul, crop, cat) and of the fused kernel, channels-last inputs as the
 inference network has them; the same for instance optimization's upsample-add, forward and
-backward. End to end: ``Engine.predict_map`` (no IO, randomized official
+backward, and for its eval-mode BatchNorm, crop and concatenation (C++ against the PyTorch path
+of ``model._EvalNormCropConcat``). End to end: ``Engine.predict_map`` (no IO, randomized official
 weights, warm median) with the C++ warp alone and with the C++ warp and decoder, in one process.
+Freed host memory kept for reuse, as the engine keeps it (:mod:`mgr_engine.host_memory`).
 
     .venv/bin/python benchmarks/bench_decoder_cpu.py
     .venv/bin/python benchmarks/bench_decoder_cpu.py --shape 96 96 96 --repeats 3   # quick
@@ -29,7 +31,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 from bench_kernels import timed  # noqa: E402  (median after two warm-ups)
 from bench_warp_cpu import allocated_mib, cpu_benchmark_parser, exit_unless_built  # noqa: E402
 
-from mgr_engine import model, ops  # noqa: E402
+from helpers import benchmark_engine, randomize_  # noqa: E402
+from mgr_engine import host_memory, model, ops  # noqa: E402
 from mgr_engine.kernels import decoder_cpu, warp_cpu  # noqa: E402
 
 
@@ -54,6 +57,7 @@ def level_inputs(shape, level, config):
 def main(argv=None) -> int:
     args = cpu_benchmark_parser(__doc__, end_to_end=False).parse_args(argv)
     exit_unless_built(warp_cpu.available(), "_trilinear_cpu")
+    host_memory.keep_freed_memory()  # as the engine runs: outputs not paid again in page faults
     shape = tuple(args.shape)
     config = model.NetworkConfig(input_shape=shape)
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
@@ -94,7 +98,41 @@ def main(argv=None) -> int:
         print(f"| {level}: {tuple(x.shape[1:])} -> {tuple(y.shape[1:])} | {t_ref * 1e3:.0f} ms | {t_ours * 1e3:.0f} ms "
               f"| {t_ref / t_ours:.2f}x | {m_ref:.0f} MiB | {m_ours:.0f} MiB | {difference:.1e} |")
 
-    from helpers import benchmark_engine
+    print("\nInstance optimization's BatchNorm (eval mode), crop and concatenation (model._EvalNormCropConcat), "
+          "forward, and forward + backward (gradients to x, skip, BatchNorm's weight and bias):\n")
+    print("| decoder level (x, skip -> out) | forward PyTorch | forward C++ | speed-up | forward + backward PyTorch "
+          "| forward + backward C++ | speed-up | grad weight's error, PyTorch / C++ |")
+    print("|---|--:|--:|--:|--:|--:|--:|--:|")
+    for level in (0, 1):
+        x, _, _, skip = level_inputs(shape, level, config)
+        x, skip = x.requires_grad_(), skip.requires_grad_()
+        norm = randomize_(torch.nn.BatchNorm3d(x.shape[1]), seed=level).eval()
+        grad = torch.randn(1, x.shape[1] + skip.shape[1], *skip.shape[2:]).contiguous(memory_format=torch.channels_last_3d)
+        inputs = (x, skip, norm.weight, norm.bias)
+
+        def forward():
+            with torch.no_grad():
+                return model._eval_norm_cropped_cat(x, skip, norm.weight, norm.bias, norm.running_mean,
+                                                    norm.running_var, norm.eps)
+
+        def both():
+            return torch.autograd.grad(model.norm_crop_concat(norm, x, skip), inputs, grad)
+
+        times = {}
+        for side, cpp in (("torch", False), ("cpp", True)):
+            with mock.patch.object(model, "use_cpp_norm_concat", lambda *tensors, cpp=cpp: cpp):
+                times[side] = (timed(forward, "cpu", args.repeats), timed(both, "cpu", args.repeats), both()[2])
+        (f_ref, b_ref, w_ref), (f_ours, b_ours, w_ours) = times["torch"], times["cpp"]
+        # BatchNorm's weight gradient in float64: sum of grad * (x - mean) * invstd over the crop
+        d, h, w = skip.shape[2:]
+        centred = x.detach()[:, :, :d, :h, :w].double() - norm.running_mean.double().view(1, -1, 1, 1, 1)
+        exact = (grad[:, : x.shape[1]].double() * centred).sum((0, 2, 3, 4)) * torch.rsqrt(norm.running_var.double()
+                                                                                          + norm.eps)
+        errors = [float((w_side.double() - exact).abs().max()) for w_side in (w_ref, w_ours)]
+        out = (x.shape[1] + skip.shape[1], *skip.shape[2:])
+        print(f"| {level}: {tuple(x.shape[1:])}, {tuple(skip.shape[1:])} -> {out} | {f_ref * 1e3:.0f} ms "
+              f"| {f_ours * 1e3:.0f} ms | {f_ref / f_ours:.2f}x | {b_ref * 1e3:.0f} ms | {b_ours * 1e3:.0f} ms "
+              f"| {b_ref / b_ours:.2f}x | {errors[0]:.1e} / {errors[1]:.1e} |")
 
     engine, moving, fixed = benchmark_engine(shape)
     repeats = max(2, args.repeats // 2)

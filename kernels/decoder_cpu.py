@@ -9,17 +9,20 @@ The extension ``mgr_engine._trilinear_cpu`` (``kernels/trilinear_cpu.cpp``, buil
 ``setup.py``) computes it in one, parallel over output rows (:func:`upsample_add_concat`, no
 autograd). Instance optimization and training, whose BatchNorm is not folded, take the part
 before it, ``y + upsample(x)`` (:func:`upsample_add`), with gradients (the upsampling's adjoint
-in C++ too: torch's took 100 ms at 16 x 176^3). Test:
+in C++ too: torch's took 100 ms at 16 x 176^3), and the level's eval-mode BatchNorm, crop and
+concatenation (:func:`norm_concat`, :func:`norm_concat_backward`: one pass each where torch's
+path took two and four). Test:
 ``tests/test_kernels_decoder_cpu.py``; benchmark: ``benchmarks/bench_decoder_cpu.py``.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from mgr_engine.ops import memory_format_of
+from mgr_engine.ops import is_channels_last, memory_format_of
 from .warp_cpu import _trilinear_cpu, as_kernel_array
 
 CHANNELS_LAST = torch.channels_last_3d
@@ -95,3 +98,54 @@ def upsample_add(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     in one C++ pass (channels-last output), differentiable in both: the decoder step of the
     network IO and training run. Needs :func:`supports_upsample_add`."""
     return UpsampleAdd.apply(y, x)
+
+
+def supports_norm_concat(x: torch.Tensor, skip: torch.Tensor) -> bool:
+    """Whether :func:`norm_concat` and :func:`norm_concat_backward` take these: channels-last CPU
+    float32/float64 tensors of one dtype and batch, ``skip``'s grid within ``x``'s."""
+    if _trilinear_cpu is None or x.dim() != 5 or skip.dim() != 5 or x.dtype != skip.dtype:
+        return False
+    if x.device.type != "cpu" or skip.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return False
+    fits = x.shape[0] == skip.shape[0] and all(skip.shape[a] <= x.shape[a] for a in (2, 3, 4))
+    return fits and is_channels_last(x) and is_channels_last(skip)
+
+
+def norm_concat(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """IO's decoder level output through an eval-mode BatchNorm in one C++ pass, channels-last:
+    ``torch.cat([torch.addcmul(beta, x, alpha)[crop], skip], 1)`` (``alpha``, ``beta``: one value
+    per channel of ``x``; the crop: ``skip``'s grid), the same bits, no autograd. Needs
+    :func:`supports_norm_concat`."""
+    out = torch.empty((x.shape[0], x.shape[1] + skip.shape[1], *skip.shape[2:]), dtype=x.dtype,
+                      memory_format=CHANNELS_LAST)
+    _trilinear_cpu.norm_concat(as_kernel_array(x), _per_channel(alpha, x), _per_channel(beta, x), as_kernel_array(skip),
+                               as_kernel_array(out), torch.get_num_threads())
+    return out
+
+
+def norm_concat_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, *,
+                         need_x: bool, need_skip: bool, need_sums: bool):
+    """:func:`norm_concat`'s backward from the concatenation's gradient ``grad`` in one C++ pass:
+    ``(grad_x, grad_skip, sums)``, each ``None`` unless asked for. ``grad_x`` (``x``'s shape,
+    channels-last) is ``grad[:, :C] * scale`` on ``grad``'s grid and 0 beyond it; ``grad_skip``
+    (channels-last) is ``grad[:, C:]``; ``sums`` (2, C), float64, the sums of ``grad[:, :C]`` and
+    of ``grad[:, :C] * (x - mean)``: BatchNorm's bias gradient and, times ``invstd``, its weight
+    gradient. Needs :func:`supports_norm_concat` of ``x`` and the forward's ``skip``; ``grad``
+    not channels-last is copied to it."""
+    channels, skip_channels = x.shape[1], grad.shape[1] - x.shape[1]
+    grad_x = torch.empty_like(x, memory_format=CHANNELS_LAST) if need_x else None
+    grad_skip = (torch.empty((grad.shape[0], skip_channels, *grad.shape[2:]), dtype=grad.dtype,
+                             memory_format=CHANNELS_LAST) if need_skip else None)
+    sums = torch.empty((2, channels), dtype=torch.float64) if need_sums else None
+    nothing = x.new_empty((0,) * 5).numpy()  # an output not asked for
+    _trilinear_cpu.norm_concat_backward(
+        as_kernel_array(grad), as_kernel_array(x), _per_channel(scale, x),
+        mean.detach().to(torch.float64).reshape(-1).contiguous().numpy(),
+        nothing if grad_x is None else as_kernel_array(grad_x), nothing if grad_skip is None else as_kernel_array(grad_skip),
+        np.empty((0, 0)) if sums is None else sums.numpy(), need_x, need_skip, need_sums, torch.get_num_threads())
+    return grad_x, grad_skip, sums
+
+
+def _per_channel(values: torch.Tensor, x: torch.Tensor):
+    """``values`` (one per channel of ``x``) as the 1-D array of ``x``'s dtype a kernel reads."""
+    return values.detach().to(x.dtype).reshape(-1).contiguous().numpy()

@@ -98,6 +98,15 @@ def use_cpp_decoder(y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None
     return _cpp_kernels_allowed(y, x, scale, skip) and decoder_cpu.supports(y, x, scale, skip)
 
 
+def use_cpp_norm_concat(x: torch.Tensor, skip: torch.Tensor) -> bool:
+    """Whether IO's decoder level output ``cat([norm(x)[crop], skip], 1)`` through an eval-mode
+    BatchNorm, and its backward, run in C++ under the current mode
+    (:func:`mgr_engine.kernels.decoder_cpu.norm_concat`, channels-last CPU tensors)."""
+    from .kernels import decoder_cpu
+
+    return _cpp_kernels_allowed(x, skip) and decoder_cpu.supports_norm_concat(x, skip)
+
+
 def use_cpp_blur(volume: torch.Tensor, taps: torch.Tensor) -> bool:
     """Whether LNCC's separable blur of ``volume`` by ``taps`` runs in C++ under the current mode
     (:mod:`mgr_engine.kernels.gaussian_blur_cpu`, CPU tensors)."""

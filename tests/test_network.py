@@ -582,7 +582,8 @@ def test_eval_norm_crop_concat_equals_autograds_chain(layout, cropped, dtype):
     assert torch.equal(ours, theirs)
     inputs = (x, skip, norm.weight, norm.bias)
     for a, b, tensor in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(theirs, inputs, grad), inputs):
-        torch.testing.assert_close(a, b, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+        # (float32: BatchNorm's sums in float64 in the C++ pass of channels-last tensors, torch's in float32)
+        torch.testing.assert_close(a, b, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
         assert a.stride() == tensor.stride()
 
 
