@@ -411,17 +411,28 @@ class _LowMemoryConv(torch.autograd.Function):
                 grad_bias = grad.sum((0, 2, 3, 4))
         else:
             # oneDNN's bias gradient of a transposed convolution is its reference loop: 170 ms of the
-            # 810 ms backward of the 48 -> 16 channel layer at 88^3 on 2 CPU cores; a sum takes 42 ms
+            # 810 ms backward of the 48 -> 16 channel layer at 88^3 on 2 CPU cores; a sum takes 15 ms
             needs_bias = needs_bias and has_bias
             bias_by_sum = needs_bias and transposed and grad.device.type == "cpu"
             grad_input, grad_weight, grad_bias = convolution_backward(
                 grad, _conv_input(x, activation), weight, [needs_x, needs_weight, needs_bias and not bias_by_sum])
             if bias_by_sum:
-                grad_bias = grad.sum((0, 2, 3, 4))
+                grad_bias = _channel_sums(grad)
         if needs_x and activation:
             grad_input = torch.ops.aten.leaky_relu_backward(grad_input, x, LEAKY_SLOPE, False)
         return ((grad_input if needs_x else None), grad_weight, grad_bias,
                 None, None, None, None, None, None, None)
+
+
+def _channel_sums(t: torch.Tensor) -> torch.Tensor:
+    """``t.sum((0, 2, 3, 4))``; for a channels-last ``t`` as sums of blocks of 1024 voxels, then of
+    those: torch's reduction over the voxels of channels-last data took 50 against 15 ms at 16 x
+    176^3 (2 CPU cores), as accurate."""
+    if not is_channels_last(t):
+        return t.sum((0, 2, 3, 4))
+    rows = t.permute(0, 2, 3, 4, 1).reshape(-1, t.shape[1])  # a view: voxels x channels
+    whole = rows.shape[0] // 1024 * 1024
+    return rows[:whole].view(-1, 1024, t.shape[1]).sum(1).sum(0) + rows[whole:].sum(0)
 
 
 def _autocast_enabled(device_type: str) -> bool:

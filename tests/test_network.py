@@ -280,6 +280,17 @@ def test_low_memory_conv_equals_autograd(transposed, layout, grads, activation, 
             (small, conv.weight, conv.bias))
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+@pytest.mark.parametrize("shape", [(1, 16, 12, 11, 10), (2, 3, 17, 9, 8), (1, 5, 3, 2, 4)])
+def test_channel_sums(shape, layout):
+    """The transposed convolutions' bias gradient on the CPU: the sum over samples and voxels
+    per channel, in blocks of voxels for channels-last tensors (whole blocks and the rest)."""
+    from mgr_engine.model import _channel_sums
+
+    t = torch.randn(*shape, dtype=torch.float64).contiguous(memory_format=layout)
+    torch.testing.assert_close(_channel_sums(t), t.sum((0, 2, 3, 4)), rtol=1e-13, atol=1e-13)
+
+
 @pytest.mark.parametrize("layer", [
     torch.nn.Conv3d(3, 4, 3, padding=2, dilation=2), torch.nn.Conv3d(4, 4, 3, padding=1, groups=2),
     torch.nn.Conv3d(3, 4, 3, stride=(1, 2, 1), padding=1), torch.nn.Conv3d(3, 4, 3, padding=1, padding_mode="reflect"),
