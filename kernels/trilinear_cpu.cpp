@@ -279,7 +279,10 @@ INLINE_INTO_CLONES void scatter_range(Layout<T, C, ChannelsLast, Border, AddCoor
                                l.plane + l.width + 1};  // corner k from corner 0, in corners_of's order
     alignas(64) int32_t cell[block];  // the offset of corner 0, where `simple`
     alignas(64) bool simple[block];   // all 8 corners in the grid and in slices [lo, hi)
-    alignas(64) T weight[block][8];  // a point's 8 together: its sums update as one vector
+    // z, y, x: the upper neighbour's weight on each axis. Not a point's 8 corner weights together,
+    // weight[i][0..7]: GCC left the loop below scalar for that store (in the built AVX2 code; a
+    // 44^3 field's scatter at 175^3 points 63 ms, 33 ms with this).
+    alignas(64) T fraction[3][block];
     T sum[channels][8];
     int32_t run = -1;  // the cell whose sums are pending
     const auto flush = [&]() __attribute__((always_inline)) {  // inlined into the clones, as INLINE_INTO_CLONES
@@ -299,7 +302,7 @@ INLINE_INTO_CLONES void scatter_range(Layout<T, C, ChannelsLast, Border, AddCoor
             cell[i] = z.index[0] * l.plane + y.index[0] * l.width + x.index[0];
             simple[i] = z.inside[0] & z.inside[1] & y.inside[0] & y.inside[1] & x.inside[0] & x.inside[1] &
                         (z.index[0] >= lo) & (z.index[1] < hi);
-            for (int k = 0; k < 8; ++k) weight[i][k] = z.weight[k >> 2] * y.weight[(k >> 1) & 1] * x.weight[k & 1];
+            fraction[0][i] = z.weight[1], fraction[1][i] = y.weight[1], fraction[2][i] = x.weight[1];
         }
         for (int i = 0; i < n; ++i) {
             const int64_t p = start + i;
@@ -314,9 +317,14 @@ INLINE_INTO_CLONES void scatter_range(Layout<T, C, ChannelsLast, Border, AddCoor
                 for (int ch = 0; ch < channels; ++ch)
                     for (int k = 0; k < 8; ++k) sum[ch][k] = T(0);
             }
+            // The 8 weights as Axis gives them (lower neighbour 1 - fraction), one vector
+            const T wz[2] = {T(1) - fraction[0][i], fraction[0][i]}, wy[2] = {T(1) - fraction[1][i], fraction[1][i]},
+                    wx[2] = {T(1) - fraction[2][i], fraction[2][i]};
+            T weight[8];
+            for (int k = 0; k < 8; ++k) weight[k] = wz[k >> 2] * wy[(k >> 1) & 1] * wx[k & 1];
             for (int ch = 0; ch < channels; ++ch) {
                 const T grad = grad_out[ch * out_channel + p * out_point];
-                for (int k = 0; k < 8; ++k) sum[ch][k] += weight[i][k] * grad;
+                for (int k = 0; k < 8; ++k) sum[ch][k] += weight[k] * grad;
             }
         }
     }
