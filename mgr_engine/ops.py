@@ -13,9 +13,9 @@ it applies, PyTorch elsewhere), ``"triton"`` (always Triton; on the CPU that nee
 ``TRITON_INTERPRET=1``), ``"cpp"`` (the C++ warp, forward and backward, wherever it
 applies: CPU float32 or float64 tensors outside tracers; an error when it was not built) or
 ``"torch"`` (never a kernel). The C++ modes also cover the inference network's decoder
-epilogue (``kernels/decoder_cpu.py``, called from :class:`mgr_engine.model.UNet`) and a
-result's full-resolution resampling and its Jacobian determinant (``kernels/resample_cpu.py``,
-``kernels/jacobian_cpu.py``, :mod:`mgr_engine.resample`).
+epilogue and IO's BatchNorm-crop-concatenation (``kernels/decoder_cpu.py``, called from
+:class:`mgr_engine.model.UNet`) and a result's full-resolution resampling and its Jacobian
+determinant (``kernels/resample_cpu.py``, ``kernels/jacobian_cpu.py``, :mod:`mgr_engine.resample`).
 The default comes from the environment variable ``MGR_ENGINE_KERNELS``.
 """
 
