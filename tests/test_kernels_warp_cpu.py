@@ -329,3 +329,23 @@ def test_point_loops_are_built_with_gathers():
         code = subprocess.run(["objdump", "-d", "--no-show-raw-insn", module.__file__], capture_output=True,
                               text=True, check=True).stdout
         assert re.search(r"\svp?gather[dq]", code), f"{module.__name__} has no gather instructions"
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or shutil.which("objdump") is None,
+                    reason="reads x86-64 machine code with objdump")
+def test_scatter_stencils_are_built_vectorized():
+    """The backward's scatter computes its points' stencils in a vectorized loop. GCC once left
+    that loop scalar in the built AVX2 code (a 44^3 field's scatter at 175^3 points 63 against
+    32 ms, 2 cores), for a store of each point's eight weights together: here each of the ten
+    float layouts with a fixed channel count converts its three coordinates to voxel indices
+    with packed instructions (that build had 12 in all, this one 120)."""
+    from mgr_engine import _trilinear_cpu
+
+    code = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", _trilinear_cpu.__file__],
+                          capture_output=True, text=True, check=True).stdout
+    clones = re.split(r"\n(?=[0-9a-f]+ <)", code)
+    scatter = [c for c in clones if re.match(r"[0-9a-f]+ <[^\n]*scatter_points[^\n]*arch_x86_64_v3", c)]
+    if not scatter:
+        pytest.skip("no AVX2 clone of scatter_points under GCC's name (another compiler)")
+    packed = sum(len(re.findall(r"vcvttps2dq\s+%ymm", c)) for c in scatter)
+    assert packed >= 3 * 10, f"the scatter's AVX2 clone converts coordinates in vectors only {packed} times"
