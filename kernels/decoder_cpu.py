@@ -64,9 +64,8 @@ def upsample_add_concat(y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, s
     planar tensors, which reach here as ``x`` or ``skip``."""
     out = torch.empty((y.shape[0], y.shape[1] + skip.shape[1], *skip.shape[2:]), dtype=y.dtype,
                       memory_format=CHANNELS_LAST)
-    _trilinear_cpu.upsample_add_concat(as_kernel_array(x), as_kernel_array(y),
-                                       scale.detach().reshape(-1).contiguous().numpy(), as_kernel_array(skip),
-                                       as_kernel_array(out), torch.get_num_threads())
+    _trilinear_cpu.upsample_add_concat(as_kernel_array(x), as_kernel_array(y), _per_channel(scale, y.dtype),
+                                       as_kernel_array(skip), as_kernel_array(out), torch.get_num_threads())
     return out
 
 
@@ -118,8 +117,8 @@ def norm_concat(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, skip: 
     :func:`supports_norm_concat`."""
     out = torch.empty((x.shape[0], x.shape[1] + skip.shape[1], *skip.shape[2:]), dtype=x.dtype,
                       memory_format=CHANNELS_LAST)
-    _trilinear_cpu.norm_concat(as_kernel_array(x), _per_channel(alpha, x), _per_channel(beta, x), as_kernel_array(skip),
-                               as_kernel_array(out), torch.get_num_threads())
+    _trilinear_cpu.norm_concat(as_kernel_array(x), _per_channel(alpha, x.dtype), _per_channel(beta, x.dtype),
+                               as_kernel_array(skip), as_kernel_array(out), torch.get_num_threads())
     return out
 
 
@@ -139,13 +138,12 @@ def norm_concat_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tenso
     sums = torch.empty((2, channels), dtype=torch.float64) if need_sums else None
     nothing = x.new_empty((0,) * 5).numpy()  # an output not asked for
     _trilinear_cpu.norm_concat_backward(
-        as_kernel_array(grad), as_kernel_array(x), _per_channel(scale, x),
-        mean.detach().to(torch.float64).reshape(-1).contiguous().numpy(),
+        as_kernel_array(grad), as_kernel_array(x), _per_channel(scale, x.dtype), _per_channel(mean, torch.float64),
         nothing if grad_x is None else as_kernel_array(grad_x), nothing if grad_skip is None else as_kernel_array(grad_skip),
         np.empty((0, 0)) if sums is None else sums.numpy(), need_x, need_skip, need_sums, torch.get_num_threads())
     return grad_x, grad_skip, sums
 
 
-def _per_channel(values: torch.Tensor, x: torch.Tensor):
-    """``values`` (one per channel of ``x``) as the 1-D array of ``x``'s dtype a kernel reads."""
-    return values.detach().to(x.dtype).reshape(-1).contiguous().numpy()
+def _per_channel(values: torch.Tensor, dtype: torch.dtype):
+    """``values`` (one per channel) as the 1-D array of ``dtype`` a kernel reads."""
+    return values.detach().to(dtype).reshape(-1).contiguous().numpy()

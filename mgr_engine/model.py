@@ -201,15 +201,13 @@ class _EvalNormCropConcat(torch.autograd.Function):
 
             grad_x, grad_weight, grad_bias = norm_crop_concat_backward(grad, x, weight, running_mean, running_var,
                                                                        ctx.eps, needs_x)
-        elif ctx.cpp:  # in one pass
+        elif ctx.cpp:  # in one pass, the skip's gradient included
             invstd = torch.rsqrt(running_var.double() + ctx.eps)
             grad_x, grad_skip, sums = decoder_cpu.norm_concat_backward(
                 grad, x, (weight.double() * invstd).to(grad.dtype), running_mean, need_x=needs_x,
                 need_skip=needs_skip, need_sums=needs_weight or needs_bias)
             if sums is not None:
                 grad_bias, grad_weight = sums[0].to(grad.dtype), (sums[1] * invstd).to(grad.dtype)
-            return (grad_x, grad_skip, grad_weight if needs_weight else None, grad_bias if needs_bias else None,
-                    None, None, None)
         elif needs_x or needs_weight or needs_bias:
             grad_norm = _uncropped_gradient(grad, x.shape, ctx.layouts[0])  # BatchNorm's output gradient
             if needs_weight or needs_bias:
@@ -219,7 +217,7 @@ class _EvalNormCropConcat(torch.autograd.Function):
             if needs_x:  # eval mode: d norm(x) / dx = weight / sqrt(running_var + eps), per channel
                 scale = weight.double() * torch.rsqrt(running_var.double() + ctx.eps)
                 grad_x = grad_norm.mul_(scale.to(grad.dtype).view(1, -1, 1, 1, 1))
-        if needs_skip:
+        if needs_skip and not ctx.cpp:
             grad_skip = grad[:, x.shape[1]:].contiguous(memory_format=ctx.layouts[1])
         return (grad_x, grad_skip, grad_weight if needs_weight else None, grad_bias if needs_bias else None,
                 None, None, None)

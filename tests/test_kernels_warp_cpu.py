@@ -5,6 +5,7 @@ Skipped where the extension was not built, except under ``MGR_ENGINE_REQUIRE_CPP
 ``make test``), where a missing build fails instead of hiding.
 """
 
+import functools
 import platform
 import re
 import shutil
@@ -315,8 +316,18 @@ def test_cpp_mode_without_the_extension_says_how_to_build(monkeypatch):
                                    torch.ones(1, 1, 4, 4, 4))
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or shutil.which("objdump") is None,
-                    reason="reads x86-64 machine code with objdump")
+needs_objdump = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or shutil.which("objdump") is None,
+                                   reason="reads x86-64 machine code with objdump")
+
+
+@functools.lru_cache(maxsize=None)
+def disassembly(module) -> str:
+    """The built extension ``module``'s machine code, demangled (objdump)."""
+    return subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", module.__file__], capture_output=True,
+                          text=True, check=True).stdout
+
+
+@needs_objdump
 def test_point_loops_are_built_with_gathers():
     """The warp's and the result resampling's point loops read each corner of a vector of points
     with one gather instruction. GCC's generic tuning emits none unless setup.py's flags turn
@@ -326,13 +337,10 @@ def test_point_loops_are_built_with_gathers():
     from mgr_engine import _resample_cpu, _trilinear_cpu
 
     for module in (_trilinear_cpu, _resample_cpu):
-        code = subprocess.run(["objdump", "-d", "--no-show-raw-insn", module.__file__], capture_output=True,
-                              text=True, check=True).stdout
-        assert re.search(r"\svp?gather[dq]", code), f"{module.__name__} has no gather instructions"
+        assert re.search(r"\svp?gather[dq]", disassembly(module)), f"{module.__name__} has no gather instructions"
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or shutil.which("objdump") is None,
-                    reason="reads x86-64 machine code with objdump")
+@needs_objdump
 def test_scatter_stencils_are_built_vectorized():
     """The backward's scatter computes its points' stencils in a vectorized loop. GCC once left
     that loop scalar in the built AVX2 code (a 44^3 field's scatter at 175^3 points 63 against
@@ -341,9 +349,7 @@ def test_scatter_stencils_are_built_vectorized():
     with packed instructions (that build had 12 in all, this one 120)."""
     from mgr_engine import _trilinear_cpu
 
-    code = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", _trilinear_cpu.__file__],
-                          capture_output=True, text=True, check=True).stdout
-    clones = re.split(r"\n(?=[0-9a-f]+ <)", code)
+    clones = re.split(r"\n(?=[0-9a-f]+ <)", disassembly(_trilinear_cpu))
     scatter = [c for c in clones if re.match(r"[0-9a-f]+ <[^\n]*scatter_points[^\n]*arch_x86_64_v3", c)]
     if not scatter:
         pytest.skip("no AVX2 clone of scatter_points under GCC's name (another compiler)")
