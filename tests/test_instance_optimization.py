@@ -10,7 +10,8 @@ import torch
 from helpers import (cuda_sync_debug, random_network, recorded_io_precisions, reference_network, smooth_volume,
                      tensor_core_tf32x3)
 from mgr_engine import Engine, ops
-from mgr_engine.losses import lncc2_loss, lncc_loss, mind_loss, regularizer_points
+from mgr_engine.losses import (gradicon_regularizer, lncc2_loss, lncc_loss, mind_loss, points_with_steps,
+                               regularizer_points)
 from mgr_engine.model import official_state_dict
 
 icon = pytest.importorskip("icon_registration")
@@ -340,6 +341,51 @@ def test_regularizer_points_on_a_gpu():
     expected = reference_points(identity, 4)
     torch.testing.assert_close(regularizer_points(identity, torch.Generator().manual_seed(4)), expected,
                                rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_points_with_steps_put_each_point_beside_its_steps(layout):
+    points = torch.randn(1, 3, 4, 5, 6).contiguous(memory_format=layout)
+    stepped = points_with_steps(points, 0.25)
+    assert stepped.shape == (1, 3, 4, 5, 24) and ops.memory_format_of(stepped) == ops.memory_format_of(points)
+    by_step = stepped.unflatten(-1, (6, 4))
+    assert torch.equal(by_step[..., 0], points)
+    for axis in range(3):
+        expected = points.clone()
+        expected[:, axis] += 0.25
+        assert torch.equal(by_step[..., axis + 1], expected)
+
+
+def test_regularizer_takes_one_round_trip_and_is_the_difference_quotients():
+    """All four point sets go through each map in one call; the penalty is the mean squared
+    difference quotient of the inverse-consistency error per axis, values and gradients."""
+    identity = ops.identity_map((10, 8, 12), dtype=torch.float64)
+    weight = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    calls = []
+
+    def map_ab(x):
+        calls.append(x.shape)
+        return x + 0.1 * torch.sin(torch.einsum("ij,bj...->bi...", weight, x))
+
+    def map_ba(x):
+        calls.append(x.shape)
+        return x - 0.05 * torch.cos(3 * x) * x.flip(1)
+
+    penalty = gradicon_regularizer(map_ab, map_ba, identity, torch.Generator().manual_seed(7), delta=1e-3)
+    assert calls == [(1, 3, 5, 4, 24)] * 2
+    grad, = torch.autograd.grad(penalty, weight)
+
+    points = regularizer_points(identity, torch.Generator().manual_seed(7))
+    error = points - map_ab(map_ba(points))
+    expected = 0.0
+    for axis in range(3):
+        step = torch.zeros(1, 3, 1, 1, 1, dtype=torch.float64)
+        step[:, axis] = 1e-3
+        error_step = points + step - map_ab(map_ba(points + step))
+        expected = expected + torch.mean(((error - error_step) / 1e-3) ** 2)
+    expected_grad, = torch.autograd.grad(expected, weight)
+    torch.testing.assert_close(penalty, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=0)
 
 
 def test_gaussian_taps_are_made_once_and_can_be_saved_for_backward():
