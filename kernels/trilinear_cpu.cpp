@@ -500,6 +500,68 @@ struct Taps {
     static int64_t last_reader(int64_t s, int64_t n) { return std::min(2 * n - 1, 2 * s + 2); }
 };
 
+// One output row (z, y) of a 2x linear upsampling, channels last: its four source rows (the z
+// and y taps) blended with their weights into one row of the coarse grid, blended[k, c] =
+// sum_i weight[i] * source[i][k * in_channels + c] for the `width` voxels k and c < channels
+// (C: channels known at compile time, 0 for any).
+template <typename T, int C>
+INLINE_INTO_CLONES void blend_rows_body(const T* const* source, const T* weight, T* blended, int64_t width,
+                                        int64_t in_channels, int64_t channel_count) {
+    const int64_t channels = C ? C : channel_count;
+    for (int64_t k = 0; k < width; ++k) {
+        const T *s0 = source[0] + k * in_channels, *s1 = source[1] + k * in_channels;
+        const T *s2 = source[2] + k * in_channels, *s3 = source[3] + k * in_channels;
+        T* out = blended + k * channels;
+#pragma omp simd
+        for (int64_t c = 0; c < channels; ++c)
+            out[c] = weight[0] * s0[c] + weight[1] * s1[c] + weight[2] * s2[c] + weight[3] * s3[c];
+    }
+}
+
+// That row's x taps, multiply-add and concatenation: for the `width` output voxels x,
+// out[x, :C] = conv[x, :] + scale * (w_lo[x] * blended[lo[x], :] + w_hi[x] * blended[hi[x], :]),
+// out[x, C:] = skip[x, :].
+template <typename T, int C>
+INLINE_INTO_CLONES void upsample_row_body(const T* blended, const int64_t* lo, const int64_t* hi, const T* w_lo,
+                                          const T* w_hi, const T* conv, const T* scale, const T* skip, T* out,
+                                          int64_t width, int64_t channel_count, int64_t skip_channels) {
+    const int64_t channels = C ? C : channel_count;
+    const int64_t out_channels = channels + skip_channels;
+    for (int64_t x = 0; x < width; ++x) {
+        const T *a = blended + lo[x] * channels, *b = blended + hi[x] * channels, *in = conv + x * channels;
+        const T wa = w_lo[x], wb = w_hi[x];
+        T* o = out + x * out_channels;
+#pragma omp simd
+        for (int64_t c = 0; c < channels; ++c) o[c] = in[c] + scale[c] * (wa * a[c] + wb * b[c]);
+        std::copy(skip + x * skip_channels, skip + (x + 1) * skip_channels, o + channels);
+    }
+}
+
+// The two row passes, dispatched by CPU and by channel count: with the decoder's finest levels'
+// 16 and 32 channels known at compile time, a voxel's channels are one or two vectors without a
+// loop around them (the runtime loop's setup per voxel cost as much as its arithmetic).
+#define BY_CHANNELS(T, channels, body, args)               \
+    switch (channels) {                                    \
+        case 16: return body<T, 16> args;                  \
+        case 32: return body<T, 32> args;                  \
+        default: return body<T, 0> args;                   \
+    }
+#define UPSAMPLE_DISPATCHED(T)                                                                                  \
+    CPU_DISPATCH void blend_rows(const T* const* source, const T* weight, T* blended, int64_t width,            \
+                                 int64_t in_channels, int64_t channels) {                                      \
+        BY_CHANNELS(T, channels, blend_rows_body, (source, weight, blended, width, in_channels, channels))       \
+    }                                                                                                           \
+    CPU_DISPATCH void upsample_row(const T* blended, const int64_t* lo, const int64_t* hi, const T* w_lo,       \
+                                   const T* w_hi, const T* conv, const T* scale, const T* skip, T* out,         \
+                                   int64_t width, int64_t channels, int64_t skip_channels) {                    \
+        BY_CHANNELS(T, channels, upsample_row_body,                                                                \
+                    (blended, lo, hi, w_lo, w_hi, conv, scale, skip, out, width, channels, skip_channels))      \
+    }
+UPSAMPLE_DISPATCHED(float)
+UPSAMPLE_DISPATCHED(double)
+#undef UPSAMPLE_DISPATCHED
+#undef BY_CHANNELS
+
 // A U-Net decoder level's inference epilogue in one pass over channels-last arrays:
 //   out[b, z, y, x, :C]  = y_conv[b, z, y, x, :] + scale * upsample2x(x_in)[b, z, y, x, :C]
 //   out[b, z, y, x, C:]  = skip[b, z, y, x, :]
@@ -507,7 +569,10 @@ struct Taps {
 // x_in[:, :C], scale_factor=2, mode="trilinear")) cropped, skip], 1). Arrays: x_in (B, d, h, w, Cx)
 // with Cx >= C, y_conv (B, 2d, 2h, 2w, C), scale (C), skip (B, D, H, W, Cs), out (B, D, H, W, C + Cs),
 // D <= 2d etc. Why: torch's CPU upsampling, the multiply-add and the concatenation were three
-// passes over the largest tensors of the forward (about a quarter of it at 175^3).
+// passes over the largest tensors of the forward (about a quarter of it at 175^3). Each output
+// row blends its four source rows once (blend_rows), then takes the x taps (upsample_row): 8
+// multiply-adds per output value read lane by lane in the baseline build took 59 ms at 16 x 176^3
+// from 48 x 88^3 (2 cores, AMD EPYC), about four times a pass over the output.
 template <typename T>
 void upsample_add_concat(const Array<T>& x_in, const Array<T>& y_conv, const Array<T>& scale, const Array<T>& skip,
                          Array<T>& out, int threads) {
@@ -530,36 +595,33 @@ void upsample_add_concat(const Array<T>& x_in, const Array<T>& y_conv, const Arr
     const T* extra = skip.data();
     T* dst = out.mutable_data();
     const int64_t rows = batch * grid[0] * grid[1];
+    std::vector<int64_t> x_lo(grid[2]), x_hi(grid[2]);  // every row's x taps
+    std::vector<T> x_w_lo(grid[2]), x_w_hi(grid[2]);
+    for (int64_t x = 0; x < grid[2]; ++x) {
+        const Taps<T> tx(x, n[2]);
+        x_lo[x] = tx.lo, x_hi[x] = tx.hi, x_w_lo[x] = tx.w_lo, x_w_hi[x] = tx.w_hi;
+    }
 
     py::gil_scoped_release release;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t row = 0; row < rows; ++row) {
-        const int64_t b = row / (grid[0] * grid[1]), z = (row / grid[1]) % grid[0], y = row % grid[1];
-        const Taps<T> tz(z, n[0]), ty(y, n[1]);
-        const T* source[4];  // the four source rows (z, y corners) of this output row, weighted
-        T weight[4];
-        for (int k = 0; k < 4; ++k) {
-            const int64_t zi = k >> 1 ? tz.hi : tz.lo, yi = k & 1 ? ty.hi : ty.lo;
-            source[k] = src + ((b * n[0] + zi) * n[1] + yi) * n[2] * in_channels;
-            weight[k] = (k >> 1 ? tz.w_hi : tz.w_lo) * (k & 1 ? ty.w_hi : ty.w_lo);
-        }
-        const T* conv_row = conv + ((b * 2 * n[0] + z) * 2 * n[1] + y) * 2 * n[2] * channels;
-        const T* skip_row = extra + ((b * grid[0] + z) * grid[1] + y) * grid[2] * skip_channels;
-        T* out_row = dst + row * grid[2] * out_channels;
-        for (int64_t x = 0; x < grid[2]; ++x) {
-            const Taps<T> tx(x, n[2]);
-            const T* lo[4];
-            const T* hi[4];
-            for (int k = 0; k < 4; ++k) lo[k] = source[k] + tx.lo * in_channels, hi[k] = source[k] + tx.hi * in_channels;
-            const T* conv_voxel = conv_row + x * channels;
-            T* out_voxel = out_row + x * out_channels;
-#pragma omp simd
-            for (int64_t c = 0; c < channels; ++c) {
-                T up = T(0);
-                for (int k = 0; k < 4; ++k) up += weight[k] * (tx.w_lo * lo[k][c] + tx.w_hi * hi[k][c]);
-                out_voxel[c] = conv_voxel[c] + factor[c] * up;
+#pragma omp parallel num_threads(threads)
+    {
+        std::vector<T> blended(n[2] * channels);
+#pragma omp for schedule(static)
+        for (int64_t row = 0; row < rows; ++row) {
+            const int64_t b = row / (grid[0] * grid[1]), z = (row / grid[1]) % grid[0], y = row % grid[1];
+            const Taps<T> tz(z, n[0]), ty(y, n[1]);
+            const T* source[4];  // the four source rows (z, y corners) of this output row, weighted
+            T weight[4];
+            for (int k = 0; k < 4; ++k) {
+                const int64_t zi = k >> 1 ? tz.hi : tz.lo, yi = k & 1 ? ty.hi : ty.lo;
+                source[k] = src + ((b * n[0] + zi) * n[1] + yi) * n[2] * in_channels;
+                weight[k] = (k >> 1 ? tz.w_hi : tz.w_lo) * (k & 1 ? ty.w_hi : ty.w_lo);
             }
-            std::copy(skip_row + x * skip_channels, skip_row + (x + 1) * skip_channels, out_voxel + channels);
+            blend_rows(source, weight, blended.data(), n[2], in_channels, channels);
+            upsample_row(blended.data(), x_lo.data(), x_hi.data(), x_w_lo.data(), x_w_hi.data(),
+                         conv + ((b * 2 * n[0] + z) * 2 * n[1] + y) * 2 * n[2] * channels, factor,
+                         extra + row * grid[2] * skip_channels, dst + row * grid[2] * out_channels, grid[2], channels,
+                         skip_channels);
         }
     }
 }
@@ -571,6 +633,44 @@ void upsample_add_concat(const Array<T>& x_in, const Array<T>& y_conv, const Arr
 // rows summed with their z, y weights into one fine row, then its x taps. Why: torch's
 // upsampling backward took 100 ms at 16 x 176^3 (2 cores), several times a pass over grad.
 template <typename T>
+INLINE_INTO_CLONES void upsample2x_backward_row_body(const T* src, T* summed, T* out_row, int64_t b, int64_t i,
+                                                     int64_t j, const int64_t* n, int64_t channels,
+                                                     int64_t x_channels) {
+    const int64_t fine_row = 2 * n[2] * channels;
+    std::fill(summed, summed + fine_row, T(0));
+    for (int64_t oz = Taps<T>::first_reader(i); oz <= Taps<T>::last_reader(i, n[0]); ++oz) {
+        const T wz = Taps<T>(oz, n[0]).weight_of(i);
+        for (int64_t oy = Taps<T>::first_reader(j); oy <= Taps<T>::last_reader(j, n[1]); ++oy) {
+            const T w = wz * Taps<T>(oy, n[1]).weight_of(j);
+            if (w == T(0)) continue;
+            const T* in = src + ((b * 2 * n[0] + oz) * 2 * n[1] + oy) * fine_row;
+#pragma omp simd
+            for (int64_t e = 0; e < fine_row; ++e) summed[e] += w * in[e];
+        }
+    }
+    for (int64_t k = 0; k < n[2]; ++k) {
+        T* out = out_row + k * x_channels;
+        std::fill(out, out + x_channels, T(0));
+        for (int64_t ox = Taps<T>::first_reader(k); ox <= Taps<T>::last_reader(k, n[2]); ++ox) {
+            const T w = Taps<T>(ox, n[2]).weight_of(k);
+            const T* in = summed + ox * channels;
+#pragma omp simd
+            for (int64_t c = 0; c < channels; ++c) out[c] += w * in[c];
+        }
+    }
+}
+
+#define UPSAMPLE_BACKWARD_DISPATCHED(T)                                                                         \
+    CPU_DISPATCH void upsample2x_backward_row(const T* src, T* summed, T* out_row, int64_t b, int64_t i,        \
+                                              int64_t j, const int64_t* n, int64_t channels,                    \
+                                              int64_t x_channels) {                                             \
+        upsample2x_backward_row_body(src, summed, out_row, b, i, j, n, channels, x_channels);                  \
+    }
+UPSAMPLE_BACKWARD_DISPATCHED(float)
+UPSAMPLE_BACKWARD_DISPATCHED(double)
+#undef UPSAMPLE_BACKWARD_DISPATCHED
+
+template <typename T>
 void upsample2x_backward(const Array<T>& grad, Array<T>& grad_x, int threads) {
     check(grad.ndim() == 5 && grad_x.ndim() == 5, "grad and grad_x must be 5-D (channels last)");
     const int64_t batch = grad.shape(0), channels = grad.shape(4), x_channels = grad_x.shape(4);
@@ -579,39 +679,16 @@ void upsample2x_backward(const Array<T>& grad, Array<T>& grad_x, int threads) {
     for (int a = 0; a < 3; ++a) check(grad.shape(a + 1) == 2 * n[a], "grad's grid must be twice grad_x's");
     const T* src = grad.data();
     T* dst = grad_x.mutable_data();
-    const int64_t fine_row = 2 * n[2] * channels, rows = batch * n[0] * n[1];
+    const int64_t rows = batch * n[0] * n[1];
 
     py::gil_scoped_release release;
 #pragma omp parallel num_threads(threads)
     {
-        std::vector<T> summed(fine_row);
+        std::vector<T> summed(2 * n[2] * channels);
 #pragma omp for schedule(static)
-        for (int64_t row = 0; row < rows; ++row) {
-            const int64_t b = row / (n[0] * n[1]), i = (row / n[1]) % n[0], j = row % n[1];
-            std::fill(summed.begin(), summed.end(), T(0));
-            for (int64_t oz = Taps<T>::first_reader(i); oz <= Taps<T>::last_reader(i, n[0]); ++oz) {
-                const T wz = Taps<T>(oz, n[0]).weight_of(i);
-                for (int64_t oy = Taps<T>::first_reader(j); oy <= Taps<T>::last_reader(j, n[1]); ++oy) {
-                    const T w = wz * Taps<T>(oy, n[1]).weight_of(j);
-                    if (w == T(0)) continue;
-                    const T* in = src + ((b * 2 * n[0] + oz) * 2 * n[1] + oy) * fine_row;
-                    T* acc = summed.data();
-#pragma omp simd
-                    for (int64_t e = 0; e < fine_row; ++e) acc[e] += w * in[e];
-                }
-            }
-            T* out_row = dst + row * n[2] * x_channels;
-            for (int64_t k = 0; k < n[2]; ++k) {
-                T* out = out_row + k * x_channels;
-                std::fill(out, out + x_channels, T(0));
-                for (int64_t ox = Taps<T>::first_reader(k); ox <= Taps<T>::last_reader(k, n[2]); ++ox) {
-                    const T w = Taps<T>(ox, n[2]).weight_of(k);
-                    const T* in = summed.data() + ox * channels;
-#pragma omp simd
-                    for (int64_t c = 0; c < channels; ++c) out[c] += w * in[c];
-                }
-            }
-        }
+        for (int64_t row = 0; row < rows; ++row)
+            upsample2x_backward_row(src, summed.data(), dst + row * n[2] * x_channels, row / (n[0] * n[1]),
+                                    (row / n[1]) % n[0], row % n[1], n, channels, x_channels);
     }
 }
 

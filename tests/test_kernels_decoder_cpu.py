@@ -38,6 +38,7 @@ CASES = [  # batch, x channels, y channels, x grid, skip channels, skip grid (cr
     (1, 5, 3, (3, 4, 5), 2, (5, 8, 9)),
     (2, 4, 4, (2, 3, 2), 3, (4, 6, 4)),
     (1, 48, 16, (6, 7, 5), 2, (11, 13, 9)),
+    (1, 40, 32, (3, 5, 4), 3, (6, 9, 8)),  # 16 and 32 channels: the kernel's compile-time channel counts
     (2, 9, 8, (1, 2, 3), 1, (1, 3, 6)),  # a single source voxel along z: both taps clamp to it
 ]
 
