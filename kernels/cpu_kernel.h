@@ -19,6 +19,10 @@
 #include <algorithm>
 #include <stdexcept>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#endif
+
 namespace py = pybind11;
 
 template <typename T>
@@ -95,6 +99,26 @@ inline int simd_bytes() {
     static const int widest = 16;
 #endif
     return forced_simd_bytes() ? std::min(forced_simd_bytes(), widest) : widest;
+}
+
+// Whether the CPU runs each 512-bit instruction as two 256-bit halves: AMD's Zen 4 (family 19h;
+// Zen 3, the same family, has no AVX-512), where code bound by gathers and shuffles can run slower
+// in 512-bit vectors than in 256-bit ones. Zen 5 (family 1Ah) and Intel's AVX-512 cores run them
+// whole.
+inline bool splits_512_bit_vectors() {
+#if defined(__x86_64__) && defined(__GNUC__)
+    static const bool splits = [] {
+        unsigned a, b, c, d;
+        if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
+        const bool amd = b == 0x68747541 && d == 0x69746e65 && c == 0x444d4163;  // "AuthenticAMD"
+        if (!amd || !__get_cpuid(1, &a, &b, &c, &d)) return false;
+        const unsigned base = (a >> 8) & 0xf, family = base == 0xf ? base + ((a >> 20) & 0xff) : base;
+        return family == 0x19;
+    }();
+    return splits;
+#else
+    return false;
+#endif
 }
 
 // A GCC vector of BYTES bytes of T: code written on it compiles to that width's instructions.

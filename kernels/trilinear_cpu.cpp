@@ -367,28 +367,70 @@ INLINE_INTO_CLONES void scatter_range_any(const Geometry& g, const T* map, const
 }
 #undef LAYOUT_CASE
 
-#define DISPATCHED(T, FORWARD, BACKWARD)                                                              \
-    FORWARD void sample_points(const Geometry& g, const T* src, const T* map, T* out, int64_t first,     \
-                               int64_t last) {                                                           \
+#define FORWARD_DISPATCHED(T, ATTRIBUTES)                                                            \
+    ATTRIBUTES void sample_points(const Geometry& g, const T* src, const T* map, T* out, int64_t first, \
+                                  int64_t last) {                                                        \
         sample_range_any(g, src, map, out, first, last);                                                \
-    }                                                                                                   \
-    BACKWARD void map_gradient_points(const Geometry& g, const T* src, const T* map, const T* grad_out,  \
-                                      T* grad_map, int64_t first, int64_t last) {                        \
+    }
+#define BACKWARD_DISPATCHED(T, ATTRIBUTES, SUFFIX)                                                        \
+    ATTRIBUTES void map_gradient_points##SUFFIX(const Geometry& g, const T* src, const T* map,           \
+                                                const T* grad_out, T* grad_map, int64_t first,           \
+                                                int64_t last) {                                           \
         map_gradient_range_any(g, src, map, grad_out, grad_map, first, last);                           \
     }                                                                                                   \
-    BACKWARD void scatter_points(const Geometry& g, const T* map, const T* grad_out, T* grad_image,      \
-                                 const int64_t* listed, int64_t first, int64_t last, int64_t lo,         \
-                                 int64_t hi, std::vector<int64_t>* elsewhere) {                          \
+    ATTRIBUTES void scatter_points##SUFFIX(const Geometry& g, const T* map, const T* grad_out,          \
+                                           T* grad_image, const int64_t* listed, int64_t first,         \
+                                           int64_t last, int64_t lo, int64_t hi,                        \
+                                           std::vector<int64_t>* elsewhere) {                           \
         scatter_range_any(g, map, grad_out, grad_image, listed, first, last, lo, hi, elsewhere);        \
     }
-// float compiled for AVX-512, AVX2+FMA and baseline x86-64, the best picked at load time, except
-// the backward, which stops at AVX2: on the AMD EPYC CI machine its 3-channel gradients took
-// longer in 512-bit vectors (map gradient of a 44^3 field at 175^3 points 36.6 against 25.7 ms,
-// the field's scatter 44 against 40 ms; all backward calls of an IO step 2.17 against 2.03 s).
-// double (the tests' gradcheck) for baseline only.
-DISPATCHED(float, CPU_DISPATCH, CPU_DISPATCH_AVX2)
-DISPATCHED(double, , )
-#undef DISPATCHED
+// float compiled for AVX-512, AVX2+FMA and baseline x86-64, the best picked at load time; double
+// (the tests' gradcheck) for baseline only.
+FORWARD_DISPATCHED(float, CPU_DISPATCH)
+FORWARD_DISPATCHED(double, )
+BACKWARD_DISPATCHED(double, , )
+
+// float's backward: in 512-bit vectors except where the CPU splits them (AMD Zen 4), on which its
+// 3-channel gradients took longer than in 256-bit ones (map gradient of a 44^3 field at 175^3
+// points 36.6 against 25.7 ms, the field's scatter 44 against 40 ms; 2026-11-30, an older
+// kernel). In 512-bit vectors, 2 cores, on IO's own calls: AMD Zen 5 map gradients 20-30% faster,
+// scatters 5-15%; Intel Sapphire Rapids map gradient 34 -> 25 ms, scatter 31 -> 28 ms.
+BACKWARD_DISPATCHED(float, CPU_DISPATCH_AVX2, _narrow)
+#ifdef SIMD_LEVELS
+BACKWARD_DISPATCHED(float, SIMD_AVX512, _avx512)
+#endif
+#undef FORWARD_DISPATCHED
+#undef BACKWARD_DISPATCHED
+
+int& forced_backward_bytes() {
+    static int bytes = 0;  // 0: no cap
+    return bytes;
+}
+
+// The vector width of float's backward, in bytes: 64 where simd_bytes() is and the CPU runs
+// 512-bit vectors whole, else 32 or 16 (the clone the CPU picks), capped by forced_backward_bytes.
+int backward_bytes() {
+    const int widest = simd_bytes() == 64 && !splits_512_bit_vectors() ? 64 : std::min(simd_bytes(), 32);
+    return forced_backward_bytes() ? std::min(forced_backward_bytes(), widest) : widest;
+}
+
+void map_gradient_points(const Geometry& g, const float* src, const float* map, const float* grad_out,
+                         float* grad_map, int64_t first, int64_t last) {
+#ifdef SIMD_LEVELS
+    if (backward_bytes() == 64) return map_gradient_points_avx512(g, src, map, grad_out, grad_map, first, last);
+#endif
+    map_gradient_points_narrow(g, src, map, grad_out, grad_map, first, last);
+}
+
+void scatter_points(const Geometry& g, const float* map, const float* grad_out, float* grad_image,
+                    const int64_t* listed, int64_t first, int64_t last, int64_t lo, int64_t hi,
+                    std::vector<int64_t>* elsewhere) {
+#ifdef SIMD_LEVELS
+    if (backward_bytes() == 64)
+        return scatter_points_avx512(g, map, grad_out, grad_image, listed, first, last, lo, hi, elsewhere);
+#endif
+    scatter_points_narrow(g, map, grad_out, grad_image, listed, first, last, lo, hi, elsewhere);
+}
 
 // out (B, C, *coords' grid) = image sampled at coords. border: padding_mode="border",
 // otherwise "zeros". A NaN coordinate gives 0. add_coords (a 3-channel image, a displacement
@@ -901,4 +943,15 @@ PYBIND11_MODULE(_trilinear_cpu, module) {
                    "(mgr_engine.kernels.decoder_cpu)";
     define<float>(module);
     define<double>(module);
+    module.def(
+        "backward_simd_bytes",
+        [](int cap) {
+            check(cap == -1 || cap == 0 || cap == 32 || cap == 64, "cap must be 32, 64 or 0");
+            if (cap >= 0) forced_backward_bytes() = cap;
+            return backward_bytes();
+        },
+        py::arg("cap") = -1,
+        "The vector width in bytes the float backward runs in: 64 (AVX-512, where the CPU runs 512-bit "
+        "vectors whole), 32 (AVX2+FMA) or 16. cap: 32 or 64 caps it there from now on (so that tests run "
+        "both widths on one CPU), 0 lifts the cap.");
 }

@@ -36,6 +36,20 @@ def random_map(batch, shape, spread, seed=0):
     return ops.identity_map(shape) + spread * (torch.rand(batch, 3, *shape, generator=gen) * 2 - 1)
 
 
+@pytest.fixture(params=[64, 32], ids=lambda n: f"{n}-byte-backward")
+def backward_bytes(request):
+    """float32's backward in vectors of this width: both bodies the CPU can run, on one CPU."""
+    from mgr_engine import _trilinear_cpu
+
+    if request.param > _trilinear_cpu.backward_simd_bytes(0):
+        pytest.skip(f"the backward does not run in {request.param}-byte vectors on this CPU")
+    try:
+        assert _trilinear_cpu.backward_simd_bytes(request.param) == request.param
+        yield request.param
+    finally:
+        _trilinear_cpu.backward_simd_bytes(0)
+
+
 def reference_warp(image, coords, padding):
     with ops.kernel_mode("torch"):
         return ops.warp(image, coords, padding)
@@ -108,7 +122,7 @@ def reference_gradients(image, coords, padding, grad_out):
 @pytest.mark.parametrize("padding", ["zeros", "border"])
 @pytest.mark.parametrize("grid,out", SHAPES)
 @pytest.mark.parametrize("batch,channels,map_batch", [(1, 1, 1), (2, 3, 2), (3, 2, 1)])
-def test_gradients_match_grid_sample(dtype, atol, padding, grid, out, batch, channels, map_batch):
+def test_gradients_match_grid_sample(dtype, atol, padding, grid, out, batch, channels, map_batch, backward_bytes):
     gen = torch.Generator().manual_seed(5)
     image = torch.rand(batch, channels, *grid, generator=gen).to(dtype).requires_grad_()
     coords = random_map(map_batch, out, spread=0.3).to(dtype).requires_grad_()
@@ -166,7 +180,7 @@ def test_gradients_at_the_grid_edges_and_outside():
 
 
 @pytest.mark.parametrize("map_kind", ["near_identity", "flipped", "spread"])
-def test_gradients_agree_for_any_thread_count_and_repeat_exactly(map_kind):
+def test_gradients_agree_for_any_thread_count_and_repeat_exactly(map_kind, backward_bytes):
     """The image gradient is scattered by z-slice ownership: each thread adds the corners that
     land in its share of the slices, its own points' at once and the others' after a barrier.
     Right for any team size, even more threads than slices (9 slices, 12 threads) and a map
@@ -340,6 +354,25 @@ def test_point_loops_are_built_with_gathers():
         assert re.search(r"\svp?gather[dq]", disassembly(module)), f"{module.__name__} has no gather instructions"
 
 
+def cpu_vendor_and_family():
+    """The vendor and family the kernel reads (cpuid), as Linux reports them."""
+    info = open("/proc/cpuinfo").read()
+    return re.search(r"vendor_id\s*:\s*(\S+)", info).group(1), int(re.search(r"cpu family\s*:\s*(\d+)", info).group(1))
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or platform.system() != "Linux", reason="x86-64 Linux dispatch")
+def test_backward_runs_in_512_bit_vectors_unless_the_cpu_splits_them():
+    """float32's backward takes AVX-512 where the CPU has it (as the last convolution reports it)
+    and runs 512-bit vectors whole, AVX2 on AMD's Zen 4 (family 25), where it measured slower."""
+    from mgr_engine import _trilinear_cpu
+    from mgr_engine.kernels import last_conv_cpu
+
+    vendor, family = cpu_vendor_and_family()
+    splits = vendor == "AuthenticAMD" and family == 25
+    widest = last_conv_cpu.vector_bytes()
+    assert _trilinear_cpu.backward_simd_bytes() == (64 if widest == 64 and not splits else min(widest, 32))
+
+
 @needs_objdump
 def test_scatter_stencils_are_built_vectorized():
     """The backward's scatter computes its points' stencils in a vectorized loop. GCC once left
@@ -355,3 +388,6 @@ def test_scatter_stencils_are_built_vectorized():
         pytest.skip("no AVX2 clone of scatter_points under GCC's name (another compiler)")
     packed = sum(len(re.findall(r"vcvttps2dq\s+%ymm", c)) for c in scatter)
     assert packed >= 3 * 10, f"the scatter's AVX2 clone converts coordinates in vectors only {packed} times"
+    wide = [c for c in clones if re.match(r"[0-9a-f]+ <[^\n]*scatter_points_avx512", c)]
+    packed = sum(len(re.findall(r"vcvttps2dq\s+%zmm", c)) for c in wide)
+    assert wide and packed >= 3 * 10, f"the scatter's AVX-512 body converts coordinates in vectors {packed} times"
