@@ -9,8 +9,8 @@
 // must run on any x86-64 CPU. Templates cannot be cloned, so each kernel clones plain float (and
 // double) overloads and marks the template bodies they call INLINE_INTO_CLONES: a body not
 // inlined would be compiled once, for the baseline (SSE2), and every clone would call that copy
-// (measured: the last convolution ran at the SSE2 speed). CPU_DISPATCH_AVX2 stops at AVX2+FMA,
-// for code measured faster in 256-bit vectors than in 512-bit ones, on AVX-512 CPUs too.
+// (measured: the last convolution ran at the SSE2 speed). CPU_DISPATCH_AVX2 stops at AVX2+FMA:
+// the warp's backward takes it on CPUs that split 512-bit vectors (splits_512_bit_vectors()).
 #pragma once
 
 #include <pybind11/numpy.h>
