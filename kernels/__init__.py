@@ -14,5 +14,7 @@ warp forward and backward, taken by :func:`mgr_engine.ops.warp` on CPU tensors (
 (trilinear 2x upsampling, multiply-add, concatenation; see :func:`mgr_engine.ops.use_cpp_decoder`);
 ``last_conv_cpu``, the U-Net's last convolution (:func:`mgr_engine.ops.use_cpp_last_conv`);
 ``gaussian_blur_cpu``, LNCC's window (:func:`mgr_engine.ops.use_cpp_blur`); ``mind_ssc_cpu``, the
-MIND-SSC descriptor and loss (:func:`mgr_engine.ops.use_cpp_mind`).
+MIND-SSC descriptor and loss (:func:`mgr_engine.ops.use_cpp_mind`); ``upconv_cpu``, the weight
+gradient of the decoder's finest transposed convolutions in IO
+(:func:`mgr_engine.ops.use_cpp_upconv_weight_grad`).
 """

@@ -13,6 +13,13 @@
 // the warp's backward takes it on CPUs that split 512-bit vectors (splits_512_bit_vectors()).
 #pragma once
 
+#ifdef _OPENMP
+#include <omp.h>
+#else  // built without OpenMP (Apple clang): one thread
+inline int omp_get_thread_num() { return 0; }
+inline int omp_get_num_threads() { return 1; }
+#endif
+
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -119,6 +126,20 @@ inline bool splits_512_bit_vectors() {
 #else
     return false;
 #endif
+}
+
+// Defines module.simd_bytes(cap) of an extension whose bodies SIMD_DISPATCH runs, for Python.
+inline void define_simd_bytes(py::module_& module) {
+    module.def(
+        "simd_bytes",
+        [](int cap) {
+            check(cap == -1 || cap == 0 || cap == 16 || cap == 32 || cap == 64, "cap must be 16, 32, 64 or 0");
+            if (cap >= 0) forced_simd_bytes() = cap;
+            return simd_bytes();
+        },
+        py::arg("cap") = -1,
+        "The vector width in bytes the kernels run in: 64 (AVX-512), 32 (AVX2+FMA) or 16. cap: 16, 32 or 64 caps "
+        "it there from now on (so that tests run every width on one CPU), 0 lifts the cap.");
 }
 
 // A GCC vector of BYTES bytes of T: code written on it compiles to that width's instructions.

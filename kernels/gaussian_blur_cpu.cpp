@@ -9,10 +9,6 @@
 // buffer, then z per y row, in place, through a thread's (D, W) buffer; vectorized along x and
 // compiled for AVX-512 / AVX2 / baseline x86-64 (cpu_kernel.h).
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include <algorithm>
 #include <cstdint>
 #include <vector>

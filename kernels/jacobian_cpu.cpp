@@ -16,10 +16,6 @@
 // bit. The physical form first turns the derivatives along the index axes into derivatives along
 // the physical axes, d/dp_k = sum_j inverse_direction[j][k] d/di_j, as the tensor form does.
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include <cstdint>
 
 #include "cpu_kernel.h"  // Array, check, CPU_DISPATCH, INLINE_INTO_CLONES

@@ -18,13 +18,6 @@
 // register (keep_in_register): GCC loaded it again for each, and the passes ran at a third of
 // the FMA peak (RESULTS.md, forty-fourth session).
 
-#ifdef _OPENMP
-#include <omp.h>
-#else
-inline int omp_get_thread_num() { return 0; }
-inline int omp_get_num_threads() { return 1; }
-#endif
-
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -421,14 +414,5 @@ PYBIND11_MODULE(_last_conv_cpu, module) {
                    "backward (mgr_engine.kernels.last_conv_cpu)";
     define<float>(module);
     define<double>(module);
-    module.def(
-        "simd_bytes",
-        [](int cap) {
-            check(cap == -1 || cap == 0 || cap == 16 || cap == 32 || cap == 64, "cap must be 16, 32, 64 or 0");
-            if (cap >= 0) forced_simd_bytes() = cap;
-            return simd_bytes();
-        },
-        py::arg("cap") = -1,
-        "The vector width in bytes the passes run in: 64 (AVX-512), 32 (AVX2+FMA) or 16. cap: 16, 32 or 64 caps "
-        "it there from now on (so that tests run every width on one CPU), 0 lifts the cap.");
+    define_simd_bytes(module);
 }

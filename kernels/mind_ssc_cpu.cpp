@@ -18,10 +18,6 @@
 // Replicate padding is done on a padded copy (the image, a gradient) so that the inner loops are
 // plain shifted rows.
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include <algorithm>
 #include <cstdlib>
 #include <cstdint>

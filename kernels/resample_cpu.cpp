@@ -16,10 +16,6 @@
 // takes ITK's order of operations, see interpolate_like_itk); nearest neighbour rounds halves
 // up. Outside the field's grid the transform adds no displacement; outside the image the value is 0.
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include <cmath>
 #include <cstdint>
 #include <limits>

@@ -11,13 +11,6 @@
 // baseline x86-64 with the best picked at load time. Templated on float (the engine) and
 // double (gradcheck in the tests).
 
-#ifdef _OPENMP
-#include <omp.h>
-#else  // built without OpenMP (Apple clang): one thread
-inline int omp_get_thread_num() { return 0; }
-inline int omp_get_num_threads() { return 1; }
-#endif
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

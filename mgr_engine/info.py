@@ -22,6 +22,7 @@ CPP_EXTENSIONS = {
     "_resample_cpu": "full-resolution resampling",
     "_jacobian_cpu": "Jacobian determinant",
     "_mind_ssc_cpu": "MIND-SSC descriptor",
+    "_upconv_cpu": "transposed convolutions' weight gradient",
 }
 # Packages the engine uses where installed, each with what for.
 OPTIONAL_PACKAGES = {

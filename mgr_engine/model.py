@@ -37,9 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError, InvalidImageError, InvalidOptionError
-from .kernels import decoder_cpu, last_conv_cpu
+from .kernels import decoder_cpu, last_conv_cpu, upconv_cpu
 from .ops import (compose_maps, identity_map, is_channels_last, memory_format_of, recomputed_in_backward,
-                  use_cpp_decoder, use_cpp_last_conv, use_cpp_norm_concat, use_triton, warp)
+                  use_cpp_decoder, use_cpp_last_conv, use_cpp_norm_concat, use_cpp_upconv_weight_grad, use_triton,
+                  warp)
 
 
 @dataclass(frozen=True)
@@ -412,8 +413,14 @@ class _LowMemoryConv(torch.autograd.Function):
             # 810 ms backward of the 48 -> 16 channel layer at 88^3 on 2 CPU cores; a sum takes 15 ms
             needs_bias = needs_bias and has_bias
             bias_by_sum = needs_bias and transposed and grad.device.type == "cpu"
+            conv_input = _conv_input(x, activation)
+            # and its weight gradient at the finest levels runs at 60% of its input gradient's rate
+            weight_in_cpp = (needs_weight and transposed and stride == 2 and padding == 1
+                             and use_cpp_upconv_weight_grad(conv_input, grad, weight))
             grad_input, grad_weight, grad_bias = convolution_backward(
-                grad, _conv_input(x, activation), weight, [needs_x, needs_weight, needs_bias and not bias_by_sum])
+                grad, conv_input, weight, [needs_x, needs_weight and not weight_in_cpp, needs_bias and not bias_by_sum])
+            if weight_in_cpp:
+                grad_weight = upconv_cpu.weight_grad(conv_input, grad)
             if bias_by_sum:
                 grad_bias = _channel_sums(grad)
         if needs_x and activation:

@@ -134,6 +134,15 @@ def use_cpp_last_conv(x: torch.Tensor, conv: torch.nn.Conv3d) -> bool:
             and conv.groups == 1 and conv.padding_mode == "zeros")
 
 
+def use_cpp_upconv_weight_grad(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the weight gradient of a U-Net's transposed convolution (kernel 4, stride 2,
+    padding 1) of ``x``, whose output's gradient is ``grad``, runs in C++ under the current mode
+    (:func:`mgr_engine.kernels.upconv_cpu.takes`: CPU, channels-last, the finest levels)."""
+    from .kernels import upconv_cpu
+
+    return _cpp_kernels_allowed(x, grad) and upconv_cpu.takes(x, grad, weight)
+
+
 def is_channels_last(tensor: torch.Tensor) -> bool:
     """Whether a 5-D ``tensor`` is channels-last and not also contiguous (one channel, or one
     voxel, is both): the layout the engine runs its network in."""

@@ -290,6 +290,22 @@ def read_back(transform, path):
     return itk_io.read_transform(path)
 
 
+def vector_bytes_fixture(kernel):
+    """A fixture running a test in each vector width (64, 32, 16 bytes) the C++ ``kernel`` (a
+    module of mgr_engine.kernels with ``vector_bytes(cap)``) can run on this CPU, each body on
+    one CPU; the others skip."""
+    @pytest.fixture(params=[64, 32, 16], ids=lambda n: f"{n}-byte-vectors")
+    def vector_bytes(request):
+        try:
+            if kernel.vector_bytes(request.param) != request.param:
+                pytest.skip(f"this CPU has no {request.param}-byte vectors")
+            yield request.param
+        finally:
+            kernel.vector_bytes(0)
+
+    return vector_bytes
+
+
 def require_cpp_extension(kernel=None) -> None:
     """At a test module's top: skip it where the C++ extension of ``kernel`` (a module of
     mgr_engine.kernels with ``available()``; default the warp's) was not built, or fail under

@@ -8,7 +8,7 @@ Skipped where the extension was not built, except under ``MGR_ENGINE_REQUIRE_CPP
 import pytest
 import torch
 
-from helpers import random_network, require_cpp_extension
+from helpers import random_network, require_cpp_extension, vector_bytes_fixture
 from mgr_engine import ops
 from mgr_engine.kernels import last_conv_cpu
 
@@ -22,15 +22,7 @@ SHAPES = [(5, 6, 7), (1, 4, 9), (3, 5, 70), (9, 4, 3), (12, 11, 33), (3, 4, 130)
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5}  # relative to the largest value
 
 
-@pytest.fixture(params=[64, 32, 16], ids=lambda n: f"{n}-byte-vectors")
-def vector_bytes(request):
-    """The kernel's passes in vectors of this width: each body the CPU can run, on one CPU."""
-    try:
-        if last_conv_cpu.vector_bytes(request.param) != request.param:
-            pytest.skip(f"this CPU has no {request.param}-byte vectors")
-        yield request.param
-    finally:
-        last_conv_cpu.vector_bytes(0)
+vector_bytes = vector_bytes_fixture(last_conv_cpu)
 
 
 def inputs(batch, cin, shape, dtype, seed=0, layout=CHANNELS_LAST):
