@@ -10,13 +10,14 @@
 // convolution costs at the finest level.
 //
 // Layouts: x (B, n0, n1, n2, Ci) and grad (B, 2 n0, 2 n1, 2 n2, Co), channels last, as the
-// engine's network runs. Each thread takes a share of x's rows (b, iz, iy); per row and per
-// (kz, ky) whose output row exists, a block of CB input channels x one vector of output channels
-// x the four kx is summed over the row's voxels in registers (4 CB accumulators, each loaded
-// grad vector feeding CB multiply-adds, each broadcast x value four), then added to the thread's
-// float64 sums, which are added in thread order at the end: the same bits for a given thread
-// count, and the float32 sums run over one row (n2 voxels) only. Compiled for AVX-512, AVX2+FMA
-// and baseline x86-64 in vectors of that width, picked at run time (simd_bytes()).
+// engine's network runs. Each thread takes a share of x's rows (b, iz, iy); per chunk of rows and
+// per (kz, ky), a block of CB input channels x one vector of output channels x the four kx is
+// summed in registers over the voxels of the chunk's rows whose output row exists (4 CB
+// accumulators, each loaded grad vector feeding CB multiply-adds, each broadcast x value four),
+// then added to the thread's float64 sums, which are added in thread order at the end: the same
+// bits for a given thread count, and the float32 sums run over ROWS_PER_FLUSH rows at most.
+// Compiled for AVX-512, AVX2+FMA and baseline x86-64 in vectors of that width, picked at run time
+// (simd_bytes()).
 
 #include <algorithm>
 #include <cstdint>
@@ -32,7 +33,7 @@ constexpr int channel_block(int bytes) { return bytes == 64 ? 6 : 2; }
 
 // BYTES of T at p, unaligned, as a vector value: load_vector's copy through memory became two
 // 16-byte stores and a 32-byte load in the AVX2 build (GCC's generic tuning splits unaligned
-// 256-bit moves), a store-forwarding stall per grad vector that made that build 30x slower.
+// 256-bit moves), a store-forwarding stall per grad vector that made that build about 10x slower.
 // (Returned by reference, as load_vector.)
 template <typename T, typename V>
 INLINE_INTO_CLONES void load_unaligned(V& v, const T* p) {
@@ -83,6 +84,7 @@ INLINE_INTO_CLONES void row_block(const Geometry& g, const T* const* x_rows, con
         step(0, true);
         for (int64_t ix = 1; ix < n2 - 1; ++ix) step(ix, false);
         if (n2 > 1) step(n2 - 1, true);
+        // in registers across the rows: without this GCC kept them on the stack (6x slower)
         for (int kx = 0; kx < 4; ++kx)
             for (int c = 0; c < CB; ++c) keep_in_register(acc[kx][c]);
     }
