@@ -23,23 +23,13 @@
 #include <cstdint>
 #include <vector>
 
-#include "cpu_kernel.h"  // Array, check, INLINE_INTO_CLONES, SIMD_DISPATCH, Vector, keep_in_register
+#include "cpu_kernel.h"  // Array, check, INLINE_INTO_CLONES, SIMD_DISPATCH, Vector, load_vector, keep_in_register
 
 namespace {
 
 // Input channels per register block: 6 x 4 accumulators of AVX-512's 32 vector registers, 2 x 4
 // of AVX2's (or SSE2's) 16.
 constexpr int channel_block(int bytes) { return bytes == 64 ? 6 : 2; }
-
-// BYTES of T at p, unaligned, as a vector value: load_vector's copy through memory became two
-// 16-byte stores and a 32-byte load in the AVX2 build (GCC's generic tuning splits unaligned
-// 256-bit moves), a store-forwarding stall per grad vector that made that build about 10x slower.
-// (Returned by reference, as load_vector.)
-template <typename T, typename V>
-INLINE_INTO_CLONES void load_unaligned(V& v, const T* p) {
-    typedef T Unaligned __attribute__((vector_size(sizeof(V)), aligned(alignof(T))));
-    v = *reinterpret_cast<const Unaligned*>(p);
-}
 
 struct Geometry {
     int64_t batch, n[3], cin, cout;
@@ -71,7 +61,7 @@ INLINE_INTO_CLONES void row_block(const Geometry& g, const T* const* x_rows, con
                 if (edge && (ox < 0 || ox >= 2 * n2))
                     gv[kx] = V{};
                 else
-                    load_unaligned(gv[kx], grad_row + ox * cout + co0);
+                    load_vector(gv[kx], grad_row + ox * cout + co0);
                 keep_in_register(gv[kx]);  // one load for its CB multiply-adds
             }
             const T* xv = x_row + ix * cin + ci0;
