@@ -300,20 +300,22 @@ def main(argv=None):
         # per step at 175^3, the reference's stream): the third row shows what that costs.
         # TF32: time only (IO with randomized weights is chaotic at float32 rounding, so a point
         # difference against fp32 would measure that, not TF32).
-        # "maps kept": without recompute_maps (the default since the thirty-eighth session), what
-        # recomputing the compositions' and warps' maps in the backward pass saves and costs;
+        # "maps kept": recompute_maps off (None: recomputed on a GPU), what recomputing the
+        # compositions' and warps' maps in the backward pass saves and costs;
         # "finest levels": recompute_finest_levels forced either way (None: recomputed on a GPU)
         # "ConvTranspose3d forward": the transposed convolutions' forward as cuDNN's dgrad kernel,
         # not in sub-pixel form (model.uses_subpixel_upconvs), as IO ran before the 39th session
-        defaults = {"checkpoint_unets": False, "recompute_maps": True, "recompute_finest_levels": None}
+        defaults = {"checkpoint_unets": False, "recompute_maps": None, "recompute_finest_levels": None}
+        maps = (" (maps kept, not recomputed)", {"recompute_maps": False}, None, "fp32")
         finest = (" (finest levels kept, not recomputed)", {"recompute_finest_levels": False}, None, "fp32")
         if device != "cuda":
+            maps = (" (maps recomputed, a GPU's default)", {"recompute_maps": True}, None, "fp32")
             finest = (" (finest levels recomputed, a GPU's default)", {"recompute_finest_levels": True}, None, "fp32")
         # "tf32x3": IO's convolutions and their gradients as three TF32 products (float32's accuracy)
         gpu_only = [(" (TF32 convolutions)", {}, None, "tf32"), (" (tf32x3: three TF32 products)", {}, None, "tf32x3"),
                     (" (ConvTranspose3d forward, not sub-pixel)", {"subpixel": False}, None, "fp32")]
         variants = (("", {}, None, "fp32"), (" (U-Net checkpointing)", {"checkpoint_unets": True}, None, "fp32"),
-                    (" (maps kept, not recomputed)", {"recompute_maps": False}, None, "fp32"), finest,
+                    maps, finest,
                     (" (seeded: noise drawn on the CPU)", {}, torch.Generator().manual_seed(0), "fp32"),
                     *(gpu_only if device == "cuda" else []))
         for label, settings, generator, io_precision in variants:

@@ -115,7 +115,7 @@ stage tests 150 python3 -m pytest -q -p no:cacheprovider "${tests[@]}" tests/tes
     tests/test_kernels_lncc.py tests/test_kernels_norm_crop_concat.py tests/test_kernel_dispatch.py \
     tests/test_instance_optimization.py::test_regularizer_points_on_a_gpu \
     tests/test_instance_optimization.py::test_instance_optimization_steps_do_not_wait_for_the_gpu \
-    tests/test_instance_optimization.py::test_finest_levels_are_recomputed_by_default_on_a_gpu \
+    tests/test_instance_optimization.py::test_finest_levels_and_maps_are_recomputed_by_default_on_a_gpu \
     tests/test_instance_optimization.py::test_io_gradients_in_tf32x3_are_as_accurate_as_float32s \
     tests/test_network.py::test_predict_map_on_gpu_tensors_does_not_wait_for_the_gpu \
     tests/test_network.py::test_io_transposed_convolution_in_subpixel_form \

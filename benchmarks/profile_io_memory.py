@@ -140,6 +140,9 @@ def main(argv=None) -> int:
     parser.add_argument("--finest-levels", choices=("recomputed", "kept"), default="recomputed",
                         help="GradICONNetwork.recompute_finest_levels: recomputed (a GPU's default, forecast here "
                              "on any device) or kept (the CPU's default)")
+    parser.add_argument("--maps", choices=("recomputed", "kept"), default="recomputed",
+                        help="GradICONNetwork.recompute_maps: recomputed (a GPU's default, forecast here on any "
+                             "device) or kept (the CPU's default)")
     parser.add_argument("--precision", choices=("fp32", "tf32x3"), default="fp32",
                         help="instance_optimize's precision; tf32x3 splits IO's convolutions into three products "
                              "on any device here (on the CPU, float32 products: the same tensors held)")
@@ -155,11 +158,12 @@ def main(argv=None) -> int:
     engine, moving, fixed = benchmark_engine(shape, args.device, cache_host_memory=False,
                                              io_checkpointing=args.checkpointing)
     engine.network.recompute_finest_levels = args.finest_levels == "recomputed"
+    engine.network.recompute_maps = args.maps == "recomputed"
     parameters = sum(p.numel() * p.element_size() for p in engine.network.parameters())
     print(f"{args.device}, torch {torch.__version__}, network input {shape}, 1-{args.similarity.upper()}; weights "
           f"{parameters / GIB:.2f} GiB (with their gradients and Adam's two moments, {4 * parameters / GIB:.2f} GiB)\n")
     ours = "mgr_engine instance_optimize" + (" (io_checkpointing)" if args.checkpointing else
-                                             f" (finest levels {args.finest_levels})") + (
+                                             f" (maps {args.maps}, finest levels {args.finest_levels})") + (
         " in tf32x3" if args.precision == "tf32x3" else "")
     # Each graph is counted and freed before the next is built: two alive would double the peak.
     # Not under checkpointing: reading a checkpointed node's saved tensors recomputes them.

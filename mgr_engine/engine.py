@@ -353,7 +353,7 @@ def gradicon_objective(network: GradICONNetwork, moving, fixed, similarity, *, l
         phi = map_on_grid(fields, identity)
         return phi, warp(image, phi)
 
-    recompute = network.recompute_maps
+    recompute = network.recomputes_maps(moving.device)
     phi_ab, warped_ab = recomputed_in_backward(map_and_warped, loss_moving, *fields_ab, recompute=recompute)
     phi_ba, warped_ba = recomputed_in_backward(map_and_warped, loss_fixed, *fields_ba, recompute=recompute)
     similarity_loss = similarity(warped_ab, loss_fixed, fixed_mask) + similarity(warped_ba, loss_moving, moving_mask)
@@ -400,8 +400,9 @@ class Engine:
             them: less memory, more time. At 175^3 on the 2-core AMD EPYC with freed host memory
             returned, peak 6.9 -> 5.3 GiB, one IO step 26.5 -> 28.0 s (one call each,
             ``benchmarks/bench_low_memory_conv.py``); the default path already recomputes what
-            is cheap (:func:`mgr_engine.model.low_memory_conv`, and the maps of the compositions
-            and warps, :func:`mgr_engine.ops.recomputed_in_backward`).
+            is cheap (:func:`mgr_engine.model.low_memory_conv`; on a GPU, and on the CPU with
+            this option, the maps of the compositions and warps too,
+            :meth:`mgr_engine.model.GradICONNetwork.recomputes_maps`).
         cache_host_memory: on the CPU, keep freed host memory in the process for reuse instead
             of returning it to the system after each large tensor (:mod:`mgr_engine.host_memory`,
             glibc only; process-wide): at 175^3 an IO step and ``predict_map`` 1.7x faster, for a

@@ -731,9 +731,11 @@ class GradICONNetwork(nn.Module):
         self.unet_autocast = None
         self.last_unet = True
         # With gradients (IO, training), the maps of the compositions and warps (61 MiB each at
-        # 175^3) are recomputed in the backward pass instead of kept (recomputed_in_backward):
-        # IO's forecast peak at 175^3 5.73 -> 4.70 GiB, no slowdown in two pairs of runs on 2 CPU cores.
-        self.recompute_maps = True
+        # 175^3) recomputed in the backward pass instead of kept (recomputed_in_backward): IO's
+        # forecast peak at 175^3 5.73 -> 4.70 GiB. None (see recomputes_maps): on a GPU, and under
+        # checkpoint_unets (io_checkpointing, the mode that saves memory); not otherwise on the
+        # CPU, where the recomputation took 0.67 s of a 10 s IO step at 175^3 (2-core AMD Zen 5).
+        self.recompute_maps: bool | None = None
         # With gradients (IO), each U-Net's finest decoder level and last convolution run again in
         # the backward pass (UNet.forward's recompute_finest_level) instead of keeping the finest
         # level's BatchNorm input, 0.33 GiB for each of the four full-resolution U-Net calls of an
@@ -768,12 +770,21 @@ class GradICONNetwork(nn.Module):
         d2 = psi2(warp(moving_half, half_map, padding="border"), fixed_half)
 
         identity = self.identity_full
-        d3 = psi3(warp_through(moving, [d1, d2], identity, recompute=self.recompute_maps), fixed)
+        recompute = self.recomputes_maps(moving.device)
+        d3 = psi3(warp_through(moving, [d1, d2], identity, recompute=recompute), fixed)
 
         if not self.last_unet:
             return [d1, d2, d3, torch.zeros_like(d3)]
-        d4 = psi4(warp_through(moving, [d1, d2], identity, d3, recompute=self.recompute_maps), fixed)
+        d4 = psi4(warp_through(moving, [d1, d2], identity, d3, recompute=recompute), fixed)
         return [d1, d2, d3, d4]
+
+    def recomputes_maps(self, device) -> bool:
+        """Whether, with gradients, the maps of the compositions and warps are recomputed in the
+        backward pass on ``device``: :attr:`recompute_maps`, or where that is None, on CUDA and
+        under :attr:`checkpoint_unets`."""
+        if self.recompute_maps is not None:
+            return self.recompute_maps
+        return torch.device(device).type == "cuda" or self.checkpoint_unets
 
     def _run_unet(self, unet: UNet, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         if self.unet_autocast is not None:

@@ -468,15 +468,18 @@ def test_checkpointed_unets_give_the_same_gradients():
 @pytest.mark.parametrize("checkpoint_unets", [False, True])
 def test_recomputed_maps_give_the_same_gradients_and_keep_less(checkpoint_unets):
     """``recompute_maps``: the compositions' and warps' maps recomputed in the backward pass: the
-    same gradients, and the maps (3 x 72^3 float32 each) no longer kept."""
+    same gradients, and the maps (3 x 72^3 float32 each) no longer kept; by default (None) on the
+    CPU only under ``checkpoint_unets``."""
     net = random_network(SHAPE, narrow=True, seed=8, displacement_scale=0.3).requires_grad_(True)
     net.checkpoint_unets = checkpoint_unets
     moving, fixed = images()
     results = {}
-    for recompute in (False, True):
+    for recompute in (False, True, None):
         net.recompute_maps = recompute
         results[recompute] = _objective_gradients_and_kept_bytes(net, moving, fixed)
     (grads, kept), (recomputed_grads, recomputed_kept) = results[False], results[True]
+    # the default (None) on the CPU: kept, unless the U-Nets are checkpointed (io_checkpointing)
+    assert results[None][1] == (recomputed_kept if checkpoint_unets else kept)
     assert any(g.abs().max() > 0 for g in grads)
     for a, b in zip(grads, recomputed_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
@@ -510,14 +513,15 @@ def test_recomputed_finest_levels_give_the_same_gradients_and_keep_less(recomput
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_finest_levels_are_recomputed_by_default_on_a_gpu():
-    """On CUDA the default (None) recomputes the finest decoder levels: its graph keeps what
-    ``recompute_finest_levels=True`` keeps, less than ``False``."""
+@pytest.mark.parametrize("attribute", ["recompute_finest_levels", "recompute_maps"])
+def test_finest_levels_and_maps_are_recomputed_by_default_on_a_gpu(attribute):
+    """On CUDA the default (None) recomputes the finest decoder levels and the maps: its graph
+    keeps what ``True`` keeps, less than ``False``."""
     net = random_network(SHAPE, narrow=True, seed=8, displacement_scale=0.3).cuda().requires_grad_(True)
     moving, fixed = (image.cuda() for image in images())
     kept = {}
     for recompute in (None, True, False):
-        net.recompute_finest_levels = recompute
+        setattr(net, attribute, recompute)
         kept[recompute] = _objective_gradients_and_kept_bytes(net, moving, fixed)[1]
     assert kept[None] == kept[True] < kept[False], kept
 
