@@ -95,7 +95,8 @@ def _add_register(sub):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the forward (CUDA graphs on a GPU); pays off over many registrations")
     p.add_argument("--io_checkpointing", action="store_true",
-                   help="recompute U-Net activations during IO's backward: less memory, more time")
+                   help="recompute U-Net activations (and, on the CPU, the maps) during IO's backward: less memory, "
+                        "more time")
     p.add_argument("--seed", type=int, help="seed for IO's random regularizer grid (reproducible IO)")
     p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
                    help="run the network's forward in PyTorch (default) or ONNX Runtime; IO stays in PyTorch")
