@@ -14,7 +14,7 @@ $(PY):
 # torch first, pinned to the CPU wheel these machines carry: a bare `torch` requirement
 # resolved by pip would pull a multi-GB CUDA build. A torch already in the venv is kept.
 # The install also compiles the C++ kernels (kernels/*.cpp), hence their dependency.
-$(STAMP): pyproject.toml setup.py kernels/trilinear_cpu.cpp kernels/last_conv_cpu.cpp kernels/gaussian_blur_cpu.cpp kernels/resample_cpu.cpp kernels/jacobian_cpu.cpp kernels/mind_ssc_cpu.cpp kernels/upconv_cpu.cpp kernels/cpu_kernel.h | $(PY)
+$(STAMP): pyproject.toml setup.py kernels/trilinear_cpu.cpp kernels/last_conv_cpu.cpp kernels/gaussian_blur_cpu.cpp kernels/resample_cpu.cpp kernels/jacobian_cpu.cpp kernels/mind_ssc_cpu.cpp kernels/upconv_cpu.cpp kernels/encoder_cpu.cpp kernels/cpu_kernel.h | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[test,onnx,train]"
 	$(PY) -m pip install -q --no-deps "unigradicon==1.0.6" "icon_registration==1.1.9"
@@ -34,4 +34,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_register.py
 
 clean:
-	rm -rf $(VENV) demo_output .pytest_cache build mgr_engine/_trilinear_cpu*.so mgr_engine/_last_conv_cpu*.so mgr_engine/_gaussian_blur_cpu*.so mgr_engine/_resample_cpu*.so mgr_engine/_jacobian_cpu*.so mgr_engine/_mind_ssc_cpu*.so mgr_engine/_upconv_cpu*.so
+	rm -rf $(VENV) demo_output .pytest_cache build mgr_engine/_trilinear_cpu*.so mgr_engine/_last_conv_cpu*.so mgr_engine/_gaussian_blur_cpu*.so mgr_engine/_resample_cpu*.so mgr_engine/_jacobian_cpu*.so mgr_engine/_mind_ssc_cpu*.so mgr_engine/_upconv_cpu*.so mgr_engine/_encoder_cpu*.so

@@ -9,7 +9,8 @@ LNCC's window; ``kernels/resample_cpu.cpp`` -> ``mgr_engine._resample_cpu``: the
 warped image and displacement field at full resolution; ``kernels/jacobian_cpu.cpp`` ->
 ``mgr_engine._jacobian_cpu``: their Jacobian determinant; ``kernels/mind_ssc_cpu.cpp`` ->
 ``mgr_engine._mind_ssc_cpu``: the MIND-SSC descriptor of IO's similarity; ``kernels/upconv_cpu.cpp``
--> ``mgr_engine._upconv_cpu``: the transposed convolutions' weight gradient in IO) are built
+-> ``mgr_engine._upconv_cpu``: the transposed convolutions' weight gradient in IO;
+``kernels/encoder_cpu.cpp`` -> ``mgr_engine._encoder_cpu``: the U-Nets' first encoder level) are built
 through pybind11 (a build requirement in pyproject.toml)
 with OpenMP. They are optional: where they do not compile, the install goes on and the engine
 uses PyTorch's ops. ``MGR_ENGINE_BUILD_CPP=0`` skips them (a GPU session's install, where the
@@ -39,7 +40,7 @@ def cpp_extensions():
     # -ffp-contract=off for the Jacobian: it reproduces ITK's float arithmetic, which fused
     # multiply-adds would round differently.
     flags = {"trilinear_cpu": [], "last_conv_cpu": [], "gaussian_blur_cpu": [], "resample_cpu": [],
-             "jacobian_cpu": ["-ffp-contract=off"], "mind_ssc_cpu": [], "upconv_cpu": []}
+             "jacobian_cpu": ["-ffp-contract=off"], "mind_ssc_cpu": [], "upconv_cpu": [], "encoder_cpu": []}
     return [Pybind11Extension(f"mgr_engine._{name}", [f"kernels/{name}.cpp"], cxx_std=17, optional=True,
                               extra_compile_args=["-O3", "-fno-trapping-math", *extra, *openmp],
                               extra_link_args=openmp)

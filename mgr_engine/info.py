@@ -23,6 +23,7 @@ CPP_EXTENSIONS = {
     "_jacobian_cpu": "Jacobian determinant",
     "_mind_ssc_cpu": "MIND-SSC descriptor",
     "_upconv_cpu": "transposed convolutions' weight gradient",
+    "_encoder_cpu": "U-Net first encoder level",
 }
 # Packages the engine uses where installed, each with what for.
 OPTIONAL_PACKAGES = {

@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError, InvalidImageError, InvalidOptionError
-from .kernels import decoder_cpu, last_conv_cpu, upconv_cpu
+from .kernels import decoder_cpu, encoder_cpu, last_conv_cpu, upconv_cpu
 from .ops import (compose_maps, identity_map, is_channels_last, memory_format_of, recomputed_in_backward,
-                  use_cpp_decoder, use_cpp_last_conv, use_cpp_norm_concat, use_cpp_upconv_weight_grad, use_triton,
-                  warp)
+                  use_cpp_decoder, use_cpp_encoder_level, use_cpp_last_conv, use_cpp_norm_concat,
+                  use_cpp_upconv_weight_grad, use_triton, warp)
 
 
 @dataclass(frozen=True)
@@ -542,6 +542,9 @@ class UNet(nn.Module):
         skips = []
         for conv in self.downConvs:
             skips.append(x)
+            if use_cpp_encoder_level(x, conv) and not _autocast_enabled("cpu"):  # the two images' level
+                x = encoder_cpu.encoder_level(x, conv.weight, conv.bias, LEAKY_SLOPE)
+                continue
             y = low_memory_conv(conv, x)
             x = y + _match_channels(half_resolution(x), y.shape[1])
         recompute_x = None  # how to recompute x, the decoder level's output, in the backward pass

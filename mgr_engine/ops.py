@@ -134,6 +134,15 @@ def use_cpp_last_conv(x: torch.Tensor, conv: torch.nn.Conv3d) -> bool:
             and conv.groups == 1 and conv.padding_mode == "zeros")
 
 
+def use_cpp_encoder_level(x: torch.Tensor, conv: torch.nn.Conv3d) -> bool:
+    """Whether a U-Net encoder level of ``x`` through ``conv`` runs in C++ under the current mode
+    (:func:`mgr_engine.kernels.encoder_cpu.takes`: CPU, channels-last, a few input channels: the
+    first level's two images)."""
+    from .kernels import encoder_cpu
+
+    return _cpp_kernels_allowed(x) and encoder_cpu.takes(x, conv)
+
+
 def use_cpp_upconv_weight_grad(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the weight gradient of a U-Net's transposed convolution (kernel 4, stride 2,
     padding 1) of ``x``, whose output's gradient is ``grad``, runs in C++ under the current mode
