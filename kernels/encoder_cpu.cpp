@@ -16,8 +16,8 @@
 //
 // Layouts: x (B, D, H, W, Ci), out and grad (B, D', H', W', Co), channels last (the engine's
 // network layout), D' = ceil(D / 2) and so on; the weight as (27, Ci, P) and the bias as (P), the
-// output channels zero-padded to P, a multiple of 16, so that whole vectors of output channels
-// cover them at every width. Each thread takes a share of the rows (b, z, y) it writes.
+// output channels zero-padded to P = 16, 32 or 64, so that a power of two of whole vectors covers
+// them at every width (the counts compiled). Each thread takes a share of the rows (b, z, y) it writes.
 // float compiled for AVX-512, AVX2+FMA and baseline x86-64 in vectors of that width, picked at
 // run time (simd_bytes()); double (the tests' gradcheck) for baseline only.
 
@@ -349,9 +349,9 @@ Geometry geometry(const Array<T>& x, const Array<T>& weight, const Array<T>& y) 
     check(y.shape(0) == g.batch, "x and the output differ in batch size");
     for (int a = 0; a < 3; ++a) check(g.m[a] == (g.n[a] + 1) / 2, "the output's grid must be ceil(x's / 2)");
     check(g.cin >= 1 && g.cin <= MOST_INPUT_CHANNELS && g.cin <= g.cout, "x must have 1 to 4 channels, at most the output's");
-    check(weight.ndim() == 3 && weight.shape(0) == 27 && weight.shape(1) == g.cin && g.padded % 16 == 0 &&
-              g.padded >= g.cout && g.padded <= MOST_PADDED_CHANNELS,
-          "weight must be (27, Ci, P), P the output channels padded to a multiple of 16, at most 64");
+    check(weight.ndim() == 3 && weight.shape(0) == 27 && weight.shape(1) == g.cin &&
+              (g.padded == 16 || g.padded == 32 || g.padded == MOST_PADDED_CHANNELS) && g.padded >= g.cout,
+          "weight must be (27, Ci, P), P the output channels padded to 16, 32 or 64");
     return g;
 }
 
@@ -408,7 +408,7 @@ void define(py::module_& module) {
                py::arg("bias").noconvert(), py::arg("out").noconvert(), py::arg("slope"), py::arg("threads"),
                "out (B, D', H', W', Co) = conv3d(leaky_relu(x), weight, bias, stride 2, padding 1) plus avg_pool3d(x, 2, "
                "ceil_mode) on its last Ci channels; x (B, D, H, W, Ci), weight (27, Ci, P), bias (P), P the output "
-               "channels zero-padded to a multiple of 16.");
+               "channels zero-padded to 16, 32 or 64.");
     module.def("encoder_level_input_grad", &encoder_level_input_grad<T>, py::arg("x").noconvert(),
                py::arg("weight").noconvert(), py::arg("grad").noconvert(), py::arg("grad_x").noconvert(),
                py::arg("slope"), py::arg("threads"),

@@ -79,13 +79,14 @@ def takes(x: torch.Tensor, conv: torch.nn.Conv3d) -> bool:
 
 
 def _padded(t: torch.Tensor) -> torch.Tensor:
-    """``t`` with its last axis (output channels) zero-padded to a multiple of 16."""
-    extra = -t.shape[-1] % 16
+    """``t`` with its last axis (output channels) zero-padded to 16, 32 or 64: whole vectors at
+    every width, and a power of two of them (the counts the kernels are compiled for)."""
+    extra = max(16, 1 << (t.shape[-1] - 1).bit_length()) - t.shape[-1]
     return F.pad(t, (0, extra)) if extra else t
 
 
 def _kernel_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The (Co, Ci, 3, 3, 3) weight as the kernels read it: (27, Ci, P), P = Co padded."""
+    """The (Co, Ci, 3, 3, 3) weight as the kernels read it: (27, Ci, P), P = Co padded (:func:`_padded`)."""
     return _padded(weight.detach().permute(2, 3, 4, 1, 0).reshape(27, weight.shape[1], weight.shape[0])).contiguous()
 
 

@@ -126,6 +126,13 @@ def test_declines_what_it_does_not_compute():
                   torch.nn.Conv3d(2, 16, 3, stride=2, padding=1, dilation=2),
                   torch.nn.Conv3d(2, 16, 3, stride=2, padding=1, padding_mode="replicate")):
         assert not encoder_cpu.takes(x, other)
+    # the kernels are compiled for 16, 32 and 64 padded output channels (a power of two of vectors
+    # at every width): 48 would have read past each channel's weights
+    out = torch.empty(1, 48, 2, 2, 2).contiguous(memory_format=CL)
+    with pytest.raises(ValueError, match="padded to 16, 32 or 64"):
+        encoder_cpu._encoder_cpu.encoder_level(x.permute(0, 2, 3, 4, 1).numpy(), torch.zeros(27, 2, 48).numpy(),
+                                               torch.zeros(48).numpy(), out.permute(0, 2, 3, 4, 1).numpy(), 0.01, 1)
+    assert encoder_cpu._kernel_weight(torch.zeros(48, 2, 3, 3, 3)).shape == (27, 2, 64)
     with ops.kernel_mode("torch"):
         assert not ops.use_cpp_encoder_level(x, conv)
     with ops.kernel_mode("cpp"):
