@@ -169,7 +169,8 @@ INLINE_INTO_CLONES void forward_rows_of(const Geometry& g, const T* x, const T* 
         T* out_row = out + row * g.m[2] * g.cout;
         // the last output's taps reach ix = 2 m - 1: W - 1 where W is even, the right pad where W is odd
         int64_t jx = 0;
-        for (; jx + JB <= g.m[2]; jx += JB) forward_voxels<T, BYTES, VECTORS, JB>(g, rows, pooled, weight, bias, out_row, jx);
+        for (; jx + JB <= g.m[2]; jx += JB)
+            forward_voxels<T, BYTES, VECTORS, JB>(g, rows, pooled, weight, bias, out_row, jx);
         for (; jx < g.m[2]; ++jx) forward_voxels<T, BYTES, VECTORS, 1>(g, rows, pooled, weight, bias, out_row, jx);
     }
 }
@@ -185,7 +186,8 @@ INLINE_INTO_CLONES void forward_body(const Geometry& g, const T* x, const T* wei
         case 4: return forward_rows_of<T, BYTES, 4>(g, x, weight, bias, out, slope, first, last, buffer.data());
         case 8: return forward_rows_of<T, BYTES, 8>(g, x, weight, bias, out, slope, first, last, buffer.data());
         case 16: return forward_rows_of<T, BYTES, 16>(g, x, weight, bias, out, slope, first, last, buffer.data());
-        default: return forward_rows_of<T, BYTES, 32>(g, x, weight, bias, out, slope, first, last, buffer.data());  // double in 16-byte vectors, 64 channels
+        default:  // double in 16-byte vectors, 64 channels
+            return forward_rows_of<T, BYTES, 32>(g, x, weight, bias, out, slope, first, last, buffer.data());
     }
 }
 
