@@ -24,6 +24,7 @@ inline int omp_get_num_threads() { return 1; }
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <stdexcept>
 #include <type_traits>
 
@@ -127,6 +128,13 @@ inline bool splits_512_bit_vectors() {
 #else
     return false;
 #endif
+}
+
+// This OpenMP thread's share [first, last) of n items: the t-th of the actual team's equal shares
+// (the team may be smaller than asked: no OpenMP, nested parallelism).
+inline void share(int64_t n, int64_t* first, int64_t* last) {
+    const int64_t tid = omp_get_thread_num(), team = omp_get_num_threads();
+    *first = n * tid / team, *last = n * (tid + 1) / team;
 }
 
 // Defines module.simd_bytes(cap) of an extension whose bodies SIMD_DISPATCH runs, for Python.

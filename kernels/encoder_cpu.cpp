@@ -28,7 +28,7 @@
 #include <utility>
 #include <vector>
 
-#include "cpu_kernel.h"  // Array, check, INLINE_INTO_CLONES, SIMD_DISPATCH, Vector, load_vector
+#include "cpu_kernel.h"  // Array, check, share, INLINE_INTO_CLONES, SIMD_DISPATCH, Vector, load_vector
 
 namespace {
 
@@ -371,8 +371,8 @@ void encoder_level(const Array<T>& x, const Array<T>& weight, const Array<T>& bi
     py::gil_scoped_release release;
 #pragma omp parallel num_threads(std::max(threads, 1))
     {
-        const int tid = omp_get_thread_num(), team = omp_get_num_threads();
-        const int64_t first = rows * tid / team, last = rows * (tid + 1) / team;
+        int64_t first, last;
+        share(rows, &first, &last);
         if constexpr (std::is_same_v<T, double>)  // the tests' gradcheck: baseline vectors only
             forward_body<T, 16>(g, xs, ws, bs, os, T(slope), first, last);
         else
@@ -394,8 +394,8 @@ void encoder_level_input_grad(const Array<T>& x, const Array<T>& weight, const A
     py::gil_scoped_release release;
 #pragma omp parallel num_threads(std::max(threads, 1))
     {
-        const int tid = omp_get_thread_num(), team = omp_get_num_threads();
-        const int64_t first = rows * tid / team, last = rows * (tid + 1) / team;
+        int64_t first, last;
+        share(rows, &first, &last);
         if constexpr (std::is_same_v<T, double>)
             input_grad_body<T, 16>(g, xs, ws, gs, out, T(slope), first, last);
         else

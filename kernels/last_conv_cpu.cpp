@@ -24,7 +24,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu_kernel.h"  // Array, check, INLINE_INTO_CLONES, SIMD_DISPATCH, Vector, load_vector, keep_in_register
+#include "cpu_kernel.h"  // Array, check, share, INLINE_INTO_CLONES, SIMD_DISPATCH, Vector, load_vector,
+                         // keep_in_register
 
 namespace {
 
@@ -103,12 +104,6 @@ class SliceRing {
     T* const base_;  // data_'s first 64-byte aligned element: each row's x = 0 is aligned
     int64_t key_[3] = {-1, -1, -1};
 };
-
-// The first and last (exclusive) output slice of this thread's share.
-inline void share(int64_t n, int64_t* first, int64_t* last) {
-    const int64_t tid = omp_get_thread_num(), team = omp_get_num_threads();
-    *first = n * tid / team, *last = n * (tid + 1) / team;
-}
 
 // The last `left` blocks of a row (fewer than a group), as one pass of that many.
 template <int G, typename Pass>

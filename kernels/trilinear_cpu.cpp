@@ -16,7 +16,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "cpu_kernel.h"  // Array, check, CPU_DISPATCH, INLINE_INTO_CLONES
+#include "cpu_kernel.h"  // Array, check, share, CPU_DISPATCH, INLINE_INTO_CLONES
 
 namespace {
 
@@ -443,9 +443,9 @@ void warp_forward(const Array<T>& image, const Array<T>& coords, Array<T>& out, 
         const T* map_b = map + (g.coord_batch == 1 ? 0 : b * 3 * g.points);
 #pragma omp parallel num_threads(threads)
         {
-            const int tid = omp_get_thread_num(), team = omp_get_num_threads();
-            sample_points(g, src + b * g.channels * g.volume, map_b, dst + b * g.channels * g.points,
-                          g.points * tid / team, g.points * (tid + 1) / team);
+            int64_t first, last;
+            share(g.points, &first, &last);
+            sample_points(g, src + b * g.channels * g.volume, map_b, dst + b * g.channels * g.points, first, last);
         }
     }
 }
@@ -490,13 +490,14 @@ void warp_backward(const Array<T>& image, const Array<T>& coords, const Array<T>
             // The team may be smaller than asked (no OpenMP, nested parallelism): the shares
             // are the actual team's.
             const int tid = omp_get_thread_num(), team = omp_get_num_threads();
-            const int64_t first = g.points * tid / team, last = g.points * (tid + 1) / team;
+            int64_t first, last, lo, hi;  // the points, and the z slices the thread owns
+            share(g.points, &first, &last);
+            share(g.depth, &lo, &hi);
             if (need_coords)
                 map_gradient_points(g, src + b * item, map_b, gout_b,
                                     gmap + (g.coord_batch == 1 ? 0 : b * 3 * g.points), first, last);
             if (need_image) {
                 T* gimage_b = gimage + b * item;
-                const int64_t lo = g.depth * tid / team, hi = g.depth * (tid + 1) / team;
                 for (int64_t ch = 0; ch < g.channels; ++ch)
                     std::fill(gimage_b + ch * g.volume + lo * g.plane, gimage_b + ch * g.volume + hi * g.plane, T(0));
                 std::vector<int64_t>& mine = elsewhere[tid];

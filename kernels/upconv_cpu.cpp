@@ -23,7 +23,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "cpu_kernel.h"  // Array, check, INLINE_INTO_CLONES, SIMD_DISPATCH, Vector, load_vector, keep_in_register
+#include "cpu_kernel.h"  // Array, check, share, INLINE_INTO_CLONES, SIMD_DISPATCH, Vector, load_vector, keep_in_register
 
 namespace {
 
@@ -131,7 +131,8 @@ void upconv_weight_grad(const Array<T>& x, const Array<T>& grad, Array<T>& grad_
         if (tid == 0) team_size = team;
         std::vector<double>& mine = sums[tid];
         mine.assign(size_t(64 * per_k), 0.0);
-        const int64_t first = rows * tid / team, last = rows * (tid + 1) / team;
+        int64_t first, last;
+        share(rows, &first, &last);
         for (int64_t chunk = first; chunk < last; chunk += ROWS_PER_FLUSH) {
             const int64_t end = std::min(last, chunk + ROWS_PER_FLUSH);
             for (int kz = 0; kz < 4; ++kz)
