@@ -6,8 +6,8 @@
 // (the pooled input added to the last Ci of the Co output channels). At the first level x is
 // the two images (Ci = 2) at full resolution, and oneDNN, which blocks channels by 16, runs
 // that convolution's input gradient at about 20 GFLOP/s (28 ms at 175^3, 2 cores), and torch's
-// average pooling copies the channels-last input to planar and back: the level took 21 ms
-// forward and 49 ms backward of a full-resolution U-Net. Here, in one pass each:
+// average pooling copies the channels-last input to planar and back: the level took 22 ms
+// forward and 50 ms backward of a full-resolution U-Net. Here, in one pass each:
 //   forward: out[j] = bias + sum over the 27 taps of leaky_relu(x[2 j - 1 + k]) * weight[k],
 //            plus the pool's mean of x over [2 j, 2 j + 1] (within the grid) on the last Ci channels;
 //   input gradient: grad_x[i] = leaky_relu'(x[i]) * sum over the taps (k, j) with 2 j - 1 + k = i
@@ -201,7 +201,7 @@ INLINE_INTO_CLONES T lane_sum(const V& v);
 
 // The sum of v's N lanes, halves added pairwise in registers (a lane-by-lane sum is a chain of
 // dependent scalar adds, which GCC keeps in order without -ffast-math: the input gradient ran
-// 1.6x slower; halves taken through memory stalled the store's forwarding).
+// 1.6x slower).
 template <typename T, int N, typename V, size_t... I>
 INLINE_INTO_CLONES T lane_sum_halves(const V& v, std::index_sequence<I...>) {
     const auto lo = __builtin_shufflevector(v, v, I...);
@@ -238,7 +238,7 @@ INLINE_INTO_CLONES void input_grad_voxel(const Geometry& g, const InputRow<T>& r
     constexpr int CHANNELS = CIN ? CIN : MOST_INPUT_CHANNELS;
     const int64_t cin = CIN ? CIN : g.cin, cout = g.cout, voxel_weights = cin * g.padded;
     // constant bounds (guarded by cin where CIN is 0): indexed by constants once unrolled, the
-    // sums stay in registers (indexed by a run-time channel they lived on the stack: 1.8x slower)
+    // sums stay in registers (indexed by a run-time channel they lived on the stack: 1.3x slower)
     V acc[CHANNELS][VECTORS];
     for (int ci = 0; ci < CHANNELS; ++ci)
         for (int v = 0; v < VECTORS; ++v) acc[ci][v] = V{};

@@ -5,12 +5,12 @@ Each encoder level computes ``conv3d(leaky_relu(x), weight, bias, stride=2, padd
 (:meth:`mgr_engine.model.UNet.forward`). At the first level ``x`` is the two images at full
 resolution: oneDNN, which blocks channels by 16, ran that convolution's input gradient at about
 20 GFLOP/s (28 ms at 175^3, 2 cores), and torch's average pooling copies a channels-last input
-to planar and back, so the level took 21 ms forward and 49 ms backward of a full-resolution
+to planar and back, so the level took 22 ms forward and 50 ms backward of a full-resolution
 U-Net. The extension ``mgr_engine._encoder_cpu`` (``kernels/encoder_cpu.cpp``, built by
 ``setup.py``) computes the forward and the input gradient each in one pass over channels-last
 tensors (the engine's layout), in the widest vectors the CPU has (:func:`vector_bytes`); the
-weight and bias gradients stay with oneDNN. 2-core AMD EPYC (Zen 5), 175^3: forward 21.3 ->
-10.0 ms, backward 48.8 -> 19.3 ms (benchmarks/RESULTS.md, forty-eighth session).
+weight and bias gradients stay with oneDNN. 2-core AMD EPYC (Zen 5), 175^3: forward 22.0 ->
+10.2 ms, backward 50.4 -> 19.4 ms (benchmarks/RESULTS.md, forty-eighth session).
 
 Reference: :func:`reference`; test: ``tests/test_kernels_encoder_cpu.py``; benchmark:
 ``benchmarks/bench_encoder_cpu.py``.

@@ -544,9 +544,9 @@ class UNet(nn.Module):
             skips.append(x)
             if use_cpp_encoder_level(x, conv) and not _autocast_enabled("cpu"):  # the two images' level
                 x = encoder_cpu.encoder_level(x, conv.weight, conv.bias, LEAKY_SLOPE)
-                continue
-            y = low_memory_conv(conv, x)
-            x = y + _match_channels(half_resolution(x), y.shape[1])
+            else:
+                y = low_memory_conv(conv, x)
+                x = y + _match_channels(half_resolution(x), y.shape[1])
         recompute_x = None  # how to recompute x, the decoder level's output, in the backward pass
         # Each level drops its names for what it no longer needs (del) before the next large
         # allocation: held until reassigned, the full-resolution level's convolution output and
