@@ -128,7 +128,7 @@ INLINE_INTO_CLONES void forward_voxels(const Geometry& g, const T* const* rows, 
                     keep_in_register(w[v]);  // one load for its JB multiply-adds
                 }
                 for (int jb = 0; jb < JB; ++jb) {
-                    const V a = V{} + at[2 * jb * cin + ci];
+                    const V a = at[2 * jb * cin + ci] - V{};  // a broadcast (x - 0 folds to x, 0 + x does not)
                     for (int v = 0; v < VECTORS; ++v) acc[jb][v] += a * w[v];
                 }
             }
