@@ -9,7 +9,7 @@ LNCC's window; ``kernels/resample_cpu.cpp`` -> ``mgr_engine._resample_cpu``: the
 warped image and displacement field at full resolution; ``kernels/jacobian_cpu.cpp`` ->
 ``mgr_engine._jacobian_cpu``: their Jacobian determinant; ``kernels/mind_ssc_cpu.cpp`` ->
 ``mgr_engine._mind_ssc_cpu``: the MIND-SSC descriptor of IO's similarity; ``kernels/upconv_cpu.cpp``
--> ``mgr_engine._upconv_cpu``: the transposed convolutions' weight gradient in IO;
+-> ``mgr_engine._upconv_cpu``: the transposed convolutions' forward (Winograd) and weight gradient;
 ``kernels/encoder_cpu.cpp`` -> ``mgr_engine._encoder_cpu``: the U-Nets' first encoder level) are built
 through pybind11 (a build requirement in pyproject.toml)
 with OpenMP. They are optional: where they do not compile, the install goes on and the engine

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import platform
-import statistics
 import sys
 from pathlib import Path
 from unittest import mock
@@ -33,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from bench_kernels import timed  # noqa: E402  (median after two warm-ups)
-from bench_warp_cpu import allocated_mib, cpu_benchmark_parser, exit_unless_built, io_call_seconds  # noqa: E402
+from bench_warp_cpu import (allocated_mib, cpu_benchmark_parser, exit_unless_built, io_call_seconds,  # noqa: E402
+                            predict_map_seconds)
 
 from mgr_engine import host_memory, model, ops  # noqa: E402
 from mgr_engine.kernels import encoder_cpu  # noqa: E402
@@ -90,21 +90,6 @@ def level_rows(shape, repeats):
     header = (["level (input grid)", "PyTorch: forward / backward, allocated, error vs float64"]
               + [f"C++ {w} bytes" for w in widths])
     return header, rows
-
-
-def predict_map_seconds(shape, repeats, pytorch_patch, rounds=3):
-    """Median seconds of a warm ``predict_map`` (no IO) with ``pytorch_patch`` active and without,
-    ``rounds`` rounds of ``repeats`` calls each, alternated (the difference is a few percent)."""
-    from helpers import benchmark_engine
-
-    engine, moving, fixed = benchmark_engine(shape)
-    run = lambda: engine.predict_map(moving, fixed)  # noqa: E731
-    pytorch, ours = [], []
-    for _ in range(rounds):
-        with pytorch_patch:
-            pytorch.append(timed(run, "cpu", repeats))
-        ours.append(timed(run, "cpu", repeats))
-    return statistics.median(pytorch), statistics.median(ours)
 
 
 def main(argv=None):

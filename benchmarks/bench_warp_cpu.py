@@ -69,6 +69,21 @@ def io_call_seconds(shape, repeats, pytorch_patch, **io_options):
     return pytorch, timed(run, "cpu", repeats)
 
 
+def predict_map_seconds(shape, repeats, pytorch_patch, rounds=3):
+    """Median seconds of a warm ``predict_map`` (no IO) with ``pytorch_patch`` active and without,
+    ``rounds`` rounds of ``repeats`` calls each, alternated (the difference is a few percent)."""
+    from helpers import benchmark_engine
+
+    engine, moving, fixed = benchmark_engine(shape)
+    run = lambda: engine.predict_map(moving, fixed)  # noqa: E731
+    pytorch, ours = [], []
+    for _ in range(rounds):
+        with pytorch_patch:
+            pytorch.append(timed(run, "cpu", repeats))
+        ours.append(timed(run, "cpu", repeats))
+    return statistics.median(pytorch), statistics.median(ours)
+
+
 def exit_unless_built(available: bool, extension: str) -> None:
     """Exit, saying how to build it, where the C++ ``extension`` was not built."""
     if not available:

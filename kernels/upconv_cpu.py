@@ -1,23 +1,37 @@
-"""The weight gradient of the U-Net decoder's transposed convolutions on the CPU, in C++ with OpenMP.
+"""The U-Net decoder's transposed convolutions on the CPU, in C++ with OpenMP: the forward pass in
+Winograd form, and the weight gradient.
 
-Each decoder level upsamples with ``ConvTranspose3d(kernel_size=4, stride=2, padding=1)``. In
-IO's backward pass, oneDNN computes that layer's weight gradient at about 60% of the rate of its
-input gradient (48 -> 16 channels at 88^3, 2 cores: 259 against 404 GFLOP/s on an AMD Zen 5):
-the largest convolution cost of a full-resolution U-Net's finest level. The extension
-``mgr_engine._upconv_cpu`` (``kernels/upconv_cpu.cpp``, built by ``setup.py``) computes it from
+Each decoder level upsamples with ``ConvTranspose3d(kernel_size=4, stride=2, padding=1)``. The
+extension ``mgr_engine._upconv_cpu`` (``kernels/upconv_cpu.cpp``, built by ``setup.py``) works on
 channels-last tensors (the engine's layout), in the widest vectors the CPU has
-(:func:`vector_bytes`), with float64 sums per row block and per thread. It is faster than
-oneDNN's where the layer has few output channels, at the finest two levels (16 and 32): there
-:func:`takes` routes IO's layers to it; oneDNN keeps the coarser ones, whose short rows it runs
-better.
+(:func:`vector_bytes`).
 
-Reference: :func:`reference` (``convolution_backward``); test: ``tests/test_kernels_upconv_cpu.py``;
-benchmark: ``benchmarks/bench_upconv_cpu.py``.
+* **Forward** (:func:`forward`, of ``leaky_relu(x)`` or ``x``). oneDNN runs these layers near the
+  FMA peak, so only fewer products make them faster: Winograd's F(2, 2) on their sub-pixel form
+  takes 27 products per input x output channel pair where the direct sums take 64 (48 -> 16
+  channels at 88^3, the finest level of a full-resolution U-Net: 180 against 90 ms on 2 AMD Zen
+  5 cores). Its rounding differs from the direct sums' (the transforms add and subtract; its
+  error against float64 1.3x oneDNN's there): tested against float64 within 8 float32 epsilons
+  of the sum of absolute products. The inference network and IO's forward take it at the finest
+  two levels (:func:`takes_forward`).
+* **Weight gradient** (:func:`weight_grad`). In IO's backward pass, oneDNN computes it at about
+  60% of the rate of the layer's input gradient (48 -> 16 channels at 88^3, 2 cores: 259 against
+  404 GFLOP/s on an AMD Zen 5), the largest convolution cost of a full-resolution U-Net's finest
+  level. Here with float64 sums per row block and per thread. It is faster than oneDNN's where
+  the layer has few output channels, at the finest two levels (16 and 32): there :func:`takes`
+  routes IO's layers to it; oneDNN keeps the coarser ones, whose short rows it runs better.
+
+References: :func:`forward_reference` (``conv_transpose3d``), :func:`reference`
+(``convolution_backward``); test: ``tests/test_kernels_upconv_cpu.py``; benchmark:
+``benchmarks/bench_upconv_cpu.py``.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 from mgr_engine.ops import is_channels_last
 
@@ -28,10 +42,15 @@ try:
 except ImportError:  # not compiled (no C++ compiler at install time)
     _upconv_cpu = None
 
-# Output channels up to which the kernel is faster than oneDNN's (both in AVX-512, and both
-# in AVX2: benchmarks/RESULTS.md, forty-sixth session); beyond, the rows are short and the
-# channels many, and oneDNN is as fast or faster.
+# Output channels up to which the kernels are faster than oneDNN's (the weight gradient in
+# AVX-512 and in AVX2: benchmarks/RESULTS.md, forty-sixth session; the forward: forty-ninth).
+# Beyond, the weight gradient's rows are short and its channels many, and the forward's
+# transformed weights (27 x Ci x 8 Co) outgrow a core's L2.
 MOST_OUTPUT_CHANNELS = 32
+# Tiles (2 x 2 x 2 input voxels each) below which the forward's transformed weights are read for
+# too few products: 96 -> 32 channels at 22^3 (1728 tiles) 1.2x oneDNN's speed, at 11^3 (216)
+# 0.7x (AVX-512, 2 cores; RESULTS.md, forty-ninth session).
+FEWEST_FORWARD_TILES = 1000
 
 
 def available() -> bool:
@@ -77,4 +96,47 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     :func:`supports` (inputs not channels-last are copied to it)."""
     out = torch.empty(x.shape[1], grad.shape[1], 4, 4, 4, dtype=x.dtype)
     _upconv_cpu.upconv_weight_grad(as_kernel_array(x), as_kernel_array(grad), out.numpy(), torch.get_num_threads())
+    return out
+
+
+def forward_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                      slope: float | None = None) -> torch.Tensor:
+    """The forward in PyTorch: ``conv_transpose3d(leaky_relu(x, slope) if slope is not None else x,
+    weight, bias, stride=2, padding=1)``."""
+    if slope is not None:
+        x = F.leaky_relu(x, slope)
+    return F.conv_transpose3d(x, weight, bias, stride=2, padding=1)
+
+
+def supports_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether :func:`forward` takes these: float32 CPU tensors, ``x`` (B, Ci, D, H, W), ``weight``
+    (Ci, Co, 4, 4, 4) with Co a multiple of 16, ``bias`` None or (Co,)."""
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if _upconv_cpu is None or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return False
+    return (x.dim() == 5 and weight.dim() == 5 and weight.shape[0] == x.shape[1] and weight.shape[1] % 16 == 0
+            and tuple(weight.shape[2:]) == (4, 4, 4) and (bias is None or tuple(bias.shape) == (weight.shape[1],)))
+
+
+def takes_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether the network's transposed convolution runs its forward here: :func:`supports_forward`,
+    ``x`` channels-last (the network's layout, no copy), at most :data:`MOST_OUTPUT_CHANNELS`
+    output channels, at least :data:`FEWEST_FORWARD_TILES` tiles, and vectors of at least 32 bytes
+    (AVX2; in SSE2 it ran at 0.7x oneDNN's AVX2 rate)."""
+    tiles = x.shape[0] * math.prod(n // 2 + 1 for n in x.shape[2:])
+    return (supports_forward(x, weight, bias) and is_channels_last(x) and weight.shape[1] <= MOST_OUTPUT_CHANNELS
+            and tiles >= FEWEST_FORWARD_TILES and vector_bytes() >= 32)
+
+
+def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+            slope: float | None = None) -> torch.Tensor:
+    """:func:`forward_reference` in C++ (Winograd form), channels-last (B, Co, 2D, 2H, 2W); no
+    gradients. Needs :func:`supports_forward` (an ``x`` not channels-last is copied to it)."""
+    out = torch.empty(x.shape[0], weight.shape[1], *(2 * n for n in x.shape[2:]), dtype=x.dtype,
+                      memory_format=torch.channels_last_3d)
+    no_bias = torch.empty(0, dtype=x.dtype)
+    _upconv_cpu.upconv_forward(as_kernel_array(x), weight.detach().contiguous().numpy(),
+                               (no_bias if bias is None else bias.detach().contiguous()).numpy(),
+                               as_kernel_array(out), slope is not None, 0.0 if slope is None else float(slope),
+                               torch.get_num_threads())
     return out

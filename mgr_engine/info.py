@@ -22,7 +22,7 @@ CPP_EXTENSIONS = {
     "_resample_cpu": "full-resolution resampling",
     "_jacobian_cpu": "Jacobian determinant",
     "_mind_ssc_cpu": "MIND-SSC descriptor",
-    "_upconv_cpu": "transposed convolutions' weight gradient",
+    "_upconv_cpu": "transposed convolutions (Winograd forward, weight gradient)",
     "_encoder_cpu": "U-Net first encoder level",
 }
 # Packages the engine uses where installed, each with what for.

@@ -40,7 +40,7 @@ from .errors import CheckpointError, InvalidImageError, InvalidOptionError
 from .kernels import decoder_cpu, encoder_cpu, last_conv_cpu, upconv_cpu
 from .ops import (compose_maps, identity_map, is_channels_last, memory_format_of, recomputed_in_backward,
                   use_cpp_decoder, use_cpp_encoder_level, use_cpp_last_conv, use_cpp_norm_concat,
-                  use_cpp_upconv_weight_grad, use_triton, warp)
+                  use_cpp_upconv_forward, use_cpp_upconv_weight_grad, use_triton, warp)
 
 
 @dataclass(frozen=True)
@@ -362,8 +362,10 @@ class _LowMemoryConv(torch.autograd.Function):
     :func:`uses_subpixel_upconvs`: CUDA), the forward computes the output in sub-pixel form, as
     the inference network does (cuDNN runs a transposed convolution's forward as its slow dgrad
     kernel); the backward pass stays the transposed convolution's (a strided convolution for the
-    input gradient). With ``split_tf32`` (:func:`splits_tf32`), the convolution, its input
-    gradient and its weight gradient each as :func:`tf32x3`."""
+    input gradient). On the CPU the finest levels' transposed convolutions compute their forward
+    in Winograd form (:func:`mgr_engine.ops.use_cpp_upconv_forward`), their backward pass
+    unchanged. With ``split_tf32`` (:func:`splits_tf32`), the convolution, its input gradient and
+    its weight gradient each as :func:`tf32x3`."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, transposed, activation, recompute_x, subpixel, split_tf32):
@@ -371,6 +373,9 @@ class _LowMemoryConv(torch.autograd.Function):
         ctx.save_for_backward(weight, *kept)
         ctx.conv = (bias is not None, stride, padding, transposed, activation, split_tf32)
         out_channels = weight.shape[1] if transposed else weight.shape[0]
+        if (transposed and not subpixel and not split_tf32
+                and use_cpp_upconv_forward(x, weight, bias, stride, padding)):  # the finest levels on the CPU
+            return upconv_cpu.forward(x, weight, bias, LEAKY_SLOPE if activation else None)
         if subpixel:  # the same output; the backward pass below stays the transposed convolution's
             weight, bias = subpixel_weight(weight), None if bias is None else bias.repeat(8)
             conv = functools.partial(F.conv3d, padding=1)
@@ -463,13 +468,19 @@ def low_memory_conv(conv: nn.Module, x: torch.Tensor, *, activation: bool = True
     peak 9.8 -> 6.9 GiB (freed host memory returned), its time unchanged (2-core AMD EPYC,
     ``benchmarks/bench_low_memory_conv.py``). Under autocast (training with ``--amp``),
     autograd's own path, whose backward casts as the forward did; the same for a layer with
-    what :class:`_LowMemoryConv` does not pass on (dilation, groups, output padding, ...)."""
+    what :class:`_LowMemoryConv` does not pass on (dilation, groups, output padding, ...). Either
+    way, on the CPU the finest levels' transposed convolutions run their forward in Winograd form
+    (:func:`mgr_engine.ops.use_cpp_upconv_forward`), not under autocast."""
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
     if needs_grad and not _autocast_enabled(x.device.type) and _plain_geometry(conv):
         transposed = isinstance(conv, nn.ConvTranspose3d)
         subpixel = transposed and has_subpixel_form(conv) and uses_subpixel_upconvs(x.device)
         return _LowMemoryConv.apply(x, conv.weight, conv.bias, conv.stride[0], conv.padding[0], transposed,
                                     activation, recompute_x, subpixel, splits_tf32(x))
+    if (not needs_grad and isinstance(conv, nn.ConvTranspose3d) and _plain_geometry(conv)
+            and not _autocast_enabled(x.device.type)
+            and use_cpp_upconv_forward(x, conv.weight, conv.bias, conv.stride[0], conv.padding[0])):
+        return upconv_cpu.forward(x, conv.weight, conv.bias, LEAKY_SLOPE if activation else None)
     return conv(_conv_input(x, activation))
 
 

@@ -1,6 +1,6 @@
-"""The transposed convolutions' weight gradient in C++ (kernels/upconv_cpu.py) against PyTorch's
-``convolution_backward`` in float64, at every vector width this CPU runs, and IO's transposed
-convolution that takes it.
+"""The transposed convolutions in C++ (kernels/upconv_cpu.py): the forward in Winograd form
+against ``conv_transpose3d`` and the weight gradient against ``convolution_backward``, both in
+float64, at every vector width this CPU runs; and the network's layers that take them.
 
 Skipped where the extension was not built, except under ``MGR_ENGINE_REQUIRE_CPP=1`` (set by
 ``make test``), where a missing build fails instead of hiding.
@@ -116,3 +116,112 @@ def test_io_transposed_convolution_takes_it_and_equals_onednn(monkeypatch, activ
     torch.testing.assert_close(ours[1], onednn[1], rtol=0, atol=1e-5 * float(exact.abs().max()))
     with ops.kernel_mode("torch"):
         assert not ops.use_cpp_upconv_weight_grad(x.detach(), grad, conv.weight)
+
+
+def forward_inputs(batch, cin, cout, grid, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, cin, *grid, generator=gen, dtype=torch.float64)
+    weight = torch.randn(cin, cout, 4, 4, 4, generator=gen, dtype=torch.float64) / (8 * cin) ** 0.5
+    bias = torch.randn(cout, generator=gen, dtype=torch.float64)
+    return x, weight, bias
+
+
+def forward_error_bound(x, weight, bias, slope):
+    """8 float32 epsilons of the largest sum of absolute products of an output: float32 inputs
+    and sums (the transforms' additions included) stay within a few epsilons of it. Measured:
+    Winograd's error 0.9-3.9x oneDNN's on these cases, at most 2.5 epsilons of this scale."""
+    activated = F.leaky_relu(x, slope) if slope is not None else x
+    scale = F.conv_transpose3d(activated.abs(), weight.abs(), None if bias is None else bias.abs(), stride=2,
+                               padding=1).max()
+    return 8 * torch.finfo(torch.float32).eps * float(scale)
+
+
+# The weight-gradient cases, plus grids with 1 to 5 tiles left over after a register block of 6
+# along x (tiles: n // 2 + 1), and the finest level's channels.
+FORWARD_CASES = CASES + [(1, 48, 16, (5, 4, 21)), (1, 9, 32, (3, 2, 9)), (2, 4, 16, (2, 2, 14))]
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES)
+@pytest.mark.parametrize("slope", [None, 0.01])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_forward_matches_pytorch(case, slope, with_bias, vector_bytes):
+    x, weight, bias = forward_inputs(*case)
+    bias = bias if with_bias else None
+    expected = upconv_cpu.forward_reference(x, weight, bias, slope)  # float64
+    x32 = x.float().contiguous(memory_format=CL)
+    weight32, bias32 = weight.float(), None if bias is None else bias.float()
+    assert upconv_cpu.supports_forward(x32, weight32, bias32)
+    got = upconv_cpu.forward(x32, weight32, bias32, slope)
+    assert got.shape == expected.shape and got.dtype == torch.float32 and ops.is_channels_last(got)
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=forward_error_bound(x, weight, bias, slope))
+    # a planar input is copied to channels-last and gives the same bits
+    assert torch.equal(upconv_cpu.forward(x.float(), weight32, bias32, slope), got)
+
+
+def test_forward_is_the_same_bits_for_any_thread_count():
+    """Each tile is summed by one thread in one order, whatever the team size."""
+    x, weight, bias = (t.float() for t in forward_inputs(2, 8, 16, (5, 3, 6), seed=5))
+    x = x.contiguous(memory_format=CL)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3, 40):
+            torch.set_num_threads(n)
+            results.append(upconv_cpu.forward(x, weight, bias, 0.01))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(result, results[0]) for result in results[1:])
+
+
+def test_forward_declines_what_it_does_not_compute():
+    x, weight, bias = (t.float() for t in forward_inputs(1, 4, 16, (2, 3, 4)))
+    assert upconv_cpu.supports_forward(x, weight, bias) and upconv_cpu.supports_forward(x, weight)
+    assert not upconv_cpu.supports_forward(x.double(), weight.double(), bias.double())  # float32 only
+    assert not upconv_cpu.supports_forward(x, weight[:, :8], bias[:8])  # output channels: a multiple of 16
+    assert not upconv_cpu.supports_forward(x, weight[..., :3])  # not a kernel of 4
+    assert not upconv_cpu.supports_forward(x[:, :3], weight)  # input channels differ
+    assert not upconv_cpu.supports_forward(x, weight, bias[:15])
+    cl = x.contiguous(memory_format=CL)
+    assert not upconv_cpu.takes_forward(cl, weight, bias)  # too few tiles: oneDNN is faster
+    big = torch.zeros(1, 4, 18, 18, 18).contiguous(memory_format=CL)  # 10^3 tiles
+    assert upconv_cpu.takes_forward(big, weight, bias) == (upconv_cpu.vector_bytes() >= 32)
+    assert not upconv_cpu.takes_forward(big.contiguous(), weight, bias)  # planar: left to oneDNN, not copied
+    assert not upconv_cpu.takes_forward(big, torch.zeros(4, 64, 4, 4, 4))  # its weights would outgrow L2
+    try:
+        upconv_cpu.vector_bytes(16)
+        assert not upconv_cpu.takes_forward(big, weight, bias)  # SSE2: slower than oneDNN
+    finally:
+        upconv_cpu.vector_bytes(0)
+    with pytest.raises(ValueError, match="twice"):  # the extension checks what it is given
+        upconv_cpu._upconv_cpu.upconv_forward(cl.permute(0, 2, 3, 4, 1).numpy(), weight.numpy(), bias.numpy(),
+                                              torch.empty(1, 4, 6, 7, 16).numpy(), True, 0.01, 1)
+
+
+@pytest.mark.parametrize("grad_enabled", [True, False])
+@pytest.mark.parametrize("activation", [True, False])
+def test_network_transposed_convolutions_take_the_forward(monkeypatch, grad_enabled, activation):
+    """``low_memory_conv`` of a channels-last kernel-4 transposed convolution runs its forward here
+    where the CPU has AVX2 or AVX-512 (elsewhere oneDNN's), with gradients (IO) and without (inference;
+    counted), within float32's rounding of oneDNN's; under ``kernel_mode("torch")``, under
+    autocast or for other layers, oneDNN's."""
+    gen = torch.Generator().manual_seed(6)
+    conv = torch.nn.ConvTranspose3d(20, 32, kernel_size=4, stride=2, padding=1)
+    x = torch.randn(1, 20, 18, 19, 20, generator=gen).contiguous(memory_format=CL)  # enough tiles to take it
+    calls = []
+    kernel = upconv_cpu.forward
+    monkeypatch.setattr(upconv_cpu, "forward", lambda *a: calls.append(1) or kernel(*a))
+    with torch.set_grad_enabled(grad_enabled):
+        with ops.kernel_mode("cpp"):
+            ours = model.low_memory_conv(conv, x, activation=activation)
+        taken = int(upconv_cpu.vector_bytes() >= 32)
+        assert len(calls) == taken and ours.requires_grad == grad_enabled
+        with ops.kernel_mode("torch"):
+            onednn = model.low_memory_conv(conv, x, activation=activation)
+        with ops.kernel_mode("cpp"), torch.autocast("cpu", dtype=torch.bfloat16):
+            model.low_memory_conv(conv, x, activation=activation)
+        with ops.kernel_mode("cpp"):
+            model.low_memory_conv(torch.nn.ConvTranspose3d(20, 32, kernel_size=3, stride=2, padding=1), x)
+    assert len(calls) == taken
+    slope = model.LEAKY_SLOPE if activation else None
+    bound = forward_error_bound(x.double(), conv.weight.detach().double(), conv.bias.detach().double(), slope)
+    torch.testing.assert_close(ours, onednn, rtol=0, atol=2 * bound)
