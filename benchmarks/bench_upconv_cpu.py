@@ -78,10 +78,12 @@ def level_rows(shape, repeats, op):
             seconds = timed(cpp_op, "cpu", repeats)
             cells.append(f"{seconds * 1e3:.0f} ms ({flops / seconds / 1e9:.0f}, {onednn / seconds:.2f}x)")
         upconv_cpu.vector_bytes(0)
-        errors = [float((result.double() - exact).abs().max() / exact.abs().max()) for result in (onednn_op(), cpp_op())]
+        errors = [float((result.double() - exact).abs().max() / exact.abs().max())
+                  for result in (onednn_op(), cpp_op())]
         cells += [f"{errors[0]:.1e} / {errors[1]:.1e}", "C++" if takes else "oneDNN"]
         rows.append(cells)
-    header = ([f"{op}: layer (input grid)", "oneDNN (GFLOP/s)"] + [f"C++ {w} bytes (GFLOP/s, speed-up)" for w in widths]
+    header = ([f"{op}: layer (input grid)", "oneDNN (GFLOP/s)"]
+              + [f"C++ {w} bytes (GFLOP/s, speed-up)" for w in widths]
               + ["error vs float64, oneDNN / C++", "engine takes"])
     return header, rows
 
