@@ -14,9 +14,10 @@ warp forward and backward, taken by :func:`mgr_engine.ops.warp` on CPU tensors (
 (trilinear 2x upsampling, multiply-add, concatenation; see :func:`mgr_engine.ops.use_cpp_decoder`);
 ``last_conv_cpu``, the U-Net's last convolution (:func:`mgr_engine.ops.use_cpp_last_conv`);
 ``gaussian_blur_cpu``, LNCC's window (:func:`mgr_engine.ops.use_cpp_blur`); ``mind_ssc_cpu``, the
-MIND-SSC descriptor and loss (:func:`mgr_engine.ops.use_cpp_mind`); ``upconv_cpu``, the decoder's finest
-transposed convolutions: their forward in Winograd form (:func:`mgr_engine.ops.use_cpp_upconv_forward`)
-and their weight gradient in IO (:func:`mgr_engine.ops.use_cpp_upconv_weight_grad`); ``encoder_cpu``, the U-Net's first encoder
+MIND-SSC descriptor and loss (:func:`mgr_engine.ops.use_cpp_mind`); ``upconv_cpu``, the
+decoder's finest transposed convolutions: their forward in Winograd form
+(:func:`mgr_engine.ops.use_cpp_upconv_forward`) and their weight gradient in IO
+(:func:`mgr_engine.ops.use_cpp_upconv_weight_grad`); ``encoder_cpu``, the U-Net's first encoder
 level (the two images: convolution, pooling, their input gradient;
 :func:`mgr_engine.ops.use_cpp_encoder_level`).
 """
