@@ -21,7 +21,6 @@ Needs no itk. Times on a shared machine are noisy: compare the ratios of one run
 from __future__ import annotations
 
 import math
-import platform
 import sys
 from pathlib import Path
 from unittest import mock
@@ -33,7 +32,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from bench_kernels import timed  # noqa: E402  (median after two warm-ups)
 from bench_warp_cpu import (allocated_mib, cpu_benchmark_parser, exit_unless_built, io_call_seconds,  # noqa: E402
-                            predict_map_seconds)
+                            machine_line, markdown_table, predict_map_seconds)
 
 from mgr_engine import host_memory, model, ops  # noqa: E402
 from mgr_engine.kernels import encoder_cpu  # noqa: E402
@@ -97,13 +96,8 @@ def main(argv=None):
     exit_unless_built(encoder_cpu.available(), "_encoder_cpu")
     host_memory.keep_freed_memory()  # as the engine does: no page faults of fresh memory in the times
     shape = tuple(args.shape)
-    print(f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}; widest vectors {encoder_cpu.vector_bytes()} bytes\n")
-    header, rows = level_rows(shape, args.repeats)
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print(machine_line(encoder_cpu.vector_bytes()) + "\n")
+    print(markdown_table(*level_rows(shape, args.repeats)))
     if not args.skip_end_to_end:
         pytorch_ops = mock.patch.object(model, "use_cpp_encoder_level", lambda *a: False)
         pytorch, ours = predict_map_seconds(shape, args.repeats, pytorch_ops)

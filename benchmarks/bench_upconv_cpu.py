@@ -22,7 +22,6 @@ Needs no itk. Times on a shared machine are noisy: compare the ratios of one run
 from __future__ import annotations
 
 import math
-import platform
 import sys
 from pathlib import Path
 from unittest import mock
@@ -33,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from bench_kernels import timed  # noqa: E402  (median after two warm-ups)
-from bench_warp_cpu import cpu_benchmark_parser, exit_unless_built, io_call_seconds, predict_map_seconds  # noqa: E402
+from bench_warp_cpu import (cpu_benchmark_parser, exit_unless_built, io_call_seconds, machine_line,  # noqa: E402
+                            markdown_table, predict_map_seconds)
 
 from mgr_engine import host_memory, model  # noqa: E402
 from mgr_engine.kernels import upconv_cpu  # noqa: E402
@@ -93,14 +93,9 @@ def main(argv=None):
     exit_unless_built(upconv_cpu.available(), "_upconv_cpu")
     host_memory.keep_freed_memory()  # as the engine does: no page faults of fresh memory in the times
     shape = tuple(args.shape)
-    print(f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}; widest vectors {upconv_cpu.vector_bytes()} bytes")
+    print(machine_line(upconv_cpu.vector_bytes()))
     for op in ("forward", "weight gradient"):
-        header, rows = level_rows(shape, args.repeats, op)
-        print("\n| " + " | ".join(header) + " |")
-        print("|" + "---|" * len(header))
-        for row in rows:
-            print("| " + " | ".join(row) + " |")
+        print("\n" + markdown_table(*level_rows(shape, args.repeats, op)))
     if not args.skip_end_to_end:
         where = "x".join(map(str, shape))
         onednn_forward = mock.patch.object(model, "use_cpp_upconv_forward", lambda *a: False)

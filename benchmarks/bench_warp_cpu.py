@@ -84,6 +84,18 @@ def predict_map_seconds(shape, repeats, pytorch_patch, rounds=3):
     return statistics.median(pytorch), statistics.median(ours)
 
 
+def machine_line(vector_bytes: int) -> str:
+    """The CPU, thread count, torch version and the kernel's widest vectors, for a benchmark's first line."""
+    return (f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+            f"{torch.__version__}; widest vectors {vector_bytes} bytes")
+
+
+def markdown_table(header, rows) -> str:
+    """``header`` and ``rows`` (lists of cell strings) as a Markdown table."""
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def exit_unless_built(available: bool, extension: str) -> None:
     """Exit, saying how to build it, where the C++ ``extension`` was not built."""
     if not available:
