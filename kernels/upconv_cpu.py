@@ -134,9 +134,8 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     gradients. Needs :func:`supports_forward` (an ``x`` not channels-last is copied to it)."""
     out = torch.empty(x.shape[0], weight.shape[1], *(2 * n for n in x.shape[2:]), dtype=x.dtype,
                       memory_format=torch.channels_last_3d)
-    no_bias = torch.empty(0, dtype=x.dtype)
-    _upconv_cpu.upconv_forward(as_kernel_array(x), weight.detach().contiguous().numpy(),
-                               (no_bias if bias is None else bias.detach().contiguous()).numpy(),
+    bias = torch.empty(0, dtype=x.dtype) if bias is None else bias.detach().contiguous()  # empty: none
+    _upconv_cpu.upconv_forward(as_kernel_array(x), weight.detach().contiguous().numpy(), bias.numpy(),
                                as_kernel_array(out), slope is not None, 0.0 if slope is None else float(slope),
                                torch.get_num_threads())
     return out

@@ -155,12 +155,12 @@ def use_cpp_upconv_weight_grad(x: torch.Tensor, grad: torch.Tensor, weight: torc
 def use_cpp_upconv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
                            padding: int) -> bool:
     """Whether the forward of a U-Net's transposed convolution of ``x`` (no dilation, groups or
-    output padding) runs in C++ under the current mode: kernel 4, stride 2, padding 1 and
-    :func:`mgr_engine.kernels.upconv_cpu.takes_forward` (CPU, channels-last, the finest levels)."""
+    output padding) runs in C++ under the current mode: stride 2, padding 1 and
+    :func:`mgr_engine.kernels.upconv_cpu.takes_forward` (kernel 4, CPU, channels-last, the finest
+    levels)."""
     from .kernels import upconv_cpu
 
-    return (stride == 2 and padding == 1 and tuple(weight.shape[2:]) == (4, 4, 4) and _cpp_kernels_allowed(x)
-            and upconv_cpu.takes_forward(x, weight, bias))
+    return stride == 2 and padding == 1 and _cpp_kernels_allowed(x) and upconv_cpu.takes_forward(x, weight, bias)
 
 
 def is_channels_last(tensor: torch.Tensor) -> bool:
