@@ -225,3 +225,8 @@ def test_network_transposed_convolutions_take_the_forward(monkeypatch, grad_enab
     slope = model.LEAKY_SLOPE if activation else None
     bound = forward_error_bound(x.double(), conv.weight.detach().double(), conv.bias.detach().double(), slope)
     torch.testing.assert_close(ours, onednn, rtol=0, atol=2 * bound)
+    if grad_enabled:  # IO's backward pass is the same either way: the same bits
+        grad = torch.randn(ours.shape, generator=gen).contiguous(memory_format=CL)
+        for got, expected in zip(torch.autograd.grad(ours, (conv.weight, conv.bias), grad),
+                                 torch.autograd.grad(onednn, (conv.weight, conv.bias), grad)):
+            assert torch.equal(got, expected)
