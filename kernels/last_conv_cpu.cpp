@@ -27,6 +27,10 @@
 #include "cpu_kernel.h"  // Array, check, share, INLINE_INTO_CLONES, SIMD_DISPATCH, Vector, load_vector,
                          // keep_in_register
 
+#ifdef SIMD_LEVELS
+#include <immintrin.h>  // transpose_block
+#endif
+
 namespace {
 
 constexpr int COUT = 3;
@@ -61,6 +65,88 @@ struct Shape {
     int64_t voxels_per_slice() const { return height * width; }
 };
 
+// A block of a channels-last slice into rows, in registers: the N x N floats at `from` (N voxels
+// along x, `channels` apart, N channels each) as N rows of N voxels, `padded` apart at `to`
+// (N = 16 for AVX-512, 8 for AVX2: the textbook unpack / shuffle / lane-permute transposes).
+#ifdef SIMD_LEVELS
+SIMD_AVX512 inline void transpose_block(const float* from, int64_t channels, float* to, int64_t padded,
+                                        std::integral_constant<int, 64>) {
+    __m512 r[16], t[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(from + i * channels);
+    for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {
+        r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int i = 0; i < 2; ++i)
+        for (int k = 0; k < 4; ++k) {
+            t[8 * i + k] = _mm512_shuffle_f32x4(r[8 * i + k], r[8 * i + k + 4], 0x88);
+            t[8 * i + k + 4] = _mm512_shuffle_f32x4(r[8 * i + k], r[8 * i + k + 4], 0xdd);
+        }
+    for (int k = 0; k < 8; ++k) {
+        _mm512_storeu_ps(to + k * padded, _mm512_shuffle_f32x4(t[k], t[k + 8], 0x88));
+        _mm512_storeu_ps(to + (k + 8) * padded, _mm512_shuffle_f32x4(t[k], t[k + 8], 0xdd));
+    }
+}
+SIMD_AVX2 inline void transpose_block(const float* from, int64_t channels, float* to, int64_t padded,
+                                      std::integral_constant<int, 32>) {
+    __m256 r[8], t[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(from + i * channels);
+    for (int i = 0; i < 4; ++i) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; ++i) {
+        r[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        r[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        r[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        r[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int k = 0; k < 4; ++k) {
+        _mm256_storeu_ps(to + k * padded, _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
+        _mm256_storeu_ps(to + (k + 4) * padded, _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
+    }
+}
+#endif
+
+// A channels-last slice (height, width, channels) into rows: row y of channel k at
+// (y * channels + k) * padded of `to`. In float, whole blocks of N x N (voxels x channels) are
+// transposed in registers; the rest (double, the last channels and voxels) one value at a time.
+// One value at a time throughout, the transposition drew a third of the forward's samples at
+// 175^3; in registers the forward went 59 -> 52 ms (AVX-512). AVX-512 gathers were slower than
+// the scalar loop (RESULTS.md, fiftieth session).
+template <typename T, int BYTES>
+INLINE_INTO_CLONES void transpose_slice_body(const T* from, int64_t height, int64_t width, int64_t channels, T* to,
+                                             int64_t padded) {
+    constexpr int64_t N = std::is_same_v<T, float> && BYTES > 16 ? BYTES / 4 : 0;  // block size; 0: none
+    for (int64_t y = 0; y < height; ++y) {
+        const T* src = from + y * width * channels;
+        T* dst = to + y * channels * padded;
+        int64_t k0 = 0;
+        if constexpr (N > 0) {
+            for (; k0 + N <= channels; k0 += N) {
+                int64_t x = 0;
+                for (; x + N <= width; x += N)
+                    transpose_block(src + x * channels + k0, channels, dst + k0 * padded + x, padded,
+                                    std::integral_constant<int, BYTES>{});
+                for (int64_t k = k0; k < k0 + N; ++k)
+                    for (int64_t xx = x; xx < width; ++xx) dst[k * padded + xx] = src[xx * channels + k];
+            }
+        }
+        for (int64_t k = k0; k < channels; ++k)
+            for (int64_t x = 0; x < width; ++x) dst[k * padded + x] = src[x * channels + k];
+    }
+}
+
+SIMD_DISPATCH(transpose_slice, transpose_slice_body,
+              (const T* from, int64_t height, int64_t width, int64_t channels, T* to, int64_t padded),
+              (from, height, width, channels, to, padded))
+
 // Three z-slices of a volume with `channels` channels, each in padded rows: row y of channel k
 // starts at (y * channels + k) * padded, and x sits at index x + origin (the indices before
 // and those past W stay zero). Each thread keeps the three slices its current output slice
@@ -82,17 +168,15 @@ class SliceRing {
         if (key_[slot] == b * s_.depth + z) return out;
         key_[slot] = b * s_.depth + z;
         const int64_t plane = s_.voxels_per_slice();
+        if (channels_last_) {
+            transpose_slice(source + (b * s_.depth + z) * plane * channels_, s_.height, s_.width, channels_,
+                            out + s_.origin, s_.padded);
+            return out;
+        }
         for (int64_t y = 0; y < s_.height; ++y)
-            for (int64_t k = 0; k < channels_; ++k) {
-                T* dst = out + (y * channels_ + k) * s_.padded + s_.origin;
-                if (channels_last_) {  // contiguous writes; a row's reads stay in L1
-                    const T* from = source + ((b * s_.depth + z) * plane + y * s_.width) * channels_ + k;
-                    for (int64_t x = 0; x < s_.width; ++x) dst[x] = from[x * channels_];
-                } else {
-                    std::memcpy(dst, source + ((b * channels_ + k) * s_.depth + z) * plane + y * s_.width,
-                                sizeof(T) * s_.width);
-                }
-            }
+            for (int64_t k = 0; k < channels_; ++k)
+                std::memcpy(out + (y * channels_ + k) * s_.padded + s_.origin,
+                            source + ((b * channels_ + k) * s_.depth + z) * plane + y * s_.width, sizeof(T) * s_.width);
         return out;
     }
 
