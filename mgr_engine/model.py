@@ -270,19 +270,22 @@ def _eval_norm_with_gradients(norm: nn.Module, x: torch.Tensor) -> bool:
     return not norm.training and torch.is_grad_enabled() and not _autocast_enabled(x.device.type)
 
 
-def _takes_eval_norm_function(norm: nn.Module, x: torch.Tensor) -> bool:
-    """Whether :func:`norm_crop_concat` runs ``norm(x)`` as :class:`_EvalNormCropConcat`."""
-    return (isinstance(norm, nn.BatchNorm3d) and norm.affine and norm.track_running_stats
-            and not torch.jit.is_tracing() and _eval_norm_with_gradients(norm, x))
+def _is_eval_batch_norm(norm: nn.Module, x: torch.Tensor) -> bool:
+    """Whether :func:`norm_crop_concat` computes ``norm(x)`` as :func:`_eval_norm_cropped_cat`
+    (with gradients: :class:`_EvalNormCropConcat`): an affine BatchNorm with running statistics,
+    in eval mode, outside autocast and tracing."""
+    return (isinstance(norm, nn.BatchNorm3d) and norm.affine and norm.track_running_stats and not norm.training
+            and not _autocast_enabled(x.device.type) and not torch.jit.is_tracing())
 
 
 def norm_crop_concat(norm: nn.Module, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-    """A decoder level's output ``crop_concat(norm(x), skip)``; with gradients through an
-    eval-mode BatchNorm (IO's) outside autocast, in one autograd function
-    (:class:`_EvalNormCropConcat`)."""
-    if _takes_eval_norm_function(norm, x):
-        return _EvalNormCropConcat.apply(x, skip, norm.weight, norm.bias, norm.running_mean, norm.running_var,
-                                         norm.eps)
+    """A decoder level's output ``crop_concat(norm(x), skip)``; through an eval-mode BatchNorm
+    (IO's), in one pass (:func:`_eval_norm_cropped_cat`), with gradients in one autograd function
+    (:class:`_EvalNormCropConcat`). Without gradients too: IO's checkpointed forward and its final
+    forward ran BatchNorm and ``torch.cat`` as two more passes at full resolution."""
+    if _is_eval_batch_norm(norm, x):
+        args = (x, skip, norm.weight, norm.bias, norm.running_mean, norm.running_var, norm.eps)
+        return _EvalNormCropConcat.apply(*args) if torch.is_grad_enabled() else _eval_norm_cropped_cat(*args)
     return crop_concat(norm(x), skip)
 
 
@@ -492,7 +495,7 @@ def decoder_output_recipe(norm: nn.Module, before_norm: torch.Tensor, skip: torc
     (:func:`_eval_norm_with_gradients`); ``None`` elsewhere."""
     if not _eval_norm_with_gradients(norm, before_norm):
         return None
-    as_forward = _takes_eval_norm_function(norm, before_norm)  # the forward's arithmetic
+    as_forward = _is_eval_batch_norm(norm, before_norm)  # the forward's arithmetic
 
     def recompute(before_norm, skip):
         with torch.no_grad():

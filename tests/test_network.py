@@ -591,6 +591,8 @@ def test_eval_norm_crop_concat_equals_autograds_chain(layout, cropped, dtype):
     assert isinstance(ours.grad_fn, _EvalNormCropConcat._backward_cls)
     theirs = crop_concat(norm(x), skip)
     assert torch.equal(ours, theirs)
+    with torch.no_grad():  # (IO's checkpointed and final forwards: one pass, the same bits)
+        assert torch.equal(norm_crop_concat(norm, x, skip), theirs)
     inputs = (x, skip, norm.weight, norm.bias)
     for a, b, tensor in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(theirs, inputs, grad), inputs):
         # (float32: BatchNorm's sums in float64 in the C++ pass of channels-last tensors, torch's in float32)
