@@ -65,14 +65,15 @@ struct Shape {
     int64_t voxels_per_slice() const { return height * width; }
 };
 
-// A block of a channels-last slice into rows, in registers: the N x N floats at `from` (N voxels
-// along x, `channels` apart, N channels each) as N rows of N voxels, `padded` apart at `to`
-// (N = 16 for AVX-512, 8 for AVX2: the textbook unpack / shuffle / lane-permute transposes).
+// An N x N block transposed in registers: the N vectors at `from`, `from_stride` apart, as N
+// vectors at `to`, `to_stride` apart, vector k holding element k of each (N = 16 for AVX-512, 8
+// for AVX2: the textbook unpack / shuffle / lane-permute transposes). Channels-last voxels into
+// planar rows (from_stride: the channel count) or back (to_stride: the channel count).
 #ifdef SIMD_LEVELS
-SIMD_AVX512 inline void transpose_block(const float* from, int64_t channels, float* to, int64_t padded,
+SIMD_AVX512 inline void transpose_block(const float* from, int64_t from_stride, float* to, int64_t to_stride,
                                         std::integral_constant<int, 64>) {
     __m512 r[16], t[16];
-    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(from + i * channels);
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(from + i * from_stride);
     for (int i = 0; i < 8; ++i) {
         t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
         t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
@@ -89,14 +90,14 @@ SIMD_AVX512 inline void transpose_block(const float* from, int64_t channels, flo
             t[8 * i + k + 4] = _mm512_shuffle_f32x4(r[8 * i + k], r[8 * i + k + 4], 0xdd);
         }
     for (int k = 0; k < 8; ++k) {
-        _mm512_storeu_ps(to + k * padded, _mm512_shuffle_f32x4(t[k], t[k + 8], 0x88));
-        _mm512_storeu_ps(to + (k + 8) * padded, _mm512_shuffle_f32x4(t[k], t[k + 8], 0xdd));
+        _mm512_storeu_ps(to + k * to_stride, _mm512_shuffle_f32x4(t[k], t[k + 8], 0x88));
+        _mm512_storeu_ps(to + (k + 8) * to_stride, _mm512_shuffle_f32x4(t[k], t[k + 8], 0xdd));
     }
 }
-SIMD_AVX2 inline void transpose_block(const float* from, int64_t channels, float* to, int64_t padded,
+SIMD_AVX2 inline void transpose_block(const float* from, int64_t from_stride, float* to, int64_t to_stride,
                                       std::integral_constant<int, 32>) {
     __m256 r[8], t[8];
-    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(from + i * channels);
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(from + i * from_stride);
     for (int i = 0; i < 4; ++i) {
         t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
         t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
@@ -108,39 +109,53 @@ SIMD_AVX2 inline void transpose_block(const float* from, int64_t channels, float
         r[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
     }
     for (int k = 0; k < 4; ++k) {
-        _mm256_storeu_ps(to + k * padded, _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
-        _mm256_storeu_ps(to + (k + 4) * padded, _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
+        _mm256_storeu_ps(to + k * to_stride, _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
+        _mm256_storeu_ps(to + (k + 4) * to_stride, _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
     }
 }
 #endif
 
+// One row of `width` voxels between channels-last (voxel x's channel k at x * channels + k of
+// `voxels`) and planar rows (channel k's row at k * padded of `rows`), either way: whole N x N
+// blocks in registers, the rest (and double) one value at a time.
+template <typename T, int BYTES, bool TO_ROWS>
+INLINE_INTO_CLONES void transpose_row(std::conditional_t<TO_ROWS, const T*, T*> voxels, int64_t width,
+                                      int64_t channels, std::conditional_t<TO_ROWS, T*, const T*> rows,
+                                      int64_t padded) {
+    constexpr int64_t N = std::is_same_v<T, float> && BYTES > 16 ? BYTES / 4 : 0;  // 0: none (double, SSE2)
+    auto one = [&](int64_t k, int64_t x) __attribute__((always_inline)) {
+        if constexpr (TO_ROWS) rows[k * padded + x] = voxels[x * channels + k];
+        else voxels[x * channels + k] = rows[k * padded + x];
+    };
+    int64_t k0 = 0;
+    if constexpr (N > 0) {
+        for (; k0 + N <= channels; k0 += N) {
+            int64_t x = 0;
+            for (; x + N <= width; x += N) {
+                if constexpr (TO_ROWS)
+                    transpose_block(voxels + x * channels + k0, channels, rows + k0 * padded + x, padded,
+                                    std::integral_constant<int, BYTES>{});
+                else
+                    transpose_block(rows + k0 * padded + x, padded, voxels + x * channels + k0, channels,
+                                    std::integral_constant<int, BYTES>{});
+            }
+            for (int64_t k = k0; k < k0 + N; ++k)
+                for (int64_t xx = x; xx < width; ++xx) one(k, xx);
+        }
+    }
+    for (int64_t k = k0; k < channels; ++k)
+        for (int64_t x = 0; x < width; ++x) one(k, x);
+}
+
 // A channels-last slice (height, width, channels) into rows: row y of channel k at
-// (y * channels + k) * padded of `to`. In float, whole blocks of N x N (voxels x channels) are
-// transposed in registers; the rest (double, the last channels and voxels) one value at a time.
-// One value at a time throughout, the transposition drew a third of the forward's samples at
-// 175^3; in registers the forward went 59 -> 52 ms (AVX-512). AVX-512 gathers were slower than
-// the scalar loop (RESULTS.md, fiftieth session).
+// (y * channels + k) * padded of `to`. One value at a time throughout, the transposition drew a
+// third of the forward's samples at 175^3; in registers the forward went 59 -> 52 ms (AVX-512).
+// AVX-512 gathers were slower than the scalar loop (RESULTS.md, fiftieth session).
 template <typename T, int BYTES>
 INLINE_INTO_CLONES void transpose_slice_body(const T* from, int64_t height, int64_t width, int64_t channels, T* to,
                                              int64_t padded) {
-    constexpr int64_t N = std::is_same_v<T, float> && BYTES > 16 ? BYTES / 4 : 0;  // block size; 0: none
-    for (int64_t y = 0; y < height; ++y) {
-        const T* src = from + y * width * channels;
-        T* dst = to + y * channels * padded;
-        int64_t k0 = 0;
-        if constexpr (N > 0) {
-            for (; k0 + N <= channels; k0 += N) {
-                int64_t x = 0;
-                for (; x + N <= width; x += N)
-                    transpose_block(src + x * channels + k0, channels, dst + k0 * padded + x, padded,
-                                    std::integral_constant<int, BYTES>{});
-                for (int64_t k = k0; k < k0 + N; ++k)
-                    for (int64_t xx = x; xx < width; ++xx) dst[k * padded + xx] = src[xx * channels + k];
-            }
-        }
-        for (int64_t k = k0; k < channels; ++k)
-            for (int64_t x = 0; x < width; ++x) dst[k * padded + x] = src[x * channels + k];
-    }
+    for (int64_t y = 0; y < height; ++y)
+        transpose_row<T, BYTES, true>(from + y * width * channels, width, channels, to + y * channels * padded, padded);
 }
 
 SIMD_DISPATCH(transpose_slice, transpose_slice_body,
@@ -198,18 +213,22 @@ INLINE_INTO_CLONES void pass_tail(int left, Pass& pass, int64_t y, int64_t x0) {
     }
 }
 
-// pass(std::integral_constant<int, G>{}, y, x0) over each row y of a slice, G blocks of L lanes
-// from x0 at a time: whole groups of group(BYTES), then the rest as one pass of fewer.
+// pass(std::integral_constant<int, G>{}, y, x0) over row y of a slice, G blocks of L lanes from
+// x0 at a time: whole groups of group(BYTES), then the rest as one pass of fewer.
 template <typename T, int BYTES, typename Pass>
-INLINE_INTO_CLONES void over_groups(const Shape& s, Pass pass) {
+INLINE_INTO_CLONES void over_groups_of_row(const Shape& s, int64_t y, Pass& pass) {
     constexpr int64_t L = BYTES / sizeof(T);
     constexpr int G = group(BYTES);
     const int64_t blocks = (s.width + L - 1) / L;
-    for (int64_t y = 0; y < s.height; ++y) {
-        int64_t j0 = 0;
-        for (; j0 + G <= blocks; j0 += G) pass(std::integral_constant<int, G>{}, y, j0 * L);
-        pass_tail<G - 1>(int(blocks - j0), pass, y, j0 * L);
-    }
+    int64_t j0 = 0;
+    for (; j0 + G <= blocks; j0 += G) pass(std::integral_constant<int, G>{}, y, j0 * L);
+    pass_tail<G - 1>(int(blocks - j0), pass, y, j0 * L);
+}
+
+// The same over each row of a slice.
+template <typename T, int BYTES, typename Pass>
+INLINE_INTO_CLONES void over_groups(const Shape& s, Pass pass) {
+    for (int64_t y = 0; y < s.height; ++y) over_groups_of_row<T, BYTES>(s, y, pass);
 }
 
 // ---------------------------------------------------------------- forward
@@ -299,15 +318,14 @@ void last_conv_forward(const Array<T>& input, const Array<T>& weight, const Arra
 // planar gradient channels. grads[dz] are slices z - dz + 1 of grad_out in SliceRing's padded
 // rows (channel c of row y at (y * 3 + c) * padded, x at x + origin). CB input channels x G
 // blocks of L = BYTES / sizeof(T) voxels along x from x0, of row y, at a time, so that the
-// accumulators stay in registers.
+// accumulators stay in registers, written as planar rows (channel k at k * padded of `rows`).
 template <typename T, int BYTES, int G>
-INLINE_INTO_CLONES void grad_input_blocks(const Shape& s, const T* const grads[3], const T* weight, T* out,
+INLINE_INTO_CLONES void grad_input_blocks(const Shape& s, const T* const grads[3], const T* weight, T* rows,
                                           int64_t y, int64_t x0) {
     using V = typename Vector<T, BYTES>::type;
     constexpr int64_t L = BYTES / sizeof(T);
     constexpr int CB = 3;
     const int64_t taps = s.cin * 27;
-    T* out_row = out + y * s.width * s.cin;
     for (int64_t ci0 = 0; ci0 < s.cin; ci0 += CB) {
         const int cb = int(std::min<int64_t>(CB, s.cin - ci0));
         V acc[CB][G];
@@ -334,23 +352,30 @@ INLINE_INTO_CLONES void grad_input_blocks(const Shape& s, const T* const grads[3
                 }
             }
         }
-        for (int j = 0; j < G; ++j)
-            for (int64_t l = 0; l < L; ++l)
-                if (x0 + j * L + l < s.width)
-                    for (int k = 0; k < CB; ++k)
-                        if (k < cb) out_row[(x0 + j * L + l) * s.cin + ci0 + k] = acc[k][j][l];
+        for (int k = 0; k < cb; ++k)
+            for (int j = 0; j < G; ++j) __builtin_memcpy(rows + (ci0 + k) * s.padded + x0 + j * L, &acc[k][j], sizeof(V));
     }
 }
 
+// Output slice z's input gradient, channels-last at `out`, row by row through `rows` (cin planar
+// rows of `padded`, 64-byte aligned), transposed in registers as the input is the other way
+// (stored one value at a time instead: 54-55 against 51 ms at 175^3 in AVX-512, 93-97 against
+// 90-92 in AVX2).
 template <typename T, int BYTES>
-INLINE_INTO_CLONES void grad_input_slice_body(const Shape& s, const T* const grads[3], const T* weight, T* out) {
-    over_groups<T, BYTES>(s, [&](auto blocks, int64_t y, int64_t x0) __attribute__((always_inline)) {
-        grad_input_blocks<T, BYTES, decltype(blocks)::value>(s, grads, weight, out, y, x0);
-    });
+INLINE_INTO_CLONES void grad_input_slice_body(const Shape& s, const T* const grads[3], const T* weight, T* out,
+                                              T* rows) {
+    auto pass = [&](auto blocks, int64_t y, int64_t x0) __attribute__((always_inline)) {
+        grad_input_blocks<T, BYTES, decltype(blocks)::value>(s, grads, weight, rows, y, x0);
+    };
+    for (int64_t y = 0; y < s.height; ++y) {
+        over_groups_of_row<T, BYTES>(s, y, pass);
+        transpose_row<T, BYTES, false>(out + y * s.width * s.cin, s.width, s.cin, rows, s.padded);
+    }
 }
 
 SIMD_DISPATCH(grad_input_slice, grad_input_slice_body,
-              (const Shape& s, const T* const grads[3], const T* weight, T* out), (s, grads, weight, out))
+              (const Shape& s, const T* const grads[3], const T* weight, T* out, T* rows),
+              (s, grads, weight, out, rows))
 
 // grad_weight[c, ci, dz, dy, dx] = sum over voxels of grad_out[c, z, y, x] *
 // in[z + dz - 1, y + dy - 1, x + dx - 1, ci], for output slice z: partial sums per lane in
@@ -449,6 +474,9 @@ void last_conv_backward(const Array<T>& input, const Array<T>& weight, const Arr
 #pragma omp single
         team_size = omp_get_num_threads();
         SliceRing<T> grads(s, COUT, false), rows(s, s.cin, true);
+        std::vector<T> gradient_rows(need_input ? size_t(s.cin * s.padded + lanes<T>()) : 0);
+        T* const gradient_row = gradient_rows.data() +
+                                (64 - reinterpret_cast<uintptr_t>(gradient_rows.data()) % 64) % 64 / sizeof(T);
         if (need_weight) sums[tid].assign(size_t(weights * L), T(0));
         int64_t first, last;
         share(s.slices(), &first, &last);
@@ -456,7 +484,7 @@ void last_conv_backward(const Array<T>& input, const Array<T>& weight, const Arr
             const int64_t item = i / s.depth, z = i % s.depth;
             if (need_input) {
                 const T* flipped[3] = {grads.get(g, item, z + 1), grads.get(g, item, z), grads.get(g, item, z - 1)};
-                grad_input_slice(s, flipped, w, gi + i * s.voxels_per_slice() * s.cin);
+                grad_input_slice(s, flipped, w, gi + i * s.voxels_per_slice() * s.cin, gradient_row);
             }
             if (need_weight) {
                 const T* slices[3] = {rows.get(in, item, z - 1), rows.get(in, item, z), rows.get(in, item, z + 1)};
