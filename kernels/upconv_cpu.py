@@ -42,11 +42,14 @@ try:
 except ImportError:  # not compiled (no C++ compiler at install time)
     _upconv_cpu = None
 
-# Output channels up to which the kernels are faster than oneDNN's (the weight gradient in
-# AVX-512 and in AVX2: benchmarks/RESULTS.md, forty-sixth session; the forward: forty-ninth).
-# Beyond, the weight gradient's rows are short and its channels many, and the forward's
-# transformed weights (27 x Ci x 8 Co) outgrow a core's L2.
+# Output channels up to which the weight gradient is faster than oneDNN's (in AVX-512 and in
+# AVX2: benchmarks/RESULTS.md, forty-sixth session; 192 -> 64 at 22^3 1.02x, fiftieth): beyond,
+# its rows are short and its channels many.
 MOST_OUTPUT_CHANNELS = 32
+# The same for the forward: 192 -> 64 at 22^3 1.29x oneDNN's speed in AVX-512, 1.14x in AVX2
+# against oneDNN capped at AVX2 (fiftieth session). More channels are not measured at a grid with
+# enough tiles (512 -> 128 is at 11^3).
+MOST_FORWARD_OUTPUT_CHANNELS = 64
 # Tiles (2 x 2 x 2 input voxels each) below which the forward's transformed weights are read for
 # too few products: 96 -> 32 channels at 22^3 (1728 tiles) 1.2x oneDNN's speed, at 11^3 (216)
 # 0.7x (AVX-512, 2 cores; RESULTS.md, forty-ninth session).
@@ -120,11 +123,11 @@ def supports_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 def takes_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Whether the network's transposed convolution runs its forward here: :func:`supports_forward`,
-    ``x`` channels-last (the network's layout, no copy), at most :data:`MOST_OUTPUT_CHANNELS`
+    ``x`` channels-last (the network's layout, no copy), at most :data:`MOST_FORWARD_OUTPUT_CHANNELS`
     output channels, at least :data:`FEWEST_FORWARD_TILES` tiles, and vectors of at least 32 bytes
     (AVX2; in SSE2 it ran at 0.7x oneDNN's AVX2 rate)."""
     tiles = x.shape[0] * math.prod(n // 2 + 1 for n in x.shape[2:])
-    return (supports_forward(x, weight, bias) and is_channels_last(x) and weight.shape[1] <= MOST_OUTPUT_CHANNELS
+    return (supports_forward(x, weight, bias) and is_channels_last(x) and weight.shape[1] <= MOST_FORWARD_OUTPUT_CHANNELS
             and tiles >= FEWEST_FORWARD_TILES and vector_bytes() >= 32)
 
 

@@ -137,8 +137,9 @@ def forward_error_bound(x, weight, bias, slope):
 
 
 # The weight-gradient cases, plus grids with 1 to 5 tiles left over after a register block of 6
-# along x (tiles: n // 2 + 1), and the finest level's channels.
-FORWARD_CASES = CASES + [(1, 48, 16, (5, 4, 21)), (1, 9, 32, (3, 2, 9)), (2, 4, 16, (2, 2, 14))]
+# along x (tiles: n // 2 + 1), the finest level's channels, and 64 output channels (the third
+# level's, 192 -> 64).
+FORWARD_CASES = CASES + [(1, 48, 16, (5, 4, 21)), (1, 9, 32, (3, 2, 9)), (2, 4, 16, (2, 2, 14)), (1, 24, 64, (3, 4, 5))]
 
 
 @pytest.mark.parametrize("case", FORWARD_CASES)
@@ -186,7 +187,8 @@ def test_forward_declines_what_it_does_not_compute():
     big = torch.zeros(1, 4, 18, 18, 18).contiguous(memory_format=CL)  # 10^3 tiles
     assert upconv_cpu.takes_forward(big, weight, bias) == (upconv_cpu.vector_bytes() >= 32)
     assert not upconv_cpu.takes_forward(big.contiguous(), weight, bias)  # planar: left to oneDNN, not copied
-    assert not upconv_cpu.takes_forward(big, torch.zeros(4, 64, 4, 4, 4))  # its weights would outgrow L2
+    assert upconv_cpu.takes_forward(big, torch.zeros(4, 64, 4, 4, 4)) == (upconv_cpu.vector_bytes() >= 32)
+    assert not upconv_cpu.takes_forward(big, torch.zeros(4, 128, 4, 4, 4))  # not measured against oneDNN
     try:
         upconv_cpu.vector_bytes(16)
         assert not upconv_cpu.takes_forward(big, weight, bias)  # SSE2: slower than oneDNN
