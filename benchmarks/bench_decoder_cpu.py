@@ -18,7 +18,6 @@ Needs no itk. Times on a shared machine are noisy: compare the ratios of one run
 
 from __future__ import annotations
 
-import platform
 import sys
 from pathlib import Path
 from unittest import mock
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from bench_kernels import timed  # noqa: E402  (median after two warm-ups)
-from bench_warp_cpu import allocated_mib, cpu_benchmark_parser, exit_unless_built  # noqa: E402
+from bench_warp_cpu import allocated_mib, cpu_benchmark_parser, exit_unless_built, machine_line  # noqa: E402
 
 from helpers import benchmark_engine, randomize_  # noqa: E402
 from mgr_engine import host_memory, model, ops  # noqa: E402
@@ -60,8 +59,7 @@ def main(argv=None) -> int:
     host_memory.keep_freed_memory()  # as the engine runs: outputs not paid again in page faults
     shape = tuple(args.shape)
     config = model.NetworkConfig(input_shape=shape)
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"network input {shape}, median of {args.repeats}\n")
+    print(f"{machine_line()}, network input {shape}, median of {args.repeats}\n")
     print("| decoder level (x -> out) | PyTorch ops | C++ | speed-up | allocated PyTorch | allocated C++ | difference |")
     print("|---|--:|--:|--:|--:|--:|--:|")
     with torch.no_grad():

@@ -16,7 +16,6 @@ Needs no itk. Times on a shared machine are noisy: compare the ratios of one run
 
 from __future__ import annotations
 
-import platform
 import sys
 from pathlib import Path
 from unittest import mock
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from bench_kernels import timed  # noqa: E402  (median after two warm-ups)
-from bench_warp_cpu import cpu_benchmark_parser  # noqa: E402
+from bench_warp_cpu import cpu_benchmark_parser, machine_line  # noqa: E402
 
 from mgr_engine import model  # noqa: E402
 
@@ -62,8 +61,7 @@ def level_rows(shape, repeats):
 def main(argv=None) -> int:
     args = cpu_benchmark_parser(__doc__).parse_args(argv)
     shape = tuple(args.shape)
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"network input {shape}, median of {args.repeats}\n")
+    print(f"{machine_line()}, network input {shape}, median of {args.repeats}\n")
     print("| pooled tensor | forward avg_pool3d | forward half_resolution | forward + backward avg_pool3d "
           "| forward + backward half_resolution | difference |")
     print("|---|--:|--:|--:|--:|--:|")

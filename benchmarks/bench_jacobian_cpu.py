@@ -17,7 +17,6 @@ Needs itk for ITK's row. Times on a shared machine are noisy: compare the ratios
 
 from __future__ import annotations
 
-import platform
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from bench_kernels import timed  # noqa: E402  (median after two warm-ups)
-from bench_warp_cpu import allocated_mib, cpu_benchmark_parser, exit_unless_built  # noqa: E402
+from bench_warp_cpu import allocated_mib, cpu_benchmark_parser, exit_unless_built, machine_line  # noqa: E402
 
 from mgr_engine import host_memory, ops, resample  # noqa: E402
 from mgr_engine.kernels import jacobian_cpu  # noqa: E402
@@ -54,8 +53,7 @@ def main(argv=None) -> int:
     host_memory.keep_freed_memory()
     field = random_field(args.shape)
     direction = rotation(*ANGLES)
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"field {'x'.join(map(str, args.shape))} (z y x), median of {args.repeats}\n", flush=True)
+    print(f"{machine_line()}, field {'x'.join(map(str, args.shape))} (z y x), median of {args.repeats}\n", flush=True)
     print("| Jacobian determinant | reference | its time | C++ | speed-up | allocated by the reference | "
           "allocated by C++ | largest difference |")
     print("|---|---|--:|--:|--:|--:|--:|--:|")

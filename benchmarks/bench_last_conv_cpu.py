@@ -19,7 +19,6 @@ Needs no itk. Times on a shared machine are noisy: compare the ratios of one run
 from __future__ import annotations
 
 import contextlib
-import platform
 import sys
 from pathlib import Path
 from unittest import mock
@@ -30,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from bench_kernels import timed  # noqa: E402  (median after two warm-ups)
-from bench_warp_cpu import allocated_mib, cpu_benchmark_parser, exit_unless_built  # noqa: E402
+from bench_warp_cpu import allocated_mib, cpu_benchmark_parser, exit_unless_built, machine_line  # noqa: E402
 
 from mgr_engine import model  # noqa: E402
 from mgr_engine.kernels import last_conv_cpu  # noqa: E402
@@ -102,8 +101,7 @@ def main(argv=None) -> int:
     config = model.NetworkConfig(input_shape=shape)
     cin = config.down_channels[0] + config.up_channels[0]
     half = tuple((n + 1) // 2 for n in shape)
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"median of {args.repeats}\n")
+    print(f"{machine_line(last_conv_cpu.vector_bytes())}, median of {args.repeats}\n")
     print("| last conv (Cin -> 3) | forward PyTorch | forward C++ | speed-up | forward + backward PyTorch "
           "| forward + backward C++ | speed-up | allocated PyTorch (f+b) | allocated C++ (f+b) | difference |")
     print("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")

@@ -16,7 +16,6 @@ Needs no itk. Times on a shared machine are noisy: compare the ratios of one run
 
 from __future__ import annotations
 
-import platform
 import sys
 from pathlib import Path
 from unittest import mock
@@ -27,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from bench_kernels import timed  # noqa: E402  (median after two warm-ups)
-from bench_warp_cpu import allocated_mib, cpu_benchmark_parser, exit_unless_built, io_call_seconds  # noqa: E402
+from bench_warp_cpu import (allocated_mib, cpu_benchmark_parser, exit_unless_built, io_call_seconds,  # noqa: E402
+                            machine_line)
 
 from mgr_engine import host_memory, losses  # noqa: E402
 from mgr_engine.kernels import mind_ssc_cpu  # noqa: E402
@@ -78,8 +78,7 @@ def main(argv=None) -> int:
     exit_unless_built(mind_ssc_cpu.available(), "_mind_ssc_cpu")
     host_memory.keep_freed_memory()
     shape = tuple(args.shape)
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"{shape}, median of {args.repeats}\n")
+    print(f"{machine_line()}, {shape}, median of {args.repeats}\n")
     print("| op | PyTorch | C++ | speed-up | allocated PyTorch | allocated C++ | PyTorch from float64 | C++ from float64 |")
     print("|---|--:|--:|--:|--:|--:|--:|--:|")
     for label, t_ref, t_ours, m_ref, m_ours, d_ref, d_ours in op_rows(shape, args.repeats):

@@ -84,10 +84,11 @@ def predict_map_seconds(shape, repeats, pytorch_patch, rounds=3):
     return statistics.median(pytorch), statistics.median(ours)
 
 
-def machine_line(vector_bytes: int) -> str:
-    """The CPU, thread count, torch version and the kernel's widest vectors, for a benchmark's first line."""
-    return (f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-            f"{torch.__version__}; widest vectors {vector_bytes} bytes")
+def machine_line(vector_bytes: int | None = None) -> str:
+    """The CPU, thread count, torch version and (given) the kernel's widest vectors, for a
+    benchmark's first line."""
+    line = f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return line if vector_bytes is None else f"{line}; widest vectors {vector_bytes} bytes"
 
 
 def markdown_table(header, rows) -> str:
@@ -236,8 +237,7 @@ def main(argv=None) -> int:
         torch.save(gradient, args.io_gradient)
         print(json.dumps({"seconds": seconds, "peak_gib": peak_gib}))
         return 0
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, shape {shape}, "
-          f"median of {args.repeats}")
+    print(f"{machine_line()}, shape {shape}, median of {args.repeats}")
     print("| op | threads | PyTorch | C++ | speed-up | allocated PyTorch | allocated C++ | difference |")
     print("|---|---|---|---|---|---|---|---|")
     for name, threads, t_torch, t_cpp, m_torch, m_cpp, diff in op_rows(shape, sorted(set(args.threads)), args.repeats):
