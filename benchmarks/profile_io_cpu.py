@@ -1,15 +1,17 @@
 #!/usr/bin/env python
 """Where a warm IO call's time goes on the CPU: every op, by name and by shape.
 
-Runs ``Engine.instance_optimize`` (randomized official weights, the benchmarks' smooth pair) with
-``--warmups`` untimed calls first, then ``--calls`` timed ones. Each aten op is timed through a
-``TorchDispatchMode``, each call into a C++ extension (``mgr_engine._*_cpu``) through a wrapper;
-a C++ call's time excludes the aten ops it dispatches (its allocations), so no time is counted
-twice. Prints two Markdown tables, per IO call: ops by name, and the largest ``(op, shapes)``
-items with their time per call, then how much of the wall time the timed ops cover (the rest is
-Python, autograd's bookkeeping and the timer itself).
+Runs ``Engine.instance_optimize`` (randomized official weights, the benchmarks' smooth pair; with
+``--no-io`` ``Engine.predict_map``, a registration without IO) with ``--warmups`` untimed calls
+first, then ``--calls`` timed ones. Each aten op is timed through a ``TorchDispatchMode``, each
+call into a C++ extension (``mgr_engine._*_cpu``) through a wrapper; a C++ call's time excludes
+the aten ops it dispatches (its allocations), so no time is counted twice. Prints how much of the
+wall time the timed ops cover (the rest is Python, autograd's bookkeeping and the timer itself),
+then two Markdown tables, per call: ops by name, and the largest ``(op, shapes)`` items with
+their time per call.
 
     .venv/bin/python benchmarks/profile_io_cpu.py                      # 175^3, one step
+    .venv/bin/python benchmarks/profile_io_cpu.py --no-io --calls 5    # predict_map
     .venv/bin/python benchmarks/profile_io_cpu.py --shape 96 96 96 --warmups 1   # quick
 
 Needs no itk. The timer adds a few percent; use it to find what to work on, and the per-kernel
@@ -111,6 +113,7 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=1, help="timed IO calls, averaged (default 1)")
     parser.add_argument("--similarity", default="lncc2")
     parser.add_argument("--top", type=int, default=25, help="rows of the by-shape table")
+    parser.add_argument("--no-io", action="store_true", help="profile predict_map (no IO) instead")
     args = parser.parse_args(argv)
 
     from helpers import benchmark_engine
@@ -119,18 +122,21 @@ def main(argv=None) -> int:
 
     engine, moving, fixed = benchmark_engine(tuple(args.shape))
 
-    def io_call():
-        engine.instance_optimize(moving, fixed, iterations=args.iterations, similarity=args.similarity,
-                                 progress=False)
+    def call():
+        if args.no_io:
+            engine.predict_map(moving, fixed)
+        else:
+            engine.instance_optimize(moving, fixed, iterations=args.iterations, similarity=args.similarity,
+                                     progress=False)
 
     for _ in range(args.warmups):
-        io_call()
+        call()
     timer = OpTimer()
     wrap_extensions(timer)
     start = time.perf_counter()
     with timer:
         for _ in range(args.calls):
-            io_call()
+            call()
     wall = (time.perf_counter() - start) / args.calls
 
     per_call = {key: s / args.calls for key, s in timer.seconds.items()}
@@ -142,18 +148,19 @@ def main(argv=None) -> int:
     timed_total = sum(per_call.values())
 
     print(machine_line(upconv_cpu.vector_bytes()))
-    print(f"IO call at {'x'.join(map(str, args.shape))}, {args.iterations} step(s) and the final forward, "
-          f"similarity {args.similarity}: {wall:.2f} s wall, {timed_total:.2f} s in timed ops "
+    what = ("predict_map (no IO)" if args.no_io else
+            f"IO call ({args.iterations} step(s) and the final forward, similarity {args.similarity})")
+    print(f"{what} at {'x'.join(map(str, args.shape))}: {wall:.3f} s wall, {timed_total:.3f} s in timed ops "
           f"({timed_total / wall:.0%}); mean of {args.calls} call(s) after {args.warmups} warm-up(s)\n")
     rows = [[name, f"{s:.3f}", f"{s / wall:.1%}", f"{calls_by_name[name]:g}"]
             for name, s in sorted(by_name.items(), key=lambda item: -item[1]) if s >= 0.005]
-    print(markdown_table(["op", "seconds a call", "of wall", "calls"], rows))
+    print(markdown_table(["op", "seconds a call", "of wall", "calls a call"], rows))
     print()
     rows = []
     for (name, shapes), s in sorted(per_call.items(), key=lambda item: -item[1])[:args.top]:
         calls = timer.calls[name, shapes] / args.calls
         rows.append([name, shapes, f"{s:.3f}", f"{calls:g}", f"{1e3 * s / calls:.1f}"])
-    print(markdown_table(["op", "tensor shapes", "seconds a call", "calls", "ms each"], rows))
+    print(markdown_table(["op", "tensor shapes", "seconds a call", "calls a call", "ms each"], rows))
     return 0
 
 
