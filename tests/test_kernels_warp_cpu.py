@@ -209,6 +209,44 @@ def test_gradients_agree_for_any_thread_count_and_repeat_exactly(map_kind, backw
         torch.testing.assert_close(result[1], results[0][1], rtol=0, atol=0)  # no scatter: bit for bit
 
 
+@pytest.fixture
+def prefetch_above_bytes():
+    """The extension's setter of the image size above which the warp prefetches corners; the
+    default is restored after the test."""
+    from mgr_engine import _trilinear_cpu
+
+    default = _trilinear_cpu.prefetch_above_bytes()
+    yield _trilinear_cpu.prefetch_above_bytes
+    _trilinear_cpu.prefetch_above_bytes(default)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+@pytest.mark.parametrize("channels,padding,compose", [(1, "zeros", False), (3, "border", False), (2, "zeros", False),
+                                                      (3, "border", True)])
+def test_prefetched_corners_give_the_same_bits(prefetch_above_bytes, layout, channels, padding, compose,
+                                               backward_bytes):
+    """Images above 32 MiB have their points' corners prefetched, the point loops run in chunks
+    (kernels/trilinear_cpu.cpp, over_points). Forced at a small size (threshold 0), the values
+    and both gradients are the same bits as without, for each kind of compiled layout, over more
+    points than a chunk and its look-ahead, a map that leaves the grid in places."""
+    assert prefetch_above_bytes() == 32 << 20
+    gen = torch.Generator().manual_seed(12)
+    image = torch.rand(2, channels, 9, 8, 7, generator=gen).requires_grad_()
+    coords = random_map(1, (10, 11, 13), spread=0.3).contiguous(memory_format=layout).requires_grad_()
+    grad_out = torch.randn(2, channels, 10, 11, 13, generator=gen)
+
+    def run():
+        out = warp_cpu.compose_maps_cpu(image, coords) if compose else warp_cpu.warp_cpu(image, coords, padding)
+        return (out, *torch.autograd.grad(out, (image, coords), grad_out))
+
+    prefetch_above_bytes(1 << 62)
+    plain = run()
+    prefetch_above_bytes(0)
+    prefetched = run()
+    for a, b in zip(prefetched, plain):
+        assert torch.equal(a, b)
+
+
 def test_backward_when_only_one_input_wants_a_gradient():
     """The backward skips the gradient nobody asked for (the image's scatter, for images warped
     in the loss): each alone still equals the reference's."""
