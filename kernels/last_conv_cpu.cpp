@@ -162,6 +162,12 @@ SIMD_DISPATCH(transpose_slice, transpose_slice_body,
               (const T* from, int64_t height, int64_t width, int64_t channels, T* to, int64_t padded),
               (from, height, width, channels, to, padded))
 
+// The first 64-byte aligned element of a buffer allocated with lanes<T>() elements to spare.
+template <typename T>
+T* aligned_to_64_bytes(T* data) {
+    return data + (64 - reinterpret_cast<uintptr_t>(data) % 64) % 64 / sizeof(T);
+}
+
 // Three z-slices of a volume with `channels` channels, each in padded rows: row y of channel k
 // starts at (y * channels + k) * padded, and x sits at index x + origin (the indices before
 // and those past W stay zero). Each thread keeps the three slices its current output slice
@@ -173,7 +179,7 @@ class SliceRing {
     SliceRing(const Shape& s, int64_t channels, bool channels_last)
         : s_(s), channels_(channels), channels_last_(channels_last),
           data_(3 * size_t(s.height * channels * s.padded) + size_t(lanes<T>()), T(0)),
-          base_(data_.data() + (64 - reinterpret_cast<uintptr_t>(data_.data()) % 64) % 64 / sizeof(T)) {}
+          base_(aligned_to_64_bytes(data_.data())) {}
 
     // Slice z of batch item b of `source`, or nullptr outside the volume.
     const T* get(const T* source, int64_t b, int64_t z) {
@@ -353,7 +359,8 @@ INLINE_INTO_CLONES void grad_input_blocks(const Shape& s, const T* const grads[3
             }
         }
         for (int k = 0; k < cb; ++k)
-            for (int j = 0; j < G; ++j) __builtin_memcpy(rows + (ci0 + k) * s.padded + x0 + j * L, &acc[k][j], sizeof(V));
+            for (int j = 0; j < G; ++j)
+                __builtin_memcpy(rows + (ci0 + k) * s.padded + x0 + j * L, &acc[k][j], sizeof(V));
     }
 }
 
@@ -475,8 +482,7 @@ void last_conv_backward(const Array<T>& input, const Array<T>& weight, const Arr
         team_size = omp_get_num_threads();
         SliceRing<T> grads(s, COUT, false), rows(s, s.cin, true);
         std::vector<T> gradient_rows(need_input ? size_t(s.cin * s.padded + lanes<T>()) : 0);
-        T* const gradient_row = gradient_rows.data() +
-                                (64 - reinterpret_cast<uintptr_t>(gradient_rows.data()) % 64) % 64 / sizeof(T);
+        T* const gradient_row = aligned_to_64_bytes(gradient_rows.data());
         if (need_weight) sums[tid].assign(size_t(weights * L), T(0));
         int64_t first, last;
         share(s.slices(), &first, &last);

@@ -203,7 +203,6 @@ INLINE_INTO_CLONES void prefetch_corners(const Layout<T, C, ChannelsLast, Border
 // waited on its cache misses (4 GB/s from memory, about a tenth of what the machine moves) and
 // no hardware prefetcher follows a map's jittered rows.
 constexpr int64_t PREFETCH_CHUNK = 128, PREFETCH_AHEAD = 256;
-constexpr int SCATTER_AHEAD = 16;  // the scatter's points (in its blocks of 256) prefetched ahead
 
 template <typename T, int C, bool ChannelsLast, bool Border, bool AddCoords, typename Body>
 INLINE_INTO_CLONES void over_points(const Layout<T, C, ChannelsLast, Border, AddCoords>& l, const T* src,
@@ -303,7 +302,10 @@ INLINE_INTO_CLONES bool scatter_point(Layout<T, C, ChannelsLast, Border, AddCoor
 // Most points have all eight corners in the grid and in the thread's slices. Their stencils
 // are computed for a block of points at a time in a vectorized loop, and consecutive points in
 // the same grid cell (a coarse field sampled at finer points: 4 in a row at 175 points on 44
-// voxels) are summed in registers, their cell's 8 x C voxels updated once per run.
+// voxels) are summed in registers, their cell's 8 x C voxels updated once per run. Above
+// prefetch_above_bytes, each point's cells are prefetched for writing SCATTER_AHEAD points earlier.
+constexpr int SCATTER_AHEAD = 16;
+
 template <typename T, int C, bool ChannelsLast, bool Border, bool AddCoords>
 INLINE_INTO_CLONES void scatter_range(Layout<T, C, ChannelsLast, Border, AddCoords> l, const T* map, const T* grad_out,
                                       T* grad_image, const int64_t* listed, int64_t first, int64_t last, int64_t lo,
