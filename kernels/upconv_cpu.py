@@ -13,7 +13,7 @@ channels-last tensors (the engine's layout), in the widest vectors the CPU has
   5 cores). Its rounding differs from the direct sums' (the transforms add and subtract; its
   error against float64 1.3x oneDNN's there): tested against float64 within 8 float32 epsilons
   of the sum of absolute products. The inference network and IO's forward take it at the finest
-  two levels (:func:`takes_forward`).
+  three levels, up to 64 output channels (:func:`takes_forward`).
 * **Weight gradient** (:func:`weight_grad`). In IO's backward pass, oneDNN computes it at about
   60% of the rate of the layer's input gradient (48 -> 16 channels at 88^3, 2 cores: 259 against
   404 GFLOP/s on an AMD Zen 5), the largest convolution cost of a full-resolution U-Net's finest
