@@ -8,15 +8,20 @@
 // registration (batch 1) runs it, and its backward, on one core. Here the output voxels are
 // split over OpenMP threads, the eight corner weights are computed once for all channels, and
 // the loops over the points are vectorized (gathers), compiled for AVX-512, AVX2+FMA and
-// baseline x86-64 with the best picked at load time. Templated on float (the engine) and
-// double (gradcheck in the tests).
+// baseline x86-64 with the best picked at load time; with AVX-512 the forward loads the two
+// corners along x together (sample_pairs). Templated on float (the engine) and double
+// (gradcheck in the tests).
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_kernel.h"  // Array, check, share, CPU_DISPATCH, INLINE_INTO_CLONES
+#ifdef SIMD_LEVELS
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -104,6 +109,19 @@ inline int64_t& prefetch_above_bytes() {
     return bytes;
 }
 
+int& forced_forward_bytes() {
+    static int bytes = 0;  // 0: no cap
+    return bytes;
+}
+
+// The vector width of float's forward, in bytes: 64 where simd_bytes() is and the CPU runs
+// 512-bit vectors whole (then it loads corners in pairs, sample_pairs), else 32 or 16, capped by
+// forced_forward_bytes (for tests).
+inline int forward_bytes() {
+    const int widest = simd_bytes() == 64 && !splits_512_bit_vectors() ? 64 : std::min(simd_bytes(), 32);
+    return forced_forward_bytes() ? std::min(forced_forward_bytes(), widest) : widest;
+}
+
 // The geometry shared by all calls: image (B, C, D, H, W), coords (B or 1, 3, D', H', W').
 // Arrays over the sample points (coords, out, grad_out, grad_coords) come in one of two
 // layouts, given by `channels_last`: planar (N, K, D', H', W'), or channels-last passed as
@@ -114,6 +132,7 @@ struct Geometry {
     int64_t batch, channels, depth, height, width, coord_batch, points, plane, volume;
     bool border, channels_last, add_coords;
     bool prefetch;  // the sampled image is larger than prefetch_above_bytes(): see over_points
+    bool pairs;     // float's forward loads its corners in pairs: see sample_pairs
 
     template <typename T>
     Geometry(const Array<T>& image, const Array<T>& coords, bool border, bool channels_last, bool add_coords)
@@ -132,6 +151,7 @@ struct Geometry {
         check(!add_coords || (channels == 3 && border),
               "add_coords needs a displacement field: 3 channels, border padding");
         prefetch = channels * volume * int64_t(sizeof(T)) > prefetch_above_bytes();
+        pairs = sizeof(T) == 4 && forward_bytes() == 64;
     }
 
     template <typename T>
@@ -153,11 +173,12 @@ template <typename T, int C, bool ChannelsLast, bool Border, bool AddCoords>
 struct Layout {
     int64_t channel_count, points, volume;
     int32_t depth, height, width, plane;
-    bool prefetch;
+    bool prefetch, pairs;
 
     explicit Layout(const Geometry& g)
         : channel_count(g.channels), points(g.points), volume(g.volume), depth(int32_t(g.depth)),
-          height(int32_t(g.height)), width(int32_t(g.width)), plane(int32_t(g.plane)), prefetch(g.prefetch) {}
+          height(int32_t(g.height)), width(int32_t(g.width)), plane(int32_t(g.plane)), prefetch(g.prefetch),
+          pairs(g.pairs) {}
     INLINE_INTO_CLONES int64_t channels() const { return C ? C : channel_count; }
     INLINE_INTO_CLONES int64_t channel_stride() const { return ChannelsLast ? 1 : points; }
     INLINE_INTO_CLONES int64_t point_stride(int64_t k) const { return ChannelsLast ? k : 1; }
@@ -215,6 +236,106 @@ INLINE_INTO_CLONES void over_points(const Layout<T, C, ChannelsLast, Border, Add
     }
 }
 
+// The forward's corners in pairs. Its gathers took most of its time: a 3-channel field, 24
+// gathers of 16 floats per 16 points. The two corners along x are adjacent voxels, so one 8-byte
+// load reads both: half the loads. GCC vectorized no such load in the point loops (it did in a
+// small test loop), so they are written in AVX-512: the corners of a block of points are computed
+// first (a vectorized loop into PairCorners), then sample_pair_block sums them in the order and
+// with the fused multiply-adds of the gathering loop (the same bits, tested).
+constexpr int PAIR_BLOCK = 128;
+
+struct PairCorners {
+    alignas(64) int32_t row[4][PAIR_BLOCK];  // the first voxel of corners 2q and 2q + 1's pair
+    alignas(64) bool swapped[PAIR_BLOCK];    // the lower corner is the pair's second voxel
+    alignas(64) bool inside[8][PAIR_BLOCK];
+    alignas(64) float weight[8][PAIR_BLOCK];
+    alignas(64) float value[3][PAIR_BLOCK];  // the output, per channel
+};
+
+#ifdef SIMD_LEVELS
+// The 16 flags at `at` (64-byte aligned) as a mask.
+SIMD_AVX512 inline __attribute__((always_inline)) __mmask16 flags(const bool* at) {
+    const __m128i bytes = _mm_load_si128(reinterpret_cast<const __m128i*>(at));
+    return _mm_test_epi8_mask(bytes, bytes);
+}
+
+// The 8 bytes at channel + rows[j], j = 0..7, as the 8 lanes of a vector: one load each, faster
+// than a gather of 8-byte elements (0.32 against 0.47 ns a pair from the L2, one core).
+SIMD_AVX512 inline __attribute__((always_inline)) __m512i load_pairs(const float* channel, const int32_t* rows) {
+    __m128i pairs[4];
+    for (int j = 0; j < 4; ++j) {
+        const __m128d first = _mm_castsi128_pd(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(channel + rows[2 * j])));
+        pairs[j] = _mm_castpd_si128(_mm_loadh_pd(first, reinterpret_cast<const double*>(channel + rows[2 * j + 1])));
+    }
+    const __m512i low = _mm512_inserti64x2(_mm512_castsi128_si512(pairs[0]), pairs[1], 1);
+    return _mm512_inserti64x2(_mm512_inserti64x2(low, pairs[2], 2), pairs[3], 3);
+}
+
+// value[ch][i] = the sum over corners k of weight[k][i] * (inside[k][i] ? corner : 0), for the
+// first n points of b and each of `channels` (1 to 3) channels of src.
+SIMD_AVX512 inline __attribute__((always_inline)) void sample_pair_block(PairCorners& b, int n, const float* src,
+                                                                        int64_t volume, int channels) {
+    const __m512i firsts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i seconds = _mm512_add_epi32(firsts, _mm512_set1_epi32(1));
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 swapped = flags(b.swapped + i);
+        __m512 sum[3] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int q = 0; q < 4; ++q) {
+            const __mmask16 lower_inside = flags(b.inside[2 * q] + i), upper_inside = flags(b.inside[2 * q + 1] + i);
+            const __m512 lower_weight = _mm512_load_ps(b.weight[2 * q] + i);
+            const __m512 upper_weight = _mm512_load_ps(b.weight[2 * q + 1] + i);
+            for (int ch = 0; ch < channels; ++ch) {
+                const float* channel = src + ch * volume;
+                // points i..i+7 and i+8..i+15, (first, second) in each 8 bytes
+                const __m512i low = load_pairs(channel, b.row[q] + i), high = load_pairs(channel, b.row[q] + i + 8);
+                const __m512 first = _mm512_castsi512_ps(_mm512_permutex2var_epi32(low, firsts, high));
+                const __m512 second = _mm512_castsi512_ps(_mm512_permutex2var_epi32(low, seconds, high));
+                const __m512 lower = _mm512_mask_blend_ps(swapped, first, second);
+                const __m512 upper = _mm512_mask_blend_ps(swapped, second, first);
+                sum[ch] = _mm512_fmadd_ps(lower_weight, _mm512_maskz_mov_ps(lower_inside, lower), sum[ch]);
+                sum[ch] = _mm512_fmadd_ps(upper_weight, _mm512_maskz_mov_ps(upper_inside, upper), sum[ch]);
+            }
+        }
+        for (int ch = 0; ch < channels; ++ch) _mm512_store_ps(b.value[ch] + i, sum[ch]);
+    }
+}
+
+// Forward over points [from, to) through PairCorners blocks (float, 1 or 3 channels, where
+// forward_bytes() is 64): sample_range's results. A function of its own, compiled for AVX-512:
+// inlined into sample_points with all the layouts, its first loop did not vectorize.
+template <int C, bool ChannelsLast, bool Border, bool AddCoords>
+SIMD_AVX512 __attribute__((noinline)) void sample_pairs(const Layout<float, C, ChannelsLast, Border, AddCoords>& l,
+                                                        const float* src, const float* map, float* out, int64_t from,
+                                                        int64_t to) {
+    static_assert(C == 1 || C == 3, "sample_pair_block sums 1 to 3 channels");
+    const int64_t out_channel = l.channel_stride(), out_point = l.point_stride(C);
+    PairCorners b;
+    for (int64_t start = from; start < to; start += PAIR_BLOCK) {
+        const int n = int(std::min<int64_t>(PAIR_BLOCK, to - start));
+#pragma omp simd
+        for (int i = 0; i < n; ++i) {
+            const Axis<float> z = l.axis_of(map, start + i, 0, l.depth), y = l.axis_of(map, start + i, 1, l.height),
+                              x = l.axis_of(map, start + i, 2, l.width);
+            const Corners<float> c = corners_of<false>(z, y, x, l.plane, l.width);
+            // Both neighbours in the grid: the pair at the lower. Only one: the pair within the
+            // grid that holds it (the width is at least 2), swapped. Neither: any (not summed).
+            const int32_t pair = x.inside[1] ? (x.inside[0] ? x.index[0] : 0) : (x.inside[0] ? x.index[0] - 1 : 0);
+            for (int q = 0; q < 4; ++q) b.row[q][i] = c.offset[2 * q] - x.index[0] + pair;
+            b.swapped[i] = x.inside[0] != x.inside[1];
+            for (int k = 0; k < 8; ++k) b.inside[k][i] = c.inside[k], b.weight[k][i] = c.weight[k];
+        }
+        for (int i = n; i < (n + 15) / 16 * 16; ++i)  // sample_pair_block loads whole vectors' pairs
+            for (int q = 0; q < 4; ++q) b.row[q][i] = 0;
+        sample_pair_block(b, n, src, l.volume, C);
+#pragma omp simd
+        for (int i = 0; i < n; ++i)
+            for (int ch = 0; ch < C; ++ch)
+                out[ch * out_channel + (start + i) * out_point] =
+                    AddCoords ? b.value[ch][i] + l.coordinate(map, start + i, ch) : b.value[ch][i];
+    }
+}
+#endif
+
 // Forward over points [first, last) of one batch item: out = src sampled at map, plus the map
 // itself with AddCoords.
 template <typename T, int C, bool ChannelsLast, bool Border, bool AddCoords>
@@ -223,6 +344,10 @@ INLINE_INTO_CLONES void sample_range(Layout<T, C, ChannelsLast, Border, AddCoord
     const int64_t channels = l.channels(), out_channel = l.channel_stride(), out_point = l.point_stride(channels);
     const int64_t volume = l.volume;
     over_points(l, src, map, first, last, [&](int64_t from, int64_t to) __attribute__((always_inline)) {
+#ifdef SIMD_LEVELS
+        if constexpr (std::is_same_v<T, float> && (C == 1 || C == 3))
+            if (l.pairs) return sample_pairs(l, src, map, out, from, to);
+#endif
 #pragma omp simd
         for (int64_t p = from; p < to; ++p) {
             const Corners<T> c = l.template corners<false>(map, p);
@@ -1002,6 +1127,17 @@ PYBIND11_MODULE(_trilinear_cpu, module) {
         py::arg("bytes") = -1,
         "The image size in bytes above which the warp prefetches its sample points' corners; bytes >= 0 "
         "sets it from now on (0: always, for tests).");
+    module.def(
+        "forward_simd_bytes",
+        [](int cap) {
+            check(cap == -1 || cap == 0 || cap == 32 || cap == 64, "cap must be 32, 64 or 0");
+            if (cap >= 0) forced_forward_bytes() = cap;
+            return forward_bytes();
+        },
+        py::arg("cap") = -1,
+        "The vector width in bytes of the float forward: 64 (AVX-512 where the CPU runs 512-bit vectors "
+        "whole; corners loaded in pairs), 32 (AVX2+FMA) or 16. cap: 32 or 64 caps it there from now on (so "
+        "that tests run both on one CPU), 0 lifts the cap.");
     module.def(
         "backward_simd_bytes",
         [](int cap) {

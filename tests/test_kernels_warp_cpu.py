@@ -247,6 +247,48 @@ def test_prefetched_corners_give_the_same_bits(prefetch_above_bytes, layout, cha
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("prefetch", [False, True], ids=["whole", "chunked"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+@pytest.mark.parametrize("channels,padding,compose", [(1, "zeros", False), (1, "border", False), (3, "zeros", False),
+                                                      (3, "border", False), (2, "zeros", False), (3, "border", True)])
+def test_corners_loaded_in_pairs_give_the_same_bits(prefetch_above_bytes, prefetch, layout, channels, padding,
+                                                    compose):
+    """With AVX-512 the float forward loads the two corners along x with one 8-byte load
+    (kernels/trilinear_cpu.cpp, sample_pairs; 1 and 3 channels): the same bits as the gathering
+    loop it replaces (run by capping the forward at 32-byte vectors), for each compiled layout,
+    whole and in prefetch chunks, over blocks of points with a partial vector at the end, points
+    with one neighbour along x in the grid (the pair's other voxel then unused), outside it and
+    NaN."""
+    from mgr_engine import _trilinear_cpu
+
+    if _trilinear_cpu.forward_simd_bytes(0) != 64:
+        pytest.skip("the forward loads pairs only where the CPU runs 512-bit vectors whole")
+    gen = torch.Generator().manual_seed(13)
+    image = torch.randn(2, channels, 9, 8, 7, generator=gen)
+    coords = random_map(1, (10, 11, 13), spread=0.3).contiguous(memory_format=layout)
+    x = coords[0, 2]  # map coordinate along x (width 7: voxel 6 * x)
+    x[0, 0, :4] = torch.tensor([1.0, -0.5 / 6, 1.05, float("nan")])
+    voxel = 6 * x[x.isfinite()]
+    assert ((voxel >= -1) & (voxel < 0)).sum() > 20 and ((voxel >= 6) & (voxel < 7)).sum() > 20
+    assert coords.shape[2:].numel() % 16 and coords.shape[2:].numel() > 128  # blocks of 128 points
+
+    def run():
+        return warp_cpu.compose_maps_cpu(image, coords) if compose else warp_cpu.warp_cpu(image, coords, padding)
+
+    prefetch_above_bytes(0 if prefetch else 1 << 62)
+    try:
+        paired = run()
+        assert _trilinear_cpu.forward_simd_bytes(32) == 32
+        gathered = run()
+    finally:
+        _trilinear_cpu.forward_simd_bytes(0)
+    torch.testing.assert_close(paired, gathered, rtol=0, atol=0, equal_nan=True)  # composed: NaN + sample
+    assert (paired != 0).double().mean() > 0.5
+    reference = reference_warp(image, coords, "border") + coords if compose else reference_warp(image, coords, padding)
+    finite = coords.isfinite().all(1, keepdim=True).expand_as(paired)  # torch's border padding keeps NaN's sample
+    torch.testing.assert_close(paired[finite], reference[finite], rtol=0, atol=1e-5)
+
+
 def test_backward_when_only_one_input_wants_a_gradient():
     """The backward skips the gradient nobody asked for (the image's scatter, for images warped
     in the loss): each alone still equals the reference's."""
@@ -409,6 +451,24 @@ def test_backward_runs_in_512_bit_vectors_unless_the_cpu_splits_them():
     splits = vendor == "AuthenticAMD" and family == 25
     widest = last_conv_cpu.vector_bytes()
     assert _trilinear_cpu.backward_simd_bytes() == (64 if widest == 64 and not splits else min(widest, 32))
+
+
+@needs_objdump
+def test_paired_forward_computes_its_corners_vectorized():
+    """The AVX-512 forward's corners of a block of points (sample_pairs) come from a vectorized
+    loop. Inlined into sample_points with the other layouts, GCC left that loop scalar (the
+    forward 3x slower than the gathers it replaces): each of its ten layouts converts its three
+    coordinates to voxel indices with packed instructions."""
+    from mgr_engine import _trilinear_cpu
+
+    bodies = [c for c in re.split(r"\n(?=[0-9a-f]+ <)", disassembly(_trilinear_cpu))
+              if re.match(r"[0-9a-f]+ <[^\n]*sample_pairs<", c)]
+    if not bodies:
+        pytest.skip("no AVX-512 sample_pairs under GCC's name (another compiler, another architecture)")
+    assert len(bodies) == 10
+    for body in bodies:
+        packed = len(re.findall(r"vcvttps2dq\s+%zmm", body))
+        assert packed >= 3, f"{body.splitlines()[0]}: coordinates converted in vectors {packed} times"
 
 
 @needs_objdump
