@@ -109,18 +109,15 @@ inline int64_t& prefetch_above_bytes() {
     return bytes;
 }
 
-int& forced_forward_bytes() {
-    static int bytes = 0;  // 0: no cap
-    return bytes;
+bool& corner_pairs_off() {
+    static bool off = false;
+    return off;
 }
 
-// The vector width of float's forward, in bytes: 64 where simd_bytes() is and the CPU runs
-// 512-bit vectors whole (then it loads corners in pairs, sample_pairs), else 32 or 16, capped by
-// forced_forward_bytes (for tests).
-inline int forward_bytes() {
-    const int widest = simd_bytes() == 64 && !splits_512_bit_vectors() ? 64 : std::min(simd_bytes(), 32);
-    return forced_forward_bytes() ? std::min(forced_forward_bytes(), widest) : widest;
-}
+// Whether float's AVX-512 point loops load the corners along x in pairs (sample_pairs,
+// map_gradient_pairs): where simd_bytes() is 64 and the CPU runs 512-bit vectors whole, unless
+// turned off (tests compare the two).
+inline bool corner_pairs() { return simd_bytes() == 64 && !splits_512_bit_vectors() && !corner_pairs_off(); }
 
 // The geometry shared by all calls: image (B, C, D, H, W), coords (B or 1, 3, D', H', W').
 // Arrays over the sample points (coords, out, grad_out, grad_coords) come in one of two
@@ -132,7 +129,7 @@ struct Geometry {
     int64_t batch, channels, depth, height, width, coord_batch, points, plane, volume;
     bool border, channels_last, add_coords;
     bool prefetch;  // the sampled image is larger than prefetch_above_bytes(): see over_points
-    bool pairs;     // float's forward loads its corners in pairs: see sample_pairs
+    bool pairs;     // float's AVX-512 loops load corners in pairs: see corner_pairs
 
     template <typename T>
     Geometry(const Array<T>& image, const Array<T>& coords, bool border, bool channels_last, bool add_coords)
@@ -151,7 +148,7 @@ struct Geometry {
         check(!add_coords || (channels == 3 && border),
               "add_coords needs a displacement field: 3 channels, border padding");
         prefetch = channels * volume * int64_t(sizeof(T)) > prefetch_above_bytes();
-        pairs = sizeof(T) == 4 && forward_bytes() == 64;
+        pairs = sizeof(T) == 4 && corner_pairs();
     }
 
     template <typename T>
@@ -244,13 +241,37 @@ INLINE_INTO_CLONES void over_points(const Layout<T, C, ChannelsLast, Border, Add
 // with the fused multiply-adds of the gathering loop (the same bits, tested).
 constexpr int PAIR_BLOCK = 128;
 
+// A block of points' corners for the pair loops: where each point's pairs lie, and per axis (z, y,
+// x) its two neighbours' weights and whether each is in the grid. The loops form the corners'
+// weights and derivatives from these (fewer stores than Corners' 8 weights and 24 derivatives; a
+// map gradient 1.1-1.3x faster). With grad_out for the map's gradient, and the results.
 struct PairCorners {
     alignas(64) int32_t row[4][PAIR_BLOCK];  // the first voxel of corners 2q and 2q + 1's pair
     alignas(64) bool swapped[PAIR_BLOCK];    // the lower corner is the pair's second voxel
-    alignas(64) bool inside[8][PAIR_BLOCK];
-    alignas(64) float weight[8][PAIR_BLOCK];
-    alignas(64) float value[3][PAIR_BLOCK];  // the output, per channel
+    alignas(64) bool inside[3][2][PAIR_BLOCK];
+    alignas(64) float weight[3][2][PAIR_BLOCK];
+    alignas(64) float grad[3][PAIR_BLOCK];    // grad_out per channel (the map's gradient)
+    alignas(64) float result[3][PAIR_BLOCK];  // per channel (forward) or along z, y, x (gradient)
 };
+
+// Point i of b from its neighbours along each axis. Where its corners along x lie as a pair: both
+// neighbours in the grid, the pair at the lower; only one, the pair within the grid that holds it
+// (the width is at least 2), swapped; neither, any (not summed).
+INLINE_INTO_CLONES void store_point(PairCorners& b, int i, const Axis<float>& z, const Axis<float>& y,
+                                    const Axis<float>& x, int32_t plane, int32_t width) {
+    const int32_t pair = x.inside[1] ? (x.inside[0] ? x.index[0] : 0) : (x.inside[0] ? x.index[0] - 1 : 0);
+    for (int q = 0; q < 4; ++q) b.row[q][i] = z.index[q >> 1] * plane + y.index[q & 1] * width + pair;
+    b.swapped[i] = x.inside[0] != x.inside[1];
+    const Axis<float>* axes[3] = {&z, &y, &x};
+    for (int axis = 0; axis < 3; ++axis)
+        for (int h = 0; h < 2; ++h) b.inside[axis][h][i] = axes[axis]->inside[h], b.weight[axis][h][i] = axes[axis]->weight[h];
+}
+
+// The rows of points n .. the next multiple of 16: the pair blocks load whole vectors' pairs.
+INLINE_INTO_CLONES void pad_rows(PairCorners& b, int n) {
+    for (int i = n; i < (n + 15) / 16 * 16; ++i)
+        for (int q = 0; q < 4; ++q) b.row[q][i] = 0;
+}
 
 #ifdef SIMD_LEVELS
 // The 16 flags at `at` (64-byte aligned) as a mask.
@@ -271,37 +292,93 @@ SIMD_AVX512 inline __attribute__((always_inline)) __m512i load_pairs(const float
     return _mm512_inserti64x2(_mm512_inserti64x2(low, pairs[2], 2), pairs[3], 3);
 }
 
-// value[ch][i] = the sum over corners k of weight[k][i] * (inside[k][i] ? corner : 0), for the
-// first n points of b and each of `channels` (1 to 3) channels of src.
-SIMD_AVX512 inline __attribute__((always_inline)) void sample_pair_block(PairCorners& b, int n, const float* src,
-                                                                        int64_t volume, int channels) {
+// Corners 2q and 2q + 1 (lower, upper along x) of points i .. i + 15 in a channel, 0 where their
+// mask is not set (outside the grid).
+SIMD_AVX512 inline __attribute__((always_inline)) void corner_pair(const PairCorners& b, int i, int q, const float* channel,
+                                                                  __mmask16 lower_inside, __mmask16 upper_inside,
+                                                                  __m512& lower, __m512& upper) {
     const __m512i firsts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i seconds = _mm512_add_epi32(firsts, _mm512_set1_epi32(1));
+    const __mmask16 swapped = flags(b.swapped + i);
+    // points i..i+7 and i+8..i+15, (first, second) in each 8 bytes
+    const __m512i low = load_pairs(channel, b.row[q] + i), high = load_pairs(channel, b.row[q] + i + 8);
+    const __m512 first = _mm512_castsi512_ps(_mm512_permutex2var_epi32(low, firsts, high));
+    const __m512 second = _mm512_castsi512_ps(_mm512_permutex2var_epi32(low, seconds, high));
+    lower = _mm512_maskz_mov_ps(lower_inside, _mm512_mask_blend_ps(swapped, first, second));
+    upper = _mm512_maskz_mov_ps(upper_inside, _mm512_mask_blend_ps(swapped, second, first));
+}
+
+// Points i .. i + 15's neighbours: weights w[axis][h] and whether each corner k is in the grid
+// (k = (z, y, x) neighbours (k >> 2, (k >> 1) & 1, k & 1), as Corners).
+SIMD_AVX512 inline __attribute__((always_inline)) void load_neighbours(const PairCorners& b, int i, __m512 w[3][2],
+                                                                      __mmask16 inside[8]) {
+    __mmask16 in[3][2];
+    for (int axis = 0; axis < 3; ++axis)
+        for (int h = 0; h < 2; ++h) w[axis][h] = _mm512_load_ps(b.weight[axis][h] + i), in[axis][h] = flags(b.inside[axis][h] + i);
+    for (int k = 0; k < 8; ++k) inside[k] = in[0][k >> 2] & in[1][(k >> 1) & 1] & in[2][k & 1];
+}
+
+// result[ch][i] = the sum over corners k of weight k * corner, for the first n points of b and
+// each of `channels` (1 to 3) channels of src: sample_range's sums, in its order and with its
+// fused multiply-adds, the weights as Corners forms them, (w_z * w_y) * w_x.
+SIMD_AVX512 inline __attribute__((always_inline)) void sample_pair_block(PairCorners& b, int n, const float* src,
+                                                                        int64_t volume, int channels) {
     for (int i = 0; i < n; i += 16) {
-        const __mmask16 swapped = flags(b.swapped + i);
+        __m512 w[3][2];
+        __mmask16 inside[8];
+        load_neighbours(b, i, w, inside);
         __m512 sum[3] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
         for (int q = 0; q < 4; ++q) {
-            const __mmask16 lower_inside = flags(b.inside[2 * q] + i), upper_inside = flags(b.inside[2 * q + 1] + i);
-            const __m512 lower_weight = _mm512_load_ps(b.weight[2 * q] + i);
-            const __m512 upper_weight = _mm512_load_ps(b.weight[2 * q + 1] + i);
+            const __m512 zy = _mm512_mul_ps(w[0][q >> 1], w[1][q & 1]);
+            const __m512 lower_weight = _mm512_mul_ps(zy, w[2][0]), upper_weight = _mm512_mul_ps(zy, w[2][1]);
             for (int ch = 0; ch < channels; ++ch) {
-                const float* channel = src + ch * volume;
-                // points i..i+7 and i+8..i+15, (first, second) in each 8 bytes
-                const __m512i low = load_pairs(channel, b.row[q] + i), high = load_pairs(channel, b.row[q] + i + 8);
-                const __m512 first = _mm512_castsi512_ps(_mm512_permutex2var_epi32(low, firsts, high));
-                const __m512 second = _mm512_castsi512_ps(_mm512_permutex2var_epi32(low, seconds, high));
-                const __m512 lower = _mm512_mask_blend_ps(swapped, first, second);
-                const __m512 upper = _mm512_mask_blend_ps(swapped, second, first);
-                sum[ch] = _mm512_fmadd_ps(lower_weight, _mm512_maskz_mov_ps(lower_inside, lower), sum[ch]);
-                sum[ch] = _mm512_fmadd_ps(upper_weight, _mm512_maskz_mov_ps(upper_inside, upper), sum[ch]);
+                __m512 lower, upper;
+                corner_pair(b, i, q, src + ch * volume, inside[2 * q], inside[2 * q + 1], lower, upper);
+                sum[ch] = _mm512_fmadd_ps(lower_weight, lower, sum[ch]);
+                sum[ch] = _mm512_fmadd_ps(upper_weight, upper, sum[ch]);
             }
         }
-        for (int ch = 0; ch < channels; ++ch) _mm512_store_ps(b.value[ch] + i, sum[ch]);
+        for (int ch = 0; ch < channels; ++ch) _mm512_store_ps(b.result[ch] + i, sum[ch]);
+    }
+}
+
+// result[axis][i] = the sum over channels, then corners k, of the weight's derivative along axis
+// times (corner * grad[ch][i]), for the first n points of b: map_gradient_range's sums, in its
+// order and with its fused multiply-adds. The derivatives are Corners' d_z, d_y, d_x:
+// (slope * w_y) * w_x and so on, the slope -1 or 1, so +-(w_y * w_x) exactly; a -1 becomes a
+// negated multiply-add.
+SIMD_AVX512 inline __attribute__((always_inline)) void map_gradient_pair_block(PairCorners& b, int n, const float* src,
+                                                                              int64_t volume, int channels) {
+    for (int i = 0; i < n; i += 16) {
+        __m512 w[3][2];
+        __mmask16 inside[8];
+        load_neighbours(b, i, w, inside);
+        __m512 yx[2][2], zx[2][2], zy[2][2];  // products of two axes' weights, by neighbour
+        for (int a = 0; a < 2; ++a)
+            for (int c = 0; c < 2; ++c)
+                yx[a][c] = _mm512_mul_ps(w[1][a], w[2][c]), zx[a][c] = _mm512_mul_ps(w[0][a], w[2][c]),
+                zy[a][c] = _mm512_mul_ps(w[0][a], w[1][c]);
+        __m512 sum[3] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int ch = 0; ch < channels; ++ch) {
+            const __m512 grad = _mm512_load_ps(b.grad[ch] + i);
+            for (int q = 0; q < 4; ++q) {
+                __m512 corner[2];
+                corner_pair(b, i, q, src + ch * volume, inside[2 * q], inside[2 * q + 1], corner[0], corner[1]);
+                const int hz = q >> 1, hy = q & 1;
+                for (int hx = 0; hx < 2; ++hx) {
+                    const __m512 v = _mm512_mul_ps(corner[hx], grad);
+                    sum[0] = hz ? _mm512_fmadd_ps(yx[hy][hx], v, sum[0]) : _mm512_fnmadd_ps(yx[hy][hx], v, sum[0]);
+                    sum[1] = hy ? _mm512_fmadd_ps(zx[hz][hx], v, sum[1]) : _mm512_fnmadd_ps(zx[hz][hx], v, sum[1]);
+                    sum[2] = hx ? _mm512_fmadd_ps(zy[hz][hy], v, sum[2]) : _mm512_fnmadd_ps(zy[hz][hy], v, sum[2]);
+                }
+            }
+        }
+        for (int axis = 0; axis < 3; ++axis) _mm512_store_ps(b.result[axis] + i, sum[axis]);
     }
 }
 
 // Forward over points [from, to) through PairCorners blocks (float, 1 or 3 channels, where
-// forward_bytes() is 64): sample_range's results. A function of its own, compiled for AVX-512:
+// corner_pairs()): sample_range's results. A function of its own, compiled for AVX-512:
 // inlined into sample_points with all the layouts, its first loop did not vectorize.
 template <int C, bool ChannelsLast, bool Border, bool AddCoords>
 SIMD_AVX512 __attribute__((noinline)) void sample_pairs(const Layout<float, C, ChannelsLast, Border, AddCoords>& l,
@@ -316,22 +393,51 @@ SIMD_AVX512 __attribute__((noinline)) void sample_pairs(const Layout<float, C, C
         for (int i = 0; i < n; ++i) {
             const Axis<float> z = l.axis_of(map, start + i, 0, l.depth), y = l.axis_of(map, start + i, 1, l.height),
                               x = l.axis_of(map, start + i, 2, l.width);
-            const Corners<float> c = corners_of<false>(z, y, x, l.plane, l.width);
-            // Both neighbours in the grid: the pair at the lower. Only one: the pair within the
-            // grid that holds it (the width is at least 2), swapped. Neither: any (not summed).
-            const int32_t pair = x.inside[1] ? (x.inside[0] ? x.index[0] : 0) : (x.inside[0] ? x.index[0] - 1 : 0);
-            for (int q = 0; q < 4; ++q) b.row[q][i] = c.offset[2 * q] - x.index[0] + pair;
-            b.swapped[i] = x.inside[0] != x.inside[1];
-            for (int k = 0; k < 8; ++k) b.inside[k][i] = c.inside[k], b.weight[k][i] = c.weight[k];
+            store_point(b, i, z, y, x, l.plane, l.width);
         }
-        for (int i = n; i < (n + 15) / 16 * 16; ++i)  // sample_pair_block loads whole vectors' pairs
-            for (int q = 0; q < 4; ++q) b.row[q][i] = 0;
+        pad_rows(b, n);
         sample_pair_block(b, n, src, l.volume, C);
 #pragma omp simd
         for (int i = 0; i < n; ++i)
             for (int ch = 0; ch < C; ++ch)
                 out[ch * out_channel + (start + i) * out_point] =
-                    AddCoords ? b.value[ch][i] + l.coordinate(map, start + i, ch) : b.value[ch][i];
+                    AddCoords ? b.result[ch][i] + l.coordinate(map, start + i, ch) : b.result[ch][i];
+    }
+}
+
+// The map's gradient over points [from, to) through PairCorners blocks (float, 1 or 3
+// channels, in the AVX-512 backward): map_gradient_range's results, a function of its own as
+// sample_pairs.
+template <int C, bool ChannelsLast, bool Border, bool AddCoords>
+SIMD_AVX512 __attribute__((noinline)) void map_gradient_pairs(
+    const Layout<float, C, ChannelsLast, Border, AddCoords>& l, const float* src, const float* map,
+    const float* grad_out, float* grad_map, int64_t from, int64_t to) {
+    static_assert(C == 1 || C == 3, "map_gradient_pair_block sums 1 to 3 channels");
+    const int64_t out_channel = l.channel_stride(), out_point = l.point_stride(C);
+    const int64_t map_channel = l.channel_stride(), map_point = l.point_stride(3);
+    PairCorners b;
+    for (int64_t start = from; start < to; start += PAIR_BLOCK) {
+        const int n = int(std::min<int64_t>(PAIR_BLOCK, to - start));
+#pragma omp simd
+        for (int i = 0; i < n; ++i) {
+            const Axis<float> z = l.axis_of(map, start + i, 0, l.depth), y = l.axis_of(map, start + i, 1, l.height),
+                              x = l.axis_of(map, start + i, 2, l.width);
+            store_point(b, i, z, y, x, l.plane, l.width);
+            for (int ch = 0; ch < C; ++ch) b.grad[ch][i] = grad_out[ch * out_channel + (start + i) * out_point];
+        }
+        pad_rows(b, n);
+        map_gradient_pair_block(b, n, src, l.volume, C);
+#pragma omp simd
+        for (int i = 0; i < n; ++i) {
+            const int64_t p = start + i;
+            float* at = grad_map + p * map_point;
+            at[0] += b.result[0][i] * voxel_slope<Border>(l.coordinate(map, p, 0), float(l.depth - 1)) +
+                     (AddCoords ? b.grad[0][i] : 0.0f);
+            at[map_channel] += b.result[1][i] * voxel_slope<Border>(l.coordinate(map, p, 1), float(l.height - 1)) +
+                               (AddCoords ? b.grad[1][i] : 0.0f);
+            at[2 * map_channel] += b.result[2][i] * voxel_slope<Border>(l.coordinate(map, p, 2), float(l.width - 1)) +
+                                   (AddCoords ? b.grad[2][i] : 0.0f);
+        }
     }
 }
 #endif
@@ -375,6 +481,10 @@ INLINE_INTO_CLONES void map_gradient_range(Layout<T, C, ChannelsLast, Border, Ad
     const int64_t map_channel = l.channel_stride(), map_point = l.point_stride(3);
     const int64_t volume = l.volume;
     over_points(l, src, map, first, last, [&](int64_t from, int64_t to) __attribute__((always_inline)) {
+#ifdef SIMD_LEVELS
+        if constexpr (std::is_same_v<T, float> && (C == 1 || C == 3))
+            if (l.pairs) return map_gradient_pairs(l, src, map, grad_out, grad_map, from, to);
+#endif
 #pragma omp simd
         for (int64_t p = from; p < to; ++p) {
             const Corners<T> c = l.template corners<true>(map, p);
@@ -592,7 +702,9 @@ void map_gradient_points(const Geometry& g, const float* src, const float* map, 
 #ifdef SIMD_LEVELS
     if (backward_bytes() == 64) return map_gradient_points_avx512(g, src, map, grad_out, grad_map, first, last);
 #endif
-    map_gradient_points_narrow(g, src, map, grad_out, grad_map, first, last);
+    Geometry narrow = g;
+    narrow.pairs = false;  // map_gradient_pairs is AVX-512
+    map_gradient_points_narrow(narrow, src, map, grad_out, grad_map, first, last);
 }
 
 void scatter_points(const Geometry& g, const float* map, const float* grad_out, float* grad_image,
@@ -1128,16 +1240,16 @@ PYBIND11_MODULE(_trilinear_cpu, module) {
         "The image size in bytes above which the warp prefetches its sample points' corners; bytes >= 0 "
         "sets it from now on (0: always, for tests).");
     module.def(
-        "forward_simd_bytes",
-        [](int cap) {
-            check(cap == -1 || cap == 0 || cap == 32 || cap == 64, "cap must be 32, 64 or 0");
-            if (cap >= 0) forced_forward_bytes() = cap;
-            return forward_bytes();
+        "corner_pairs",
+        [](int enable) {
+            check(enable >= -1 && enable <= 1, "enable must be 1 (on), 0 (off) or -1 (ask)");
+            if (enable >= 0) corner_pairs_off() = !enable;
+            return corner_pairs();
         },
-        py::arg("cap") = -1,
-        "The vector width in bytes of the float forward: 64 (AVX-512 where the CPU runs 512-bit vectors "
-        "whole; corners loaded in pairs), 32 (AVX2+FMA) or 16. cap: 32 or 64 caps it there from now on (so "
-        "that tests run both on one CPU), 0 lifts the cap.");
+        py::arg("enable") = -1,
+        "Whether the float forward, and the map's gradient in the AVX-512 backward, load the two corners "
+        "along x in one 8-byte load (on CPUs that run 512-bit vectors whole). enable: 0 turns it off from "
+        "now on (so that tests compare both on one CPU), 1 back on.");
     module.def(
         "backward_simd_bytes",
         [](int cap) {

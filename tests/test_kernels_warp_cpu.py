@@ -253,40 +253,48 @@ def test_prefetched_corners_give_the_same_bits(prefetch_above_bytes, layout, cha
                                                       (3, "border", False), (2, "zeros", False), (3, "border", True)])
 def test_corners_loaded_in_pairs_give_the_same_bits(prefetch_above_bytes, prefetch, layout, channels, padding,
                                                     compose):
-    """With AVX-512 the float forward loads the two corners along x with one 8-byte load
-    (kernels/trilinear_cpu.cpp, sample_pairs; 1 and 3 channels): the same bits as the gathering
-    loop it replaces (run by capping the forward at 32-byte vectors), for each compiled layout,
-    whole and in prefetch chunks, over blocks of points with a partial vector at the end, points
-    with one neighbour along x in the grid (the pair's other voxel then unused), outside it and
-    NaN."""
+    """Where the CPU runs 512-bit vectors whole, the float forward and the AVX-512 backward's map
+    gradient load the two corners along x with one 8-byte load (kernels/trilinear_cpu.cpp,
+    sample_pairs and map_gradient_pairs; 1 and 3 channels): the same bits as the gathering loops
+    they replace (corner_pairs(0)), values and both gradients, for each compiled layout, whole
+    and in prefetch chunks, over blocks of points with a partial vector at the end, points with
+    one neighbour along x in the grid (the pair's other voxel then unused), outside it and NaN."""
     from mgr_engine import _trilinear_cpu
 
-    if _trilinear_cpu.forward_simd_bytes(0) != 64:
-        pytest.skip("the forward loads pairs only where the CPU runs 512-bit vectors whole")
+    if not _trilinear_cpu.corner_pairs(1) or _trilinear_cpu.backward_simd_bytes() != 64:
+        pytest.skip("the warp loads corners in pairs only where the CPU runs 512-bit vectors whole")
     gen = torch.Generator().manual_seed(13)
-    image = torch.randn(2, channels, 9, 8, 7, generator=gen)
+    image = torch.randn(2, channels, 9, 8, 7, generator=gen).requires_grad_()
     coords = random_map(1, (10, 11, 13), spread=0.3).contiguous(memory_format=layout)
-    x = coords[0, 2]  # map coordinate along x (width 7: voxel 6 * x)
+    x = coords[0, 2].detach()  # map coordinate along x (width 7: voxel 6 * x)
     x[0, 0, :4] = torch.tensor([1.0, -0.5 / 6, 1.05, float("nan")])
     voxel = 6 * x[x.isfinite()]
     assert ((voxel >= -1) & (voxel < 0)).sum() > 20 and ((voxel >= 6) & (voxel < 7)).sum() > 20
     assert coords.shape[2:].numel() % 16 and coords.shape[2:].numel() > 128  # blocks of 128 points
+    coords.requires_grad_()
+    grad_out = torch.randn(2, channels, 10, 11, 13, generator=gen)
 
     def run():
-        return warp_cpu.compose_maps_cpu(image, coords) if compose else warp_cpu.warp_cpu(image, coords, padding)
+        out = warp_cpu.compose_maps_cpu(image, coords) if compose else warp_cpu.warp_cpu(image, coords, padding)
+        return (out, *torch.autograd.grad(out, (image, coords), grad_out))
 
     prefetch_above_bytes(0 if prefetch else 1 << 62)
     try:
         paired = run()
-        assert _trilinear_cpu.forward_simd_bytes(32) == 32
+        assert not _trilinear_cpu.corner_pairs(0)
         gathered = run()
     finally:
-        _trilinear_cpu.forward_simd_bytes(0)
-    torch.testing.assert_close(paired, gathered, rtol=0, atol=0, equal_nan=True)  # composed: NaN + sample
-    assert (paired != 0).double().mean() > 0.5
-    reference = reference_warp(image, coords, "border") + coords if compose else reference_warp(image, coords, padding)
-    finite = coords.isfinite().all(1, keepdim=True).expand_as(paired)  # torch's border padding keeps NaN's sample
-    torch.testing.assert_close(paired[finite], reference[finite], rtol=0, atol=1e-5)
+        _trilinear_cpu.corner_pairs(1)
+    for a, b in zip(paired, gathered):  # NaN where composed with the NaN coordinate
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+        assert (a != 0).double().mean() > 0.5
+    finite = coords.isfinite().all(1, keepdim=True)  # torch's border padding keeps NaN's sample
+    with ops.kernel_mode("torch"):
+        out = ops.compose_maps(image, coords) if compose else ops.warp(image, coords, padding)
+        reference = (out, *torch.autograd.grad(out, (image, coords), grad_out * finite))
+    for a, b in ((paired[0], reference[0]), (paired[2], reference[2])):
+        mask = finite.expand_as(a)
+        torch.testing.assert_close(a[mask], b[mask], rtol=0, atol=1e-4 * float(b[mask].detach().abs().max()))
 
 
 def test_backward_when_only_one_input_wants_a_gradient():
@@ -454,18 +462,18 @@ def test_backward_runs_in_512_bit_vectors_unless_the_cpu_splits_them():
 
 
 @needs_objdump
-def test_paired_forward_computes_its_corners_vectorized():
-    """The AVX-512 forward's corners of a block of points (sample_pairs) come from a vectorized
-    loop. Inlined into sample_points with the other layouts, GCC left that loop scalar (the
-    forward 3x slower than the gathers it replaces): each of its ten layouts converts its three
-    coordinates to voxel indices with packed instructions."""
+def test_pair_loops_compute_their_corners_vectorized():
+    """The AVX-512 pair loops (sample_pairs, map_gradient_pairs) compute the corners of a block of
+    points in a vectorized loop. Inlined into sample_points with the other layouts, GCC left that
+    loop scalar (the forward 3x slower than the gathers it replaces): each of their ten layouts
+    converts its three coordinates to voxel indices with packed instructions."""
     from mgr_engine import _trilinear_cpu
 
     bodies = [c for c in re.split(r"\n(?=[0-9a-f]+ <)", disassembly(_trilinear_cpu))
-              if re.match(r"[0-9a-f]+ <[^\n]*sample_pairs<", c)]
+              if re.match(r"[0-9a-f]+ <[^\n]*(sample|map_gradient)_pairs<", c)]
     if not bodies:
-        pytest.skip("no AVX-512 sample_pairs under GCC's name (another compiler, another architecture)")
-    assert len(bodies) == 10
+        pytest.skip("no AVX-512 pair loops under GCC's name (another compiler, another architecture)")
+    assert len(bodies) == 20
     for body in bodies:
         packed = len(re.findall(r"vcvttps2dq\s+%zmm", body))
         assert packed >= 3, f"{body.splitlines()[0]}: coordinates converted in vectors {packed} times"
