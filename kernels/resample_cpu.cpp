@@ -23,6 +23,9 @@
 #include <vector>
 
 #include "cpu_kernel.h"  // Array, check, CPU_DISPATCH, INLINE_INTO_CLONES
+#ifdef SIMD_LEVELS
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -165,6 +168,87 @@ struct GridDisplacement {
     }
 };
 
+bool& corner_pairs_off() {
+    static bool off = false;
+    return off;
+}
+
+// Whether moved_row loads the displacement's corners in pairs: where simd_bytes() is 64 and the
+// CPU runs 512-bit vectors whole (as the warp's), unless turned off (tests compare the two).
+inline bool corner_pairs() { return simd_bytes() == 64 && !splits_512_bit_vectors() && !corner_pairs_off(); }
+
+// The moved grid points of a row of fixed voxels, GridDisplacement::moved at along_row(start,
+// step, x) for x < nx, written to moved_x, moved_y, moved_z. Its gathers took most of the row's
+// time: 24 of 8 doubles per 8 points. The two corners along x of a stencil are adjacent voxels of
+// the (x, y, z)-interleaved field, 6 doubles in a row, so one masked load reads both; 8 points'
+// loads are transposed into the gathers' vectors, then summed in Stencil::sample's order and fused
+// multiply-adds (the same bits, tested). Written in AVX-512: GCC vectorizes no such load.
+constexpr int MOVED_BLOCK = 64;
+
+#ifdef SIMD_LEVELS
+// The 6 doubles at rows[j] (j = 0..7), as 6 vectors over j: value v of j in lane j of out[v].
+SIMD_AVX512 inline __attribute__((always_inline)) void load_corner_pairs(const double* field, const int32_t* rows,
+                                                                        __m512d out[6]) {
+    __m512d r[8];
+    for (int j = 0; j < 8; ++j) r[j] = _mm512_maskz_loadu_pd(0x3f, field + rows[j]);
+    // an 8 x 8 transpose of which the first 6 columns are kept
+    __m512d t[8], u[8];
+    for (int j = 0; j < 8; j += 2)
+        t[j] = _mm512_unpacklo_pd(r[j], r[j + 1]), t[j + 1] = _mm512_unpackhi_pd(r[j], r[j + 1]);
+    for (int j = 0; j < 8; j += 4)
+        for (int h = 0; h < 2; ++h) {
+            u[j + h] = _mm512_shuffle_f64x2(t[j + h], t[j + h + 2], 0x88);      // 128-bit lanes 0, 2 | 0, 2
+            u[j + h + 2] = _mm512_shuffle_f64x2(t[j + h], t[j + h + 2], 0xdd);  // lanes 1, 3 | 1, 3
+        }
+    // u[h] (h < 4): rows 0-3's values {h & 1, (h & 1) + 2 (h >= 2), ...}; pair them with rows 4-7's
+    for (int h = 0; h < 4; ++h) {
+        const __m512d low = _mm512_shuffle_f64x2(u[h], u[h + 4], 0x88), high = _mm512_shuffle_f64x2(u[h], u[h + 4], 0xdd);
+        const int value = (h & 1) + 2 * (h >> 1);  // of low; high holds value + 4
+        out[value] = low;
+        if (value + 4 < 6) out[value + 4] = high;
+    }
+}
+
+SIMD_AVX512 __attribute__((noinline)) void moved_row(const GridDisplacement& displacement, Point start, Point step,
+                                                     int64_t nx, double* moved_x, double* moved_y, double* moved_z) {
+    alignas(64) int32_t row[4][MOVED_BLOCK];
+    alignas(64) double weight[8][MOVED_BLOCK], keep[MOVED_BLOCK], sum[3][MOVED_BLOCK];
+    const Grid grid = displacement.grid;
+    const double* field = displacement.field;
+    for (int64_t first = 0; first < nx; first += MOVED_BLOCK) {
+        const int n = int(nx - first < MOVED_BLOCK ? nx - first : MOVED_BLOCK);
+        for (int i = 0; i < n; ++i) {  // not omp simd: it kept each lane's Stencil in memory, unvectorized
+            const Point q = along_row(start, step, first + i);
+            const Stencil s(q, grid);
+            for (int k = 0; k < 4; ++k) row[k][i] = s.offset[2 * k];
+            for (int k = 0; k < 8; ++k) weight[k][i] = s.weight[k];
+            keep[i] = grid.contains(q) ? 1.0 : 0.0;
+        }
+        for (int i = n; i < (n + 7) / 8 * 8; ++i)  // whole vectors of points are loaded
+            for (int k = 0; k < 4; ++k) row[k][i] = 0;
+        for (int i = 0; i < n; i += 8) {
+            __m512d total[3] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd()};
+            for (int k = 0; k < 4; ++k) {
+                __m512d corner[6];  // (x, y, z) of corner 2k, then of corner 2k + 1
+                load_corner_pairs(field, row[k] + i, corner);
+                for (int h = 0; h < 2; ++h) {
+                    const __m512d w = _mm512_load_pd(weight[2 * k + h] + i);
+                    for (int c = 0; c < 3; ++c) total[c] = _mm512_fmadd_pd(w, corner[3 * h + c], total[c]);
+                }
+            }
+            for (int c = 0; c < 3; ++c) _mm512_store_pd(sum[c] + i, total[c]);
+        }
+#pragma omp simd
+        for (int i = 0; i < n; ++i) {  // GridDisplacement::moved's sums, here from sum
+            const Point q = along_row(start, step, first + i);
+            moved_x[first + i] = q.x + keep[i] * sum[0][i];
+            moved_y[first + i] = q.y + keep[i] * sum[1][i];
+            moved_z[first + i] = q.z + keep[i] * sum[2][i];
+        }
+    }
+}
+#endif
+
 // A resampled value in the image's pixel type as ITK's ResampleImageFilter casts it: an integer
 // type clamped to its range, then truncated toward 0; a floating-point one rounded.
 template <typename T>
@@ -187,6 +271,7 @@ struct Resampling {
     bool nearest;
     T* result;
     int64_t nz, ny, nx;
+    bool pairs = corner_pairs() && displacement.grid.nx > 1;  // moved_row (one voxel along x: no pair)
     Resampling(const Array<double>& displacement_array, const Array<double>& fixed_to_grid_array, const Array<T>& volume,
                const Array<double>& grid_to_index_array, bool nearest_neighbour, Array<T>& out)
         : displacement(displacement_array), fixed_to_grid(fixed_to_grid_array), grid_to_index(grid_to_index_array),
@@ -210,6 +295,16 @@ INLINE_INTO_CLONES void resample_row(const Resampling<T>& r, int64_t z, int64_t 
     const Point start = r.fixed_to_grid({0.0, double(y), double(z)}), step = r.fixed_to_grid.x_step();
     const GridDisplacement displacement = r.displacement;
     const Affine to_index = r.grid_to_index;
+#ifdef SIMD_LEVELS
+    if (r.pairs) {
+        moved_row(displacement, start, step, nx, index_x, index_y, index_z);
+#pragma omp simd
+        for (int64_t x = 0; x < nx; ++x) {
+            const Point c = to_index({index_x[x], index_y[x], index_z[x]});
+            index_x[x] = c.x, index_y[x] = c.y, index_z[x] = c.z;
+        }
+    } else
+#endif
 #pragma omp simd
     for (int64_t x = 0; x < nx; ++x) {
         const Point c = to_index(displacement.moved(along_row(start, step, x)));
@@ -285,25 +380,45 @@ CPU_DISPATCH void displacement_field(const Array<double>& displacement_array, co
         fixed_to_physical(fixed_to_physical_array);
     const int64_t nz = out.shape(0), ny = out.shape(1), nx = out.shape(2);
     float* result = out.mutable_data();
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-    for (int64_t z = 0; z < nz; ++z)
-        for (int64_t y = 0; y < ny; ++y) {
-            // Row constants as locals: the vectorizer takes no loads through the shared copies.
-            const double fixed_z = double(first_z + z);
-            const Point start = fixed_to_grid({0.0, double(y), fixed_z}), step = fixed_to_grid.x_step();
-            const Point own_start = fixed_to_physical({0.0, double(y), fixed_z}), own_step = fixed_to_physical.x_step();
-            const GridDisplacement grid_displacement = displacement;
-            const Affine to_physical = grid_to_physical;
-            float* row = result + (z * ny + y) * nx * 3;
+    const bool pairs = corner_pairs() && displacement.grid.nx > 1;  // moved_row
+#pragma omp parallel num_threads(threads)
+    {
+        std::vector<double> buffer(pairs ? 3 * nx : 0);  // moved_row's points
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t z = 0; z < nz; ++z)
+            for (int64_t y = 0; y < ny; ++y) {
+                // Row constants as locals: the vectorizer takes no loads through the shared copies.
+                const double fixed_z = double(first_z + z);
+                const Point start = fixed_to_grid({0.0, double(y), fixed_z}), step = fixed_to_grid.x_step();
+                const Point own_start = fixed_to_physical({0.0, double(y), fixed_z}), own_step = fixed_to_physical.x_step();
+                const GridDisplacement grid_displacement = displacement;
+                const Affine to_physical = grid_to_physical;
+                float* row = result + (z * ny + y) * nx * 3;
+#ifdef SIMD_LEVELS
+                if (pairs) {
+                    double *moved_x = buffer.data(), *moved_y = moved_x + nx, *moved_z = moved_y + nx;
+                    moved_row(grid_displacement, start, step, nx, moved_x, moved_y, moved_z);
 #pragma omp simd
-            for (int64_t x = 0; x < nx; ++x) {
-                const Point moved = to_physical(grid_displacement.moved(along_row(start, step, x)));
-                const Point own = along_row(own_start, own_step, x);
-                row[3 * x] = float(moved.x - own.x);
-                row[3 * x + 1] = float(moved.y - own.y);
-                row[3 * x + 2] = float(moved.z - own.z);
+                    for (int64_t x = 0; x < nx; ++x) {
+                        const Point moved = to_physical({moved_x[x], moved_y[x], moved_z[x]});
+                        const Point own = along_row(own_start, own_step, x);
+                        row[3 * x] = float(moved.x - own.x);
+                        row[3 * x + 1] = float(moved.y - own.y);
+                        row[3 * x + 2] = float(moved.z - own.z);
+                    }
+                    continue;
+                }
+#endif
+#pragma omp simd
+                for (int64_t x = 0; x < nx; ++x) {
+                    const Point moved = to_physical(grid_displacement.moved(along_row(start, step, x)));
+                    const Point own = along_row(own_start, own_step, x);
+                    row[3 * x] = float(moved.x - own.x);
+                    row[3 * x + 1] = float(moved.y - own.y);
+                    row[3 * x + 2] = float(moved.z - own.z);
+                }
             }
-        }
+    }
 }
 
 }  // namespace
@@ -321,4 +436,15 @@ PYBIND11_MODULE(_resample_cpu, m) {
           py::arg("grid_to_physical"), py::arg("fixed_to_physical"), py::arg("out").noconvert(), py::arg("first_z"),
           py::arg("threads"),
           py::call_guard<py::gil_scoped_release>());
+    m.def(
+        "corner_pairs",
+        [](int enable) {
+            check(enable >= -1 && enable <= 1, "enable must be 1 (on), 0 (off) or -1 (ask)");
+            if (enable >= 0) corner_pairs_off() = !enable;
+            return corner_pairs();
+        },
+        py::arg("enable") = -1,
+        "Whether the displacement's corners along x are read with one load per pair (on CPUs that run "
+        "512-bit vectors whole). enable: 0 turns it off from now on (so that tests compare both on one "
+        "CPU), 1 back on.");
 }

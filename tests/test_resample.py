@@ -91,6 +91,47 @@ def test_the_displacement_field_is_written_into_out_on_either_path(kernel):
     assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("width", [1, 77])
+def test_displacement_corners_loaded_in_pairs_give_the_same_bits(width):
+    """Where the CPU runs 512-bit vectors whole, the kernel reads the two corners along x of the
+    displacement's stencil with one load (kernels/resample_cpu.cpp, moved_row): the resampled
+    images and the displacement field are the same bits as with its gathers (corner_pairs(0)),
+    over rows of 77 fixed voxels (blocks of 64 points and a partial vector) and points outside the
+    displacement's grid; a grid one voxel wide takes the gathers."""
+    from mgr_engine import _resample_cpu
+
+    require_cpp_extension(resample_cpu)
+    if not _resample_cpu.corner_pairs(1):
+        pytest.skip("the kernel loads pairs only where the CPU runs 512-bit vectors whole")
+    displacement = random_displacement((16, 19, 14), 0.15, seed=8)[:, :, :width].contiguous()
+    volume = torch.from_numpy(smooth_volume((13, 17, 11), 3) * 900 - 300).to(torch.int16)
+    fixed_shape = (9, 10, 77)  # (z, y, x); the affines are (x, y, z): the fixed grid covers the
+    # displacement's (16, 19, 14) and a little beyond it, the displacement's grid the image
+    fixed_to_grid = np.array([[0.2, 0.02, 0.0, -0.7], [0.01, 2.0, 0.0, -0.5], [0.0, 0.05, 1.8, -0.4]])
+    grid_to_index = np.array([[0.8, 0.0, 0.02, -0.3], [0.0, 0.9, 0.0, 0.2], [0.01, 0.0, 0.8, -0.2]])
+    grid_to_physical, fixed_to_physical = random_affine(4), random_affine(5)
+
+    def outputs():
+        with ops.kernel_mode("cpp"):
+            return [resample.resampled_image(displacement, fixed_to_grid, fixed_shape, image, grid_to_index, how)
+                    for image in (volume, volume.double()) for how in ("linear", "nearest")] + [
+                resample.displacement_field(displacement, fixed_to_grid, fixed_shape, grid_to_physical,
+                                            fixed_to_physical)]
+
+    try:
+        paired = outputs()
+        assert not _resample_cpu.corner_pairs(0)
+        gathered = outputs()
+    finally:
+        _resample_cpu.corner_pairs(1)
+    for a, b in zip(paired, gathered):
+        assert torch.equal(a, b) and (a != 0).double().mean() > 0.3
+    with ops.kernel_mode("torch"):  # the reference moves points (its grid is (16, 19, width)) by the same
+        field = resample.displacement_field(displacement, fixed_to_grid, fixed_shape, grid_to_physical,
+                                            fixed_to_physical)
+    torch.testing.assert_close(paired[-1], field, rtol=1e-6, atol=1e-5)
+
+
 def test_a_slab_of_the_displacement_field_is_those_slices_of_the_whole(kernel):
     """The Jacobian determinant goes through the field slab by slab: each slab bit for bit."""
     displacement = random_displacement(NETWORK, 0.15, seed=4)
