@@ -8,8 +8,9 @@
 // EPYC), and the same arithmetic as whole-volume float64 tensor operations (mgr_engine.resample's
 // PyTorch path) makes a dozen passes over 118 MB temporaries (1.1-1.5 s). Here a row of fixed
 // voxels goes through one loop: its grid positions, the displacement there, the moving points
-// (vectorized with AVX2 / AVX-512 gathers); then the image is sampled at them (a second loop,
-// which GCC does not vectorize). In double, as ITK computes.
+// (vectorized with AVX2 / AVX-512 gathers; with AVX-512 the displacement's corners are read in
+// pairs, moved_row); then the image is sampled at them (a second loop, which GCC does not
+// vectorize). In double, as ITK computes.
 //
 // ITK's rules: a continuous index is inside an image when it lies in [-0.5, n - 0.5) on every
 // axis; linear interpolation clamps its corners into the image (and the image's interpolator
