@@ -26,6 +26,7 @@ inline int omp_get_num_threads() { return 1; }
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
+#include <string>
 #include <type_traits>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -128,6 +129,32 @@ inline bool splits_512_bit_vectors() {
 #else
     return false;
 #endif
+}
+
+// Whether the AVX-512 point loops of the trilinear warp and of the resampling load the two corners
+// along x of a point with one load (adjacent voxels) instead of two gathered elements: where
+// simd_bytes() is 64 and the CPU runs 512-bit vectors whole (Zen 4, which splits them, is not
+// measured), unless turned off. Each extension has its own switch (module.corner_pairs).
+inline bool& corner_pairs_off() {
+    static bool off = false;
+    return off;
+}
+
+inline bool corner_pairs() { return simd_bytes() == 64 && !splits_512_bit_vectors() && !corner_pairs_off(); }
+
+// Defines module.corner_pairs(enable) for Python; `loops` names the loops it switches.
+inline void define_corner_pairs(py::module_& module, const std::string& loops) {
+    module.def(
+        "corner_pairs",
+        [](int enable) {
+            check(enable >= -1 && enable <= 1, "enable must be 1 (on), 0 (off) or -1 (ask)");
+            if (enable >= 0) corner_pairs_off() = !enable;
+            return corner_pairs();
+        },
+        py::arg("enable") = -1,
+        ("Whether " + loops + " load the two corners along x of a point with one load (on CPUs that run "
+         "512-bit vectors whole). enable: 0 turns it off from now on (so that tests compare both on one CPU), "
+         "1 back on.").c_str());
 }
 
 // This OpenMP thread's share [first, last) of n items: the t-th of the actual team's equal shares

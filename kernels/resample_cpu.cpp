@@ -23,7 +23,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu_kernel.h"  // Array, check, CPU_DISPATCH, INLINE_INTO_CLONES
+#include "cpu_kernel.h"  // Array, check, CPU_DISPATCH, INLINE_INTO_CLONES, corner_pairs
 #ifdef SIMD_LEVELS
 #include <immintrin.h>
 #endif
@@ -169,15 +169,6 @@ struct GridDisplacement {
     }
 };
 
-bool& corner_pairs_off() {
-    static bool off = false;
-    return off;
-}
-
-// Whether moved_row loads the displacement's corners in pairs: where simd_bytes() is 64 and the
-// CPU runs 512-bit vectors whole (as the warp's), unless turned off (tests compare the two).
-inline bool corner_pairs() { return simd_bytes() == 64 && !splits_512_bit_vectors() && !corner_pairs_off(); }
-
 // The moved grid points of a row of fixed voxels, GridDisplacement::moved at along_row(start,
 // step, x) for x < nx, written to moved_x, moved_y, moved_z. Its gathers took most of the row's
 // time: 24 of 8 doubles per 8 points. The two corners along x of a stencil are adjacent voxels of
@@ -201,12 +192,11 @@ SIMD_AVX512 inline __attribute__((always_inline)) void load_corner_pairs(const d
             u[j + h] = _mm512_shuffle_f64x2(t[j + h], t[j + h + 2], 0x88);      // 128-bit lanes 0, 2 | 0, 2
             u[j + h + 2] = _mm512_shuffle_f64x2(t[j + h], t[j + h + 2], 0xdd);  // lanes 1, 3 | 1, 3
         }
-    // u[h] (h < 4): rows 0-3's values {h & 1, (h & 1) + 2 (h >= 2), ...}; pair them with rows 4-7's
+    // u[h] (h < 4) holds value h of rows 0-3 in its 128-bit lanes 0 and 2, value h + 4 in lanes 1
+    // and 3; u[h + 4] the same of rows 4-7
     for (int h = 0; h < 4; ++h) {
-        const __m512d low = _mm512_shuffle_f64x2(u[h], u[h + 4], 0x88), high = _mm512_shuffle_f64x2(u[h], u[h + 4], 0xdd);
-        const int value = (h & 1) + 2 * (h >> 1);  // of low; high holds value + 4
-        out[value] = low;
-        if (value + 4 < 6) out[value + 4] = high;
+        out[h] = _mm512_shuffle_f64x2(u[h], u[h + 4], 0x88);
+        if (h + 4 < 6) out[h + 4] = _mm512_shuffle_f64x2(u[h], u[h + 4], 0xdd);
     }
 }
 
@@ -272,7 +262,7 @@ struct Resampling {
     bool nearest;
     T* result;
     int64_t nz, ny, nx;
-    bool pairs = corner_pairs() && displacement.grid.nx > 1;  // moved_row (one voxel along x: no pair)
+    bool pairs = corner_pairs() && displacement.grid.nx > 1;  // moved_row; one voxel along x has no pair
     Resampling(const Array<double>& displacement_array, const Array<double>& fixed_to_grid_array, const Array<T>& volume,
                const Array<double>& grid_to_index_array, bool nearest_neighbour, Array<T>& out)
         : displacement(displacement_array), fixed_to_grid(fixed_to_grid_array), grid_to_index(grid_to_index_array),
@@ -391,7 +381,8 @@ CPU_DISPATCH void displacement_field(const Array<double>& displacement_array, co
                 // Row constants as locals: the vectorizer takes no loads through the shared copies.
                 const double fixed_z = double(first_z + z);
                 const Point start = fixed_to_grid({0.0, double(y), fixed_z}), step = fixed_to_grid.x_step();
-                const Point own_start = fixed_to_physical({0.0, double(y), fixed_z}), own_step = fixed_to_physical.x_step();
+                const Point own_start = fixed_to_physical({0.0, double(y), fixed_z});
+                const Point own_step = fixed_to_physical.x_step();
                 const GridDisplacement grid_displacement = displacement;
                 const Affine to_physical = grid_to_physical;
                 float* row = result + (z * ny + y) * nx * 3;
@@ -437,15 +428,5 @@ PYBIND11_MODULE(_resample_cpu, m) {
           py::arg("grid_to_physical"), py::arg("fixed_to_physical"), py::arg("out").noconvert(), py::arg("first_z"),
           py::arg("threads"),
           py::call_guard<py::gil_scoped_release>());
-    m.def(
-        "corner_pairs",
-        [](int enable) {
-            check(enable >= -1 && enable <= 1, "enable must be 1 (on), 0 (off) or -1 (ask)");
-            if (enable >= 0) corner_pairs_off() = !enable;
-            return corner_pairs();
-        },
-        py::arg("enable") = -1,
-        "Whether the displacement's corners along x are read with one load per pair (on CPUs that run "
-        "512-bit vectors whole). enable: 0 turns it off from now on (so that tests compare both on one "
-        "CPU), 1 back on.");
+    define_corner_pairs(m, "the displacement's stencils");
 }

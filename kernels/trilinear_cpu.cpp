@@ -8,9 +8,9 @@
 // registration (batch 1) runs it, and its backward, on one core. Here the output voxels are
 // split over OpenMP threads, the eight corner weights are computed once for all channels, and
 // the loops over the points are vectorized (gathers), compiled for AVX-512, AVX2+FMA and
-// baseline x86-64 with the best picked at load time; with AVX-512 the forward loads the two
-// corners along x together (sample_pairs). Templated on float (the engine) and double
-// (gradcheck in the tests).
+// baseline x86-64 with the best picked at load time; with AVX-512 the forward and the map's
+// gradient load the two corners along x together (sample_pairs, map_gradient_pairs). Templated on
+// float (the engine) and double (gradcheck in the tests).
 
 #include <algorithm>
 #include <cmath>
@@ -109,16 +109,6 @@ inline int64_t& prefetch_above_bytes() {
     return bytes;
 }
 
-bool& corner_pairs_off() {
-    static bool off = false;
-    return off;
-}
-
-// Whether float's AVX-512 point loops load the corners along x in pairs (sample_pairs,
-// map_gradient_pairs): where simd_bytes() is 64 and the CPU runs 512-bit vectors whole, unless
-// turned off (tests compare the two).
-inline bool corner_pairs() { return simd_bytes() == 64 && !splits_512_bit_vectors() && !corner_pairs_off(); }
-
 // The geometry shared by all calls: image (B, C, D, H, W), coords (B or 1, 3, D', H', W').
 // Arrays over the sample points (coords, out, grad_out, grad_coords) come in one of two
 // layouts, given by `channels_last`: planar (N, K, D', H', W'), or channels-last passed as
@@ -129,7 +119,7 @@ struct Geometry {
     int64_t batch, channels, depth, height, width, coord_batch, points, plane, volume;
     bool border, channels_last, add_coords;
     bool prefetch;  // the sampled image is larger than prefetch_above_bytes(): see over_points
-    bool pairs;     // float's AVX-512 loops load corners in pairs: see corner_pairs
+    bool pairs;     // float's AVX-512 loops load corners in pairs (corner_pairs): sample_pairs
 
     template <typename T>
     Geometry(const Array<T>& image, const Array<T>& coords, bool border, bool channels_last, bool add_coords)
@@ -233,12 +223,13 @@ INLINE_INTO_CLONES void over_points(const Layout<T, C, ChannelsLast, Border, Add
     }
 }
 
-// The forward's corners in pairs. Its gathers took most of its time: a 3-channel field, 24
+// Corners in pairs. The forward's gathers took most of its time: for a 3-channel field, 24
 // gathers of 16 floats per 16 points. The two corners along x are adjacent voxels, so one 8-byte
 // load reads both: half the loads. GCC vectorized no such load in the point loops (it did in a
 // small test loop), so they are written in AVX-512: the corners of a block of points are computed
-// first (a vectorized loop into PairCorners), then sample_pair_block sums them in the order and
-// with the fused multiply-adds of the gathering loop (the same bits, tested).
+// first (a vectorized loop into PairCorners), then sample_pair_block (map_gradient_pair_block)
+// sums them in the order and with the fused multiply-adds of the gathering loop (the same bits,
+// tested).
 constexpr int PAIR_BLOCK = 128;
 
 // A block of points' corners for the pair loops: where each point's pairs lie, and per axis (z, y,
@@ -264,7 +255,8 @@ INLINE_INTO_CLONES void store_point(PairCorners& b, int i, const Axis<float>& z,
     b.swapped[i] = x.inside[0] != x.inside[1];
     const Axis<float>* axes[3] = {&z, &y, &x};
     for (int axis = 0; axis < 3; ++axis)
-        for (int h = 0; h < 2; ++h) b.inside[axis][h][i] = axes[axis]->inside[h], b.weight[axis][h][i] = axes[axis]->weight[h];
+        for (int h = 0; h < 2; ++h)
+            b.inside[axis][h][i] = axes[axis]->inside[h], b.weight[axis][h][i] = axes[axis]->weight[h];
 }
 
 // The rows of points n .. the next multiple of 16: the pair blocks load whole vectors' pairs.
@@ -285,8 +277,9 @@ SIMD_AVX512 inline __attribute__((always_inline)) __mmask16 flags(const bool* at
 SIMD_AVX512 inline __attribute__((always_inline)) __m512i load_pairs(const float* channel, const int32_t* rows) {
     __m128i pairs[4];
     for (int j = 0; j < 4; ++j) {
-        const __m128d first = _mm_castsi128_pd(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(channel + rows[2 * j])));
-        pairs[j] = _mm_castpd_si128(_mm_loadh_pd(first, reinterpret_cast<const double*>(channel + rows[2 * j + 1])));
+        const __m128i first = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(channel + rows[2 * j]));
+        const double* second = reinterpret_cast<const double*>(channel + rows[2 * j + 1]);
+        pairs[j] = _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(first), second));
     }
     const __m512i low = _mm512_inserti64x2(_mm512_castsi128_si512(pairs[0]), pairs[1], 1);
     return _mm512_inserti64x2(_mm512_inserti64x2(low, pairs[2], 2), pairs[3], 3);
@@ -294,9 +287,10 @@ SIMD_AVX512 inline __attribute__((always_inline)) __m512i load_pairs(const float
 
 // Corners 2q and 2q + 1 (lower, upper along x) of points i .. i + 15 in a channel, 0 where their
 // mask is not set (outside the grid).
-SIMD_AVX512 inline __attribute__((always_inline)) void corner_pair(const PairCorners& b, int i, int q, const float* channel,
-                                                                  __mmask16 lower_inside, __mmask16 upper_inside,
-                                                                  __m512& lower, __m512& upper) {
+SIMD_AVX512 inline __attribute__((always_inline)) void corner_pair(const PairCorners& b, int i, int q,
+                                                                  const float* channel, __mmask16 lower_inside,
+                                                                  __mmask16 upper_inside, __m512& lower,
+                                                                  __m512& upper) {
     const __m512i firsts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i seconds = _mm512_add_epi32(firsts, _mm512_set1_epi32(1));
     const __mmask16 swapped = flags(b.swapped + i);
@@ -314,7 +308,8 @@ SIMD_AVX512 inline __attribute__((always_inline)) void load_neighbours(const Pai
                                                                       __mmask16 inside[8]) {
     __mmask16 in[3][2];
     for (int axis = 0; axis < 3; ++axis)
-        for (int h = 0; h < 2; ++h) w[axis][h] = _mm512_load_ps(b.weight[axis][h] + i), in[axis][h] = flags(b.inside[axis][h] + i);
+        for (int h = 0; h < 2; ++h)
+            w[axis][h] = _mm512_load_ps(b.weight[axis][h] + i), in[axis][h] = flags(b.inside[axis][h] + i);
     for (int k = 0; k < 8; ++k) inside[k] = in[0][k >> 2] & in[1][(k >> 1) & 1] & in[2][k & 1];
 }
 
@@ -1239,17 +1234,7 @@ PYBIND11_MODULE(_trilinear_cpu, module) {
         py::arg("bytes") = -1,
         "The image size in bytes above which the warp prefetches its sample points' corners; bytes >= 0 "
         "sets it from now on (0: always, for tests).");
-    module.def(
-        "corner_pairs",
-        [](int enable) {
-            check(enable >= -1 && enable <= 1, "enable must be 1 (on), 0 (off) or -1 (ask)");
-            if (enable >= 0) corner_pairs_off() = !enable;
-            return corner_pairs();
-        },
-        py::arg("enable") = -1,
-        "Whether the float forward, and the map's gradient in the AVX-512 backward, load the two corners "
-        "along x in one 8-byte load (on CPUs that run 512-bit vectors whole). enable: 0 turns it off from "
-        "now on (so that tests compare both on one CPU), 1 back on.");
+    define_corner_pairs(module, "the float forward, and the map's gradient in the AVX-512 backward,");
     module.def(
         "backward_simd_bytes",
         [](int cap) {
