@@ -465,8 +465,8 @@ def test_backward_runs_in_512_bit_vectors_unless_the_cpu_splits_them():
 def test_pair_loops_compute_their_corners_vectorized():
     """The AVX-512 pair loops (sample_pairs, map_gradient_pairs) compute the corners of a block of
     points in a vectorized loop. Inlined into sample_points with the other layouts, GCC left that
-    loop scalar (the forward 3x slower than the gathers it replaces): each of their ten layouts
-    converts its three coordinates to voxel indices with packed instructions."""
+    loop scalar (the forward 3x slower than the gathers it replaces): in each loop's ten layouts
+    the three coordinates become voxel indices through packed instructions."""
     from mgr_engine import _trilinear_cpu
 
     bodies = [c for c in re.split(r"\n(?=[0-9a-f]+ <)", disassembly(_trilinear_cpu))

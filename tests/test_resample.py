@@ -126,7 +126,7 @@ def test_displacement_corners_loaded_in_pairs_give_the_same_bits(width):
         _resample_cpu.corner_pairs(1)
     for a, b in zip(paired, gathered):
         assert torch.equal(a, b) and (a != 0).double().mean() > 0.3
-    with ops.kernel_mode("torch"):  # the reference moves points (its grid is (16, 19, width)) by the same
+    with ops.kernel_mode("torch"):  # and the field is the PyTorch path's
         field = resample.displacement_field(displacement, fixed_to_grid, fixed_shape, grid_to_physical,
                                             fixed_to_physical)
     torch.testing.assert_close(paired[-1], field, rtol=1e-6, atol=1e-5)
