@@ -167,6 +167,8 @@ struct GridDisplacement {
         const double keep = grid.contains(q) ? 1.0 : 0.0;
         return {q.x + keep * s.sample(field), q.y + keep * s.sample(field + 1), q.z + keep * s.sample(field + 2)};
     }
+    // Whether moved_row's pair loads read this displacement (a grid one voxel wide has no pairs).
+    bool pairs() const { return corner_pairs() && grid.nx > 1; }
 };
 
 // The moved grid points of a row of fixed voxels, GridDisplacement::moved at along_row(start,
@@ -262,7 +264,6 @@ struct Resampling {
     bool nearest;
     T* result;
     int64_t nz, ny, nx;
-    bool pairs = corner_pairs() && displacement.grid.nx > 1;  // moved_row; one voxel along x has no pair
     Resampling(const Array<double>& displacement_array, const Array<double>& fixed_to_grid_array, const Array<T>& volume,
                const Array<double>& grid_to_index_array, bool nearest_neighbour, Array<T>& out)
         : displacement(displacement_array), fixed_to_grid(fixed_to_grid_array), grid_to_index(grid_to_index_array),
@@ -287,7 +288,7 @@ INLINE_INTO_CLONES void resample_row(const Resampling<T>& r, int64_t z, int64_t 
     const GridDisplacement displacement = r.displacement;
     const Affine to_index = r.grid_to_index;
 #ifdef SIMD_LEVELS
-    if (r.pairs) {
+    if (displacement.pairs()) {
         moved_row(displacement, start, step, nx, index_x, index_y, index_z);
 #pragma omp simd
         for (int64_t x = 0; x < nx; ++x) {
@@ -371,7 +372,7 @@ CPU_DISPATCH void displacement_field(const Array<double>& displacement_array, co
         fixed_to_physical(fixed_to_physical_array);
     const int64_t nz = out.shape(0), ny = out.shape(1), nx = out.shape(2);
     float* result = out.mutable_data();
-    const bool pairs = corner_pairs() && displacement.grid.nx > 1;  // moved_row
+    const bool pairs = displacement.pairs();  // moved_row
 #pragma omp parallel num_threads(threads)
     {
         std::vector<double> buffer(pairs ? 3 * nx : 0);  // moved_row's points
