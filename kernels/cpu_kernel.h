@@ -157,6 +157,21 @@ inline void define_corner_pairs(py::module_& module, const std::string& loops) {
          "1 back on.").c_str());
 }
 
+// Defines module.prefetch_above_bytes(bytes) for Python, which reads and sets the extension's
+// `setting`: the image size in bytes above which `what`.
+inline void define_prefetch_above_bytes(py::module_& module, int64_t& (*setting)(), const std::string& what) {
+    module.def(
+        "prefetch_above_bytes",
+        [setting](int64_t bytes) {
+            check(bytes >= -1, "bytes must be -1 (ask) or at least 0");
+            if (bytes >= 0) setting() = bytes;
+            return setting();
+        },
+        py::arg("bytes") = -1,
+        ("The image size in bytes above which " + what + "; bytes >= 0 sets it from now on (0: always, for tests).")
+            .c_str());
+}
+
 // This OpenMP thread's share [first, last) of n items: the t-th of the actual team's equal shares
 // (the team may be smaller than asked: no OpenMP, nested parallelism).
 inline void share(int64_t n, int64_t* first, int64_t* last) {

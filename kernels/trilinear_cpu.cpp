@@ -1224,16 +1224,7 @@ PYBIND11_MODULE(_trilinear_cpu, module) {
                    "(mgr_engine.kernels.decoder_cpu)";
     define<float>(module);
     define<double>(module);
-    module.def(
-        "prefetch_above_bytes",
-        [](int64_t bytes) {
-            check(bytes >= -1, "bytes must be -1 (ask) or at least 0");
-            if (bytes >= 0) prefetch_above_bytes() = bytes;
-            return prefetch_above_bytes();
-        },
-        py::arg("bytes") = -1,
-        "The image size in bytes above which the warp prefetches its sample points' corners; bytes >= 0 "
-        "sets it from now on (0: always, for tests).");
+    define_prefetch_above_bytes(module, prefetch_above_bytes, "the warp prefetches its sample points' corners");
     define_corner_pairs(module, "the float forward, and the map's gradient in the AVX-512 backward,");
     module.def(
         "backward_simd_bytes",

@@ -132,6 +132,57 @@ def test_displacement_corners_loaded_in_pairs_give_the_same_bits(width):
     torch.testing.assert_close(paired[-1], field, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("image_shape", [(5, 6, 7), (1, 1, 4)])
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("dtype", [getattr(torch, name) for name in resample_cpu.PIXEL_TYPES if hasattr(torch, name)])
+def test_the_image_sampled_in_vectors_gives_the_same_bits(dtype, prefetch, image_shape):
+    """Where the CPU runs 512-bit vectors whole, the kernel samples the image 8 points a vector
+    (kernels/resample_cpu.cpp, sample_image_vectors): gathered words of pixels, each pixel shifted
+    out of its word, the image's last pixels out of its last word. The images, linear and
+    nearest, are the same bits as the scalar loops' (corner_pairs(0)) for every pixel type, with
+    the corner rows prefetched or not, over rows of 77 points (vectors and a scalar tail) that
+    reach past every face of the image, its last voxel along each axis included."""
+    from mgr_engine import _resample_cpu
+
+    require_cpp_extension(resample_cpu)
+    if not _resample_cpu.corner_pairs(1):
+        pytest.skip("the kernel samples in vectors only where the CPU runs 512-bit vectors whole")
+    smooth = torch.from_numpy(smooth_volume(image_shape, 3) if min(image_shape) > 1 else
+                              np.linspace(0.1, 0.9, int(np.prod(image_shape))).reshape(image_shape))
+    if dtype == torch.uint8:
+        volume = (smooth * 200 + 20).to(dtype)
+    else:
+        volume = (smooth * 900 - (300 if dtype.is_signed else -100)).to(dtype)
+    displacement = np.zeros((4, 4, 4, 3))  # no displacement: the fixed grid is the image's index grid
+    fixed_shape = (21, 25, 77)  # (z, y, x), spaced under half a voxel: some points in [n - 1, n - 0.5)
+    low, high = -0.9, np.array(image_shape[::-1]) - 0.2  # (x, y, z)
+    steps = (high - low) / (np.array(fixed_shape[::-1]) - 1)
+    fixed_to_grid = np.concatenate([np.diag(steps), np.full((3, 1), low)], axis=1)
+    fixed_to_grid[0, 1] = 0.01  # rows slightly oblique
+    grid_to_index = np.concatenate([np.eye(3), np.zeros((3, 1))], axis=1)
+    default = _resample_cpu.prefetch_above_bytes()
+
+    def images():
+        with ops.kernel_mode("cpp"):
+            return [resample.resampled_image(displacement, fixed_to_grid, fixed_shape, volume.numpy(), grid_to_index,
+                                             how) for how in ("linear", "nearest")]
+
+    try:
+        _resample_cpu.prefetch_above_bytes(0 if prefetch else 2**62)
+        vectors = images()
+        assert not _resample_cpu.corner_pairs(0)
+        scalar = images()
+    finally:
+        _resample_cpu.corner_pairs(1)
+        _resample_cpu.prefetch_above_bytes(default)
+    z, y, x = np.meshgrid(*[np.arange(n) for n in fixed_shape], indexing="ij")
+    index = fixed_to_grid @ np.stack([x.ravel(), y.ravel(), z.ravel(), np.ones(x.size)])  # (x, y, z)
+    for axis, n in enumerate(image_shape[::-1]):  # the test reaches each axis's last half voxel
+        assert ((index[axis] >= n - 1) & (index[axis] < n - 0.5)).any()
+    for a, b in zip(vectors, scalar):
+        assert np.array_equal(a, b) and 0.2 < (a != 0).mean() < 0.8
+
+
 def test_a_slab_of_the_displacement_field_is_those_slices_of_the_whole(kernel):
     """The Jacobian determinant goes through the field slab by slab: each slab bit for bit."""
     displacement = random_displacement(NETWORK, 0.15, seed=4)
