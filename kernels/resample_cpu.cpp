@@ -69,11 +69,13 @@ struct Grid {
     }
 };
 
-// Ternaries, not std::min / std::max: those are not always inlined into the target clones, and
-// a call stops the point loops vectorizing.
+// A continuous index clamped into [0, n - 1]; NaN (a NaN displacement: outside the image, 0,
+// as ITK has it) to 0, so that the value computed and then discarded reads voxel 0, not memory
+// 2^31 voxels away (a segmentation fault before). Ternaries, not std::min / std::max: those are
+// not always inlined into the target clones, and a call stops the point loops vectorizing.
 INLINE_INTO_CLONES double clamp_index(double c, int32_t n) {
     const double high = double(n - 1);
-    return c < 0.0 ? 0.0 : (c > high ? high : c);
+    return c >= 0.0 ? (c > high ? high : c) : 0.0;
 }
 
 // Lower corner and weight of the upper one along an axis, the corners clamped into [0, n - 1];
@@ -268,16 +270,17 @@ constexpr int32_t pixels_per_word = sizeof(T) < 4 ? 4 / int32_t(sizeof(T)) : 2;
 
 // The pixels at `offset` (8 lanes), each in the lane's 32 bits as T's bits, sign- or
 // zero-extended to 32, and the pixels `step` (0 or 1) after them; last_word is the offset of the
-// image's last word. For a T of 4 bytes or less.
+// image's last word. Lanes outside `read` read nothing (their offset may be garbage) and give 0.
+// For a T of 4 bytes or less.
 template <typename T>
 SIMD_AVX512 inline __attribute__((always_inline)) void gather_pixel_bits(const T* pixels, __m256i offset, __m256i step,
-                                                                        __m256i last_word, __m256i& at,
+                                                                        __m256i last_word, __mmask8 read, __m256i& at,
                                                                         __m256i& after) {
     const __m256i start = _mm256_min_epi32(offset, last_word), position = _mm256_sub_epi32(offset, start);
     const __m256i position_after = _mm256_add_epi32(position, step);
     if constexpr (sizeof(T) < 4) {
         constexpr int bits = 8 * int(sizeof(T)), spare = 32 - bits;
-        const __m256i words = _mm256_i32gather_epi32(reinterpret_cast<const int*>(pixels), start, int(sizeof(T)));
+        const __m256i words = _mm256_mmask_i32gather_epi32(_mm256_setzero_si256(), read, start, pixels, int(sizeof(T)));
         const __m256i shift = _mm256_slli_epi32(position, sizeof(T) == 1 ? 3 : 4);
         const __m256i shift_after = _mm256_slli_epi32(position_after, sizeof(T) == 1 ? 3 : 4);
         const __m256i low = _mm256_srlv_epi32(words, shift), high = _mm256_srlv_epi32(words, shift_after);
@@ -289,7 +292,7 @@ SIMD_AVX512 inline __attribute__((always_inline)) void gather_pixel_bits(const T
             at = _mm256_and_si256(low, mask), after = _mm256_and_si256(high, mask);
         }
     } else {
-        const __m512i words = _mm512_i32gather_epi64(start, pixels, 4);
+        const __m512i words = _mm512_mask_i32gather_epi64(_mm512_setzero_si512(), read, start, pixels, 4);
         at = _mm512_cvtepi64_epi32(_mm512_srlv_epi64(words, _mm512_slli_epi64(_mm512_cvtepu32_epi64(position), 5)));
         after = _mm512_cvtepi64_epi32(
             _mm512_srlv_epi64(words, _mm512_slli_epi64(_mm512_cvtepu32_epi64(position_after), 5)));
@@ -304,17 +307,17 @@ SIMD_AVX512 inline __attribute__((always_inline)) __m512d bits_to_double(__m256i
     else return _mm512_cvtepi32_pd(bits);
 }
 
-// The corners at `offset` and `step` after them along x, as doubles.
+// The corners at `offset` and `step` after them along x, as doubles (0 outside `read`).
 template <typename T>
 SIMD_AVX512 inline __attribute__((always_inline)) void gather_corner_pair(const T* pixels, __m256i offset, __m256i step,
-                                                                         __m256i last_word, __m512d& at,
+                                                                         __m256i last_word, __mmask8 read, __m512d& at,
                                                                          __m512d& after) {
     if constexpr (std::is_same_v<T, double>) {
-        at = _mm512_i32gather_pd(offset, pixels, 8);
-        after = _mm512_i32gather_pd(_mm256_add_epi32(offset, step), pixels, 8);
+        at = _mm512_mask_i32gather_pd(_mm512_setzero_pd(), read, offset, pixels, 8);
+        after = _mm512_mask_i32gather_pd(_mm512_setzero_pd(), read, _mm256_add_epi32(offset, step), pixels, 8);
     } else {
         __m256i at_bits, after_bits;
-        gather_pixel_bits(pixels, offset, step, last_word, at_bits, after_bits);
+        gather_pixel_bits(pixels, offset, step, last_word, read, at_bits, after_bits);
         at = bits_to_double<T>(at_bits), after = bits_to_double<T>(after_bits);
     }
 }
@@ -347,7 +350,9 @@ SIMD_AVX512 inline __attribute__((always_inline)) void store_cast_like_itk(T* ou
     }
 }
 
-// clamp_index on 8 lanes: max(0, min(last, c)) keeps c itself where c is -0 or NaN, as clamp_index does.
+// clamp_index on 8 lanes, but for NaN: max(0, min(last, c)) keeps c itself where c is -0, as
+// clamp_index does, and NaN, whose lane is outside the image and gathers nothing (its offset is
+// garbage, 2^31 voxels away; sample_image_vectors masks its gathers with the inside lanes).
 SIMD_AVX512 inline __attribute__((always_inline)) __m512d clamp_indices(__m512d c, __m512d last) {
     return _mm512_max_pd(_mm512_setzero_pd(), _mm512_min_pd(last, c));
 }
@@ -432,10 +437,10 @@ SIMD_AVX512 __attribute__((noinline)) int64_t sample_image_vectors(const Grid& g
             const __m256i offset = _mm256_add_epi32(
                 _mm256_add_epi32(_mm256_mullo_epi32(k, slice_pixels), _mm256_mullo_epi32(j, row_pixels)), i);
             if constexpr (std::is_same_v<T, double>) {
-                _mm512_storeu_pd(row + x, _mm512_maskz_mov_pd(inside, _mm512_i32gather_pd(offset, pixels, 8)));
+                _mm512_storeu_pd(row + x, _mm512_mask_i32gather_pd(_mm512_setzero_pd(), inside, offset, pixels, 8));
             } else {
                 __m256i bits, unused;
-                gather_pixel_bits(pixels, offset, _mm256_setzero_si256(), last_word, bits, unused);
+                gather_pixel_bits(pixels, offset, _mm256_setzero_si256(), last_word, inside, bits, unused);
                 store_pixel_bits(row + x, bits, inside);
             }
             continue;
@@ -450,10 +455,10 @@ SIMD_AVX512 __attribute__((noinline)) int64_t sample_image_vectors(const Grid& g
         const __m256i o = _mm256_add_epi32(_mm256_mullo_epi32(zy, row_pixels), x0);
         const __m256i oy = _mm256_mullo_epi32(dy, row_pixels), oz = _mm256_mullo_epi32(dz, slice_pixels);
         __m512d v000, v100, v010, v110, v001, v101, v011, v111;
-        gather_corner_pair(pixels, o, dx, last_word, v000, v100);
-        gather_corner_pair(pixels, _mm256_add_epi32(o, oy), dx, last_word, v010, v110);
-        gather_corner_pair(pixels, _mm256_add_epi32(o, oz), dx, last_word, v001, v101);
-        gather_corner_pair(pixels, _mm256_add_epi32(_mm256_add_epi32(o, oz), oy), dx, last_word, v011, v111);
+        gather_corner_pair(pixels, o, dx, last_word, inside, v000, v100);
+        gather_corner_pair(pixels, _mm256_add_epi32(o, oy), dx, last_word, inside, v010, v110);
+        gather_corner_pair(pixels, _mm256_add_epi32(o, oz), dx, last_word, inside, v001, v101);
+        gather_corner_pair(pixels, _mm256_add_epi32(_mm256_add_epi32(o, oz), oy), dx, last_word, inside, v011, v111);
         const __m512d x00 = lerp(v000, v100, fx), x10 = lerp(v010, v110, fx);
         const __m512d x01 = lerp(v001, v101, fx), x11 = lerp(v011, v111, fx);
         const __m512d xx0 = lerp(x00, x10, fy), xx1 = lerp(x01, x11, fy);

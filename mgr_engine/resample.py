@@ -429,7 +429,8 @@ def _interpolate_like_itk(volume: torch.Tensor, index: torch.Tensor) -> torch.Te
     corners = []
     for axis in range(3):
         n = volume.shape[2 - axis]
-        clamped = index[axis].clamp(0, n - 1)
+        # NaN (a NaN displacement: outside, 0) to voxel 0, whose value _inside then discards
+        clamped = index[axis].nan_to_num(nan=0.0).clamp(0, n - 1)
         lower = clamped.floor()
         corners.append((lower.long(), (lower + 1).clamp(max=n - 1).long(), clamped - lower))
     (x0, x1, fx), (y0, y1, fy), (z0, z1, fz) = corners

@@ -183,6 +183,44 @@ def test_the_image_sampled_in_vectors_gives_the_same_bits(dtype, prefetch, image
         assert np.array_equal(a, b) and 0.2 < (a != 0).mean() < 0.8
 
 
+@pytest.mark.parametrize("dtype", [torch.int16, torch.float64])
+def test_a_nan_displacement_moves_its_points_outside_the_image(dtype):
+    """A transform file's field may hold NaN. Its points are outside the image, 0, as ITK has
+    them: on the PyTorch path, and on the C++ kernel in vectors and in its scalar loops, which
+    read memory 2^31 voxels away there before (a segmentation fault)."""
+    from mgr_engine import _resample_cpu
+
+    require_cpp_extension(resample_cpu)
+    displacement = random_displacement(NETWORK, 0.15, seed=1)
+    displacement[5:9, 6:10, 4:8, 0] = float("nan")  # x only: y and z index the image as usual
+    displacement[10, 12, 9] = float("nan")
+    volume = (torch.from_numpy(smooth_volume((13, 17, 11), 3)) * 900 + 100).to(dtype)  # no 0 inside
+    fixed_to_grid, grid_to_index, fixed_shape = random_affine(2), random_affine(3), (12, 21, 18)
+    field = resample.displacement_field(displacement, fixed_to_grid, fixed_shape, np.eye(3, 4), np.eye(3, 4))
+    nan = torch.isnan(field).any(-1)
+    assert nan.double().mean() > 0.02
+
+    def images():
+        with ops.kernel_mode("cpp"):
+            return [resample.resampled_image(displacement, fixed_to_grid, fixed_shape, volume, grid_to_index, how)
+                    for how in ("linear", "nearest")]
+
+    try:
+        first = images()
+        _resample_cpu.corner_pairs(0)
+        scalar = images()
+    finally:
+        _resample_cpu.corner_pairs(1)
+    with ops.kernel_mode("torch"):
+        torch_path = [resample.resampled_image(displacement, fixed_to_grid, fixed_shape, volume, grid_to_index, how)
+                      for how in ("linear", "nearest")]
+    for image in first + scalar + torch_path:
+        assert (image[nan] == 0).all() and (image[~nan] != 0).double().mean() > 0.3
+    for a, b, c in zip(first, scalar, torch_path):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=0, atol=1)  # int16 truncation: either side's last bit
+
+
 def test_a_slab_of_the_displacement_field_is_those_slices_of_the_whole(kernel):
     """The Jacobian determinant goes through the field slab by slab: each slab bit for bit."""
     displacement = random_displacement(NETWORK, 0.15, seed=4)
