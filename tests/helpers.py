@@ -306,6 +306,19 @@ def vector_bytes_fixture(kernel):
     return vector_bytes
 
 
+def with_and_without_corner_pairs(extension, compute):
+    """``(compute(), compute())``: first as the C++ ``extension`` (``mgr_engine._trilinear_cpu`` or
+    ``_resample_cpu``) runs on this CPU, then with its ``corner_pairs`` switch off (its AVX-512 pair
+    and vector loops replaced by the loops they replace); the switch is back on afterwards, even
+    where ``compute`` fails."""
+    try:
+        first = compute()
+        assert not extension.corner_pairs(0)
+        return first, compute()
+    finally:
+        extension.corner_pairs(1)
+
+
 def require_cpp_extension(kernel=None) -> None:
     """At a test module's top: skip it where the C++ extension of ``kernel`` (a module of
     mgr_engine.kernels with ``available()``; default the warp's) was not built, or fail under

@@ -14,7 +14,7 @@ import subprocess
 import pytest
 import torch
 
-from helpers import require_cpp_extension
+from helpers import require_cpp_extension, with_and_without_corner_pairs
 from mgr_engine import ops
 from mgr_engine.errors import InvalidOptionError
 from mgr_engine.kernels import warp_cpu
@@ -279,12 +279,7 @@ def test_corners_loaded_in_pairs_give_the_same_bits(prefetch_above_bytes, prefet
         return (out, *torch.autograd.grad(out, (image, coords), grad_out))
 
     prefetch_above_bytes(0 if prefetch else 1 << 62)
-    try:
-        paired = run()
-        assert not _trilinear_cpu.corner_pairs(0)
-        gathered = run()
-    finally:
-        _trilinear_cpu.corner_pairs(1)
+    paired, gathered = with_and_without_corner_pairs(_trilinear_cpu, run)
     for a, b in zip(paired, gathered):  # NaN where composed with the NaN coordinate
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
         assert (a != 0).double().mean() > 0.5

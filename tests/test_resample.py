@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from helpers import (affine_transform, composite, oblique_field_transform, oblique_image, oblique_registration,
-                     random_affine, random_map, read_back, require_cpp_extension, rotation, smooth_volume)
+                     random_affine, random_map, read_back, require_cpp_extension, rotation, smooth_volume,
+                     with_and_without_corner_pairs)
 from mgr_engine import ops, resample
 from mgr_engine.engine import RegistrationResult
 from mgr_engine.kernels import resample_cpu
@@ -118,12 +119,7 @@ def test_displacement_corners_loaded_in_pairs_give_the_same_bits(width):
                 resample.displacement_field(displacement, fixed_to_grid, fixed_shape, grid_to_physical,
                                             fixed_to_physical)]
 
-    try:
-        paired = outputs()
-        assert not _resample_cpu.corner_pairs(0)
-        gathered = outputs()
-    finally:
-        _resample_cpu.corner_pairs(1)
+    paired, gathered = with_and_without_corner_pairs(_resample_cpu, outputs)
     for a, b in zip(paired, gathered):
         assert torch.equal(a, b) and (a != 0).double().mean() > 0.3
     with ops.kernel_mode("torch"):  # and the field is the PyTorch path's
@@ -169,11 +165,8 @@ def test_the_image_sampled_in_vectors_gives_the_same_bits(dtype, prefetch, image
 
     try:
         _resample_cpu.prefetch_above_bytes(0 if prefetch else 2**62)
-        vectors = images()
-        assert not _resample_cpu.corner_pairs(0)
-        scalar = images()
+        vectors, scalar = with_and_without_corner_pairs(_resample_cpu, images)
     finally:
-        _resample_cpu.corner_pairs(1)
         _resample_cpu.prefetch_above_bytes(default)
     z, y, x = np.meshgrid(*[np.arange(n) for n in fixed_shape], indexing="ij")
     index = fixed_to_grid @ np.stack([x.ravel(), y.ravel(), z.ravel(), np.ones(x.size)])  # (x, y, z)
@@ -205,12 +198,8 @@ def test_a_nan_displacement_moves_its_points_outside_the_image(dtype):
             return [resample.resampled_image(displacement, fixed_to_grid, fixed_shape, volume, grid_to_index, how)
                     for how in ("linear", "nearest")]
 
-    try:
-        vectors = images()  # the scalar loops too, on a CPU without whole 512-bit vectors
-        _resample_cpu.corner_pairs(0)
-        scalar = images()
-    finally:
-        _resample_cpu.corner_pairs(1)
+    # the scalar loops on both sides, on a CPU without whole 512-bit vectors
+    vectors, scalar = with_and_without_corner_pairs(_resample_cpu, images)
     with ops.kernel_mode("torch"):
         torch_path = [resample.resampled_image(displacement, fixed_to_grid, fixed_shape, volume, grid_to_index, how)
                       for how in ("linear", "nearest")]
