@@ -1,17 +1,18 @@
 #!/usr/bin/env python
-"""The C++ transposed convolutions of the U-Nets (kernels/upconv_cpu.py), forward (Winograd) and
-weight gradient, against oneDNN's (``conv_transpose3d``, ``convolution_backward``) on the CPU.
+"""The C++ transposed convolutions of the U-Nets (kernels/upconv_cpu.py), forward and input
+gradient (Winograd) and weight gradient, against oneDNN's (``conv_transpose3d``, ``convolution_backward``) on the CPU.
 
 Per decoder level of a full-resolution U-Net (175^3 by default: 48 -> 16 channels at 88^3, 96 ->
 32 at 44^3, 192 -> 64 at 22^3, 512 -> 128 at 11^3), channels-last tensors as the engine has them:
 median time and rate of oneDNN's op and of the C++ one (in each vector width the CPU runs: 64
 bytes AVX-512, 32 AVX2 + FMA, 16 SSE2; the rate counts the direct sums' products for both), their
 largest error against float64's, and which the engine takes (:func:`upconv_cpu.takes_forward`,
-:func:`upconv_cpu.takes`). The forward is of ``leaky_relu(x)``, as the network's (the C++ kernel
-applies it as it reads). End to end, in one process: a warm ``predict_map`` (no IO; oneDNN's
-forward and the C++ one alternated, three rounds), one IO call (``instance_optimize`` with one
-step) with oneDNN's forward then the C++ one, and one with oneDNN's weight gradient then the C++
-one.
+:func:`upconv_cpu.takes_input_grad`, :func:`upconv_cpu.takes`). The forward is of
+``leaky_relu(x)``, as the network's (the C++ kernel applies it as it reads), the input gradient
+through it (oneDNN's followed by ``leaky_relu_backward``, as the engine ran it). End to end, in
+one process: a warm ``predict_map`` (no IO; oneDNN's forward and the C++ one alternated, three
+rounds), one IO call (``instance_optimize`` with one step) with oneDNN's forward then the C++ one,
+and the same for the input gradient and for the weight gradient.
 
     .venv/bin/python benchmarks/bench_upconv_cpu.py
     .venv/bin/python benchmarks/bench_upconv_cpu.py --shape 96 96 96 --repeats 3   # quick
@@ -53,7 +54,7 @@ def level_inputs(shape, level, cin, cout):
 
 
 def level_rows(shape, repeats, op):
-    """One table row per level for ``op``: "forward" or "weight gradient"."""
+    """One table row per level for ``op``: "forward", "input gradient" or "weight gradient"."""
     widths = [w for w in (64, 32, 16) if upconv_cpu.vector_bytes(w) == w]
     upconv_cpu.vector_bytes(0)
     rows = []
@@ -65,6 +66,12 @@ def level_rows(shape, repeats, op):
             cpp_op = lambda: upconv_cpu.forward(x, weight, bias, slope)  # noqa: E731
             exact = upconv_cpu.forward_reference(x.double(), weight.double(), bias.double(), slope)
             takes = upconv_cpu.takes_forward(x, weight, bias)
+        elif op == "input gradient":
+            slope = model.LEAKY_SLOPE
+            onednn_op = lambda: upconv_cpu.input_grad_reference(grad, weight, x, slope)  # noqa: E731
+            cpp_op = lambda: upconv_cpu.input_grad(grad, weight, x, slope)  # noqa: E731
+            exact = upconv_cpu.input_grad_reference(grad.double(), weight.double(), x.double(), slope)
+            takes = upconv_cpu.takes_input_grad(grad, weight, x)
         else:
             onednn_op = lambda: upconv_cpu.reference(x, grad, weight)  # noqa: E731
             cpp_op = lambda: upconv_cpu.weight_grad(x, grad)  # noqa: E731
@@ -94,7 +101,7 @@ def main(argv=None):
     host_memory.keep_freed_memory()  # as the engine does: no page faults of fresh memory in the times
     shape = tuple(args.shape)
     print(machine_line(upconv_cpu.vector_bytes()))
-    for op in ("forward", "weight gradient"):
+    for op in ("forward", "input gradient", "weight gradient"):
         print("\n" + markdown_table(*level_rows(shape, args.repeats, op)))
     if not args.skip_end_to_end:
         where = "x".join(map(str, shape))
@@ -105,10 +112,10 @@ def main(argv=None):
         onednn, ours = io_call_seconds(shape, args.repeats, onednn_forward)
         print(f"one IO call at {where} (one step and the final forward, median of {args.repeats}): oneDNN's forward "
               f"{onednn:.2f} s, C++ {ours:.2f} s ({onednn / ours:.2f}x)")
-        onednn, ours = io_call_seconds(shape, args.repeats,
-                                       mock.patch.object(model, "use_cpp_upconv_weight_grad", lambda *t: False))
-        print(f"one IO call at {where}: oneDNN's weight gradient {onednn:.2f} s, C++ {ours:.2f} s "
-              f"({onednn / ours:.2f}x)")
+        for name, switch in (("input", "use_cpp_upconv_input_grad"), ("weight", "use_cpp_upconv_weight_grad")):
+            onednn, ours = io_call_seconds(shape, args.repeats, mock.patch.object(model, switch, lambda *t: False))
+            print(f"one IO call at {where}: oneDNN's {name} gradient {onednn:.2f} s, C++ {ours:.2f} s "
+                  f"({onednn / ours:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-// The U-Net decoder's transposed convolutions on the CPU: the forward pass in Winograd form and
-// the weight gradient; built by setup.py as mgr_engine._upconv_cpu (Python side:
+// The U-Net decoder's transposed convolutions on the CPU: the forward pass and the input gradient
+// in Winograd form, and the weight gradient; built by setup.py as mgr_engine._upconv_cpu (Python side:
 // kernels/upconv_cpu.py).
 //
 // ConvTranspose3d(kernel 4, stride 2, padding 1) maps input voxel i to output voxels
@@ -19,6 +19,14 @@
 // convolution runs near the FMA peak, so only fewer products make it faster; 48 -> 16 channels
 // at 88^3 (the finest level of a full-resolution U-Net) took 180 against 90 ms on 2 AMD Zen 5
 // cores. The input's leaky ReLU is applied as the tiles are read.
+//
+// Input gradient (upconv_input_grad): per axis gx[i] sums w[k] grad[2 i - 1 + k], which splits
+// by the parity s of the gradient's voxels into 2-tap correlations, so F(2, 2) applies as in the
+// forward: 27 matrix products (tiles x 8 Co) x (8 Co x Ci) per tile of 2 x 2 x 2 gx voxels. The
+// gradient is transformed along z and y row by row (9 rows read in step per parity), then along
+// x per tile; the leaky ReLU's backward is applied as gx is written. Why: oneDNN runs it near the
+// FMA peak as a strided convolution; 48 -> 16 channels at 88^3 took 148 against 94 ms (2 AMD Zen
+// 5 cores, with the leaky ReLU's backward), its error against float64 below oneDNN's.
 //
 // Weight gradient (upconv_weight_grad):
 //   grad_weight[ci, co, kz, ky, kx] = sum over b, i of x[b, i, ci] * grad[b, 2 i - 1 + k, co]
@@ -182,10 +190,28 @@ void upconv_weight_grad(const Array<T>& x, const Array<T>& grad, Array<T>& grad_
 
 // ---- Forward, in Winograd form --------------------------------------------------------------
 
-// The weight (Ci, Co, 4, 4, 4) transformed: u[abc][ci][s * Co + co] for the 27 Winograd products
-// abc (a, b, c: 0..2 along z, y, x) and the 8 output parities s = 4 sz + 2 sy + sx. G =
-// [[1, 0], [1, 1], [0, 1]] along each axis of the parity's 2 x 2 x 2 taps.
-void transform_weights(const float* weight, int64_t cin, int64_t cout, float* u) {
+// The 27 Winograd taps of a 2 x 2 x 2 filter g[a][b][c] (z, y, x): G = [[1, 0], [1, 1], [0, 1]]
+// along x, then y, then z; taps[(a * 3 + b) * 3 + c], a, b, c = 0..2 along z, y, x.
+inline void winograd_taps(const float g[2][2][2], float taps[27]) {
+    float gx[2][2][3], gy[2][3][3];  // G along x, then y; z as they are stored
+    for (int a = 0; a < 2; ++a)
+        for (int b = 0; b < 2; ++b)
+            gx[a][b][0] = g[a][b][0], gx[a][b][1] = g[a][b][0] + g[a][b][1], gx[a][b][2] = g[a][b][1];
+    for (int a = 0; a < 2; ++a)
+        for (int c = 0; c < 3; ++c)
+            gy[a][0][c] = gx[a][0][c], gy[a][1][c] = gx[a][0][c] + gx[a][1][c], gy[a][2][c] = gx[a][1][c];
+    for (int bc = 0; bc < 9; ++bc) {
+        const float lower = gy[0][bc / 3][bc % 3], upper = gy[1][bc / 3][bc % 3];
+        taps[bc] = lower, taps[9 + bc] = lower + upper, taps[18 + bc] = upper;
+    }
+}
+
+// The weight (Ci, Co, 4, 4, 4) transformed, for the 27 Winograd products abc and the 8 parities s
+// = 4 sz + 2 sy + sx (of the forward's output voxels, or of the output gradient's voxels that
+// the input gradient reads), from each parity's 2 x 2 x 2 taps (a, b, c). Forward: kernel tap 2
+// (1 - a) + s per axis, u[abc][ci][s * Co + co]. Input gradient: kernel tap 2 a + s,
+// u[abc][s * Co + co][ci].
+void transform_weights(const float* weight, int64_t cin, int64_t cout, bool for_input_grad, float* u) {
     const int64_t n = 8 * cout;
 #pragma omp for
     for (int64_t ci = 0; ci < cin; ++ci)
@@ -193,29 +219,24 @@ void transform_weights(const float* weight, int64_t cin, int64_t cout, float* u)
             const float* k = weight + (ci * cout + co) * 64;  // (kz, ky, kx), 4 each
             for (int s = 0; s < 8; ++s) {
                 const int sz = s >> 2, sy = (s >> 1) & 1, sx = s & 1;
-                float g[2][2][2];  // window tap (a, b, c): kernel tap 2 (1 - a) + s per axis
+                float g[2][2][2], taps[27];
                 for (int a = 0; a < 2; ++a)
                     for (int b = 0; b < 2; ++b)
-                        for (int c = 0; c < 2; ++c)
-                            g[a][b][c] = k[((2 * (1 - a) + sz) * 4 + 2 * (1 - b) + sy) * 4 + 2 * (1 - c) + sx];
-                float gx[2][2][3], gy[2][3][3];  // G along x, then y; z as they are stored
-                for (int a = 0; a < 2; ++a)
-                    for (int b = 0; b < 2; ++b)
-                        gx[a][b][0] = g[a][b][0], gx[a][b][1] = g[a][b][0] + g[a][b][1], gx[a][b][2] = g[a][b][1];
-                for (int a = 0; a < 2; ++a)
-                    for (int c = 0; c < 3; ++c)
-                        gy[a][0][c] = gx[a][0][c], gy[a][1][c] = gx[a][0][c] + gx[a][1][c], gy[a][2][c] = gx[a][1][c];
-                for (int bc = 0; bc < 9; ++bc) {
-                    const float lower = gy[0][bc / 3][bc % 3], upper = gy[1][bc / 3][bc % 3];
-                    const float along_z[3] = {lower, lower + upper, upper};
-                    for (int a = 0; a < 3; ++a) u[((a * 9 + bc) * cin + ci) * n + s * cout + co] = along_z[a];
-                }
+                        for (int c = 0; c < 2; ++c) {
+                            const int ta = for_input_grad ? a : 1 - a, tb = for_input_grad ? b : 1 - b,
+                                      tc = for_input_grad ? c : 1 - c;
+                            g[a][b][c] = k[((2 * ta + sz) * 4 + 2 * tb + sy) * 4 + 2 * tc + sx];
+                        }
+                winograd_taps(g, taps);
+                for (int abc = 0; abc < 27; ++abc)
+                    u[for_input_grad ? (abc * n + s * cout + co) * cin + ci : (abc * cin + ci) * n + s * cout + co] =
+                        taps[abc];
             }
         }
 }
 
-// Tiles per register block, and vectors of output channels: 6 x 4 accumulators of AVX-512's 32
-// registers, 6 x 2 of AVX2's (or SSE2's) 16.
+// The forward's tiles per register block, and vectors of output channels: 6 x 4 accumulators of
+// AVX-512's 32 registers, 6 x 2 of AVX2's (or SSE2's) 16.
 constexpr int TILE_BLOCK = 6;
 constexpr int vector_block(int bytes) { return bytes == 64 ? 4 : 2; }
 
@@ -224,31 +245,34 @@ constexpr int vector_block(int bytes) { return bytes == 64 ? 4 : 2; }
 // inputs (27 x TILES x Ci) and products (27 x TILES x one register block) stay in a core's L2.
 constexpr int64_t TILES = 24;
 
-struct ForwardGeometry {
+// A tile's grid: the forward's tiles are 2 x 2 x 2 input voxels, the input gradient's 2 x 2 x 2
+// of its output voxels. activation: the leaky ReLU with `slope` (the forward's input, applied;
+// the input gradient's, its derivative).
+struct WinogradGeometry {
     int64_t batch, n[3], cin, cout, tiles[3];
     bool activation;
     float slope;
 };
 
-// The products of R tiles (their transformed inputs v, Ci apart) with the CV vectors of
-// transformed weights at u (8 Co apart per input channel), stored at `products` (one row of CV
-// vectors per tile, `stride` floats apart).
-template <int BYTES, int R>
-INLINE_INTO_CLONES void tile_products(const float* v, const float* u, int64_t cin, int64_t n8, float* products,
+// The products of R tiles (their transformed inputs v, `depth` floats apart) with the CV vectors
+// of transformed weights at u (`width` floats apart per row of the depth), stored at `products`
+// (one row of CV vectors per tile, `stride` floats apart).
+template <int BYTES, int R, int CV>
+INLINE_INTO_CLONES void tile_products(const float* v, const float* u, int64_t depth, int64_t width, float* products,
                                       int64_t stride) {
     using V = typename Vector<float, BYTES>::type;
-    constexpr int L = BYTES / sizeof(float), CV = vector_block(BYTES);
+    constexpr int L = BYTES / sizeof(float);
     V acc[R][CV];
     for (int r = 0; r < R; ++r)
         for (int k = 0; k < CV; ++k) acc[r][k] = V{};
-    for (int64_t ci = 0; ci < cin; ++ci) {
+    for (int64_t i = 0; i < depth; ++i) {
         V uv[CV];
         for (int k = 0; k < CV; ++k) {
-            load_vector(uv[k], u + ci * n8 + k * L);
+            load_vector(uv[k], u + i * width + k * L);
             keep_in_register(uv[k]);  // one load for its R multiply-adds
         }
         for (int r = 0; r < R; ++r) {
-            V vb = v[r * cin + ci] - V{};  // a broadcast: x - 0 folds to x, 0 + x does not (signed zeros)
+            V vb = v[r * depth + i] - V{};  // a broadcast: x - 0 folds to x, 0 + x does not (signed zeros)
             keep_in_register(vb);
             for (int k = 0; k < CV; ++k) acc[r][k] += vb * uv[k];
         }
@@ -257,11 +281,49 @@ INLINE_INTO_CLONES void tile_products(const float* v, const float* u, int64_t ci
         for (int k = 0; k < CV; ++k) __builtin_memcpy(products + r * stride + k * L, &acc[r][k], sizeof(V));
 }
 
+// tile_products of `count` tiles: R at a time, the last fewer than R in one block of their count.
+template <int BYTES, int R, int CV>
+INLINE_INTO_CLONES void tiles_products(int64_t count, const float* v, const float* u, int64_t depth, int64_t width,
+                                       float* products, int64_t stride) {
+    int64_t t = 0;
+    for (; t + R <= count; t += R)
+        tile_products<BYTES, R, CV>(v + t * depth, u, depth, width, products + t * stride, stride);
+    if constexpr (R > 1)
+        if (t < count)
+            tiles_products<BYTES, R - 1, CV>(count - t, v + t * depth, u, depth, width, products + t * stride, stride);
+}
+
+// The output transform of a tile's 27 products (product abc at m + abc * step): position j (jz,
+// jy, jx) sums the products a in {jz, jz + 1}, b in {jy, jy + 1}, c in {jx, jx + 1}, summed along
+// x and y per slab a, then two slabs at a time, so that few vectors are live (AVX2 has 16
+// registers). store(jz, jy, jx, sum) takes each of the 8.
+template <typename V, typename Store>
+INLINE_INTO_CLONES void winograd_outputs(const float* m, int64_t step, Store&& store) {
+    V previous[2][2] = {};  // the slab before's sums along x and y, [jy][jx]
+    for (int a = 0; a < 3; ++a) {
+        V along_x[3][2], sums[2][2];
+        for (int bb = 0; bb < 3; ++bb) {
+            V p[3];
+            for (int c = 0; c < 3; ++c) load_vector(p[c], m + ((a * 3 + bb) * 3 + c) * step);
+            along_x[bb][0] = p[0] + p[1], along_x[bb][1] = p[1] + p[2];
+        }
+        for (int jy = 0; jy < 2; ++jy)
+            for (int jx = 0; jx < 2; ++jx) sums[jy][jx] = along_x[jy][jx] + along_x[jy + 1][jx];
+        if (a > 0)  // output positions jz = a - 1: slabs a - 1 and a
+            for (int jyx = 0; jyx < 4; ++jyx) {
+                const int jy = jyx >> 1, jx = jyx & 1;
+                store(a - 1, jy, jx, previous[jy][jx] + sums[jy][jx]);
+            }
+        for (int jy = 0; jy < 2; ++jy)
+            for (int jx = 0; jx < 2; ++jx) previous[jy][jx] = sums[jy][jx];
+    }
+}
+
 // `count` (at most TILES) tiles from tile `first` (in (b, tz, ty, tx) order): input transform into
 // v, the 27 products per block of output channels, and their output transform (plus bias) written
 // to the output voxels in y. zeros: Ci zeros, read for the input voxels outside the grid.
 template <typename T, int BYTES>
-INLINE_INTO_CLONES void forward_tiles_body(const ForwardGeometry& g, const T* x, const T* u, const T* bias, T* y,
+INLINE_INTO_CLONES void forward_tiles_body(const WinogradGeometry& g, const T* x, const T* u, const T* bias, T* y,
                                            int64_t first, int64_t count, T* v, T* products, const T* zeros) {
     static_assert(std::is_same<T, float>::value, "float32 only");
     constexpr int R = TILE_BLOCK, L = BYTES / sizeof(float), CV = vector_block(BYTES);
@@ -314,67 +376,38 @@ INLINE_INTO_CLONES void forward_tiles_body(const ForwardGeometry& g, const T* x,
     // Per block of CV vectors of the 8 Co output channels: the 27 products of each tile, then
     // their output transform, written to the output voxels.
     using V = typename Vector<float, BYTES>::type;
-    const int64_t full = count / R * R, stride = 27 * CV * L;
+    const int64_t stride = 27 * CV * L;
     for (int64_t c0 = 0; c0 < n8; c0 += CV * L) {
         for (int abc = 0; abc < 27; ++abc) {
             const float* va = v + abc * TILES * cin;
             const float* ua = u + abc * cin * n8 + c0;
             float* pa = products + abc * CV * L;  // products[t][abc]: a tile's 27 together for its transform
-            for (int64_t t = 0; t < full; t += R)
-                tile_products<BYTES, R>(va + t * cin, ua, cin, n8, pa + t * stride, stride);
-            const float* vr = va + full * cin;
-            float* pr = pa + full * stride;
-            switch (count - full) {  // the last tiles, fewer than R
-                case 5: tile_products<BYTES, 5>(vr, ua, cin, n8, pr, stride); break;
-                case 4: tile_products<BYTES, 4>(vr, ua, cin, n8, pr, stride); break;
-                case 3: tile_products<BYTES, 3>(vr, ua, cin, n8, pr, stride); break;
-                case 2: tile_products<BYTES, 2>(vr, ua, cin, n8, pr, stride); break;
-                case 1: tile_products<BYTES, 1>(vr, ua, cin, n8, pr, stride); break;
-                default: break;
-            }
+            tiles_products<BYTES, R, CV>(count, va, ua, cin, n8, pa, stride);
         }
-        // Output transform: position j (jz, jy, jx) of a tile sums the products a in {jz, jz + 1},
-        // b in {jy, jy + 1}, c in {jx, jx + 1}: summed along x and y per slab a, then two slabs
-        // at a time, so that few vectors are live (AVX2 has 16 registers). Position j, parity s
-        // is output voxel 4 t + 2 j + s - 1 along each axis; vector k holds output channels
-        // co0.. of parity s.
+        // Output transform: position j, parity s is output voxel 4 t + 2 j + s - 1 along each
+        // axis; vector k holds output channels co0.. of parity s.
         for (int64_t t = 0; t < count; ++t)
             for (int k = 0; k < CV; ++k) {
                 const int64_t column = c0 + k * L, s = column / cout, co0 = column % cout;
-                const float* m = products + t * stride + k * L;  // product abc at m + abc * CV * L
-                V bias_vector, previous[2][2] = {};  // the slab before's sums along x and y, [jy][jx]
+                V bias_vector;
                 load_vector(bias_vector, bias + co0);
-                for (int a = 0; a < 3; ++a) {
-                    V along_x[3][2], sums[2][2];
-                    for (int bb = 0; bb < 3; ++bb) {
-                        V p[3];
-                        for (int c = 0; c < 3; ++c) load_vector(p[c], m + ((a * 3 + bb) * 3 + c) * CV * L);
-                        along_x[bb][0] = p[0] + p[1], along_x[bb][1] = p[1] + p[2];
-                    }
-                    for (int jy = 0; jy < 2; ++jy)
-                        for (int jx = 0; jx < 2; ++jx) sums[jy][jx] = along_x[jy][jx] + along_x[jy + 1][jx];
-                    if (a > 0)  // output positions jz = a - 1: slabs a - 1 and a
-                        for (int jyx = 0; jyx < 4; ++jyx) {
-                            const int jy = jyx >> 1, jx = jyx & 1;
-                            const int64_t oz = 4 * tile[t][1] + 2 * (a - 1) + (s >> 2) - 1,
-                                          oy = 4 * tile[t][2] + 2 * jy + ((s >> 1) & 1) - 1,
-                                          ox = 4 * tile[t][3] + 2 * jx + (s & 1) - 1;
-                            if (oz < 0 || oz >= 2 * g.n[0] || oy < 0 || oy >= 2 * g.n[1] || ox < 0 || ox >= 2 * g.n[2])
-                                continue;
-                            const V value = previous[jy][jx] + sums[jy][jx] + bias_vector;
-                            __builtin_memcpy(
-                                y + (((tile[t][0] * 2 * g.n[0] + oz) * 2 * g.n[1] + oy) * 2 * g.n[2] + ox) * cout + co0,
-                                &value, sizeof(V));
-                        }
-                    for (int jy = 0; jy < 2; ++jy)
-                        for (int jx = 0; jx < 2; ++jx) previous[jy][jx] = sums[jy][jx];
-                }
+                const auto store = [&](int jz, int jy, int jx, const V& sum) __attribute__((always_inline)) {
+                    const int64_t oz = 4 * tile[t][1] + 2 * jz + (s >> 2) - 1,
+                                  oy = 4 * tile[t][2] + 2 * jy + ((s >> 1) & 1) - 1,
+                                  ox = 4 * tile[t][3] + 2 * jx + (s & 1) - 1;
+                    if (oz < 0 || oz >= 2 * g.n[0] || oy < 0 || oy >= 2 * g.n[1] || ox < 0 || ox >= 2 * g.n[2])
+                        return;
+                    const V value = sum + bias_vector;
+                    const int64_t voxel = ((tile[t][0] * 2 * g.n[0] + oz) * 2 * g.n[1] + oy) * 2 * g.n[2] + ox;
+                    __builtin_memcpy(y + voxel * cout + co0, &value, sizeof(V));
+                };
+                winograd_outputs<V>(products + t * stride + k * L, CV * L, store);
             }
     }
 }
 
 SIMD_DISPATCH(forward_tiles, forward_tiles_body,
-              (const ForwardGeometry& g, const T* x, const T* u, const T* bias, T* y, int64_t first, int64_t count,
+              (const WinogradGeometry& g, const T* x, const T* u, const T* bias, T* y, int64_t first, int64_t count,
                T* v, T* products, const T* zeros),
               (g, x, u, bias, y, first, count, v, products, zeros))
 
@@ -384,7 +417,7 @@ SIMD_DISPATCH(forward_tiles, forward_tiles_body,
 void upconv_forward(const Array<float>& x, const Array<float>& weight, const Array<float>& bias, Array<float>& y,
                     bool activation, float slope, int threads) {
     check(x.ndim() == 5 && y.ndim() == 5, "x and y must be 5-D, channels last: (B, D, H, W, C)");
-    ForwardGeometry g{x.shape(0), {x.shape(1), x.shape(2), x.shape(3)}, x.shape(4), y.shape(4), {}, activation, slope};
+    WinogradGeometry g{x.shape(0), {x.shape(1), x.shape(2), x.shape(3)}, x.shape(4), y.shape(4), {}, activation, slope};
     check(y.shape(0) == g.batch, "x and y differ in batch size");
     for (int a = 0; a < 3; ++a) {
         check(y.shape(a + 1) == 2 * g.n[a], "y's grid must be twice x's");
@@ -406,7 +439,7 @@ void upconv_forward(const Array<float>& x, const Array<float>& weight, const Arr
     py::gil_scoped_release release;
 #pragma omp parallel num_threads(threads)
     {
-        transform_weights(ws, g.cin, g.cout, u.data());  // shared among the team (omp for, then its barrier)
+        transform_weights(ws, g.cin, g.cout, false, u.data());  // shared among the team (omp for, then its barrier)
         // products: 27 x TILES x the widest register block (4 x 16 floats)
         std::vector<float> v(size_t(27 * TILES * g.cin)), products(size_t(27 * TILES * 64));
         int64_t first, last;
@@ -417,6 +450,207 @@ void upconv_forward(const Array<float>& x, const Array<float>& weight, const Arr
     }
 }
 
+
+// ---- Input gradient, in Winograd form ---------------------------------------------------------
+
+// The input gradient's register blocks: vectors of input channels (3 x 16 = 48, the finest
+// level's, in AVX-512; 2 otherwise) and tiles (8 x 3 accumulators of AVX-512's 32 registers, 6 x
+// 2 of AVX2's 16).
+constexpr int input_grad_vectors(int bytes) { return bytes == 64 ? 3 : 2; }
+constexpr int input_grad_tiles(int bytes) { return bytes == 64 ? 8 : 6; }
+
+// The 27 products of `count` tiles (v, v_block floats from one product's tiles to the next's)
+// with a block of `vectors` vectors of input channels of the transformed weights (u, depth x
+// width per product), into products[t][abc] (27 x vectors x L floats per tile). A function of its
+// own: inlined into input_grad_tiles, GCC's AVX2 build kept the accumulators on the stack (3x
+// slower).
+template <typename T, int BYTES>
+INLINE_INTO_CLONES void input_grad_products_body(int64_t count, const T* v, int64_t v_block, const T* u, int64_t depth,
+                                                 int64_t width, int vectors, T* products) {
+    constexpr int L = BYTES / sizeof(float), CV = input_grad_vectors(BYTES), R = input_grad_tiles(BYTES);
+    const int64_t stride = 27 * vectors * L;
+    for (int abc = 0; abc < 27; ++abc) {
+        const float* va = v + abc * v_block;
+        const float* ua = u + abc * depth * width;
+        float* pa = products + abc * vectors * L;
+        if (vectors == CV)
+            tiles_products<BYTES, R, CV>(count, va, ua, depth, width, pa, stride);
+        else if (CV > 2 && vectors == 2)
+            tiles_products<BYTES, R, (CV > 2 ? 2 : 1)>(count, va, ua, depth, width, pa, stride);
+        else
+            tiles_products<BYTES, R, 1>(count, va, ua, depth, width, pa, stride);
+    }
+}
+
+SIMD_DISPATCH(input_grad_products, input_grad_products_body,
+              (int64_t count, const T* v, int64_t v_block, const T* u, int64_t depth, int64_t width, int vectors,
+               T* products),
+              (count, v, v_block, u, depth, width, vectors, products))
+
+// The output gradient's rows a block of tiles reads, transformed along z and y: 36 rows (sz, a,
+// sy, b) of 4 TILES + 2 voxels of Co channels.
+constexpr int64_t BLOCK_ROW_VOXELS = 4 * TILES + 2;
+
+// The floats from one product's transformed tiles to the next's in v: TILES x 8 Co, plus a
+// vector so that the stores of one voxel's three products are not 4 KiB apart (12 KiB for 16
+// channels), which the CPU takes for a dependency on the loads after them.
+constexpr int64_t input_grad_v_block(int64_t cout) { return TILES * 8 * cout + 16; }
+
+// `count` (at most TILES) tiles of one row (b, tz, ty) of tiles from tx0: the input transform of
+// the output gradient `grad` into v, the 27 products per block of input channels, and their
+// output transform (times the leaky ReLU's derivative at x) written to gx. rows: the block's
+// rows transformed along z and y; zero_row: 2 n2 Co zeros, read for the rows outside the grid.
+//
+// Per axis, gx[i] = sum over s, a of w[2 a + s] p_s[i + a], with p_s[j] = grad[2 j - 1 + s]: a
+// 2-tap correlation per parity s, so F(2, 2) gives gx[2 t] and gx[2 t + 1] from d_m = p_s[2 t +
+// m] (grad voxels 4 t + 2 m + s - 1, m = 0..2) as (d0 - d1, d1, d2 - d1) times the taps' (h0, h0 +
+// h1, h1), the outputs m0 + m1 and m1 + m2, as in the forward.
+template <typename T, int BYTES>
+INLINE_INTO_CLONES void input_grad_tiles_body(const WinogradGeometry& g, const T* grad, const T* u, const T* x, T* gx,
+                                              int64_t b, int64_t tz, int64_t ty, int64_t tx0, int64_t count, T* rows,
+                                              T* v, T* products, const T* zero_row) {
+    static_assert(std::is_same<T, float>::value, "float32 only");
+    using V = typename Vector<float, BYTES>::type;
+    constexpr int L = BYTES / sizeof(float), CV = input_grad_vectors(BYTES);
+    const int64_t cin = g.cin, cout = g.cout, depth = 8 * cout;
+    const int64_t grid[3] = {2 * g.n[0], 2 * g.n[1], 2 * g.n[2]};  // the output gradient's
+    const int64_t row_stride = BLOCK_ROW_VOXELS * cout, v_block = input_grad_v_block(cout);
+    // Along z and y: rows[(sz, a, sy, bb)][p] from the 6 x 6 rows of grad the tiles read (voxels
+    // 4 t - 1 .. 4 t + 4 along z and y), voxel x = 4 tx0 - 1 + p along the row.
+    const T* in[6][6];
+    for (int qz = 0; qz < 6; ++qz)
+        for (int qy = 0; qy < 6; ++qy) {
+            const int64_t z = 4 * tz - 1 + qz, y = 4 * ty - 1 + qy;
+            in[qz][qy] = z >= 0 && z < grid[0] && y >= 0 && y < grid[1]
+                             ? grad + ((b * grid[0] + z) * grid[1] + y) * grid[2] * cout
+                             : zero_row;
+        }
+    const int64_t voxels = 4 * count + 2, first_x = 4 * tx0 - 1;
+    // the voxels along x inside the grid: [begin, end) of the block's
+    const int64_t begin = std::max<int64_t>(0, -first_x), end = std::min(voxels, grid[2] - first_x);
+    for (int szy = 0; szy < 4; ++szy) {  // one parity (sz, sy) at a time: 9 rows read in step
+        const int sz = szy >> 1, sy = szy & 1;
+        const T* d_rows[3][3];
+        T* out_rows[3][3];
+        for (int m = 0; m < 9; ++m) {
+            d_rows[m / 3][m % 3] = in[2 * (m / 3) + sz][2 * (m % 3) + sy];
+            out_rows[m / 3][m % 3] = rows + (((sz * 3 + m / 3) * 2 + sy) * 3 + m % 3) * row_stride;
+        }
+        const auto transform = [&](int64_t p, bool inside) __attribute__((always_inline)) {
+            for (int64_t co0 = 0; co0 < cout; co0 += L) {
+                V d[3][3], e[3][3];  // d[mz][my]; e[a][my], along z
+                for (int mz = 0; mz < 3; ++mz)
+                    for (int my = 0; my < 3; ++my)
+                        if (inside)
+                            load_vector(d[mz][my], d_rows[mz][my] + (first_x + p) * cout + co0);
+                        else
+                            d[mz][my] = V{};
+                for (int my = 0; my < 3; ++my)
+                    e[0][my] = d[0][my] - d[1][my], e[1][my] = d[1][my], e[2][my] = d[2][my] - d[1][my];
+                for (int a = 0; a < 3; ++a) {
+                    const V along_y[3] = {e[a][0] - e[a][1], e[a][1], e[a][2] - e[a][1]};
+                    for (int bb = 0; bb < 3; ++bb)
+                        __builtin_memcpy(out_rows[a][bb] + p * cout + co0, &along_y[bb], sizeof(V));
+                }
+            }
+        };
+        for (int64_t p = 0; p < begin; ++p) transform(p, false);
+        for (int64_t p = begin; p < end; ++p) transform(p, true);
+        for (int64_t p = std::max(begin, end); p < voxels; ++p) transform(p, false);
+    }
+    // Along x: v[abc][t][s * Co + co], from voxels 4 t + 2 m + sx - 1 (p = 4 t + 2 m + sx).
+    for (int64_t t = 0; t < count; ++t)
+        for (int r = 0; r < 36; ++r) {
+            const int sz = r / 18, a = (r / 6) % 3, sy = (r / 3) % 2, bb = r % 3;
+            for (int sx = 0; sx < 2; ++sx) {
+                const T* d = rows + r * row_stride + (4 * t + sx) * cout;
+                T* out = v + (a * 3 + bb) * 3 * v_block + t * depth + ((sz * 2 + sy) * 2 + sx) * cout;
+                for (int64_t co0 = 0; co0 < cout; co0 += L) {
+                    V d0, d1, d2;
+                    load_vector(d0, d + co0), load_vector(d1, d + 2 * cout + co0), load_vector(d2, d + 4 * cout + co0);
+                    const V along_x[3] = {d0 - d1, d1, d2 - d1};
+                    for (int c = 0; c < 3; ++c)
+                        __builtin_memcpy(out + c * v_block + co0, &along_x[c], sizeof(V));
+                }
+            }
+        }
+    // Per block of input channels: the 27 products of each tile, then their output transform.
+    for (int64_t c0 = 0; c0 < cin;) {
+        const int vectors = int(std::min<int64_t>(CV, (cin - c0) / L));  // cin is a multiple of L
+        const int64_t stride = 27 * vectors * L;
+        input_grad_products<float>(count, v, v_block, u + c0, depth, cin, vectors, products);
+        for (int64_t t = 0; t < count; ++t)
+            for (int k = 0; k < vectors; ++k) {
+                const int64_t ci0 = c0 + k * L;
+                const auto store = [&](int jz, int jy, int jx, const V& sum) __attribute__((always_inline)) {
+                    const int64_t iz = 2 * tz + jz, iy = 2 * ty + jy, ix = 2 * (tx0 + t) + jx;
+                    if (iz >= g.n[0] || iy >= g.n[1] || ix >= g.n[2]) return;
+                    const int64_t at = (((b * g.n[0] + iz) * g.n[1] + iy) * g.n[2] + ix) * cin + ci0;
+                    V value = sum;
+                    if (g.activation) {  // leaky_relu_backward: x > 0 ? grad : grad * slope
+                        V xv;
+                        load_vector(xv, x + at);
+                        value = xv > V{} ? sum : sum * g.slope;
+                    }
+                    __builtin_memcpy(gx + at, &value, sizeof(V));
+                };
+                winograd_outputs<V>(products + t * stride + k * L, vectors * L, store);
+            }
+        c0 += vectors * L;
+    }
+}
+
+SIMD_DISPATCH(input_grad_tiles, input_grad_tiles_body,
+              (const WinogradGeometry& g, const T* grad, const T* u, const T* x, T* gx, int64_t b, int64_t tz,
+               int64_t ty, int64_t tx0, int64_t count, T* rows, T* v, T* products, const T* zero_row),
+              (g, grad, u, x, gx, b, tz, ty, tx0, count, rows, v, products, zero_row))
+
+// gx (B, n0, n1, n2, Ci), the input gradient of conv_transpose3d(x', weight, stride 2, padding 1)
+// for its output's gradient grad (B, 2 n0, 2 n1, 2 n2, Co), times the leaky ReLU's derivative at
+// x (B, n0, n1, n2, Ci) where activation (x' = leaky_relu(x)); all channels last, weight (Ci, Co,
+// 4, 4, 4), Ci and Co multiples of 16. Each thread takes a share of the rows of tiles (b, tz, ty).
+void upconv_input_grad(const Array<float>& grad, const Array<float>& weight, const Array<float>& x, Array<float>& gx,
+                       bool activation, float slope, int threads) {
+    check(grad.ndim() == 5 && gx.ndim() == 5, "grad and gx must be 5-D, channels last: (B, D, H, W, C)");
+    WinogradGeometry g{gx.shape(0), {gx.shape(1), gx.shape(2), gx.shape(3)}, gx.shape(4), grad.shape(4), {},
+                       activation, slope};
+    check(grad.shape(0) == g.batch, "grad and gx differ in batch size");
+    for (int a = 0; a < 3; ++a) {
+        check(grad.shape(a + 1) == 2 * g.n[a], "grad's grid must be twice gx's");
+        g.tiles[a] = (g.n[a] + 1) / 2;  // gx's voxels in pairs
+    }
+    check(g.cout % 16 == 0 && g.cin % 16 == 0, "the channels must be multiples of 16");
+    check(weight.ndim() == 5 && weight.shape(0) == g.cin && weight.shape(1) == g.cout && weight.shape(2) == 4 &&
+              weight.shape(3) == 4 && weight.shape(4) == 4,
+          "weight must be (Ci, Co, 4, 4, 4)");
+    check(!activation || (x.ndim() == 5 && x.shape(0) == g.batch && x.shape(1) == g.n[0] && x.shape(2) == g.n[1] &&
+                          x.shape(3) == g.n[2] && x.shape(4) == g.cin),
+          "x must have gx's shape");
+    threads = std::max(threads, 1);
+    std::vector<float> u(size_t(27 * g.cin * 8 * g.cout)), zero_row(size_t(2 * g.n[2] * g.cout), 0.0f);
+    const float* grads = grad.data();
+    const float* ws = weight.data();
+    const float* xs = activation ? x.data() : nullptr;
+    float* out = gx.mutable_data();
+    const int64_t tile_rows = g.batch * g.tiles[0] * g.tiles[1];
+
+    py::gil_scoped_release release;
+#pragma omp parallel num_threads(threads)
+    {
+        transform_weights(ws, g.cin, g.cout, true, u.data());  // shared among the team (omp for, then its barrier)
+        std::vector<float> rows(size_t(36 * BLOCK_ROW_VOXELS * g.cout)), v(size_t(27 * input_grad_v_block(g.cout))),
+            products(size_t(27 * TILES * 48));  // the widest register block: 3 x 16 floats
+        int64_t first, last;
+        share(tile_rows, &first, &last);
+        for (int64_t row = first; row < last; ++row) {
+            const int64_t b = row / (g.tiles[0] * g.tiles[1]), tz = (row / g.tiles[1]) % g.tiles[0],
+                          ty = row % g.tiles[1];
+            for (int64_t tx0 = 0; tx0 < g.tiles[2]; tx0 += TILES)
+                input_grad_tiles<float>(g, grads, u.data(), xs, out, b, tz, ty, tx0, std::min(TILES, g.tiles[2] - tx0),
+                                        rows.data(), v.data(), products.data(), zero_row.data());
+        }
+    }
+}
 
 }  // namespace
 
@@ -434,5 +668,11 @@ PYBIND11_MODULE(_upconv_cpu, module) {
                py::arg("grad").noconvert(), py::arg("grad_weight").noconvert(), py::arg("threads"),
                "grad_weight (Ci, Co, 4, 4, 4) of conv_transpose3d(x, weight, stride=2, padding=1), from x passed as "
                "(B, D, H, W, Ci) and grad as (B, 2D, 2H, 2W, Co), channels last.");
+    module.def("upconv_input_grad", &upconv_input_grad, py::arg("grad").noconvert(), py::arg("weight").noconvert(),
+               py::arg("x").noconvert(), py::arg("gx").noconvert(), py::arg("activation"), py::arg("slope"),
+               py::arg("threads"),
+               "gx (B, D, H, W, Ci), the input gradient of conv_transpose3d(leaky_relu(x, slope) if activation else x, "
+               "weight, stride=2, padding=1) for its output's gradient grad (B, 2D, 2H, 2W, Co), channels last; x "
+               "(B, D, H, W, Ci), read only where activation; weight (Ci, Co, 4, 4, 4).");
     define_simd_bytes(module);
 }

@@ -159,19 +159,24 @@ def test_forward_matches_pytorch(case, slope, with_bias, vector_bytes):
     assert torch.equal(upconv_cpu.forward(x.float(), weight32, bias32, slope), got)
 
 
-def test_forward_is_the_same_bits_for_any_thread_count():
-    """Each tile is summed by one thread in one order, whatever the team size."""
-    x, weight, bias = (t.float() for t in forward_inputs(2, 8, 16, (5, 3, 6), seed=5))
-    x = x.contiguous(memory_format=CL)
+def assert_same_bits_for_any_thread_count(compute):
+    """``compute()`` with 1, 2, 3 and 40 threads gives the same bits."""
     threads = torch.get_num_threads()
     try:
         results = []
         for n in (1, 2, 3, 40):
             torch.set_num_threads(n)
-            results.append(upconv_cpu.forward(x, weight, bias, 0.01))
+            results.append(compute())
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(result, results[0]) for result in results[1:])
+
+
+def test_forward_is_the_same_bits_for_any_thread_count():
+    """Each tile is summed by one thread in one order, whatever the team size."""
+    x, weight, bias = (t.float() for t in forward_inputs(2, 8, 16, (5, 3, 6), seed=5))
+    x = x.contiguous(memory_format=CL)
+    assert_same_bits_for_any_thread_count(lambda: upconv_cpu.forward(x, weight, bias, 0.01))
 
 
 def test_forward_declines_what_it_does_not_compute():
@@ -232,3 +237,109 @@ def test_network_transposed_convolutions_take_the_forward(monkeypatch, grad_enab
         for got, expected in zip(torch.autograd.grad(ours, (conv.weight, conv.bias), grad),
                                  torch.autograd.grad(onednn, (conv.weight, conv.bias), grad)):
             assert torch.equal(got, expected)
+
+
+def input_grad_error_bound(grad, weight, x, slope):
+    """8 float32 epsilons of the largest sum of absolute products of an input-gradient voxel, as
+    for the forward. Measured on the cases below at every width: at most 1.8 epsilons of it
+    (oneDNN's float32 sums: 1.7)."""
+    scale = upconv_cpu.input_grad_reference(grad.abs(), weight.abs(), x).max()
+    return 8 * torch.finfo(torch.float32).eps * float(scale)
+
+
+# batch, input channels (the gradient's, multiples of 16), output channels, input grid: one to
+# three vectors of input channels and a block of three plus one (AVX-512's register block is
+# three), odd grids (a last tile of one voxel), a single voxel along x, rows of 27 and 30 tiles
+# (more than a block of 24, with 3 and 6 left over), two vectors of output channels.
+INPUT_GRAD_CASES = [
+    (1, 16, 16, (3, 4, 5)),
+    (2, 32, 16, (1, 2, 3)),
+    (1, 48, 16, (6, 5, 7)),
+    (1, 64, 32, (2, 3, 1)),
+    (2, 96, 32, (4, 2, 2)),
+    (1, 48, 16, (2, 3, 53)),
+    (1, 16, 32, (1, 1, 60)),
+]
+
+
+@pytest.mark.parametrize("case", INPUT_GRAD_CASES)
+@pytest.mark.parametrize("slope", [None, 0.01])
+def test_input_gradient_matches_pytorch(case, slope, vector_bytes):
+    x, grad, weight = inputs(*case)
+    expected = upconv_cpu.input_grad_reference(grad, weight, x, slope)  # float64
+    x32, grad32 = (t.float().contiguous(memory_format=CL) for t in (x, grad))
+    assert upconv_cpu.supports_input_grad(grad32, weight.float(), x32)
+    got = upconv_cpu.input_grad(grad32, weight.float(), x32, slope)
+    assert got.shape == x.shape and got.dtype == torch.float32 and ops.is_channels_last(got)
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=input_grad_error_bound(grad, weight, x, slope))
+    if slope is not None:  # the leaky ReLU's derivative: where x <= 0, slope times the gradient without it
+        plain = upconv_cpu.input_grad(grad32, weight.float(), x32)
+        assert torch.equal(got, torch.where(x32 > 0, plain, plain * slope))
+    # planar inputs are copied to channels-last and give the same bits
+    assert torch.equal(upconv_cpu.input_grad(grad.float(), weight.float(), x.float(), slope), got)
+
+
+def test_input_gradient_is_the_same_bits_for_any_thread_count():
+    """Each tile is summed by one thread in one order, whatever the team size."""
+    x, grad, weight = (t.float().contiguous(memory_format=CL) for t in inputs(2, 32, 16, (5, 3, 6), seed=7))
+    assert_same_bits_for_any_thread_count(lambda: upconv_cpu.input_grad(grad, weight, x, 0.01))
+
+
+def test_input_gradient_declines_what_it_does_not_compute():
+    x, grad, weight = (t.float() for t in inputs(1, 16, 16, (2, 3, 4)))
+    assert upconv_cpu.supports_input_grad(grad, weight, x)
+    assert not upconv_cpu.supports_input_grad(grad.double(), weight.double(), x.double())  # float32 only
+    assert not upconv_cpu.supports_input_grad(grad, weight[:8], x[:, :8])  # input channels: a multiple of 16
+    assert not upconv_cpu.supports_input_grad(grad[:, :8], weight[:, :8], x)  # output channels too
+    assert not upconv_cpu.supports_input_grad(grad[..., :-1], weight, x)  # not twice the input's grid
+    assert not upconv_cpu.supports_input_grad(grad, weight[..., :3], x)  # not a kernel of 4
+    assert not upconv_cpu.takes_input_grad(*(t.contiguous(memory_format=CL) for t in (grad, weight, x)))  # few tiles
+    big_x = torch.zeros(1, 16, 20, 20, 20).contiguous(memory_format=CL)  # 10^3 tiles
+    big_grad = torch.zeros(1, 16, 40, 40, 40).contiguous(memory_format=CL)
+    assert upconv_cpu.takes_input_grad(big_grad, weight, big_x) == (upconv_cpu.vector_bytes() >= 32)
+    assert not upconv_cpu.takes_input_grad(big_grad.contiguous(), weight, big_x)  # planar: left to oneDNN
+    wide = torch.zeros(1, 64, 40, 40, 40).contiguous(memory_format=CL)
+    assert not upconv_cpu.takes_input_grad(wide, torch.zeros(16, 64, 4, 4, 4), big_x)  # oneDNN as fast there
+    try:
+        upconv_cpu.vector_bytes(16)
+        assert not upconv_cpu.takes_input_grad(big_grad, weight, big_x)  # SSE2: not measured against oneDNN
+    finally:
+        upconv_cpu.vector_bytes(0)
+    with pytest.raises(ValueError, match="twice"):  # the extension checks what it is given
+        upconv_cpu._upconv_cpu.upconv_input_grad(torch.zeros(1, 4, 6, 7, 16).numpy(), weight.numpy(),
+                                                 torch.zeros(1, 2, 3, 4, 16).numpy(),
+                                                 torch.empty(1, 2, 3, 4, 16).numpy(), True, 0.01, 1)
+
+
+@pytest.mark.parametrize("activation", [True, False])
+def test_io_transposed_convolution_takes_the_input_gradient(monkeypatch, activation):
+    """IO's transposed convolution (``low_memory_conv`` with gradients) on channels-last tensors
+    whose channels the kernel takes computes its input gradient here (counted), the leaky ReLU's
+    backward with it: within float32's rounding of oneDNN's, its weight and bias gradients the
+    same bits."""
+    gen = torch.Generator().manual_seed(8)
+    conv = torch.nn.ConvTranspose3d(32, 16, kernel_size=4, stride=2, padding=1)
+    x = torch.randn(1, 32, 20, 21, 22, generator=gen).contiguous(memory_format=CL).requires_grad_()  # 1210 tiles
+    grad = torch.randn(1, 16, 40, 42, 44, generator=gen).contiguous(memory_format=CL)
+    calls = []
+    kernel = upconv_cpu.input_grad
+    monkeypatch.setattr(upconv_cpu, "input_grad", lambda *a: calls.append(1) or kernel(*a))
+
+    def gradients():
+        out = model.low_memory_conv(conv, x, activation=activation)
+        return torch.autograd.grad(out, (x, conv.weight, conv.bias), grad)
+
+    with ops.kernel_mode("cpp"):
+        ours = gradients()
+        taken = int(upconv_cpu.vector_bytes() >= 32)
+        assert len(calls) == taken
+        with monkeypatch.context() as patch:
+            patch.setattr(model, "use_cpp_upconv_input_grad", lambda *tensors: False)
+            onednn = gradients()
+    assert len(calls) == taken
+    assert torch.equal(ours[1], onednn[1]) and torch.equal(ours[2], onednn[2])
+    slope = model.LEAKY_SLOPE if activation else None
+    bound = input_grad_error_bound(grad.double(), conv.weight.detach().double(), x.detach().double(), slope)
+    torch.testing.assert_close(ours[0], onednn[0], rtol=0, atol=2 * bound)
+    with ops.kernel_mode("torch"):
+        assert not ops.use_cpp_upconv_input_grad(grad, conv.weight, x.detach())
