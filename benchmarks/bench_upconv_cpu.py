@@ -1,18 +1,21 @@
 #!/usr/bin/env python
-"""The C++ transposed convolutions of the U-Nets (kernels/upconv_cpu.py), forward and input
-gradient (Winograd) and weight gradient, against oneDNN's (``conv_transpose3d``, ``convolution_backward``) on the CPU.
+"""The C++ transposed convolutions of the U-Nets (kernels/upconv_cpu.py), forward and backward
+(Winograd) and weight gradient (direct sums), against oneDNN's (``conv_transpose3d``,
+``convolution_backward``) on the CPU.
 
 Per decoder level of a full-resolution U-Net (175^3 by default: 48 -> 16 channels at 88^3, 96 ->
 32 at 44^3, 192 -> 64 at 22^3, 512 -> 128 at 11^3), channels-last tensors as the engine has them:
 median time and rate of oneDNN's op and of the C++ one (in each vector width the CPU runs: 64
 bytes AVX-512, 32 AVX2 + FMA, 16 SSE2; the rate counts the direct sums' products for both), their
 largest error against float64's, and which the engine takes (:func:`upconv_cpu.takes_forward`,
-:func:`upconv_cpu.takes_input_grad`, :func:`upconv_cpu.takes`). The forward is of
-``leaky_relu(x)``, as the network's (the C++ kernel applies it as it reads), the input gradient
-through it (oneDNN's followed by ``leaky_relu_backward``, as the engine ran it). End to end, in
-one process: a warm ``predict_map`` (no IO; oneDNN's forward and the C++ one alternated, three
-rounds), one IO call (``instance_optimize`` with one step) with oneDNN's forward then the C++ one,
-and the same for the input gradient and for the weight gradient.
+:func:`upconv_cpu.takes_backward`, :func:`upconv_cpu.takes`). The layer's input goes through the
+leaky ReLU, as the network's: the C++ kernels apply it (and its derivative) themselves, oneDNN's
+ops get ``leaky_relu(x)`` (and ``leaky_relu_backward`` after the input gradient), as the engine
+ran them. The last table compares one Winograd backward call with the engine's path before it
+(oneDNN's input gradient, the direct weight gradient). End to end, in one process: a warm
+``predict_map`` (no IO; oneDNN's forward and the C++ one alternated, three rounds), one IO call
+(``instance_optimize`` with one step) with oneDNN's forward then the C++ one, and one with the
+backward pass before the Winograd one, then with it.
 
     .venv/bin/python benchmarks/bench_upconv_cpu.py
     .venv/bin/python benchmarks/bench_upconv_cpu.py --shape 96 96 96 --repeats 3   # quick
@@ -53,31 +56,56 @@ def level_inputs(shape, level, cin, cout):
     return grid, x, grad, weight, torch.randn(cout, generator=gen)
 
 
+def relative_error(result, exact) -> float:
+    """The largest difference from float64's ``exact`` over its largest magnitude (of each of a
+    tuple's tensors, the largest)."""
+    if isinstance(exact, tuple):
+        return max(relative_error(r, e) for r, e in zip(result, exact))
+    return float((result.double() - exact).abs().max() / exact.abs().max())
+
+
 def level_rows(shape, repeats, op):
-    """One table row per level for ``op``: "forward", "input gradient" or "weight gradient"."""
+    """One table row per level for ``op``: "forward", "input gradient", "weight gradient" (oneDNN's
+    against the C++ direct sums), "weight gradient, Winograd" or "both gradients" (the engine's
+    path before the Winograd backward: oneDNN's input gradient, the C++ direct weight gradient
+    where it took it, against the Winograd backward's one call)."""
     widths = [w for w in (64, 32, 16) if upconv_cpu.vector_bytes(w) == w]
     upconv_cpu.vector_bytes(0)
+    slope = model.LEAKY_SLOPE
     rows = []
     for level, (cin, cout) in enumerate(LEVELS):
         grid, x, grad, weight, bias = level_inputs(shape, level, cin, cout)
+        activated, winograd = torch.nn.functional.leaky_relu(x, slope), upconv_cpu.takes_backward(grad, weight, x)
         if op == "forward":
-            slope = model.LEAKY_SLOPE
             onednn_op = lambda: upconv_cpu.forward_reference(x, weight, bias, slope)  # noqa: E731
             cpp_op = lambda: upconv_cpu.forward(x, weight, bias, slope)  # noqa: E731
             exact = upconv_cpu.forward_reference(x.double(), weight.double(), bias.double(), slope)
-            takes = upconv_cpu.takes_forward(x, weight, bias)
+            takes = "C++" if upconv_cpu.takes_forward(x, weight, bias) else "oneDNN"
         elif op == "input gradient":
-            slope = model.LEAKY_SLOPE
             onednn_op = lambda: upconv_cpu.input_grad_reference(grad, weight, x, slope)  # noqa: E731
-            cpp_op = lambda: upconv_cpu.input_grad(grad, weight, x, slope)  # noqa: E731
+            cpp_op = lambda: upconv_cpu.backward(grad, weight, x, slope, weights=False)[0]  # noqa: E731
             exact = upconv_cpu.input_grad_reference(grad.double(), weight.double(), x.double(), slope)
-            takes = upconv_cpu.takes_input_grad(grad, weight, x)
+            takes = "C++" if winograd else "oneDNN"
+        elif op.startswith("weight gradient"):
+            onednn_op = lambda: upconv_cpu.reference(activated, grad, weight)  # noqa: E731
+            cpp_op = ((lambda: upconv_cpu.backward(grad, weight, x, slope, input=False)[1]) if op.endswith("Winograd")
+                      else (lambda: upconv_cpu.weight_grad(activated, grad)))
+            exact = upconv_cpu.reference(activated.double(), grad.double(), weight.double())
+            takes = ("Winograd" if winograd else "direct" if upconv_cpu.takes(activated, grad, weight)
+                     else "oneDNN")
         else:
-            onednn_op = lambda: upconv_cpu.reference(x, grad, weight)  # noqa: E731
-            cpp_op = lambda: upconv_cpu.weight_grad(x, grad)  # noqa: E731
-            exact = upconv_cpu.reference(x.double(), grad.double(), weight.double())
-            takes = upconv_cpu.takes(x, grad, weight)
-        flops = 2 * x.numel() * cout * 64
+            def onednn_op():  # the engine's path before: one oneDNN call, or two with the C++ weight gradient
+                direct = upconv_cpu.takes(activated, grad, weight)
+                gx, gw = torch.ops.aten.convolution_backward(grad, activated, weight, None, [2] * 3, [1] * 3, [1] * 3,
+                                                             True, [0] * 3, 1, [True, not direct, False])[:2]
+                gx = torch.ops.aten.leaky_relu_backward(gx, x, slope, False)
+                return gx, upconv_cpu.weight_grad(activated, grad) if direct else gw
+
+            cpp_op = lambda: upconv_cpu.backward(grad, weight, x, slope)  # noqa: E731
+            exact = (upconv_cpu.input_grad_reference(grad.double(), weight.double(), x.double(), slope),
+                     upconv_cpu.reference(activated.double(), grad.double(), weight.double()))
+            takes = "C++" if winograd else "oneDNN"
+        flops = 2 * x.numel() * cout * 64 * (2 if op == "both gradients" else 1)
         onednn = timed(onednn_op, "cpu", repeats)
         cells = [f"{cin} -> {cout} at {'x'.join(map(str, grid))}", f"{onednn * 1e3:.0f} ms ({flops / onednn / 1e9:.0f})"]
         for width in widths:
@@ -85,13 +113,13 @@ def level_rows(shape, repeats, op):
             seconds = timed(cpp_op, "cpu", repeats)
             cells.append(f"{seconds * 1e3:.0f} ms ({flops / seconds / 1e9:.0f}, {onednn / seconds:.2f}x)")
         upconv_cpu.vector_bytes(0)
-        errors = [float((result.double() - exact).abs().max() / exact.abs().max())
-                  for result in (onednn_op(), cpp_op())]
-        cells += [f"{errors[0]:.1e} / {errors[1]:.1e}", "C++" if takes else "oneDNN"]
+        errors = [relative_error(result, exact) for result in (onednn_op(), cpp_op())]
+        cells += [f"{errors[0]:.1e} / {errors[1]:.1e}", takes]
         rows.append(cells)
-    header = ([f"{op}: layer (input grid)", "oneDNN (GFLOP/s)"]
+    baseline = "before (GFLOP/s)" if op == "both gradients" else "oneDNN (GFLOP/s)"
+    header = ([f"{op}: layer (input grid)", baseline]
               + [f"C++ {w} bytes (GFLOP/s, speed-up)" for w in widths]
-              + ["error vs float64, oneDNN / C++", "engine takes"])
+              + [f"error vs float64, {baseline.split()[0]} / C++", "engine takes"])
     return header, rows
 
 
@@ -101,7 +129,7 @@ def main(argv=None):
     host_memory.keep_freed_memory()  # as the engine does: no page faults of fresh memory in the times
     shape = tuple(args.shape)
     print(machine_line(upconv_cpu.vector_bytes()))
-    for op in ("forward", "input gradient", "weight gradient"):
+    for op in ("forward", "input gradient", "weight gradient", "weight gradient, Winograd", "both gradients"):
         print("\n" + markdown_table(*level_rows(shape, args.repeats, op)))
     if not args.skip_end_to_end:
         where = "x".join(map(str, shape))
@@ -112,10 +140,10 @@ def main(argv=None):
         onednn, ours = io_call_seconds(shape, args.repeats, onednn_forward)
         print(f"one IO call at {where} (one step and the final forward, median of {args.repeats}): oneDNN's forward "
               f"{onednn:.2f} s, C++ {ours:.2f} s ({onednn / ours:.2f}x)")
-        for name, switch in (("input", "use_cpp_upconv_input_grad"), ("weight", "use_cpp_upconv_weight_grad")):
-            onednn, ours = io_call_seconds(shape, args.repeats, mock.patch.object(model, switch, lambda *t: False))
-            print(f"one IO call at {where}: oneDNN's {name} gradient {onednn:.2f} s, C++ {ours:.2f} s "
-                  f"({onednn / ours:.2f}x)")
+        onednn, ours = io_call_seconds(shape, args.repeats,
+                                       mock.patch.object(model, "use_cpp_upconv_backward", lambda *t: False))
+        print(f"one IO call at {where}: oneDNN's input gradient and the direct weight gradient {onednn:.2f} s, "
+              f"the Winograd backward {ours:.2f} s ({onednn / ours:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-// The U-Net decoder's transposed convolutions on the CPU: the forward pass and the input gradient
-// in Winograd form, and the weight gradient; built by setup.py as mgr_engine._upconv_cpu (Python side:
+// The U-Net decoder's transposed convolutions on the CPU: the forward and backward passes in
+// Winograd form, and the weight gradient in direct form; built by setup.py as mgr_engine._upconv_cpu (Python side:
 // kernels/upconv_cpu.py).
 //
 // ConvTranspose3d(kernel 4, stride 2, padding 1) maps input voxel i to output voxels
@@ -20,15 +20,19 @@
 // at 88^3 (the finest level of a full-resolution U-Net) took 180 against 90 ms on 2 AMD Zen 5
 // cores. The input's leaky ReLU is applied as the tiles are read.
 //
-// Input gradient (upconv_input_grad): per axis gx[i] sums w[k] grad[2 i - 1 + k], which splits
-// by the parity s of the gradient's voxels into 2-tap correlations, so F(2, 2) applies as in the
-// forward: 27 matrix products (tiles x 8 Co) x (8 Co x Ci) per tile of 2 x 2 x 2 gx voxels. The
-// gradient is transformed along z and y row by row (9 rows read in step per parity), then along
-// x per tile; the leaky ReLU's backward is applied as gx is written. Why: oneDNN runs it near the
-// FMA peak as a strided convolution; 48 -> 16 channels at 88^3 took 148 against 94 ms (2 AMD Zen
-// 5 cores, with the leaky ReLU's backward), its error against float64 below oneDNN's.
+// Backward pass (upconv_backward): per axis the input gradient gx[i] sums w[k] grad[2 i - 1 + k],
+// which splits by the parity s of the gradient's voxels into 2-tap correlations, and so does the
+// weight gradient (x' in the place of w), so F(2, 2) applies as in the forward: per tile of 2 x 2
+// x 2 x voxels, 27 matrix products (tiles x 8 Co) x (8 Co x Ci) for gx, and 27 (Ci x tiles) x
+// (tiles x 8 Co) summed over chunks of tiles for the weight's. Both read the gradient's one
+// transform: along z and y row by row (9 rows read in step per parity), then along x per tile.
+// The leaky ReLU (forward for the weight's x', backward for gx) is applied as x is read. Why:
+// oneDNN runs the input gradient near the FMA peak as a strided convolution, and the weight
+// gradient's direct sums below at about 440 GFLOP/s; 48 -> 16 channels at 88^3 took 298 against
+// 160 ms for both (2 AMD Zen 5 cores), the errors against float64 below oneDNN's.
 //
-// Weight gradient (upconv_weight_grad):
+// Weight gradient in direct form (upconv_weight_grad), for the channels the Winograd form does not
+// take:
 //   grad_weight[ci, co, kz, ky, kx] = sum over b, i of x[b, i, ci] * grad[b, 2 i - 1 + k, co]
 // over the i whose o lies in the output grid (2 n per axis). Why: oneDNN computes it at about
 // 60% of the rate of the same layer's input gradient (48 -> 16 channels at 88^3, 2 cores: 259
@@ -254,6 +258,28 @@ struct WinogradGeometry {
     float slope;
 };
 
+// A register block of products: acc[r][k] = sum over i < depth of a[r * a_row + i * a_step] times
+// the k-th vector of b's row i (`width` floats apart), R rows of a broadcast x CV vectors.
+template <int BYTES, int R, int CV, typename V>
+INLINE_INTO_CLONES void register_products(const float* a, int64_t a_row, int64_t a_step, const float* b, int64_t width,
+                                          int64_t depth, V (&acc)[R][CV]) {
+    constexpr int L = BYTES / sizeof(float);
+    for (int r = 0; r < R; ++r)
+        for (int k = 0; k < CV; ++k) acc[r][k] = V{};
+    for (int64_t i = 0; i < depth; ++i) {
+        V bv[CV];
+        for (int k = 0; k < CV; ++k) {
+            load_vector(bv[k], b + i * width + k * L);
+            keep_in_register(bv[k]);  // one load for its R multiply-adds
+        }
+        for (int r = 0; r < R; ++r) {
+            V ab = a[r * a_row + i * a_step] - V{};  // a broadcast: x - 0 folds to x, 0 + x does not (signed zeros)
+            keep_in_register(ab);
+            for (int k = 0; k < CV; ++k) acc[r][k] += ab * bv[k];
+        }
+    }
+}
+
 // The products of R tiles (their transformed inputs v, `depth` floats apart) with the CV vectors
 // of transformed weights at u (`width` floats apart per row of the depth), stored at `products`
 // (one row of CV vectors per tile, `stride` floats apart).
@@ -263,20 +289,7 @@ INLINE_INTO_CLONES void tile_products(const float* v, const float* u, int64_t de
     using V = typename Vector<float, BYTES>::type;
     constexpr int L = BYTES / sizeof(float);
     V acc[R][CV];
-    for (int r = 0; r < R; ++r)
-        for (int k = 0; k < CV; ++k) acc[r][k] = V{};
-    for (int64_t i = 0; i < depth; ++i) {
-        V uv[CV];
-        for (int k = 0; k < CV; ++k) {
-            load_vector(uv[k], u + i * width + k * L);
-            keep_in_register(uv[k]);  // one load for its R multiply-adds
-        }
-        for (int r = 0; r < R; ++r) {
-            V vb = v[r * depth + i] - V{};  // a broadcast: x - 0 folds to x, 0 + x does not (signed zeros)
-            keep_in_register(vb);
-            for (int k = 0; k < CV; ++k) acc[r][k] += vb * uv[k];
-        }
-    }
+    register_products<BYTES, R, CV>(v, depth, 1, u, width, depth, acc);
     for (int r = 0; r < R; ++r)
         for (int k = 0; k < CV; ++k) __builtin_memcpy(products + r * stride + k * L, &acc[r][k], sizeof(V));
 }
@@ -475,7 +488,7 @@ INLINE_INTO_CLONES void input_grad_products_body(int64_t count, const T* v, int6
         float* pa = products + abc * vectors * L;
         if (vectors == CV)
             tiles_products<BYTES, R, CV>(count, va, ua, depth, width, pa, stride);
-        else if (CV > 2 && vectors == 2)
+        else if (CV > 2 && vectors == 2)  // AVX-512's last block of 2 (CV 2 never gets here)
             tiles_products<BYTES, R, (CV > 2 ? 2 : 1)>(count, va, ua, depth, width, pa, stride);
         else
             tiles_products<BYTES, R, 1>(count, va, ua, depth, width, pa, stride);
@@ -491,30 +504,40 @@ SIMD_DISPATCH(input_grad_products, input_grad_products_body,
 // sy, b) of 4 TILES + 2 voxels of Co channels.
 constexpr int64_t BLOCK_ROW_VOXELS = 4 * TILES + 2;
 
-// The floats from one product's transformed tiles to the next's in v: TILES x 8 Co, plus a
-// vector so that the stores of one voxel's three products are not 4 KiB apart (12 KiB for 16
-// channels), which the CPU takes for a dependency on the loads after them.
-constexpr int64_t input_grad_v_block(int64_t cout) { return TILES * 8 * cout + 16; }
+// Tiles whose transforms the weight gradient sums in registers before it adds them to its float64
+// sums: the sums (27 x Ci x 8 Co per thread, 1.3 MiB at 48 -> 16) are then read and written once
+// per 192 tiles, and the float32 sums run over at most 192 tiles (1536 gx voxels).
+constexpr int64_t CHUNK_TILES = 192;
+
+// The floats from one product's transformed tiles to the next's in v (or xt): `tiles` x `width`,
+// plus a vector so that the stores of one voxel's three products are not 4 KiB apart (12 KiB for
+// 16 channels and 24 tiles), which the CPU takes for a dependency on the loads after them.
+constexpr int64_t transformed_block(int64_t tiles, int64_t width) { return tiles * width + 16; }
 
 // `count` (at most TILES) tiles of one row (b, tz, ty) of tiles from tx0: the input transform of
-// the output gradient `grad` into v, the 27 products per block of input channels, and their
-// output transform (times the leaky ReLU's derivative at x) written to gx. rows: the block's
-// rows transformed along z and y; zero_row: 2 n2 Co zeros, read for the rows outside the grid.
+// the output gradient `grad` into v (v_block floats from one product's tiles to the next's); for
+// the weight gradient (xt not null), the transform of x' = leaky_relu(x) (or x) into xt; for the
+// input gradient (gx not null), the 27 products per block of input channels and their output
+// transform (times the leaky ReLU's derivative at x) written to gx. rows: the block's rows
+// transformed along z and y; zero_row: 2 n2 Co zeros, read for the rows outside the grid.
 //
 // Per axis, gx[i] = sum over s, a of w[2 a + s] p_s[i + a], with p_s[j] = grad[2 j - 1 + s]: a
 // 2-tap correlation per parity s, so F(2, 2) gives gx[2 t] and gx[2 t + 1] from d_m = p_s[2 t +
 // m] (grad voxels 4 t + 2 m + s - 1, m = 0..2) as (d0 - d1, d1, d2 - d1) times the taps' (h0, h0 +
-// h1, h1), the outputs m0 + m1 and m1 + m2, as in the forward.
+// h1, h1), the outputs m0 + m1 and m1 + m2, as in the forward. The weight gradient's taps w[2 a
+// + s] = sum over i of x'[i] p_s[i + a] are the same correlation with x' in the place of w: per
+// tile, (x0, x0 + x1, x1) times (d0 - d1, d1, d2 - d1) gives the taps as m0 + m1 and m1 + m2.
 template <typename T, int BYTES>
-INLINE_INTO_CLONES void input_grad_tiles_body(const WinogradGeometry& g, const T* grad, const T* u, const T* x, T* gx,
-                                              int64_t b, int64_t tz, int64_t ty, int64_t tx0, int64_t count, T* rows,
-                                              T* v, T* products, const T* zero_row) {
+INLINE_INTO_CLONES void backward_tiles_body(const WinogradGeometry& g, const T* grad, const T* u, const T* x, T* gx,
+                                            int64_t b, int64_t tz, int64_t ty, int64_t tx0, int64_t count, T* rows,
+                                            T* v, int64_t v_block, T* products, const T* zero_row, T* xt,
+                                            int64_t xt_block) {
     static_assert(std::is_same<T, float>::value, "float32 only");
     using V = typename Vector<float, BYTES>::type;
     constexpr int L = BYTES / sizeof(float), CV = input_grad_vectors(BYTES);
     const int64_t cin = g.cin, cout = g.cout, depth = 8 * cout;
     const int64_t grid[3] = {2 * g.n[0], 2 * g.n[1], 2 * g.n[2]};  // the output gradient's
-    const int64_t row_stride = BLOCK_ROW_VOXELS * cout, v_block = input_grad_v_block(cout);
+    const int64_t row_stride = BLOCK_ROW_VOXELS * cout;
     // Along z and y: rows[(sz, a, sy, bb)][p] from the 6 x 6 rows of grad the tiles read (voxels
     // 4 t - 1 .. 4 t + 4 along z and y), voxel x = 4 tx0 - 1 + p along the row.
     const T* in[6][6];
@@ -530,8 +553,8 @@ INLINE_INTO_CLONES void input_grad_tiles_body(const WinogradGeometry& g, const T
     const int64_t begin = std::max<int64_t>(0, -first_x), end = std::min(voxels, grid[2] - first_x);
     for (int szy = 0; szy < 4; ++szy) {  // one parity (sz, sy) at a time: 9 rows read in step
         const int sz = szy >> 1, sy = szy & 1;
-        const T* d_rows[3][3];
-        T* out_rows[3][3];
+        const T* d_rows[3][3];  // [mz][my]: grad's rows 2 m + s along z and y
+        T* out_rows[3][3];      // [a][bb]: the transformed rows of this parity
         for (int m = 0; m < 9; ++m) {
             d_rows[m / 3][m % 3] = in[2 * (m / 3) + sz][2 * (m % 3) + sy];
             out_rows[m / 3][m % 3] = rows + (((sz * 3 + m / 3) * 2 + sy) * 3 + m % 3) * row_stride;
@@ -574,6 +597,38 @@ INLINE_INTO_CLONES void input_grad_tiles_body(const WinogradGeometry& g, const T
                 }
             }
         }
+    // x' along x, y and z: xt[abc][t][ci] from gx's voxels 2 t + j (zero beyond the grid).
+    if (xt)
+        for (int64_t t = 0; t < count; ++t)
+            for (int64_t ci0 = 0; ci0 < cin; ci0 += L) {
+                V along_x[2][2][3];  // [jz][jy][c]
+                for (int jzy = 0; jzy < 4; ++jzy) {
+                    const int jz = jzy >> 1, jy = jzy & 1;
+                    const int64_t iz = 2 * tz + jz, iy = 2 * ty + jy;
+                    V d[2];
+                    for (int jx = 0; jx < 2; ++jx) {
+                        const int64_t ix = 2 * (tx0 + t) + jx;
+                        d[jx] = V{};
+                        if (iz < g.n[0] && iy < g.n[1] && ix < g.n[2]) {
+                            load_vector(d[jx], x + (((b * g.n[0] + iz) * g.n[1] + iy) * g.n[2] + ix) * cin + ci0);
+                            if (g.activation) d[jx] = d[jx] > V{} ? d[jx] : d[jx] * g.slope;  // torch's leaky_relu
+                        }
+                    }
+                    along_x[jz][jy][0] = d[0], along_x[jz][jy][1] = d[0] + d[1], along_x[jz][jy][2] = d[1];
+                }
+                for (int bc = 0; bc < 9; ++bc) {
+                    const int bb = bc / 3, c = bc % 3;
+                    V along_y[2];
+                    for (int jz = 0; jz < 2; ++jz)
+                        along_y[jz] = bb == 0   ? along_x[jz][0][c]
+                                      : bb == 1 ? along_x[jz][0][c] + along_x[jz][1][c]
+                                                : along_x[jz][1][c];
+                    const V along_z[3] = {along_y[0], along_y[0] + along_y[1], along_y[1]};
+                    for (int a = 0; a < 3; ++a)
+                        __builtin_memcpy(xt + (a * 9 + bc) * xt_block + t * cin + ci0, &along_z[a], sizeof(V));
+                }
+            }
+    if (!gx) return;
     // Per block of input channels: the 27 products of each tile, then their output transform.
     for (int64_t c0 = 0; c0 < cin;) {
         const int vectors = int(std::min<int64_t>(CV, (cin - c0) / L));  // cin is a multiple of L
@@ -600,56 +655,148 @@ INLINE_INTO_CLONES void input_grad_tiles_body(const WinogradGeometry& g, const T
     }
 }
 
-SIMD_DISPATCH(input_grad_tiles, input_grad_tiles_body,
+SIMD_DISPATCH(backward_tiles, backward_tiles_body,
               (const WinogradGeometry& g, const T* grad, const T* u, const T* x, T* gx, int64_t b, int64_t tz,
-               int64_t ty, int64_t tx0, int64_t count, T* rows, T* v, T* products, const T* zero_row),
-              (g, grad, u, x, gx, b, tz, ty, tx0, count, rows, v, products, zero_row))
+               int64_t ty, int64_t tx0, int64_t count, T* rows, T* v, int64_t v_block, T* products,
+               const T* zero_row, T* xt, int64_t xt_block),
+              (g, grad, u, x, gx, b, tz, ty, tx0, count, rows, v, v_block, products, zero_row, xt, xt_block))
 
-// gx (B, n0, n1, n2, Ci), the input gradient of conv_transpose3d(x', weight, stride 2, padding 1)
-// for its output's gradient grad (B, 2 n0, 2 n1, 2 n2, Co), times the leaky ReLU's derivative at
-// x (B, n0, n1, n2, Ci) where activation (x' = leaky_relu(x)); all channels last, weight (Ci, Co,
-// 4, 4, 4), Ci and Co multiples of 16. Each thread takes a share of the rows of tiles (b, tz, ty).
-void upconv_input_grad(const Array<float>& grad, const Array<float>& weight, const Array<float>& x, Array<float>& gx,
-                       bool activation, float slope, int threads) {
-    check(grad.ndim() == 5 && gx.ndim() == 5, "grad and gx must be 5-D, channels last: (B, D, H, W, C)");
-    WinogradGeometry g{gx.shape(0), {gx.shape(1), gx.shape(2), gx.shape(3)}, gx.shape(4), grad.shape(4), {},
+// The weight gradient's register block: CB input channels (broadcast from xt) x CV vectors of
+// the 8 Co columns (loaded from v), summed over `count` tiles, added to sums[ci][column] (float64,
+// `depth` columns a row).
+template <int BYTES, int CB, int CV>
+INLINE_INTO_CLONES void weight_block(int64_t count, const float* xt, int64_t cin, const float* v, int64_t depth,
+                                     double* sums) {
+    using V = typename Vector<float, BYTES>::type;
+    constexpr int L = BYTES / sizeof(float);
+    V acc[CB][CV];
+    register_products<BYTES, CB, CV>(xt, 1, cin, v, depth, count, acc);
+    for (int c = 0; c < CB; ++c)
+        for (int k = 0; k < CV; ++k)
+            for (int l = 0; l < L; ++l) sums[c * depth + k * L + l] += double(acc[c][k][l]);
+}
+
+// weight_block over all input channels: CB at a time, the last fewer in one block of their count.
+template <int BYTES, int CB, int CV>
+INLINE_INTO_CLONES void weight_blocks(int64_t count, const float* xt, int64_t cin, int64_t ci0, const float* v,
+                                      int64_t depth, double* sums) {
+    for (; ci0 + CB <= cin; ci0 += CB) weight_block<BYTES, CB, CV>(count, xt + ci0, cin, v, depth, sums + ci0 * depth);
+    if constexpr (CB > 1)
+        if (ci0 < cin) weight_blocks<BYTES, CB - 1, CV>(count, xt, cin, ci0, v, depth, sums);
+}
+
+// The weight gradient's 27 products of a chunk of `count` tiles, sums[abc][ci][s * Co + co] +=
+// sum over the tiles of xt[abc][t][ci] v[abc][t][s * Co + co]: per product and per CV vectors of
+// columns, register blocks of 6 input channels (6 x 4 accumulators of AVX-512's 32 registers, 6 x
+// 2 of AVX2's 16).
+template <typename T, int BYTES>
+INLINE_INTO_CLONES void weight_products_body(int64_t count, const T* xt, int64_t xt_block, const T* v, int64_t v_block,
+                                             int64_t cin, int64_t depth, double* sums) {
+    constexpr int L = BYTES / sizeof(float), CV = BYTES == 64 ? 4 : 2;
+    for (int abc = 0; abc < 27; ++abc)
+        for (int64_t c0 = 0; c0 < depth; c0 += CV * L)  // depth = 8 Co: a multiple of 128
+            weight_blocks<BYTES, 6, CV>(count, xt + abc * xt_block, cin, 0, v + abc * v_block + c0, depth,
+                                        sums + abc * cin * depth + c0);
+}
+
+SIMD_DISPATCH(weight_products, weight_products_body,
+              (int64_t count, const T* xt, int64_t xt_block, const T* v, int64_t v_block, int64_t cin, int64_t depth,
+               double* sums),
+              (count, xt, xt_block, v, v_block, cin, depth, sums))
+
+// The backward pass of conv_transpose3d(x', weight, stride 2, padding 1), x' = leaky_relu(x)
+// where activation (else x), for its output's gradient grad (B, 2 n0, 2 n1, 2 n2, Co): gx (B, n0,
+// n1, n2, Ci), the gradient to x (the leaky ReLU's derivative included), and grad_weight (Ci, Co,
+// 4, 4, 4); either may be empty (not computed). All channels last, Ci and Co multiples of 16.
+// Each thread takes a share of the rows of tiles (b, tz, ty), in blocks of up to TILES tiles
+// along x; the weight gradient's float64 sums are per thread, added in thread order at the end.
+void upconv_backward(const Array<float>& grad, const Array<float>& weight, const Array<float>& x, Array<float>& gx,
+                     Array<float>& grad_weight, bool activation, float slope, int threads) {
+    const bool input = gx.size() > 0, weights = grad_weight.size() > 0;
+    check(grad.ndim() == 5 && x.ndim() == 5, "grad and x must be 5-D, channels last: (B, D, H, W, C)");
+    WinogradGeometry g{x.shape(0), {x.shape(1), x.shape(2), x.shape(3)}, x.shape(4), grad.shape(4), {},
                        activation, slope};
-    check(grad.shape(0) == g.batch, "grad and gx differ in batch size");
+    check(grad.shape(0) == g.batch, "grad and x differ in batch size");
     for (int a = 0; a < 3; ++a) {
-        check(grad.shape(a + 1) == 2 * g.n[a], "grad's grid must be twice gx's");
-        g.tiles[a] = (g.n[a] + 1) / 2;  // gx's voxels in pairs
+        check(grad.shape(a + 1) == 2 * g.n[a], "grad's grid must be twice x's");
+        g.tiles[a] = (g.n[a] + 1) / 2;  // x's voxels in pairs
     }
     check(g.cout % 16 == 0 && g.cin % 16 == 0, "the channels must be multiples of 16");
     check(weight.ndim() == 5 && weight.shape(0) == g.cin && weight.shape(1) == g.cout && weight.shape(2) == 4 &&
               weight.shape(3) == 4 && weight.shape(4) == 4,
           "weight must be (Ci, Co, 4, 4, 4)");
-    check(!activation || (x.ndim() == 5 && x.shape(0) == g.batch && x.shape(1) == g.n[0] && x.shape(2) == g.n[1] &&
-                          x.shape(3) == g.n[2] && x.shape(4) == g.cin),
-          "x must have gx's shape");
+    check(!input || (gx.ndim() == 5 && gx.shape(0) == g.batch && gx.shape(1) == g.n[0] && gx.shape(2) == g.n[1] &&
+                     gx.shape(3) == g.n[2] && gx.shape(4) == g.cin),
+          "gx must have x's shape");
+    check(!weights || (grad_weight.ndim() == 5 && grad_weight.shape(0) == g.cin && grad_weight.shape(1) == g.cout &&
+                       grad_weight.shape(2) == 4 && grad_weight.shape(3) == 4 && grad_weight.shape(4) == 4),
+          "grad_weight must be (Ci, Co, 4, 4, 4)");
     threads = std::max(threads, 1);
-    std::vector<float> u(size_t(27 * g.cin * 8 * g.cout)), zero_row(size_t(2 * g.n[2] * g.cout), 0.0f);
+    const int64_t depth = 8 * g.cout, chunk = weights ? CHUNK_TILES : TILES;
+    const int64_t v_block = transformed_block(chunk, depth), xt_block = transformed_block(chunk, g.cin);
+    std::vector<float> u(input ? size_t(27 * g.cin * depth) : 0), zero_row(size_t(2 * g.n[2] * g.cout), 0.0f);
+    std::vector<std::vector<double>> sums(threads);
+    int team_size = 1;
     const float* grads = grad.data();
     const float* ws = weight.data();
-    const float* xs = activation ? x.data() : nullptr;
-    float* out = gx.mutable_data();
+    const float* xs = x.data();
+    float* out = input ? gx.mutable_data() : nullptr;
     const int64_t tile_rows = g.batch * g.tiles[0] * g.tiles[1];
 
     py::gil_scoped_release release;
 #pragma omp parallel num_threads(threads)
     {
-        transform_weights(ws, g.cin, g.cout, true, u.data());  // shared among the team (omp for, then its barrier)
-        std::vector<float> rows(size_t(36 * BLOCK_ROW_VOXELS * g.cout)), v(size_t(27 * input_grad_v_block(g.cout))),
-            products(size_t(27 * TILES * 48));  // the widest register block: 3 x 16 floats
-        int64_t first, last;
+        const int tid = omp_get_thread_num();
+        if (tid == 0) team_size = omp_get_num_threads();
+        if (input) transform_weights(ws, g.cin, g.cout, true, u.data());  // shared (omp for, then its barrier)
+        std::vector<float> rows(size_t(36 * BLOCK_ROW_VOXELS * g.cout)), v(size_t(27 * v_block)),
+            xt(weights ? size_t(27 * xt_block) : 0),
+            products(input ? size_t(27 * TILES * 48) : 0);  // the widest register block: 3 x 16 floats
+        std::vector<double>& mine = sums[tid];
+        if (weights) mine.assign(size_t(27 * g.cin * depth), 0.0);
+        int64_t first, last, in_chunk = 0;
         share(tile_rows, &first, &last);
         for (int64_t row = first; row < last; ++row) {
             const int64_t b = row / (g.tiles[0] * g.tiles[1]), tz = (row / g.tiles[1]) % g.tiles[0],
                           ty = row % g.tiles[1];
-            for (int64_t tx0 = 0; tx0 < g.tiles[2]; tx0 += TILES)
-                input_grad_tiles<float>(g, grads, u.data(), xs, out, b, tz, ty, tx0, std::min(TILES, g.tiles[2] - tx0),
-                                        rows.data(), v.data(), products.data(), zero_row.data());
+            for (int64_t tx0 = 0; tx0 < g.tiles[2]; tx0 += TILES) {
+                const int64_t count = std::min(TILES, g.tiles[2] - tx0);
+                if (weights && in_chunk + count > chunk) {  // the chunk's sums, then a new chunk
+                    weight_products<float>(in_chunk, xt.data(), xt_block, v.data(), v_block, g.cin, depth, mine.data());
+                    in_chunk = 0;
+                }
+                backward_tiles<float>(g, grads, u.data(), xs, out, b, tz, ty, tx0, count, rows.data(),
+                                      v.data() + in_chunk * depth, v_block, products.data(), zero_row.data(),
+                                      weights ? xt.data() + in_chunk * g.cin : nullptr, xt_block);
+                if (weights) in_chunk += count;
+            }
         }
+        if (weights && in_chunk > 0)
+            weight_products<float>(in_chunk, xt.data(), xt_block, v.data(), v_block, g.cin, depth, mine.data());
     }
+    if (!weights) return;
+    // The threads' sums in thread order, then the output transform: tap a per axis sums the
+    // products a and a + 1 (kernel tap 2 a + s of parity s).
+    float* gw = grad_weight.mutable_data();
+    const int64_t per_abc = g.cin * depth;
+    std::vector<double> total(size_t(27));
+    for (int64_t ci = 0; ci < g.cin; ++ci)
+        for (int64_t column = 0; column < depth; ++column) {
+            for (int abc = 0; abc < 27; ++abc) {
+                double value = 0.0;
+                for (int t = 0; t < team_size; ++t) value += sums[t][size_t(abc * per_abc + ci * depth + column)];
+                total[abc] = value;
+            }
+            const int64_t s = column / g.cout, co = column % g.cout;
+            const int sz = int(s >> 2), sy = int((s >> 1) & 1), sx = int(s & 1);
+            for (int tap = 0; tap < 8; ++tap) {
+                const int a = tap >> 2, bb = (tap >> 1) & 1, c = tap & 1;
+                double value = 0.0;
+                for (int abc = 0; abc < 8; ++abc)
+                    value += total[((a + (abc >> 2)) * 3 + bb + ((abc >> 1) & 1)) * 3 + c + (abc & 1)];
+                gw[(ci * g.cout + co) * 64 + ((2 * a + sz) * 4 + 2 * bb + sy) * 4 + 2 * c + sx] = float(value);
+            }
+        }
 }
 
 }  // namespace
@@ -668,11 +815,12 @@ PYBIND11_MODULE(_upconv_cpu, module) {
                py::arg("grad").noconvert(), py::arg("grad_weight").noconvert(), py::arg("threads"),
                "grad_weight (Ci, Co, 4, 4, 4) of conv_transpose3d(x, weight, stride=2, padding=1), from x passed as "
                "(B, D, H, W, Ci) and grad as (B, 2D, 2H, 2W, Co), channels last.");
-    module.def("upconv_input_grad", &upconv_input_grad, py::arg("grad").noconvert(), py::arg("weight").noconvert(),
-               py::arg("x").noconvert(), py::arg("gx").noconvert(), py::arg("activation"), py::arg("slope"),
-               py::arg("threads"),
-               "gx (B, D, H, W, Ci), the input gradient of conv_transpose3d(leaky_relu(x, slope) if activation else x, "
-               "weight, stride=2, padding=1) for its output's gradient grad (B, 2D, 2H, 2W, Co), channels last; x "
-               "(B, D, H, W, Ci), read only where activation; weight (Ci, Co, 4, 4, 4).");
+    module.def("upconv_backward", &upconv_backward, py::arg("grad").noconvert(), py::arg("weight").noconvert(),
+               py::arg("x").noconvert(), py::arg("gx").noconvert(), py::arg("grad_weight").noconvert(),
+               py::arg("activation"), py::arg("slope"), py::arg("threads"),
+               "The backward pass of conv_transpose3d(leaky_relu(x, slope) if activation else x, weight, stride=2, "
+               "padding=1) in Winograd form for its output's gradient grad (B, 2D, 2H, 2W, Co): gx (B, D, H, W, Ci), "
+               "the gradient to x, and grad_weight (Ci, Co, 4, 4, 4), each computed unless empty; x (B, D, H, W, Ci), "
+               "grad and gx channels last.");
     define_simd_bytes(module);
 }

@@ -1,5 +1,5 @@
-"""The U-Net decoder's transposed convolutions on the CPU, in C++ with OpenMP: the forward pass and
-the input gradient in Winograd form, and the weight gradient.
+"""The U-Net decoder's transposed convolutions on the CPU, in C++ with OpenMP: the forward and
+backward passes in Winograd form, and the weight gradient in direct form.
 
 Each decoder level upsamples with ``ConvTranspose3d(kernel_size=4, stride=2, padding=1)``. The
 extension ``mgr_engine._upconv_cpu`` (``kernels/upconv_cpu.cpp``, built by ``setup.py``) works on
@@ -14,13 +14,15 @@ channels-last tensors (the engine's layout), in the widest vectors the CPU has
   error against float64 1.3x oneDNN's there): tested against float64 within 8 float32 epsilons
   of the sum of absolute products. The inference network and IO's forward take it at the finest
   three levels, up to 64 output channels (:func:`takes_forward`).
-* **Input gradient** (:func:`input_grad`, times the leaky ReLU's derivative where the layer's input
-  went through one). oneDNN runs it near the FMA peak too, as a strided convolution; per axis it
-  is a 2-tap correlation for each parity of the output gradient's voxels, so F(2, 2) applies as in
-  the forward: 27 products where the direct sums take 64 (48 -> 16 channels at 88^3: 144 against
-  103 ms with the leaky ReLU's backward, on 2 AMD Zen 5 cores). IO's backward pass takes it at the
-  finest levels (:func:`takes_input_grad`).
-* **Weight gradient** (:func:`weight_grad`). In IO's backward pass, oneDNN computes it at about
+* **Backward pass in Winograd form** (:func:`backward`: the input gradient, times the leaky
+  ReLU's derivative where the layer's input went through one, and the weight gradient). oneDNN
+  runs the input gradient near the FMA peak too, as a strided convolution; per axis it is a 2-tap
+  correlation for each parity of the output gradient's voxels, and so is the weight gradient (x
+  in the place of the weight), so F(2, 2) applies as in the forward: 27 products where the direct
+  sums take 64, both sharing the transform of the output gradient. IO's backward pass takes it
+  at the finest levels (:func:`takes_backward`).
+* **Weight gradient in direct form** (:func:`weight_grad`), for the layers whose channels the
+  Winograd form does not take. In IO's backward pass, oneDNN computes it at about
   60% of the rate of the layer's input gradient (48 -> 16 channels at 88^3, 2 cores: 259 against
   404 GFLOP/s on an AMD Zen 5), the largest convolution cost of a full-resolution U-Net's finest
   level. Here with float64 sums per row block and per thread. It is faster than oneDNN's where
@@ -50,18 +52,19 @@ except ImportError:  # not compiled (no C++ compiler at install time)
 
 # Output channels up to which the weight gradient is faster than oneDNN's (in AVX-512 and in
 # AVX2: benchmarks/RESULTS.md, forty-sixth session; 192 -> 64 at 22^3 1.02x, fiftieth): beyond,
-# its rows are short and its channels many. The same for the input gradient: 192 -> 64 at 22^3
-# 1.00x in AVX-512 (fifty-third session).
+# its rows are short and its channels many.
 MOST_OUTPUT_CHANNELS = 32
-# The same for the forward: 192 -> 64 at 22^3 1.29x oneDNN's speed in AVX-512, 1.14x in AVX2
-# against oneDNN capped at AVX2 (fiftieth session). More channels are not measured at a grid with
-# enough tiles (512 -> 128 is at 11^3).
-MOST_FORWARD_OUTPUT_CHANNELS = 64
+# The same for the Winograd forward and backward: 192 -> 64 at 22^3 the forward 1.29x oneDNN's
+# speed in AVX-512, 1.14x in AVX2 against oneDNN capped at AVX2 (fiftieth session); both gradients
+# 1.37x and 1.23x (fifty-third session). More channels are not measured at a grid with enough
+# tiles (512 -> 128 is at 11^3).
+MOST_WINOGRAD_OUTPUT_CHANNELS = 64
 # Tiles (2 x 2 x 2 input voxels each) below which the forward's transformed weights are read for
 # too few products: 96 -> 32 channels at 22^3 (1728 tiles) 1.2x oneDNN's speed, at 11^3 (216)
-# 0.7x (AVX-512, 2 cores; RESULTS.md, forty-ninth session). The input gradient's tiles (2 x 2 x 2
-# voxels of its output) too: 96 -> 32 at 22^3 (1331 tiles) 0.98x, 48 -> 16 there 1.28x, at 18^3
-# (729) 0.70x (fifty-third session).
+# 0.7x (AVX-512, 2 cores; RESULTS.md, forty-ninth session). The backward's tiles (2 x 2 x 2 voxels
+# of the layer's input) too: its input gradient alone 0.98x at 96 -> 32 at 22^3 (1331 tiles),
+# 0.70x at 18^3 (729); both gradients 1.34x and 1.06x there, 1.02x at 192 -> 64 at 20^3 (1000)
+# (fifty-third session).
 FEWEST_TILES = 1000
 
 
@@ -132,12 +135,12 @@ def supports_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 def takes_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Whether the network's transposed convolution runs its forward here: :func:`supports_forward`,
-    ``x`` channels-last (the network's layout, no copy), at most :data:`MOST_FORWARD_OUTPUT_CHANNELS`
-    output channels, at least :data:`FEWEST_TILES` tiles, and vectors of at least 32 bytes
-    (AVX2; in SSE2 it ran at 0.7x oneDNN's AVX2 rate)."""
+    ``x`` channels-last (the network's layout, no copy), at most
+    :data:`MOST_WINOGRAD_OUTPUT_CHANNELS` output channels, at least :data:`FEWEST_TILES` tiles, and
+    vectors of at least 32 bytes (AVX2; in SSE2 it ran at 0.7x oneDNN's AVX2 rate)."""
     tiles = x.shape[0] * math.prod(n // 2 + 1 for n in x.shape[2:])
-    return (supports_forward(x, weight, bias) and is_channels_last(x) and weight.shape[1] <= MOST_FORWARD_OUTPUT_CHANNELS
-            and tiles >= FEWEST_TILES and vector_bytes() >= 32)
+    return (supports_forward(x, weight, bias) and is_channels_last(x)
+            and weight.shape[1] <= MOST_WINOGRAD_OUTPUT_CHANNELS and tiles >= FEWEST_TILES and vector_bytes() >= 32)
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -163,8 +166,8 @@ def input_grad_reference(grad: torch.Tensor, weight: torch.Tensor, x: torch.Tens
     return out if slope is None else torch.ops.aten.leaky_relu_backward(out, x, slope, False)
 
 
-def supports_input_grad(grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether :func:`input_grad` takes these: float32 CPU tensors, ``x`` (B, Ci, D, H, W), ``grad``
+def supports_backward(grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether :func:`backward` takes these: float32 CPU tensors, ``x`` (B, Ci, D, H, W), ``grad``
     (B, Co, 2D, 2H, 2W), ``weight`` (Ci, Co, 4, 4, 4), Ci and Co multiples of 16."""
     if _upconv_cpu is None or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (grad, weight, x)):
         return False
@@ -173,22 +176,29 @@ def supports_input_grad(grad: torch.Tensor, weight: torch.Tensor, x: torch.Tenso
             and tuple(weight.shape) == (x.shape[1], grad.shape[1], 4, 4, 4))
 
 
-def takes_input_grad(grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether IO's transposed convolution runs its input gradient here: :func:`supports_input_grad`,
-    ``grad`` and ``x`` channels-last, at most :data:`MOST_OUTPUT_CHANNELS` output channels (192 ->
-    64 at 22^3 ran as fast as oneDNN's), at least :data:`FEWEST_TILES` tiles, and vectors of
-    at least 32 bytes (AVX2)."""
+def takes_backward(grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether IO's transposed convolution runs its backward pass here: :func:`supports_backward`,
+    ``grad`` and ``x`` channels-last, at most :data:`MOST_WINOGRAD_OUTPUT_CHANNELS` output
+    channels, at least :data:`FEWEST_TILES` tiles, and vectors of at least 32 bytes (AVX2)."""
     tiles = x.shape[0] * math.prod((n + 1) // 2 for n in x.shape[2:])
-    return (supports_input_grad(grad, weight, x) and is_channels_last(grad) and is_channels_last(x)
-            and grad.shape[1] <= MOST_OUTPUT_CHANNELS and tiles >= FEWEST_TILES and vector_bytes() >= 32)
+    return (supports_backward(grad, weight, x) and is_channels_last(grad) and is_channels_last(x)
+            and grad.shape[1] <= MOST_WINOGRAD_OUTPUT_CHANNELS and tiles >= FEWEST_TILES and vector_bytes() >= 32)
 
 
-def input_grad(grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, slope: float | None = None) -> torch.Tensor:
-    """:func:`input_grad_reference` in C++ (Winograd form), channels-last (B, Ci, D, H, W); ``x`` gives
-    the shape and, with ``slope``, the leaky ReLU's input. Needs :func:`supports_input_grad`
-    (inputs not channels-last are copied to it)."""
-    out = torch.empty(x.shape, dtype=x.dtype, memory_format=torch.channels_last_3d)
-    _upconv_cpu.upconv_input_grad(as_kernel_array(grad), weight.detach().contiguous().numpy(), as_kernel_array(x),
-                                  as_kernel_array(out), slope is not None, 0.0 if slope is None else float(slope),
-                                  torch.get_num_threads())
-    return out
+def backward(grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, slope: float | None = None, *,
+             input: bool = True, weights: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The backward pass of ``conv_transpose3d(leaky_relu(x, slope) if slope is not None else x,
+    weight, stride=2, padding=1)`` for its output's gradient ``grad``, in C++ (Winograd form): the
+    gradient to ``x`` (:func:`input_grad_reference`, channels-last) where ``input``, and to
+    ``weight`` (:func:`reference` of the leaky ReLU's output) where ``weights``; None for the
+    other. Both together share the transform of ``grad``. The weight gradient's float32 sums run
+    over at most 192 tiles, then float64 per thread, the threads' in order: one result per thread
+    count. Needs :func:`supports_backward` (inputs not channels-last are copied to it)."""
+    gx = torch.empty(x.shape, dtype=x.dtype, memory_format=torch.channels_last_3d) if input else None
+    grad_weight = torch.empty(weight.shape, dtype=x.dtype) if weights else None
+    none = torch.empty(0, dtype=x.dtype).numpy()
+    _upconv_cpu.upconv_backward(as_kernel_array(grad), weight.detach().contiguous().numpy(), as_kernel_array(x),
+                                none if gx is None else as_kernel_array(gx),
+                                none if grad_weight is None else grad_weight.numpy(), slope is not None,
+                                0.0 if slope is None else float(slope), torch.get_num_threads())
+    return gx, grad_weight

@@ -40,7 +40,7 @@ from .errors import CheckpointError, InvalidImageError, InvalidOptionError
 from .kernels import decoder_cpu, encoder_cpu, last_conv_cpu, upconv_cpu
 from .ops import (compose_maps, identity_map, is_channels_last, memory_format_of, recomputed_in_backward,
                   use_cpp_decoder, use_cpp_encoder_level, use_cpp_last_conv, use_cpp_norm_concat,
-                  use_cpp_upconv_forward, use_cpp_upconv_input_grad, use_cpp_upconv_weight_grad, use_triton,
+                  use_cpp_upconv_backward, use_cpp_upconv_forward, use_cpp_upconv_weight_grad, use_triton,
                   warp)
 
 
@@ -367,9 +367,9 @@ class _LowMemoryConv(torch.autograd.Function):
     the inference network does (cuDNN runs a transposed convolution's forward as its slow dgrad
     kernel); the backward pass stays the transposed convolution's (a strided convolution for the
     input gradient). On the CPU the finest levels' transposed convolutions compute their forward
-    and their input gradient in Winograd form (:func:`mgr_engine.ops.use_cpp_upconv_forward`,
-    :func:`mgr_engine.ops.use_cpp_upconv_input_grad`), their weight gradient in C++ too. With ``split_tf32`` (:func:`splits_tf32`), the convolution, its input gradient and
-    its weight gradient each as :func:`tf32x3`."""
+    and their backward pass in Winograd form (:func:`mgr_engine.ops.use_cpp_upconv_forward`,
+    :func:`mgr_engine.ops.use_cpp_upconv_backward`). With ``split_tf32`` (:func:`splits_tf32`),
+    the convolution, its input gradient and its weight gradient each as :func:`tf32x3`."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, transposed, activation, recompute_x, subpixel, split_tf32):
@@ -407,7 +407,7 @@ class _LowMemoryConv(torch.autograd.Function):
                 grad, conv_input, weight, [weight.shape[1 if transposed else 0]] if mask[2] else None,
                 [stride] * 3, [padding] * 3, [1, 1, 1], transposed, [0, 0, 0], 1, mask)
 
-        activation_applied = False  # the leaky ReLU's backward, by the C++ input gradient
+        activation_applied = False  # the leaky ReLU's backward, by the C++ backward pass
         if split_tf32:
             grad_input = grad_weight = grad_bias = None
             if needs_weight:  # the convolution's input is ours where made here (the activation's, or recomputed)
@@ -423,22 +423,24 @@ class _LowMemoryConv(torch.autograd.Function):
             # 810 ms backward of the 48 -> 16 channel layer at 88^3 on 2 CPU cores; a sum takes 15 ms
             needs_bias = needs_bias and has_bias
             bias_by_sum = needs_bias and transposed and grad.device.type == "cpu"
-            conv_input = _conv_input(x, activation)
-            # and its weight gradient at the finest levels runs at 60% of its input gradient's rate
-            weight_in_cpp = (needs_weight and transposed and stride == 2 and padding == 1
+            # at the finest levels, its input and weight gradients in Winograd form take fewer
+            # products (the activation's forward and backward with them)
+            winograd = ((needs_x or needs_weight) and transposed and stride == 2 and padding == 1
+                        and use_cpp_upconv_backward(grad, weight, x))
+            conv_input = None if winograd else _conv_input(x, activation)
+            # else its weight gradient there runs at 60% of its input gradient's rate in oneDNN
+            weight_in_cpp = (not winograd and needs_weight and transposed and stride == 2 and padding == 1
                              and use_cpp_upconv_weight_grad(conv_input, grad, weight))
-            # there the input gradient in Winograd form takes fewer products, the activation's
-            # backward with it
-            input_in_cpp = (needs_x and transposed and stride == 2 and padding == 1
-                            and use_cpp_upconv_input_grad(grad, weight, x))
-            mask = [needs_x and not input_in_cpp, needs_weight and not weight_in_cpp, needs_bias and not bias_by_sum]
+            mask = [needs_x and not winograd, needs_weight and not (winograd or weight_in_cpp),
+                    needs_bias and not bias_by_sum]
             grad_input, grad_weight, grad_bias = (convolution_backward(grad, conv_input, weight, mask) if any(mask)
                                                   else (None, None, None))
+            if winograd:
+                grad_input, grad_weight = upconv_cpu.backward(grad, weight, x, LEAKY_SLOPE if activation else None,
+                                                              input=needs_x, weights=needs_weight)
+                activation_applied = True
             if weight_in_cpp:
                 grad_weight = upconv_cpu.weight_grad(conv_input, grad)
-            if input_in_cpp:
-                grad_input = upconv_cpu.input_grad(grad, weight, x, LEAKY_SLOPE if activation else None)
-                activation_applied = True
             if bias_by_sum:
                 grad_bias = _channel_sums(grad)
         if needs_x and activation and not activation_applied:

@@ -152,14 +152,14 @@ def use_cpp_upconv_weight_grad(x: torch.Tensor, grad: torch.Tensor, weight: torc
     return _cpp_kernels_allowed(x, grad) and upconv_cpu.takes(x, grad, weight)
 
 
-def use_cpp_upconv_input_grad(grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether the input gradient of a U-Net's transposed convolution (kernel 4, stride 2,
-    padding 1) of ``x``, whose output's gradient is ``grad``, runs in C++ under the current mode
-    (:func:`mgr_engine.kernels.upconv_cpu.takes_input_grad`: CPU, channels-last, the finest
-    levels)."""
+def use_cpp_upconv_backward(grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether the backward pass of a U-Net's transposed convolution (kernel 4, stride 2, padding
+    1) of ``x``, whose output's gradient is ``grad``, runs in C++ in Winograd form under the
+    current mode (:func:`mgr_engine.kernels.upconv_cpu.takes_backward`: CPU, channels-last, the
+    finest levels)."""
     from .kernels import upconv_cpu
 
-    return _cpp_kernels_allowed(x, grad) and upconv_cpu.takes_input_grad(grad, weight, x)
+    return _cpp_kernels_allowed(x, grad) and upconv_cpu.takes_backward(grad, weight, x)
 
 
 def use_cpp_upconv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,

@@ -247,11 +247,19 @@ def input_grad_error_bound(grad, weight, x, slope):
     return 8 * torch.finfo(torch.float32).eps * float(scale)
 
 
+def weight_grad_error_bound(x, grad, slope):
+    """The same for the weight gradient: at most 1.8 epsilons of it on the cases below."""
+    activated = F.leaky_relu(x, slope) if slope is not None else x
+    scale = upconv_cpu.reference(activated.abs(), grad.abs(), torch.zeros(x.shape[1], grad.shape[1], 4, 4, 4)).max()
+    return 8 * torch.finfo(torch.float32).eps * float(scale)
+
+
 # batch, input channels (the gradient's, multiples of 16), output channels, input grid: one to
 # three vectors of input channels and a block of three plus one (AVX-512's register block is
 # three), odd grids (a last tile of one voxel), a single voxel along x, rows of 27 and 30 tiles
-# (more than a block of 24, with 3 and 6 left over), two vectors of output channels.
-INPUT_GRAD_CASES = [
+# (more than a block of 24, with 3 and 6 left over), two vectors of output channels; the last
+# two have more tiles than the weight gradient sums in float32 (192).
+BACKWARD_CASES = [
     (1, 16, 16, (3, 4, 5)),
     (2, 32, 16, (1, 2, 3)),
     (1, 48, 16, (6, 5, 7)),
@@ -259,87 +267,123 @@ INPUT_GRAD_CASES = [
     (2, 96, 32, (4, 2, 2)),
     (1, 48, 16, (2, 3, 53)),
     (1, 16, 32, (1, 1, 60)),
+    (1, 32, 16, (10, 9, 12)),
+    (2, 16, 16, (7, 8, 13)),
 ]
 
 
-@pytest.mark.parametrize("case", INPUT_GRAD_CASES)
+@pytest.mark.parametrize("case", BACKWARD_CASES)
 @pytest.mark.parametrize("slope", [None, 0.01])
-def test_input_gradient_matches_pytorch(case, slope, vector_bytes):
+def test_backward_matches_pytorch(case, slope, vector_bytes):
     x, grad, weight = inputs(*case)
-    expected = upconv_cpu.input_grad_reference(grad, weight, x, slope)  # float64
+    expected_input = upconv_cpu.input_grad_reference(grad, weight, x, slope)  # float64
+    expected_weight = upconv_cpu.reference(F.leaky_relu(x, slope) if slope is not None else x, grad, weight)
     x32, grad32 = (t.float().contiguous(memory_format=CL) for t in (x, grad))
-    assert upconv_cpu.supports_input_grad(grad32, weight.float(), x32)
-    got = upconv_cpu.input_grad(grad32, weight.float(), x32, slope)
-    assert got.shape == x.shape and got.dtype == torch.float32 and ops.is_channels_last(got)
-    torch.testing.assert_close(got.double(), expected, rtol=0, atol=input_grad_error_bound(grad, weight, x, slope))
+    weight32 = weight.float()
+    assert upconv_cpu.supports_backward(grad32, weight32, x32)
+    gx, grad_weight = upconv_cpu.backward(grad32, weight32, x32, slope)
+    assert gx.shape == x.shape and gx.dtype == torch.float32 and ops.is_channels_last(gx)
+    assert grad_weight.shape == weight.shape and grad_weight.dtype == torch.float32
+    torch.testing.assert_close(gx.double(), expected_input, rtol=0, atol=input_grad_error_bound(grad, weight, x, slope))
+    torch.testing.assert_close(grad_weight.double(), expected_weight, rtol=0,
+                               atol=weight_grad_error_bound(x, grad, slope))
+    # each alone gives the same bits
+    assert torch.equal(upconv_cpu.backward(grad32, weight32, x32, slope, weights=False)[0], gx)
+    assert torch.equal(upconv_cpu.backward(grad32, weight32, x32, slope, input=False)[1], grad_weight)
     if slope is not None:  # the leaky ReLU's derivative: where x <= 0, slope times the gradient without it
-        plain = upconv_cpu.input_grad(grad32, weight.float(), x32)
-        assert torch.equal(got, torch.where(x32 > 0, plain, plain * slope))
+        plain = upconv_cpu.backward(grad32, weight32, x32, weights=False)[0]
+        assert torch.equal(gx, torch.where(x32 > 0, plain, plain * slope))
     # planar inputs are copied to channels-last and give the same bits
-    assert torch.equal(upconv_cpu.input_grad(grad.float(), weight.float(), x.float(), slope), got)
+    planar = upconv_cpu.backward(grad.float(), weight32, x.float(), slope)
+    assert torch.equal(planar[0], gx) and torch.equal(planar[1], grad_weight)
 
 
-def test_input_gradient_is_the_same_bits_for_any_thread_count():
-    """Each tile is summed by one thread in one order, whatever the team size."""
+def test_backward_repeats_exactly_and_thread_counts_agree():
+    """The input gradient: each tile summed by one thread, the same bits for any team size. The
+    weight gradient: the threads' sums added in thread order, one result per team size, within
+    float32's rounding across team sizes."""
     x, grad, weight = (t.float().contiguous(memory_format=CL) for t in inputs(2, 32, 16, (5, 3, 6), seed=7))
-    assert_same_bits_for_any_thread_count(lambda: upconv_cpu.input_grad(grad, weight, x, 0.01))
+    assert_same_bits_for_any_thread_count(lambda: upconv_cpu.backward(grad, weight, x, 0.01)[0])
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3, 40):
+            torch.set_num_threads(n)
+            results.append(upconv_cpu.backward(grad, weight, x, 0.01)[1])
+            assert torch.equal(upconv_cpu.backward(grad, weight, x, 0.01)[1], results[-1])
+    finally:
+        torch.set_num_threads(threads)
+    for result in results[1:]:
+        torch.testing.assert_close(result, results[0], rtol=0, atol=1e-6 * float(results[0].abs().max()))
 
 
-def test_input_gradient_declines_what_it_does_not_compute():
+def test_backward_declines_what_it_does_not_compute():
     x, grad, weight = (t.float() for t in inputs(1, 16, 16, (2, 3, 4)))
-    assert upconv_cpu.supports_input_grad(grad, weight, x)
-    assert not upconv_cpu.supports_input_grad(grad.double(), weight.double(), x.double())  # float32 only
-    assert not upconv_cpu.supports_input_grad(grad, weight[:8], x[:, :8])  # input channels: a multiple of 16
-    assert not upconv_cpu.supports_input_grad(grad[:, :8], weight[:, :8], x)  # output channels too
-    assert not upconv_cpu.supports_input_grad(grad[..., :-1], weight, x)  # not twice the input's grid
-    assert not upconv_cpu.supports_input_grad(grad, weight[..., :3], x)  # not a kernel of 4
-    assert not upconv_cpu.takes_input_grad(*(t.contiguous(memory_format=CL) for t in (grad, weight, x)))  # few tiles
+    assert upconv_cpu.supports_backward(grad, weight, x)
+    assert not upconv_cpu.supports_backward(grad.double(), weight.double(), x.double())  # float32 only
+    assert not upconv_cpu.supports_backward(grad, weight[:8], x[:, :8])  # input channels: a multiple of 16
+    assert not upconv_cpu.supports_backward(grad[:, :8], weight[:, :8], x)  # output channels too
+    assert not upconv_cpu.supports_backward(grad[..., :-1], weight, x)  # not twice the input's grid
+    assert not upconv_cpu.supports_backward(grad, weight[..., :3], x)  # not a kernel of 4
+    assert not upconv_cpu.takes_backward(*(t.contiguous(memory_format=CL) for t in (grad, weight, x)))  # few tiles
     big_x = torch.zeros(1, 16, 20, 20, 20).contiguous(memory_format=CL)  # 10^3 tiles
     big_grad = torch.zeros(1, 16, 40, 40, 40).contiguous(memory_format=CL)
-    assert upconv_cpu.takes_input_grad(big_grad, weight, big_x) == (upconv_cpu.vector_bytes() >= 32)
-    assert not upconv_cpu.takes_input_grad(big_grad.contiguous(), weight, big_x)  # planar: left to oneDNN
+    assert upconv_cpu.takes_backward(big_grad, weight, big_x) == (upconv_cpu.vector_bytes() >= 32)
+    assert not upconv_cpu.takes_backward(big_grad.contiguous(), weight, big_x)  # planar: left to oneDNN
     wide = torch.zeros(1, 64, 40, 40, 40).contiguous(memory_format=CL)
-    assert not upconv_cpu.takes_input_grad(wide, torch.zeros(16, 64, 4, 4, 4), big_x)  # oneDNN as fast there
+    assert upconv_cpu.takes_backward(wide, torch.zeros(16, 64, 4, 4, 4), big_x) == (upconv_cpu.vector_bytes() >= 32)
+    wider = torch.zeros(1, 128, 40, 40, 40).contiguous(memory_format=CL)
+    assert not upconv_cpu.takes_backward(wider, torch.zeros(16, 128, 4, 4, 4), big_x)  # not measured
     try:
         upconv_cpu.vector_bytes(16)
-        assert not upconv_cpu.takes_input_grad(big_grad, weight, big_x)  # SSE2: not measured against oneDNN
+        assert not upconv_cpu.takes_backward(big_grad, weight, big_x)  # SSE2: not measured against oneDNN
     finally:
         upconv_cpu.vector_bytes(0)
     with pytest.raises(ValueError, match="twice"):  # the extension checks what it is given
-        upconv_cpu._upconv_cpu.upconv_input_grad(torch.zeros(1, 4, 6, 7, 16).numpy(), weight.numpy(),
-                                                 torch.zeros(1, 2, 3, 4, 16).numpy(),
-                                                 torch.empty(1, 2, 3, 4, 16).numpy(), True, 0.01, 1)
+        upconv_cpu._upconv_cpu.upconv_backward(torch.zeros(1, 4, 6, 7, 16).numpy(), weight.numpy(),
+                                               torch.zeros(1, 2, 3, 4, 16).numpy(),
+                                               torch.empty(1, 2, 3, 4, 16).numpy(), torch.empty(0).numpy(), True,
+                                               0.01, 1)
 
 
 @pytest.mark.parametrize("activation", [True, False])
-def test_io_transposed_convolution_takes_the_input_gradient(monkeypatch, activation):
+@pytest.mark.parametrize("needs", ["both", "input", "weight"])
+def test_io_transposed_convolution_takes_the_backward_pass(monkeypatch, activation, needs):
     """IO's transposed convolution (``low_memory_conv`` with gradients) on channels-last tensors
-    whose channels the kernel takes computes its input gradient here (counted), the leaky ReLU's
-    backward with it: within float32's rounding of oneDNN's, its weight and bias gradients the
-    same bits."""
+    whose channels the kernel takes computes the gradients it needs here (counted), the leaky
+    ReLU's forward and backward with them: within float32's rounding of oneDNN's, its bias gradient
+    the same bits."""
     gen = torch.Generator().manual_seed(8)
     conv = torch.nn.ConvTranspose3d(32, 16, kernel_size=4, stride=2, padding=1)
-    x = torch.randn(1, 32, 20, 21, 22, generator=gen).contiguous(memory_format=CL).requires_grad_()  # 1210 tiles
+    conv.weight.requires_grad_(needs != "input")
+    x = torch.randn(1, 32, 20, 21, 22, generator=gen).contiguous(memory_format=CL)  # 1210 tiles
+    x.requires_grad_(needs != "weight")
     grad = torch.randn(1, 16, 40, 42, 44, generator=gen).contiguous(memory_format=CL)
+    wanted = [t for t in (x, conv.weight) if t.requires_grad] + [conv.bias]
     calls = []
-    kernel = upconv_cpu.input_grad
-    monkeypatch.setattr(upconv_cpu, "input_grad", lambda *a: calls.append(1) or kernel(*a))
+    kernel = upconv_cpu.backward
+    monkeypatch.setattr(upconv_cpu, "backward", lambda *a, **k: calls.append(k) or kernel(*a, **k))
 
     def gradients():
         out = model.low_memory_conv(conv, x, activation=activation)
-        return torch.autograd.grad(out, (x, conv.weight, conv.bias), grad)
+        return torch.autograd.grad(out, wanted, grad)
 
     with ops.kernel_mode("cpp"):
         ours = gradients()
         taken = int(upconv_cpu.vector_bytes() >= 32)
         assert len(calls) == taken
+        assert not taken or calls[0] == {"input": needs != "weight", "weights": needs != "input"}
         with monkeypatch.context() as patch:
-            patch.setattr(model, "use_cpp_upconv_input_grad", lambda *tensors: False)
+            patch.setattr(model, "use_cpp_upconv_backward", lambda *tensors: False)
+            patch.setattr(model, "use_cpp_upconv_weight_grad", lambda *tensors: False)
             onednn = gradients()
     assert len(calls) == taken
-    assert torch.equal(ours[1], onednn[1]) and torch.equal(ours[2], onednn[2])
+    assert torch.equal(ours[-1], onednn[-1])
     slope = model.LEAKY_SLOPE if activation else None
-    bound = input_grad_error_bound(grad.double(), conv.weight.detach().double(), x.detach().double(), slope)
-    torch.testing.assert_close(ours[0], onednn[0], rtol=0, atol=2 * bound)
+    x64, grad64, weight64 = x.detach().double(), grad.double(), conv.weight.detach().double()
+    bounds = ([2 * input_grad_error_bound(grad64, weight64, x64, slope)] if x.requires_grad else []) + (
+        [2 * weight_grad_error_bound(x64, grad64, slope)] if conv.weight.requires_grad else [])
+    for got, expected, bound in zip(ours, onednn, bounds):
+        torch.testing.assert_close(got, expected, rtol=0, atol=bound)
     with ops.kernel_mode("torch"):
-        assert not ops.use_cpp_upconv_input_grad(grad, conv.weight, x.detach())
+        assert not ops.use_cpp_upconv_backward(grad, conv.weight, x.detach())
