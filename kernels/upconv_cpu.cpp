@@ -822,5 +822,6 @@ PYBIND11_MODULE(_upconv_cpu, module) {
                "padding=1) in Winograd form for its output's gradient grad (B, 2D, 2H, 2W, Co): gx (B, D, H, W, Ci), "
                "the gradient to x, and grad_weight (Ci, Co, 4, 4, 4), each computed unless empty; x (B, D, H, W, Ci), "
                "grad and gx channels last.");
+    module.attr("CHUNK_TILES") = CHUNK_TILES;  // for the Python side's memory estimate
     define_simd_bytes(module);
 }

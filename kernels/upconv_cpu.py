@@ -66,6 +66,11 @@ MOST_WINOGRAD_OUTPUT_CHANNELS = 64
 # 0.70x at 18^3 (729); both gradients 1.34x and 1.06x there, 1.02x at 192 -> 64 at 20^3 (1000)
 # (fifty-third session).
 FEWEST_TILES = 1000
+# Bytes the Winograd weight gradient may keep for all threads: each its float64 sums (27 x Ci x 8
+# Co) and a chunk's transformed tiles (27 x the extension's CHUNK_TILES x (8 Co + Ci) floats).
+# 192 -> 64 channels take 34 MiB a thread (7 threads fit, 64 would take 2.1 GiB), 96 -> 32 12.6
+# MiB, 48 -> 16 5 MiB; beyond, oneDNN computes the layer's backward pass.
+MOST_WINOGRAD_BYTES = 256 * 2**20
 
 
 def available() -> bool:
@@ -179,10 +184,16 @@ def supports_backward(grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor)
 def takes_backward(grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether IO's transposed convolution runs its backward pass here: :func:`supports_backward`,
     ``grad`` and ``x`` channels-last, at most :data:`MOST_WINOGRAD_OUTPUT_CHANNELS` output
-    channels, at least :data:`FEWEST_TILES` tiles, and vectors of at least 32 bytes (AVX2)."""
+    channels, at least :data:`FEWEST_TILES` tiles, vectors of at least 32 bytes (AVX2), and the
+    threads' weight-gradient buffers within :data:`MOST_WINOGRAD_BYTES`."""
+    if not supports_backward(grad, weight, x):
+        return False
     tiles = x.shape[0] * math.prod((n + 1) // 2 for n in x.shape[2:])
-    return (supports_backward(grad, weight, x) and is_channels_last(grad) and is_channels_last(x)
-            and grad.shape[1] <= MOST_WINOGRAD_OUTPUT_CHANNELS and tiles >= FEWEST_TILES and vector_bytes() >= 32)
+    cin, depth = x.shape[1], 8 * grad.shape[1]
+    per_thread = 27 * (8 * cin * depth + 4 * _upconv_cpu.CHUNK_TILES * (depth + cin))
+    return (is_channels_last(grad) and is_channels_last(x) and grad.shape[1] <= MOST_WINOGRAD_OUTPUT_CHANNELS
+            and tiles >= FEWEST_TILES and vector_bytes() >= 32
+            and torch.get_num_threads() * per_thread <= MOST_WINOGRAD_BYTES)
 
 
 def backward(grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, slope: float | None = None, *,

@@ -334,6 +334,16 @@ def test_backward_declines_what_it_does_not_compute():
     assert upconv_cpu.takes_backward(wide, torch.zeros(16, 64, 4, 4, 4), big_x) == (upconv_cpu.vector_bytes() >= 32)
     wider = torch.zeros(1, 128, 40, 40, 40).contiguous(memory_format=CL)
     assert not upconv_cpu.takes_backward(wider, torch.zeros(16, 128, 4, 4, 4), big_x)  # not measured
+    deep_x = torch.zeros(1, 192, 20, 20, 20).contiguous(memory_format=CL)
+    deep_weight = torch.zeros(192, 64, 4, 4, 4)
+    threads = torch.get_num_threads()
+    try:  # the threads' buffers: 34 MiB each at 192 -> 64, 7 threads within the budget, 8 not
+        torch.set_num_threads(7)
+        assert upconv_cpu.takes_backward(wide, deep_weight, deep_x) == (upconv_cpu.vector_bytes() >= 32)
+        torch.set_num_threads(8)
+        assert not upconv_cpu.takes_backward(wide, deep_weight, deep_x)
+    finally:
+        torch.set_num_threads(threads)
     try:
         upconv_cpu.vector_bytes(16)
         assert not upconv_cpu.takes_backward(big_grad, weight, big_x)  # SSE2: not measured against oneDNN
