@@ -464,7 +464,7 @@ void upconv_forward(const Array<float>& x, const Array<float>& weight, const Arr
 }
 
 
-// ---- Input gradient, in Winograd form ---------------------------------------------------------
+// ---- Backward pass, in Winograd form ---------------------------------------------------------
 
 // The input gradient's register blocks: vectors of input channels (3 x 16 = 48, the finest
 // level's, in AVX-512; 2 otherwise) and tiles (8 x 3 accumulators of AVX-512's 32 registers, 6 x
@@ -475,7 +475,7 @@ constexpr int input_grad_tiles(int bytes) { return bytes == 64 ? 8 : 6; }
 // The 27 products of `count` tiles (v, v_block floats from one product's tiles to the next's)
 // with a block of `vectors` vectors of input channels of the transformed weights (u, depth x
 // width per product), into products[t][abc] (27 x vectors x L floats per tile). A function of its
-// own: inlined into input_grad_tiles, GCC's AVX2 build kept the accumulators on the stack (3x
+// own: inlined into backward_tiles, GCC's AVX2 build kept the accumulators on the stack (3x
 // slower).
 template <typename T, int BYTES>
 INLINE_INTO_CLONES void input_grad_products_body(int64_t count, const T* v, int64_t v_block, const T* u, int64_t depth,
