@@ -83,12 +83,12 @@ def level_rows(shape, repeats, op):
             takes = "C++" if upconv_cpu.takes_forward(x, weight, bias) else "oneDNN"
         elif op == "input gradient":
             onednn_op = lambda: upconv_cpu.input_grad_reference(grad, weight, x, slope)  # noqa: E731
-            cpp_op = lambda: upconv_cpu.backward(grad, weight, x, slope, weights=False)[0]  # noqa: E731
+            cpp_op = lambda: upconv_cpu.backward(grad, weight, x, slope, weight_grad=False)[0]  # noqa: E731
             exact = upconv_cpu.input_grad_reference(grad.double(), weight.double(), x.double(), slope)
             takes = "C++" if winograd else "oneDNN"
         elif op.startswith("weight gradient"):
             onednn_op = lambda: upconv_cpu.reference(activated, grad, weight)  # noqa: E731
-            cpp_op = ((lambda: upconv_cpu.backward(grad, weight, x, slope, input=False)[1]) if op.endswith("Winograd")
+            cpp_op = ((lambda: upconv_cpu.backward(grad, weight, x, slope, input_grad=False)[1]) if op.endswith("Winograd")
                       else (lambda: upconv_cpu.weight_grad(activated, grad)))
             exact = upconv_cpu.reference(activated.double(), grad.double(), weight.double())
             takes = ("Winograd" if winograd else "direct" if upconv_cpu.takes(activated, grad, weight)

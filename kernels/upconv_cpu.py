@@ -197,16 +197,16 @@ def takes_backward(grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) ->
 
 
 def backward(grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, slope: float | None = None, *,
-             input: bool = True, weights: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+             input_grad: bool = True, weight_grad: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The backward pass of ``conv_transpose3d(leaky_relu(x, slope) if slope is not None else x,
     weight, stride=2, padding=1)`` for its output's gradient ``grad``, in C++ (Winograd form): the
-    gradient to ``x`` (:func:`input_grad_reference`, channels-last) where ``input``, and to
-    ``weight`` (:func:`reference` of the leaky ReLU's output) where ``weights``; None for the
+    gradient to ``x`` (:func:`input_grad_reference`, channels-last) where ``input_grad``, and to
+    ``weight`` (:func:`reference` of the leaky ReLU's output) where ``weight_grad``; None for the
     other. Both together share the transform of ``grad``. The weight gradient's float32 sums run
     over at most 192 tiles, then float64 per thread, the threads' in order: one result per thread
     count. Needs :func:`supports_backward` (inputs not channels-last are copied to it)."""
-    gx = torch.empty(x.shape, dtype=x.dtype, memory_format=torch.channels_last_3d) if input else None
-    grad_weight = torch.empty(weight.shape, dtype=x.dtype) if weights else None
+    gx = torch.empty(x.shape, dtype=x.dtype, memory_format=torch.channels_last_3d) if input_grad else None
+    grad_weight = torch.empty(weight.shape, dtype=x.dtype) if weight_grad else None
     none = torch.empty(0, dtype=x.dtype).numpy()
     _upconv_cpu.upconv_backward(as_kernel_array(grad), weight.detach().contiguous().numpy(), as_kernel_array(x),
                                 none if gx is None else as_kernel_array(gx),

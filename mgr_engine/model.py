@@ -437,7 +437,7 @@ class _LowMemoryConv(torch.autograd.Function):
                                                   else (None, None, None))
             if winograd:
                 grad_input, grad_weight = upconv_cpu.backward(grad, weight, x, LEAKY_SLOPE if activation else None,
-                                                              input=needs_x, weights=needs_weight)
+                                                              input_grad=needs_x, weight_grad=needs_weight)
                 activation_applied = True
             if weight_in_cpp:
                 grad_weight = upconv_cpu.weight_grad(conv_input, grad)

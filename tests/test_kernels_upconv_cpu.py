@@ -288,10 +288,10 @@ def test_backward_matches_pytorch(case, slope, vector_bytes):
     torch.testing.assert_close(grad_weight.double(), expected_weight, rtol=0,
                                atol=weight_grad_error_bound(x, grad, slope))
     # each alone gives the same bits
-    assert torch.equal(upconv_cpu.backward(grad32, weight32, x32, slope, weights=False)[0], gx)
-    assert torch.equal(upconv_cpu.backward(grad32, weight32, x32, slope, input=False)[1], grad_weight)
+    assert torch.equal(upconv_cpu.backward(grad32, weight32, x32, slope, weight_grad=False)[0], gx)
+    assert torch.equal(upconv_cpu.backward(grad32, weight32, x32, slope, input_grad=False)[1], grad_weight)
     if slope is not None:  # the leaky ReLU's derivative: where x <= 0, slope times the gradient without it
-        plain = upconv_cpu.backward(grad32, weight32, x32, weights=False)[0]
+        plain = upconv_cpu.backward(grad32, weight32, x32, weight_grad=False)[0]
         assert torch.equal(gx, torch.where(x32 > 0, plain, plain * slope))
     # planar inputs are copied to channels-last and give the same bits
     planar = upconv_cpu.backward(grad.float(), weight32, x.float(), slope)
@@ -382,7 +382,7 @@ def test_io_transposed_convolution_takes_the_backward_pass(monkeypatch, activati
         ours = gradients()
         taken = int(upconv_cpu.vector_bytes() >= 32)
         assert len(calls) == taken
-        assert not taken or calls[0] == {"input": needs != "weight", "weights": needs != "input"}
+        assert not taken or calls[0] == {"input_grad": needs != "weight", "weight_grad": needs != "input"}
         with monkeypatch.context() as patch:
             patch.setattr(model, "use_cpp_upconv_backward", lambda *tensors: False)
             patch.setattr(model, "use_cpp_upconv_weight_grad", lambda *tensors: False)
