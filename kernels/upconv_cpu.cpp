@@ -66,6 +66,13 @@ struct Geometry {
     int64_t batch, n[3], cin, cout;
 };
 
+// Whether `a` is a (Ci, Co, 4, 4, 4) kernel array (a weight or its gradient).
+template <typename T>
+bool is_kernel(const Array<T>& a, int64_t cin, int64_t cout) {
+    return a.ndim() == 5 && a.shape(0) == cin && a.shape(1) == cout && a.shape(2) == 4 && a.shape(3) == 4 &&
+           a.shape(4) == 4;
+}
+
 // Rows summed in registers before their sums go to float64: the flush (4 CB vectors converted
 // and added) then costs a few percent of the multiply-adds.
 constexpr int ROWS_PER_FLUSH = 8;
@@ -143,9 +150,7 @@ void upconv_weight_grad(const Array<T>& x, const Array<T>& grad, Array<T>& grad_
     check(grad.shape(0) == g.batch, "x and grad differ in batch size");
     for (int a = 0; a < 3; ++a) check(grad.shape(a + 1) == 2 * g.n[a], "grad's grid must be twice x's");
     check(g.cout % 16 == 0, "grad's channels must be a multiple of 16");
-    check(grad_weight.ndim() == 5 && grad_weight.shape(0) == g.cin && grad_weight.shape(1) == g.cout &&
-              grad_weight.shape(2) == 4 && grad_weight.shape(3) == 4 && grad_weight.shape(4) == 4,
-          "grad_weight must be (Ci, Co, 4, 4, 4)");
+    check(is_kernel(grad_weight, g.cin, g.cout), "grad_weight must be (Ci, Co, 4, 4, 4)");
     threads = std::max(threads, 1);
     const T* xs = x.data();
     const T* gs = grad.data();
@@ -437,9 +442,7 @@ void upconv_forward(const Array<float>& x, const Array<float>& weight, const Arr
         g.tiles[a] = g.n[a] / 2 + 1;  // j = 0..n in pairs
     }
     check(g.cout % 16 == 0, "y's channels must be a multiple of 16");
-    check(weight.ndim() == 5 && weight.shape(0) == g.cin && weight.shape(1) == g.cout && weight.shape(2) == 4 &&
-              weight.shape(3) == 4 && weight.shape(4) == 4,
-          "weight must be (Ci, Co, 4, 4, 4)");
+    check(is_kernel(weight, g.cin, g.cout), "weight must be (Ci, Co, 4, 4, 4)");
     check(bias.size() == 0 || (bias.ndim() == 1 && bias.shape(0) == g.cout), "bias must be (Co,) or empty");
     threads = std::max(threads, 1);
     std::vector<float> u(size_t(27 * g.cin * 8 * g.cout)), zeros(size_t(g.cin), 0.0f), no_bias(size_t(g.cout), 0.0f);
@@ -722,15 +725,11 @@ void upconv_backward(const Array<float>& grad, const Array<float>& weight, const
         g.tiles[a] = (g.n[a] + 1) / 2;  // x's voxels in pairs
     }
     check(g.cout % 16 == 0 && g.cin % 16 == 0, "the channels must be multiples of 16");
-    check(weight.ndim() == 5 && weight.shape(0) == g.cin && weight.shape(1) == g.cout && weight.shape(2) == 4 &&
-              weight.shape(3) == 4 && weight.shape(4) == 4,
-          "weight must be (Ci, Co, 4, 4, 4)");
+    check(is_kernel(weight, g.cin, g.cout), "weight must be (Ci, Co, 4, 4, 4)");
     check(!input || (gx.ndim() == 5 && gx.shape(0) == g.batch && gx.shape(1) == g.n[0] && gx.shape(2) == g.n[1] &&
                      gx.shape(3) == g.n[2] && gx.shape(4) == g.cin),
           "gx must have x's shape");
-    check(!weights || (grad_weight.ndim() == 5 && grad_weight.shape(0) == g.cin && grad_weight.shape(1) == g.cout &&
-                       grad_weight.shape(2) == 4 && grad_weight.shape(3) == 4 && grad_weight.shape(4) == 4),
-          "grad_weight must be (Ci, Co, 4, 4, 4)");
+    check(!weights || is_kernel(grad_weight, g.cin, g.cout), "grad_weight must be (Ci, Co, 4, 4, 4)");
     threads = std::max(threads, 1);
     const int64_t depth = 8 * g.cout, chunk = weights ? CHUNK_TILES : TILES;
     const int64_t v_block = transformed_block(chunk, depth), xt_block = transformed_block(chunk, g.cin);
