@@ -55,21 +55,40 @@ def test_weight_gradient_matches_pytorch(case, vector_bytes):
     assert torch.equal(upconv_cpu.weight_grad(x.float(), grad.float()), got)
 
 
-def test_thread_counts_agree_and_repeat_exactly():
-    """Each thread sums its share of the rows, the shares then in thread order: one result per
-    team size, within float32's rounding across team sizes (more threads than rows included)."""
-    x, grad = (t.float().contiguous(memory_format=CL) for t in inputs(2, 8, 16, (5, 3, 6), seed=3)[:2])
+def results_by_thread_count(compute):
+    """``compute()`` with 1, 2, 3 and 40 threads (more than the work has rows or tiles), each twice:
+    asserts that each team size repeats its own bits, and returns one result per team size."""
     threads = torch.get_num_threads()
     results = []
     try:
         for n in (1, 2, 3, 40):
             torch.set_num_threads(n)
-            results.append(upconv_cpu.weight_grad(x, grad))
-            assert torch.equal(upconv_cpu.weight_grad(x, grad), results[-1])
+            results.append(compute())
+            assert torch.equal(compute(), results[-1])
     finally:
         torch.set_num_threads(threads)
+    return results
+
+
+def assert_thread_counts_agree(compute):
+    """One result per team size (:func:`results_by_thread_count`), within float32's rounding
+    across team sizes."""
+    results = results_by_thread_count(compute)
     for result in results[1:]:
         torch.testing.assert_close(result, results[0], rtol=0, atol=1e-6 * float(results[0].abs().max()))
+
+
+def assert_same_bits_for_any_thread_count(compute):
+    """``compute()`` with 1, 2, 3 and 40 threads gives the same bits."""
+    results = results_by_thread_count(compute)
+    assert all(torch.equal(result, results[0]) for result in results[1:])
+
+
+def test_thread_counts_agree_and_repeat_exactly():
+    """Each thread sums its share of the rows, the shares then in thread order: one result per
+    team size, within float32's rounding across team sizes (more threads than rows included)."""
+    x, grad = (t.float().contiguous(memory_format=CL) for t in inputs(2, 8, 16, (5, 3, 6), seed=3)[:2])
+    assert_thread_counts_agree(lambda: upconv_cpu.weight_grad(x, grad))
 
 
 def test_declines_what_it_does_not_compute():
@@ -157,19 +176,6 @@ def test_forward_matches_pytorch(case, slope, with_bias, vector_bytes):
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=forward_error_bound(x, weight, bias, slope))
     # a planar input is copied to channels-last and gives the same bits
     assert torch.equal(upconv_cpu.forward(x.float(), weight32, bias32, slope), got)
-
-
-def assert_same_bits_for_any_thread_count(compute):
-    """``compute()`` with 1, 2, 3 and 40 threads gives the same bits."""
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2, 3, 40):
-            torch.set_num_threads(n)
-            results.append(compute())
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(result, results[0]) for result in results[1:])
 
 
 def test_forward_is_the_same_bits_for_any_thread_count():
@@ -304,17 +310,7 @@ def test_backward_repeats_exactly_and_thread_counts_agree():
     float32's rounding across team sizes."""
     x, grad, weight = (t.float().contiguous(memory_format=CL) for t in inputs(2, 32, 16, (5, 3, 6), seed=7))
     assert_same_bits_for_any_thread_count(lambda: upconv_cpu.backward(grad, weight, x, 0.01)[0])
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2, 3, 40):
-            torch.set_num_threads(n)
-            results.append(upconv_cpu.backward(grad, weight, x, 0.01)[1])
-            assert torch.equal(upconv_cpu.backward(grad, weight, x, 0.01)[1], results[-1])
-    finally:
-        torch.set_num_threads(threads)
-    for result in results[1:]:
-        torch.testing.assert_close(result, results[0], rtol=0, atol=1e-6 * float(results[0].abs().max()))
+    assert_thread_counts_agree(lambda: upconv_cpu.backward(grad, weight, x, 0.01)[1])
 
 
 def test_backward_declines_what_it_does_not_compute():
