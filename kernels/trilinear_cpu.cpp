@@ -100,10 +100,13 @@ INLINE_INTO_CLONES Corners<T> corners_of(const Axis<T>& z, const Axis<T>& y, con
 }
 
 // Images above this size (bytes, all channels) have their sample points' corners prefetched
-// (over_points). 32 MiB, the L3 of the 2-core AMD EPYC it was measured on: a 3-channel 175^3
-// field (64 MiB) sampled 1.55-1.7x faster with it; a 175^3 image (21 MiB) 1.1x alone but slower
-// within IO (20 -> 25 ms a call), an 88^3 field (8 MiB, in the caches already) 0.75x
-// (RESULTS.md, fiftieth session). Settable for tests (0: always).
+// (over_points; the AVX-512 pair loops: over_pair_blocks). 32 MiB, the L3 of the 2-core AMD EPYC
+// it was measured on: a 3-channel 175^3 field (64 MiB) sampled 1.55-1.7x faster with it; a 175^3
+// image (21 MiB) 1.1x alone but slower within IO (20 -> 25 ms a call), an 88^3 field (8 MiB, in
+// the caches already) 0.75x (RESULTS.md, fiftieth session). With over_pair_blocks's cheaper
+// prefetch the 175^3 image gained alone (12-13 -> 9 ms) but not within IO (11.6 against 11.7 ms a
+// call), the cache-resident fields still lost (44^3 field 12 -> 16 ms). Settable for tests (0:
+// always).
 inline int64_t& prefetch_above_bytes() {
     static int64_t bytes = int64_t(32) << 20;
     return bytes;
@@ -372,6 +375,67 @@ SIMD_AVX512 inline __attribute__((always_inline)) void map_gradient_pair_block(P
     }
 }
 
+// The corners of points start .. start + n - 1 into b (a vectorized loop), with Gradient their
+// grad_out values (the map's gradient), and the rows padded to whole vectors.
+template <bool Gradient, int C, bool ChannelsLast, bool Border, bool AddCoords>
+SIMD_AVX512 inline __attribute__((always_inline)) void fill_pair_block(
+    const Layout<float, C, ChannelsLast, Border, AddCoords>& l, const float* map, const float* grad_out,
+    int64_t start, int n, PairCorners& b) {
+    const int64_t out_channel = l.channel_stride(), out_point = l.point_stride(C);
+#pragma omp simd
+    for (int i = 0; i < n; ++i) {
+        const Axis<float> z = l.axis_of(map, start + i, 0, l.depth), y = l.axis_of(map, start + i, 1, l.height),
+                          x = l.axis_of(map, start + i, 2, l.width);
+        store_point(b, i, z, y, x, l.plane, l.width);
+        if constexpr (Gradient)
+            for (int ch = 0; ch < C; ++ch) b.grad[ch][i] = grad_out[ch * out_channel + (start + i) * out_point];
+    }
+    pad_rows(b, n);
+}
+
+// Prefetches the rows of the corner pairs of b's first n points, in each channel: four lines a
+// point and channel (two corners each). Every point's: every second or fourth point's (whose
+// lines mostly hold those between) left more misses, 175^3 field at a smooth map 21 against
+// 22-24 ms.
+SIMD_AVX512 inline __attribute__((always_inline)) void prefetch_pair_block(const PairCorners& b, int n,
+                                                                          const float* src, int64_t volume,
+                                                                          int channels) {
+    for (int i = 0; i < n; ++i)
+        for (int ch = 0; ch < channels; ++ch)
+            for (int q = 0; q < 4; ++q) __builtin_prefetch(src + ch * volume + b.row[q][i]);
+}
+
+// The pair loops' blocks of points [from, to): block(b, start, n) for each, after the block's
+// corners are in b. For an image larger than the caches (l.prefetch), the next block's corners
+// are computed and their rows prefetched before the current block is summed, in place of
+// over_points's scalar pass over the corners: a 175^3 field at a smooth 175^3 map 26 -> 21 ms
+// forward, 39 -> 31 ms the map's gradient (2 threads, AMD EPYC Zen 5).
+template <bool Gradient, int C, bool ChannelsLast, bool Border, bool AddCoords, typename Block>
+SIMD_AVX512 inline __attribute__((always_inline)) void over_pair_blocks(
+    const Layout<float, C, ChannelsLast, Border, AddCoords>& l, const float* src, const float* map,
+    const float* grad_out, int64_t from, int64_t to, Block block) {
+    const auto size = [&](int64_t start) { return int(std::min<int64_t>(PAIR_BLOCK, to - start)); };
+    if (!l.prefetch) {
+        PairCorners b;
+        for (int64_t start = from; start < to; start += PAIR_BLOCK) {
+            fill_pair_block<Gradient>(l, map, grad_out, start, size(start), b);
+            block(b, start, size(start));
+        }
+        return;
+    }
+    PairCorners blocks[2];
+    if (from < to) fill_pair_block<Gradient>(l, map, grad_out, from, size(from), blocks[0]);
+    int current = 0;
+    for (int64_t start = from; start < to; start += PAIR_BLOCK, current ^= 1) {
+        const int64_t next = start + PAIR_BLOCK;
+        if (next < to) {
+            fill_pair_block<Gradient>(l, map, grad_out, next, size(next), blocks[current ^ 1]);
+            prefetch_pair_block(blocks[current ^ 1], size(next), src, l.volume, C);
+        }
+        block(blocks[current], start, size(start));
+    }
+}
+
 // Forward over points [from, to) through PairCorners blocks (float, 1 or 3 channels, where
 // corner_pairs()): sample_range's results. A function of its own, compiled for AVX-512:
 // inlined into sample_points with all the layouts, its first loop did not vectorize.
@@ -381,23 +445,15 @@ SIMD_AVX512 __attribute__((noinline)) void sample_pairs(const Layout<float, C, C
                                                         int64_t to) {
     static_assert(C == 1 || C == 3, "sample_pair_block sums 1 to 3 channels");
     const int64_t out_channel = l.channel_stride(), out_point = l.point_stride(C);
-    PairCorners b;
-    for (int64_t start = from; start < to; start += PAIR_BLOCK) {
-        const int n = int(std::min<int64_t>(PAIR_BLOCK, to - start));
-#pragma omp simd
-        for (int i = 0; i < n; ++i) {
-            const Axis<float> z = l.axis_of(map, start + i, 0, l.depth), y = l.axis_of(map, start + i, 1, l.height),
-                              x = l.axis_of(map, start + i, 2, l.width);
-            store_point(b, i, z, y, x, l.plane, l.width);
-        }
-        pad_rows(b, n);
+    over_pair_blocks<false>(l, src, map, nullptr, from, to, [&](PairCorners& b, int64_t start, int n)
+                                                         SIMD_AVX512 __attribute__((always_inline)) {
         sample_pair_block(b, n, src, l.volume, C);
 #pragma omp simd
         for (int i = 0; i < n; ++i)
             for (int ch = 0; ch < C; ++ch)
                 out[ch * out_channel + (start + i) * out_point] =
                     AddCoords ? b.result[ch][i] + l.coordinate(map, start + i, ch) : b.result[ch][i];
-    }
+    });
 }
 
 // The map's gradient over points [from, to) through PairCorners blocks (float, 1 or 3
@@ -408,19 +464,9 @@ SIMD_AVX512 __attribute__((noinline)) void map_gradient_pairs(
     const Layout<float, C, ChannelsLast, Border, AddCoords>& l, const float* src, const float* map,
     const float* grad_out, float* grad_map, int64_t from, int64_t to) {
     static_assert(C == 1 || C == 3, "map_gradient_pair_block sums 1 to 3 channels");
-    const int64_t out_channel = l.channel_stride(), out_point = l.point_stride(C);
     const int64_t map_channel = l.channel_stride(), map_point = l.point_stride(3);
-    PairCorners b;
-    for (int64_t start = from; start < to; start += PAIR_BLOCK) {
-        const int n = int(std::min<int64_t>(PAIR_BLOCK, to - start));
-#pragma omp simd
-        for (int i = 0; i < n; ++i) {
-            const Axis<float> z = l.axis_of(map, start + i, 0, l.depth), y = l.axis_of(map, start + i, 1, l.height),
-                              x = l.axis_of(map, start + i, 2, l.width);
-            store_point(b, i, z, y, x, l.plane, l.width);
-            for (int ch = 0; ch < C; ++ch) b.grad[ch][i] = grad_out[ch * out_channel + (start + i) * out_point];
-        }
-        pad_rows(b, n);
+    over_pair_blocks<true>(l, src, map, grad_out, from, to, [&](PairCorners& b, int64_t start, int n)
+                                                          SIMD_AVX512 __attribute__((always_inline)) {
         map_gradient_pair_block(b, n, src, l.volume, C);
 #pragma omp simd
         for (int i = 0; i < n; ++i) {
@@ -433,7 +479,7 @@ SIMD_AVX512 __attribute__((noinline)) void map_gradient_pairs(
             at[2 * map_channel] += b.result[2][i] * voxel_slope<Border>(l.coordinate(map, p, 2), float(l.width - 1)) +
                                    (AddCoords ? b.grad[2][i] : 0.0f);
         }
-    }
+    });
 }
 #endif
 
@@ -444,11 +490,11 @@ INLINE_INTO_CLONES void sample_range(Layout<T, C, ChannelsLast, Border, AddCoord
                                      T* out, int64_t first, int64_t last) {
     const int64_t channels = l.channels(), out_channel = l.channel_stride(), out_point = l.point_stride(channels);
     const int64_t volume = l.volume;
-    over_points(l, src, map, first, last, [&](int64_t from, int64_t to) __attribute__((always_inline)) {
 #ifdef SIMD_LEVELS
-        if constexpr (std::is_same_v<T, float> && (C == 1 || C == 3))
-            if (l.pairs) return sample_pairs(l, src, map, out, from, to);
+    if constexpr (std::is_same_v<T, float> && (C == 1 || C == 3))
+        if (l.pairs) return sample_pairs(l, src, map, out, first, last);  // prefetches on its own
 #endif
+    over_points(l, src, map, first, last, [&](int64_t from, int64_t to) __attribute__((always_inline)) {
 #pragma omp simd
         for (int64_t p = from; p < to; ++p) {
             const Corners<T> c = l.template corners<false>(map, p);
@@ -475,11 +521,11 @@ INLINE_INTO_CLONES void map_gradient_range(Layout<T, C, ChannelsLast, Border, Ad
     const int64_t channels = l.channels(), out_channel = l.channel_stride(), out_point = l.point_stride(channels);
     const int64_t map_channel = l.channel_stride(), map_point = l.point_stride(3);
     const int64_t volume = l.volume;
-    over_points(l, src, map, first, last, [&](int64_t from, int64_t to) __attribute__((always_inline)) {
 #ifdef SIMD_LEVELS
-        if constexpr (std::is_same_v<T, float> && (C == 1 || C == 3))
-            if (l.pairs) return map_gradient_pairs(l, src, map, grad_out, grad_map, from, to);
+    if constexpr (std::is_same_v<T, float> && (C == 1 || C == 3))
+        if (l.pairs) return map_gradient_pairs(l, src, map, grad_out, grad_map, first, last);  // prefetches on its own
 #endif
+    over_points(l, src, map, first, last, [&](int64_t from, int64_t to) __attribute__((always_inline)) {
 #pragma omp simd
         for (int64_t p = from; p < to; ++p) {
             const Corners<T> c = l.template corners<true>(map, p);
