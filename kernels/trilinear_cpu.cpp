@@ -169,6 +169,11 @@ struct Layout {
         : channel_count(g.channels), points(g.points), volume(g.volume), depth(int32_t(g.depth)),
           height(int32_t(g.height)), width(int32_t(g.width)), plane(int32_t(g.plane)), prefetch(g.prefetch),
           pairs(g.pairs) {}
+    INLINE_INTO_CLONES Layout without_prefetch() const {
+        Layout plain = *this;
+        plain.prefetch = false;
+        return plain;
+    }
     INLINE_INTO_CLONES int64_t channels() const { return C ? C : channel_count; }
     INLINE_INTO_CLONES int64_t channel_stride() const { return ChannelsLast ? 1 : points; }
     INLINE_INTO_CLONES int64_t point_stride(int64_t k) const { return ChannelsLast ? k : 1; }
@@ -405,11 +410,33 @@ SIMD_AVX512 inline __attribute__((always_inline)) void prefetch_pair_block(const
             for (int q = 0; q < 4; ++q) __builtin_prefetch(src + ch * volume + b.row[q][i]);
 }
 
+// Whether the pair loops over points [from, to) take over the prefetch (over_pair_blocks), where
+// the image needs one: for a map that moves by less than a voxel along z and y from most points to
+// the next (a smooth map, or the regularizer's points, each beside its three steps; at least half
+// of its first 256 points do). At a jittered map (identity plus 3.5 voxels' noise) their prefetch
+// gained nothing where over_points's gains a fifth (175^3 field, forward 40 against 33 ms),
+// whatever its distance (1 to 3 blocks ahead), spread over the block's vectors or not; not
+// understood. Such a map keeps over_points.
+template <int C, bool ChannelsLast, bool Border, bool AddCoords>
+INLINE_INTO_CLONES bool pairs_prefetch_themselves(const Layout<float, C, ChannelsLast, Border, AddCoords>& l,
+                                                  const float* map, int64_t from, int64_t to) {
+    if (!l.prefetch) return true;
+    const int64_t last = std::min(to, from + 256);
+    int64_t near = 0;
+    for (int64_t p = from + 1; p < last; ++p) {
+        const float dz = (l.coordinate(map, p, 0) - l.coordinate(map, p - 1, 0)) * float(l.depth - 1);
+        const float dy = (l.coordinate(map, p, 1) - l.coordinate(map, p - 1, 1)) * float(l.height - 1);
+        near += std::fabs(dz) < 1.0f && std::fabs(dy) < 1.0f;
+    }
+    return 2 * near >= last - from - 1;
+}
+
 // The pair loops' blocks of points [from, to): block(b, start, n) for each, after the block's
 // corners are in b. For an image larger than the caches (l.prefetch), the next block's corners
 // are computed and their rows prefetched before the current block is summed, in place of
 // over_points's scalar pass over the corners: a 175^3 field at a smooth 175^3 map 26 -> 21 ms
-// forward, 39 -> 31 ms the map's gradient (2 threads, AMD EPYC Zen 5).
+// forward, 39 -> 31 ms the map's gradient (2 threads, AMD EPYC Zen 5). Where
+// pairs_prefetch_themselves says so; else over_points prefetches and l.prefetch is off here.
 template <bool Gradient, int C, bool ChannelsLast, bool Border, bool AddCoords, typename Block>
 SIMD_AVX512 inline __attribute__((always_inline)) void over_pair_blocks(
     const Layout<float, C, ChannelsLast, Border, AddCoords>& l, const float* src, const float* map,
@@ -492,9 +519,14 @@ INLINE_INTO_CLONES void sample_range(Layout<T, C, ChannelsLast, Border, AddCoord
     const int64_t volume = l.volume;
 #ifdef SIMD_LEVELS
     if constexpr (std::is_same_v<T, float> && (C == 1 || C == 3))
-        if (l.pairs) return sample_pairs(l, src, map, out, first, last);  // prefetches on its own
+        if (l.pairs && pairs_prefetch_themselves(l, map, first, last))
+            return sample_pairs(l, src, map, out, first, last);
 #endif
     over_points(l, src, map, first, last, [&](int64_t from, int64_t to) __attribute__((always_inline)) {
+#ifdef SIMD_LEVELS
+        if constexpr (std::is_same_v<T, float> && (C == 1 || C == 3))
+            if (l.pairs) return sample_pairs(l.without_prefetch(), src, map, out, from, to);
+#endif
 #pragma omp simd
         for (int64_t p = from; p < to; ++p) {
             const Corners<T> c = l.template corners<false>(map, p);
@@ -523,9 +555,14 @@ INLINE_INTO_CLONES void map_gradient_range(Layout<T, C, ChannelsLast, Border, Ad
     const int64_t volume = l.volume;
 #ifdef SIMD_LEVELS
     if constexpr (std::is_same_v<T, float> && (C == 1 || C == 3))
-        if (l.pairs) return map_gradient_pairs(l, src, map, grad_out, grad_map, first, last);  // prefetches on its own
+        if (l.pairs && pairs_prefetch_themselves(l, map, first, last))
+            return map_gradient_pairs(l, src, map, grad_out, grad_map, first, last);
 #endif
     over_points(l, src, map, first, last, [&](int64_t from, int64_t to) __attribute__((always_inline)) {
+#ifdef SIMD_LEVELS
+        if constexpr (std::is_same_v<T, float> && (C == 1 || C == 3))
+            if (l.pairs) return map_gradient_pairs(l.without_prefetch(), src, map, grad_out, grad_map, from, to);
+#endif
 #pragma omp simd
         for (int64_t p = from; p < to; ++p) {
             const Corners<T> c = l.template corners<true>(map, p);

@@ -292,6 +292,42 @@ def test_corners_loaded_in_pairs_give_the_same_bits(prefetch_above_bytes, prefet
         torch.testing.assert_close(a[mask], b[mask], rtol=0, atol=1e-4 * float(b[mask].detach().abs().max()))
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+@pytest.mark.parametrize("channels,compose", [(1, False), (3, False), (3, True)])
+@pytest.mark.parametrize("map_kind", ["smooth", "regularizer"])
+def test_pair_loops_prefetch_ahead_at_a_coherent_map_with_the_same_bits(prefetch_above_bytes, layout, channels,
+                                                                        compose, map_kind):
+    """At a map that moves by less than a voxel along z and y from most points to the next (smooth,
+    or the regularizer's points, each beside its three steps), the pair loops of an image above
+    the prefetch threshold compute the next block's corners and prefetch their rows while they sum
+    the current block's (kernels/trilinear_cpu.cpp, over_pair_blocks): the same bits as the
+    gathering loops, values and both gradients, over many blocks of 128 points per thread."""
+    from mgr_engine import _trilinear_cpu
+    from mgr_engine.losses import points_with_steps, regularizer_points
+
+    if not _trilinear_cpu.corner_pairs(1) or _trilinear_cpu.backward_simd_bytes() != 64:
+        pytest.skip("the warp loads corners in pairs only where the CPU runs 512-bit vectors whole")
+    gen = torch.Generator().manual_seed(14)
+    image = torch.randn(1, channels, 12, 11, 10, generator=gen).requires_grad_()
+    if map_kind == "smooth":
+        shape = (23, 21, 19)
+        coords = ops.identity_map(shape) + torch.nn.functional.interpolate(
+            0.04 * torch.randn(1, 3, 3, 3, 3, generator=gen), size=shape, mode="trilinear")
+    else:
+        coords = points_with_steps(regularizer_points(ops.identity_map((24, 22, 20)), gen), 0.001)
+    coords = coords.contiguous(memory_format=layout).requires_grad_()
+    grad_out = torch.randn(1, channels, *coords.shape[2:], generator=gen)
+
+    def run():
+        out = warp_cpu.compose_maps_cpu(image, coords) if compose else warp_cpu.warp_cpu(image, coords, "zeros")
+        return (out, *torch.autograd.grad(out, (image, coords), grad_out))
+
+    prefetch_above_bytes(0)
+    paired, gathered = with_and_without_corner_pairs(_trilinear_cpu, run)
+    for a, b in zip(paired, gathered):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_backward_when_only_one_input_wants_a_gradient():
     """The backward skips the gradient nobody asked for (the image's scatter, for images warped
     in the loss): each alone still equals the reference's."""
