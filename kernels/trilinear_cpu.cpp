@@ -699,7 +699,8 @@ INLINE_INTO_CLONES void scatter_range(Layout<T, C, ChannelsLast, Border, AddCoor
                 const T fz = fraction[0][i], fy = fraction[1][i], fx = fraction[2][i];
                 const T gz = T(1) - fz, gy = T(1) - fy, gx = T(1) - fx;
                 const Eight<T> weight = Eight<T>{gz, gz, gz, gz, fz, fz, fz, fz} *
-                                        Eight<T>{gy, gy, fy, fy, gy, gy, fy, fy} * Eight<T>{gx, fx, gx, fx, gx, fx, gx, fx};
+                                        Eight<T>{gy, gy, fy, fy, gy, gy, fy, fy} *
+                                        Eight<T>{gx, fx, gx, fx, gx, fx, gx, fx};
                 for (int ch = 0; ch < channels; ++ch)
                     sum[ch] += weight * grad_out[ch * out_channel + (start + i) * out_point];
                 ++i;
