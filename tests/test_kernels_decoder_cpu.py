@@ -58,6 +58,19 @@ def test_values_match_the_pytorch_reference(case, dtype, atol):
     assert torch.equal(planar, got)
 
 
+def test_outputs_above_32_mib_are_streamed_with_the_same_values():
+    """An output above 32 MiB (the finest level's, 18 x 175^3, is 386 MiB) is written a row at a
+    time through a buffer with non-temporal stores (kernels/trilinear_cpu.cpp, stream_bytes): each
+    row's partial lines at either end as usual, its whole lines streamed. Rows of 18 x 81 floats
+    start at every offset within a line."""
+    y, x, scale, skip = inputs(1, 48, 16, (40, 40, 41), 2, (79, 80, 81), torch.float32, seed=2)
+    got = decoder_cpu.upsample_add_concat(y, x, scale, skip)
+    assert got.numel() * got.element_size() > 32 << 20
+    expected = decoder_cpu.reference(y, x, scale, skip)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-6 * float(expected.abs().max()))
+    assert torch.equal(got[:, y.shape[1]:], skip)
+
+
 def test_thread_counts_agree_bit_for_bit():
     y, x, scale, skip = inputs(2, 12, 8, (5, 6, 7), 3, (9, 12, 13), torch.float32, seed=1)
     threads = torch.get_num_threads()
