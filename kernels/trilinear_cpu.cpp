@@ -412,24 +412,27 @@ SIMD_AVX512 inline __attribute__((always_inline)) void prefetch_pair_block(const
 }
 
 // Whether the pair loops over points [from, to) take over the prefetch (over_pair_blocks), where
-// the image needs one: for a map that moves by less than a voxel along z and y from most points to
-// the next (a smooth map, or the regularizer's points, each beside its three steps; at least half
-// of its first 256 points do). At a jittered map (identity plus 3.5 voxels' noise) their prefetch
-// gained nothing where over_points's gains a fifth (175^3 field, forward 40 against 33 ms),
-// whatever its distance (1 to 3 blocks ahead), spread over the block's vectors or not; not
-// understood. Such a map keeps over_points.
+// the image needs one: unless the map jumps by a voxel or more along z or y from nearly every
+// point to the next. Of 256 pairs of neighbours spread over the range, at least an eighth must
+// move by less: IO's maps (randomized weights) 0.36 to 0.99 of them, the regularizer's points
+// 0.7 to 0.9, a map jittered by 3.5 voxels 0.03. At such a map the pair loops' prefetch gained
+// nothing where over_points's gains a fifth (175^3 field, forward 40 against 33 ms), whatever
+// its distance (1 to 3 blocks ahead), spread over the block's vectors or not; not understood.
+// Such a map keeps over_points. Not inlined: inlined, GCC compiled the map gradient's
+// over_points pass into slower code (jittered map 45 -> 58 ms).
 template <int C, bool ChannelsLast, bool Border, bool AddCoords>
-INLINE_INTO_CLONES bool pairs_prefetch_themselves(const Layout<float, C, ChannelsLast, Border, AddCoords>& l,
+__attribute__((noinline)) bool pairs_prefetch_themselves(const Layout<float, C, ChannelsLast, Border, AddCoords>& l,
                                                   const float* map, int64_t from, int64_t to) {
     if (!l.prefetch) return true;
-    const int64_t last = std::min(to, from + 256);
+    const int64_t samples = std::min<int64_t>(256, to - from - 1), step = samples > 0 ? (to - from - 1) / samples : 0;
     int64_t near = 0;
-    for (int64_t p = from + 1; p < last; ++p) {
+    for (int64_t k = 0; k < samples; ++k) {
+        const int64_t p = from + 1 + k * step;
         const float dz = (l.coordinate(map, p, 0) - l.coordinate(map, p - 1, 0)) * float(l.depth - 1);
         const float dy = (l.coordinate(map, p, 1) - l.coordinate(map, p - 1, 1)) * float(l.height - 1);
         near += std::fabs(dz) < 1.0f && std::fabs(dy) < 1.0f;
     }
-    return 2 * near >= last - from - 1;
+    return 8 * near >= samples;
 }
 
 // The pair loops' blocks of points [from, to): block(b, start, n) for each, after the block's
