@@ -400,9 +400,9 @@ SIMD_AVX512 inline __attribute__((always_inline)) void fill_pair_block(
 }
 
 // Prefetches the rows of the corner pairs of b's first n points, in each channel: four lines a
-// point and channel (two corners each). Every point's: every second or fourth point's (whose
-// lines mostly hold those between) left more misses, 175^3 field at a smooth map 21 against
-// 22-24 ms.
+// point and channel (two corners each). Every point's: those of every second, fourth or eighth
+// point (whose lines mostly hold those between) left more misses, 175^3 field at a smooth map
+// forward 21 against 22, 22-24 and 27 ms.
 SIMD_AVX512 inline __attribute__((always_inline)) void prefetch_pair_block(const PairCorners& b, int n,
                                                                           const float* src, int64_t volume,
                                                                           int channels) {
@@ -422,9 +422,10 @@ SIMD_AVX512 inline __attribute__((always_inline)) void prefetch_pair_block(const
 // over_points pass into slower code (jittered map 45 -> 58 ms).
 template <int C, bool ChannelsLast, bool Border, bool AddCoords>
 __attribute__((noinline)) bool pairs_prefetch_themselves(const Layout<float, C, ChannelsLast, Border, AddCoords>& l,
-                                                  const float* map, int64_t from, int64_t to) {
+                                                         const float* map, int64_t from, int64_t to) {
     if (!l.prefetch) return true;
-    const int64_t samples = std::min<int64_t>(256, to - from - 1), step = samples > 0 ? (to - from - 1) / samples : 0;
+    const int64_t samples = std::min<int64_t>(256, to - from - 1);
+    const int64_t step = samples > 0 ? (to - from - 1) / samples : 0;
     int64_t near = 0;
     for (int64_t k = 0; k < samples; ++k) {
         const int64_t p = from + 1 + k * step;
