@@ -8,7 +8,8 @@ call into a C++ extension (``mgr_engine._*_cpu``) through a wrapper; a C++ call'
 the aten ops it dispatches (its allocations), so no time is counted twice. Prints how much of the
 wall time the timed ops cover (the rest is Python, autograd's bookkeeping and the timer itself),
 then two Markdown tables, per call: ops by name, and the largest ``(op, shapes)`` items with
-their time per call.
+their time per call, each with the page faults it took (an op that wrote fresh memory, where the
+heap grew, is slow for that reason alone).
 
     .venv/bin/python benchmarks/profile_io_cpu.py                      # 175^3, one step
     .venv/bin/python benchmarks/profile_io_cpu.py --no-io --calls 5    # predict_map
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import resource
 import sys
 import time
 from pathlib import Path
@@ -39,25 +41,35 @@ EXTENSIONS = ("_encoder_cpu", "_gaussian_blur_cpu", "_jacobian_cpu", "_last_conv
               "_resample_cpu", "_trilinear_cpu", "_upconv_cpu")
 
 
+def minor_faults() -> int:
+    """The process's minor page faults so far (all threads): a first touch of fresh memory."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 class OpTimer(TorchDispatchMode):
-    """Seconds and calls per ``(name, shapes)``, exclusive of nested timed calls."""
+    """Seconds, page faults and calls per ``(name, shapes)``, exclusive of nested timed calls.
+    The faults tell an op that wrote fresh pages (the heap grown: about 20 us a fault on the
+    2-core VM of RESULTS.md's fifty-fourth session) from one that ran slow."""
 
     def __init__(self):
         super().__init__()
         self.seconds = collections.defaultdict(float)
+        self.faults = collections.Counter()
         self.calls = collections.Counter()
-        self._nested = [0.0]  # time of the timed calls inside the current one, per level
+        self._nested = [[0.0, 0]]  # time and faults of the timed calls inside the current one, per level
 
     def timed(self, name, shapes, fn, *args, **kwargs):
-        self._nested.append(0.0)
-        start = time.perf_counter()
+        self._nested.append([0.0, 0])
+        start, faults = time.perf_counter(), minor_faults()
         try:
             return fn(*args, **kwargs)
         finally:
-            elapsed = time.perf_counter() - start
-            inner = self._nested.pop()
-            self._nested[-1] += elapsed
-            self.seconds[name, shapes] += elapsed - inner
+            elapsed, faulted = time.perf_counter() - start, minor_faults() - faults
+            inner_seconds, inner_faults = self._nested.pop()
+            self._nested[-1][0] += elapsed
+            self._nested[-1][1] += faulted
+            self.seconds[name, shapes] += elapsed - inner_seconds
+            self.faults[name, shapes] += faulted - inner_faults
             self.calls[name, shapes] += 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -133,34 +145,39 @@ def main(argv=None) -> int:
         call()
     timer = OpTimer()
     wrap_extensions(timer)
-    start = time.perf_counter()
+    start, faults = time.perf_counter(), minor_faults()
     with timer:
         for _ in range(args.calls):
             call()
     wall = (time.perf_counter() - start) / args.calls
+    faults = (minor_faults() - faults) / args.calls
 
     per_call = {key: s / args.calls for key, s in timer.seconds.items()}
     by_name = collections.defaultdict(float)
-    calls_by_name = collections.Counter()
+    calls_by_name, faults_by_name = collections.Counter(), collections.Counter()
     for (name, shapes), s in per_call.items():
         by_name[name] += s
         calls_by_name[name] += timer.calls[name, shapes] / args.calls
+        faults_by_name[name] += timer.faults[name, shapes] / args.calls
     timed_total = sum(per_call.values())
 
     print(machine_line(upconv_cpu.vector_bytes()))
     what = ("predict_map (no IO)" if args.no_io else
             f"IO call ({args.iterations} step(s) and the final forward, similarity {args.similarity})")
     print(f"{what} at {'x'.join(map(str, args.shape))}: {wall:.3f} s wall, {timed_total:.3f} s in timed ops "
-          f"({timed_total / wall:.0%}); mean of {args.calls} call(s) after {args.warmups} warm-up(s)\n")
-    rows = [[name, f"{s:.3f}", f"{s / wall:.1%}", f"{calls_by_name[name]:g}"]
+          f"({timed_total / wall:.0%}), {faults:,.0f} page faults; mean of {args.calls} call(s) after "
+          f"{args.warmups} warm-up(s)\n")
+    rows = [[name, f"{s:.3f}", f"{s / wall:.1%}", f"{calls_by_name[name]:g}", f"{faults_by_name[name]:,.0f}"]
             for name, s in sorted(by_name.items(), key=lambda item: -item[1]) if s >= 0.005]
-    print(markdown_table(["op", "seconds a call", "of wall", "calls a call"], rows))
+    print(markdown_table(["op", "seconds a call", "of wall", "calls a call", "page faults a call"], rows))
     print()
     rows = []
     for (name, shapes), s in sorted(per_call.items(), key=lambda item: -item[1])[:args.top]:
         calls = timer.calls[name, shapes] / args.calls
-        rows.append([name, shapes, f"{s:.3f}", f"{calls:g}", f"{1e3 * s / calls:.1f}"])
-    print(markdown_table(["op", "tensor shapes", "seconds a call", "calls a call", "ms each"], rows))
+        rows.append([name, shapes, f"{s:.3f}", f"{calls:g}", f"{1e3 * s / calls:.1f}",
+                     f"{timer.faults[name, shapes] / args.calls:,.0f}"])
+    print(markdown_table(["op", "tensor shapes", "seconds a call", "calls a call", "ms each", "page faults a call"],
+                         rows))
     return 0
 
 
